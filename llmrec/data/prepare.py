@@ -1,0 +1,421 @@
+"""Preprocessing, splits and the prepared-dataset folder.
+
+A prepared dataset lives in `$LLMREC_HOME/data/<name>/`:
+
+| file | content |
+|---|---|
+| `interactions.parquet` | user_id, item_id, timestamp, rating, label, split (leave-one-out: train/valid/test), pos |
+| `items.parquet` | item_id, title, text fields (genres, year, description, ...) |
+| `users.parquet` | optional user attributes |
+| `yesno.parquet` | Yes/No examples: user_id, item_id, timestamp, label, split (global time cut-off), hist_* lists |
+| `negatives.parquet` | fixed sampled negatives (for *sampled* metrics only), per user and split |
+| `manifest.json` | config, seed, counts, dropped rows by reason, rules, content hashes |
+
+Rules, all recorded in the manifest:
+- **order**: each user's events are sorted by timestamp; equal timestamps keep the source file order (stable sort).
+- **next item (leave-one-out)**: a user's last event is `test`, the one before `valid`, the rest `train`; users with
+  fewer than 3 events stay all-`train` and have no target.
+- **Yes/No (TALLRec)**: every event with at least `min_history` earlier events is an example whose history is the
+  `history_len` events before it (with like/dislike). Global time cut-offs `t_valid < t_test` are taken at the
+  `1 - valid_frac - test_frac` and `1 - test_frac` quantiles of all timestamps; an example is `train` if its time is
+  before `t_valid`, `test` if at or after `t_test`, else `valid`. So every test example lies strictly after every
+  training example, and no training history can hold a test event.
+- **labels**: `rating_threshold` (like = rating > threshold), `implicit` (observed = like; for Yes/No each positive
+  gets `neg_per_pos` sampled unobserved items with the same history, label No; saved), `weight_above_user_median`
+  (like = weight/rating above the user's median; e.g. Last.fm listen counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmrec import __version__
+from llmrec.config import llmrec_home, to_dict
+from llmrec.data.loaders import DataError, RawData, load_raw
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareConfig:
+    """How a dataset is prepared. Every key has a default; `llmrec data prepare --set key=value` overrides."""
+
+    kcore: int = 0  # keep users and items with >= kcore events (iterated to a fixed point); 0 = off
+    min_user_events: int = 3  # users with fewer events are dropped (they can have no leave-one-out target)
+    label_rule: Literal["auto", "rating_threshold", "implicit", "weight_above_user_median"] = "auto"
+    like_threshold: float = 3.0  # rating_threshold: like = rating > like_threshold (TALLRec: > 3)
+    history_len: int = 10  # Yes/No examples: the preceding <= history_len events
+    min_history: int = 1  # Yes/No examples need at least this many earlier events
+    valid_frac: float = 0.1  # share of events (by time) after the validation cut-off ...
+    test_frac: float = 0.1  # ... and after the test cut-off
+    neg_per_pos: int = 1  # implicit label rule: sampled No examples per observed event
+    n_sampled_negatives: int = 99  # fixed negatives per user for *sampled* ranking metrics
+    seed: int = 42
+    items_file: str | None = None  # item metadata file for a CSV/Parquet interaction file
+    name: str | None = None  # name of the prepared folder (default: the dataset's name)
+
+
+@dataclass
+class PrepareReport:
+    name: str
+    stats: dict
+    seconds: float
+    path: Path
+    peak_rss_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    while True:
+        uc = df["user_id"].map(df["user_id"].value_counts())
+        ic = df["item_id"].map(df["item_id"].value_counts())
+        keep = (uc >= k) & (ic >= k)
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int], str]:
+    """Clean interactions: unknown items, duplicates, k-core, short users; sort; label. Returns
+    (interactions, items, dropped-by-reason, label rule used)."""
+    df = raw.interactions
+    dropped = dict(raw.dropped)
+    items = raw.items.copy()
+    items["item_id"] = items["item_id"].astype(str)
+    items = items.drop_duplicates("item_id")
+    for c in items.columns:
+        items[c] = items[c].fillna("").astype(str)
+    unknown = ~df["item_id"].isin(set(items["item_id"]))
+    if unknown.any():
+        if raw.unknown_items == "error":
+            i = int(np.flatnonzero(unknown.to_numpy())[0])
+            src = raw.sources[0] if raw.sources else raw.name
+            raise DataError(
+                f"{src}: line {int(df['order'].iloc[i]) + 2}: field 'item_id': {df['item_id'].iloc[i]!r} has no row in "
+                f"the item file ({int(unknown.sum())} interactions reference unknown items)"
+            )
+        dropped["no_item_metadata"] = int(unknown.sum())
+        df = df[~unknown.to_numpy()]
+    # order: time, then file order; duplicates of (user, item) keep the earliest event
+    df = df.sort_values(["user_id", "timestamp", "order"], kind="stable")
+    dup = df.duplicated(["user_id", "item_id"], keep="first")
+    dropped["duplicate"] = int(dup.sum())
+    df = df[~dup.to_numpy()]
+    if cfg.kcore > 0:
+        n = len(df)
+        df = _kcore(df, cfg.kcore)
+        dropped["kcore"] = n - len(df)
+    ucount = df["user_id"].map(df["user_id"].value_counts())
+    short = ucount < cfg.min_user_events
+    dropped["user_below_min_events"] = int(short.sum())
+    df = df[~short.to_numpy()].reset_index(drop=True)
+    if df.empty:
+        raise DataError(f"{raw.name}: no interactions left after preprocessing (dropped: {dropped})")
+
+    rule = raw.label_rule if cfg.label_rule == "auto" else cfg.label_rule
+    if rule == "rating_threshold":
+        if df["rating"].isna().all():
+            raise DataError(f"{raw.name}: label_rule 'rating_threshold' needs ratings; this dataset has none")
+        label = (df["rating"] > cfg.like_threshold).astype("int8")
+    elif rule == "implicit":
+        label = pd.Series(1, index=df.index, dtype="int8")
+    elif rule == "weight_above_user_median":
+        med = df.groupby("user_id")["rating"].transform("median")
+        label = (df["rating"] > med).astype("int8")  # NaN weight -> not a like
+    else:
+        raise DataError(f"unknown label_rule {rule!r}")
+    df = df.assign(label=label)
+    used = set(df["item_id"])
+    items = items[items["item_id"].isin(used)].sort_values("item_id", kind="stable").reset_index(drop=True)
+    return df, items, {k: v for k, v in dropped.items() if v}, rule
+
+
+def loo_split(df: pd.DataFrame) -> pd.DataFrame:
+    """Add `pos` (0-based position in the user's time-ordered sequence) and the leave-one-out `split` column.
+    `df` must be sorted by user, time, file order."""
+    pos = df.groupby("user_id", sort=False).cumcount().to_numpy()
+    n = df["user_id"].map(df["user_id"].value_counts()).to_numpy()
+    split = np.full(len(df), "train", dtype=object)
+    has_target = n >= 3
+    split[(pos == n - 1) & has_target] = "test"
+    split[(pos == n - 2) & has_target] = "valid"
+    return df.assign(pos=pos.astype(np.int32), split=split)
+
+
+def yesno_examples(df: pd.DataFrame, cfg: PrepareConfig, rule: str, n_items_all: np.ndarray) -> pa.Table:
+    """TALLRec Yes/No examples with a global time cut-off (see module docstring). Vectorised with list offsets."""
+    rng = np.random.default_rng(cfg.seed)
+    ts = df["timestamp"].to_numpy()
+    t_valid, t_test = np.quantile(ts, [1 - cfg.valid_frac - cfg.test_frac, 1 - cfg.test_frac])
+    t_valid, t_test = int(np.ceil(t_valid)), int(np.ceil(t_test))
+    if not t_valid < t_test:
+        t_test = t_valid + 1
+    pos = df["pos"].to_numpy()
+    idx = np.flatnonzero(pos >= cfg.min_history)
+    start = idx - np.minimum(pos[idx], cfg.history_len)
+    user = df["user_id"].to_numpy()
+    item = df["item_id"].to_numpy()
+    label = df["label"].to_numpy()
+    rating = df["rating"].to_numpy()
+    t_idx = ts[idx]
+    split = np.where(t_idx < t_valid, "train", np.where(t_idx >= t_test, "test", "valid"))
+    target_item = item[idx]
+    target_label = label[idx].astype(np.int8)
+    if rule == "implicit" and cfg.neg_per_pos > 0:
+        # each positive gets neg_per_pos items the user never interacted with, same history and time (saved, seeded)
+        catalogue = n_items_all
+        seen = df.groupby("user_id", sort=False)["item_id"].agg(set).to_dict()
+        reps = np.repeat(np.arange(len(idx)), cfg.neg_per_pos)
+        neg_items = catalogue[rng.integers(0, len(catalogue), size=len(reps))]
+        for j in range(len(reps)):  # resample the few collisions with the user's items
+            u = user[idx[reps[j]]]
+            while neg_items[j] in seen[u]:
+                neg_items[j] = catalogue[rng.integers(0, len(catalogue))]
+        idx = np.concatenate([idx, idx[reps]])
+        start = np.concatenate([start, start[reps]])
+        split = np.concatenate([split, split[reps]])
+        target_item = np.concatenate([target_item, neg_items])
+        target_label = np.concatenate([target_label, np.zeros(len(reps), dtype=np.int8)])
+        order = np.lexsort((target_label == 0, idx))  # keep examples grouped by event, positive first
+        idx, start, split, target_item, target_label = (a[order] for a in (idx, start, split, target_item, target_label))
+    lengths = idx - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    gather = np.concatenate([np.arange(s, e) for s, e in zip(start, idx)]) if len(idx) else np.zeros(0, dtype=int)
+
+    def lists(values: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[gather], type=typ))
+
+    return pa.table(
+        {
+            "user_id": pa.array(user[idx], pa.string()),
+            "item_id": pa.array(target_item, pa.string()),
+            "timestamp": pa.array(ts[idx], pa.int64()),
+            "label": pa.array(target_label, pa.int8()),
+            "split": pa.array(split, pa.string()),
+            "hist_items": lists(item, pa.string()),
+            "hist_labels": lists(label.astype(np.int8), pa.int8()),
+            "hist_ratings": lists(rating.astype(np.float64), pa.float64()),
+            "hist_timestamps": lists(ts, pa.int64()),
+        }
+    ), {"t_valid": t_valid, "t_test": t_test}
+
+
+def sampled_negatives(df: pd.DataFrame, item_ids: np.ndarray, n: int, seed: int) -> pd.DataFrame:
+    """`n` fixed negatives per user with a target (items the user never interacted with), for sampled metrics."""
+    rng = np.random.default_rng(seed + 1)
+    seen = df.groupby("user_id", sort=False)["item_id"].agg(set)
+    rows = []
+    targets = df[df["split"] == "test"]
+    n = min(n, len(item_ids) - 1)
+    for u in targets["user_id"]:
+        s = seen[u]
+        pool = rng.choice(item_ids, size=min(len(item_ids), n + len(s) + 8), replace=False)
+        negs = [i for i in pool if i not in s][:n]
+        if len(negs) < n:  # tiny catalogue: exhaustive
+            negs = [i for i in item_ids if i not in s][:n]
+        rows.append((u, negs))
+    return pd.DataFrame(rows, columns=["user_id", "negatives"])
+
+
+def _write_atomic(final: Path, write) -> None:
+    """Write into a temporary sibling folder, then swap it in: a failure leaves the old folder untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, dropped: dict[str, int]) -> dict:
+    n_u, n_i, n = df["user_id"].nunique(), len(items), len(df)
+    ys = pd.Series(yesno.column("split").to_numpy(zero_copy_only=False)).value_counts().to_dict()
+    lab = yesno.column("label").to_numpy()
+    spl = yesno.column("split").to_numpy(zero_copy_only=False)
+    return {
+        "users": int(n_u),
+        "items": int(n_i),
+        "interactions": int(n),
+        "density": float(n / (n_u * n_i)),
+        "time_start": datetime.fromtimestamp(int(df["timestamp"].min()), UTC).strftime("%Y-%m-%d"),
+        "time_end": datetime.fromtimestamp(int(df["timestamp"].max()), UTC).strftime("%Y-%m-%d"),
+        "like_rate": float(df["label"].mean()),
+        "dropped": dropped,
+        "loo_split": {k: int(v) for k, v in df["split"].value_counts().to_dict().items()},
+        "yesno_split": {k: int(v) for k, v in ys.items()},
+        "yesno_positive_rate": {s: float(lab[spl == s].mean()) for s in ("train", "valid", "test") if (spl == s).any()},
+    }
+
+
+def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = None) -> PrepareReport:
+    """Load `dataset` (built-in name, RecBole folder or file path), preprocess, split, and write the prepared folder."""
+    cfg = cfg or PrepareConfig()
+    t0 = time.perf_counter()
+    raw = load_raw(dataset, cfg.items_file)
+    name = cfg.name or raw.name
+    df, items, dropped, rule = preprocess(raw, cfg)
+    df = loo_split(df)
+    yesno, cutoffs = yesno_examples(df, cfg, rule, items["item_id"].to_numpy())
+    negs = sampled_negatives(df, items["item_id"].to_numpy(), cfg.n_sampled_negatives, cfg.seed)
+    stats = compute_stats(df, items, yesno, dropped)
+    inter = df[["user_id", "item_id", "timestamp", "rating", "label", "split", "pos"]].reset_index(drop=True)
+    root = (home or llmrec_home()) / "data" / name
+
+    def write(tmp: Path) -> None:
+        inter.to_parquet(tmp / "interactions.parquet", index=False)
+        items.to_parquet(tmp / "items.parquet", index=False)
+        if raw.users is not None:
+            raw.users.to_parquet(tmp / "users.parquet", index=False)
+        pq.write_table(yesno, tmp / "yesno.parquet")
+        negs.to_parquet(tmp / "negatives.parquet", index=False)
+        hashes = {p.name: _sha256(p) for p in sorted(tmp.glob("*.parquet"))}
+        manifest = {
+            "name": name,
+            "source": dataset,
+            "sources": raw.sources,
+            "domain": raw.domain,
+            "text_fields": raw.text_fields,
+            "config": to_dict(cfg),
+            "seed": cfg.seed,
+            "label_rule": rule,
+            "like_threshold": cfg.like_threshold if rule == "rating_threshold" else None,
+            "tie_break": raw.tie_break,
+            "yesno_cutoffs": cutoffs,
+            "stats": stats,
+            "files_sha256": hashes,
+            "content_hash": hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest(),
+            "llmrec_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    _write_atomic(root, write)
+    secs = time.perf_counter() - t0
+    log.info("prepared %s in %.1fs -> %s", name, secs, root)
+    return PrepareReport(name=name, stats=stats, seconds=secs, path=root)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class PreparedDataset:
+    """Read-only view of a prepared folder. Items are indexed 0..n_items-1 in `items` order (sorted by item_id)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        mpath = self.root / "manifest.json"
+        if not mpath.is_file():
+            raise DataError(f"{self.root}: not a prepared dataset (no manifest.json); run `llmrec data prepare` first")
+        self.manifest: dict = json.loads(mpath.read_text())
+        self.name: str = self.manifest["name"]
+        self.domain: str = self.manifest.get("domain", "item")
+        self.text_fields: list[str] = list(self.manifest.get("text_fields", []))
+        self.interactions: pd.DataFrame = pd.read_parquet(self.root / "interactions.parquet")
+        self.items: pd.DataFrame = pd.read_parquet(self.root / "items.parquet")
+        self.item_ids: np.ndarray = self.items["item_id"].to_numpy()
+        self.item_index: dict[str, int] = {i: n for n, i in enumerate(self.item_ids)}
+        self.titles: np.ndarray = self.items["title"].to_numpy()
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @cached_property
+    def users(self) -> pd.DataFrame | None:
+        p = self.root / "users.parquet"
+        return pd.read_parquet(p) if p.is_file() else None
+
+    @cached_property
+    def yesno(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "yesno.parquet")
+
+    @cached_property
+    def negatives(self) -> pd.DataFrame:
+        """Fixed sampled negatives per test user: for metrics labelled *sampled* only."""
+        return pd.read_parquet(self.root / "negatives.parquet")
+
+    @cached_property
+    def user_ids(self) -> np.ndarray:
+        return self.interactions["user_id"].unique()
+
+    @cached_property
+    def _by_user(self) -> dict[str, pd.DataFrame]:
+        return {u: g for u, g in self.interactions.groupby("user_id", sort=False)}
+
+    def has_user(self, user_id: str) -> bool:
+        return str(user_id) in self._by_user
+
+    def history(self, user_id: str, before: Literal["train", "valid", "test", "all"] = "test") -> pd.DataFrame:
+        """The user's time-ordered events available *before* predicting a leave-one-out target of split `before`:
+        `test` -> train+valid events, `valid` -> train events, `train`/`all` -> every event."""
+        g = self._by_user.get(str(user_id))
+        if g is None:
+            raise KeyError(f"unknown user {user_id!r} in dataset {self.name}")
+        if before == "test":
+            return g[g["split"] != "test"]
+        if before == "valid":
+            return g[g["split"] == "train"]
+        return g
+
+    def targets(self, split: Literal["valid", "test"] = "test") -> pd.DataFrame:
+        """Leave-one-out targets: one row (user_id, item_id, timestamp, ...) per user with a target in `split`."""
+        return self.interactions[self.interactions["split"] == split].reset_index(drop=True)
+
+    def sequences(self, splits: tuple[str, ...] = ("train",)) -> dict[str, list[str]]:
+        """Time-ordered item ids per user, restricted to the given leave-one-out splits."""
+        df = self.interactions[self.interactions["split"].isin(splits)]
+        return df.groupby("user_id", sort=False)["item_id"].agg(list).to_dict()
+
+    def item_text(self, item_id: str, fields: list[str] | None = None) -> str:
+        """`Title (genres: ..., year: ...)`: the text retrieval and BERT encoders read."""
+        row = self.items.iloc[self.item_index[item_id]]
+        parts = [f"{f}: {row[f]}" for f in (fields if fields is not None else self.text_fields) if str(row.get(f, ""))]
+        return f"{row['title']} ({'; '.join(parts)})" if parts else str(row["title"])
+
+    def item_texts(self, fields: list[str] | None = None) -> list[str]:
+        return [self.item_text(i, fields) for i in self.item_ids]
+
+
+def dataset_dir(name: str, home: Path | None = None) -> Path:
+    return (home or llmrec_home()) / "data" / name
+
+
+def load_prepared(name: str, home: Path | None = None, prepare_if_missing: bool = False) -> PreparedDataset:
+    """Open a prepared dataset by name (or folder path); optionally prepare it with defaults first."""
+    p = Path(name)
+    root = p if (p / "manifest.json").is_file() else dataset_dir(name, home)
+    if not (root / "manifest.json").is_file():
+        if not prepare_if_missing:
+            raise DataError(f"dataset {name!r} is not prepared under {root.parent}; run `llmrec data prepare --dataset {name}`")
+        prepare(name, home=home)
+    return PreparedDataset(root)

@@ -1,0 +1,141 @@
+"""Evaluation metrics: pure functions on numpy arrays, each with its formula.
+
+Conventions
+- Ranking metrics take `ranks`: the 1-based rank of each user's held-out item among the ranked items (history
+  excluded). With one held-out item per user (leave-one-out), HR@K = Recall@K.
+- Ties are broken *pessimistically*: rank = 1 + #{items scored higher} + #{other items scored equal}. A constant
+  scorer therefore gets the worst rank, never the best.
+- Averages are over users (every user with a target counts, including misses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve.
+
+    AUC = P(s+ > s-) + 0.5 P(s+ = s-) = (sum of positive ranks - n+(n+ + 1)/2) / (n+ n-), with average ranks for ties
+    (Mann-Whitney U). NaN when only one class is present.
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over tie groups
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def confusion(labels: Sequence[int], preds: Sequence[int]) -> tuple[int, int, int, int]:
+    """(TP, FP, TN, FN) of binary predictions."""
+    y = np.asarray(labels).astype(bool)
+    p = np.asarray(preds).astype(bool)
+    return int((y & p).sum()), int((~y & p).sum()), int((~y & ~p).sum()), int((y & ~p).sum())
+
+
+def accuracy(labels: Sequence[int], preds: Sequence[int]) -> float:
+    """Accuracy = (TP + TN) / N."""
+    tp, fp, tn, fn = confusion(labels, preds)
+    n = tp + fp + tn + fn
+    return (tp + tn) / n if n else float("nan")
+
+
+def precision(labels: Sequence[int], preds: Sequence[int]) -> float:
+    """Precision = TP / (TP + FP); 0 when nothing is predicted positive."""
+    tp, fp, _, _ = confusion(labels, preds)
+    return tp / (tp + fp) if tp + fp else 0.0
+
+
+def recall(labels: Sequence[int], preds: Sequence[int]) -> float:
+    """Recall = TP / (TP + FN); 0 when there are no positives."""
+    tp, _, _, fn = confusion(labels, preds)
+    return tp / (tp + fn) if tp + fn else 0.0
+
+
+def f1(labels: Sequence[int], preds: Sequence[int]) -> float:
+    """F1 = 2 P R / (P + R) = 2 TP / (2 TP + FP + FN); 0 when TP = 0."""
+    tp, fp, _, fn = confusion(labels, preds)
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def classification_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+    """AUC on the scores, and accuracy / precision / recall / F1 of `probs >= threshold`."""
+    preds = (np.asarray(probs, dtype=np.float64) >= threshold).astype(int)
+    return {
+        "n": int(len(labels)),
+        "auc": auc(labels, probs),
+        "accuracy": accuracy(labels, preds),
+        "precision": precision(labels, preds),
+        "recall": recall(labels, preds),
+        "f1": f1(labels, preds),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- ranking
+def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, exclude: Iterable[Sequence[int]] | None = None) -> np.ndarray:
+    """1-based pessimistic rank of `targets[u]` in row `scores[u]`, ignoring the item indices in `exclude[u]`.
+
+    rank_u = 1 + |{j not excluded, j != t_u : s_uj >= s_ut}|. NaN scores count as -inf. A target that is itself
+    excluded is a caller bug and raises.
+    """
+    s = np.array(scores, dtype=np.float64, copy=True)
+    s[np.isnan(s)] = -np.inf
+    t = np.asarray(targets, dtype=np.int64)
+    rows = np.arange(len(t))
+    if exclude is not None:
+        for u, ex in enumerate(exclude):
+            ex = np.asarray(ex, dtype=np.int64)
+            if ex.size:
+                if np.any(ex == t[u]):
+                    raise ValueError(f"row {u}: the target item {t[u]} is in the excluded (history) items")
+                s[u, ex] = np.nan
+    ts = s[rows, t][:, None]
+    with np.errstate(invalid="ignore"):
+        ge = (s >= ts) & ~np.isnan(s)
+    return ge.sum(axis=1).astype(np.int64)  # the target itself is counted once: that is the "1 +"
+
+
+def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:
+    """HR@K = (1/|U|) sum_u 1[rank_u <= K]."""
+    return float(np.mean(np.asarray(ranks) <= k))
+
+
+def recall_at_k(ranks: np.ndarray, k: int, n_relevant: np.ndarray | None = None) -> float:
+    """Recall@K = (1/|U|) sum_u |relevant_u in top K| / |relevant_u|. One target per user: equals HR@K."""
+    hits = (np.asarray(ranks) <= k).astype(float)
+    if n_relevant is not None:
+        hits = hits / np.asarray(n_relevant, dtype=float)
+    return float(np.mean(hits))
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """NDCG@K with one relevant item: (1/|U|) sum_u 1[rank_u <= K] / log2(rank_u + 1) (IDCG = 1)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return float(np.mean(np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)))
+
+
+def mrr_at_k(ranks: np.ndarray, k: int) -> float:
+    """MRR@K = (1/|U|) sum_u 1[rank_u <= K] / rank_u."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return float(np.mean(np.where(r <= k, 1.0 / r, 0.0)))
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
+    """hr@K, recall@K, ndcg@K, mrr@K for each K, plus the number of users."""
+    out: dict[str, float] = {"n_users": int(len(ranks))}
+    for k in ks:
+        out[f"hr@{k}"] = hit_rate_at_k(ranks, k)
+        out[f"recall@{k}"] = recall_at_k(ranks, k)
+        out[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
+        out[f"mrr@{k}"] = mrr_at_k(ranks, k)
+    return out
