@@ -1,0 +1,96 @@
+"""Shared header and writers for benchmark result files (`eval/results/<name>.json` + `.md`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(os.environ.get("LLMREC_RESULTS", Path(__file__).resolve().parent.parent / "eval" / "results"))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} x {cpu}{mem}{gpu}, Python {platform.python_version()}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and finished children) in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+
+def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+        return "" if v is None else str(v)
+
+    head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
+    return head + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows) + "\n"
+
+
+def write_result(name: str, payload: dict[str, Any], table_md: str, command: str | None = None,
+                 results_dir: Path | None = None) -> Path:
+    """Write `<name>.json` (header + payload) and `<name>.md` (header + table). Returns the JSON path."""
+    out_dir = Path(results_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = {
+        "dataset": payload.get("dataset"),
+        "commit": git_commit(),
+        "machine": machine_info(),
+        "command": command or command_line(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    data = {**header, **{k: v for k, v in payload.items() if k not in header or k == "dataset"}}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md = (
+        f"# {name}\n\n- dataset: {header['dataset']}\n- command: `{header['command']}`\n- commit: {header['commit']}\n"
+        f"- machine: {header['machine']}\n- created: {header['created']}\n\n{table_md}"
+    )
+    (out_dir / f"{name}.md").write_text(md)
+    return path

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny synthetic dataset with a planted pattern, prepared into a temporary LLMREC_HOME."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+GENRES = ["Action", "Comedy", "Drama", "Horror"]
+
+
+def make_tiny_csv(root, n_users: int = 40, n_items: int = 48, events: int = 14, seed: int = 0):
+    """Users prefer one genre (planted): 80% of their events are items of that genre, in a per-genre item order, and
+    they like (rating 5) items of their genre and dislike (rating 1-2) the others."""
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{j}" for j in range(n_items)],
+            "title": [f"{GENRES[j % 4]} Story {j}" for j in range(n_items)],
+            "genres": [GENRES[j % 4] for j in range(n_items)],
+        }
+    )
+    rows = []
+    for u in range(n_users):
+        g = u % 4
+        own = [j for j in range(n_items) if j % 4 == g]
+        start = int(rng.integers(0, len(own)))
+        seq, t = [], 1_000_000 + u * 7
+        k = 0
+        while len(seq) < events:
+            if rng.random() < 0.8:
+                j = own[(start + k) % len(own)]
+                k += 1
+            else:
+                j = int(rng.integers(0, n_items))
+            if j in seq:
+                continue
+            seq.append(j)
+            rating = 5 if j % 4 == g else int(rng.integers(1, 3))
+            t += int(rng.integers(60, 3600))
+            rows.append((f"u{u}", f"i{j}", t, rating))
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
+    ipath, tpath = root / "tiny_items.csv", root / "tiny.csv"
+    items.to_csv(ipath, index=False)
+    inter.to_csv(tpath, index=False)
+    return tpath, ipath
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llmrec_home")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_home):
+    """A prepared tiny dataset named `tiny` (40 users, 48 items, 14 events each, planted genre preference)."""
+    from llmrec.data import PrepareConfig, load_prepared, prepare
+
+    tpath, ipath = make_tiny_csv(tiny_home)
+    prepare(str(tpath), PrepareConfig(items_file=str(ipath), name="tiny", n_sampled_negatives=20), home=tiny_home)
+    return load_prepared("tiny", home=tiny_home)
