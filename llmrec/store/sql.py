@@ -1,0 +1,295 @@
+"""Event store on SQLAlchemy Core: SQLite (WAL, synchronous=FULL) by default, any SQL URL otherwise.
+
+Tables:
+- `events(id, user_id, item_id, type, value, liked, timestamp, idempotency_key UNIQUE, request_hash, created_at)`
+- `user_versions(user_id PRIMARY KEY, version)`: bumped in the same transaction as each new event, so a cached
+  recommendation keyed by (user, version) is never served after that user's history changed.
+- `meta(key PRIMARY KEY, value)`: which prepared dataset initialised the store.
+
+`add_event` returns only after the transaction committed; with SQLite in WAL mode and `synchronous=FULL` the commit
+is on disk (fsync'd WAL) when it returns, so an acknowledged event survives a SIGKILL or power loss.
+Postgres works with a URL such as `postgresql+psycopg://user:pw@host/db` (install `psycopg[binary]`); the same schema
+is created there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from llmrec.config import llmrec_home
+from llmrec.store.events import EVENT_TYPES, Event, derive_liked
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+events_t = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.String(128), nullable=False),
+    sa.Column("item_id", sa.String(256), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("value", sa.Float, nullable=True),
+    sa.Column("liked", sa.Boolean, nullable=True),
+    sa.Column("timestamp", sa.BigInteger, nullable=False),
+    sa.Column("idempotency_key", sa.String(128), nullable=True, unique=True),
+    sa.Column("request_hash", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_events_user_time", "user_id", "timestamp", "id"),
+)
+versions_t = sa.Table(
+    "user_versions",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+meta_t = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+class StoreError(ValueError):
+    """Bad input to the store (the message names the field)."""
+
+
+class IdempotencyConflict(StoreError):
+    """The idempotency key was already used for a different event."""
+
+
+def default_url(dataset: str) -> str:
+    path = (llmrec_home() / "store" / f"{dataset}.db").resolve()
+    return f"sqlite:///{path}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def _row_to_event(r: Any) -> Event:
+    return Event(
+        user_id=r.user_id,
+        item_id=r.item_id,
+        type=r.type,
+        timestamp=int(r.timestamp),
+        value=None if r.value is None else float(r.value),
+        liked=None if r.liked is None else bool(r.liked),
+        id=int(r.id),
+        idempotency_key=r.idempotency_key,
+    )
+
+
+class EventStore:
+    """Durable user-event history with per-user versions. Thread-safe; one instance per process."""
+
+    def __init__(self, url: str, like_threshold: float = 3.0, echo: bool = False):
+        self.url = url
+        self.like_threshold = like_threshold
+        self.is_sqlite = url.startswith("sqlite")
+        kw: dict[str, Any] = {"echo": echo, "future": True}
+        if self.is_sqlite:
+            db = sa.engine.make_url(url).database
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = sa.create_engine(url, **kw)
+        if self.is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        # SQLite allows one writer; serialising writes here avoids "database is locked" retries under load
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        metadata.create_all(self.engine)
+
+    # ---------------------------------------------------------------------------------------------------- setup
+    @classmethod
+    def from_dataset(cls, ds: Any, url: str | None = None, like_threshold: float = 3.0) -> EventStore:
+        """Open (creating if needed) the store for prepared dataset `ds` and bulk-load all its interactions once
+        (train + valid + test: the store is the production history)."""
+        store = cls(url or default_url(ds.name), like_threshold=like_threshold)
+        loaded = store.get_meta("dataset")
+        if loaded is None:
+            store.load_interactions(ds.interactions, dataset=ds.name)
+        elif loaded != ds.name:
+            raise StoreError(f"{store.url}: store was initialised from dataset {loaded!r}, not {ds.name!r}")
+        return store
+
+    def load_interactions(self, df: Any, dataset: str, chunk: int = 50_000) -> int:
+        """Bulk insert a prepared interactions frame (user_id, item_id, timestamp, rating, label), one transaction."""
+        t0 = time.perf_counter()
+        now = time.time()
+        users = df["user_id"].astype(str).to_numpy()
+        items = df["item_id"].astype(str).to_numpy()
+        ts = df["timestamp"].astype("int64").to_numpy()
+        ratings = df["rating"].to_numpy() if "rating" in df else None
+        labels = df["label"].to_numpy() if "label" in df else None
+        with self._lock(), self.engine.begin() as conn:
+            for start in range(0, len(df), chunk):
+                rows = []
+                for i in range(start, min(start + chunk, len(df))):
+                    r = None if ratings is None or ratings[i] != ratings[i] else float(ratings[i])
+                    rows.append({
+                        "user_id": users[i], "item_id": items[i], "type": "rating" if r is not None else "view",
+                        "value": r, "liked": None if labels is None else bool(labels[i]), "timestamp": int(ts[i]),
+                        "idempotency_key": None, "request_hash": None, "created_at": now,
+                    })
+                conn.execute(events_t.insert(), rows)
+            counts = df.groupby("user_id", sort=False).size()
+            conn.execute(versions_t.insert(), [{"user_id": str(u), "version": int(c)} for u, c in counts.items()])
+            conn.execute(meta_t.insert(), [{"key": "dataset", "value": dataset},
+                                           {"key": "loaded_rows", "value": str(len(df))}])
+        log.info("event store %s: loaded %d interactions of %s in %.1fs", self.url, len(df), dataset,
+                 time.perf_counter() - t0)
+        return len(df)
+
+    def _lock(self) -> Any:
+        return self._write_lock if self._write_lock is not None else _NullLock()
+
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(meta_t.c.value).where(meta_t.c.key == key)).scalar_one_or_none()
+
+    # ---------------------------------------------------------------------------------------------------- reads
+    def version(self, user_id: str) -> int | None:
+        """History version of a user (changes with every new event); None for an unknown user."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
+            ).scalar_one_or_none()
+
+    def has_user(self, user_id: str) -> bool:
+        return self.version(user_id) is not None
+
+    def history(self, user_id: str, limit: int | None = None) -> list[Event]:
+        """The user's most recent `limit` events (all if None), oldest first."""
+        q = (
+            sa.select(events_t)
+            .where(events_t.c.user_id == str(user_id))
+            .order_by(events_t.c.timestamp.desc(), events_t.c.id.desc())
+        )
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).fetchall()
+        return [_row_to_event(r) for r in reversed(rows)]
+
+    def history_with_version(self, user_id: str, limit: int | None = None) -> tuple[list[Event], int | None]:
+        """History and version read in one transaction (consistent with each other)."""
+        q = (
+            sa.select(events_t)
+            .where(events_t.c.user_id == str(user_id))
+            .order_by(events_t.c.timestamp.desc(), events_t.c.id.desc())
+        )
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn, conn.begin():
+            ver = conn.execute(
+                sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
+            ).scalar_one_or_none()
+            rows = conn.execute(q).fetchall() if ver is not None else []
+        return [_row_to_event(r) for r in reversed(rows)], ver
+
+    def get_by_key(self, idempotency_key: str) -> Event | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(events_t).where(events_t.c.idempotency_key == idempotency_key)).fetchone()
+        return None if r is None else _row_to_event(r)
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(events_t)).scalar_one())
+
+    def events_with_keys(self) -> list[Event]:
+        """Every event that carries an idempotency key (the kill test compares them with the acknowledged ones)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(events_t).where(events_t.c.idempotency_key.is_not(None)).order_by(events_t.c.id)
+            ).fetchall()
+        return [_row_to_event(r) for r in rows]
+
+    # ---------------------------------------------------------------------------------------------------- writes
+    def add_event(
+        self,
+        user_id: str,
+        item_id: str,
+        type: str,
+        value: float | None = None,
+        timestamp: int | None = None,
+        idempotency_key: str | None = None,
+        liked: bool | None = None,
+    ) -> tuple[Event, bool]:
+        """Append one event and bump the user's version in a single committed transaction.
+
+        Returns (event, created). With an `idempotency_key` that was already used for the same event, the stored event
+        is returned with created=False; for a different event, `IdempotencyConflict` is raised."""
+        if type not in EVENT_TYPES:
+            raise StoreError(f"type: {type!r} is not one of {list(EVENT_TYPES)}")
+        if not user_id or not item_id:
+            raise StoreError(f"{'user_id' if not user_id else 'item_id'}: must not be empty")
+        if type == "rating" and value is None:
+            raise StoreError("value: a rating event needs a value")
+        ts = int(time.time()) if timestamp is None else int(timestamp)
+        if liked is None:
+            liked = derive_liked(type, value, self.like_threshold)
+        req_hash = hashlib.sha256(
+            json.dumps([str(user_id), str(item_id), type, value, timestamp], sort_keys=True).encode()
+        ).hexdigest()
+        if idempotency_key is not None:
+            prev = self._replay(idempotency_key, req_hash)
+            if prev is not None:
+                return prev, False
+        row = {
+            "user_id": str(user_id), "item_id": str(item_id), "type": type, "value": value, "liked": liked,
+            "timestamp": ts, "idempotency_key": idempotency_key, "request_hash": req_hash, "created_at": time.time(),
+        }
+        try:
+            with self._lock(), self.engine.begin() as conn:
+                new_id = conn.execute(events_t.insert().values(**row)).inserted_primary_key[0]
+                upd = conn.execute(
+                    versions_t.update().where(versions_t.c.user_id == str(user_id))
+                    .values(version=versions_t.c.version + 1)
+                )
+                if upd.rowcount == 0:
+                    conn.execute(versions_t.insert().values(user_id=str(user_id), version=1))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            prev = self._replay(idempotency_key, req_hash)  # a concurrent request with the same key won the race
+            if prev is None:
+                raise
+            return prev, False
+        ev = Event(user_id=str(user_id), item_id=str(item_id), type=type, timestamp=ts, value=value, liked=liked,
+                   id=int(new_id), idempotency_key=idempotency_key)
+        return ev, True
+
+    def _replay(self, key: str, req_hash: str) -> Event | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(events_t).where(events_t.c.idempotency_key == key)).fetchone()
+        if r is None:
+            return None
+        if r.request_hash != req_hash:
+            raise IdempotencyConflict(f"idempotency_key: {key!r} was already used for a different event")
+        return _row_to_event(r)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class _NullLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
