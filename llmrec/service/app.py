@@ -1,0 +1,271 @@
+"""FastAPI routes and middleware. `create_app(config, recommender=..., store=..., catalogue=...)` wires the pieces the
+launcher (`llmrec.service.launch`) built; tests pass their own. OpenAPI docs at /docs."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmrec.service.config import ServiceConfig
+from llmrec.service.metrics import ServiceMetrics
+from llmrec.service.protocol import (
+    ADAPTER_PATTERN,
+    ID_PATTERN,
+    ErrorResponse,
+    EventAck,
+    EventIn,
+    HealthResponse,
+    HistoryResponse,
+    ReadyResponse,
+    RecommendationResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from llmrec.service.serving import RecommendationService, ServiceError
+
+log = logging.getLogger("llmrec.service")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (401, 404, 409, 413, 422, 503)
+}
+
+
+def error_json(code: int, type_: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=code, content={"error": {"code": code, "type": type_, "message": message, "field": field}}
+    )
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+class BodyLimit:
+    """Pure ASGI middleware: reject bodies over `max_bytes` with 413 (by Content-Length, or while reading)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = error_json(413, "payload_too_large", f"request body over {self.max_bytes} bytes", "body")
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    if int(v) > self.max_bytes:
+                        return await too_big(scope, receive, send)
+                except ValueError:
+                    return await error_json(400, "bad_request", "invalid Content-Length", "header.content-length")(
+                        scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(
+    config: ServiceConfig,
+    recommender: Any | None = None,
+    store: Any | None = None,
+    catalogue: Any | None = None,
+    backend_name: str = "none",
+    backend_note: str = "",
+    model_name: str | None = None,
+    ready_check: Callable[[], dict[str, str]] | None = None,
+    on_shutdown: list[Callable[[], None]] | None = None,
+) -> FastAPI:
+    cfg = config
+    if catalogue is None:
+        from llmrec.data import load_prepared
+
+        catalogue = load_prepared(cfg.dataset)
+    if store is None:
+        from llmrec.store import EventStore
+
+        store = EventStore.from_dataset(catalogue, url=cfg.store_url, like_threshold=cfg.like_threshold)
+    metrics = ServiceMetrics()
+    svc = RecommendationService(cfg, store, catalogue, recommender, metrics, backend_name, backend_note, model_name)
+    if recommender is None and not backend_note:
+        svc.backend_note = "no LLM backend: answers come from the collaborative fallback (degraded: true)"
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        log.info("service up: dataset=%s backend=%s (%s) store=%s", catalogue.name, svc.backend_name,
+                 svc.backend_note, _redact(store.url))
+        yield
+        svc.close()
+        for fn in on_shutdown or []:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                log.warning("shutdown hook failed: %s", e)
+
+    app = FastAPI(
+        title="llmrec recommendation service",
+        version="0.1.0",
+        description="Recommendations ranked by a LoRA-tuned LLM (vLLM or transformers backend), with an event store.",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    app.state.metrics = metrics
+
+    # ------------------------------------------------------------------------------------------------ errors
+    @app.exception_handler(ServiceError)
+    async def _service_error(_r: Request, e: ServiceError) -> JSONResponse:
+        return error_json(e.code, e.type, e.message, e.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_r: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        field = _loc(tuple(first.get("loc", ())))
+        msg = "; ".join(f"{_loc(tuple(x.get('loc', ())))}: {x.get('msg')}" for x in errs[:5])
+        return error_json(422, "validation_error", msg, field or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(e.status_code, "http_error")
+        return error_json(e.status_code, kind, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_r: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error: %s", type(e).__name__)
+        return error_json(500, "internal_error", "internal error (logged)")
+
+    # ------------------------------------------------------------------------------------------------ middleware
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable) -> Response:
+        t0 = time.perf_counter()
+        path = request.url.path
+        if cfg.api_key and path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                resp: Response = error_json(
+                    401, "unauthorized", "missing or wrong bearer API key", "header.authorization"
+                )
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                _record(request, resp.status_code, t0)
+                return resp
+        try:
+            resp = await call_next(request)
+        except Exception as e:  # noqa: BLE001
+            log.exception("unhandled error: %s", type(e).__name__)
+            resp = error_json(500, "internal_error", "internal error (logged)")
+        _record(request, resp.status_code, t0)
+        return resp
+
+    def _record(request: Request, status: int, t0: float) -> None:
+        route = request.scope.get("route")
+        tmpl = getattr(route, "path", None) or "unmatched"  # the template, never the raw path (it holds user ids)
+        dt = time.perf_counter() - t0
+        metrics.requests.labels(route=tmpl, method=request.method, status=str(status)).inc()
+        metrics.latency.labels(route=tmpl).observe(dt)
+        log.debug("%s %s %d %.1fms", request.method, tmpl, status, dt * 1000)
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+
+    # ------------------------------------------------------------------------------------------------ routes
+    user_path = Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="user id")
+
+    @app.get("/v1/users/{user_id}/recommendations", response_model=RecommendationResponse, responses=ERRORS,
+             tags=["recommendations"])
+    async def recommendations(
+        user_id: str = user_path,
+        k: int = Query(cfg.default_k, ge=1, le=cfg.max_k),
+        explain: bool = Query(False),
+        adapter: str | None = Query(None, pattern=ADAPTER_PATTERN, description="a name from the adapter registry"),
+    ) -> dict[str, Any]:
+        return await svc.recommend(user_id, k, explain, adapter)
+
+    @app.post("/v1/events", response_model=EventAck, status_code=201, responses={200: {"model": EventAck}, **ERRORS},
+              tags=["events"])
+    async def post_event(
+        ev: EventIn,
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=128, pattern=ID_PATTERN),
+    ) -> Response:
+        body, created = await asyncio.to_thread(svc.add_event, ev, idempotency_key)
+        return JSONResponse(status_code=201 if created else 200, content=body)
+
+    @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, responses=ERRORS, tags=["events"])
+    async def history(user_id: str = user_path, limit: int = Query(50, ge=1, le=cfg.max_history_page)) -> dict:
+        return await asyncio.to_thread(svc.history, user_id, limit)
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, tags=["recommendations"])
+    async def score(req: ScoreRequest) -> dict[str, Any]:
+        return await svc.score(req.user_id, req.item_ids, req.adapter)
+
+    @app.get("/health", response_model=HealthResponse, tags=["ops"])
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok", "backend": svc.backend_name, "backend_note": svc.backend_note, "model": svc.model_name,
+            "adapters": svc.adapters, "dataset": catalogue.name, "store": _redact(store.url),
+            "batching": cfg.batching, "fallback": cfg.fallback,
+        }
+
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, tags=["ops"])
+    async def ready() -> Response:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.to_thread(store.version, "__ready_probe__")
+            checks["store"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            checks["store"] = f"error: {type(e).__name__}"
+        if ready_check is not None:
+            try:
+                checks.update(await asyncio.to_thread(ready_check))
+            except Exception as e:  # noqa: BLE001
+                checks["backend"] = f"error: {type(e).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(status_code=200 if ok else 503, content={"ready": ok, "checks": checks})
+
+    @app.get("/metrics", tags=["ops"])
+    async def prom() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a SQL URL."""
+    try:
+        import sqlalchemy as sa
+
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.split("@")[-1]
+
+
+__all__ = ["create_app", "error_json"]

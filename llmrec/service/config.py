@@ -1,0 +1,97 @@
+"""Typed service configuration: `serve/config.yaml` < env `LLMREC_SERVE_*` < CLI `--set key=value`.
+
+Env keys: `LLMREC_SERVE_PORT=8001`, nested with a double underscore: `LLMREC_SERVE_LLM__BACKEND=transformers`,
+`LLMREC_SERVE_LLM__ADAPTERS="{yesno: artifacts/adapters/yesno}"` (values are parsed as YAML scalars).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llmrec.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
+
+ENV_PREFIX = "LLMREC_SERVE_"
+
+
+@dataclass
+class LLMConfig:
+    """Which model serves the prompts and where it runs."""
+
+    # auto: vLLM when it is importable (or `vllm_url` is set), else the in-process transformers backend;
+    # none: no LLM at all, every answer comes from the collaborative fallback (degraded: true)
+    backend: Literal["auto", "vllm", "transformers", "none"] = "auto"
+    model: str | None = None  # HF model folder; None = the embedded SmolLM2-135M-Instruct (converted once)
+    vllm_url: str | None = None  # an existing OpenAI-compatible endpoint (http://127.0.0.1:8011/v1); else launch one
+    vllm_host: str = "127.0.0.1"
+    vllm_port: int = 8011
+    vllm_python: str | None = None  # interpreter that has vllm (e.g. .venv-vllm/bin/python); default: this one
+    vllm_startup_timeout_s: float = 600.0
+    vllm_extra_args: list[str] = field(default_factory=list)  # passed verbatim to the vLLM api_server
+    # adapter registry: name -> adapter folder. Requests may only name these (never a path).
+    adapters: dict[str, str] = field(default_factory=dict)
+    default_adapter: str | None = None
+    # how vLLM serves adapters: merged = one adapter merged into the base (`llmrec export --merge`), served as the
+    # model (fast on CPU); lora = base + --lora-modules (several adapters; ~10x slower on CPU); auto = merged when
+    # on CPU with exactly one adapter, else lora
+    adapter_mode: Literal["auto", "merged", "lora"] = "auto"
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    timeout_s: float = 60.0  # per recommendation / score call; past it -> fallback or 503
+
+
+@dataclass
+class ServiceConfig:
+    dataset: str = "ml-100k"  # prepared dataset: catalogue, initial store content, fallback model
+    store_url: str | None = None  # SQL URL; default sqlite:///$LLMREC_HOME/store/<dataset>.db
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_k: int = 10
+    max_k: int = 100
+    max_history: int = 50  # events passed to the recommender (most recent)
+    max_history_page: int = 1000  # limit of GET /history
+    max_score_items: int = 100  # item_ids per POST /v1/score
+    max_body_bytes: int = 16_384
+    api_key: str | None = None  # optional bearer key (also LLMREC_SERVE_API_KEY); /health stays open
+    user_hash_key: str | None = None  # HMAC key for user ids in logs; random per process when unset
+    cache_size: int = 10_000  # answers cached per (user, history version, k, explain, adapter)
+    fallback: Literal["collaborative", "none"] = "collaborative"  # none: 503 when the LLM fails
+    batching: Literal["none", "micro"] = "none"  # micro: the service groups concurrent backend calls itself
+    batch_max_size: int = 16
+    batch_max_wait_ms: float = 10.0
+    candidates: int = 20  # candidates the recommender ranks (passed as `n_candidates` when it accepts it)
+    like_threshold: float = 3.0  # rating events above it count as likes
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "max_history", "max_history_page", "max_score_items", "max_body_bytes", "cache_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ConfigError(f"default_k: must be within 1..max_k ({self.max_k})")
+        if self.llm.default_adapter is not None and self.llm.default_adapter not in self.llm.adapters:
+            raise ConfigError(f"llm.default_adapter: {self.llm.default_adapter!r} is not in llm.adapters")
+        for name in self.llm.adapters:
+            if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+                raise ConfigError(f"llm.adapters: invalid adapter name {name!r} (no slashes, spaces or leading dot)")
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    pairs = []
+    for k, v in env.items():
+        if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX):
+            key = k[len(ENV_PREFIX):].lower().replace("__", ".")
+            pairs.append(f"{key}={v}")
+    return parse_overrides(pairs)
+
+
+def load_service_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, environ: dict[str, str] | None = None
+) -> ServiceConfig:
+    data = load_yaml(path) if path else {}
+    data = deep_merge(data, env_overrides(environ))
+    data = deep_merge(data, parse_overrides(overrides))
+    return from_dict(ServiceConfig, data, where=str(path) if path else "service config")

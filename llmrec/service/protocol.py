@@ -1,0 +1,118 @@
+"""Request and response models of the recommendation API, and its one error shape."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
+ADAPTER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
+
+
+class ErrorDetail(BaseModel):
+    code: int = Field(description="HTTP status")
+    type: str = Field(description="machine-readable kind: validation_error, not_found, backend_unavailable, ...")
+    message: str
+    field: str | None = Field(None, description="the offending field (e.g. body.item_id, query.k) when there is one")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class RecItemOut(BaseModel):
+    item_id: str
+    title: str
+    score: float
+    rank: int
+
+
+class RecommendationResponse(BaseModel):
+    user_id: str
+    items: list[RecItemOut]
+    explanation: str | None = None
+    explanation_fallback: bool = False
+    model: str | None = None
+    adapter: str | None = None
+    backend: str
+    degraded: bool = Field(False, description="true when the LLM failed and a collaborative fallback answered")
+    cached: bool = False
+    history_version: int
+    latency_ms: float
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+    item_id: str = Field(min_length=1, max_length=256)
+    type: Literal["view", "click", "purchase", "rating"]
+    value: float | None = Field(None, ge=-1e9, le=1e9, allow_inf_nan=False)
+    timestamp: int | None = Field(None, ge=0, le=32_503_680_000, description="epoch seconds; default now")
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=128, pattern=ID_PATTERN,
+        description="or the Idempotency-Key header; a retry with the same key returns the stored event (200)",
+    )
+
+
+class EventOut(BaseModel):
+    id: int
+    user_id: str
+    item_id: str
+    type: str
+    value: float | None
+    timestamp: int
+    liked: bool | None
+    idempotency_key: str | None = None
+
+
+class EventAck(BaseModel):
+    event: EventOut
+    created: bool = Field(description="false when an idempotency key replayed a stored event")
+    history_version: int
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    history_version: int
+    events: list[EventOut]
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+    item_ids: list[str] = Field(min_length=1)
+    adapter: str | None = Field(None, pattern=ADAPTER_PATTERN)
+
+
+class ItemScore(BaseModel):
+    item_id: str
+    p_yes: float = Field(description="P(Yes) / (P(Yes) + P(No)) for 'will the user like this item?'")
+
+
+class ScoreResponse(BaseModel):
+    user_id: str
+    scores: list[ItemScore]
+    model: str | None = None
+    adapter: str | None = None
+    backend: str
+    latency_ms: float
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    backend: str
+    backend_note: str
+    model: str | None
+    adapters: list[str]
+    dataset: str
+    store: str
+    batching: str
+    fallback: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    checks: dict[str, str]
