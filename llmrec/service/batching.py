@@ -1,0 +1,115 @@
+"""Service-side micro-batching: concurrent requests' backend calls are grouped into one batched call.
+
+`MicroBatchingBackend(backend)` has the backend interface (`score_choices`, `generate`, `tokenizer`, `name`); calls
+from many request threads wait up to `max_wait_ms` (or until `max_batch` prompts are queued), then one worker thread
+runs a single batched call on the wrapped backend and hands each caller its rows. Calls are only grouped with calls
+of the same kind and parameters (same number of choices; same generation settings). The alternative, used with vLLM,
+is to let each request call the backend directly: vLLM's continuous batching merges concurrent HTTP requests itself.
+`serve/bench_serving.py` measures both.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class _Job:
+    __slots__ = ("key", "prompts", "payload", "future")
+
+    def __init__(self, key: tuple, prompts: list[str], payload: Any):
+        self.key, self.prompts, self.payload, self.future = key, prompts, payload, Future()
+
+
+class MicroBatchingBackend:
+    def __init__(self, backend: Any, max_batch: int = 16, max_wait_ms: float = 10.0, metrics: Any | None = None):
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.metrics = metrics
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: list[_Job] = []
+        self._stop = False
+        self._worker = threading.Thread(target=self._run, name="llmrec-microbatch", daemon=True)
+        self._worker.start()
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, name, model, ... of the wrapped backend
+        return getattr(self.backend, name)
+
+    # ------------------------------------------------------------------------------------------------ interface
+    def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
+        if not prompts:
+            return np.zeros((0, len(choices) if choices and isinstance(choices[0], str) else 0))
+        per = [list(choices)] * len(prompts) if choices and isinstance(choices[0], str) else [list(c) for c in choices]
+        job = _Job(("score", len(per[0])), list(prompts), per)
+        self._q.put(job)
+        return job.future.result()
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 stop: list[str] | None = None, **kw: Any) -> list[str]:
+        key = ("gen", max_new_tokens, temperature, tuple(stop or ()), tuple(sorted(kw.items())))
+        job = _Job(key, list(prompts), {"max_new_tokens": max_new_tokens, "temperature": temperature, "stop": stop,
+                                        **kw})
+        self._q.put(job)
+        return job.future.result()
+
+    def close(self) -> None:
+        self._stop = True
+        self._q.put(None)
+
+    # ------------------------------------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while not self._stop:
+            first = self._pending.pop(0) if self._pending else self._q.get()
+            if first is None:
+                break
+            batch, n = [first], len(first.prompts)
+            deadline = time.monotonic() + self.max_wait
+            while n < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    job = self._q.get(timeout=left)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._stop = True
+                    break
+                if job.key != first.key:
+                    self._pending.append(job)  # other kind: next round
+                    continue
+                batch.append(job)
+                n += len(job.prompts)
+            self._execute(batch)
+        for job in self._pending:
+            job.future.set_exception(RuntimeError("micro-batcher closed"))
+
+    def _execute(self, batch: list[_Job]) -> None:
+        prompts = [p for j in batch for p in j.prompts]
+        kind = batch[0].key[0]
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(op=kind).observe(len(prompts))
+        try:
+            if kind == "score":
+                choices = [c for j in batch for c in j.payload]
+                same = all(c == choices[0] for c in choices)
+                out: Any = self.backend.score_choices(prompts, choices[0] if same else choices)
+            else:
+                out = self.backend.generate(prompts, **batch[0].payload)
+        except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+            for j in batch:
+                j.future.set_exception(e)
+            return
+        start = 0
+        for j in batch:
+            j.future.set_result(out[start:start + len(j.prompts)])
+            start += len(j.prompts)

@@ -1,0 +1,72 @@
+"""HTTP client of the recommendation service (used by `llmrec recommend --url ...`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+
+class ServiceClientError(RuntimeError):
+    """The service answered with an error (message taken from its error body) or could not be reached."""
+
+
+def _error_message(resp: Any) -> str:
+    try:
+        e = resp.json()["error"]
+        field = f" (field {e['field']})" if e.get("field") else ""
+        return f"HTTP {resp.status_code} {e.get('type', '')}: {e.get('message', '')}{field}"
+    except Exception:  # noqa: BLE001
+        return f"HTTP {resp.status_code}: {resp.text[:300]}"
+
+
+def fetch_recommendations(
+    url: str,
+    user_id: str,
+    k: int = 10,
+    explain: bool = False,
+    adapter: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """GET {url}/v1/users/{user_id}/recommendations; returns the JSON body. The API key defaults to
+    $LLMREC_SERVE_API_KEY."""
+    import httpx
+
+    params: dict[str, Any] = {"k": k, "explain": str(bool(explain)).lower()}
+    if adapter:
+        params["adapter"] = adapter
+    key = api_key or os.environ.get("LLMREC_SERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    endpoint = f"{url.rstrip('/')}/v1/users/{quote(str(user_id), safe='')}/recommendations"
+    try:
+        resp = httpx.get(endpoint, params=params, headers=headers, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise ServiceClientError(f"cannot reach the service at {url}: {e}") from None
+    if resp.status_code != 200:
+        raise ServiceClientError(_error_message(resp))
+    return resp.json()
+
+
+def format_recommendations(rec: dict[str, Any]) -> str:
+    """A plain-text table (rank, score, item id, title) plus the explanation and how it was produced."""
+    items = rec.get("items", [])
+    w_id = max([len("item"), *(len(str(it["item_id"])) for it in items)])
+    lines = [f"{'rank':>4}  {'score':>8}  {'item':<{w_id}}  title", f"{'-' * 4}  {'-' * 8}  {'-' * w_id}  {'-' * 40}"]
+    for it in items:
+        lines.append(f"{it['rank']:>4}  {it['score']:>8.4f}  {str(it['item_id']):<{w_id}}  {it['title']}")
+    how = f"backend {rec.get('backend')}, model {rec.get('model')}"
+    if rec.get("adapter"):
+        how += f", adapter {rec['adapter']}"
+    if rec.get("degraded"):
+        how += ", DEGRADED (LLM unavailable: collaborative fallback)"
+    if rec.get("cached"):
+        how += ", cached"
+    if rec.get("latency_ms") is not None:
+        how += f", {rec['latency_ms']:.0f} ms"
+    lines.append("")
+    lines.append(f"user {rec.get('user_id')}: {len(items)} items ({how})")
+    if rec.get("explanation"):
+        tag = " (template fallback)" if rec.get("explanation_fallback") else ""
+        lines.append(f"explanation{tag}: {rec['explanation']}")
+    return "\n".join(lines)

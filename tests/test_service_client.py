@@ -1,0 +1,54 @@
+"""The HTTP client against a real uvicorn server on 127.0.0.1 (loopback only)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from llmrec.service.app import create_app
+from llmrec.service.client import ServiceClientError, fetch_recommendations, format_recommendations
+from llmrec.service.config import ServiceConfig
+from llmrec.store import EventStore
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tiny_dataset, tmp_path):
+    store = EventStore.from_dataset(tiny_dataset, url=f"sqlite:///{tmp_path / 'c.db'}")
+    app = create_app(ServiceConfig(dataset="tiny"), recommender=None, store=store, catalogue=tiny_dataset)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    th.join(timeout=10)
+
+
+def test_fetch_and_format(server):
+    rec = fetch_recommendations(server, "u4", k=3, explain=True)
+    assert rec["user_id"] == "u4" and len(rec["items"]) == 3
+    text = format_recommendations(rec)
+    assert "rank" in text and rec["items"][0]["title"] in text and "DEGRADED" in text
+    with pytest.raises(ServiceClientError, match="404 not_found"):
+        fetch_recommendations(server, "nobody")
+    with pytest.raises(ServiceClientError, match="query.k"):
+        fetch_recommendations(server, "u4", k=0)
+
+
+def test_unreachable():
+    with pytest.raises(ServiceClientError, match="cannot reach"):
+        fetch_recommendations(f"http://127.0.0.1:{free_port()}", "u1", timeout=2)
