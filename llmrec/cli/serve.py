@@ -1,0 +1,46 @@
+"""`llmrec serve`: vLLM (launched, or an existing URL) or in-process transformers + the recommendation service."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start vLLM (if installed) and the recommendation service (FastAPI)")
+    p.add_argument("--config", help="YAML file with ServiceConfig keys (e.g. serve/config.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. port=8001 llm.backend=transformers (env: LLMREC_SERVE_*)")
+    p.add_argument("--dataset", help="prepared dataset (shortcut for --set dataset=...)")
+    p.add_argument("--port", type=int, help="service port (shortcut for --set port=...)")
+    p.add_argument("--vllm-url", help="use an existing OpenAI-compatible vLLM endpoint")
+    p.add_argument("--no-llm", action="store_true", help="no LLM: collaborative fallback only (degraded: true)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmrec.config import to_dict
+    from llmrec.service.config import load_service_config
+
+    overrides = list(args.set or [])
+    if args.dataset:
+        overrides.append(f"dataset={args.dataset}")
+    if args.port:
+        overrides.append(f"port={args.port}")
+    if args.vllm_url:
+        overrides.append(f"llm.vllm_url={args.vllm_url}")
+    if args.no_llm:
+        overrides.append("llm.backend=none")
+    cfg = load_service_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+
+        d = to_dict(cfg)
+        if d.get("api_key"):
+            d["api_key"] = "***"
+        print(yaml.safe_dump(d, sort_keys=False))
+        return 0
+    from llmrec.service.launch import serve
+
+    serve(cfg)
+    return 0

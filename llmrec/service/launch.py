@@ -1,0 +1,294 @@
+"""Start-up: pick the LLM backend (vLLM server launched here, an existing vLLM URL, or in-process transformers),
+build the Recommender, open the event store, and run the FastAPI app with uvicorn.
+
+Backend choice (`llm.backend`):
+- `vllm`/`auto` with `llm.vllm_url`: use that OpenAI-compatible endpoint.
+- `vllm`/`auto` with vllm importable by `llm.vllm_python` (default: this interpreter): launch
+  `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the base model and the adapters. On CPU with one
+  adapter (`adapter_mode: auto`), the adapter is merged into the base (LoRA through vLLM-CPU is ~10x slower) and the
+  merged folder is served under the adapter's name; otherwise `--enable-lora --lora-modules name=path ...`.
+- `auto` without vLLM: the in-process transformers backend; /health and the logs say so.
+- `none`: no LLM; every answer is the collaborative fallback (degraded: true).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmrec.config import ConfigError, llmrec_home
+from llmrec.service.config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0"}
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def python_has_vllm(python: str | None) -> bool:
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        return importlib.util.find_spec("vllm") is not None
+    try:
+        probe = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+        r = subprocess.run([python, "-c", probe], capture_output=True, timeout=60)
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class VLLMServer:
+    """A vLLM OpenAI-compatible server subprocess on loopback; `start()` waits for /health, `stop()` ends it."""
+
+    def __init__(self, model: str, port: int = 8011, host: str = "127.0.0.1", served_name: str | None = None,
+                 lora_modules: dict[str, str] | None = None, python: str | None = None, dtype: str = "bfloat16",
+                 max_model_len: int = 2048, extra_args: list[str] | None = None, log_path: Path | None = None,
+                 max_lora_rank: int = 64):
+        self.model, self.port, self.host = model, port, host
+        self.url = f"http://{host}:{port}/v1"
+        cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
+        if served_name:
+            cmd += ["--served-model-name", served_name]
+        if lora_modules:
+            cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--lora-modules"]
+            cmd += [f"{n}={p}" for n, p in lora_modules.items()]
+        self.cmd = cmd + list(extra_args or [])
+        self.log_path = log_path or (llmrec_home() / "logs" / f"vllm-{port}.log")
+        self.proc: subprocess.Popen | None = None
+        self.start_s: float | None = None
+
+    def start(self, timeout_s: float = 600.0) -> VLLMServer:
+        import httpx
+
+        env = dict(os.environ)
+        if not _has_cuda():
+            for k, v in VLLM_CPU_ENV.items():
+                env.setdefault(k, v)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = self.log_path.open("ab")
+        log.info("starting vLLM: %s (log: %s)", " ".join(self.cmd), self.log_path)
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        health = f"http://{self.host}:{self.port}/health"
+        while time.perf_counter() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"vLLM server exited with code {self.proc.returncode}; log tail:\n{tail}")
+            try:
+                if httpx.get(health, timeout=2).status_code == 200:
+                    self.start_s = time.perf_counter() - t0
+                    log.info("vLLM server ready at %s after %.1fs", self.url, self.start_s)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vLLM server not healthy after {timeout_s:.0f}s (log: {self.log_path})")
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # own session: the server, its EngineCore and workers
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        log.info("vLLM server stopped")
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *a: Any) -> None:
+        self.stop()
+
+
+def merge_adapter(base: str, adapter: str, out: Path | None = None) -> Path:
+    """Merge a LoRA adapter into its base (peft `merge_and_unload`) once; returns the merged folder (cached)."""
+    out = out or (llmrec_home() / "models" / "merged" / Path(adapter).name)
+    marker = out / ".merged-from"
+    src = f"{Path(base).resolve()}\n{Path(adapter).resolve()}\n"
+    if marker.is_file() and marker.read_text() == src:
+        return out
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("merging adapter %s into %s -> %s", adapter, base, out)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    marker.write_text(src)
+    return out
+
+
+@dataclass
+class BackendPlan:
+    kind: str  # vllm-http | vllm-launch | transformers | none
+    note: str
+    model: str | None = None
+    adapter_mode: str = "none"
+    served: dict[str, str] = field(default_factory=dict)  # adapter name -> served model name (vLLM)
+
+
+def plan_backend(cfg: ServiceConfig) -> BackendPlan:
+    llm = cfg.llm
+    if llm.backend == "none":
+        return BackendPlan("none", "no LLM backend (llm.backend: none): the collaborative fallback answers, degraded")
+    if llm.vllm_url and llm.backend in ("auto", "vllm"):
+        return BackendPlan("vllm-http", f"vLLM endpoint {llm.vllm_url}", llm.model,
+                           served={n: n for n in llm.adapters})
+    if llm.backend in ("auto", "vllm") and python_has_vllm(llm.vllm_python):
+        mode = llm.adapter_mode
+        if mode == "auto":
+            mode = "merged" if (len(llm.adapters) == 1 and not _has_cuda()) else ("lora" if llm.adapters else "none")
+        if mode == "merged" and len(llm.adapters) > 1:
+            raise ConfigError("llm.adapter_mode: merged serves exactly one adapter; use lora for several")
+        return BackendPlan("vllm-launch", f"vLLM server launched on {llm.vllm_host}:{llm.vllm_port} "
+                           f"(adapters: {mode})", llm.model, mode, {n: n for n in llm.adapters})
+    if llm.backend == "vllm":
+        raise ConfigError("llm.backend: vllm requested but vllm is not installed (make setup-vllm, then set "
+                          "llm.vllm_python: .venv-vllm/bin/python) and no llm.vllm_url is given")
+    return BackendPlan("transformers", "vLLM is not installed: serving on the in-process transformers backend",
+                       llm.model)
+
+
+
+
+# -------------------------------------------------------------------------------------------------------- wiring
+@dataclass
+class Runtime:
+    """Everything `serve` built; `close()` stops what it started."""
+
+    app: Any
+    plan: BackendPlan
+    backend: Any = None
+    server: VLLMServer | None = None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def _model_path(cfg: ServiceConfig) -> str:
+    if cfg.llm.model:
+        return cfg.llm.model
+    from llmrec.llm import default_model_path
+
+    return str(default_model_path())
+
+
+def build_backend(cfg: ServiceConfig, plan: BackendPlan) -> tuple[Any, VLLMServer | None, str | None]:
+    """Returns (backend, launched vLLM server or None, model name for responses)."""
+    llm = cfg.llm
+    if plan.kind == "none":
+        return None, None, None
+    model = _model_path(cfg)
+    if plan.kind == "transformers":
+        from llmrec.llm import load_backend
+
+        adapter = llm.adapters.get(llm.default_adapter) if llm.default_adapter else None
+        return load_backend("transformers", model=model, adapter=adapter), None, Path(model).name
+    from llmrec.llm.vllm_backend import VLLMBackend
+
+    if plan.kind == "vllm-http":
+        be = VLLMBackend(url=llm.vllm_url, model=llm.model, adapter=llm.default_adapter, timeout=llm.timeout_s)
+        return be, None, be.model
+    server_args = {"port": llm.vllm_port, "host": llm.vllm_host, "python": llm.vllm_python, "dtype": llm.dtype,
+                   "max_model_len": llm.max_model_len, "extra_args": llm.vllm_extra_args}
+    if plan.adapter_mode == "merged":
+        (name, path), = llm.adapters.items()
+        merged = str(merge_adapter(model, path))
+        server = VLLMServer(merged, served_name=name, **server_args).start(llm.vllm_startup_timeout_s)
+        be = VLLMBackend(url=server.url, model=name, tokenizer=merged, timeout=llm.timeout_s)
+        return be, server, f"{Path(model).name}+{name} (merged)"
+    server = VLLMServer(model, lora_modules=llm.adapters or None, **server_args).start(llm.vllm_startup_timeout_s)
+    be = VLLMBackend(url=server.url, model=model, adapter=llm.default_adapter, timeout=llm.timeout_s)
+    return be, server, Path(model).name
+
+
+def build_recommender(cfg: ServiceConfig, ds: Any, backend: Any) -> Any:
+    """The lead's `llmrec.ranking.Recommender` over this backend (and the default retriever)."""
+    try:
+        from llmrec.ranking import Recommender
+    except ImportError as e:
+        raise RuntimeError(f"llmrec.ranking.Recommender is not available ({e}); run with llm.backend=none") from None
+    import inspect
+
+    params = inspect.signature(Recommender).parameters
+    kw: dict[str, Any] = {}
+    if "n_candidates" in params:
+        kw["n_candidates"] = cfg.candidates
+    if "adapters" in params:
+        kw["adapters"] = dict(cfg.llm.adapters)
+    return Recommender(ds, backend, None, **kw) if "retriever" in params else Recommender(ds, backend, **kw)
+
+
+def build_runtime(cfg: ServiceConfig) -> Runtime:
+    from llmrec.data import load_prepared
+    from llmrec.service.app import create_app
+    from llmrec.store import EventStore
+
+    t0 = time.perf_counter()
+    ds = load_prepared(cfg.dataset)
+    store = EventStore.from_dataset(ds, url=cfg.store_url, like_threshold=cfg.like_threshold)
+    plan = plan_backend(cfg)
+    log.info("backend: %s", plan.note)
+    backend, server, model_name = build_backend(cfg, plan)
+    try:
+        recommender = None
+        if backend is not None:
+            if cfg.batching == "micro":
+                from llmrec.service.batching import MicroBatchingBackend
+
+                backend = MicroBatchingBackend(backend, cfg.batch_max_size, cfg.batch_max_wait_ms)
+            recommender = build_recommender(cfg, ds, backend)
+
+        def ready() -> dict[str, str]:
+            if server is None:
+                return {"backend": "ok" if plan.kind in ("transformers", "none", "vllm-http") else "unknown"}
+            alive = server.proc is not None and server.proc.poll() is None
+            return {"backend": "ok" if alive else "vLLM server exited"}
+
+        app = create_app(cfg, recommender=recommender, store=store, catalogue=ds, backend_name=plan.kind,
+                         backend_note=plan.note, model_name=model_name, ready_check=ready,
+                         on_shutdown=[server.stop] if server else None)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    if hasattr(backend, "metrics") and getattr(backend, "metrics", None) is None:
+        backend.metrics = app.state.metrics  # micro-batch sizes into /metrics
+    log.info("service built in %.1fs", time.perf_counter() - t0)
+    return Runtime(app=app, plan=plan, backend=backend, server=server)
+
+
+def serve(cfg: ServiceConfig) -> None:
+    import uvicorn
+
+    rt = build_runtime(cfg)
+    try:
+        # access_log off: uvicorn's access log prints raw paths, which contain user ids
+        uvicorn.run(rt.app, host=cfg.host, port=cfg.port, access_log=False, log_level="info")
+    finally:
+        rt.close()
