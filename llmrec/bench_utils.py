@@ -17,10 +17,20 @@ RESULTS_DIR = Path(os.environ.get("LLMREC_RESULTS", Path(__file__).resolve().par
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -73,8 +83,9 @@ def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return head + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows) + "\n"
 
 
-def write_result(name: str, payload: dict[str, Any], table_md: str, command: str | None = None,
-                 results_dir: Path | None = None) -> Path:
+def write_result(
+    name: str, payload: dict[str, Any], table_md: str, command: str | None = None, results_dir: Path | None = None
+) -> Path:
     """Write `<name>.json` (header + payload) and `<name>.md` (header + table). Returns the JSON path."""
     out_dir = Path(results_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)

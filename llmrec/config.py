@@ -33,7 +33,11 @@ def shared_data_dir() -> Path:
     if env:
         return Path(env).expanduser()
     here = Path(__file__).resolve().parent.parent
-    for cand in (here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"):
+    for cand in (
+        here.parent / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+    ):
         if cand.is_dir():
             return cand
     return here.parent / "shared" / "data"

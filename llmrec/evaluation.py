@@ -74,7 +74,9 @@ def evaluate_ranking(
     return out
 
 
-def yesno_subset(ds: PreparedDataset, split: str = "test", max_examples: int | None = None, seed: int = 0) -> pd.DataFrame:
+def yesno_subset(
+    ds: PreparedDataset, split: str = "test", max_examples: int | None = None, seed: int = 0
+) -> pd.DataFrame:
     """The Yes/No examples of `split`, or a fixed seeded subset of them (the same rows for every method)."""
     df = ds.yesno[ds.yesno["split"] == split]
     if max_examples is not None and max_examples < len(df):

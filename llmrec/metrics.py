@@ -82,7 +82,9 @@ def classification_metrics(labels: Sequence[int], probs: Sequence[float], thresh
 
 
 # --------------------------------------------------------------------------------------------------- ranking
-def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, exclude: Iterable[Sequence[int]] | None = None) -> np.ndarray:
+def ranks_from_scores(
+    scores: np.ndarray, targets: np.ndarray, exclude: Iterable[Sequence[int]] | None = None
+) -> np.ndarray:
     """1-based pessimistic rank of `targets[u]` in row `scores[u]`, ignoring the item indices in `exclude[u]`.
 
     rank_u = 1 + |{j not excluded, j != t_u : s_uj >= s_ut}|. NaN scores count as -inf. A target that is itself

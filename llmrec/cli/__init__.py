@@ -13,7 +13,9 @@ COMMAND_MODULES = ["data", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmrec", description="LLM recommender: data, baselines, fine-tuning, ranking, serving")
+    p = argparse.ArgumentParser(
+        prog="llmrec", description="LLM recommender: data, baselines, fine-tuning, ranking, serving"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -1,7 +1,7 @@
 """Data layer: loaders -> one canonical schema -> preprocessing report, splits, manifest, leakage checks."""
 
 from llmrec.data.loaders import BUILTIN, DataError, RawData, load_raw
-from llmrec.data.prepare import PreparedDataset, PrepareConfig, dataset_dir, load_prepared, prepare
+from llmrec.data.prepare import PrepareConfig, PreparedDataset, dataset_dir, load_prepared, prepare
 
 __all__ = [
     "BUILTIN",

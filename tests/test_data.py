@@ -1,0 +1,162 @@
+"""Data layer: real MovieLens counts, split rules, leakage guards, bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec.data import DataError, PrepareConfig, load_prepared, prepare
+from llmrec.evaluation import evaluate_ranking, history_indices
+
+
+@pytest.fixture(scope="module")
+def ml100k(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    rep = prepare("ml-100k", home=home)
+    return rep, load_prepared("ml-100k", home=home)
+
+
+def test_ml100k_statistics(ml100k):
+    rep, ds = ml100k
+    assert (rep.stats["users"], rep.stats["items"], rep.stats["interactions"]) == (943, 1682, 100_000)
+    assert rep.stats["loo_split"] == {"train": 100_000 - 2 * 943, "valid": 943, "test": 943}
+    assert ds.manifest["label_rule"] == "rating_threshold" and ds.manifest["like_threshold"] == 3.0
+    assert ds.titles[ds.item_index["1"]] == "Toy Story (1995)"
+    assert len(ds.manifest["content_hash"]) == 64
+
+
+def test_loo_targets_are_each_users_last_events(ml100k):
+    _, ds = ml100k
+    df = ds.interactions
+    for _u, g in list(df.groupby("user_id", sort=False))[:50]:
+        assert g["timestamp"].is_monotonic_increasing
+        assert g["split"].tolist()[-2:] == ["valid", "test"]
+        assert (g["split"].iloc[:-2] == "train").all()
+
+
+def test_yesno_split_has_no_leakage(ml100k):
+    _, ds = ml100k
+    y = ds.yesno
+    cut = ds.manifest["yesno_cutoffs"]
+    train, test = y[y["split"] == "train"], y[y["split"] == "test"]
+    # test examples lie strictly after every training example
+    assert train["timestamp"].max() < cut["t_valid"] <= cut["t_test"] <= test["timestamp"].min()
+    # no history holds an event after its target, and histories are at most 10 long
+    for _, r in y.sample(2000, random_state=0).iterrows():
+        assert len(r["hist_items"]) <= 10
+        assert (np.asarray(r["hist_timestamps"]) <= r["timestamp"]).all()
+        assert r["item_id"] not in set(r["hist_items"])
+    # no test event appears in any training example (as target or in its history)
+    test_events = set(zip(test["user_id"], test["item_id"]))
+    train_hist = {(u, i) for u, items in zip(train["user_id"], train["hist_items"]) for i in items}
+    assert not (test_events & train_hist)
+    assert not (test_events & set(zip(train["user_id"], train["item_id"])))
+    # labels follow the TALLRec rule rating > 3
+    r = ds.interactions.set_index(["user_id", "item_id"])["rating"]
+    sample = test.head(200)
+    assert (
+        (r.loc[list(zip(sample["user_id"], sample["item_id"]))].to_numpy() > 3).astype(int) == sample["label"]
+    ).all()
+
+
+def test_history_excludes_targets(ml100k):
+    _, ds = ml100k
+    users = ds.targets("test")["user_id"].tolist()[:20]
+    hist = history_indices(ds, users, "test")
+    for u, h in zip(users, hist):
+        t = ds.item_index[ds.targets("test").set_index("user_id").loc[u, "item_id"]]
+        assert t not in set(h.tolist())
+        assert len(h) == len(ds.history(u, "test"))
+
+
+def test_full_ranking_path_is_deterministic_and_sampled_is_labelled(tiny_dataset):
+    rng = np.random.default_rng(0)
+    table = rng.random((1000, tiny_dataset.n_items))
+    index = {u: n for n, u in enumerate(tiny_dataset.user_ids)}
+
+    def score(users):
+        return table[[index[u] for u in users]]
+
+    a = evaluate_ranking(tiny_dataset, score)
+    b = evaluate_ranking(tiny_dataset, score, batch_users=7)
+    assert a == b and a["protocol"] == "full"
+    s = evaluate_ranking(tiny_dataset, score, mode="sampled")
+    assert s["protocol"].startswith("sampled")
+    assert s["hr@10"] >= a["hr@10"]  # 21 candidates vs the whole catalogue
+
+
+def test_implicit_label_rule_samples_saved_negatives(tmp_path):
+    inter = pd.DataFrame(
+        {
+            "user_id": ["a"] * 5 + ["b"] * 5,
+            "item_id": [f"i{j}" for j in range(5)] + [f"i{j}" for j in range(3, 8)],
+            "timestamp": range(10),
+        }
+    )
+    p = tmp_path / "imp.csv"
+    inter.to_csv(p, index=False)
+    prepare(str(p), PrepareConfig(n_sampled_negatives=3), home=tmp_path)
+    ds = load_prepared("imp", home=tmp_path)
+    assert ds.manifest["label_rule"] == "implicit"
+    y = ds.yesno
+    assert set(y["label"]) == {0, 1} and (y["label"] == 1).sum() == (y["label"] == 0).sum()
+    seen = ds.interactions.groupby("user_id")["item_id"].agg(set)
+    negs = y[y["label"] == 0]
+    assert all(i not in seen[u] for u, i in zip(negs["user_id"], negs["item_id"]))
+
+
+def test_shared_datasets_load(tmp_path):
+    rep = prepare("amazon-gift-cards", home=tmp_path)
+    assert rep.stats["users"] == 458 and rep.stats["dropped"] == {"duplicate": 7}
+    rep = prepare("lastfm", home=tmp_path)
+    assert rep.stats["time_start"].startswith("2005-08") and rep.stats["dropped"]["bogus_date"] == 5
+    ds = load_prepared("lastfm", home=tmp_path)
+    assert ds.domain == "artist" and "genres" in ds.items.columns
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("user_id,item_id,rating\n1,2,3\n", "missing column"),
+        ("user_id,item_id,timestamp\n1,i1,100\n1,i2,soon\n", "line 3: field 'timestamp'"),
+        ("", "empty"),
+        ("user_id,item_id,timestamp\n", "no rows"),
+        ("user_id,item_id,timestamp\n1,i1,100\n1,zzz,101\n1,i2,102\n", "line 3: field 'item_id': 'zzz'"),
+    ],
+)
+def test_bad_input_names_file_line_field_and_writes_nothing(tmp_path, content, needle):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\ni1,One\ni2,Two\n")
+    with pytest.raises(DataError) as e:
+        prepare(str(p), PrepareConfig(items_file=str(items), min_user_events=1), home=tmp_path)
+    assert "bad.csv" in str(e.value) and needle in str(e.value)
+    assert not (tmp_path / "data" / "bad").exists()
+    assert not [x for x in (tmp_path / "data").glob("*")] if (tmp_path / "data").exists() else True
+
+
+def test_failed_reprepare_keeps_previous_folder(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("user_id,item_id,timestamp\n" + "".join(f"u,i{j},{j}\n" for j in range(5)))
+    prepare(str(p), home=tmp_path)
+    before = json.loads((tmp_path / "data" / "d" / "manifest.json").read_text())["content_hash"]
+    p.write_text("user_id,item_id,timestamp\nu,i1,notatime\n")
+    with pytest.raises(DataError):
+        prepare(str(p), home=tmp_path)
+    after = json.loads((tmp_path / "data" / "d" / "manifest.json").read_text())["content_hash"]
+    assert before == after
+
+
+def test_cli_prepare_and_show(tmp_path, monkeypatch, capsys):
+    from llmrec.cli import main
+
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    assert main(["data", "prepare", "--dataset", "ml-100k", "--set", "history_len=5"]) == 0
+    out = capsys.readouterr().out
+    assert "943" in out and "1,682" in out and "100,000" in out
+    assert main(["data", "show", "--dataset", "ml-100k", "--user", "1", "--limit", "3"]) == 0
+    assert "272 events" in capsys.readouterr().out
+    assert main(["data", "prepare", "--dataset", "ml-100k", "--set", "bogus=1"]) == 1
+    assert "bogus" in capsys.readouterr().err

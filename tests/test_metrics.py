@@ -1,0 +1,62 @@
+"""Metrics against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from llmrec import metrics as M
+
+
+def test_auc_hand_computed():
+    # positives 0.8, 0.4; negatives 0.5, 0.1 -> pairs (0.8>0.5, 0.8>0.1, 0.4<0.5, 0.4>0.1) = 3/4
+    assert M.auc([1, 0, 1, 0], [0.8, 0.5, 0.4, 0.1]) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts one half: pairs (1, 0.5) -> 0.75
+    assert M.auc([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
+    assert M.auc([1, 1, 0], [0.1, 0.2, 0.3]) == 0.0
+    assert math.isnan(M.auc([1, 1], [0.1, 0.2]))
+
+
+def test_auc_matches_pairwise_definition_on_random_data():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = rng.integers(0, 10, 200) / 10  # many ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        len(pos) * len(neg)
+    )
+    assert M.auc(y, s) == pytest.approx(pairwise)
+
+
+def test_classification_counts():
+    y = [1, 1, 1, 0, 0]
+    p = [1, 0, 1, 1, 0]  # TP=2 FN=1 FP=1 TN=1
+    assert M.confusion(y, p) == (2, 1, 1, 1)
+    assert M.accuracy(y, p) == pytest.approx(3 / 5)
+    assert M.precision(y, p) == pytest.approx(2 / 3)
+    assert M.recall(y, p) == pytest.approx(2 / 3)
+    assert M.f1(y, p) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert M.f1([1, 0], [0, 0]) == 0.0
+    out = M.classification_metrics(y, [0.9, 0.2, 0.7, 0.6, 0.1])
+    assert out["accuracy"] == pytest.approx(3 / 5) and out["n"] == 5
+
+
+def test_ranks_pessimistic_ties_and_exclusion():
+    scores = np.array([[0.1, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    # user 0: target item 2 (0.5) ties with item 3 -> pessimistic rank 1 (item 1) + 1 (tie) + 1 = 3
+    # excluding item 1 (history) -> rank 2
+    assert M.ranks_from_scores(scores, np.array([2, 0])).tolist() == [3, 4]
+    assert M.ranks_from_scores(scores, np.array([2, 0]), [np.array([1]), np.array([3])]).tolist() == [2, 3]
+    with pytest.raises(ValueError, match="target"):
+        M.ranks_from_scores(scores, np.array([1, 0]), [np.array([1]), np.array([])])
+
+
+def test_ranking_metrics_hand_computed():
+    ranks = np.array([1, 3, 12])
+    assert M.hit_rate_at_k(ranks, 10) == pytest.approx(2 / 3)
+    assert M.recall_at_k(ranks, 10) == pytest.approx(2 / 3)
+    assert M.ndcg_at_k(ranks, 10) == pytest.approx((1 / math.log2(2) + 1 / math.log2(4)) / 3)
+    assert M.mrr_at_k(ranks, 10) == pytest.approx((1 + 1 / 3) / 3)
+    assert M.ndcg_at_k(ranks, 20) == pytest.approx((1 + 0.5 + 1 / math.log2(13)) / 3)
+    out = M.ranking_metrics(ranks, ks=(10,))
+    assert set(out) == {"n_users", "hr@10", "recall@10", "ndcg@10", "mrr@10"}
