@@ -50,7 +50,7 @@ class ServiceConfig:
     port: int = 8000
     default_k: int = 10
     max_k: int = 100
-    max_history: int = 50  # events passed to the recommender (most recent)
+    max_history: int = 2000  # most recent events passed to the recommender (seen-item exclusion + prompt)
     max_history_page: int = 1000  # limit of GET /history
     max_score_items: int = 100  # item_ids per POST /v1/score
     max_body_bytes: int = 16_384
