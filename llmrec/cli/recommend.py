@@ -1,0 +1,143 @@
+"""`llmrec recommend` (in-process or against a running service) and `llmrec eval yesno|rank|contamination`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained)")
+    p.add_argument("--vllm-url", help="OpenAI-compatible endpoint for --backend vllm (else an in-process engine)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--retriever", default="text", choices=["text", "hybrid"])
+    p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--explain", action="store_true")
+    p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_recommend)
+
+    e = sub.add_parser("eval", help="evaluate the LLM recommender (yes/no, rank, contamination)")
+    s = e.add_subparsers(dest="eval_command", metavar="TASK")
+    y = s.add_parser("yesno", help="AUC/accuracy/F1 of P(Yes) on a prepared split or a TALLRec JSON file")
+    src = y.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset")
+    src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
+    y.add_argument("--split", default="test")
+    y.add_argument("--max-examples", type=int, default=500, help="fixed seeded subset (0 = all)")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--out", help="write the metrics as JSON here")
+    _add_model_args(y)
+    y.set_defaults(func=cmd_eval_yesno)
+    r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--max-users", type=int, default=200, help="fixed seeded subset of users (0 = all)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out")
+    _add_model_args(r)
+    r.set_defaults(func=cmd_eval_rank)
+    c = s.add_parser("contamination", help="does the base LLM complete catalogue titles from memory?")
+    c.add_argument("--dataset", required=True)
+    c.add_argument("--n", type=int, default=100)
+    c.add_argument("--out")
+    _add_model_args(c)
+    c.set_defaults(func=cmd_eval_contamination)
+
+
+def _backend(args: argparse.Namespace):
+    from llmrec.llm import load_backend
+
+    kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size}
+    if args.backend == "vllm":
+        kw = {"url": args.vllm_url, "dtype": args.dtype} if args.vllm_url else {"dtype": args.dtype}
+    return load_backend(args.backend, model=args.model, adapter=args.adapter, **kw)
+
+
+def _recommender(args: argparse.Namespace, dataset: str):
+    from llmrec.ranking import RankingConfig
+    from llmrec.ranking.factory import build_recommender
+
+    cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size)
+    return build_recommender(dataset, _backend(args), adapter=args.adapter, retriever=args.retriever, cfg=cfg)
+
+
+def _write(out: str | None, data: dict) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({k: v for k, v in data.items() if not k.startswith("_")}, indent=2))
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from llmrec.service.client import fetch_recommendations, format_recommendations
+
+    if args.url:
+        print(format_recommendations(fetch_recommendations(args.url, args.user_id, args.k, args.explain, args.adapter)))
+        return 0
+    rec = _recommender(args, args.dataset)
+    if not rec.ds.has_user(args.user_id):
+        raise KeyError(f"unknown user {args.user_id!r} in dataset {rec.ds.name}")
+    r = rec.recommend(args.user_id, k=args.k, explain=args.explain)
+    payload = {
+        "user_id": r.user_id, "items": [vars(i) for i in r.items], "explanation": r.explanation,
+        "explanation_fallback": r.explanation_fallback, "model": r.model, "adapter": r.adapter, "backend": r.backend,
+        "degraded": False, "latency_ms": 1000 * r.stats.get("seconds_per_user", 0.0),
+    }
+    print(format_recommendations(payload))
+    return 0
+
+
+def _print_metrics(title: str, m: dict, keys: list[str]) -> None:
+    print(title)
+    for k in keys:
+        if k in m:
+            v = m[k]
+            print(f"  {k:<16} {v:.4f}" if isinstance(v, float) else f"  {k:<16} {v}")
+
+
+def cmd_eval_yesno(args: argparse.Namespace) -> int:
+    from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec
+
+    if args.file:
+        m = eval_yesno_tallrec(_backend(args), args.file, args.batch_size)
+        title = f"yes/no on {args.file}"
+    else:
+        rec = _recommender(args, args.dataset)
+        m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed)
+        title = f"yes/no on {args.dataset}/{args.split} (subset of {m['n']}, seed {args.seed})"
+    m["adapter"] = args.adapter
+    _print_metrics(title + (f" with adapter {args.adapter}" if args.adapter else " (no adapter)"), m,
+                   ["n", "auc", "accuracy", "f1", "precision", "recall", "seconds"])
+    _write(args.out, m)
+    return 0
+
+
+def cmd_eval_rank(args: argparse.Namespace) -> int:
+    from llmrec.ranking.evaluate import eval_rank
+
+    rec = _recommender(args, args.dataset)
+    m = eval_rank(rec, rec.ds, args.max_users or None, args.seed, args.mode)
+    _print_metrics(f"full ranking on {args.dataset} (retrieve {rec.cfg.n_candidates} + {args.mode} rerank)", m,
+                   ["n_users", "hr@10", "recall@10", "ndcg@10", "ndcg@20", "mrr@10", "seconds_per_user"])
+    _write(args.out, m)
+    return 0
+
+
+def cmd_eval_contamination(args: argparse.Namespace) -> int:
+    from llmrec.data import load_prepared
+    from llmrec.ranking.evaluate import contamination_probe
+
+    m = contamination_probe(_backend(args), load_prepared(args.dataset, prepare_if_missing=True), args.n)
+    _print_metrics(f"contamination probe on {args.dataset}", m, list(m))
+    _write(args.out, m)
+    return 0

@@ -1,0 +1,173 @@
+"""LLM evaluations: Yes/No on a prepared split or a TALLRec JSON file, full-ranking rerank, explanation quality,
+and the contamination probe. Runners in `eval/` and the `llmrec eval` CLI call these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
+from llmrec.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TallrecFormatError(ValueError):
+    pass
+
+
+def load_tallrec(path: str | Path) -> list[dict[str, str]]:
+    """A TALLRec JSON file: a list of {instruction, input, output: "Yes."|"No."}. Errors name the entry and field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TallrecFormatError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise TallrecFormatError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, list) or not data:
+        raise TallrecFormatError(f"{path}: expected a non-empty JSON list of examples")
+    for n, ex in enumerate(data):
+        for k in ("instruction", "input", "output"):
+            if not isinstance(ex, dict) or not isinstance(ex.get(k), str):
+                raise TallrecFormatError(f"{path}: entry {n}: field {k!r} missing or not a string")
+        if not re.match(r"^\s*(yes|no)\b", ex["output"], re.I):
+            raise TallrecFormatError(f"{path}: entry {n}: field 'output' must be 'Yes.' or 'No.', got {ex['output']!r}")
+    return data
+
+
+def tallrec_prompt(ex: dict[str, str]) -> str:
+    return f"{ex['instruction'].strip()}\n\n{ex['input'].strip()}\nAnswer:"
+
+
+def eval_yesno_tallrec(backend: Any, path: str | Path, batch_size: int = 8) -> dict:
+    data = load_tallrec(path)
+    labels = np.array([1 if ex["output"].strip().lower().startswith("yes") else 0 for ex in data])
+    probs = np.zeros(len(data))
+    t0 = time.perf_counter()
+    for b in range(0, len(data), batch_size):
+        lp = backend.score_choices([tallrec_prompt(ex) for ex in data[b : b + batch_size]], [" Yes", " No"])
+        probs[b : b + len(lp)] = np.exp(lp[:, 0])
+    out = classification_metrics(labels, probs)
+    out.update({"source": str(path), "seconds": time.perf_counter() - t0})
+    return out
+
+
+def export_tallrec(ds: Any, split: str, path: str | Path, max_examples: int | None = None, seed: int = 0) -> Path:
+    """Write a prepared dataset's Yes/No split in TALLRec's JSON format (for other tools, or to test that path)."""
+    ex = yesno_subset(ds, split, max_examples, seed)
+    noun = ds.domain
+    rows = []
+    for r in ex.itertuples():
+        liked = [f'"{ds.titles[ds.item_index[i]]}"' for i, lab in zip(r.hist_items, r.hist_labels) if lab]
+        disliked = [f'"{ds.titles[ds.item_index[i]]}"' for i, lab in zip(r.hist_items, r.hist_labels) if not lab]
+        rows.append({
+            "instruction": f"Given the user's preference and unpreference, identify whether the user will like the "
+                           f'target {noun} by answering "Yes." or "No.".',
+            "input": f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
+                     f'Whether the user will like the target {noun} "{ds.titles[ds.item_index[r.item_id]]}"?',
+            "output": "Yes." if r.label else "No.",
+        })
+    path = Path(path)
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def eval_yesno_dataset(rec: Any, ds: Any, split: str = "test", max_examples: int | None = 500, seed: int = 0) -> dict:
+    ex = yesno_subset(ds, split, max_examples, seed)
+    t0 = time.perf_counter()
+    probs = rec.yesno_examples_probs(ex)
+    out = evaluate_yesno(probs, ex)
+    out.update({"split": split, "subset_seed": seed, "seconds": time.perf_counter() - t0,
+                "positive_rate": float(ex["label"].mean())})
+    out["_probs"] = probs.tolist()
+    out["_labels"] = ex["label"].tolist()
+    return out
+
+
+def eval_rank(rec: Any, ds: Any, max_users: int | None = 200, seed: int = 0, mode: str | None = None,
+              retrieval_only: bool = False) -> dict:
+    """Full-ranking metrics of retrieve + LLM rerank (or the retriever alone) on the leave-one-out test split."""
+    t0 = time.perf_counter()
+    if retrieval_only:
+        fn = lambda users: rec.retriever.score_items(list(users), "test")  # noqa: E731
+    else:
+        fn = lambda users: rec.score_matrix(users, "test", mode)  # noqa: E731
+    out = evaluate_ranking(ds, fn, "test", ks=(10, 20), max_users=max_users, seed=seed, batch_users=16,
+                           desc="retrieval" if retrieval_only else f"rerank:{mode or rec.cfg.mode}")
+    n = out.get("user_subset", {}).get("n", out["n_users"])
+    out["seconds_per_user"] = (time.perf_counter() - t0) / max(1, n)
+    return out
+
+
+def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None = None) -> dict:
+    """grounding rate (the generated text passed the check: names >= 1 history item or liked attribute, no invented
+    titles), hallucination rate (share with >= 1 invented title), fallback rate, mean length in words, distinct-2
+    (distinct word bigrams / all bigrams across users)."""
+    texts = [r.explanation or "" for r in recs]
+    n = max(1, len(recs))
+    bigrams = [tuple(t.lower().split()[i : i + 2]) for t in texts for i in range(max(0, len(t.split()) - 1))]
+    return {
+        "n": len(recs),
+        "grounding_rate": sum(not r.explanation_fallback for r in recs) / n,
+        "hallucination_rate": sum(bool(r.hallucinated) for r in recs) / n,
+        "fallback_rate": sum(r.explanation_fallback for r in recs) / n,
+        "mean_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0,
+        "distinct_2": len(set(bigrams)) / max(1, len(bigrams)),
+    }
+
+
+def contamination_probe(backend: Any, ds: Any, n: int = 100, seed: int = 0, max_new_tokens: int = 12) -> dict:
+    """Does the base LLM complete catalogue titles from their first half more often than shuffled controls?
+
+    For n seeded items with >= 2-word titles (year removed): prompt `The {domain} titled "<first half of the words>`
+    and greedy-generate; a hit is a continuation that starts with the true second half. Control: the same items with
+    their title words shuffled (fixed seed), so the completion cannot come from memory of the real title. Also the
+    year, where the dataset has one: `The {domain} "<title>" was released in the year` -> the first 4-digit number
+    equals the true year, against the rate of always answering the most common year.
+    """
+    rng = np.random.default_rng(seed)
+    base_titles = [re.sub(r"\s*\(\d{4}\)\s*$", "", str(t)) for t in ds.titles]
+    pool = [j for j, t in enumerate(base_titles) if len(t.split()) >= 2]
+    pick = rng.choice(pool, size=min(n, len(pool)), replace=False)
+
+    def norm(s: str) -> str:
+        return re.sub(r"[^a-z0-9 ]", "", s.lower()).split()
+
+    def run(titles: list[str]) -> float:
+        prompts, rests = [], []
+        for t in titles:
+            w = t.split()
+            h = max(1, len(w) // 2)
+            prompts.append(f'The {ds.domain} titled "{" ".join(w[:h])}')
+            rests.append(norm(" ".join(w[h:])))
+        outs = backend.generate(prompts, max_new_tokens=max_new_tokens)
+        hits = [bool(r) and norm(o)[: len(r)] == r for o, r in zip(outs, rests)]
+        return float(np.mean(hits))
+
+    real = [base_titles[j] for j in pick]
+    shuffled = []
+    for t in real:
+        w = t.split()
+        for _ in range(10):
+            p = list(rng.permutation(w))
+            if p != w:
+                break
+        shuffled.append(" ".join(p))
+    out: dict[str, Any] = {"n": len(real), "seed": seed, "title_completion_rate": run(real),
+                           "shuffled_control_rate": run(shuffled)}
+    if "year" in ds.items.columns:
+        years = [str(ds.items.iloc[j]["year"]) for j in pick]
+        prompts = [f'The {ds.domain} "{t}" was released in the year' for t in real]
+        outs = backend.generate(prompts, max_new_tokens=6)
+        got = [(re.findall(r"\d{4}", o) or [""])[0] for o in outs]
+        out["year_accuracy"] = float(np.mean([g == y for g, y in zip(got, years)]))
+        common = max(set(years), key=years.count)
+        out["year_majority_baseline"] = float(np.mean([y == common for y in years]))
+    return out

@@ -1,0 +1,94 @@
+"""Explanation post-check: which catalogue titles does a generated text name, is it grounded in the user's history,
+and the template fallback built from shared attributes when the check fails."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_ARTICLE = re.compile(r"^(.*), (The|A|An|Les|La|Le|Il|Das|Der|Die)$")
+
+
+def title_variants(title: str) -> set[str]:
+    """Lower-case forms a text may use for a title: as is, without the year, with a trailing article moved to front
+    ("Matrix, The (1999)" -> "the matrix")."""
+    t = title.strip()
+    out = {t.lower()}
+    base = _YEAR.sub("", t)
+    out.add(base.lower())
+    m = _ARTICLE.match(base)
+    if m:
+        out.add(f"{m.group(2)} {m.group(1)}".lower())
+        out.add(m.group(1).lower())
+    return {v for v in out if len(v) >= 4}
+
+
+class TitleMatcher:
+    """Finds catalogue titles named in a text (word-bounded, case-insensitive, longest match first)."""
+
+    def __init__(self, item_ids: list[str], titles: list[str]):
+        self.by_variant: dict[str, str] = {}
+        for iid, t in zip(item_ids, titles):
+            for v in title_variants(str(t)):
+                self.by_variant.setdefault(v, iid)
+        variants = sorted(self.by_variant, key=len, reverse=True)
+        self._re = re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in variants) + r")(?!\w)") if variants else None
+
+    def find(self, text: str) -> list[str]:
+        """Item ids named in `text`, in order of first mention, without repeats."""
+        if not self._re:
+            return []
+        seen: dict[str, None] = {}
+        for m in self._re.finditer(text.lower()):
+            seen.setdefault(self.by_variant[m.group(1)], None)
+        return list(seen)
+
+    def exact(self, text: str) -> str | None:
+        """The item whose title variant equals `text` (stripped, case-insensitive, quotes removed), if any."""
+        key = text.strip().strip("\"'“”").strip().lower()
+        return self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip())
+
+
+@dataclass
+class ExplanationCheck:
+    named: list[str] = field(default_factory=list)  # item ids named in the text
+    hallucinated: list[str] = field(default_factory=list)  # named, but neither in the history nor recommended
+    grounded: bool = False  # names >= 1 history item or a shared attribute value
+    ok: bool = False
+
+
+def check_explanation(
+    text: str, matcher: TitleMatcher, history_ids: set[str], recommended_ids: set[str], attributes: set[str]
+) -> ExplanationCheck:
+    named = matcher.find(text)
+    halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
+    low = text.lower()
+    grounded = any(i in history_ids for i in named) or any(
+        re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in attributes if len(a) >= 3
+    )
+    return ExplanationCheck(named, halluc, grounded, ok=bool(text.strip()) and grounded and not halluc)
+
+
+def split_values(v: str) -> list[str]:
+    return [x.strip() for x in re.split(r"[,|;]| (?=[A-Z][a-z'-]+(?: |$))", str(v)) if x.strip()]
+
+
+def template_explanation(
+    domain: str, rec_titles: list[str], rec_attrs: list[list[str]], liked_titles: list[str], liked_attrs: list[list[str]]
+) -> str:
+    """Deterministic fallback: the attributes the recommended items share with the items the user liked."""
+    liked_counter = Counter(a for attrs in liked_attrs for a in attrs)
+    shared = Counter(a for attrs in rec_attrs for a in attrs if a in liked_counter)
+    top = [a for a, _ in (shared + liked_counter).most_common() if a in shared][:3]
+    recs = ", ".join(f'"{t}"' for t in rec_titles[:3])
+    likes = ", ".join(f'"{t}"' for t in liked_titles[-3:])
+    if top and likes:
+        return (
+            f"Recommended {recs} because you liked {likes}, and these {domain}s share what you tend to enjoy: "
+            f"{', '.join(top)}."
+        )
+    if likes:
+        return f"Recommended {recs} as {domain}s similar to ones you liked recently: {likes}."
+    return f"Recommended {recs} from what is popular with users like you."

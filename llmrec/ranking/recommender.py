@@ -1,0 +1,344 @@
+"""The `Recommender`: history -> candidates -> prompt -> LLM scores -> top-K -> explanation.
+
+One object serves the CLI, the HTTP service and the evaluation runners, so that what is measured is what is served.
+
+Scoring modes
+- `verbalizer` (default): one forward pass over the `rank` prompt; each candidate is labelled with a single-token
+  letter and scored by the log-probability of its letter as the next token (LlamaRec style).
+- `generate`: the model writes titles (the `next_title` prompt); each line is mapped back to the catalogue by exact
+  title match, else by embedding similarity among the candidates (threshold `min_title_similarity`); unmapped lines
+  are dropped and counted. Candidates the model did not name keep their retrieval order after the named ones.
+Yes/No: `score_yesno` gives P(Yes) = softmax over the " Yes"/" No" first-token logits of the `yesno` prompt.
+
+Full ranking (evaluation): `score_matrix` puts the LLM-ordered candidates above every other item; the rest keep their
+retrieval score, so metrics stay full-ranking over the whole catalogue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from llmrec.data.prepare import PreparedDataset
+from llmrec.ranking.explain import TitleMatcher, check_explanation, split_values, template_explanation
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE_FIELDS = ("genres", "categories", "brand")
+
+
+@dataclass
+class RankingConfig:
+    """How the Recommender ranks. Every key has a default."""
+
+    mode: Literal["verbalizer", "generate"] = "verbalizer"
+    n_candidates: int = 20  # retrieved candidates placed in the prompt (letters A..T)
+    history_len: int = 20  # most recent events given to the prompt (the token budget may drop more, oldest first)
+    max_prompt_tokens: int = 1024  # token budget per prompt
+    chat: bool = False  # render with the tokenizer's chat template
+    batch_size: int = 8  # prompts per backend call
+    explain_max_new_tokens: int = 80
+    generate_max_new_tokens: int = 120
+    min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
+    like_threshold: float = 3.0  # rating events: liked = value > like_threshold
+
+
+@dataclass
+class RecItem:
+    item_id: str
+    title: str
+    score: float
+    rank: int
+
+
+@dataclass
+class Recommendation:
+    user_id: str
+    items: list[RecItem]
+    explanation: str | None = None
+    explanation_fallback: bool = False
+    hallucinated: list[str] = field(default_factory=list)
+    model: str = ""
+    adapter: str | None = None
+    backend: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HistEvent:
+    """A history event in the form the Recommender reads (dataset rows and store events both map to it)."""
+
+    item_id: str
+    liked: bool | None
+    rating: float | None = None
+    timestamp: int | None = None
+
+
+def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[HistEvent]:
+    """Accept store `Event`s, `HistEvent`s or dicts; derive `liked` from a rating when it is not given."""
+    out = []
+    for e in history:
+        get = e.get if isinstance(e, dict) else (lambda k, d=None, _e=e: getattr(_e, k, d))
+        liked = get("liked")
+        value = get("rating", None)
+        if value is None and get("type", None) == "rating":
+            value = get("value", None)
+        if liked is None and value is not None and value == value:
+            liked = bool(value > like_threshold)
+        ts = get("timestamp", None)
+        out.append(HistEvent(str(get("item_id")), liked, value, int(ts) if ts is not None else None))
+    return out
+
+
+class Recommender:
+    """history -> retrieval -> prompt -> LLM -> top-K -> explanation, batched across users."""
+
+    def __init__(self, ds: PreparedDataset, backend: Any, retriever: Any, cfg: RankingConfig | None = None,
+                 adapter: str | None = None):
+        self.ds = ds
+        self.backend = backend
+        self.retriever = retriever
+        self.cfg = cfg or RankingConfig()
+        self.adapter = adapter
+        self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles])
+        self._attr_fields = [f for f in ATTRIBUTE_FIELDS if f in ds.items.columns]
+        from llmrec.prompts import load_template
+
+        self.templates = {n: load_template(n) for n in ("yesno", "rank", "next_title", "explain")}
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.backend, "model_name", getattr(self.backend, "name", "")))
+
+    def dataset_history(self, user_id: str, split: str = "all") -> list[HistEvent]:
+        h = self.ds.history(user_id, before=split)  # type: ignore[arg-type]
+        return [
+            HistEvent(i, bool(lab), None if r != r else float(r), int(t))
+            for i, lab, r, t in zip(h["item_id"], h["label"], h["rating"], h["timestamp"])
+        ]
+
+    def _known(self, history: list[HistEvent]) -> list[HistEvent]:
+        return [e for e in history if e.item_id in self.ds.item_index]
+
+    def _prompt_history(self, history: list[HistEvent]):
+        from llmrec.prompts import history_from_dataset
+
+        h = history[-self.cfg.history_len :]
+        return history_from_dataset(
+            self.ds,
+            [e.item_id for e in h],
+            [None if e.liked is None else int(e.liked) for e in h],
+            [e.rating for e in h],
+            [e.timestamp for e in h],
+        )
+
+    def _render(self, name: str, history: list[HistEvent], **kw):
+        from llmrec.prompts import render
+
+        return render(
+            self.templates[name],
+            history=self._prompt_history(history),
+            domain=self.ds.domain,
+            tokenizer=getattr(self.backend, "tokenizer", None),
+            max_tokens=self.cfg.max_prompt_tokens,
+            chat=self.cfg.chat,
+            **kw,
+        )
+
+    def _items(self, ids: Sequence[str]):
+        from llmrec.prompts import items_from_dataset
+
+        return items_from_dataset(self.ds, list(ids))
+
+    def candidates(self, history: list[HistEvent], k: int | None = None) -> list[tuple[str, float]]:
+        """Top-k unseen items from the retriever, built from `history` only."""
+        k = k or self.cfg.n_candidates
+        seen = {e.item_id for e in history}
+        hist = [(e.item_id, e.liked is not False, e.timestamp) for e in self._known(history)]
+        return list(self.retriever.query(hist, k=k, exclude=seen))[:k]
+
+    def _attrs(self, item_id: str) -> list[str]:
+        row = self.ds.items.iloc[self.ds.item_index[item_id]]
+        return [a for f in self._attr_fields for a in split_values(row[f])]
+
+    # ----------------------------------------------------------------------------------------------- ranking
+    def rank_candidates(self, histories: list[list[HistEvent]], cands: list[list[tuple[str, float]]],
+                        mode: str | None = None) -> list[list[tuple[str, float]]]:
+        """Order each user's candidates with the LLM. Returns (item_id, score) best first."""
+        mode = mode or self.cfg.mode
+        if mode == "verbalizer":
+            return self._rank_verbalizer(histories, cands)
+        if mode == "generate":
+            return self._rank_generate(histories, cands)
+        raise ValueError(f"unknown ranking mode {mode!r}: use 'verbalizer' or 'generate'")
+
+    def _rank_verbalizer(self, histories, cands):
+        out: list[list[tuple[str, float]]] = [[] for _ in histories]
+        todo = [u for u, c in enumerate(cands) if c]
+        for b in range(0, len(todo), self.cfg.batch_size):
+            idx = todo[b : b + self.cfg.batch_size]
+            rendered = [self._render("rank", histories[u], candidates=self._items([c for c, _ in cands[u]]))
+                        for u in idx]
+            n = max(len(r.choices) for r in rendered)
+            groups: dict[int, list[int]] = {}
+            for j, r in enumerate(rendered):
+                groups.setdefault(len(r.choices), []).append(j)
+            for size, js in groups.items():  # backends need equal-length choice lists per call
+                lp = self.backend.score_choices([rendered[j].text for j in js], [rendered[j].choices for j in js])
+                for row, j in zip(lp, js):
+                    ids = rendered[j].candidate_ids
+                    order = np.argsort(-row, kind="stable")
+                    out[idx[j]] = [(ids[o], float(row[o])) for o in order]
+            del n
+        return out
+
+    def _rank_generate(self, histories, cands):
+        out: list[list[tuple[str, float]]] = [[] for _ in histories]
+        self.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
+        todo = [u for u, c in enumerate(cands) if c]
+        for b in range(0, len(todo), self.cfg.batch_size):
+            idx = todo[b : b + self.cfg.batch_size]
+            rendered = [self._render("next_title", histories[u], candidates=self._items([c for c, _ in cands[u]]))
+                        for u in idx]
+            texts = self.backend.generate([r.text for r in rendered], max_new_tokens=self.cfg.generate_max_new_tokens)
+            for u, text in zip(idx, texts):
+                cand_ids = [c for c, _ in cands[u]]
+                named = self.map_titles(text, cand_ids)
+                rest = [c for c in cand_ids if c not in named]
+                ranked = named + rest
+                n = len(ranked)
+                out[u] = [(c, float(n - r)) for r, c in enumerate(ranked)]
+        return out
+
+    def map_titles(self, text: str, candidate_ids: list[str]) -> list[str]:
+        """Generated lines -> catalogue items: exact title match, else the most similar candidate title by
+        embedding (>= min_title_similarity). Unmapped lines are dropped and counted in `last_generate_stats`."""
+        stats = getattr(self, "last_generate_stats", None)
+        if stats is None:
+            stats = self.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
+        named: list[str] = []
+        cand_titles = [str(self.ds.titles[self.ds.item_index[c]]) for c in candidate_ids]
+        for line in text.splitlines():
+            line = line.strip().lstrip("-*0123456789.) ").strip()
+            if not line:
+                continue
+            stats["lines"] += 1
+            iid = self.matcher.exact(line)
+            if iid is None:
+                found = self.matcher.find(line)
+                iid = found[0] if found else None
+            if iid is None and hasattr(self.retriever, "similar_texts") and cand_titles:
+                sims = self.retriever.similar_texts(line, cand_titles)
+                j = int(np.argmax(sims))
+                if sims[j] >= self.cfg.min_title_similarity:
+                    iid = candidate_ids[j]
+            if iid is None:
+                stats["unmapped"] += 1
+                continue
+            stats["mapped"] += 1
+            if iid not in named:
+                named.append(iid)
+        return named
+
+    # ----------------------------------------------------------------------------------------------- explain
+    def explain(self, histories: list[list[HistEvent]], recs: list[list[str]]) -> list[tuple[str, bool, list[str]]]:
+        """Generated explanations with the post-check; (text, used_fallback, hallucinated ids) per user."""
+        todo = [u for u, r in enumerate(recs) if r]
+        res: list[tuple[str, bool, list[str]]] = [("", False, []) for _ in recs]
+        for b in range(0, len(todo), self.cfg.batch_size):
+            idx = todo[b : b + self.cfg.batch_size]
+            prompts = [self._render("explain", histories[u], recommended=self._items(recs[u][:3])).text for u in idx]
+            texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n\n"])
+            for u, text in zip(idx, texts):
+                text = text.strip()
+                hist_ids = {e.item_id for e in histories[u]}
+                liked = [e.item_id for e in histories[u] if e.liked and e.item_id in self.ds.item_index]
+                attrs = {a for i in liked[-10:] for a in self._attrs(i)}
+                chk = check_explanation(text, self.matcher, hist_ids, set(recs[u]), attrs)
+                if chk.ok:
+                    res[u] = (text, False, [])
+                else:
+                    rec3 = recs[u][:3]
+                    fb = template_explanation(
+                        self.ds.domain,
+                        [str(self.ds.titles[self.ds.item_index[i]]) for i in rec3],
+                        [self._attrs(i) for i in rec3],
+                        [str(self.ds.titles[self.ds.item_index[i]]) for i in liked[-10:]],
+                        [self._attrs(i) for i in liked[-10:]],
+                    )
+                    res[u] = (fb, True, chk.hallucinated)
+        return res
+
+    # ----------------------------------------------------------------------------------------------- public
+    def recommend_batch(self, user_ids: Sequence[str], histories: Sequence[Iterable[Any] | None] | None = None,
+                        k: int = 10, explain: bool = True, mode: str | None = None) -> list[Recommendation]:
+        """Recommendations for several users in batched backend calls. `histories[i]` (store events, dicts or
+        HistEvents) overrides the dataset history of user i; None reads the prepared dataset (all events)."""
+        t0 = time.perf_counter()
+        hs: list[list[HistEvent]] = []
+        for n, u in enumerate(user_ids):
+            h = None if histories is None else histories[n]
+            hs.append(self.dataset_history(u) if h is None else to_hist_events(h, self.cfg.like_threshold))
+        cands = [self.candidates(h) for h in hs]
+        ranked = self.rank_candidates(hs, cands, mode)
+        top = [[i for i, _ in r[:k]] for r in ranked]
+        expl = self.explain(hs, top) if explain else [(None, False, []) for _ in top]
+        dt = (time.perf_counter() - t0) / max(1, len(user_ids))
+        out = []
+        for u, r, (text, fb, hall) in zip(user_ids, ranked, expl):
+            items = [RecItem(i, str(self.ds.titles[self.ds.item_index[i]]), s, n + 1) for n, (i, s) in enumerate(r[:k])]
+            out.append(Recommendation(str(u), items, text, fb, hall, self.model_name, self.adapter,
+                                      getattr(self.backend, "name", ""), {"seconds_per_user": dt}))
+        return out
+
+    def recommend(self, user_id: str, k: int = 10, explain: bool = True, history: Iterable[Any] | None = None,
+                  mode: str | None = None) -> Recommendation:
+        return self.recommend_batch([user_id], None if history is None else [history], k, explain, mode)[0]
+
+    def yesno_probs(self, histories: list[list[HistEvent]], targets: list[str], desc: str = "yes/no") -> np.ndarray:
+        """P(Yes) for each (history, target) pair, batched."""
+        probs = np.zeros(len(targets))
+        for b in tqdm(range(0, len(targets), self.cfg.batch_size), desc=desc, leave=False,
+                      disable=len(targets) <= self.cfg.batch_size):
+            texts = [self._render("yesno", histories[j], target=self._items([targets[j]])[0]).text
+                     for j in range(b, min(b + self.cfg.batch_size, len(targets)))]
+            lp = self.backend.score_choices(texts, list(self.templates["yesno"].verbalizer))
+            probs[b : b + len(texts)] = np.exp(lp[:, 0])
+        return probs
+
+    def score_yesno(self, user_id: str, item_ids: Sequence[str], history: Iterable[Any] | None = None) -> list[float]:
+        h = self.dataset_history(user_id) if history is None else to_hist_events(history, self.cfg.like_threshold)
+        unknown = [i for i in item_ids if i not in self.ds.item_index]
+        if unknown:
+            raise KeyError(f"unknown item id(s) {unknown[:5]}")
+        return self.yesno_probs([h] * len(item_ids), list(item_ids)).tolist()
+
+    def yesno_examples_probs(self, examples) -> np.ndarray:
+        """P(Yes) for rows of `ds.yesno` (each row carries its own <=10-event history)."""
+        hs = [
+            [HistEvent(i, bool(lab), None if r != r else float(r), int(t))
+             for i, lab, r, t in zip(row.hist_items, row.hist_labels, row.hist_ratings, row.hist_timestamps)]
+            for row in examples.itertuples()
+        ]
+        return self.yesno_probs(hs, examples["item_id"].tolist())
+
+    def score_matrix(self, user_ids: Sequence[str], split: str = "test", mode: str | None = None) -> np.ndarray:
+        """Full-ranking scores for evaluation: LLM-ordered candidates on top, every other item by retrieval score.
+        Only the history allowed for `split` is used (test: train+valid events)."""
+        hs = [self.dataset_history(u, split) for u in user_ids]
+        cands = [self.candidates(h) for h in hs]
+        ranked = self.rank_candidates(hs, cands, mode)
+        base = np.asarray(self.retriever.score_items(list(user_ids), split), dtype=np.float64)
+        base = base - np.nanmax(base) - 1.0 if base.size else base  # every non-candidate below every candidate
+        for u, r in enumerate(ranked):
+            n = len(r)
+            for pos, (iid, _) in enumerate(r):
+                base[u, self.ds.item_index[iid]] = 1.0 + (n - pos)
+        return base
