@@ -82,16 +82,24 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from llmrec.service.client import fetch_recommendations, format_recommendations
 
     if args.url:
-        print(format_recommendations(fetch_recommendations(args.url, args.user_id, args.k, args.explain, args.adapter)))
+        print(
+            format_recommendations(fetch_recommendations(args.url, args.user_id, args.k, args.explain, args.adapter))
+        )
         return 0
     rec = _recommender(args, args.dataset)
     if not rec.ds.has_user(args.user_id):
         raise KeyError(f"unknown user {args.user_id!r} in dataset {rec.ds.name}")
     r = rec.recommend(args.user_id, k=args.k, explain=args.explain)
     payload = {
-        "user_id": r.user_id, "items": [vars(i) for i in r.items], "explanation": r.explanation,
-        "explanation_fallback": r.explanation_fallback, "model": r.model, "adapter": r.adapter, "backend": r.backend,
-        "degraded": False, "latency_ms": 1000 * r.stats.get("seconds_per_user", 0.0),
+        "user_id": r.user_id,
+        "items": [vars(i) for i in r.items],
+        "explanation": r.explanation,
+        "explanation_fallback": r.explanation_fallback,
+        "model": r.model,
+        "adapter": r.adapter,
+        "backend": r.backend,
+        "degraded": False,
+        "latency_ms": 1000 * r.stats.get("seconds_per_user", 0.0),
     }
     print(format_recommendations(payload))
     return 0
@@ -116,8 +124,11 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
         m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed)
         title = f"yes/no on {args.dataset}/{args.split} (subset of {m['n']}, seed {args.seed})"
     m["adapter"] = args.adapter
-    _print_metrics(title + (f" with adapter {args.adapter}" if args.adapter else " (no adapter)"), m,
-                   ["n", "auc", "accuracy", "f1", "precision", "recall", "seconds"])
+    _print_metrics(
+        title + (f" with adapter {args.adapter}" if args.adapter else " (no adapter)"),
+        m,
+        ["n", "auc", "accuracy", "f1", "precision", "recall", "seconds"],
+    )
     _write(args.out, m)
     return 0
 
@@ -127,8 +138,11 @@ def cmd_eval_rank(args: argparse.Namespace) -> int:
 
     rec = _recommender(args, args.dataset)
     m = eval_rank(rec, rec.ds, args.max_users or None, args.seed, args.mode)
-    _print_metrics(f"full ranking on {args.dataset} (retrieve {rec.cfg.n_candidates} + {args.mode} rerank)", m,
-                   ["n_users", "hr@10", "recall@10", "ndcg@10", "ndcg@20", "mrr@10", "seconds_per_user"])
+    _print_metrics(
+        f"full ranking on {args.dataset} (retrieve {rec.cfg.n_candidates} + {args.mode} rerank)",
+        m,
+        ["n_users", "hr@10", "recall@10", "ndcg@10", "ndcg@20", "mrr@10", "seconds_per_user"],
+    )
     _write(args.out, m)
     return 0
 

@@ -38,7 +38,9 @@ def load_tallrec(path: str | Path) -> list[dict[str, str]]:
             if not isinstance(ex, dict) or not isinstance(ex.get(k), str):
                 raise TallrecFormatError(f"{path}: entry {n}: field {k!r} missing or not a string")
         if not re.match(r"^\s*(yes|no)\b", ex["output"], re.I):
-            raise TallrecFormatError(f"{path}: entry {n}: field 'output' must be 'Yes.' or 'No.', got {ex['output']!r}")
+            raise TallrecFormatError(
+                f"{path}: entry {n}: field 'output' must be 'Yes.' or 'No.', got {ex['output']!r}"
+            )
     return data
 
 
@@ -67,13 +69,15 @@ def export_tallrec(ds: Any, split: str, path: str | Path, max_examples: int | No
     for r in ex.itertuples():
         liked = [f'"{ds.titles[ds.item_index[i]]}"' for i, lab in zip(r.hist_items, r.hist_labels) if lab]
         disliked = [f'"{ds.titles[ds.item_index[i]]}"' for i, lab in zip(r.hist_items, r.hist_labels) if not lab]
-        rows.append({
-            "instruction": f"Given the user's preference and unpreference, identify whether the user will like the "
-                           f'target {noun} by answering "Yes." or "No.".',
-            "input": f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
-                     f'Whether the user will like the target {noun} "{ds.titles[ds.item_index[r.item_id]]}"?',
-            "output": "Yes." if r.label else "No.",
-        })
+        rows.append(
+            {
+                "instruction": "Given the user's preference and unpreference, identify whether the user will like "
+                f'the target {noun} by answering "Yes." or "No.".',
+                "input": f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
+                f'Whether the user will like the target {noun} "{ds.titles[ds.item_index[r.item_id]]}"?',
+                "output": "Yes." if r.label else "No.",
+            }
+        )
     path = Path(path)
     path.write_text(json.dumps(rows, indent=1))
     return path
@@ -84,23 +88,43 @@ def eval_yesno_dataset(rec: Any, ds: Any, split: str = "test", max_examples: int
     t0 = time.perf_counter()
     probs = rec.yesno_examples_probs(ex)
     out = evaluate_yesno(probs, ex)
-    out.update({"split": split, "subset_seed": seed, "seconds": time.perf_counter() - t0,
-                "positive_rate": float(ex["label"].mean())})
+    out.update(
+        {
+            "split": split,
+            "subset_seed": seed,
+            "seconds": time.perf_counter() - t0,
+            "positive_rate": float(ex["label"].mean()),
+        }
+    )
     out["_probs"] = probs.tolist()
     out["_labels"] = ex["label"].tolist()
     return out
 
 
-def eval_rank(rec: Any, ds: Any, max_users: int | None = 200, seed: int = 0, mode: str | None = None,
-              retrieval_only: bool = False) -> dict:
+def eval_rank(
+    rec: Any,
+    ds: Any,
+    max_users: int | None = 200,
+    seed: int = 0,
+    mode: str | None = None,
+    retrieval_only: bool = False,
+) -> dict:
     """Full-ranking metrics of retrieve + LLM rerank (or the retriever alone) on the leave-one-out test split."""
     t0 = time.perf_counter()
     if retrieval_only:
         fn = lambda users: rec.retriever.score_items(list(users), "test")  # noqa: E731
     else:
         fn = lambda users: rec.score_matrix(users, "test", mode)  # noqa: E731
-    out = evaluate_ranking(ds, fn, "test", ks=(10, 20), max_users=max_users, seed=seed, batch_users=16,
-                           desc="retrieval" if retrieval_only else f"rerank:{mode or rec.cfg.mode}")
+    out = evaluate_ranking(
+        ds,
+        fn,
+        "test",
+        ks=(10, 20),
+        max_users=max_users,
+        seed=seed,
+        batch_users=16,
+        desc="retrieval" if retrieval_only else f"rerank:{mode or rec.cfg.mode}",
+    )
     n = out.get("user_subset", {}).get("n", out["n_users"])
     out["seconds_per_user"] = (time.perf_counter() - t0) / max(1, n)
     return out
@@ -160,8 +184,12 @@ def contamination_probe(backend: Any, ds: Any, n: int = 100, seed: int = 0, max_
             if p != w:
                 break
         shuffled.append(" ".join(p))
-    out: dict[str, Any] = {"n": len(real), "seed": seed, "title_completion_rate": run(real),
-                           "shuffled_control_rate": run(shuffled)}
+    out: dict[str, Any] = {
+        "n": len(real),
+        "seed": seed,
+        "title_completion_rate": run(real),
+        "shuffled_control_rate": run(shuffled),
+    }
     if "year" in ds.items.columns:
         years = [str(ds.items.iloc[j]["year"]) for j in pick]
         prompts = [f'The {ds.domain} "{t}" was released in the year' for t in real]

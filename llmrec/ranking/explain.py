@@ -34,7 +34,9 @@ class TitleMatcher:
             for v in title_variants(str(t)):
                 self.by_variant.setdefault(v, iid)
         variants = sorted(self.by_variant, key=len, reverse=True)
-        self._re = re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in variants) + r")(?!\w)") if variants else None
+        self._re = (
+            re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in variants) + r")(?!\w)") if variants else None
+        )
 
     def find(self, text: str) -> list[str]:
         """Item ids named in `text`, in order of first mention, without repeats."""
@@ -76,7 +78,11 @@ def split_values(v: str) -> list[str]:
 
 
 def template_explanation(
-    domain: str, rec_titles: list[str], rec_attrs: list[list[str]], liked_titles: list[str], liked_attrs: list[list[str]]
+    domain: str,
+    rec_titles: list[str],
+    rec_attrs: list[list[str]],
+    liked_titles: list[str],
+    liked_attrs: list[list[str]],
 ) -> str:
     """Deterministic fallback: the attributes the recommended items share with the items the user liked."""
     liked_counter = Counter(a for attrs in liked_attrs for a in attrs)

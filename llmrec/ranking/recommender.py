@@ -99,8 +99,14 @@ def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[
 class Recommender:
     """history -> retrieval -> prompt -> LLM -> top-K -> explanation, batched across users."""
 
-    def __init__(self, ds: PreparedDataset, backend: Any, retriever: Any, cfg: RankingConfig | None = None,
-                 adapter: str | None = None):
+    def __init__(
+        self,
+        ds: PreparedDataset,
+        backend: Any,
+        retriever: Any,
+        cfg: RankingConfig | None = None,
+        adapter: str | None = None,
+    ):
         self.ds = ds
         self.backend = backend
         self.retriever = retriever
@@ -169,8 +175,9 @@ class Recommender:
         return [a for f in self._attr_fields for a in split_values(row[f])]
 
     # ----------------------------------------------------------------------------------------------- ranking
-    def rank_candidates(self, histories: list[list[HistEvent]], cands: list[list[tuple[str, float]]],
-                        mode: str | None = None) -> list[list[tuple[str, float]]]:
+    def rank_candidates(
+        self, histories: list[list[HistEvent]], cands: list[list[tuple[str, float]]], mode: str | None = None
+    ) -> list[list[tuple[str, float]]]:
         """Order each user's candidates with the LLM. Returns (item_id, score) best first."""
         mode = mode or self.cfg.mode
         if mode == "verbalizer":
@@ -184,19 +191,18 @@ class Recommender:
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
-            rendered = [self._render("rank", histories[u], candidates=self._items([c for c, _ in cands[u]]))
-                        for u in idx]
-            n = max(len(r.choices) for r in rendered)
+            rendered = [
+                self._render("rank", histories[u], candidates=self._items([c for c, _ in cands[u]])) for u in idx
+            ]
             groups: dict[int, list[int]] = {}
             for j, r in enumerate(rendered):
                 groups.setdefault(len(r.choices), []).append(j)
-            for size, js in groups.items():  # backends need equal-length choice lists per call
+            for js in groups.values():  # backends need equal-length choice lists per call
                 lp = self.backend.score_choices([rendered[j].text for j in js], [rendered[j].choices for j in js])
                 for row, j in zip(lp, js):
                     ids = rendered[j].candidate_ids
                     order = np.argsort(-row, kind="stable")
                     out[idx[j]] = [(ids[o], float(row[o])) for o in order]
-            del n
         return out
 
     def _rank_generate(self, histories, cands):
@@ -205,8 +211,9 @@ class Recommender:
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
-            rendered = [self._render("next_title", histories[u], candidates=self._items([c for c, _ in cands[u]]))
-                        for u in idx]
+            rendered = [
+                self._render("next_title", histories[u], candidates=self._items([c for c, _ in cands[u]])) for u in idx
+            ]
             texts = self.backend.generate([r.text for r in rendered], max_new_tokens=self.cfg.generate_max_new_tokens)
             for u, text in zip(idx, texts):
                 cand_ids = [c for c, _ in cands[u]]
@@ -277,8 +284,14 @@ class Recommender:
         return res
 
     # ----------------------------------------------------------------------------------------------- public
-    def recommend_batch(self, user_ids: Sequence[str], histories: Sequence[Iterable[Any] | None] | None = None,
-                        k: int = 10, explain: bool = True, mode: str | None = None) -> list[Recommendation]:
+    def recommend_batch(
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Iterable[Any] | None] | None = None,
+        k: int = 10,
+        explain: bool = True,
+        mode: str | None = None,
+    ) -> list[Recommendation]:
         """Recommendations for several users in batched backend calls. `histories[i]` (store events, dicts or
         HistEvents) overrides the dataset history of user i; None reads the prepared dataset (all events)."""
         t0 = time.perf_counter()
@@ -293,22 +306,47 @@ class Recommender:
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
         out = []
         for u, r, (text, fb, hall) in zip(user_ids, ranked, expl):
-            items = [RecItem(i, str(self.ds.titles[self.ds.item_index[i]]), s, n + 1) for n, (i, s) in enumerate(r[:k])]
-            out.append(Recommendation(str(u), items, text, fb, hall, self.model_name, self.adapter,
-                                      getattr(self.backend, "name", ""), {"seconds_per_user": dt}))
+            items = [
+                RecItem(i, str(self.ds.titles[self.ds.item_index[i]]), s, n + 1) for n, (i, s) in enumerate(r[:k])
+            ]
+            out.append(
+                Recommendation(
+                    str(u),
+                    items,
+                    text,
+                    fb,
+                    hall,
+                    self.model_name,
+                    self.adapter,
+                    getattr(self.backend, "name", ""),
+                    {"seconds_per_user": dt},
+                )
+            )
         return out
 
-    def recommend(self, user_id: str, k: int = 10, explain: bool = True, history: Iterable[Any] | None = None,
-                  mode: str | None = None) -> Recommendation:
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        explain: bool = True,
+        history: Iterable[Any] | None = None,
+        mode: str | None = None,
+    ) -> Recommendation:
         return self.recommend_batch([user_id], None if history is None else [history], k, explain, mode)[0]
 
     def yesno_probs(self, histories: list[list[HistEvent]], targets: list[str], desc: str = "yes/no") -> np.ndarray:
         """P(Yes) for each (history, target) pair, batched."""
         probs = np.zeros(len(targets))
-        for b in tqdm(range(0, len(targets), self.cfg.batch_size), desc=desc, leave=False,
-                      disable=len(targets) <= self.cfg.batch_size):
-            texts = [self._render("yesno", histories[j], target=self._items([targets[j]])[0]).text
-                     for j in range(b, min(b + self.cfg.batch_size, len(targets)))]
+        for b in tqdm(
+            range(0, len(targets), self.cfg.batch_size),
+            desc=desc,
+            leave=False,
+            disable=len(targets) <= self.cfg.batch_size,
+        ):
+            texts = [
+                self._render("yesno", histories[j], target=self._items([targets[j]])[0]).text
+                for j in range(b, min(b + self.cfg.batch_size, len(targets)))
+            ]
             lp = self.backend.score_choices(texts, list(self.templates["yesno"].verbalizer))
             probs[b : b + len(texts)] = np.exp(lp[:, 0])
         return probs
@@ -323,8 +361,10 @@ class Recommender:
     def yesno_examples_probs(self, examples) -> np.ndarray:
         """P(Yes) for rows of `ds.yesno` (each row carries its own <=10-event history)."""
         hs = [
-            [HistEvent(i, bool(lab), None if r != r else float(r), int(t))
-             for i, lab, r, t in zip(row.hist_items, row.hist_labels, row.hist_ratings, row.hist_timestamps)]
+            [
+                HistEvent(i, bool(lab), None if r != r else float(r), int(t))
+                for i, lab, r, t in zip(row.hist_items, row.hist_labels, row.hist_ratings, row.hist_timestamps)
+            ]
             for row in examples.itertuples()
         ]
         return self.yesno_probs(hs, examples["item_id"].tolist())

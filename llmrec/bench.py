@@ -1,0 +1,298 @@
+"""One-run benchmark: every method on the same split, the same users and the same Yes/No examples.
+
+Next item: full ranking over all items minus the user's history (leave-one-out test), on a fixed seeded subset of
+users shared by every method (the LLM is slow on CPU; the subset size is in the report), plus the baselines on all
+users. Yes/No: AUC / accuracy / F1 on a fixed seeded subset of the time-split test examples, shared by every method.
+Writes `eval/results/bench_<dataset>.{json,md}` and PNG plots beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmrec.bench_utils import RESULTS_DIR, md_table, write_result
+from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
+
+log = logging.getLogger(__name__)
+
+RANK_KEYS = ["hr@10", "recall@10", "ndcg@10", "mrr@10"]
+YESNO_KEYS = ["auc", "accuracy", "f1"]
+
+
+@dataclass
+class BenchConfig:
+    """What `llmrec bench` runs. Every key has a default; `--set key=value` overrides."""
+
+    dataset: str = "ml-100k"
+    baselines: list[str] = field(default_factory=lambda: ["pop", "mf", "bpr", "bert_lstm", "sasrec"])
+    baseline_overrides: dict[str, Any] = field(default_factory=dict)  # per model: constructor kwargs (fast settings)
+    rank_users: int = 200  # fixed seeded user subset shared by every method (0 = all users)
+    yesno_examples: int = 500  # fixed seeded Yes/No test subset shared by every method
+    seed: int = 0
+    llm: bool = True
+    backend: str = "transformers"
+    model: str | None = None  # default: the embedded SmolLM2-135M-Instruct
+    adapter_yesno: str | None = None  # LoRA adapter tuned on the yesno task (default: finetune output if present)
+    adapter_rank: str | None = None  # LoRA adapter tuned on the rank task
+    retriever: str = "text"
+    n_candidates: int = 20
+    dtype: str = "bfloat16"
+    explanations: int = 5  # example explanations in the report
+    results_dir: str | None = None
+
+
+def _finetune_default(task: str, dataset: str) -> str | None:
+    from llmrec.config import llmrec_home
+
+    for cand in sorted((llmrec_home() / "finetune").glob(f"{task}*{dataset}*/adapter")):
+        return str(cand)
+    return None
+
+
+def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods: dict, curves: dict) -> None:
+    from llmrec.baselines import get_model
+
+    for name in cfg.baselines:
+        t0 = time.perf_counter()
+        model = get_model(name, **cfg.baseline_overrides.get(name, {}))
+        model.fit(ds)
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        sub = evaluate_ranking(
+            ds,
+            lambda u, m=model: m.score_items(list(u), "test"),
+            max_users=cfg.rank_users or None,
+            seed=cfg.seed,
+            desc=name,
+        )
+        rank_s = (time.perf_counter() - t1) / max(1, sub.get("user_subset", {}).get("n", sub["n_users"]))
+        full = evaluate_ranking(ds, lambda u, m=model: m.score_items(list(u), "test"), desc=name)
+        row: dict[str, Any] = {k: sub[k] for k in RANK_KEYS}
+        row.update({f"all_users_{k}": full[k] for k in RANK_KEYS})
+        row.update({"train_s": train_s, "rank_s_per_user": rank_s})
+        if hasattr(model, "predict_proba"):
+            try:
+                probs = np.asarray(model.predict_proba(ex))
+            except NotImplementedError:
+                probs = None
+            if probs is not None:
+                row.update({k: evaluate_yesno(probs, ex)[k] for k in YESNO_KEYS})
+                curves[name] = probs.tolist()
+        methods[name] = row
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+
+
+def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict) -> None:
+    from llmrec.llm import load_backend
+    from llmrec.ranking import RankingConfig, Recommender
+    from llmrec.ranking.evaluate import eval_rank, explanation_metrics
+    from llmrec.ranking.factory import build_retriever
+
+    retriever = build_retriever(ds, cfg.retriever)
+    rcfg = RankingConfig(n_candidates=cfg.n_candidates)
+    max_users = cfg.rank_users or None
+    t0 = time.perf_counter()
+    m = eval_rank(Recommender(ds, None, retriever, rcfg), ds, max_users, cfg.seed, retrieval_only=True)
+    methods[f"retrieval ({cfg.retriever})"] = {
+        **{k: m[k] for k in RANK_KEYS},
+        "rank_s_per_user": m["seconds_per_user"],
+        "train_s": time.perf_counter() - t0,
+    }
+    variants = [("llm zero-shot", None, None)]
+    ay = cfg.adapter_yesno or _finetune_default("yesno", ds.name)
+    ar = cfg.adapter_rank or _finetune_default("rank", ds.name)
+    if ay or ar:
+        variants.append(("llm tuned", ay, ar))
+    else:
+        report["notes"].append("no tuned adapter found: run `make finetune` (or pass adapter_yesno/adapter_rank)")
+    for label, a_yes, a_rank in variants:
+        row: dict[str, Any] = {}
+        for task, adapter in (("rank", a_rank), ("yesno", a_yes)):
+            if label == "llm tuned" and adapter is None:
+                continue
+            backend = load_backend(cfg.backend, model=cfg.model, adapter=adapter, dtype=cfg.dtype)
+            rec = Recommender(ds, backend, retriever, rcfg, adapter=Path(adapter).parent.name if adapter else None)
+            if task == "rank":
+                r = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer")
+                row.update({k: r[k] for k in RANK_KEYS})
+                row["rank_s_per_user"] = r["seconds_per_user"]
+                row["rank_adapter"] = adapter
+                if label == "llm zero-shot":
+                    g = eval_rank(rec, ds, min(20, max_users or 20), cfg.seed, mode="generate")
+                    report["verbalizer_vs_generate"] = {
+                        "users": min(20, max_users or 20),
+                        "verbalizer_s_per_user": r["seconds_per_user"],
+                        "generate_s_per_user": g["seconds_per_user"],
+                        "speedup": g["seconds_per_user"] / max(1e-9, r["seconds_per_user"]),
+                        "generate_ndcg@10": g["ndcg@10"],
+                        "generate_mapping": getattr(rec, "last_generate_stats", {}),
+                    }
+                if cfg.explanations and (label == "llm tuned" or not a_rank):
+                    users = (
+                        ds.targets("test")["user_id"]
+                        .sample(n=min(cfg.explanations * 4, len(ds.user_ids)), random_state=cfg.seed)
+                        .tolist()
+                    )
+                    hs = [rec.dataset_history(u, "test") for u in users]
+                    recs = rec.recommend_batch(users, hs, k=5, explain=True)
+                    report["explanations"] = {
+                        "metrics": explanation_metrics(recs),
+                        "adapter": adapter,
+                        "examples": [
+                            {
+                                "user_id": x.user_id,
+                                "items": [i.title for i in x.items],
+                                "explanation": x.explanation,
+                                "fallback": x.explanation_fallback,
+                            }
+                            for x in recs[: cfg.explanations]
+                        ],
+                    }
+            else:
+                t1 = time.perf_counter()
+                probs = rec.yesno_examples_probs(ex)
+                row.update({k: evaluate_yesno(probs, ex)[k] for k in YESNO_KEYS})
+                row["yesno_s_per_example"] = (time.perf_counter() - t1) / max(1, len(ex))
+                row["yesno_adapter"] = adapter
+                curves[label] = probs.tolist()
+            backend.close()
+        methods[label] = row
+
+
+def plots(name: str, out_dir: Path, methods: dict, curves: dict, labels: list[int]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(methods)
+    for ax, key in zip(axes, ["ndcg@10", "auc"]):
+        vals = [(n, methods[n][key]) for n in names if isinstance(methods[n].get(key), float)]
+        ax.barh([v[0] for v in vals], [v[1] for v in vals], color="tab:blue")
+        ax.set_title(key + (" (full ranking)" if key.startswith("ndcg") else " (Yes/No)"))
+        ax.invert_yaxis()
+    fig.tight_layout()
+    files.append(f"{name}_metrics.png")
+    fig.savefig(out_dir / files[-1], dpi=110)
+    plt.close(fig)
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for n, p in curves.items():
+            fpr, tpr, _ = roc_curve(labels, p)
+            ax.plot(fpr, tpr, label=f"{n} (AUC {methods[n].get('auc', float('nan')):.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=7)
+        ax.set_title("Yes/No ROC")
+        fig.tight_layout()
+        files.append(f"{name}_roc.png")
+        fig.savefig(out_dir / files[-1], dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    vals = [(n, 1000 * methods[n]["rank_s_per_user"]) for n in names if methods[n].get("rank_s_per_user")]
+    ax.barh([v[0] for v in vals], [v[1] for v in vals], color="tab:orange")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per user (next-item ranking, log scale)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    files.append(f"{name}_latency.png")
+    fig.savefig(out_dir / files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
+    from llmrec.data import load_prepared
+
+    ds = load_prepared(cfg.dataset, prepare_if_missing=True)
+    ex = yesno_subset(ds, "test", cfg.yesno_examples or None, cfg.seed)
+    methods: dict[str, dict] = {}
+    curves: dict[str, list[float]] = {}
+    report: dict[str, Any] = {"notes": []}
+    t0 = time.perf_counter()
+    if cfg.baselines:
+        run_baselines(ds, cfg, [], ex, methods, curves)
+    if cfg.llm:
+        run_llm(ds, cfg, ex, methods, curves, report)
+    name = f"bench_{ds.name}"
+    out_dir = Path(cfg.results_dir) if cfg.results_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = plots(name, out_dir, methods, curves, ex["label"].tolist())
+    best = {}
+    for key in ("ndcg@10", "auc"):
+        scored = {n: r[key] for n, r in methods.items() if isinstance(r.get(key), float)}
+        if scored:
+            best[key] = max(scored, key=scored.get)
+    tuned = methods.get("llm tuned", {})
+    goals = {}
+    for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
+        others = [r[key] for n, r in methods.items() if not n.startswith("llm") and isinstance(r.get(key), float)]
+        if others and isinstance(tuned.get(key), float):
+            goals[key] = {
+                "tuned_llm": tuned[key],
+                "best_other": max(others),
+                "ratio": tuned[key] / max(others),
+                "goal_ratio": margin,
+                "met": tuned[key] >= margin * max(others),
+            }
+    zs = RESULTS_DIR / "zeroshot.json"
+    payload = {
+        "dataset": ds.name,
+        "protocol": {
+            "next_item": f"leave-one-out test, full ranking over {ds.n_items} items minus the user's history; "
+            f"{cfg.rank_users or 'all'} users (seed {cfg.seed}) for every method; baselines also on all "
+            f"{len(ds.targets('test'))} users (all_users_*)",
+            "yesno": f"time-split test examples, fixed subset of {len(ex)} (seed {cfg.seed}), positive rate "
+            f"{ex['label'].mean():.3f}",
+        },
+        "config": {k: v for k, v in vars(cfg).items()},
+        "methods": methods,
+        "best": best,
+        "goals": goals,
+        "seconds": time.perf_counter() - t0,
+        "plots": pngs,
+        **report,
+        "zeroshot": json.loads(zs.read_text()).get("table") if zs.is_file() else None,
+    }
+    cols = ["method", *RANK_KEYS, *YESNO_KEYS, "train_s", "rank_s_per_user"]
+    rows = [{"method": n, **{k: v for k, v in r.items()}} for n, r in methods.items()]
+    md = md_table(rows, cols)
+    md += "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n"
+    if goals:
+        md += (
+            "\n## Goals\n"
+            + "\n".join(
+                f"- {k}: tuned LLM {g['tuned_llm']:.4f} vs best other {g['best_other']:.4f} = {g['ratio']:.2f}x "
+                f"(goal {g['goal_ratio']}x): {'met' if g['met'] else 'NOT met'}"
+                for k, g in goals.items()
+            )
+            + "\n"
+        )
+    if report.get("verbalizer_vs_generate"):
+        v = report["verbalizer_vs_generate"]
+        md += (
+            f"\n## verbalizer vs generate\n{v['verbalizer_s_per_user']:.2f} s/user vs {v['generate_s_per_user']:.2f}"
+            f" s/user ({v['speedup']:.1f}x)\n"
+        )
+    if report.get("explanations"):
+        md += "\n## Explanations\n" + json.dumps(report["explanations"]["metrics"]) + "\n\n"
+        for e in report["explanations"]["examples"]:
+            md += (
+                f"- user {e['user_id']}: {', '.join(e['items'][:3])} — {e['explanation']}"
+                + (" *(template fallback)*" if e["fallback"] else "")
+                + "\n"
+            )
+    for n in report["notes"]:
+        md += f"\n> note: {n}\n"
+    return write_result(name, payload, md, command=command, results_dir=out_dir)

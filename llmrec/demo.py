@@ -1,0 +1,172 @@
+"""`llmrec demo`: the first hour of a new user, end to end on the embedded defaults.
+
+1. prepare ML-100K (and ML-1M) and print their statistics;
+2. fine-tune the embedded SmolLM2-135M briefly (QLoRA, Yes/No and rank recipes, small step budgets);
+3. benchmark every method side by side on the same split (`eval/results/bench_<dataset>.md`);
+4. start the recommendation service, ask for one user's recommendations with an explanation, post a feedback event,
+   show the changed answer, stop the service.
+Each stage reuses what an earlier run built (prepared data, adapters, converted model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmrec.config import llmrec_home
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stage(n: int, text: str) -> None:
+    print(f"\n=== [{n}/4] {text} ===", flush=True)
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finetune_stage(dataset: str, fast: bool) -> dict[str, str]:
+    """Run the two default recipes with a demo step budget unless their adapters already exist."""
+    out = {}
+    steps = 4 if fast else 120
+    for task in ("yesno", "rank"):
+        out_dir = llmrec_home() / "finetune" / f"{task}_smollm2_qlora_{dataset}_demo"
+        if not (out_dir / "adapter" / "adapter_config.json").is_file():
+            _run(
+                [
+                    sys.executable,
+                    "finetune/train.py",
+                    "--config",
+                    f"finetune/recipes/{task}_smollm2_qlora.yaml",
+                    "--set",
+                    f"dataset={dataset}",
+                    f"output_dir={out_dir}",
+                    f"max_steps={steps}",
+                ]
+            )
+        else:
+            print(f"reusing {out_dir}/adapter")
+        out[task] = str(out_dir / "adapter")
+    return out
+
+
+def service_stage(dataset: str, user_id: str, adapter: str | None) -> None:
+    import httpx
+
+    from llmrec.service.client import format_recommendations
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmrec.cli",
+        "serve",
+        "--config",
+        "serve/config.yaml",
+        "--set",
+        f"dataset={dataset}",
+        f"port={port}",
+        "llm.backend=auto",
+    ]
+    if adapter:
+        cmd += [f"llm.adapters={{demo: {adapter}}}", "llm.default_adapter=demo"]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            raise RuntimeError("the service did not become ready in 15 minutes")
+        health = httpx.get(f"{url}/health", timeout=5).json()
+        print(f"service ready at {url}: {health}")
+        q = {"k": 5, "explain": "true"}
+        r1 = httpx.get(f"{url}/v1/users/{user_id}/recommendations", params=q, timeout=600).json()
+        print(f"\n--- GET /v1/users/{user_id}/recommendations?k=5&explain=true")
+        print(format_recommendations(r1))
+        top = r1["items"][0]
+        event = {
+            "user_id": user_id,
+            "item_id": top["item_id"],
+            "type": "rating",
+            "value": 1.0,
+            "timestamp": int(time.time()),
+        }
+        ack = httpx.post(
+            f"{url}/v1/events", json=event, headers={"Idempotency-Key": f"demo-{time.time()}"}, timeout=30
+        )
+        print(f"\n--- POST /v1/events (user {user_id} rates '{top['title']}' 1/5) -> {ack.status_code}")
+        r2 = httpx.get(f"{url}/v1/users/{user_id}/recommendations", params=q, timeout=600).json()
+        print("\n--- the same request after the feedback event")
+        print(format_recommendations(r2))
+        before, after = [i["item_id"] for i in r1["items"]], [i["item_id"] for i in r2["items"]]
+        print(
+            f"\nchanged: {before != after}; '{top['title']}' now "
+            f"{'absent' if top['item_id'] not in after else 'present'}"
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        print("service stopped", flush=True)
+
+
+def run_demo(dataset: str = "ml-100k", user_id: str = "1", fast: bool = False) -> int:
+    from llmrec.cli.data import format_stats
+    from llmrec.data import dataset_dir, load_prepared, prepare
+
+    t0 = time.time()
+    _stage(1, "data")
+    for name in dict.fromkeys([dataset, "ml-1m"]):
+        if (dataset_dir(name) / "manifest.json").is_file():
+            print(format_stats(name, load_prepared(name).manifest["stats"]) + "\n(reused)")
+        else:
+            rep = prepare(name)
+            print(format_stats(name, rep.stats, rep.seconds))
+    _stage(2, "fine-tune the embedded SmolLM2-135M (QLoRA, brief)")
+    adapters = finetune_stage(dataset, fast)
+    _stage(3, "benchmark every method on the same split")
+    bench = [
+        sys.executable,
+        "-m",
+        "llmrec.cli",
+        "bench",
+        "--dataset",
+        dataset,
+        "--set",
+        f"adapter_yesno={adapters['yesno']}",
+        f"adapter_rank={adapters['rank']}",
+    ]
+    if fast:
+        bench += ["rank_users=20", "yesno_examples=40", "explanations=2", "results_dir=" + str(llmrec_home() / "demo")]
+    _run(bench)
+    _stage(4, "serve, query a user, post feedback, query again")
+    service_stage(dataset, user_id, adapters["rank"])
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min")
+    return 0

@@ -1,0 +1,39 @@
+"""Explanation post-check: title matching, hallucination counting, grounding and the template fallback."""
+
+from llmrec.ranking.explain import TitleMatcher, check_explanation, split_values, template_explanation
+
+IDS = ["1", "2", "3", "4"]
+TITLES = ["Toy Story (1995)", "Matrix, The (1999)", "Heat (1995)", "Alien (1979)"]
+
+
+def test_title_matcher_variants_and_word_bounds():
+    m = TitleMatcher(IDS, TITLES)
+    assert m.find("You loved Toy Story and The Matrix.") == ["1", "2"]
+    assert m.find("the heater was on") == []  # "heat" only as a whole word
+    assert m.find("Heat (1995) then Alien") == ["3", "4"]
+    assert m.exact('"toy story"') == "1" and m.exact("Matrix, The (1999)") == "2" and m.exact("Cars") is None
+
+
+def test_check_explanation_flags_invented_titles_and_grounding():
+    m = TitleMatcher(IDS, TITLES)
+    ok = check_explanation("Since you enjoyed Toy Story, try Heat.", m, {"1"}, {"3"}, {"Comedy"})
+    assert ok.ok and ok.grounded and ok.hallucinated == []
+    bad = check_explanation("Because you liked Alien, watch Heat.", m, {"1"}, {"3"}, {"Comedy"})
+    assert not bad.ok and bad.hallucinated == ["4"]
+    by_attr = check_explanation("You like comedy, so Heat fits.", m, {"1"}, {"3"}, {"Comedy"})
+    assert by_attr.ok and by_attr.named == ["3"]
+    ungrounded = check_explanation("Heat is a great film.", m, {"1"}, {"3"}, {"Comedy"})
+    assert not ungrounded.ok and not ungrounded.grounded
+
+
+def test_template_fallback_uses_shared_attributes():
+    text = template_explanation(
+        "movie",
+        ["Heat (1995)"],
+        [["Action", "Crime"]],
+        ["Toy Story (1995)", "Alien (1979)"],
+        [["Animation", "Comedy"], ["Action", "Horror"]],
+    )
+    assert '"Heat (1995)"' in text and "Action" in text and '"Alien (1979)"' in text
+    assert split_values("Animation Children's Comedy") == ["Animation", "Children's", "Comedy"]
+    assert split_values("rock, female vocalists") == ["rock", "female vocalists"]
