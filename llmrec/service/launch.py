@@ -198,22 +198,31 @@ def _model_path(cfg: ServiceConfig) -> str:
     return str(default_model_path())
 
 
-def build_backend(cfg: ServiceConfig, plan: BackendPlan) -> tuple[Any, VLLMServer | None, str | None]:
-    """Returns (backend, launched vLLM server or None, model name for responses)."""
+def build_backends(
+    cfg: ServiceConfig, plan: BackendPlan
+) -> tuple[dict[str | None, Any], VLLMServer | None, str | None]:
+    """{adapter name or None (= default): backend}, the launched vLLM server (or None), the model name to report."""
     llm = cfg.llm
     if plan.kind == "none":
-        return None, None, None
+        return {}, None, None
     model = _model_path(cfg)
     if plan.kind == "transformers":
         from llmrec.llm import load_backend
 
-        adapter = llm.adapters.get(llm.default_adapter) if llm.default_adapter else None
-        return load_backend("transformers", model=model, adapter=adapter), None, Path(model).name
+        out: dict[str | None, Any] = {None: load_backend("transformers", model=model)}
+        for name, path in llm.adapters.items():
+            out[name] = load_backend("transformers", model=model, adapter=path)
+        if llm.default_adapter:
+            out[None] = out[llm.default_adapter]
+        return out, None, Path(model).name
     from llmrec.llm.vllm_backend import VLLMBackend
 
     if plan.kind == "vllm-http":
-        be = VLLMBackend(url=llm.vllm_url, model=llm.model, adapter=llm.default_adapter, timeout=llm.timeout_s)
-        return be, None, be.model
+        be = VLLMBackend(url=llm.vllm_url, model=llm.model, timeout=llm.timeout_s)
+        out = {None: be, **{n: be.with_adapter(n) for n in llm.adapters}}
+        if llm.default_adapter:
+            out[None] = out[llm.default_adapter]
+        return out, None, be.model
     server_args = {"port": llm.vllm_port, "host": llm.vllm_host, "python": llm.vllm_python, "dtype": llm.dtype,
                    "max_model_len": llm.max_model_len, "extra_args": llm.vllm_extra_args}
     if plan.adapter_mode == "merged":
@@ -221,27 +230,34 @@ def build_backend(cfg: ServiceConfig, plan: BackendPlan) -> tuple[Any, VLLMServe
         merged = str(merge_adapter(model, path))
         server = VLLMServer(merged, served_name=name, **server_args).start(llm.vllm_startup_timeout_s)
         be = VLLMBackend(url=server.url, model=name, tokenizer=merged, timeout=llm.timeout_s)
-        return be, server, f"{Path(model).name}+{name} (merged)"
+        return {None: be, name: be}, server, f"{Path(model).name}+{name} (merged)"
     server = VLLMServer(model, lora_modules=llm.adapters or None, **server_args).start(llm.vllm_startup_timeout_s)
-    be = VLLMBackend(url=server.url, model=model, adapter=llm.default_adapter, timeout=llm.timeout_s)
-    return be, server, Path(model).name
-
-
-def build_recommender(cfg: ServiceConfig, ds: Any, backend: Any) -> Any:
-    """The lead's `llmrec.ranking.Recommender` over this backend (and the default retriever)."""
     try:
-        from llmrec.ranking import Recommender
-    except ImportError as e:
-        raise RuntimeError(f"llmrec.ranking.Recommender is not available ({e}); run with llm.backend=none") from None
-    import inspect
+        be = VLLMBackend(url=server.url, model=model, timeout=llm.timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    out = {None: be, **{n: be.with_adapter(n) for n in llm.adapters}}
+    if llm.default_adapter:
+        out[None] = out[llm.default_adapter]
+    return out, server, Path(model).name
 
-    params = inspect.signature(Recommender).parameters
-    kw: dict[str, Any] = {}
-    if "n_candidates" in params:
-        kw["n_candidates"] = cfg.candidates
-    if "adapters" in params:
-        kw["adapters"] = dict(cfg.llm.adapters)
-    return Recommender(ds, backend, None, **kw) if "retriever" in params else Recommender(ds, backend, **kw)
+
+def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, Any]) -> dict[str | None, Any]:
+    """One `llmrec.ranking.Recommender` per backend view, sharing one retriever."""
+    from llmrec.ranking import RankingConfig, Recommender
+    from llmrec.ranking.factory import build_retriever
+
+    retriever = build_retriever(ds, "text")
+    rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold)
+    recs: dict[str | None, Any] = {}
+    made: dict[int, Any] = {}
+    for name, be in backends.items():
+        if id(be) not in made:
+            adapter = name if name is not None else cfg.llm.default_adapter
+            made[id(be)] = Recommender(ds, be, retriever, rcfg, adapter=adapter)
+        recs[name] = made[id(be)]
+    return recs
 
 
 def build_runtime(cfg: ServiceConfig) -> Runtime:
@@ -254,15 +270,19 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     store = EventStore.from_dataset(ds, url=cfg.store_url, like_threshold=cfg.like_threshold)
     plan = plan_backend(cfg)
     log.info("backend: %s", plan.note)
-    backend, server, model_name = build_backend(cfg, plan)
+    backends, server, model_name = build_backends(cfg, plan)
     try:
-        recommender = None
-        if backend is not None:
+        recommenders = None
+        if backends:
             if cfg.batching == "micro":
                 from llmrec.service.batching import MicroBatchingBackend
 
-                backend = MicroBatchingBackend(backend, cfg.batch_max_size, cfg.batch_max_wait_ms)
-            recommender = build_recommender(cfg, ds, backend)
+                wrapped: dict[int, Any] = {}
+                for n, be in list(backends.items()):
+                    if id(be) not in wrapped:
+                        wrapped[id(be)] = MicroBatchingBackend(be, cfg.batch_max_size, cfg.batch_max_wait_ms)
+                    backends[n] = wrapped[id(be)]
+            recommenders = build_recommenders(cfg, ds, backends)
 
         def ready() -> dict[str, str]:
             if server is None:
@@ -270,17 +290,18 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
             alive = server.proc is not None and server.proc.poll() is None
             return {"backend": "ok" if alive else "vLLM server exited"}
 
-        app = create_app(cfg, recommender=recommender, store=store, catalogue=ds, backend_name=plan.kind,
+        app = create_app(cfg, recommender=recommenders, store=store, catalogue=ds, backend_name=plan.kind,
                          backend_note=plan.note, model_name=model_name, ready_check=ready,
                          on_shutdown=[server.stop] if server else None)
     except BaseException:
         if server is not None:
             server.stop()
         raise
-    if hasattr(backend, "metrics") and getattr(backend, "metrics", None) is None:
-        backend.metrics = app.state.metrics  # micro-batch sizes into /metrics
+    for be in backends.values():
+        if type(be).__name__ == "MicroBatchingBackend":
+            be.metrics = app.state.metrics  # micro-batch sizes into /metrics
     log.info("service built in %.1fs", time.perf_counter() - t0)
-    return Runtime(app=app, plan=plan, backend=backend, server=server)
+    return Runtime(app=app, plan=plan, backend=backends.get(None), server=server)
 
 
 def serve(cfg: ServiceConfig) -> None:

@@ -131,7 +131,11 @@ class RecommendationService:
         self.cfg = cfg
         self.store = store
         self.catalogue = catalogue
-        self.recommender = recommender
+        # one Recommender, or {adapter name (None = default): Recommender} when each adapter has its own backend view
+        self.recommenders: dict[str | None, Any] = (
+            dict(recommender) if isinstance(recommender, dict) else {None: recommender}
+        ) if recommender is not None else {}
+        self.recommender = self.recommenders.get(None) or next(iter(self.recommenders.values()), None)
         self.metrics = metrics or ServiceMetrics()
         self.backend_name = backend_name if recommender is not None else "collaborative"
         self.backend_note = backend_note
@@ -156,6 +160,15 @@ class RecommendationService:
         if not 1 <= k <= self.cfg.max_k:
             raise ServiceError(422, "validation_error", f"query.k: must be within 1..{self.cfg.max_k}", "query.k")
 
+    def _pick(self, adapter: str | None, method: str) -> tuple[Any, dict[str, Any]]:
+        """The recommender for `adapter` and the extra kwargs its `method` needs."""
+        if adapter in self.recommenders:
+            return self.recommenders[adapter], {}
+        rec = self.recommender
+        if adapter is not None and not _accepts(getattr(rec, method), "adapter"):
+            raise ServiceError(422, "validation_error", f"adapter {adapter!r} is configured but not loaded", "adapter")
+        return rec, ({"adapter": adapter} if _accepts(getattr(rec, method), "adapter") else {})
+
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, lambda: fn(*args, **kw))
@@ -178,12 +191,11 @@ class RecommendationService:
         uh = self.hash_user(user_id)
         out: dict[str, Any] | None = None
         if self.recommender is not None:
-            kw: dict[str, Any] = {"k": k, "explain": explain, "history": history}
-            if adapter is not None or _accepts(self.recommender.recommend, "adapter"):
-                kw["adapter"] = adapter
+            recommender, extra = self._pick(adapter, "recommend")
+            kw: dict[str, Any] = {"k": k, "explain": explain, "history": history, **extra}
             tb = time.perf_counter()
             try:
-                rec = await self._call(self.recommender.recommend, user_id, **kw)
+                rec = await self._call(recommender.recommend, user_id, **kw)
                 self.metrics.backend_latency.labels(op="recommend").observe(time.perf_counter() - tb)
                 out = {
                     "items": [
@@ -194,7 +206,7 @@ class RecommendationService:
                     "explanation": rec.explanation,
                     "explanation_fallback": bool(getattr(rec, "explanation_fallback", False)),
                     "model": getattr(rec, "model", None) or self.model_name,
-                    "adapter": getattr(rec, "adapter", adapter),
+                    "adapter": getattr(rec, "adapter", None) or adapter,
                     "backend": getattr(rec, "backend", None) or self.backend_name,
                     "degraded": False,
                 }
@@ -270,12 +282,11 @@ class RecommendationService:
             raise ServiceError(404, "not_found", "unknown user: no events stored for this user_id", "body.user_id")
         if self.recommender is None:
             raise ServiceError(503, "backend_unavailable", "no LLM backend is configured (llm.backend: none)")
-        kw: dict[str, Any] = {"history": history}
-        if adapter is not None or _accepts(self.recommender.score_yesno, "adapter"):
-            kw["adapter"] = adapter
+        recommender, extra = self._pick(adapter, "score_yesno")
+        kw: dict[str, Any] = {"history": history, **extra}
         tb = time.perf_counter()
         try:
-            probs = await self._call(self.recommender.score_yesno, user_id, list(item_ids), **kw)
+            probs = await self._call(recommender.score_yesno, user_id, list(item_ids), **kw)
         except Exception as e:  # noqa: BLE001
             reason = "timeout" if isinstance(e, asyncio.TimeoutError | TimeoutError) else type(e).__name__
             self.metrics.fallbacks.labels(reason=reason).inc()
