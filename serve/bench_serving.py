@@ -1,0 +1,385 @@
+"""Serving benchmark (bounded, loopback only) -> eval/results/serving.{json,md}.
+
+    python serve/bench_serving.py engines [--n-score 64 --n-gen 32 --gen-tokens 32]
+    python serve/bench_serving.py service [--backends vllm,transformers --concurrency 1,8,16 --requests 24]
+    python serve/bench_serving.py report          # rewrite the markdown from the JSON (+ serving_kill.json)
+
+`engines`: same model (embedded SmolLM2-135M-Instruct, bf16), same prompts (distinct ml-100k Yes/No prompts, so no
+prefix-cache reuse; the vLLM server also runs with --no-enable-prefix-caching): scoring prompts/s (first-token
+log-softmax over " Yes"/" No"), batched generation tokens/s (forced length: HF min_new_tokens, vLLM ignore_eos),
+engine start time; vLLM via one request per chunk of prompts ("list") and via concurrent single-prompt requests
+("concurrent", continuous batching); vLLM with a LoRA adapter through --lora-modules vs the same adapter merged.
+`service`: `llmrec serve` subprocesses on 127.0.0.1; GET /recommendations for distinct users (cache misses,
+explain=false) at each concurrency level, a fixed number of requests each; p50/p95 latency and requests/s; the
+service's own micro-batching vs direct concurrent calls.
+Each part updates its key in eval/results/serving.json, so parts can run separately. Every run is bounded
+(fixed request counts, timeouts). The CPU is shared with other jobs: figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def results_path() -> Path:
+    from llmrec.bench_utils import RESULTS_DIR
+
+    return Path(RESULTS_DIR) / "serving.json"
+
+
+def load_results() -> dict[str, Any]:
+    p = results_path()
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+def yesno_prompts(n: int, dataset: str = "ml-100k") -> tuple[list[str], str]:
+    """n distinct Yes/No prompts from the prepared dataset's Yes/No examples (valid split)."""
+    from llmrec.data import load_prepared
+
+    ds = load_prepared(dataset)
+    ex = ds.yesno[ds.yesno["split"] == "valid"].head(n * 3).sample(n=n, random_state=0)
+    try:
+        from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
+
+        tpl = load_template("yesno")
+        out = []
+        for row in ex.itertuples():
+            hist = history_from_dataset(ds, list(row.hist_items), list(row.hist_labels), list(row.hist_ratings),
+                                        list(row.hist_timestamps))
+            target = items_from_dataset(ds, [row.item_id])[0]
+            out.append(render(tpl, history=hist, domain=ds.domain, target=target).text)
+        return out, f"prompts/yesno.yaml v{tpl.version}"
+    except ImportError:
+        out = []
+        for row in ex.itertuples():
+            titles = [str(ds.titles[ds.item_index[i]]) for i in row.hist_items]
+            liked = ["liked" if lab else "disliked" for lab in row.hist_labels]
+            lines = "\n".join(f"- {t} ({lk})" for t, lk in zip(titles, liked))
+            out.append(f"The user watched these movies:\n{lines}\nWill the user like "
+                       f"{ds.titles[ds.item_index[row.item_id]]}? Answer Yes or No.\nAnswer:")
+        return out, "fixed bench format (llmrec.prompts unavailable)"
+
+
+# ------------------------------------------------------------------------------------------------------ engines
+def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int) -> dict:
+    import torch
+
+    from llmrec.llm import load_backend
+
+    t0 = time.perf_counter()
+    be = load_backend("transformers", model=model, dtype="bfloat16", batch_size=16)
+    start = time.perf_counter() - t0
+    be.score_choices(score_prompts[:2], [" Yes", " No"])  # warm-up
+    t0 = time.perf_counter()
+    lp = be.score_choices(score_prompts, [" Yes", " No"])
+    score_s = time.perf_counter() - t0
+    tok = be.tokenizer
+    n_tok = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(gen_prompts), 16):
+            enc = tok(gen_prompts[b:b + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = be.model.generate(**enc, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False,
+                                    temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+            n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
+    gen_s = time.perf_counter() - t0
+    return {"engine": "transformers bf16 (batch 16)", "start_s": start, "score_prompts": len(score_prompts),
+            "score_s": score_s, "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
+            "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s,
+            "p_yes": [float(x) for x in torch.tensor(lp[:, 0]).exp().tolist()]}
+
+
+def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
+                      served_name: str | None = None, lora: dict[str, str] | None = None, label: str = "",
+                      modes: tuple[str, ...] = ("list", "concurrent")) -> list[dict]:
+    from llmrec.llm.vllm_backend import VLLMBackend
+    from llmrec.service.launch import VLLMServer
+
+    srv = VLLMServer(model, port=free_port(), served_name=served_name, lora_modules=lora, python=str(VLLM_PY),
+                     extra_args=["--no-enable-prefix-caching"], max_lora_rank=8)
+    rows = []
+    with srv:
+        name = next(iter(lora)) if lora else None
+        for mode in modes:
+            be = VLLMBackend(url=srv.url, model=served_name or model, tokenizer=model,
+                             chunk_size=64 if mode == "list" else 1, max_concurrency=16)
+            if name:
+                be = be.with_adapter(name)
+            be.score_choices(score_prompts[:2], [" Yes", " No"])  # warm-up
+            t0 = time.perf_counter()
+            lp = be.score_choices(score_prompts, [" Yes", " No"])
+            score_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs = be.generate(gen_prompts, max_new_tokens=gen_tokens, ignore_eos=True)
+            gen_s = time.perf_counter() - t0
+            n_tok = len(gen_prompts) * gen_tokens
+            assert all(isinstance(o, str) for o in outs)
+            rows.append({"engine": f"vLLM server bf16{label}, {mode}", "start_s": srv.start_s,
+                         "score_prompts": len(score_prompts), "score_s": score_s,
+                         "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
+                         "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s,
+                         "p_yes": [float(x) for x in __import__("numpy").exp(lp[:, 0])]})
+            be.close()
+            print(rows[-1]["engine"], f"{rows[-1]['score_prompts_per_s']:.2f} p/s",
+                  f"{rows[-1]['gen_tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
+
+
+def make_adapter(model: str, out: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    p = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    p.save_pretrained(out)
+    return out
+
+
+def run_engines(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from llmrec.llm import default_model_path
+    from llmrec.service.launch import merge_adapter
+
+    model = str(default_model_path())
+    prompts, source = yesno_prompts(args.n_score + args.n_gen)
+    score_p, gen_p = prompts[:args.n_score], prompts[args.n_score:]
+    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens)]
+    hf = rows[-1]
+    print(hf["engine"], f"{hf['score_prompts_per_s']:.2f} p/s", f"{hf['gen_tokens_per_s']:.1f} tok/s", flush=True)
+    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens)
+    if not args.skip_lora:
+        tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
+        adapter = make_adapter(model, tmp / "bench-lora")
+        n = args.n_lora
+        rows += bench_vllm_server(model, score_p[:n], gen_p[:n], args.gen_tokens, lora={"bench-lora": str(adapter)},
+                                  label=" + LoRA via --lora-modules", modes=("list",))
+        merged = merge_adapter(model, str(adapter), out=tmp / "merged")
+        rows += bench_vllm_server(str(merged), score_p[:n], gen_p[:n], args.gen_tokens, served_name="bench-lora",
+                                  label=" + same LoRA merged", modes=("list",))
+    ref = np.array(rows[0]["p_yes"])
+    for r in rows:
+        p = np.array(r.pop("p_yes"))
+        if r["engine"].startswith("vLLM server bf16,"):
+            r["max_abs_diff_p_yes_vs_transformers"] = float(np.abs(p - ref[:len(p)]).max())
+    hf = rows[0]
+    best = max((r for r in rows if r["engine"].startswith("vLLM server bf16,")), key=lambda r: r["gen_tokens_per_s"])
+    return {"model": model, "prompt_source": source, "gen_tokens_per_prompt": args.gen_tokens, "rows": rows,
+            "vllm_vs_transformers_gen_speedup": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"],
+            "vllm_vs_transformers_score_speedup": best["score_prompts_per_s"] / hf["score_prompts_per_s"],
+            "goal_gen_speedup_3x_met": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"] >= 3.0}
+
+
+# ------------------------------------------------------------------------------------------------------ service
+def start_service(overrides: list[str], port: int, log_path: Path, timeout: float = 900) -> subprocess.Popen:
+    import httpx
+
+    cli = "import sys; from llmrec.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", cli, "serve", "--config", str(ROOT / "serve" / "config.yaml"), "--port", str(port),
+           "--set", *overrides]
+    proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=ROOT)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}; log {log_path}:\n"
+                               + log_path.read_text(errors="replace")[-3000:])
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_service(proc)
+    raise TimeoutError(f"service not healthy after {timeout}s (log {log_path})")
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def load_run(base: str, users: list[str], concurrency: int, timeout: float) -> dict:
+    """len(users) GET /recommendations with `concurrency` client threads; bounded by the request timeout."""
+    import httpx
+
+    lat: list[float] = []
+    codes: dict[str, int] = {}
+    degraded = 0
+    it = iter(users)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal degraded
+        with httpx.Client(timeout=timeout) as c:
+            while True:
+                with lock:
+                    u = next(it, None)
+                if u is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = c.get(f"{base}/v1/users/{u}/recommendations", params={"k": 10, "explain": "false"})
+                    code = str(r.status_code)
+                    deg = r.status_code == 200 and r.json().get("degraded")
+                except httpx.HTTPError as e:
+                    code, deg = type(e).__name__, False
+                dt = time.perf_counter() - t0
+                with lock:
+                    lat.append(dt)
+                    codes[code] = codes.get(code, 0) + 1
+                    degraded += int(bool(deg))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"concurrency": concurrency, "requests": len(users), "wall_s": wall, "requests_per_s": len(users) / wall,
+            "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "status": codes, "degraded": degraded}
+
+
+def run_service(args: argparse.Namespace) -> dict:
+    from llmrec.data import load_prepared
+
+    ds = load_prepared(args.dataset)
+    all_users = [str(u) for u in ds.user_ids]
+    out: dict[str, Any] = load_results().get("service", {}) if args.append else {}
+    offset = 0
+    for spec in args.backends.split(","):
+        kind, _, batching = spec.partition(":")
+        batching = batching or "none"
+        port = free_port()
+        tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-svc-"))
+        over = [f"dataset={args.dataset}", f"store_url=sqlite:///{tmp / 'events.db'}", f"batching={batching}",
+                f"llm.timeout_s={args.timeout}", "fallback=none", f"llm.vllm_port={free_port()}"]
+        over.append("llm.backend=vllm" if kind == "vllm" else f"llm.backend={kind}")
+        log_path = tmp / "service.log"
+        t0 = time.perf_counter()
+        proc = start_service(over, port, log_path)
+        start_s = time.perf_counter() - t0
+        key = f"{kind}, batching={batching}"
+        try:
+            import httpx
+
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+            runs = []
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                users = all_users[offset:offset + args.requests]  # distinct users: no cache hits
+                offset += args.requests
+                r = load_run(f"http://127.0.0.1:{port}", users, c, args.timeout + 30)
+                print(key, r, flush=True)
+                runs.append(r)
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            batch_lines = [ln for ln in metrics.splitlines() if ln.startswith("llmrec_batch_size_") and "_sum" in ln
+                           or ln.startswith("llmrec_batch_size_count")]
+        finally:
+            stop_service(proc)
+        out[key] = {"backend": health.get("backend"), "backend_note": health.get("backend_note"),
+                    "model": health.get("model"), "service_start_s": start_s, "runs": runs,
+                    "batch_size_metrics": batch_lines}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def write(res: dict) -> None:
+    from llmrec.bench_utils import md_table, write_result
+
+    kill_p = results_path().parent / "serving_kill.json"
+    if kill_p.is_file():
+        k = json.loads(kill_p.read_text())
+        res["kill_test"] = {key: k.get(key) for key in (
+            "sent", "acknowledged_201", "present_after_restart", "acknowledged_missing", "duplicates",
+            "committed_but_unacknowledged", "after_retry_present", "after_retry_duplicates", "passed", "created")}
+    md = ["The CPU (2 cores) is shared with other jobs while these run: figures are noisy.\n"]
+    eng = res.get("engines")
+    if eng:
+        md.append(f"## Engines (same model, same prompts)\n\nmodel `{eng['model']}`, prompts: {eng['prompt_source']}; "
+                  f"generation: {eng['gen_tokens_per_prompt']} forced tokens per prompt.\n")
+        md.append(md_table([{**r, "start_s": r.get("start_s")} for r in eng["rows"]],
+                           ["engine", "start_s", "score_prompts", "score_prompts_per_s", "gen_prompts",
+                            "gen_tokens_per_s", "max_abs_diff_p_yes_vs_transformers"]))
+        md.append(f"\nvLLM / transformers: generation x{eng['vllm_vs_transformers_gen_speedup']:.2f}, "
+                  f"scoring x{eng['vllm_vs_transformers_score_speedup']:.2f} "
+                  f"(goal >= 3x on batched generation: {'met' if eng['goal_gen_speedup_3x_met'] else 'NOT met'}).\n")
+    svc = res.get("service")
+    if svc:
+        rows = []
+        for key, v in svc.items():
+            for r in v["runs"]:
+                rows.append({"service": key, "concurrency": r["concurrency"], "requests": r["requests"],
+                             "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"], "requests_per_s": r["requests_per_s"],
+                             "status": json.dumps(r["status"]), "degraded": r["degraded"]})
+        md.append("\n## Service: GET /v1/users/{id}/recommendations?k=10 (distinct users, no cache hits)\n\n")
+        md.append(md_table(rows, ["service", "concurrency", "requests", "p50_ms", "p95_ms", "requests_per_s",
+                                  "status", "degraded"]))
+    if res.get("kill_test"):
+        k = res["kill_test"]
+        md.append("\n## Kill test (serve/kill_test.py)\n\n")
+        md.append(md_table([{"measure": a, "value": b} for a, b in k.items()], ["measure", "value"]))
+    payload = {k: v for k, v in res.items() if k not in ("commit", "machine", "command", "created")}
+    payload.setdefault("dataset", "ml-100k")
+    write_result("serving", payload, "\n".join(md))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["engines", "service", "report"])
+    ap.add_argument("--n-score", type=int, default=64)
+    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--n-lora", type=int, default=16, help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--skip-lora", action="store_true")
+    ap.add_argument("--dataset", default="ml-100k")
+    ap.add_argument("--backends", default="vllm,transformers",
+                    help="comma list of kind[:batching], kind in vllm|transformers|none, batching none|micro")
+    ap.add_argument("--concurrency", default="1,8,16")
+    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--append", action="store_true", help="keep earlier service rows")
+    args = ap.parse_args()
+    res = load_results()
+    if args.part == "engines":
+        res["engines"] = run_engines(args)
+    elif args.part == "service":
+        res["service"] = run_service(args)
+    res["dataset"] = args.dataset
+    write(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
