@@ -1,0 +1,53 @@
+"""Backend planning (vLLM launched / URL / transformers fallback / none), adapter modes, and `llmrec serve` CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmrec.cli import main
+from llmrec.config import ConfigError
+from llmrec.service import launch
+from llmrec.service.config import LLMConfig, ServiceConfig
+
+
+def cfg(**llm) -> ServiceConfig:
+    return ServiceConfig(llm=LLMConfig(**llm))
+
+
+def test_plan_without_vllm_falls_back_to_transformers(monkeypatch):
+    monkeypatch.setattr(launch, "python_has_vllm", lambda python: False)
+    plan = launch.plan_backend(cfg(backend="auto"))
+    assert plan.kind == "transformers" and "vLLM is not installed" in plan.note
+    with pytest.raises(ConfigError, match="vllm is not installed"):
+        launch.plan_backend(cfg(backend="vllm"))
+    assert launch.plan_backend(cfg(backend="none")).kind == "none"
+
+
+def test_plan_url_and_adapter_modes(monkeypatch):
+    monkeypatch.setattr(launch, "python_has_vllm", lambda python: True)
+    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    assert launch.plan_backend(cfg(vllm_url="http://127.0.0.1:9/v1")).kind == "vllm-http"
+    one = launch.plan_backend(cfg(adapters={"yesno": "/a"}))
+    assert one.kind == "vllm-launch" and one.adapter_mode == "merged"  # CPU + one adapter -> merged
+    two = launch.plan_backend(cfg(adapters={"a": "/a", "b": "/b"}))
+    assert two.adapter_mode == "lora"
+    assert launch.plan_backend(cfg(adapters={"a": "/a"}, adapter_mode="lora")).adapter_mode == "lora"
+    with pytest.raises(ConfigError, match="exactly one adapter"):
+        launch.plan_backend(cfg(adapters={"a": "/a", "b": "/b"}, adapter_mode="merged"))
+    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    assert launch.plan_backend(cfg(adapters={"yesno": "/a"})).adapter_mode == "lora"  # GPU: LoRA is cheap
+
+
+def test_python_without_vllm_is_detected(tmp_path):
+    assert launch.python_has_vllm(str(tmp_path / "no-such-python")) is False
+
+
+def test_serve_cli_print_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMREC_SERVE_API_KEY", "hidden")
+    assert main(["serve", "--config", "serve/config.yaml", "--no-llm", "--port", "8555", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "port: 8555" in out and "backend: none" in out and "hidden" not in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prot: 1\n")
+    assert main(["serve", "--config", str(bad), "--print-config"]) == 1
+    assert "unknown key" in capsys.readouterr().err
