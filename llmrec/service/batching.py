@@ -113,3 +113,23 @@ class MicroBatchingBackend:
         for j in batch:
             j.future.set_result(out[start:start + len(j.prompts)])
             start += len(j.prompts)
+
+
+class LockedBackend:
+    """Serialises calls to an in-process backend that is not safe to call from several threads at once (the
+    transformers backend: one model, one fast tokenizer). Used when service micro-batching is off."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
+        with self._lock:
+            return self.backend.score_choices(prompts, choices)
+
+    def generate(self, prompts: list[str], *args: Any, **kw: Any) -> list[str]:
+        with self._lock:
+            return self.backend.generate(prompts, *args, **kw)

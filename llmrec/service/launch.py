@@ -274,14 +274,18 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     try:
         recommenders = None
         if backends:
-            if cfg.batching == "micro":
-                from llmrec.service.batching import MicroBatchingBackend
+            from llmrec.service.batching import LockedBackend, MicroBatchingBackend
 
-                wrapped: dict[int, Any] = {}
-                for n, be in list(backends.items()):
-                    if id(be) not in wrapped:
+            wrapped: dict[int, Any] = {}
+            for n, be in list(backends.items()):
+                if id(be) not in wrapped:
+                    if cfg.batching == "micro":
                         wrapped[id(be)] = MicroBatchingBackend(be, cfg.batch_max_size, cfg.batch_max_wait_ms)
-                    backends[n] = wrapped[id(be)]
+                    elif plan.kind == "transformers":  # one model + fast tokenizer: not thread-safe
+                        wrapped[id(be)] = LockedBackend(be)
+                    else:  # vLLM: concurrent calls, the engine batches them (continuous batching)
+                        wrapped[id(be)] = be
+                backends[n] = wrapped[id(be)]
             recommenders = build_recommenders(cfg, ds, backends)
 
         def ready() -> dict[str, str]:
