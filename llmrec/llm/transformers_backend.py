@@ -106,7 +106,8 @@ class TransformersBackend(Backend):
                 for b in tqdm(batches, desc="score", leave=False, disable=not self.progress):
                     enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
                                     add_special_tokens=False).to(self.device)
-                    logits = self.model(**enc, logits_to_keep=1).logits[:, -1, :].float().cpu()
+                    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                    logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float().cpu()
                     for j, i in enumerate(b):
                         rows[i] = logits[j]
         finally:

@@ -1,0 +1,84 @@
+"""`llmrec finetune --config RECIPE [key=value ...]` and `llmrec export --adapter DIR --merge --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="LoRA / QLoRA fine-tuning from a recipe (finetune/recipes/*.yaml)")
+    add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
+    e = sub.add_parser("export", help="merge a LoRA adapter into its base model for serving without LoRA")
+    e.add_argument("--adapter", required=True, help="adapter folder (a finetune output's adapter/)")
+    e.add_argument("--model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
+    e.add_argument("--merge", action="store_true", help="write a merged full model (required for now)")
+    e.add_argument("--out", required=True, help="output folder of the merged model")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    e.set_defaults(func=cmd_export)
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="recipe YAML (FinetuneConfig keys)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. train.lr=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides (same as --set)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import yaml
+
+    from llmrec.config import to_dict
+    from llmrec.finetune import load_recipe, run_finetune
+
+    cfg = load_recipe(args.config, list(args.set or []) + list(args.overrides or []))
+    if args.dry_run:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    m = run_finetune(cfg)
+    rows = [("task", m["task"]), ("output", m.get("output_dir")), ("steps", m["train"]["steps"]),
+            ("train loss", f"{m['train']['train_loss']:.4f}"), ("examples/s", m["train"]["examples_per_s"]),
+            ("peak RSS MB", m["train"]["peak_rss_mb"]), ("wall s", m["wall_s"])]
+    for key in ("test_before", "test_after", "valid_after"):
+        if key in m:
+            rows.append((key, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m[key].items()})))
+    w = max(len(r[0]) for r in rows)
+    print("\n".join(f"{k.ljust(w)}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmrec.llm.loading import merge_and_save
+
+    if not args.merge:
+        raise SystemExit("llmrec export: only --merge is supported (the adapter folder itself is already loadable "
+                         "by PEFT and by vLLM's LoRA loader)")
+    model = args.model
+    if model is None:
+        cfg_path = Path(args.adapter) / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: not a PEFT adapter folder")
+        model = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or None
+    out = merge_and_save(model, args.adapter, args.out, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def main_finetune(argv: list[str] | None = None) -> int:
+    """Entry point of finetune/train.py (same code path as `llmrec finetune`)."""
+    import logging
+    import sys
+
+    from llmrec.config import ConfigError
+
+    p = argparse.ArgumentParser(prog="finetune/train.py", description="LoRA / QLoRA fine-tuning from a recipe")
+    add_finetune_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return cmd_finetune(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 1

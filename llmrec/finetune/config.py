@@ -1,0 +1,80 @@
+"""Typed fine-tuning recipe (`finetune/recipes/*.yaml`), loaded with unknown-key errors and `key=value` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from llmrec.config import ConfigError, load_config
+from llmrec.llm.loading import LoraSettings, QuantSettings
+
+TASKS = ("yesno", "rank", "next_title")
+
+
+@dataclass
+class DataSettings:
+    """Which examples are built, and how many. `n_train: 0` (or null) uses every training example."""
+
+    n_train: int | None = 256  # few-shot size (TALLRec: 16, 64, 256, ...); sampled with `seed`
+    seed: int = 0
+    template: str | None = None  # prompt template name; default = the task name
+    max_len: int = 448  # token budget of prompt + answer (the prompt's history is trimmed to fit)
+    history_max: int = 10
+    n_candidates: int = 20  # rank: candidates per prompt (target + n-1 others), letters A, B, ...
+    candidates: Literal["popular", "random", "retrieval"] = "popular"
+    n_valid: int = 200  # validation examples scored during training (fixed seeded subset)
+    n_test: int = 1000  # test examples scored before and after training (fixed seeded subset)
+    append_eos: bool = True  # the answer is followed by the EOS token (also counted in the loss)
+    chat: bool = False
+
+
+@dataclass
+class TrainSettings:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    logging_steps: int = 5
+    eval_steps: int = 0  # 0: evaluate on the validation subset only at the end of training
+    save_steps: int = 50
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False
+    bf16_autocast: bool = False  # mixed precision (GPU); on CPU the base dtype is used directly
+    report_to: Literal["none", "tensorboard"] = "none"
+    resume: str | None = None  # "auto" (last checkpoint in output_dir if any), a checkpoint folder, or null
+    threads: int = 0  # torch threads on CPU; 0 = torch default
+    eval_batch_size: int = 8
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    task: Literal["yesno", "rank", "next_title"] = "yesno"
+    dataset: str = "ml-100k"
+    model: str | None = None  # local HF folder; null = the embedded SmolLM2-135M-Instruct
+    dtype: str = "bfloat16"  # base weights when not 4-bit; LoRA weights are kept in fp32
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval_before: bool = True  # score the test subset with the untuned model (zero-shot) first
+    eval_after: bool = True
+    output_dir: Path | None = None  # default: $LLMREC_HOME/finetune/<task>_<dataset>
+    results_name: str | None = None  # also write eval/results/<name>.{json,md}
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
+    cfg = load_config(FinetuneConfig, path, overrides)
+    if cfg.task not in TASKS:
+        raise ConfigError(f"{path}: task {cfg.task!r} is not one of {list(TASKS)}")
+    if cfg.data.n_candidates < 2 or cfg.data.n_candidates > 26:
+        raise ConfigError(f"{path}: data.n_candidates must be in 2..26 (letters A-Z), got {cfg.data.n_candidates}")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError(f"{path}: train.batch_size and train.grad_accum must be >= 1")
+    return cfg

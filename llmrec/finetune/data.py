@@ -1,0 +1,290 @@
+"""Training / validation / test examples for fine-tuning, built from the prepared splits and the prompt templates.
+
+Tasks
+- yesno: the time-split Yes/No rows of the dataset (`ds.yesno`): history of <= 10 earlier events with like/dislike,
+  a target item, answer " Yes" / " No" (the template's verbalizer).
+- rank: leave-one-out next item; the target is shuffled among `n_candidates - 1` other items (popularity-sampled,
+  uniform, or retrieved), the answer is the target's letter (" A", " B", ...).
+- next_title: the answer is the next item's title.
+
+Only the answer tokens (plus EOS when `append_eos`) count in the loss: prompt positions get label -100.
+Few-shot: `n_train` examples are drawn with a fixed seed (as TALLRec does); the same seed gives the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from llmrec.finetune.config import DataSettings
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ANSWER_RESERVE = {"yesno": 4, "rank": 4, "next_title": 40}
+
+
+@dataclass
+class Example:
+    prompt: str
+    answer: str  # the text the model must produce (loss on these tokens only)
+    choices: list[str] = field(default_factory=list)  # verbalizer strings whose first token is scored
+    label: int = 0  # yesno: 1 = Yes; rank: index of the target among the choices; next_title: 0
+    user_id: str = ""
+    item_id: str = ""
+    candidate_ids: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def sample_rows(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """A fixed seeded subset of `n` rows (all rows when n is None/0 or >= len), kept in the original order."""
+    if not n or n >= len(df):
+        return df
+    return df.sample(n=int(n), random_state=seed).sort_index()
+
+
+def _prompts_api() -> Any:
+    try:
+        import llmrec.prompts as prompts
+    except ImportError as e:  # the prompts package is part of llmrec; a missing one is an install problem
+        raise ImportError(f"llmrec.prompts is required to build fine-tuning examples: {e}") from e
+    return prompts
+
+
+def _history(ds: Any, P: Any, items: list[str], labels: list[int], ratings: list[float], ts: list[int]) -> list:
+    return P.history_from_dataset(ds, list(items), list(labels), list(ratings), list(ts))
+
+
+def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: Any, template: Any, P: Any,
+                    desc: str) -> list[Example]:
+    out = []
+    budget = cfg.max_len - ANSWER_RESERVE["yesno"]
+    for r in tqdm(rows.itertuples(index=False), total=len(rows), desc=desc, leave=False, disable=len(rows) < 500):
+        h = cfg.history_max
+        hist = _history(ds, P, r.hist_items[-h:], r.hist_labels[-h:], r.hist_ratings[-h:], r.hist_timestamps[-h:])
+        target = P.items_from_dataset(ds, [r.item_id])[0]
+        rp = P.render(template, history=hist, domain=ds.domain, target=target, tokenizer=tokenizer,
+                      max_tokens=budget, chat=cfg.chat, now=int(r.timestamp))
+        if len(rp.choices) != 2:
+            raise ValueError(f"template {template.name!r}: a yes/no template needs 2 choices, got {rp.choices}")
+        lab = int(r.label)
+        out.append(Example(rp.text, rp.choices[0] if lab else rp.choices[1], list(rp.choices), lab,
+                           str(r.user_id), str(r.item_id)))
+    return out
+
+
+class _CandidateSampler:
+    def __init__(self, ds: Any, mode: str, n: int):
+        self.ds, self.mode, self.n = ds, mode, n
+        train = ds.interactions[ds.interactions["split"] == "train"]
+        counts = train["item_id"].value_counts()
+        pop = np.array([counts.get(i, 0) for i in ds.item_ids], dtype=np.float64) + 1.0
+        self.p = pop / pop.sum()
+        if ds.n_items < n:
+            raise ValueError(f"data.n_candidates={n} but the dataset has only {ds.n_items} items")
+
+    def __call__(self, rng: np.random.Generator, target: str, seen: set[str], user_id: str, split: str) -> list[str]:
+        ds = self.ds
+        if self.mode == "retrieval" and split in ("valid", "test"):
+            from llmrec.retrieval import candidates_for  # retrieved candidates exist for valid/test targets only
+
+            got = [str(c[0] if isinstance(c, tuple | list) else c) for c in candidates_for(ds, user_id, split, self.n)]
+            others = [i for i in got if i != target and i not in seen][: self.n - 1]
+        else:
+            others = []
+        if len(others) < self.n - 1:
+            mask = np.ones(ds.n_items, dtype=bool)
+            for i in list(seen) + [target] + others:
+                j = ds.item_index.get(i)
+                if j is not None:
+                    mask[j] = False
+            idx = np.flatnonzero(mask)
+            p = self.p[idx] if self.mode != "random" else None
+            p = p / p.sum() if p is not None else None
+            take = rng.choice(idx, size=self.n - 1 - len(others), replace=False, p=p)
+            others += [str(ds.item_ids[j]) for j in take]
+        cands = others + [target]
+        rng.shuffle(cands)
+        return cands
+
+
+def _user_events(ds: Any) -> dict[str, pd.DataFrame]:
+    return {u: g for u, g in ds.interactions.groupby("user_id", sort=False)}
+
+
+def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, tokenizer: Any, template: Any,
+                  P: Any, split: str, seed: int, desc: str) -> list[Example]:
+    """rank / next_title examples for (user_id, pos) targets: history = the user's events before `pos`."""
+    events = _user_events(ds)
+    sampler = _CandidateSampler(ds, cfg.candidates, cfg.n_candidates) if task == "rank" else None
+    rng = np.random.default_rng(seed)
+    budget = cfg.max_len - ANSWER_RESERVE[task]
+    out = []
+    for r in tqdm(targets.itertuples(index=False), total=len(targets), desc=desc, leave=False,
+                  disable=len(targets) < 500):
+        ev = events[r.user_id]
+        before = ev[ev["pos"] < r.pos]
+        h = before.tail(cfg.history_max)
+        hist = _history(ds, P, h["item_id"].tolist(), h["label"].tolist(), h["rating"].tolist(),
+                        h["timestamp"].tolist())
+        target = str(r.item_id)
+        if task == "rank":
+            cands = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split)
+            rp = P.render(template, history=hist, domain=ds.domain, candidates=P.items_from_dataset(ds, cands),
+                          tokenizer=tokenizer, max_tokens=budget, chat=cfg.chat, now=int(r.timestamp))
+            ids = [str(c) for c in (rp.candidate_ids or cands)]
+            if len(rp.choices) != len(ids):
+                raise ValueError(f"template {template.name!r}: {len(rp.choices)} choices for {len(ids)} candidates")
+            k = ids.index(target)
+            out.append(Example(rp.text, rp.choices[k], list(rp.choices), k, str(r.user_id), target, ids))
+        else:
+            rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
+                          chat=cfg.chat, now=int(r.timestamp))
+            title = ds.titles[ds.item_index[target]] if hasattr(ds, "titles") else target
+            out.append(Example(rp.text, " " + str(title), [], 0, str(r.user_id), target))
+    return out
+
+
+def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dict[str, list[Example]]:
+    """{"train", "valid", "test"} example lists for `task` (train: n_train sampled with cfg.seed; valid/test: fixed
+    seeded subsets of n_valid / n_test, the same rows as `llmrec.evaluation.yesno_subset` for yesno)."""
+    from llmrec.evaluation import yesno_subset
+
+    P = _prompts_api()
+    template = P.load_template(cfg.template or task)
+    if task == "yesno":
+        train = sample_rows(ds.yesno[ds.yesno["split"] == "train"], cfg.n_train, cfg.seed)
+        return {
+            "train": _yesno_examples(ds, train, cfg, tokenizer, template, P, "train examples"),
+            "valid": _yesno_examples(ds, yesno_subset(ds, "valid", cfg.n_valid or None, cfg.seed), cfg, tokenizer,
+                                     template, P, "valid examples"),
+            "test": _yesno_examples(ds, yesno_subset(ds, "test", cfg.n_test or None, cfg.seed), cfg, tokenizer,
+                                    template, P, "test examples"),
+        }
+    if task not in ("rank", "next_title"):
+        raise ValueError(f"unknown task {task!r}")
+    inter = ds.interactions
+    pool = inter[(inter["split"] == "train") & (inter["pos"] >= 1)]
+    train = sample_rows(pool, cfg.n_train, cfg.seed)
+    valid = sample_rows(ds.targets("valid"), cfg.n_valid or None, cfg.seed)
+    test = sample_rows(ds.targets("test"), cfg.n_test or None, cfg.seed)
+    return {
+        "train": _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples"),
+        "valid": _seq_examples(ds, task, _with_pos(ds, valid), cfg, tokenizer, template, P, "valid", cfg.seed + 1,
+                               "valid examples"),
+        "test": _seq_examples(ds, task, _with_pos(ds, test), cfg, tokenizer, template, P, "test", cfg.seed + 2,
+                              "test examples"),
+    }
+
+
+def _with_pos(ds: Any, targets: pd.DataFrame) -> pd.DataFrame:
+    if "pos" in targets.columns and "timestamp" in targets.columns:
+        return targets
+    key = ds.interactions.set_index(["user_id", "item_id"])[["pos", "timestamp"]]
+    return targets.join(key, on=["user_id", "item_id"])
+
+
+# ------------------------------------------------------------------------------------------------ tokenization
+def encode_example(ex: Example, tokenizer: Any, max_len: int, append_eos: bool = True) -> dict[str, list[int]]:
+    """input_ids / attention_mask / labels with labels = -100 on every prompt token. The prompt and the answer are
+    tokenized separately, so the first answer token is exactly the token the scorer reads; an over-long prompt is cut
+    from the left (the answer is always kept)."""
+    p_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+    if append_eos and tokenizer.eos_token_id is not None:
+        a_ids = a_ids + [tokenizer.eos_token_id]
+    if not a_ids:
+        raise ValueError(f"answer {ex.answer!r} encodes to no tokens")
+    a_ids = a_ids[:max_len]
+    keep = max_len - len(a_ids)
+    if len(p_ids) > keep:
+        p_ids = p_ids[len(p_ids) - keep :] if keep > 0 else []
+    ids = p_ids + a_ids
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(p_ids) + a_ids}
+
+
+class AnswerOnlyCollator:
+    """Pads input_ids (pad id), attention_mask (0) and labels (-100) to the longest example of the batch. Left
+    padding (default) right-aligns the answers, so the loss needs the logits of the last few positions only;
+    `position_ids` count real tokens only, as at inference."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "left", pad_to_multiple_of: int | None = None):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad = int(pad_token_id)
+        self.side = padding_side
+        self.mult = pad_to_multiple_of
+
+    def __call__(self, feats: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in feats)
+        if self.mult:
+            n = -(-n // self.mult) * self.mult
+
+        def pad(key: str, val: int) -> Any:
+            rows = []
+            for f in feats:
+                fill = [val] * (n - len(f[key]))
+                rows.append(fill + f[key] if self.side == "left" else f[key] + fill)
+            return torch.tensor(rows, dtype=torch.long)
+
+        mask = pad("attention_mask", 0)
+        return {"input_ids": pad("input_ids", self.pad), "attention_mask": mask,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "labels": pad("labels", IGNORE_INDEX)}
+
+
+def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+    """Causal-LM loss over the answer tokens only, computing logits just for the positions that predict them
+    (`logits_to_keep`): the window starts one position before the earliest answer token of the batch. Returns
+    (loss, logits of the kept window). With `num_items_in_batch` (gradient accumulation) the token sum is divided
+    by it, as transformers' own loss does."""
+    import torch
+
+    labels = inputs["labels"]
+    fwd = {k: v for k, v in inputs.items() if k != "labels"}
+    valid = labels.ne(IGNORE_INDEX)
+    if not bool(valid.any()):
+        raise ValueError("a batch without answer tokens (every label is -100)")
+    seq = labels.shape[1]
+    first = int(torch.argmax(valid.int(), dim=1)[valid.any(dim=1)].min())
+    keep = seq - first + 1
+    logits = model(**fwd, logits_to_keep=keep).logits  # [B, keep, V] for positions seq-keep .. seq-1
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, seq - keep + 1 :]
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else valid.sum()
+    if torch.is_tensor(denom):
+        denom = denom.to(loss.device)
+    return loss / denom, logits
+
+
+def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Example]], template: Any = None) -> dict:
+    """What the model was trained and evaluated on: sizes, seed, label balance, template, and a content hash."""
+    out: dict[str, Any] = {"dataset": getattr(ds, "name", None), "task": task, "seed": cfg.seed,
+                           "n_train_requested": cfg.n_train,
+                           "candidates": cfg.candidates if task == "rank" else None,
+                           "n_candidates": cfg.n_candidates if task == "rank" else None,
+                           "max_len": cfg.max_len, "history_max": cfg.history_max}
+    if template is not None:
+        out["template"] = {"name": template.name, "version": getattr(template, "version", None)}
+    for split, exs in examples.items():
+        h = hashlib.sha256()
+        for e in exs:
+            h.update(json.dumps([e.prompt, e.answer]).encode())
+        info: dict[str, Any] = {"n": len(exs), "sha256": h.hexdigest()[:16], "users": len({e.user_id for e in exs})}
+        if task == "yesno" and exs:
+            info["positive_rate"] = float(np.mean([e.label for e in exs]))
+        if task == "rank" and exs:
+            info["answer_position_histogram"] = np.bincount([e.label for e in exs],
+                                                            minlength=cfg.n_candidates).tolist()
+        out[split] = info
+    return out

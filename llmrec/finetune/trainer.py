@@ -1,0 +1,247 @@
+"""The fine-tuning run: load the base (4-bit nf4 or bf16/fp32), attach LoRA BEFORE any forward pass, build the
+answer-only examples, score the test subset zero-shot, train with transformers' Trainer (gradient accumulation,
+checkpoints + resume, task metrics on the validation subset, progress bars, optional TensorBoard), then save the
+adapter, the resolved recipe, the data manifest and the metrics. Runs unchanged under `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from llmrec.config import llmrec_home, to_dict
+from llmrec.finetune.config import FinetuneConfig
+from llmrec.finetune.data import (
+    AnswerOnlyCollator,
+    Example,
+    answer_only_loss,
+    build_examples,
+    encode_example,
+    manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+def output_dir_for(cfg: FinetuneConfig) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else llmrec_home() / "finetune" / f"{cfg.task}_{cfg.dataset}"
+
+
+# ------------------------------------------------------------------------------------------------ task metrics
+def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_tokens: int = 32) -> dict[str, Any]:
+    """yesno: AUC/accuracy/precision/recall/F1 of P(" Yes"); rank: NDCG/HR/MRR@{1,5,10} of the target's letter
+    among the candidates; next_title: exact title match of the greedy continuation."""
+    from llmrec.metrics import classification_metrics, ranking_metrics, ranks_from_scores
+
+    if not examples:
+        return {"n": 0}
+    t0 = time.time()
+    prompts = [e.prompt for e in examples]
+    labels = np.array([e.label for e in examples])
+    if task == "yesno":
+        lp = backend.score_choices(prompts, [e.choices for e in examples])
+        out: dict[str, Any] = classification_metrics(labels, np.exp(lp[:, 0]))
+    elif task == "rank":
+        lp = backend.score_choices(prompts, [e.choices for e in examples])
+        ranks = ranks_from_scores(lp, labels)
+        out = ranking_metrics(ranks, ks=(1, 5, 10))
+        out["n_candidates"] = int(lp.shape[1])
+    else:
+        gen = backend.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+
+        def norm(s: str) -> str:
+            return " ".join(s.lower().split()).strip(" .\"'")
+
+        out = {"title_exact": float(np.mean([norm(g) == norm(e.answer) for g, e in zip(gen, examples)]))}
+    out["n"] = len(examples)
+    out["seconds"] = round(time.time() - t0, 2)
+    out["examples_per_s"] = round(len(examples) / max(out["seconds"], 1e-9), 3)
+    return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    from llmrec.bench_utils import peak_rss_mb
+
+    out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except ImportError:
+        pass
+    return out
+
+
+def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
+    """Train per `cfg`; returns the metrics dict (also written to `<output_dir>/metrics.json`)."""
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from llmrec.bench_utils import peak_rss_mb
+    from llmrec.data import load_prepared
+    from llmrec.llm.loading import apply_lora, load_causal_lm
+    from llmrec.llm.transformers_backend import TransformersBackend
+
+    t_start = time.time()
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    set_seed(tc.seed)
+    out_dir = output_dir_for(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    rss_start = peak_rss_mb()
+
+    ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
+    model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant)
+    # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing)
+    rss_loaded = peak_rss_mb()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}",
+             100 * n_trainable / n_total)
+
+    t0 = time.time()
+    examples = build_examples(ds, cfg.task, cfg.data, tok)
+    from llmrec.prompts import load_template
+
+    man = manifest(ds, cfg.task, cfg.data, examples, load_template(cfg.data.template or cfg.task))
+    man["dataset"] = cfg.dataset
+    man["build_seconds"] = round(time.time() - t0, 1)
+    if _is_main():
+        (out_dir / "data_manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+        (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    train_feats = [encode_example(e, tok, cfg.data.max_len, cfg.data.append_eos) for e in examples["train"]]
+    valid_feats = [encode_example(e, tok, cfg.data.max_len, cfg.data.append_eos) for e in examples["valid"]]
+    lens = [len(f["input_ids"]) for f in train_feats]
+    log.info("train examples: %d (tokens mean %.0f, max %d)", len(train_feats), np.mean(lens), max(lens))
+
+    backend = TransformersBackend.from_model(model, tok, batch_size=tc.eval_batch_size, progress=tc.progress,
+                                             name=f"finetune:{cfg.task}")
+    metrics: dict[str, Any] = {"task": cfg.task, "dataset": cfg.dataset, "model": str(cfg.model or "default"),
+                               "load_in_4bit": cfg.quant.load_in_4bit, "dtype": cfg.dtype,
+                               "trainable_params": n_trainable, "total_params": n_total,
+                               "train_tokens_mean": float(np.mean(lens)), "train_tokens_max": int(max(lens))}
+    if cfg.eval_before and examples["test"]:
+        log.info("zero-shot evaluation on %d test examples", len(examples["test"]))
+        metrics["test_before"] = evaluate_examples(backend, cfg.task, examples["test"])
+        log.info("test before: %s", metrics["test_before"])
+    # the evaluation above runs in inference mode; training mode again
+    model.train()
+
+    def task_eval(m: Any) -> dict[str, Any]:
+        be = TransformersBackend.from_model(m, tok, batch_size=tc.eval_batch_size, name="valid")
+        return evaluate_examples(be, cfg.task, examples["valid"])
+
+    class TaskTrainer(Trainer):
+        # answer_only_loss divides the token sum by num_items_in_batch (counted over the whole accumulated batch)
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *a: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            self.model_accepts_loss_kwargs = True  # makes Trainer count num_items_in_batch and pass it here
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss, logits = answer_only_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                     metric_key_prefix: str = "eval") -> dict[str, float]:
+            res = task_eval(self.model)
+            m = {f"{metric_key_prefix}_{k}": v for k, v in res.items() if isinstance(v, int | float)}
+            self.log(m)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, m)
+            return m
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(len(train_feats) / (tc.batch_size * tc.grad_accum * world)))
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(steps_per_epoch * tc.epochs)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=tc.batch_size,
+        per_device_eval_batch_size=tc.eval_batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=tc.lr,
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps,
+        warmup_steps=int(round(tc.warmup_ratio * total_steps)),
+        weight_decay=tc.weight_decay,
+        lr_scheduler_type=tc.lr_scheduler,
+        logging_steps=tc.logging_steps,
+        eval_strategy="steps" if tc.eval_steps > 0 else "no",
+        eval_steps=tc.eval_steps if tc.eval_steps > 0 else None,
+        save_strategy="steps" if tc.save_steps > 0 else "no",
+        save_steps=tc.save_steps if tc.save_steps > 0 else 500,
+        save_total_limit=tc.save_total_limit,
+        report_to=[] if tc.report_to == "none" else [tc.report_to],
+        logging_dir=str(out_dir / "runs") if tc.report_to == "tensorboard" else None,
+        seed=tc.seed,
+        bf16=tc.bf16_autocast,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not tc.progress,
+        gradient_checkpointing=False,  # handled in apply_lora (before get_peft_model)
+        label_names=["labels"],
+    )
+    trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
+                          data_collator=AnswerOnlyCollator(tok.pad_token_id))
+    resume: str | None = None
+    if tc.resume == "auto":
+        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    elif tc.resume:
+        resume = tc.resume
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"train.resume: checkpoint folder {resume} does not exist")
+    if resume:
+        log.info("resuming from %s", resume)
+    t_train = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_wall = time.time() - t_train
+    mem = _peak_memory_mb()
+    metrics["train"] = {
+        "steps": int(trainer.state.global_step),
+        "resumed_from": resume,
+        "examples": len(train_feats),
+        "wall_s": round(train_wall, 1),
+        "examples_per_s": round(float(result.metrics.get("train_samples_per_second", 0.0)), 3),
+        "train_loss": float(result.metrics.get("train_loss", float("nan"))),
+        "losses": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+        "batch_size": tc.batch_size,
+        "grad_accum": tc.grad_accum,
+        "peak_rss_mb": mem["peak_rss_mb"],
+        "rss_before_load_mb": round(rss_start, 1),
+        "rss_after_load_mb": round(rss_loaded, 1),
+        **({"peak_cuda_mb": mem["peak_cuda_mb"]} if "peak_cuda_mb" in mem else {}),
+    }
+    if examples["valid"]:
+        metrics["valid_after"] = task_eval(model)
+    if cfg.eval_after and examples["test"]:
+        metrics["test_after"] = evaluate_examples(backend, cfg.task, examples["test"])
+        log.info("test after: %s", metrics["test_after"])
+    if _is_main():
+        adapter_dir = out_dir / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir))
+        tok.save_pretrained(str(adapter_dir))
+        metrics["adapter"] = str(adapter_dir)
+    metrics["wall_s"] = round(time.time() - t_start, 1)
+    metrics["output_dir"] = str(out_dir)
+    if _is_main():
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics

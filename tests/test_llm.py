@@ -1,0 +1,123 @@
+"""llmrec.llm: the transformers backend and model loading, on tiny Llama models built from config (CPU, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from llm_fixtures import make_tiny_llm  # noqa: E402
+
+from llmrec.llm import BackendError, LoraSettings, QuantSettings, apply_lora, load_backend, load_causal_lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+
+
+PROMPTS = [
+    "The user watched Action Story 1 and Comedy Story 2. Will the user like Horror Story 4? Answer:",
+    "Candidates: A. Action Story B. Comedy Story. Answer:",
+    "liked movie Answer:",
+]
+
+
+def test_score_choices_is_a_log_softmax_over_first_token_logits(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    assert be.tokenizer.padding_side == "left"
+    got = be.score_choices(PROMPTS, [" Yes", " No"])
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(np.exp(got).sum(1), 1.0, atol=1e-6)
+    # reference: one prompt at a time, no padding, full logits at the last position
+    for i, p in enumerate(PROMPTS):
+        ids = be.tokenizer(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            last = be.model(**ids).logits[0, -1]
+        sel = last[[be.tokenizer.encode(" Yes")[0], be.tokenizer.encode(" No")[0]]]
+        np.testing.assert_allclose(got[i], torch.log_softmax(sel, -1).numpy(), atol=1e-4)
+
+
+def test_score_choices_per_prompt_lists(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=8)
+    choices = [[" A", " B", " C"], [" C", " B", " A"], [" A", " B", " C"]]
+    got = be.score_choices(PROMPTS, choices)
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got[1], got[1])  # finite
+    # the same prompt with reversed choices gives the reversed scores
+    rev = be.score_choices([PROMPTS[1]], [[" A", " B", " C"]])
+    np.testing.assert_allclose(got[1][::-1], rev[0], atol=1e-5)
+    with pytest.raises(ValueError, match="same"):
+        be.score_choices(PROMPTS[:2], [[" A", " B"], [" A"]])
+
+
+def test_generate_greedy_and_stop(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    a = be.generate(PROMPTS, max_new_tokens=6)
+    b = be.generate(PROMPTS, max_new_tokens=6)
+    assert a == b and all(isinstance(x, str) for x in a)
+    first = a[0][:2]
+    if first.strip():
+        cut = be.generate(PROMPTS[:1], max_new_tokens=6, stop=[first])
+        assert cut == [""]
+
+
+def test_missing_model_and_unknown_kind(tmp_path):
+    with pytest.raises(BackendError, match="does not exist"):
+        load_backend("transformers", model=tmp_path / "nope")
+    with pytest.raises(BackendError, match="config.json"):
+        load_backend("transformers", model=tmp_path)
+    with pytest.raises(BackendError, match="unknown backend kind"):
+        load_backend("onnx", model=tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_missing_is_a_clear_error(tiny_dir):
+    with pytest.raises(BackendError, match="vllm"):
+        load_backend("vllm", model=tiny_dir)
+
+
+def test_4bit_refuses_layer_shapes_it_cannot_take(tmp_path):
+    bad = make_tiny_llm(tmp_path / "bad", hidden=48, intermediate=96, heads=2, kv_heads=2)
+    with pytest.raises(BackendError, match=r"multiples of 32.*q_proj \(48->48\)"):
+        load_causal_lm(bad, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+
+
+def test_4bit_forward_before_lora_is_refused(tiny_dir):
+    m, tok = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    with torch.no_grad():
+        m(input_ids=torch.tensor([tok.encode("liked movie")]))
+    with pytest.raises(BackendError, match="before prepare_model_for_kbit_training"):
+        apply_lora(m, LoraSettings(r=4, target_modules=["q_proj"]))
+
+
+def test_unknown_lora_target_module(tiny_dir):
+    m, _ = load_causal_lm(tiny_dir, dtype="float32")
+    with pytest.raises(BackendError, match="query_key_value"):
+        apply_lora(m, LoraSettings(r=4, target_modules=["query_key_value"]))
+
+
+def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
+    from llmrec.llm import merge_and_save
+
+    m, tok = load_causal_lm(tiny_dir, dtype="float32")
+    pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    with_adapter = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="float32")
+    base = load_backend("transformers", model=tiny_dir, dtype="float32")
+    s_ad = with_adapter.score_choices(PROMPTS, [" Yes", " No"])
+    assert not np.allclose(s_ad, base.score_choices(PROMPTS, [" Yes", " No"]), atol=1e-4)
+    out = merge_and_save(tiny_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    merged = load_backend("transformers", model=out, dtype="float32")
+    np.testing.assert_allclose(merged.score_choices(PROMPTS, [" Yes", " No"]), s_ad, atol=1e-4)
+    with pytest.raises(BackendError, match="adapter_config.json"):
+        load_backend("transformers", model=tiny_dir, adapter=tmp_path)
