@@ -289,10 +289,19 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
             recommenders = build_recommenders(cfg, ds, backends)
 
         def ready() -> dict[str, str]:
-            if server is None:
-                return {"backend": "ok" if plan.kind in ("transformers", "none", "vllm-http") else "unknown"}
-            alive = server.proc is not None and server.proc.poll() is None
-            return {"backend": "ok" if alive else "vLLM server exited"}
+            if server is not None and (server.proc is None or server.proc.poll() is not None):
+                return {"backend": "vLLM server exited"}
+            if plan.kind in ("vllm-http", "vllm-launch"):
+                import httpx
+
+                url = (server.url if server is not None else cfg.llm.vllm_url or "").rstrip("/")
+                url = url[: -len("/v1")] if url.endswith("/v1") else url
+                try:
+                    ok = httpx.get(f"{url}/health", timeout=3).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                return {"backend": "ok" if ok else f"vLLM endpoint {url} not healthy"}
+            return {"backend": "ok"}
 
         app = create_app(cfg, recommender=recommenders, store=store, catalogue=ds, backend_name=plan.kind,
                          backend_note=plan.note, model_name=model_name, ready_check=ready,
