@@ -1,0 +1,238 @@
+"""Rendering a template for one user: quoted item text, optional time context, a token budget that drops the
+oldest history first (never the candidates, the target or the question), plain-completion and chat forms."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrec.prompts.templates import PromptTemplate, load_template
+from llmrec.prompts.text import ago, clean, plural, quote
+from llmrec.prompts.tokens import count_tokens
+
+log = logging.getLogger(__name__)
+
+
+class PromptBudgetError(ValueError):
+    """The prompt does not fit the token budget even with no history at all."""
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    title: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    item: Item
+    liked: bool | None
+    rating: float | None = None
+    timestamp: int | None = None
+
+
+@dataclass
+class RenderedPrompt:
+    text: str
+    n_tokens: int | None  # with the tokenizer given (None without one)
+    choices: list[str]  # verbalizer strings whose FIRST token is scored
+    n_history: int  # history items kept after the budget
+    candidate_ids: list[str]  # in label order (rank), or the candidates as given
+    n_dropped: int = 0  # oldest history items dropped to fit the budget
+    template: str = ""
+    version: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ dataset helpers
+def _item_row(ds: Any, item_id: str) -> Item:
+    j = ds.item_index.get(str(item_id))
+    if j is None:
+        raise KeyError(f"item {item_id!r} is not in dataset {getattr(ds, 'name', '?')}")
+    row = ds.items.iloc[j]
+    fields = {f: ("" if row.get(f) is None else str(row.get(f))) for f in getattr(ds, "text_fields", [])}
+    return Item(str(item_id), str(row["title"]), fields)
+
+
+def items_from_dataset(ds: Any, item_ids: list[str]) -> list[Item]:
+    """`Item`s (title + the dataset's text fields) for catalogue ids; an unknown id raises KeyError naming it."""
+    return [_item_row(ds, i) for i in item_ids]
+
+
+def history_from_dataset(
+    ds: Any,
+    item_ids: list[str],
+    labels: list[int | bool | None] | None = None,
+    ratings: list[float | None] | None = None,
+    timestamps: list[int | None] | None = None,
+) -> list[HistoryItem]:
+    """`HistoryItem`s, oldest first. `labels` 1/0/None (like/dislike/unknown); NaN ratings become None. Items that
+    are not in the catalogue (e.g. new items from an event store) are skipped: they have no text to show."""
+    n = len(item_ids)
+    for name, seq in (("labels", labels), ("ratings", ratings), ("timestamps", timestamps)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"history_from_dataset: {name} has {len(seq)} entries for {n} items")
+    out, skipped = [], 0
+    for k, iid in enumerate(item_ids):
+        if str(iid) not in ds.item_index:
+            skipped += 1
+            continue
+        lab = None if labels is None else labels[k]
+        liked = None if lab is None or (isinstance(lab, float) and lab != lab) else bool(lab)
+        r = None if ratings is None else ratings[k]
+        r = None if r is None or (isinstance(r, float) and r != r) else float(r)
+        ts = None if timestamps is None or timestamps[k] is None else int(timestamps[k])
+        out.append(HistoryItem(_item_row(ds, str(iid)), liked, r, ts))
+    if skipped:
+        log.debug("history_from_dataset: skipped %d items not in the catalogue", skipped)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def item_text(item: Item, t: PromptTemplate) -> str:
+    """`"Title" (genres: "Action Comedy")`: every piece quoted and capped; fields already in the title are left out."""
+    o = t.options
+    title = clean(item.title, o.title_max_chars)
+    names = list(item.fields) if o.item_fields is None else list(o.item_fields)
+    parts = []
+    for f in names:
+        v = clean(item.fields.get(f, ""), o.field_max_chars)
+        if v and v.lower() not in title.lower():
+            parts.append(f"{clean(f, 30)}: {quote(v, o.field_max_chars)}")
+    q = quote(title, o.title_max_chars)
+    return f"{q} ({'; '.join(parts)})" if parts else q
+
+
+def _details(h: HistoryItem, t: PromptTemplate, now: int | None) -> str:
+    o = t.options
+    parts = []
+    if o.mark_likes and h.liked is not None:
+        parts.append("liked" if h.liked else "disliked")
+    if o.time_context:
+        if h.rating is not None:
+            r = f"{h.rating:g}"
+            parts.append(f"rated {r}/{o.rating_scale:g}" if o.rating_scale else f"rated {r}")
+        if now is not None and h.timestamp is not None:
+            parts.append(ago(now - h.timestamp))
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _labels(t: PromptTemplate, n: int) -> list[str]:
+    labels = t.verbalizer.labels if t.verbalizer and t.verbalizer.labels else ""
+    if n > len(labels):
+        raise ValueError(f"template {t.name!r} has {len(labels)} labels ({labels!r}) but got {n} candidates")
+    return list(labels[:n])
+
+
+def _chat(tokenizer: Any, t: PromptTemplate, body: str) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"template {t.name!r}: chat=True needs a tokenizer with a chat template")
+    msgs = ([{"role": "system", "content": t.system}] if t.system else []) + [{"role": "user", "content": body}]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def render(
+    template: PromptTemplate | str,
+    *,
+    history: list[HistoryItem],
+    domain: str,
+    target: Item | None = None,
+    candidates: list[Item] | None = None,
+    recommended: list[Item] | None = None,
+    tokenizer: Any = None,
+    max_tokens: int | None = None,
+    chat: bool = False,
+    now: int | None = None,
+) -> RenderedPrompt:
+    """Fill `template` for one user. The prompt ends with the template's `answer_prefix` (plain form: its own last
+    line; chat form: the start of the assistant turn), so the next token is the answer and `choices` can be scored.
+
+    Budget: with `max_tokens`, the oldest history items are dropped until the whole prompt (chat markup included)
+    fits; the target, candidates, recommended items and the question are never dropped - if they alone exceed the
+    budget, `PromptBudgetError` is raised. Without a tokenizer the budget uses a conservative estimate of one token
+    per 3 characters and `n_tokens` is None."""
+    t = load_template(template) if isinstance(template, str) else template
+    o = t.options
+    if t.task == "yesno" and target is None:
+        raise ValueError(f"template {t.name!r} (yesno) needs a target item")
+    if t.task == "rank" and not candidates:
+        raise ValueError(f"template {t.name!r} (rank) needs candidates")
+    if t.task == "explain" and not recommended:
+        raise ValueError(f"template {t.name!r} (explain) needs recommended items")
+    hist = list(history)
+    if o.max_history is not None and len(hist) > o.max_history:
+        hist = hist[len(hist) - o.max_history :]
+    dom = clean(domain, 40) or "item"
+    cands = list(candidates or [])
+    labels = _labels(t, len(cands)) if t.task == "rank" or (t.verbalizer and t.verbalizer.labels and cands) else []
+    if labels:
+        cand_lines = [o.candidate_line.format(label=lab, item=item_text(c, t)) for lab, c in zip(labels, cands)]
+        fmt = t.verbalizer.label_format if t.verbalizer else " {label}"
+        choices = [fmt.format(label=lab) for lab in labels]
+    else:
+        cand_lines = [o.candidate_line.format(label=str(n + 1), item=item_text(c, t)) for n, c in enumerate(cands)]
+        choices = list(t.verbalizer.choices) if t.verbalizer and t.verbalizer.choices else []
+    rec_lines = [o.recommended_line.format(item=item_text(r, t)) for r in recommended or []]
+    hist_lines = [o.history_line.format(item=item_text(h.item, t), details=_details(h, t, now)) for h in hist]
+    fixed = {
+        "domain": dom, "domains": plural(dom), "Domain": dom[:1].upper() + dom[1:],
+        "Domains": plural(dom)[:1].upper() + plural(dom)[1:],
+        "target": item_text(target, t) if target is not None else "",
+        "candidates": "\n".join(cand_lines), "recommended": "\n".join(rec_lines),
+        "n_candidates": str(len(cands)), "first_label": labels[0] if labels else "",
+        "last_label": labels[-1] if labels else "",
+    }
+
+    def compose(n_keep: int) -> str:
+        keep = range(len(hist) - n_keep, len(hist))
+        liked = [hist_lines[i] for i in keep if hist[i].liked is not False]  # unknown reaction counts as liked
+        disliked = [hist_lines[i] for i in keep if hist[i].liked is False]
+        values = dict(fixed, n_history=str(n_keep), history="\n".join(hist_lines[i] for i in keep) or o.empty,
+                      liked="\n".join(liked) or o.empty, disliked="\n".join(disliked) or o.empty)
+        present = {"candidates": bool(cands), "target": target is not None, "recommended": bool(rec_lines),
+                   "history": n_keep > 0, "liked": bool(liked), "disliked": bool(disliked)}
+        lines = []
+        for line in t.text.splitlines():
+            if line.startswith("{?"):
+                end = line.index("}")
+                if not present[line[2:end]]:
+                    continue
+                line = line[end + 1 :]
+            lines.append(line.format_map(values))
+        body = "\n".join(lines).strip("\n")
+        if chat:
+            return _chat(tokenizer, t, body) + t.answer_prefix
+        return body + ("\n" + t.answer_prefix if t.answer_prefix else "")
+
+    def n_tok(text: str) -> int:
+        return count_tokens(tokenizer, text) if tokenizer is not None else math.ceil(len(text) / 3)
+
+    n_keep = len(hist)
+    text = compose(n_keep)
+    if max_tokens is not None and n_tok(text) > max_tokens:
+        if n_tok(compose(0)) > max_tokens:
+            raise PromptBudgetError(
+                f"template {t.name!r}: {n_tok(compose(0))} tokens without any history exceed max_tokens={max_tokens}"
+                f" (the target/candidates/question are never dropped; raise the budget or use fewer candidates)"
+            )
+        lo, hi = 0, n_keep  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if n_tok(compose(mid)) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid
+        n_keep = lo
+        text = compose(n_keep)
+    return RenderedPrompt(
+        text=text,
+        n_tokens=count_tokens(tokenizer, text) if tokenizer is not None else None,
+        choices=choices,
+        n_history=n_keep,
+        candidate_ids=[c.item_id for c in cands],
+        n_dropped=len(history) - n_keep,
+        template=t.name,
+        version=t.version,
+    )

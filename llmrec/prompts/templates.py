@@ -1,0 +1,185 @@
+"""Prompt templates as versioned data: one YAML file per template under `prompts/`.
+
+A template file holds `name`, `version`, `task`, `text` (placeholders in `{braces}`), `answer_prefix` (the cue the
+answer follows, e.g. `Answer:`), an optional `system` message for the chat form, `options` (how items and history
+lines are written) and, where the answer is scored, the `verbalizer`:
+
+- `choices: [" Yes", " No"]` - fixed answer strings (the FIRST token of each is scored), or
+- `labels: "ABCDEFGHIJKLMNOPQRST"` + `label_format: " {label}"` - one single-token label per candidate.
+
+Placeholders (all text is produced by the renderer, quoted and escaped):
+`{domain}` `{domains}` `{Domain}` `{Domains}` (the dataset's noun, singular/plural/capitalised), `{history}` (all
+history lines, oldest first), `{liked}` / `{disliked}` (the history split by the user's reaction), `{target}`,
+`{candidates}` (labelled lines), `{recommended}`, `{n_candidates}`, `{first_label}`, `{last_label}`, `{n_history}`.
+A line starting with `{?name}` is kept only when `name` (candidates, target, recommended, history, liked, disliked)
+is non-empty. Literal braces are written `{{` and `}}`.
+
+`template_hash` covers every field that changes a render; `prompts/versions.lock` records (version, hash) per
+template and a test fails when the hash changed but the version did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llmrec.config import ConfigError, from_dict, load_yaml
+
+TASKS = ("yesno", "rank", "next_title", "explain")
+PLACEHOLDERS = {
+    "domain", "domains", "Domain", "Domains", "history", "liked", "disliked", "target", "candidates",
+    "recommended", "n_candidates", "first_label", "last_label", "n_history",
+}
+CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked"}
+
+
+def prompts_dir() -> Path:
+    """The `prompts/` folder of the repository (next to the `llmrec` package)."""
+    return Path(__file__).resolve().parent.parent.parent / "prompts"
+
+
+@dataclass
+class Verbalizer:
+    choices: list[str] | None = None  # fixed answers, first token scored (yesno: [" Yes", " No"])
+    labels: str | None = None  # one character per candidate (rank: "ABCDEFGHIJKLMNOPQRST")
+    label_format: str = " {label}"  # how a label is written as an answer (the scored string)
+
+
+@dataclass
+class TemplateOptions:
+    item_fields: list[str] | None = None  # None: every text field of the dataset; []: title only
+    time_context: bool = False  # history lines carry "rated 4/5, 3 weeks ago" (when known)
+    mark_likes: bool = True  # {history} lines say "(liked)" / "(disliked)" when known
+    history_line: str = "- {item}{details}"
+    candidate_line: str = "{label}. {item}"
+    recommended_line: str = "- {item}"
+    empty: str = "(none)"  # written for an empty {liked}/{disliked}/{history}
+    title_max_chars: int = 120
+    field_max_chars: int = 80
+    max_history: int | None = None  # hard cap before the token budget (most recent kept)
+    rating_scale: float | None = 5.0  # "rated 4/5"; None writes the bare rating
+
+
+@dataclass
+class PromptTemplate:
+    name: str
+    version: int
+    task: Literal["yesno", "rank", "next_title", "explain"]
+    text: str
+    answer_prefix: str = "Answer:"
+    verbalizer: Verbalizer | None = None
+    system: str | None = None
+    description: str = ""
+    options: TemplateOptions = field(default_factory=TemplateOptions)
+    path: str | None = None  # where it was loaded from (not part of the hash)
+
+    @property
+    def hash(self) -> str:
+        return template_hash(self)
+
+
+def template_hash(t: PromptTemplate) -> str:
+    """sha256 over everything that changes a render (not the version, description or path)."""
+    payload = {
+        "task": t.task,
+        "text": t.text,
+        "answer_prefix": t.answer_prefix,
+        "system": t.system,
+        "verbalizer": asdict(t.verbalizer) if t.verbalizer else None,
+        "options": asdict(t.options),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _validate(t: PromptTemplate, where: str) -> None:
+    if t.task not in TASKS:
+        raise ConfigError(f"{where}: task {t.task!r} is not one of {list(TASKS)}")
+    if t.version < 1:
+        raise ConfigError(f"{where}: version must be a positive integer, got {t.version}")
+    for n, line in enumerate(t.text.splitlines(), 1):
+        body = line
+        if body.startswith("{?"):
+            end = body.find("}")
+            cond = body[2:end] if end > 0 else ""
+            if cond not in CONDITIONS:
+                raise ConfigError(
+                    f"{where}: text line {n}: unknown condition {{?{cond}}}; use one of {sorted(CONDITIONS)}"
+                )
+            body = body[end + 1 :]
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(body) if f is not None]
+        except ValueError as e:
+            raise ConfigError(f"{where}: text line {n}: {e} (write literal braces as {{{{ and }}}})") from None
+        for f in names:
+            if f not in PLACEHOLDERS:
+                raise ConfigError(
+                    f"{where}: text line {n}: unknown placeholder {{{f}}}; known: {sorted(PLACEHOLDERS)}"
+                )
+    v = t.verbalizer
+    if t.task == "yesno" and (v is None or not v.choices or len(v.choices) != 2):
+        raise ConfigError(f"{where}: a yesno template needs verbalizer.choices with 2 answers")
+    if t.task == "rank":
+        if v is None or not v.labels:
+            raise ConfigError(f"{where}: a rank template needs verbalizer.labels (one character per candidate)")
+        if len(set(v.labels)) != len(v.labels):
+            raise ConfigError(f"{where}: verbalizer.labels has repeated characters: {v.labels!r}")
+        if "{candidates}" not in t.text:
+            raise ConfigError(f"{where}: a rank template must show {{candidates}}")
+    if t.task == "yesno" and "{target}" not in t.text:
+        raise ConfigError(f"{where}: a yesno template must show {{target}}")
+    if t.task == "explain" and "{recommended}" not in t.text:
+        raise ConfigError(f"{where}: an explain template must show {{recommended}}")
+
+
+def parse_template(data: dict[str, Any], where: str = "template") -> PromptTemplate:
+    t = from_dict(PromptTemplate, data, where=where)
+    _validate(t, where)
+    return t
+
+
+def load_template(name: str | Path) -> PromptTemplate:
+    """A template by name (`prompts/<name>.yaml`) or by path to a YAML file."""
+    p = Path(name)
+    if not (p.suffix in (".yaml", ".yml") and p.is_file()):
+        p = prompts_dir() / f"{name}.yaml"
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"no prompt template {str(name)!r}: {p} does not exist; available: {list_templates()}"
+            )
+    data = load_yaml(p)
+    t = parse_template(data, where=str(p))
+    if p.parent == prompts_dir() and t.name != p.stem:
+        raise ConfigError(f"{p}: name {t.name!r} must match the file name {p.stem!r}")
+    t.path = str(p)
+    return t
+
+
+def list_templates() -> list[str]:
+    return sorted(p.stem for p in prompts_dir().glob("*.yaml"))
+
+
+def read_lock(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    p = path or prompts_dir() / "versions.lock"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_lock(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Record (version, hash) of every template; refuses when a hash changed while the version stayed the same."""
+    p = path or prompts_dir() / "versions.lock"
+    old = read_lock(p)
+    new = {}
+    for name in list_templates():
+        t = load_template(name)
+        prev = old.get(name)
+        if prev and prev["hash"] != t.hash and prev["version"] >= t.version:
+            raise ConfigError(
+                f"prompts/{name}.yaml changed but its version is still {t.version}: "
+                f"bump `version` (was {prev['version']})"
+            )
+        new[name] = {"version": t.version, "hash": t.hash}
+    p.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    return new
