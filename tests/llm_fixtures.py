@@ -31,6 +31,7 @@ def make_tiny_llm(root: Path, hidden: int = 64, intermediate: int = 128, vocab: 
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                       max_position_embeddings=1024, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+                      bos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                      initializer_range=0.2)  # larger than default: logits can move enough to fit
     LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(root)
     return root

@@ -1,0 +1,141 @@
+"""Fine-tuning core on a tiny 4-bit Llama + LoRA (CPU): loss goes down, only LoRA weights move, the loss mask covers
+the answer tokens only, recipes reject unknown keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from llm_fixtures import make_tiny_llm  # noqa: E402
+
+from llmrec.config import ConfigError  # noqa: E402
+from llmrec.finetune.data import IGNORE_INDEX, AnswerOnlyCollator, Example, answer_only_loss, encode_example  # noqa
+from llmrec.llm import LoraSettings, QuantSettings, apply_lora, load_causal_lm  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parent.parent / "finetune" / "recipes"
+EXAMPLES = [
+    Example("The user watched Action Story 1 and Comedy Story 2. Will the user like Action Story 3? Answer:", " Yes"),
+    Example("The user watched Drama Story 1. Will the user like Horror Story 4? Answer:", " No"),
+    Example("Candidates: A. Action Story B. Comedy Story. Answer:", " B"),
+    Example("liked movie history Answer:", " Yes"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm_ft"))
+
+
+def qlora(tiny_dir, seed=0):
+    torch.manual_seed(seed)
+    m, tok = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    return apply_lora(m, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])), tok
+
+
+def batch(tok, side="left"):
+    return AnswerOnlyCollator(tok.pad_token_id, padding_side=side)([encode_example(e, tok, 64) for e in EXAMPLES])
+
+
+def test_answer_only_mask(tiny_dir):
+    _, tok = load_causal_lm(tiny_dir, dtype="float32")
+    ex = EXAMPLES[0]
+    f = encode_example(ex, tok, 512)
+    p_ids = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert f["input_ids"] == p_ids + a_ids
+    assert f["labels"] == [IGNORE_INDEX] * len(p_ids) + a_ids
+    # the first supervised token is exactly the token the scorer reads
+    assert f["labels"][len(p_ids)] == tok.encode(" Yes", add_special_tokens=False)[0]
+    # truncation drops prompt tokens from the left and keeps the answer
+    short = encode_example(ex, tok, 6)
+    assert len(short["input_ids"]) == 6 and short["input_ids"][-len(a_ids):] == a_ids
+    assert short["labels"][: 6 - len(a_ids)] == [IGNORE_INDEX] * (6 - len(a_ids))
+    b = batch(tok, "left")
+    assert torch.equal(b["labels"].ne(IGNORE_INDEX).sum(1), torch.tensor([2, 2, 2, 2]))
+    assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (b["position_ids"][:, -1] == b["attention_mask"].sum(1) - 1).all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_answer_only_loss_matches_full_logits(tiny_dir, side):
+    m, tok = load_causal_lm(tiny_dir, dtype="float32")
+    b = batch(tok, side)
+    with torch.no_grad():
+        loss, _ = answer_only_loss(m, b)
+        logits = m(**{k: v for k, v in b.items() if k != "labels"}).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
+                                            ignore_index=IGNORE_INDEX)
+    assert abs(float(loss) - float(ref)) < 1e-4
+
+
+def test_qlora_steps_lower_the_loss_and_only_lora_changes(tiny_dir):
+    m, tok = qlora(tiny_dir)
+    from bitsandbytes.nn import Linear4bit
+
+    assert any(isinstance(mod, Linear4bit) for mod in m.modules())
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in m.named_buffers()}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    b = batch(tok)
+    m.train()
+    losses = []
+    for step in range(10):
+        loss, _ = answer_only_loss(m, b)
+        loss.backward()
+        if step == 0:  # B starts at zero: the B matrices get the first gradients
+            g = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+            assert all(v is not None for v in g.values())
+            assert all(float(v.abs().sum()) > 0 for n, v in g.items() if "lora_B" in n)
+        if step == 1:
+            assert all(float(p.grad.abs().sum()) > 0 for n, p in m.named_parameters() if "lora_A" in n)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    for n, p in m.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (n in trainable), n
+    for n, buf in m.named_buffers():
+        assert torch.equal(buf, buffers[n]), n
+
+
+def test_recipes_load_and_unknown_keys_fail(tmp_path):
+    from llmrec.finetune import load_recipe
+
+    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert {"yesno_smollm2_qlora.yaml", "rank_smollm2_qlora.yaml"} <= set(names)
+    for name in names:
+        load_recipe(RECIPES / name)
+    cfg = load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["train.lr=1e-3", "data.n_train=64"])
+    assert cfg.train.lr == 1e-3 and cfg.data.n_train == 64 and cfg.quant.load_in_4bit
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: yesno\ntrain:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.*unknown key\(s\) \['learning_rate'\]"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="lora_rank"):
+        load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["lora_rank=4"])
+    with pytest.raises(ConfigError, match="task"):
+        load_recipe(None, ["task=summarize"])
+
+
+def test_train_py_and_cli_share_the_code(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "finetune" / "train.py"), "--config",
+                          str(RECIPES / "rank_smollm2_qlora.yaml"), "--dry-run", "train.lr=0.001"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.001" in out.stdout and "task: rank" in out.stdout
+    bad = subprocess.run([sys.executable, str(root / "finetune" / "train.py"), "--dry-run", "trian.lr=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown key(s) ['trian']" in bad.stderr
