@@ -1,0 +1,72 @@
+"""faiss inner-product indexes over L2-normalised item vectors: exact (`flat`, default) or `ivf` for large
+catalogues; saved next to a small meta.json that says what they were built from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["flat", "ivf"]
+
+
+def build_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int | None = None, nprobe: int = 8,
+                seed: int = 0) -> Any:
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nl = int(nlist or max(1, min(4096, int(4 * np.sqrt(n)))))
+        nl = min(nl, max(1, n // 39)) if n >= 39 else 1  # faiss wants >= 39 training points per list
+        quant = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(x)
+        index.nprobe = min(nprobe, nl)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}: use 'flat' or 'ivf'")
+    index.add(x)
+    return index
+
+
+def save_index(index: Any, folder: Path, meta: dict) -> None:
+    import faiss
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".index.{os.getpid()}.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, folder / "index.faiss")
+    (folder / f".meta.{os.getpid()}.tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(folder / f".meta.{os.getpid()}.tmp", folder / "meta.json")
+
+
+def load_index(folder: Path, expect: dict) -> Any | None:
+    """The saved index when its meta.json matches `expect` (same texts, model, kind), else None."""
+    mp, ip = folder / "meta.json", folder / "index.faiss"
+    if not (mp.is_file() and ip.is_file()):
+        return None
+    try:
+        meta = json.loads(mp.read_text())
+    except (OSError, ValueError):
+        return None
+    if any(meta.get(k) != v for k, v in expect.items()):
+        return None
+    import faiss
+
+    try:
+        index = faiss.read_index(str(ip))
+    except RuntimeError as e:
+        log.warning("index %s unreadable (%s): rebuilding", ip, e)
+        return None
+    if "nprobe" in meta and hasattr(index, "nprobe"):
+        index.nprobe = int(meta["nprobe"])
+    return index

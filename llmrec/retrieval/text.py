@@ -1,0 +1,173 @@
+"""Text retrieval: item texts (title + text fields) encoded by a sentence transformer, a faiss index, and a user
+query vector built from the history (recency-weighted mean of liked items, disliked ones down-weighted) or from a
+free-text profile."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmrec.config import llmrec_home
+from llmrec.retrieval.encoder import TextEncoder
+from llmrec.retrieval.index import IndexKind, build_index, load_index, save_index
+
+log = logging.getLogger(__name__)
+
+HistoryLike = Sequence[Any]  # (item_id, liked, timestamp) tuples, HistoryItem-like objects or bare item ids
+
+
+def as_events(history: Iterable[Any]) -> list[tuple[str, bool | None]]:
+    """(item_id, liked) pairs from tuples `(item_id, liked[, timestamp])`, objects with `.item.item_id`/`.liked`
+    (prompt HistoryItems) or `.item_id`/`.liked`, or bare ids (liked unknown)."""
+    out = []
+    for h in history:
+        if isinstance(h, str):
+            out.append((h, None))
+        elif isinstance(h, tuple | list):
+            out.append((str(h[0]), None if len(h) < 2 or h[1] is None else bool(h[1])))
+        elif hasattr(h, "item") and hasattr(h.item, "item_id"):
+            out.append((str(h.item.item_id), h.liked))
+        elif hasattr(h, "item_id"):
+            out.append((str(h.item_id), getattr(h, "liked", None)))
+        else:
+            raise TypeError(f"cannot read a history event from {h!r}")
+    return out
+
+
+def split_history(ds: Any, user_id: str, split: str) -> list[tuple[str, bool | None]]:
+    """The user's events allowed before the target of `split` (test: train+valid, valid: train), oldest first."""
+    h = ds.history(str(user_id), before=split)
+    return [(str(i), bool(lab)) for i, lab in zip(h["item_id"], h["label"])]
+
+
+class TextRetriever:
+    """Sentence-transformer retrieval over a dataset's catalogue.
+
+    Query vector = normalised sum over the history of w_i * e_i with a recency weight w = 0.5 ** (age / half_life)
+    (age counted in events, newest = 0), times `disliked_weight` for disliked items (unknown reaction = liked).
+    A user with no known history gets the most popular training items (cold start)."""
+
+    name = "text"
+
+    def __init__(self, model_path: str | Path | None = None, *, index: IndexKind = "flat", nlist: int | None = None,
+                 nprobe: int = 8, recency_half_life: float = 20.0, disliked_weight: float = 0.3,
+                 batch_size: int = 64, cache_dir: str | Path | None = None, encoder: TextEncoder | None = None):
+        self.encoder = encoder or TextEncoder(model_path, batch_size=batch_size,
+                                              cache_dir=Path(cache_dir) / "embeddings" if cache_dir else None)
+        self.kind: IndexKind = index
+        self.nlist, self.nprobe = nlist, nprobe
+        self.half_life = float(recency_half_life)
+        self.disliked_weight = float(disliked_weight)
+        self.cache_root = Path(cache_dir) if cache_dir else llmrec_home() / "cache"
+        self.ds: Any = None
+        self.vectors: np.ndarray | None = None
+        self.index: Any = None
+        self.stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- building
+    def build(self, ds: Any, progress: bool = True) -> TextRetriever:
+        """Encode every item text (through the embedding cache) and load or build the faiss index."""
+        t0 = time.perf_counter()
+        texts = ds.item_texts()
+        self.vectors = self.encoder.encode(texts, progress=progress)
+        enc = dict(self.encoder.last_stats)
+        texts_sha = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+        where = hashlib.sha256(str(Path(ds.root).resolve()).encode()).hexdigest()[:8]
+        folder = self.cache_root / "indexes" / f"{ds.name}-{where}" / f"{self.encoder.key}-{self.kind}"
+        meta = {"texts_sha": texts_sha, "n_items": len(texts), "kind": self.kind, "model": self.encoder.key,
+                "nlist": self.nlist, "nprobe": self.nprobe}
+        self.index = load_index(folder, meta)
+        loaded = self.index is not None
+        if not loaded:
+            self.index = build_index(self.vectors, self.kind, self.nlist, self.nprobe)
+            save_index(self.index, folder, meta)
+        self.ds = ds
+        self._ids = np.asarray([str(i) for i in ds.item_ids], dtype=object)
+        train = ds.interactions[ds.interactions["split"] == "train"]["item_id"].value_counts()
+        self._pop = np.array([train.get(i, 0) for i in ds.item_ids], dtype=np.float64)
+        self.index_folder = folder
+        self.stats = {"items": len(texts), "encoded": enc.get("encoded", 0), "encode_seconds": enc.get("seconds", 0.0),
+                      "index_loaded": float(loaded), "build_seconds": time.perf_counter() - t0}
+        log.info("text retriever on %s: %d items (%d encoded now), index %s", ds.name, len(texts),
+                 enc.get("encoded", 0), "loaded" if loaded else "built")
+        return self
+
+    def _need(self) -> None:
+        if self.vectors is None:
+            raise RuntimeError("TextRetriever: call build(ds) first")
+
+    # ------------------------------------------------------------------------------------------- queries
+    def query_vector(self, history: HistoryLike) -> np.ndarray | None:
+        """The user's unit query vector, or None when no history item is in the catalogue."""
+        self._need()
+        ev = [(self.ds.item_index[i], liked) for i, liked in as_events(history) if i in self.ds.item_index]
+        if not ev:
+            return None
+        n = len(ev)
+        age = np.arange(n - 1, -1, -1, dtype=np.float64)
+        w = 0.5 ** (age / self.half_life) if self.half_life > 0 else np.ones(n)
+        w = w * np.array([self.disliked_weight if liked is False else 1.0 for _, liked in ev])
+        v = (w[:, None] * self.vectors[[j for j, _ in ev]]).sum(0)
+        norm = float(np.linalg.norm(v))
+        if norm == 0:
+            return None
+        return (v / norm).astype(np.float32)
+
+    def text_vector(self, text: str) -> np.ndarray:
+        self._need()
+        return self.encoder.encode_uncached([text])[0]
+
+    def search(self, qvec: np.ndarray, k: int, exclude: set[str] | None = None) -> list[tuple[str, float]]:
+        """Top-k (item_id, inner product) from the faiss index, skipping `exclude`."""
+        self._need()
+        exclude = exclude or set()
+        n = len(self._ids)
+        want = min(n, k + len(exclude) + 8)
+        while True:
+            scores, idx = self.index.search(np.ascontiguousarray(qvec[None, :], dtype=np.float32), want)
+            out = [
+                (self._ids[j], float(s)) for j, s in zip(idx[0], scores[0]) if j >= 0 and self._ids[j] not in exclude
+            ]
+            if len(out) >= k or want >= n:
+                return out[:k]
+            want = min(n, want * 2)
+
+    def popular(self, k: int, exclude: set[str] | None = None) -> list[tuple[str, float]]:
+        self._need()
+        exclude = exclude or set()
+        order = np.argsort(-self._pop, kind="stable")
+        top = self._pop.max() or 1.0
+        return [(self._ids[j], float(self._pop[j] / top)) for j in order if self._ids[j] not in exclude][:k]
+
+    def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None) -> list[tuple[str, float]]:
+        """Top-k unseen items for a history. `exclude` defaults to the history's own items."""
+        events = as_events(history)
+        exclude = set(exclude) if exclude is not None else {i for i, _ in events}
+        q = self.query_vector(events)
+        return self.popular(k, exclude) if q is None else self.search(q, k, exclude)
+
+    def query_text(self, profile: str, k: int = 20, exclude: set[str] | None = None) -> list[tuple[str, float]]:
+        """Top-k items for a free-text profile ("likes slow Scandinavian crime dramas")."""
+        return self.search(self.text_vector(profile), k, exclude)
+
+    def score_items(self, user_ids: Sequence[str], split: str = "test") -> np.ndarray:
+        """[n_users, n_items] cosine scores from each user's history allowed for `split` (dataset item order);
+        cold-start users get popularity scores."""
+        self._need()
+        out = np.empty((len(user_ids), len(self._ids)), dtype=np.float32)
+        for r, u in enumerate(user_ids):
+            q = self.query_vector(split_history(self.ds, u, split))
+            out[r] = self.vectors @ q if q is not None else self._pop / (self._pop.max() or 1.0)
+        return out
+
+    def similar_texts(self, text: str, texts: list[str]) -> np.ndarray:
+        """Cosine similarity of `text` to each of `texts` (used to map generated titles back to the catalogue)."""
+        self._need()
+        q = self.encoder.encode_uncached([text])[0]  # generated text: not worth caching
+        return self.encoder.encode(list(texts)) @ q
