@@ -18,6 +18,7 @@ IndexKind = Literal["flat", "ivf"]
 
 def build_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int | None = None, nprobe: int = 8,
                 seed: int = 0) -> Any:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -39,6 +40,7 @@ def build_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int | None
 
 
 def save_index(index: Any, folder: Path, meta: dict) -> None:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,7 @@ def load_index(folder: Path, expect: dict) -> Any | None:
         return None
     if any(meta.get(k) != v for k, v in expect.items()):
         return None
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     try:

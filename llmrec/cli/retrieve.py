@@ -1,0 +1,131 @@
+"""`llmrec retrieve` (top-K candidates for a user) and `llmrec prompt` (a rendered prompt and its token count)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrieve", help="top-K unseen items for a user from the text / hybrid retriever")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--user", help="user id (history from the prepared dataset)")
+    p.add_argument("--profile", help="free-text profile instead of a user history")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--mode", choices=["text", "hybrid", "cf"], default="text")
+    p.add_argument("--split", choices=["all", "test", "valid"], default="all",
+                   help="history allowed: all events, or those before the user's test/valid target")
+    p.add_argument("--model", help="sentence-transformers folder (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--index", choices=["flat", "ivf"], default="flat")
+    p.set_defaults(func=cmd_retrieve)
+
+    q = sub.add_parser("prompt", help="render a prompt template for a user and print it with its token count")
+    q.add_argument("--template", required=True, help="template name (prompts/<name>.yaml) or a YAML path")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--user", required=True)
+    q.add_argument("--split", choices=["all", "test", "valid"], default="test",
+                   help="history before the user's test/valid target (which is the yes/no target), or all events")
+    q.add_argument("--item", help="target item id for yesno (default: the user's target of --split)")
+    q.add_argument("--k", type=int, default=20, help="number of candidates (rank/next_title)")
+    q.add_argument("--no-candidates", action="store_true", help="next_title without a candidate list")
+    q.add_argument("--history", type=int, default=20, help="most recent history items offered to the template")
+    q.add_argument("--max-tokens", type=int, default=None, help="token budget (oldest history dropped first)")
+    q.add_argument("--chat", action="store_true", help="chat-template form")
+    q.add_argument("--tokenizer", default="default",
+                   help="'default' (the embedded SmolLM2 tokenizer), 'whitespace', or a tokenizer folder")
+    q.set_defaults(func=cmd_prompt)
+
+
+def _history_rows(ds, user: str, split: str):
+    return ds.history(user, before=split)
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from llmrec.data import load_prepared
+    from llmrec.retrieval import HybridRetriever, ItemCF, TextRetriever
+
+    ds = load_prepared(args.dataset)
+    if not args.user and not args.profile:
+        raise SystemExit("llmrec retrieve: give --user or --profile")
+    if args.user and not ds.has_user(args.user):
+        raise KeyError(f"unknown user {args.user!r} in dataset {ds.name}")
+    text = None
+    if args.mode != "cf" or args.profile:
+        text = TextRetriever(args.model, index=args.index).build(ds, progress=False)
+    if args.profile:
+        if args.mode != "text":
+            raise SystemExit("llmrec retrieve: --profile works with --mode text")
+        res = text.query_text(args.profile, k=args.k)
+        print(f"== {ds.name}: top {args.k} for the profile {args.profile!r}")
+    else:
+        h = _history_rows(ds, args.user, args.split)
+        hist = [(str(i), bool(lab), int(t)) for i, lab, t in zip(h["item_id"], h["label"], h["timestamp"])]
+        if args.mode == "text":
+            ret = text
+        elif args.mode == "cf":
+            ret = ItemCF().fit(ds)
+        else:
+            ret = HybridRetriever.default(ds, text)
+        res = ret.query(hist, k=args.k)
+        print(f"== {ds.name}: top {args.k} unseen {ds.domain} items for user {args.user} "
+              f"({args.mode}, {len(hist)} history events, split={args.split})")
+    w = max([len(str(i)) for i, _ in res] + [4])
+    for n, (iid, score) in enumerate(res, 1):
+        print(f"{n:>3}  {str(iid).ljust(w)}  {score:8.4f}  {ds.titles[ds.item_index[iid]]}")
+    return 0
+
+
+def _tokenizer(spec: str):
+    if spec == "whitespace":
+        from llmrec.prompts import WhitespaceTokenizer
+
+        return WhitespaceTokenizer()
+    from transformers import AutoTokenizer
+
+    if spec == "default":
+        from llmrec.llm import default_model_path
+
+        spec = str(default_model_path())
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    from llmrec.data import load_prepared
+    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
+    from llmrec.retrieval import candidates_for
+
+    ds = load_prepared(args.dataset)
+    if not ds.has_user(args.user):
+        raise KeyError(f"unknown user {args.user!r} in dataset {ds.name}")
+    t = load_template(args.template)
+    h = _history_rows(ds, args.user, args.split).tail(args.history)
+    hist = history_from_dataset(ds, h["item_id"].tolist(), h["label"].tolist(), h["rating"].tolist(),
+                                h["timestamp"].tolist())
+    tgt_rows = ds.targets(args.split).query("user_id == @args.user") if args.split != "all" else None
+    now = int(tgt_rows["timestamp"].iloc[0]) if tgt_rows is not None and len(tgt_rows) else None
+    kw: dict = {}
+    if t.task == "yesno":
+        item = args.item or (str(tgt_rows["item_id"].iloc[0]) if tgt_rows is not None and len(tgt_rows) else None)
+        if item is None:
+            raise SystemExit("llmrec prompt: yesno needs --item (or --split test/valid for the user's target)")
+        kw["target"] = items_from_dataset(ds, [item])[0]
+    elif t.task in ("rank", "next_title", "explain"):
+        split = args.split if args.split != "all" else None
+        if split is None:
+            from llmrec.retrieval import default_retriever
+
+            seen = set(ds.history(args.user, before="all")["item_id"])
+            hq = [(str(i), bool(lab), 0) for i, lab in zip(h["item_id"], h["label"])]
+            cands = [i for i, _ in default_retriever(ds).query(hq, k=args.k, exclude=seen)]
+        else:
+            cands = [i for i, _ in candidates_for(ds, args.user, split, args.k)]
+        if t.task == "explain":
+            kw["recommended"] = items_from_dataset(ds, cands[:3])
+        elif not (t.task == "next_title" and args.no_candidates):
+            kw["candidates"] = items_from_dataset(ds, cands)
+    tok = _tokenizer(args.tokenizer)
+    r = render(t, history=hist, domain=ds.domain, tokenizer=tok, max_tokens=args.max_tokens, chat=args.chat, now=now,
+               **kw)
+    print(r.text)
+    print(f"\n== template {t.name} v{t.version}: {r.n_tokens} tokens ({args.tokenizer} tokenizer), "
+          f"{r.n_history} history items kept, {r.n_dropped} dropped, choices {r.choices}")
+    return 0
