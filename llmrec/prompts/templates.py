@@ -167,19 +167,31 @@ def read_lock(path: Path | None = None) -> dict[str, dict[str, Any]]:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def lock_problems(lock: dict[str, dict[str, Any]], templates: list[PromptTemplate]) -> list[str]:
+    """What is wrong between templates and their lock entries: a template whose text changed while its version
+    did not, a version bumped without updating the lock, or a template missing from the lock."""
+    out = []
+    for t in templates:
+        prev = lock.get(t.name)
+        if prev is None:
+            out.append(f"{t.name}: not in versions.lock (run `python -m llmrec.prompts` to record it)")
+        elif prev["hash"] != t.hash and prev["version"] >= t.version:
+            out.append(f"{t.name}: the template changed but its version is still {t.version}: bump `version` "
+                       f"(locked version {prev['version']})")
+        elif prev["hash"] != t.hash or prev["version"] != t.version:
+            out.append(f"{t.name}: version {t.version} is not recorded in versions.lock (locked {prev['version']}); "
+                       f"run `python -m llmrec.prompts`")
+    return out
+
+
 def write_lock(path: Path | None = None) -> dict[str, dict[str, Any]]:
     """Record (version, hash) of every template; refuses when a hash changed while the version stayed the same."""
     p = path or prompts_dir() / "versions.lock"
-    old = read_lock(p)
-    new = {}
-    for name in list_templates():
-        t = load_template(name)
-        prev = old.get(name)
-        if prev and prev["hash"] != t.hash and prev["version"] >= t.version:
-            raise ConfigError(
-                f"prompts/{name}.yaml changed but its version is still {t.version}: "
-                f"bump `version` (was {prev['version']})"
-            )
-        new[name] = {"version": t.version, "hash": t.hash}
+    templates = [load_template(n) for n in list_templates()]
+    bad = [m for m in lock_problems(read_lock(p), templates) if "bump `version`" in m]
+    if bad:
+        raise ConfigError("; ".join(bad))
+    new = {t.name: {"version": t.version, "hash": t.hash} for t in templates}
     p.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     return new
+
