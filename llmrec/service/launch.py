@@ -42,7 +42,8 @@ def _has_cuda() -> bool:
 
 
 def python_has_vllm(python: str | None) -> bool:
-    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+    # compare without resolving symlinks: every venv's python links to the same base interpreter
+    if python is None or Path(python).absolute() == Path(sys.executable).absolute():
         return importlib.util.find_spec("vllm") is not None
     try:
         probe = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
