@@ -347,7 +347,7 @@ class Recommender:
                 self._render("yesno", histories[j], target=self._items([targets[j]])[0]).text
                 for j in range(b, min(b + self.cfg.batch_size, len(targets)))
             ]
-            lp = self.backend.score_choices(texts, list(self.templates["yesno"].verbalizer))
+            lp = self.backend.score_choices(texts, list(self.templates["yesno"].verbalizer.choices))
             probs[b : b + len(texts)] = np.exp(lp[:, 0])
         return probs
 
