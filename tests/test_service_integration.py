@@ -47,3 +47,10 @@ def test_real_recommender_behind_the_service(client, tiny_dataset):
     after = client.get("/v1/users/u2/recommendations", params={"k": 4}).json()
     assert after["history_version"] == body["history_version"] + 1 and after["cached"] is False
     assert top not in {it["item_id"] for it in after["items"]}
+
+
+def test_real_score_route(client):
+    r = client.post("/v1/score", json={"user_id": "u3", "item_ids": ["i0", "i1", "i2"]})
+    assert r.status_code == 200, r.text
+    p = [s["p_yes"] for s in r.json()["scores"]]
+    assert len(p) == 3 and all(0.0 < x < 1.0 for x in p)

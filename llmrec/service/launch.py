@@ -321,6 +321,7 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
 def serve(cfg: ServiceConfig) -> None:
     import uvicorn
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call otherwise
     rt = build_runtime(cfg)
     try:
         # access_log off: uvicorn's access log prints raw paths, which contain user ids
