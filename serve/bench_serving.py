@@ -298,8 +298,9 @@ def run_service(args: argparse.Namespace) -> dict:
             health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
             runs = []
             for c in [int(x) for x in args.concurrency.split(",")]:
-                users = all_users[offset:offset + args.requests]  # distinct users: no cache hits
-                offset += args.requests
+                n = max(args.requests, 2 * c)  # at least two requests per client thread
+                users = all_users[offset:offset + n]  # distinct users: no cache hits
+                offset += n
                 r = load_run(f"http://127.0.0.1:{port}", users, c, args.timeout + 30)
                 print(key, r, flush=True)
                 runs.append(r)
@@ -367,7 +368,8 @@ def main() -> int:
     ap.add_argument("--backends", default="vllm,transformers",
                     help="comma list of kind[:batching], kind in vllm|transformers|none, batching none|micro")
     ap.add_argument("--concurrency", default="1,8,16")
-    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=8,
+                    help="requests per concurrency level (at least 2 x concurrency)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--append", action="store_true", help="keep earlier service rows")
     args = ap.parse_args()
