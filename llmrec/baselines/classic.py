@@ -1,0 +1,276 @@
+"""Popularity, matrix factorization (BCE on Yes/No, the classic click model) and BPR-MF (implicit next item)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from llmrec.baselines.base import Baseline, EarlyStopper
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------- popularity
+@dataclass
+class PopConfig:
+    seed: int = 0
+
+
+class Popularity(Baseline):
+    """Score = number of interactions of the item among the events available before the target: `train` events for
+    the valid split, `train`+`valid` events for the test split (all users). Same ranking for every user, minus
+    their own history."""
+
+    name = "pop"
+    config_cls = PopConfig
+
+    def _fit(self, ds: Any, progress: bool = True) -> None:
+        inter = ds.interactions
+        self.counts: dict[str, np.ndarray] = {}
+        for split, keep in (("valid", ("train",)), ("test", ("train", "valid"))):
+            idx = inter.loc[inter["split"].isin(keep), "item_id"].map(ds.item_index).to_numpy(np.int64)
+            self.counts[split] = np.bincount(idx, minlength=ds.n_items).astype(np.float64)
+
+    def _score(self, user_ids: list[str], split: str) -> np.ndarray:
+        c = self.counts["test" if split == "all" else split]
+        return np.tile(c, (len(user_ids), 1))
+
+    def _state(self) -> dict[str, Any]:
+        return {"counts": self.counts}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.counts = state["counts"]
+
+
+# ------------------------------------------------------------------------------------------- MF (BCE, Yes/No)
+@dataclass
+class MFConfig:
+    dim: int = 32
+    lr: float = 0.005
+    l2: float = 1e-4  # L2 on the embeddings and biases of each batch (times batch mean)
+    epochs: int = 30
+    batch_size: int = 4096
+    patience: int = 3  # epochs without a better valid AUC
+    seed: int = 0
+    threads: int | None = 1  # 2 threads on 2 busy shared cores was 70x slower (OpenMP spinning)
+    time_budget_s: float | None = None
+
+
+class _MFNet:
+    """Built lazily so that importing this module does not import torch."""
+
+    @staticmethod
+    def make(n_users: int, n_items: int, dim: int) -> Any:
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.P = nn.Embedding(n_users + 1, dim)  # row n_users = unknown user (zeros)
+                self.Q = nn.Embedding(n_items, dim)
+                self.bu = nn.Embedding(n_users + 1, 1)
+                self.bi = nn.Embedding(n_items, 1)
+                self.b0 = nn.Parameter(torch.zeros(1))
+                for e in (self.P, self.Q):
+                    nn.init.normal_(e.weight, std=0.05)
+                for e in (self.bu, self.bi):
+                    nn.init.zeros_(e.weight)
+
+            def forward(self, u: Any, i: Any) -> Any:
+                p, q = self.P(u), self.Q(i)
+                return (p * q).sum(-1) + self.bu(u).squeeze(-1) + self.bi(i).squeeze(-1) + self.b0, p, q
+
+        return Net()
+
+
+class MatrixFactorization(Baseline):
+    """Classic click model: P(like | u, i) = sigmoid(p_u . q_i + b_u + b_i + b), binary cross-entropy on the Yes/No
+    `train` rows, early stopping on the `valid` rows' AUC. Users without a training row (cold) get p_u = 0, b_u = 0:
+    only the item bias and the global bias. For next-item ranking, items are ranked by p_u . q_i + b_i."""
+
+    name = "mf"
+    config_cls = MFConfig
+    yesno = True
+
+    def _fit(self, ds: Any, progress: bool = True) -> None:
+        import torch
+
+        c: MFConfig = self.cfg
+        y = ds.yesno
+        tr, va = y[y["split"] == "train"], y[y["split"] == "valid"]
+        if tr.empty:
+            raise ValueError(f"{ds.name}: no Yes/No training rows")
+        self.user_index = {u: n for n, u in enumerate(sorted(tr["user_id"].astype(str).unique()))}
+        n_u = len(self.user_index)
+        self.net = _MFNet.make(n_u, ds.n_items, c.dim)
+        u = torch.as_tensor(self._uidx(tr["user_id"]))
+        i = torch.as_tensor(tr["item_id"].map(ds.item_index).to_numpy(np.int64).copy())
+        lab = torch.as_tensor(tr["label"].to_numpy(np.float32))
+        opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
+        stop = EarlyStopper(c.patience)
+        gen = torch.Generator().manual_seed(c.seed)
+        t0 = time.perf_counter()
+        bar = tqdm(range(c.epochs), desc="mf", disable=not progress)
+        for ep in bar:
+            self.net.train()
+            perm = torch.randperm(len(u), generator=gen)
+            tot = 0.0
+            for b in range(0, len(u), c.batch_size):
+                j = perm[b : b + c.batch_size]
+                logit, p, q = self.net(u[j], i[j])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, lab[j])
+                reg = c.l2 * ((p**2).sum(-1) + (q**2).sum(-1)).mean()
+                opt.zero_grad()
+                (loss + reg).backward()
+                opt.step()
+                with torch.no_grad():
+                    self.net.P.weight[n_u].zero_()
+                    self.net.bu.weight[n_u].zero_()
+                tot += float(loss.detach()) * len(j)
+            from llmrec.metrics import auc
+
+            v_auc = auc(va["label"].to_numpy(), self.predict_proba(va)) if len(va) else -float(tot)
+            bar.set_postfix(loss=f"{tot / len(u):.4f}", valid_auc=f"{v_auc:.4f}")
+            if stop.step(v_auc, self.net.state_dict(), ep):
+                break
+            if c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s:
+                self.fit_info["stopped_by_time_budget"] = True
+                break
+        self.net.load_state_dict(stop.best_state)
+        self.fit_info.update({"epochs": ep + 1, "best_epoch": stop.best_epoch + 1, "valid_auc": stop.best,
+                              "train_rows": len(tr), "users_with_training_rows": n_u})
+
+    def _uidx(self, users: Any) -> np.ndarray:
+        n_u = len(self.user_index)
+        return np.array([self.user_index.get(str(x), n_u) for x in users], dtype=np.int64)
+
+    def predict_proba(self, examples: pd.DataFrame) -> np.ndarray:
+        import torch
+
+        if self.ds is None:
+            raise RuntimeError("mf: call fit(ds) or load(path) first")
+        u = torch.as_tensor(self._uidx(examples["user_id"]))
+        i = torch.as_tensor(examples["item_id"].map(self.ds.item_index).to_numpy(np.int64).copy())
+        self.net.eval()
+        with torch.no_grad():
+            return torch.sigmoid(self.net(u, i)[0]).numpy().astype(np.float64)
+
+    def cold_share(self, examples: pd.DataFrame) -> float:
+        """Share of `examples` whose user has no training row (scored by biases only)."""
+        return float(np.mean(self._uidx(examples["user_id"]) == len(self.user_index))) if len(examples) else 0.0
+
+    def _score(self, user_ids: list[str], split: str) -> np.ndarray:
+        import torch
+
+        u = torch.as_tensor(self._uidx(user_ids))
+        with torch.no_grad():
+            s = self.net.P(u) @ self.net.Q.weight.T + self.net.bi.weight.T
+        return s.numpy()
+
+    def _state(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "user_index": self.user_index}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.user_index = state["user_index"]
+        self.net = _MFNet.make(len(self.user_index), self.ds.n_items, self.cfg.dim)
+        self.net.load_state_dict(state["net"])
+
+
+# --------------------------------------------------------------------------------------------------- BPR-MF
+@dataclass
+class BPRConfig:
+    dim: int = 64
+    lr: float = 0.002
+    l2: float = 1e-4
+    epochs: int = 60
+    batch_size: int = 4096
+    eval_every: int = 2
+    patience: int = 4  # evaluations without a better valid NDCG@10
+    valid_users: int = 1000  # seeded subset of users for early stopping (0 = all)
+    seed: int = 0
+    threads: int | None = 1  # 2 threads on 2 busy shared cores was 70x slower (OpenMP spinning)
+    time_budget_s: float | None = None
+
+
+class BPRMF(Baseline):
+    """BPR-MF (Rendle et al. 2009) on implicit feedback: every `train` event (liked or not) is a positive, one uniform
+    negative per positive (an item the user never had in `train`, resampled on collision), loss
+    -log sigmoid(s_ui - s_uj) + L2. Score = p_u . q_i + b_i. Early stopping on valid full-ranking NDCG@10."""
+
+    name = "bpr"
+    config_cls = BPRConfig
+
+    def _fit(self, ds: Any, progress: bool = True) -> None:
+        import torch
+
+        c: BPRConfig = self.cfg
+        tr = ds.interactions[ds.interactions["split"] == "train"]
+        self.user_index = {u: n for n, u in enumerate(ds.user_ids.astype(str))}
+        n_u = len(self.user_index)
+        self.net = _MFNet.make(n_u, ds.n_items, c.dim)
+        u = tr["user_id"].astype(str).map(self.user_index).to_numpy(np.int64)
+        i = tr["item_id"].map(ds.item_index).to_numpy(np.int64)
+        seen = set((u * ds.n_items + i).tolist())
+        rng = np.random.default_rng(c.seed)
+        opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
+        stop = EarlyStopper(c.patience)
+        t0 = time.perf_counter()
+        bar = tqdm(range(c.epochs), desc="bpr", disable=not progress)
+        ut, it = torch.from_numpy(u.copy()), torch.from_numpy(i.copy())
+        for ep in bar:
+            self.net.train()
+            neg = rng.integers(0, ds.n_items, size=len(u))
+            for _ in range(3):  # resample collisions with the user's training items
+                bad = np.flatnonzero(np.fromiter(((a * ds.n_items + b) in seen for a, b in zip(u, neg)), bool, len(u)))
+                if not bad.size:
+                    break
+                neg[bad] = rng.integers(0, ds.n_items, size=bad.size)
+            jt = torch.as_tensor(neg)
+            perm = torch.as_tensor(rng.permutation(len(u)))
+            tot = 0.0
+            for b in range(0, len(u), c.batch_size):
+                k = perm[b : b + c.batch_size]
+                uu, ii, jj = ut[k], it[k], jt[k]
+                p, qi, qj = self.net.P(uu), self.net.Q(ii), self.net.Q(jj)
+                x = (p * (qi - qj)).sum(-1) + self.net.bi(ii).squeeze(-1) - self.net.bi(jj).squeeze(-1)
+                loss = -torch.nn.functional.logsigmoid(x).mean()
+                reg = c.l2 * ((p**2).sum(-1) + (qi**2).sum(-1) + (qj**2).sum(-1)).mean()
+                opt.zero_grad()
+                (loss + reg).backward()
+                opt.step()
+                tot += float(loss.detach()) * len(k)
+            if (ep + 1) % c.eval_every == 0 or ep + 1 == c.epochs:
+                m = self.valid_ranking(c.valid_users or None, c.seed)
+                bar.set_postfix(loss=f"{tot / len(u):.4f}", valid_ndcg10=f"{m['ndcg@10']:.4f}")
+                if stop.step(m["ndcg@10"], self.net.state_dict(), ep):
+                    break
+            if c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s:
+                self.fit_info["stopped_by_time_budget"] = True
+                break
+        if stop.best_state is not None:
+            self.net.load_state_dict(stop.best_state)
+        self.fit_info.update({"epochs": ep + 1, "best_epoch": stop.best_epoch + 1, "valid_ndcg@10": stop.best})
+
+    def _score(self, user_ids: list[str], split: str) -> np.ndarray:
+        import torch
+
+        u = torch.as_tensor(np.array([self.user_index[x] for x in user_ids], dtype=np.int64))
+        self.net.eval()
+        with torch.no_grad():
+            s = self.net.P(u) @ self.net.Q.weight.T + self.net.bi.weight.T
+        return s.numpy()
+
+    def _state(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "user_index": self.user_index}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.user_index = state["user_index"]
+        self.net = _MFNet.make(len(self.user_index), self.ds.n_items, self.cfg.dim)
+        self.net.load_state_dict(state["net"])
