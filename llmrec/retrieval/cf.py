@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 class ItemCF:
     name = "itemcf"
 
-    def __init__(self, recency_half_life: float = 10.0, disliked_weight: float = 0.5, shrink: float = 10.0,
-                 window: int | None = None):
+    def __init__(self, recency_half_life: float = 3.0, disliked_weight: float = 0.5, shrink: float = 10.0,
+                 dense_max_items: int = 6000):
         self.half_life = recency_half_life
         self.disliked_weight = disliked_weight
         self.shrink = shrink  # cosine shrinkage: sim = co / (sqrt(n_i n_j) + shrink)
-        self.window = window  # co-occurrence only within this many positions (None: whole sequence)
+        self.dense_max_items = dense_max_items
         self.ds: Any = None
         self.sim: Any = None
 
@@ -44,6 +44,8 @@ class ItemCF:
         co = co.tocoo()
         vals = co.data / (np.sqrt(cnt[co.row] * cnt[co.col]) + self.shrink)
         self.sim = sparse.csr_matrix((vals.astype(np.float32), (co.row, co.col)), shape=co.shape)
+        # a dense copy for catalogues up to `dense_max_items` (ML-1M: 3.7k items = 55 MB): BLAS batch scoring
+        self._dense = self.sim.toarray() if ds.n_items <= self.dense_max_items else None
         pop = cnt.astype(np.float64)
         self._pop = pop / (pop.max() or 1.0)
         self.ds = ds
@@ -54,20 +56,26 @@ class ItemCF:
         """[n_items] scores for any history; a tiny popularity term breaks ties and covers cold start."""
         if self.sim is None:
             raise RuntimeError("ItemCF: call fit(ds) first")
+        return 1e-6 * self._pop + np.asarray(self.sim.T @ self._weights(history)).ravel()
+
+    def _weights(self, history: HistoryLike) -> np.ndarray:
         ev = [(self.ds.item_index[i], liked) for i, liked in as_events(history) if i in self.ds.item_index]
-        s = 1e-6 * self._pop
-        if not ev:
-            return s
-        n = len(ev)
-        age = np.arange(n - 1, -1, -1, dtype=np.float64)
-        w = 0.5 ** (age / self.half_life) if self.half_life else np.ones(n)
-        w = w * np.array([self.disliked_weight if liked is False else 1.0 for _, liked in ev])
         wv = np.zeros(self.ds.n_items, dtype=np.float32)
-        np.add.at(wv, [j for j, _ in ev], w.astype(np.float32))
-        return s + np.asarray(self.sim.T @ wv).ravel()
+        if ev:
+            n = len(ev)
+            age = np.arange(n - 1, -1, -1, dtype=np.float64)
+            w = 0.5 ** (age / self.half_life) if self.half_life else np.ones(n)
+            w = w * np.array([self.disliked_weight if liked is False else 1.0 for _, liked in ev])
+            np.add.at(wv, [j for j, _ in ev], w.astype(np.float32))
+        return wv
 
     def score_items(self, user_ids: Sequence[str], split: str = "test") -> np.ndarray:
-        return np.stack([self.score_history(split_history(self.ds, u, split)) for u in user_ids])
+        """[n_users, n_items] scores from each user's history allowed for `split` (one matrix product)."""
+        if self.sim is None:
+            raise RuntimeError("ItemCF: call fit(ds) first")
+        w = np.stack([self._weights(split_history(self.ds, u, split)) for u in user_ids])
+        s = w @ self._dense if self._dense is not None else np.asarray(self.sim.T.dot(w.T).T)  # sim is symmetric
+        return np.asarray(s, dtype=np.float64) + 1e-6 * self._pop
 
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None) -> list[tuple[str, float]]:
         events = as_events(history)

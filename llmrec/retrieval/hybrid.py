@@ -15,9 +15,11 @@ log = logging.getLogger(__name__)
 
 
 def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = None, rrf_k: float = 60.0,
-             exclude: list[np.ndarray] | None = None) -> np.ndarray:
+             exclude: list[np.ndarray] | None = None, depth: int | None = None) -> np.ndarray:
     """Fuse [n_users, n_items] score matrices by reciprocal rank fusion. Items in `exclude[u]` (indices) are
-    ranked last in every input (so ranks count unseen items only) and get a fused score of -inf."""
+    ranked last in every input (so ranks count unseen items only) and get a fused score of -inf. With `depth`,
+    only each input's top-`depth` items count (as in `HybridRetriever.query`); the deeper ranks only break ties
+    (weight 1e-6), so the full ranking stays defined."""
     weights = list(weights) if weights is not None else [1.0] * len(score_mats)
     n_users, n_items = score_mats[0].shape
     out = np.zeros((n_users, n_items), dtype=np.float64)
@@ -30,7 +32,8 @@ def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = Non
         order = np.argsort(-s, axis=1, kind="stable")
         ranks = np.empty_like(order, dtype=np.float64)
         np.put_along_axis(ranks, order, arange[None, :].repeat(n_users, 0), axis=1)
-        out += w / (rrf_k + ranks)
+        contrib = w / (rrf_k + ranks)
+        out += contrib if depth is None else np.where(ranks <= depth, contrib, 1e-6 * contrib)
     if exclude is not None:
         for u, ex in enumerate(exclude):
             out[u, ex] = -np.inf
@@ -47,7 +50,7 @@ class HybridRetriever:
     name = "hybrid"
 
     def __init__(self, text: TextRetriever, cf_model: Any, rrf_k: float = 60.0, weights: Sequence[float] = (1.0, 1.0),
-                 depth: int = 200):
+                 depth: int | None = 200):
         self.text = text
         self.cf = cf_model
         self.rrf_k = rrf_k
@@ -97,7 +100,7 @@ class HybridRetriever:
         """Top-k unseen items: RRF of the top-`depth` text and collaborative lists."""
         events = as_events(history)
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
-        depth = max(self.depth, k)
+        depth = max(self.depth or self.ds.n_items, k)
         lists = [self.text.query(events, depth, exclude)]
         cf = self._cf_list(events, depth, exclude, user_id, split)
         if cf is not None:
@@ -114,7 +117,7 @@ class HybridRetriever:
 
         hist = history_indices(self.ds, list(user_ids), split)  # type: ignore[arg-type]
         mats = [self.text.score_items(user_ids, split), np.asarray(self.cf.score_items(list(user_ids), split))]
-        out = rrf_fuse(mats, self.weights, self.rrf_k, hist)
+        out = rrf_fuse(mats, self.weights, self.rrf_k, hist, depth=self.depth)
         out[np.isneginf(out)] = -1.0  # finite for callers; still below every unseen item (scores are > 0)
         return out
 

@@ -40,10 +40,34 @@ def as_events(history: Iterable[Any]) -> list[tuple[str, bool | None]]:
     return out
 
 
+# (id of the interactions frame, split) -> (the frame itself, kept alive so the id cannot be reused, histories)
+_SPLIT_CACHE: dict[tuple[int, str], tuple[Any, dict[str, list[tuple[str, bool]]]]] = {}
+
+
 def split_history(ds: Any, user_id: str, split: str) -> list[tuple[str, bool | None]]:
-    """The user's events allowed before the target of `split` (test: train+valid, valid: train), oldest first."""
-    h = ds.history(str(user_id), before=split)
-    return [(str(i), bool(lab)) for i, lab in zip(h["item_id"], h["label"])]
+    """The user's events allowed before the target of `split` (test: train+valid, valid: train, all: every
+    event), oldest first. Built once per (dataset, split) from `ds.interactions` with the same rule as
+    `ds.history`."""
+    if split not in ("test", "valid", "all", "train"):
+        raise ValueError(f"split must be 'valid', 'test' or 'all', got {split!r}")
+    key = (id(ds.interactions), split)
+    hit = _SPLIT_CACHE.get(key)
+    table = hit[1] if hit is not None and hit[0] is ds.interactions else None
+    if table is None:
+        df = ds.interactions
+        if split == "test":
+            df = df[df["split"] != "test"]
+        elif split == "valid":
+            df = df[df["split"] == "train"]
+        table = {}
+        for u, i, lab in zip(df["user_id"].to_numpy(), df["item_id"].to_numpy(), df["label"].to_numpy()):
+            table.setdefault(str(u), []).append((str(i), bool(lab)))
+        if len(_SPLIT_CACHE) > 8:
+            _SPLIT_CACHE.clear()
+        _SPLIT_CACHE[key] = (ds.interactions, table)
+    if str(user_id) not in table and not ds.has_user(str(user_id)):
+        raise KeyError(f"unknown user {user_id!r} in dataset {getattr(ds, 'name', '?')}")
+    return table.get(str(user_id), [])
 
 
 class TextRetriever:
@@ -56,7 +80,7 @@ class TextRetriever:
     name = "text"
 
     def __init__(self, model_path: str | Path | None = None, *, index: IndexKind = "flat", nlist: int | None = None,
-                 nprobe: int = 8, recency_half_life: float = 20.0, disliked_weight: float = 0.3,
+                 nprobe: int = 8, recency_half_life: float = 2.0, disliked_weight: float = 0.3,
                  batch_size: int = 64, cache_dir: str | Path | None = None, encoder: TextEncoder | None = None):
         self.encoder = encoder or TextEncoder(model_path, batch_size=batch_size,
                                               cache_dir=Path(cache_dir) / "embeddings" if cache_dir else None)
@@ -160,10 +184,12 @@ class TextRetriever:
         """[n_users, n_items] cosine scores from each user's history allowed for `split` (dataset item order);
         cold-start users get popularity scores."""
         self._need()
-        out = np.empty((len(user_ids), len(self._ids)), dtype=np.float32)
-        for r, u in enumerate(user_ids):
-            q = self.query_vector(split_history(self.ds, u, split))
-            out[r] = self.vectors @ q if q is not None else self._pop / (self._pop.max() or 1.0)
+        qs = [self.query_vector(split_history(self.ds, u, split)) for u in user_ids]
+        q = np.stack([v if v is not None else np.zeros(self.vectors.shape[1], np.float32) for v in qs])
+        out = q @ self.vectors.T
+        for r, v in enumerate(qs):
+            if v is None:
+                out[r] = self._pop / (self._pop.max() or 1.0)
         return out
 
     def similar_texts(self, text: str, texts: list[str]) -> np.ndarray:
