@@ -328,8 +328,9 @@ def write(res: dict) -> None:
     md = ["The CPU (2 cores) is shared with other jobs while these run: figures are noisy.\n"]
     eng = res.get("engines")
     if eng:
-        md.append(f"## Engines (same model, same prompts)\n\nmodel `{eng['model']}`, prompts: {eng['prompt_source']}; "
-                  f"generation: {eng['gen_tokens_per_prompt']} forced tokens per prompt.\n")
+        md.append(f"## Engines (same model, same prompts)\n\n`{eng.get('command', '')}`; model `{eng['model']}`, "
+                  f"prompts: {eng['prompt_source']}; generation: {eng['gen_tokens_per_prompt']} forced tokens per "
+                  "prompt.\n")
         md.append(md_table([{**r, "start_s": r.get("start_s")} for r in eng["rows"]],
                            ["engine", "start_s", "score_prompts", "score_prompts_per_s", "gen_prompts",
                             "gen_tokens_per_s", "max_abs_diff_p_yes_vs_transformers"]))
@@ -344,9 +345,20 @@ def write(res: dict) -> None:
                 rows.append({"service": key, "concurrency": r["concurrency"], "requests": r["requests"],
                              "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"], "requests_per_s": r["requests_per_s"],
                              "status": json.dumps(r["status"]), "degraded": r["degraded"]})
-        md.append("\n## Service: GET /v1/users/{id}/recommendations?k=10 (distinct users, no cache hits)\n\n")
+        md.append("\n## Service: GET /v1/users/{id}/recommendations?k=10 (distinct users, no cache hits)\n\n"
+                  f"`{res.get('commands', {}).get('service', '')}`\n\n")
         md.append(md_table(rows, ["service", "concurrency", "requests", "p50_ms", "p95_ms", "requests_per_s",
                                   "status", "degraded"]))
+        starts = []
+        for key, v in svc.items():
+            vals = {ln.split("{")[0].rsplit("_", 1)[-1]: float(ln.split()[-1]) for ln in v["batch_size_metrics"]}
+            mean = vals["sum"] / vals["count"] if vals.get("count") else None
+            starts.append({"service": key, "backend": v["backend"], "service_start_s": v["service_start_s"],
+                           "backend_calls": vals.get("count"), "mean_prompts_per_backend_call": mean})
+        md.append("\nService start (includes the vLLM server start for vllm rows) and micro-batch sizes "
+                  "(`llmrec_batch_size`, over the whole run):\n\n")
+        md.append(md_table(starts, ["service", "backend", "service_start_s", "backend_calls",
+                                    "mean_prompts_per_backend_call"]))
     if res.get("kill_test"):
         k = res["kill_test"]
         md.append("\n## Kill test (serve/kill_test.py)\n\n")
@@ -374,10 +386,12 @@ def main() -> int:
     ap.add_argument("--append", action="store_true", help="keep earlier service rows")
     args = ap.parse_args()
     res = load_results()
+    cmd = "python serve/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     if args.part == "engines":
-        res["engines"] = run_engines(args)
+        res["engines"] = {**run_engines(args), "command": cmd}
     elif args.part == "service":
         res["service"] = run_service(args)
+        res.setdefault("commands", {})["service"] = cmd
     res["dataset"] = args.dataset
     write(res)
     return 0
