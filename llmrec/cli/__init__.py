@@ -9,7 +9,7 @@ import logging
 import sys
 
 # one module per command group; a module registers one or more sub-commands
-COMMAND_MODULES = ["data", "serve", "recommend", "bench", "finetune", "retrieve"]
+COMMAND_MODULES = ["data", "serve", "recommend", "bench", "finetune", "retrieve", "baselines"]
 
 
 def build_parser() -> argparse.ArgumentParser:
