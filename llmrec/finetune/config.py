@@ -23,8 +23,8 @@ class DataSettings:
     history_max: int = 10
     n_candidates: int = 20  # rank: candidates per prompt (target + n-1 others), letters A, B, ...
     candidates: Literal["popular", "random", "retrieval"] = "popular"
-    n_valid: int = 200  # validation examples scored during training (fixed seeded subset)
-    n_test: int = 1000  # test examples scored before and after training (fixed seeded subset)
+    n_valid: int | None = 200  # validation examples scored during training (fixed seeded subset); null = all, 0 = none
+    n_test: int | None = 1000  # test examples scored before/after training (fixed seeded subset); null = all, 0 = none
     append_eos: bool = True  # the answer is followed by the EOS token (also counted in the loss)
     chat: bool = False
 
@@ -63,6 +63,8 @@ class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    eval_dtype: str = "bfloat16"  # evaluation model: non-quantized base in this dtype + a copy of the LoRA weights
+    # (the serving setup; 4-bit inference on CPU is ~5x slower); "train" scores with the training model itself
     eval_before: bool = True  # score the test subset with the untuned model (zero-shot) first
     eval_after: bool = True
     output_dir: Path | None = None  # default: $LLMREC_HOME/finetune/<task>_<dataset>

@@ -58,6 +58,18 @@ def _prompts_api() -> Any:
     return prompts
 
 
+def resolve_template(P: Any, name: str) -> Any:
+    """A template by name (prompts/<name>.yaml) or by YAML path; a relative path is also tried from the repo root."""
+    from pathlib import Path
+
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and not p.is_file() and not p.is_absolute():
+        root = Path(__file__).resolve().parent.parent.parent / p
+        if root.is_file():
+            return P.load_template(root)
+    return P.load_template(name)
+
+
 def _history(ds: Any, P: Any, items: list[str], labels: list[int], ratings: list[float], ts: list[int]) -> list:
     return P.history_from_dataset(ds, list(items), list(labels), list(ratings), list(ts))
 
@@ -158,14 +170,19 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dic
     from llmrec.evaluation import yesno_subset
 
     P = _prompts_api()
-    template = P.load_template(cfg.template or task)
+    template = resolve_template(P, cfg.template or task)
     if task == "yesno":
+        ys = ds.yesno
+
+        def sub(split: str, n: int | None) -> pd.DataFrame:
+            return ys.iloc[:0] if n == 0 else yesno_subset(ds, split, n, cfg.seed)
+
         train = sample_rows(ds.yesno[ds.yesno["split"] == "train"], cfg.n_train, cfg.seed)
         return {
             "train": _yesno_examples(ds, train, cfg, tokenizer, template, P, "train examples"),
-            "valid": _yesno_examples(ds, yesno_subset(ds, "valid", cfg.n_valid or None, cfg.seed), cfg, tokenizer,
+            "valid": _yesno_examples(ds, sub("valid", cfg.n_valid), cfg, tokenizer,
                                      template, P, "valid examples"),
-            "test": _yesno_examples(ds, yesno_subset(ds, "test", cfg.n_test or None, cfg.seed), cfg, tokenizer,
+            "test": _yesno_examples(ds, sub("test", cfg.n_test), cfg, tokenizer,
                                     template, P, "test examples"),
         }
     if task not in ("rank", "next_title"):
@@ -173,8 +190,8 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dic
     inter = ds.interactions
     pool = inter[(inter["split"] == "train") & (inter["pos"] >= 1)]
     train = sample_rows(pool, cfg.n_train, cfg.seed)
-    valid = sample_rows(ds.targets("valid"), cfg.n_valid or None, cfg.seed)
-    test = sample_rows(ds.targets("test"), cfg.n_test or None, cfg.seed)
+    valid = _subset(ds.targets("valid"), cfg.n_valid, cfg.seed)
+    test = _subset(ds.targets("test"), cfg.n_test, cfg.seed)
     return {
         "train": _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples"),
         "valid": _seq_examples(ds, task, _with_pos(ds, valid), cfg, tokenizer, template, P, "valid", cfg.seed + 1,
@@ -182,6 +199,10 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dic
         "test": _seq_examples(ds, task, _with_pos(ds, test), cfg, tokenizer, template, P, "test", cfg.seed + 2,
                               "test examples"),
     }
+
+
+def _subset(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    return df.iloc[:0] if n == 0 else sample_rows(df, n, seed)
 
 
 def _with_pos(ds: Any, targets: pd.DataFrame) -> pd.DataFrame:

@@ -84,6 +84,42 @@ def _peak_memory_mb() -> dict[str, float]:
     return out
 
 
+class Evaluator:
+    """Scores examples with the current LoRA weights. `eval_dtype` "train": the training model itself; otherwise a
+    non-quantized copy of the base in that dtype with the same LoRA config, into which the trained LoRA weights are
+    copied before each evaluation (what serving runs; 4-bit inference on CPU is several times slower)."""
+
+    def __init__(self, cfg: FinetuneConfig, train_model: Any, tokenizer: Any):
+        self.cfg, self.tok = cfg, tokenizer
+        self.model: Any = None  # loaded at the first evaluation
+
+    def _eval_model(self) -> Any:
+        if self.model is None:
+            from llmrec.llm.loading import apply_lora, load_causal_lm
+
+            base, _ = load_causal_lm(self.cfg.model, dtype=self.cfg.eval_dtype)
+            self.model = apply_lora(base, self.cfg.lora)
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        return self.model
+
+    def __call__(self, train_model: Any, examples: list[Example], progress: bool = False) -> dict[str, Any]:
+        from llmrec.llm.transformers_backend import TransformersBackend
+
+        m = train_model
+        if self.cfg.eval_dtype != "train":
+            self._eval_model()
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+            sd = {k: v.detach().to(self.model.device) for k, v in get_peft_model_state_dict(train_model).items()}
+            set_peft_model_state_dict(self.model, sd)
+            m = self.model
+        be = TransformersBackend.from_model(m, self.tok, batch_size=self.cfg.train.eval_batch_size,
+                                            progress=progress, name=f"finetune:{self.cfg.task}")
+        return evaluate_examples(be, self.cfg.task, examples)
+
+
 def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
     """Train per `cfg`; returns the metrics dict (also written to `<output_dir>/metrics.json`)."""
     import torch
@@ -93,8 +129,6 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     from llmrec.bench_utils import peak_rss_mb
     from llmrec.data import load_prepared
     from llmrec.llm.loading import apply_lora, load_causal_lm
-    from llmrec.llm.transformers_backend import TransformersBackend
-
     t_start = time.time()
     tc = cfg.train
     if tc.threads:
@@ -117,9 +151,10 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
 
     t0 = time.time()
     examples = build_examples(ds, cfg.task, cfg.data, tok)
-    from llmrec.prompts import load_template
+    import llmrec.prompts as prompts_api
+    from llmrec.finetune.data import resolve_template
 
-    man = manifest(ds, cfg.task, cfg.data, examples, load_template(cfg.data.template or cfg.task))
+    man = manifest(ds, cfg.task, cfg.data, examples, resolve_template(prompts_api, cfg.data.template or cfg.task))
     man["dataset"] = cfg.dataset
     man["build_seconds"] = round(time.time() - t0, 1)
     if _is_main():
@@ -130,22 +165,20 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     lens = [len(f["input_ids"]) for f in train_feats]
     log.info("train examples: %d (tokens mean %.0f, max %d)", len(train_feats), np.mean(lens), max(lens))
 
-    backend = TransformersBackend.from_model(model, tok, batch_size=tc.eval_batch_size, progress=tc.progress,
-                                             name=f"finetune:{cfg.task}")
+    evaluator = Evaluator(cfg, model, tok)
     metrics: dict[str, Any] = {"task": cfg.task, "dataset": cfg.dataset, "model": str(cfg.model or "default"),
                                "load_in_4bit": cfg.quant.load_in_4bit, "dtype": cfg.dtype,
                                "trainable_params": n_trainable, "total_params": n_total,
                                "train_tokens_mean": float(np.mean(lens)), "train_tokens_max": int(max(lens))}
     if cfg.eval_before and examples["test"]:
         log.info("zero-shot evaluation on %d test examples", len(examples["test"]))
-        metrics["test_before"] = evaluate_examples(backend, cfg.task, examples["test"])
+        metrics["test_before"] = evaluator(model, examples["test"], progress=tc.progress)
         log.info("test before: %s", metrics["test_before"])
     # the evaluation above runs in inference mode; training mode again
     model.train()
 
     def task_eval(m: Any) -> dict[str, Any]:
-        be = TransformersBackend.from_model(m, tok, batch_size=tc.eval_batch_size, name="valid")
-        return evaluate_examples(be, cfg.task, examples["valid"])
+        return evaluator(m, examples["valid"])
 
     class TaskTrainer(Trainer):
         # answer_only_loss divides the token sum by num_items_in_batch (counted over the whole accumulated batch)
@@ -170,6 +203,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, m)
             return m
 
+    if tc.report_to == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "runs"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, math.ceil(len(train_feats) / (tc.batch_size * tc.grad_accum * world)))
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(steps_per_epoch * tc.epochs)
@@ -191,7 +226,6 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         save_steps=tc.save_steps if tc.save_steps > 0 else 500,
         save_total_limit=tc.save_total_limit,
         report_to=[] if tc.report_to == "none" else [tc.report_to],
-        logging_dir=str(out_dir / "runs") if tc.report_to == "tensorboard" else None,
         seed=tc.seed,
         bf16=tc.bf16_autocast,
         remove_unused_columns=False,
@@ -233,7 +267,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     if examples["valid"]:
         metrics["valid_after"] = task_eval(model)
     if cfg.eval_after and examples["test"]:
-        metrics["test_after"] = evaluate_examples(backend, cfg.task, examples["test"])
+        metrics["test_after"] = evaluator(model, examples["test"], progress=tc.progress)
         log.info("test after: %s", metrics["test_after"])
     if _is_main():
         adapter_dir = out_dir / "adapter"
