@@ -153,7 +153,7 @@ def test_rrf_fuse_formula():
 
 def test_hybrid_scores_and_queries(tiny_dataset, text_ret, itemcf):
     ds = tiny_dataset
-    hyb = HybridRetriever(text_ret, itemcf)
+    hyb = HybridRetriever(text_ret, itemcf, weights=(1.0, 1.0))
     users = list(ds.user_ids[:4])
     s = hyb.score_items(users, "test")
     assert s.shape == (4, ds.n_items)
@@ -168,6 +168,10 @@ def test_hybrid_scores_and_queries(tiny_dataset, text_ret, itemcf):
     c = [i for i, _ in itemcf.query(hist, k=200)]
     want = sorted(set(t) | set(c), key=lambda i: -sum(1 / (60 + lst.index(i) + 1) for lst in (t, c) if i in lst))
     assert [i for i, _ in res] == want[:10]
+    w = HybridRetriever(text_ret, itemcf, weights=(0.5, 1.0)).query(hist, k=10)
+    want = sorted(set(t) | set(c), key=lambda i: -sum(wt / (60 + lst.index(i) + 1) for wt, lst in ((0.5, t), (1, c))
+                                                      if i in lst))
+    assert [i for i, _ in w] == want[:10]
 
 
 class UserOnlyCF:

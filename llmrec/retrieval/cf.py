@@ -56,7 +56,9 @@ class ItemCF:
         """[n_items] scores for any history; a tiny popularity term breaks ties and covers cold start."""
         if self.sim is None:
             raise RuntimeError("ItemCF: call fit(ds) first")
-        return 1e-6 * self._pop + np.asarray(self.sim.T @ self._weights(history)).ravel()
+        w = self._weights(history)
+        s = w @ self._dense if self._dense is not None else self.sim.T @ w  # sim is symmetric
+        return 1e-6 * self._pop + np.asarray(s, dtype=np.float64).ravel()
 
     def _weights(self, history: HistoryLike) -> np.ndarray:
         ev = [(self.ds.item_index[i], liked) for i, liked in as_events(history) if i in self.ds.item_index]
