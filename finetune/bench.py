@@ -1,0 +1,156 @@
+"""Fine-tuning benchmark -> eval/results/finetune_<task>_<dataset>.{json,md}.
+
+    python finetune/bench.py run  --task yesno [key=value ...]   # the recipe run (zero-shot test, train, test again)
+    python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA peak memory, same batch, 2 runs
+    python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
+
+Each training run is its own process (`llmrec finetune`), so peak RSS (ru_maxrss) is per configuration. The report
+reads `<LLMREC_HOME>/finetune/bench_<task>_<dataset>/metrics.json` and the two memory runs, scores the baselines on
+the SAME seeded test subset (Yes/No), and writes the result files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llmrec.config import llmrec_home  # noqa: E402
+
+
+def recipe(task: str) -> Path:
+    return ROOT / "finetune" / "recipes" / f"{task}_smollm2_qlora.yaml"
+
+
+def run_dir(task: str, dataset: str, kind: str = "") -> Path:
+    return llmrec_home() / "finetune" / f"bench_{task}_{dataset}{kind}"
+
+
+def finetune(task: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "llmrec.cli", "finetune", "--config", str(recipe(task)), *overrides,
+           f"output_dir={out}", "train.progress=false"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    finetune(a.task, run_dir(a.task, a.dataset), [f"dataset={a.dataset}", *a.overrides])
+
+
+def cmd_mem(a: argparse.Namespace) -> None:
+    common = [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
+              "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
+              "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1", *a.overrides]
+    for kind, extra in (("_mem_qlora", ["quant.load_in_4bit=true"]), ("_mem_bf16", ["quant.load_in_4bit=false",
+                                                                                    "dtype=bfloat16"])):
+        out = run_dir(a.task, a.dataset, kind)
+        finetune(a.task, out, common + extra)
+
+
+def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int) -> dict[str, Any]:
+    from llmrec.baselines import get_model, load_model
+    from llmrec.data import load_prepared
+    from llmrec.evaluation import evaluate_yesno, yesno_subset
+
+    ds = load_prepared(dataset)
+    ex = yesno_subset(ds, "test", n_test, seed)
+    out: dict[str, Any] = {}
+    for name in names:
+        t0 = time.time()
+        try:
+            try:
+                model = load_model(name, dataset, ds=ds)
+                how = "loaded checkpoint"
+            except (FileNotFoundError, OSError, KeyError, ValueError):
+                model = get_model(name)
+                model.fit(ds)
+                how = "fitted with defaults"
+            out[name] = {**evaluate_yesno(model.predict_proba(ex), ex), "how": how,
+                         "seconds": round(time.time() - t0, 1)}
+        except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from llmrec.bench_utils import md_table, write_result
+
+    main = json.loads((run_dir(a.task, a.dataset) / "metrics.json").read_text())
+    recipe_used = (run_dir(a.task, a.dataset) / "recipe.yaml").read_text()
+    manifest = json.loads((run_dir(a.task, a.dataset) / "data_manifest.json").read_text())
+    mem: dict[str, Any] = {}
+    for kind in ("_mem_qlora", "_mem_bf16"):
+        p = run_dir(a.task, a.dataset, kind) / "metrics.json"
+        if p.is_file():
+            t = json.loads(p.read_text())["train"]
+            mem[kind[5:]] = {k: t[k] for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
+                                               "examples_per_s", "wall_s", "batch_size", "steps")}
+            mem[kind[5:]]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
+    if len(mem) == 2:
+        mem["ratio_peak_rss_qlora_over_bf16"] = round(mem["qlora"]["peak_rss_mb"] / mem["bf16"]["peak_rss_mb"], 3)
+        mem["ratio_above_start_qlora_over_bf16"] = round(mem["qlora"]["peak_above_start_mb"]
+                                                         / mem["bf16"]["peak_above_start_mb"], 3)
+    n_test = manifest["test"]["n"]
+    seed = manifest["seed"]
+    baselines = baseline_yesno(a.baselines.split(","), a.dataset, n_test, seed) if (
+        a.task == "yesno" and a.baselines) else {}
+    payload = {
+        "dataset": a.dataset, "task": a.task, "model": "SmolLM2-135M-Instruct (embedded GGUF -> HF bf16)",
+        "test_subset": {"n": n_test, "seed": seed}, "train": main["train"], "test_before": main.get("test_before"),
+        "test_after": main.get("test_after"), "valid_after": main.get("valid_after"), "memory": mem,
+        "baselines_same_subset": baselines, "wall_s": main["wall_s"], "recipe": recipe_used,
+        "data_manifest": manifest, "note": a.note,
+    }
+    keys = ["auc", "accuracy", "f1"] if a.task == "yesno" else ["ndcg@10", "hr@10", "mrr@10"]
+    rows = [{"model": "SmolLM2 zero-shot", **{k: (main.get("test_before") or {}).get(k) for k in keys}},
+            {"model": "SmolLM2 + QLoRA", **{k: (main.get("test_after") or {}).get(k) for k in keys}}]
+    rows += [{"model": n, **{k: v.get(k) for k in keys}, "note": v.get("how", v.get("error"))}
+             for n, v in baselines.items()]
+    tr = main["train"]
+    perf = [{"run": "main (QLoRA)", "examples": tr["examples"], "steps": tr["steps"],
+             "examples/s": tr["examples_per_s"],
+             "train wall s": tr["wall_s"], "total wall s": main["wall_s"], "peak RSS MB": tr["peak_rss_mb"]}]
+    for k in ("qlora", "bf16"):
+        if k in mem:
+            m = mem[k]
+            perf.append({"run": f"memory: {k} LoRA, batch {m['batch_size']}, {m['steps']} steps",
+                         "examples/s": m["examples_per_s"], "train wall s": m["wall_s"],
+                         "peak RSS MB": m["peak_rss_mb"], "above start MB": m["peak_above_start_mb"]})
+    table = (f"Test subset: {n_test} examples, seed {seed}" + (" (candidates per prompt: 20)" if a.task == "rank"
+                                                               else "") + "\n\n"
+             + md_table(rows, ["model", *keys, "note"]) + "\n"
+             + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
+                               "peak RSS MB", "above start MB"])
+             + (f"\nQLoRA / bf16 LoRA peak RSS: {mem.get('ratio_peak_rss_qlora_over_bf16')} (whole process), "
+                f"{mem.get('ratio_above_start_qlora_over_bf16')} (above the RSS before loading the model)\n"
+                if len(mem) > 2 else "")
+             + (f"\n{a.note}\n" if a.note else ""))
+    print(write_result(f"finetune_{a.task}_{a.dataset}", payload, table, command=a.command))
+    print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["run", "mem", "report"])
+    p.add_argument("--task", required=True, choices=["yesno", "rank"])
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--steps", type=int, default=2, help="mem: training steps per configuration")
+    p.add_argument("--batch-size", type=int, default=4, help="mem: the batch both configurations use")
+    p.add_argument("--baselines", default="mf,bert_lstm", help="report (yesno): baselines scored on the same subset")
+    p.add_argument("--note", default="", help="report: free text (e.g. the CPU contention during the run)")
+    p.add_argument("--command", default=None, help="report: the commands that produced the runs")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    a = p.parse_args()
+    {"run": cmd_run, "mem": cmd_mem, "report": cmd_report}[a.action](a)
+
+
+if __name__ == "__main__":
+    main()

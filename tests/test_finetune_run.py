@@ -1,0 +1,73 @@
+"""End-to-end `run_finetune` on the tiny synthetic dataset with a tiny 4-bit Llama: outputs, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from llm_fixtures import make_tiny_llm  # noqa: E402
+
+from llmrec.finetune import load_recipe, run_finetune  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parent.parent / "finetune" / "recipes"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm_run"))
+
+
+def tiny_recipe(tiny_dir, out, task="yesno", steps=2, extra=()):
+    return load_recipe(RECIPES / f"{task}_smollm2_qlora.yaml", [
+        f"model={tiny_dir}", "dataset=tiny", "dtype=float32", "quant.compute_dtype=float32", "eval_dtype=float32",
+        "data.n_train=16", "data.n_valid=8", "data.n_test=8", "data.max_len=1024", "data.history_max=3",
+        "data.n_candidates=5", "train.batch_size=4", "train.grad_accum=1", f"train.max_steps={steps}",
+        "train.save_steps=2", "train.lr=0.01", "train.progress=false", "train.logging_steps=1",
+        "lora.target_modules=[q_proj,v_proj]", f"output_dir={out}", *extra])
+
+
+def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    from llmrec.llm import load_backend, load_causal_lm
+
+    out = tmp_path / "run"
+    m1 = run_finetune(tiny_recipe(tiny_dir, out), ds=tiny_dataset)
+    assert m1["train"]["steps"] == 2 and m1["train"]["resumed_from"] is None
+    for k in ("auc", "accuracy", "f1"):
+        assert 0.0 <= m1["test_before"][k] <= 1.0 and 0.0 <= m1["test_after"][k] <= 1.0
+    assert m1["test_before"]["n"] == 8 and m1["valid_after"]["n"] == 8
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    for f in ("recipe.yaml", "data_manifest.json", "metrics.json", "adapter/adapter_config.json"):
+        assert (out / f).is_file(), f
+    man = json.loads((out / "data_manifest.json").read_text())
+    assert man["train"]["n"] == 16 and man["test"]["n"] == 8 and man["template"]["name"] == "yesno"
+    # the adapter loads with PEFT and through the backend
+    base, _ = load_causal_lm(tiny_dir, dtype="float32")
+    PeftModel.from_pretrained(base, str(out / "adapter"))
+    be = load_backend("transformers", model=tiny_dir, adapter=out / "adapter", dtype="float32")
+    assert be.score_choices(["liked movie Answer:"], [" Yes", " No"]).shape == (1, 2)
+
+    # a longer run in the same folder resumes from checkpoint-2 and continues to step 4
+    m2 = run_finetune(tiny_recipe(tiny_dir, out, steps=4, extra=["eval_before=false"]), ds=tiny_dataset)
+    assert m2["train"]["resumed_from"].endswith("checkpoint-2")
+    assert m2["train"]["steps"] == 4
+    steps = [s for s, _ in m2["train"]["losses"]]
+    assert steps == [1, 2, 3, 4]
+    assert m2["train"]["losses"][:2] == m1["train"]["losses"][:2]  # the first two steps come from the checkpoint
+    assert "test_before" not in m2
+
+
+def test_rank_run_metrics(tiny_dataset, tiny_dir, tmp_path):
+    m = run_finetune(tiny_recipe(tiny_dir, tmp_path / "rank", task="rank", steps=1,
+                                 extra=["data.template=rank", "data.n_valid=0"]), ds=tiny_dataset)
+    for key in ("test_before", "test_after"):
+        assert m[key]["n_candidates"] == 5 and m[key]["n"] == 8
+        assert 0.0 < m[key]["ndcg@10"] <= 1.0 and m[key]["hr@5"] == 1.0  # 5 candidates: the target is always in top 5
+    assert "valid_after" not in m
