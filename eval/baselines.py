@@ -33,6 +33,7 @@ DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "bert_lstm": {"max_train_examples": 200_000, "time_budget_s": 480.0},
         "sasrec": {"time_budget_s": 1080.0, "eval_every": 2},
         "mf": {"time_budget_s": 100.0},
+        "bpr": {"time_budget_s": 300.0},
     },
 }
 COLUMNS = ["method", "hr@10", "recall@10", "ndcg@10", "ndcg@20", "mrr@10", "auc", "accuracy", "f1", "train_s",

@@ -6,7 +6,9 @@ shared between input and output. Scores = h_t . e_i over the whole catalogue.
 
 Loss (default `ce`): softmax cross-entropy over *all* items at every non-padding position ("SASRec+" in Klenitskiy &
 Vasilev, RecSys 2023, whose full-ranking results are far better than the paper's binary cross-entropy with one
-sampled negative). `loss="bce"` gives the original objective (one uniform negative per position).
+sampled negative). `loss="sampled_ce"`: softmax over the positive and `n_negatives` uniform negatives shared by the
+batch ("SASRec+ N" in the same paper; ~3x cheaper per step on CPU, where the 3.7k-way softmax at every position
+dominates). `loss="bce"` gives the original objective (one uniform negative per position).
 Training sequences are the leave-one-out `train` events (last `max_len`); early stopping on valid full-ranking
 NDCG@10 of a seeded user subset; the best epoch is kept. At test time the input is the train+valid events.
 """
@@ -33,10 +35,11 @@ class SASRecConfig:
     heads: int = 1
     max_len: int = 200
     dropout: float = 0.2
-    loss: Literal["ce", "bce"] = "ce"
-    lr: float = 0.001
+    loss: Literal["ce", "sampled_ce", "bce"] = "ce"
+    n_negatives: int = 256  # sampled_ce: uniform negatives shared by the batch (+ the positive) at each position
+    lr: float = 0.002  # with batch 64: ~1.4x the NDCG of (0.001, 128) at equal CPU time on ML-100K
     weight_decay: float = 0.0
-    batch_size: int = 128
+    batch_size: int = 64
     epochs: int = 200
     eval_every: int = 1
     patience: int = 5  # evaluations without a better valid NDCG@10
@@ -150,6 +153,11 @@ class SASRec(Baseline):
                 yt = y[keep] - 1
                 if c.loss == "ce":
                     loss = F.cross_entropy(self.net.logits(h), yt)
+                elif c.loss == "sampled_ce":
+                    neg = torch.randint(0, ds.n_items, (c.n_negatives,), generator=gen)
+                    pos_s = (h * self.net.item(yt + 1)).sum(-1, keepdim=True)
+                    neg_s = (h @ self.net.item(neg + 1).T).masked_fill(neg[None] == yt[:, None], float("-inf"))
+                    loss = F.cross_entropy(torch.cat([pos_s, neg_s], 1), torch.zeros_like(yt))
                 else:
                     neg = torch.randint(0, ds.n_items, yt.shape, generator=gen)
                     pos_s = (h * self.net.item(yt + 1)).sum(-1)
