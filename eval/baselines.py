@@ -85,6 +85,44 @@ def main() -> None:
             raise SystemExit(f"--set: {k!r} is not a model name ({MODELS}); use MODEL.KEY=VALUE")
     methods: dict[str, Any] = {}
     details: dict[str, Any] = {}
+
+    def write(final: bool) -> Path:
+        notes = [
+            "Next item: full ranking over all items minus the user's train+valid history, leave-one-out test target, "
+            f"all {len(ds.targets('test'))} users; pessimistic ties.",
+            "Yes/No (auc/accuracy/f1, threshold 0.5): all test rows of the global time split; only MF and BERT+LSTM "
+            "predict Yes/No. MF's ranking row ranks by p_u.q_i + b_i of the Yes/No-trained click model.",
+            "Timings: 2 shared CPU cores, 1 torch thread per model, other jobs running at the same time: noisy.",
+        ]
+        mf = details.get("mf", {}).get("extra_metrics", {})
+        if "yesno_cold_user_share" in mf:
+            notes.append(f"MF: {mf['yesno_cold_user_share']:.0%} of the Yes/No test rows are from users with no "
+                         "training row (after the time cut-off): they get item + global bias only.")
+        for name, d in details.items():
+            fi = d["fit_info"]
+            if any(k.endswith("stopped_by_time_budget") for k in fi):
+                notes.append(f"{name}: training stopped by its time budget ({d['config'].get('time_budget_s')} s), "
+                             f"best epoch kept: {fi}")
+            if name == "bert_lstm" and d["config"].get("max_train_examples"):
+                notes.append(f"bert_lstm: Yes/No training capped at {d['config']['max_train_examples']:,} seeded rows "
+                             f"of {int((ds.yesno['split'] == 'train').sum()):,}.")
+        payload = {
+            "dataset": ds.name,
+            "protocol": {"ranking": "full, leave-one-out test, history excluded", "yesno": "global time split, test"},
+            "n_items": int(ds.n_items),
+            "methods": methods,
+            "details": details,
+            "notes": notes,
+            "peak_rss_mb": peak_rss_mb(),
+            "complete": final,
+        }
+        rows = [{"method": n, **m} for n, m in methods.items()]
+        table = md_table(rows, COLUMNS) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        path = write_result(args.name or f"baselines_{ds.name}", payload, table,
+                            results_dir=Path(args.results_dir) if args.results_dir else None)
+        print(table)
+        return path
+
     for name in names:
         t0 = time.perf_counter()
         model, reused = run_model(name, ds, overrides.get(name, {}), args.reuse)
@@ -98,39 +136,7 @@ def main() -> None:
             "wall_s": time.perf_counter() - t0,
         }
         log.info("%s: %s", name, {k: round(v, 4) for k, v in methods[name].items() if isinstance(v, float)})
-    notes = [
-        "Next item: full ranking over all items minus the user's train+valid history, leave-one-out test target, "
-        f"all {len(ds.targets('test'))} users; pessimistic ties.",
-        "Yes/No (auc/accuracy/f1, threshold 0.5): all test rows of the global time split; only MF and BERT+LSTM "
-        "predict Yes/No. MF's ranking row ranks by p_u.q_i + b_i of the Yes/No-trained click model.",
-        "Timings: 2 shared CPU cores, 1 torch thread per model, other jobs running at the same time: noisy.",
-    ]
-    mf = details.get("mf", {}).get("extra_metrics", {})
-    if "yesno_cold_user_share" in mf:
-        notes.append(f"MF: {mf['yesno_cold_user_share']:.0%} of the Yes/No test rows are from users with no training "
-                     "row (after the time cut-off): they get item + global bias only.")
-    for name, d in details.items():
-        fi = d["fit_info"]
-        if any(k.endswith("stopped_by_time_budget") for k in fi):
-            notes.append(f"{name}: training stopped by its time budget ({d['config'].get('time_budget_s')} s), "
-                         f"best epoch kept: {fi}")
-        if name == "bert_lstm" and d["config"].get("max_train_examples"):
-            notes.append(f"bert_lstm: Yes/No training capped at {d['config']['max_train_examples']:,} seeded rows "
-                         f"of {int((ds.yesno['split'] == 'train').sum()):,}.")
-    payload = {
-        "dataset": ds.name,
-        "protocol": {"ranking": "full, leave-one-out test, history excluded", "yesno": "global time split, test"},
-        "n_items": int(ds.n_items),
-        "methods": methods,
-        "details": details,
-        "notes": notes,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    rows = [{"method": n, **m} for n, m in methods.items()]
-    table = md_table(rows, COLUMNS) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    path = write_result(args.name or f"baselines_{ds.name}", payload, table,
-                        results_dir=Path(args.results_dir) if args.results_dir else None)
-    print(table)
+        path = write(final=name == names[-1])  # partial results survive an interrupted run
     print(f"written {path}")
 
 
