@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -79,12 +80,15 @@ def _write(out: str | None, data: dict) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from llmrec.service.client import fetch_recommendations, format_recommendations
+    from llmrec.service.client import ServiceClientError, fetch_recommendations, format_recommendations
 
     if args.url:
-        print(
-            format_recommendations(fetch_recommendations(args.url, args.user_id, args.k, args.explain, args.adapter))
-        )
+        try:
+            rec_json = fetch_recommendations(args.url, args.user_id, args.k, args.explain, args.adapter)
+        except ServiceClientError as e:
+            print(f"llmrec: error: {e}", file=sys.stderr)
+            return 1
+        print(format_recommendations(rec_json))
         return 0
     rec = _recommender(args, args.dataset)
     if not rec.ds.has_user(args.user_id):

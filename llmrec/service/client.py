@@ -31,8 +31,11 @@ def fetch_recommendations(
 ) -> dict[str, Any]:
     """GET {url}/v1/users/{user_id}/recommendations; returns the JSON body. The API key defaults to
     $LLMREC_SERVE_API_KEY."""
+    import logging
+
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line would print the URL, i.e. the user id
     params: dict[str, Any] = {"k": k, "explain": str(bool(explain)).lower()}
     if adapter:
         params["adapter"] = adapter
