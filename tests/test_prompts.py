@@ -286,7 +286,7 @@ def test_dataset_helpers(tiny_dataset):
     cands = items_from_dataset(ds, [str(i) for i in ds.item_ids[3:8]])
     r = render("rank", history=h, domain=ds.domain, candidates=cands)
     assert r.candidate_ids == [str(i) for i in ds.item_ids[3:8]]
-    assert all(f"{lab}. {item_text(c, load_template('rank'))}\n" in r.text for lab, c in zip("ABCDE", cands))
+    assert all(f"{lab}. {item_text(c, load_template('rank'), True)}\n" in r.text for lab, c in zip("ABCDE", cands))
     # a field value the title already shows is not repeated (tiny titles contain their genre)
     assert cands[0].fields["genres"] in cands[0].title and "genres:" not in r.text
     shown = item_text(Item("z", "Plain Title", {"genres": "Drama"}), load_template("rank"))

@@ -91,11 +91,13 @@ def history_from_dataset(
 
 
 # ------------------------------------------------------------------------------------------------ rendering
-def item_text(item: Item, t: PromptTemplate) -> str:
-    """`"Title" (genres: "Action Comedy")`: every piece quoted and capped; fields already in the title are left out."""
+def item_text(item: Item, t: PromptTemplate, candidate: bool = False) -> str:
+    """`"Title" (genres: "Action Comedy")`: every piece quoted and capped; fields already in the title are left out.
+    `candidate=True` uses the template's `candidate_fields` (when set) instead of `item_fields`."""
     o = t.options
     title = clean(item.title, o.title_max_chars)
-    names = list(item.fields) if o.item_fields is None else list(o.item_fields)
+    chosen = o.candidate_fields if candidate and o.candidate_fields is not None else o.item_fields
+    names = list(item.fields) if chosen is None else list(chosen)
     parts = []
     for f in names:
         v = clean(item.fields.get(f, ""), o.field_max_chars)
@@ -168,13 +170,14 @@ def render(
     cands = list(candidates or [])
     labels = _labels(t, len(cands)) if t.task == "rank" or (t.verbalizer and t.verbalizer.labels and cands) else []
     if labels:
-        cand_lines = [o.candidate_line.format(label=lab, item=item_text(c, t)) for lab, c in zip(labels, cands)]
+        cand_lines = [o.candidate_line.format(label=lab, item=item_text(c, t, True)) for lab, c in zip(labels, cands)]
         fmt = t.verbalizer.label_format if t.verbalizer else " {label}"
         choices = [fmt.format(label=lab) for lab in labels]
     else:
-        cand_lines = [o.candidate_line.format(label=str(n + 1), item=item_text(c, t)) for n, c in enumerate(cands)]
+        cand_lines = [o.candidate_line.format(label=str(n + 1), item=item_text(c, t, True))
+                      for n, c in enumerate(cands)]
         choices = list(t.verbalizer.choices) if t.verbalizer and t.verbalizer.choices else []
-    rec_lines = [o.recommended_line.format(item=item_text(r, t)) for r in recommended or []]
+    rec_lines = [o.recommended_line.format(item=item_text(r, t, True)) for r in recommended or []]
     hist_lines = [o.history_line.format(item=item_text(h.item, t), details=_details(h, t, now)) for h in hist]
     fixed = {
         "domain": dom, "domains": plural(dom), "Domain": dom[:1].upper() + dom[1:],

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ class Verbalizer:
 @dataclass
 class TemplateOptions:
     item_fields: list[str] | None = None  # None: every text field of the dataset; []: title only
+    candidate_fields: list[str] | None = None  # fields shown for candidates/recommended; None: as item_fields
     time_context: bool = False  # history lines carry "rated 4/5, 3 weeks ago" (when known)
     mark_likes: bool = True  # {history} lines say "(liked)" / "(disliked)" when known
     history_line: str = "- {item}{details}"
@@ -82,15 +83,30 @@ class PromptTemplate:
         return template_hash(self)
 
 
+def _non_default(obj: Any) -> dict[str, Any] | None:
+    """A dataclass as a dict of the fields that differ from their defaults (so adding a new option with a default
+    does not change existing hashes; a changed code default is caught by the golden renders instead)."""
+    if obj is None:
+        return None
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                               else MISSING)
+        if v != default:
+            out[f.name] = v
+    return out
+
+
 def template_hash(t: PromptTemplate) -> str:
-    """sha256 over everything that changes a render (not the version, description or path)."""
+    """sha256 over everything in the template that changes a render (not the version, description or path)."""
     payload = {
         "task": t.task,
         "text": t.text,
         "answer_prefix": t.answer_prefix,
         "system": t.system,
-        "verbalizer": asdict(t.verbalizer) if t.verbalizer else None,
-        "options": asdict(t.options),
+        "verbalizer": _non_default(t.verbalizer),
+        "options": _non_default(t.options),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
