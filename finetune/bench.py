@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--note", default="", help="report: free text (e.g. the CPU contention during the run)")
     p.add_argument("--command", default=None, help="report: the commands that produced the runs")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()
     {"run": cmd_run, "mem": cmd_mem, "report": cmd_report}[a.action](a)
 
 

@@ -23,7 +23,14 @@ def test_default_model_scores_yes_no():
 def test_smollm2_4bit_lora_step_trains_only_lora():
     import torch
 
-    from llmrec.llm import LoraSettings, QuantSettings, apply_lora, check_4bit_shapes, default_model_path, load_causal_lm
+    from llmrec.llm import (
+        LoraSettings,
+        QuantSettings,
+        apply_lora,
+        check_4bit_shapes,
+        default_model_path,
+        load_causal_lm,
+    )
 
     check_4bit_shapes(default_model_path())  # 576/1536/192 are multiples of 32
     m, tok = load_causal_lm(None, quant=QuantSettings(load_in_4bit=True))
