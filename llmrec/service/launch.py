@@ -53,6 +53,16 @@ def python_has_vllm(python: str | None) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the service process dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
 class VLLMServer:
     """A vLLM OpenAI-compatible server subprocess on loopback; `start()` waits for /health, `stop()` ends it."""
 
@@ -85,7 +95,8 @@ class VLLMServer:
         logf = self.log_path.open("ab")
         log.info("starting vLLM: %s (log: %s)", " ".join(self.cmd), self.log_path)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         health = f"http://{self.host}:{self.port}/health"
         while time.perf_counter() - t0 < timeout_s:
             if self.proc.poll() is not None:
