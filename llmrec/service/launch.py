@@ -54,7 +54,8 @@ def python_has_vllm(python: str | None) -> bool:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the service process dies, even by SIGKILL (Linux prctl)."""
+    """In the child before exec: get SIGTERM when the service process dies, even by SIGKILL (Linux prctl). The
+    signal follows the *thread* that started the child, so `VLLMServer.start()` belongs in a long-lived thread."""
     import ctypes
 
     try:
