@@ -150,7 +150,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
                             "itemcf": recalls(ds, cf, "test", args.max_users)}
     hyb = HybridRetriever(text, cf, weights=(best_w, 1.0))
     test["hybrid"] = recalls(ds, hyb, "test", args.max_users)
-    test["hybrid(equal weights)"] = recalls(ds, HybridRetriever(text, cf), "test", args.max_users)
+    for w in sorted({1.0, 0.5} - {best_w}):  # for reference only: the goal row is the validation-selected one
+        test[f"hybrid(w_text={w}, not selected)"] = recalls(ds, HybridRetriever(text, cf, weights=(w, 1.0)), "test",
+                                                            args.max_users)
     bpr, how = (None, "skipped (--no-bpr)") if args.no_bpr else try_bpr(ds, args.bpr_budget)
     res["bpr"] = how
     if bpr is not None:
@@ -184,7 +186,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
 
 
 def table(r: dict) -> str:
-    rows = [{"retriever": k, **{c: v.get(c) for c in ("recall@20", "recall@50", "recall@100", "ndcg@20", "n_users")}}
+    label = {"hybrid": f"**hybrid** (text+itemcf, w_text={r['selected_text_weight']} chosen on valid)"}
+    rows = [{"retriever": label.get(k, k),
+             **{c: v.get(c) for c in ("recall@20", "recall@50", "recall@100", "ndcg@20", "n_users")}}
             for k, v in r["test"].items()]
     t = md_table(rows, ["retriever", "recall@20", "recall@50", "recall@100", "ndcg@20", "n_users"])
     vrows = [{"retriever": k, **{c: v.get(c) for c in ("recall@20", "recall@50", "recall@100")}}
