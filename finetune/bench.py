@@ -80,10 +80,31 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     return out
 
 
+def load_main(a: argparse.Namespace) -> dict[str, Any]:
+    """metrics.json of the recipe run; with --log, the zero-shot figures of a run that has not finished are read from
+    its log (status "incomplete")."""
+    import ast
+
+    p = run_dir(a.task, a.dataset) / "metrics.json"
+    if p.is_file():
+        m = json.loads(p.read_text())
+        if m.get("status", "done") == "done":
+            return m
+    if not a.log:
+        raise SystemExit(f"{p}: the run has not finished (pass --log LOGFILE to report its partial figures)")
+    m = {"status": "incomplete: training did not finish within the session", "train": {}, "wall_s": None}
+    for line in Path(a.log).read_text(errors="replace").splitlines():
+        if "test before: {" in line:
+            m["test_before"] = ast.literal_eval(line.split("test before: ", 1)[1].strip())
+        if "'loss': " in line and "{" in line:
+            m["train"].setdefault("log", []).append(line[line.index("{"):].strip()[:200])
+    return m
+
+
 def cmd_report(a: argparse.Namespace) -> None:
     from llmrec.bench_utils import md_table, write_result
 
-    main = json.loads((run_dir(a.task, a.dataset) / "metrics.json").read_text())
+    main = load_main(a)
     recipe_used = (run_dir(a.task, a.dataset) / "recipe.yaml").read_text()
     manifest = json.loads((run_dir(a.task, a.dataset) / "data_manifest.json").read_text())
     mem: dict[str, Any] = {}
@@ -103,7 +124,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     baselines = baseline_yesno(a.baselines.split(","), a.dataset, n_test, seed) if (
         a.task == "yesno" and a.baselines) else {}
     payload = {
-        "dataset": a.dataset, "task": a.task, "model": "SmolLM2-135M-Instruct (embedded GGUF -> HF bf16)",
+        "dataset": a.dataset, "task": a.task, "status": main.get("status", "done"),
+        "model": "SmolLM2-135M-Instruct (embedded GGUF -> HF bf16)",
         "test_subset": {"n": n_test, "seed": seed}, "train": main["train"], "test_before": main.get("test_before"),
         "test_after": main.get("test_after"), "valid_after": main.get("valid_after"), "memory": mem,
         "baselines_same_subset": baselines, "wall_s": main["wall_s"], "recipe": recipe_used,
@@ -115,17 +137,18 @@ def cmd_report(a: argparse.Namespace) -> None:
     rows += [{"model": n, **{k: v.get(k) for k in keys}, "note": v.get("how", v.get("error"))}
              for n, v in baselines.items()]
     tr = main["train"]
-    perf = [{"run": "main (QLoRA)", "examples": tr["examples"], "steps": tr["steps"],
-             "examples/s": tr["examples_per_s"],
-             "train wall s": tr["wall_s"], "total wall s": main["wall_s"], "peak RSS MB": tr["peak_rss_mb"]}]
+    perf = [{"run": "main (QLoRA)", "examples": tr.get("examples"), "steps": tr.get("steps"),
+             "examples/s": tr.get("examples_per_s"), "train wall s": tr.get("wall_s"), "total wall s": main["wall_s"],
+             "peak RSS MB": tr.get("peak_rss_mb")}]
     for k in ("qlora", "bf16"):
         if k in mem:
             m = mem[k]
             perf.append({"run": f"memory: {k} LoRA, batch {m['batch_size']}, {m['steps']} steps",
                          "examples/s": m["examples_per_s"], "train wall s": m["wall_s"],
                          "peak RSS MB": m["peak_rss_mb"], "above start MB": m["peak_above_start_mb"]})
-    table = (f"Test subset: {n_test} examples, seed {seed}" + (" (candidates per prompt: 20)" if a.task == "rank"
-                                                               else "") + "\n\n"
+    status = main.get("status", "done")
+    cands = " (candidates per prompt: 20)" if a.task == "rank" else ""
+    table = (f"Status: {status}\n\nTest subset: {n_test} examples, seed {seed}{cands}\n\n"
              + md_table(rows, ["model", *keys, "note"]) + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
                                "peak RSS MB", "above start MB"])
@@ -147,6 +170,7 @@ def main() -> None:
     p.add_argument("--baselines", default="mf,bert_lstm", help="report (yesno): baselines scored on the same subset")
     p.add_argument("--note", default="", help="report: free text (e.g. the CPU contention during the run)")
     p.add_argument("--command", default=None, help="report: the commands that produced the runs")
+    p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_intermixed_args()
     {"run": cmd_run, "mem": cmd_mem, "report": cmd_report}[a.action](a)

@@ -174,6 +174,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         log.info("zero-shot evaluation on %d test examples", len(examples["test"]))
         metrics["test_before"] = evaluator(model, examples["test"], progress=tc.progress)
         log.info("test before: %s", metrics["test_before"])
+        if _is_main():  # partial metrics, overwritten at the end (status "done")
+            (out_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "running"}, indent=2) + "\n")
     # the evaluation above runs in inference mode; training mode again
     model.train()
 
@@ -276,6 +278,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         metrics["adapter"] = str(adapter_dir)
     metrics["wall_s"] = round(time.time() - t_start, 1)
     metrics["output_dir"] = str(out_dir)
+    metrics["status"] = "done"
     if _is_main():
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics
