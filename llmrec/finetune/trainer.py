@@ -218,7 +218,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         learning_rate=tc.lr,
         num_train_epochs=tc.epochs,
         max_steps=tc.max_steps,
-        warmup_steps=int(round(tc.warmup_ratio * total_steps)),
+        warmup_steps=int(tc.warmup_ratio * total_steps),  # floor: a 1-step warmup would waste step 1 at lr 0
         weight_decay=tc.weight_decay,
         lr_scheduler_type=tc.lr_scheduler,
         logging_steps=tc.logging_steps,
