@@ -57,7 +57,11 @@ def test_answer_only_mask(tiny_dir):
     assert len(short["input_ids"]) == 6 and short["input_ids"][-len(a_ids):] == a_ids
     assert short["labels"][: 6 - len(a_ids)] == [IGNORE_INDEX] * (6 - len(a_ids))
     b = batch(tok, "left")
-    assert torch.equal(b["labels"].ne(IGNORE_INDEX).sum(1), torch.tensor([2, 2, 2, 2]))
+    n_answer = [len(tok(e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in EXAMPLES]  # + EOS
+    assert torch.equal(b["labels"].ne(IGNORE_INDEX).sum(1), torch.tensor(n_answer))
+    for row, e in zip(b["labels"], EXAMPLES):  # right-aligned under left padding: the answer ids, then EOS
+        want = tok(e.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert row[-len(want):].tolist() == want
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert (b["position_ids"][:, -1] == b["attention_mask"].sum(1) - 1).all()
 

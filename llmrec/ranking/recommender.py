@@ -39,8 +39,8 @@ class RankingConfig:
 
     mode: Literal["verbalizer", "generate"] = "verbalizer"
     n_candidates: int = 20  # retrieved candidates placed in the prompt (letters A..T)
-    history_len: int = 20  # most recent events given to the prompt (the token budget may drop more, oldest first)
-    max_prompt_tokens: int = 1024  # token budget per prompt
+    history_len: int = 10  # most recent events in the prompt (as in the finetune recipes; the budget may drop more)
+    max_prompt_tokens: int = 512  # token budget per prompt (history is dropped oldest first to fit)
     chat: bool = False  # render with the tokenizer's chat template
     batch_size: int = 8  # prompts per backend call
     explain_max_new_tokens: int = 80
