@@ -1,6 +1,12 @@
 """Explanation post-check: title matching, hallucination counting, grounding and the template fallback."""
 
-from llmrec.ranking.explain import TitleMatcher, check_explanation, split_values, template_explanation
+from llmrec.ranking.explain import (
+    TitleMatcher,
+    check_explanation,
+    split_values,
+    template_explanation,
+    tidy_explanation,
+)
 
 IDS = ["1", "2", "3", "4"]
 TITLES = ["Toy Story (1995)", "Matrix, The (1999)", "Heat (1995)", "Alien (1979)"]
@@ -37,3 +43,25 @@ def test_template_fallback_uses_shared_attributes():
     assert '"Heat (1995)"' in text and "Action" in text and '"Alien (1979)"' in text
     assert split_values("Animation Children's Comedy") == ["Animation", "Children's", "Comedy"]
     assert split_values("rock, female vocalists") == ["rock", "female vocalists"]
+
+
+def test_invented_quoted_titles_and_repetition_fail_the_check():
+    m = TitleMatcher(IDS, TITLES)
+    invented = check_explanation('You liked "Toy Story (1995)" and "The (1996)".', m, {"1"}, {"3"}, set())
+    assert not invented.ok and invented.hallucinated == ["The (1996)"]
+    rep = check_explanation('You liked "Toy Story" and then "Toy Story (1995)" again.', m, {"1"}, {"3"}, set())
+    assert rep.grounded and rep.repetitive and not rep.ok
+    attr = check_explanation('You liked "Toy Story" and "Comedy" films.', m, {"1"}, {"3"}, {"Comedy"})
+    assert attr.ok  # a quoted attribute value is not an invented title
+
+
+def test_tidy_explanation_prefix_line_and_sentence_caps():
+    lead = "Because the user liked"
+    assert tidy_explanation(lead, ' "Heat", try this.\n- more') == 'Because the user liked "Heat", try this.'
+    assert tidy_explanation(lead, "   \n") == ""
+    two = tidy_explanation(lead, " A. Second one here. Third one. Fourth", max_sentences=2)
+    assert two == "Because the user liked A. Second one here."
+    unfinished = tidy_explanation(lead, " Heat and Alien, a lot of action. And also the")
+    assert unfinished == "Because the user liked Heat and Alien, a lot of action."
+    capped = tidy_explanation("", "Word " * 100, max_words=5)
+    assert capped == "Word Word Word Word Word ..."

@@ -53,24 +53,60 @@ class TitleMatcher:
         return self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip())
 
 
+_QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
+
+
+def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
+    """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
+    e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and
+    `max_words` words (an unfinished last sentence is cut off when a finished one exists)."""
+    body = text.split("\n", 1)[0].strip() if text.strip() else ""
+    if not body:
+        return ""
+    full = f"{lead} {body}".strip()
+    sentences = _SENTENCE_END.split(full)
+    out = " ".join(sentences[:max_sentences])
+    words = out.split()
+    if len(words) > max_words:
+        out = " ".join(words[:max_words]) + " ..."
+    elif len(sentences) > 1 and out[-1] not in ".!?" and len(sentences[0]) >= 20:
+        out = sentences[0]
+    return out
+
+
 @dataclass
 class ExplanationCheck:
     named: list[str] = field(default_factory=list)  # item ids named in the text
-    hallucinated: list[str] = field(default_factory=list)  # named, but neither in the history nor recommended
+    hallucinated: list[str] = field(default_factory=list)  # named ids neither in the history nor recommended, and
+    # quoted strings that are no catalogue title at all (invented titles)
     grounded: bool = False  # names >= 1 history item or a shared attribute value
+    repetitive: bool = False  # the same title named more than once (a degenerate generation)
     ok: bool = False
 
 
 def check_explanation(
     text: str, matcher: TitleMatcher, history_ids: set[str], recommended_ids: set[str], attributes: set[str]
 ) -> ExplanationCheck:
+    """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
+    title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title)
+    and not repetitive."""
     named = matcher.find(text)
     halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
     low = text.lower()
+    attr_low = {a.lower() for a in attributes}
+    quoted = [q.strip() for q in _QUOTED.findall(text)]
+    for q in quoted:
+        if not matcher.find(q) and q.lower() not in attr_low and q not in halluc:
+            halluc.append(q)
+    mentions = [matcher.exact(q) for q in quoted]
+    ids = [m for m in mentions if m]
+    repetitive = len(ids) != len(set(ids))
     grounded = any(i in history_ids for i in named) or any(
-        re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in attributes if len(a) >= 3
+        re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", low) for a in attr_low if len(a) >= 3
     )
-    return ExplanationCheck(named, halluc, grounded, ok=bool(text.strip()) and grounded and not halluc)
+    ok = bool(text.strip()) and grounded and not halluc and not repetitive
+    return ExplanationCheck(named, halluc, grounded, repetitive, ok)
 
 
 def split_values(v: str) -> list[str]:

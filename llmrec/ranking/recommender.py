@@ -26,7 +26,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.data.prepare import PreparedDataset
-from llmrec.ranking.explain import TitleMatcher, check_explanation, split_values, template_explanation
+from llmrec.ranking.explain import (
+    TitleMatcher,
+    check_explanation,
+    split_values,
+    template_explanation,
+    tidy_explanation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +265,14 @@ class Recommender:
         """Generated explanations with the post-check; (text, used_fallback, hallucinated ids) per user."""
         todo = [u for u, r in enumerate(recs) if r]
         res: list[tuple[str, bool, list[str]]] = [("", False, []) for _ in recs]
+        prefix = self.templates["explain"].answer_prefix
+        lead = prefix.split(":", 1)[1].strip() if ":" in prefix else ""  # "Explanation: Because the user liked"
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
             prompts = [self._render("explain", histories[u], recommended=self._items(recs[u][:3])).text for u in idx]
-            texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n\n"])
+            texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n"])
             for u, text in zip(idx, texts):
-                text = text.strip()
+                text = tidy_explanation(lead, text)
                 hist_ids = {e.item_id for e in histories[u]}
                 liked = [e.item_id for e in histories[u] if e.liked and e.item_id in self.ds.item_index]
                 attrs = {a for i in liked[-10:] for a in self._attrs(i)}
