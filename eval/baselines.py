@@ -2,7 +2,7 @@
 
     python eval/baselines.py --dataset ml-100k
     nice -n 10 python eval/baselines.py --dataset ml-1m
-    python eval/baselines.py --dataset ml-1m --models sasrec --set sasrec.time_budget_s=600 --reuse
+    python eval/baselines.py --dataset ml-1m --models sasrec --merge   # re-run one model, keep the other rows
 
 Next item: full ranking of every catalogue item minus the user's train+valid history, leave-one-out test target,
 all users (`llmrec.evaluation.evaluate_ranking`). Yes/No (MF, BERT+LSTM): every test row of the global time split
@@ -14,13 +14,15 @@ time is the one recorded when it was trained).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from llmrec.bench_utils import md_table, peak_rss_mb, write_result  # noqa: E402
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="load a checkpoint with the same config instead of training")
     ap.add_argument("--results-dir", help="default: eval/results")
     ap.add_argument("--name", help="result name (default: baselines_<dataset>)")
+    ap.add_argument("--merge", action="store_true", help="keep the other models' rows of an existing result file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -74,7 +77,7 @@ def main() -> None:
     from llmrec.config import deep_merge, parse_overrides
     from llmrec.data import load_prepared
 
-    ds = load_prepared(args.dataset)
+    ds = load_prepared(args.dataset, prepare_if_missing=True)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in names if m not in MODELS]
     if bad:
@@ -85,6 +88,13 @@ def main() -> None:
             raise SystemExit(f"--set: {k!r} is not a model name ({MODELS}); use MODEL.KEY=VALUE")
     methods: dict[str, Any] = {}
     details: dict[str, Any] = {}
+    old = Path(args.results_dir or ROOT / "eval" / "results") / f"{args.name or f'baselines_{ds.name}'}.json"
+    if args.merge and old.is_file():  # rows of models not re-run now stay, with their own recorded commit
+        prev = json.loads(old.read_text())
+        for n in MODELS:
+            if n in prev.get("methods", {}) and n not in names:
+                methods[n] = prev["methods"][n]
+                details[n] = {**prev.get("details", {}).get(n, {}), "from_earlier_run": prev.get("commit")}
 
     def write(final: bool) -> Path:
         notes = [
@@ -99,11 +109,12 @@ def main() -> None:
             notes.append(f"MF: {mf['yesno_cold_user_share']:.0%} of the Yes/No test rows are from users with no "
                          "training row (after the time cut-off): they get item + global bias only.")
         for name, d in details.items():
-            fi = d["fit_info"]
+            fi = d.get("fit_info", {})
             if any(k.endswith("stopped_by_time_budget") for k in fi):
-                notes.append(f"{name}: training stopped by its time budget ({d['config'].get('time_budget_s')} s), "
+                budget = d.get("config", {}).get("time_budget_s")
+                notes.append(f"{name}: training stopped by its time budget ({budget} s), "
                              f"best epoch kept: {fi}")
-            if name == "bert_lstm" and d["config"].get("max_train_examples"):
+            if name == "bert_lstm" and d.get("config", {}).get("max_train_examples"):
                 notes.append(f"bert_lstm: Yes/No training capped at {d['config']['max_train_examples']:,} seeded rows "
                              f"of {int((ds.yesno['split'] == 'train').sum()):,}.")
         payload = {
