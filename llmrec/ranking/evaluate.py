@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.data.loaders import DataError
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
 
-class TallrecFormatError(ValueError):
-    pass
+class TallrecFormatError(DataError):
+    """A malformed TALLRec file (a `DataError`, so the CLI reports it as `llmrec: error: ...`)."""
 
 
 def load_tallrec(path: str | Path) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ retrieval score, so metrics stay full-ranking over the whole catalogue.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from llmrec.ranking.explain import (
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_FIELDS = ("genres", "categories", "brand")
+_LIST_MARKER = re.compile(r"^(?:[-*•]+\s*|\(?\d{1,3}[.)]\s+)")  # a list marker before a generated title
 
 
 @dataclass
@@ -231,15 +233,16 @@ class Recommender:
         return out
 
     def map_titles(self, text: str, candidate_ids: list[str]) -> list[str]:
-        """Generated lines -> catalogue items: exact title match, else the most similar candidate title by
-        embedding (>= min_title_similarity). Unmapped lines are dropped and counted in `last_generate_stats`."""
+        """Generated lines -> candidate items: exact title match, else the most similar candidate title by
+        embedding (>= min_title_similarity). Unmapped lines, and lines naming a catalogue item that is not a
+        candidate (e.g. one from the user's history), are dropped and counted in `last_generate_stats`."""
         stats = getattr(self, "last_generate_stats", None)
         if stats is None:
             stats = self.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
         named: list[str] = []
         cand_titles = [str(self.ds.titles[self.ds.item_index[c]]) for c in candidate_ids]
         for line in text.splitlines():
-            line = line.strip().lstrip("-*0123456789.) ").strip()
+            line = _LIST_MARKER.sub("", line.strip()).strip()  # "1. ", "2) ", "- ", "* "; not a title's digits
             if not line:
                 continue
             stats["lines"] += 1
@@ -247,6 +250,9 @@ class Recommender:
             if iid is None:
                 found = self.matcher.find(line)
                 iid = found[0] if found else None
+            if iid is not None and iid not in candidate_ids:  # a catalogue title, but not one of the candidates
+                stats["unmapped"] += 1
+                continue
             if iid is None and hasattr(self.retriever, "similar_texts") and cand_titles:
                 sims = self.retriever.similar_texts(line, cand_titles)
                 j = int(np.argmax(sims))

@@ -1,0 +1,525 @@
+"""`llmrec.ranking`: verbalizer and generate ranking, Yes/No scoring, full-ranking score matrices, recommend with
+explanations and their post-check, the LLM evaluations (TALLRec files, explanation metrics, contamination probe) and
+`llmrec eval yesno`. Real parts: the tiny dataset, a 2-layer Llama built from config, the MiniLM text retriever;
+scripted backends where a known answer makes the assertion sharper."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("faiss")
+
+from llm_fixtures import make_tiny_llm  # noqa: E402
+
+from llmrec.llm.base import Backend, cut_at_stop, normalize_choices  # noqa: E402
+from llmrec.ranking import HistEvent, RankingConfig, Recommendation, Recommender, to_hist_events  # noqa: E402
+
+USERS = ["u0", "u1", "u2", "u3", "u5"]
+
+
+# ------------------------------------------------------------------------------------------------ scripted backends
+class ScriptedBackend(Backend):
+    """Deterministic backend. `score_choices`: logits from `logits(prompt, choices)` (default: 0, 1, 2, ... so the
+    last choice wins); `generate`: `gen` (a string, or a function of the prompt), cut at `stop` as the contract says.
+    Records every prompt."""
+
+    name = "scripted"
+
+    def __init__(self, gen="", logits=None):
+        self.gen = gen
+        self.logits = logits or (lambda prompt, choices: np.arange(len(choices), dtype=np.float64))
+        self.scored: list[str] = []
+        self.generated: list[str] = []
+
+    @property
+    def tokenizer(self):
+        return None
+
+    def score_choices(self, prompts, choices):
+        per = normalize_choices(prompts, choices)
+        self.scored += prompts
+        x = np.stack([np.asarray(self.logits(p, c), dtype=np.float64) for p, c in zip(prompts, per)])
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop=None):
+        self.generated += prompts
+        return [cut_at_stop(self.gen(p) if callable(self.gen) else self.gen, stop) for p in prompts]
+
+
+def labelled_titles(prompt: str) -> dict[str, str]:
+    """`A. "Action Story 12"` lines of a rank prompt -> {letter: title}."""
+    return dict(re.findall(r'^([A-T])\. "([^"]+)"', prompt, re.M))
+
+
+def number(title: str) -> int:
+    return int(title.rsplit(" ", 1)[1])
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def parts(tiny_dataset, tmp_path_factory):
+    from llmrec.llm import load_backend
+    from llmrec.retrieval import TextRetriever
+
+    root = tmp_path_factory.mktemp("ranking")
+    llm_dir = make_tiny_llm(root / "llm")
+    backend = load_backend("transformers", model=str(llm_dir), dtype="float32")
+    retriever = TextRetriever(cache_dir=root / "ret").build(tiny_dataset, progress=False)
+    return SimpleNamespace(ds=tiny_dataset, backend=backend, retriever=retriever, llm_dir=llm_dir)
+
+
+def make_rec(parts, backend=None, **cfg) -> Recommender:
+    return Recommender(parts.ds, backend or parts.backend, parts.retriever,
+                       RankingConfig(**{"n_candidates": 8, "max_prompt_tokens": 512, **cfg}))
+
+
+@pytest.fixture(scope="module")
+def rec(parts):
+    return make_rec(parts)
+
+
+def title(ds, item_id: str) -> str:
+    return str(ds.titles[ds.item_index[item_id]])
+
+
+def test_to_hist_events_reads_dicts_and_derives_liked():
+    ev = to_hist_events([
+        {"item_id": "i1", "type": "rating", "value": 5, "timestamp": 10},
+        {"item_id": "i2", "type": "rating", "value": 2.0, "timestamp": 11},
+        {"item_id": "i3", "type": "purchase", "timestamp": 12},
+        HistEvent("i4", False, None, 13),
+    ], like_threshold=3.0)
+    assert [(e.item_id, e.liked, e.rating, e.timestamp) for e in ev] == [
+        ("i1", True, 5, 10), ("i2", False, 2.0, 11), ("i3", None, None, 12), ("i4", False, None, 13)]
+
+
+# ------------------------------------------------------------------------------------------------ 1. verbalizer
+def test_verbalizer_orders_candidates_by_letter_logprobs(parts):
+    rec = make_rec(parts, ScriptedBackend(), batch_size=2)
+    hs = [rec.dataset_history(u, "test") for u in USERS]
+    cands = [rec.candidates(h) for h in hs]
+    assert all(len(c) == 8 for c in cands)
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r in zip(cands, ranked):
+        ids = [i for i, _ in c]
+        assert [i for i, _ in r] == ids[::-1]  # the last letter is preferred: the last candidate comes first
+        scores = np.array([s for _, s in r])
+        assert np.all(scores <= 0) and np.exp(scores).sum() <= 1 + 1e-9
+        assert np.all(np.diff(scores) < 0)
+    assert len(rec.backend.scored) == len(USERS)
+
+    # letter i is candidate i: prefer the highest item number named on a labelled line
+    def by_number(prompt, choices):
+        lab = labelled_titles(prompt)
+        assert [c.strip() for c in choices] == list(lab)
+        return np.array([number(lab[c.strip()]) for c in choices], dtype=np.float64)
+
+    rec = make_rec(parts, ScriptedBackend(logits=by_number), batch_size=3)
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r in zip(cands, ranked):
+        assert [i for i, _ in r] == sorted((i for i, _ in c), key=lambda i: -int(i[1:]))
+
+    with pytest.raises(ValueError, match="unknown ranking mode"):
+        rec.rank_candidates(hs, cands, mode="listwise")
+
+
+def test_verbalizer_batched_equals_one_user_at_a_time(parts):
+    rec1 = make_rec(parts, batch_size=1)
+    hs = [rec1.dataset_history(u, "test") for u in USERS]
+    cands = [rec1.candidates(h) for h in hs]
+    saved = parts.backend.batch_size
+    try:
+        parts.backend.batch_size = 1
+        one = rec1.rank_candidates(hs, cands)
+        parts.backend.batch_size = 4
+        batched = make_rec(parts, batch_size=4).rank_candidates(hs, cands)
+    finally:
+        parts.backend.batch_size = saved
+    for a, b, c in zip(one, batched, cands):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert sorted(i for i, _ in a) == sorted(i for i, _ in c)
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+        assert np.exp([s for _, s in a]).sum() <= 1 + 1e-6
+    assert any(len({round(s, 6) for _, s in a}) > 1 for a in one)  # real, distinct log-probs
+
+
+# ------------------------------------------------------------------------------------------------ 2. generate
+def test_map_titles_exact_case_quotes_markers_and_unmapped(rec, tiny_dataset):
+    h = rec.dataset_history("u2", "test")
+    cands = [c for c, _ in rec.candidates(h)]
+    t = [title(tiny_dataset, c) for c in cands]
+    hist_title = title(tiny_dataset, h[0].item_id)
+    rec.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
+    text = "\n".join([
+        f"1. {t[3]}",
+        f'- "{t[5].upper()}"',
+        "",
+        f"* '{t[0].lower()}'",
+        "A lovely purple elephant dancing",
+        f"2) {t[3]}",  # a repeat: mapped, kept once
+        hist_title,  # a catalogue title that is not a candidate (the user has seen it)
+        f"{t[7]}",
+    ])
+    named = rec.map_titles(text, cands)
+    assert named == [cands[3], cands[5], cands[0], cands[7]]
+    assert rec.last_generate_stats == {"lines": 7, "mapped": 5, "unmapped": 2}
+
+
+def _fake_ds(titles: list[str], years: list[str] | None = None):
+    ids = [f"m{j}" for j in range(len(titles))]
+    items = pd.DataFrame({"item_id": ids, "title": titles, **({"year": years} if years else {})})
+    return SimpleNamespace(item_ids=np.array(ids), titles=np.array(titles), items=items, domain="movie",
+                           item_index={i: n for n, i in enumerate(ids)}, text_fields=[], name="fake")
+
+
+def test_map_titles_keeps_digits_of_titles_and_uses_embedding_threshold():
+    titles = ["1984 (1956)", "12 Angry Men (1957)", "2001: A Space Odyssey (1968)", "Matrix, The (1999)", "Heat"]
+    sims = {"Twelve angry jurors": np.array([0.1, 0.9, 0.2, 0.1]),
+            "Space thing": np.array([0.1, 0.2, 0.7, 0.1])}  # below the 0.75 threshold
+    retriever = SimpleNamespace(similar_texts=lambda line, texts: sims[line])
+    rec = Recommender(_fake_ds(titles), ScriptedBackend(), retriever, RankingConfig(n_candidates=5))
+    cands = ["m0", "m1", "m2", "m3"]
+    text = "1. 1984\n2. 2001: A Space Odyssey\n3) The Matrix\n12 Angry Men (1957)\nTwelve angry jurors\nSpace thing"
+    assert rec.map_titles(text, cands) == ["m0", "m2", "m3", "m1"]
+    assert rec.last_generate_stats == {"lines": 6, "mapped": 5, "unmapped": 1}
+    assert rec.map_titles("Heat", cands) == []  # in the catalogue, not a candidate
+
+
+def test_generate_mode_named_first_then_retrieval_order(parts, tiny_dataset):
+    def answer(prompt):
+        assert "Choose among these items:" in prompt and prompt.endswith("Title:")
+        cand_titles = re.findall(r'^- "([^"]+)"$', prompt.split("Choose among these items:")[1], re.M)
+        assert len(cand_titles) == 8
+        return f' 1. "{cand_titles[6]}"\n2. {cand_titles[2].lower()}\n3. Nothing Like It At All\n'
+
+    rec = make_rec(parts, ScriptedBackend(gen=answer), mode="generate", batch_size=2)
+    hs = [rec.dataset_history(u, "test") for u in USERS[:3]]
+    cands = [rec.candidates(h) for h in hs]
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r in zip(cands, ranked):
+        ids = [i for i, _ in c]
+        assert [i for i, _ in r] == [ids[6], ids[2]] + [i for i in ids if i not in (ids[6], ids[2])]
+        assert [s for _, s in r] == [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    assert rec.last_generate_stats == {"lines": 9, "mapped": 6, "unmapped": 3}
+
+    # the model names a history title: never recommended back (seen), the candidates keep their order
+    h = rec.dataset_history("u2")
+    rec = make_rec(parts, ScriptedBackend(gen=title(tiny_dataset, h[-1].item_id)), mode="generate")
+    r = rec.recommend("u2", k=4, explain=False)
+    assert [i.item_id for i in r.items] == [c for c, _ in rec.candidates(h)][:4]
+    assert rec.last_generate_stats == {"lines": 1, "mapped": 0, "unmapped": 1}
+
+
+# ------------------------------------------------------------------------------------------------ 3. yes/no
+def test_yesno_probs_equal_softmax_of_first_token_logits(rec, tiny_dataset):
+    import torch
+
+    h = rec.dataset_history("u3", "test")
+    targets = ["i0", "i1", "i7", "i30"]
+    probs = rec.yesno_probs([h] * len(targets), targets)
+    assert probs.shape == (4,) and np.all((probs > 0) & (probs < 1))
+    tok, model = rec.backend.tokenizer, rec.backend.model
+    yes, no = (tok.encode(c, add_special_tokens=False)[0] for c in (" Yes", " No"))
+    assert yes != no
+    want = []
+    for t in targets:
+        text = rec._render("yesno", h, target=rec._items([t])[0]).text
+        assert f'"{title(tiny_dataset, t)}"? Answer Yes or No.\nAnswer:' in text
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
+        want.append(torch.softmax(logits[[yes, no]], -1)[0].item())
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert np.ptp(probs) > 1e-6  # depends on the target
+
+    got = rec.score_yesno("u3", targets, history=[{"item_id": e.item_id, "liked": e.liked, "rating": e.rating,
+                                                    "timestamp": e.timestamp} for e in h])
+    np.testing.assert_allclose(got, probs, atol=1e-6)
+    with pytest.raises(KeyError, match="nope"):
+        rec.score_yesno("u3", ["i0", "nope"])
+
+
+# ------------------------------------------------------------------------------------------------ 4. score_matrix
+def test_score_matrix_candidates_on_top_without_leakage(parts, tiny_dataset):
+    rec = make_rec(parts)
+    seen_hist: list[list[HistEvent]] = []
+    inner = rec.rank_candidates
+
+    def spy(histories, cands, mode=None):
+        seen_hist.extend(histories)
+        return inner(histories, cands, mode)
+
+    rec.rank_candidates = spy
+    prompts: list[str] = []
+    real_score = parts.backend.score_choices
+    rec.backend = SimpleNamespace(tokenizer=parts.backend.tokenizer, name="spy",
+                                  score_choices=lambda p, c: (prompts.extend(p), real_score(p, c))[1])
+    users = USERS[:4]
+    m = rec.score_matrix(users, "test")
+    assert m.shape == (len(users), tiny_dataset.n_items) and np.isfinite(m).all()
+    targets = tiny_dataset.targets("test").set_index("user_id")["item_id"]
+    for u, user in enumerate(users):
+        h = tiny_dataset.history(user, before="test")
+        assert set(h["split"]) <= {"train", "valid"}
+        used = [e.item_id for e in seen_hist[u]]
+        assert used == list(h["item_id"])  # exactly the train+valid events, in time order
+        assert targets[user] not in used
+        cands = [c for c, _ in rec.candidates(seen_hist[u])]
+        assert len(cands) == 8 and not set(cands) & set(used)
+        cidx = [tiny_dataset.item_index[c] for c in cands]
+        others = np.delete(m[u], cidx)
+        assert m[u, cidx].min() > others.max()
+        top = [str(tiny_dataset.item_ids[j]) for j in np.argsort(-m[u], kind="stable")[:8]]
+        assert top == [i for i, _ in inner([seen_hist[u]], [rec.candidates(seen_hist[u])])[0]]
+        hist_part = prompts[u].split("Candidate items:")[0]
+        assert f'"{title(tiny_dataset, targets[user])}"' not in hist_part
+        assert f'"{title(tiny_dataset, used[-1])}"' in hist_part
+
+
+# ------------------------------------------------------------------------------------------------ 5. recommend
+def test_recommend_and_batch_real_llm(rec, tiny_dataset):
+    r = rec.recommend("u2", k=4, explain=True)
+    ids = [i.item_id for i in r.items]
+    assert len(ids) == 4 and len(set(ids)) == 4 and [i.rank for i in r.items] == [1, 2, 3, 4]
+    assert not set(ids) & set(tiny_dataset.history("u2", before="all")["item_id"])
+    assert set(ids) <= {c for c, _ in rec.candidates(rec.dataset_history("u2"))}
+    assert [i.title for i in r.items] == [title(tiny_dataset, i) for i in ids]
+    assert all(a.score >= b.score for a, b in zip(r.items, r.items[1:]))
+    assert isinstance(r.explanation, str) and r.explanation.strip()
+    if r.explanation_fallback:
+        assert f'"{r.items[0].title}"' in r.explanation
+    assert r.backend == rec.backend.name and r.stats["seconds_per_user"] > 0
+
+    batch = rec.recommend_batch(["u2", "u5", "u9"], k=3, explain=False)
+    assert [b.user_id for b in batch] == ["u2", "u5", "u9"]
+    for b in batch:
+        one = rec.recommend(b.user_id, k=3, explain=False)
+        assert b.explanation is None and [i.item_id for i in b.items] == [i.item_id for i in one.items]
+        np.testing.assert_allclose([i.score for i in b.items], [i.score for i in one.items], atol=1e-5)
+    assert [i.item_id for i in batch[0].items] == ids[:3]
+
+
+def test_explicit_history_overrides_dataset_history(parts, tiny_dataset):
+    backend = ScriptedBackend()
+    rec = make_rec(parts, backend)
+    ev = [{"item_id": f"i{j}", "type": "rating", "value": 5, "timestamp": 1000 + j} for j in (0, 4, 8, 12, 16)]
+    r = rec.recommend("u2", k=4, explain=False, history=ev)
+    own = [c for c, _ in rec.candidates(to_hist_events(ev))]
+    assert [i.item_id for i in r.items] == own[::-1][:4]  # scripted: last letter first
+    assert not {i.item_id for i in r.items} & {e["item_id"] for e in ev}
+    assert set(own) != {c for c, _ in rec.candidates(rec.dataset_history("u2"))}
+    prompt = backend.scored[-1].split("Candidate items:")[0]
+    assert '"Action Story 0" (liked)' in prompt and '"Action Story 16" (liked)' in prompt
+    assert "Drama Story" not in prompt  # u2's dataset history (dramas) is not used
+    rb = rec.recommend_batch(["u2", "u2"], histories=[ev, None], k=4, explain=False)
+    assert [i.item_id for i in rb[0].items] == [i.item_id for i in r.items]
+    assert [i.item_id for i in rb[1].items] == [c for c, _ in rec.candidates(rec.dataset_history("u2"))][::-1][:4]
+
+
+def _other_item(rec, user: str) -> str:
+    """A catalogue item neither in the user's history nor among their candidates."""
+    h = rec.dataset_history(user)
+    taken = {e.item_id for e in h} | {c for c, _ in rec.candidates(h)}
+    return next(str(i) for i in rec.ds.item_ids if str(i) not in taken)
+
+
+@pytest.mark.parametrize("case", ["invented", "unseen_catalogue", "ungrounded", "empty"])
+def test_explanation_fallback_when_post_check_fails(parts, tiny_dataset, case):
+    probe = make_rec(parts, ScriptedBackend())
+    other = _other_item(probe, "u2")
+    gen = {"invented": ' "The Midnight Llama Returns", a hidden gem.',
+           "unseen_catalogue": f' "{title(tiny_dataset, other)}" a lot.',
+           "ungrounded": " nice things and these are nice too.",
+           "empty": "   "}[case]
+    backend = ScriptedBackend(gen=gen)
+    rec = make_rec(parts, backend)
+    r = rec.recommend("u2", k=4, explain=True)
+    assert r.explanation_fallback is True
+    assert r.explanation.startswith("Recommended ")
+    assert f'"{r.items[0].title}"' in r.explanation
+    assert "Midnight Llama" not in r.explanation
+    want_hall = {"invented": ["The Midnight Llama Returns"], "unseen_catalogue": [other]}.get(case, [])
+    assert r.hallucinated == want_hall
+    explain_prompt = backend.generated[-1]
+    assert all(f'- "{i.title}"' in explain_prompt.split("Recommended items:")[1] for i in r.items[:3])
+
+
+def test_grounded_explanation_is_kept(parts, tiny_dataset):
+    h = make_rec(parts).dataset_history("u2")
+    liked = [e.item_id for e in h if e.liked]
+    named = title(tiny_dataset, liked[-1])
+    backend = ScriptedBackend(gen=f' "{named}", so these dramas fit well.\n"The Midnight Llama" on a new line.')
+    r = make_rec(parts, backend).recommend("u2", k=4, explain=True)
+    assert r.explanation_fallback is False and r.hallucinated == []
+    assert f'"{named}", so these dramas fit well.' in r.explanation
+    assert "Midnight Llama" not in r.explanation and not r.explanation.startswith("Recommended ")
+
+
+# ------------------------------------------------------------------------------------------------ 6. evaluations
+def _tallrec_rows(outputs=("Yes.", "No.", "Yes.", "No.", "Yes.", "No.")):
+    instr = 'Given the user\'s preference and unpreference, identify whether the user will like the target movie by ' \
+            'answering "Yes." or "No.".'
+    return [{"instruction": instr,
+             "input": f'User Preference: "Action Story {n}"\nUser Unpreference: "Drama Story {n}"\n'
+                      f'Whether the user will like the target movie "{"good" if o.startswith("Yes") else "bad"} {n}"?',
+             "output": o} for n, o in enumerate(outputs)]
+
+
+@pytest.fixture(scope="module")
+def tallrec_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tallrec") / "six.json"
+    p.write_text(json.dumps(_tallrec_rows()))
+    return p
+
+
+def test_tallrec_eval_with_oracle_and_tiny_llm(parts, tallrec_file):
+    from llmrec.ranking.evaluate import eval_yesno_tallrec, load_tallrec, tallrec_prompt
+
+    rows = load_tallrec(tallrec_file)
+    assert len(rows) == 6 and tallrec_prompt(rows[0]).endswith('"good 0"?\nAnswer:')
+
+    def oracle(prompt, choices):
+        assert list(choices) == [" Yes", " No"] and prompt.startswith("Given the user") and prompt.endswith("Answer:")
+        return np.log([0.8, 0.2]) if '"good' in prompt else np.log([0.3, 0.7])
+
+    m = eval_yesno_tallrec(ScriptedBackend(logits=oracle), tallrec_file, batch_size=4)
+    assert m["n"] == 6 and m["auc"] == 1.0 and m["accuracy"] == 1.0 and m["f1"] == 1.0
+    flipped = eval_yesno_tallrec(ScriptedBackend(logits=lambda p, c: oracle(p, c)[::-1]), tallrec_file)
+    assert flipped["auc"] == 0.0 and flipped["accuracy"] == 0.0
+
+    real = eval_yesno_tallrec(parts.backend, tallrec_file, batch_size=4)
+    assert real["n"] == 6 and 0.0 <= real["auc"] <= 1.0
+    assert {"accuracy", "f1", "precision", "recall", "seconds"} <= set(real)
+    assert real["source"] == str(tallrec_file)
+
+
+def test_tallrec_export_round_trip(tiny_dataset, tmp_path):
+    from llmrec.evaluation import yesno_subset
+    from llmrec.ranking.evaluate import export_tallrec, load_tallrec
+
+    rows = load_tallrec(export_tallrec(tiny_dataset, "test", tmp_path / "t.json", max_examples=6))
+    ex = yesno_subset(tiny_dataset, "test", 6, 0)
+    assert len(rows) == 6 == len(ex)
+    assert [r["output"] for r in rows] == ["Yes." if lab else "No." for lab in ex["label"]]
+    assert all(f'"{title(tiny_dataset, i)}"?' in r["input"] for r, i in zip(rows, ex["item_id"]))
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda rows: rows[2].pop("output"), r"entry 2: field 'output' missing"),
+        (lambda rows: rows[4].update(output="Maybe."), r"entry 4: field 'output' must be 'Yes\.' or 'No\.'.*Maybe"),
+        (lambda rows: rows[1].update(input=None), r"entry 1: field 'input'"),
+    ],
+)
+def test_tallrec_malformed_entries(tmp_path, mutate, match):
+    from llmrec.ranking.evaluate import TallrecFormatError, load_tallrec
+
+    rows = _tallrec_rows()
+    mutate(rows)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(rows))
+    with pytest.raises(TallrecFormatError, match=match):
+        load_tallrec(p)
+
+
+def test_tallrec_malformed_files(tmp_path):
+    from llmrec.ranking.evaluate import TallrecFormatError, load_tallrec
+
+    p = tmp_path / "x.json"
+    p.write_text('[{"instruction": "a",\n "input": ')
+    with pytest.raises(TallrecFormatError, match="line 2: invalid JSON"):
+        load_tallrec(p)
+    p.write_text('{"instruction": "a", "input": "b", "output": "Yes."}')
+    with pytest.raises(TallrecFormatError, match="non-empty JSON list"):
+        load_tallrec(p)
+    with pytest.raises(TallrecFormatError, match="file not found"):
+        load_tallrec(tmp_path / "missing.json")
+
+
+def test_explanation_metrics_hand_computed():
+    from llmrec.ranking.evaluate import explanation_metrics
+
+    recs = [
+        Recommendation("a", [], "the cat sat on the mat", False, []),
+        Recommendation("b", [], "The CAT sat", True, ["The Midnight Llama"]),
+        Recommendation("c", [], "because you liked it", False, []),
+        Recommendation("d", [], None, True, ["i9", "i10"]),
+    ]
+    m = explanation_metrics(recs)
+    # bigrams: a 5 (all new), b 2 (both seen in a), c 3 (new), d 0 -> 8 distinct / 10
+    assert m["n"] == 4
+    assert m["grounding_rate"] == pytest.approx(2 / 4)
+    assert m["fallback_rate"] == pytest.approx(2 / 4)
+    assert m["hallucination_rate"] == pytest.approx(2 / 4)
+    assert m["mean_words"] == pytest.approx((6 + 3 + 4 + 0) / 4)
+    assert m["distinct_2"] == pytest.approx(8 / 10)
+    assert explanation_metrics([Recommendation("x", [], "same words here", False, [])] * 2)["distinct_2"] == 0.5
+
+
+def test_contamination_probe_memorizer_vs_shuffled_control():
+    from llmrec.ranking.evaluate import contamination_probe
+
+    titles = ["Silent Harbor Mystery (1994)", "Crimson Valley Echoes Tonight (1988)", "Paper Lantern Garden (2001)",
+              "Broken Compass Rose (1994)", "Velvet Thunder (1975)", "Golden Orchard Winter Tale (2010)",
+              "Solo (1980)"]
+    years = ["1994", "1988", "2001", "1994", "1975", "2010", "1980"]
+    ds = _fake_ds(titles, years)
+    real = {re.sub(r" \(\d{4}\)$", "", t): y for t, y in zip(titles, years)}
+    halves = {" ".join(t.split()[: max(1, len(t.split()) // 2)]): " ".join(t.split()[max(1, len(t.split()) // 2):])
+              for t in real}
+
+    def memorizer(prompt):
+        m = re.fullmatch(r'The movie titled "(.+)', prompt)
+        if m:
+            return f'{halves[m.group(1)]}" is a film' if m.group(1) in halves else ' and more"'
+        m = re.fullmatch(r'The movie "(.+)" was released in the year', prompt)
+        assert m, prompt
+        return f" {real[m.group(1)]}."
+
+    backend = ScriptedBackend(gen=memorizer)
+    out = contamination_probe(backend, ds, n=100, seed=3)
+    assert out["n"] == 6  # "Solo" has one word
+    assert out["title_completion_rate"] == 1.0 and out["shuffled_control_rate"] == 0.0
+    assert out["year_accuracy"] == 1.0 and out["year_majority_baseline"] == pytest.approx(2 / 6)
+    assert not any("Solo" in p for p in backend.generated)
+
+    blank = contamination_probe(ScriptedBackend(gen=" something else"), ds, n=3, seed=0)
+    assert blank["n"] == 3 and blank["title_completion_rate"] == 0.0 and blank["year_accuracy"] == 0.0
+
+
+def test_build_recommender_with_instances(parts):
+    from llmrec.ranking.factory import build_recommender
+
+    backend = ScriptedBackend()
+    rec = build_recommender(parts.ds, backend, adapter="/somewhere/my-lora", retriever=parts.retriever,
+                            cfg=RankingConfig(n_candidates=5))
+    assert rec.backend is backend and rec.retriever is parts.retriever and rec.adapter == "my-lora"
+    r = rec.recommend("u1", k=2, explain=False)
+    assert r.adapter == "my-lora" and r.backend == "scripted" and len(r.items) == 2
+    assert len(labelled_titles(backend.scored[-1])) == 5
+
+
+# ------------------------------------------------------------------------------------------------ 7. CLI
+def test_cli_eval_yesno_file(parts, tallrec_file, tmp_path, capsys):
+    from llmrec.cli import main
+
+    out = tmp_path / "res" / "yesno.json"
+    args = ["eval", "yesno", "--file", str(tallrec_file), "--model", str(parts.llm_dir), "--dtype", "float32",
+            "--batch-size", "4"]
+    assert main(args + ["--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["n"] == 6 and 0.0 <= m["auc"] <= 1.0 and m["adapter"] is None and "accuracy" in m
+    assert "yes/no on" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "input": "b", "output": "Perhaps"}]))
+    assert main(args[:3] + [str(bad)] + args[4:]) == 1
+    err = capsys.readouterr().err
+    assert "llmrec: error:" in err and "entry 0: field 'output'" in err
