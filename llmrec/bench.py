@@ -51,9 +51,25 @@ class BenchConfig:
 def _finetune_default(task: str, dataset: str) -> str | None:
     from llmrec.config import llmrec_home
 
-    for cand in sorted((llmrec_home() / "finetune").glob(f"{task}*{dataset}*/adapter")):
-        return str(cand)
+    root = llmrec_home() / "finetune"
+    for name in (f"{task}_{dataset}", f"bench_{task}_{dataset}"):
+        if (root / name / "adapter").is_dir():
+            return str(root / name / "adapter")
+    for cand in sorted(root.glob(f"*{task}*{dataset}*/adapter")):
+        if "_mem_" not in cand.parent.name:  # memory-benchmark runs train 2 steps: never a default
+            return str(cand)
     return None
+
+
+def goal_line(key: str, g: dict) -> str:
+    """One markdown bullet for a goal of the bench report."""
+    verdict = "met" if g["met"] else "NOT met"
+    if key == "verbalizer_speedup":
+        return f"- verbalizer vs generate: {g['ratio']:.1f}x faster per user (goal {g['goal_ratio']:.0f}x): {verdict}"
+    return (
+        f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other {g['best_other']:.4f} = {g['ratio']:.2f}x "
+        f"(goal {g['goal_ratio']}x): {verdict}"
+    )
 
 
 def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods: dict, curves: dict) -> None:
@@ -242,10 +258,19 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
             goals[key] = {
                 "tuned_llm": tuned[key],
                 "best_other": max(others),
-                "ratio": tuned[key] / max(others),
+                "ratio": tuned[key] / max(others) if max(others) > 0 else float("inf"),
                 "goal_ratio": margin,
                 "met": tuned[key] >= margin * max(others),
             }
+    if report.get("verbalizer_vs_generate"):
+        sp = report["verbalizer_vs_generate"]["speedup"]
+        goals["verbalizer_speedup"] = {
+            "tuned_llm": sp,
+            "best_other": 1.0,
+            "ratio": sp,
+            "goal_ratio": 20.0,
+            "met": sp >= 20.0,
+        }
     zs = RESULTS_DIR / "zeroshot.json"
     payload = {
         "dataset": ds.name,
@@ -270,15 +295,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
     md = md_table(rows, cols)
     md += "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n"
     if goals:
-        md += (
-            "\n## Goals\n"
-            + "\n".join(
-                f"- {k}: tuned LLM {g['tuned_llm']:.4f} vs best other {g['best_other']:.4f} = {g['ratio']:.2f}x "
-                f"(goal {g['goal_ratio']}x): {'met' if g['met'] else 'NOT met'}"
-                for k, g in goals.items()
-            )
-            + "\n"
-        )
+        md += "\n## Goals\n" + "\n".join(goal_line(k, g) for k, g in goals.items()) + "\n"
     if report.get("verbalizer_vs_generate"):
         v = report["verbalizer_vs_generate"]
         md += (
@@ -293,6 +310,59 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
                 + (" *(template fallback)*" if e["fallback"] else "")
                 + "\n"
             )
+    if payload["zeroshot"]:
+        zcols = list(dict.fromkeys(k for r in payload["zeroshot"] for k in r))
+        md += "\n## Zero-shot (from eval/results/zeroshot.json)\n" + md_table(payload["zeroshot"], zcols)
     for n in report["notes"]:
         md += f"\n> note: {n}\n"
-    return write_result(name, payload, md, command=command, results_dir=out_dir)
+    path = write_result(name, payload, md, command=command, results_dir=out_dir)
+    if cfg.llm:
+        write_ranking(ds.name, payload, command, out_dir)
+    return path
+
+
+def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path) -> Path:
+    """The recommender-pipeline view of a bench run: `ranking_<dataset>.{json,md}`.
+
+    Retrieval alone, LLM rerank zero-shot and tuned, the best baseline of the same run (same users, full ranking),
+    verbalizer vs generate time per user, explanation metrics and examples.
+    """
+    methods = bench["methods"]
+    baselines = {n: r for n, r in methods.items() if not n.startswith(("llm", "retrieval")) and "ndcg@10" in r}
+    rows = {n: r for n, r in methods.items() if n.startswith(("llm", "retrieval"))}
+    if baselines:
+        best = max(baselines, key=lambda n: baselines[n]["ndcg@10"])
+        rows[f"best baseline: {best}"] = baselines[best]
+    keep = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "rank_s_per_user", "rank_adapter"]
+    table = {n: {k: r[k] for k in keep if k in r} for n, r in rows.items()}
+    goals = {k: v for k, v in bench.get("goals", {}).items() if k in ("ndcg@10", "verbalizer_speedup")}
+    payload = {
+        "dataset": dataset,
+        "protocol": bench["protocol"]["next_item"],
+        "methods": table,
+        "verbalizer_vs_generate": bench.get("verbalizer_vs_generate"),
+        "explanations": bench.get("explanations"),
+        "goals": goals,
+        "source": f"bench_{dataset}.json",
+    }
+    md = f"Protocol: {payload['protocol']}.\n\n"
+    md += md_table([{"method": n, **r} for n, r in table.items()], ["method", *keep])
+    v = payload["verbalizer_vs_generate"]
+    if v:
+        md += (
+            f"\n## verbalizer vs generate ({v['users']} users, 20 candidates)\n"
+            f"verbalizer {v['verbalizer_s_per_user']:.3f} s/user, generate {v['generate_s_per_user']:.3f} s/user: "
+            f"{v['speedup']:.1f}x; generate ndcg@10 {v['generate_ndcg@10']:.4f}; mapping {v.get('generate_mapping')}\n"
+        )
+    for k, g in goals.items():
+        md += "\n" + goal_line(k, g)
+    e = payload["explanations"]
+    if e:
+        md += "\n\n## Explanations\n" + md_table([e["metrics"]], list(e["metrics"])) + "\n"
+        for x in e["examples"]:
+            md += (
+                f"- user {x['user_id']} -> {', '.join(x['items'][:3])}: {x['explanation']}"
+                + (" *(template fallback)*" if x["fallback"] else "")
+                + "\n"
+            )
+    return write_result(f"ranking_{dataset}", payload, md, command=command, results_dir=out_dir)

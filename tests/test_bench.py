@@ -209,7 +209,9 @@ def test_best_goals_and_verbalizer_sections(bench):
     for key in ("ndcg@10", "auc"):
         scored = {n: r[key] for n, r in methods.items() if key in r}
         assert d["best"][key] in scored and scored[d["best"][key]] == max(scored.values())
-    assert set(d["goals"]) == {"ndcg@10", "auc"}
+    assert set(d["goals"]) == {"ndcg@10", "auc", "verbalizer_speedup"}
+    sp = d["goals"]["verbalizer_speedup"]
+    assert sp["ratio"] == d["verbalizer_vs_generate"]["speedup"] and sp["met"] == (sp["ratio"] >= 20)
     for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
         g = d["goals"][key]
         others = [r[key] for n, r in methods.items() if not n.startswith("llm") and key in r]
@@ -228,6 +230,23 @@ def test_best_goals_and_verbalizer_sections(bench):
     assert isinstance(v["generate_mapping"], dict)
     assert (f"{v['verbalizer_s_per_user']:.2f} s/user vs {v['generate_s_per_user']:.2f} s/user "
             f"({v['speedup']:.1f}x)") in bench.md
+
+
+def test_ranking_report(bench):
+    """ranking_<dataset>.json: retrieval, zero-shot, tuned and the best baseline of the same run, same numbers."""
+    path = bench.path.parent / "ranking_tiny.json"
+    r = json.loads(path.read_text())
+    methods = bench.data["methods"]
+    best = max((n for n in BASELINES), key=lambda n: methods[n]["ndcg@10"])
+    assert set(r["methods"]) == {RETRIEVAL_ROW, "llm zero-shot", "llm tuned", f"best baseline: {best}"}
+    for name, row in r["methods"].items():
+        src = methods[name.removeprefix("best baseline: ")]
+        assert row["ndcg@10"] == src["ndcg@10"] and row["recall@10"] == src["recall@10"]
+    assert r["verbalizer_vs_generate"] == bench.data["verbalizer_vs_generate"]
+    assert r["explanations"] == bench.data["explanations"]
+    assert set(r["goals"]) == {"ndcg@10", "verbalizer_speedup"}
+    md = path.with_suffix(".md").read_text()
+    assert f"best baseline: {best}" in md and "verbalizer vs generate" in md
 
 
 def test_explanations(bench):
