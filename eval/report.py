@@ -26,7 +26,10 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 
 def _src(d: dict, name: str) -> str:
-    return f"_Source: `eval/results/{name}.json` — command `{d.get('command')}`, commit {d.get('commit')}, {d.get('machine')}._\n"
+    return (
+        f"_Source: `eval/results/{name}.json` — command `{d.get('command')}`, commit {d.get('commit')}, "
+        f"{d.get('machine')}._\n"
+    )
 
 
 def section() -> str:
@@ -34,8 +37,8 @@ def section() -> str:
     for p in sorted(RESULTS.glob("bench_*.json")):
         d = json.loads(p.read_text())
         rows = [{"method": n, **r} for n, r in d["methods"].items()]
-        parts.append(f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
-                     + _table(rows, ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1", "train_s",
+        head = f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
+        parts.append(head + _table(rows, ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1", "train_s",
                                      "rank_s_per_user"]))
         for g, v in d.get("goals", {}).items():
             parts.append(f"- goal {g}: tuned LLM {v['tuned_llm']:.4f} vs best other {v['best_other']:.4f} "

@@ -41,8 +41,9 @@ class BenchConfig:
     model: str | None = None  # default: the embedded SmolLM2-135M-Instruct
     adapter_yesno: str | None = None  # LoRA adapter tuned on the yesno task (default: finetune output if present)
     adapter_rank: str | None = None  # LoRA adapter tuned on the rank task
-    retriever: str = "text"
+    retriever: str = "hybrid"  # text + item-CF by RRF: the best candidate recall (eval/results/retrieval_*.md)
     n_candidates: int = 20
+    generate_users: int = 10  # users timed in `generate` mode against the verbalizer (generation is slow on CPU)
     dtype: str = "bfloat16"
     explanations: int = 5  # example explanations in the report
     results_dir: str | None = None
@@ -141,9 +142,10 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                 row["rank_s_per_user"] = r["seconds_per_user"]
                 row["rank_adapter"] = adapter
                 if label == "llm zero-shot":
-                    g = eval_rank(rec, ds, min(20, max_users or 20), cfg.seed, mode="generate")
+                    n_gen = min(cfg.generate_users, max_users or cfg.generate_users)
+                    g = eval_rank(rec, ds, n_gen, cfg.seed, mode="generate")
                     report["verbalizer_vs_generate"] = {
-                        "users": min(20, max_users or 20),
+                        "users": n_gen,
                         "verbalizer_s_per_user": r["seconds_per_user"],
                         "generate_s_per_user": g["seconds_per_user"],
                         "speedup": g["seconds_per_user"] / max(1e-9, r["seconds_per_user"]),

@@ -42,8 +42,10 @@ def _free_port() -> int:
 
 
 # demo budgets: (train steps, train examples, Yes/No examples and users the bench scores per method)
-DEMO_BUDGET = {"steps": 32, "n_train": 256, "rank_users": 100, "yesno_examples": 200, "explanations": 5}
-FAST_BUDGET = {"steps": 2, "n_train": 16, "rank_users": 10, "yesno_examples": 20, "explanations": 2}
+DEMO_BUDGET = {"steps": 32, "n_train": 256, "rank_users": 100, "yesno_examples": 200, "explanations": 5,
+               "generate_users": 5}
+FAST_BUDGET = {"steps": 2, "n_train": 16, "rank_users": 10, "yesno_examples": 20, "explanations": 2,
+               "generate_users": 2}
 
 
 def finetune_stage(dataset: str, budget: dict) -> dict[str, str]:
@@ -176,6 +178,7 @@ def run_demo(dataset: str = "ml-100k", user_id: str = "1", fast: bool = False) -
         f"rank_users={budget['rank_users']}",
         f"yesno_examples={budget['yesno_examples']}",
         f"explanations={budget['explanations']}",
+        f"generate_users={budget['generate_users']}",
         f"results_dir={out_dir}",
     ]
     if fast:

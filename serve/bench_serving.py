@@ -60,26 +60,17 @@ def yesno_prompts(n: int, dataset: str = "ml-100k") -> tuple[list[str], str]:
 
     ds = load_prepared(dataset)
     ex = ds.yesno[ds.yesno["split"] == "valid"].head(n * 3).sample(n=n, random_state=0)
-    try:
-        from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
+    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
 
-        tpl = load_template("yesno")
-        out = []
-        for row in ex.itertuples():
-            hist = history_from_dataset(ds, list(row.hist_items), list(row.hist_labels), list(row.hist_ratings),
-                                        list(row.hist_timestamps))
-            target = items_from_dataset(ds, [row.item_id])[0]
-            out.append(render(tpl, history=hist, domain=ds.domain, target=target).text)
-        return out, f"prompts/yesno.yaml v{tpl.version}"
-    except ImportError:
-        out = []
-        for row in ex.itertuples():
-            titles = [str(ds.titles[ds.item_index[i]]) for i in row.hist_items]
-            liked = ["liked" if lab else "disliked" for lab in row.hist_labels]
-            lines = "\n".join(f"- {t} ({lk})" for t, lk in zip(titles, liked))
-            out.append(f"The user watched these movies:\n{lines}\nWill the user like "
-                       f"{ds.titles[ds.item_index[row.item_id]]}? Answer Yes or No.\nAnswer:")
-        return out, "fixed bench format (llmrec.prompts unavailable)"
+    tpl = load_template("yesno")
+    out = []
+    for row in ex.itertuples():
+        hist = history_from_dataset(
+            ds, list(row.hist_items), list(row.hist_labels), list(row.hist_ratings), list(row.hist_timestamps)
+        )
+        target = items_from_dataset(ds, [row.item_id])[0]
+        out.append(render(tpl, history=hist, domain=ds.domain, target=target).text)
+    return out, f"prompts/yesno.yaml v{tpl.version}"
 
 
 # ------------------------------------------------------------------------------------------------------ engines

@@ -99,6 +99,7 @@ def bench(tiny_dataset, tiny_home, tmp_path_factory):
         adapter_yesno=str(adapter),
         adapter_rank=str(adapter),
         n_candidates=10,
+        retriever="text",
         dtype="float32",
         explanations=EXPLANATIONS,
         results_dir=str(results),
@@ -223,7 +224,7 @@ def test_best_goals_and_verbalizer_sections(bench):
                 f"(goal {margin}x): {'met' if g['met'] else 'NOT met'}")
         assert line in bench.md
     v = d["verbalizer_vs_generate"]
-    assert v["users"] == min(20, RANK_USERS)
+    assert v["users"] == min(bench.cfg.generate_users, RANK_USERS)
     assert v["verbalizer_s_per_user"] == methods["llm zero-shot"]["rank_s_per_user"]
     assert v["generate_s_per_user"] > 0 and 0 <= v["generate_ndcg@10"] <= 1
     assert v["speedup"] == pytest.approx(v["generate_s_per_user"] / v["verbalizer_s_per_user"])

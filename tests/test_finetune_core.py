@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -35,7 +34,8 @@ def tiny_dir(tmp_path_factory):
 def qlora(tiny_dir, seed=0):
     torch.manual_seed(seed)
     m, tok = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
-    return apply_lora(m, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])), tok
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    return apply_lora(m, lora), tok
 
 
 def batch(tok, side="left"):
@@ -73,8 +73,8 @@ def test_answer_only_loss_matches_full_logits(tiny_dir, side):
     with torch.no_grad():
         loss, _ = answer_only_loss(m, b)
         logits = m(**{k: v for k, v in b.items() if k != "labels"}).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
-                                            ignore_index=IGNORE_INDEX)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    ref = torch.nn.functional.cross_entropy(flat, b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     assert abs(float(loss) - float(ref)) < 1e-4
 
 

@@ -64,6 +64,12 @@ def test_generate_greedy_and_stop(tiny_dir):
     if first.strip():
         cut = be.generate(PROMPTS[:1], max_new_tokens=6, stop=[first])
         assert cut == [""]
+    # a stop string inside the text: decoding ends there, the text before it is the same greedy continuation
+    text = a[0]
+    mid = next((i for i in range(1, len(text) - 1) if text[i : i + 2].strip()), None)
+    assert mid is not None, text
+    stop = text[mid : mid + 2]
+    assert be.generate(PROMPTS[:1], max_new_tokens=6, stop=[stop]) == [text[: text.index(stop)]]
 
 
 def test_missing_model_and_unknown_kind(tmp_path):

@@ -144,6 +144,8 @@ class TransformersBackend(Backend):
                     kw.update(do_sample=True, temperature=float(temperature))
                 else:
                     kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if stop:  # stop decoding at the stop string (the text is still cut below: batch rows end unevenly)
+                    kw.update(stop_strings=list(stop), tokenizer=self._tok)
                 gen = self.model.generate(**enc, **kw)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 for j, i in enumerate(b):

@@ -38,6 +38,7 @@ from llmrec.ranking.explain import (
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_FIELDS = ("genres", "categories", "brand")
+_DETAILS = re.compile(r'\s*\([a-z_ ]+:[^)]*\)\s*$', re.I)  # a rendered '(genres: "..")' after a title
 _LIST_MARKER = re.compile(r"^(?:[-*•]+\s*|\(?\d{1,3}[.)]\s+)")  # a list marker before a generated title
 
 
@@ -48,11 +49,12 @@ class RankingConfig:
     mode: Literal["verbalizer", "generate"] = "verbalizer"
     n_candidates: int = 20  # retrieved candidates placed in the prompt (letters A..T)
     history_len: int = 10  # most recent events in the prompt (as in the finetune recipes; the budget may drop more)
-    max_prompt_tokens: int = 512  # token budget per prompt (history is dropped oldest first to fit)
+    max_prompt_tokens: int = 1024  # token budget per prompt: oldest history dropped first (next_title with 20
+    # candidates and no history is ~530 tokens on ml-100k; 10 history events add ~200)
     chat: bool = False  # render with the tokenizer's chat template
     batch_size: int = 8  # prompts per backend call
     explain_max_new_tokens: int = 80
-    generate_max_new_tokens: int = 120
+    generate_max_new_tokens: int = 64  # titles, one per line (decoding stops at a blank line)
     min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
     like_threshold: float = 3.0  # rating events: liked = value > like_threshold
 
@@ -222,7 +224,9 @@ class Recommender:
             rendered = [
                 self._render("next_title", histories[u], candidates=self._items([c for c, _ in cands[u]])) for u in idx
             ]
-            texts = self.backend.generate([r.text for r in rendered], max_new_tokens=self.cfg.generate_max_new_tokens)
+            texts = self.backend.generate(  # a title, or a list of titles one per line; a blank line ends it
+                [r.text for r in rendered], max_new_tokens=self.cfg.generate_max_new_tokens, stop=["\n\n"]
+            )
             for u, text in zip(idx, texts):
                 cand_ids = [c for c, _ in cands[u]]
                 named = self.map_titles(text, cand_ids)
@@ -243,6 +247,7 @@ class Recommender:
         cand_titles = [str(self.ds.titles[self.ds.item_index[c]]) for c in candidate_ids]
         for line in text.splitlines():
             line = _LIST_MARKER.sub("", line.strip()).strip()  # "1. ", "2) ", "- ", "* "; not a title's digits
+            line = _DETAILS.sub("", line).strip().strip('"\u201c\u201d').strip()  # as rendered: "Title" (genres: ..)
             if not line:
                 continue
             stats["lines"] += 1
