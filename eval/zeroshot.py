@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--rank-users", type=int, default=100)
     ap.add_argument("--contamination-n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="fast")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = []

@@ -44,7 +44,7 @@ class BenchConfig:
     retriever: str = "hybrid"  # text + item-CF by RRF: the best candidate recall (eval/results/retrieval_*.md)
     n_candidates: int = 20
     generate_users: int = 10  # users timed in `generate` mode against the verbalizer (generation is slow on CPU)
-    dtype: str = "bfloat16"
+    dtype: str = "fast"
     explanations: int = 5  # example explanations in the report
     results_dir: str | None = None
 

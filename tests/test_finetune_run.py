@@ -71,3 +71,29 @@ def test_rank_run_metrics(tiny_dataset, tiny_dir, tmp_path):
         assert m[key]["n_candidates"] == 5 and m[key]["n"] == 8
         assert 0.0 < m[key]["ndcg@10"] <= 1.0 and m[key]["hr@5"] == 1.0  # 5 candidates: the target is always in top 5
     assert "valid_after" not in m
+
+
+def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 finetune/train.py ...` (what `accelerate launch` runs on several GPUs) trains ONE
+    model data-parallel: 16 examples at batch 4 on 2 processes is one epoch in 2 steps (2 independent copies would
+    report half an epoch), and only rank 0 writes the adapter and the metrics."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ddp"
+    args = [f"model={tiny_dir}", "dataset=tiny", "dtype=float32", "quant.compute_dtype=float32", "eval_dtype=float32",
+            "data.n_train=16", "data.n_valid=0", "data.n_test=0", "data.max_len=1024", "data.history_max=3",
+            "train.batch_size=4", "train.grad_accum=1", "train.max_steps=2", "train.save_steps=2",
+            "train.progress=false", "train.logging_steps=1", "lora.target_modules=[q_proj,v_proj]",
+            "eval_before=false", "eval_after=false", f"output_dir={out}"]
+    env = {**os.environ, "LLMREC_HOME": str(tiny_home), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "finetune" / "train.py"), "--config", str(RECIPES / "yesno_smollm2_qlora.yaml"), *args]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["epoch"] == pytest.approx(1.0)
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "metrics.json").is_file()
+    assert r.stdout.count("train loss") == 1  # the summary is printed by rank 0 only

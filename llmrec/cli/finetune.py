@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -38,6 +39,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     m = run_finetune(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch only rank 0 reports
+        return 0
     rows = [("task", m["task"]), ("output", m.get("output_dir")), ("steps", m["train"]["steps"]),
             ("train loss", f"{m['train']['train_loss']:.4f}"), ("examples/s", m["train"]["examples_per_s"]),
             ("peak RSS MB", m["train"]["peak_rss_mb"]), ("wall s", m["wall_s"])]

@@ -13,7 +13,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained)")
     p.add_argument("--vllm-url", help="OpenAI-compatible endpoint for --backend vllm (else an in-process engine)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
     p.add_argument("--retriever", default="text", choices=["text", "hybrid"])
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
     p.add_argument("--batch-size", type=int, default=8)

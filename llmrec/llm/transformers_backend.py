@@ -27,7 +27,7 @@ class TransformersBackend(Backend):
         self,
         model: str | Path | None = None,
         adapter: str | Path | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "fast",
         batch_size: int = 8,
         load_in_4bit: bool = False,
         threads: int | None = None,
@@ -38,7 +38,7 @@ class TransformersBackend(Backend):
 
         if threads:
             torch.set_num_threads(int(threads))
-        quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype if dtype != "auto" else "bfloat16")
+        quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype if dtype != "auto" else "fast")
         m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
         if load_in_4bit:  # inference only: the forward guard is for training
             guard = getattr(m, "_llmrec_guard", None)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.llm.base import Backend, BackendError, normalize_choices
+from llmrec.llm.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class VLLMBackend(Backend):
         timeout: float = 300.0,
         max_concurrency: int = 16,
         chunk_size: int = 64,
-        dtype: str = "bfloat16",
+        dtype: str = "fast",
         max_model_len: int = 2048,
         llm_kwargs: dict[str, Any] | None = None,
         **_: Any,
@@ -111,7 +112,8 @@ class VLLMBackend(Backend):
                 os.environ.setdefault(k, v)
             from vllm import LLM
 
-            kw = {"model": str(model), "dtype": dtype, "max_model_len": max_model_len, "enable_prefix_caching": True}
+            kw = {"model": str(model), "dtype": resolve_dtype(dtype), "max_model_len": max_model_len,
+                  "enable_prefix_caching": True}
             if adapter:
                 kw.update(enable_lora=True, max_lora_rank=64)
             kw.update(llm_kwargs or {})

@@ -37,7 +37,7 @@ class LLMConfig:
     # model (fast on CPU); lora = base + --lora-modules (several adapters; ~10x slower on CPU); auto = merged when
     # on CPU with exactly one adapter, else lora
     adapter_mode: Literal["auto", "merged", "lora"] = "auto"
-    dtype: str = "bfloat16"
+    dtype: str = "fast"
     max_model_len: int = 2048
     timeout_s: float = 60.0  # per recommendation / score call; past it -> fallback or 503
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrec.config import ConfigError, llmrec_home
+from llmrec.llm.loading import resolve_dtype
 from llmrec.service.config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,14 @@ class VLLMServer:
     """A vLLM OpenAI-compatible server subprocess on loopback; `start()` waits for /health, `stop()` ends it."""
 
     def __init__(self, model: str, port: int = 8011, host: str = "127.0.0.1", served_name: str | None = None,
-                 lora_modules: dict[str, str] | None = None, python: str | None = None, dtype: str = "bfloat16",
+                 lora_modules: dict[str, str] | None = None, python: str | None = None, dtype: str = "fast",
                  max_model_len: int = 2048, extra_args: list[str] | None = None, log_path: Path | None = None,
                  max_lora_rank: int = 64):
         self.model, self.port, self.host = model, port, host
         self.url = f"http://{host}:{port}/v1"
         cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
+               "--host", host, "--port", str(port), "--dtype", resolve_dtype(dtype),
+               "--max-model-len", str(max_model_len)]
         if served_name:
             cmd += ["--served-model-name", served_name]
         if lora_modules:
