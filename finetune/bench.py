@@ -1,7 +1,8 @@
 """Fine-tuning benchmark -> eval/results/finetune_<task>_<dataset>.{json,md}.
 
     python finetune/bench.py run  --task yesno [key=value ...]   # the recipe run (zero-shot test, train, test again)
-    python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA peak memory, same batch, 2 runs
+    python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
+                                                                 # -> eval/results/finetune_memory_<task>_<dataset>
     python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
 
 Each training run is its own process (`llmrec finetune`), so peak RSS (ru_maxrss) is per configuration. The report
@@ -49,10 +50,47 @@ def cmd_mem(a: argparse.Namespace) -> None:
     common = [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
               "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
               "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1", *a.overrides]
-    for kind, extra in (("_mem_qlora", ["quant.load_in_4bit=true"]), ("_mem_bf16", ["quant.load_in_4bit=false",
-                                                                                    "dtype=bfloat16"])):
+    # both in bf16 compute so that only the weight format differs
+    for kind, extra in (("_mem_qlora", ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16"]),
+                        ("_mem_bf16", ["quant.load_in_4bit=false", "dtype=bfloat16"])):
         out = run_dir(a.task, a.dataset, kind)
         finetune(a.task, out, common + extra)
+    mem = memory_summary(a.task, a.dataset)
+    from llmrec.bench_utils import md_table, write_result
+
+    rows = [{"run": k, **{c: mem[k][c] for c in ("weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb",
+                                                 "peak_above_start_mb", "examples_per_s")}} for k in ("qlora", "bf16")]
+    table = (f"{a.steps} steps at batch {a.batch_size}, one process per configuration (peak RSS = ru_maxrss).\n\n"
+             + md_table(rows, ["run", "weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb",
+                               "peak_above_start_mb", "examples_per_s"])
+             + f"\nQLoRA / bf16 LoRA: weights {mem['ratio_weights_qlora_over_bf16']}, peak RSS "
+             f"{mem['ratio_peak_rss_qlora_over_bf16']} (whole process), "
+             f"{mem['ratio_above_start_qlora_over_bf16']} (above the RSS before loading the model). Goal: peak "
+             f"<= 0.5: {'met' if mem['ratio_peak_rss_qlora_over_bf16'] <= 0.5 else 'NOT met'}.\n")
+    print(write_result(f"finetune_memory_{a.task}_{a.dataset}", {"dataset": a.dataset, "task": a.task,
+                                                                   "steps": a.steps, "batch_size": a.batch_size,
+                                                                   "memory": mem}, table))
+    print(table)
+
+
+def memory_summary(task: str, dataset: str) -> dict[str, Any]:
+    """The two memory runs' figures and their QLoRA / bf16 ratios ({} when a run is missing)."""
+    mem: dict[str, Any] = {}
+    for kind in ("_mem_qlora", "_mem_bf16"):
+        p = run_dir(task, dataset, kind) / "metrics.json"
+        if p.is_file():
+            t = json.loads(p.read_text())["train"]
+            mem[kind[5:]] = {k: t.get(k) for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
+                                                   "weights_mb", "lora_mb", "examples_per_s", "wall_s",
+                                                   "batch_size", "steps")}
+            mem[kind[5:]]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
+    if len(mem) == 2:
+        q, b = mem["qlora"], mem["bf16"]
+        mem["ratio_peak_rss_qlora_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
+        mem["ratio_above_start_qlora_over_bf16"] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
+        if q.get("weights_mb") and b.get("weights_mb"):
+            mem["ratio_weights_qlora_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
+    return mem
 
 
 def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int) -> dict[str, Any]:
@@ -107,18 +145,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     main = load_main(a)
     recipe_used = (run_dir(a.task, a.dataset) / "recipe.yaml").read_text()
     manifest = json.loads((run_dir(a.task, a.dataset) / "data_manifest.json").read_text())
-    mem: dict[str, Any] = {}
-    for kind in ("_mem_qlora", "_mem_bf16"):
-        p = run_dir(a.task, a.dataset, kind) / "metrics.json"
-        if p.is_file():
-            t = json.loads(p.read_text())["train"]
-            mem[kind[5:]] = {k: t[k] for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
-                                               "examples_per_s", "wall_s", "batch_size", "steps")}
-            mem[kind[5:]]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
-    if len(mem) == 2:
-        mem["ratio_peak_rss_qlora_over_bf16"] = round(mem["qlora"]["peak_rss_mb"] / mem["bf16"]["peak_rss_mb"], 3)
-        mem["ratio_above_start_qlora_over_bf16"] = round(mem["qlora"]["peak_above_start_mb"]
-                                                         / mem["bf16"]["peak_above_start_mb"], 3)
+    mem = memory_summary(a.task, a.dataset)
     n_test = manifest["test"]["n"]
     seed = manifest["seed"]
     baselines = baseline_yesno(a.baselines.split(","), a.dataset, n_test, seed) if (

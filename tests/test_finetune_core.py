@@ -143,3 +143,30 @@ def test_train_py_and_cli_share_the_code(tmp_path):
     bad = subprocess.run([sys.executable, str(root / "finetune" / "train.py"), "--dry-run", "trian.lr=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "unknown key(s) ['trian']" in bad.stderr
+
+
+
+def test_model_memory_counts_packed_4bit_weights(tiny_dir):
+    """4-bit nf4 stores two weights per byte: each quantized Linear holds in*out/2 bytes; everything else (embeddings,
+    norms: upcast to fp32 by prepare_model_for_kbit_training; LoRA weights: fp32) at its own dtype. `lora_bytes` is
+    the trainable part only."""
+    import bitsandbytes as bnb
+
+    from llmrec.finetune.trainer import model_memory_mb
+
+    q, _ = qlora(tiny_dir)
+    mods = list(q.named_modules())
+    lin4 = [m for _, m in mods if isinstance(m, bnb.nn.Linear4bit)]
+    assert lin4, "the tiny model was not quantized"
+    packed = sum(m.in_features * m.out_features // 2 for m in lin4)
+    lin4_params = {id(m.weight) for m in lin4}
+    rest = sum(t.numel() * t.element_size() for t in [*q.parameters(), *q.buffers()] if id(t) not in lin4_params)
+    trainable = sum(p.numel() * 4 for p in q.parameters() if p.requires_grad)  # LoRA A/B in fp32
+    m = model_memory_mb(q)
+    assert m["weights_bytes"] == packed + rest
+    assert m["lora_bytes"] == trainable > 0
+
+    f, _ = load_causal_lm(tiny_dir, dtype="float32")  # same model unquantized: the linear weights at 4 bytes each
+    full = model_memory_mb(f)["weights_bytes"]
+    assert full - (m["weights_bytes"] - trainable) == pytest.approx(sum(x.in_features * x.out_features for x in lin4)
+                                                                     * 3.5)

@@ -70,6 +70,16 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def model_memory_mb(model: Any) -> dict[str, float]:
+    """Bytes held by the model's tensors (parameters + buffers), in MB: `weights_mb` all of them, `lora_mb` the
+    trainable ones. 4-bit weights count at their packed size (uint8 storage, two values per byte); their quantization
+    state (absmax per 64-value block) is small and not counted."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {"weights_mb": round(total / 2**20, 1), "lora_mb": round(lora / 2**20, 1), "weights_bytes": total,
+            "lora_bytes": lora}
+
+
 def _peak_memory_mb() -> dict[str, float]:
     from llmrec.bench_utils import peak_rss_mb
 
@@ -144,6 +154,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
     model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing)
     rss_loaded = peak_rss_mb()
+    model_mem = model_memory_mb(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}",
@@ -268,6 +279,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         "peak_rss_mb": mem["peak_rss_mb"],
         "rss_before_load_mb": round(rss_start, 1),
         "rss_after_load_mb": round(rss_loaded, 1),
+        **model_mem,
         **({"peak_cuda_mb": mem["peak_cuda_mb"]} if "peak_cuda_mb" in mem else {}),
     }
     if examples["valid"]:
