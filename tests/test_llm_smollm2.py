@@ -15,9 +15,20 @@ def test_default_model_scores_yes_no():
     assert (path / "config.json").is_file() and default_model_path() == path  # converted once, then reused
     be = load_backend("transformers", dtype="bfloat16")
     assert be.tokenizer.encode(" Yes") == [9230] and be.tokenizer.encode(" No") == [2838]
-    s = be.score_choices(["Is Paris the capital of France? Answer Yes or No.\nAnswer:"], [" Yes", " No"])
+    prompts = ["Is Paris the capital of France? Answer Yes or No.\nAnswer:",
+               "A user liked Toy Story and Aladdin. Will the user enjoy the movie Heat? Answer Yes or No.\nAnswer:"]
+    s = be.score_choices(prompts, [" Yes", " No"])
     np.testing.assert_allclose(np.exp(s).sum(1), 1.0, atol=1e-5)
-    assert s[0, 0] > s[0, 1]
+    # batched, left-padded scoring equals one unpadded forward pass per prompt on the model itself
+    import torch
+
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([be.tokenizer.encode(p)])
+            last = be.model(input_ids=ids).logits[0, -1].float()
+            ref = torch.log_softmax(last[[9230, 2838]], dim=-1).numpy()
+            np.testing.assert_allclose(s[i], ref, atol=0.05)  # bf16: padding changes the rounding a little
+    assert abs(s[0, 0] - s[1, 0]) > 1e-3  # the answer depends on the prompt
 
 
 def test_smollm2_4bit_lora_step_trains_only_lora():
