@@ -4,7 +4,8 @@
     python serve/bench_serving.py service [--backends vllm,transformers --concurrency 1,8,16 --requests 24]
     python serve/bench_serving.py report          # rewrite the markdown from the JSON (+ serving_kill.json)
 
-`engines`: same model (embedded SmolLM2-135M-Instruct, bf16), same prompts (distinct ml-100k Yes/No prompts, so no
+`engines`: same model (embedded SmolLM2-135M-Instruct, --dtype: "fast" = bf16 where the hardware has it, else
+fp32), same prompts (distinct ml-100k Yes/No prompts, so no
 prefix-cache reuse; the vLLM server also runs with --no-enable-prefix-caching): scoring prompts/s (first-token
 log-softmax over " Yes"/" No"), batched generation tokens/s (forced length: HF min_new_tokens, vLLM ignore_eos),
 engine start time; vLLM via one request per chunk of prompts ("list") and via concurrent single-prompt requests
@@ -74,13 +75,14 @@ def yesno_prompts(n: int, dataset: str = "ml-100k") -> tuple[list[str], str]:
 
 
 # ------------------------------------------------------------------------------------------------------ engines
-def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int) -> dict:
+def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
+                       dtype: str = "float32") -> dict:
     import torch
 
     from llmrec.llm import load_backend
 
     t0 = time.perf_counter()
-    be = load_backend("transformers", model=model, dtype="bfloat16", batch_size=16)
+    be = load_backend("transformers", model=model, dtype=dtype, batch_size=16)
     start = time.perf_counter() - t0
     be.score_choices(score_prompts[:2], [" Yes", " No"])  # warm-up
     t0 = time.perf_counter()
@@ -96,7 +98,7 @@ def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[s
                                     temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
             n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
     gen_s = time.perf_counter() - t0
-    return {"engine": "transformers bf16 (batch 16)", "start_s": start, "score_prompts": len(score_prompts),
+    return {"engine": f"transformers {dtype} (batch 16)", "start_s": start, "score_prompts": len(score_prompts),
             "score_s": score_s, "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
             "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s,
             "p_yes": [float(x) for x in torch.tensor(lp[:, 0]).exp().tolist()]}
@@ -104,12 +106,12 @@ def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[s
 
 def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
                       served_name: str | None = None, lora: dict[str, str] | None = None, label: str = "",
-                      modes: tuple[str, ...] = ("list", "concurrent")) -> list[dict]:
+                      modes: tuple[str, ...] = ("list", "concurrent"), dtype: str = "float32") -> list[dict]:
     from llmrec.llm.vllm_backend import VLLMBackend
     from llmrec.service.launch import VLLMServer
 
     srv = VLLMServer(model, port=free_port(), served_name=served_name, lora_modules=lora, python=str(VLLM_PY),
-                     extra_args=["--no-enable-prefix-caching"], max_lora_rank=8)
+                     extra_args=["--no-enable-prefix-caching"], max_lora_rank=8, dtype=dtype)
     rows = []
     with srv:
         name = next(iter(lora)) if lora else None
@@ -127,7 +129,7 @@ def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[st
             gen_s = time.perf_counter() - t0
             n_tok = len(gen_prompts) * gen_tokens
             assert all(isinstance(o, str) for o in outs)
-            rows.append({"engine": f"vLLM server bf16{label}, {mode}", "start_s": srv.start_s,
+            rows.append({"engine": f"vLLM server {dtype}{label}, {mode}", "start_s": srv.start_s,
                          "score_prompts": len(score_prompts), "score_s": score_s,
                          "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
                          "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s,
@@ -154,32 +156,35 @@ def run_engines(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from llmrec.llm import default_model_path
+    from llmrec.llm.loading import resolve_dtype
     from llmrec.service.launch import merge_adapter
 
+    dt = resolve_dtype(args.dtype)
     model = str(default_model_path())
     prompts, source = yesno_prompts(args.n_score + args.n_gen)
     score_p, gen_p = prompts[:args.n_score], prompts[args.n_score:]
-    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens)]
+    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens, dtype=dt)]
     hf = rows[-1]
     print(hf["engine"], f"{hf['score_prompts_per_s']:.2f} p/s", f"{hf['gen_tokens_per_s']:.1f} tok/s", flush=True)
-    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens)
+    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens, dtype=dt)
     if not args.skip_lora:
         tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
         adapter = make_adapter(model, tmp / "bench-lora")
         n = args.n_lora
         rows += bench_vllm_server(model, score_p[:n], gen_p[:n], args.gen_tokens, lora={"bench-lora": str(adapter)},
-                                  label=" + LoRA via --lora-modules", modes=("list",))
+                                  label=" + LoRA via --lora-modules", modes=("list",), dtype=dt)
         merged = merge_adapter(model, str(adapter), out=tmp / "merged")
         rows += bench_vllm_server(str(merged), score_p[:n], gen_p[:n], args.gen_tokens, served_name="bench-lora",
-                                  label=" + same LoRA merged", modes=("list",))
+                                  label=" + same LoRA merged", modes=("list",), dtype=dt)
     ref = np.array(rows[0]["p_yes"])
     for r in rows:
         p = np.array(r.pop("p_yes"))
-        if r["engine"].startswith("vLLM server bf16,"):
+        if r["engine"].startswith(f"vLLM server {dt},"):
             r["max_abs_diff_p_yes_vs_transformers"] = float(np.abs(p - ref[:len(p)]).max())
     hf = rows[0]
-    best = max((r for r in rows if r["engine"].startswith("vLLM server bf16,")), key=lambda r: r["gen_tokens_per_s"])
-    return {"model": model, "prompt_source": source, "gen_tokens_per_prompt": args.gen_tokens, "rows": rows,
+    best = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")), key=lambda r: r["gen_tokens_per_s"])
+    return {"model": model, "dtype": dt, "prompt_source": source, "gen_tokens_per_prompt": args.gen_tokens,
+            "rows": rows,
             "vllm_vs_transformers_gen_speedup": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"],
             "vllm_vs_transformers_score_speedup": best["score_prompts_per_s"] / hf["score_prompts_per_s"],
             "goal_gen_speedup_3x_met": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"] >= 3.0}
@@ -364,6 +369,7 @@ def main() -> int:
     ap.add_argument("part", choices=["engines", "service", "report"])
     ap.add_argument("--n-score", type=int, default=64)
     ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--dtype", default="fast", help="engines: both engines in this dtype")
     ap.add_argument("--n-lora", type=int, default=16, help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--skip-lora", action="store_true")
