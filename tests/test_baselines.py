@@ -161,3 +161,35 @@ def test_cli_train_and_eval(tiny_home, tiny_dataset, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| pop |" in out and "| mf |" in out
     assert main(["baselines", "eval", "--dataset", "tiny", "--model", "sasrec"]) == 1  # no checkpoint: clear error
+
+
+def test_time_budget_stops_before_the_epoch_that_would_overrun(monkeypatch):
+    """Budget 100 s, epochs of 30 s then one of 40 s: after 30 s (next one ends ~60) and 60 s (~90) it continues;
+    after 100 s (2 epochs of 30 and one of 40) it stops. The old check (`elapsed > budget` after an epoch) would
+    have started a fourth epoch at 100 s."""
+    import llmrec.baselines.base as base
+
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
+    b = base.TimeBudget(100.0)
+    out = []
+    for dt in (30.0, 30.0, 40.0, 10.0):
+        clock[0] += dt
+        out.append(b.epoch_done())
+    assert out[:3] == [False, False, True]
+    clock[0] = 0.0
+    never = base.TimeBudget(None)
+    for _ in range(3):
+        clock[0] += 1000.0
+        assert not never.epoch_done()
+    clock[0] = 0.0
+    b = base.TimeBudget(10.0)
+    clock[0] = 50.0
+    assert b.epoch_done()  # the first epoch always runs, then the budget is spent
+
+
+def test_time_budget_is_kept_by_a_baseline(tiny_dataset):
+    """A budget smaller than one epoch: training stops after the first epoch and says so."""
+    m = get_model("bpr", epochs=50, eval_every=1, time_budget_s=1e-6, patience=50)
+    m.fit(tiny_dataset, progress=False)
+    assert m.fit_info["stopped_by_time_budget"] is True and m.fit_info["epochs"] == 1

@@ -54,6 +54,23 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+class TimeBudget:
+    """A training-time budget that is kept rather than overshot: call `epoch_done()` after each epoch; it returns True
+    when another epoch, estimated as the slowest one so far (validation included), would end past the budget. The
+    first epoch always runs. `seconds` None or 0: no budget."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.t0 = self.last = time.perf_counter()
+        self.slowest = 0.0
+
+    def epoch_done(self) -> bool:
+        now = time.perf_counter()
+        self.slowest = max(self.slowest, now - self.last)
+        self.last = now
+        return bool(self.seconds) and (now - self.t0) + self.slowest > self.seconds
+
+
 class EarlyStopper:
     """Keeps the best validation score and a copy of the best state; `step(score, state)` returns True to stop."""
 

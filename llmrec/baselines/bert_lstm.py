@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, yesno_arrays
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_arrays
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ class BertLSTM(Baseline):
         stop = EarlyStopper(c.patience)
         gen = torch.Generator().manual_seed(c.seed)
         t0 = time.perf_counter()
+        budget = TimeBudget(c.time_budget_s)
         bar = tqdm(range(c.epochs_yesno), desc="bert_lstm yes/no", disable=not progress)
         for ep in bar:
             net.train()
@@ -241,7 +242,7 @@ class BertLSTM(Baseline):
             bar.set_postfix(loss=f"{tot / len(it):.4f}", valid_auc=f"{v_auc:.4f}")
             if stop.step(v_auc, self._snapshot(net), ep):
                 break
-            if c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s:
+            if budget.epoch_done():
                 self.fit_info["yesno_stopped_by_time_budget"] = True
                 break
         self._restore(net, stop.best_state)
@@ -274,6 +275,7 @@ class BertLSTM(Baseline):
         stop = EarlyStopper(c.patience)
         gen = torch.Generator().manual_seed(c.seed + 1)
         t0 = time.perf_counter()
+        budget = TimeBudget(c.time_budget_s)
         bar = tqdm(range(c.epochs_next), desc="bert_lstm next", disable=not progress)
         all_idx = torch.arange(ds.n_items)
         for ep in bar:
@@ -301,7 +303,7 @@ class BertLSTM(Baseline):
                 opt.step()
                 tot += float(loss.detach()) * len(labels)
                 cnt += len(labels)
-            over = bool(c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s)
+            over = budget.epoch_done()
             if (ep + 1) % c.eval_every_next == 0 or ep + 1 == c.epochs_next or over:
                 self._refresh_table()
                 m = self.valid_ranking(c.valid_users or None, c.seed)

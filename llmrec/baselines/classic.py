@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class MatrixFactorization(Baseline):
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         stop = EarlyStopper(c.patience)
         gen = torch.Generator().manual_seed(c.seed)
-        t0 = time.perf_counter()
+        budget = TimeBudget(c.time_budget_s)
         bar = tqdm(range(c.epochs), desc="mf", disable=not progress)
         for ep in bar:
             self.net.train()
@@ -140,7 +139,7 @@ class MatrixFactorization(Baseline):
             bar.set_postfix(loss=f"{tot / len(u):.4f}", valid_auc=f"{v_auc:.4f}")
             if stop.step(v_auc, self.net.state_dict(), ep):
                 break
-            if c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s:
+            if budget.epoch_done():
                 self.fit_info["stopped_by_time_budget"] = True
                 break
         self.net.load_state_dict(stop.best_state)
@@ -221,7 +220,7 @@ class BPRMF(Baseline):
         rng = np.random.default_rng(c.seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         stop = EarlyStopper(c.patience)
-        t0 = time.perf_counter()
+        budget = TimeBudget(c.time_budget_s)
         bar = tqdm(range(c.epochs), desc="bpr", disable=not progress)
         ut, it = torch.from_numpy(u.copy()), torch.from_numpy(i.copy())
         for ep in bar:
@@ -251,7 +250,7 @@ class BPRMF(Baseline):
                 bar.set_postfix(loss=f"{tot / len(u):.4f}", valid_ndcg10=f"{m['ndcg@10']:.4f}")
                 if stop.step(m["ndcg@10"], self.net.state_dict(), ep):
                     break
-            if c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s:
+            if budget.epoch_done():
                 self.fit_info["stopped_by_time_budget"] = True
                 break
         if stop.best_state is not None:

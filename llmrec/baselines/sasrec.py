@@ -16,14 +16,13 @@ NDCG@10 of a seeded user subset; the best epoch is kept. At test time the input 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class SASRec(Baseline):
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=(0.9, 0.98), weight_decay=c.weight_decay)
         stop = EarlyStopper(c.patience)
         gen = torch.Generator().manual_seed(c.seed)
-        t0 = time.perf_counter()
+        budget = TimeBudget(c.time_budget_s)
         bar = tqdm(range(c.epochs), desc="sasrec", disable=not progress)
         ep = -1
         for ep in bar:
@@ -172,7 +171,7 @@ class SASRec(Baseline):
                     self.net.item.weight[0].zero_()
                 tot += float(loss.detach()) * len(yt)
                 cnt += len(yt)
-            over = bool(c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s)
+            over = budget.epoch_done()
             if (ep + 1) % c.eval_every == 0 or ep + 1 == c.epochs or over:
                 m = self.valid_ranking(c.valid_users or None, c.seed)
                 bar.set_postfix(loss=f"{tot / max(1, cnt):.4f}", valid_ndcg10=f"{m['ndcg@10']:.4f}")
