@@ -55,6 +55,7 @@ def section() -> str:
         ("baselines_ml-1m", ["method", "hr@10", "ndcg@10", "ndcg@20", "mrr@10", "auc", "train_s"]),
         ("retrieval_ml-100k", None),
         ("finetune_yesno_ml-100k", None),
+        ("finetune_memory_yesno_ml-100k", None),
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("zeroshot", None),
