@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 class TransformersBackend(Backend):
     """Scores and generates with a local causal LM.
 
-    `model`: local HF folder (None = embedded SmolLM2-135M-Instruct); `adapter`: a PEFT folder; `dtype`: "bfloat16"
-    (fast on CPU) or "float32" (exact parity with other fp32 engines); `load_in_4bit`: nf4 base.
+    `model`: local HF folder (None = embedded SmolLM2-135M-Instruct); `adapter`: a PEFT folder; `dtype`: "fast"
+    (bf16 where the hardware has it, else fp32), "bfloat16", or "float32" (exact parity with other fp32 engines);
+    `load_in_4bit`: nf4 base.
     `score_choices` uses left padding and `logits_to_keep=1` (one position of logits per prompt), in batches of
     `batch_size` prompts sorted by length, under `torch.inference_mode`."""
 
