@@ -65,3 +65,17 @@ def test_tidy_explanation_prefix_line_and_sentence_caps():
     assert unfinished == "Because the user liked Heat and Alien, a lot of action."
     capped = tidy_explanation("", "Word " * 100, max_words=5)
     assert capped == "Word Word Word Word Word ..."
+
+
+def test_a_recommended_item_claimed_as_already_liked_fails_the_check():
+    """Seen in the demo: 'Because the user liked "Boys Life" and ...' where Boys Life was a recommendation."""
+    m = TitleMatcher(IDS, TITLES)
+    bad = check_explanation('Because the user liked "Heat" and liked "Toy Story"', m, {"1"}, {"3"}, set())
+    assert bad.grounded and bad.hallucinated == [] and bad.misattributed == ["3"] and not bad.ok
+    for good in ('Because the user liked "Toy Story", they will enjoy "Heat".',
+                 "You watched Toy Story, so Heat is next.",
+                 'Because you liked "Matrix, The (1999)" and "Toy Story", try Heat.',
+                 'Recommended "Heat (1995)" because you liked "Toy Story (1995)", and these movies share what you '
+                 "tend to enjoy: Action."):
+        chk = check_explanation(good, m, {"1", "2"}, {"3"}, {"Action"})
+        assert chk.ok and chk.misattributed == [], good

@@ -53,6 +53,14 @@ class TitleMatcher:
         return self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip())
 
 
+# a claim about the user's past: the verb, then what it governs up to the next claim, a sentence end or a clause
+# that turns to the recommendation ("..., so", "..., they will", " because ", " but ")
+_CLAIM = re.compile(
+    r"\b(?:liked|enjoyed|loved|watched|rated|listened to|bought|purchased|played)\b"
+    r"(.*?)(?=\b(?:liked|enjoyed|loved|watched|rated|listened to|bought|purchased|played)\b|[.;!?](?:\s|$)|"
+    r",\s*(?:so|they|you|which|this|these|it|we|he|she|then|try|consider)\b|\s(?:so|because|but|therefore)\s|$)",
+    re.IGNORECASE,
+)
 _QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
 
@@ -83,14 +91,16 @@ class ExplanationCheck:
     grounded: bool = False  # names >= 1 history item or a shared attribute value
     repetitive: bool = False  # the same title named more than once (a degenerate generation)
     ok: bool = False
+    misattributed: list[str] = field(default_factory=list)  # recommended, not history items the text says the user
+    # already liked / watched / bought (a false claim about the user's past)
 
 
 def check_explanation(
     text: str, matcher: TitleMatcher, history_ids: set[str], recommended_ids: set[str], attributes: set[str]
 ) -> ExplanationCheck:
     """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
-    title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title)
-    and not repetitive."""
+    title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title),
+    not repetitive, and no recommended item presented as one the user already liked / watched / bought."""
     named = matcher.find(text)
     halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
     low = text.lower()
@@ -105,8 +115,13 @@ def check_explanation(
     grounded = any(i in history_ids for i in named) or any(
         re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", low) for a in attr_low if len(a) >= 3
     )
-    ok = bool(text.strip()) and grounded and not halluc and not repetitive
-    return ExplanationCheck(named, halluc, grounded, repetitive, ok)
+    misattributed: list[str] = []
+    for m in _CLAIM.finditer(text):
+        for i in matcher.find(m.group(1)):
+            if i not in history_ids and i in recommended_ids and i not in misattributed:
+                misattributed.append(i)
+    ok = bool(text.strip()) and grounded and not halluc and not repetitive and not misattributed
+    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed)
 
 
 def split_values(v: str) -> list[str]:
