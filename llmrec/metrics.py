@@ -81,6 +81,24 @@ def classification_metrics(labels: Sequence[int], probs: Sequence[float], thresh
     }
 
 
+def best_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
+    """The decision threshold that maximises accuracy on (labels, probs), to be chosen on a validation split and
+    applied to the test split.
+
+    Candidates are 0.5 and the midpoints between consecutive distinct scores (plus one below the lowest and one above
+    the highest); t* = argmax_t mean(1[p_i >= t] == y_i); ties go to the candidate closest to 0.5, then the lower one.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if p.size == 0:
+        return 0.5
+    u = np.unique(p)
+    cands = np.unique(np.concatenate([[0.5, u[0] - 1e-9, u[-1] + 1e-9], (u[:-1] + u[1:]) / 2]))
+    acc = np.array([np.mean((p >= t).astype(np.int64) == y) for t in cands])
+    best = np.flatnonzero(acc == acc.max())
+    return float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
+
+
 # --------------------------------------------------------------------------------------------------- ranking
 def ranks_from_scores(
     scores: np.ndarray, targets: np.ndarray, exclude: Iterable[Sequence[int]] | None = None

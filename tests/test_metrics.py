@@ -60,3 +60,15 @@ def test_ranking_metrics_hand_computed():
     assert M.ndcg_at_k(ranks, 20) == pytest.approx((1 + 0.5 + 1 / math.log2(13)) / 3)
     out = M.ranking_metrics(ranks, ks=(10,))
     assert set(out) == {"n_users", "hr@10", "recall@10", "ndcg@10", "mrr@10"}
+
+
+def test_best_threshold_hand_computed():
+    from llmrec.metrics import best_threshold
+
+    # all P(Yes) < 0.5: at 0.5 accuracy is 2/5; between 0.2 and 0.3 every example is right
+    assert best_threshold([0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.35, 0.4]) == pytest.approx(0.25)
+    # no threshold separates equal scores: every candidate gives 1/2, the tie goes to 0.5
+    assert best_threshold([1, 0], [0.6, 0.6]) == 0.5
+    # inverted scores: best is to say Yes to everything (1 of 3 wrong) or No to everything (2 of 3 wrong) -> all Yes
+    t = best_threshold([1, 1, 0], [0.1, 0.2, 0.9])
+    assert t <= 0.1 and best_threshold([], []) == 0.5

@@ -35,9 +35,11 @@ def output_dir_for(cfg: FinetuneConfig) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ task metrics
-def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_tokens: int = 32) -> dict[str, Any]:
+def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_tokens: int = 32,
+                      scores: dict[str, Any] | None = None) -> dict[str, Any]:
     """yesno: AUC/accuracy/precision/recall/F1 of P(" Yes"); rank: NDCG/HR/MRR@{1,5,10} of the target's letter
-    among the candidates; next_title: exact title match of the greedy continuation."""
+    among the candidates; next_title: exact title match of the greedy continuation. yesno with `scores` given: the
+    labels and P(Yes) are also left in it (`labels`, `p_yes`)."""
     from llmrec.metrics import classification_metrics, ranking_metrics, ranks_from_scores
 
     if not examples:
@@ -48,6 +50,8 @@ def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_
     if task == "yesno":
         lp = backend.score_choices(prompts, [e.choices for e in examples])
         out: dict[str, Any] = classification_metrics(labels, np.exp(lp[:, 0]))
+        if scores is not None:
+            scores.update(labels=labels, p_yes=np.exp(lp[:, 0]))
     elif task == "rank":
         lp = backend.score_choices(prompts, [e.choices for e in examples])
         ranks = ranks_from_scores(lp, labels)
@@ -94,6 +98,16 @@ def _peak_memory_mb() -> dict[str, float]:
     return out
 
 
+def threshold_metrics(valid: dict[str, Any], test: dict[str, Any]) -> dict[str, float]:
+    """Accuracy / precision / recall / F1 on the test scores at the threshold that maximises validation accuracy
+    (the fixed 0.5 assumes a calibrated P(Yes), which a briefly tuned model is not)."""
+    from llmrec.metrics import best_threshold, classification_metrics
+
+    t = best_threshold(valid["labels"], valid["p_yes"])
+    m = classification_metrics(test["labels"], test["p_yes"], threshold=t)
+    return {"threshold": t, **{k: float(m[k]) for k in ("accuracy", "precision", "recall", "f1")}}
+
+
 class Evaluator:
     """Scores examples with the current LoRA weights. `eval_dtype` "train": the training model itself; otherwise a
     non-quantized copy of the base in that dtype with the same LoRA config, into which the trained LoRA weights are
@@ -102,6 +116,7 @@ class Evaluator:
     def __init__(self, cfg: FinetuneConfig, train_model: Any, tokenizer: Any):
         self.cfg, self.tok = cfg, tokenizer
         self.model: Any = None  # loaded at the first evaluation
+        self.last_scores: dict[str, Any] = {}  # yesno: labels and P(Yes) of the last call
 
     def _eval_model(self) -> Any:
         if self.model is None:
@@ -127,7 +142,8 @@ class Evaluator:
             m = self.model
         be = TransformersBackend.from_model(m, self.tok, batch_size=self.cfg.train.eval_batch_size,
                                             progress=progress, name=f"finetune:{self.cfg.task}")
-        return evaluate_examples(be, self.cfg.task, examples)
+        self.last_scores = {}
+        return evaluate_examples(be, self.cfg.task, examples, scores=self.last_scores)
 
 
 def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
@@ -282,10 +298,14 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         **model_mem,
         **({"peak_cuda_mb": mem["peak_cuda_mb"]} if "peak_cuda_mb" in mem else {}),
     }
+    valid_scores: dict[str, Any] = {}
     if examples["valid"]:
         metrics["valid_after"] = task_eval(model)
+        valid_scores = evaluator.last_scores
     if cfg.eval_after and examples["test"]:
         metrics["test_after"] = evaluator(model, examples["test"], progress=tc.progress)
+        if valid_scores and evaluator.last_scores:  # yesno: accuracy/F1 at the threshold chosen on valid
+            metrics["test_after"]["at_valid_threshold"] = threshold_metrics(valid_scores, evaluator.last_scores)
         log.info("test after: %s", metrics["test_after"])
     if _is_main():
         adapter_dir = out_dir / "adapter"
