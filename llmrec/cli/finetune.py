@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -33,13 +32,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from llmrec.config import to_dict
     from llmrec.finetune import load_recipe, run_finetune
+    from llmrec.finetune.trainer import is_main_process
 
     cfg = load_recipe(args.config, list(args.set or []) + list(args.overrides or []))
     if args.dry_run:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     m = run_finetune(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch only rank 0 reports
+    if not is_main_process():  # under torchrun / accelerate launch only rank 0 reports
         return 0
     rows = [("task", m["task"]), ("output", m.get("output_dir")), ("steps", m["train"]["steps"]),
             ("train loss", f"{m['train']['train_loss']:.4f}"), ("examples/s", m["train"]["examples_per_s"]),

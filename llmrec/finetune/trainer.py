@@ -70,7 +70,8 @@ def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -184,7 +185,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     man = manifest(ds, cfg.task, cfg.data, examples, resolve_template(prompts_api, cfg.data.template or cfg.task))
     man["dataset"] = cfg.dataset
     man["build_seconds"] = round(time.time() - t0, 1)
-    if _is_main():
+    if is_main_process():
         (out_dir / "data_manifest.json").write_text(json.dumps(man, indent=2) + "\n")
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     train_feats = [encode_example(e, tok, cfg.data.max_len, cfg.data.append_eos) for e in examples["train"]]
@@ -201,7 +202,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         log.info("zero-shot evaluation on %d test examples", len(examples["test"]))
         metrics["test_before"] = evaluator(model, examples["test"], progress=tc.progress)
         log.info("test before: %s", metrics["test_before"])
-        if _is_main():  # partial metrics, overwritten at the end (status "done")
+        if is_main_process():  # partial metrics, overwritten at the end (status "done")
             (out_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "running"}, indent=2) + "\n")
     # the evaluation above runs in inference mode; training mode again
     model.train()
@@ -307,7 +308,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         if valid_scores and evaluator.last_scores:  # yesno: accuracy/F1 at the threshold chosen on valid
             metrics["test_after"]["at_valid_threshold"] = threshold_metrics(valid_scores, evaluator.last_scores)
         log.info("test after: %s", metrics["test_after"])
-    if _is_main():
+    if is_main_process():
         adapter_dir = out_dir / "adapter"
         trainer.model.save_pretrained(str(adapter_dir))
         tok.save_pretrained(str(adapter_dir))
@@ -315,6 +316,6 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     metrics["wall_s"] = round(time.time() - t_start, 1)
     metrics["output_dir"] = str(out_dir)
     metrics["status"] = "done"
-    if _is_main():
+    if is_main_process():
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics

@@ -55,9 +55,9 @@ class TitleMatcher:
 
 # a claim about the user's past: the verb, then what it governs up to the next claim, a sentence end or a clause
 # that turns to the recommendation ("..., so", "..., they will", " because ", " but ")
+_PAST = r"\b(?:liked|enjoyed|loved|watched|rated|listened to|bought|purchased|played)\b"
 _CLAIM = re.compile(
-    r"\b(?:liked|enjoyed|loved|watched|rated|listened to|bought|purchased|played)\b"
-    r"(.*?)(?=\b(?:liked|enjoyed|loved|watched|rated|listened to|bought|purchased|played)\b|[.;!?](?:\s|$)|"
+    _PAST + r"(.*?)(?=" + _PAST + r"|[.;!?](?:\s|$)|"
     r",\s*(?:so|they|you|which|this|these|it|we|he|she|then|try|consider)\b|\s(?:so|because|but|therefore)\s|$)",
     re.IGNORECASE,
 )
