@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ class BenchConfig:
     adapter_rank: str | None = None  # LoRA adapter tuned on the rank task
     retriever: str = "hybrid"  # text + item-CF by RRF: the best candidate recall (eval/results/retrieval_*.md)
     n_candidates: int = 20
+    # LLM + retrieval-rank fusion weights tried on the validation split (same number of users as rank_users);
+    # the best one ranks the test users. [] = the LLM's order alone.
+    fusion_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
     generate_users: int = 10  # users timed in `generate` mode against the verbalizer (generation is slow on CPU)
     dtype: str = "fast"
     explanations: int = 5  # example explanations in the report
@@ -109,7 +112,7 @@ def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods:
 def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict) -> None:
     from llmrec.llm import load_backend
     from llmrec.ranking import RankingConfig, Recommender
-    from llmrec.ranking.evaluate import eval_rank, explanation_metrics
+    from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
     from llmrec.ranking.factory import build_retriever
 
     retriever = build_retriever(ds, cfg.retriever)
@@ -135,12 +138,27 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
             if label == "llm tuned" and adapter is None:
                 continue
             backend = load_backend(cfg.backend, model=cfg.model, adapter=adapter, dtype=cfg.dtype)
-            rec = Recommender(ds, backend, retriever, rcfg, adapter=Path(adapter).parent.name if adapter else None)
+            name = Path(adapter).parent.name if adapter else None
+            rec = Recommender(ds, backend, retriever, replace(rcfg), adapter=name)
             if task == "rank":
-                r = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer")
+                rec.llm_cache = {}  # every prompt scored once across the fusion weights
+                if cfg.fusion_grid:
+                    sel = select_retrieval_weight(rec, ds, cfg.fusion_grid, max_users, cfg.seed)
+                    report.setdefault("fusion", {})[label] = sel
+                r = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer")  # scores every test prompt
                 row.update({k: r[k] for k in RANK_KEYS})
                 row["rank_s_per_user"] = r["seconds_per_user"]
                 row["rank_adapter"] = adapter
+                if rec.cfg.retrieval_weight != 0.0:  # the LLM's own order, for reference (prompts already scored)
+                    w = rec.cfg.retrieval_weight
+                    rec.cfg.retrieval_weight = 0.0
+                    r0 = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer")
+                    # same prompts, same LLM cost: only the final ordering differs
+                    methods[f"{label}, LLM order only"] = {**{k: r0[k] for k in RANK_KEYS},
+                                                          "rank_s_per_user": r["seconds_per_user"],
+                                                          "retrieval_weight": 0.0, "rank_adapter": adapter}
+                    rec.cfg.retrieval_weight = w
+                row["retrieval_weight"] = rec.cfg.retrieval_weight
                 if label == "llm zero-shot":
                     n_gen = min(cfg.generate_users, max_users or cfg.generate_users)
                     g = eval_rank(rec, ds, n_gen, cfg.seed, mode="generate")
@@ -335,7 +353,7 @@ def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path)
     if baselines:
         best = max(baselines, key=lambda n: baselines[n]["ndcg@10"])
         rows[f"best baseline: {best}"] = baselines[best]
-    keep = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "rank_s_per_user", "rank_adapter"]
+    keep = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "rank_s_per_user", "retrieval_weight", "rank_adapter"]
     table = {n: {k: r[k] for k in keep if k in r} for n, r in rows.items()}
     goals = {k: v for k, v in bench.get("goals", {}).items() if k in ("ndcg@10", "verbalizer_speedup")}
     payload = {
@@ -344,11 +362,18 @@ def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path)
         "methods": table,
         "verbalizer_vs_generate": bench.get("verbalizer_vs_generate"),
         "explanations": bench.get("explanations"),
+        "fusion": bench.get("fusion"),
         "goals": goals,
         "source": f"bench_{dataset}.json",
     }
     md = f"Protocol: {payload['protocol']}.\n\n"
     md += md_table([{"method": n, **r} for n, r in table.items()], ["method", *keep])
+    if payload["fusion"]:
+        md += ("\nLLM rows rank their candidates by LLM letter log-prob + retrieval_weight x log(1 / retrieval rank); "
+               "the weight is chosen on the **validation** split (same number of users), NDCG@10 there:\n\n")
+        frows = [{"variant": lab, **{f"w={w}": m["ndcg@10"] for w, m in f["valid"].items()}, "selected": f["selected"]}
+                 for lab, f in payload["fusion"].items()]
+        md += md_table(frows, list(dict.fromkeys(k for r in frows for k in r)))
     v = payload["verbalizer_vs_generate"]
     if v:
         md += (

@@ -124,7 +124,11 @@ def test_report_header_and_methods(bench):
     assert d["command"] == "llmrec bench --dataset tiny (test)"
     assert isinstance(d["commit"], str) and d["commit"]
     assert isinstance(d["machine"], str) and "Python" in d["machine"]
-    assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, "llm zero-shot", "llm tuned"]
+    llm_rows = []
+    for label in ("llm zero-shot", "llm tuned"):  # "<label>, LLM order only" when the fusion weight is not 0
+        llm_rows += [f"{label}, LLM order only"] if d["fusion"][label]["selected"] != 0.0 else []
+        llm_rows.append(label)
+    assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, *llm_rows]
     assert d["config"]["rank_users"] == RANK_USERS and d["config"]["baseline_overrides"] == FAST
     assert d["notes"] == []  # a tuned adapter was given: no "no tuned adapter" note
     assert d["zeroshot"] is None  # no eval/results/zeroshot.json in the (patched) global results folder
@@ -205,6 +209,20 @@ def test_numbers_recomputed_independently(bench, tiny_home, monkeypatch):
         assert methods["llm zero-shot"][k] == pytest.approx(m[k], abs=1e-9), k
 
 
+def test_fusion_weight_chosen_on_valid(bench):
+    """Each LLM variant's retrieval_weight is the argmax of validation NDCG@10 over the grid (ties: the smaller)."""
+    d = bench.data
+    assert set(d["fusion"]) == {"llm zero-shot", "llm tuned"}
+    for label, f in d["fusion"].items():
+        valid = {float(w): m for w, m in f["valid"].items()}
+        assert sorted(valid) == sorted(bench.cfg.fusion_grid)
+        best = max(valid, key=lambda w: (valid[w]["ndcg@10"], -w))
+        assert f["selected"] == best == d["methods"][label]["retrieval_weight"]
+        assert all(m["n_users"] == RANK_USERS for m in valid.values())
+    md = (bench.path.parent / "ranking_tiny.md").read_text()
+    assert "chosen on the **validation** split" in md
+
+
 def test_best_goals_and_verbalizer_sections(bench):
     d, methods = bench.data, bench.data["methods"]
     for key in ("ndcg@10", "auc"):
@@ -239,7 +257,9 @@ def test_ranking_report(bench):
     r = json.loads(path.read_text())
     methods = bench.data["methods"]
     best = max((n for n in BASELINES), key=lambda n: methods[n]["ndcg@10"])
-    assert set(r["methods"]) == {RETRIEVAL_ROW, "llm zero-shot", "llm tuned", f"best baseline: {best}"}
+    llm_rows = {n for n in methods if n.startswith("llm")}
+    assert {"llm zero-shot", "llm tuned"} <= llm_rows
+    assert set(r["methods"]) == {RETRIEVAL_ROW, *llm_rows, f"best baseline: {best}"}
     for name, row in r["methods"].items():
         src = methods[name.removeprefix("best baseline: ")]
         assert row["ndcg@10"] == src["ndcg@10"] and row["recall@10"] == src["recall@10"]

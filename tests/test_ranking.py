@@ -150,6 +150,55 @@ def test_verbalizer_batched_equals_one_user_at_a_time(parts):
     assert any(len({round(s, 6) for _, s in a}) > 1 for a in one)  # real, distinct log-probs
 
 
+def test_fuse_with_retrieval_hand_computed():
+    from llmrec.ranking.recommender import fuse_with_retrieval
+
+    ids = ["a", "b", "c"]  # retrieval order
+    lp = np.log([0.2, 0.3, 0.5])
+    assert [i for i, _ in fuse_with_retrieval(ids, lp, 0.0)] == ["c", "b", "a"]  # the LLM alone
+    # w = 1: s = log p - log(rank) = log(0.2), log(0.15), log(0.5/3 = 0.1667) -> a, c, b
+    got = fuse_with_retrieval(ids, lp, 1.0)
+    assert [i for i, _ in got] == ["a", "c", "b"]
+    np.testing.assert_allclose([s for _, s in got], np.log([0.2, 0.5 / 3, 0.15]))
+    assert [i for i, _ in fuse_with_retrieval(ids, lp, 100.0)] == ids  # the retriever's order
+    with pytest.raises(ValueError, match="3 candidates but 2 LLM scores"):
+        fuse_with_retrieval(ids, lp[:2], 1.0)
+
+
+def test_retrieval_weight_chosen_on_valid_scores_each_prompt_once(parts):
+    """select_retrieval_weight evaluates on the validation split (histories end before the valid target), scores
+    each prompt once across the grid, and keeps the weight with the best validation NDCG@10 (ties: the smaller)."""
+    from llmrec.evaluation import evaluate_ranking
+    from llmrec.ranking.evaluate import eval_rank, select_retrieval_weight
+
+    be = ScriptedBackend()  # the last letter always wins: the reverse of the retrieval order
+    rec = make_rec(parts, be)
+    calls: list[tuple[str, str]] = []
+    real = rec.dataset_history
+    rec.dataset_history = lambda u, split="all": calls.append((u, split)) or real(u, split)
+    sel = select_retrieval_weight(rec, parts.ds, [0.0, 1.0, 50.0], max_users=5, seed=0)
+    n_valid_prompts = len(be.scored)
+    assert 0 < n_valid_prompts <= 5 and len(rec.llm_cache) == n_valid_prompts
+    assert set(sel["valid"]) == {0.0, 1.0, 50.0}
+    best = max(sel["valid"], key=lambda w: (sel["valid"][w]["ndcg@10"], -w))
+    assert sel["selected"] == best == rec.cfg.retrieval_weight
+    # w=50 reproduces the retriever's order on the candidates: same NDCG@10 as retrieval alone on valid
+    ret = evaluate_ranking(parts.ds, lambda u: parts.retriever.score_items(list(u), "valid"), "valid", ks=(10,),
+                           max_users=5, seed=0)
+    assert sel["valid"][50.0]["ndcg@10"] == pytest.approx(ret["ndcg@10"], abs=1e-12)
+    # the validation pass read histories that stop before each user's validation target
+    assert {sp for _, sp in calls} == {"valid"} and len({u for u, _ in calls}) == 5
+    tg = parts.ds.targets("valid").set_index("user_id")["item_id"]
+    for u in {u for u, _ in calls}:
+        assert tg[u] not in {e.item_id for e in real(u, "valid")}
+    # a test evaluation at two weights scores each test prompt once more, not twice
+    eval_rank(rec, parts.ds, 5, 0, mode="verbalizer")
+    after_one = len(be.scored)
+    rec.cfg.retrieval_weight = 0.0
+    eval_rank(rec, parts.ds, 5, 0, mode="verbalizer")
+    assert after_one > n_valid_prompts and len(be.scored) == after_one
+
+
 # ------------------------------------------------------------------------------------------------ 2. generate
 def test_map_titles_exact_case_quotes_markers_and_unmapped(rec, tiny_dataset):
     h = rec.dataset_history("u2", "test")

@@ -264,3 +264,38 @@ def test_itemcf_is_fitted_on_train_only(tiny_dataset, itemcf):
     assert (ItemCF().fit(d3).sim != itemcf.sim).nnz > 0
     s = itemcf.score_items([u], "test")
     assert s.shape == (1, ds.n_items) and np.isfinite(s).all()
+
+
+def test_knn_scoring_matches_the_formula(tiny_dataset, text_ret):
+    """score(i) = sum_h w_h exp((cos(e_h, e_i) - 1) / tau), w_h = 0.5 ** (age / half_life) x disliked_weight,
+    computed here by hand over the full cosine matrix (the tiny catalogue is smaller than knn_neighbors)."""
+    ds, r = tiny_dataset, text_ret
+    assert r.scoring == "knn" and ds.n_items <= r.knn_neighbors
+    a, b, c = (str(ds.item_ids[j]) for j in (0, 3, 7))
+    hist = [(a, True, 0), (b, False, 1), (c, True, 2)]
+    w = np.array([0.5 ** (2 / r.half_life), 0.5 ** (1 / r.half_life) * r.disliked_weight, 1.0])
+    e = r.vectors.astype(np.float64)
+    k = np.exp((e[[0, 3, 7]] @ e.T - 1.0) / r.knn_tau)
+    for row, j in enumerate((0, 3, 7)):
+        k[row, j] = 0.0  # an item is not its own neighbour
+    want = w @ k
+    got = r.knn_scores(hist)
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-12)
+    top = r.query(hist, k=5)
+    assert {a, b, c}.isdisjoint(i for i, _ in top)
+    unseen = np.delete(want, [0, 3, 7])
+    assert np.allclose([sc for _, sc in top], np.sort(unseen)[::-1][:5], rtol=1e-4, atol=1e-8)
+    assert np.allclose([want[ds.item_index[i]] for i, _ in top], [sc for _, sc in top], rtol=1e-4, atol=1e-8)
+
+
+def test_mean_scoring_option_and_bad_options(tiny_dataset, text_ret):
+    mean = TextRetriever(encoder=text_ret.encoder, scoring="mean", cache_dir=text_ret.cache_root).build(tiny_dataset)
+    hist = history_before(tiny_dataset, tiny_dataset.user_ids[0], "test")
+    q = mean.query_vector(hist)
+    s = mean.score_items([tiny_dataset.user_ids[0]], "test")[0]
+    assert np.allclose(s, mean.vectors @ q, atol=1e-5)
+    assert [i for i, _ in mean.query(hist, k=5)] == [i for i, _ in mean.search(q, 5, {i for i, _, _ in hist})]
+    with pytest.raises(ValueError, match="scoring must be 'knn' or 'mean'"):
+        TextRetriever(encoder=text_ret.encoder, scoring="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="knn_tau"):
+        TextRetriever(encoder=text_ret.encoder, knn_tau=0)

@@ -16,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
     p.add_argument("--retriever", default="text", choices=["text", "hybrid"])
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
+    p.add_argument("--retrieval-weight", type=float, default=0.0,
+                   help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order")
     p.add_argument("--batch-size", type=int, default=8)
 
 
@@ -69,7 +71,8 @@ def _recommender(args: argparse.Namespace, dataset: str):
     from llmrec.ranking import RankingConfig
     from llmrec.ranking.factory import build_recommender
 
-    cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size)
+    cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size,
+                        retrieval_weight=args.retrieval_weight)
     return build_recommender(dataset, _backend(args), adapter=args.adapter, retriever=args.retriever, cfg=cfg)
 
 

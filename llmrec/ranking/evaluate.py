@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +110,19 @@ def eval_rank(
     seed: int = 0,
     mode: str | None = None,
     retrieval_only: bool = False,
+    split: str = "test",
 ) -> dict:
-    """Full-ranking metrics of retrieve + LLM rerank (or the retriever alone) on the leave-one-out test split."""
+    """Full-ranking metrics of retrieve + LLM rerank (or the retriever alone) on the leave-one-out `split` (test;
+    valid for choosing settings: histories then stop before the validation target)."""
     t0 = time.perf_counter()
     if retrieval_only:
-        fn = lambda users: rec.retriever.score_items(list(users), "test")  # noqa: E731
+        fn = lambda users: rec.retriever.score_items(list(users), split)  # noqa: E731
     else:
-        fn = lambda users: rec.score_matrix(users, "test", mode)  # noqa: E731
+        fn = lambda users: rec.score_matrix(users, split, mode)  # noqa: E731
     out = evaluate_ranking(
         ds,
         fn,
-        "test",
+        split,
         ks=(10, 20),
         max_users=max_users,
         seed=seed,
@@ -129,6 +132,27 @@ def eval_rank(
     n = out.get("user_subset", {}).get("n", out["n_users"])
     out["seconds_per_user"] = (time.perf_counter() - t0) / max(1, n)
     return out
+
+
+def select_retrieval_weight(rec: Any, ds: Any, grid: Sequence[float], max_users: int | None = 200, seed: int = 0,
+                            metric: str = "ndcg@10") -> dict:
+    """Choose `rec.cfg.retrieval_weight` (LLM + retrieval rank fusion, verbalizer mode) on the *validation* split:
+    each prompt is scored once (`rec.llm_cache`), then every weight in `grid` re-orders the same scores. Leaves
+    the best weight in `rec.cfg` (ties: the smaller weight) and the cache in place, so a test evaluation at several
+    weights also scores each prompt once. Returns {"selected": w, "valid": {w: metrics}, "metric": metric}."""
+    if not grid:
+        raise ValueError("select_retrieval_weight: empty grid")
+    if rec.llm_cache is None:
+        rec.llm_cache = {}
+    valid: dict[float, dict] = {}
+    for w in grid:
+        rec.cfg.retrieval_weight = float(w)
+        r = eval_rank(rec, ds, max_users, seed, mode="verbalizer", split="valid")
+        valid[float(w)] = {k: r[k] for k in ("ndcg@10", "recall@10", "mrr@10", "n_users")}
+        log.info("retrieval_weight %s on valid: %s", w, valid[float(w)])
+    best = max(valid, key=lambda w: (valid[w][metric], -w))
+    rec.cfg.retrieval_weight = best
+    return {"selected": best, "valid": valid, "metric": metric}
 
 
 def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None = None) -> dict:

@@ -48,6 +48,9 @@ class RankingConfig:
 
     mode: Literal["verbalizer", "generate"] = "verbalizer"
     n_candidates: int = 20  # retrieved candidates placed in the prompt (letters A..T)
+    # verbalizer: score = LLM letter log-prob + retrieval_weight * log(1 / retrieval rank). 0 = the LLM's order
+    # alone; large = the retriever's order. `llmrec bench` chooses it on the validation split (fusion_grid).
+    retrieval_weight: float = 0.0
     history_len: int = 10  # most recent events in the prompt (as in the finetune recipes; the budget may drop more)
     max_prompt_tokens: int = 1024  # token budget per prompt: oldest history dropped first (next_title with 20
     # candidates and no history is ~530 tokens on ml-100k; 10 history events add ~200)
@@ -106,6 +109,17 @@ def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[
     return out
 
 
+def fuse_with_retrieval(ids: Sequence[str], llm_logprobs: np.ndarray, weight: float) -> list[tuple[str, float]]:
+    """Candidates `ids` (in retrieval order, best first) re-ordered by
+    s_j = llm_logprobs[j] + weight * log(1 / (j + 1)). Returns (item_id, s_j) best first; ties keep retrieval order."""
+    lp = np.asarray(llm_logprobs, dtype=np.float64)
+    if len(lp) != len(ids):
+        raise ValueError(f"{len(ids)} candidates but {len(lp)} LLM scores")
+    s = lp - weight * np.log(np.arange(1, len(lp) + 1, dtype=np.float64)) if weight else lp
+    order = np.argsort(-s, kind="stable")
+    return [(ids[o], float(s[o])) for o in order]
+
+
 class Recommender:
     """history -> retrieval -> prompt -> LLM -> top-K -> explanation, batched across users."""
 
@@ -127,6 +141,9 @@ class Recommender:
         from llmrec.prompts import load_template
 
         self.templates = {n: load_template(n) for n in ("yesno", "rank", "next_title", "explain")}
+        # prompt text -> letter log-probs; set to a dict to score each prompt once across several retrieval_weight
+        # values (llmrec.ranking.evaluate.select_retrieval_weight)
+        self.llm_cache: dict[str, np.ndarray] | None = None
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -208,11 +225,16 @@ class Recommender:
             for j, r in enumerate(rendered):
                 groups.setdefault(len(r.choices), []).append(j)
             for js in groups.values():  # backends need equal-length choice lists per call
-                lp = self.backend.score_choices([rendered[j].text for j in js], [rendered[j].choices for j in js])
-                for row, j in zip(lp, js):
-                    ids = rendered[j].candidate_ids
-                    order = np.argsort(-row, kind="stable")
-                    out[idx[j]] = [(ids[o], float(row[o])) for o in order]
+                cache = self.llm_cache if self.llm_cache is not None else {}
+                todo_j = [j for j in js if rendered[j].text not in cache]
+                if todo_j:
+                    lp = self.backend.score_choices([rendered[j].text for j in todo_j],
+                                                    [rendered[j].choices for j in todo_j])
+                    for row, j in zip(lp, todo_j):
+                        cache[rendered[j].text] = np.asarray(row, dtype=np.float64)
+                for j in js:
+                    out[idx[j]] = fuse_with_retrieval(rendered[j].candidate_ids, cache[rendered[j].text],
+                                                      self.cfg.retrieval_weight)
         return out
 
     def _rank_generate(self, histories, cands):

@@ -1,6 +1,7 @@
-"""Text retrieval: item texts (title + text fields) encoded by a sentence transformer, a faiss index, and a user
-query vector built from the history (recency-weighted mean of liked items, disliked ones down-weighted) or from a
-free-text profile."""
+"""Text retrieval: item texts (title + text fields) encoded by a sentence transformer, a faiss index, and a user's
+scores built from the history -- by default a soft nearest-neighbour vote of the history items ("knn"), or the
+cosine to one query vector (recency-weighted mean of liked items, disliked ones down-weighted: "mean") -- or from
+a free-text profile."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -70,18 +71,38 @@ def split_history(ds: Any, user_id: str, split: str) -> list[tuple[str, bool | N
     return table.get(str(user_id), [])
 
 
+Scoring = Literal["knn", "mean"]
+
+
 class TextRetriever:
     """Sentence-transformer retrieval over a dataset's catalogue.
 
-    Query vector = normalised sum over the history of w_i * e_i with a recency weight w = 0.5 ** (age / half_life)
-    (age counted in events, newest = 0), times `disliked_weight` for disliked items (unknown reaction = liked).
+    Every history event h gets a weight w_h = 0.5 ** (age / half_life) (age counted in events, newest = 0), times
+    `disliked_weight` for disliked items (unknown reaction = liked). Then, with e_i the unit item embeddings:
+
+    - `scoring="knn"` (default): score(i) = sum_h w_h * exp((cos(e_h, e_i) - 1) / tau) over each history item's
+      `knn_neighbors` nearest items in the faiss index (a soft max: one very similar history item counts more than
+      many vaguely similar ones). On the validation splits it beats "mean" on Recall@20: ML-100K 0.072 vs 0.056,
+      ML-1M 0.079 vs 0.074 (tau 0.05, half-life 2; eval/results/retrieval_*.md).
+    - `scoring="mean"`: score(i) = cos(q, e_i) with q = normalised sum_h w_h e_h (one faiss search per query).
+
     A user with no known history gets the most popular training items (cold start)."""
 
     name = "text"
 
     def __init__(self, model_path: str | Path | None = None, *, index: IndexKind = "flat", nlist: int | None = None,
                  nprobe: int = 8, recency_half_life: float = 2.0, disliked_weight: float = 0.3,
-                 batch_size: int = 64, cache_dir: str | Path | None = None, encoder: TextEncoder | None = None):
+                 batch_size: int = 64, cache_dir: str | Path | None = None, encoder: TextEncoder | None = None,
+                 scoring: Scoring = "knn", knn_tau: float = 0.05, knn_neighbors: int = 200):
+        if scoring not in ("knn", "mean"):
+            raise ValueError(f"TextRetriever: scoring must be 'knn' or 'mean', got {scoring!r}")
+        if knn_tau <= 0 or knn_neighbors < 1:
+            raise ValueError(f"TextRetriever: knn_tau must be > 0 and knn_neighbors >= 1, got {knn_tau}, "
+                             f"{knn_neighbors}")
+        self.scoring: Scoring = scoring
+        self.knn_tau = float(knn_tau)
+        self.knn_neighbors = int(knn_neighbors)
+        self._kernel: Any = None
         self.encoder = encoder or TextEncoder(model_path, batch_size=batch_size,
                                               cache_dir=Path(cache_dir) / "embeddings" if cache_dir else None)
         self.kind: IndexKind = index
@@ -112,6 +133,7 @@ class TextRetriever:
             self.index = build_index(self.vectors, self.kind, self.nlist, self.nprobe)
             save_index(self.index, folder, meta)
         self.ds = ds
+        self._kernel = None
         self._ids = np.asarray([str(i) for i in ds.item_ids], dtype=object)
         train = ds.interactions[ds.interactions["split"] == "train"]["item_id"].value_counts()
         self._pop = np.array([train.get(i, 0) for i in ds.item_ids], dtype=np.float64)
@@ -127,17 +149,47 @@ class TextRetriever:
             raise RuntimeError("TextRetriever: call build(ds) first")
 
     # ------------------------------------------------------------------------------------------- queries
-    def query_vector(self, history: HistoryLike) -> np.ndarray | None:
-        """The user's unit query vector, or None when no history item is in the catalogue."""
-        self._need()
+    def _event_weights(self, history: HistoryLike) -> tuple[list[int], np.ndarray]:
+        """Catalogue indices of the history's known items and their weights w_h (recency x reaction)."""
         ev = [(self.ds.item_index[i], liked) for i, liked in as_events(history) if i in self.ds.item_index]
-        if not ev:
-            return None
         n = len(ev)
         age = np.arange(n - 1, -1, -1, dtype=np.float64)
         w = 0.5 ** (age / self.half_life) if self.half_life > 0 else np.ones(n)
         w = w * np.array([self.disliked_weight if liked is False else 1.0 for _, liked in ev])
-        v = (w[:, None] * self.vectors[[j for j, _ in ev]]).sum(0)
+        return [j for j, _ in ev], w
+
+    @property
+    def kernel(self) -> Any:
+        """Sparse [n_items, n_items] matrix K[h, i] = exp((cos(e_h, e_i) - 1) / tau) over each item's
+        `knn_neighbors` nearest other items (from the faiss index; built once, ~n_items x neighbours entries)."""
+        if self._kernel is None:
+            from scipy import sparse
+
+            self._need()
+            n = len(self._ids)
+            m = min(n, self.knn_neighbors + 1)
+            sims, idx = self.index.search(np.ascontiguousarray(self.vectors, dtype=np.float32), m)
+            rows = np.repeat(np.arange(n), m)
+            keep = (idx.ravel() >= 0) & (idx.ravel() != rows)
+            vals = np.exp((sims.ravel()[keep].astype(np.float64) - 1.0) / self.knn_tau)
+            self._kernel = sparse.csr_matrix((vals, (rows[keep], idx.ravel()[keep])), shape=(n, n))
+        return self._kernel
+
+    def knn_scores(self, history: HistoryLike) -> np.ndarray | None:
+        """[n_items] soft nearest-neighbour scores of a history, or None when no history item is known."""
+        self._need()
+        rows, w = self._event_weights(history)
+        if not rows:
+            return None
+        return np.asarray(self.kernel[rows].T @ w, dtype=np.float64).ravel()
+
+    def query_vector(self, history: HistoryLike) -> np.ndarray | None:
+        """The user's unit query vector (the "mean" scoring), or None when no history item is in the catalogue."""
+        self._need()
+        rows, w = self._event_weights(history)
+        if not rows:
+            return None
+        v = (w[:, None] * self.vectors[rows]).sum(0)
         norm = float(np.linalg.norm(v))
         if norm == 0:
             return None
@@ -173,6 +225,18 @@ class TextRetriever:
         """Top-k unseen items for a history. `exclude` defaults to the history's own items."""
         events = as_events(history)
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
+        if self.scoring == "knn":
+            s = self.knn_scores(events)
+            if s is None:
+                return self.popular(k, exclude)
+            s = s + 1e-9 * self._pop / (self._pop.max() or 1.0)  # items no neighbour reaches: by popularity
+            out = []
+            for j in np.argsort(-s, kind="stable"):
+                if self._ids[j] not in exclude:
+                    out.append((self._ids[j], float(s[j])))
+                    if len(out) >= k:
+                        break
+            return out
         q = self.query_vector(events)
         return self.popular(k, exclude) if q is None else self.search(q, k, exclude)
 
@@ -181,9 +245,25 @@ class TextRetriever:
         return self.search(self.text_vector(profile), k, exclude)
 
     def score_items(self, user_ids: Sequence[str], split: str = "test") -> np.ndarray:
-        """[n_users, n_items] cosine scores from each user's history allowed for `split` (dataset item order);
-        cold-start users get popularity scores."""
+        """[n_users, n_items] scores (as `query` ranks them) from each user's history allowed for `split` (dataset
+        item order); cold-start users get popularity scores."""
         self._need()
+        if self.scoring == "knn":
+            from scipy import sparse
+
+            pop = self._pop / (self._pop.max() or 1.0)
+            w = sparse.lil_matrix((len(user_ids), len(self._ids)))
+            cold = []
+            for r, u in enumerate(user_ids):
+                rows, wu = self._event_weights(split_history(self.ds, u, split))
+                if not rows:
+                    cold.append(r)
+                for j, x in zip(rows, wu):
+                    w[r, j] += x
+            out = np.asarray((w.tocsr() @ self.kernel).todense(), dtype=np.float64) + 1e-9 * pop[None, :]
+            for r in cold:
+                out[r] = pop
+            return out
         qs = [self.query_vector(split_history(self.ds, u, split)) for u in user_ids]
         q = np.stack([v if v is not None else np.zeros(self.vectors.shape[1], np.float32) for v in qs])
         out = q @ self.vectors.T

@@ -63,6 +63,7 @@ class ServiceConfig:
     batch_max_wait_ms: float = 10.0
     candidates: int = 20  # candidates the recommender ranks (passed as `n_candidates` when it accepts it)
     like_threshold: float = 3.0  # rating events above it count as likes
+    retrieval_weight: float = 0.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:

@@ -264,7 +264,8 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
     from llmrec.ranking.factory import build_retriever
 
     retriever = build_retriever(ds, "text")
-    rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold)
+    rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
+                         retrieval_weight=cfg.retrieval_weight)
     recs: dict[str | None, Any] = {}
     made: dict[int, Any] = {}
     for name, be in backends.items():
