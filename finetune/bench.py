@@ -4,6 +4,9 @@
     python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
                                                                  # -> eval/results/finetune_memory_<task>_<dataset>
     python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
+    python finetune/bench.py shaped --out artifacts/models/llama-1.1b-shaped      # random-weight 1.1B (memory only)
+    python finetune/bench.py mem --task yesno --model artifacts/models/llama-1.1b-shaped --label _1.1b \
+        --gradient-checkpointing --batch-size 1 --steps 1 data.history_max=3
 
 Each training run is its own process (`llmrec finetune`), so peak RSS (ru_maxrss) is per configuration. The report
 reads `<LLMREC_HOME>/finetune/bench_<task>_<dataset>/metrics.json` and the two memory runs, scores the baselines on
@@ -47,49 +50,86 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 
 def cmd_mem(a: argparse.Namespace) -> None:
+    label = a.label or ""
     common = [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
               "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
-              "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1", *a.overrides]
+              "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1",
+              f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", *a.overrides]
+    if a.model:
+        common.append(f"model={a.model}")
     # both in bf16 compute so that only the weight format differs
-    for kind, extra in (("_mem_qlora", ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16"]),
-                        ("_mem_bf16", ["quant.load_in_4bit=false", "dtype=bfloat16"])):
+    for kind, extra in ((f"_mem{label}_qlora", ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16"]),
+                        (f"_mem{label}_bf16", ["quant.load_in_4bit=false", "dtype=bfloat16"])):
         out = run_dir(a.task, a.dataset, kind)
         finetune(a.task, out, common + extra)
-    mem = memory_summary(a.task, a.dataset)
+    mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
 
-    rows = [{"run": k, **{c: mem[k][c] for c in ("weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb",
-                                                 "peak_above_start_mb", "examples_per_s")}} for k in ("qlora", "bf16")]
-    table = (f"{a.steps} steps at batch {a.batch_size}, one process per configuration (peak RSS = ru_maxrss).\n\n"
-             + md_table(rows, ["run", "weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb",
-                               "peak_above_start_mb", "examples_per_s"])
-             + f"\nQLoRA / bf16 LoRA: weights {mem['ratio_weights_qlora_over_bf16']}, peak RSS "
-             f"{mem['ratio_peak_rss_qlora_over_bf16']} (whole process), "
-             f"{mem['ratio_above_start_qlora_over_bf16']} (above the RSS before loading the model). Goal: peak "
-             f"<= 0.5: {'met' if mem['ratio_peak_rss_qlora_over_bf16'] <= 0.5 else 'NOT met'}.\n")
-    print(write_result(f"finetune_memory_{a.task}_{a.dataset}", {"dataset": a.dataset, "task": a.task,
-                                                                   "steps": a.steps, "batch_size": a.batch_size,
-                                                                   "memory": mem}, table))
+    cols = ["weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb", "peak_above_start_mb",
+            "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
+    rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in ("qlora", "bf16")]
+    model = a.model or "the embedded SmolLM2-135M-Instruct"
+    verdict = lambda r: "met" if r is not None and r <= 0.5 else "NOT met"  # noqa: E731
+    table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}. {a.steps} step(s) at batch "
+             f"{a.batch_size}, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, bf16 compute in "
+             f"both; one process per configuration. peak_rss = ru_maxrss of the whole process (loading included); "
+             f"peak_rss_train = the peak during trainer.train() alone (Linux VmHWM reset when it starts).\n\n"
+             + md_table(rows, ["run", *cols])
+             + f"\nQLoRA / bf16 LoRA: weights {mem.get('ratio_weights_qlora_over_bf16')}, peak RSS "
+             f"{mem.get('ratio_peak_rss_qlora_over_bf16')} (whole process), "
+             f"{mem.get('ratio_above_start_qlora_over_bf16')} (above the RSS before loading the model), "
+             f"{mem.get('ratio_peak_train_qlora_over_bf16')} (during training). Goal peak <= 0.5: "
+             f"whole process **{verdict(mem.get('ratio_peak_rss_qlora_over_bf16'))}**, during training "
+             f"**{verdict(mem.get('ratio_peak_train_qlora_over_bf16'))}**.\n")
+    payload = {"dataset": a.dataset, "task": a.task, "model": model, "model_note": a.model_note, "steps": a.steps,
+               "batch_size": a.batch_size, "gradient_checkpointing": a.gradient_checkpointing, "memory": mem}
+    print(write_result(f"finetune_memory_{a.task}_{a.dataset}{label}", payload, table))
     print(table)
 
 
-def memory_summary(task: str, dataset: str) -> dict[str, Any]:
+def cmd_shaped(a: argparse.Namespace) -> None:
+    """A Llama of a given shape with random weights, saved in bf16 with the embedded model's tokenizer: memory
+    figures depend on shapes and dtypes, not on the weight values, so this measures a >= 1B model offline."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmrec.llm.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=a.intermediate,
+                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                      max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16",
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    out = Path(a.out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"wrote {out}: {n / 1e9:.2f}B parameters (random weights, bf16)")
+
+
+def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
     """The two memory runs' figures and their QLoRA / bf16 ratios ({} when a run is missing)."""
     mem: dict[str, Any] = {}
-    for kind in ("_mem_qlora", "_mem_bf16"):
-        p = run_dir(task, dataset, kind) / "metrics.json"
+    for kind in ("qlora", "bf16"):
+        p = run_dir(task, dataset, f"_mem{label}_{kind}") / "metrics.json"
         if p.is_file():
             t = json.loads(p.read_text())["train"]
-            mem[kind[5:]] = {k: t.get(k) for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
-                                                   "weights_mb", "lora_mb", "examples_per_s", "wall_s",
-                                                   "batch_size", "steps")}
-            mem[kind[5:]]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
+            mem[kind] = {k: t.get(k) for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
+                                               "rss_at_train_start_mb", "peak_rss_train_mb", "weights_mb", "lora_mb",
+                                               "examples_per_s", "wall_s", "batch_size", "steps",
+                                               "gradient_checkpointing")}
+            mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
     if len(mem) == 2:
         q, b = mem["qlora"], mem["bf16"]
         mem["ratio_peak_rss_qlora_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
         mem["ratio_above_start_qlora_over_bf16"] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
         if q.get("weights_mb") and b.get("weights_mb"):
             mem["ratio_weights_qlora_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
+        if q.get("peak_rss_train_mb") and b.get("peak_rss_train_mb"):
+            mem["ratio_peak_train_qlora_over_bf16"] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"], 3)
     return mem
 
 
@@ -193,18 +233,25 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "mem", "report"])
-    p.add_argument("--task", required=True, choices=["yesno", "rank"])
+    p.add_argument("action", choices=["run", "mem", "report", "shaped"])
+    p.add_argument("--task", default="yesno", choices=["yesno", "rank"])
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--steps", type=int, default=2, help="mem: training steps per configuration")
     p.add_argument("--batch-size", type=int, default=4, help="mem: the batch both configurations use")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="mem: both configurations with it")
+    p.add_argument("--model", default=None, help="mem: a local HF model folder (default: the embedded SmolLM2)")
+    p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
+    p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
+    p.add_argument("--out", default=None, help="shaped: output folder")
+    for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):
+        p.add_argument(f"--{k}", type=int, default=v, help=f"shaped: (default {v}: TinyLlama-1.1B's shape)")
     p.add_argument("--baselines", default="mf,bert_lstm", help="report (yesno): baselines scored on the same subset")
     p.add_argument("--note", default="", help="report: free text (e.g. the CPU contention during the run)")
     p.add_argument("--command", default=None, help="report: the commands that produced the runs")
     p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_intermixed_args()
-    {"run": cmd_run, "mem": cmd_mem, "report": cmd_report}[a.action](a)
+    {"run": cmd_run, "mem": cmd_mem, "report": cmd_report, "shaped": cmd_shaped}[a.action](a)
 
 
 if __name__ == "__main__":

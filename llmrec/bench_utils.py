@@ -69,6 +69,28 @@ def peak_rss_mb() -> float:
     return max(own, kids) / 1024.0
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux VmHWM, via /proc/self/clear_refs) so that `vm_hwm_mb` then
+    measures one phase (e.g. training after loading). ru_maxrss (`peak_rss_mb`) is the same kernel mark and is
+    reset too: read the peak so far first if it is still needed. False where the kernel does not offer it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb() -> float | None:
+    """Peak resident memory since start or since `reset_peak_rss` (Linux VmHWM), in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
 

@@ -45,6 +45,10 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     assert m1["test_before"]["n"] == 8 and m1["valid_after"]["n"] == 8
     thr = m1["test_after"]["at_valid_threshold"]  # accuracy/F1 at the threshold chosen on the 8 valid examples
     assert 0.0 <= thr["threshold"] <= 1.0 and 0.0 <= thr["accuracy"] <= 1.0 and 0.0 <= thr["f1"] <= 1.0
+    t = m1["train"]
+    if Path("/proc/self/clear_refs").exists():  # Linux: the training phase's own peak, apart from loading
+        assert t["rss_at_train_start_mb"] <= t["peak_rss_train_mb"] <= t["peak_rss_mb"] + 1.0
+        assert t["peak_rss_before_train_mb"] <= t["peak_rss_mb"] + 1.0
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     for f in ("recipe.yaml", "data_manifest.json", "metrics.json", "adapter/adapter_config.json"):
         assert (out / f).is_file(), f

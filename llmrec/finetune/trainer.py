@@ -279,10 +279,20 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             raise FileNotFoundError(f"train.resume: checkpoint folder {resume} does not exist")
     if resume:
         log.info("resuming from %s", resume)
+    from llmrec.bench_utils import reset_peak_rss, vm_hwm_mb
+
+    rss_train_start = vm_hwm_mb()  # the peak so far (loading, zero-shot evaluation)
+    if rss_train_start is not None:
+        rss_train_start = max(rss_train_start, peak_rss_mb())
+    hwm_reset = reset_peak_rss()
+    rss_at_train = vm_hwm_mb() if hwm_reset else None  # right after the reset: the current RSS
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_wall = time.time() - t_train
     mem = _peak_memory_mb()
+    peak_train = vm_hwm_mb() if hwm_reset else None
+    if rss_train_start is not None:  # the reset also cleared ru_maxrss: the whole run's peak is the larger one
+        mem["peak_rss_mb"] = round(max(mem["peak_rss_mb"], rss_train_start), 1)
     metrics["train"] = {
         "steps": int(trainer.state.global_step),
         "resumed_from": resume,
@@ -296,6 +306,11 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         "peak_rss_mb": mem["peak_rss_mb"],
         "rss_before_load_mb": round(rss_start, 1),
         "rss_after_load_mb": round(rss_loaded, 1),
+        # peak RSS during trainer.train() alone (Linux VmHWM reset before it), and the RSS when it started
+        **({"peak_rss_train_mb": round(peak_train, 1), "rss_at_train_start_mb": round(rss_at_train, 1),
+            "peak_rss_before_train_mb": round(rss_train_start, 1)} if peak_train and rss_at_train
+           and rss_train_start else {}),
+        "gradient_checkpointing": tc.gradient_checkpointing,
         **model_mem,
         **({"peak_cuda_mb": mem["peak_cuda_mb"]} if "peak_cuda_mb" in mem else {}),
     }
