@@ -54,8 +54,10 @@ def section() -> str:
     for name, cols in [
         ("baselines_ml-1m", ["method", "hr@10", "ndcg@10", "ndcg@20", "mrr@10", "auc", "train_s"]),
         ("retrieval_ml-100k", None),
+        ("retrieval_ml-1m", None),
         ("finetune_yesno_ml-100k", None),
         ("finetune_memory_yesno_ml-100k", None),
+        ("finetune_memory_yesno_ml-100k_1.1b", None),
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("zeroshot", None),

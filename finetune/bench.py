@@ -57,17 +57,20 @@ def cmd_mem(a: argparse.Namespace) -> None:
               f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", *a.overrides]
     if a.model:
         common.append(f"model={a.model}")
-    # both in bf16 compute so that only the weight format differs
-    for kind, extra in ((f"_mem{label}_qlora", ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16"]),
-                        (f"_mem{label}_bf16", ["quant.load_in_4bit=false", "dtype=bfloat16"])):
-        out = run_dir(a.task, a.dataset, kind)
-        finetune(a.task, out, common + extra)
+    # all in bf16 compute so that only the weight format differs
+    configs = {"qlora": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16"],
+               "bf16": ["quant.load_in_4bit=false", "dtype=bfloat16"],
+               # QLoRA with the frozen embedding / LM head kept in bf16 instead of PEFT's fp32 upcast
+               "qlora_bf16emb": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16",
+                                 "quant.upcast_frozen_embeddings=false"]}
+    for kind in a.only or ["qlora", "bf16", "qlora_bf16emb"]:
+        finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind])
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
 
     cols = ["weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb", "peak_above_start_mb",
             "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
-    rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in ("qlora", "bf16")]
+    rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in MEM_KINDS if k in mem]
     model = a.model or "the embedded SmolLM2-135M-Instruct"
     verdict = lambda r: "met" if r is not None and r <= 0.5 else "NOT met"  # noqa: E731
     table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}. {a.steps} step(s) at batch "
@@ -81,6 +84,12 @@ def cmd_mem(a: argparse.Namespace) -> None:
              f"{mem.get('ratio_peak_train_qlora_over_bf16')} (during training). Goal peak <= 0.5: "
              f"whole process **{verdict(mem.get('ratio_peak_rss_qlora_over_bf16'))}**, during training "
              f"**{verdict(mem.get('ratio_peak_train_qlora_over_bf16'))}**.\n")
+    if "qlora_bf16emb" in mem and "bf16" in mem:
+        table += (f"\nQLoRA with bf16 frozen embeddings (`quant.upcast_frozen_embeddings=false`) / bf16 LoRA: weights "
+                  f"{mem.get('ratio_weights_qlora_bf16emb_over_bf16')}, peak RSS "
+                  f"{mem.get('ratio_peak_rss_qlora_bf16emb_over_bf16')} (whole process), "
+                  f"{mem.get('ratio_peak_train_qlora_bf16emb_over_bf16')} (during training): goal "
+                  f"**{verdict(mem.get('ratio_peak_train_qlora_bf16emb_over_bf16'))}** during training.\n")
     payload = {"dataset": a.dataset, "task": a.task, "model": model, "model_note": a.model_note, "steps": a.steps,
                "batch_size": a.batch_size, "gradient_checkpointing": a.gradient_checkpointing, "memory": mem}
     print(write_result(f"finetune_memory_{a.task}_{a.dataset}{label}", payload, table))
@@ -110,10 +119,13 @@ def cmd_shaped(a: argparse.Namespace) -> None:
     print(f"wrote {out}: {n / 1e9:.2f}B parameters (random weights, bf16)")
 
 
+MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb")
+
+
 def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
-    """The two memory runs' figures and their QLoRA / bf16 ratios ({} when a run is missing)."""
+    """The memory runs' figures and their QLoRA / bf16 ratios (ratios only for runs that exist)."""
     mem: dict[str, Any] = {}
-    for kind in ("qlora", "bf16"):
+    for kind in MEM_KINDS:
         p = run_dir(task, dataset, f"_mem{label}_{kind}") / "metrics.json"
         if p.is_file():
             t = json.loads(p.read_text())["train"]
@@ -122,7 +134,14 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
                                                "examples_per_s", "wall_s", "batch_size", "steps",
                                                "gradient_checkpointing")}
             mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
-    if len(mem) == 2:
+    if "qlora_bf16emb" in mem and "bf16" in mem:
+        q, b = mem["qlora_bf16emb"], mem["bf16"]
+        mem["ratio_peak_rss_qlora_bf16emb_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
+        mem["ratio_weights_qlora_bf16emb_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
+        if q.get("peak_rss_train_mb") and b.get("peak_rss_train_mb"):
+            mem["ratio_peak_train_qlora_bf16emb_over_bf16"] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"],
+                                                                    3)
+    if "qlora" in mem and "bf16" in mem:
         q, b = mem["qlora"], mem["bf16"]
         mem["ratio_peak_rss_qlora_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
         mem["ratio_above_start_qlora_over_bf16"] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
@@ -241,6 +260,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="mem: both configurations with it")
     p.add_argument("--model", default=None, help="mem: a local HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
+    p.add_argument("--only", nargs="+", choices=["qlora", "bf16", "qlora_bf16emb"], default=None,
+                   help="mem: run only these configurations (the report reads every run folder that exists)")
     p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
     p.add_argument("--out", default=None, help="shaped: output folder")
     for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):

@@ -170,3 +170,33 @@ def test_model_memory_counts_packed_4bit_weights(tiny_dir):
     full = model_memory_mb(f)["weights_bytes"]
     assert full - (m["weights_bytes"] - trainable) == pytest.approx(sum(x.in_features * x.out_features for x in lin4)
                                                                      * 3.5)
+
+
+def test_frozen_embeddings_can_stay_in_the_compute_dtype(tiny_dir):
+    """quant.upcast_frozen_embeddings=false: after prepare_model_for_kbit_training the frozen embedding / LM head
+    are bf16 again (half of PEFT's fp32), a training step still reaches every LoRA weight; fp32 compute refuses."""
+    from llmrec.llm.base import BackendError
+    from llmrec.llm.loading import model_weight_bytes_by_dtype
+
+    q = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_frozen_embeddings=False)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    m, tok = load_causal_lm(tiny_dir, dtype="bfloat16", quant=q)
+    pm = apply_lora(m, lora, gradient_checkpointing=True, quant=q)
+    assert pm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert pm.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert not pm.get_input_embeddings().weight.requires_grad
+    q_default = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16")
+    m2, _ = load_causal_lm(tiny_dir, dtype="bfloat16", quant=q_default)
+    pm2 = apply_lora(m2, lora, quant=q_default)
+    assert pm2.get_input_embeddings().weight.dtype == torch.float32  # PEFT's default upcast
+    assert model_weight_bytes_by_dtype(pm)["torch.float32"] < model_weight_bytes_by_dtype(pm2)["torch.float32"]
+    pm.train()
+    loss, _ = answer_only_loss(pm, batch(tok))
+    loss.backward()
+    lora_params = [(n, p) for n, p in pm.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in lora_params)
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora_params if "lora_B" in n)
+    m3, _ = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    with pytest.raises(BackendError, match="upcast_frozen_embeddings=false needs a bf16/fp16 compute dtype"):
+        apply_lora(m3, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32",
+                                                 upcast_frozen_embeddings=False))

@@ -169,7 +169,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
     model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant)
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing)
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing, quant=cfg.quant)
     rss_loaded = peak_rss_mb()
     model_mem = model_memory_mb(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -41,6 +41,10 @@ class QuantSettings:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "fast"  # "fast": bf16 where the hardware has it, else fp32 (see resolve_dtype)
+    # PEFT's prepare_model_for_kbit_training casts every non-quantized weight to fp32, including the frozen
+    # embedding and LM head (2 x 400 MB at 1.1B with a 49k vocabulary). false: cast those two back to a bf16/fp16
+    # compute dtype (they stay frozen; LoRA and the norms keep PEFT's fp32).
+    upcast_frozen_embeddings: bool = True
 
 
 @dataclass
@@ -236,9 +240,18 @@ def load_causal_lm(
     return m, tok
 
 
-def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False) -> Any:
+def _cast_inputs_to_weight_dtype(module: Any, args: tuple) -> tuple:
+    import torch
+
+    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False,
+               quant: QuantSettings | None = None) -> Any:
     """Wrap `model` with a trainable LoRA adapter. For a 4-bit model, `prepare_model_for_kbit_training` runs first.
-    Both must happen before any forward pass on the 4-bit model (refused otherwise)."""
+    Both must happen before any forward pass on the 4-bit model (refused otherwise). With
+    `quant.upcast_frozen_embeddings` false, the frozen input/output embeddings go back to the bf16/fp16 compute
+    dtype after PEFT's fp32 upcast."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     kbit = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
@@ -256,10 +269,25 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
     if missing:
         raise BackendError(f"lora.target_modules {missing} not found in the model (module names include e.g. "
                            f"{sorted(n for n in names if n.endswith('proj'))[:10]})")
+    gc_kwargs = {"use_reentrant": False}  # the reentrant variant is deprecated in torch and warns on every call
     if kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+        if quant is not None and not quant.upcast_frozen_embeddings:
+            import torch
+
+            dt = torch_dtype(resolve_dtype(quant.compute_dtype))
+            if dt not in (torch.bfloat16, torch.float16):
+                raise BackendError(f"quant.upcast_frozen_embeddings=false needs a bf16/fp16 compute dtype, got "
+                                   f"{quant.compute_dtype!r} (= {dt}); the embeddings would not match the layers")
+            for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                        if m is not None}.values():
+                mod.to(dt)
+            head = model.get_output_embeddings()
+            if head is not None:  # the final norm stays fp32 (PEFT): feed the head in its own dtype
+                head.register_forward_pre_hook(_cast_inputs_to_weight_dtype)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     cfg = LoraConfig(
         r=lora.r,
@@ -270,6 +298,14 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
+
+
+def model_weight_bytes_by_dtype(model: Any) -> dict[str, int]:
+    """Bytes of parameters + buffers per dtype ("torch.float32": ..., "torch.uint8": packed 4-bit, ...)."""
+    out: dict[str, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        out[str(t.dtype)] = out.get(str(t.dtype), 0) + t.numel() * t.element_size()
+    return out
 
 
 def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
