@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.retrieval.text import HistoryLike, as_events, split_history
+from llmrec.retrieval.text import HistoryLike, as_events, split_history, top_unseen
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,4 @@ class ItemCF:
         events = as_events(history)
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
         s = self.score_history(events)
-        ids = self.ds.item_ids
-        out = []
-        for j in np.argsort(-s, kind="stable"):
-            if str(ids[j]) not in exclude:
-                out.append((str(ids[j]), float(s[j])))
-                if len(out) >= k:
-                    break
-        return out
+        return top_unseen(s, self.ds.item_ids, exclude, k)

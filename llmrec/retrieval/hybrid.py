@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.retrieval.text import HistoryLike, TextRetriever, as_events
+from llmrec.retrieval.text import HistoryLike, TextRetriever, as_events, top_unseen
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,7 @@ class HybridRetriever:
                             type(self.cf).__name__)
                 self._warned = True
             return None
-        out = []
-        for j in np.argsort(-s, kind="stable"):
-            if str(ids[j]) not in exclude:
-                out.append((str(ids[j]), float(s[j])))
-                if len(out) >= depth:
-                    break
-        return out
+        return top_unseen(s, ids, exclude, depth)
 
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None, *,
               user_id: str | None = None, split: str = "test") -> list[tuple[str, float]]:

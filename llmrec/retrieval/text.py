@@ -41,6 +41,17 @@ def as_events(history: Iterable[Any]) -> list[tuple[str, bool | None]]:
     return out
 
 
+def top_unseen(scores: np.ndarray, ids: Sequence[Any], exclude: set[str], k: int) -> list[tuple[str, float]]:
+    """The k best (item_id, score) of a [n_items] score vector, skipping `exclude`; ties keep catalogue order."""
+    out = []
+    for j in np.argsort(-scores, kind="stable"):
+        if str(ids[j]) not in exclude:
+            out.append((str(ids[j]), float(scores[j])))
+            if len(out) >= k:
+                break
+    return out
+
+
 # (id of the interactions frame, split) -> (the frame itself, kept alive so the id cannot be reused, histories)
 _SPLIT_CACHE: dict[tuple[int, str], tuple[Any, dict[str, list[tuple[str, bool]]]]] = {}
 
@@ -176,12 +187,14 @@ class TextRetriever:
         return self._kernel
 
     def knn_scores(self, history: HistoryLike) -> np.ndarray | None:
-        """[n_items] soft nearest-neighbour scores of a history, or None when no history item is known."""
+        """[n_items] soft nearest-neighbour scores of a history (plus 1e-9 x normalised popularity, which orders the
+        items no neighbour reaches), or None when no history item is known."""
         self._need()
         rows, w = self._event_weights(history)
         if not rows:
             return None
-        return np.asarray(self.kernel[rows].T @ w, dtype=np.float64).ravel()
+        s = np.asarray(self.kernel[rows].T @ w, dtype=np.float64).ravel()
+        return s + 1e-9 * self._pop / (self._pop.max() or 1.0)
 
     def query_vector(self, history: HistoryLike) -> np.ndarray | None:
         """The user's unit query vector (the "mean" scoring), or None when no history item is in the catalogue."""
@@ -227,16 +240,7 @@ class TextRetriever:
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
         if self.scoring == "knn":
             s = self.knn_scores(events)
-            if s is None:
-                return self.popular(k, exclude)
-            s = s + 1e-9 * self._pop / (self._pop.max() or 1.0)  # items no neighbour reaches: by popularity
-            out = []
-            for j in np.argsort(-s, kind="stable"):
-                if self._ids[j] not in exclude:
-                    out.append((self._ids[j], float(s[j])))
-                    if len(out) >= k:
-                        break
-            return out
+            return self.popular(k, exclude) if s is None else top_unseen(s, self._ids, exclude, k)
         q = self.query_vector(events)
         return self.popular(k, exclude) if q is None else self.search(q, k, exclude)
 
@@ -249,21 +253,9 @@ class TextRetriever:
         item order); cold-start users get popularity scores."""
         self._need()
         if self.scoring == "knn":
-            from scipy import sparse
-
             pop = self._pop / (self._pop.max() or 1.0)
-            w = sparse.lil_matrix((len(user_ids), len(self._ids)))
-            cold = []
-            for r, u in enumerate(user_ids):
-                rows, wu = self._event_weights(split_history(self.ds, u, split))
-                if not rows:
-                    cold.append(r)
-                for j, x in zip(rows, wu):
-                    w[r, j] += x
-            out = np.asarray((w.tocsr() @ self.kernel).todense(), dtype=np.float64) + 1e-9 * pop[None, :]
-            for r in cold:
-                out[r] = pop
-            return out
+            rows = (self.knn_scores(split_history(self.ds, u, split)) for u in user_ids)
+            return np.stack([pop if r is None else r for r in rows])
         qs = [self.query_vector(split_history(self.ds, u, split)) for u in user_ids]
         q = np.stack([v if v is not None else np.zeros(self.vectors.shape[1], np.float32) for v in qs])
         out = q @ self.vectors.T
