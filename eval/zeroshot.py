@@ -19,14 +19,14 @@ from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import contamination_probe, eval_rank
-from llmrec.ranking.factory import build_retriever
+from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
 log = logging.getLogger("zeroshot")
 
 
 def llm_rows(ds, retriever, adapter, label, args, yesno: bool) -> dict:
     backend = load_backend("transformers", adapter=adapter, dtype=args.dtype)
-    rec = Recommender(ds, backend, retriever, RankingConfig())
+    rec = Recommender(ds, backend, retriever, with_adapter_templates(RankingConfig(), adapter))
     row = {"domain": ds.name, "method": label}
     if yesno:
         ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)

@@ -113,7 +113,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
     from llmrec.llm import load_backend
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
-    from llmrec.ranking.factory import build_retriever
+    from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
     retriever = build_retriever(ds, cfg.retriever)
     rcfg = RankingConfig(n_candidates=cfg.n_candidates)
@@ -139,7 +139,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                 continue
             backend = load_backend(cfg.backend, model=cfg.model, adapter=adapter, dtype=cfg.dtype)
             name = Path(adapter).parent.name if adapter else None
-            rec = Recommender(ds, backend, retriever, replace(rcfg), adapter=name)
+            rec = Recommender(ds, backend, retriever, with_adapter_templates(replace(rcfg), adapter), adapter=name)
             if task == "rank":
                 rec.llm_cache = {}  # every prompt scored once across the fusion weights
                 if cfg.fusion_grid:

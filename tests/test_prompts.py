@@ -72,6 +72,8 @@ def render_case(name: str, tok=None, **kw):
     t = load_template(name)
     if t.task == "yesno":
         kwargs["target"] = TARGET
+    if "{target_stats}" in t.text:
+        kwargs["target_stats"] = (148, 90)
     if t.task in ("rank", "next_title"):
         kwargs["candidates"] = fixed_candidates()
     if t.task == "explain":
@@ -92,14 +94,14 @@ def check_golden(name: str, case: str, r) -> None:
     assert body == path.read_text(), f"render of {name}/{case} differs from {path}"
 
 
-ALL = ["yesno", "rank", "next_title", "explain"]
+ALL = ["yesno", "yesno_stats", "rank", "next_title", "explain"]
 
 
 def test_templates_present_and_valid():
     assert set(ALL) <= set(list_templates())
     for n in ALL:
         t = load_template(n)
-        assert t.name == n and t.version >= 1 and t.task == n
+        assert t.name == n and t.version >= 1 and t.task == n.removesuffix("_stats")
     assert load_template("yesno").verbalizer.choices == [" Yes", " No"]
     assert load_template("rank").verbalizer.labels == "ABCDEFGHIJKLMNOPQRST"
 
@@ -128,7 +130,7 @@ def test_golden_budget_drops_oldest_history_first(name):
     # candidates, target, recommended items and the question are never dropped
     if name in ("rank", "next_title"):
         assert all(quote(c.title) in r.text for c in fixed_candidates())
-    if name == "yesno":
+    if name.startswith("yesno"):
         assert quote(TARGET.title) in r.text and "Will the user enjoy" in r.text
 
 
@@ -339,3 +341,24 @@ def test_golden_smollm2_budget_and_chat(smol_tokenizer, name):
     check_golden(name, "budget.smollm2", r)
     assert r.n_tokens <= full.n_tokens - 20 and r.n_dropped > 0
     assert r.text.startswith("<|im_start|>system\n") and r.text.endswith("<|im_start|>assistant\nAnswer:")
+
+
+def test_yesno_stats_lines():
+    r = render_case("yesno_stats")
+    # fixed_history: 3 liked, 2 disliked, 1 unknown (the unknown one is not counted)
+    assert "The user liked 3 of these 5 movies." in r.text
+    assert "Other users so far: 61% of 148 ratings were likes (mixed, leaning liked)." in r.text
+    assert r.text.index("Will the user enjoy") < r.text.index("Other users so far") < r.text.index("Answer Yes or No")
+    # no feedback given: the line is left out; feedback of zero ratings says so
+    assert "Other users so far" not in render_case("yesno_stats", target_stats=None).text
+    assert "no ratings of this movie yet" in render_case("yesno_stats", target_stats=(0, 0)).text
+    assert "(mostly disliked)" in render_case("yesno_stats", target_stats=(10, 2)).text
+    assert "100% of 3 ratings were likes (mostly liked)" in render_case("yesno_stats", target_stats=(3, 3)).text
+    # the user count follows the history kept under the budget (the oldest item, Alien (liked), dropped)
+    full = render_case("yesno_stats")
+    r = render_case("yesno_stats", max_tokens=full.n_tokens - 5)
+    assert r.n_dropped == 1 and "The user liked 2 of these 4 movies." in r.text
+    # no history with a known reaction: no user line
+    assert "The user liked" not in render_case("yesno_stats", history=[]).text
+    # plain yesno ignores target_stats (no placeholder)
+    assert "Other users" not in render_case("yesno", target_stats=(148, 90)).text

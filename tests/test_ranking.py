@@ -294,6 +294,28 @@ def test_yesno_probs_equal_softmax_of_first_token_logits(rec, tiny_dataset):
         rec.score_yesno("u3", ["i0", "nope"])
 
 
+def test_yesno_stats_template_renders_each_rows_feedback(parts, tiny_dataset):
+    from llmrec.data.stats import ItemFeedbackStats, yesno_row_feedback
+    from llmrec.evaluation import yesno_subset
+    from llmrec.prompts import target_stats_text
+
+    backend = ScriptedBackend()
+    rec = make_rec(parts, backend, templates={"yesno": "yesno_stats"})
+    ex = yesno_subset(tiny_dataset, "test", 6, 0)
+    rec.yesno_examples_probs(ex)
+    assert len(backend.scored) == 6
+    for text, fb in zip(backend.scored, yesno_row_feedback(tiny_dataset, ex)):  # as of the test cut-off
+        assert target_stats_text(fb, "movie").replace("movie", tiny_dataset.domain) in text
+    backend.scored.clear()
+    rec.score_yesno("u3", ["i0"])  # serving: every interaction known now
+    assert target_stats_text(ItemFeedbackStats.from_dataset(tiny_dataset).at("i0"), tiny_dataset.domain) in \
+        backend.scored[0]
+    with pytest.raises(ValueError, match="is a 'rank' template"):
+        make_rec(parts, backend, templates={"yesno": "rank"})
+    with pytest.raises(ValueError, match="unknown task"):
+        make_rec(parts, backend, templates={"nope": "rank"})
+
+
 # ------------------------------------------------------------------------------------------------ 4. score_matrix
 def test_score_matrix_candidates_on_top_without_leakage(parts, tiny_dataset):
     rec = make_rec(parts)

@@ -3,6 +3,8 @@
 Tasks
 - yesno: the time-split Yes/No rows of the dataset (`ds.yesno`): history of <= 10 earlier events with like/dislike,
   a target item, answer " Yes" / " No" (the template's verbalizer).
+  With the `yesno_stats` template the prompt also shows how other users rated the target before the row's split
+  cut-off (llmrec.data.stats.feature_time: a train row sees up to its own time, valid/test rows up to t_valid/t_test).
 - rank: leave-one-out next item; the target is shuffled among `n_candidates - 1` other items (popularity-sampled,
   uniform, or retrieved), the answer is the target's letter (" A", " B", ...).
 - next_title: the answer is the next item's title.
@@ -78,12 +80,18 @@ def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: A
                     desc: str) -> list[Example]:
     out = []
     budget = cfg.max_len - ANSWER_RESERVE["yesno"]
-    for r in tqdm(rows.itertuples(index=False), total=len(rows), desc=desc, leave=False, disable=len(rows) < 500):
+    feedback: list[Any] = [None] * len(rows)
+    if "{target_stats}" in template.text:  # other users' reactions as of the row's split cut-off (llmrec.data.stats)
+        from llmrec.data.stats import yesno_row_feedback
+
+        feedback = yesno_row_feedback(ds, rows)
+    for k, r in enumerate(tqdm(rows.itertuples(index=False), total=len(rows), desc=desc, leave=False,
+                               disable=len(rows) < 500)):
         h = cfg.history_max
         hist = _history(ds, P, r.hist_items[-h:], r.hist_labels[-h:], r.hist_ratings[-h:], r.hist_timestamps[-h:])
         target = P.items_from_dataset(ds, [r.item_id])[0]
         rp = P.render(template, history=hist, domain=ds.domain, target=target, tokenizer=tokenizer,
-                      max_tokens=budget, chat=cfg.chat, now=int(r.timestamp))
+                      max_tokens=budget, chat=cfg.chat, now=int(r.timestamp), target_stats=feedback[k])
         if len(rp.choices) != 2:
             raise ValueError(f"template {template.name!r}: a yes/no template needs 2 choices, got {rp.choices}")
         lab = int(r.label)
@@ -296,7 +304,8 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
                            "n_candidates": cfg.n_candidates if task == "rank" else None,
                            "max_len": cfg.max_len, "history_max": cfg.history_max}
     if template is not None:
-        out["template"] = {"name": template.name, "version": getattr(template, "version", None)}
+        out["template"] = {"name": template.name, "version": getattr(template, "version", None),
+                           "hash": getattr(template, "hash", None)}
     for split, exs in examples.items():
         h = hashlib.sha256()
         for e in exs:

@@ -28,6 +28,7 @@ from llmrec.finetune.data import (
 )
 
 log = logging.getLogger(__name__)
+PROMPT_FILE = "llmrec_prompt.json"  # {task, template, version, hash} of the prompt an adapter was trained on
 
 
 def output_dir_for(cfg: FinetuneConfig) -> Path:
@@ -182,7 +183,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     import llmrec.prompts as prompts_api
     from llmrec.finetune.data import resolve_template
 
-    man = manifest(ds, cfg.task, cfg.data, examples, resolve_template(prompts_api, cfg.data.template or cfg.task))
+    template = resolve_template(prompts_api, cfg.data.template or cfg.task)
+    man = manifest(ds, cfg.task, cfg.data, examples, template)
     man["dataset"] = cfg.dataset
     man["build_seconds"] = round(time.time() - t0, 1)
     if is_main_process():
@@ -291,6 +293,10 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     train_wall = time.time() - t_train
     mem = _peak_memory_mb()
     peak_train = vm_hwm_mb() if hwm_reset else None
+    if peak_train is not None and rss_at_train is not None:
+        # the phase's peak is at least its starting RSS; the kernel's per-thread RSS counters are synced lazily, so a
+        # raw VmHWM read can come out ~0.1 MB below the reading taken right after the reset (seen in CI)
+        peak_train = max(peak_train, rss_at_train)
     if rss_train_start is not None:  # the reset also cleared ru_maxrss: the whole run's peak is the larger one
         mem["peak_rss_mb"] = round(max(mem["peak_rss_mb"], rss_train_start), 1)
     metrics["train"] = {
@@ -327,6 +333,11 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         adapter_dir = out_dir / "adapter"
         trainer.model.save_pretrained(str(adapter_dir))
         tok.save_pretrained(str(adapter_dir))
+        # which prompt the adapter was trained on: the Recommender, bench and service render with the same one
+        # (llmrec.ranking.factory.adapter_templates); `llmrec export --merge` copies it into the merged folder
+        (adapter_dir / PROMPT_FILE).write_text(json.dumps(
+            {"task": cfg.task, "template": template.name, "version": template.version, "hash": template.hash},
+            indent=2) + "\n")
         metrics["adapter"] = str(adapter_dir)
     metrics["wall_s"] = round(time.time() - t_start, 1)
     metrics["output_dir"] = str(out_dir)

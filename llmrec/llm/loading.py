@@ -329,6 +329,9 @@ def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Pat
     merged.save_pretrained(tmp)
     tok.padding_side = "right"
     tok.save_pretrained(tmp)
+    prompt_file = Path(adapter) / "llmrec_prompt.json"  # the prompt template the adapter was trained on
+    if prompt_file.is_file():
+        shutil.copy2(prompt_file, tmp / prompt_file.name)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

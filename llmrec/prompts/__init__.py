@@ -9,6 +9,8 @@ from llmrec.prompts.render import (
     item_text,
     items_from_dataset,
     render,
+    target_stats_text,
+    user_stats_text,
 )
 from llmrec.prompts.templates import (
     PromptTemplate,
@@ -46,6 +48,8 @@ __all__ = [
     "quote",
     "read_lock",
     "render",
+    "target_stats_text",
     "template_hash",
+    "user_stats_text",
     "write_lock",
 ]

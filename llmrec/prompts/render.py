@@ -121,6 +121,28 @@ def _details(h: HistoryItem, t: PromptTemplate, now: int | None) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def target_stats_text(feedback: Any, domain: str) -> str:
+    """`Other users so far: 61% of 148 ratings were likes (mixed, leaning liked).` from an object with `n` and
+    `liked` (llmrec.data.stats.ItemFeedback) or an (n, liked) pair; empty when there is none."""
+    if feedback is None:
+        return ""
+    n, liked = (feedback.n, feedback.liked) if hasattr(feedback, "n") else (int(feedback[0]), int(feedback[1]))
+    if n <= 0:
+        return f"Other users so far: no ratings of this {domain} yet."
+    rate = liked / n
+    word = ("mostly liked" if rate >= 0.75 else "mixed, leaning liked" if rate >= 0.5
+            else "mixed, leaning disliked" if rate >= 0.25 else "mostly disliked")
+    return f"Other users so far: {round(100 * rate)}% of {n} ratings were likes ({word})."
+
+
+def user_stats_text(hist: list[HistoryItem], domains: str) -> str:
+    """`The user liked 7 of these 10 movies.` over the history items with a known reaction; empty when none."""
+    known = [h.liked for h in hist if h.liked is not None]
+    if not known:
+        return ""
+    return f"The user liked {sum(known)} of these {len(known)} {domains}."
+
+
 def _labels(t: PromptTemplate, n: int) -> list[str]:
     labels = t.verbalizer.labels if t.verbalizer and t.verbalizer.labels else ""
     if n > len(labels):
@@ -147,6 +169,7 @@ def render(
     max_tokens: int | None = None,
     chat: bool = False,
     now: int | None = None,
+    target_stats: Any = None,
 ) -> RenderedPrompt:
     """Fill `template` for one user. The prompt ends with the template's `answer_prefix` (plain form: its own last
     line; chat form: the start of the assistant turn), so the next token is the answer and `choices` can be scored.
@@ -154,7 +177,10 @@ def render(
     Budget: with `max_tokens`, the oldest history items are dropped until the whole prompt (chat markup included)
     fits; the target, candidates, recommended items and the question are never dropped - if they alone exceed the
     budget, `PromptBudgetError` is raised. Without a tokenizer the budget uses a conservative estimate of one token
-    per 3 characters and `n_tokens` is None."""
+    per 3 characters and `n_tokens` is None.
+
+    `target_stats` (an `ItemFeedback` or an (n, liked) pair, computed by the caller from data before the target's
+    time) fills `{target_stats}`; `{user_stats}` counts the likes among the history items kept."""
     t = load_template(template) if isinstance(template, str) else template
     o = t.options
     if t.task == "yesno" and target is None:
@@ -186,16 +212,21 @@ def render(
         "candidates": "\n".join(cand_lines), "recommended": "\n".join(rec_lines),
         "n_candidates": str(len(cands)), "first_label": labels[0] if labels else "",
         "last_label": labels[-1] if labels else "",
+        "target_stats": target_stats_text(target_stats, dom),
     }
+
+    values_domains = fixed["domains"]
 
     def compose(n_keep: int) -> str:
         keep = range(len(hist) - n_keep, len(hist))
         liked = [hist_lines[i] for i in keep if hist[i].liked is not False]  # unknown reaction counts as liked
         disliked = [hist_lines[i] for i in keep if hist[i].liked is False]
         values = dict(fixed, n_history=str(n_keep), history="\n".join(hist_lines[i] for i in keep) or o.empty,
-                      liked="\n".join(liked) or o.empty, disliked="\n".join(disliked) or o.empty)
+                      liked="\n".join(liked) or o.empty, disliked="\n".join(disliked) or o.empty,
+                      user_stats=user_stats_text([hist[i] for i in keep], values_domains))
         present = {"candidates": bool(cands), "target": target is not None, "recommended": bool(rec_lines),
-                   "history": n_keep > 0, "liked": bool(liked), "disliked": bool(disliked)}
+                   "history": n_keep > 0, "liked": bool(liked), "disliked": bool(disliked),
+                   "target_stats": bool(fixed["target_stats"]), "user_stats": bool(values["user_stats"])}
         lines = []
         for line in t.text.splitlines():
             if line.startswith("{?"):

@@ -32,9 +32,9 @@ from llmrec.config import ConfigError, from_dict, load_yaml
 TASKS = ("yesno", "rank", "next_title", "explain")
 PLACEHOLDERS = {
     "domain", "domains", "Domain", "Domains", "history", "liked", "disliked", "target", "candidates",
-    "recommended", "n_candidates", "first_label", "last_label", "n_history",
+    "recommended", "n_candidates", "first_label", "last_label", "n_history", "target_stats", "user_stats",
 }
-CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked"}
+CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked", "target_stats", "user_stats"}
 
 
 def prompts_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,38 @@ def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, 
     raise ValueError(f"unknown retriever {kind!r}: use 'text' or 'hybrid'")
 
 
+def adapter_templates(adapter: str | Path | None) -> dict[str, str]:
+    """{task: template name} an adapter (or a model merged from one) was trained with: `llmrec_prompt.json` in its
+    folder (written by `llmrec finetune`), else the run's `recipe.yaml` next to it; {} when neither exists (a base
+    model or an adapter from elsewhere: the task's own template is used)."""
+    if not adapter:
+        return {}
+    p = Path(adapter)
+    f = p / "llmrec_prompt.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        return {str(d["task"]): str(d["template"])} if d.get("template") and d.get("task") else {}
+    r = p.parent / "recipe.yaml"
+    if p.name == "adapter" and r.is_file():
+        import yaml
+
+        d = yaml.safe_load(r.read_text()) or {}
+        task, tmpl = d.get("task"), (d.get("data") or {}).get("template")
+        return {str(task): str(tmpl)} if task and tmpl else {}
+    return {}
+
+
+def with_adapter_templates(cfg: RankingConfig | None, adapter: str | Path | None) -> RankingConfig:
+    """`cfg` (or the default) with the templates the adapter was trained on; explicit `cfg.templates` win."""
+    from dataclasses import replace
+
+    cfg = cfg or RankingConfig()
+    got = adapter_templates(adapter)
+    if got:
+        log.info("adapter %s was trained on prompt template(s) %s", adapter, got)
+    return replace(cfg, templates={**got, **cfg.templates})
+
+
 def build_recommender(
     dataset: str | Any,
     backend: str | Any = "transformers",
@@ -44,4 +77,5 @@ def build_recommender(
 
         backend = load_backend(backend, model=model, adapter=adapter, **(backend_kw or {}))
     ret = build_retriever(ds, retriever) if isinstance(retriever, str) else retriever
+    cfg = with_adapter_templates(cfg, adapter)
     return Recommender(ds, backend, ret, cfg, adapter=Path(adapter).name if adapter else None)

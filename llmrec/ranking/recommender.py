@@ -60,6 +60,9 @@ class RankingConfig:
     generate_max_new_tokens: int = 64  # titles, one per line (decoding stops at a blank line)
     min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
     like_threshold: float = 3.0  # rating events: liked = value > like_threshold
+    # prompt template per task when it is not the task's own name, e.g. {"yesno": "yesno_stats"} for an adapter
+    # tuned on it (llmrec.ranking.factory.adapter_templates reads what an adapter was trained with)
+    templates: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,7 +143,15 @@ class Recommender:
         self._attr_fields = [f for f in ATTRIBUTE_FIELDS if f in ds.items.columns]
         from llmrec.prompts import load_template
 
-        self.templates = {n: load_template(n) for n in ("yesno", "rank", "next_title", "explain")}
+        unknown = set(self.cfg.templates) - {"yesno", "rank", "next_title", "explain"}
+        if unknown:
+            raise ValueError(f"RankingConfig.templates: unknown task(s) {sorted(unknown)}")
+        self.templates = {
+            n: load_template(self.cfg.templates.get(n, n)) for n in ("yesno", "rank", "next_title", "explain")
+        }
+        for task, t in self.templates.items():
+            if t.task != task:
+                raise ValueError(f"RankingConfig.templates[{task!r}]: template {t.name!r} is a {t.task!r} template")
         # prompt text -> letter log-probs; set to a dict to score each prompt once across several retrieval_weight
         # values (llmrec.ranking.evaluate.select_retrieval_weight)
         self.llm_cache: dict[str, np.ndarray] | None = None
@@ -375,8 +386,24 @@ class Recommender:
     ) -> Recommendation:
         return self.recommend_batch([user_id], None if history is None else [history], k, explain, mode)[0]
 
-    def yesno_probs(self, histories: list[list[HistEvent]], targets: list[str], desc: str = "yes/no") -> np.ndarray:
-        """P(Yes) for each (history, target) pair, batched."""
+    @property
+    def yesno_uses_stats(self) -> bool:
+        return "{target_stats}" in self.templates["yesno"].text
+
+    def yesno_probs(
+        self,
+        histories: list[list[HistEvent]],
+        targets: list[str],
+        desc: str = "yes/no",
+        feedback: list[Any] | None = None,
+    ) -> np.ndarray:
+        """P(Yes) for each (history, target) pair, batched. `feedback`: the targets' `ItemFeedback` for a template
+        with `{target_stats}` (default: every interaction in the dataset, i.e. as of now)."""
+        if feedback is None and self.yesno_uses_stats:
+            from llmrec.data.stats import ItemFeedbackStats
+
+            stats = ItemFeedbackStats.from_dataset(self.ds)
+            feedback = [stats.at(t) for t in targets]
         probs = np.zeros(len(targets))
         for b in tqdm(
             range(0, len(targets), self.cfg.batch_size),
@@ -385,7 +412,8 @@ class Recommender:
             disable=len(targets) <= self.cfg.batch_size,
         ):
             texts = [
-                self._render("yesno", histories[j], target=self._items([targets[j]])[0]).text
+                self._render("yesno", histories[j], target=self._items([targets[j]])[0],
+                             target_stats=None if feedback is None else feedback[j]).text
                 for j in range(b, min(b + self.cfg.batch_size, len(targets)))
             ]
             lp = self.backend.score_choices(texts, list(self.templates["yesno"].verbalizer.choices))
@@ -400,7 +428,8 @@ class Recommender:
         return self.yesno_probs([h] * len(item_ids), list(item_ids)).tolist()
 
     def yesno_examples_probs(self, examples) -> np.ndarray:
-        """P(Yes) for rows of `ds.yesno` (each row carries its own <=10-event history)."""
+        """P(Yes) for rows of `ds.yesno` (each row carries its own <=10-event history; with a `{target_stats}`
+        template, the target's feedback as of the row's split cut-off, llmrec.data.stats.feature_time)."""
         hs = [
             [
                 HistEvent(i, bool(lab), None if r != r else float(r), int(t))
@@ -408,7 +437,12 @@ class Recommender:
             ]
             for row in examples.itertuples()
         ]
-        return self.yesno_probs(hs, examples["item_id"].tolist())
+        feedback = None
+        if self.yesno_uses_stats:
+            from llmrec.data.stats import yesno_row_feedback
+
+            feedback = yesno_row_feedback(self.ds, examples)
+        return self.yesno_probs(hs, examples["item_id"].tolist(), feedback=feedback)
 
     def score_matrix(self, user_ids: Sequence[str], split: str = "test", mode: str | None = None) -> np.ndarray:
         """Full-ranking scores for evaluation: LLM-ordered candidates on top, every other item by retrieval score.

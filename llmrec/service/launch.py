@@ -261,7 +261,7 @@ def build_backends(
 def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, Any]) -> dict[str | None, Any]:
     """One `llmrec.ranking.Recommender` per backend view, sharing one retriever."""
     from llmrec.ranking import RankingConfig, Recommender
-    from llmrec.ranking.factory import build_retriever
+    from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
     retriever = build_retriever(ds, "text")
     rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
@@ -271,7 +271,9 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
     for name, be in backends.items():
         if id(be) not in made:
             adapter = name if name is not None else cfg.llm.default_adapter
-            made[id(be)] = Recommender(ds, be, retriever, rcfg, adapter=adapter)
+            # render with the prompt templates the adapter was trained on (its llmrec_prompt.json)
+            tcfg = with_adapter_templates(rcfg, cfg.llm.adapters.get(adapter) if adapter else None)
+            made[id(be)] = Recommender(ds, be, retriever, tcfg, adapter=adapter)
         recs[name] = made[id(be)]
     return recs
 

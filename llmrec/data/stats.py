@@ -1,0 +1,83 @@
+"""How other users reacted to an item *before* a point in time: the leak-free item feature that the `yesno_stats`
+prompt shows next to the target ("61% of 148 earlier ratings were likes").
+
+Which time a row may see (`feature_time`): a training row sees everything strictly before its own timestamp; a
+validation or test row sees only what was known at its split's cut-off (`manifest["yesno_cutoffs"]`: `t_valid`,
+`t_test`), the moment a model would be frozen. So no valid/test interaction ever reaches a training prompt, and no
+test-period interaction (of this or any other user) reaches a test prompt's feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class ItemFeedback:
+    """`n` earlier interactions with an item, `liked` of them positive (label 1)."""
+
+    n: int
+    liked: int
+
+    @property
+    def rate(self) -> float | None:
+        return self.liked / self.n if self.n else None
+
+
+class ItemFeedbackStats:
+    """Per-item time-sorted labels with cumulative counts: `at(item, before)` is two binary searches."""
+
+    def __init__(self, interactions: pd.DataFrame):
+        missing = {"item_id", "timestamp", "label"} - set(interactions.columns)
+        if missing:
+            raise ValueError(f"ItemFeedbackStats: interactions lack column(s) {sorted(missing)}")
+        df = interactions[["item_id", "timestamp", "label"]].sort_values(["item_id", "timestamp"], kind="stable")
+        self._ts: dict[str, np.ndarray] = {}
+        self._cum: dict[str, np.ndarray] = {}
+        for item, g in df.groupby("item_id", sort=False):
+            self._ts[str(item)] = g["timestamp"].to_numpy(np.int64)
+            self._cum[str(item)] = np.concatenate([[0], np.cumsum(g["label"].to_numpy(np.int64))])
+
+    def at(self, item_id: str, before: int | None = None) -> ItemFeedback:
+        """Interactions with `item_id` strictly before `before` (all of them when None)."""
+        ts = self._ts.get(str(item_id))
+        if ts is None:
+            return ItemFeedback(0, 0)
+        k = len(ts) if before is None else int(np.searchsorted(ts, int(before), side="left"))
+        return ItemFeedback(k, int(self._cum[str(item_id)][k]))
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> ItemFeedbackStats:
+        got = getattr(ds, "_item_feedback_stats", None)
+        if got is None:
+            got = cls(ds.interactions)
+            try:
+                ds._item_feedback_stats = got
+            except AttributeError:  # a read-only stand-in: no cache
+                pass
+        return got
+
+
+def feature_time(timestamp: int, split: str, cutoffs: dict[str, int] | None) -> int:
+    """The time a Yes/No row's features may see up to (exclusive); see the module docstring."""
+    if split == "train" or not cutoffs:
+        return int(timestamp)
+    key = {"valid": "t_valid", "test": "t_test"}.get(split)
+    if key is None:
+        raise ValueError(f"feature_time: unknown split {split!r} (train/valid/test)")
+    return min(int(timestamp), int(cutoffs[key]))
+
+
+def yesno_row_feedback(ds: Any, rows: pd.DataFrame) -> list[ItemFeedback]:
+    """`ItemFeedback` of each Yes/No row's target, as of the row's `feature_time`."""
+    stats = ItemFeedbackStats.from_dataset(ds)
+    cut = ds.manifest.get("yesno_cutoffs") if hasattr(ds, "manifest") else None
+    split = rows["split"] if "split" in rows.columns else pd.Series(["train"] * len(rows), index=rows.index)
+    return [
+        stats.at(str(i), feature_time(int(t), str(s), cut))
+        for i, t, s in zip(rows["item_id"], rows["timestamp"], split)
+    ]
