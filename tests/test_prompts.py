@@ -110,7 +110,8 @@ def test_templates_present_and_valid():
 def test_golden_full(name):
     r = render_case(name)
     check_golden(name, "full", r)
-    assert r.n_history == 6 and r.n_dropped == 0
+    cap = load_template(name).options.max_history or 6  # yesno_stats lists the 5 most recent
+    assert r.n_history == min(6, cap) and r.n_dropped == 6 - min(6, cap)
     assert r.text.rstrip().endswith(load_template(name).answer_prefix)
 
 
@@ -345,19 +346,24 @@ def test_golden_smollm2_budget_and_chat(smol_tokenizer, name):
 
 def test_yesno_stats_lines():
     r = render_case("yesno_stats")
-    # fixed_history: 3 liked, 2 disliked, 1 unknown (the unknown one is not counted)
-    assert "The user liked 3 of these 5 movies." in r.text
-    assert "Other users so far: 61% of 148 ratings were likes (mixed, leaning liked)." in r.text
+    # fixed_history: 3 liked, 2 disliked, 1 unknown (not counted); max_history 5 lists the 5 most recent, the count
+    # covers all of them
+    assert "The user liked 3 of their last 5 rated movies (selective)." in r.text
+    assert r.n_history == 5 and quote("Alien (1979)") not in r.text
+    assert "Other users so far: 61% of 148 ratings were likes (liked by most)." in r.text
     assert r.text.index("Will the user enjoy") < r.text.index("Other users so far") < r.text.index("Answer Yes or No")
     # no feedback given: the line is left out; feedback of zero ratings says so
     assert "Other users so far" not in render_case("yesno_stats", target_stats=None).text
     assert "no ratings of this movie yet" in render_case("yesno_stats", target_stats=(0, 0)).text
-    assert "(mostly disliked)" in render_case("yesno_stats", target_stats=(10, 2)).text
-    assert "100% of 3 ratings were likes (mostly liked)" in render_case("yesno_stats", target_stats=(3, 3)).text
-    # the user count follows the history kept under the budget (the oldest item, Alien (liked), dropped)
+    assert "(disliked by most)" in render_case("yesno_stats", target_stats=(10, 2)).text
+    assert "(divisive)" in render_case("yesno_stats", target_stats=(10, 4)).text
+    assert "100% of 3 ratings were likes (loved by most)" in render_case("yesno_stats", target_stats=(3, 3)).text
+    # the user count does not change when the budget drops history lines
     full = render_case("yesno_stats")
     r = render_case("yesno_stats", max_tokens=full.n_tokens - 5)
-    assert r.n_dropped == 1 and "The user liked 2 of these 4 movies." in r.text
+    assert r.n_dropped >= 2 and "The user liked 3 of their last 5 rated movies (selective)." in r.text
+    easy = [h for h in fixed_history() if h.liked is not False]
+    assert "liked 3 of their last 3 rated movies (easy to please)" in render_case("yesno_stats", history=easy).text
     # no history with a known reaction: no user line
     assert "The user liked" not in render_case("yesno_stats", history=[]).text
     # plain yesno ignores target_stats (no placeholder)

@@ -122,25 +122,29 @@ def _details(h: HistoryItem, t: PromptTemplate, now: int | None) -> str:
 
 
 def target_stats_text(feedback: Any, domain: str) -> str:
-    """`Other users so far: 61% of 148 ratings were likes (mixed, leaning liked).` from an object with `n` and
-    `liked` (llmrec.data.stats.ItemFeedback) or an (n, liked) pair; empty when there is none."""
+    """`Other users so far: 61% of 148 ratings were likes (liked by most).` from an object with `n` and `liked`
+    (llmrec.data.stats.ItemFeedback) or an (n, liked) pair; empty when there is none. The words after the figure
+    (loved by most / liked by most / divisive / disliked by most) say the same thing without arithmetic."""
     if feedback is None:
         return ""
     n, liked = (feedback.n, feedback.liked) if hasattr(feedback, "n") else (int(feedback[0]), int(feedback[1]))
     if n <= 0:
         return f"Other users so far: no ratings of this {domain} yet."
     rate = liked / n
-    word = ("mostly liked" if rate >= 0.75 else "mixed, leaning liked" if rate >= 0.5
-            else "mixed, leaning disliked" if rate >= 0.25 else "mostly disliked")
+    word = ("loved by most" if rate >= 0.75 else "liked by most" if rate >= 0.55
+            else "divisive" if rate >= 0.35 else "disliked by most")
     return f"Other users so far: {round(100 * rate)}% of {n} ratings were likes ({word})."
 
 
 def user_stats_text(hist: list[HistoryItem], domains: str) -> str:
-    """`The user liked 7 of these 10 movies.` over the history items with a known reaction; empty when none."""
+    """`The user liked 7 of their last 10 rated movies (easy to please).` over every history item given (before the
+    `max_history` cap and the token budget) with a known reaction; empty when there is none."""
     known = [h.liked for h in hist if h.liked is not None]
     if not known:
         return ""
-    return f"The user liked {sum(known)} of these {len(known)} {domains}."
+    rate = sum(known) / len(known)
+    word = "easy to please" if rate >= 0.7 else "selective" if rate >= 0.4 else "hard to please"
+    return f"The user liked {sum(known)} of their last {len(known)} rated {domains} ({word})."
 
 
 def _labels(t: PromptTemplate, n: int) -> list[str]:
@@ -180,7 +184,8 @@ def render(
     per 3 characters and `n_tokens` is None.
 
     `target_stats` (an `ItemFeedback` or an (n, liked) pair, computed by the caller from data before the target's
-    time) fills `{target_stats}`; `{user_stats}` counts the likes among the history items kept."""
+    time) fills `{target_stats}`; `{user_stats}` counts the likes among all the history items given (the most recent
+    `options.max_history` of them are listed)."""
     t = load_template(template) if isinstance(template, str) else template
     o = t.options
     if t.task == "yesno" and target is None:
@@ -189,6 +194,7 @@ def render(
         raise ValueError(f"template {t.name!r} (rank) needs candidates")
     if t.task == "explain" and not recommended:
         raise ValueError(f"template {t.name!r} (explain) needs recommended items")
+    user_stats = user_stats_text(list(history), plural(clean(domain, 40) or "item"))
     hist = list(history)
     if o.max_history is not None and len(hist) > o.max_history:
         hist = hist[len(hist) - o.max_history :]
@@ -215,15 +221,13 @@ def render(
         "target_stats": target_stats_text(target_stats, dom),
     }
 
-    values_domains = fixed["domains"]
-
     def compose(n_keep: int) -> str:
         keep = range(len(hist) - n_keep, len(hist))
         liked = [hist_lines[i] for i in keep if hist[i].liked is not False]  # unknown reaction counts as liked
         disliked = [hist_lines[i] for i in keep if hist[i].liked is False]
         values = dict(fixed, n_history=str(n_keep), history="\n".join(hist_lines[i] for i in keep) or o.empty,
                       liked="\n".join(liked) or o.empty, disliked="\n".join(disliked) or o.empty,
-                      user_stats=user_stats_text([hist[i] for i in keep], values_domains))
+                      user_stats=user_stats)
         present = {"candidates": bool(cands), "target": target is not None, "recommended": bool(rec_lines),
                    "history": n_keep > 0, "liked": bool(liked), "disliked": bool(disliked),
                    "target_stats": bool(fixed["target_stats"]), "user_stats": bool(values["user_stats"])}
