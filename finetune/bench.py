@@ -174,6 +174,10 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
                          "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"}
+    from llmrec.data.stats import counts_only_p_yes
+
+    out["counts only (no model)"] = {**evaluate_yesno(counts_only_p_yes(ds, ex), ex),
+                                     "how": "the yesno_stats prompt's two counts, no fitting (llmrec.data.stats)"}
     return out
 
 

@@ -98,3 +98,18 @@ def test_adapter_templates(tmp_path):
     assert adapter_templates(run / "adapter") == {"rank": "rank"}  # the adapter's own file wins
     cfg = with_adapter_templates(RankingConfig(templates={"rank": "custom"}), run / "adapter")
     assert cfg.templates == {"rank": "custom"}  # explicit config wins over the adapter's file
+
+
+def test_counts_only_reference_hand_computed():
+    from llmrec.data.stats import counts_only_p_yes
+
+    class DS:
+        manifest = {"yesno_cutoffs": {"t_valid": 100, "t_test": 200}}
+        interactions = small_interactions()
+
+    rows = pd.DataFrame({"item_id": ["a", "zzz"], "timestamp": [25, 250], "split": ["train", "test"],
+                         "hist_labels": [[1, 1, 0], []]})
+    p = counts_only_p_yes(DS(), rows)
+    # row 0: item a before t=25 -> 3 ratings, 2 likes -> 3/5; user 2 of 3 -> 3/5; logit sum = 2 ln 1.5
+    # row 1: unknown item (1/2) and no history (1/2) -> 0.5
+    np.testing.assert_allclose(p, [1 / (1 + np.exp(-2 * np.log(1.5))), 0.5])

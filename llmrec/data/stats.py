@@ -81,3 +81,16 @@ def yesno_row_feedback(ds: Any, rows: pd.DataFrame) -> list[ItemFeedback]:
         stats.at(str(i), feature_time(int(t), str(s), cut))
         for i, t, s in zip(rows["item_id"], rows["timestamp"], split)
     ]
+
+
+def counts_only_p_yes(ds: Any, rows: pd.DataFrame) -> np.ndarray:
+    """A no-model reference for Yes/No rows: the two counts the `yesno_stats` prompt shows, combined with no fitting.
+    p = sigmoid(logit((liked_i + 1) / (n_i + 2)) + logit((likes_u + 1) / (k_u + 2))), where liked_i / n_i are other
+    users' likes / ratings of the target as of `feature_time` and likes_u / k_u the user's likes / reactions in the
+    row's history (Laplace-smoothed rates; their logits add as in naive Bayes). Tells how much of an LLM's AUC the two
+    numbers alone already give."""
+    fb = yesno_row_feedback(ds, rows)
+    r_item = np.array([(f.liked + 1.0) / (f.n + 2.0) for f in fb])
+    r_user = np.array([(float(np.sum(h)) + 1.0) / (len(h) + 2.0) for h in rows["hist_labels"]])
+    z = np.log(r_item / (1 - r_item)) + np.log(r_user / (1 - r_user))
+    return 1.0 / (1.0 + np.exp(-z))
