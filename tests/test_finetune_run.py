@@ -53,9 +53,11 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     for f in ("recipe.yaml", "data_manifest.json", "metrics.json", "adapter/adapter_config.json"):
         assert (out / f).is_file(), f
     man = json.loads((out / "data_manifest.json").read_text())
-    assert man["train"]["n"] == 16 and man["test"]["n"] == 8 and man["template"]["name"] == "yesno"
+    # the CPU recipe trains on the yesno_stats prompt
+    assert man["train"]["n"] == 16 and man["test"]["n"] == 8 and man["template"]["name"] == "yesno_stats"
     prompt = json.loads((out / "adapter" / "llmrec_prompt.json").read_text())  # read by adapter_templates()
-    assert prompt["task"] == "yesno" and prompt["template"] == "yesno" and prompt["hash"] == man["template"]["hash"]
+    assert prompt == {"task": "yesno", "template": "yesno_stats", "version": man["template"]["version"],
+                      "hash": man["template"]["hash"]}
     # the adapter loads with PEFT and through the backend
     base, _ = load_causal_lm(tiny_dir, dtype="float32")
     PeftModel.from_pretrained(base, str(out / "adapter"))
