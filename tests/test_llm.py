@@ -118,6 +118,7 @@ def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
                 p.normal_(0, 0.5)
     pm.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    (tmp_path / "adapter" / "llmrec_prompt.json").write_text('{"task": "yesno", "template": "yesno_stats"}')
     with_adapter = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="float32")
     base = load_backend("transformers", model=tiny_dir, dtype="float32")
     s_ad = with_adapter.score_choices(PROMPTS, [" Yes", " No"])
@@ -125,5 +126,8 @@ def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
     out = merge_and_save(tiny_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
     merged = load_backend("transformers", model=out, dtype="float32")
     np.testing.assert_allclose(merged.score_choices(PROMPTS, [" Yes", " No"]), s_ad, atol=1e-4)
+    from llmrec.ranking.factory import adapter_templates
+
+    assert adapter_templates(out) == {"yesno": "yesno_stats"}  # the merged model keeps its training prompt
     with pytest.raises(BackendError, match="adapter_config.json"):
         load_backend("transformers", model=tiny_dir, adapter=tmp_path)

@@ -28,7 +28,6 @@ from llmrec.finetune.data import (
 )
 
 log = logging.getLogger(__name__)
-PROMPT_FILE = "llmrec_prompt.json"  # {task, template, version, hash} of the prompt an adapter was trained on
 
 
 def output_dir_for(cfg: FinetuneConfig) -> Path:
@@ -335,6 +334,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         tok.save_pretrained(str(adapter_dir))
         # which prompt the adapter was trained on: the Recommender, bench and service render with the same one
         # (llmrec.ranking.factory.adapter_templates); `llmrec export --merge` copies it into the merged folder
+        from llmrec.llm.loading import PROMPT_FILE
+
         (adapter_dir / PROMPT_FILE).write_text(json.dumps(
             {"task": cfg.task, "template": template.name, "version": template.version, "hash": template.hash},
             indent=2) + "\n")

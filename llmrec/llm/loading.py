@@ -318,6 +318,9 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     return PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
 
 
+PROMPT_FILE = "llmrec_prompt.json"  # in an adapter folder: {task, template, version, hash} of its training prompt
+
+
 def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
     """Merge a LoRA adapter into its (non-quantized) base and save a plain HF folder for serving without LoRA."""
     base, tok = load_causal_lm(model, dtype=dtype)
@@ -329,7 +332,7 @@ def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Pat
     merged.save_pretrained(tmp)
     tok.padding_side = "right"
     tok.save_pretrained(tmp)
-    prompt_file = Path(adapter) / "llmrec_prompt.json"  # the prompt template the adapter was trained on
+    prompt_file = Path(adapter) / PROMPT_FILE  # the prompt template the adapter was trained on
     if prompt_file.is_file():
         shutil.copy2(prompt_file, tmp / prompt_file.name)
     if out.exists():

@@ -194,11 +194,11 @@ def render(
         raise ValueError(f"template {t.name!r} (rank) needs candidates")
     if t.task == "explain" and not recommended:
         raise ValueError(f"template {t.name!r} (explain) needs recommended items")
-    user_stats = user_stats_text(list(history), plural(clean(domain, 40) or "item"))
     hist = list(history)
+    dom = clean(domain, 40) or "item"
+    user_stats = user_stats_text(hist, plural(dom))  # over every given item, before the cap and the budget
     if o.max_history is not None and len(hist) > o.max_history:
         hist = hist[len(hist) - o.max_history :]
-    dom = clean(domain, 40) or "item"
     cands = list(candidates or [])
     labels = _labels(t, len(cands)) if t.task == "rank" or (t.verbalizer and t.verbalizer.labels and cands) else []
     if labels:

@@ -31,10 +31,12 @@ def adapter_templates(adapter: str | Path | None) -> dict[str, str]:
     """{task: template name} an adapter (or a model merged from one) was trained with: `llmrec_prompt.json` in its
     folder (written by `llmrec finetune`), else the run's `recipe.yaml` next to it; {} when neither exists (a base
     model or an adapter from elsewhere: the task's own template is used)."""
+    from llmrec.llm.loading import PROMPT_FILE
+
     if not adapter:
         return {}
     p = Path(adapter)
-    f = p / "llmrec_prompt.json"
+    f = p / PROMPT_FILE
     if f.is_file():
         d = json.loads(f.read_text())
         return {str(d["task"]): str(d["template"])} if d.get("template") and d.get("task") else {}
