@@ -197,6 +197,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                 row.update({k: evaluate_yesno(probs, ex)[k] for k in YESNO_KEYS})
                 row["yesno_s_per_example"] = (time.perf_counter() - t1) / max(1, len(ex))
                 row["yesno_adapter"] = adapter
+                row["yesno_template"] = rec.templates["yesno"].name  # the adapter's own (llmrec_prompt.json)
                 curves[label] = probs.tolist()
             backend.close()
         methods[label] = row

@@ -158,6 +158,8 @@ def test_every_number_is_finite_and_in_range(bench):
     assert methods["llm zero-shot"]["rank_adapter"] is None and methods["llm zero-shot"]["yesno_adapter"] is None
     assert methods["llm tuned"]["rank_adapter"] == str(bench.adapter)
     assert methods["llm tuned"]["yesno_adapter"] == str(bench.adapter)
+    # an adapter without llmrec_prompt.json (or a run recipe) is rendered with the task's own template
+    assert methods["llm zero-shot"]["yesno_template"] == methods["llm tuned"]["yesno_template"] == "yesno"
     assert bench.data["seconds"] > 0
     bad = [(p, v) for p, v in walk_numbers(bench.data) if not math.isfinite(v)]
     assert not bad, bad
