@@ -72,7 +72,7 @@ def render_case(name: str, tok=None, **kw):
     t = load_template(name)
     if t.task == "yesno":
         kwargs["target"] = TARGET
-    if "{target_stats}" in t.text:
+    if "target_stats" in t.placeholders:
         kwargs["target_stats"] = (148, 90)
     if t.task in ("rank", "next_title"):
         kwargs["candidates"] = fixed_candidates()
@@ -342,6 +342,14 @@ def test_golden_smollm2_budget_and_chat(smol_tokenizer, name):
     check_golden(name, "budget.smollm2", r)
     assert r.n_tokens <= full.n_tokens - 20 and r.n_dropped > 0
     assert r.text.startswith("<|im_start|>system\n") and r.text.endswith("<|im_start|>assistant\nAnswer:")
+
+
+def test_placeholders_property():
+    assert {"target_stats", "user_stats", "target", "liked", "disliked"} <= load_template("yesno_stats").placeholders
+    assert "target_stats" not in load_template("yesno").placeholders
+    t = parse_template({"name": "y", "version": 1, "task": "yesno", "text": "{?target_stats}x {target}",
+                        "verbalizer": {"choices": [" Yes", " No"]}})
+    assert t.placeholders == {"target"}  # a condition alone does not fill a placeholder
 
 
 def test_yesno_stats_lines():

@@ -305,7 +305,7 @@ def test_yesno_stats_template_renders_each_rows_feedback(parts, tiny_dataset):
     rec.yesno_examples_probs(ex)
     assert len(backend.scored) == 6
     for text, fb in zip(backend.scored, yesno_row_feedback(tiny_dataset, ex)):  # as of the test cut-off
-        assert target_stats_text(fb, "movie").replace("movie", tiny_dataset.domain) in text
+        assert target_stats_text(fb, tiny_dataset.domain) in text
     backend.scored.clear()
     rec.score_yesno("u3", ["i0"])  # serving: every interaction known now
     assert target_stats_text(ItemFeedbackStats.from_dataset(tiny_dataset).at("i0"), tiny_dataset.domain) in \

@@ -79,6 +79,16 @@ class PromptTemplate:
     path: str | None = None  # where it was loaded from (not part of the hash)
 
     @property
+    def placeholders(self) -> set[str]:
+        """The placeholder names the text fills (a line's `{?condition}` prefix is not one), e.g. whether a caller
+        must compute `target_stats`."""
+        out: set[str] = set()
+        for line in self.text.splitlines():
+            body = line[line.index("}") + 1 :] if line.startswith("{?") else line
+            out.update(f for _, f, _, _ in string.Formatter().parse(body) if f)
+        return out
+
+    @property
     def hash(self) -> str:
         return template_hash(self)
 

@@ -388,7 +388,7 @@ class Recommender:
 
     @property
     def yesno_uses_stats(self) -> bool:
-        return "{target_stats}" in self.templates["yesno"].text
+        return "target_stats" in self.templates["yesno"].placeholders
 
     def yesno_probs(
         self,
