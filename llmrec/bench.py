@@ -76,13 +76,16 @@ def goal_line(key: str, g: dict) -> str:
     )
 
 
-def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods: dict, curves: dict) -> None:
+def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods: dict, curves: dict) -> dict:
+    """Fit and score each baseline; returns the fitted models by name (a `hybrid:<name>` retriever reuses one)."""
     from llmrec.baselines import get_model
 
+    fitted = {}
     for name in cfg.baselines:
         t0 = time.perf_counter()
         model = get_model(name, **cfg.baseline_overrides.get(name, {}))
         model.fit(ds)
+        fitted[name] = model
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         sub = evaluate_ranking(
@@ -107,15 +110,18 @@ def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods:
                 curves[name] = probs.tolist()
         methods[name] = row
         log.info("%s: %s", name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+    return fitted
 
 
-def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict) -> None:
+def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict,
+            fitted: dict | None = None) -> None:
     from llmrec.llm import load_backend
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
     from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
-    retriever = build_retriever(ds, cfg.retriever)
+    # `hybrid:sasrec` etc.: the collaborative side is the baseline fitted above (same split, same seed)
+    retriever = build_retriever(ds, cfg.retriever, cf_model=(fitted or {}).get(cfg.retriever.partition(":")[2]))
     rcfg = RankingConfig(n_candidates=cfg.n_candidates)
     max_users = cfg.rank_users or None
     t0 = time.perf_counter()
@@ -258,10 +264,11 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
     curves: dict[str, list[float]] = {}
     report: dict[str, Any] = {"notes": []}
     t0 = time.perf_counter()
+    fitted: dict[str, Any] = {}
     if cfg.baselines:
-        run_baselines(ds, cfg, [], ex, methods, curves)
+        fitted = run_baselines(ds, cfg, [], ex, methods, curves)
     if cfg.llm:
-        run_llm(ds, cfg, ex, methods, curves, report)
+        run_llm(ds, cfg, ex, methods, curves, report, fitted)
     name = f"bench_{ds.name}"
     out_dir = Path(cfg.results_dir) if cfg.results_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)

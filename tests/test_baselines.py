@@ -193,3 +193,48 @@ def test_time_budget_is_kept_by_a_baseline(tiny_dataset):
     m = get_model("bpr", epochs=50, eval_every=1, time_budget_s=1e-6, patience=50)
     m.fit(tiny_dataset, progress=False)
     assert m.fit_info["stopped_by_time_budget"] is True and m.fit_info["epochs"] == 1
+
+
+def test_sasrec_scores_an_arbitrary_history_like_a_known_user(tiny_dataset, fitted):
+    """`score_history` (used for event-store users) gives the known user's unmasked scores from the same events;
+    unknown item ids are skipped, not an error."""
+    sas = fitted["sasrec"]
+    u = tiny_dataset.targets("test")["user_id"].iloc[0]
+    items, _ = sas.history_of(u, "test")
+    ids = [tiny_dataset.item_ids[i] for i in items]
+    want = sas._score([u], "test")[0]
+    np.testing.assert_allclose(sas.score_history(ids), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sas.score_history([(i, True, 0) for i in ids] + [("no-such-item", True, 0)]), want,
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(sas.score_history(ids[:-1]), want)
+
+
+def test_hybrid_sasrec_retriever_loads_the_checkpoint(tiny_dataset, fitted, tmp_path, monkeypatch):
+    from llmrec.baselines import checkpoint_dir
+    from llmrec.ranking.factory import build_retriever, collaborative_model
+
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="llmrec baselines train"):
+        collaborative_model(tiny_dataset, "sasrec", fit_if_missing=False)
+    with pytest.raises(ValueError, match="unknown retriever 'hybrid:svd'"):
+        build_retriever(tiny_dataset, "hybrid:svd")
+    fitted["sasrec"].save(checkpoint_dir("tiny", "sasrec"))
+    ret = build_retriever(tiny_dataset, "hybrid:sasrec")
+    users = tiny_dataset.targets("test")["user_id"].tolist()
+    np.testing.assert_array_equal(ret.cf.score_items(users), fitted["sasrec"].score_items(users))
+    hist = [tiny_dataset.item_ids[i] for i in fitted["sasrec"].history_of(users[0], "test")[0]]
+    got = ret.query(hist, k=10)
+    assert len(got) == 10 and not {i for i, _ in got} & set(hist)
+    # the collaborative side moves the ranking: not the text retriever's order alone
+    assert [i for i, _ in got] != [i for i, _ in ret.text.query(hist, k=10)]
+
+
+def test_retriever_names_agree_across_cli_service_and_factory():
+    import typing
+
+    from llmrec.cli.recommend import RETRIEVER_CHOICES
+    from llmrec.ranking.factory import RETRIEVERS
+    from llmrec.service.config import ServiceConfig
+
+    hints = typing.get_type_hints(ServiceConfig)
+    assert list(RETRIEVERS) == RETRIEVER_CHOICES == list(typing.get_args(hints["retriever"]))

@@ -200,6 +200,21 @@ class SASRec(Baseline):
                 out[b : b + len(ub)] = self.net.logits(h).numpy()
         return out
 
+    def score_history(self, history: Any) -> np.ndarray:
+        """[n_items] scores of the next item after an arbitrary history (item ids, or (item_id, ...) tuples, oldest
+        first; unknown items are skipped), unmasked: the caller excludes what it must. This lets SASRec serve as the
+        collaborative side of a retriever for users who are not in the training data (the event store)."""
+        import torch
+
+        if self.ds is None:
+            raise RuntimeError(f"{self.name}: call fit(ds) or load(path) first")
+        ids = [h[0] if isinstance(h, (tuple, list)) else h for h in history]
+        idx = np.array([self.ds.item_index[str(i)] for i in ids if str(i) in self.ds.item_index], dtype=np.int64)
+        self.net.eval()
+        with torch.no_grad():
+            h = self.net(torch.as_tensor(self._pad([idx])))[:, -1]
+            return self.net.logits(h)[0].numpy().astype(np.float64)
+
     def _state(self) -> dict[str, Any]:
         return {"net": self.net.state_dict()}
 

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+# = llmrec.ranking.factory.RETRIEVERS (kept literal so the CLI starts without pandas; a test checks they agree)
+RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec"]
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
@@ -14,7 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained)")
     p.add_argument("--vllm-url", help="OpenAI-compatible endpoint for --backend vllm (else an in-process engine)")
     p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
-    p.add_argument("--retriever", default="text", choices=["text", "hybrid"])
+    p.add_argument("--retriever", default="text", choices=RETRIEVER_CHOICES)
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
     p.add_argument("--retrieval-weight", type=float, default=0.0,
                    help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order")

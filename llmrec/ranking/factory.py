@@ -12,19 +12,53 @@ from llmrec.ranking.recommender import RankingConfig, Recommender
 log = logging.getLogger(__name__)
 
 
+RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec")
+# (text, collaborative) RRF weights per collaborative model, chosen on the validation split (eval/retrieval.py)
+HYBRID_WEIGHTS: dict[str, tuple[float, float]] = {"itemcf": (0.5, 1.0), "sasrec": (0.25, 1.0)}
+
+
+def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = True) -> Any:
+    """The collaborative side of a hybrid retriever: `itemcf` (fitted here, seconds) or a baseline (`sasrec`, ...)
+    loaded from its checkpoint (`llmrec baselines train`), else fitted on the training split and saved there."""
+    if name == "itemcf":
+        from llmrec.retrieval.cf import ItemCF
+
+        return ItemCF().fit(ds)
+    from llmrec.baselines import checkpoint_dir, get_model, load_model, model_class
+
+    model_class(name)  # unknown names fail here, naming the choices
+    ck = checkpoint_dir(ds.name, name)
+    if (ck / "meta.json").is_file():
+        try:
+            m = load_model(name, ds.name, ds=ds)
+            log.info("retriever: %s loaded from %s", name, ck)
+            return m
+        except ValueError as e:  # trained on another version of the dataset: refit below
+            log.warning("retriever: %s; fitting %s again", e, name)
+    if not fit_if_missing:
+        raise FileNotFoundError(f"no {name} checkpoint at {ck}: run `llmrec baselines train --dataset {ds.name} "
+                                f"--model {name}`")
+    log.info("retriever: fitting %s on %s (saved to %s)", name, ds.name, ck)
+    return get_model(name).fit(ds, checkpoint_dir=ck)
+
+
 def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, cf_model: Any = None) -> Any:
-    """`text`: sentence-transformer retriever over item texts; `hybrid`: fused with a collaborative model by RRF."""
+    """`text`: sentence-transformer retriever over item texts; `hybrid` (= `hybrid:itemcf`): fused by RRF with
+    item-to-item CF; `hybrid:sasrec`: fused with a SASRec model instead (text weight 0.25, chosen on the validation
+    split in eval/retrieval.py). `cf_model` replaces the collaborative side (e.g. a model the caller fitted)."""
     from llmrec.retrieval import TextRetriever
 
+    if kind not in RETRIEVERS:
+        raise ValueError(f"unknown retriever {kind!r}: use one of {', '.join(RETRIEVERS)}")
     text = TextRetriever(model_path=model_path)
     text.build(ds)
     if kind == "text":
         return text
-    if kind == "hybrid":
-        from llmrec.retrieval import HybridRetriever
+    from llmrec.retrieval import HybridRetriever
 
-        return HybridRetriever(text, cf_model) if cf_model is not None else HybridRetriever.default(ds, text)
-    raise ValueError(f"unknown retriever {kind!r}: use 'text' or 'hybrid'")
+    cf_name = kind.partition(":")[2] or "itemcf"
+    cf = cf_model if cf_model is not None else collaborative_model(ds, cf_name)
+    return HybridRetriever(text, cf, weights=HYBRID_WEIGHTS.get(cf_name, (0.5, 1.0)))
 
 
 def adapter_templates(adapter: str | Path | None) -> dict[str, str]:

@@ -263,7 +263,7 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
-    retriever = build_retriever(ds, "text")
+    retriever = build_retriever(ds, cfg.retriever)
     rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
                          retrieval_weight=cfg.retrieval_weight)
     recs: dict[str | None, Any] = {}
