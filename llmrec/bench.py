@@ -41,7 +41,9 @@ class BenchConfig:
     model: str | None = None  # default: the embedded SmolLM2-135M-Instruct
     adapter_yesno: str | None = None  # LoRA adapter tuned on the yesno task (default: finetune output if present)
     adapter_rank: str | None = None  # LoRA adapter tuned on the rank task
-    retriever: str = "hybrid"  # text + item-CF by RRF: the best candidate recall (eval/results/retrieval_*.md)
+    # candidates: text + SASRec by RRF, the best candidate recall (eval/results/retrieval_*.md); its SASRec is the
+    # baseline fitted above when "sasrec" is in `baselines`. "hybrid" = text + item-CF (no training).
+    retriever: str = "hybrid:sasrec"
     n_candidates: int = 20
     # LLM + retrieval-rank fusion weights tried on the validation split (same number of users as rank_users);
     # the best one ranks the test users. [] = the LLM's order alone.
