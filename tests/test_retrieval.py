@@ -219,6 +219,27 @@ def test_candidates_use_only_data_before_the_target(tiny_dataset, text_ret, item
         assert small == big[:5] and (tgt in small) == (big.index(tgt) < 5)
 
 
+def test_sasrec_hybrid_candidates_never_see_the_test_target(tiny_dataset, text_ret, encoder):
+    """Leakage for `hybrid:sasrec`: SASRec trains on the train split only (early stopping on valid), so changing the
+    users' test events changes neither the model nor any test candidate list."""
+    from llmrec.baselines import get_model
+
+    cfg = {"epochs": 10, "hidden": 32, "max_len": 16, "batch_size": 16, "lr": 0.01, "eval_every": 5, "patience": 10}
+    ds = tiny_dataset
+    users = list(ds.user_ids[:4])
+    d2 = ds
+    for u in users:
+        d2 = with_changed_future(d2, u, ["test"])
+    s1, s2 = get_model("sasrec", **cfg).fit(ds, progress=False), get_model("sasrec", **cfg).fit(d2, progress=False)
+    t2 = TextRetriever(encoder=encoder, cache_dir=text_ret.cache_root).build(d2)
+    h1, h2 = HybridRetriever(text_ret, s1, weights=(0.25, 1.0)), HybridRetriever(t2, s2, weights=(0.25, 1.0))
+    for u in users:
+        assert candidates_for(ds, u, "test", 15, h1) == candidates_for(d2, u, "test", 15, h2)
+    # sanity: the test-time history (train + valid) does matter
+    d3 = with_changed_future(ds, users[0], ["valid"])
+    assert candidates_for(ds, users[0], "test", 15, h1) != candidates_for(d3, users[0], "test", 15, h1)
+
+
 def test_candidates_at_a_training_position(tiny_dataset, text_ret):
     ds = tiny_dataset
     u = ds.user_ids[1]
