@@ -115,7 +115,7 @@ def try_sasrec(ds: Any) -> tuple[Any, str]:
     except Exception as e:  # a baseline that fails is reported, not hidden
         return None, f"SASRec failed: {type(e).__name__}: {e}"
     how = "loaded from its checkpoint" if had else f"fitted here in {time.perf_counter() - t0:.0f} s"
-    return m, f"{how} ({m.fit_info.get('epochs')} epochs, llmrec.baselines SASRec defaults)"
+    return m, f"{how} ({m.fit_info.get('epochs')} epochs; config in {checkpoint_dir(ds.name, 'sasrec')}/meta.json)"
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
