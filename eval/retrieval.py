@@ -103,6 +103,16 @@ def try_bpr(ds: Any, time_budget_s: float) -> tuple[Any, str | None]:
         return None, f"BPR failed: {type(e).__name__}: {e}"
 
 
+def select_text_weight(ds: Any, text: Any, cf: Any, label: str, valid: dict, max_users: int | None) -> float:
+    """Validation Recall@20 (then @50) of `label(w_text=w)` for w in GRID, recorded in `valid`; returns the best w."""
+    from llmrec.retrieval import HybridRetriever
+
+    for w in GRID:
+        valid[f"{label}(w_text={w})"] = recalls(ds, HybridRetriever(text, cf, weights=(w, 1.0)), "valid", max_users)
+    return max(GRID, key=lambda w: (valid[f"{label}(w_text={w})"]["recall@20"],
+                                    valid[f"{label}(w_text={w})"]["recall@50"]))
+
+
 def try_sasrec(ds: Any) -> tuple[Any, str]:
     """The SASRec baseline the `hybrid:sasrec` retriever uses: its checkpoint, else fitted (and saved) here."""
     from llmrec.baselines import checkpoint_dir
@@ -158,11 +168,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     valid: dict[str, Any] = {"text": recalls(ds, text, "valid", args.max_users),
                              "text(mean)": recalls(ds, text_mean, "valid", args.max_users),
                              "itemcf": recalls(ds, cf, "valid", args.max_users)}
-    for w in GRID:
-        valid[f"hybrid(w_text={w})"] = recalls(ds, HybridRetriever(text, cf, weights=(w, 1.0)), "valid",
-                                               args.max_users)
-    best_w = max(GRID, key=lambda w: (valid[f"hybrid(w_text={w})"]["recall@20"],
-                                      valid[f"hybrid(w_text={w})"]["recall@50"]))
+    best_w = select_text_weight(ds, text, cf, "hybrid", valid, args.max_users)
     res["valid"] = valid
     res["selected_text_weight"] = best_w
 
@@ -185,11 +191,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     hybrids = {"hybrid": (hyb, valid[f"hybrid(w_text={best_w})"]["recall@20"])}
     if sas is not None:
         valid["sasrec"] = recalls(ds, sas, "valid", args.max_users)
-        for w in GRID:
-            valid[f"hybrid:sasrec(w_text={w})"] = recalls(ds, HybridRetriever(text, sas, weights=(w, 1.0)), "valid",
-                                                          args.max_users)
-        sw = max(GRID, key=lambda w: (valid[f"hybrid:sasrec(w_text={w})"]["recall@20"],
-                                      valid[f"hybrid:sasrec(w_text={w})"]["recall@50"]))
+        sw = select_text_weight(ds, text, sas, "hybrid:sasrec", valid, args.max_users)
         res["selected_text_weight_sasrec"] = sw
         test["sasrec"] = recalls(ds, sas, "test", args.max_users)
         hyb_sas = HybridRetriever(text, sas, weights=(sw, 1.0))
