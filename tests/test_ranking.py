@@ -594,3 +594,23 @@ def test_cli_eval_yesno_file(parts, tallrec_file, tmp_path, capsys):
     assert main(args[:3] + [str(bad)] + args[4:]) == 1
     err = capsys.readouterr().err
     assert "llmrec: error:" in err and "entry 0: field 'output'" in err
+
+
+def test_cli_eval_yesno_dataset_with_a_chosen_template(parts, tmp_path, monkeypatch, capsys):
+    """`--template yesno=yesno_stats` renders the dataset's rows with that template (recorded in the output); a
+    malformed value is a usage error naming the expected form."""
+    from llmrec.cli import main
+
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    base = ["eval", "yesno", "--dataset", str(parts.ds.root), "--model", str(parts.llm_dir), "--dtype", "float32",
+            "--max-examples", "6", "--batch-size", "6"]
+    got = {}
+    for extra, name in (([], "yesno"), (["--template", "yesno=yesno_stats"], "yesno_stats")):
+        out = tmp_path / f"{name}.json"
+        assert main(base + extra + ["--out", str(out)]) == 0
+        got[name] = json.loads(out.read_text())
+        assert got[name]["template"].startswith(f"{name} v") and got[name]["n"] == 6
+    assert "yesno_stats v" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(base + ["--template", "yesno_stats"])
+    assert "expected TASK=NAME" in capsys.readouterr().err

@@ -22,6 +22,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-weight", type=float, default=0.0,
                    help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--template", action="append", default=[], type=_task_template, metavar="TASK=NAME",
+                   help="prompt template per task, e.g. yesno=yesno_stats (default: the adapter's own, else the "
+                        "task's name); repeatable")
+
+
+def _task_template(text: str) -> tuple[str, str]:
+    task, sep, name = text.partition("=")
+    if not sep or task not in ("yesno", "rank", "next_title", "explain") or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=NAME with TASK one of yesno, rank, next_title, "
+                                         "explain (e.g. yesno=yesno_stats)")
+    return task, name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +86,7 @@ def _recommender(args: argparse.Namespace, dataset: str):
     from llmrec.ranking.factory import build_recommender
 
     cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size,
-                        retrieval_weight=args.retrieval_weight)
+                        retrieval_weight=args.retrieval_weight, templates=dict(args.template))
     return build_recommender(dataset, _backend(args), adapter=args.adapter, retriever=args.retriever, cfg=cfg)
 
 
@@ -132,7 +143,8 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
     else:
         rec = _recommender(args, args.dataset)
         m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed)
-        title = f"yes/no on {args.dataset}/{args.split} (subset of {m['n']}, seed {args.seed})"
+        m["template"] = f"{rec.templates['yesno'].name} v{rec.templates['yesno'].version}"
+        title = f"yes/no on {args.dataset}/{args.split} (subset of {m['n']}, seed {args.seed}, {m['template']})"
     m["adapter"] = args.adapter
     _print_metrics(
         title + (f" with adapter {args.adapter}" if args.adapter else " (no adapter)"),
