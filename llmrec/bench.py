@@ -120,10 +120,11 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
     from llmrec.llm import load_backend
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
-    from llmrec.ranking.factory import build_retriever, with_adapter_templates
+    from llmrec.ranking.factory import build_retriever, collaborative_name, with_adapter_templates
 
     # `hybrid:sasrec` etc.: the collaborative side is the baseline fitted above (same split, same seed)
-    retriever = build_retriever(ds, cfg.retriever, cf_model=(fitted or {}).get(cfg.retriever.partition(":")[2]))
+    cf = (fitted or {}).get(collaborative_name(cfg.retriever) or "")
+    retriever = build_retriever(ds, cfg.retriever, cf_model=cf)
     rcfg = RankingConfig(n_candidates=cfg.n_candidates)
     max_users = cfg.rank_users or None
     t0 = time.perf_counter()

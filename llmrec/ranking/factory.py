@@ -18,6 +18,12 @@ RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec")
 HYBRID_WEIGHTS: dict[str, tuple[float, float]] = {"itemcf": (0.5, 1.0), "sasrec": (0.25, 1.0)}
 
 
+def collaborative_name(kind: str) -> str | None:
+    """The collaborative model a retriever kind fuses in: `hybrid` / `hybrid:itemcf` -> itemcf, `hybrid:sasrec` ->
+    sasrec, `text` -> None."""
+    return (kind.partition(":")[2] or "itemcf") if kind.startswith("hybrid") else None
+
+
 def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = True) -> Any:
     """The collaborative side of a hybrid retriever: `itemcf` (fitted here, seconds) or a baseline (`sasrec`, ...)
     loaded from its checkpoint (`llmrec baselines train`), else fitted on the training split and saved there."""
@@ -57,7 +63,7 @@ def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, 
         return text
     from llmrec.retrieval import HybridRetriever
 
-    cf_name = kind.partition(":")[2] or "itemcf"
+    cf_name = collaborative_name(kind) or "itemcf"
     cf = cf_model if cf_model is not None else collaborative_model(ds, cf_name)
     return HybridRetriever(text, cf, weights=HYBRID_WEIGHTS.get(cf_name, (0.5, 1.0)))
 
