@@ -68,7 +68,8 @@ def cmd_mem(a: argparse.Namespace) -> None:
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
 
-    cols = ["weights_mb", "lora_mb", "rss_after_load_mb", "peak_rss_mb", "peak_above_start_mb",
+    cols = ["weights_mb", "lora_mb", "rss_after_load_mb", "rss_after_load_trimmed_mb", "peak_rss_mb",
+            "peak_above_start_mb",
             "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
     rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in MEM_KINDS if k in mem]
     model = a.model or "the embedded SmolLM2-135M-Instruct"
@@ -76,7 +77,9 @@ def cmd_mem(a: argparse.Namespace) -> None:
     table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}. {a.steps} step(s) at batch "
              f"{a.batch_size}, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, bf16 compute in "
              f"both; one process per configuration. peak_rss = ru_maxrss of the whole process (loading included); "
-             f"peak_rss_train = the peak during trainer.train() alone (Linux VmHWM reset when it starts).\n\n"
+             f"peak_rss_train = the peak during trainer.train() alone (Linux VmHWM reset when it starts); "
+             f"freed heap returned to the OS after loading and after each step: "
+             f"{'no' if any('trim_memory=false' in o for o in a.overrides) else 'yes (train.trim_memory)'}.\n\n"
              + md_table(rows, ["run", *cols])
              + f"\nQLoRA / bf16 LoRA: weights {mem.get('ratio_weights_qlora_over_bf16')}, peak RSS "
              f"{mem.get('ratio_peak_rss_qlora_over_bf16')} (whole process), "
@@ -130,6 +133,7 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
         if p.is_file():
             t = json.loads(p.read_text())["train"]
             mem[kind] = {k: t.get(k) for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
+                                               "rss_after_load_trimmed_mb", "trim_memory",
                                                "rss_at_train_start_mb", "peak_rss_train_mb", "weights_mb", "lora_mb",
                                                "examples_per_s", "wall_s", "batch_size", "steps",
                                                "gradient_checkpointing")}

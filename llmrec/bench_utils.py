@@ -80,6 +80,32 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def trim_heap() -> bool:
+    """Return freed heap memory to the OS (glibc `malloc_trim(0)`, after a `gc.collect()`). Memory that a process
+    frees stays resident under glibc until trimmed, so without this RSS keeps the high-water mark of every
+    temporary. False where there is no glibc (macOS, musl): nothing is done."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def vm_rss_mb() -> float | None:
+    """Current resident memory (Linux VmRSS), in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def vm_hwm_mb() -> float | None:
     """Peak resident memory since start or since `reset_peak_rss` (Linux VmHWM), in MiB; None elsewhere."""
     try:

@@ -1,15 +1,16 @@
 """Serving benchmark (bounded, loopback only) -> eval/results/serving.{json,md}.
 
-    python serve/bench_serving.py engines [--n-score 64 --n-gen 32 --gen-tokens 32]
+    python serve/bench_serving.py engines [--n-score 64 --n-gen 32 --gen-tokens 32 --n-explain 64]
     python serve/bench_serving.py service [--backends vllm,transformers --concurrency 1,8,16 --requests 24]
     python serve/bench_serving.py report          # rewrite the markdown from the JSON (+ serving_kill.json)
 
 `engines`: same model (embedded SmolLM2-135M-Instruct, --dtype: "fast" = bf16 where the hardware has it, else
-fp32), same prompts (distinct ml-100k Yes/No prompts, so no
-prefix-cache reuse; the vLLM server also runs with --no-enable-prefix-caching): scoring prompts/s (first-token
-log-softmax over " Yes"/" No"), batched generation tokens/s (forced length: HF min_new_tokens, vLLM ignore_eos),
-engine start time; vLLM via one request per chunk of prompts ("list") and via concurrent single-prompt requests
-("concurrent", continuous batching); vLLM with a LoRA adapter through --lora-modules vs the same adapter merged.
+fp32), same prompts (distinct ml-100k Yes/No prompts, so no prefix-cache reuse; the vLLM server also runs with
+--no-enable-prefix-caching): scoring prompts/s (first-token log-softmax over " Yes"/" No"), batched generation
+tokens/s (forced length: HF min_new_tokens, vLLM ignore_eos), engine start time, and the service's own generation
+workload: explanations per second (`explain` template, greedy, natural stop at a newline / EOS, <= 80 tokens). vLLM
+via one request per chunk of prompts ("list") and via concurrent single-prompt requests ("concurrent", continuous
+batching); vLLM with a LoRA adapter through --lora-modules vs the same adapter merged.
 `service`: `llmrec serve` subprocesses on 127.0.0.1; GET /recommendations for distinct users (cache misses,
 explain=false) at each concurrency level, a fixed number of requests each; p50/p95 latency and requests/s; the
 service's own micro-batching vs direct concurrent calls.
@@ -74,9 +75,50 @@ def yesno_prompts(n: int, dataset: str = "ml-100k") -> tuple[list[str], str]:
     return out, f"prompts/yesno.yaml v{tpl.version}"
 
 
+def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = None) -> tuple[list[str], str]:
+    """n explanation prompts (the service's `explain` template) for distinct users: the history of a valid Yes/No
+    row and three catalogue items outside it as the recommended list (seeded). Only the generation speed is
+    measured, so which items are "recommended" does not matter; no test event is read."""
+    import numpy as np
+
+    from llmrec.data import load_prepared
+    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
+
+    ds = ds if ds is not None else load_prepared(dataset)
+    valid = ds.yesno[ds.yesno["split"] == "valid"]
+    rows = valid.drop_duplicates("user_id", keep="last").sample(n=n, random_state=seed)
+    rng = np.random.default_rng(seed)
+    ids = [str(i) for i in ds.items["item_id"]]
+    tpl = load_template("explain")
+    out = []
+    for row in rows.itertuples():
+        seen = set(map(str, row.hist_items))
+        rec = [i for i in rng.permutation(ids)[:20] if i not in seen][:3]
+        hist = history_from_dataset(
+            ds, list(row.hist_items), list(row.hist_labels), list(row.hist_ratings), list(row.hist_timestamps)
+        )
+        out.append(render(tpl, history=hist, domain=ds.domain, recommended=items_from_dataset(ds, rec)).text)
+    return out, f"prompts/explain.yaml v{tpl.version}"
+
+
+EXPLAIN_MAX_TOKENS = 80  # the Recommender's explain_max_new_tokens; generation stops at the first newline
+
+
+def explain_row(be: Any, prompts: list[str], tokenizer: Any) -> dict:
+    """The product's generation workload: one explanation per prompt, greedy, natural stop (newline / EOS), at most
+    EXPLAIN_MAX_TOKENS new tokens. Tokens counted by re-tokenising the returned texts (same tokenizer both sides)."""
+    t0 = time.perf_counter()
+    texts = be.generate(prompts, max_new_tokens=EXPLAIN_MAX_TOKENS, stop=["\n"])
+    s = time.perf_counter() - t0
+    n_tok = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return {"explain_prompts": len(prompts), "explain_s": s, "explain_per_s": len(prompts) / s,
+            "explain_tokens": n_tok, "explain_tokens_per_s": n_tok / s,
+            "explain_mean_tokens": n_tok / max(len(texts), 1)}
+
+
 # ------------------------------------------------------------------------------------------------------ engines
 def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
-                       dtype: str = "float32") -> dict:
+                       dtype: str = "float32", expl_prompts: list[str] | None = None) -> dict:
     import torch
 
     from llmrec.llm import load_backend
@@ -98,15 +140,17 @@ def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[s
                                     temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
             n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
     gen_s = time.perf_counter() - t0
+    expl = explain_row(be, expl_prompts, tok) if expl_prompts else {}
     return {"engine": f"transformers {dtype} (batch 16)", "start_s": start, "score_prompts": len(score_prompts),
             "score_s": score_s, "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
-            "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s,
+            "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s, **expl,
             "p_yes": [float(x) for x in torch.tensor(lp[:, 0]).exp().tolist()]}
 
 
 def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
                       served_name: str | None = None, lora: dict[str, str] | None = None, label: str = "",
-                      modes: tuple[str, ...] = ("list", "concurrent"), dtype: str = "float32") -> list[dict]:
+                      modes: tuple[str, ...] = ("list", "concurrent"), dtype: str = "float32",
+                      expl_prompts: list[str] | None = None) -> list[dict]:
     from llmrec.llm.vllm_backend import VLLMBackend
     from llmrec.service.launch import VLLMServer
 
@@ -129,10 +173,11 @@ def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[st
             gen_s = time.perf_counter() - t0
             n_tok = len(gen_prompts) * gen_tokens
             assert all(isinstance(o, str) for o in outs)
+            expl = explain_row(be, expl_prompts, be.tokenizer) if expl_prompts else {}
             rows.append({"engine": f"vLLM server {dtype}{label}, {mode}", "start_s": srv.start_s,
                          "score_prompts": len(score_prompts), "score_s": score_s,
                          "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
-                         "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s,
+                         "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s, **expl,
                          "p_yes": [float(x) for x in __import__("numpy").exp(lp[:, 0])]})
             be.close()
             print(rows[-1]["engine"], f"{rows[-1]['score_prompts_per_s']:.2f} p/s",
@@ -163,10 +208,11 @@ def run_engines(args: argparse.Namespace) -> dict:
     model = str(default_model_path())
     prompts, source = yesno_prompts(args.n_score + args.n_gen)
     score_p, gen_p = prompts[:args.n_score], prompts[args.n_score:]
-    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens, dtype=dt)]
+    expl_p, expl_source = explain_prompts(args.n_explain, args.dataset) if args.n_explain else ([], None)
+    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens, dtype=dt, expl_prompts=expl_p)]
     hf = rows[-1]
     print(hf["engine"], f"{hf['score_prompts_per_s']:.2f} p/s", f"{hf['gen_tokens_per_s']:.1f} tok/s", flush=True)
-    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens, dtype=dt)
+    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens, dtype=dt, expl_prompts=expl_p)
     if not args.skip_lora:
         tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
         adapter = make_adapter(model, tmp / "bench-lora")
@@ -183,8 +229,15 @@ def run_engines(args: argparse.Namespace) -> dict:
             r["max_abs_diff_p_yes_vs_transformers"] = float(np.abs(p - ref[:len(p)]).max())
     hf = rows[0]
     best = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")), key=lambda r: r["gen_tokens_per_s"])
+    expl: dict[str, Any] = {}
+    if expl_p:
+        best_e = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")),
+                     key=lambda r: r["explain_per_s"])
+        expl = {"explain_prompt_source": expl_source, "explain_max_tokens": EXPLAIN_MAX_TOKENS,
+                "vllm_vs_transformers_explain_speedup": best_e["explain_per_s"] / hf["explain_per_s"],
+                "goal_explain_speedup_3x_met": best_e["explain_per_s"] / hf["explain_per_s"] >= 3.0}
     return {"model": model, "dtype": dt, "prompt_source": source, "gen_tokens_per_prompt": args.gen_tokens,
-            "rows": rows,
+            "rows": rows, **expl,
             "vllm_vs_transformers_gen_speedup": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"],
             "vllm_vs_transformers_score_speedup": best["score_prompts_per_s"] / hf["score_prompts_per_s"],
             "goal_gen_speedup_3x_met": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"] >= 3.0}
@@ -321,10 +374,12 @@ def write(res: dict) -> None:
         res["kill_test"] = {key: k.get(key) for key in (
             "sent", "acknowledged_201", "present_after_restart", "acknowledged_missing", "duplicates",
             "committed_but_unacknowledged", "after_retry_present", "after_retry_duplicates", "passed", "created")}
-    md = ["The CPU (2 cores) is shared with other jobs while these run: figures are noisy.\n"]
+    shared = "The CPU (2 cores) was shared with other jobs during this part: figures are noisy."
+    md = []
     eng = res.get("engines")
     if eng:
-        md.append(f"## Engines (same model, same prompts)\n\n`{eng.get('command', '')}`; model `{eng['model']}`, "
+        md.append(f"## Engines (same model, same prompts)\n\n{eng.get('note') or shared}\n\n"
+                  f"`{eng.get('command', '')}`; model `{eng['model']}`, "
                   f"prompts: {eng['prompt_source']}; generation: {eng['gen_tokens_per_prompt']} forced tokens per "
                   "prompt.\n")
         md.append(md_table([{**r, "start_s": r.get("start_s")} for r in eng["rows"]],
@@ -332,7 +387,19 @@ def write(res: dict) -> None:
                             "gen_tokens_per_s", "max_abs_diff_p_yes_vs_transformers"]))
         md.append(f"\nvLLM / transformers: generation x{eng['vllm_vs_transformers_gen_speedup']:.2f}, "
                   f"scoring x{eng['vllm_vs_transformers_score_speedup']:.2f} "
-                  f"(goal >= 3x on batched generation: {'met' if eng['goal_gen_speedup_3x_met'] else 'NOT met'}).\n")
+                  f"(goal >= 3x on batched generation, forced length: "
+                  f"{'met' if eng['goal_gen_speedup_3x_met'] else 'NOT met'}).\n")
+        if eng.get("vllm_vs_transformers_explain_speedup"):
+            md.append(f"\n### The service's generation workload: explanations\n\n{eng['explain_prompt_source']}, one "
+                      f"per user, greedy, stop at the first newline or EOS, at most {eng['explain_max_tokens']} new "
+                      "tokens (the Recommender's settings); transformers generates in static batches of 16 (a batch "
+                      "runs until its longest row ends), vLLM schedules each sequence on its own (continuous "
+                      "batching).\n")
+            md.append(md_table([r for r in eng["rows"] if r.get("explain_prompts")],
+                               ["engine", "explain_prompts", "explain_per_s", "explain_tokens_per_s",
+                                "explain_mean_tokens"]))
+            md.append(f"\nvLLM / transformers on explanations: x{eng['vllm_vs_transformers_explain_speedup']:.2f} "
+                      f"(goal >= 3x: {'met' if eng['goal_explain_speedup_3x_met'] else 'NOT met'}).\n")
     svc = res.get("service")
     if svc:
         rows = []
@@ -342,7 +409,7 @@ def write(res: dict) -> None:
                              "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"], "requests_per_s": r["requests_per_s"],
                              "status": json.dumps(r["status"]), "degraded": r["degraded"]})
         md.append("\n## Service: GET /v1/users/{id}/recommendations?k=10 (distinct users, no cache hits)\n\n"
-                  f"`{res.get('commands', {}).get('service', '')}`\n\n")
+                  f"{res.get('service_note') or shared}\n\n`{res.get('commands', {}).get('service', '')}`\n\n")
         md.append(md_table(rows, ["service", "concurrency", "requests", "p50_ms", "p95_ms", "requests_per_s",
                                   "status", "degraded"]))
         starts = []
@@ -372,6 +439,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="fast", help="engines: both engines in this dtype")
     ap.add_argument("--n-lora", type=int, default=16, help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--n-explain", type=int, default=64,
+                    help="explanation prompts (natural stop) per engine; 0 skips that workload")
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--backends", default="vllm,transformers",
@@ -381,14 +450,16 @@ def main() -> int:
                     help="requests per concurrency level (at least 2 x concurrency)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--append", action="store_true", help="keep earlier service rows")
+    ap.add_argument("--note", default="", help="how the machine was during this part (e.g. quiet); stored with it")
     args = ap.parse_args()
     res = load_results()
     cmd = "python serve/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     if args.part == "engines":
-        res["engines"] = {**run_engines(args), "command": cmd}
+        res["engines"] = {**run_engines(args), "command": cmd, "note": args.note}
     elif args.part == "service":
         res["service"] = run_service(args)
         res.setdefault("commands", {})["service"] = cmd
+        res["service_note"] = args.note
     res["dataset"] = args.dataset
     write(res)
     return 0

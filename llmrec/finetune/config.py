@@ -48,6 +48,9 @@ class TrainSettings:
     report_to: Literal["none", "tensorboard"] = "none"
     resume: str | None = None  # "auto" (last checkpoint in output_dir if any), a checkpoint folder, or null
     threads: int = 0  # torch threads on CPU; 0 = torch default
+    # CPU: hand freed heap memory back to the OS (glibc malloc_trim) after loading and after every optimizer step.
+    # The 4-bit load and the per-step weight dequantization free large blocks that glibc otherwise keeps resident.
+    trim_memory: bool = True
     eval_batch_size: int = 8
     seed: int = 0
     progress: bool = True

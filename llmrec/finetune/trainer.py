@@ -150,10 +150,10 @@ class Evaluator:
 def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
     """Train per `cfg`; returns the metrics dict (also written to `<output_dir>/metrics.json`)."""
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from llmrec.bench_utils import peak_rss_mb
+    from llmrec.bench_utils import peak_rss_mb, trim_heap, vm_rss_mb
     from llmrec.data import load_prepared
     from llmrec.llm.loading import apply_lora, load_causal_lm
     t_start = time.time()
@@ -171,6 +171,9 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
     model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing, quant=cfg.quant)
     rss_loaded = peak_rss_mb()
+    if tc.trim_memory:
+        trim_heap()  # the 4-bit path loads full-precision weights first; give what it freed back
+    rss_after_trim = vm_rss_mb()
     model_mem = model_memory_mb(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -234,6 +237,13 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, m)
             return m
 
+    class TrimHeapCallback(TrainerCallback):
+        """`trim_heap()` after every optimizer step: on CPU the step's freed temporaries (activations, dequantized
+        4-bit weights) are otherwise kept resident by glibc, and RSS climbs step after step."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            trim_heap()
+
     if tc.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "runs"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -270,7 +280,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in the forward pass
     )
     trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
-                          data_collator=AnswerOnlyCollator(tok.pad_token_id))
+                          data_collator=AnswerOnlyCollator(tok.pad_token_id),
+                          callbacks=[TrimHeapCallback()] if tc.trim_memory else None)
     resume: str | None = None
     if tc.resume == "auto":
         resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -282,6 +293,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         log.info("resuming from %s", resume)
     from llmrec.bench_utils import reset_peak_rss, vm_hwm_mb
 
+    if tc.trim_memory:
+        trim_heap()
     rss_train_start = vm_hwm_mb()  # the peak so far (loading, zero-shot evaluation)
     if rss_train_start is not None:
         rss_train_start = max(rss_train_start, peak_rss_mb())
@@ -311,6 +324,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         "peak_rss_mb": mem["peak_rss_mb"],
         "rss_before_load_mb": round(rss_start, 1),
         "rss_after_load_mb": round(rss_loaded, 1),
+        **({"rss_after_load_trimmed_mb": round(rss_after_trim, 1)} if rss_after_trim is not None else {}),
+        "trim_memory": tc.trim_memory,
         # peak RSS during trainer.train() alone (Linux VmHWM reset before it), and the RSS when it started
         **({"peak_rss_train_mb": round(peak_train, 1), "rss_at_train_start_mb": round(rss_at_train, 1),
             "peak_rss_before_train_mb": round(rss_train_start, 1)} if peak_train and rss_at_train
