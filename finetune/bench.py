@@ -62,15 +62,17 @@ def cmd_mem(a: argparse.Namespace) -> None:
                "bf16": ["quant.load_in_4bit=false", "dtype=bfloat16"],
                # QLoRA with the frozen embedding / LM head kept in bf16 instead of PEFT's fp32 upcast
                "qlora_bf16emb": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16",
-                                 "quant.upcast_frozen_embeddings=false"]}
-    for kind in a.only or ["qlora", "bf16", "qlora_bf16emb"]:
+                                 "quant.upcast_frozen_embeddings=false"],
+               # ... and the norms too: the residual stream and the saved activations stay bf16, as in bf16 LoRA
+               "qlora_bf16all": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16",
+                                 "quant.upcast_frozen_embeddings=false", "quant.upcast_norms=false"]}
+    for kind in a.only or list(MEM_KINDS):
         finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind])
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
 
-    cols = ["weights_mb", "lora_mb", "rss_after_load_mb", "rss_after_load_trimmed_mb", "peak_rss_mb",
-            "peak_above_start_mb",
-            "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
+    cols = ["trim_memory", "weights_mb", "lora_mb", "rss_after_load_mb", "rss_after_load_trimmed_mb", "peak_rss_mb",
+            "peak_above_start_mb", "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
     rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in MEM_KINDS if k in mem]
     model = a.model or "the embedded SmolLM2-135M-Instruct"
     verdict = lambda r: "met" if r is not None and r <= 0.5 else "NOT met"  # noqa: E731
@@ -78,21 +80,22 @@ def cmd_mem(a: argparse.Namespace) -> None:
              f"{a.batch_size}, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, bf16 compute in "
              f"both; one process per configuration. peak_rss = ru_maxrss of the whole process (loading included); "
              f"peak_rss_train = the peak during trainer.train() alone (Linux VmHWM reset when it starts); "
-             f"freed heap returned to the OS after loading and after each step: "
-             f"{'no' if any('trim_memory=false' in o for o in a.overrides) else 'yes (train.trim_memory)'}.\n\n"
+             f"trim_memory: freed heap returned to the OS after loading and after each step (`train.trim_memory`; "
+             f"blank: a run from before that option, i.e. no).\n\n"
              + md_table(rows, ["run", *cols])
-             + f"\nQLoRA / bf16 LoRA: weights {mem.get('ratio_weights_qlora_over_bf16')}, peak RSS "
-             f"{mem.get('ratio_peak_rss_qlora_over_bf16')} (whole process), "
-             f"{mem.get('ratio_above_start_qlora_over_bf16')} (above the RSS before loading the model), "
-             f"{mem.get('ratio_peak_train_qlora_over_bf16')} (during training). Goal peak <= 0.5: "
-             f"whole process **{verdict(mem.get('ratio_peak_rss_qlora_over_bf16'))}**, during training "
-             f"**{verdict(mem.get('ratio_peak_train_qlora_over_bf16'))}**.\n")
-    if "qlora_bf16emb" in mem and "bf16" in mem:
-        table += (f"\nQLoRA with bf16 frozen embeddings (`quant.upcast_frozen_embeddings=false`) / bf16 LoRA: weights "
-                  f"{mem.get('ratio_weights_qlora_bf16emb_over_bf16')}, peak RSS "
-                  f"{mem.get('ratio_peak_rss_qlora_bf16emb_over_bf16')} (whole process), "
-                  f"{mem.get('ratio_peak_train_qlora_bf16emb_over_bf16')} (during training): goal "
-                  f"**{verdict(mem.get('ratio_peak_train_qlora_bf16emb_over_bf16'))}** during training.\n")
+             + "\n")
+    labels = {"qlora": "QLoRA (PEFT's fp32 upcast of every non-quantized weight)",
+              "qlora_bf16emb": "QLoRA with bf16 frozen embeddings (`quant.upcast_frozen_embeddings=false`)",
+              "qlora_bf16all": "QLoRA with bf16 embeddings and norms (`quant.upcast_frozen_embeddings=false "
+                               "quant.upcast_norms=false`)"}
+    for kind, text in labels.items():
+        if f"ratio_peak_rss_{kind}_over_bf16" not in mem:
+            continue
+        r = {m: mem.get(f"ratio_{m}_{kind}_over_bf16") for m in ("weights", "peak_rss", "above_start", "peak_train")}
+        table += (f"\n{text} / bf16 LoRA: weights {r['weights']}, peak RSS {r['peak_rss']} (whole process), "
+                  f"{r['above_start']} (above the RSS before loading the model), {r['peak_train']} (during "
+                  f"training). Goal peak <= 0.5: whole process **{verdict(r['peak_rss'])}**, above the start "
+                  f"**{verdict(r['above_start'])}**, during training **{verdict(r['peak_train'])}**.\n")
     payload = {"dataset": a.dataset, "task": a.task, "model": model, "model_note": a.model_note, "steps": a.steps,
                "batch_size": a.batch_size, "gradient_checkpointing": a.gradient_checkpointing, "memory": mem}
     print(write_result(f"finetune_memory_{a.task}_{a.dataset}{label}", payload, table))
@@ -122,7 +125,7 @@ def cmd_shaped(a: argparse.Namespace) -> None:
     print(f"wrote {out}: {n / 1e9:.2f}B parameters (random weights, bf16)")
 
 
-MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb")
+MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all")
 
 
 def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
@@ -138,21 +141,16 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
                                                "examples_per_s", "wall_s", "batch_size", "steps",
                                                "gradient_checkpointing")}
             mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
-    if "qlora_bf16emb" in mem and "bf16" in mem:
-        q, b = mem["qlora_bf16emb"], mem["bf16"]
-        mem["ratio_peak_rss_qlora_bf16emb_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
-        mem["ratio_weights_qlora_bf16emb_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
-        if q.get("peak_rss_train_mb") and b.get("peak_rss_train_mb"):
-            mem["ratio_peak_train_qlora_bf16emb_over_bf16"] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"],
-                                                                    3)
-    if "qlora" in mem and "bf16" in mem:
-        q, b = mem["qlora"], mem["bf16"]
-        mem["ratio_peak_rss_qlora_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
-        mem["ratio_above_start_qlora_over_bf16"] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
+    for kind in ("qlora", "qlora_bf16emb", "qlora_bf16all"):
+        if kind not in mem or "bf16" not in mem:
+            continue
+        q, b = mem[kind], mem["bf16"]
+        mem[f"ratio_peak_rss_{kind}_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
+        mem[f"ratio_above_start_{kind}_over_bf16"] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
         if q.get("weights_mb") and b.get("weights_mb"):
-            mem["ratio_weights_qlora_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
+            mem[f"ratio_weights_{kind}_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
         if q.get("peak_rss_train_mb") and b.get("peak_rss_train_mb"):
-            mem["ratio_peak_train_qlora_over_bf16"] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"], 3)
+            mem[f"ratio_peak_train_{kind}_over_bf16"] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"], 3)
     return mem
 
 
@@ -268,7 +266,7 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="mem: both configurations with it")
     p.add_argument("--model", default=None, help="mem: a local HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
-    p.add_argument("--only", nargs="+", choices=["qlora", "bf16", "qlora_bf16emb"], default=None,
+    p.add_argument("--only", nargs="+", choices=list(MEM_KINDS), default=None,
                    help="mem: run only these configurations (the report reads every run folder that exists)")
     p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
     p.add_argument("--out", default=None, help="shaped: output folder")

@@ -45,6 +45,10 @@ class QuantSettings:
     # embedding and LM head (2 x 400 MB at 1.1B with a 49k vocabulary). false: cast those two back to a bf16/fp16
     # compute dtype (they stay frozen; LoRA and the norms keep PEFT's fp32).
     upcast_frozen_embeddings: bool = True
+    # PEFT's upcast also puts the (RMS/Layer) norm weights in fp32, which turns the residual stream and every saved
+    # activation into fp32: twice the activation memory of a bf16 LoRA run. false: norms (and any other frozen
+    # non-quantized weight but the embeddings, see above) back to the bf16/fp16 compute dtype, as in bf16 LoRA.
+    upcast_norms: bool = True
 
 
 @dataclass
@@ -273,13 +277,21 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
     if kbit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-        if quant is not None and not quant.upcast_frozen_embeddings:
+        if quant is not None and not (quant.upcast_frozen_embeddings and quant.upcast_norms):
             import torch
 
             dt = torch_dtype(resolve_dtype(quant.compute_dtype))
             if dt not in (torch.bfloat16, torch.float16):
-                raise BackendError(f"quant.upcast_frozen_embeddings=false needs a bf16/fp16 compute dtype, got "
-                                   f"{quant.compute_dtype!r} (= {dt}); the embeddings would not match the layers")
+                key = "upcast_frozen_embeddings" if not quant.upcast_frozen_embeddings else "upcast_norms"
+                raise BackendError(f"quant.{key}=false needs a bf16/fp16 compute dtype, got "
+                                   f"{quant.compute_dtype!r} (= {dt}); the weights would not match the layers")
+        if quant is not None and not quant.upcast_norms:
+            emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                   for p in m.parameters()}
+            for prm in model.parameters():
+                if prm.dtype == torch.float32 and id(prm) not in emb and type(prm).__name__ != "Params4bit":
+                    prm.data = prm.data.to(dt)
+        if quant is not None and not quant.upcast_frozen_embeddings:
             for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
                         if m is not None}.values():
                 mod.to(dt)
