@@ -200,3 +200,42 @@ def test_frozen_embeddings_can_stay_in_the_compute_dtype(tiny_dir):
     with pytest.raises(BackendError, match="upcast_frozen_embeddings=false needs a bf16/fp16 compute dtype"):
         apply_lora(m3, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32",
                                                  upcast_frozen_embeddings=False))
+
+
+def test_norms_can_stay_in_the_compute_dtype_so_activations_stay_bf16(tiny_dir):
+    """quant.upcast_norms=false: PEFT's fp32 upcast of the norm weights would turn the residual stream (and every
+    activation saved for backward) into fp32; with it off the norms are bf16, a decoder layer's output is bf16, LoRA
+    weights stay fp32 and trainable and still get gradients; fp32 compute refuses."""
+    from llmrec.llm.base import BackendError
+
+    q = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_frozen_embeddings=False, upcast_norms=False)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+    def layer_out_dtypes(pm):
+        seen = []
+        layer = pm.get_base_model().model.layers[0]
+        h = layer.register_forward_hook(lambda mod, a, out: seen.append((out[0] if isinstance(out, tuple) else out)))
+        enc = tok("a short prompt", return_tensors="pt")
+        pm(**enc)
+        h.remove()
+        return {s.dtype for s in seen}
+
+    m, tok = load_causal_lm(tiny_dir, dtype="bfloat16", quant=q)
+    pm = apply_lora(m, lora, quant=q)
+    norms = [(n, p) for n, p in pm.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.bfloat16 for _, p in norms)
+    lora_params = [(n, p) for n, p in pm.named_parameters() if "lora_" in n]
+    assert all(p.dtype == torch.float32 and p.requires_grad for _, p in lora_params)
+    assert layer_out_dtypes(pm) == {torch.bfloat16}
+    q_emb_only = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_frozen_embeddings=False)
+    m2, _ = load_causal_lm(tiny_dir, dtype="bfloat16", quant=q_emb_only)
+    pm2 = apply_lora(m2, lora, quant=q_emb_only)
+    assert layer_out_dtypes(pm2) == {torch.float32}  # PEFT's default: fp32 norms, an fp32 residual stream
+    pm.train()
+    loss, _ = answer_only_loss(pm, batch(tok))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in lora_params)
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in lora_params if "lora_B" in n)
+    m3, _ = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    with pytest.raises(BackendError, match="upcast_norms=false needs a bf16/fp16 compute dtype"):
+        apply_lora(m3, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32", upcast_norms=False))
