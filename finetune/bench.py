@@ -1,6 +1,7 @@
 """Fine-tuning benchmark -> eval/results/finetune_<task>_<dataset>.{json,md}.
 
     python finetune/bench.py run  --task yesno [key=value ...]   # the recipe run (zero-shot test, train, test again)
+    python finetune/bench.py run  --task yesno --variant lora    # the same recipe on the full-precision base
     python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
                                                                  # -> eval/results/finetune_memory_<task>_<dataset>
     python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
@@ -45,8 +46,17 @@ def finetune(task: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
 
+# `run --variant NAME`: the same recipe with these overrides, in its own folder (`<run>_NAME`), reported beside the
+# main QLoRA run. "lora": LoRA on the full-precision base (on a CPU 4-bit saves memory, not time, and the nf4 copy of
+# a 135M model starts from a higher loss); the zero-shot pass is skipped (it scores the same full-precision base).
+VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"]}
+VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)"}
+
+
 def cmd_run(a: argparse.Namespace) -> None:
-    finetune(a.task, run_dir(a.task, a.dataset), [f"dataset={a.dataset}", *a.overrides])
+    extra = VARIANTS[a.variant] if a.variant else []
+    out = run_dir(a.task, a.dataset, f"_{a.variant}" if a.variant else "")
+    finetune(a.task, out, [f"dataset={a.dataset}", *extra, *a.overrides])
 
 
 def cmd_mem(a: argparse.Namespace) -> None:
@@ -230,12 +240,30 @@ def cmd_report(a: argparse.Namespace) -> None:
     if thr:
         rows.append({"model": "SmolLM2 + QLoRA, threshold chosen on valid", "accuracy": thr["accuracy"],
                      "f1": thr["f1"], "note": f"P(Yes) >= {thr['threshold']:.3f} (AUC is threshold-free)"})
+    variants = {}
+    for name, label in VARIANT_LABELS.items():
+        vp = run_dir(a.task, a.dataset, f"_{name}") / "metrics.json"
+        if vp.is_file() and json.loads(vp.read_text()).get("status") == "done":
+            v = json.loads(vp.read_text())
+            variants[name] = {k: v.get(k) for k in ("train", "test_after", "valid_after", "wall_s", "load_in_4bit")}
+            rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},
+                         "note": f"same recipe, {' '.join(VARIANTS[name])}"})
+            vthr = (v.get("test_after") or {}).get("at_valid_threshold")
+            if vthr:
+                rows.append({"model": f"{label}, threshold chosen on valid", "accuracy": vthr["accuracy"],
+                             "f1": vthr["f1"], "note": f"P(Yes) >= {vthr['threshold']:.3f}"})
+    payload["variants"] = variants
     rows += [{"model": n, **{k: v.get(k) for k in keys}, "note": v.get("how", v.get("error"))}
              for n, v in baselines.items()]
     tr = main["train"]
     perf = [{"run": "main (QLoRA)", "examples": tr.get("examples"), "steps": tr.get("steps"),
              "examples/s": tr.get("examples_per_s"), "train wall s": tr.get("wall_s"), "total wall s": main["wall_s"],
              "peak RSS MB": tr.get("peak_rss_mb")}]
+    for name, v in variants.items():
+        vt = v["train"]
+        perf.append({"run": f"{name} (no zero-shot pass)", "examples": vt.get("examples"), "steps": vt.get("steps"),
+                     "examples/s": vt.get("examples_per_s"), "train wall s": vt.get("wall_s"),
+                     "total wall s": v["wall_s"], "peak RSS MB": vt.get("peak_rss_mb")})
     for k in ("qlora", "bf16"):
         if k in mem:
             m = mem[k]
@@ -269,6 +297,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(MEM_KINDS), default=None,
                    help="mem: run only these configurations (the report reads every run folder that exists)")
     p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
+    p.add_argument("--variant", default=None, choices=list(VARIANTS),
+                   help="run: the recipe with the variant's overrides, in its own folder (reported beside main)")
     p.add_argument("--out", default=None, help="shaped: output folder")
     for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):
         p.add_argument(f"--{k}", type=int, default=v, help=f"shaped: (default {v}: TinyLlama-1.1B's shape)")
