@@ -264,10 +264,10 @@ def cmd_report(a: argparse.Namespace) -> None:
         perf.append({"run": f"{name} (no zero-shot pass)", "examples": vt.get("examples"), "steps": vt.get("steps"),
                      "examples/s": vt.get("examples_per_s"), "train wall s": vt.get("wall_s"),
                      "total wall s": v["wall_s"], "peak RSS MB": vt.get("peak_rss_mb")})
-    for k in ("qlora", "bf16"):
+    for k in MEM_KINDS:
         if k in mem:
             m = mem[k]
-            perf.append({"run": f"memory: {k} LoRA, batch {m['batch_size']}, {m['steps']} steps",
+            perf.append({"run": f"memory: {k}, batch {m['batch_size']}, {m['steps']} steps",
                          "examples/s": m["examples_per_s"], "train wall s": m["wall_s"],
                          "peak RSS MB": m["peak_rss_mb"], "above start MB": m["peak_above_start_mb"]})
     status = main.get("status", "done")
@@ -276,9 +276,9 @@ def cmd_report(a: argparse.Namespace) -> None:
              + md_table(rows, ["model", *keys, "note"]) + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
                                "peak RSS MB", "above start MB"])
-             + (f"\nQLoRA / bf16 LoRA peak RSS: {mem.get('ratio_peak_rss_qlora_over_bf16')} (whole process), "
-                f"{mem.get('ratio_above_start_qlora_over_bf16')} (above the RSS before loading the model)\n"
-                if len(mem) > 2 else "")
+             + "".join(f"\n{k} / bf16 LoRA peak RSS: {mem[f'ratio_peak_rss_{k}_over_bf16']} (whole process), "
+                       f"{mem.get(f'ratio_above_start_{k}_over_bf16')} (above the RSS before loading the model)\n"
+                       for k in MEM_KINDS if f"ratio_peak_rss_{k}_over_bf16" in mem)
              + (f"\n{a.note}\n" if a.note else ""))
     print(write_result(f"finetune_{a.task}_{a.dataset}", payload, table, command=a.command))
     print(table)

@@ -32,12 +32,16 @@ def test_trim_heap_returns_freed_heap_memory_to_the_os():
     import subprocess
     import sys
 
-    # a fresh process, so that this test's own heap history does not matter
+    # a fresh process, so that this test's own heap history does not matter; glibc's own heuristics (dynamic mmap
+    # threshold, automatic trimming of the heap top) are pinned so that free() keeps the blocks resident
     code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallopt(-1, 1 << 30)\n"  # M_TRIM_THRESHOLD: free() never shrinks the heap by itself
+        "libc.mallopt(-3, 32 << 20)\n"  # M_MMAP_THRESHOLD: 64 KB blocks come from the heap, not from mmap
         "import numpy as np\n"
         "from llmrec.bench_utils import trim_heap, vm_rss_mb\n"
-        "blocks = [np.ones(8000) for _ in range(3000)]\n"  # 64 KB each: below glibc's mmap threshold, on the heap
-        "sentinel = np.ones(100)\n"  # on top of the heap: freeing the blocks cannot shrink the heap from the top
+        "blocks = [np.ones(8000) for _ in range(3000)]\n"  # 64 KB each, ~190 MB
         "del blocks\n"
         "before = vm_rss_mb()\n"
         "ok = trim_heap()\n"

@@ -214,7 +214,7 @@ def test_norms_can_stay_in_the_compute_dtype_so_activations_stay_bf16(tiny_dir):
     def layer_out_dtypes(pm):
         seen = []
         layer = pm.get_base_model().model.layers[0]
-        h = layer.register_forward_hook(lambda mod, a, out: seen.append((out[0] if isinstance(out, tuple) else out)))
+        h = layer.register_forward_hook(lambda mod, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
         enc = tok("a short prompt", return_tensors="pt")
         pm(**enc)
         h.remove()
