@@ -95,26 +95,25 @@ def trim_heap() -> bool:
         return False
 
 
-def vm_rss_mb() -> float | None:
-    """Current resident memory (Linux VmRSS), in MiB; None elsewhere."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM", ...), in MiB; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
+
+
+def vm_rss_mb() -> float | None:
+    """Current resident memory (Linux VmRSS), in MiB; None elsewhere."""
+    return _proc_status_mb("VmRSS")
 
 
 def vm_hwm_mb() -> float | None:
     """Peak resident memory since start or since `reset_peak_rss` (Linux VmHWM), in MiB; None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return _proc_status_mb("VmHWM")
 
 
 def command_line() -> str:
