@@ -101,14 +101,19 @@ def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = N
     return out, f"prompts/explain.yaml v{tpl.version}"
 
 
-EXPLAIN_MAX_TOKENS = 80  # the Recommender's explain_max_new_tokens; generation stops at the first newline
+def _explain_max_tokens() -> int:
+    """The Recommender's own bound on an explanation (RankingConfig.explain_max_new_tokens)."""
+    from llmrec.ranking.recommender import RankingConfig
+
+    return RankingConfig().explain_max_new_tokens
 
 
 def explain_row(be: Any, prompts: list[str], tokenizer: Any) -> dict:
     """The product's generation workload: one explanation per prompt, greedy, natural stop (newline / EOS), at most
-    EXPLAIN_MAX_TOKENS new tokens. Tokens counted by re-tokenising the returned texts (same tokenizer both sides)."""
+    the Recommender's explain_max_new_tokens. Tokens counted by re-tokenising the returned texts (same tokenizer on
+    both sides)."""
     t0 = time.perf_counter()
-    texts = be.generate(prompts, max_new_tokens=EXPLAIN_MAX_TOKENS, stop=["\n"])
+    texts = be.generate(prompts, max_new_tokens=_explain_max_tokens(), stop=["\n"])
     s = time.perf_counter() - t0
     n_tok = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return {"explain_prompts": len(prompts), "explain_s": s, "explain_per_s": len(prompts) / s,
@@ -233,7 +238,7 @@ def run_engines(args: argparse.Namespace) -> dict:
     if expl_p:
         best_e = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")),
                      key=lambda r: r["explain_per_s"])
-        expl = {"explain_prompt_source": expl_source, "explain_max_tokens": EXPLAIN_MAX_TOKENS,
+        expl = {"explain_prompt_source": expl_source, "explain_max_tokens": _explain_max_tokens(),
                 "vllm_vs_transformers_explain_speedup": best_e["explain_per_s"] / hf["explain_per_s"],
                 "goal_explain_speedup_3x_met": best_e["explain_per_s"] / hf["explain_per_s"] >= 3.0}
     return {"model": model, "dtype": dt, "prompt_source": source, "gen_tokens_per_prompt": args.gen_tokens,
