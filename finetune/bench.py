@@ -151,8 +151,8 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
                                                "examples_per_s", "wall_s", "batch_size", "steps",
                                                "gradient_checkpointing")}
             mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
-    for kind in ("qlora", "qlora_bf16emb", "qlora_bf16all"):
-        if kind not in mem or "bf16" not in mem:
+    for kind in MEM_KINDS:
+        if kind == "bf16" or kind not in mem or "bf16" not in mem:
             continue
         q, b = mem[kind], mem["bf16"]
         mem[f"ratio_peak_rss_{kind}_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
@@ -243,8 +243,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     variants = {}
     for name, label in VARIANT_LABELS.items():
         vp = run_dir(a.task, a.dataset, f"_{name}") / "metrics.json"
-        if vp.is_file() and json.loads(vp.read_text()).get("status") == "done":
-            v = json.loads(vp.read_text())
+        v = json.loads(vp.read_text()) if vp.is_file() else {}
+        if v.get("status") == "done":
             variants[name] = {k: v.get(k) for k in ("train", "test_after", "valid_after", "wall_s", "load_in_4bit")}
             rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},
                          "note": f"same recipe, {' '.join(VARIANTS[name])}"})

@@ -29,9 +29,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _task_template(text: str) -> tuple[str, str]:
     task, sep, name = text.partition("=")
-    if not sep or task not in ("yesno", "rank", "next_title", "explain") or not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=NAME with TASK one of yesno, rank, next_title, "
-                                         "explain (e.g. yesno=yesno_stats)")
+    from llmrec.prompts.templates import TASKS
+
+    if not sep or task not in TASKS or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=NAME with TASK one of {', '.join(TASKS)} "
+                                         "(e.g. yesno=yesno_stats)")
     return task, name
 
 

@@ -43,7 +43,7 @@ class QuantSettings:
     compute_dtype: str = "fast"  # "fast": bf16 where the hardware has it, else fp32 (see resolve_dtype)
     # PEFT's prepare_model_for_kbit_training casts every non-quantized weight to fp32, including the frozen
     # embedding and LM head (2 x 400 MB at 1.1B with a 49k vocabulary). false: cast those two back to a bf16/fp16
-    # compute dtype (they stay frozen; LoRA and the norms keep PEFT's fp32).
+    # compute dtype (they stay frozen; LoRA keeps PEFT's fp32, the norms too unless `upcast_norms` is false).
     upcast_frozen_embeddings: bool = True
     # PEFT's upcast also puts the (RMS/Layer) norm weights in fp32, which turns the residual stream and every saved
     # activation into fp32: twice the activation memory of a bf16 LoRA run. false: norms (and any other frozen

@@ -142,13 +142,12 @@ class Recommender:
         self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles])
         self._attr_fields = [f for f in ATTRIBUTE_FIELDS if f in ds.items.columns]
         from llmrec.prompts import load_template
+        from llmrec.prompts.templates import TASKS
 
-        unknown = set(self.cfg.templates) - {"yesno", "rank", "next_title", "explain"}
+        unknown = set(self.cfg.templates) - set(TASKS)
         if unknown:
             raise ValueError(f"RankingConfig.templates: unknown task(s) {sorted(unknown)}")
-        self.templates = {
-            n: load_template(self.cfg.templates.get(n, n)) for n in ("yesno", "rank", "next_title", "explain")
-        }
+        self.templates = {n: load_template(self.cfg.templates.get(n, n)) for n in TASKS}
         for task, t in self.templates.items():
             if t.task != task:
                 raise ValueError(f"RankingConfig.templates[{task!r}]: template {t.name!r} is a {t.task!r} template")
