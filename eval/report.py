@@ -38,8 +38,9 @@ def section() -> str:
         d = json.loads(p.read_text())
         rows = [{"method": n, **r} for n, r in d["methods"].items()]
         head = f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
-        parts.append(head + _table(rows, ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1", "train_s",
-                                     "rank_s_per_user"]))
+        cols = ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1"]
+        cols += [c for c in ("accuracy@t_valid", "f1@t_valid") if any(c in r for r in rows)]  # older runs lack them
+        parts.append(head + _table(rows, [*cols, "train_s", "rank_s_per_user"]))
         for g, v in d.get("goals", {}).items():
             met = "met" if v["met"] else "not met"
             if g == "verbalizer_speedup":

@@ -2,7 +2,8 @@
 
 Next item: full ranking over all items minus the user's history (leave-one-out test), on a fixed seeded subset of
 users shared by every method (the LLM is slow on CPU; the subset size is in the report), plus the baselines on all
-users. Yes/No: AUC / accuracy / F1 on a fixed seeded subset of the time-split test examples, shared by every method.
+users. Yes/No: AUC / accuracy / F1 on a fixed seeded subset of the time-split test examples, shared by every method;
+accuracy and F1 both at 0.5 and at each method's own threshold chosen on a fixed subset of the validation examples.
 Writes `eval/results/bench_<dataset>.{json,md}` and PNG plots beside them.
 """
 
@@ -23,7 +24,8 @@ from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 log = logging.getLogger(__name__)
 
 RANK_KEYS = ["hr@10", "recall@10", "ndcg@10", "mrr@10"]
-YESNO_KEYS = ["auc", "accuracy", "f1"]
+YESNO_KEYS = ["auc", "accuracy", "f1"]  # accuracy / F1 at P(Yes) >= 0.5
+THRESHOLD_KEYS = ["t_valid", "accuracy@t_valid", "f1@t_valid"]  # at the threshold chosen on validation rows
 
 
 @dataclass
@@ -35,6 +37,9 @@ class BenchConfig:
     baseline_overrides: dict[str, Any] = field(default_factory=dict)  # per model: constructor kwargs (fast settings)
     rank_users: int = 200  # fixed seeded user subset shared by every method (0 = all users)
     yesno_examples: int = 500  # fixed seeded Yes/No test subset shared by every method
+    # fixed seeded Yes/No validation subset: each method's decision threshold (max accuracy there) for
+    # accuracy@t_valid / f1@t_valid on the test rows; 0 = accuracy / F1 at 0.5 only
+    yesno_valid_examples: int = 500
     seed: int = 0
     llm: bool = True
     backend: str = "transformers"
@@ -78,7 +83,20 @@ def goal_line(key: str, g: dict) -> str:
     )
 
 
-def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods: dict, curves: dict) -> dict:
+def yesno_row(probs: Any, ex: Any, valid_probs: Any = None, ex_valid: Any = None) -> dict[str, float]:
+    """A method's Yes/No columns: AUC, accuracy and F1 at 0.5 on the test rows `ex`, and with validation scores
+    the threshold t* chosen on them (llmrec.metrics.best_threshold) with accuracy / F1 on the test rows at t*."""
+    from llmrec.metrics import metrics_at_valid_threshold
+
+    m = evaluate_yesno(probs, ex)
+    row = {k: float(m[k]) for k in YESNO_KEYS}
+    if valid_probs is not None and ex_valid is not None and len(ex_valid):
+        t = metrics_at_valid_threshold(ex_valid["label"].to_numpy(), valid_probs, ex["label"].to_numpy(), probs)
+        row.update({"t_valid": t["threshold"], "accuracy@t_valid": t["accuracy"], "f1@t_valid": t["f1"]})
+    return row
+
+
+def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, ex_valid: Any = None) -> dict:
     """Fit and score each baseline; returns the fitted models by name (a `hybrid:<name>` retriever reuses one)."""
     from llmrec.baselines import get_model
 
@@ -108,7 +126,9 @@ def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods:
             except NotImplementedError:
                 probs = None
             if probs is not None:
-                row.update({k: evaluate_yesno(probs, ex)[k] for k in YESNO_KEYS})
+                # baselines train on the `train` rows only (valid: early stopping), so valid scores are held out
+                vp = np.asarray(model.predict_proba(ex_valid)) if ex_valid is not None and len(ex_valid) else None
+                row.update(yesno_row(probs, ex, vp, ex_valid))
                 curves[name] = probs.tolist()
         methods[name] = row
         log.info("%s: %s", name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
@@ -116,7 +136,7 @@ def run_baselines(ds: Any, cfg: BenchConfig, users: list[str], ex: Any, methods:
 
 
 def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict,
-            fitted: dict | None = None) -> None:
+            fitted: dict | None = None, ex_valid: Any = None) -> None:
     from llmrec.llm import load_backend
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
@@ -203,8 +223,9 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
             else:
                 t1 = time.perf_counter()
                 probs = rec.yesno_examples_probs(ex)
-                row.update({k: evaluate_yesno(probs, ex)[k] for k in YESNO_KEYS})
                 row["yesno_s_per_example"] = (time.perf_counter() - t1) / max(1, len(ex))
+                vp = rec.yesno_examples_probs(ex_valid) if ex_valid is not None and len(ex_valid) else None
+                row.update(yesno_row(probs, ex, vp, ex_valid))
                 row["yesno_adapter"] = adapter
                 row["yesno_template"] = rec.templates["yesno"].name  # the adapter's own (llmrec_prompt.json)
                 curves[label] = probs.tolist()
@@ -263,15 +284,16 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
 
     ds = load_prepared(cfg.dataset, prepare_if_missing=True)
     ex = yesno_subset(ds, "test", cfg.yesno_examples or None, cfg.seed)
+    ex_valid = yesno_subset(ds, "valid", cfg.yesno_valid_examples, cfg.seed) if cfg.yesno_valid_examples else None
     methods: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
     report: dict[str, Any] = {"notes": []}
     t0 = time.perf_counter()
     fitted: dict[str, Any] = {}
     if cfg.baselines:
-        fitted = run_baselines(ds, cfg, [], ex, methods, curves)
+        fitted = run_baselines(ds, cfg, ex, methods, curves, ex_valid)
     if cfg.llm:
-        run_llm(ds, cfg, ex, methods, curves, report, fitted)
+        run_llm(ds, cfg, ex, methods, curves, report, fitted, ex_valid)
     name = f"bench_{ds.name}"
     out_dir = Path(cfg.results_dir) if cfg.results_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +332,9 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
             f"{cfg.rank_users or 'all'} users (seed {cfg.seed}) for every method; baselines also on all "
             f"{len(ds.targets('test'))} users (all_users_*)",
             "yesno": f"time-split test examples, fixed subset of {len(ex)} (seed {cfg.seed}), positive rate "
-            f"{ex['label'].mean():.3f}",
+            f"{ex['label'].mean():.3f}; accuracy/f1 at 0.5"
+            + (f", accuracy@t_valid/f1@t_valid at each method's threshold t_valid of best accuracy on a fixed subset "
+               f"of {len(ex_valid)} validation examples (seed {cfg.seed})" if ex_valid is not None else ""),
         },
         "config": {k: v for k, v in vars(cfg).items()},
         "methods": methods,
@@ -321,7 +345,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
         **report,
         "zeroshot": json.loads(zs.read_text()).get("table") if zs.is_file() else None,
     }
-    cols = ["method", *RANK_KEYS, *YESNO_KEYS, "train_s", "rank_s_per_user"]
+    cols = ["method", *RANK_KEYS, *YESNO_KEYS, *(THRESHOLD_KEYS if ex_valid is not None else []), "train_s",
+            "rank_s_per_user"]
     rows = [{"method": n, **{k: v for k, v in r.items()}} for n, r in methods.items()]
     md = md_table(rows, cols)
     md += "\n" + "\n".join(f"![{p}]({p})" for p in pngs) + "\n"

@@ -177,6 +177,7 @@ def run_demo(dataset: str = "ml-100k", user_id: str = "1", fast: bool = False) -
         f"adapter_rank={adapters['rank']}",
         f"rank_users={budget['rank_users']}",
         f"yesno_examples={budget['yesno_examples']}",
+        f"yesno_valid_examples={budget['yesno_examples']}",  # as many validation rows for the thresholds
         f"explanations={budget['explanations']}",
         f"generate_users={budget['generate_users']}",
         f"results_dir={out_dir}",

@@ -99,6 +99,16 @@ def best_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
     return float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
 
 
+def metrics_at_valid_threshold(valid_labels: Sequence[int], valid_probs: Sequence[float], test_labels: Sequence[int],
+                               test_probs: Sequence[float]) -> dict[str, float]:
+    """Accuracy / precision / recall / F1 on the test scores at t* = best_threshold(valid): the fixed 0.5 assumes a
+    calibrated P(Yes), which a briefly tuned LLM (or any scorer trained on another label balance) is not. Returns
+    `threshold` = t* with the four test metrics at it."""
+    t = best_threshold(valid_labels, valid_probs)
+    m = classification_metrics(test_labels, test_probs, threshold=t)
+    return {"threshold": t, **{k: float(m[k]) for k in ("accuracy", "precision", "recall", "f1")}}
+
+
 # --------------------------------------------------------------------------------------------------- ranking
 def ranks_from_scores(
     scores: np.ndarray, targets: np.ndarray, exclude: Iterable[Sequence[int]] | None = None

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 
 from llm_fixtures import make_tiny_llm  # noqa: E402
 
-from llmrec.bench import RANK_KEYS, YESNO_KEYS, BenchConfig, run_bench  # noqa: E402
+from llmrec.bench import RANK_KEYS, THRESHOLD_KEYS, YESNO_KEYS, BenchConfig, run_bench  # noqa: E402
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,6 +35,7 @@ FAST = {
 }
 RANK_USERS = 6
 YESNO_EXAMPLES = 40
+YESNO_VALID = 30
 EXPLANATIONS = 2
 RETRIEVAL_ROW = "retrieval (text)"
 
@@ -95,6 +96,7 @@ def bench(tiny_dataset, tiny_home, tmp_path_factory):
         baseline_overrides=FAST,
         rank_users=RANK_USERS,
         yesno_examples=YESNO_EXAMPLES,
+        yesno_valid_examples=YESNO_VALID,
         model=str(llm_dir),
         adapter_yesno=str(adapter),
         adapter_rank=str(adapter),
@@ -153,6 +155,10 @@ def test_every_number_is_finite_and_in_range(bench):
     for name in with_yesno:
         for k in YESNO_KEYS:
             assert isinstance(methods[name][k], float) and 0.0 <= methods[name][k] <= 1.0, (name, k)
+        for k in THRESHOLD_KEYS[1:]:  # accuracy / F1 at the validation-chosen threshold
+            assert isinstance(methods[name][k], float) and 0.0 <= methods[name][k] <= 1.0, (name, k)
+        assert -0.01 < methods[name]["t_valid"] < 1.01, name  # within the scores' range (+/- 1e-9 at the ends)
+    assert not any(k in r for r in methods.values() if "auc" not in r for k in THRESHOLD_KEYS)
     for name in ("llm zero-shot", "llm tuned"):
         assert methods[name]["yesno_s_per_example"] > 0
     assert methods["llm zero-shot"]["rank_adapter"] is None and methods["llm zero-shot"]["yesno_adapter"] is None
@@ -173,6 +179,7 @@ def test_protocol_states_the_shared_subsets(bench):
     assert f"{RANK_USERS} users (seed 0)" in p["next_item"]
     assert f"all {len(ds.targets('test'))} users" in p["next_item"]
     assert f"fixed subset of {YESNO_EXAMPLES} (seed 0), positive rate {ex['label'].mean():.3f}" in p["yesno"]
+    assert f"fixed subset of {YESNO_VALID} validation examples (seed 0)" in p["yesno"]
 
 
 def test_numbers_recomputed_independently(bench, tiny_home, monkeypatch):
@@ -180,6 +187,7 @@ def test_numbers_recomputed_independently(bench, tiny_home, monkeypatch):
     same seeded user subset / Yes/No examples, equal the report's."""
     from llmrec.baselines import get_model
     from llmrec.llm import load_backend
+    from llmrec.metrics import best_threshold
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank
     from llmrec.ranking.factory import build_retriever
@@ -202,13 +210,22 @@ def test_numbers_recomputed_independently(bench, tiny_home, monkeypatch):
 
     ex = yesno_subset(ds, "test", YESNO_EXAMPLES, 0)
     backend = load_backend("transformers", model=str(bench.llm_dir), dtype="float32")
+    ex_valid = yesno_subset(ds, "valid", YESNO_VALID, 0)
     try:
-        probs = Recommender(ds, backend, retriever, RankingConfig(n_candidates=10)).yesno_examples_probs(ex)
+        rec = Recommender(ds, backend, retriever, RankingConfig(n_candidates=10))
+        probs, valid_probs = rec.yesno_examples_probs(ex), rec.yesno_examples_probs(ex_valid)
     finally:
         backend.close()
     m = evaluate_yesno(probs, ex)
     for k in YESNO_KEYS:
         assert methods["llm zero-shot"][k] == pytest.approx(m[k], abs=1e-9), k
+    # the threshold of best validation accuracy, applied to the test rows
+    assert len(ex_valid) == YESNO_VALID and set(ex_valid["split"]) == {"valid"}
+    t = best_threshold(ex_valid["label"].to_numpy(), valid_probs)
+    assert methods["llm zero-shot"]["t_valid"] == pytest.approx(t, abs=1e-9)
+    at_t = evaluate_yesno(probs, ex, threshold=t)
+    assert methods["llm zero-shot"]["accuracy@t_valid"] == pytest.approx(at_t["accuracy"], abs=1e-9)
+    assert methods["llm zero-shot"]["f1@t_valid"] == pytest.approx(at_t["f1"], abs=1e-9)
 
 
 def test_fusion_weight_chosen_on_valid(bench):
@@ -295,7 +312,7 @@ def test_explanations(bench):
 
 def test_markdown_table_matches_json(bench):
     md, methods = bench.md, bench.data["methods"]
-    cols = ["method", *RANK_KEYS, *YESNO_KEYS, "train_s", "rank_s_per_user"]
+    cols = ["method", *RANK_KEYS, *YESNO_KEYS, *THRESHOLD_KEYS, "train_s", "rank_s_per_user"]
     assert "| " + " | ".join(cols) + " |" in md
     for name, row in methods.items():
         lines = [ln for ln in md.splitlines() if ln.startswith(f"| {name} |")]

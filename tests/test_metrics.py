@@ -72,3 +72,20 @@ def test_best_threshold_hand_computed():
     # inverted scores: best is to say Yes to everything (1 of 3 wrong) or No to everything (2 of 3 wrong) -> all Yes
     t = best_threshold([1, 1, 0], [0.1, 0.2, 0.9])
     assert t <= 0.1 and best_threshold([], []) == 0.5
+
+
+def test_metrics_at_valid_threshold_hand_computed():
+    from llmrec.metrics import metrics_at_valid_threshold
+
+    # valid: every score < 0.5, the best threshold is 0.25 (between 0.2 and 0.3)
+    valid_y, valid_p = [0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.35, 0.4]
+    # test at 0.25: predictions 0, 1, 1, 0 against labels 0, 1, 0, 1 -> TP 1, FP 1, TN 1, FN 1
+    test_y, test_p = [0, 1, 0, 1], [0.05, 0.3, 0.45, 0.2]
+    out = metrics_at_valid_threshold(valid_y, valid_p, test_y, test_p)
+    assert out["threshold"] == pytest.approx(0.25)
+    assert out["accuracy"] == pytest.approx(0.5)
+    assert out["precision"] == pytest.approx(0.5) and out["recall"] == pytest.approx(0.5)
+    assert out["f1"] == pytest.approx(0.5)
+    # at the fixed 0.5 the same test scores are all No: accuracy 2/4, F1 0
+    at_half = metrics_at_valid_threshold([0, 1], [0.4, 0.6], test_y, test_p)
+    assert at_half["threshold"] == pytest.approx(0.5) and at_half["f1"] == 0.0

@@ -101,12 +101,10 @@ def _peak_memory_mb() -> dict[str, float]:
 
 def threshold_metrics(valid: dict[str, Any], test: dict[str, Any]) -> dict[str, float]:
     """Accuracy / precision / recall / F1 on the test scores at the threshold that maximises validation accuracy
-    (the fixed 0.5 assumes a calibrated P(Yes), which a briefly tuned model is not)."""
-    from llmrec.metrics import best_threshold, classification_metrics
+    (llmrec.metrics.metrics_at_valid_threshold), from `Evaluator.last_scores` of both splits."""
+    from llmrec.metrics import metrics_at_valid_threshold
 
-    t = best_threshold(valid["labels"], valid["p_yes"])
-    m = classification_metrics(test["labels"], test["p_yes"], threshold=t)
-    return {"threshold": t, **{k: float(m[k]) for k in ("accuracy", "precision", "recall", "f1")}}
+    return metrics_at_valid_threshold(valid["labels"], valid["p_yes"], test["labels"], test["p_yes"])
 
 
 class Evaluator:
