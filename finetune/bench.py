@@ -67,21 +67,25 @@ def cmd_mem(a: argparse.Namespace) -> None:
               f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", *a.overrides]
     if a.model:
         common.append(f"model={a.model}")
-    # all in bf16 compute so that only the weight format differs
-    configs = {"qlora": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16"],
+    # all loaded in bf16 (`dtype`: the checkpoint is read in it before 4-bit quantization, and the non-quantized
+    # weights keep it) and computing in bf16, so that only the weight format differs
+    q4 = ["quant.load_in_4bit=true", "dtype=bfloat16", "quant.compute_dtype=bfloat16"]
+    configs = {"qlora": q4,
                "bf16": ["quant.load_in_4bit=false", "dtype=bfloat16"],
                # QLoRA with the frozen embedding / LM head kept in bf16 instead of PEFT's fp32 upcast
-               "qlora_bf16emb": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16",
-                                 "quant.upcast_frozen_embeddings=false"],
+               "qlora_bf16emb": [*q4, "quant.upcast_frozen_embeddings=false"],
                # ... and the norms too: the residual stream and the saved activations stay bf16, as in bf16 LoRA
-               "qlora_bf16all": ["quant.load_in_4bit=true", "quant.compute_dtype=bfloat16",
-                                 "quant.upcast_frozen_embeddings=false", "quant.upcast_norms=false"]}
+               "qlora_bf16all": [*q4, "quant.upcast_frozen_embeddings=false", "quant.upcast_norms=false"]}
+    # the allocator option (glibc: blocks >= 1 MiB mapped and unmapped on their own), on both sides of the ratio
+    for kind in ("bf16", "qlora_bf16all"):
+        configs[f"{kind}_mmap"] = [*configs[kind], "train.malloc_mmap_threshold_mb=1"]
     for kind in a.only or list(MEM_KINDS):
         finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind])
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
 
-    cols = ["trim_memory", "weights_mb", "lora_mb", "rss_after_load_mb", "rss_after_load_trimmed_mb", "peak_rss_mb",
+    cols = ["trim_memory", "malloc_mmap_threshold_mb", "weights_mb", "lora_mb", "rss_after_load_mb",
+            "rss_after_load_trimmed_mb", "peak_rss_mb",
             "peak_above_start_mb", "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
     rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in MEM_KINDS if k in mem]
     model = a.model or "the embedded SmolLM2-135M-Instruct"
@@ -97,11 +101,12 @@ def cmd_mem(a: argparse.Namespace) -> None:
     labels = {"qlora": "QLoRA (PEFT's fp32 upcast of every non-quantized weight)",
               "qlora_bf16emb": "QLoRA with bf16 frozen embeddings (`quant.upcast_frozen_embeddings=false`)",
               "qlora_bf16all": "QLoRA with bf16 embeddings and norms (`quant.upcast_frozen_embeddings=false "
-                               "quant.upcast_norms=false`)"}
+                               "quant.upcast_norms=false`)",
+              "qlora_bf16all_mmap": "The same with `train.malloc_mmap_threshold_mb=1` (bf16 LoRA with it too)"}
     for kind, text in labels.items():
-        if f"ratio_peak_rss_{kind}_over_bf16" not in mem:
+        if ratio_key("peak_rss", kind) not in mem:
             continue
-        r = {m: mem.get(f"ratio_{m}_{kind}_over_bf16") for m in ("weights", "peak_rss", "above_start", "peak_train")}
+        r = {m: mem.get(ratio_key(m, kind)) for m in ("weights", "peak_rss", "above_start", "peak_train")}
         table += (f"\n{text} / bf16 LoRA: weights {r['weights']}, peak RSS {r['peak_rss']} (whole process), "
                   f"{r['above_start']} (above the RSS before loading the model), {r['peak_train']} (during "
                   f"training). Goal peak <= 0.5: whole process **{verdict(r['peak_rss'])}**, above the start "
@@ -135,7 +140,17 @@ def cmd_shaped(a: argparse.Namespace) -> None:
     print(f"wrote {out}: {n / 1e9:.2f}B parameters (random weights, bf16)")
 
 
-MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all")
+MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all", "bf16_mmap", "qlora_bf16all_mmap")
+
+
+def mem_denominator(kind: str) -> str:
+    """The bf16 LoRA run a QLoRA run is compared with: the one with the same allocator setting."""
+    return "bf16_mmap" if kind.endswith("_mmap") else "bf16"
+
+
+def ratio_key(metric: str, kind: str) -> str:
+    """e.g. `ratio_peak_rss_qlora_over_bf16`, `ratio_peak_rss_qlora_bf16all_mmap_over_bf16_mmap`."""
+    return f"ratio_{metric}_{kind}_over_{mem_denominator(kind)}"
 
 
 def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
@@ -147,20 +162,22 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
             t = json.loads(p.read_text())["train"]
             mem[kind] = {k: t.get(k) for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
                                                "rss_after_load_trimmed_mb", "trim_memory",
+                                               "malloc_mmap_threshold_mb",
                                                "rss_at_train_start_mb", "peak_rss_train_mb", "weights_mb", "lora_mb",
                                                "examples_per_s", "wall_s", "batch_size", "steps",
                                                "gradient_checkpointing")}
             mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
     for kind in MEM_KINDS:
-        if kind == "bf16" or kind not in mem or "bf16" not in mem:
+        base = mem_denominator(kind)
+        if kind.startswith("bf16") or kind not in mem or base not in mem:
             continue
-        q, b = mem[kind], mem["bf16"]
-        mem[f"ratio_peak_rss_{kind}_over_bf16"] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
-        mem[f"ratio_above_start_{kind}_over_bf16"] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
+        q, b = mem[kind], mem[base]
+        mem[ratio_key("peak_rss", kind)] = round(q["peak_rss_mb"] / b["peak_rss_mb"], 3)
+        mem[ratio_key("above_start", kind)] = round(q["peak_above_start_mb"] / b["peak_above_start_mb"], 3)
         if q.get("weights_mb") and b.get("weights_mb"):
-            mem[f"ratio_weights_{kind}_over_bf16"] = round(q["weights_mb"] / b["weights_mb"], 3)
+            mem[ratio_key("weights", kind)] = round(q["weights_mb"] / b["weights_mb"], 3)
         if q.get("peak_rss_train_mb") and b.get("peak_rss_train_mb"):
-            mem[f"ratio_peak_train_{kind}_over_bf16"] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"], 3)
+            mem[ratio_key("peak_train", kind)] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"], 3)
     return mem
 
 
@@ -276,9 +293,10 @@ def cmd_report(a: argparse.Namespace) -> None:
              + md_table(rows, ["model", *keys, "note"]) + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
                                "peak RSS MB", "above start MB"])
-             + "".join(f"\n{k} / bf16 LoRA peak RSS: {mem[f'ratio_peak_rss_{k}_over_bf16']} (whole process), "
-                       f"{mem.get(f'ratio_above_start_{k}_over_bf16')} (above the RSS before loading the model)\n"
-                       for k in MEM_KINDS if f"ratio_peak_rss_{k}_over_bf16" in mem)
+             + "".join(f"\n{k} / {mem_denominator(k)} LoRA peak RSS: {mem[ratio_key('peak_rss', k)]} (whole "
+                       "process), "
+                       f"{mem.get(ratio_key('above_start', k))} (above the RSS before loading the model)\n"
+                       for k in MEM_KINDS if ratio_key("peak_rss", k) in mem)
              + (f"\n{a.note}\n" if a.note else ""))
     print(write_result(f"finetune_{a.task}_{a.dataset}", payload, table, command=a.command))
     print(table)

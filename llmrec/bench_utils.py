@@ -95,6 +95,22 @@ def trim_heap() -> bool:
         return False
 
 
+def set_mmap_threshold(mb: int) -> bool:
+    """glibc `mallopt(M_MMAP_THRESHOLD, mb MiB)`: every allocation of `mb` MiB or more gets its own mapping, unmapped
+    as soon as it is freed, instead of coming from the heap, where freed blocks stay resident and fragment (glibc's
+    default threshold starts at 128 KiB and rises up to 32 MiB as large blocks are freed, so a training step's
+    activations end up on the heap). The same as `MALLOC_MMAP_THRESHOLD_` in the environment, settable from a
+    recipe. Costs a system call and page faults per large allocation. False where there is no glibc."""
+    import ctypes
+
+    if mb <= 0:
+        raise ValueError(f"mmap threshold must be > 0 MiB, got {mb}")
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(mb) << 20))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 def _proc_status_mb(field: str) -> float | None:
     """A memory field of /proc/self/status ("VmRSS", "VmHWM", ...), in MiB; None where there is no /proc."""
     try:

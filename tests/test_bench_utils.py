@@ -56,3 +56,42 @@ def test_trim_heap_returns_freed_heap_memory_to_the_os():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "True"  # glibc reports that it released memory
     assert float(out[1]) > 50  # MB given back that free() alone had kept resident
+
+
+def test_mmap_threshold_returns_freed_blocks_at_once():
+    """Blocks of 4 MB freed under one live block: on glibc's heap (threshold pinned above them) they stay resident
+    until trimmed; with `set_mmap_threshold(1)` each has its own mapping and free() returns it at once."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("no glibc mallopt here")
+
+    def freed_mb(setup: str) -> float:
+        code = (
+            "import ctypes\n"
+            "libc = ctypes.CDLL('libc.so.6')\n"
+            "libc.mallopt(-1, 1 << 30)\n"  # M_TRIM_THRESHOLD: free() never shrinks the heap top by itself
+            f"{setup}\n"
+            "import numpy as np\n"
+            "from llmrec.bench_utils import vm_rss_mb\n"
+            "blocks = [np.ones(1 << 19) for _ in range(60)]\n"  # 60 x 4 MiB
+            "keep = np.ones(1 << 19)\n"  # a live block after them
+            "before = vm_rss_mb()\n"
+            "del blocks\n"
+            "print(before - vm_rss_mb())\n"
+        )
+        return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout.split()[-1])
+
+    on_heap = freed_mb("libc.mallopt(-3, 32 << 20)")  # M_MMAP_THRESHOLD 32 MiB: 4 MiB blocks come from the heap
+    mapped = freed_mb("from llmrec.bench_utils import set_mmap_threshold\nassert set_mmap_threshold(1)")
+    assert on_heap < 50  # free() kept the ~240 MB resident
+    assert mapped > 200  # unmapped at once
+    with pytest.raises(ValueError, match="> 0"):
+        from llmrec.bench_utils import set_mmap_threshold
+
+        set_mmap_threshold(0)

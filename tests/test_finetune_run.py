@@ -51,6 +51,7 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
         assert t["peak_rss_before_train_mb"] <= t["peak_rss_mb"] + 1.0
         # freed heap handed back after loading (train.trim_memory, on by default); counters sync lazily: +1 MB
         assert t["trim_memory"] is True and t["rss_after_load_trimmed_mb"] <= t["rss_after_load_mb"] + 1.0
+    assert t["malloc_mmap_threshold_mb"] == 0  # glibc's default unless the recipe sets it
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     for f in ("recipe.yaml", "data_manifest.json", "metrics.json", "adapter/adapter_config.json"):
         assert (out / f).is_file(), f
@@ -99,7 +100,8 @@ def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, t
             "data.n_train=16", "data.n_valid=0", "data.n_test=0", "data.max_len=1024", "data.history_max=3",
             "train.batch_size=4", "train.grad_accum=1", "train.max_steps=2", "train.save_steps=2",
             "train.progress=false", "train.logging_steps=1", "lora.target_modules=[q_proj,v_proj]",
-            "eval_before=false", "eval_after=false", f"output_dir={out}"]
+            "eval_before=false", "eval_after=false", f"output_dir={out}",
+            "train.malloc_mmap_threshold_mb=4"]  # a recipe option applied in each process (glibc)
     env = {**os.environ, "LLMREC_HOME": str(tiny_home), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "finetune" / "train.py"), "--config", str(RECIPES / "yesno_smollm2_qlora.yaml"), *args]
@@ -109,3 +111,7 @@ def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, t
     assert state["global_step"] == 2 and state["epoch"] == pytest.approx(1.0)
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "metrics.json").is_file()
     assert r.stdout.count("train loss") == 1  # the summary is printed by rank 0 only
+    import ctypes.util
+
+    if ctypes.util.find_library("c") == "libc.so.6":
+        assert json.loads((out / "metrics.json").read_text())["train"]["malloc_mmap_threshold_mb"] == 4

@@ -51,6 +51,10 @@ class TrainSettings:
     # CPU: hand freed heap memory back to the OS (glibc malloc_trim) after loading and after every optimizer step.
     # The 4-bit load and the per-step weight dequantization free large blocks that glibc otherwise keeps resident.
     trim_memory: bool = True
+    # CPU, glibc: allocations of this many MiB or more are mapped and unmapped on their own (mallopt
+    # M_MMAP_THRESHOLD, = MALLOC_MMAP_THRESHOLD_), so a step's freed activations leave RSS at once instead of staying
+    # on a fragmented heap; lowers peak RSS, costs page faults. 0 = glibc's default (dynamic, up to 32 MiB)
+    malloc_mmap_threshold_mb: int = 0
     eval_batch_size: int = 8
     seed: int = 0
     progress: bool = True
@@ -82,4 +86,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: data.n_candidates must be in 2..26 (letters A-Z), got {cfg.data.n_candidates}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError(f"{path}: train.batch_size and train.grad_accum must be >= 1")
+    if cfg.train.malloc_mmap_threshold_mb < 0:
+        raise ConfigError(f"{path}: train.malloc_mmap_threshold_mb must be >= 0 (0 = glibc's default), got "
+                          f"{cfg.train.malloc_mmap_threshold_mb}")
     return cfg

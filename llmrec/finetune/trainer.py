@@ -158,6 +158,14 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    mmap_set = False
+    if tc.malloc_mmap_threshold_mb:  # before loading: the load's temporaries are the largest blocks of the run
+        from llmrec.bench_utils import set_mmap_threshold
+
+        mmap_set = set_mmap_threshold(tc.malloc_mmap_threshold_mb)
+        if not mmap_set:
+            log.warning("train.malloc_mmap_threshold_mb=%d ignored: no glibc mallopt here",
+                        tc.malloc_mmap_threshold_mb)
     set_seed(tc.seed)
     out_dir = output_dir_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,6 +332,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         "rss_after_load_mb": round(rss_loaded, 1),
         **({"rss_after_load_trimmed_mb": round(rss_after_trim, 1)} if rss_after_trim is not None else {}),
         "trim_memory": tc.trim_memory,
+        "malloc_mmap_threshold_mb": tc.malloc_mmap_threshold_mb if mmap_set else 0,
         # peak RSS during trainer.train() alone (Linux VmHWM reset before it), and the RSS when it started
         **({"peak_rss_train_mb": round(peak_train, 1), "rss_at_train_start_mb": round(rss_at_train, 1),
             "peak_rss_before_train_mb": round(rss_train_start, 1)} if peak_train and rss_at_train

@@ -1,0 +1,50 @@
+"""`finetune/bench.py`'s memory summary: each QLoRA run is divided by the bf16 LoRA run with the same allocator
+setting, and only runs that exist get ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def fbench(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("finetune_bench", ROOT / "finetune" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_run(fbench, kind: str, peak: float, start: float = 400.0, weights: float = 100.0,
+              train_peak: float | None = None) -> None:
+    d = fbench.run_dir("yesno", "tiny", f"_mem_{kind}")
+    d.mkdir(parents=True)
+    t = {"peak_rss_mb": peak, "rss_before_load_mb": start, "weights_mb": weights, "batch_size": 4, "steps": 1,
+         "examples_per_s": 1.0, "wall_s": 10.0, "malloc_mmap_threshold_mb": 1 if kind.endswith("_mmap") else 0,
+         **({"peak_rss_train_mb": train_peak} if train_peak else {})}
+    (d / "metrics.json").write_text(json.dumps({"train": t}))
+
+
+def test_memory_ratios_pair_runs_with_the_same_allocator_setting(fbench):
+    write_run(fbench, "bf16", 1000.0, weights=270.0, train_peak=900.0)
+    write_run(fbench, "qlora_bf16all", 900.0, weights=170.0, train_peak=810.0)
+    write_run(fbench, "bf16_mmap", 800.0, weights=270.0)
+    write_run(fbench, "qlora_bf16all_mmap", 600.0, weights=170.0)
+    mem = fbench.memory_summary("yesno", "tiny")
+    assert mem["ratio_peak_rss_qlora_bf16all_over_bf16"] == 0.9
+    assert mem["ratio_above_start_qlora_bf16all_over_bf16"] == round(500 / 600, 3)
+    assert mem["ratio_peak_train_qlora_bf16all_over_bf16"] == 0.9
+    assert mem["ratio_weights_qlora_bf16all_over_bf16"] == round(170 / 270, 3)
+    assert mem["ratio_peak_rss_qlora_bf16all_mmap_over_bf16_mmap"] == 0.75  # 600 / 800, not 600 / 1000
+    assert mem["ratio_above_start_qlora_bf16all_mmap_over_bf16_mmap"] == 0.5  # (600 - 400) / (800 - 400)
+    assert "ratio_peak_train_qlora_bf16all_mmap_over_bf16_mmap" not in mem  # no VmHWM figure in those runs
+    assert mem["qlora_bf16all_mmap"]["malloc_mmap_threshold_mb"] == 1
+    # the bf16 runs are denominators, never ratios; runs that do not exist get none
+    assert not any(k.startswith(("ratio_peak_rss_bf16", "ratio_peak_rss_qlora_over", "ratio_peak_rss_qlora_bf16emb"))
+                   for k in mem)
