@@ -91,11 +91,14 @@ def cmd_mem(a: argparse.Namespace) -> None:
     model = a.model or "the embedded SmolLM2-135M-Instruct"
     verdict = lambda r: "met" if r is not None and r <= 0.5 else "NOT met"  # noqa: E731
     table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}. {a.steps} step(s) at batch "
-             f"{a.batch_size}, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, bf16 compute in "
-             f"both; one process per configuration. peak_rss = ru_maxrss of the whole process (loading included); "
+             f"{a.batch_size}, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, loaded in bf16 "
+             f"and bf16 compute in all; one process per configuration. peak_rss = ru_maxrss of the whole process "
+             f"(loading included); "
              f"peak_rss_train = the peak during trainer.train() alone (Linux VmHWM reset when it starts); "
              f"trim_memory: freed heap returned to the OS after loading and after each step (`train.trim_memory`; "
-             f"blank: a run from before that option, i.e. no).\n\n"
+             f"blank: a run from before that option, i.e. no); malloc_mmap_threshold_mb: "
+             f"`train.malloc_mmap_threshold_mb` "
+             f"(0 or blank: glibc's default).\n\n"
              + md_table(rows, ["run", *cols])
              + "\n")
     labels = {"qlora": "QLoRA (PEFT's fp32 upcast of every non-quantized weight)",
