@@ -3,6 +3,7 @@
     python finetune/bench.py run  --task yesno [key=value ...]   # the recipe run (zero-shot test, train, test again)
     python finetune/bench.py run  --task yesno --variant lora    # the same recipe on the full-precision base
     python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
+    python finetune/bench.py mmap --task yesno --steps 8         # train.malloc_mmap_threshold_mb 0 vs 1: speed, RSS
                                                                  # -> eval/results/finetune_memory_<task>_<dataset>
     python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
     python finetune/bench.py shaped --out artifacts/models/llama-1.1b-shaped      # random-weight 1.1B (memory only)
@@ -117,6 +118,45 @@ def cmd_mem(a: argparse.Namespace) -> None:
     payload = {"dataset": a.dataset, "task": a.task, "model": model, "model_note": a.model_note, "steps": a.steps,
                "batch_size": a.batch_size, "gradient_checkpointing": a.gradient_checkpointing, "memory": mem}
     print(write_result(f"finetune_memory_{a.task}_{a.dataset}{label}", payload, table))
+    print(table)
+
+
+def cmd_mmap(a: argparse.Namespace) -> None:
+    """Speed and peak RSS of the recipe as users run it (its own dtypes), with `train.malloc_mmap_threshold_mb` at
+    each of `--thresholds`, alternating, `--repeats` times: what the allocator option costs and saves."""
+    from llmrec.bench_utils import md_table, write_result
+
+    common = [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
+              "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
+              "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1", *a.overrides]
+    runs = []
+    for rep in range(a.repeats):
+        for thr in a.thresholds:
+            out = run_dir(a.task, a.dataset, f"_mmap{thr}_{rep}")
+            t = finetune(a.task, out, [*common, f"train.malloc_mmap_threshold_mb={thr}"])["train"]
+            runs.append({"malloc_mmap_threshold_mb": thr, "repeat": rep, "examples_per_s": t["examples_per_s"],
+                         "train_wall_s": t["wall_s"], "peak_rss_train_mb": t.get("peak_rss_train_mb"),
+                         "rss_at_train_start_mb": t.get("rss_at_train_start_mb"), "peak_rss_mb": t["peak_rss_mb"]})
+    summary = []
+    for thr in a.thresholds:
+        rs = [r for r in runs if r["malloc_mmap_threshold_mb"] == thr]
+        summary.append({"malloc_mmap_threshold_mb": thr, "runs": len(rs),
+                        **{f"mean_{k}": round(sum(r[k] for r in rs) / len(rs), 3)
+                           for k in ("examples_per_s", "peak_rss_train_mb", "peak_rss_mb")}})
+    base = summary[0]
+    for row in summary[1:]:
+        row["speed_vs_first"] = round(row["mean_examples_per_s"] / base["mean_examples_per_s"], 3)
+        row["peak_train_vs_first"] = round(row["mean_peak_rss_train_mb"] / base["mean_peak_rss_train_mb"], 3)
+    table = (f"Recipe `{recipe(a.task).name}` as configured (its own dtypes), {a.steps} steps at batch "
+             f"{a.batch_size}, "
+             f"each run its own process, thresholds alternating; peak_rss_train = the peak during trainer.train() "
+             f"(VmHWM reset when it starts).\n\n"
+             + md_table(runs, list(runs[0])) + "\n"
+             + md_table(summary, list(dict.fromkeys(k for r in summary for k in r)))
+             + (f"\n{a.note}\n" if a.note else ""))
+    payload = {"task": a.task, "dataset": a.dataset, "steps": a.steps, "batch_size": a.batch_size, "runs": runs,
+               "summary": summary}
+    print(write_result(f"finetune_mmap_{a.task}_{a.dataset}", payload, table))
     print(table)
 
 
@@ -307,11 +347,14 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "mem", "report", "shaped"])
+    p.add_argument("action", choices=["run", "mem", "mmap", "report", "shaped"])
     p.add_argument("--task", default="yesno", choices=["yesno", "rank"])
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--steps", type=int, default=2, help="mem: training steps per configuration")
-    p.add_argument("--batch-size", type=int, default=4, help="mem: the batch both configurations use")
+    p.add_argument("--steps", type=int, default=2, help="mem, mmap: training steps per configuration")
+    p.add_argument("--batch-size", type=int, default=4, help="mem, mmap: the batch every configuration uses")
+    p.add_argument("--thresholds", type=int, nargs="+", default=[0, 1],
+                   help="mmap: train.malloc_mmap_threshold_mb values, the first is the reference")
+    p.add_argument("--repeats", type=int, default=2, help="mmap: runs per threshold (alternating)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="mem: both configurations with it")
     p.add_argument("--model", default=None, help="mem: a local HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
@@ -324,12 +367,12 @@ def main() -> None:
     for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):
         p.add_argument(f"--{k}", type=int, default=v, help=f"shaped: (default {v}: TinyLlama-1.1B's shape)")
     p.add_argument("--baselines", default="mf,bert_lstm", help="report (yesno): baselines scored on the same subset")
-    p.add_argument("--note", default="", help="report: free text (e.g. the CPU contention during the run)")
+    p.add_argument("--note", default="", help="report, mmap: free text (e.g. the CPU contention during the run)")
     p.add_argument("--command", default=None, help="report: the commands that produced the runs")
     p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_intermixed_args()
-    {"run": cmd_run, "mem": cmd_mem, "report": cmd_report, "shaped": cmd_shaped}[a.action](a)
+    {"run": cmd_run, "mem": cmd_mem, "mmap": cmd_mmap, "report": cmd_report, "shaped": cmd_shaped}[a.action](a)
 
 
 if __name__ == "__main__":
