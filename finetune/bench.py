@@ -60,12 +60,17 @@ def cmd_run(a: argparse.Namespace) -> None:
     finetune(a.task, out, [f"dataset={a.dataset}", *extra, *a.overrides])
 
 
+def short_run(a: argparse.Namespace) -> list[str]:
+    """Overrides for a measurement run: `--steps` steps at `--batch-size` on exactly that many examples, no
+    evaluation, no checkpoints, fresh (no resume). The command line's overrides go after it."""
+    return [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
+            "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
+            "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1"]
+
+
 def cmd_mem(a: argparse.Namespace) -> None:
     label = a.label or ""
-    common = [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
-              "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
-              "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1",
-              f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", *a.overrides]
+    common = [*short_run(a), f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", *a.overrides]
     if a.model:
         common.append(f"model={a.model}")
     # all loaded in bf16 (`dtype`: the checkpoint is read in it before 4-bit quantization, and the non-quantized
@@ -126,9 +131,7 @@ def cmd_mmap(a: argparse.Namespace) -> None:
     each of `--thresholds`, alternating, `--repeats` times: what the allocator option costs and saves."""
     from llmrec.bench_utils import md_table, write_result
 
-    common = [f"dataset={a.dataset}", f"data.n_train={a.batch_size * a.steps}", "data.n_valid=0", "data.n_test=0",
-              "eval_before=false", "eval_after=false", f"train.max_steps={a.steps}", "train.save_steps=0",
-              "train.resume=null", f"train.batch_size={a.batch_size}", "train.grad_accum=1", *a.overrides]
+    common = [*short_run(a), *a.overrides]
     runs = []
     for rep in range(a.repeats):
         for thr in a.thresholds:
