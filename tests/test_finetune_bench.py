@@ -48,3 +48,13 @@ def test_memory_ratios_pair_runs_with_the_same_allocator_setting(fbench):
     # the bf16 runs are denominators, never ratios; runs that do not exist get none
     assert not any(k.startswith(("ratio_peak_rss_bf16", "ratio_peak_rss_qlora_over", "ratio_peak_rss_qlora_bf16emb"))
                    for k in mem)
+
+
+def test_short_run_trains_exactly_the_measured_steps(fbench):
+    from argparse import Namespace
+
+    o = fbench.short_run(Namespace(dataset="tiny", batch_size=4, steps=2))
+    # as many examples as the steps consume, one optimizer step per batch, nothing else timed or written
+    for kv in ("dataset=tiny", "data.n_train=8", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1",
+               "eval_before=false", "eval_after=false", "train.save_steps=0", "train.resume=null"):
+        assert kv in o, kv
