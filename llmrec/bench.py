@@ -90,7 +90,7 @@ def yesno_row(probs: Any, ex: Any, valid_probs: Any = None, ex_valid: Any = None
 
     m = evaluate_yesno(probs, ex)
     row = {k: float(m[k]) for k in YESNO_KEYS}
-    if valid_probs is not None and ex_valid is not None and len(ex_valid):
+    if valid_probs is not None:  # callers score the validation rows only when there are some
         t = metrics_at_valid_threshold(ex_valid["label"].to_numpy(), valid_probs, ex["label"].to_numpy(), probs)
         row.update({"t_valid": t["threshold"], "accuracy@t_valid": t["accuracy"], "f1@t_valid": t["f1"]})
     return row
