@@ -92,7 +92,8 @@ def cmd_mem(a: argparse.Namespace) -> None:
 
     cols = ["trim_memory", "malloc_mmap_threshold_mb", "weights_mb", "lora_mb", "rss_after_load_mb",
             "rss_after_load_trimmed_mb", "peak_rss_mb",
-            "peak_above_start_mb", "rss_at_train_start_mb", "peak_rss_train_mb", "examples_per_s"]
+            "peak_above_start_mb", "rss_at_train_start_mb", "rss_file_at_train_start_mb", "peak_rss_train_mb",
+            "examples_per_s"]
     rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in MEM_KINDS if k in mem]
     model = a.model or "the embedded SmolLM2-135M-Instruct"
     verdict = lambda r: "met" if r is not None and r <= 0.5 else "NOT met"  # noqa: E731

@@ -127,6 +127,12 @@ def vm_rss_mb() -> float | None:
     return _proc_status_mb("VmRSS")
 
 
+def rss_file_mb() -> float | None:
+    """The file-backed part of the current resident memory (Linux RssFile: mapped files such as a .safetensors
+    checkpoint and shared libraries), in MiB; None elsewhere. RssAnon is the rest (heap, tensors)."""
+    return _proc_status_mb("RssFile")
+
+
 def vm_hwm_mb() -> float | None:
     """Peak resident memory since start or since `reset_peak_rss` (Linux VmHWM), in MiB; None elsewhere."""
     return _proc_status_mb("VmHWM")

@@ -49,6 +49,7 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     if Path("/proc/self/clear_refs").exists():  # Linux: the training phase's own peak, apart from loading
         assert t["rss_at_train_start_mb"] <= t["peak_rss_train_mb"] <= t["peak_rss_mb"] + 1.0
         assert t["peak_rss_before_train_mb"] <= t["peak_rss_mb"] + 1.0
+        assert 0.0 < t["rss_file_at_train_start_mb"] <= t["rss_at_train_start_mb"] + 1.0  # mapped libraries at least
         # freed heap handed back after loading (train.trim_memory, on by default); counters sync lazily: +1 MB
         assert t["trim_memory"] is True and t["rss_after_load_trimmed_mb"] <= t["rss_after_load_mb"] + 1.0
     assert t["malloc_mmap_threshold_mb"] == 0  # glibc's default unless the recipe sets it

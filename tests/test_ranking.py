@@ -614,3 +614,25 @@ def test_cli_eval_yesno_dataset_with_a_chosen_template(parts, tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(base + ["--template", "yesno_stats"])
     assert "expected TASK=NAME" in capsys.readouterr().err
+
+
+def test_cli_eval_yesno_on_a_4bit_base(parts, tallrec_file, tmp_path, monkeypatch):
+    """`--load-in-4bit` scores on the nf4 base (what a QLoRA adapter was trained on); vLLM refuses the flag."""
+    from llmrec.cli import main
+    from llmrec.llm import transformers_backend
+
+    seen = {}
+    real = transformers_backend.load_causal_lm
+
+    def spy(*a, **kw):
+        m, tok = real(*a, **kw)
+        seen["4bit"] = type(m.model.layers[0].self_attn.q_proj).__name__
+        return m, tok
+
+    monkeypatch.setattr(transformers_backend, "load_causal_lm", spy)
+    out = tmp_path / "yesno4.json"
+    args = ["eval", "yesno", "--file", str(tallrec_file), "--model", str(parts.llm_dir), "--batch-size", "6"]
+    assert main(args + ["--load-in-4bit", "--dtype", "float32", "--out", str(out)]) == 0
+    assert seen["4bit"] == "Linear4bit" and json.loads(out.read_text())["n"] == 6
+    with pytest.raises(SystemExit, match="--load-in-4bit is for --backend transformers"):
+        main(args + ["--load-in-4bit", "--backend", "vllm"])

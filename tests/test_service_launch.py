@@ -38,6 +38,30 @@ def test_plan_url_and_adapter_modes(monkeypatch):
     assert launch.plan_backend(cfg(adapters={"yesno": "/a"})).adapter_mode == "lora"  # GPU: LoRA is cheap
 
 
+def test_4bit_base_is_served_by_transformers_with_the_configured_dtype(monkeypatch):
+    monkeypatch.setattr(launch, "python_has_vllm", lambda python: True)  # even where vLLM could be launched
+    c = cfg(load_in_4bit=True, dtype="float32", adapters={"yesno": "/a"}, model="/m")
+    plan = launch.plan_backend(c)
+    assert plan.kind == "transformers" and "4-bit" in plan.note
+    for bad in (cfg(load_in_4bit=True, backend="vllm"), cfg(load_in_4bit=True, vllm_url="http://127.0.0.1:9/v1")):
+        with pytest.raises(ConfigError, match="load_in_4bit is for the transformers backend"):
+            launch.plan_backend(bad)
+    calls = []
+    import llmrec.llm
+
+    class Base:
+        def add_adapter(self, name, path):
+            calls.append(("add_adapter", name, path))
+            return f"view:{name}"
+
+    monkeypatch.setattr(llmrec.llm, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or Base())
+    backends, server, _ = launch.build_backends(c, plan)
+    assert server is None and backends["yesno"] == "view:yesno" and isinstance(backends[None], Base)
+    # one model loaded, the adapter into it (not a second model per adapter)
+    assert calls == [("transformers", {"model": "/m", "dtype": "float32", "load_in_4bit": True}),
+                     ("add_adapter", "yesno", "/a")]
+
+
 def test_python_without_vllm_is_detected(tmp_path):
     assert launch.python_has_vllm(str(tmp_path / "no-such-python")) is False
 

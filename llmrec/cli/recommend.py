@@ -17,6 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained)")
     p.add_argument("--vllm-url", help="OpenAI-compatible endpoint for --backend vllm (else an in-process engine)")
     p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="transformers backend: nf4 4-bit base (the base a QLoRA adapter was trained on; less memory)")
     p.add_argument("--retriever", default="text", choices=RETRIEVER_CHOICES)
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
     p.add_argument("--retrieval-weight", type=float, default=0.0,
@@ -77,8 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _backend(args: argparse.Namespace):
     from llmrec.llm import load_backend
 
-    kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size}
+    kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size, "load_in_4bit": args.load_in_4bit}
     if args.backend == "vllm":
+        if args.load_in_4bit:
+            raise SystemExit("--load-in-4bit is for --backend transformers (vLLM quantizes with its own options)")
         kw = {"url": args.vllm_url, "dtype": args.dtype} if args.vllm_url else {"dtype": args.dtype}
     return load_backend(args.backend, model=args.model, adapter=args.adapter, **kw)
 

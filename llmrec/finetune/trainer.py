@@ -297,7 +297,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             raise FileNotFoundError(f"train.resume: checkpoint folder {resume} does not exist")
     if resume:
         log.info("resuming from %s", resume)
-    from llmrec.bench_utils import reset_peak_rss, vm_hwm_mb
+    from llmrec.bench_utils import reset_peak_rss, rss_file_mb, vm_hwm_mb
 
     if tc.trim_memory:
         trim_heap()
@@ -306,6 +306,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         rss_train_start = max(rss_train_start, peak_rss_mb())
     hwm_reset = reset_peak_rss()
     rss_at_train = vm_hwm_mb() if hwm_reset else None  # right after the reset: the current RSS
+    rss_file_at_train = rss_file_mb()  # of which mapped files (libraries; a checkpoint's pages if still mapped)
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_wall = time.time() - t_train
@@ -337,6 +338,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         **({"peak_rss_train_mb": round(peak_train, 1), "rss_at_train_start_mb": round(rss_at_train, 1),
             "peak_rss_before_train_mb": round(rss_train_start, 1)} if peak_train and rss_at_train
            and rss_train_start else {}),
+        **({"rss_file_at_train_start_mb": round(rss_file_at_train, 1)} if rss_file_at_train is not None else {}),
         "gradient_checkpointing": tc.gradient_checkpointing,
         **model_mem,
         **({"peak_cuda_mb": mem["peak_cuda_mb"]} if "peak_cuda_mb" in mem else {}),

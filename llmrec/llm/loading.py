@@ -7,6 +7,10 @@ through PEFT. Nothing here downloads from a model hub: every path is local.
   names the layers that are not, before loading.
 - A forward pass on the 4-bit model BEFORE `prepare_model_for_kbit_training` + `get_peft_model` silently loses the
   LoRA gradients; `load_causal_lm(load_in_4bit=True)` installs a guard hook and `apply_lora` refuses such a model.
+- transformers maps the .safetensors file and installs every weight it does not convert as a view of that mapping;
+  after a 4-bit load the few views left (embeddings, norms) keep the WHOLE file's pages resident although the
+  quantized copies are all that is read again (2 GB of a 1.1B bf16 checkpoint). `release_checkpoint_mmap` copies
+  those views so the mapping is dropped; `load_causal_lm` does it for 4-bit loads.
 """
 
 from __future__ import annotations
@@ -195,6 +199,85 @@ def check_4bit_shapes(model_path: str | Path, skip: Sequence[str] = ("lm_head",)
         )
 
 
+def _safetensors_mappings() -> list[tuple[int, int, bool]] | None:
+    """(start, end, pristine) of this process's mappings of *.safetensors files, from Linux /proc/self/smaps;
+    pristine: no page of it was ever written (read-only, or private with no copied-on-write page), so dropping its
+    resident pages loses nothing. None where /proc/self/smaps is not readable."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    out: list[tuple[int, int, bool]] = []
+    current: list[Any] | None = None
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if parts and "-" in parts[0] and len(parts) >= 5 and ":" not in parts[0]:  # a mapping's header line
+            current = None
+            if len(parts) == 6 and parts[5].strip().endswith(".safetensors"):
+                lo, hi = parts[0].split("-")
+                current = [int(lo, 16), int(hi, 16), "w" not in parts[1]]
+                out.append(current)  # type: ignore[arg-type]
+        elif current is not None and parts[0] == "Anonymous:" and int(parts[1]) == 0:
+            current[2] = True
+    return [tuple(r) for r in out]  # type: ignore[misc]
+
+
+def _drop_resident_pages(ranges: list[tuple[int, int, bool]]) -> None:
+    """madvise(MADV_DONTNEED) on pristine file mappings: their pages leave this process's RSS and are faulted in
+    again from the file (page cache) when read. Only mappings no page of which was written: nothing can be lost.
+    A no-op without glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for lo, hi, pristine in ranges:
+        if pristine:
+            libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+def release_checkpoint_mmap(model: Any) -> int:
+    """Copy every parameter and buffer that is still a view of a mapped .safetensors file into its own memory, so
+    that the file's mapping (and with it every page of the checkpoint that loading read) is released once the
+    loader's handles are gone. Meant for a 4-bit model, whose views are only the few weights left unquantized;
+    a bf16 model loaded without conversion is all views and should keep them (its weights ARE those pages).
+    The mapping's resident pages are dropped first (read-only file pages), so the copies do not add to the peak.
+    Where /proc/self/maps is not readable, every non-quantized floating tensor is copied. Returns the bytes copied."""
+    import gc
+
+    import torch
+
+    ranges = _safetensors_mappings()
+    if ranges == []:
+        return 0
+    if ranges:
+        _drop_resident_pages(ranges)
+
+    def mapped(t: Any) -> bool:
+        if ranges is None:
+            return t.is_floating_point() and t.device.type == "cpu" and type(t).__name__ != "Params4bit"
+        ptr = t.untyped_storage().data_ptr()
+        return any(lo <= ptr < hi for lo, hi, _ in ranges)
+
+    copied = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            for p in mod._parameters.values():
+                if p is not None and mapped(p):
+                    p.data = p.data.clone()  # the same Parameter object: tied weights stay tied
+                    copied += p.numel() * p.element_size()
+            for name, b in list(mod._buffers.items()):
+                if b is not None and mapped(b):
+                    mod._buffers[name] = b.clone()
+                    copied += b.numel() * b.element_size()
+    gc.collect()
+    log.info("copied %.1f MB of weights out of the mapped checkpoint; mappings left: %d", copied / 2**20,
+             len(_safetensors_mappings() or []))
+    return copied
+
+
 def _forward_guard(module: Any, args: Any, kwargs: Any = None) -> None:
     module._llmrec_forward_seen = True
 
@@ -204,8 +287,11 @@ def load_causal_lm(
     dtype: str = "bfloat16",
     quant: QuantSettings | None = None,
     device_map: str | dict | None = None,
+    release_mmap: bool = True,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder (None = embedded default). Left padding, pad = eos if unset."""
+    """(model, tokenizer) from a local folder (None = embedded default). Left padding, pad = eos if unset.
+    4-bit: `release_mmap` drops the checkpoint's mapping after quantization (`release_checkpoint_mmap`); False
+    only to measure what that saves (eval/load_memory.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -238,7 +324,8 @@ def load_causal_lm(
     tok.padding_side = "left"
     if m.generation_config is not None and m.generation_config.pad_token_id is None:
         m.generation_config.pad_token_id = tok.pad_token_id
-    if quant.load_in_4bit:
+    if quant.load_in_4bit and release_mmap:
+        release_checkpoint_mmap(m)
         m._llmrec_forward_seen = False
         m._llmrec_guard = m.register_forward_pre_hook(_forward_guard)
     return m, tok

@@ -48,6 +48,7 @@ class TransformersBackend(Backend):
         if adapter:
             m = load_adapter(m, adapter)
         self._init(m, tok, batch_size=batch_size, progress=progress)
+        self._fixed_adapter = bool(adapter)
         self.name = f"transformers:{Path(str(model)).name if model else 'smollm2-135m-instruct'}" + (
             f"+{Path(str(adapter)).name}" if adapter else ""
         )
@@ -62,14 +63,81 @@ class TransformersBackend(Backend):
         return self
 
     def _init(self, model: Any, tokenizer: Any, batch_size: int, progress: bool) -> None:
+        import threading
+
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        self.model = model
+        # shared with every `with_adapter` view: the model (wrapped in a PeftModel by the first add_adapter), the
+        # adapters loaded into it by name, and the lock under which a call switches the active adapter (model state)
+        self._shared: dict[str, Any] = {"model": model, "adapters": {}, "lock": threading.RLock()}
         self._tok = tokenizer
         self.batch_size = max(1, int(batch_size))
         self.progress = progress
         self._first_ids: dict[str, int] = {}
+        self._active: str | None = None  # this view's adapter; None = the base model (adapters disabled)
+
+    @property
+    def model(self) -> Any:
+        return self._shared["model"]
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._shared["model"] = value
+
+    @property
+    def _adapters(self) -> dict[str, str]:
+        return self._shared["adapters"]
+
+    @property
+    def _lock(self) -> Any:
+        return self._shared["lock"]
+
+    # ------------------------------------------------------------------ several adapters on one base model
+    def add_adapter(self, name: str, path: str | Path) -> TransformersBackend:
+        """Load a PEFT adapter into this backend's model under `name` (the base weights are shared: one model in
+        memory for any number of adapters, instead of a model per adapter). Returns `with_adapter(name)`."""
+        from peft import PeftModel
+
+        if getattr(self, "_fixed_adapter", False):
+            raise BackendError("add_adapter needs a base backend (built without adapter=); this one merged "
+                               "its adapter in at load time")
+        p = Path(path)
+        if not (p / "adapter_config.json").is_file():
+            raise BackendError(f"adapter {name!r}: {p} has no adapter_config.json (not a PEFT adapter folder)")
+        with self._lock:
+            if name in self._adapters:
+                raise BackendError(f"adapter {name!r} is already loaded (from {self._adapters[name]})")
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(p), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name)
+            self.model.eval()
+            self._adapters[name] = str(p)
+        return self.with_adapter(name)
+
+    def with_adapter(self, name: str | None) -> TransformersBackend:
+        """A view of this backend that runs with adapter `name` active (None: the base model, adapters disabled).
+        Views share the model, tokenizer and lock, so they are safe to call from several threads."""
+        if name is not None and name not in self._adapters:
+            raise BackendError(f"unknown adapter {name!r}; loaded: {sorted(self._adapters)}")
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._active = name
+        base = self.name.split("+")[0]
+        view.name = f"{base}+{name}" if name else base
+        return view
+
+    def _forward_context(self) -> Any:
+        """Make this view's adapter the active one for the duration of a call (caller holds the lock)."""
+        import contextlib
+
+        if not self._adapters:
+            return contextlib.nullcontext()
+        if self._active is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(self._active)
+        return contextlib.nullcontext()
 
     @property
     def tokenizer(self) -> Any:
@@ -102,7 +170,7 @@ class TransformersBackend(Backend):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with self._lock, self._forward_context(), torch.inference_mode():
                 batches = self._batches(prompts)
                 for b in tqdm(batches, desc="score", leave=False, disable=not self.progress):
                     enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
@@ -136,7 +204,7 @@ class TransformersBackend(Backend):
 
         outs: dict[int, str] = {}
         self.model.eval()
-        with torch.inference_mode():
+        with self._lock, self._forward_context(), torch.inference_mode():
             for b in tqdm(self._batches(prompts), desc="generate", leave=False, disable=not self.progress):
                 enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(self.device)

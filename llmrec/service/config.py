@@ -38,6 +38,9 @@ class LLMConfig:
     # on CPU with exactly one adapter, else lora
     adapter_mode: Literal["auto", "merged", "lora"] = "auto"
     dtype: str = "fast"
+    # transformers backend: nf4 4-bit base (bitsandbytes), the base a QLoRA adapter was trained on; a quarter of the
+    # weights' memory. Picks the transformers backend under `auto`; vLLM has its own options (vllm_extra_args)
+    load_in_4bit: bool = False
     max_model_len: int = 2048
     timeout_s: float = 60.0  # per recommendation / score call; past it -> fallback or 503
 

@@ -170,6 +170,12 @@ def plan_backend(cfg: ServiceConfig) -> BackendPlan:
     llm = cfg.llm
     if llm.backend == "none":
         return BackendPlan("none", "no LLM backend (llm.backend: none): the collaborative fallback answers, degraded")
+    if llm.load_in_4bit:
+        if llm.backend == "vllm" or (llm.backend == "auto" and llm.vllm_url):
+            raise ConfigError("llm.load_in_4bit is for the transformers backend; vLLM quantizes with its own "
+                              "options (llm.vllm_extra_args, e.g. --quantization bitsandbytes on a GPU)")
+        return BackendPlan("transformers", "llm.load_in_4bit: serving a 4-bit base on the in-process transformers "
+                           "backend", llm.model)
     if llm.vllm_url and llm.backend in ("auto", "vllm"):
         return BackendPlan("vllm-http", f"vLLM endpoint {llm.vllm_url}", llm.model,
                            served={n: n for n in llm.adapters})
@@ -224,9 +230,11 @@ def build_backends(
     if plan.kind == "transformers":
         from llmrec.llm import load_backend
 
-        out: dict[str | None, Any] = {None: load_backend("transformers", model=model)}
+        # one model in memory: every registry adapter is loaded into it by name, a view per adapter switches to it
+        base = load_backend("transformers", model=model, dtype=llm.dtype, load_in_4bit=llm.load_in_4bit)
+        out: dict[str | None, Any] = {None: base}
         for name, path in llm.adapters.items():
-            out[name] = load_backend("transformers", model=model, adapter=path)
+            out[name] = base.add_adapter(name, path)
         if llm.default_adapter:
             out[None] = out[llm.default_adapter]
         return out, None, Path(model).name

@@ -1,0 +1,111 @@
+"""Resident memory of a model loaded for inference: bf16, 4-bit nf4, and 4-bit with the checkpoint's mapping kept
+(what transformers leaves behind without `llmrec.llm.loading.release_checkpoint_mmap`). Each configuration runs in
+its own process: load, score one short Yes/No prompt (a forward touches every weight page the model reads), hand
+freed heap back, then read Linux /proc/self/status: VmRSS = RssAnon (heap, tensors) + RssFile (mapped files: the
+checkpoint if still mapped, shared libraries), and VmHWM (the peak, loading included).
+
+    .venv/bin/python eval/load_memory.py                       # the embedded SmolLM2-135M-Instruct
+    .venv/bin/python eval/load_memory.py --model artifacts/models/llama-1.1b-shaped --label _1.1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmrec.bench_utils import md_table, write_result  # noqa: E402
+
+log = logging.getLogger("eval.load_memory")
+KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping)
+    "bf16": (False, True),
+    "4bit": (True, True),
+    "4bit_keep_mapping": (True, False),
+}
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+
+
+def status_mb() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in FIELDS:
+            out[key] = round(int(line.split()[1]) / 1024.0, 1)
+    return out
+
+
+def child(kind: str, model: str | None) -> dict[str, Any]:
+    """Runs in its own process: load `kind`, one forward, trim, measure."""
+    from llmrec.bench_utils import trim_heap
+    from llmrec.llm.loading import QuantSettings, load_causal_lm
+    from llmrec.llm.transformers_backend import TransformersBackend
+
+    q4, release = KINDS[kind]
+    t0 = time.perf_counter()
+    m, tok = load_causal_lm(model, dtype="bfloat16", release_mmap=release,
+                            quant=QuantSettings(load_in_4bit=q4, compute_dtype="bfloat16"))
+    load_s = time.perf_counter() - t0
+    guard = getattr(m, "_llmrec_guard", None)
+    if guard is not None:
+        guard.remove()
+    be = TransformersBackend.from_model(m, tok)
+    p_yes = float(be.score_choices(["Does the user like the movie? Answer:"], [" Yes", " No"])[0][0])
+    trim_heap()
+    return {"kind": kind, "load_s": round(load_s, 1), "score_finite": p_yes == p_yes, **status_mb()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="local HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model-note", default="")
+    p.add_argument("--label", default="", help="suffix of the result name, e.g. _1.1b")
+    p.add_argument("--only", nargs="+", choices=list(KINDS), default=None)
+    p.add_argument("--child", choices=list(KINDS), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.model)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path("/proc/self/status").is_file():
+        raise SystemExit("eval/load_memory.py reads Linux /proc/self/status; not available here")
+    rows = []
+    for kind in a.only or list(KINDS):
+        cmd = [sys.executable, __file__, "--child", kind] + (["--model", a.model] if a.model else [])
+        log.info("%s: %s", kind, " ".join(cmd))
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{kind} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        log.info("%s", rows[-1])
+    by = {r["kind"]: r for r in rows}
+    ratios = {}
+    if "bf16" in by:
+        for k in ("4bit", "4bit_keep_mapping"):
+            if k in by:
+                ratios[f"rss_{k}_over_bf16"] = round(by[k]["VmRSS"] / by["bf16"]["VmRSS"], 3)
+                ratios[f"peak_{k}_over_bf16"] = round(by[k]["VmHWM"] / by["bf16"]["VmHWM"], 3)
+    if "4bit" in by and "4bit_keep_mapping" in by:
+        ratios["rss_saved_by_release_mb"] = round(by["4bit_keep_mapping"]["VmRSS"] - by["4bit"]["VmRSS"], 1)
+    model = a.model or "the embedded SmolLM2-135M-Instruct"
+    table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}; loaded in bf16 (4-bit: nf4, "
+             f"double quantization, bf16 compute), one process each, after one scoring forward and a heap trim. "
+             f"MB = MiB. VmRSS = RssAnon + RssFile (+ shared memory); VmHWM = the peak, loading included. "
+             f"4bit_keep_mapping = the same 4-bit load without `release_checkpoint_mmap` (transformers leaves the "
+             f".safetensors file mapped through the views of the weights it did not quantize).\n\n"
+             + md_table(rows, ["kind", "load_s", *FIELDS])
+             + "\n\n" + ", ".join(f"{k} {v}" for k, v in ratios.items()) + "\n")
+    out = write_result(f"load_memory{a.label}", {"model": model, "model_note": a.model_note, "runs": rows,
+                                                 **ratios}, table)
+    print(out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

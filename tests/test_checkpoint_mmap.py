@@ -1,0 +1,92 @@
+"""After a 4-bit load no weight may still be a view of the mapped .safetensors file: such views keep every page of
+the checkpoint that loading read resident (2 GB for a 1.1B bf16 model) although only the quantized copies are used."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+from llm_fixtures import make_tiny_llm
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
+
+
+def mapped(path: Path) -> bool:
+    gc.collect()
+    target = str(path.resolve())
+    return any(line.rstrip().endswith(target) for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def bf16_checkpoint(root: Path, tied: bool) -> Path:
+    """A tiny Llama saved in bf16 (a bf16 load is then views of the file, as with real bf16 checkpoints)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_llm(root / "src")
+    out = root / "bf16"
+    m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    if tied:
+        m.config.tie_word_embeddings = True
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.to(torch.bfloat16).save_pretrained(out)
+    for f in src.glob("*token*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def bf16_dir(request, tmp_path_factory):
+    return bf16_checkpoint(tmp_path_factory.mktemp("ckpt"), request.param), request.param
+
+
+def test_a_4bit_load_drops_the_checkpoint_mapping_and_keeps_the_weights(bf16_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from llmrec.llm.loading import QuantSettings, load_causal_lm, release_checkpoint_mmap
+
+    path, tied = bf16_dir
+    ckpt = path / "model.safetensors"
+    # control: a plain bf16 load is all views of the mapping (by design: those pages ARE its weights), so the check
+    # below can see a mapping when there is one
+    plain, _ = load_causal_lm(path, dtype="bfloat16")
+    assert mapped(ckpt)
+    assert release_checkpoint_mmap(plain) > 0
+    assert not mapped(ckpt)
+    del plain
+
+    model, _ = load_causal_lm(path, dtype="bfloat16",
+                              quant=QuantSettings(load_in_4bit=True, compute_dtype="bfloat16"))
+    assert not mapped(ckpt)
+    ref = load_file(str(ckpt))
+    emb = model.model.embed_tokens.weight
+    assert emb.dtype == torch.bfloat16 and torch.equal(emb, ref["model.embed_tokens.weight"])
+    assert torch.equal(model.model.norm.weight, ref["model.norm.weight"])
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"
+    if tied:
+        assert model.lm_head.weight is emb
+    assert release_checkpoint_mmap(model) == 0  # nothing mapped is left to copy
+
+
+def test_load_memory_benchmark_reports_the_release(tmp_path):
+    """eval/load_memory.py on a tiny bf16 checkpoint: one process per configuration, the 4-bit load without the
+    release keeps the checkpoint's pages (more file-backed RSS) and the table says so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = bf16_checkpoint(tmp_path, tied=False)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LLMREC_RESULTS": str(tmp_path / "results")}
+    r = subprocess.run([sys.executable, str(root / "eval" / "load_memory.py"), "--model", str(path), "--label", "_t"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results" / "load_memory_t.json").read_text())
+    runs = {x["kind"]: x for x in res["runs"]}
+    assert set(runs) == {"bf16", "4bit", "4bit_keep_mapping"} and all(x["score_finite"] for x in runs.values())
+    for x in runs.values():
+        assert x["RssAnon"] + x["RssFile"] <= x["VmRSS"] + 1.0 and x["VmRSS"] <= x["VmHWM"] + 1.0
+    md = (tmp_path / "results" / "load_memory_t.md").read_text()
+    assert "rss_saved_by_release_mb" in res and "| 4bit_keep_mapping |" in md
