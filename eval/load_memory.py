@@ -6,6 +6,11 @@ checkpoint if still mapped, shared libraries), and VmHWM (the peak, loading incl
 
     .venv/bin/python eval/load_memory.py                       # the embedded SmolLM2-135M-Instruct
     .venv/bin/python eval/load_memory.py --model artifacts/models/llama-1.1b-shaped --label _1.1b
+
+`--adapters N` adds two configurations in the service's default dtype (`fast`): the base plus N LoRA adapters
+(random, r=8 on every linear layer, made once in a temporary folder) loaded as one model per adapter
+(`adapters_separate`, what the transformers service did before) and into one shared model (`adapters_shared`,
+`TransformersBackend.add_adapter`), each view scoring once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmrec.bench_utils import md_table, write_result  # noqa: E402
+from llmrec.llm.loading import resolve_dtype  # noqa: E402
 
 log = logging.getLogger("eval.load_memory")
 KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping)
@@ -29,7 +36,9 @@ KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping)
     "4bit": (True, True),
     "4bit_keep_mapping": (True, False),
 }
+ADAPTER_KINDS = ("adapters_separate", "adapters_shared")
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+PROMPT = "Does the user like the movie? Answer:"
 
 
 def status_mb() -> dict[str, float]:
@@ -39,6 +48,41 @@ def status_mb() -> dict[str, float]:
         if key in FIELDS:
             out[key] = round(int(line.split()[1]) / 1024.0, 1)
     return out
+
+
+def make_adapters(model: str | None, out: Path, n: int) -> None:
+    """n random LoRA adapters (r=8, every linear layer, non-zero B) under out/a0, out/a1, ..."""
+    import torch
+
+    from llmrec.llm.loading import LoraSettings, apply_lora, load_causal_lm
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for i in range(n):
+        m, _ = load_causal_lm(model, dtype="float32")
+        pm = apply_lora(m, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=targets))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        pm.save_pretrained(out / f"a{i}")
+
+
+def child_adapters(kind: str, model: str | None, adapter_dir: Path) -> dict[str, Any]:
+    from llmrec.bench_utils import trim_heap
+    from llmrec.llm import load_backend
+
+    paths = sorted(p for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
+    t0 = time.perf_counter()
+    base = load_backend("transformers", model=model, dtype="fast")
+    if kind == "adapters_shared":
+        views = [base] + [base.add_adapter(p.name, p) for p in paths]
+    else:
+        views = [base] + [load_backend("transformers", model=model, adapter=p, dtype="fast") for p in paths]
+    load_s = time.perf_counter() - t0
+    ok = all(float(v.score_choices([PROMPT], [" Yes", " No"])[0][0]) <= 0.0 for v in views)
+    trim_heap()
+    return {"kind": kind, "load_s": round(load_s, 1), "score_finite": ok, "adapters": len(paths), **status_mb()}
 
 
 def child(kind: str, model: str | None) -> dict[str, Any]:
@@ -56,7 +100,7 @@ def child(kind: str, model: str | None) -> dict[str, Any]:
     if guard is not None:
         guard.remove()
     be = TransformersBackend.from_model(m, tok)
-    p_yes = float(be.score_choices(["Does the user like the movie? Answer:"], [" Yes", " No"])[0][0])
+    p_yes = float(be.score_choices([PROMPT], [" Yes", " No"])[0][0])
     trim_heap()
     return {"kind": kind, "load_s": round(load_s, 1), "score_finite": p_yes == p_yes, **status_mb()}
 
@@ -67,8 +111,16 @@ def main() -> None:
     p.add_argument("--model-note", default="")
     p.add_argument("--label", default="", help="suffix of the result name, e.g. _1.1b")
     p.add_argument("--only", nargs="+", choices=list(KINDS), default=None)
-    p.add_argument("--child", choices=list(KINDS), help=argparse.SUPPRESS)
+    p.add_argument("--adapters", type=int, default=0, help="also measure N adapters: one model each vs shared")
+    p.add_argument("--child", choices=[*KINDS, *ADAPTER_KINDS, "make_adapters"], help=argparse.SUPPRESS)
+    p.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child == "make_adapters":
+        make_adapters(a.model, Path(a.adapter_dir), a.adapters)
+        return
+    if a.child in ADAPTER_KINDS:
+        print(json.dumps(child_adapters(a.child, a.model, Path(a.adapter_dir))))
+        return
     if a.child:
         print(json.dumps(child(a.child, a.model)))
         return
@@ -76,14 +128,21 @@ def main() -> None:
     if not Path("/proc/self/status").is_file():
         raise SystemExit("eval/load_memory.py reads Linux /proc/self/status; not available here")
     rows = []
-    for kind in a.only or list(KINDS):
-        cmd = [sys.executable, __file__, "--child", kind] + (["--model", a.model] if a.model else [])
-        log.info("%s: %s", kind, " ".join(cmd))
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"{kind} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        log.info("%s", rows[-1])
+    with tempfile.TemporaryDirectory(prefix="llmrec-adapters-") as adapter_dir:
+        jobs = [(k, []) for k in (a.only or list(KINDS))]
+        if a.adapters > 0:
+            jobs = [("make_adapters", ["--adapters", str(a.adapters)])] + jobs
+            jobs += [(k, []) for k in ADAPTER_KINDS]
+        for kind, extra in jobs:
+            cmd = [sys.executable, __file__, "--child", kind, "--adapter-dir", adapter_dir, *extra]
+            cmd += ["--model", a.model] if a.model else []
+            log.info("%s: %s", kind, " ".join(cmd))
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{kind} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+            if kind != "make_adapters":
+                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+                log.info("%s", rows[-1])
     by = {r["kind"]: r for r in rows}
     ratios = {}
     if "bf16" in by:
@@ -93,12 +152,18 @@ def main() -> None:
                 ratios[f"peak_{k}_over_bf16"] = round(by[k]["VmHWM"] / by["bf16"]["VmHWM"], 3)
     if "4bit" in by and "4bit_keep_mapping" in by:
         ratios["rss_saved_by_release_mb"] = round(by["4bit_keep_mapping"]["VmRSS"] - by["4bit"]["VmRSS"], 1)
+    if all(k in by for k in ADAPTER_KINDS):
+        ratios["rss_adapters_shared_over_separate"] = round(
+            by["adapters_shared"]["VmRSS"] / by["adapters_separate"]["VmRSS"], 3)
     model = a.model or "the embedded SmolLM2-135M-Instruct"
     table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}; loaded in bf16 (4-bit: nf4, "
              f"double quantization, bf16 compute), one process each, after one scoring forward and a heap trim. "
              f"MB = MiB. VmRSS = RssAnon + RssFile (+ shared memory); VmHWM = the peak, loading included. "
              f"4bit_keep_mapping = the same 4-bit load without `release_checkpoint_mmap` (transformers leaves the "
-             f".safetensors file mapped through the views of the weights it did not quantize).\n\n"
+             f".safetensors file mapped through the views of the weights it did not quantize)."
+             + (f" adapters_separate / adapters_shared: the base + {a.adapters} LoRA adapters in dtype `fast` "
+                f"({resolve_dtype('fast')} here), one model per adapter / all in one model."
+                if a.adapters > 0 else "") + "\n\n"
              + md_table(rows, ["kind", "load_s", *FIELDS])
              + "\n\n" + ", ".join(f"{k} {v}" for k, v in ratios.items()) + "\n")
     out = write_result(f"load_memory{a.label}", {"model": model, "model_note": a.model_note, "runs": rows,

@@ -69,9 +69,9 @@ def test_a_4bit_load_drops_the_checkpoint_mapping_and_keeps_the_weights(bf16_dir
     assert release_checkpoint_mmap(model) == 0  # nothing mapped is left to copy
 
 
-def test_load_memory_benchmark_reports_the_release(tmp_path):
-    """eval/load_memory.py on a tiny bf16 checkpoint: one process per configuration, the 4-bit load without the
-    release keeps the checkpoint's pages (more file-backed RSS) and the table says so."""
+def test_load_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
+    """eval/load_memory.py on a tiny bf16 checkpoint: the chosen load configurations and the adapter pair (one
+    model per adapter vs all in one), each in its own process, with the memory fields and ratios written."""
     import json
     import os
     import subprocess
@@ -80,13 +80,15 @@ def test_load_memory_benchmark_reports_the_release(tmp_path):
     path = bf16_checkpoint(tmp_path, tied=False)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "LLMREC_RESULTS": str(tmp_path / "results")}
-    r = subprocess.run([sys.executable, str(root / "eval" / "load_memory.py"), "--model", str(path), "--label", "_t"],
+    r = subprocess.run([sys.executable, str(root / "eval" / "load_memory.py"), "--model", str(path), "--label", "_t",
+                        "--only", "bf16", "4bit", "--adapters", "1"],
                        capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results" / "load_memory_t.json").read_text())
     runs = {x["kind"]: x for x in res["runs"]}
-    assert set(runs) == {"bf16", "4bit", "4bit_keep_mapping"} and all(x["score_finite"] for x in runs.values())
+    assert set(runs) == {"bf16", "4bit", "adapters_separate", "adapters_shared"}
+    assert all(x["score_finite"] for x in runs.values()) and runs["adapters_shared"]["adapters"] == 1
     for x in runs.values():
         assert x["RssAnon"] + x["RssFile"] <= x["VmRSS"] + 1.0 and x["VmRSS"] <= x["VmHWM"] + 1.0
-    md = (tmp_path / "results" / "load_memory_t.md").read_text()
-    assert "rss_saved_by_release_mb" in res and "| 4bit_keep_mapping |" in md
+    assert "rss_4bit_over_bf16" in res and "rss_adapters_shared_over_separate" in res
+    assert "| adapters_shared |" in (tmp_path / "results" / "load_memory_t.md").read_text()
