@@ -10,7 +10,8 @@ checkpoint if still mapped, shared libraries), and VmHWM (the peak, loading incl
 `--adapters N` adds two configurations in the service's default dtype (`fast`): the base plus N LoRA adapters
 (random, r=8 on every linear layer, made once in a temporary folder) loaded as one model per adapter
 (`adapters_separate`, what the transformers service did before) and into one shared model (`adapters_shared`,
-`TransformersBackend.add_adapter`), each view scoring once.
+`TransformersBackend.add_adapter`), each view scoring once. `4bit_prequantized` loads a copy saved already
+quantized (`llmrec export --quantize-4bit`, made first in a temporary folder; its export time is not counted).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping)
     "bf16": (False, True),
     "4bit": (True, True),
     "4bit_keep_mapping": (True, False),
+    "4bit_prequantized": (True, True),  # from `llmrec export --quantize-4bit` (made first, in a temporary folder)
 }
 ADAPTER_KINDS = ("adapters_separate", "adapters_shared")
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
@@ -135,7 +137,17 @@ def main() -> None:
             jobs += [(k, []) for k in ADAPTER_KINDS]
         for kind, extra in jobs:
             cmd = [sys.executable, __file__, "--child", kind, "--adapter-dir", adapter_dir, *extra]
-            cmd += ["--model", a.model] if a.model else []
+            if kind == "4bit_prequantized":
+                q4 = Path(adapter_dir) / "q4"
+                export = [sys.executable, "-m", "llmrec.cli", "export", "--quantize-4bit", "--out", str(q4)]
+                export += ["--model", a.model] if a.model else []
+                log.info("export: %s", " ".join(export))
+                r = subprocess.run(export, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SystemExit(f"export failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+                cmd += ["--model", str(q4)]
+            else:
+                cmd += ["--model", a.model] if a.model else []
             log.info("%s: %s", kind, " ".join(cmd))
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -146,7 +158,7 @@ def main() -> None:
     by = {r["kind"]: r for r in rows}
     ratios = {}
     if "bf16" in by:
-        for k in ("4bit", "4bit_keep_mapping"):
+        for k in ("4bit", "4bit_keep_mapping", "4bit_prequantized"):
             if k in by:
                 ratios[f"rss_{k}_over_bf16"] = round(by[k]["VmRSS"] / by["bf16"]["VmRSS"], 3)
                 ratios[f"peak_{k}_over_bf16"] = round(by[k]["VmHWM"] / by["bf16"]["VmHWM"], 3)
@@ -160,7 +172,8 @@ def main() -> None:
              f"double quantization, bf16 compute), one process each, after one scoring forward and a heap trim. "
              f"MB = MiB. VmRSS = RssAnon + RssFile (+ shared memory); VmHWM = the peak, loading included. "
              f"4bit_keep_mapping = the same 4-bit load without `release_checkpoint_mmap` (transformers leaves the "
-             f".safetensors file mapped through the views of the weights it did not quantize)."
+             f".safetensors file mapped through the views of the weights it did not quantize); 4bit_prequantized = "
+             f"loaded from a copy saved 4-bit (`llmrec export --quantize-4bit`)."
              + (f" adapters_separate / adapters_shared: the base + {a.adapters} LoRA adapters in dtype `fast` "
                 f"({resolve_dtype('fast')} here), one model per adapter / all in one model."
                 if a.adapters > 0 else "") + "\n\n"

@@ -60,6 +60,8 @@ def section() -> str:
         ("finetune_memory_yesno_ml-100k", None),
         ("finetune_memory_yesno_ml-100k_1.1b", None),
         ("finetune_mmap_yesno_ml-100k", None),
+        ("load_memory", None),
+        ("load_memory_1.1b", None),
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("zeroshot", None),

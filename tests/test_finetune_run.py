@@ -116,3 +116,29 @@ def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, t
 
     if ctypes.util.find_library("c") == "libc.so.6":
         assert json.loads((out / "metrics.json").read_text())["train"]["malloc_mmap_threshold_mb"] == 4
+
+
+def test_training_on_a_prequantized_copy_matches_quantizing_at_load(tiny_dataset, tiny_dir, tmp_path, caplog):
+    """`llmrec export --quantize-4bit` output as the recipe's model: the same 4-bit weights, so the same losses and
+    test scores as quantizing the full-precision model at load; evaluation uses the copy's full-precision source,
+    or the 4-bit training model when that source is gone."""
+    import json
+    import shutil
+
+    from llmrec.llm.loading import QUANTIZED_FILE, QuantSettings, save_quantized
+
+    q4 = save_quantized(tiny_dir, tmp_path / "q4", QuantSettings(load_in_4bit=True, compute_dtype="float32"),
+                        dtype="float32")
+    ref = run_finetune(tiny_recipe(tiny_dir, tmp_path / "ref"), ds=tiny_dataset)
+    got = run_finetune(tiny_recipe(q4, tmp_path / "pre"), ds=tiny_dataset)
+    assert got["train"]["losses"] == ref["train"]["losses"]
+    for k in ("auc", "accuracy"):
+        assert got["test_after"][k] == ref["test_after"][k] and got["test_before"][k] == ref["test_before"][k]
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(q4, orphan)
+    meta = json.loads((orphan / QUANTIZED_FILE).read_text())
+    (orphan / QUANTIZED_FILE).write_text(json.dumps({**meta, "source": str(tmp_path / "gone")}))
+    with caplog.at_level("WARNING"):
+        m = run_finetune(tiny_recipe(orphan, tmp_path / "orphan_run"), ds=tiny_dataset)
+    assert "without its full-precision source" in caplog.text and 0.0 <= m["test_after"]["auc"] <= 1.0

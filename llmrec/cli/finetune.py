@@ -1,4 +1,5 @@
-"""`llmrec finetune --config RECIPE [key=value ...]` and `llmrec export --adapter DIR --merge --out DIR`."""
+"""`llmrec finetune --config RECIPE [key=value ...]`, `llmrec export --adapter DIR --merge --out DIR` and
+`llmrec export --quantize-4bit [--model DIR] --out DIR`."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="LoRA / QLoRA fine-tuning from a recipe (finetune/recipes/*.yaml)")
     add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
-    e = sub.add_parser("export", help="merge a LoRA adapter into its base model for serving without LoRA")
-    e.add_argument("--adapter", required=True, help="adapter folder (a finetune output's adapter/)")
-    e.add_argument("--model", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
-    e.add_argument("--merge", action="store_true", help="write a merged full model (required for now)")
-    e.add_argument("--out", required=True, help="output folder of the merged model")
-    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    e = sub.add_parser("export", help="merge a LoRA adapter into its base model for serving without LoRA, or "
+                                      "save a model quantized to 4-bit once")
+    e.add_argument("--adapter", help="adapter folder (a finetune output's adapter/); with --merge")
+    e.add_argument("--model", default=None, help="base model folder (default: the adapter's base_model_name_or_path; "
+                                                 "--quantize-4bit: the embedded SmolLM2-135M-Instruct)")
+    e.add_argument("--merge", action="store_true", help="write the adapter merged into a full model")
+    e.add_argument("--quantize-4bit", action="store_true",
+                   help="write the model with its linear layers stored 4-bit (bitsandbytes); recipes and "
+                        "--load-in-4bit then load it without reading and quantizing the full-precision weights")
+    e.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="with --quantize-4bit")
+    e.add_argument("--no-double-quant", action="store_true", help="with --quantize-4bit: no double quantization")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the written weights (with --quantize-4bit: of those left unquantized)")
     e.set_defaults(func=cmd_export)
 
 
@@ -53,11 +62,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmrec.llm.loading import merge_and_save
+    from llmrec.llm.loading import QuantSettings, merge_and_save, save_quantized
 
-    if not args.merge:
-        raise SystemExit("llmrec export: only --merge is supported (the adapter folder itself is already loadable "
-                         "by PEFT and by vLLM's LoRA loader)")
+    if args.merge == args.quantize_4bit:
+        raise SystemExit("llmrec export: give exactly one of --merge (with --adapter) or --quantize-4bit (the adapter "
+                         "folder itself is already loadable by PEFT and by vLLM's LoRA loader)")
+    if args.quantize_4bit:
+        if args.adapter:
+            raise SystemExit("llmrec export --quantize-4bit quantizes a base model (--model); --adapter goes with "
+                             "--merge")
+        q = QuantSettings(load_in_4bit=True, quant_type=args.quant_type, double_quant=not args.no_double_quant,
+                          compute_dtype=args.dtype)
+        out = save_quantized(args.model, args.out, quant=q, dtype=args.dtype)
+        print(f"4-bit model written to {out} (load it with quant.load_in_4bit=true / --load-in-4bit)")
+        return 0
+    if not args.adapter:
+        raise SystemExit("llmrec export --merge needs --adapter")
     model = args.model
     if model is None:
         cfg_path = Path(args.adapter) / "adapter_config.json"

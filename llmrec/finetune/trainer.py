@@ -115,13 +115,31 @@ class Evaluator:
     def __init__(self, cfg: FinetuneConfig, train_model: Any, tokenizer: Any):
         self.cfg, self.tok = cfg, tokenizer
         self.model: Any = None  # loaded at the first evaluation
+        self._no_copy = False
         self.last_scores: dict[str, Any] = {}  # yesno: labels and P(Yes) of the last call
 
     def _eval_model(self) -> Any:
-        if self.model is None:
-            from llmrec.llm.loading import apply_lora, load_causal_lm
+        """The non-quantized evaluation copy; None when there is no full-precision base to make it from (a 4-bit
+        checkpoint without a reachable source): then the training model itself is scored."""
+        if self.model is None and not self._no_copy:
+            from llmrec.llm.loading import (
+                apply_lora,
+                load_causal_lm,
+                prequantized_4bit,
+                quantized_source,
+                resolve_model_path,
+            )
 
-            base, _ = load_causal_lm(self.cfg.model, dtype=self.cfg.eval_dtype)
+            path = self.cfg.model
+            if path is not None and prequantized_4bit(resolve_model_path(path)) is not None:
+                src = quantized_source(resolve_model_path(path))
+                if src is None or not Path(src).is_dir():
+                    log.warning("%s is a 4-bit checkpoint without its full-precision source: evaluating on the "
+                                "4-bit training model (eval_dtype ignored)", path)
+                    self._no_copy = True
+                    return None
+                path = src
+            base, _ = load_causal_lm(path, dtype=self.cfg.eval_dtype)
             self.model = apply_lora(base, self.cfg.lora)
             self.model.eval()
             for p in self.model.parameters():
@@ -132,8 +150,7 @@ class Evaluator:
         from llmrec.llm.transformers_backend import TransformersBackend
 
         m = train_model
-        if self.cfg.eval_dtype != "train":
-            self._eval_model()
+        if self.cfg.eval_dtype != "train" and self._eval_model() is not None:
             from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
             sd = {k: v.detach().to(self.model.device) for k, v in get_peft_model_state_dict(train_model).items()}

@@ -199,6 +199,80 @@ def check_4bit_shapes(model_path: str | Path, skip: Sequence[str] = ("lm_head",)
         )
 
 
+QUANTIZED_FILE = "llmrec_quantized.json"  # in a folder written by save_quantized: {source, quant_type, ...}
+
+
+def prequantized_4bit(model_path: str | Path) -> dict[str, Any] | None:
+    """The bitsandbytes 4-bit `quantization_config` of a checkpoint saved already quantized (`save_quantized`,
+    `llmrec export --quantize-4bit`, or a hub "bnb-4bit" model), else None."""
+    import json
+
+    cfg = Path(model_path) / "config.json"
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    if q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit"):
+        return q
+    return None
+
+
+def _check_prequantized(path: Path, q: dict[str, Any], quant: QuantSettings) -> None:
+    if not quant.load_in_4bit:
+        raise BackendError(f"{path} holds a 4-bit checkpoint (config.json quantization_config); load it with "
+                           "quant.load_in_4bit=true (--load-in-4bit), or use its full-precision source model")
+    stored = {"quant_type": q.get("bnb_4bit_quant_type", "fp4"),
+              "double_quant": bool(q.get("bnb_4bit_use_double_quant"))}
+    for key, value in stored.items():
+        if getattr(quant, key) != value:
+            raise BackendError(f"quant.{key}={getattr(quant, key)!r} but {path} was quantized with {key}={value!r} "
+                               f"(its weights are stored quantized): set quant.{key}={value!r}")
+
+
+def save_quantized(model: str | Path | None, out: str | Path, quant: QuantSettings | None = None,
+                   dtype: str = "bfloat16") -> Path:
+    """Quantize a model to 4-bit once and save it (weights stored packed, ~0.28x of bf16 at 1B): later loads read
+    the small file instead of reading and quantizing the full-precision one (the 1.1B shape on 2 cores: a load
+    peak of 3.4 GB and 80 s). `dtype`: what the unquantized weights (embeddings, norms, LM head) are stored in."""
+    import json
+
+    quant = quant or QuantSettings(load_in_4bit=True)
+    if not quant.load_in_4bit:
+        raise BackendError("save_quantized needs quant.load_in_4bit=true")
+    src = resolve_model_path(model)
+    m, tok = load_causal_lm(src, dtype=dtype, quant=quant)
+    guard = getattr(m, "_llmrec_guard", None)
+    if guard is not None:
+        guard.remove()
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp)
+    tok.padding_side = "right"
+    tok.save_pretrained(tmp)
+    for f in (PROMPT_FILE,):
+        if (src / f).is_file():
+            shutil.copy2(src / f, tmp / f)
+    (tmp / QUANTIZED_FILE).write_text(json.dumps(
+        {"source": str(src.resolve()), "quant_type": quant.quant_type, "double_quant": quant.double_quant,
+         "compute_dtype": resolve_dtype(quant.compute_dtype), "dtype": resolve_dtype(dtype)}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def quantized_source(model_path: str | Path) -> str | None:
+    """The full-precision model a `save_quantized` folder was made from (None if unknown)."""
+    import json
+
+    f = Path(model_path) / QUANTIZED_FILE
+    try:
+        return json.loads(f.read_text()).get("source")
+    except (OSError, ValueError):
+        return None
+
+
 def _safetensors_mappings() -> list[tuple[int, int, bool]] | None:
     """(start, end, pristine) of this process's mappings of *.safetensors files, from Linux /proc/self/smaps;
     pristine: no page of it was ever written (read-only, or private with no copied-on-write page), so dropping its
@@ -298,11 +372,15 @@ def load_causal_lm(
     path = resolve_model_path(model)
     quant = quant or QuantSettings()
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    pre = prequantized_4bit(path)
+    if pre is not None:
+        _check_prequantized(path, pre, quant)
     if quant.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         if quant.quant_type not in ("nf4", "fp4"):
             raise BackendError(f"quant.quant_type {quant.quant_type!r} is not one of ['nf4', 'fp4']")
+    if quant.load_in_4bit and pre is None:
         check_4bit_shapes(path)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -310,6 +388,7 @@ def load_causal_lm(
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
         )
+    if quant.load_in_4bit:
         auto_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
         kwargs["device_map"] = device_map or auto_map
     elif device_map is not None:
@@ -324,6 +403,11 @@ def load_causal_lm(
     tok.padding_side = "left"
     if m.generation_config is not None and m.generation_config.pad_token_id is None:
         m.generation_config.pad_token_id = tok.pad_token_id
+    if pre is not None:  # the checkpoint's config carries the compute dtype it was saved with: use the caller's
+        cdt = torch_dtype(resolve_dtype(quant.compute_dtype))
+        for mod in m.modules():
+            if type(mod).__name__ == "Linear4bit":
+                mod.compute_dtype = cdt
     if quant.load_in_4bit and release_mmap:
         release_checkpoint_mmap(m)
         m._llmrec_forward_seen = False
@@ -421,7 +505,15 @@ PROMPT_FILE = "llmrec_prompt.json"  # in an adapter folder: {task, template, ver
 
 
 def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
-    """Merge a LoRA adapter into its (non-quantized) base and save a plain HF folder for serving without LoRA."""
+    """Merge a LoRA adapter into its (non-quantized) base and save a plain HF folder for serving without LoRA.
+    A 4-bit base (`save_quantized` folder) is replaced by the full-precision model it was made from."""
+    if model is not None and prequantized_4bit(resolve_model_path(model)) is not None:
+        src = quantized_source(resolve_model_path(model))
+        if src is None or not Path(src).is_dir():
+            raise BackendError(f"{model} is a 4-bit checkpoint: merging needs the full-precision base; pass it as "
+                               "the model (--model)")
+        log.info("merging into %s, the full-precision source of the 4-bit base %s", src, model)
+        model = src
     base, tok = load_causal_lm(model, dtype=dtype)
     peft_model = load_adapter(base, adapter)
     merged = peft_model.merge_and_unload()
