@@ -86,7 +86,11 @@ def cmd_mem(a: argparse.Namespace) -> None:
     for kind in ("bf16", "qlora_bf16all"):
         configs[f"{kind}_mmap"] = [*configs[kind], "train.malloc_mmap_threshold_mb=1"]
     for kind in a.only or list(MEM_KINDS):
-        finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind])
+        extra = []
+        if kind == "qlora_bf16all_pre":  # the same from a copy saved 4-bit (`llmrec export --quantize-4bit`)
+            extra = [f"model={prequantized_copy(a.model)}"]
+            configs[kind] = configs["qlora_bf16all"]
+        finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind] + extra)
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
 
@@ -112,7 +116,9 @@ def cmd_mem(a: argparse.Namespace) -> None:
               "qlora_bf16emb": "QLoRA with bf16 frozen embeddings (`quant.upcast_frozen_embeddings=false`)",
               "qlora_bf16all": "QLoRA with bf16 embeddings and norms (`quant.upcast_frozen_embeddings=false "
                                "quant.upcast_norms=false`)",
-              "qlora_bf16all_mmap": "The same with `train.malloc_mmap_threshold_mb=1` (bf16 LoRA with it too)"}
+              "qlora_bf16all_mmap": "The same with `train.malloc_mmap_threshold_mb=1` (bf16 LoRA with it too)",
+              "qlora_bf16all_pre": "QLoRA with bf16 embeddings and norms from a copy saved 4-bit (`llmrec export "
+                                   "--quantize-4bit`)"}
     for kind, text in labels.items():
         if ratio_key("peak_rss", kind) not in mem:
             continue
@@ -187,7 +193,19 @@ def cmd_shaped(a: argparse.Namespace) -> None:
     print(f"wrote {out}: {n / 1e9:.2f}B parameters (random weights, bf16)")
 
 
-MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all", "bf16_mmap", "qlora_bf16all_mmap")
+MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all", "bf16_mmap", "qlora_bf16all_mmap",
+             "qlora_bf16all_pre")
+
+
+def prequantized_copy(model: str | None) -> Path:
+    """`artifacts/models/<name>-nf4`: the model saved 4-bit (nf4, double quantization, bf16 elsewhere), made once."""
+    from llmrec.llm.loading import QuantSettings, resolve_model_path, save_quantized
+
+    src = resolve_model_path(model)
+    out = ROOT / "artifacts" / "models" / f"{src.name}-nf4"
+    if not (out / "config.json").is_file():
+        save_quantized(src, out, QuantSettings(load_in_4bit=True, compute_dtype="bfloat16"), dtype="bfloat16")
+    return out
 
 
 def mem_denominator(kind: str) -> str:
@@ -210,7 +228,8 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
             mem[kind] = {k: t.get(k) for k in ("peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb",
                                                "rss_after_load_trimmed_mb", "trim_memory",
                                                "malloc_mmap_threshold_mb",
-                                               "rss_at_train_start_mb", "peak_rss_train_mb", "weights_mb", "lora_mb",
+                                               "rss_at_train_start_mb", "rss_file_at_train_start_mb",
+                                               "peak_rss_train_mb", "weights_mb", "lora_mb",
                                                "examples_per_s", "wall_s", "batch_size", "steps",
                                                "gradient_checkpointing")}
             mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)

@@ -5,6 +5,7 @@ and merges an adapter into its full-precision source."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,12 @@ def test_prequantized_folder_loads_the_same_model(dirs):
     qa, qb = a.model.layers[1].mlp.up_proj, b.model.layers[1].mlp.up_proj
     assert type(qb).__name__ == "Linear4bit" and torch.equal(qa.weight.data, qb.weight.data)
     assert qb.compute_dtype == torch.bfloat16  # the caller's compute dtype, not the one stored in config.json
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the packed weights and their absmax were views of the file: copied, the file unmapped
+        import gc
+
+        gc.collect()
+        assert str((q4 / "model.safetensors").resolve()) not in maps.read_text()
     ids = tok("The user liked Action Story 1. Answer:", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(a(**ids).logits, b(**ids).logits, rtol=0, atol=0)

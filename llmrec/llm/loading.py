@@ -335,13 +335,26 @@ def release_checkpoint_mmap(model: Any) -> int:
         ptr = t.untyped_storage().data_ptr()
         return any(lo <= ptr < hi for lo, hi, _ in ranges)
 
+    def quant_states(p: Any) -> Iterator[Any]:  # a 4-bit weight's QuantState and its nested one (double quant)
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            yield qs
+            qs = getattr(qs, "state2", None)
+
     copied = 0
     with torch.no_grad():
         for mod in model.modules():
             for p in mod._parameters.values():
-                if p is not None and mapped(p):
+                if p is None:
+                    continue
+                if mapped(p):
                     p.data = p.data.clone()  # the same Parameter object: tied weights stay tied
                     copied += p.numel() * p.element_size()
+                for qs in quant_states(p):  # a checkpoint saved 4-bit: absmax etc. are views of the file too
+                    for k, v in list(vars(qs).items()):
+                        if torch.is_tensor(v) and v.device.type == "cpu" and ranges is not None and mapped(v):
+                            setattr(qs, k, v.clone())
+                            copied += v.numel() * v.element_size()
             for name, b in list(mod._buffers.items()):
                 if b is not None and mapped(b):
                     mod._buffers[name] = b.clone()
