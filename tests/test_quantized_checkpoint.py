@@ -52,8 +52,12 @@ def test_prequantized_folder_loads_the_same_model(dirs):
         torch.testing.assert_close(a(**ids).logits, b(**ids).logits, rtol=0, atol=0)
 
 
-def test_prequantized_folder_refuses_settings_it_was_not_made_with(dirs):
+def test_prequantized_folder_refuses_settings_it_was_not_made_with(dirs, tmp_path, capsys):
     _, q4 = dirs
+    rows = tmp_path / "t.json"
+    rows.write_text(json.dumps([{"instruction": "i", "input": "x", "output": "Yes."}]))
+    assert main(["eval", "yesno", "--file", str(rows), "--model", str(q4)]) == 1  # a message, not a traceback
+    assert "holds a 4-bit checkpoint" in capsys.readouterr().err
     with pytest.raises(BackendError, match="holds a 4-bit checkpoint"):
         load_causal_lm(q4, dtype="float32")
     with pytest.raises(BackendError, match="quant.quant_type='fp4' but .* quant_type='nf4'"):

@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from llmrec.config import ConfigError
     from llmrec.data.loaders import DataError
+    from llmrec.llm.base import BackendError
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, FileNotFoundError, KeyError) as e:
+    except (DataError, ConfigError, BackendError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"llmrec: error: {msg}", file=sys.stderr)
         return 1
