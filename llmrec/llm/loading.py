@@ -244,18 +244,26 @@ def save_quantized(model: str | Path | None, out: str | Path, quant: QuantSettin
     guard = getattr(m, "_llmrec_guard", None)
     if guard is not None:
         guard.remove()
+    meta = {"source": str(src.resolve()), "quant_type": quant.quant_type, "double_quant": quant.double_quant,
+            "compute_dtype": resolve_dtype(quant.compute_dtype), "dtype": resolve_dtype(dtype)}
+    return _write_model_folder(m, tok, out, copy_from=src / PROMPT_FILE,
+                               texts={QUANTIZED_FILE: json.dumps(meta, indent=2) + "\n"})
+
+
+def _write_model_folder(model: Any, tok: Any, out: str | Path, copy_from: Path | None = None,
+                        texts: dict[str, str] | None = None) -> Path:
+    """save_pretrained model + tokenizer (right padding, the HF default) into `out` atomically (a temporary sibling
+    renamed over it), with `copy_from` copied in if it exists and `texts` written as files."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tok.padding_side = "right"
     tok.save_pretrained(tmp)
-    for f in (PROMPT_FILE,):
-        if (src / f).is_file():
-            shutil.copy2(src / f, tmp / f)
-    (tmp / QUANTIZED_FILE).write_text(json.dumps(
-        {"source": str(src.resolve()), "quant_type": quant.quant_type, "double_quant": quant.double_quant,
-         "compute_dtype": resolve_dtype(quant.compute_dtype), "dtype": resolve_dtype(dtype)}, indent=2) + "\n")
+    if copy_from is not None and copy_from.is_file():
+        shutil.copy2(copy_from, tmp / copy_from.name)
+    for name, text in (texts or {}).items():
+        (tmp / name).write_text(text)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -530,16 +538,5 @@ def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Pat
     base, tok = load_causal_lm(model, dtype=dtype)
     peft_model = load_adapter(base, adapter)
     merged = peft_model.merge_and_unload()
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tok.padding_side = "right"
-    tok.save_pretrained(tmp)
-    prompt_file = Path(adapter) / PROMPT_FILE  # the prompt template the adapter was trained on
-    if prompt_file.is_file():
-        shutil.copy2(prompt_file, tmp / prompt_file.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    # with the prompt template the adapter was trained on
+    return _write_model_folder(merged, tok, out, copy_from=Path(adapter) / PROMPT_FILE)
