@@ -54,3 +54,62 @@ def test_real_score_route(client):
     assert r.status_code == 200, r.text
     p = [s["p_yes"] for s in r.json()["scores"]]
     assert len(p) == 3 and all(0.0 < x < 1.0 for x in p)
+
+
+def test_transformers_runtime_serves_every_adapter_from_one_model(tiny_dataset, tiny_home, tmp_path, monkeypatch):
+    """`llmrec serve` wiring on the transformers backend: one model is loaded whatever the number of adapters, each
+    request's adapter scores like that adapter alone, and no adapter means the base model."""
+    import numpy as np
+    import torch
+    from fastapi.testclient import TestClient
+
+    from llmrec.llm import LoraSettings, apply_lora, load_backend, load_causal_lm, transformers_backend
+    from llmrec.service.config import LLMConfig, ServiceConfig
+    from llmrec.service.launch import build_runtime
+
+    llm_dir = make_tiny_llm(tmp_path / "llm")
+    adapters = {}
+    for i, name in enumerate(("a1", "a2")):
+        m, _ = load_causal_lm(llm_dir, dtype="float32")
+        pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        pm.save_pretrained(tmp_path / name)
+        adapters[name] = str(tmp_path / name)
+    loads = []
+    real = transformers_backend.load_causal_lm
+    monkeypatch.setattr(transformers_backend, "load_causal_lm", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
+    cfg = ServiceConfig(dataset="tiny", store_url=f"sqlite:///{tmp_path / 'ev.db'}", candidates=8,
+                        llm=LLMConfig(backend="transformers", model=str(llm_dir), dtype="float32", adapters=adapters))
+    rt = build_runtime(cfg)
+    try:
+        assert len(loads) == 1  # base + 2 adapters: one model
+        items = ["i0", "i1", "i2", "i3"]
+        with TestClient(rt.app) as c:
+            got = {}
+            for name in (None, "a1", "a2"):
+                body = {"user_id": "u3", "item_ids": items, **({"adapter": name} if name else {})}
+                r = c.post("/v1/score", json=body)
+                assert r.status_code == 200, r.text
+                got[name] = [s["p_yes"] for s in r.json()["scores"]]
+            assert c.post("/v1/score", json={"user_id": "u3", "item_ids": items, "adapter": "a3"}).status_code == 422
+        # the same scoring on a model loaded with that adapter alone (same prompts: the service's own Recommender
+        # settings and the store's history)
+        from llmrec.ranking import Recommender
+
+        svc = rt.app.state.service
+        history = svc.store.history_with_version("u3", cfg.max_history)[0]
+        for name in ("a1", "a2"):
+            rec = svc.recommenders[name]
+            alone = load_backend("transformers", model=llm_dir, adapter=adapters[name], dtype="float32")
+            ref = Recommender(tiny_dataset, alone, rec.retriever, rec.cfg, adapter=name).score_yesno(
+                "u3", items, history=history)
+            np.testing.assert_allclose(got[name], ref, atol=1e-5)
+            assert not np.allclose(got[name], got[None], atol=1e-4)
+    finally:
+        rt.close()
+
