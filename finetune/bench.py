@@ -198,13 +198,16 @@ MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all", "bf16_mmap", "ql
 
 
 def prequantized_copy(model: str | None) -> Path:
-    """`artifacts/models/<name>-nf4`: the model saved 4-bit (nf4, double quantization, bf16 elsewhere), made once."""
-    from llmrec.llm.loading import QuantSettings, resolve_model_path, save_quantized
+    """`artifacts/models/<name>-nf4`: the model saved 4-bit (nf4, double quantization, bf16 elsewhere), made once by
+    `llmrec export --quantize-4bit` in its own process (Linux carries a process's peak RSS over to the programs it
+    starts, so quantizing in this one would inflate every later run's measured peak)."""
+    from llmrec.llm.loading import resolve_model_path
 
     src = resolve_model_path(model)
     out = ROOT / "artifacts" / "models" / f"{src.name}-nf4"
     if not (out / "config.json").is_file():
-        save_quantized(src, out, QuantSettings(load_in_4bit=True, compute_dtype="bfloat16"), dtype="bfloat16")
+        subprocess.run([sys.executable, "-m", "llmrec.cli", "export", "--quantize-4bit", "--model", str(src),
+                        "--out", str(out), "--dtype", "bfloat16"], check=True, cwd=ROOT)
     return out
 
 
