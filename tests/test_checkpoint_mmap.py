@@ -92,3 +92,36 @@ def test_load_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_pa
         assert x["RssAnon"] + x["RssFile"] <= x["VmRSS"] + 1.0 and x["VmRSS"] <= x["VmHWM"] + 1.0
     assert "rss_adapters_shared_over_separate" in res
     assert "| adapters_shared |" in (tmp_path / "results" / "load_memory_t.md").read_text()
+
+
+def mapping_rss_kb(ptr: int) -> int:
+    """Resident kB of the mapping that contains address `ptr` (Linux smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            inside = lo <= ptr < hi
+        elif inside and head[0] == "Rss:":
+            return int(head[1])
+    raise AssertionError("no mapping holds that address")
+
+
+def test_the_release_leaves_other_models_mappings_alone(bf16_dir):
+    """A bf16 model loaded earlier in the process keeps its mapping and its resident pages when a 4-bit model of
+    the same file is loaded (and released) after it."""
+    import torch
+
+    from llmrec.llm.loading import QuantSettings, load_causal_lm
+
+    path, _ = bf16_dir
+    plain, tok = load_causal_lm(path, dtype="bfloat16")
+    with torch.no_grad():
+        plain(**tok("liked movie", return_tensors="pt"))  # touch its pages
+    ptr = plain.model.embed_tokens.weight.untyped_storage().data_ptr()
+    before = mapping_rss_kb(ptr)
+    q4, _ = load_causal_lm(path, dtype="bfloat16", quant=QuantSettings(load_in_4bit=True, compute_dtype="bfloat16"))
+    gc.collect()
+    target = str((path / "model.safetensors").resolve())
+    assert sum(line.endswith(target) for line in Path("/proc/self/maps").read_text().splitlines()) == 1
+    assert before > 0 and mapping_rss_kb(ptr) == before

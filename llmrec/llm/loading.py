@@ -321,12 +321,13 @@ def _drop_resident_pages(ranges: list[tuple[int, int, bool]]) -> None:
 
 
 def release_checkpoint_mmap(model: Any) -> int:
-    """Copy every parameter and buffer that is still a view of a mapped .safetensors file into its own memory, so
-    that the file's mapping (and with it every page of the checkpoint that loading read) is released once the
-    loader's handles are gone. Meant for a 4-bit model, whose views are only the few weights left unquantized;
-    a bf16 model loaded without conversion is all views and should keep them (its weights ARE those pages).
-    The mapping's resident pages are dropped first (read-only file pages), so the copies do not add to the peak.
-    Where /proc/self/maps is not readable, every non-quantized floating tensor is copied. Returns the bytes copied."""
+    """Copy every parameter and buffer (and 4-bit QuantState tensor) of `model` that is still a view of a mapped
+    .safetensors file into its own memory, so that the file's mapping (and with it every page of the checkpoint that
+    loading read) is released once the loader's handles are gone. Meant for a 4-bit model, whose views are only the
+    few weights left unquantized; a bf16 model loaded without conversion is all views and should keep them (its
+    weights ARE those pages). The resident pages of the mappings this model points into are dropped first (when no
+    page of them was written), so the copies do not add to the peak; other models' mappings are left alone. Where
+    /proc/self/smaps is not readable, every non-quantized floating tensor is copied. Returns the bytes copied."""
     import gc
 
     import torch
@@ -334,14 +335,6 @@ def release_checkpoint_mmap(model: Any) -> int:
     ranges = _safetensors_mappings()
     if ranges == []:
         return 0
-    if ranges:
-        _drop_resident_pages(ranges)
-
-    def mapped(t: Any) -> bool:
-        if ranges is None:
-            return t.is_floating_point() and t.device.type == "cpu" and type(t).__name__ != "Params4bit"
-        ptr = t.untyped_storage().data_ptr()
-        return any(lo <= ptr < hi for lo, hi, _ in ranges)
 
     def quant_states(p: Any) -> Iterator[Any]:  # a 4-bit weight's QuantState and its nested one (double quant)
         qs = getattr(p, "quant_state", None)
@@ -349,24 +342,38 @@ def release_checkpoint_mmap(model: Any) -> int:
             yield qs
             qs = getattr(qs, "state2", None)
 
-    copied = 0
+    # (owner, key, tensor): every tensor of the model, with where to put its copy
+    slots: list[tuple[Any, str, Any]] = []
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                slots.append((p, "data", p))
+                slots += [(qs, k, v) for qs in quant_states(p) for k, v in vars(qs).items() if torch.is_tensor(v)]
+        slots += [(mod._buffers, name, b) for name, b in mod._buffers.items() if b is not None]
+
+    def hit(t: Any) -> tuple[int, int, bool] | None:
+        ptr = t.untyped_storage().data_ptr()
+        return next((r for r in ranges or () if r[0] <= ptr < r[1]), None)
+
+    if ranges is None:  # no /proc: copy whatever could be a view (the packed 4-bit weights are not)
+        todo = [(o, k, t) for o, k, t in slots
+                if t.device.type == "cpu" and t.is_floating_point() and type(t).__name__ != "Params4bit"]
+    else:
+        todo = [(o, k, t) for o, k, t in slots if t.device.type == "cpu" and hit(t) is not None]
+        _drop_resident_pages(sorted({hit(t) for _, _, t in todo}))  # type: ignore[arg-type]
+    copied, seen = 0, set()
     with torch.no_grad():
-        for mod in model.modules():
-            for p in mod._parameters.values():
-                if p is None:
-                    continue
-                if mapped(p):
-                    p.data = p.data.clone()  # the same Parameter object: tied weights stay tied
-                    copied += p.numel() * p.element_size()
-                for qs in quant_states(p):  # a checkpoint saved 4-bit: absmax etc. are views of the file too
-                    for k, v in list(vars(qs).items()):
-                        if torch.is_tensor(v) and v.device.type == "cpu" and ranges is not None and mapped(v):
-                            setattr(qs, k, v.clone())
-                            copied += v.numel() * v.element_size()
-            for name, b in list(mod._buffers.items()):
-                if b is not None and mapped(b):
-                    mod._buffers[name] = b.clone()
-                    copied += b.numel() * b.element_size()
+        for owner, key, t in todo:
+            if (id(owner), key) in seen:  # a tied weight: one Parameter object, listed once per module
+                continue
+            seen.add((id(owner), key))
+            if key == "data":
+                owner.data = owner.data.clone()  # the same Parameter object: tied weights stay tied
+            elif isinstance(owner, dict):
+                owner[key] = t.clone()
+            else:
+                setattr(owner, key, t.clone())
+            copied += t.numel() * t.element_size()
     gc.collect()
     log.info("copied %.1f MB of weights out of the mapped checkpoint; mappings left: %d", copied / 2**20,
              len(_safetensors_mappings() or []))

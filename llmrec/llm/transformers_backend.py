@@ -100,8 +100,8 @@ class TransformersBackend(Backend):
         from peft import PeftModel
 
         if getattr(self, "_fixed_adapter", False):
-            raise BackendError("add_adapter needs a base backend (built without adapter=); this one merged "
-                               "its adapter in at load time")
+            raise BackendError("add_adapter needs a base backend (built without adapter=); this one was built "
+                               "around one fixed adapter")
         p = Path(path)
         if not (p / "adapter_config.json").is_file():
             raise BackendError(f"adapter {name!r}: {p} has no adapter_config.json (not a PEFT adapter folder)")
