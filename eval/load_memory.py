@@ -54,20 +54,10 @@ def status_mb() -> dict[str, float]:
 
 def make_adapters(model: str | None, out: Path, n: int) -> None:
     """n random LoRA adapters (r=8, every linear layer, non-zero B) under out/a0, out/a1, ..."""
-    import torch
+    from llmrec.bench_utils import random_lora_adapter
 
-    from llmrec.llm.loading import LoraSettings, apply_lora, load_causal_lm
-
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for i in range(n):
-        m, _ = load_causal_lm(model, dtype="float32")
-        pm = apply_lora(m, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=targets))
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.01)
-        pm.save_pretrained(out / f"a{i}")
+        random_lora_adapter(model, out / f"a{i}", seed=i)
 
 
 def child_adapters(kind: str, model: str | None, adapter_dir: Path) -> dict[str, Any]:

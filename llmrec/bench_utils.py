@@ -174,3 +174,23 @@ def write_result(
     )
     (out_dir / f"{name}.md").write_text(md)
     return path
+
+
+def random_lora_adapter(model: str | Path | None, out: str | Path, seed: int = 0, r: int = 8,
+                        target_modules: list[str] | None = None, std: float = 0.01) -> Path:
+    """Save a LoRA adapter for `model` with random non-zero B (PEFT starts B at 0, i.e. a no-op adapter): for
+    memory / equivalence checks that need adapters which change the outputs, without training one."""
+    import torch
+
+    from llmrec.llm.loading import LoraSettings, apply_lora, load_causal_lm
+
+    targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    m, _ = load_causal_lm(model, dtype="float32")
+    pm = apply_lora(m, LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    pm.save_pretrained(out)
+    return Path(out)

@@ -61,19 +61,9 @@ def walk_numbers(obj, path="$"):
 def make_adapter(llm_dir: Path, out: Path) -> Path:
     """A LoRA adapter (r=4 on q_proj, v_proj) for the tiny Llama, without training: lora_B gets small random values
     (instead of PEFT's zeros) so the tuned model actually differs from the base one."""
-    import torch
+    from llmrec.bench_utils import random_lora_adapter
 
-    from llmrec.llm import apply_lora
-    from llmrec.llm.loading import LoraSettings, load_causal_lm
-
-    model, _ = load_causal_lm(llm_dir, dtype="float32")
-    peft_model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    peft_model.save_pretrained(out)
+    random_lora_adapter(llm_dir, out, seed=1, r=4, target_modules=["q_proj", "v_proj"], std=0.05)
     assert (out / "adapter_config.json").is_file()
     return out
 

@@ -108,15 +108,10 @@ def test_unknown_lora_target_module(tiny_dir):
 
 
 def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
+    from llmrec.bench_utils import random_lora_adapter
     from llmrec.llm import merge_and_save
 
-    m, tok = load_causal_lm(tiny_dir, dtype="float32")
-    pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(tmp_path / "adapter")
+    random_lora_adapter(tiny_dir, tmp_path / "adapter", r=4, target_modules=["q_proj", "v_proj"], std=0.5)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     (tmp_path / "adapter" / "llmrec_prompt.json").write_text('{"task": "yesno", "template": "yesno_stats"}')
     with_adapter = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="float32")
@@ -133,25 +128,15 @@ def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
         load_backend("transformers", model=tiny_dir, adapter=tmp_path)
 
 
-def _random_adapter(tiny_dir, out, seed, targets):
-    m, _ = load_causal_lm(tiny_dir, dtype="float32")
-    pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(out)
-    return out
-
-
 def test_several_adapters_share_one_base_model(tiny_dir, tmp_path):
     """add_adapter loads each adapter into the one model; a view per adapter scores exactly like a backend built
     with that adapter alone, the base view like the plain model, in any call order and from several threads."""
     import threading
 
-    a1 = _random_adapter(tiny_dir, tmp_path / "a1", 1, ["q_proj", "v_proj"])
-    a2 = _random_adapter(tiny_dir, tmp_path / "a2", 2, ["o_proj", "up_proj"])
+    from llmrec.bench_utils import random_lora_adapter
+
+    a1 = random_lora_adapter(tiny_dir, tmp_path / "a1", 1, r=4, target_modules=["q_proj", "v_proj"], std=0.5)
+    a2 = random_lora_adapter(tiny_dir, tmp_path / "a2", 2, r=4, target_modules=["o_proj", "up_proj"], std=0.5)
     ch = [" Yes", " No"]
     ref = {None: load_backend("transformers", model=tiny_dir, dtype="float32").score_choices(PROMPTS, ch)}
     for name, path in (("a1", a1), ("a2", a2)):

@@ -60,25 +60,16 @@ def test_transformers_runtime_serves_every_adapter_from_one_model(tiny_dataset, 
     """`llmrec serve` wiring on the transformers backend: one model is loaded whatever the number of adapters, each
     request's adapter scores like that adapter alone, and no adapter means the base model."""
     import numpy as np
-    import torch
     from fastapi.testclient import TestClient
 
-    from llmrec.llm import LoraSettings, apply_lora, load_backend, load_causal_lm, transformers_backend
+    from llmrec.bench_utils import random_lora_adapter
+    from llmrec.llm import load_backend, transformers_backend
     from llmrec.service.config import LLMConfig, ServiceConfig
     from llmrec.service.launch import build_runtime
 
     llm_dir = make_tiny_llm(tmp_path / "llm")
-    adapters = {}
-    for i, name in enumerate(("a1", "a2")):
-        m, _ = load_causal_lm(llm_dir, dtype="float32")
-        pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        pm.save_pretrained(tmp_path / name)
-        adapters[name] = str(tmp_path / name)
+    adapters = {name: str(random_lora_adapter(llm_dir, tmp_path / name, i, r=4, target_modules=["q_proj", "v_proj"],
+                                              std=0.5)) for i, name in enumerate(("a1", "a2"))}
     loads = []
     real = transformers_backend.load_causal_lm
     monkeypatch.setattr(transformers_backend, "load_causal_lm", lambda *a, **kw: loads.append(a) or real(*a, **kw))
