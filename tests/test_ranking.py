@@ -633,6 +633,8 @@ def test_cli_eval_yesno_on_a_4bit_base(parts, tallrec_file, tmp_path, monkeypatc
     out = tmp_path / "yesno4.json"
     args = ["eval", "yesno", "--file", str(tallrec_file), "--model", str(parts.llm_dir), "--batch-size", "6"]
     assert main(args + ["--load-in-4bit", "--dtype", "float32", "--out", str(out)]) == 0
-    assert seen["4bit"] == "Linear4bit" and json.loads(out.read_text())["n"] == 6
+    res = json.loads(out.read_text())
+    assert seen["4bit"] == "Linear4bit" and res["n"] == 6
+    assert res["backend"].endswith(":4bit")  # the result names the 4-bit base it was scored on
     with pytest.raises(SystemExit, match="--load-in-4bit is for --backend transformers"):
         main(args + ["--load-in-4bit", "--backend", "vllm"])

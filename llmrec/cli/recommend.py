@@ -144,14 +144,17 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
     from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec
 
     if args.file:
-        m = eval_yesno_tallrec(_backend(args), args.file, args.batch_size)
+        backend = _backend(args)
+        m = eval_yesno_tallrec(backend, args.file, args.batch_size)
         title = f"yes/no on {args.file}"
     else:
         rec = _recommender(args, args.dataset)
+        backend = rec.backend
         m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed)
         m["template"] = f"{rec.templates['yesno'].name} v{rec.templates['yesno'].version}"
         title = f"yes/no on {args.dataset}/{args.split} (subset of {m['n']}, seed {args.seed}, {m['template']})"
     m["adapter"] = args.adapter
+    m["backend"] = getattr(backend, "name", args.backend)  # e.g. transformers:<model>:4bit+<adapter>
     _print_metrics(
         title + (f" with adapter {args.adapter}" if args.adapter else " (no adapter)"),
         m,

@@ -50,8 +50,7 @@ class TransformersBackend(Backend):
         self._init(m, tok, batch_size=batch_size, progress=progress)
         self._fixed_adapter = bool(adapter)
         self.name = f"transformers:{Path(str(model)).name if model else 'smollm2-135m-instruct'}" + (
-            f"+{Path(str(adapter)).name}" if adapter else ""
-        )
+            ":4bit" if load_in_4bit else "") + (f"+{Path(str(adapter)).name}" if adapter else "")
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, batch_size: int = 8, name: str = "transformers:in-memory",
