@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmrec.bench_utils import md_table, write_result  # noqa: E402
+from llmrec.bench_utils import md_table, memory_status_mb, write_result  # noqa: E402
 from llmrec.llm.loading import resolve_dtype  # noqa: E402
 
 log = logging.getLogger("eval.load_memory")
@@ -41,15 +42,6 @@ KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping)
 ADAPTER_KINDS = ("adapters_separate", "adapters_shared")
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 PROMPT = "Does the user like the movie? Answer:"
-
-
-def status_mb() -> dict[str, float]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in FIELDS:
-            out[key] = round(int(line.split()[1]) / 1024.0, 1)
-    return out
 
 
 def make_adapters(model: str | None, out: Path, n: int) -> None:
@@ -72,9 +64,10 @@ def child_adapters(kind: str, model: str | None, adapter_dir: Path) -> dict[str,
     else:
         views = [base] + [load_backend("transformers", model=model, adapter=p, dtype="fast") for p in paths]
     load_s = time.perf_counter() - t0
-    ok = all(float(v.score_choices([PROMPT], [" Yes", " No"])[0][0]) <= 0.0 for v in views)
+    ok = all(math.isfinite(float(v.score_choices([PROMPT], [" Yes", " No"])[0][0])) for v in views)
     trim_heap()
-    return {"kind": kind, "load_s": round(load_s, 1), "score_finite": ok, "adapters": len(paths), **status_mb()}
+    return {"kind": kind, "load_s": round(load_s, 1), "score_finite": ok, "adapters": len(paths),
+            **memory_status_mb(FIELDS)}
 
 
 def child(kind: str, model: str | None) -> dict[str, Any]:
@@ -92,9 +85,9 @@ def child(kind: str, model: str | None) -> dict[str, Any]:
     if guard is not None:
         guard.remove()
     be = TransformersBackend.from_model(m, tok)
-    p_yes = float(be.score_choices([PROMPT], [" Yes", " No"])[0][0])
+    ok = math.isfinite(float(be.score_choices([PROMPT], [" Yes", " No"])[0][0]))
     trim_heap()
-    return {"kind": kind, "load_s": round(load_s, 1), "score_finite": p_yes == p_yes, **status_mb()}
+    return {"kind": kind, "load_s": round(load_s, 1), "score_finite": ok, **memory_status_mb(FIELDS)}
 
 
 def main() -> None:

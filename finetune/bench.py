@@ -85,11 +85,10 @@ def cmd_mem(a: argparse.Namespace) -> None:
     # the allocator option (glibc: blocks >= 1 MiB mapped and unmapped on their own), on both sides of the ratio
     for kind in ("bf16", "qlora_bf16all"):
         configs[f"{kind}_mmap"] = [*configs[kind], "train.malloc_mmap_threshold_mb=1"]
+    configs["qlora_bf16all_pre"] = configs["qlora_bf16all"]  # + the saved 4-bit copy as the model, below
     for kind in a.only or list(MEM_KINDS):
-        extra = []
-        if kind == "qlora_bf16all_pre":  # the same from a copy saved 4-bit (`llmrec export --quantize-4bit`)
-            extra = [f"model={prequantized_copy(a.model)}"]
-            configs[kind] = configs["qlora_bf16all"]
+        # qlora_bf16all_pre: qlora_bf16all from a copy saved 4-bit (`llmrec export --quantize-4bit`), made once
+        extra = [f"model={prequantized_copy(a.model)}"] if kind == "qlora_bf16all_pre" else []
         finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind] + extra)
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result

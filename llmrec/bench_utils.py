@@ -122,6 +122,12 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
+def memory_status_mb(fields: tuple[str, ...] = ("VmRSS", "RssAnon", "RssFile", "VmHWM")) -> dict[str, float]:
+    """Those /proc/self/status memory fields, in MiB rounded to 0.1 (the fields not there are left out)."""
+    out = {f: _proc_status_mb(f) for f in fields}
+    return {f: round(v, 1) for f, v in out.items() if v is not None}
+
+
 def vm_rss_mb() -> float | None:
     """Current resident memory (Linux VmRSS), in MiB; None elsewhere."""
     return _proc_status_mb("VmRSS")

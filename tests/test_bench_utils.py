@@ -95,3 +95,17 @@ def test_mmap_threshold_returns_freed_blocks_at_once():
         from llmrec.bench_utils import set_mmap_threshold
 
         set_mmap_threshold(0)
+
+
+def test_memory_status_reads_the_kernels_fields():
+    from pathlib import Path
+
+    from llmrec.bench_utils import memory_status_mb
+
+    m = memory_status_mb()
+    if not Path("/proc/self/status").exists():
+        assert m == {}
+        return
+    assert set(m) == {"VmRSS", "RssAnon", "RssFile", "VmHWM"} and m["VmRSS"] > 0
+    assert m["RssAnon"] + m["RssFile"] <= m["VmRSS"] + 1.0 and m["VmRSS"] <= m["VmHWM"] + 1.0
+    assert set(memory_status_mb(("VmRSS", "NoSuchField"))) == {"VmRSS"}
