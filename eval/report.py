@@ -64,6 +64,7 @@ def section() -> str:
         ("load_memory_1.1b", None),
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
+        ("ranking_modes_ml-100k", None),
         ("zeroshot", None),
         ("serving", None),
         ("data_prepare", None),

@@ -176,3 +176,94 @@ def test_several_adapters_share_one_base_model(tiny_dir, tmp_path):
         base.add_adapter("a1", a1)
     with pytest.raises(BackendError, match="adapter_config.json"):
         base.add_adapter("a3", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ constrained decoding
+def test_option_trie_walk():
+    from llmrec.llm.base import OptionTrie
+
+    # options: 0 = [5, 6], 1 = [5, 7, 8], 2 = [9], 3 = [5, 6, 1] (option 0 is a prefix of option 3); end token 0
+    trie = OptionTrie([[5, 6], [5, 7, 8], [9], [5, 6, 1]], n=3, eos_id=0)
+    assert trie.walk([]) == ([], [5, 9])
+    assert trie.walk([5]) == ([], [6, 7])
+    assert trie.walk([5, 6]) == ([0], [5, 9])  # option 0 completes at its last token; the walk restarts at the root
+    assert trie.walk([5, 6, 5, 6]) == ([0], [1])  # option 0 is taken: only the longer option 3 continues
+    assert trie.walk([5, 6, 9]) == ([0, 2], [5])  # 0 and 2 taken: 1 and 3 are left, both start with 5
+    assert trie.walk([5, 6, 9, 5, 7, 8]) == ([0, 2, 1], [0])  # n options written: only the end token
+    assert trie.walk([5, 6, 9, 5, 7, 8, 0, 0]) == ([0, 2, 1], [0])  # end token and padding after it
+    assert trie.walk([7]) == ([], [0])  # off the trie (cannot happen under the constraint): end
+    assert trie.max_new_tokens() == 3 + 3 + 2 + 1
+    everything = OptionTrie([[5, 6], [9]], n=5, eos_id=0)
+    assert everything.n == 2 and everything.walk([9, 5, 6]) == ([1, 0], [0])
+    with pytest.raises(ValueError, match="at least one token"):
+        OptionTrie([[5], []], n=1, eos_id=0)
+
+
+def test_constrained_greedy_skips_forced_tokens_and_matches_masked_decoding():
+    from llmrec.llm.base import OptionTrie, constrained_greedy
+
+    seqs = [[5, 6, 7, 1], [5, 6, 8, 1], [9, 3, 1], [5, 2, 1]]  # 1 = separator, 0 = end token
+
+    def score(prefix: tuple[int, ...], tok: int) -> float:  # a fixed "model": any deterministic function
+        return ((hash(prefix) % 97) * 31 + tok * 17) % 23
+
+    def masked(n: int) -> list[int]:  # reference: a model call at every position, argmax over the allowed tokens
+        trie, gen = OptionTrie(seqs, n, 0), []
+        while True:
+            _, ok = trie.walk(gen)
+            if ok == [0]:
+                return trie.walk(gen)[0]
+            gen.append(max(ok, key=lambda t: score(tuple(gen), t)))
+
+    calls = []
+
+    def step(rows, allowed, gen):
+        calls.append(len(rows))
+        assert all(len(a) > 1 for a in allowed)  # only branching points reach the model
+        return [max(a, key=lambda t, g=tuple(gen[r]): score(g, t)) for r, a in zip(rows, allowed)]
+
+    for n in (1, 2, 4):
+        got = constrained_greedy([OptionTrie(seqs, n, 0), OptionTrie(seqs[::-1], n, 0)], step)
+        assert got[0] == masked(n) and len(got[0]) == n and len(set(got[0])) == n
+        assert len(got[1]) == n
+    calls.clear()
+    constrained_greedy([OptionTrie(seqs, 4, 0)], step)  # writes all 14 tokens
+    assert sum(calls) <= 6  # model calls only where options part: {5, 9}, {6, 2}, {7, 8}, then fewer as options go
+
+
+def _greedy_constrained_reference(be, prompt: str, options: list[str], n: int, sep: str = "\n") -> list[int]:
+    """One prompt, no padding, a full forward per step: argmax over the tokens that keep the text on an option not yet
+    written. Independent of OptionTrie."""
+    tok = be.tokenizer
+    seqs = [tok.encode(o + sep, add_special_tokens=False) for o in options]
+    ids = tok.encode(prompt, add_special_tokens=False)
+    chosen: list[int] = []
+    cur: list[int] = []  # tokens of the option being written
+    while len(chosen) < min(n, len(options)):
+        live = [j for j, s in enumerate(seqs) if j not in chosen and s[: len(cur)] == cur and len(s) > len(cur)]
+        allowed = sorted({seqs[j][len(cur)] for j in live})
+        with torch.no_grad():
+            logits = be.model(torch.tensor([ids])).logits[0, -1]
+        t = max(allowed, key=lambda a: float(logits[a]))
+        ids.append(t)
+        cur.append(t)
+        done = [j for j in live if seqs[j] == cur]
+        if done:
+            chosen.append(done[0])
+            cur = []
+    return chosen
+
+
+def test_generate_from_equals_greedy_constrained_reference(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    options = [[" Action Story", " Comedy Story", " Drama Story", " Horror Story", " A", " B"],
+               [" Yes", " No", " Horror Comedy"],
+               [" liked movie", " rated movie", " gift card", " next title", " history"]]
+    got = be.generate_from(PROMPTS, options, n=4)  # batches of 2: left padding in the first batch
+    assert [len(g) for g in got] == [4, 3, 4]  # the second prompt has only 3 options
+    for p, opts, g in zip(PROMPTS, options, got):
+        assert len(set(g)) == len(g)
+        assert g == _greedy_constrained_reference(be, p, opts, n=4)
+    assert be.generate_from(PROMPTS[:1], [options[0]], n=0) == [[]]
+    with pytest.raises(ValueError, match="option lists"):
+        be.generate_from(PROMPTS, options[:2], n=2)

@@ -18,7 +18,7 @@ pytest.importorskip("faiss")
 
 from llm_fixtures import make_tiny_llm  # noqa: E402
 
-from llmrec.llm.base import Backend, cut_at_stop, normalize_choices  # noqa: E402
+from llmrec.llm.base import Backend, BackendError, cut_at_stop, normalize_choices  # noqa: E402
 from llmrec.ranking import HistEvent, RankingConfig, Recommendation, Recommender, to_hist_events  # noqa: E402
 
 USERS = ["u0", "u1", "u2", "u3", "u5"]
@@ -51,6 +51,16 @@ class ScriptedBackend(Backend):
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop=None):
         self.generated += prompts
         return [cut_at_stop(self.gen(p) if callable(self.gen) else self.gen, stop) for p in prompts]
+
+    def generate_from(self, prompts, options, n, sep="\n"):
+        """Constrained generation, scripted: `pick(prompt, options)` -> option indices (default: the last n, last
+        first); checked against the contract (distinct, at most n)."""
+        self.generated += prompts
+        self.options = getattr(self, "options", []) + list(options)
+        pick = getattr(self, "pick", None) or (lambda p, o: list(range(len(o)))[::-1])
+        out = [list(pick(p, o))[:n] for p, o in zip(prompts, options)]
+        assert all(len(set(x)) == len(x) for x in out)
+        return out
 
 
 def labelled_titles(prompt: str) -> dict[str, str]:
@@ -248,7 +258,7 @@ def test_generate_mode_named_first_then_retrieval_order(parts, tiny_dataset):
         assert len(cand_titles) == 8
         return f' 1. "{cand_titles[6]}"\n2. {cand_titles[2].lower()}\n3. Nothing Like It At All\n'
 
-    rec = make_rec(parts, ScriptedBackend(gen=answer), mode="generate", batch_size=2)
+    rec = make_rec(parts, ScriptedBackend(gen=answer), mode="generate", generate_constrained=False, batch_size=2)
     hs = [rec.dataset_history(u, "test") for u in USERS[:3]]
     cands = [rec.candidates(h) for h in hs]
     ranked = rec.rank_candidates(hs, cands)
@@ -260,10 +270,41 @@ def test_generate_mode_named_first_then_retrieval_order(parts, tiny_dataset):
 
     # the model names a history title: never recommended back (seen), the candidates keep their order
     h = rec.dataset_history("u2")
-    rec = make_rec(parts, ScriptedBackend(gen=title(tiny_dataset, h[-1].item_id)), mode="generate")
+    rec = make_rec(parts, ScriptedBackend(gen=title(tiny_dataset, h[-1].item_id)), mode="generate",
+                   generate_constrained=False)
     r = rec.recommend("u2", k=4, explain=False)
     assert [i.item_id for i in r.items] == [c for c, _ in rec.candidates(h)][:4]
     assert rec.last_generate_stats == {"lines": 1, "mapped": 0, "unmapped": 1}
+
+
+def test_generate_constrained_ranks_the_written_candidates_first(parts, tiny_dataset):
+    backend = ScriptedBackend()
+    backend.pick = lambda prompt, opts: [6, 2, 7]
+    rec = make_rec(parts, backend, mode="generate", batch_size=2, generate_titles=3)
+    hs = [rec.dataset_history(u, "test") for u in USERS[:3]]
+    cands = [rec.candidates(h) for h in hs]
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r, opts in zip(cands, ranked, backend.options):
+        ids = [i for i, _ in c]
+        assert opts == [f' "{title(tiny_dataset, i)}"' for i in ids]  # the titles as quoted in the prompt
+        assert [i for i, _ in r] == [ids[6], ids[2], ids[7]] + [i for i in ids if i not in (ids[6], ids[2], ids[7])]
+        assert [s for _, s in r] == [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    assert all(p.endswith("Title:") for p in backend.generated)
+    assert rec.last_generate_stats == {"lines": 9, "mapped": 9, "unmapped": 0}
+    with pytest.raises(BackendError, match="not supported"):  # a backend without constrained decoding says so
+        Backend.generate_from(backend, ["x"], [[" a"]], 1)
+
+
+def test_generate_constrained_on_a_tiny_model_names_distinct_candidates(parts):
+    rec = make_rec(parts, mode="generate", generate_titles=5)
+    hs = [rec.dataset_history(u, "test") for u in USERS]
+    cands = [rec.candidates(h) for h in hs]
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r in zip(cands, ranked):
+        assert sorted(i for i, _ in r) == sorted(i for i, _ in c)  # a permutation of the candidates
+    assert rec.last_generate_stats == {"lines": 5 * len(USERS), "mapped": 5 * len(USERS), "unmapped": 0}
+    again = rec.rank_candidates(hs, cands)
+    assert again == ranked  # greedy: deterministic
 
 
 # ------------------------------------------------------------------------------------------------ 3. yes/no

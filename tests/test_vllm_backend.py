@@ -18,6 +18,22 @@ PROMPTS = [
 LETTERS = [f" {chr(65 + i)}" for i in range(20)]
 
 
+GEN_PROMPTS = [
+    "A user's movies, oldest first.\n- \"Toy Story (1995)\"\n- \"Babe (1995)\"\nWhat is the title of the next movie "
+    "the user will enjoy?\nTitle:",
+    "A user's movies, oldest first.\n- \"Heat (1995)\"\n- \"Casino (1995)\"\nWhat is the title of the next movie "
+    "the user will enjoy?\nTitle:",
+]
+GEN_OPTIONS = [[' "Aladdin (1992)"', ' "Fargo (1996)"', ' "Pocahontas (1995)"', ' "Se7en (1995)"',
+                ' "Jumanji (1995)"']] * 2
+
+
+def transformers_picks(model_dir: str) -> list[list[int]]:
+    from llmrec.llm import load_backend
+
+    return load_backend("transformers", model=model_dir, dtype="float32").generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,6 +95,9 @@ def test_in_process_scoring_matches_transformers(model_dir, reference):
             np.testing.assert_allclose(let[i], reference(p, LETTERS), atol=2e-2)
         out = be.generate(PROMPTS[:1], max_new_tokens=4)
         assert len(out) == 1 and isinstance(out[0], str)
+        # constrained generation (structured-output choice rounds) writes what the transformers trie walk writes
+        picks = be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3)
+        assert picks == transformers_picks(model_dir)
     finally:
         be.close()
         del be
@@ -103,6 +122,7 @@ def test_server_openai_client_and_adapters(model_dir, reference, adapter_dir):
         assert {m.id for m in client.models.list().data} >= {model_dir, "test"}
         r = client.completions.create(model="test", prompt=PROMPTS[0], max_tokens=3, temperature=0)
         assert r.model == "test" and isinstance(r.choices[0].text, str)
+        assert be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3) == transformers_picks(model_dir)
         with pytest.raises(Exception, match="not served"):
             VLLMBackend(url=srv.url, model="nope")
         be.close()

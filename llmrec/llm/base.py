@@ -2,12 +2,15 @@
 
 `score_choices(prompts, choices)` returns, per prompt, the log-softmax over the logits of each choice's FIRST token at
 the next position (so `exp()` of a row sums to 1); `choices` is either one list shared by all prompts or one list per
-prompt (same length for all). `generate` decodes greedily when `temperature == 0`.
+prompt (same length for all). `generate` decodes greedily when `temperature == 0`. `generate_from(prompts, options,
+n)` is constrained greedy decoding: the model writes up to `n` of each prompt's options, one per line, token by token
+but only along the options' tokens, never one twice (titles as a ranked list that always maps back to the catalogue).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,11 @@ class Backend(abc.ABC):
         self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None
     ) -> list[str]:
         """Continuations of `prompts` (greedy at temperature 0), cut at the first `stop` string if given."""
+
+    def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
+        """Constrained greedy generation: per prompt, the indices of up to `n` of its `options` in the order the model
+        wrote them (each option followed by `sep`; no option twice)."""
+        raise BackendError(f"{self.name}: constrained generation (generate_from) is not supported by this backend")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources (servers, threads); a no-op by default."""
@@ -73,3 +81,76 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
+
+
+class OptionTrie:
+    """The token sequences of a prompt's options (each option's text + separator, tokenized on its own), walked as
+    the model writes them: which tokens may come next and which options are complete. Used as a
+    `prefix_allowed_tokens_fn` by constrained generation: after `n` options (or when none is left) only `eos_id`
+    may follow. An option whose tokens are a prefix of another's completes first (the longer one stays reachable)."""
+
+    def __init__(self, seqs: list[list[int]], n: int, eos_id: int):
+        if not seqs or any(not s for s in seqs):
+            raise ValueError("OptionTrie: every option needs at least one token")
+        self.n = min(n, len(seqs))
+        self.eos_id = int(eos_id)
+        self.lengths = [len(s) for s in seqs]
+        self.root: dict[str, Any] = {"next": {}, "end": None, "opts": set()}
+        for i, seq in enumerate(seqs):
+            node = self.root
+            node["opts"].add(i)
+            for t in seq:
+                node = node["next"].setdefault(int(t), {"next": {}, "end": None, "opts": set()})
+                node["opts"].add(i)
+            if node["end"] is None:  # two options with identical tokens: the first one counts
+                node["end"] = i
+
+    def max_new_tokens(self) -> int:
+        """Enough tokens to write the `n` longest options and the end token."""
+        return sum(sorted(self.lengths, reverse=True)[: self.n]) + 1
+
+    def walk(self, generated: list[int]) -> tuple[list[int], list[int]]:
+        """(options completed so far in order, token ids allowed next) after the model wrote `generated`."""
+        chosen: list[int] = []
+        node = self.root
+        for t in generated:
+            t = int(t)
+            if len(chosen) >= self.n or t not in node["next"]:  # finished (end token, padding) or off the trie
+                return chosen, [self.eos_id]
+            node = node["next"][t]
+            if node["end"] is not None and node["end"] not in chosen:
+                chosen.append(node["end"])
+                node = self.root
+        if len(chosen) >= self.n:
+            return chosen, [self.eos_id]
+        done = set(chosen)
+        allowed = [t for t, ch in node["next"].items() if ch["opts"] - done]
+        return chosen, allowed or [self.eos_id]
+
+
+def constrained_greedy(
+    tries: list[OptionTrie], step: Callable[[list[int], list[list[int]], list[list[int]]], list[int]]
+) -> list[list[int]]:
+    """Greedy decoding along each row's `OptionTrie`, one branching point at a time: a token that is the only one
+    allowed is appended without asking the model; `step(rows, allowed, generated)` returns the model's greedy token
+    among `allowed[k]` after `generated[rows[k]]` for every row still branching. Returns the options written per row.
+    Same result as masking every position (`prefix_allowed_tokens_fn`), with model calls only where options part."""
+    gen: list[list[int]] = [[] for _ in tries]
+    while True:
+        rows: list[int] = []
+        allowed: list[list[int]] = []
+        for i, t in enumerate(tries):
+            while True:
+                _, ok = t.walk(gen[i])
+                if ok == [t.eos_id]:
+                    break
+                if len(ok) == 1:
+                    gen[i].append(ok[0])
+                    continue
+                rows.append(i)
+                allowed.append(ok)
+                break
+        if not rows:
+            return [t.walk(g)[0] for t, g in zip(tries, gen)]
+        for i, tok in zip(rows, step(rows, allowed, gen)):
+            gen[i].append(int(tok))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmrec.llm.base import Backend, BackendError, cut_at_stop, normalize_choices
+from llmrec.llm.base import Backend, BackendError, OptionTrie, cut_at_stop, normalize_choices
 from llmrec.llm.loading import QuantSettings, load_adapter, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,40 @@ class TransformersBackend(Backend):
         logits = self.next_token_logits(prompts)
         sel = torch.gather(logits, 1, ids)
         return torch.log_softmax(sel, dim=-1).numpy().astype(np.float64)
+
+    def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
+        """Constrained greedy decoding through `prefix_allowed_tokens_fn`: each option + `sep` is tokenized on its own
+        and the model may only continue along those token sequences (see `OptionTrie`)."""
+        import torch
+
+        if len(options) != len(prompts):
+            raise ValueError(f"generate_from: {len(options)} option lists for {len(prompts)} prompts")
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise BackendError(f"{self.name}: the tokenizer has no end-of-sequence token (needed to stop)")
+        tries = [OptionTrie([self._tok.encode(o + sep, add_special_tokens=False) for o in opts], n, eos)
+                 if opts and n > 0 else None for opts in options]
+        outs: dict[int, list[int]] = {i: [] for i, t in enumerate(tries) if t is None}
+        todo = [i for i, t in enumerate(tries) if t is not None]
+        self.model.eval()
+        with self._lock, self._forward_context(), torch.inference_mode():
+            batches = [[todo[j] for j in b] for b in self._batches([prompts[i] for i in todo])]
+            for b in tqdm(batches, desc="generate_from", leave=False, disable=not self.progress):
+                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(self.device)
+                start = enc["input_ids"].shape[1]
+
+                def allowed(row: int, ids: Any, b: list[int] = b, start: int = start) -> list[int]:
+                    return tries[b[row]].walk(ids[start:].tolist())[1]
+
+                gen = self.model.generate(
+                    **enc, max_new_tokens=max(tries[i].max_new_tokens() for i in b), do_sample=False,
+                    temperature=None, top_p=None, top_k=None, pad_token_id=self._tok.pad_token_id,
+                    eos_token_id=eos, prefix_allowed_tokens_fn=allowed,
+                )
+                for j, i in enumerate(b):
+                    outs[i] = tries[i].walk(gen[j, start:].tolist())[0]
+        return [outs[i] for i in range(len(prompts))]
 
     def generate(
         self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.llm.base import Backend, BackendError, normalize_choices
+from llmrec.llm.base import Backend, BackendError, OptionTrie, constrained_greedy, normalize_choices
 from llmrec.llm.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,56 @@ class VLLMBackend(Backend):
 
         list(self._pool.map(run, self._chunks(list(range(len(prompts))))))
         return texts
+
+    def _encode(self, text: str) -> list[int]:
+        if self.url is not None and self._tokenizer is None and self._tokenizer_path is None:
+            r = self._http.post(f"{self.root_url}/tokenize",
+                                json={"model": self.served_name, "prompt": text, "add_special_tokens": False})
+            if r.status_code != 200:
+                raise VLLMError(f"vLLM /tokenize -> HTTP {r.status_code}: {r.text[:200]}")
+            return [int(t) for t in r.json().get("tokens", [])]
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
+        """Constrained greedy decoding along each option's own tokens (the transformers trie, `OptionTrie`): prompts go
+        in as token ids; a token forced by the trie is appended without a request, and at each point where options
+        part one step is sampled greedily with `allowed_token_ids` (prefix caching makes the repeated prefix cheap).
+        Same picks as the transformers backend up to numerics. (Structured-output `choice` was not used: its grammar
+        lets the model spell an option in any tokenization, so its picks differ.)"""
+        if len(options) != len(prompts):
+            raise ValueError(f"generate_from: {len(options)} option lists for {len(prompts)} prompts")
+        eos = self.tokenizer.eos_token_id if (self._tokenizer is not None or self._tokenizer_path or
+                                               self.url is None) else None
+        if eos is None:
+            raise VLLMError("generate_from needs the model's tokenizer (end token): pass tokenizer=<folder>")
+        todo = [i for i, opts in enumerate(options) if opts and n > 0]
+        tries = [OptionTrie([self._encode(o + sep) for o in options[i]], n, eos) for i in todo]
+        ids = [self._encode(prompts[i]) for i in todo]
+        if self.url is None:
+            from vllm import SamplingParams
+
+            def step(rows: list[int], allowed: list[list[int]], gen: list[list[int]]) -> list[int]:
+                res = self.llm.generate(
+                    [{"prompt_token_ids": ids[r] + gen[r]} for r in rows],
+                    [SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=a) for a in allowed],
+                    use_tqdm=False, lora_request=self._lora)
+                return [int(o.outputs[0].token_ids[0]) for o in res]
+        else:
+            def step(rows: list[int], allowed: list[list[int]], gen: list[list[int]]) -> list[int]:
+                def one(k: int) -> int:
+                    body = self._post({"model": self.served_name, "prompt": ids[rows[k]] + gen[rows[k]],
+                                       "max_tokens": 1, "temperature": 0.0, "allowed_token_ids": allowed[k],
+                                       "logprobs": 1, "return_tokens_as_token_ids": True})
+                    tok = body["choices"][0]["logprobs"]["tokens"][0]
+                    return int(tok.split(":", 1)[1])
+
+                return list(self._pool.map(one, range(len(rows))))
+
+        picks = constrained_greedy(tries, step)
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, p in zip(todo, picks):
+            out[i] = p
+        return out
 
     def close(self) -> None:
         if self.url is not None:

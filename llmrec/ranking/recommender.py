@@ -5,9 +5,12 @@ One object serves the CLI, the HTTP service and the evaluation runners, so that 
 Scoring modes
 - `verbalizer` (default): one forward pass over the `rank` prompt; each candidate is labelled with a single-token
   letter and scored by the log-probability of its letter as the next token (LlamaRec style).
-- `generate`: the model writes titles (the `next_title` prompt); each line is mapped back to the catalogue by exact
-  title match, else by embedding similarity among the candidates (threshold `min_title_similarity`); unmapped lines
-  are dropped and counted. Candidates the model did not name keep their retrieval order after the named ones.
+- `generate`: the model writes titles (the `next_title` prompt), one per line. By default (`generate_constrained`)
+  decoding is constrained to the candidates' titles (a token trie; vLLM: structured-output `choice`), so it writes
+  up to `generate_titles` distinct candidates in its own order and every line maps. Unconstrained
+  (`generate_constrained: false`): free text, each line mapped back to the catalogue by exact title match, else by
+  embedding similarity among the candidates (threshold `min_title_similarity`); unmapped lines are dropped and
+  counted. Candidates the model did not name keep their retrieval order after the named ones.
 Yes/No: `score_yesno` gives P(Yes) = softmax over the " Yes"/" No" first-token logits of the `yesno` prompt.
 
 Full ranking (evaluation): `score_matrix` puts the LLM-ordered candidates above every other item; the rest keep their
@@ -27,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.data.prepare import PreparedDataset
+from llmrec.prompts import quote
 from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
@@ -57,7 +61,9 @@ class RankingConfig:
     chat: bool = False  # render with the tokenizer's chat template
     batch_size: int = 8  # prompts per backend call
     explain_max_new_tokens: int = 80
-    generate_max_new_tokens: int = 64  # titles, one per line (decoding stops at a blank line)
+    generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
+    generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
+    generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
     min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
     like_threshold: float = 3.0  # rating events: liked = value > like_threshold
     # prompt template per task when it is not the task's own name, e.g. {"yesno": "yesno_stats"} for an adapter
@@ -256,12 +262,21 @@ class Recommender:
             rendered = [
                 self._render("next_title", histories[u], candidates=self._items([c for c, _ in cands[u]])) for u in idx
             ]
-            texts = self.backend.generate(  # a title, or a list of titles one per line; a blank line ends it
-                [r.text for r in rendered], max_new_tokens=self.cfg.generate_max_new_tokens, stop=["\n\n"]
-            )
-            for u, text in zip(idx, texts):
+            if self.cfg.generate_constrained:
+                cand_ids = [[c for c, _ in cands[u]] for u in idx]
+                options = [[" " + quote(self.ds.titles[self.ds.item_index[c]]) for c in ids] for ids in cand_ids]
+                picks = self.backend.generate_from([r.text for r in rendered], options, self.cfg.generate_titles)
+                named_all = [[ids[j] for j in p] for ids, p in zip(cand_ids, picks)]
+                n_named = sum(len(p) for p in picks)
+                for key in ("lines", "mapped"):
+                    self.last_generate_stats[key] += n_named
+            else:
+                texts = self.backend.generate(  # a title, or a list of titles one per line; a blank line ends it
+                    [r.text for r in rendered], max_new_tokens=self.cfg.generate_max_new_tokens, stop=["\n\n"]
+                )
+                named_all = [self.map_titles(text, [c for c, _ in cands[u]]) for u, text in zip(idx, texts)]
+            for u, named in zip(idx, named_all):
                 cand_ids = [c for c, _ in cands[u]]
-                named = self.map_titles(text, cand_ids)
                 rest = [c for c in cand_ids if c not in named]
                 ranked = named + rest
                 n = len(ranked)
