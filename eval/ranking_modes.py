@@ -56,12 +56,13 @@ def main() -> None:
     def run(label: str, mode: str | None, **over) -> dict:
         for k, v in over.items():
             setattr(rec.cfg, k, v)
+        rec.generate_totals.clear()
         t0 = time.perf_counter()
         r = eval_rank(rec, ds, args.users, args.seed, mode=mode, retrieval_only=mode is None)
         row = {"mode": label, **{k: r[k] for k in KEYS}, "users": r["n_users"],
                "s_per_user": (time.perf_counter() - t0) / max(1, r["n_users"])}
         if mode == "generate":
-            st = dict(rec.last_generate_stats)
+            st = rec.generate_totals
             row.update(lines=st["lines"], mapped=st["mapped"], unmapped=st["unmapped"])
         log.info("%s", row)
         rows.append(row)

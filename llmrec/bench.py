@@ -190,6 +190,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                 row["retrieval_weight"] = rec.cfg.retrieval_weight
                 if label == "llm zero-shot":
                     n_gen = min(cfg.generate_users, max_users or cfg.generate_users)
+                    rec.generate_totals.clear()
                     g = eval_rank(rec, ds, n_gen, cfg.seed, mode="generate")
                     report["verbalizer_vs_generate"] = {
                         "users": n_gen,
@@ -197,7 +198,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                         "generate_s_per_user": g["seconds_per_user"],
                         "speedup": g["seconds_per_user"] / max(1e-9, r["seconds_per_user"]),
                         "generate_ndcg@10": g["ndcg@10"],
-                        "generate_mapping": getattr(rec, "last_generate_stats", {}),
+                        "generate_mapping": dict(rec.generate_totals),
                     }
                 if cfg.explanations and (label == "llm tuned" or not a_rank):
                     users = (

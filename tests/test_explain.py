@@ -63,6 +63,8 @@ def test_tidy_explanation_prefix_line_and_sentence_caps():
     assert two == "Because the user liked A. Second one here."
     unfinished = tidy_explanation(lead, " Heat and Alien, a lot of action. And also the")
     assert unfinished == "Because the user liked Heat and Alien, a lot of action."
+    cut = tidy_explanation(lead, ' "Heat (1995)", and "Toy Sto')  # a quote left open by the token limit
+    assert cut == 'Because the user liked "Heat (1995)", and'
     capped = tidy_explanation("", "Word " * 100, max_words=5)
     assert capped == "Word Word Word Word Word ..."
 

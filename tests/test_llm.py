@@ -267,3 +267,44 @@ def test_generate_from_equals_greedy_constrained_reference(tiny_dir):
     assert be.generate_from(PROMPTS[:1], [options[0]], n=0) == [[]]
     with pytest.raises(ValueError, match="option lists"):
         be.generate_from(PROMPTS, options[:2], n=2)
+
+
+def test_quoted_state_and_span_processor():
+    from llmrec.llm.base import OptionTrie, quoted_state
+    from llmrec.llm.transformers_backend import quoted_span_processor
+
+    # vocabulary: 1 = ' "' (opens), 2 = ')"' (closes, a quote-character token), 3 = '""' (quote token, never allowed),
+    # 5..9 = text; options (text + closing quote): 0 = [5, 6, 2], 1 = [5, 7, 2], 2 = [8, 2]
+    trie = OptionTrie([[5, 6, 2], [5, 7, 2], [8, 2]], 3, eos_id=0)
+    opens = {1}
+    assert quoted_state(trie, [9, 9], opens) == (None, set())  # free text
+    assert quoted_state(trie, [9, 1], opens) == ([5, 8], set())  # a quote opened: an option must follow
+    assert quoted_state(trie, [1, 5], opens) == ([6, 7], set())
+    assert quoted_state(trie, [1, 5, 6, 2, 9], opens) == (None, {0})  # option 0 closed its quote
+    assert quoted_state(trie, [1, 5, 6, 2, 1, 5], opens) == ([7], {0})  # used options are not offered again
+    proc = quoted_span_processor([trie, None], start=2, quote_ids=[1, 2, 3], open_ids=[1])
+    ids = torch.tensor([[4, 4, 1, 5, 6, 2, 1, 5], [4, 4, 9, 9, 9, 9, 9, 9]])
+    out = proc(ids, torch.zeros(2, 10))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [7]  # inside the second quote: only option 1 left
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [0, 4, 5, 6, 7, 8, 9]  # no quotes at all
+    out = proc(torch.tensor([[4, 4, 9], [4, 4, 9]]), torch.zeros(2, 10))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [0, 1, 4, 5, 6, 7, 8, 9]  # may open, not 2 or 3
+    used_all = torch.tensor([[4, 4, 1, 5, 6, 2, 1, 5, 7, 2, 1, 8, 2, 9]])
+    out = quoted_span_processor([trie], 2, [1, 2, 3], [1])(used_all, torch.zeros(1, 10))
+    assert 1 not in torch.isfinite(out[0]).nonzero().flatten().tolist()  # every option used: no new quote
+
+
+def test_generate_quoted_only_writes_allowed_quotes(tiny_dir):
+    from llmrec.llm.base import quote_token_sets
+
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    quote_ids, open_ids = quote_token_sets(be.tokenizer)
+    assert open_ids and set(open_ids) <= set(quote_ids)
+    assert all('"' in be.tokenizer.decode([i]) for i in quote_ids)
+    quotable = [["Action Story", "Comedy Story"], [], ["Drama Story"]]
+    outs = be.generate_quoted(PROMPTS, quotable, max_new_tokens=24)
+    assert len(outs) == 3
+    for text, allowed in zip(outs, quotable):
+        spans = text.split('"')[1::2]
+        assert all(s in allowed for s in spans) and len(set(spans)) == len(spans), (text, allowed)
+    assert '"' not in outs[1]

@@ -53,3 +53,22 @@ def test_smollm2_4bit_lora_step_trains_only_lora():
     grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
     assert grads and all("lora_" in n for n in grads)
     assert any(g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_smollm2_quoted_titles_are_the_allowed_ones():
+    """The embedded model quotes titles readily (and invents some when free); under generate_quoted every quoted
+    span is one of the allowed titles, none twice."""
+    from llmrec.llm import load_backend
+
+    be = load_backend("transformers", dtype="float32")
+    prompt = ('A user\'s movies, oldest first.\n- "Heat (1995)" (liked)\n- "Fargo (1996)" (liked)\n'
+              '- "Babe (1995)" (disliked)\nRecommended movies:\n- "Casino (1995)"\n'
+              'In one or two sentences, explain why these movies suit this user.\n'
+              'Explanation: Because the user liked')
+    allowed = ["Heat (1995)", "Fargo (1996)"]
+    free = be.generate([prompt], max_new_tokens=60)[0]
+    got = be.generate_quoted([prompt, prompt], [allowed, []], max_new_tokens=60)
+    spans = got[0].split('"')[1::2]
+    assert spans, (free, got[0])  # the model does quote
+    assert all(s in allowed for s in spans) and len(set(spans)) == len(spans), got[0]
+    assert '"' not in got[1]

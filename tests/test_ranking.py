@@ -52,6 +52,11 @@ class ScriptedBackend(Backend):
         self.generated += prompts
         return [cut_at_stop(self.gen(p) if callable(self.gen) else self.gen, stop) for p in prompts]
 
+    def generate_quoted(self, prompts, quotable, max_new_tokens=64, stop=None):
+        """Records the quotable lists, then generates as `generate` (the constraint itself is the backend's)."""
+        self.quotable = getattr(self, "quotable", []) + list(quotable)
+        return self.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
+
     def generate_from(self, prompts, options, n, sep="\n"):
         """Constrained generation, scripted: `pick(prompt, options)` -> option indices (default: the last n, last
         first); checked against the contract (distinct, at most n)."""
@@ -471,6 +476,21 @@ def test_grounded_explanation_is_kept(parts, tiny_dataset):
     assert r.explanation_fallback is False and r.hallucinated == []
     assert f'"{named}", so these dramas fit well.' in r.explanation
     assert "Midnight Llama" not in r.explanation and not r.explanation.startswith("Recommended ")
+
+
+def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_dataset):
+    h = make_rec(parts).dataset_history("u2")
+    backend = ScriptedBackend(gen=" nice things.")
+    rec = make_rec(parts, backend, history_len=4)
+    rec.recommend("u2", k=4, explain=True)
+    shown = h[-4:]
+    want = list(dict.fromkeys(title(tiny_dataset, e.item_id) for e in shown if e.liked is not False))
+    assert backend.quotable == [want]
+    assert all(f'"{t}"' in backend.generated[-1] for t in want)
+    assert any(e.liked is False for e in shown)  # a disliked title is shown but cannot be quoted
+    off = ScriptedBackend(gen=" nice things.")
+    make_rec(parts, off, explain_quoted_titles=False).recommend("u2", k=4, explain=True)
+    assert not hasattr(off, "quotable")
 
 
 # ------------------------------------------------------------------------------------------------ 6. evaluations

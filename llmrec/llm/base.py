@@ -5,6 +5,8 @@ the next position (so `exp()` of a row sums to 1); `choices` is either one list 
 prompt (same length for all). `generate` decodes greedily when `temperature == 0`. `generate_from(prompts, options,
 n)` is constrained greedy decoding: the model writes up to `n` of each prompt's options, one per line, token by token
 but only along the options' tokens, never one twice (titles as a ranked list that always maps back to the catalogue).
+`generate_quoted(prompts, quotable)` generates freely except that a double-quoted span can only be one of the
+prompt's `quotable` strings (explanations that cannot invent or repeat a quoted title).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ class Backend(abc.ABC):
         """Constrained greedy generation: per prompt, the indices of up to `n` of its `options` in the order the model
         wrote them (each option followed by `sep`; no option twice)."""
         raise BackendError(f"{self.name}: constrained generation (generate_from) is not supported by this backend")
+
+    def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
+                        stop: list[str] | None = None) -> list[str]:
+        """Greedy generation in which every double-quoted span is one of the prompt's `quotable` strings, each at
+        most once; outside quotes the model writes freely (no other quote characters). Backends without constrained
+        decoding generate freely (this default): callers must still check the text."""
+        return self.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources (servers, threads); a no-op by default."""
@@ -154,3 +163,46 @@ def constrained_greedy(
             return [t.walk(g)[0] for t, g in zip(tries, gen)]
         for i, tok in zip(rows, step(rows, allowed, gen)):
             gen[i].append(int(tok))
+
+
+QUOTE_CHARS = '"\u201c\u201d'
+
+
+def quote_token_sets(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids of every token whose text contains a double quote character, ids of the tokens that are an opening quote
+    alone: '"' or ' "'). Under `generate_quoted` only the second kind may start a quoted span."""
+    vocab = tokenizer.get_vocab()
+    quote_ids: list[int] = []
+    open_ids: list[int] = []
+    for i in sorted(set(vocab.values())):
+        text = tokenizer.decode([i])
+        if any(q in text for q in QUOTE_CHARS):
+            quote_ids.append(i)
+            if text in ('"', ' "'):
+                open_ids.append(i)
+    return quote_ids, open_ids
+
+
+def quoted_state(trie: OptionTrie, generated: list[int], open_ids: set[int]) -> tuple[list[int] | None, set[int]]:
+    """Where `generated` stands under the quoted-span constraint: (the tokens allowed inside an open quote, or None
+    outside quotes; the options already written). Inside a quote the text must follow one option's tokens (option
+    text + closing quote) not yet used; reaching its end closes the quote."""
+    used: set[int] = set()
+    node: dict[str, Any] | None = None
+    for t in generated:
+        t = int(t)
+        if node is None:
+            if t in open_ids:
+                node = trie.root
+            continue
+        nxt = node["next"].get(t)
+        if nxt is None:  # off the trie (cannot happen under the constraint): back to free text
+            node = None
+            continue
+        node = nxt
+        if node["end"] is not None and node["end"] not in used:
+            used.add(node["end"])
+            node = None
+    if node is None:
+        return None, used
+    return [t for t, ch in node["next"].items() if ch["opts"] - used], used

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmrec.llm.base import Backend, BackendError, OptionTrie, cut_at_stop, normalize_choices
+from llmrec.llm.base import (
+    Backend,
+    BackendError,
+    OptionTrie,
+    cut_at_stop,
+    normalize_choices,
+    quote_token_sets,
+    quoted_state,
+)
 from llmrec.llm.loading import QuantSettings, load_adapter, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,7 @@ class TransformersBackend(Backend):
         self.batch_size = max(1, int(batch_size))
         self.progress = progress
         self._first_ids: dict[str, int] = {}
+        self._quote_sets: tuple[list[int], list[int]] | None = None  # (quote-character tokens, lone opening quotes)
         self._active: str | None = None  # this view's adapter; None = the base model (adapters disabled)
 
     @property
@@ -230,6 +239,40 @@ class TransformersBackend(Backend):
                     outs[i] = tries[i].walk(gen[j, start:].tolist())[0]
         return [outs[i] for i in range(len(prompts))]
 
+    def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
+                        stop: list[str] | None = None) -> list[str]:
+        """Greedy generation through a logits processor: outside quotes every token containing a quote character is
+        masked except a lone opening quote ('"' or ' "', only while an unused option is left); inside a quote only
+        the tokens of an unused option + closing quote (each tokenized on its own) are allowed."""
+        import torch
+        from transformers import LogitsProcessorList
+
+        if len(quotable) != len(prompts):
+            raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
+        if self._quote_sets is None:
+            self._quote_sets = quote_token_sets(self._tok)
+        quote_ids, open_list = self._quote_sets
+        eos = self._tok.eos_token_id
+        tries = [OptionTrie([self._tok.encode(q + '"', add_special_tokens=False) for q in qs], len(qs), eos)
+                 if qs else None for qs in quotable]
+        outs: dict[int, str] = {}
+        self.model.eval()
+        with self._lock, self._forward_context(), torch.inference_mode():
+            for b in tqdm(self._batches(prompts), desc="generate_quoted", leave=False, disable=not self.progress):
+                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(self.device)
+                start = enc["input_ids"].shape[1]
+                kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tok.pad_token_id,
+                                      "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                                      "logits_processor": LogitsProcessorList([quoted_span_processor(
+                                          [tries[i] for i in b], start, quote_ids, open_list)])}
+                if stop:
+                    kw.update(stop_strings=list(stop), tokenizer=self._tok)
+                gen = self.model.generate(**enc, **kw)
+                for j, i in enumerate(b):
+                    outs[i] = cut_at_stop(self._tok.decode(gen[j, start:], skip_special_tokens=True), stop)
+        return [outs[i] for i in range(len(prompts))]
+
     def generate(
         self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None
     ) -> list[str]:
@@ -253,3 +296,35 @@ class TransformersBackend(Backend):
                 for j, i in enumerate(b):
                     outs[i] = cut_at_stop(self._tok.decode(new[j], skip_special_tokens=True), stop)
         return [outs[i] for i in range(len(prompts))]
+
+
+def quoted_span_processor(
+    tries: list[OptionTrie | None], start: int, quote_ids: list[int], open_ids: list[int]
+) -> Any:
+    """A transformers LogitsProcessor for `generate_quoted` over a batch: row r follows `tries[r]` (None: no quote
+    allowed at all); `start` = where generation begins in `input_ids`. Outside quotes every quote-character token is
+    masked except the lone opening quotes `open_ids`, and those too once every option is used; inside a quote only
+    the trie's continuations of unused options are kept."""
+    import torch
+    from transformers import LogitsProcessor
+
+    opens = set(open_ids)
+    ban_all = torch.tensor(sorted(quote_ids), dtype=torch.long)
+    ban_free = torch.tensor(sorted(set(quote_ids) - opens), dtype=torch.long)
+
+    class QuotedSpans(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            for row, trie in enumerate(tries):
+                if trie is None:
+                    scores[row, ban_all] = float("-inf")
+                    continue
+                inside, used = quoted_state(trie, input_ids[row, start:].tolist(), opens)
+                if inside is None:
+                    scores[row, ban_all if len(used) >= len(trie.lengths) else ban_free] = float("-inf")
+                else:
+                    keep = scores[row, inside].clone()
+                    scores[row] = float("-inf")
+                    scores[row, inside] = keep
+            return scores
+
+    return QuotedSpans()

@@ -313,6 +313,42 @@ class VLLMBackend(Backend):
             out[i] = p
         return out
 
+    def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
+                        stop: list[str] | None = None) -> list[str]:
+        """Structured outputs with a regex: free text without quote characters, except spans "<one of quotable>".
+        Unlike the transformers trie the regex cannot forbid quoting the same string twice (callers check)."""
+        import re
+
+        if len(quotable) != len(prompts):
+            raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
+        free = '[^"\u201c\u201d\\n]*'
+
+        def pattern(qs: list[str]) -> str:
+            if not qs:
+                return free + "(\\n)?"
+            alts = "|".join(re.escape(q) for q in qs)
+            return f'{free}("({alts})"{free})*(\\n)?'
+
+        if self.url is None:
+            from vllm import SamplingParams
+            from vllm.sampling_params import StructuredOutputsParams
+
+            sps = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=stop,
+                                  structured_outputs=StructuredOutputsParams(regex=pattern(qs))) for qs in quotable]
+            res = self.llm.generate(list(prompts), sps, use_tqdm=False, lora_request=self._lora)
+            return [o.outputs[0].text for o in res]
+        texts: list[str] = [""] * len(prompts)
+
+        def run(i: int) -> None:
+            payload: dict[str, Any] = {"model": self.served_name, "prompt": prompts[i], "max_tokens": max_new_tokens,
+                                       "temperature": 0.0, "structured_outputs": {"regex": pattern(quotable[i])}}
+            if stop:
+                payload["stop"] = stop
+            texts[i] = self._post(payload)["choices"][0]["text"]
+
+        list(self._pool.map(run, range(len(prompts))))
+        return texts
+
     def close(self) -> None:
         if self.url is not None:
             self._pool.shutdown(wait=False)

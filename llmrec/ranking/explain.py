@@ -68,8 +68,10 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
 def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
     """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
     e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and
-    `max_words` words (an unfinished last sentence is cut off when a finished one exists)."""
+    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open)."""
     body = text.split("\n", 1)[0].strip() if text.strip() else ""
+    if body.count('"') % 2:  # a quoted title cut off by the token limit: drop the unfinished quote
+        body = body[: body.rfind('"')].rstrip(" ,;:-")
     if not body:
         return ""
     full = f"{lead} {body}".strip()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -61,6 +62,9 @@ class RankingConfig:
     chat: bool = False  # render with the tokenizer's chat template
     batch_size: int = 8  # prompts per backend call
     explain_max_new_tokens: int = 80
+    # explanations: a double-quoted title can only be one the user liked in the prompt's history, each at most once
+    # (constrained decoding; invented, repeated or recommended-as-liked quoted titles cannot be written)
+    explain_quoted_titles: bool = True
     generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
@@ -160,6 +164,9 @@ class Recommender:
         # prompt text -> letter log-probs; set to a dict to score each prompt once across several retrieval_weight
         # values (llmrec.ranking.evaluate.select_retrieval_weight)
         self.llm_cache: dict[str, np.ndarray] | None = None
+        # generate mode, summed over calls (an evaluation ranks users in several calls): users, lines, mapped, unmapped
+        self.generate_totals: Counter[str] = Counter()
+        self.last_generate_stats: dict[str, int] = {"lines": 0, "mapped": 0, "unmapped": 0}
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -255,7 +262,7 @@ class Recommender:
 
     def _rank_generate(self, histories, cands):
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
-        self.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
+        self.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}  # this call; `generate_totals`: all calls
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
@@ -264,7 +271,8 @@ class Recommender:
             ]
             if self.cfg.generate_constrained:
                 cand_ids = [[c for c, _ in cands[u]] for u in idx]
-                options = [[" " + quote(self.ds.titles[self.ds.item_index[c]]) for c in ids] for ids in cand_ids]
+                cap = self.templates["next_title"].options.title_max_chars  # titles exactly as the prompt quotes them
+                options = [[" " + quote(self.ds.titles[self.ds.item_index[c]], cap) for c in ids] for ids in cand_ids]
                 picks = self.backend.generate_from([r.text for r in rendered], options, self.cfg.generate_titles)
                 named_all = [[ids[j] for j in p] for ids, p in zip(cand_ids, picks)]
                 n_named = sum(len(p) for p in picks)
@@ -277,10 +285,13 @@ class Recommender:
                 named_all = [self.map_titles(text, [c for c, _ in cands[u]]) for u, text in zip(idx, texts)]
             for u, named in zip(idx, named_all):
                 cand_ids = [c for c, _ in cands[u]]
+                self.generate_totals["users"] += 1
                 rest = [c for c in cand_ids if c not in named]
                 ranked = named + rest
                 n = len(ranked)
                 out[u] = [(c, float(n - r)) for r, c in enumerate(ranked)]
+        for k, v in self.last_generate_stats.items():
+            self.generate_totals[k] += v
         return out
 
     def map_titles(self, text: str, candidate_ids: list[str]) -> list[str]:
@@ -327,8 +338,18 @@ class Recommender:
         lead = prefix.split(":", 1)[1].strip() if ":" in prefix else ""  # "Explanation: Because the user liked"
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
-            prompts = [self._render("explain", histories[u], recommended=self._items(recs[u][:3])).text for u in idx]
-            texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n"])
+            rendered = [self._render("explain", histories[u], recommended=self._items(recs[u][:3])) for u in idx]
+            prompts = [r.text for r in rendered]
+            if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
+                cap = self.templates["explain"].options.title_max_chars
+                shown = [self._prompt_history(histories[u])[-r.n_history:] if r.n_history else []
+                         for u, r in zip(idx, rendered)]  # the history items the prompt lists
+                quotable = [list(dict.fromkeys(quote(h.item.title, cap)[1:-1] for h in hs if h.liked is not False))
+                            for hs in shown]
+                texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
+                                                     stop=["\n"])
+            else:
+                texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n"])
             for u, text in zip(idx, texts):
                 text = tidy_explanation(lead, text)
                 hist_ids = {e.item_id for e in histories[u]}
