@@ -28,6 +28,12 @@ GEN_OPTIONS = [[' "Aladdin (1992)"', ' "Fargo (1996)"', ' "Pocahontas (1995)"', 
                 ' "Jumanji (1995)"']] * 2
 
 
+EXPLAIN_PROMPT = ('A user\'s movies, oldest first.\n- "Heat (1995)" (liked)\n- "Fargo (1996)" (liked)\n'
+                  '- "Babe (1995)" (disliked)\nRecommended movies:\n- "Casino (1995)"\n'
+                  'In one or two sentences, explain why these movies suit this user.\n'
+                  'Explanation: Because the user liked')
+
+
 def transformers_picks(model_dir: str) -> list[list[int]]:
     from llmrec.llm import load_backend
 
@@ -98,6 +104,12 @@ def test_in_process_scoring_matches_transformers(model_dir, reference):
         # constrained generation (structured-output choice rounds) writes what the transformers trie walk writes
         picks = be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3)
         assert picks == transformers_picks(model_dir)
+        # quoted spans limited to the allowed strings (a regex; repeats are the caller's check)
+        allowed = ["Heat (1995)", "Fargo (1996)"]
+        outs = be.generate_quoted([EXPLAIN_PROMPT, EXPLAIN_PROMPT], [allowed, []], max_new_tokens=40, stop=["\n"])
+        spans = outs[0].split('"')[1::2]
+        assert spans and all(x in allowed for x in spans), outs[0]
+        assert '"' not in outs[1]
     finally:
         be.close()
         del be
