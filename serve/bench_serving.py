@@ -75,14 +75,17 @@ def yesno_prompts(n: int, dataset: str = "ml-100k") -> tuple[list[str], str]:
     return out, f"prompts/yesno.yaml v{tpl.version}"
 
 
-def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = None) -> tuple[list[str], str]:
+def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = None,
+                    with_quotable: bool = False) -> Any:
     """n explanation prompts (the service's `explain` template) for distinct users: the history of a valid Yes/No
     row and three catalogue items outside it as the recommended list (seeded). Only the generation speed is
-    measured, so which items are "recommended" does not matter; no test event is read."""
+    measured, so which items are "recommended" does not matter; no test event is read. `with_quotable`: also the
+    titles each prompt lets an explanation quote (the liked history items it lists, as the Recommender passes them
+    to `generate_quoted`)."""
     import numpy as np
 
     from llmrec.data import load_prepared
-    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
+    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, quote, render
 
     ds = ds if ds is not None else load_prepared(dataset)
     valid = ds.yesno[ds.yesno["split"] == "valid"]
@@ -90,14 +93,20 @@ def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = N
     rng = np.random.default_rng(seed)
     ids = [str(i) for i in ds.items["item_id"]]
     tpl = load_template("explain")
-    out = []
+    out, quotable = [], []
     for row in rows.itertuples():
         seen = set(map(str, row.hist_items))
         rec = [i for i in rng.permutation(ids)[:20] if i not in seen][:3]
         hist = history_from_dataset(
             ds, list(row.hist_items), list(row.hist_labels), list(row.hist_ratings), list(row.hist_timestamps)
         )
-        out.append(render(tpl, history=hist, domain=ds.domain, recommended=items_from_dataset(ds, rec)).text)
+        r = render(tpl, history=hist, domain=ds.domain, recommended=items_from_dataset(ds, rec))
+        out.append(r.text)
+        shown = hist[-r.n_history:] if r.n_history else []
+        quotable.append(list(dict.fromkeys(quote(h.item.title, tpl.options.title_max_chars)[1:-1]
+                                           for h in shown if h.liked is not False)))
+    if with_quotable:
+        return out, quotable, f"prompts/explain.yaml v{tpl.version}"
     return out, f"prompts/explain.yaml v{tpl.version}"
 
 
@@ -108,22 +117,31 @@ def _explain_max_tokens() -> int:
     return RankingConfig().explain_max_new_tokens
 
 
-def explain_row(be: Any, prompts: list[str], tokenizer: Any) -> dict:
+def explain_row(be: Any, prompts: list[str], tokenizer: Any, quotable: list[list[str]] | None = None) -> dict:
     """The product's generation workload: one explanation per prompt, greedy, natural stop (newline / EOS), at most
-    the Recommender's explain_max_new_tokens. Tokens counted by re-tokenising the returned texts (same tokenizer on
-    both sides)."""
-    t0 = time.perf_counter()
-    texts = be.generate(prompts, max_new_tokens=_explain_max_tokens(), stop=["\n"])
-    s = time.perf_counter() - t0
-    n_tok = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return {"explain_prompts": len(prompts), "explain_s": s, "explain_per_s": len(prompts) / s,
-            "explain_tokens": n_tok, "explain_tokens_per_s": n_tok / s,
-            "explain_mean_tokens": n_tok / max(len(texts), 1)}
+    the Recommender's explain_max_new_tokens; free text (`explain_*`) and, with `quotable`, as the Recommender now
+    generates them: quoted titles constrained (`explain_quoted_*`, `generate_quoted`). Tokens counted by
+    re-tokenising the returned texts (same tokenizer on both sides)."""
+    out: dict[str, Any] = {}
+    runs = [("explain", None)] + ([("explain_quoted", quotable)] if quotable is not None else [])
+    for key, q in runs:
+        t0 = time.perf_counter()
+        if q is None:
+            texts = be.generate(prompts, max_new_tokens=_explain_max_tokens(), stop=["\n"])
+        else:
+            texts = be.generate_quoted(prompts, q, max_new_tokens=_explain_max_tokens(), stop=["\n"])
+        s = time.perf_counter() - t0
+        n_tok = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        out.update({f"{key}_prompts": len(prompts), f"{key}_s": s, f"{key}_per_s": len(prompts) / s,
+                    f"{key}_tokens": n_tok, f"{key}_tokens_per_s": n_tok / s,
+                    f"{key}_mean_tokens": n_tok / max(len(texts), 1)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ engines
 def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
-                       dtype: str = "float32", expl_prompts: list[str] | None = None) -> dict:
+                       dtype: str = "float32", expl_prompts: list[str] | None = None,
+                       expl_quotable: list[list[str]] | None = None) -> dict:
     import torch
 
     from llmrec.llm import load_backend
@@ -145,7 +163,7 @@ def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[s
                                     temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
             n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
     gen_s = time.perf_counter() - t0
-    expl = explain_row(be, expl_prompts, tok) if expl_prompts else {}
+    expl = explain_row(be, expl_prompts, tok, expl_quotable) if expl_prompts else {}
     return {"engine": f"transformers {dtype} (batch 16)", "start_s": start, "score_prompts": len(score_prompts),
             "score_s": score_s, "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
             "gen_tokens": n_tok, "gen_s": gen_s, "gen_tokens_per_s": n_tok / gen_s, **expl,
@@ -155,7 +173,8 @@ def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[s
 def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
                       served_name: str | None = None, lora: dict[str, str] | None = None, label: str = "",
                       modes: tuple[str, ...] = ("list", "concurrent"), dtype: str = "float32",
-                      expl_prompts: list[str] | None = None) -> list[dict]:
+                      expl_prompts: list[str] | None = None,
+                      expl_quotable: list[list[str]] | None = None) -> list[dict]:
     from llmrec.llm.vllm_backend import VLLMBackend
     from llmrec.service.launch import VLLMServer
 
@@ -178,7 +197,7 @@ def bench_vllm_server(model: str, score_prompts: list[str], gen_prompts: list[st
             gen_s = time.perf_counter() - t0
             n_tok = len(gen_prompts) * gen_tokens
             assert all(isinstance(o, str) for o in outs)
-            expl = explain_row(be, expl_prompts, be.tokenizer) if expl_prompts else {}
+            expl = explain_row(be, expl_prompts, be.tokenizer, expl_quotable) if expl_prompts else {}
             rows.append({"engine": f"vLLM server {dtype}{label}, {mode}", "start_s": srv.start_s,
                          "score_prompts": len(score_prompts), "score_s": score_s,
                          "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
@@ -213,11 +232,14 @@ def run_engines(args: argparse.Namespace) -> dict:
     model = str(default_model_path())
     prompts, source = yesno_prompts(args.n_score + args.n_gen)
     score_p, gen_p = prompts[:args.n_score], prompts[args.n_score:]
-    expl_p, expl_source = explain_prompts(args.n_explain, args.dataset) if args.n_explain else ([], None)
-    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens, dtype=dt, expl_prompts=expl_p)]
+    expl_p, expl_q, expl_source = (explain_prompts(args.n_explain, args.dataset, with_quotable=True)
+                                   if args.n_explain else ([], None, None))
+    rows = [bench_transformers(model, score_p, gen_p, args.gen_tokens, dtype=dt, expl_prompts=expl_p,
+                               expl_quotable=expl_q)]
     hf = rows[-1]
     print(hf["engine"], f"{hf['score_prompts_per_s']:.2f} p/s", f"{hf['gen_tokens_per_s']:.1f} tok/s", flush=True)
-    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens, dtype=dt, expl_prompts=expl_p)
+    rows += bench_vllm_server(model, score_p, gen_p, args.gen_tokens, dtype=dt, expl_prompts=expl_p,
+                              expl_quotable=expl_q)
     if not args.skip_lora:
         tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
         adapter = make_adapter(model, tmp / "bench-lora")
@@ -238,9 +260,13 @@ def run_engines(args: argparse.Namespace) -> dict:
     if expl_p:
         best_e = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")),
                      key=lambda r: r["explain_per_s"])
+        best_q = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")),
+                     key=lambda r: r["explain_quoted_per_s"])
         expl = {"explain_prompt_source": expl_source, "explain_max_tokens": _explain_max_tokens(),
                 "vllm_vs_transformers_explain_speedup": best_e["explain_per_s"] / hf["explain_per_s"],
-                "goal_explain_speedup_3x_met": best_e["explain_per_s"] / hf["explain_per_s"] >= 3.0}
+                "goal_explain_speedup_3x_met": best_e["explain_per_s"] / hf["explain_per_s"] >= 3.0,
+                "vllm_vs_transformers_explain_quoted_speedup": best_q["explain_quoted_per_s"]
+                / hf["explain_quoted_per_s"]}
     return {"model": model, "dtype": dt, "prompt_source": source, "gen_tokens_per_prompt": args.gen_tokens,
             "rows": rows, **expl,
             "vllm_vs_transformers_gen_speedup": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"],
@@ -400,11 +426,17 @@ def write(res: dict) -> None:
                       "tokens (the Recommender's settings); transformers generates in static batches of 16 (a batch "
                       "runs until its longest row ends), vLLM schedules each sequence on its own (continuous "
                       "batching).\n")
+            quoted = eng.get("vllm_vs_transformers_explain_quoted_speedup")
             md.append(md_table([r for r in eng["rows"] if r.get("explain_prompts")],
                                ["engine", "explain_prompts", "explain_per_s", "explain_tokens_per_s",
-                                "explain_mean_tokens"]))
+                                "explain_mean_tokens"]
+                               + (["explain_quoted_per_s", "explain_quoted_tokens_per_s"] if quoted else [])))
             md.append(f"\nvLLM / transformers on explanations: x{eng['vllm_vs_transformers_explain_speedup']:.2f} "
                       f"(goal >= 3x: {'met' if eng['goal_explain_speedup_3x_met'] else 'NOT met'}).\n")
+            if quoted:
+                md.append(f"\nWith quoted titles constrained (`generate_quoted`, how the Recommender now explains; "
+                          f"transformers: a logits processor, vLLM: a structured-output regex per request): "
+                          f"x{quoted:.2f}.\n")
     svc = res.get("service")
     if svc:
         rows = []

@@ -31,3 +31,10 @@ def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_datase
         assert len(rec_titles) == 3
         assert not any(f'"{t}"' in hist_part for t in rec_titles)  # recommended items are outside the history
     assert bs.explain_prompts(6, ds=tiny_dataset)[0] == prompts  # seeded
+    same, quotable, _ = bs.explain_prompts(6, ds=tiny_dataset, with_quotable=True)
+    assert same == prompts and len(quotable) == 6
+    for p, qs in zip(prompts, quotable):  # the quotable titles are liked history items the prompt lists
+        hist_part = p.split("Recommended", 1)[0]
+        assert qs and all(f'- "{q}"' in hist_part for q in qs)
+        assert all(f'- "{q}" (genres' not in hist_part or "(disliked)" not in hist_part.split(f'- "{q}"')[1]
+                   .split("\n")[0] for q in qs)
