@@ -135,6 +135,9 @@ def test_server_openai_client_and_adapters(model_dir, reference, adapter_dir):
         r = client.completions.create(model="test", prompt=PROMPTS[0], max_tokens=3, temperature=0)
         assert r.model == "test" and isinstance(r.choices[0].text, str)
         assert be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3) == transformers_picks(model_dir)
+        quoted = be.generate_quoted([EXPLAIN_PROMPT], [["Heat (1995)", "Fargo (1996)"]], max_new_tokens=40)[0]
+        spans = quoted.split('"')[1::2]
+        assert spans and all(x in ("Heat (1995)", "Fargo (1996)") for x in spans), quoted
         with pytest.raises(Exception, match="not served"):
             VLLMBackend(url=srv.url, model="nope")
         be.close()

@@ -36,9 +36,15 @@ def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
         body = await req.json()
         seen.append(body)
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        if body.get("allowed_token_ids"):
+            prompts = [body["prompt"]]  # one prompt given as token ids
         choices = []
         for i, p in enumerate(prompts):
-            if body.get("logprob_token_ids"):
+            if body.get("allowed_token_ids"):  # one greedy step among the allowed tokens (prompt: token ids)
+                assert isinstance(p, int) or all(isinstance(t, int) for t in p)
+                pick = max(body["allowed_token_ids"], key=lambda t, key=str(p): fake_logit(key, t))
+                choices.append({"index": i, "text": "?", "logprobs": {"tokens": [f"token_id:{pick}"]}})
+            elif body.get("logprob_token_ids"):
                 ids = body["logprob_token_ids"]
                 logits = np.array([fake_logit(p, t) for t in ids] + [5.0])  # + the rest of the vocabulary
                 lse = np.log(np.exp(logits).sum())
@@ -107,3 +113,39 @@ def test_errors_are_clear(fake_server):
         be.score_choices(["a", "b"], [[" A", " B"], [" A"]])
     with pytest.raises(VLLMError, match="not reachable"):
         VLLMBackend(url="http://127.0.0.1:9/v1", model="base", timeout=2)
+
+
+def test_constrained_generation_over_http(fake_server, tmp_path):
+    """generate_from: prompts go as token ids, tokens the trie forces are not requested, each branching step sends
+    the allowed ids and reads the token id back; the picks equal the same greedy walk done locally.
+    generate_quoted: one request per prompt with a structured-output regex allowing exactly those quotes."""
+    import re
+
+    from llm_fixtures import make_tiny_llm
+
+    from llmrec.llm.base import OptionTrie, constrained_greedy
+
+    url, seen = fake_server()
+    tok_dir = make_tiny_llm(tmp_path / "tiny")
+    be = VLLMBackend(url=url, model="base", tokenizer=str(tok_dir))
+    tok = be.tokenizer
+    prompts = ["Action Story 1. Answer:", "Comedy Story 2 Answer:"]
+    options = [[" Action Story", " Comedy Story", " Drama Story", " Horror Story"], [" Yes", " No", " A"]]
+    got = be.generate_from(prompts, options, n=2)
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    tries = [OptionTrie([tok.encode(o + "\n", add_special_tokens=False) for o in opts], 2, tok.eos_token_id)
+             for opts in options]
+    want = constrained_greedy(tries, lambda rows, allowed, gen: [
+        max(a, key=lambda t, key=str(ids[r] + gen[r]): fake_logit(key, t)) for r, a in zip(rows, allowed)])
+    assert got == want and [len(g) for g in got] == [2, 2]
+    steps = [b for b in seen if b.get("allowed_token_ids")]
+    assert steps and all(len(b["allowed_token_ids"]) > 1 and b["max_tokens"] == 1 for b in steps)
+    assert len(steps) < sum(tr.max_new_tokens() for tr in tries)  # fewer requests than tokens written
+    seen.clear()
+    quotable = [["Heat (1995)", "Face/Off (1997)"], []]
+    be.generate_quoted(["a", "b"], quotable, max_new_tokens=5, stop=["\n"])
+    regexes = {b["prompt"]: b["structured_outputs"]["regex"] for b in seen}
+    assert re.fullmatch(regexes["a"], 'because "Heat (1995)" and "Face/Off (1997)", fine\n')
+    assert not re.fullmatch(regexes["a"], 'because "Heat 1995" fits')  # not an allowed quote
+    assert not re.fullmatch(regexes["b"], 'say "Heat (1995)"') and re.fullmatch(regexes["b"], "no quotes")
+    be.close()

@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0"}
 
 
+def regex_literal(text: str) -> str:
+    """`text` as a regex matching itself: only the metacharacters are escaped (`re.escape` also escapes spaces, '&',
+    '#', '~', which xgrammar's regex parser warns about on every request)."""
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}" else c for c in text)
+
+
 class VLLMError(BackendError):
     """The vLLM server or engine returned something unusable (message says what)."""
 
@@ -317,8 +323,6 @@ class VLLMBackend(Backend):
                         stop: list[str] | None = None) -> list[str]:
         """Structured outputs with a regex: free text without quote characters, except spans "<one of quotable>".
         Unlike the transformers trie the regex cannot forbid quoting the same string twice (callers check)."""
-        import re
-
         if len(quotable) != len(prompts):
             raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
         free = '[^"\u201c\u201d\\n]*'
@@ -326,7 +330,7 @@ class VLLMBackend(Backend):
         def pattern(qs: list[str]) -> str:
             if not qs:
                 return free + "(\\n)?"
-            alts = "|".join(re.escape(q) for q in qs)
+            alts = "|".join(regex_literal(q) for q in qs)
             return f'{free}("({alts})"{free})*(\\n)?'
 
         if self.url is None:
