@@ -1,5 +1,5 @@
 """Explanation quality with and without the quoted-title constraint, same users and recommendations
--> eval/results/explanations_<dataset>.{json,md}.
+-> eval/results/explanations_<dataset>[_<backend>].{json,md}.
 
     python eval/explanations.py [--dataset ml-100k] [--users 40] [--adapter PATH] [--backend transformers|vllm]
 
@@ -72,7 +72,8 @@ def main() -> None:
         md += f"\n## Examples: {label}\n" + "".join(
             f"- user {e['user_id']} -> {', '.join(e['recommended'])}: {e['explanation']}"
             + (" *(template fallback)*" if e["fallback"] else "") + "\n" for e in ex)
-    write_result(f"explanations_{args.dataset}", {"dataset": args.dataset, "rows": rows, "examples": examples,
+    name = f"explanations_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
+    write_result(name, {"dataset": args.dataset, "rows": rows, "examples": examples,
                                                   "args": vars(args), "backend": backend.name}, md,
                  command="python eval/explanations.py " + " ".join(command_line().split()[1:]))
 

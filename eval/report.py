@@ -66,6 +66,7 @@ def section() -> str:
         ("ranking_ml-100k", None),
         ("ranking_modes_ml-100k", None),
         ("explanations_ml-100k", None),
+        ("explanations_ml-100k_vllm", None),
         ("zeroshot", None),
         ("serving", None),
         ("data_prepare", None),

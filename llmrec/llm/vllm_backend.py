@@ -322,7 +322,8 @@ class VLLMBackend(Backend):
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
                         stop: list[str] | None = None) -> list[str]:
         """Structured outputs with a regex: free text without quote characters, except spans "<one of quotable>".
-        Unlike the transformers trie the regex cannot forbid quoting the same string twice (callers check)."""
+        Unlike the transformers trie the regex cannot forbid quoting the same string twice: the Recommender's tidy
+        step cuts an explanation at a repeated quote (llmrec.ranking.explain.tidy_explanation)."""
         if len(quotable) != len(prompts):
             raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
         free = '[^"\u201c\u201d\\n]*'

@@ -65,16 +65,35 @@ _QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
 
 
+def _cut_at_repeated_quote(text: str) -> str:
+    """A quoted span written a second time (a small model looping; vLLM's regex constraint cannot forbid it, the
+    transformers trie does) ends the text: cut at the last clause break (" and ", ",", ";") between the previous
+    quote and the repeat, and end the sentence there."""
+    seen: set[str] = set()
+    prev_end = 0
+    for m in re.finditer(r'"([^"]+)"', text):
+        q = m.group(1).strip().lower()
+        if q in seen:
+            head = text[: m.start()]
+            cut = max(head.rfind(" and ", prev_end), head.rfind(",", prev_end), head.rfind(";", prev_end))
+            head = head[: cut if cut >= prev_end else prev_end].rstrip(" ,;:-")
+            return head if head.endswith((".", "!", "?")) else head + "."
+        seen.add(q)
+        prev_end = m.end()
+    return text
+
+
 def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
     """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
     e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and
-    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open)."""
+    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open, and
+    the text from a quoted title written a second time)."""
     body = text.split("\n", 1)[0].strip() if text.strip() else ""
     if body.count('"') % 2:  # a quoted title cut off by the token limit: drop the unfinished quote
         body = body[: body.rfind('"')].rstrip(" ,;:-")
     if not body:
         return ""
-    full = f"{lead} {body}".strip()
+    full = _cut_at_repeated_quote(f"{lead} {body}".strip())
     sentences = _SENTENCE_END.split(full)
     out = " ".join(sentences[:max_sentences])
     words = out.split()
