@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,98 +206,91 @@ class TransformersBackend(Backend):
         sel = torch.gather(logits, 1, ids)
         return torch.log_softmax(sel, dim=-1).numpy().astype(np.float64)
 
+    def _generate_tokens(self, prompts: list[str], max_new_tokens: int, desc: str,
+                         extra: Callable[[list[int], int], dict[str, Any]] | None = None,
+                         temperature: float = 0.0, stop: list[str] | None = None) -> dict[int, list[int]]:
+        """The new token ids per prompt (index -> ids), generated in left-padded batches under the lock with the
+        view's adapter active; greedy at temperature 0. `extra(batch_indices, start)` adds generate() arguments for
+        a batch whose generated tokens begin at column `start` (constraints)."""
+        import torch
+
+        out: dict[int, list[int]] = {}
+        self.model.eval()
+        with self._lock, self._forward_context(), torch.inference_mode():
+            for b in tqdm(self._batches(prompts), desc=desc, leave=False, disable=not self.progress):
+                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(self.device)
+                start = enc["input_ids"].shape[1]
+                kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tok.pad_token_id}
+                if temperature and temperature > 0:
+                    kw.update(do_sample=True, temperature=float(temperature))
+                else:
+                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if stop:  # stop decoding at the stop string (the text is still cut after: rows end unevenly)
+                    kw.update(stop_strings=list(stop), tokenizer=self._tok)
+                if extra is not None:
+                    kw.update(extra(b, start))
+                gen = self.model.generate(**enc, **kw)
+                for j, i in enumerate(b):
+                    out[i] = gen[j, start:].tolist()
+        return out
+
+    def _decode(self, ids: list[int], stop: list[str] | None) -> str:
+        return cut_at_stop(self._tok.decode(ids, skip_special_tokens=True), stop)
+
     def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
         """Constrained greedy decoding through `prefix_allowed_tokens_fn`: each option + `sep` is tokenized on its own
         and the model may only continue along those token sequences (see `OptionTrie`)."""
-        import torch
-
         if len(options) != len(prompts):
             raise ValueError(f"generate_from: {len(options)} option lists for {len(prompts)} prompts")
         eos = self._tok.eos_token_id
         if eos is None:
             raise BackendError(f"{self.name}: the tokenizer has no end-of-sequence token (needed to stop)")
-        tries = [OptionTrie([self._tok.encode(o + sep, add_special_tokens=False) for o in opts], n, eos)
-                 if opts and n > 0 else None for opts in options]
-        outs: dict[int, list[int]] = {i: [] for i, t in enumerate(tries) if t is None}
-        todo = [i for i, t in enumerate(tries) if t is not None]
-        self.model.eval()
-        with self._lock, self._forward_context(), torch.inference_mode():
-            batches = [[todo[j] for j in b] for b in self._batches([prompts[i] for i in todo])]
-            for b in tqdm(batches, desc="generate_from", leave=False, disable=not self.progress):
-                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(self.device)
-                start = enc["input_ids"].shape[1]
+        todo = [i for i, opts in enumerate(options) if opts and n > 0]
+        tries = {i: OptionTrie([self._tok.encode(o + sep, add_special_tokens=False) for o in options[i]], n, eos)
+                 for i in todo}
 
-                def allowed(row: int, ids: Any, b: list[int] = b, start: int = start) -> list[int]:
-                    return tries[b[row]].walk(ids[start:].tolist())[1]
+        def extra(b: list[int], start: int) -> dict[str, Any]:
+            def allowed(row: int, ids: Any) -> list[int]:
+                return tries[todo[b[row]]].walk(ids[start:].tolist())[1]
 
-                gen = self.model.generate(
-                    **enc, max_new_tokens=max(tries[i].max_new_tokens() for i in b), do_sample=False,
-                    temperature=None, top_p=None, top_k=None, pad_token_id=self._tok.pad_token_id,
-                    eos_token_id=eos, prefix_allowed_tokens_fn=allowed,
-                )
-                for j, i in enumerate(b):
-                    outs[i] = tries[i].walk(gen[j, start:].tolist())[0]
-        return [outs[i] for i in range(len(prompts))]
+            return {"max_new_tokens": max(tries[todo[i]].max_new_tokens() for i in b), "eos_token_id": eos,
+                    "prefix_allowed_tokens_fn": allowed}
+
+        gen = self._generate_tokens([prompts[i] for i in todo], 0, "generate_from", extra)
+        out: list[list[int]] = [[] for _ in prompts]
+        for k, i in enumerate(todo):
+            out[i] = tries[i].walk(gen[k])[0]
+        return out
 
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
                         stop: list[str] | None = None) -> list[str]:
         """Greedy generation through a logits processor: outside quotes every token containing a quote character is
         masked except a lone opening quote ('"' or ' "', only while an unused option is left); inside a quote only
         the tokens of an unused option + closing quote (each tokenized on its own) are allowed."""
-        import torch
         from transformers import LogitsProcessorList
 
         if len(quotable) != len(prompts):
             raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
         if self._quote_sets is None:
             self._quote_sets = quote_token_sets(self._tok)
-        quote_ids, open_list = self._quote_sets
+        quote_ids, open_ids = self._quote_sets
         eos = self._tok.eos_token_id
         tries = [OptionTrie([self._tok.encode(q + '"', add_special_tokens=False) for q in qs], len(qs), eos)
                  if qs else None for qs in quotable]
-        outs: dict[int, str] = {}
-        self.model.eval()
-        with self._lock, self._forward_context(), torch.inference_mode():
-            for b in tqdm(self._batches(prompts), desc="generate_quoted", leave=False, disable=not self.progress):
-                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(self.device)
-                start = enc["input_ids"].shape[1]
-                kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tok.pad_token_id,
-                                      "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                                      "logits_processor": LogitsProcessorList([quoted_span_processor(
-                                          [tries[i] for i in b], start, quote_ids, open_list)])}
-                if stop:
-                    kw.update(stop_strings=list(stop), tokenizer=self._tok)
-                gen = self.model.generate(**enc, **kw)
-                for j, i in enumerate(b):
-                    outs[i] = cut_at_stop(self._tok.decode(gen[j, start:], skip_special_tokens=True), stop)
-        return [outs[i] for i in range(len(prompts))]
+
+        def extra(b: list[int], start: int) -> dict[str, Any]:
+            proc = quoted_span_processor([tries[i] for i in b], start, quote_ids, open_ids)
+            return {"logits_processor": LogitsProcessorList([proc])}
+
+        gen = self._generate_tokens(prompts, max_new_tokens, "generate_quoted", extra, stop=stop)
+        return [self._decode(gen[i], stop) for i in range(len(prompts))]
 
     def generate(
         self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None
     ) -> list[str]:
-        import torch
-
-        outs: dict[int, str] = {}
-        self.model.eval()
-        with self._lock, self._forward_context(), torch.inference_mode():
-            for b in tqdm(self._batches(prompts), desc="generate", leave=False, disable=not self.progress):
-                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(self.device)
-                kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self._tok.pad_token_id}
-                if temperature and temperature > 0:
-                    kw.update(do_sample=True, temperature=float(temperature))
-                else:
-                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                if stop:  # stop decoding at the stop string (the text is still cut below: batch rows end unevenly)
-                    kw.update(stop_strings=list(stop), tokenizer=self._tok)
-                gen = self.model.generate(**enc, **kw)
-                new = gen[:, enc["input_ids"].shape[1] :]
-                for j, i in enumerate(b):
-                    outs[i] = cut_at_stop(self._tok.decode(new[j], skip_special_tokens=True), stop)
-        return [outs[i] for i in range(len(prompts))]
-
+        gen = self._generate_tokens(prompts, max_new_tokens, "generate", temperature=temperature, stop=stop)
+        return [self._decode(gen[i], stop) for i in range(len(prompts))]
 
 def quoted_span_processor(
     tries: list[OptionTrie | None], start: int, quote_ids: list[int], open_ids: list[int]
