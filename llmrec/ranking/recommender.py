@@ -6,12 +6,15 @@ Scoring modes
 - `verbalizer` (default): one forward pass over the `rank` prompt; each candidate is labelled with a single-token
   letter and scored by the log-probability of its letter as the next token (LlamaRec style).
 - `generate`: the model writes titles (the `next_title` prompt), one per line. By default (`generate_constrained`)
-  decoding is constrained to the candidates' titles (a token trie; vLLM: structured-output `choice`), so it writes
-  up to `generate_titles` distinct candidates in its own order and every line maps. Unconstrained
+  decoding is constrained to the candidates' own title tokens (`Backend.generate_from`: a token trie; vLLM:
+  `allowed_token_ids` where titles part), so it writes up to `generate_titles` distinct candidates in its own order
+  and every line maps. Unconstrained
   (`generate_constrained: false`): free text, each line mapped back to the catalogue by exact title match, else by
   embedding similarity among the candidates (threshold `min_title_similarity`); unmapped lines are dropped and
   counted. Candidates the model did not name keep their retrieval order after the named ones.
 Yes/No: `score_yesno` gives P(Yes) = softmax over the " Yes"/" No" first-token logits of the `yesno` prompt.
+Explanations: `explain` template; with `explain_quoted_titles` a quoted title can only be one the user liked among the
+history items the prompt lists (`Backend.generate_quoted`); then the post-check, else a template fallback.
 
 Full ranking (evaluation): `score_matrix` puts the LLM-ordered candidates above every other item; the rest keep their
 retrieval score, so metrics stay full-ranking over the whole catalogue.
