@@ -64,11 +64,15 @@ def test_tidy_explanation_prefix_line_and_sentence_caps():
     unfinished = tidy_explanation(lead, " Heat and Alien, a lot of action. And also the")
     assert unfinished == "Because the user liked Heat and Alien, a lot of action."
     cut = tidy_explanation(lead, ' "Heat (1995)", and "Toy Sto')  # a quote left open by the token limit
-    assert cut == 'Because the user liked "Heat (1995)", and'
+    assert cut == 'Because the user liked "Heat (1995)".'
     looped = tidy_explanation(lead, ' the movie "Gattaca (1997)" and liked the movie "Godfather, The (1972)", and '
                                     'liked the movie "gattaca (1997)" and liked the movie "Gattaca (1997)"')
     assert looped == 'Because the user liked the movie "Gattaca (1997)" and liked the movie "Godfather, The (1972)".'
     assert tidy_explanation(lead, ' "Heat" "Heat" again') == 'Because the user liked "Heat".'
+    dangling = tidy_explanation(lead, ' the movie "Kolya (1996)" and liked the movie "Crumb (1994)" and liked the')
+    assert dangling == 'Because the user liked the movie "Kolya (1996)" and liked the movie "Crumb (1994)".'
+    assert tidy_explanation(lead, ' "Kolya (1996)", a quiet drama') == 'Because the user liked "Kolya (1996)".'
+    assert tidy_explanation(lead, ' "Kolya (1996)" so much') == 'Because the user liked "Kolya (1996)" so much'
     capped = tidy_explanation("", "Word " * 100, max_words=5)
     assert capped == "Word Word Word Word Word ..."
 

@@ -61,6 +61,7 @@ _CLAIM = re.compile(
     r",\s*(?:so|they|you|which|this|these|it|we|he|she|then|try|consider)\b|\s(?:so|because|but|therefore)\s|$)",
     re.IGNORECASE,
 )
+_DANGLING = re.compile(r'"\s*(?:,|;|and\b)[^"]*$')  # an unfinished clause after the last quoted title
 _QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
 
@@ -101,6 +102,8 @@ def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: in
         out = " ".join(words[:max_words]) + " ..."
     elif len(sentences) > 1 and out[-1] not in ".!?" and len(sentences[0]) >= 20:
         out = sentences[0]
+    elif out[-1] not in '.!?"' and _DANGLING.search(out):  # cut off mid-list: '... "Heat (1995)" and liked the'
+        out = out[: out.rfind('"') + 1] + "."
     return out
 
 
