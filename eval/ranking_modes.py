@@ -80,7 +80,10 @@ def main() -> None:
     md = md_table(rows, cols)
     md += (
         f"\n{args.users} test users (seed {args.seed}), {args.candidates} candidates from `{args.retriever}`, "
-        f"backend {backend.name}, batch {args.batch_size}; x_verbalizer_time = s_per_user / the verbalizer's.\n"
+        f"backend {backend.name}, batch {args.batch_size}; x_verbalizer_time = s_per_user / the verbalizer's."
+        + (" vLLM in-process with prefix caching on (constrained generation re-sends each prompt at every point "
+           "where titles part; the verbalizer's prompts are all distinct)." if args.backend == "vllm" else "")
+        + "\n"
         f"\nVerbalizer vs generate: {gen['x_verbalizer_time']:.1f}x faster than constrained generate"
         + (f", {free['x_verbalizer_time']:.1f}x than free-text generate" if free else "")
         + " (issue goal: 20x).\n"

@@ -65,6 +65,7 @@ def section() -> str:
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("ranking_modes_ml-100k", None),
+        ("ranking_modes_ml-100k_vllm", None),
         ("explanations_ml-100k", None),
         ("explanations_ml-100k_vllm", None),
         ("zeroshot", None),
