@@ -85,7 +85,7 @@ def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = N
     import numpy as np
 
     from llmrec.data import load_prepared
-    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, quote, render
+    from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, quotable_titles, render
 
     ds = ds if ds is not None else load_prepared(dataset)
     valid = ds.yesno[ds.yesno["split"] == "valid"]
@@ -102,9 +102,7 @@ def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = N
         )
         r = render(tpl, history=hist, domain=ds.domain, recommended=items_from_dataset(ds, rec))
         out.append(r.text)
-        shown = hist[-r.n_history:] if r.n_history else []
-        quotable.append(list(dict.fromkeys(quote(h.item.title, tpl.options.title_max_chars)[1:-1]
-                                           for h in shown if h.liked is not False)))
+        quotable.append(quotable_titles(tpl, hist, r))
     if with_quotable:
         return out, quotable, f"prompts/explain.yaml v{tpl.version}"
     return out, f"prompts/explain.yaml v{tpl.version}"

@@ -269,15 +269,6 @@ class VLLMBackend(Backend):
         list(self._pool.map(run, self._chunks(list(range(len(prompts))))))
         return texts
 
-    def _encode(self, text: str) -> list[int]:
-        if self.url is not None and self._tokenizer is None and self._tokenizer_path is None:
-            r = self._http.post(f"{self.root_url}/tokenize",
-                                json={"model": self.served_name, "prompt": text, "add_special_tokens": False})
-            if r.status_code != 200:
-                raise VLLMError(f"vLLM /tokenize -> HTTP {r.status_code}: {r.text[:200]}")
-            return [int(t) for t in r.json().get("tokens", [])]
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
     def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
         """Constrained greedy decoding along each option's own tokens (the transformers trie, `OptionTrie`): prompts go
         in as token ids; a token forced by the trie is appended without a request, and at each point where options
@@ -286,13 +277,11 @@ class VLLMBackend(Backend):
         lets the model spell an option in any tokenization, so its picks differ.)"""
         if len(options) != len(prompts):
             raise ValueError(f"generate_from: {len(options)} option lists for {len(prompts)} prompts")
-        eos = self.tokenizer.eos_token_id if (self._tokenizer is not None or self._tokenizer_path or
-                                               self.url is None) else None
-        if eos is None:
-            raise VLLMError("generate_from needs the model's tokenizer (end token): pass tokenizer=<folder>")
+        tok = self.tokenizer  # local: option tokens and the end token (raises for an HTTP backend without one)
         todo = [i for i, opts in enumerate(options) if opts and n > 0]
-        tries = [OptionTrie([self._encode(o + sep) for o in options[i]], n, eos) for i in todo]
-        ids = [self._encode(prompts[i]) for i in todo]
+        tries = [OptionTrie([tok.encode(o + sep, add_special_tokens=False) for o in options[i]], n, tok.eos_token_id)
+                 for i in todo]
+        ids = [tok.encode(prompts[i], add_special_tokens=False) for i in todo]
         if self.url is None:
             from vllm import SamplingParams
 

@@ -274,3 +274,11 @@ def render(
         template=t.name,
         version=t.version,
     )
+
+
+def quotable_titles(t: PromptTemplate, history: list[HistoryItem], rendered: RenderedPrompt) -> list[str]:
+    """The titles an explanation may quote: the items the user liked (or gave no reaction to) among the history
+    items `rendered` (a render of `history` with `t`) lists, each as quoted there (without the outer quotes)."""
+    shown = history[-rendered.n_history:] if rendered.n_history else []
+    cap = t.options.title_max_chars
+    return list(dict.fromkeys(quote(h.item.title, cap)[1:-1] for h in shown if h.liked is not False))

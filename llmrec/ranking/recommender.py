@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.data.prepare import PreparedDataset
-from llmrec.prompts import quote
+from llmrec.prompts import quotable_titles, quote
 from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
@@ -198,12 +198,12 @@ class Recommender:
             [e.timestamp for e in h],
         )
 
-    def _render(self, name: str, history: list[HistEvent], **kw):
+    def _render(self, name: str, history: list[HistEvent], prompt_history: list | None = None, **kw):
         from llmrec.prompts import render
 
         return render(
             self.templates[name],
-            history=self._prompt_history(history),
+            history=self._prompt_history(history) if prompt_history is None else prompt_history,
             domain=self.ds.domain,
             tokenizer=getattr(self.backend, "tokenizer", None),
             max_tokens=self.cfg.max_prompt_tokens,
@@ -341,14 +341,12 @@ class Recommender:
         lead = prefix.split(":", 1)[1].strip() if ":" in prefix else ""  # "Explanation: Because the user liked"
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
-            rendered = [self._render("explain", histories[u], recommended=self._items(recs[u][:3])) for u in idx]
+            hist = [self._prompt_history(histories[u]) for u in idx]
+            rendered = [self._render("explain", histories[u], recommended=self._items(recs[u][:3]), prompt_history=h)
+                        for u, h in zip(idx, hist)]
             prompts = [r.text for r in rendered]
             if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
-                cap = self.templates["explain"].options.title_max_chars
-                shown = [self._prompt_history(histories[u])[-r.n_history:] if r.n_history else []
-                         for u, r in zip(idx, rendered)]  # the history items the prompt lists
-                quotable = [list(dict.fromkeys(quote(h.item.title, cap)[1:-1] for h in hs if h.liked is not False))
-                            for hs in shown]
+                quotable = [quotable_titles(self.templates["explain"], h, r) for h, r in zip(hist, rendered)]
                 texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
                                                      stop=["\n"])
             else:
