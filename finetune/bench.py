@@ -249,7 +249,14 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
     return mem
 
 
-def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int) -> dict[str, Any]:
+FEW_SHOT_KW = {"mf": {}, "bert_lstm": {"tasks": ["yesno"]}}  # baselines refitted on the LLM's few-shot rows
+
+
+def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int,
+                   few_shot: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Each baseline's test metrics on the recipe's test subset (its checkpoint, else fitted with defaults on every
+    training row), the counts-only reference, and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW
+    refitted on exactly the LLM's n_train training rows, early-stopped on its n_valid validation rows (same seed)."""
     from llmrec.baselines import get_model, load_model
     from llmrec.data import load_prepared
     from llmrec.evaluation import evaluate_yesno, yesno_subset
@@ -271,6 +278,15 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
                          "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"}
+    for name in [n for n in names if n in FEW_SHOT_KW] if few_shot else []:
+        n_tr, n_va = few_shot
+        t0 = time.time()
+        model = get_model(name, max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, **FEW_SHOT_KW[name])
+        model.fit(ds)
+        out[f"{name}, same {n_tr} training rows"] = {
+            **evaluate_yesno(model.predict_proba(ex), ex), "seconds": round(time.time() - t0, 1),
+            "how": f"fitted on the LLM's {n_tr} training rows, early stopping on its {n_va} validation rows",
+        }
     from llmrec.data.stats import counts_only_p_yes
 
     out["counts only (no model)"] = {**evaluate_yesno(counts_only_p_yes(ds, ex), ex),
@@ -308,7 +324,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     mem = memory_summary(a.task, a.dataset)
     n_test = manifest["test"]["n"]
     seed = manifest["seed"]
-    baselines = baseline_yesno(a.baselines.split(","), a.dataset, n_test, seed) if (
+    few = (manifest["train"]["n"], manifest["valid"]["n"]) if a.few_shot else None
+    baselines = baseline_yesno(a.baselines.split(","), a.dataset, n_test, seed, few) if (
         a.task == "yesno" and a.baselines) else {}
     payload = {
         "dataset": a.dataset, "task": a.task, "status": main.get("status", "done"),
@@ -392,6 +409,8 @@ def main() -> None:
     for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):
         p.add_argument(f"--{k}", type=int, default=v, help=f"shaped: (default {v}: TinyLlama-1.1B's shape)")
     p.add_argument("--baselines", default="mf,bert_lstm", help="report (yesno): baselines scored on the same subset")
+    p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=True,
+                   help="report (yesno): also refit mf / bert_lstm on the LLM's own training and validation rows")
     p.add_argument("--note", default="", help="report, mmap: free text (e.g. the CPU contention during the run)")
     p.add_argument("--command", default=None, help="report: the commands that produced the runs")
     p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")

@@ -238,3 +238,25 @@ def test_retriever_names_agree_across_cli_service_and_factory():
 
     hints = typing.get_type_hints(ServiceConfig)
     assert list(RETRIEVERS) == RETRIEVER_CHOICES == list(typing.get_args(hints["retriever"]))
+
+
+def test_few_shot_caps_draw_the_fine_tuning_rows_and_mf_fits_on_them_only(tiny_dataset):
+    """`max_train_examples` / `max_valid_examples` with the recipe's seed select exactly the rows fine-tuning trains
+    and validates on (the few-shot comparison in finetune/bench.py report), and MF sees no other training user."""
+    from llmrec.baselines.base import yesno_train_valid
+    from llmrec.finetune.config import DataSettings
+    from llmrec.finetune.data import build_examples
+    from llmrec.prompts import WhitespaceTokenizer
+
+    n_tr, n_va, seed = 24, 10, 3
+    ex = build_examples(tiny_dataset, "yesno", DataSettings(n_train=n_tr, n_valid=n_va, n_test=4, seed=seed,
+                                                            max_len=400), WhitespaceTokenizer())
+    tr, va = yesno_train_valid(tiny_dataset, n_tr, n_va, seed)
+    assert len(tr) == n_tr and len(va) == n_va
+    assert [(e.user_id, e.item_id) for e in ex["train"]] == list(zip(tr["user_id"], tr["item_id"]))
+    assert [(e.user_id, e.item_id) for e in ex["valid"]] == list(zip(va["user_id"], va["item_id"]))
+    all_train = tiny_dataset.yesno[tiny_dataset.yesno["split"] == "train"]
+    assert len(all_train) > n_tr  # the cap is a real cut on this dataset
+    m = get_model("mf", max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, **FAST["mf"])
+    m.fit(tiny_dataset, progress=False)
+    assert set(m.user_index) == set(tr["user_id"].astype(str))

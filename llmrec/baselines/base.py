@@ -234,6 +234,17 @@ class Baseline:
         )
 
 
+def yesno_train_valid(
+    ds: Any, max_train: int | None, max_valid: int | None, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The Yes/No `train` and `valid` rows a baseline fits on, each capped to a seeded sample
+    (`llmrec.evaluation.yesno_subset`). Fine-tuning draws its `data.n_train` / `data.n_valid` rows the same way, so
+    with the recipe's sizes and seed a baseline fits on exactly the LLM's few-shot rows."""
+    from llmrec.evaluation import yesno_subset
+
+    return yesno_subset(ds, "train", max_train or None, seed), yesno_subset(ds, "valid", max_valid or None, seed)
+
+
 def yesno_arrays(ds: Any, examples: pd.DataFrame, hist_len: int = 10) -> dict[str, np.ndarray]:
     """Index arrays of Yes/No examples: user ids, target item index, padded history items (index+1, 0 = pad,
     left-padded so the most recent event is last) and history likes (1 like, 2 dislike, 0 pad)."""

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_arrays
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_arrays, yesno_train_valid
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +206,7 @@ class BertLSTM(Baseline):
         from llmrec.metrics import auc
 
         c = self.cfg
-        y = ds.yesno
-        tr, va = y[y["split"] == "train"], y[y["split"] == "valid"]
-        if c.max_train_examples and len(tr) > c.max_train_examples:
-            tr = tr.sample(n=c.max_train_examples, random_state=c.seed)
-        if c.max_valid_examples and len(va) > c.max_valid_examples:
-            va = va.sample(n=c.max_valid_examples, random_state=c.seed)
+        tr, va = yesno_train_valid(ds, c.max_train_examples, c.max_valid_examples, c.seed)
         if tr.empty:
             raise ValueError(f"{ds.name}: no Yes/No training rows")
         a = yesno_arrays(ds, tr, c.hist_len)

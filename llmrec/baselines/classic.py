@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_train_valid
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class MFConfig:
     seed: int = 0
     threads: int | None = 1  # 2 threads on 2 busy shared cores was 70x slower (OpenMP spinning)
     time_budget_s: float | None = None
+    max_train_examples: int | None = None  # seeded cap on the Yes/No training rows (few-shot comparisons)
+    max_valid_examples: int | None = None  # seeded cap on the Yes/No valid rows used for early stopping
 
 
 class _MFNet:
@@ -102,8 +104,7 @@ class MatrixFactorization(Baseline):
         import torch
 
         c: MFConfig = self.cfg
-        y = ds.yesno
-        tr, va = y[y["split"] == "train"], y[y["split"] == "valid"]
+        tr, va = yesno_train_valid(ds, c.max_train_examples, c.max_valid_examples, c.seed)
         if tr.empty:
             raise ValueError(f"{ds.name}: no Yes/No training rows")
         self.user_index = {u: n for n, u in enumerate(sorted(tr["user_id"].astype(str).unique()))}

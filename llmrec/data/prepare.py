@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -69,6 +70,9 @@ class PrepareConfig:
     seed: int = 42
     items_file: str | None = None  # item metadata file for a CSV/Parquet interaction file
     name: str | None = None  # name of the prepared folder (default: the dataset's name)
+    # the noun prompts use for one item ("book", "song", "board game"; plural formed by llmrec.prompts.text.plural);
+    # default: the loader's (movie, artist, gift card; "item" for a CSV/Parquet file or a RecBole folder)
+    domain: str | None = None
 
 
 @dataclass
@@ -290,11 +294,29 @@ def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, droppe
     }
 
 
+_DOMAIN_RE = re.compile(r"[A-Za-z][A-Za-z -]{0,39}")
+
+
+def check_domain(domain: str) -> str:
+    """The `domain` key: 1-40 letters, spaces or hyphens, starting with a letter. It is written into every prompt
+    unquoted, so nothing else (quotes, newlines, digits, punctuation) is accepted."""
+    d = str(domain).strip()
+    if not _DOMAIN_RE.fullmatch(d) or "  " in d:
+        raise DataError(
+            f"PrepareConfig.domain: {domain!r} is not a noun of 1-40 letters, spaces or hyphens (e.g. 'book', "
+            "'board game'); it is written unquoted into every prompt"
+        )
+    return d
+
+
 def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = None) -> PrepareReport:
     """Load `dataset` (built-in name, RecBole folder or file path), preprocess, split, write the prepared folder."""
     cfg = cfg or PrepareConfig()
     t0 = time.perf_counter()
+    domain = check_domain(cfg.domain) if cfg.domain is not None else None  # before any work: a bad key changes nothing
     raw = load_raw(dataset, cfg.items_file)
+    if domain:
+        raw.domain = domain
     name = cfg.name or raw.name
     df, items, dropped, rule = preprocess(raw, cfg)
     df = loo_split(df)

@@ -185,7 +185,7 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dic
         def sub(split: str, n: int | None) -> pd.DataFrame:
             return ys.iloc[:0] if n == 0 else yesno_subset(ds, split, n, cfg.seed)
 
-        train = sample_rows(ds.yesno[ds.yesno["split"] == "train"], cfg.n_train, cfg.seed)
+        train = yesno_subset(ds, "train", cfg.n_train or None, cfg.seed)  # the rows baselines' few-shot caps draw
         return {
             "train": _yesno_examples(ds, train, cfg, tokenizer, template, P, "train examples"),
             "valid": _yesno_examples(ds, sub("valid", cfg.n_valid), cfg, tokenizer,
