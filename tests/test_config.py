@@ -44,3 +44,16 @@ def test_bad_types_and_yaml(tmp_path):
     p.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(Cfg, p)
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "show", "--dataset", "d"], ["prompt", "--template", "yesno", "--dataset", "d"],
+    ["retrieve", "--dataset", "d"], ["recommend", "--dataset", "d"],
+])
+def test_every_user_command_takes_both_user_spellings(argv):
+    from llmrec.cli import build_parser
+
+    p = build_parser()
+    got = {getattr(p.parse_args(argv + [flag, "42"]), "user", None) or p.parse_args(argv + [flag, "42"]).user_id
+           for flag in ("--user", "--user-id")}
+    assert got == {"42"}

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=cmd_prepare)
     ps = s.add_parser("show", help="print a user's history with titles")
     ps.add_argument("--dataset", required=True)
-    ps.add_argument("--user", required=True)
+    ps.add_argument("--user", "--user-id", dest="user", required=True)
     ps.add_argument("--limit", type=int, default=50)
     ps.set_defaults(func=cmd_show)
 
@@ -60,7 +60,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     ds = load_prepared(args.dataset)
     h = ds.history(args.user, before="all")
-    print(f"user {args.user}: {len(h)} events in {ds.name} ({ds.domain}s); split = leave-one-out role")
+    from llmrec.prompts.text import plural
+
+    print(f"user {args.user}: {len(h)} events in {ds.name} ({plural(ds.domain)}); split = leave-one-out role")
     for _, r in h.tail(args.limit).iterrows():
         when = datetime.fromtimestamp(int(r["timestamp"]), UTC).strftime("%Y-%m-%d")
         rating = "" if r["rating"] != r["rating"] else f"{r['rating']:g}"

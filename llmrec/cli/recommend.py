@@ -42,7 +42,7 @@ def _task_template(text: str) -> tuple[str, str]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--user-id", required=True)
+    p.add_argument("--user-id", "--user", dest="user_id", required=True)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--explain", action="store_true")
     p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process")

@@ -8,7 +8,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="top-K unseen items for a user from the text / hybrid retriever")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--user", help="user id (history from the prepared dataset)")
+    p.add_argument("--user", "--user-id", dest="user", help="user id (history from the prepared dataset)")
     p.add_argument("--profile", help="free-text profile instead of a user history")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--mode", choices=["text", "hybrid", "cf"], default="text")
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("prompt", help="render a prompt template for a user and print it with its token count")
     q.add_argument("--template", required=True, help="template name (prompts/<name>.yaml) or a YAML path")
     q.add_argument("--dataset", required=True)
-    q.add_argument("--user", required=True)
+    q.add_argument("--user", "--user-id", dest="user", required=True)
     q.add_argument("--split", choices=["all", "test", "valid"], default="test",
                    help="history before the user's test/valid target (which is the yes/no target), or all events")
     q.add_argument("--item", help="target item id for yesno (default: the user's target of --split)")
