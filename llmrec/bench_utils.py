@@ -36,6 +36,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The code a long benchmark runs is the checkout as it was when the runner imported this module; commits made while it
+# runs do not change what it measured, so the header names this commit (and the one at writing time when they differ).
+COMMIT_AT_START = git_commit()
+
+
 def machine_info() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -164,9 +169,10 @@ def write_result(
     """Write `<name>.json` (header + payload) and `<name>.md` (header + table). Returns the JSON path."""
     out_dir = Path(results_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
+    now = git_commit()
     header = {
         "dataset": payload.get("dataset"),
-        "commit": git_commit(),
+        "commit": COMMIT_AT_START if now == COMMIT_AT_START else f"{COMMIT_AT_START} (started; {now} when written)",
         "machine": machine_info(),
         "command": command or command_line(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""`llmrec.bench_utils`: the per-phase peak-RSS mark used by the fine-tuning memory benchmark."""
+"""`llmrec.bench_utils`: the per-phase peak-RSS mark used by the fine-tuning memory benchmark; the result header.
 
 from __future__ import annotations
 
@@ -109,3 +109,18 @@ def test_memory_status_reads_the_kernels_fields():
     assert set(m) == {"VmRSS", "RssAnon", "RssFile", "VmHWM"} and m["VmRSS"] > 0
     assert m["RssAnon"] + m["RssFile"] <= m["VmRSS"] + 1.0 and m["VmRSS"] <= m["VmHWM"] + 1.0
     assert set(memory_status_mb(("VmRSS", "NoSuchField"))) == {"VmRSS"}
+
+
+def test_result_header_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    import json
+
+    from llmrec import bench_utils
+
+    monkeypatch.setattr(bench_utils, "COMMIT_AT_START", "abc1234")
+    monkeypatch.setattr(bench_utils, "git_commit", lambda: "abc1234")
+    bench_utils.write_result("same", {"dataset": "d"}, "t\n", command="x", results_dir=tmp_path)
+    assert json.loads((tmp_path / "same.json").read_text())["commit"] == "abc1234"
+    monkeypatch.setattr(bench_utils, "git_commit", lambda: "def5678+dirty")
+    bench_utils.write_result("moved", {"dataset": "d"}, "t\n", command="x", results_dir=tmp_path)
+    assert json.loads((tmp_path / "moved.json").read_text())["commit"] == "abc1234 (started; def5678+dirty when written)"
+    assert "- commit: abc1234 (started; def5678+dirty when written)" in (tmp_path / "moved.md").read_text()
