@@ -73,8 +73,22 @@ def test_tidy_explanation_prefix_line_and_sentence_caps():
     assert dangling == 'Because the user liked the movie "Kolya (1996)" and liked the movie "Crumb (1994)".'
     assert tidy_explanation(lead, ' "Kolya (1996)", a quiet drama') == 'Because the user liked "Kolya (1996)".'
     assert tidy_explanation(lead, ' "Kolya (1996)" so much') == 'Because the user liked "Kolya (1996)" so much'
-    capped = tidy_explanation("", "Word " * 100, max_words=5)
-    assert capped == "Word Word Word Word Word ..."
+    capped = tidy_explanation("", " ".join(f"w{k}" for k in range(100)), max_words=5)
+    assert capped == "w0 w1 w2 w3 w4 ..."
+
+
+def test_tidy_explanation_cuts_a_phrase_looping_to_the_token_limit():
+    lead = "Because the user liked"
+    # seen on a books dataset: quotes used up, the model loops until max_new_tokens
+    loop = (' the title of "Mystery Book 5" and liked the author of "Mystery Book 57" and liked the genre of the genre'
+            " of the genre of the genre of the genre of the genre of the")
+    assert tidy_explanation(lead, loop) == (
+        'Because the user liked the title of "Mystery Book 5" and liked the author of "Mystery Book 57".')
+    assert tidy_explanation(lead, ' "Heat (1995)", a movie movie movie movie') == 'Because the user liked "Heat (1995)".'
+    assert tidy_explanation("", "Word " * 100, max_words=5) == "Word"  # a one-word loop keeps one word
+    # a repetition the text recovers from is not a loop
+    ok = ' very very very good movies like "Heat (1995)".'
+    assert tidy_explanation(lead, ok) == 'Because the user liked very very very good movies like "Heat (1995)".'
 
 
 def test_a_recommended_item_claimed_as_already_liked_fails_the_check():

@@ -84,17 +84,39 @@ def _cut_at_repeated_quote(text: str) -> str:
     return text
 
 
+def _cut_at_loop(text: str, max_n: int = 8, repeats: int = 3) -> str:
+    """A word sequence of 1-`max_n` words repeated (>= `repeats` times in a row) up to the end of the text ("... liked
+    the genre of the genre of the genre of the": a small model looping until the token limit, typically when the quote
+    constraint leaves it nothing to quote) ends the text after its first occurrence; the caller then trims the clause
+    left dangling. A repetition the text recovers from ("very very very good") is left alone."""
+    words = list(re.finditer(r"\S+", text))
+    low = [w.group().lower() for w in words]
+    for i in range(len(low)):
+        for n in range(1, max_n + 1):
+            if i + repeats * n > len(low):
+                break
+            unit = low[i : i + n]
+            if any(low[i + r * n : i + (r + 1) * n] != unit for r in range(1, repeats)):
+                continue
+            j = i + repeats * n
+            while low[j : j + n] == unit:
+                j += n
+            if low[j:] == unit[: len(low) - j]:  # only a partial repeat follows: the loop ran to the end
+                return text[: words[i + n - 1].end()].rstrip(" ,;:-")
+    return text
+
+
 def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
     """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
     e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and
-    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open, and
-    the text from a quoted title written a second time)."""
+    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open, the
+    text from a quoted title written a second time, and a phrase repeated in a loop)."""
     body = text.split("\n", 1)[0].strip() if text.strip() else ""
     if body.count('"') % 2:  # a quoted title cut off by the token limit: drop the unfinished quote
         body = body[: body.rfind('"')].rstrip(" ,;:-")
     if not body:
         return ""
-    full = _cut_at_repeated_quote(f"{lead} {body}".strip())
+    full = _cut_at_repeated_quote(_cut_at_loop(f"{lead} {body}".strip()))
     sentences = _SENTENCE_END.split(full)
     out = " ".join(sentences[:max_sentences])
     words = out.split()
