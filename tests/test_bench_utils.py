@@ -1,4 +1,4 @@
-"""`llmrec.bench_utils`: the per-phase peak-RSS mark used by the fine-tuning memory benchmark; the result header.
+"""`llmrec.bench_utils`: the per-phase peak-RSS mark used by the fine-tuning memory benchmark; the result header."""
 
 from __future__ import annotations
 
@@ -122,5 +122,6 @@ def test_result_header_names_the_commit_the_run_started_from(tmp_path, monkeypat
     assert json.loads((tmp_path / "same.json").read_text())["commit"] == "abc1234"
     monkeypatch.setattr(bench_utils, "git_commit", lambda: "def5678+dirty")
     bench_utils.write_result("moved", {"dataset": "d"}, "t\n", command="x", results_dir=tmp_path)
-    assert json.loads((tmp_path / "moved.json").read_text())["commit"] == "abc1234 (started; def5678+dirty when written)"
+    moved = "abc1234 (started; def5678+dirty when written)"
+    assert json.loads((tmp_path / "moved.json").read_text())["commit"] == moved
     assert "- commit: abc1234 (started; def5678+dirty when written)" in (tmp_path / "moved.md").read_text()

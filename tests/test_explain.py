@@ -84,7 +84,8 @@ def test_tidy_explanation_cuts_a_phrase_looping_to_the_token_limit():
             " of the genre of the genre of the genre of the genre of the")
     assert tidy_explanation(lead, loop) == (
         'Because the user liked the title of "Mystery Book 5" and liked the author of "Mystery Book 57".')
-    assert tidy_explanation(lead, ' "Heat (1995)", a movie movie movie movie') == 'Because the user liked "Heat (1995)".'
+    one = tidy_explanation(lead, ' "Heat (1995)", a movie movie movie movie')
+    assert one == 'Because the user liked "Heat (1995)".'
     assert tidy_explanation("", "Word " * 100, max_words=5) == "Word"  # a one-word loop keeps one word
     # a repetition the text recovers from is not a loop
     ok = ' very very very good movies like "Heat (1995)".'
