@@ -54,6 +54,6 @@ def test_every_user_command_takes_both_user_spellings(argv):
     from llmrec.cli import build_parser
 
     p = build_parser()
-    got = {getattr(p.parse_args(argv + [flag, "42"]), "user", None) or p.parse_args(argv + [flag, "42"]).user_id
-           for flag in ("--user", "--user-id")}
-    assert got == {"42"}
+    for flag in ("--user", "--user-id"):
+        ns = vars(p.parse_args(argv + [flag, "42"]))
+        assert ns.get("user", ns.get("user_id")) == "42", flag
