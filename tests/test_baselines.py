@@ -3,6 +3,8 @@ user's history, checkpoints round-trip, and the shared evaluation path is determ
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -229,15 +231,29 @@ def test_hybrid_sasrec_retriever_loads_the_checkpoint(tiny_dataset, fitted, tmp_
     assert [i for i, _ in got] != [i for i, _ in ret.text.query(hist, k=10)]
 
 
-def test_retriever_names_agree_across_cli_service_and_factory():
+def test_retriever_names_and_defaults_agree_across_cli_service_and_factory():
+    """`llmrec recommend` / `eval rank`, the service (typed default and serve/config.yaml) and the factory offer the
+    same retrievers and answer with the same default retriever and fusion weight (one user, one answer)."""
+    import argparse
     import typing
 
-    from llmrec.cli.recommend import RETRIEVER_CHOICES
-    from llmrec.ranking.factory import RETRIEVERS
-    from llmrec.service.config import ServiceConfig
+    from llmrec.cli import recommend as cli
+    from llmrec.ranking import factory
+    from llmrec.service.config import ServiceConfig, load_service_config
 
     hints = typing.get_type_hints(ServiceConfig)
-    assert list(RETRIEVERS) == RETRIEVER_CHOICES == list(typing.get_args(hints["retriever"]))
+    assert list(factory.RETRIEVERS) == cli.RETRIEVER_CHOICES == list(typing.get_args(hints["retriever"]))
+    assert factory.DEFAULT_RETRIEVER in factory.RETRIEVERS and factory.DEFAULT_RETRIEVER != "text"
+    shipped = load_service_config(Path(__file__).resolve().parent.parent / "serve" / "config.yaml", environ={})
+    for retriever, weight in [(cli.DEFAULT_RETRIEVER, cli.DEFAULT_RETRIEVAL_WEIGHT),
+                              (ServiceConfig().retriever, ServiceConfig().retrieval_weight),
+                              (shipped.retriever, shipped.retrieval_weight)]:
+        assert (retriever, weight) == (factory.DEFAULT_RETRIEVER, factory.DEFAULT_RETRIEVAL_WEIGHT)
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    for argv in (["recommend", "--user-id", "1"], ["eval", "rank", "--dataset", "x"]):
+        a = parser.parse_args(argv)
+        assert (a.retriever, a.retrieval_weight) == (factory.DEFAULT_RETRIEVER, factory.DEFAULT_RETRIEVAL_WEIGHT)
 
 
 def test_few_shot_caps_draw_the_fine_tuning_rows_and_mf_fits_on_them_only(tiny_dataset):

@@ -7,8 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-# = llmrec.ranking.factory.RETRIEVERS (kept literal so the CLI starts without pandas; a test checks they agree)
+# = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
+# agree, and with the service's defaults)
 RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec"]
+DEFAULT_RETRIEVER = "hybrid"
+DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -19,10 +22,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
     p.add_argument("--load-in-4bit", action="store_true",
                    help="transformers backend: nf4 4-bit base (the base a QLoRA adapter was trained on; less memory)")
-    p.add_argument("--retriever", default="text", choices=RETRIEVER_CHOICES)
+    p.add_argument("--retriever", default=DEFAULT_RETRIEVER, choices=RETRIEVER_CHOICES,
+                   help="candidate retriever: text, hybrid (text + item-CF, fitted in seconds; the default, as in "
+                        "the service), hybrid:sasrec (text + SASRec: `llmrec baselines train --model sasrec` first, "
+                        "else it is fitted now)")
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
-    p.add_argument("--retrieval-weight", type=float, default=0.0,
-                   help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order")
+    p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
+                   help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order "
+                        "alone (default %(default)s, as in the service)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--template", action="append", default=[], type=_task_template, metavar="TASK=NAME",
                    help="prompt template per task, e.g. yesno=yesno_stats (default: the adapter's own, else the "

@@ -11,7 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user", "--user-id", dest="user", help="user id (history from the prepared dataset)")
     p.add_argument("--profile", help="free-text profile instead of a user history")
     p.add_argument("--k", type=int, default=20)
-    p.add_argument("--mode", choices=["text", "hybrid", "cf"], default="text")
+    p.add_argument("--mode", choices=["text", "hybrid", "cf"], default=None,
+                   help="text, hybrid (text + item-CF: what `llmrec recommend` and the service put in the prompt) "
+                        "or cf (item-CF alone); default: hybrid for --user, text for --profile")
     p.add_argument("--split", choices=["all", "test", "valid"], default="all",
                    help="history allowed: all events, or those before the user's test/valid target")
     p.add_argument("--model", help="sentence-transformers folder (default: the embedded all-MiniLM-L6-v2)")
@@ -48,6 +50,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         raise SystemExit("llmrec retrieve: give --user or --profile")
     if args.user and not ds.has_user(args.user):
         raise KeyError(f"unknown user {args.user!r} in dataset {ds.name}")
+    args.mode = args.mode or ("text" if args.profile else "hybrid")
     text = None
     if args.mode != "cf" or args.profile:
         text = TextRetriever(args.model, index=args.index).build(ds, progress=False)
@@ -91,7 +94,7 @@ def _tokenizer(spec: str):
 def cmd_prompt(args: argparse.Namespace) -> int:
     from llmrec.data import load_prepared
     from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
-    from llmrec.retrieval import candidates_for
+    from llmrec.retrieval import candidates_for, default_retriever
 
     ds = load_prepared(args.dataset)
     if not ds.has_user(args.user):
@@ -111,13 +114,11 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     elif t.task in ("rank", "next_title", "explain"):
         split = args.split if args.split != "all" else None
         if split is None:
-            from llmrec.retrieval import default_retriever
-
             seen = set(ds.history(args.user, before="all")["item_id"])
             hq = [(str(i), bool(lab), 0) for i, lab in zip(h["item_id"], h["label"])]
-            cands = [i for i, _ in default_retriever(ds).query(hq, k=args.k, exclude=seen)]
-        else:
-            cands = [i for i, _ in candidates_for(ds, args.user, split, args.k)]
+            cands = [i for i, _ in default_retriever(ds, "hybrid").query(hq, k=args.k, exclude=seen)]
+        else:  # the candidates `llmrec recommend` and the service would place (their default retriever)
+            cands = [i for i, _ in candidates_for(ds, args.user, split, args.k, default_retriever(ds, "hybrid"))]
         if t.task == "explain":
             kw["recommended"] = items_from_dataset(ds, cands[:3])
         elif not (t.task == "next_title" and args.no_candidates):

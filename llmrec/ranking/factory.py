@@ -13,6 +13,13 @@ log = logging.getLogger(__name__)
 
 
 RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec")
+# what the product answers with unless told otherwise (`llmrec recommend` / `eval rank`, the service): text + item-CF
+# needs no trained model (fitted in seconds) and puts the test item in the top 20 for 23% of ML-100K users against
+# 7% for the text retriever alone (eval/results/retrieval_ml-100k.md); `hybrid:sasrec` is better (27%) once SASRec is
+# trained. The fusion weight 4 sits between what the ML-100K validation split chose for SmolLM2-135M zero-shot (2)
+# and tuned (8) (eval/results/ranking_ml-100k.md); a stronger LLM deserves a smaller one.
+DEFAULT_RETRIEVER = "hybrid"
+DEFAULT_RETRIEVAL_WEIGHT = 4.0
 # (text, collaborative) RRF weights per collaborative model, chosen on the ML-100K validation split
 # (eval/retrieval.py; ML-1M's validation split preferred 0.1 for SASRec, by 0.002 Recall@20 over 0.25)
 HYBRID_WEIGHTS: dict[str, tuple[float, float]] = {"itemcf": (0.5, 1.0), "sasrec": (0.25, 1.0)}

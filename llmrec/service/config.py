@@ -66,10 +66,10 @@ class ServiceConfig:
     batch_max_wait_ms: float = 10.0
     candidates: int = 20  # candidates the recommender ranks (passed as `n_candidates` when it accepts it)
     like_threshold: float = 3.0  # rating events above it count as likes
-    retrieval_weight: float = 0.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
+    retrieval_weight: float = 4.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
     # candidate retriever: text | hybrid (text + item-CF) | hybrid:sasrec (text + SASRec, loaded from its checkpoint
     # or fitted once at start); every choice scores any history from the event store, known users or not
-    retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec"] = "text"
+    retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec"] = "hybrid"
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
