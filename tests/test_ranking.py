@@ -677,6 +677,29 @@ def test_cli_eval_yesno_dataset_with_a_chosen_template(parts, tmp_path, monkeypa
     assert "expected TASK=NAME" in capsys.readouterr().err
 
 
+def test_cli_eval_rank_defaults_to_the_hybrid_retriever_and_records_its_settings(parts, tmp_path, monkeypatch, capsys):
+    """`llmrec eval rank` ranks over the product's default candidates (text + item-CF, fusion weight 4, as the
+    service) and writes which retriever, weight, mode and backend produced its figures; other settings are recorded
+    as given."""
+    from llmrec.cli import main
+
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    base = ["eval", "rank", "--dataset", str(parts.ds.root), "--model", str(parts.llm_dir), "--dtype", "float32",
+            "--max-users", "4", "--batch-size", "4"]
+    got = {}
+    for name, extra in (("default", []), ("text", ["--retriever", "text", "--retrieval-weight", "0"])):
+        out = tmp_path / f"{name}.json"
+        assert main(base + extra + ["--out", str(out)]) == 0
+        got[name] = json.loads(out.read_text())
+        assert got[name]["n_users"] == 4 and 0.0 <= got[name]["ndcg@10"] <= 1.0
+    assert (got["default"]["retriever"], got["default"]["retrieval_weight"]) == ("hybrid", 4.0)
+    assert (got["text"]["retriever"], got["text"]["retrieval_weight"]) == ("text", 0.0)
+    assert got["default"]["mode"] == "verbalizer" and got["default"]["n_candidates"] == 20
+    assert got["default"]["backend"].startswith("transformers:") and got["default"]["adapter"] is None
+    printed = capsys.readouterr().out
+    assert "with hybrid + verbalizer rerank, retrieval weight 4" in printed and "with text + verbalizer" in printed
+
+
 def test_cli_eval_yesno_on_a_4bit_base(parts, tallrec_file, tmp_path, monkeypatch):
     """`--load-in-4bit` scores on the nf4 base (what a QLoRA adapter was trained on); vLLM refuses the flag."""
     from llmrec.cli import main
