@@ -41,6 +41,24 @@ def test_template_fallback_uses_shared_attributes():
         [["Animation", "Comedy"], ["Action", "Horror"]],
     )
     assert '"Heat (1995)"' in text and "Action" in text and '"Alien (1979)"' in text
+
+
+def test_template_explanation_cites_the_liked_items_that_share_the_recommendations_attributes():
+    """The fallback names the liked items overlapping the recommended items' attributes most (not simply the last
+    three liked), in history order; with no overlap at all it names the most recent liked items."""
+    liked = ["Alien (1979)", "Heat (1995)", "Toy Story (1995)", "Babe (1995)", "Emma (1996)"]
+    attrs = [["Horror", "Sci-Fi"], ["Action", "Crime"], ["Animation", "Comedy"], ["Children's", "Comedy"],
+             ["Drama", "Romance"]]
+    text = template_explanation("movie", ["Se7en (1995)", "Die Hard (1988)"], [["Crime", "Thriller"],
+                                ["Action", "Thriller"]], liked, attrs)
+    # Heat shares Action + Crime (2 recommended items' worth); nothing else overlaps: only Heat is cited
+    assert 'because you liked "Heat (1995)", and' in text and text.endswith(("Crime, Action.", "Action, Crime."))
+    text = template_explanation("movie", ["Aliens (1986)", "Pinocchio (1940)"], [["Action", "Sci-Fi"],
+                                ["Animation", "Children's"]], liked, attrs)
+    # Alien, Heat, Toy Story and Babe share one attribute each: the three most recent, in history order
+    assert 'you liked "Heat (1995)", "Toy Story (1995)", "Babe (1995)", and' in text
+    text = template_explanation("movie", ["Nosferatu (1922)"], [["Silent"]], liked, attrs)
+    assert text.endswith('ones you liked recently: "Toy Story (1995)", "Babe (1995)", "Emma (1996)".')
     assert split_values("Animation Children's Comedy") == ["Animation", "Children's", "Comedy"]
     assert split_values("rock, female vocalists") == ["rock", "female vocalists"]
 

@@ -180,13 +180,19 @@ def template_explanation(
     rec_attrs: list[list[str]],
     liked_titles: list[str],
     liked_attrs: list[list[str]],
+    n_liked: int = 3,
 ) -> str:
-    """Deterministic fallback: the attributes the recommended items share with the items the user liked."""
+    """Deterministic fallback: the attributes the recommended items share with the items the user liked, citing
+    the liked items (oldest first in the inputs) that share the most of the recommended items' attributes (each
+    attribute counted once per recommended item having it; ties: the more recent), else the most recent ones."""
     liked_counter = Counter(a for attrs in liked_attrs for a in attrs)
-    shared = Counter(a for attrs in rec_attrs for a in attrs if a in liked_counter)
+    shared = Counter(a for attrs in rec_attrs for a in set(attrs) if a in liked_counter)
     top = [a for a, _ in (shared + liked_counter).most_common() if a in shared][:3]
     recs = ", ".join(f'"{t}"' for t in rec_titles[:3])
-    likes = ", ".join(f'"{t}"' for t in liked_titles[-3:])
+    overlap = [sum(shared[a] for a in set(attrs)) for attrs in liked_attrs]
+    order = sorted(range(len(liked_titles)), key=lambda j: (-overlap[j], -j))
+    cite = sorted(j for j in order[:n_liked] if overlap[j] > 0) or list(range(len(liked_titles)))[-n_liked:]
+    likes = ", ".join(f'"{liked_titles[j]}"' for j in cite)
     if top and likes:
         return (
             f"Recommended {recs} because you liked {likes}, and these {domain}s share what you tend to enjoy: "
