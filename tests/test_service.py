@@ -9,35 +9,16 @@ import logging
 import random
 import string
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from llmrec.config import ConfigError
+from llmrec.ranking.recommender import RecItem, Recommendation
 from llmrec.service.app import create_app
 from llmrec.service.config import LLMConfig, ServiceConfig, load_service_config
 from llmrec.store import EventStore
-
-
-@dataclass
-class RecItem:
-    item_id: str
-    title: str
-    score: float
-    rank: int
-
-
-@dataclass
-class Recommendation:
-    user_id: str
-    items: list
-    explanation: str | None
-    explanation_fallback: bool
-    model: str
-    adapter: str | None
-    backend: str
 
 
 class GenreRecommender:
@@ -63,8 +44,8 @@ class GenreRecommender:
         sc = self._scores(history)
         top = sorted(sc, key=lambda i: -sc[i])[:k]
         items = [RecItem(i, self.ds.titles[self.ds.item_index[i]], sc[i], r + 1) for r, i in enumerate(top)]
-        return Recommendation(user_id, items, "because you liked them" if explain else None, False, "fake", adapter,
-                              "fake")
+        return Recommendation(user_id, items, explanation="because you liked them" if explain else None,
+                              explanation_fallback=False, model="fake", adapter=adapter, backend="fake")
 
     def score_yesno(self, user_id, item_ids, history=None):
         if self.fail:

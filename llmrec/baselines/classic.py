@@ -91,7 +91,30 @@ class _MFNet:
         return Net()
 
 
-class MatrixFactorization(Baseline):
+class _MFNetModel:
+    """What the two models on an `_MFNet` share: next-item scores p_u . q_i + b_i, and the checkpoint state."""
+
+    net: Any
+    user_index: dict[str, int]
+
+    def _net_scores(self, uidx: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.net.eval()
+        with torch.no_grad():
+            s = self.net.P(torch.as_tensor(uidx)) @ self.net.Q.weight.T + self.net.bi.weight.T
+        return s.numpy()
+
+    def _state(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "user_index": self.user_index}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.user_index = state["user_index"]
+        self.net = _MFNet.make(len(self.user_index), self.ds.n_items, self.cfg.dim)  # type: ignore[attr-defined]
+        self.net.load_state_dict(state["net"])
+
+
+class MatrixFactorization(_MFNetModel, Baseline):
     """Classic click model: P(like | u, i) = sigmoid(p_u . q_i + b_u + b_i + b), binary cross-entropy on the Yes/No
     `train` rows, early stopping on the `valid` rows' AUC. Users without a training row (cold) get p_u = 0, b_u = 0:
     only the item bias and the global bias. For next-item ranking, items are ranked by p_u . q_i + b_i."""
@@ -167,20 +190,7 @@ class MatrixFactorization(Baseline):
         return float(np.mean(self._uidx(examples["user_id"]) == len(self.user_index))) if len(examples) else 0.0
 
     def _score(self, user_ids: list[str], split: str) -> np.ndarray:
-        import torch
-
-        u = torch.as_tensor(self._uidx(user_ids))
-        with torch.no_grad():
-            s = self.net.P(u) @ self.net.Q.weight.T + self.net.bi.weight.T
-        return s.numpy()
-
-    def _state(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "user_index": self.user_index}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self.user_index = state["user_index"]
-        self.net = _MFNet.make(len(self.user_index), self.ds.n_items, self.cfg.dim)
-        self.net.load_state_dict(state["net"])
+        return self._net_scores(self._uidx(user_ids))
 
 
 # --------------------------------------------------------------------------------------------------- BPR-MF
@@ -199,7 +209,7 @@ class BPRConfig:
     time_budget_s: float | None = None
 
 
-class BPRMF(Baseline):
+class BPRMF(_MFNetModel, Baseline):
     """BPR-MF (Rendle et al. 2009) on implicit feedback: every `train` event (liked or not) is a positive, one uniform
     negative per positive (an item the user never had in `train`, resampled on collision), loss
     -log sigmoid(s_ui - s_uj) + L2. Score = p_u . q_i + b_i. Early stopping on valid full-ranking NDCG@10."""
@@ -259,18 +269,4 @@ class BPRMF(Baseline):
         self.fit_info.update({"epochs": ep + 1, "best_epoch": stop.best_epoch + 1, "valid_ndcg@10": stop.best})
 
     def _score(self, user_ids: list[str], split: str) -> np.ndarray:
-        import torch
-
-        u = torch.as_tensor(np.array([self.user_index[x] for x in user_ids], dtype=np.int64))
-        self.net.eval()
-        with torch.no_grad():
-            s = self.net.P(u) @ self.net.Q.weight.T + self.net.bi.weight.T
-        return s.numpy()
-
-    def _state(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "user_index": self.user_index}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self.user_index = state["user_index"]
-        self.net = _MFNet.make(len(self.user_index), self.ds.n_items, self.cfg.dim)
-        self.net.load_state_dict(state["net"])
+        return self._net_scores(np.array([self.user_index[x] for x in user_ids], dtype=np.int64))

@@ -173,28 +173,26 @@ class EventStore:
     def has_user(self, user_id: str) -> bool:
         return self.version(user_id) is not None
 
-    def history(self, user_id: str, limit: int | None = None) -> list[Event]:
-        """The user's most recent `limit` events (all if None), oldest first."""
+    @staticmethod
+    def _history_query(user_id: str, limit: int | None) -> Any:
+        """The user's events, most recent first (ties: the later insert), at most `limit`."""
         q = (
             sa.select(events_t)
             .where(events_t.c.user_id == str(user_id))
             .order_by(events_t.c.timestamp.desc(), events_t.c.id.desc())
         )
-        if limit is not None:
-            q = q.limit(int(limit))
+        return q if limit is None else q.limit(int(limit))
+
+    def history(self, user_id: str, limit: int | None = None) -> list[Event]:
+        """The user's most recent `limit` events (all if None), oldest first."""
+        q = self._history_query(user_id, limit)
         with self.engine.connect() as conn:
             rows = conn.execute(q).fetchall()
         return [_row_to_event(r) for r in reversed(rows)]
 
     def history_with_version(self, user_id: str, limit: int | None = None) -> tuple[list[Event], int | None]:
         """History and version read in one transaction (consistent with each other)."""
-        q = (
-            sa.select(events_t)
-            .where(events_t.c.user_id == str(user_id))
-            .order_by(events_t.c.timestamp.desc(), events_t.c.id.desc())
-        )
-        if limit is not None:
-            q = q.limit(int(limit))
+        q = self._history_query(user_id, limit)
         with self.engine.connect() as conn, conn.begin():
             ver = conn.execute(
                 sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
