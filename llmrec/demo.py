@@ -80,7 +80,7 @@ def finetune_stage(dataset: str, budget: dict) -> dict[str, str]:
 def service_stage(dataset: str, user_id: str, adapter: str | None) -> None:
     import httpx
 
-    from llmrec.service.client import format_recommendations
+    from llmrec.service.client import format_recommendations, wait_until_up
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -101,18 +101,7 @@ def service_stage(dataset: str, user_id: str, adapter: str | None) -> None:
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     try:
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            raise RuntimeError("the service did not become ready in 15 minutes")
+        wait_until_up(f"{url}/ready", proc, 900, interval_s=2, name="the service")
         health = httpx.get(f"{url}/health", timeout=5).json()
         print(f"service ready at {url}: {health}")
         q = {"k": 5, "explain": "true"}

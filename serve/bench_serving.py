@@ -274,26 +274,19 @@ def run_engines(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ service
 def start_service(overrides: list[str], port: int, log_path: Path, timeout: float = 900) -> subprocess.Popen:
-    import httpx
+    from llmrec.service.client import wait_until_up
 
     cli = "import sys; from llmrec.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", cli, "serve", "--config", str(ROOT / "serve" / "config.yaml"), "--port", str(port),
            "--set", *overrides]
     proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=ROOT)
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}; log {log_path}:\n"
-                               + log_path.read_text(errors="replace")[-3000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_service(proc)
-    raise TimeoutError(f"service not healthy after {timeout}s (log {log_path})")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout, name="service", log_path=log_path)
+    except TimeoutError:
+        stop_service(proc)
+        raise
+    return proc
 
 
 def stop_service(proc: subprocess.Popen) -> None:

@@ -36,24 +36,18 @@ def free_port() -> int:
 
 
 def start_service(dataset: str, db: Path, port: int, log_path: Path) -> subprocess.Popen:
-    import httpx
+    from llmrec.service.client import wait_until_up
 
     cli = "import sys; from llmrec.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", cli, "serve", "--no-llm", "--dataset", dataset, "--port", str(port),
            "--set", f"store_url=sqlite:///{db}"]
     proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.time()
-    while time.time() - t0 < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise TimeoutError("service did not become healthy in 180 s")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, 180, interval_s=0.3, name="service", log_path=log_path)
+    except TimeoutError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
 
 
 def main() -> int:

@@ -52,3 +52,24 @@ def test_fetch_and_format(server):
 def test_unreachable():
     with pytest.raises(ServiceClientError, match="cannot reach"):
         fetch_recommendations(f"http://127.0.0.1:{free_port()}", "u1", timeout=2)
+
+
+def test_wait_until_up_returns_when_healthy_and_fails_fast_on_an_exited_process(server, tmp_path):
+    """What the vLLM launcher, the demo and the serving scripts wait with: a live server returns at once; a process
+    that died is reported with its exit code and log tail at once (not after the timeout); silence times out."""
+    import subprocess
+    import sys
+
+    from llmrec.service.client import wait_until_up
+
+    assert wait_until_up(f"{server}/health", timeout_s=10) < 5
+    log = tmp_path / "dead.log"
+    log.write_text("Traceback: the model folder is missing\n")
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3 .*model folder is missing"):
+        wait_until_up(f"http://127.0.0.1:{free_port()}/health", dead, timeout_s=60, log_path=log)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(TimeoutError, match="did not answer 200 within 1 s"):
+        wait_until_up(f"http://127.0.0.1:{free_port()}/health", timeout_s=1, interval_s=0.2)

@@ -1,14 +1,39 @@
-"""HTTP client of the recommendation service (used by `llmrec recommend --url ...`)."""
+"""HTTP client of the recommendation service (used by `llmrec recommend --url ...`), and `wait_until_up` for
+whatever starts a server process (the vLLM launcher, the demo, the serving benchmarks)."""
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 
 class ServiceClientError(RuntimeError):
     """The service answered with an error (message taken from its error body) or could not be reached."""
+
+
+def wait_until_up(url: str, proc: Any = None, timeout_s: float = 180.0, interval_s: float = 1.0,
+                  name: str = "server", log_path: str | Path | None = None) -> float:
+    """Poll GET `url` until it answers 200; returns the seconds waited. RuntimeError as soon as `proc` (a Popen)
+    has exited (with the tail of `log_path` when given), TimeoutError after `timeout_s`."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log_path).read_text(errors="replace")[-3000:] if log_path and Path(log_path).is_file() else ""
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before {url} answered"
+                               + (f"; log {log_path}:\n{tail}" if log_path else ""))
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{name}: {url} did not answer 200 within {timeout_s:.0f} s"
+                       + (f" (log {log_path})" if log_path else ""))
 
 
 def _error_message(resp: Any) -> str:

@@ -88,7 +88,7 @@ class VLLMServer:
         self.start_s: float | None = None
 
     def start(self, timeout_s: float = 600.0) -> VLLMServer:
-        import httpx
+        from llmrec.service.client import wait_until_up
 
         env = dict(os.environ)
         if not _has_cuda():
@@ -100,21 +100,15 @@ class VLLMServer:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        health = f"http://{self.host}:{self.port}/health"
-        while time.perf_counter() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"vLLM server exited with code {self.proc.returncode}; log tail:\n{tail}")
-            try:
-                if httpx.get(health, timeout=2).status_code == 200:
-                    self.start_s = time.perf_counter() - t0
-                    log.info("vLLM server ready at %s after %.1fs", self.url, self.start_s)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise TimeoutError(f"vLLM server not healthy after {timeout_s:.0f}s (log: {self.log_path})")
+        try:
+            wait_until_up(f"http://{self.host}:{self.port}/health", self.proc, timeout_s, name="vLLM server",
+                          log_path=self.log_path)
+        except TimeoutError:
+            self.stop()
+            raise
+        self.start_s = time.perf_counter() - t0
+        log.info("vLLM server ready at %s after %.1fs", self.url, self.start_s)
+        return self
 
     def stop(self, grace_s: float = 20.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
