@@ -4,9 +4,12 @@
     python eval/explanations.py [--dataset ml-100k] [--users 40] [--adapter PATH] [--backend transformers|vllm]
 
 For seeded test users (history up to their test event), the Recommender recommends k=5 (verbalizer, the given
-retriever) and explains the top 3 twice: generated freely (`explain_quoted_titles: false`) and with quoted titles
-constrained to titles the user liked in the prompt's history (the default). The post-check and fallback are the
-same in both (llmrec.ranking.explain.check_explanation). Metrics: llmrec.ranking.evaluate.explanation_metrics.
+retriever) and explains the top 3 three ways: generated freely (`explain_quoted_titles: false`), with quoted titles
+constrained to titles the user liked in the prompt's history (`explain_relevant_titles: false`), and constrained to
+those of them that share an attribute with a recommended item (the default). The post-check and fallback are the
+same in all (llmrec.ranking.explain.check_explanation). Metrics: llmrec.ranking.evaluate.explanation_metrics, and
+`relevant_citations`: of the history items the shown explanations name (fallbacks included), the share that shares
+an attribute value (genre, tag, ...) with one of the three recommended items.
 """
 
 from __future__ import annotations
@@ -23,6 +26,19 @@ from llmrec.ranking.evaluate import explanation_metrics
 from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
 log = logging.getLogger("explanations")
+
+
+def relevant_citations(rec: Recommender, hs: list, recs: list) -> float | None:
+    """Of the history items the explanations name, the share with an attribute value of a top-3 recommended item."""
+    named = shared = 0
+    for h, r in zip(hs, recs):
+        hist = {e.item_id for e in h}
+        rec_attrs = {a for i in r.items[:3] for a in rec._attrs(i.item_id)}
+        for i in rec.matcher.find(r.explanation or ""):
+            if i in hist:
+                named += 1
+                shared += bool(rec_attrs & set(rec._attrs(i)))
+    return shared / named if named else None
 
 
 def main() -> None:
@@ -47,27 +63,32 @@ def main() -> None:
     recs = rec.recommend_batch(users, hs, k=5, explain=False)  # one ranking, explained twice
     top = [[i.item_id for i in r.items] for r in recs]
     rows, examples = [], {}
-    for label, quoted in (("free text", False), ("quoted titles constrained", True)):
-        rec.cfg.explain_quoted_titles = quoted
+    variants = (("free text", False, False), ("quoted titles constrained (any liked)", True, False),
+                ("quoted titles constrained (liked, sharing an attribute)", True, True))
+    for label, quoted, relevant in variants:
+        rec.cfg.explain_quoted_titles, rec.cfg.explain_relevant_titles = quoted, relevant
         t0 = time.perf_counter()
         out = rec.explain(hs, top)
         dt = (time.perf_counter() - t0) / max(1, len(users))
         for r, (text, fb, hall) in zip(recs, out):
             r.explanation, r.explanation_fallback, r.hallucinated = text, fb, hall
         m = explanation_metrics(recs)
-        rows.append({"explanations": label, **m, "s_per_user": dt})
+        rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
+                     "s_per_user": dt})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
                             "explanation": r.explanation, "fallback": r.explanation_fallback}
                            for r in recs[: args.examples]]
         log.info("%s", rows[-1])
     backend.close()
 
-    cols = ["explanations", "n", "fallback_rate", "hallucination_rate", "grounding_rate", "mean_words", "distinct_2",
-            "s_per_user"]
+    cols = ["explanations", "n", "fallback_rate", "hallucination_rate", "grounding_rate", "relevant_citations",
+            "mean_words", "distinct_2", "s_per_user"]
     md = md_table(rows, cols)
     md += (f"\n{len(users)} test users (seed {args.seed}), top 3 of k=5 explained, backend {backend.name}, "
            f"retriever `{args.retriever}`. fallback = the generated text failed the post-check and the template "
-           "explanation was shown instead (grounding_rate = 1 - fallback_rate).\n")
+           "explanation was shown instead (grounding_rate = 1 - fallback_rate). relevant_citations: of the history "
+           "items the shown texts name (template fallbacks included), the share that shares an attribute value with "
+           "one of the three recommended items.\n")
     for label, ex in examples.items():
         md += f"\n## Examples: {label}\n" + "".join(
             f"- user {e['user_id']} -> {', '.join(e['recommended'])}: {e['explanation']}"

@@ -479,15 +479,21 @@ def test_grounded_explanation_is_kept(parts, tiny_dataset):
 
 
 def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_dataset):
-    h = make_rec(parts).dataset_history("u2")
-    backend = ScriptedBackend(gen=" nice things.")
-    rec = make_rec(parts, backend, history_len=4)
-    rec.recommend("u2", k=4, explain=True)
-    shown = h[-4:]
-    want = list(dict.fromkeys(title(tiny_dataset, e.item_id) for e in shown if e.liked is not False))
-    assert backend.quotable == [want]
-    assert all(f'"{t}"' in backend.generated[-1] for t in want)
-    assert any(e.liked is False for e in shown)  # a disliked title is shown but cannot be quoted
+    """Quotable: the liked titles among the history the prompt shows; by default only those sharing a genre with a
+    recommended item (evidence for the recommendation), all of them with `explain_relevant_titles: false` or when
+    none shares one. A disliked title is listed in the prompt but never quotable."""
+    by_genre = tiny_dataset.items.groupby("genres")["item_id"].apply(list)
+    a, b, c = (by_genre.iloc[j] for j in range(3))
+    hist = [HistEvent(a[0], True, 5.0, 1), HistEvent(b[0], True, 5.0, 2), HistEvent(a[1], False, 1.0, 3),
+            HistEvent(b[1], True, 4.0, 4)]
+    liked = [a[0], b[0], b[1]]
+    for recs, relevant, want in (([a[2], a[3], a[4]], True, [a[0]]),
+                                 ([a[2], a[3], a[4]], False, liked),
+                                 ([c[0], c[1], c[2]], True, liked)):  # nothing shares a genre: every liked title
+        backend = ScriptedBackend(gen=" nice things.")
+        make_rec(parts, backend, explain_relevant_titles=relevant).explain([hist], [recs])
+        assert backend.quotable == [[title(tiny_dataset, i) for i in want]], (recs, relevant)
+        assert all(f'"{title(tiny_dataset, i)}"' in backend.generated[-1] for i in liked + [a[1]])  # all listed
     off = ScriptedBackend(gen=" nice things.")
     make_rec(parts, off, explain_quoted_titles=False).recommend("u2", k=4, explain=True)
     assert not hasattr(off, "quotable")

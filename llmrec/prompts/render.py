@@ -276,9 +276,14 @@ def render(
     )
 
 
-def quotable_titles(t: PromptTemplate, history: list[HistoryItem], rendered: RenderedPrompt) -> list[str]:
+def quotable_titles(t: PromptTemplate, history: list[HistoryItem], rendered: RenderedPrompt,
+                    prefer: set[str] | None = None) -> list[str]:
     """The titles an explanation may quote: the items the user liked (or gave no reaction to) among the history
-    items `rendered` (a render of `history` with `t`) lists, each as quoted there (without the outer quotes)."""
+    items `rendered` (a render of `history` with `t`) lists, each as quoted there (without the outer quotes). With
+    `prefer` (item ids), only those of them, unless none of them is among the listed liked items."""
     shown = history[-rendered.n_history:] if rendered.n_history else []
+    liked = [h for h in shown if h.liked is not False]
+    if prefer:
+        liked = [h for h in liked if h.item.item_id in prefer] or liked
     cap = t.options.title_max_chars
-    return list(dict.fromkeys(quote(h.item.title, cap)[1:-1] for h in shown if h.liked is not False))
+    return list(dict.fromkeys(quote(h.item.title, cap)[1:-1] for h in liked))

@@ -68,6 +68,9 @@ class RankingConfig:
     # explanations: a double-quoted title can only be one the user liked in the prompt's history, each at most once
     # (constrained decoding; invented, repeated or recommended-as-liked quoted titles cannot be written)
     explain_quoted_titles: bool = True
+    # ... and only liked items sharing an attribute (genre, tag, ...) with a recommended item, when there is one
+    # (what the explanation can cite is then evidence for the recommendation, not any liked title)
+    explain_relevant_titles: bool = True
     generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
@@ -227,6 +230,12 @@ class Recommender:
         row = self.ds.items.iloc[self.ds.item_index[item_id]]
         return [a for f in self._attr_fields for a in split_values(row[f])]
 
+    def _sharing_attributes(self, prompt_history: list, rec_ids: Sequence[str]) -> set[str]:
+        """Ids of the prompt's history items that share an attribute value with one of `rec_ids`."""
+        rec_attrs = {a for i in rec_ids for a in self._attrs(i)}
+        return {h.item.item_id for h in prompt_history
+                if h.item.item_id in self.ds.item_index and rec_attrs & set(self._attrs(h.item.item_id))}
+
     # ----------------------------------------------------------------------------------------------- ranking
     def rank_candidates(
         self, histories: list[list[HistEvent]], cands: list[list[tuple[str, float]]], mode: str | None = None
@@ -346,7 +355,10 @@ class Recommender:
                         for u, h in zip(idx, hist)]
             prompts = [r.text for r in rendered]
             if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
-                quotable = [quotable_titles(self.templates["explain"], h, r) for h, r in zip(hist, rendered)]
+                prefer = [self._sharing_attributes(h, recs[u][:3]) if self.cfg.explain_relevant_titles else None
+                          for u, h in zip(idx, hist)]
+                quotable = [quotable_titles(self.templates["explain"], h, r, p)
+                            for h, r, p in zip(hist, rendered, prefer)]
                 texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
                                                      stop=["\n"])
             else:
