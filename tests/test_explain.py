@@ -61,6 +61,8 @@ def test_template_explanation_cites_the_liked_items_that_share_the_recommendatio
     assert text.endswith('ones you liked recently: "Toy Story (1995)", "Babe (1995)", "Emma (1996)".')
     assert split_values("Animation Children's Comedy") == ["Animation", "Children's", "Comedy"]
     assert split_values("rock, female vocalists") == ["rock", "female vocalists"]
+    assert split_values("Action Adventure Sci-Fi") == ["Action", "Adventure", "Sci-Fi"]  # was "Adventure Sci-Fi"
+    assert split_values("Film-Noir Thriller|Hip-Hop") == ["Film-Noir", "Thriller", "Hip-Hop"]
 
 
 def test_invented_quoted_titles_and_repetition_fail_the_check():

@@ -171,7 +171,9 @@ def check_explanation(
 
 
 def split_values(v: str) -> list[str]:
-    return [x.strip() for x in re.split(r"[,|;]| (?=[A-Z][a-z'-]+(?: |$))", str(v)) if x.strip()]
+    """Attribute values of one field: split at , | ; and before each capitalised word of a space-separated list
+    ("Action Adventure Sci-Fi" -> Action, Adventure, Sci-Fi); lower-case multi-word values stay whole."""
+    return [x.strip() for x in re.split(r"[,|;]| (?=[A-Z][A-Za-z'-]*(?:[ ,|;]|$))", str(v)) if x.strip()]
 
 
 def template_explanation(
