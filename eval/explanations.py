@@ -33,11 +33,9 @@ def relevant_citations(rec: Recommender, hs: list, recs: list) -> float | None:
     named = shared = 0
     for h, r in zip(hs, recs):
         hist = {e.item_id for e in h}
-        rec_attrs = {a for i in r.items[:3] for a in rec._attrs(i.item_id)}
-        for i in rec.matcher.find(r.explanation or ""):
-            if i in hist:
-                named += 1
-                shared += bool(rec_attrs & set(rec._attrs(i)))
+        cited = [i for i in rec.matcher.find(r.explanation or "") if i in hist]
+        named += len(cited)
+        shared += len(rec.sharing_attributes(cited, [i.item_id for i in r.items[:3]]))
     return shared / named if named else None
 
 

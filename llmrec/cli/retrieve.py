@@ -94,7 +94,7 @@ def _tokenizer(spec: str):
 def cmd_prompt(args: argparse.Namespace) -> int:
     from llmrec.data import load_prepared
     from llmrec.prompts import history_from_dataset, items_from_dataset, load_template, render
-    from llmrec.retrieval import candidates_for, default_retriever
+    from llmrec.retrieval import candidates_for
 
     ds = load_prepared(args.dataset)
     if not ds.has_user(args.user):
@@ -112,13 +112,16 @@ def cmd_prompt(args: argparse.Namespace) -> int:
             raise SystemExit("llmrec prompt: yesno needs --item (or --split test/valid for the user's target)")
         kw["target"] = items_from_dataset(ds, [item])[0]
     elif t.task in ("rank", "next_title", "explain"):
+        from llmrec.ranking.factory import DEFAULT_RETRIEVER, build_retriever
+
+        retriever = build_retriever(ds, DEFAULT_RETRIEVER)  # the candidates `llmrec recommend` and the service place
         split = args.split if args.split != "all" else None
         if split is None:
             seen = set(ds.history(args.user, before="all")["item_id"])
             hq = [(str(i), bool(lab), 0) for i, lab in zip(h["item_id"], h["label"])]
-            cands = [i for i, _ in default_retriever(ds, "hybrid").query(hq, k=args.k, exclude=seen)]
-        else:  # the candidates `llmrec recommend` and the service would place (their default retriever)
-            cands = [i for i, _ in candidates_for(ds, args.user, split, args.k, default_retriever(ds, "hybrid"))]
+            cands = [i for i, _ in retriever.query(hq, k=args.k, exclude=seen)]
+        else:
+            cands = [i for i, _ in candidates_for(ds, args.user, split, args.k, retriever)]
         if t.task == "explain":
             kw["recommended"] = items_from_dataset(ds, cands[:3])
         elif not (t.task == "next_title" and args.no_candidates):

@@ -230,11 +230,10 @@ class Recommender:
         row = self.ds.items.iloc[self.ds.item_index[item_id]]
         return [a for f in self._attr_fields for a in split_values(row[f])]
 
-    def _sharing_attributes(self, prompt_history: list, rec_ids: Sequence[str]) -> set[str]:
-        """Ids of the prompt's history items that share an attribute value with one of `rec_ids`."""
+    def sharing_attributes(self, item_ids: Iterable[str], rec_ids: Sequence[str]) -> set[str]:
+        """The ids among `item_ids` (catalogue items) that share an attribute value with one of `rec_ids`."""
         rec_attrs = {a for i in rec_ids for a in self._attrs(i)}
-        return {h.item.item_id for h in prompt_history
-                if h.item.item_id in self.ds.item_index and rec_attrs & set(self._attrs(h.item.item_id))}
+        return {i for i in item_ids if i in self.ds.item_index and rec_attrs & set(self._attrs(i))}
 
     # ----------------------------------------------------------------------------------------------- ranking
     def rank_candidates(
@@ -355,8 +354,8 @@ class Recommender:
                         for u, h in zip(idx, hist)]
             prompts = [r.text for r in rendered]
             if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
-                prefer = [self._sharing_attributes(h, recs[u][:3]) if self.cfg.explain_relevant_titles else None
-                          for u, h in zip(idx, hist)]
+                prefer = [self.sharing_attributes((x.item.item_id for x in h), recs[u][:3])
+                          if self.cfg.explain_relevant_titles else None for u, h in zip(idx, hist)]
                 quotable = [quotable_titles(self.templates["explain"], h, r, p)
                             for h, r, p in zip(hist, rendered, prefer)]
                 texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
