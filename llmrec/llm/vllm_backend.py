@@ -344,6 +344,12 @@ class VLLMBackend(Backend):
         return texts
 
     def close(self) -> None:
+        """Release the HTTP pool, or stop the in-process engine (its EngineCore process) now rather than at
+        interpreter exit, where vLLM's shutdown logs to streams already closed."""
         if self.url is not None:
             self._pool.shutdown(wait=False)
             self._http.close()
+            return
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
