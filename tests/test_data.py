@@ -183,3 +183,16 @@ def test_domain_key_names_the_items_in_prompts_and_bad_ones_change_nothing(tmp_p
         with pytest.raises(DataError, match="PrepareConfig.domain"):
             prepare(str(p), PrepareConfig(items_file=str(items), domain=bad), home=tmp_path)
     assert (tmp_path / "data" / "shelf" / "manifest.json").read_text() == before
+
+
+def test_load_prepared_prepares_builtin_datasets_on_first_use(ml100k, tmp_path):
+    _, explicit = ml100k
+    with pytest.raises(DataError, match="not prepared"):
+        load_prepared("ml-100k", home=tmp_path, prepare_if_missing=False)
+    assert not (tmp_path / "data" / "ml-100k").exists()
+    auto = load_prepared("ml-100k", home=tmp_path)  # built-in: prepared with the defaults, as `data prepare` does
+    assert auto.manifest["content_hash"] == explicit.manifest["content_hash"]
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp\nu1,a,1\n")
+    with pytest.raises(DataError, match=r"not prepared .*llmrec data prepare --dataset"):
+        load_prepared(str(events), home=tmp_path)  # a user's file needs its own prepare (items, like rule, ...)

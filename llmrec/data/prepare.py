@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from llmrec import __version__
 from llmrec.config import llmrec_home, to_dict
-from llmrec.data.loaders import DataError, RawData, load_raw
+from llmrec.data.loaders import BUILTIN, DataError, RawData, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -443,14 +443,17 @@ def dataset_dir(name: str, home: Path | None = None) -> Path:
     return (home or llmrec_home()) / "data" / name
 
 
-def load_prepared(name: str, home: Path | None = None, prepare_if_missing: bool = False) -> PreparedDataset:
-    """Open a prepared dataset by name (or folder path); optionally prepare it with defaults first."""
+def load_prepared(name: str, home: Path | None = None, prepare_if_missing: bool | None = None) -> PreparedDataset:
+    """Open a prepared dataset by name (or folder path). When it is not prepared yet: `prepare_if_missing=None`
+    (default) prepares a built-in dataset (`BUILTIN`: ml-100k, ml-1m, lastfm, amazon-gift-cards) with its defaults, as
+    `llmrec data prepare --dataset NAME` would, and refuses any other name; True prepares any name; False never."""
     p = Path(name)
     root = p if (p / "manifest.json").is_file() else dataset_dir(name, home)
     if not (root / "manifest.json").is_file():
-        if not prepare_if_missing:
+        if not (name in BUILTIN if prepare_if_missing is None else prepare_if_missing):
             raise DataError(
                 f"dataset {name!r} is not prepared under {root.parent}; run `llmrec data prepare --dataset {name}`"
             )
+        log.info("dataset %r is not prepared under %s: preparing it with the defaults (first use)", name, root.parent)
         prepare(name, home=home)
     return PreparedDataset(root)
