@@ -24,7 +24,8 @@ def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     def models():
-        return {"data": [{"id": "base", "root": "/nonexistent/base"}, {"id": "yesno", "root": "/nonexistent/a"}]}
+        return {"data": [{"id": "base", "root": "/nonexistent/base"}, {"id": "yesno", "root": "/nonexistent/a"},
+                         {"id": "/models/smollm2-135m", "root": "/nonexistent/m"}]}
 
     @app.post("/tokenize")
     async def tokenize(req: Request):
@@ -99,7 +100,12 @@ def test_score_choices_over_http(fake_server):
     assert per.shape == (2, 2) and np.allclose(np.exp(per).sum(axis=1), 1)
     assert be.generate(["xyz1", "xyz2"], max_new_tokens=3) == ["base:yz1", "base:yz2"]
     assert be.with_adapter("yesno").generate(["q12"]) == ["yesno:q12"]
+    assert (be.name, be.model_name, be.with_adapter("yesno").name) == ("vllm-http:base", "base", "vllm-http:yesno")
     be.close()
+    # a server started with --model PATH serves the path as the model id: answers name the model, not the path
+    by_path = VLLMBackend(url=url, model="/models/smollm2-135m")
+    assert (by_path.name, by_path.model_name) == ("vllm-http:smollm2-135m", "smollm2-135m")
+    by_path.close()
 
 
 def test_errors_are_clear(fake_server):

@@ -23,9 +23,11 @@ class BackendError(RuntimeError):
 
 
 class Backend(abc.ABC):
-    """Base class of the LLM backends. Subclasses set `name` and provide `tokenizer` (a Hugging Face tokenizer)."""
+    """Base class of the LLM backends. Subclasses set `name` (engine and model, e.g. `vllm:smollm2-135m-instruct`),
+    `model_name` (the base model's folder name, what API answers call `model`) and provide `tokenizer`."""
 
     name: str = "backend"
+    model_name: str = ""
 
     @property
     @abc.abstractmethod

@@ -58,8 +58,9 @@ class TransformersBackend(Backend):
             m = load_adapter(m, adapter)
         self._init(m, tok, batch_size=batch_size, progress=progress)
         self._fixed_adapter = bool(adapter)
-        self.name = f"transformers:{Path(str(model)).name if model else 'smollm2-135m-instruct'}" + (
-            ":4bit" if load_in_4bit else "") + (f"+{Path(str(adapter)).name}" if adapter else "")
+        self.model_name = Path(str(model)).name if model else "smollm2-135m-instruct"
+        self.name = f"transformers:{self.model_name}" + (":4bit" if load_in_4bit else "") + (
+            f"+{Path(str(adapter)).name}" if adapter else "")
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, batch_size: int = 8, name: str = "transformers:in-memory",
@@ -67,7 +68,7 @@ class TransformersBackend(Backend):
         """Wrap an already loaded model/tokenizer (e.g. during training); the tokenizer is switched to left padding."""
         self = object.__new__(cls)
         self._init(model, tokenizer, batch_size=batch_size, progress=progress)
-        self.name = name
+        self.name = self.model_name = name
         return self
 
     def _init(self, model: Any, tokenizer: Any, batch_size: int, progress: bool) -> None:

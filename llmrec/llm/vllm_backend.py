@@ -108,7 +108,8 @@ class VLLMBackend(Backend):
             root = next((m.get("root") for m in served if m["id"] == model), None)
             if self._tokenizer_path is None and root and Path(root).is_dir():
                 self._tokenizer_path = root
-            self.name = f"vllm-http:{self.served_name}"
+            self.model_name = Path(model).name  # the server's model id is often the path it was started with
+            self.name = f"vllm-http:{Path(self.served_name).name}"
         else:
             if model is None:
                 from llmrec.llm import default_model_path
@@ -134,7 +135,8 @@ class VLLMBackend(Backend):
                 from vllm.lora.request import LoRARequest
 
                 self._lora = LoRARequest(Path(adapter).name, 1, str(adapter))
-            self.name = f"vllm:{Path(str(model)).name}" + (f"+{Path(adapter).name}" if adapter else "")
+            self.model_name = Path(str(model)).name
+            self.name = f"vllm:{self.model_name}" + (f"+{Path(adapter).name}" if adapter else "")
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -167,7 +169,7 @@ class VLLMBackend(Backend):
         clone.__dict__.update(self.__dict__)
         clone.adapter = adapter
         clone.served_name = adapter or self.model
-        clone.name = f"vllm-http:{clone.served_name}"
+        clone.name = f"vllm-http:{Path(clone.served_name).name}"
         return clone
 
     def first_token_id(self, choice: str) -> int:

@@ -177,7 +177,7 @@ class Recommender:
     # ----------------------------------------------------------------------------------------------- helpers
     @property
     def model_name(self) -> str:
-        return str(getattr(self.backend, "model_name", getattr(self.backend, "name", "")))
+        return str(getattr(self.backend, "model_name", "") or getattr(self.backend, "name", ""))
 
     def dataset_history(self, user_id: str, split: str = "all") -> list[HistEvent]:
         h = self.ds.history(user_id, before=split)  # type: ignore[arg-type]
