@@ -412,6 +412,7 @@ def test_recommend_and_batch_real_llm(rec, tiny_dataset):
     if r.explanation_fallback:
         assert f'"{r.items[0].title}"' in r.explanation
     assert r.backend == rec.backend.name and r.stats["seconds_per_user"] > 0
+    assert (r.model, r.backend) == ("llm", "transformers:llm")  # the model folder's name; the engine apart
 
     batch = rec.recommend_batch(["u2", "u5", "u9"], k=3, explain=False)
     assert [b.user_id for b in batch] == ["u2", "u5", "u9"]

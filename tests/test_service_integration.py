@@ -39,7 +39,7 @@ def test_real_recommender_behind_the_service(client, tiny_dataset):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["degraded"] is False and body["backend"].startswith("transformers")
-    assert body["model"] == "llm"  # the model folder's name (the backend field names the engine)
+    assert body["model"] == "tiny"  # the service's model name (as /health and /v1/score give it), not the engine
     items = [it["item_id"] for it in body["items"]]
     assert len(items) == 4 and len(set(items)) == 4
     assert not set(items) & set(tiny_dataset.history("u2", before="all")["item_id"])

@@ -205,7 +205,7 @@ class RecommendationService:
                     ],
                     "explanation": rec.explanation,
                     "explanation_fallback": bool(getattr(rec, "explanation_fallback", False)),
-                    "model": getattr(rec, "model", None) or self.model_name,
+                    "model": self.model_name or getattr(rec, "model", None),  # the launcher knows of merging
                     "adapter": getattr(rec, "adapter", None) or adapter,
                     "backend": getattr(rec, "backend", None) or self.backend_name,
                     "degraded": False,
