@@ -50,13 +50,16 @@ def test_4bit_base_is_served_by_transformers_with_the_configured_dtype(monkeypat
     import llmrec.llm
 
     class Base:
+        model_name = "m"
+
         def add_adapter(self, name, path):
             calls.append(("add_adapter", name, path))
             return f"view:{name}"
 
     monkeypatch.setattr(llmrec.llm, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or Base())
-    backends, server, _ = launch.build_backends(c, plan)
+    backends, server, model_name = launch.build_backends(c, plan)
     assert server is None and backends["yesno"] == "view:yesno" and isinstance(backends[None], Base)
+    assert model_name == "m"  # the backend's own model name
     # one model loaded, the adapter into it (not a second model per adapter)
     assert calls == [("transformers", {"model": "/m", "dtype": "float32", "load_in_4bit": True}),
                      ("add_adapter", "yesno", "/a")]

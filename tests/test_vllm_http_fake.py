@@ -106,6 +106,14 @@ def test_score_choices_over_http(fake_server):
     by_path = VLLMBackend(url=url, model="/models/smollm2-135m")
     assert (by_path.name, by_path.model_name) == ("vllm-http:smollm2-135m", "smollm2-135m")
     by_path.close()
+    # ... and so does the service in front of such an endpoint (its /health and answers report this name)
+    from llmrec.service.config import LLMConfig, ServiceConfig
+    from llmrec.service.launch import build_backends, plan_backend
+
+    cfg = ServiceConfig(llm=LLMConfig(vllm_url=url, model="/models/smollm2-135m", adapters={"yesno": "unused"}))
+    backends, server, model_name = build_backends(cfg, plan_backend(cfg))
+    assert server is None and model_name == "smollm2-135m"
+    assert backends["yesno"].generate(["q12"]) == ["yesno:q12"]
 
 
 def test_errors_are_clear(fake_server):

@@ -68,7 +68,8 @@ class TransformersBackend(Backend):
         """Wrap an already loaded model/tokenizer (e.g. during training); the tokenizer is switched to left padding."""
         self = object.__new__(cls)
         self._init(model, tokenizer, batch_size=batch_size, progress=progress)
-        self.name = self.model_name = name
+        self.name = name
+        self.model_name = Path(str(getattr(model.config, "name_or_path", "") or "in-memory")).name
         return self
 
     def _init(self, model: Any, tokenizer: Any, batch_size: int, progress: bool) -> None:

@@ -231,7 +231,7 @@ def build_backends(
             out[name] = base.add_adapter(name, path)
         if llm.default_adapter:
             out[None] = out[llm.default_adapter]
-        return out, None, Path(model).name
+        return out, None, base.model_name
     from llmrec.llm.vllm_backend import VLLMBackend
 
     if plan.kind == "vllm-http":
@@ -239,7 +239,7 @@ def build_backends(
         out = {None: be, **{n: be.with_adapter(n) for n in llm.adapters}}
         if llm.default_adapter:
             out[None] = out[llm.default_adapter]
-        return out, None, be.model
+        return out, None, be.model_name
     server_args = {"port": llm.vllm_port, "host": llm.vllm_host, "python": llm.vllm_python, "dtype": llm.dtype,
                    "max_model_len": llm.max_model_len, "extra_args": llm.vllm_extra_args}
     if plan.adapter_mode == "merged":
@@ -257,7 +257,7 @@ def build_backends(
     out = {None: be, **{n: be.with_adapter(n) for n in llm.adapters}}
     if llm.default_adapter:
         out[None] = out[llm.default_adapter]
-    return out, server, Path(model).name
+    return out, server, be.model_name
 
 
 def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, Any]) -> dict[str | None, Any]:
