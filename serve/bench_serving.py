@@ -11,9 +11,9 @@ tokens/s (forced length: HF min_new_tokens, vLLM ignore_eos), engine start time,
 workload: explanations per second (`explain` template, greedy, natural stop at a newline / EOS, <= 80 tokens). vLLM
 via one request per chunk of prompts ("list") and via concurrent single-prompt requests ("concurrent", continuous
 batching); vLLM with a LoRA adapter through --lora-modules vs the same adapter merged.
-`service`: `llmrec serve` subprocesses on 127.0.0.1; GET /recommendations for distinct users (cache misses,
-explain=false) at each concurrency level, a fixed number of requests each; p50/p95 latency and requests/s; the
-service's own micro-batching vs direct concurrent calls.
+`service`: `llmrec serve` subprocesses on 127.0.0.1; GET /recommendations for distinct users (cache misses;
+explain=false, or with --explain the explanation too) at each concurrency level, a fixed number of requests
+each; p50/p95 latency and requests/s; the service's own micro-batching vs direct concurrent calls.
 Each part updates its key in eval/results/serving.json, so parts can run separately. Every run is bounded
 (fixed request counts, timeouts). The CPU is shared with other jobs: figures are noisy.
 """
@@ -299,7 +299,7 @@ def stop_service(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def load_run(base: str, users: list[str], concurrency: int, timeout: float) -> dict:
+def load_run(base: str, users: list[str], concurrency: int, timeout: float, explain: bool = False) -> dict:
     """len(users) GET /recommendations with `concurrency` client threads; bounded by the request timeout."""
     import httpx
 
@@ -319,7 +319,8 @@ def load_run(base: str, users: list[str], concurrency: int, timeout: float) -> d
                     return
                 t0 = time.perf_counter()
                 try:
-                    r = c.get(f"{base}/v1/users/{u}/recommendations", params={"k": 10, "explain": "false"})
+                    r = c.get(f"{base}/v1/users/{u}/recommendations",
+                              params={"k": 10, "explain": str(explain).lower()})
                     code = str(r.status_code)
                     deg = r.status_code == 200 and r.json().get("degraded")
                 except httpx.HTTPError as e:
@@ -343,7 +344,15 @@ def load_run(base: str, users: list[str], concurrency: int, timeout: float) -> d
             "status": codes, "degraded": degraded}
 
 
-def run_service(args: argparse.Namespace) -> dict:
+def _service_default(field: str) -> Any:
+    import dataclasses
+
+    from llmrec.service.config import ServiceConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ServiceConfig)}[field]
+
+
+def run_service(args: argparse.Namespace, cmd: str = "") -> dict:
     from llmrec.data import load_prepared
 
     ds = load_prepared(args.dataset)
@@ -356,13 +365,14 @@ def run_service(args: argparse.Namespace) -> dict:
         port = free_port()
         tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-svc-"))
         over = [f"dataset={args.dataset}", f"store_url=sqlite:///{tmp / 'events.db'}", f"batching={batching}",
-                f"llm.timeout_s={args.timeout}", "fallback=none", f"llm.vllm_port={free_port()}"]
+                f"llm.timeout_s={args.timeout}", "fallback=none", f"llm.vllm_port={free_port()}",
+                f"retriever={args.retriever}"]
         over.append("llm.backend=vllm" if kind == "vllm" else f"llm.backend={kind}")
         log_path = tmp / "service.log"
         t0 = time.perf_counter()
         proc = start_service(over, port, log_path)
         start_s = time.perf_counter() - t0
-        key = f"{kind}, batching={batching}"
+        key = f"{kind}, batching={batching}" + (", explain" if args.explain else "")
         try:
             import httpx
 
@@ -372,7 +382,7 @@ def run_service(args: argparse.Namespace) -> dict:
                 n = max(args.requests, 2 * c)  # at least two requests per client thread
                 users = all_users[offset:offset + n]  # distinct users: no cache hits
                 offset += n
-                r = load_run(f"http://127.0.0.1:{port}", users, c, args.timeout + 30)
+                r = load_run(f"http://127.0.0.1:{port}", users, c, args.timeout + 30, explain=args.explain)
                 print(key, r, flush=True)
                 runs.append(r)
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -382,6 +392,7 @@ def run_service(args: argparse.Namespace) -> dict:
             stop_service(proc)
         out[key] = {"backend": health.get("backend"), "backend_note": health.get("backend_note"),
                     "model": health.get("model"), "service_start_s": start_s, "runs": runs,
+                    "retriever": args.retriever, "explain": args.explain, "note": args.note, "command": cmd,
                     "batch_size_metrics": batch_lines}
     return out
 
@@ -433,13 +444,21 @@ def write(res: dict) -> None:
         rows = []
         for key, v in svc.items():
             for r in v["runs"]:
-                rows.append({"service": key, "concurrency": r["concurrency"], "requests": r["requests"],
+                rows.append({"service": key, "retriever": v.get("retriever", "text"),
+                             "explain": v.get("explain", False), "concurrency": r["concurrency"],
+                             "requests": r["requests"],
                              "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"], "requests_per_s": r["requests_per_s"],
                              "status": json.dumps(r["status"]), "degraded": r["degraded"]})
+        runs_md = []  # each run of this part (--append keeps earlier ones): its note and command
+        for v in svc.values():
+            command = v.get("command") or res.get("commands", {}).get("service", "")
+            item = f"- {v.get('note') or res.get('service_note') or shared} `{command}`"
+            if item not in runs_md:
+                runs_md.append(item)
         md.append("\n## Service: GET /v1/users/{id}/recommendations?k=10 (distinct users, no cache hits)\n\n"
-                  f"{res.get('service_note') or shared}\n\n`{res.get('commands', {}).get('service', '')}`\n\n")
-        md.append(md_table(rows, ["service", "concurrency", "requests", "p50_ms", "p95_ms", "requests_per_s",
-                                  "status", "degraded"]))
+                  + "\n".join(runs_md) + "\n\n")
+        md.append(md_table(rows, ["service", "retriever", "explain", "concurrency", "requests", "p50_ms", "p95_ms",
+                                  "requests_per_s", "status", "degraded"]))
         starts = []
         for key, v in svc.items():
             vals = {ln.split("{")[0].rsplit("_", 1)[-1]: float(ln.split()[-1]) for ln in v["batch_size_metrics"]}
@@ -478,6 +497,9 @@ def main() -> int:
                     help="requests per concurrency level (at least 2 x concurrency)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--append", action="store_true", help="keep earlier service rows")
+    ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")
+    ap.add_argument("--retriever", default=_service_default("retriever"),
+                    help="service: candidate retriever (default: the service's own default)")
     ap.add_argument("--note", default="", help="how the machine was during this part (e.g. quiet); stored with it")
     args = ap.parse_args()
     res = load_results()
@@ -485,7 +507,7 @@ def main() -> int:
     if args.part == "engines":
         res["engines"] = {**run_engines(args), "command": cmd, "note": args.note}
     elif args.part == "service":
-        res["service"] = run_service(args)
+        res["service"] = run_service(args, cmd)
         res.setdefault("commands", {})["service"] = cmd
         res["service_note"] = args.note
     res["dataset"] = args.dataset

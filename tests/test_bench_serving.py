@@ -38,3 +38,43 @@ def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_datase
         assert qs and all(f'- "{q}"' in hist_part for q in qs)
         assert all(f'- "{q}" (genres' not in hist_part or "(disliked)" not in hist_part.split(f'- "{q}"')[1]
                    .split("\n")[0] for q in qs)
+
+
+def test_load_run_asks_for_explanations_when_told_and_counts_status():
+    """load_run sends explain=true|false, one request per user, and tallies status codes and degraded answers."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    seen: list[tuple[str, str]] = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            u = urlparse(self.path)
+            user = u.path.split("/")[3]
+            seen.append((user, parse_qs(u.query)["explain"][0]))
+            code = 404 if user == "missing" else 200
+            body = json.dumps({"degraded": user == "u2"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        bs = _bench_serving()
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        r = bs.load_run(base, ["u1", "u2", "missing", "u3"], 2, 10.0, explain=True)
+        assert sorted(seen) == [("missing", "true"), ("u1", "true"), ("u2", "true"), ("u3", "true")]
+        assert r["status"] == {"200": 3, "404": 1} and r["degraded"] == 1 and r["requests"] == 4
+        seen.clear()
+        bs.load_run(base, ["u1"], 1, 10.0)
+        assert seen == [("u1", "false")]
+    finally:
+        srv.shutdown()

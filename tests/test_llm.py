@@ -118,6 +118,18 @@ def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
     base = load_backend("transformers", model=tiny_dir, dtype="float32")
     s_ad = with_adapter.score_choices(PROMPTS, [" Yes", " No"])
     assert not np.allclose(s_ad, base.score_choices(PROMPTS, [" Yes", " No"]), atol=1e-4)
+    # a fixed adapter on a full-precision base is merged at load (no LoRA layers left), scoring as the separate one
+    separate = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="float32",
+                            merge_adapter=False)
+    assert with_adapter.adapter_merged and not separate.adapter_merged
+    assert not any("lora_" in n for n, _ in with_adapter.model.named_parameters())
+    assert any("lora_" in n for n, _ in separate.model.named_parameters())
+    np.testing.assert_allclose(separate.score_choices(PROMPTS, [" Yes", " No"]), s_ad, atol=1e-5)
+    assert separate.generate(PROMPTS[:2], max_new_tokens=4) == with_adapter.generate(PROMPTS[:2], max_new_tokens=4)
+    with pytest.raises(BackendError, match="fixed adapter"):
+        with_adapter.add_adapter("other", tmp_path / "adapter")
+    q4 = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="float32", load_in_4bit=True)
+    assert not q4.adapter_merged and any("lora_" in n for n, _ in q4.model.named_parameters())  # no re-quantizing
     out = merge_and_save(tiny_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
     merged = load_backend("transformers", model=out, dtype="float32")
     np.testing.assert_allclose(merged.score_choices(PROMPTS, [" Yes", " No"]), s_ad, atol=1e-4)

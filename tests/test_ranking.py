@@ -645,6 +645,28 @@ def test_build_recommender_with_instances(parts):
     assert len(labelled_titles(backend.scored[-1])) == 5
 
 
+def test_eval_yesno_dataset_adds_metrics_at_the_validation_threshold(parts):
+    """An uncalibrated scorer (every P(Yes) below 0.5, positives above negatives) gets F1 0 at 0.5 but accuracy and
+    F1 1 at the threshold chosen on the validation rows, which lies between its two score levels."""
+    from llmrec.ranking.evaluate import eval_yesno_dataset
+
+    class Uncalibrated:
+        def __init__(self):
+            self.sizes = []
+
+        def yesno_examples_probs(self, ex):
+            self.sizes.append(len(ex))
+            return 0.1 + 0.2 * ex["label"].to_numpy(dtype=float)
+
+    sc = Uncalibrated()
+    m = eval_yesno_dataset(sc, parts.ds, "test", None, 0, valid_examples=8)
+    assert 0 < m["positive_rate"] < 1 and m["auc"] == 1.0 and m["f1"] == 0.0
+    assert 0.1 < m["threshold_valid"] <= 0.3 and m["accuracy@t_valid"] == 1.0 and m["f1@t_valid"] == 1.0
+    assert sc.sizes == [m["n"], m["valid_n"]] and m["valid_n"] <= 8
+    plain = eval_yesno_dataset(Uncalibrated(), parts.ds, "test", None, 0)
+    assert "threshold_valid" not in plain and plain["auc"] == 1.0
+
+
 # ------------------------------------------------------------------------------------------------ 7. CLI
 def test_cli_eval_yesno_file(parts, tallrec_file, tmp_path, capsys):
     from llmrec.cli import main
@@ -678,6 +700,7 @@ def test_cli_eval_yesno_dataset_with_a_chosen_template(parts, tmp_path, monkeypa
         assert main(base + extra + ["--out", str(out)]) == 0
         got[name] = json.loads(out.read_text())
         assert got[name]["template"].startswith(f"{name} v") and got[name]["n"] == 6
+        assert got[name]["valid_n"] > 0 and "f1@t_valid" in got[name]  # validation threshold by default
     assert "yesno_stats v" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(base + ["--template", "yesno_stats"])

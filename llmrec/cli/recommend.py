@@ -22,6 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
     p.add_argument("--load-in-4bit", action="store_true",
                    help="transformers backend: nf4 4-bit base (the base a QLoRA adapter was trained on; less memory)")
+    p.add_argument("--no-merge-adapter", dest="merge_adapter", action="store_false",
+                   help="transformers backend: keep --adapter as separate LoRA layers (default: merged into a "
+                        "full-precision base at load, faster; a 4-bit base always keeps it separate)")
     p.add_argument("--retriever", default=DEFAULT_RETRIEVER, choices=RETRIEVER_CHOICES,
                    help="candidate retriever: text, hybrid (text + item-CF, fitted in seconds; the default, as in "
                         "the service), hybrid:sasrec (text + SASRec: `llmrec baselines train --model sasrec` first, "
@@ -64,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
     y.add_argument("--split", default="test")
     y.add_argument("--max-examples", type=int, default=500, help="fixed seeded subset (0 = all)")
+    y.add_argument("--valid-examples", type=int, default=200,
+                   help="--dataset with --split test: also score this many seeded validation rows and report "
+                        "accuracy/F1 at the threshold of best validation accuracy (P(Yes) of a tuned model is not "
+                        "calibrated, so 0.5 can say No to every row); 0 = at 0.5 only (default %(default)s)")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(y)
@@ -86,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _backend(args: argparse.Namespace):
     from llmrec.llm import load_backend
 
-    kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size, "load_in_4bit": args.load_in_4bit}
+    kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size, "load_in_4bit": args.load_in_4bit,
+                "merge_adapter": getattr(args, "merge_adapter", True)}
     if args.backend == "vllm":
         if args.load_in_4bit:
             raise SystemExit("--load-in-4bit is for --backend transformers (vLLM quantizes with its own options)")
@@ -144,7 +152,7 @@ def _print_metrics(title: str, m: dict, keys: list[str]) -> None:
     for k in keys:
         if k in m:
             v = m[k]
-            print(f"  {k:<16} {v:.4f}" if isinstance(v, float) else f"  {k:<16} {v}")
+            print(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
 
 
 def cmd_eval_yesno(args: argparse.Namespace) -> int:
@@ -157,7 +165,8 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
     else:
         rec = _recommender(args, args.dataset)
         backend = rec.backend
-        m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed)
+        m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed,
+                               valid_examples=args.valid_examples)
         m["template"] = f"{rec.templates['yesno'].name} v{rec.templates['yesno'].version}"
         title = f"yes/no on {args.dataset}/{args.split} (subset of {m['n']}, seed {args.seed}, {m['template']})"
     m["adapter"] = args.adapter
@@ -165,8 +174,12 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
     _print_metrics(
         title + (f" with adapter {args.adapter}" if args.adapter else " (no adapter)"),
         m,
-        ["n", "auc", "accuracy", "f1", "precision", "recall", "seconds"],
+        ["n", "auc", "accuracy", "f1", "precision", "recall", "threshold_valid", "valid_n", "accuracy@t_valid",
+         "f1@t_valid", "precision@t_valid", "recall@t_valid", "seconds"],
     )
+    if "threshold_valid" not in m and len({p >= 0.5 for p in m.get("_probs", [])}) == 1:
+        print("  note: every P(Yes) is on one side of 0.5, so accuracy/F1 at 0.5 say little; AUC ranks the rows"
+              + (" (--valid-examples N picks a threshold on validation rows)" if args.dataset else ""))
     _write(args.out, m)
     return 0
 

