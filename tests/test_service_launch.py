@@ -38,6 +38,40 @@ def test_plan_url_and_adapter_modes(monkeypatch):
     assert launch.plan_backend(cfg(adapters={"yesno": "/a"})).adapter_mode == "lora"  # GPU: LoRA is cheap
 
 
+def test_transformers_backend_merges_a_single_adapter_on_cpu(monkeypatch):
+    """Without vLLM, one adapter on CPU is merged at load (one backend for it and for no-adapter requests, named as
+    merged); several adapters, lora mode or a GPU keep LoRA layers in one shared model; merged needs one adapter."""
+    import llmrec.llm
+
+    monkeypatch.setattr(launch, "python_has_vllm", lambda python: False)
+    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    calls = []
+
+    class Be:
+        model_name = "m"
+
+        def add_adapter(self, name, path):
+            calls.append(("add_adapter", name, path))
+            return f"view:{name}"
+
+    monkeypatch.setattr(llmrec.llm, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or Be())
+    c = cfg(adapters={"yesno": "/a"}, model="/m", dtype="float32")
+    plan = launch.plan_backend(c)
+    assert plan.kind == "transformers" and plan.adapter_mode == "merged"
+    backends, server, name = launch.build_backends(c, plan)
+    assert server is None and backends[None] is backends["yesno"] and name == "m+yesno (merged)"
+    assert calls == [("transformers", {"model": "/m", "adapter": "/a", "dtype": "float32"})]
+    for c2 in (cfg(adapters={"a": "/a", "b": "/b"}), cfg(adapters={"a": "/a"}, adapter_mode="lora")):
+        assert launch.plan_backend(c2).adapter_mode == "lora"
+    assert launch.plan_backend(cfg()).adapter_mode == "none"
+    with pytest.raises(ConfigError, match="exactly one adapter"):
+        launch.plan_backend(cfg(adapter_mode="merged"))
+    with pytest.raises(ConfigError, match="full-precision base"):
+        launch.plan_backend(cfg(adapters={"a": "/a"}, adapter_mode="merged", load_in_4bit=True))
+    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    assert launch.plan_backend(cfg(adapters={"yesno": "/a"})).adapter_mode == "lora"
+
+
 def test_4bit_base_is_served_by_transformers_with_the_configured_dtype(monkeypatch):
     monkeypatch.setattr(launch, "python_has_vllm", lambda python: True)  # even where vLLM could be launched
     c = cfg(load_in_4bit=True, dtype="float32", adapters={"yesno": "/a"}, model="/m")
