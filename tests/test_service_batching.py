@@ -54,6 +54,45 @@ def test_concurrent_calls_are_merged_and_rows_returned_in_order():
     mb.close()
 
 
+def test_explanations_and_constrained_titles_are_batched_with_their_own_rows():
+    """generate_quoted / generate_from calls from concurrent requests are merged into one backend call; each prompt
+    keeps its own quotable titles / options and each caller gets its own rows back. LockedBackend forwards them
+    under its lock."""
+    from llmrec.service.batching import LockedBackend
+
+    class Constrained(RecordingBackend):
+        def generate_quoted(self, prompts, quotable, max_new_tokens=64, stop=None):
+            self.calls.append(("quoted", len(prompts), max_new_tokens))
+            time.sleep(0.05)
+            return [f"{p}:{'|'.join(q)}" for p, q in zip(prompts, quotable)]
+
+        def generate_from(self, prompts, options, n, sep="\n"):
+            self.calls.append(("from", len(prompts), n))
+            return [list(range(len(o)))[::-1][:n] for o in options]
+
+    inner = Constrained()
+    mb = MicroBatchingBackend(inner, max_batch=64, max_wait_ms=150)
+    got: dict[int, list] = {}
+
+    def call(i):
+        got[i] = mb.generate_quoted([f"p{i}", f"q{i}"], [[f"t{i}"], [f"a{i}", f"b{i}"]], max_new_tokens=8)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {i: [f"p{i}:t{i}", f"q{i}:a{i}|b{i}"] for i in range(6)}
+    quoted = [c for c in inner.calls if c[0] == "quoted"]
+    assert sum(c[1] for c in quoted) == 12 and max(c[1] for c in quoted) > 2 and {c[2] for c in quoted} == {8}
+    assert mb.generate_from(["x", "y"], [["a", "b", "c"], ["d"]], n=2) == [[2, 1], [0]]
+    with pytest.raises(ValueError, match="2 quotable lists for 1 prompts"):
+        mb.generate_quoted(["x"], [["a"], ["b"]])
+    mb.close()
+    locked = LockedBackend(Constrained())
+    assert locked.generate_quoted(["x"], [["a"]]) == ["x:a"] and locked.generate_from(["x"], [["a", "b"]], 1) == [[1]]
+
+
 def test_errors_reach_every_caller():
     class Broken(RecordingBackend):
         def score_choices(self, prompts, choices):

@@ -1,6 +1,7 @@
 """Service-side micro-batching: concurrent requests' backend calls are grouped into one batched call.
 
-`MicroBatchingBackend(backend)` has the backend interface (`score_choices`, `generate`, `tokenizer`, `name`); calls
+`MicroBatchingBackend(backend)` has the backend interface (`score_choices`, `generate`, `generate_quoted` for
+explanations, `generate_from` for constrained titles, `tokenizer`, `name`); calls
 from many request threads wait up to `max_wait_ms` (or until `max_batch` prompts are queued), then one worker thread
 runs a single batched call on the wrapped backend and hands each caller its rows. Calls are only grouped with calls
 of the same kind and parameters (same number of choices; same generation settings). The alternative, used with vLLM,
@@ -61,6 +62,25 @@ class MicroBatchingBackend:
         self._q.put(job)
         return job.future.result()
 
+    def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
+                        stop: list[str] | None = None) -> list[str]:
+        """Explanations: grouped with other callers' `generate_quoted` calls of the same settings; each prompt keeps
+        its own quotable titles."""
+        if len(quotable) != len(prompts):
+            raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
+        job = _Job(("quoted", max_new_tokens, tuple(stop or ())), list(prompts),
+                   {"rows": [list(q) for q in quotable], "max_new_tokens": max_new_tokens, "stop": stop})
+        self._q.put(job)
+        return job.future.result()
+
+    def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
+        """Constrained title generation: grouped with other callers' calls of the same `n` and `sep`."""
+        if len(options) != len(prompts):
+            raise ValueError(f"generate_from: {len(options)} option lists for {len(prompts)} prompts")
+        job = _Job(("from", n, sep), list(prompts), {"rows": [list(o) for o in options], "n": n, "sep": sep})
+        self._q.put(job)
+        return job.future.result()
+
     def close(self) -> None:
         self._stop = True
         self._q.put(None)
@@ -103,6 +123,11 @@ class MicroBatchingBackend:
                 choices = [c for j in batch for c in j.payload]
                 same = all(c == choices[0] for c in choices)
                 out: Any = self.backend.score_choices(prompts, choices[0] if same else choices)
+            elif kind in ("quoted", "from"):  # per-prompt lists travel with their prompts; the settings are shared
+                rows = [r for j in batch for r in j.payload["rows"]]
+                kw = {k: v for k, v in batch[0].payload.items() if k != "rows"}
+                fn = self.backend.generate_quoted if kind == "quoted" else self.backend.generate_from
+                out = fn(prompts, rows, **kw)
             else:
                 out = self.backend.generate(prompts, **batch[0].payload)
         except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
@@ -133,3 +158,11 @@ class LockedBackend:
     def generate(self, prompts: list[str], *args: Any, **kw: Any) -> list[str]:
         with self._lock:
             return self.backend.generate(prompts, *args, **kw)
+
+    def generate_quoted(self, prompts: list[str], *args: Any, **kw: Any) -> list[str]:
+        with self._lock:
+            return self.backend.generate_quoted(prompts, *args, **kw)
+
+    def generate_from(self, prompts: list[str], *args: Any, **kw: Any) -> list[list[int]]:
+        with self._lock:
+            return self.backend.generate_from(prompts, *args, **kw)
