@@ -372,7 +372,8 @@ def run_service(args: argparse.Namespace, cmd: str = "") -> dict:
         t0 = time.perf_counter()
         proc = start_service(over, port, log_path)
         start_s = time.perf_counter() - t0
-        key = f"{kind}, batching={batching}" + (", explain" if args.explain else "")
+        key = (f"{kind}, batching={batching}" + (", explain" if args.explain else "")
+               + (f", {args.retriever}" if args.retriever != _service_default("retriever") else ""))
         try:
             import httpx
 
@@ -459,16 +460,33 @@ def write(res: dict) -> None:
                   + "\n".join(runs_md) + "\n\n")
         md.append(md_table(rows, ["service", "retriever", "explain", "concurrency", "requests", "p50_ms", "p95_ms",
                                   "requests_per_s", "status", "degraded"]))
+        for explain in (False, True):  # requests/s at the highest concurrency: best vLLM row vs best transformers row
+            best: dict[str, tuple[int, float]] = {}
+            for r in rows:
+                kind = r["service"].split(",")[0]
+                if r["explain"] == explain and r["status"] == json.dumps({"200": r["requests"]}):
+                    c, rps = best.get(kind, (0, 0.0))
+                    if (r["concurrency"], r["requests_per_s"]) > (c, rps):
+                        best[kind] = (r["concurrency"], r["requests_per_s"])
+            v_, t_ = best.get("vllm"), best.get("transformers")
+            if v_ and t_ and v_[0] == t_[0]:
+                md.append(f"\n{'With' if explain else 'Without'} explanations, concurrency {v_[0]}: vLLM "
+                          f"{v_[1]:.2f} requests/s vs transformers {t_[1]:.2f} (best batching mode of each): "
+                          f"x{v_[1] / t_[1]:.2f}.\n")
         starts = []
         for key, v in svc.items():
-            vals = {ln.split("{")[0].rsplit("_", 1)[-1]: float(ln.split()[-1]) for ln in v["batch_size_metrics"]}
-            mean = vals["sum"] / vals["count"] if vals.get("count") else None
-            starts.append({"service": key, "backend": v["backend"], "service_start_s": v["service_start_s"],
-                           "backend_calls": vals.get("count"), "mean_prompts_per_backend_call": mean})
+            row = {"service": key, "backend": v["backend"], "service_start_s": v["service_start_s"]}
+            for op, label in (("score", "rank"), ("quoted", "explain")):  # micro-batches per backend operation
+                vals = {ln.split("{")[0].rsplit("_", 1)[-1]: float(ln.split()[-1])
+                        for ln in v["batch_size_metrics"] if f'op="{op}"' in ln or "{" not in ln and op == "score"}
+                if vals.get("count"):
+                    row[f"{label}_calls"] = vals["count"]
+                    row[f"{label}_mean_prompts_per_call"] = vals["sum"] / vals["count"]
+            starts.append(row)
         md.append("\nService start (includes the vLLM server start for vllm rows) and micro-batch sizes "
-                  "(`llmrec_batch_size`, over the whole run):\n\n")
-        md.append(md_table(starts, ["service", "backend", "service_start_s", "backend_calls",
-                                    "mean_prompts_per_backend_call"]))
+                  "(`llmrec_batch_size` per operation, over the whole run: backend calls and prompts per call):\n\n")
+        md.append(md_table(starts, ["service", "backend", "service_start_s", "rank_calls",
+                                    "rank_mean_prompts_per_call", "explain_calls", "explain_mean_prompts_per_call"]))
     if res.get("kill_test"):
         k = res["kill_test"]
         md.append("\n## Kill test (serve/kill_test.py)\n\n")

@@ -82,6 +82,7 @@ def test_transformers_runtime_serves_every_adapter_from_one_model(tiny_dataset, 
         assert len(loads) == 1  # base + 2 adapters: one model
         items = ["i0", "i1", "i2", "i3"]
         with TestClient(rt.app) as c:
+            assert c.get("/health").json()["batching"] == "micro"  # batching: auto on transformers
             got = {}
             for name in (None, "a1", "a2"):
                 body = {"user_id": "u3", "item_ids": items, **({"adapter": name} if name else {})}

@@ -112,3 +112,14 @@ def test_serve_cli_print_config(capsys, monkeypatch, tmp_path):
     bad.write_text("prot: 1\n")
     assert main(["serve", "--config", str(bad), "--print-config"]) == 1
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_batching_auto_is_micro_on_transformers_and_none_on_vllm():
+    """`batching: auto` groups concurrent requests itself only where the engine cannot (in-process transformers)."""
+    from llmrec.service.launch import BackendPlan, resolved_batching
+
+    for kind, want in (("transformers", "micro"), ("vllm-launch", "none"), ("vllm-http", "none")):
+        assert resolved_batching(ServiceConfig(), BackendPlan(kind, "")) == want
+    for explicit in ("none", "micro"):
+        assert resolved_batching(ServiceConfig(batching=explicit), BackendPlan("transformers", "")) == explicit
+        assert resolved_batching(ServiceConfig(batching=explicit), BackendPlan("vllm-launch", "")) == explicit

@@ -61,7 +61,9 @@ class ServiceConfig:
     user_hash_key: str | None = None  # HMAC key for user ids in logs; random per process when unset
     cache_size: int = 10_000  # answers cached per (user, history version, k, explain, adapter)
     fallback: Literal["collaborative", "none"] = "collaborative"  # none: 503 when the LLM fails
-    batching: Literal["none", "micro"] = "none"  # micro: the service groups concurrent backend calls itself
+    # micro: the service groups concurrent requests' backend calls itself; none: each request calls the backend
+    # (vLLM batches concurrent calls itself); auto: micro on the in-process transformers backend, none on vLLM
+    batching: Literal["auto", "none", "micro"] = "auto"
     batch_max_size: int = 16
     batch_max_wait_ms: float = 10.0
     candidates: int = 20  # candidates the recommender ranks (passed as `n_candidates` when it accepts it)
