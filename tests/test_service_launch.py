@@ -14,6 +14,27 @@ def cfg(**llm) -> ServiceConfig:
     return ServiceConfig(llm=LLMConfig(**llm))
 
 
+class FakeBackend:
+    """What `llmrec.llm.load_backend` returns in these tests: records loads and adapter loads in `calls`."""
+
+    model_name = "m"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def add_adapter(self, name, path):
+        self.calls.append(("add_adapter", name, path))
+        return f"view:{name}"
+
+
+def fake_load_backend(monkeypatch) -> list:
+    import llmrec.llm
+
+    calls: list = []
+    monkeypatch.setattr(llmrec.llm, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or FakeBackend(calls))
+    return calls
+
+
 def test_plan_without_vllm_falls_back_to_transformers(monkeypatch):
     monkeypatch.setattr(launch, "python_has_vllm", lambda python: False)
     plan = launch.plan_backend(cfg(backend="auto"))
@@ -41,20 +62,9 @@ def test_plan_url_and_adapter_modes(monkeypatch):
 def test_transformers_backend_merges_a_single_adapter_on_cpu(monkeypatch):
     """Without vLLM, one adapter on CPU is merged at load (one backend for it and for no-adapter requests, named as
     merged); several adapters, lora mode or a GPU keep LoRA layers in one shared model; merged needs one adapter."""
-    import llmrec.llm
-
     monkeypatch.setattr(launch, "python_has_vllm", lambda python: False)
     monkeypatch.setattr(launch, "_has_cuda", lambda: False)
-    calls = []
-
-    class Be:
-        model_name = "m"
-
-        def add_adapter(self, name, path):
-            calls.append(("add_adapter", name, path))
-            return f"view:{name}"
-
-    monkeypatch.setattr(llmrec.llm, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or Be())
+    calls = fake_load_backend(monkeypatch)
     c = cfg(adapters={"yesno": "/a"}, model="/m", dtype="float32")
     plan = launch.plan_backend(c)
     assert plan.kind == "transformers" and plan.adapter_mode == "merged"
@@ -80,19 +90,9 @@ def test_4bit_base_is_served_by_transformers_with_the_configured_dtype(monkeypat
     for bad in (cfg(load_in_4bit=True, backend="vllm"), cfg(load_in_4bit=True, vllm_url="http://127.0.0.1:9/v1")):
         with pytest.raises(ConfigError, match="load_in_4bit is for the transformers backend"):
             launch.plan_backend(bad)
-    calls = []
-    import llmrec.llm
-
-    class Base:
-        model_name = "m"
-
-        def add_adapter(self, name, path):
-            calls.append(("add_adapter", name, path))
-            return f"view:{name}"
-
-    monkeypatch.setattr(llmrec.llm, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or Base())
+    calls = fake_load_backend(monkeypatch)
     backends, server, model_name = launch.build_backends(c, plan)
-    assert server is None and backends["yesno"] == "view:yesno" and isinstance(backends[None], Base)
+    assert server is None and backends["yesno"] == "view:yesno" and isinstance(backends[None], FakeBackend)
     assert model_name == "m"  # the backend's own model name
     # one model loaded, the adapter into it (not a second model per adapter)
     assert calls == [("transformers", {"model": "/m", "dtype": "float32", "load_in_4bit": True}),
