@@ -464,7 +464,8 @@ def write(res: dict) -> None:
             best: dict[str, tuple[int, float]] = {}
             for r in rows:
                 kind = r["service"].split(",")[0]
-                if r["explain"] == explain and r["status"] == json.dumps({"200": r["requests"]}):
+                if (r["explain"] == explain and r["retriever"] == _service_default("retriever")
+                        and r["status"] == json.dumps({"200": r["requests"]})):
                     c, rps = best.get(kind, (0, 0.0))
                     if (r["concurrency"], r["requests_per_s"]) > (c, rps):
                         best[kind] = (r["concurrency"], r["requests_per_s"])
