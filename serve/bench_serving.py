@@ -479,7 +479,7 @@ def write(res: dict) -> None:
             row = {"service": key, "backend": v["backend"], "service_start_s": v["service_start_s"]}
             for op, label in (("score", "rank"), ("quoted", "explain")):  # micro-batches per backend operation
                 vals = {ln.split("{")[0].rsplit("_", 1)[-1]: float(ln.split()[-1])
-                        for ln in v["batch_size_metrics"] if f'op="{op}"' in ln or "{" not in ln and op == "score"}
+                        for ln in v["batch_size_metrics"] if f'op="{op}"' in ln}
                 if vals.get("count"):
                     row[f"{label}_calls"] = vals["count"]
                     row[f"{label}_mean_prompts_per_call"] = vals["sum"] / vals["count"]

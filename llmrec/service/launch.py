@@ -315,13 +315,13 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     plan = plan_backend(cfg)
     log.info("backend: %s", plan.note)
     backends, server, model_name = build_backends(cfg, plan)
+    batching = resolved_batching(cfg, plan) if backends else "none"
     try:
         recommenders = None
         if backends:
             from llmrec.service.batching import LockedBackend, MicroBatchingBackend
 
             wrapped: dict[int, Any] = {}
-            batching = resolved_batching(cfg, plan)
             for n, be in list(backends.items()):
                 if id(be) not in wrapped:
                     if batching == "micro":
@@ -349,7 +349,7 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
             return {"backend": "ok"}
 
         # /health reports the batching in effect (auto resolved)
-        cfg = dataclasses.replace(cfg, batching=resolved_batching(cfg, plan) if backends else "none")
+        cfg = dataclasses.replace(cfg, batching=batching)
         app = create_app(cfg, recommender=recommenders, store=store, catalogue=ds, backend_name=plan.kind,
                          backend_note=plan.note, model_name=model_name, ready_check=ready,
                          on_shutdown=[server.stop] if server else None)
