@@ -1,5 +1,6 @@
-"""Resident memory of a model loaded for inference: bf16, 4-bit nf4, and 4-bit with the checkpoint's mapping kept
-(what transformers leaves behind without `llmrec.llm.loading.release_checkpoint_mmap`). Each configuration runs in
+"""Resident memory of a model loaded for inference: bf16, 4-bit nf4 (the checkpoint read with pread, the default),
+4-bit read through a mapping of the file (`4bit_mmap_read`), and that with the mapping kept (`4bit_keep_mapping`:
+what transformers leaves behind without `llmrec.llm.loading.release_checkpoint_mmap`). Each configuration runs in
 its own process: load, score one short Yes/No prompt (a forward touches every weight page the model reads), hand
 freed heap back, then read Linux /proc/self/status: VmRSS = RssAnon (heap, tensors) + RssFile (mapped files: the
 checkpoint if still mapped, shared libraries), and VmHWM (the peak, loading included).
@@ -33,11 +34,12 @@ from llmrec.bench_utils import md_table, memory_status_mb, write_result  # noqa:
 from llmrec.llm.loading import resolve_dtype  # noqa: E402
 
 log = logging.getLogger("eval.load_memory")
-KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping)
-    "bf16": (False, True),
-    "4bit": (True, True),
-    "4bit_keep_mapping": (True, False),
-    "4bit_prequantized": (True, True),  # from `llmrec export --quantize-4bit` (made first, in a temporary folder)
+KINDS = {  # name -> (load_in_4bit, release the checkpoint mapping, read the checkpoint with pread)
+    "bf16": (False, True, True),
+    "4bit": (True, True, True),
+    "4bit_mmap_read": (True, True, False),
+    "4bit_keep_mapping": (True, False, False),
+    "4bit_prequantized": (True, True, True),  # from `llmrec export --quantize-4bit` (made first, in a temp folder)
 }
 ADAPTER_KINDS = ("adapters_separate", "adapters_shared")
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
@@ -76,9 +78,9 @@ def child(kind: str, model: str | None) -> dict[str, Any]:
     from llmrec.llm.loading import QuantSettings, load_causal_lm
     from llmrec.llm.transformers_backend import TransformersBackend
 
-    q4, release = KINDS[kind]
+    q4, release, pread = KINDS[kind]
     t0 = time.perf_counter()
-    m, tok = load_causal_lm(model, dtype="bfloat16", release_mmap=release,
+    m, tok = load_causal_lm(model, dtype="bfloat16", release_mmap=release, pread_4bit=pread,
                             quant=QuantSettings(load_in_4bit=q4, compute_dtype="bfloat16"))
     load_s = time.perf_counter() - t0
     guard = getattr(m, "_llmrec_guard", None)
@@ -141,12 +143,15 @@ def main() -> None:
     by = {r["kind"]: r for r in rows}
     ratios = {}
     if "bf16" in by:
-        for k in ("4bit", "4bit_keep_mapping", "4bit_prequantized"):
+        for k in ("4bit", "4bit_mmap_read", "4bit_keep_mapping", "4bit_prequantized"):
             if k in by:
                 ratios[f"rss_{k}_over_bf16"] = round(by[k]["VmRSS"] / by["bf16"]["VmRSS"], 3)
                 ratios[f"peak_{k}_over_bf16"] = round(by[k]["VmHWM"] / by["bf16"]["VmHWM"], 3)
-    if "4bit" in by and "4bit_keep_mapping" in by:
-        ratios["rss_saved_by_release_mb"] = round(by["4bit_keep_mapping"]["VmRSS"] - by["4bit"]["VmRSS"], 1)
+    if "4bit_mmap_read" in by and "4bit_keep_mapping" in by:
+        ratios["rss_saved_by_release_mb"] = round(by["4bit_keep_mapping"]["VmRSS"] - by["4bit_mmap_read"]["VmRSS"],
+                                                  1)
+    if "4bit" in by and "4bit_mmap_read" in by:
+        ratios["peak_saved_by_pread_mb"] = round(by["4bit_mmap_read"]["VmHWM"] - by["4bit"]["VmHWM"], 1)
     if all(k in by for k in ADAPTER_KINDS):
         ratios["rss_adapters_shared_over_separate"] = round(
             by["adapters_shared"]["VmRSS"] / by["adapters_separate"]["VmRSS"], 3)
@@ -154,7 +159,9 @@ def main() -> None:
     table = (f"Model: {model}{' (' + a.model_note + ')' if a.model_note else ''}; loaded in bf16 (4-bit: nf4, "
              f"double quantization, bf16 compute), one process each, after one scoring forward and a heap trim. "
              f"MB = MiB. VmRSS = RssAnon + RssFile (+ shared memory); VmHWM = the peak, loading included. "
-             f"4bit_keep_mapping = the same 4-bit load without `release_checkpoint_mmap` (transformers leaves the "
+             f"4bit reads the checkpoint tensor by tensor with pread (`load_causal_lm(pread_4bit=True)`, the "
+             f"default); 4bit_mmap_read = the same through transformers' mapping of the file; "
+             f"4bit_keep_mapping = the mapped read without `release_checkpoint_mmap` (transformers leaves the "
              f".safetensors file mapped through the views of the weights it did not quantize); 4bit_prequantized = "
              f"loaded from a copy saved 4-bit (`llmrec export --quantize-4bit`)."
              + (f" adapters_separate / adapters_shared: the base + {a.adapters} LoRA adapters in dtype `fast` "

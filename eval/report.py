@@ -59,6 +59,7 @@ def section() -> str:
         ("finetune_yesno_ml-100k", None),
         ("finetune_memory_yesno_ml-100k", None),
         ("finetune_memory_yesno_ml-100k_1.1b", None),
+        ("finetune_memory_yesno_ml-100k_3b", None),
         ("finetune_mmap_yesno_ml-100k", None),
         ("load_memory", None),
         ("load_memory_1.1b", None),

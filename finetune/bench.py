@@ -9,6 +9,11 @@
     python finetune/bench.py shaped --out artifacts/models/llama-1.1b-shaped      # random-weight 1.1B (memory only)
     python finetune/bench.py mem --task yesno --model artifacts/models/llama-1.1b-shaped --label _1.1b \
         --gradient-checkpointing --batch-size 1 --steps 1 data.history_max=3
+    python finetune/bench.py shaped --out artifacts/models/llama-3b-shaped --hidden 3072 --intermediate 8192 \
+        --layers 28 --heads 24 --kv-heads 8                                      # Llama-3.2-3B's shape
+    python finetune/bench.py mem --task yesno --model artifacts/models/llama-3b-shaped --label _3b \
+        --gradient-checkpointing --batch-size 1 --steps 1 data.history_max=1 data.max_len=96 \
+        --only bf16_mmap qlora_bf16all_pre_mmap
 
 Each training run is its own process (`llmrec finetune`), so peak RSS (ru_maxrss) is per configuration. The report
 reads `<LLMREC_HOME>/finetune/bench_<task>_<dataset>/metrics.json` and the two memory runs, scores the baselines on
@@ -86,9 +91,10 @@ def cmd_mem(a: argparse.Namespace) -> None:
     for kind in ("bf16", "qlora_bf16all"):
         configs[f"{kind}_mmap"] = [*configs[kind], "train.malloc_mmap_threshold_mb=1"]
     configs["qlora_bf16all_pre"] = configs["qlora_bf16all"]  # + the saved 4-bit copy as the model, below
+    configs["qlora_bf16all_pre_mmap"] = configs["qlora_bf16all_mmap"]
     for kind in a.only or list(MEM_KINDS):
-        # qlora_bf16all_pre: qlora_bf16all from a copy saved 4-bit (`llmrec export --quantize-4bit`), made once
-        extra = [f"model={prequantized_copy(a.model)}"] if kind == "qlora_bf16all_pre" else []
+        # qlora_bf16all_pre*: qlora_bf16all from a copy saved 4-bit (`llmrec export --quantize-4bit`), made once
+        extra = [f"model={prequantized_copy(a.model)}"] if kind.startswith("qlora_bf16all_pre") else []
         finetune(a.task, run_dir(a.task, a.dataset, f"_mem{label}_{kind}"), common + configs[kind] + extra)
     mem = memory_summary(a.task, a.dataset, label)
     from llmrec.bench_utils import md_table, write_result
@@ -117,7 +123,9 @@ def cmd_mem(a: argparse.Namespace) -> None:
                                "quant.upcast_norms=false`)",
               "qlora_bf16all_mmap": "The same with `train.malloc_mmap_threshold_mb=1` (bf16 LoRA with it too)",
               "qlora_bf16all_pre": "QLoRA with bf16 embeddings and norms from a copy saved 4-bit (`llmrec export "
-                                   "--quantize-4bit`)"}
+                                   "--quantize-4bit`)",
+              "qlora_bf16all_pre_mmap": "QLoRA from the copy saved 4-bit with `train.malloc_mmap_threshold_mb=1` "
+                                        "(bf16 LoRA with it too)"}
     for kind, text in labels.items():
         if ratio_key("peak_rss", kind) not in mem:
             continue
@@ -183,8 +191,12 @@ def cmd_shaped(a: argparse.Namespace) -> None:
                       max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16",
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: an fp32 3B would need 12 GB before the cast
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
     n = sum(p.numel() for p in model.parameters())
     out = Path(a.out)
     model.save_pretrained(out)
@@ -193,7 +205,7 @@ def cmd_shaped(a: argparse.Namespace) -> None:
 
 
 MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all", "bf16_mmap", "qlora_bf16all_mmap",
-             "qlora_bf16all_pre")
+             "qlora_bf16all_pre", "qlora_bf16all_pre_mmap")
 
 
 def prequantized_copy(model: str | None) -> Path:

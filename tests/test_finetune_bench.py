@@ -36,6 +36,7 @@ def test_memory_ratios_pair_runs_with_the_same_allocator_setting(fbench):
     write_run(fbench, "qlora_bf16all", 900.0, weights=170.0, train_peak=810.0)
     write_run(fbench, "bf16_mmap", 800.0, weights=270.0)
     write_run(fbench, "qlora_bf16all_mmap", 600.0, weights=170.0)
+    write_run(fbench, "qlora_bf16all_pre_mmap", 560.0, weights=170.0)
     mem = fbench.memory_summary("yesno", "tiny")
     assert mem["ratio_peak_rss_qlora_bf16all_over_bf16"] == 0.9
     assert mem["ratio_above_start_qlora_bf16all_over_bf16"] == round(500 / 600, 3)
@@ -45,6 +46,7 @@ def test_memory_ratios_pair_runs_with_the_same_allocator_setting(fbench):
     assert mem["ratio_above_start_qlora_bf16all_mmap_over_bf16_mmap"] == 0.5  # (600 - 400) / (800 - 400)
     assert "ratio_peak_train_qlora_bf16all_mmap_over_bf16_mmap" not in mem  # no VmHWM figure in those runs
     assert mem["qlora_bf16all_mmap"]["malloc_mmap_threshold_mb"] == 1
+    assert mem["ratio_peak_rss_qlora_bf16all_pre_mmap_over_bf16_mmap"] == 0.7  # the saved 4-bit copy + the option
     # the bf16 runs are denominators, never ratios; runs that do not exist get none
     assert not any(k.startswith(("ratio_peak_rss_bf16", "ratio_peak_rss_qlora_over", "ratio_peak_rss_qlora_bf16emb"))
                    for k in mem)

@@ -241,3 +241,36 @@ def test_norms_can_stay_in_the_compute_dtype_so_activations_stay_bf16(tiny_dir):
     m3, _ = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
     with pytest.raises(BackendError, match="upcast_norms=false needs a bf16/fp16 compute dtype"):
         apply_lora(m3, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32", upcast_norms=False))
+
+
+@pytest.mark.parametrize("emb_up,norm_up", [(False, False), (False, True), (True, False)])
+def test_weights_kept_out_of_the_upcast_never_get_an_fp32_copy(tiny_dir, monkeypatch, emb_up, norm_up):
+    """PEFT's prepare_model_for_kbit_training casts every bf16 weight that is not 4-bit to fp32 at once; the weights
+    that `quant` keeps in bf16 are hidden from it (an empty tensor while it runs), so they never exist in fp32 (for a
+    3B model the embeddings' fp32 copy was a 0.6 GB transient) and come back with their values, tied ones tied."""
+    import peft
+
+    seen: dict[str, int] = {}
+    real = peft.prepare_model_for_kbit_training
+
+    def spy(model, **kw):
+        seen.update({n: p.numel() for n, p in model.named_parameters()
+                     if p.is_floating_point() and type(p).__name__ != "Params4bit"})
+        return real(model, **kw)
+
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", spy)
+    q = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_frozen_embeddings=emb_up,
+                      upcast_norms=norm_up)
+    m, _ = load_causal_lm(tiny_dir, dtype="bfloat16", quant=q)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if type(p).__name__ != "Params4bit"}
+    pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]), quant=q)
+    is_emb = lambda n: "embed_tokens" in n or "lm_head" in n  # noqa: E731
+    assert seen, "PEFT's prepare_model_for_kbit_training was not called"
+    hidden = {n for n, k in seen.items() if k == 0}
+    assert hidden == {n for n in seen if not (emb_up if is_emb(n) else norm_up)}
+    after = dict(pm.get_base_model().named_parameters())
+    for n, ref in before.items():
+        p = after[n]
+        kept = not (emb_up if is_emb(n) else norm_up)
+        assert p.dtype == (torch.bfloat16 if kept else torch.float32), n
+        assert torch.equal(p.to(ref.dtype), ref), n  # values back (bf16 -> fp32 is exact)

@@ -305,18 +305,23 @@ def _safetensors_mappings() -> list[tuple[int, int, bool]] | None:
 
 
 def _drop_resident_pages(ranges: list[tuple[int, int, bool]]) -> None:
-    """madvise(MADV_DONTNEED) on pristine file mappings: their pages leave this process's RSS and are faulted in
-    again from the file (page cache) when read. Only mappings no page of which was written: nothing can be lost.
-    A no-op without glibc."""
+    """madvise(MADV_DONTNEED) on (page-aligned spans of) pristine file mappings: their pages leave this process's
+    RSS and are faulted in again from the file (page cache) when read. Only mappings no page of which was written:
+    nothing can be lost. A span is widened to whole pages (a neighbour sharing its first or last page is re-read
+    from the file when next touched). A no-op without glibc."""
     import ctypes
+    import mmap
 
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
     for lo, hi, pristine in ranges:
         if pristine:
+            lo -= lo % page
+            hi += -hi % page
             libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
 
 
@@ -367,13 +372,20 @@ def release_checkpoint_mmap(model: Any) -> int:
             if (id(owner), key) in seen:  # a tied weight: one Parameter object, listed once per module
                 continue
             seen.add((id(owner), key))
+            nbytes = t.numel() * t.element_size()
+            src = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()  # before `t` is rebound
+            r = hit(t) if ranges else None
             if key == "data":
                 owner.data = owner.data.clone()  # the same Parameter object: tied weights stay tied
             elif isinstance(owner, dict):
                 owner[key] = t.clone()
             else:
                 setattr(owner, key, t.clone())
-            copied += t.numel() * t.element_size()
+            copied += nbytes
+            # the pages just read for this copy leave the RSS again: without this a model that is all views (a copy
+            # saved 4-bit) held its file pages and their copies at once, twice its size, until the mapping went
+            if r is not None and r[2]:
+                _drop_resident_pages([(src, src + nbytes, True)])
     gc.collect()
     log.info("copied %.1f MB of weights out of the mapped checkpoint; mappings left: %d", copied / 2**20,
              len(_safetensors_mappings() or []))
@@ -384,16 +396,49 @@ def _forward_guard(module: Any, args: Any, kwargs: Any = None) -> None:
     module._llmrec_forward_seen = True
 
 
+@contextlib.contextmanager
+def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
+    """Inside: transformers opens .safetensors files for the CPU with safetensors' `pread` backend (its own choice on
+    Windows) instead of `mmap`. For a 4-bit load that matters: through a mapping, every page quantization reads stays
+    resident in this process until the load ends (a 3B bf16 checkpoint: 7.9 GB peak for a 2.9 GB result); read
+    tensor by tensor, each bf16 tensor is freed once quantized (3.8 GB). Same tensors, same time. A bf16/fp32 load
+    keeps the mapping: its weights are views of the file's pages, no copy at all. Yields whether it applied (no:
+    a transformers without `modeling_utils.safe_open`)."""
+    mu = None
+    if enabled:
+        try:
+            import transformers.modeling_utils as mu
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            mu = None
+    real = getattr(mu, "safe_open", None)
+    if real is None:
+        yield False
+        return
+
+    def pread_open(*args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("device", "cpu")) == "cpu":
+            kwargs["backend"] = "pread"
+        return real(*args, **kwargs)
+
+    mu.safe_open = pread_open
+    try:
+        yield True
+    finally:
+        mu.safe_open = real
+
+
 def load_causal_lm(
     model: str | Path | None = None,
     dtype: str = "bfloat16",
     quant: QuantSettings | None = None,
     device_map: str | dict | None = None,
     release_mmap: bool = True,
+    pread_4bit: bool = True,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a local folder (None = embedded default). Left padding, pad = eos if unset.
-    4-bit: `release_mmap` drops the checkpoint's mapping after quantization (`release_checkpoint_mmap`); False
-    only to measure what that saves (eval/load_memory.py)."""
+    4-bit: the checkpoint is read tensor by tensor with pread instead of through a mapping (`pread_4bit`,
+    `_pread_checkpoints`), and `release_mmap` drops whatever mapping is left (`release_checkpoint_mmap`); False
+    only to measure what each saves (eval/load_memory.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -422,7 +467,8 @@ def load_causal_lm(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with _pread_checkpoints(quant.load_in_4bit and pread_4bit):
+            m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot load model {path}: {e}") from e
     tok = AutoTokenizer.from_pretrained(str(path))
@@ -447,6 +493,36 @@ def _cast_inputs_to_weight_dtype(module: Any, args: tuple) -> tuple:
     import torch
 
     return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _not_upcast(model: Any, quant: QuantSettings | None) -> list[Any]:
+    """The frozen full-precision parameters of a 4-bit model that `quant` keeps out of PEFT's fp32 upcast: the input
+    / output embeddings with `upcast_frozen_embeddings` false, every other one (norms) with `upcast_norms` false."""
+    if quant is None or (quant.upcast_frozen_embeddings and quant.upcast_norms):
+        return []
+    emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    return [p for p in model.parameters()
+            if p.is_floating_point() and type(p).__name__ != "Params4bit"
+            and not (quant.upcast_frozen_embeddings if id(p) in emb else quant.upcast_norms)]
+
+
+@contextlib.contextmanager
+def _upcast_skipped(params: list[Any]) -> Iterator[None]:
+    """`prepare_model_for_kbit_training` casts every bf16/fp16 weight that is not 4-bit to fp32, all at once: for a
+    weight that is cast back afterwards that is a transient fp32 copy of it (+0.6 GB for a 3B model's embeddings).
+    Inside this block the listed parameters hold an empty tensor of their dtype, so PEFT's cast costs nothing; their
+    data is put back on exit (the same Parameter objects: tied weights stay tied)."""
+    import torch
+
+    saved = [(p, p.data) for p in params]
+    try:
+        for p, d in saved:
+            p.data = torch.empty(0, dtype=d.dtype, device=d.device)
+        yield
+    finally:
+        for p, d in saved:
+            p.data = d
 
 
 def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False,
@@ -474,8 +550,6 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
                            f"{sorted(n for n in names if n.endswith('proj'))[:10]})")
     gc_kwargs = {"use_reentrant": False}  # the reentrant variant is deprecated in torch and warns on every call
     if kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
         if quant is not None and not (quant.upcast_frozen_embeddings and quant.upcast_norms):
             import torch
 
@@ -484,11 +558,15 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
                 key = "upcast_frozen_embeddings" if not quant.upcast_frozen_embeddings else "upcast_norms"
                 raise BackendError(f"quant.{key}=false needs a bf16/fp16 compute dtype, got "
                                    f"{quant.compute_dtype!r} (= {dt}); the weights would not match the layers")
+        with _upcast_skipped(_not_upcast(model, quant)):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
         if quant is not None and not quant.upcast_norms:
             emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                    for p in m.parameters()}
             for prm in model.parameters():
-                if prm.dtype == torch.float32 and id(prm) not in emb and type(prm).__name__ != "Params4bit":
+                if prm.is_floating_point() and prm.dtype != dt and id(prm) not in emb and (
+                        type(prm).__name__ != "Params4bit"):
                     prm.data = prm.data.to(dt)
         if quant is not None and not quant.upcast_frozen_embeddings:
             for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
