@@ -63,6 +63,7 @@ def section() -> str:
         ("finetune_mmap_yesno_ml-100k", None),
         ("load_memory", None),
         ("load_memory_1.1b", None),
+        ("load_memory_3b", None),
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("ranking_modes_ml-100k", None),
