@@ -142,3 +142,20 @@ def test_training_on_a_prequantized_copy_matches_quantizing_at_load(tiny_dataset
     with caplog.at_level("WARNING"):
         m = run_finetune(tiny_recipe(orphan, tmp_path / "orphan_run"), ds=tiny_dataset)
     assert "without its full-precision source" in caplog.text and 0.0 <= m["test_after"]["auc"] <= 1.0
+
+
+def test_a_prompt_budget_the_data_cannot_fit_fails_before_the_model_is_loaded(tiny_dataset, tiny_dir, tmp_path,
+                                                                             monkeypatch):
+    """data.max_len below the template's fixed part is refused from the tokenizer alone, naming the template and
+    the budget, before the (slow, large) model load; nothing is written."""
+    import llmrec.llm.loading as loading
+    from llmrec.prompts.render import PromptBudgetError
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the examples were checked")
+
+    monkeypatch.setattr(loading, "load_causal_lm", no_load)
+    out = tmp_path / "run"
+    with pytest.raises(PromptBudgetError, match=r"template 'yesno_stats'.*exceed max_tokens"):
+        run_finetune(tiny_recipe(tiny_dir, out, extra=["data.max_len=40"]), ds=tiny_dataset)
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()

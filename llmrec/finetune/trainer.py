@@ -170,7 +170,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
 
     from llmrec.bench_utils import peak_rss_mb, trim_heap, vm_rss_mb
     from llmrec.data import load_prepared
-    from llmrec.llm.loading import apply_lora, load_causal_lm
+    from llmrec.llm.loading import apply_lora, load_causal_lm, load_tokenizer
     t_start = time.time()
     tc = cfg.train
     if tc.threads:
@@ -190,6 +190,12 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     rss_start = peak_rss_mb()
 
     ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
+    # the examples first, from the tokenizer alone: a prompt budget the data cannot fit fails in seconds, not after
+    # the model load (minutes for a few-billion-parameter model)
+    t0 = time.time()
+    tok = load_tokenizer(cfg.model)
+    examples = build_examples(ds, cfg.task, cfg.data, tok)
+    build_s = time.time() - t0
     model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant)
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
     model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing, quant=cfg.quant)
@@ -203,15 +209,13 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}",
              100 * n_trainable / n_total)
 
-    t0 = time.time()
-    examples = build_examples(ds, cfg.task, cfg.data, tok)
     import llmrec.prompts as prompts_api
     from llmrec.finetune.data import resolve_template
 
     template = resolve_template(prompts_api, cfg.data.template or cfg.task)
     man = manifest(ds, cfg.task, cfg.data, examples, template)
     man["dataset"] = cfg.dataset
-    man["build_seconds"] = round(time.time() - t0, 1)
+    man["build_seconds"] = round(build_s, 1)
     if is_main_process():
         (out_dir / "data_manifest.json").write_text(json.dumps(man, indent=2) + "\n")
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

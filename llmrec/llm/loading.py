@@ -396,6 +396,22 @@ def _forward_guard(module: Any, args: Any, kwargs: Any = None) -> None:
     module._llmrec_forward_seen = True
 
 
+def load_tokenizer(model: str | Path | None = None) -> Any:
+    """The tokenizer `load_causal_lm` pairs with the model (None = embedded default): left padding, pad = eos if
+    unset. Cheap: lets a caller check its inputs (prompt budgets) before paying for the model load."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load the tokenizer of model {path}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
 @contextlib.contextmanager
 def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
     """Inside: transformers opens .safetensors files for the CPU with safetensors' `pread` backend (its own choice on
@@ -440,7 +456,7 @@ def load_causal_lm(
     `_pread_checkpoints`), and `release_mmap` drops whatever mapping is left (`release_checkpoint_mmap`); False
     only to measure what each saves (eval/load_memory.py)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
     quant = quant or QuantSettings()
@@ -471,10 +487,7 @@ def load_causal_lm(
             m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot load model {path}: {e}") from e
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    tok = load_tokenizer(path)
     if m.generation_config is not None and m.generation_config.pad_token_id is None:
         m.generation_config.pad_token_id = tok.pad_token_id
     if pre is not None:  # the checkpoint's config carries the compute dtype it was saved with: use the caller's
