@@ -417,9 +417,9 @@ def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
     """Inside: transformers opens .safetensors files for the CPU with safetensors' `pread` backend (its own choice on
     Windows) instead of `mmap`. For a 4-bit load that matters: through a mapping, every page quantization reads stays
     resident in this process until the load ends (a 3B bf16 checkpoint: 7.9 GB peak for a 2.9 GB result); read
-    tensor by tensor, each bf16 tensor is freed once quantized (3.8 GB). Same tensors, same time. A bf16/fp32 load
-    keeps the mapping: its weights are views of the file's pages, no copy at all. Yields whether it applied (no:
-    a transformers without `modeling_utils.safe_open`)."""
+    tensor by tensor, each bf16 tensor is freed once quantized (3.8 GB). Same tensors, about the same time. A
+    bf16/fp32 load keeps the mapping: its weights are views of the file's pages, no copy at all. Yields whether it
+    applied (no: a transformers without `modeling_utils.safe_open`)."""
     mu = None
     if enabled:
         try:
