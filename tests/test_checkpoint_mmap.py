@@ -175,3 +175,20 @@ def test_a_4bit_load_reads_the_checkpoint_with_pread_and_gets_the_same_model(bf1
     enc = tok("liked movie", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(a(**enc).logits, b(**enc).logits)
+
+
+def test_concurrent_4bit_loads_put_transformers_reader_back(bf16_dir):
+    """Loads in several threads (a service building its backends) each patch transformers' safetensors reader for
+    the load; whatever the interleaving, the original reader is what is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import transformers.modeling_utils as mu
+
+    from llmrec.llm.loading import QuantSettings, load_causal_lm
+
+    path, _ = bf16_dir
+    original = mu.safe_open
+    q = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16")
+    with ThreadPoolExecutor(3) as pool:
+        models = list(pool.map(lambda _: load_causal_lm(path, dtype="bfloat16", quant=q)[0], range(3)))
+    assert len(models) == 3 and mu.safe_open is original

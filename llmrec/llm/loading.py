@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -412,6 +413,9 @@ def load_tokenizer(model: str | Path | None = None) -> Any:
     return tok
 
 
+_PREAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
     """Inside: transformers opens .safetensors files for the CPU with safetensors' `pread` backend (its own choice on
@@ -436,11 +440,13 @@ def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
             kwargs["backend"] = "pread"
         return real(*args, **kwargs)
 
-    mu.safe_open = pread_open
-    try:
-        yield True
-    finally:
-        mu.safe_open = real
+    with _PREAD_LOCK:  # one patch at a time: two threads' loads would otherwise restore each other's wrapper
+        real = mu.safe_open
+        mu.safe_open = pread_open
+        try:
+            yield True
+        finally:
+            mu.safe_open = real
 
 
 def load_causal_lm(
