@@ -179,9 +179,11 @@ def test_a_4bit_load_reads_the_checkpoint_with_pread_and_gets_the_same_model(bf1
 
 def test_concurrent_4bit_loads_put_transformers_reader_back(bf16_dir):
     """Loads in several threads (a service building its backends) each patch transformers' safetensors reader for
-    the load; whatever the interleaving, the original reader is what is left."""
+    the load, and transformers sets torch's process-wide default dtype while it builds a model: whatever the
+    interleaving, the original reader and default dtype are what is left."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
     import transformers.modeling_utils as mu
 
     from llmrec.llm.loading import QuantSettings, load_causal_lm
@@ -192,3 +194,21 @@ def test_concurrent_4bit_loads_put_transformers_reader_back(bf16_dir):
     with ThreadPoolExecutor(3) as pool:
         models = list(pool.map(lambda _: load_causal_lm(path, dtype="bfloat16", quant=q)[0], range(3)))
     assert len(models) == 3 and mu.safe_open is original
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_safetensors_without_the_backend_argument_keeps_its_mapped_read(bf16_dir, monkeypatch):
+    """An older safetensors whose safe_open takes no `backend`: the 4-bit load is left to transformers' own read."""
+    import transformers.modeling_utils as mu
+
+    import llmrec.llm.loading as L
+
+    path, _ = bf16_dir
+    real = mu.safe_open
+    backends: list[object] = []
+    monkeypatch.setattr(mu, "safe_open", lambda *a, **k: (backends.append(k.get("backend")), real(*a, **k))[1])
+    monkeypatch.setattr(L, "_safetensors_has_pread", lambda: False)
+    model, _ = L.load_causal_lm(path, dtype="bfloat16", quant=L.QuantSettings(load_in_4bit=True,
+                                                                              compute_dtype="bfloat16"))
+    assert backends and "pread" not in backends
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"

@@ -416,6 +416,15 @@ def load_tokenizer(model: str | Path | None = None) -> Any:
 _PREAD_LOCK = threading.Lock()
 
 
+def _safetensors_has_pread() -> bool:
+    """Whether this safetensors' `safe_open` takes `backend` (0.8 does; older ones only map the file)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return False
+    return "backend" in (getattr(safe_open, "__text_signature__", None) or "")
+
+
 @contextlib.contextmanager
 def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
     """Inside: transformers opens .safetensors files for the CPU with safetensors' `pread` backend (its own choice on
@@ -423,9 +432,9 @@ def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
     resident in this process until the load ends (a 3B bf16 checkpoint: 7.9 GB peak for a 2.9 GB result); read
     tensor by tensor, each bf16 tensor is freed once quantized (3.8 GB). Same tensors, about the same time. A
     bf16/fp32 load keeps the mapping: its weights are views of the file's pages, no copy at all. Yields whether it
-    applied (no: a transformers without `modeling_utils.safe_open`)."""
+    applied (no: a transformers without `modeling_utils.safe_open`, or a safetensors without `backend`)."""
     mu = None
-    if enabled:
+    if enabled and _safetensors_has_pread():
         try:
             import transformers.modeling_utils as mu
         except ImportError:  # pragma: no cover - transformers is a dependency
@@ -449,6 +458,9 @@ def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
             mu.safe_open = real
 
 
+_LOAD_LOCK = threading.RLock()
+
+
 def load_causal_lm(
     model: str | Path | None = None,
     dtype: str = "bfloat16",
@@ -460,7 +472,15 @@ def load_causal_lm(
     """(model, tokenizer) from a local folder (None = embedded default). Left padding, pad = eos if unset.
     4-bit: the checkpoint is read tensor by tensor with pread instead of through a mapping (`pread_4bit`,
     `_pread_checkpoints`), and `release_mmap` drops whatever mapping is left (`release_checkpoint_mmap`); False
-    only to measure what each saves (eval/load_memory.py)."""
+    only to measure what each saves (eval/load_memory.py). Loads in one process run one at a time: transformers
+    builds a model under a process-wide torch default dtype that it sets and restores, so two threads loading at
+    once could leave the other's dtype behind (every later tensor bf16)."""
+    with _LOAD_LOCK:
+        return _load_causal_lm(model, dtype, quant, device_map, release_mmap, pread_4bit)
+
+
+def _load_causal_lm(model: str | Path | None, dtype: str, quant: QuantSettings | None,
+                    device_map: str | dict | None, release_mmap: bool, pread_4bit: bool) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
