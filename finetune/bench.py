@@ -12,7 +12,7 @@
     python finetune/bench.py shaped --out artifacts/models/llama-3b-shaped --hidden 3072 --intermediate 8192 \
         --layers 28 --heads 24 --kv-heads 8                                      # Llama-3.2-3B's shape
     python finetune/bench.py mem --task yesno --model artifacts/models/llama-3b-shaped --label _3b \
-        --gradient-checkpointing --batch-size 1 --steps 1 data.history_max=1 data.max_len=96 \
+        --gradient-checkpointing --batch-size 1 --steps 1 data.history_max=1 data.max_len=160 \
         --only bf16 qlora_bf16all qlora_bf16all_pre bf16_mmap qlora_bf16all_mmap qlora_bf16all_pre_mmap
 
 Each training run is its own process (`llmrec finetune`), so peak RSS (ru_maxrss) is per configuration. The report

@@ -196,7 +196,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     tok = load_tokenizer(cfg.model)
     examples = build_examples(ds, cfg.task, cfg.data, tok)
     build_s = time.time() - t0
-    model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant)
+    model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant, tokenizer=tok)
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
     model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing, quant=cfg.quant)
     rss_loaded = peak_rss_mb()

@@ -468,19 +468,22 @@ def load_causal_lm(
     device_map: str | dict | None = None,
     release_mmap: bool = True,
     pread_4bit: bool = True,
+    tokenizer: Any = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a local folder (None = embedded default). Left padding, pad = eos if unset.
     4-bit: the checkpoint is read tensor by tensor with pread instead of through a mapping (`pread_4bit`,
     `_pread_checkpoints`), and `release_mmap` drops whatever mapping is left (`release_checkpoint_mmap`); False
     only to measure what each saves (eval/load_memory.py). Loads in one process run one at a time: transformers
     builds a model under a process-wide torch default dtype that it sets and restores, so two threads loading at
-    once could leave the other's dtype behind (every later tensor bf16)."""
+    once could leave the other's dtype behind (every later tensor bf16). `tokenizer`: one the caller already
+    loaded with `load_tokenizer` for this model (returned as is)."""
     with _LOAD_LOCK:
-        return _load_causal_lm(model, dtype, quant, device_map, release_mmap, pread_4bit)
+        return _load_causal_lm(model, dtype, quant, device_map, release_mmap, pread_4bit, tokenizer)
 
 
 def _load_causal_lm(model: str | Path | None, dtype: str, quant: QuantSettings | None,
-                    device_map: str | dict | None, release_mmap: bool, pread_4bit: bool) -> tuple[Any, Any]:
+                    device_map: str | dict | None, release_mmap: bool, pread_4bit: bool,
+                    tokenizer: Any) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -513,7 +516,7 @@ def _load_causal_lm(model: str | Path | None, dtype: str, quant: QuantSettings |
             m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot load model {path}: {e}") from e
-    tok = load_tokenizer(path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     if m.generation_config is not None and m.generation_config.pad_token_id is None:
         m.generation_config.pad_token_id = tok.pad_token_id
     if pre is not None:  # the checkpoint's config carries the compute dtype it was saved with: use the caller's
