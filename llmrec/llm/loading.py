@@ -413,9 +413,6 @@ def load_tokenizer(model: str | Path | None = None) -> Any:
     return tok
 
 
-_PREAD_LOCK = threading.Lock()
-
-
 def _safetensors_has_pread() -> bool:
     """Whether this safetensors' `safe_open` takes `backend` (0.8 does; older ones only map the file)."""
     try:
@@ -432,15 +429,12 @@ def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
     resident in this process until the load ends (a 3B bf16 checkpoint: 7.9 GB peak for a 2.9 GB result); read
     tensor by tensor, each bf16 tensor is freed once quantized (3.8 GB). Same tensors, about the same time. A
     bf16/fp32 load keeps the mapping: its weights are views of the file's pages, no copy at all. Yields whether it
-    applied (no: a transformers without `modeling_utils.safe_open`, or a safetensors without `backend`)."""
-    mu = None
-    if enabled and _safetensors_has_pread():
-        try:
-            import transformers.modeling_utils as mu
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            mu = None
+    applied (no: a transformers without `modeling_utils.safe_open`, or a safetensors without `backend`). Patches a
+    module global: the caller holds `_LOAD_LOCK`, so two loads never patch and restore it across each other."""
+    import transformers.modeling_utils as mu
+
     real = getattr(mu, "safe_open", None)
-    if real is None:
+    if not enabled or real is None or not _safetensors_has_pread():
         yield False
         return
 
@@ -449,13 +443,11 @@ def _pread_checkpoints(enabled: bool = True) -> Iterator[bool]:
             kwargs["backend"] = "pread"
         return real(*args, **kwargs)
 
-    with _PREAD_LOCK:  # one patch at a time: two threads' loads would otherwise restore each other's wrapper
-        real = mu.safe_open
-        mu.safe_open = pread_open
-        try:
-            yield True
-        finally:
-            mu.safe_open = real
+    mu.safe_open = pread_open
+    try:
+        yield True
+    finally:
+        mu.safe_open = real
 
 
 _LOAD_LOCK = threading.RLock()
