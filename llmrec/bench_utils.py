@@ -58,7 +58,11 @@ def machine_info() -> str:
             gpu = f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return f"{os.cpu_count()} x {cpu}{mem}{gpu}, Python {platform.python_version()}"
+    from llmrec.llm.loading import cpu_has_fast_bf16
+
+    # `dtype: fast` is bf16 on such a CPU and fp32 without: the same command computes in a different dtype
+    bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_has_fast_bf16() else "no native bf16"
+    return f"{os.cpu_count()} x {cpu} ({bf16}){mem}{gpu}, Python {platform.python_version()}"
 
 
 def peak_rss_mb() -> float:

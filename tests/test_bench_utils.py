@@ -125,3 +125,14 @@ def test_result_header_names_the_commit_the_run_started_from(tmp_path, monkeypat
     moved = "abc1234 (started; def5678+dirty when written)"
     assert json.loads((tmp_path / "moved.json").read_text())["commit"] == moved
     assert "- commit: abc1234 (started; def5678+dirty when written)" in (tmp_path / "moved.md").read_text()
+
+
+def test_machine_line_says_whether_the_cpu_computes_bf16_natively(monkeypatch):
+    # `dtype: fast` resolves to bf16 or fp32 by this CPU flag, so every result's machine line records it
+    import llmrec.llm.loading as loading
+    from llmrec.bench_utils import machine_info
+
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    assert "(native bf16 (AVX512-BF16/AMX))" in machine_info()
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    assert "(no native bf16)" in machine_info()
