@@ -58,6 +58,7 @@ def section() -> str:
         ("retrieval_ml-1m", None),
         ("finetune_yesno_ml-100k", None),
         ("finetune_memory_yesno_ml-100k", None),
+        ("finetune_memory_yesno_ml-100k_135m_gc", None),
         ("finetune_memory_yesno_ml-100k_1.1b", None),
         ("finetune_memory_yesno_ml-100k_3b", None),
         ("finetune_mmap_yesno_ml-100k", None),

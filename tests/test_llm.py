@@ -327,3 +327,24 @@ def test_generate_quoted_only_writes_allowed_quotes(tiny_dir):
         spans = text.split('"')[1::2]
         assert sorted(spans) == sorted(allowed), (text, allowed)  # each allowed title quoted once, nothing else
     assert '"' not in outs[1]
+
+
+def test_bitsandbytes_hub_kernel_hint_is_replaced_by_one_accurate_line(caplog, monkeypatch):
+    # bitsandbytes' "pip install kernels" hint would have users fetch a kernel from a hub at run time; the library
+    # drops it and says once that bitsandbytes' built-in CPU kernels run. Other bitsandbytes warnings pass through.
+    import logging
+
+    import llmrec.llm.loading as loading
+
+    monkeypatch.setattr(loading._HubKernelHint, "said", False)
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    msg = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure "
+           "you already `pip install kernels` and the kernels >= 0.11.1")
+    with caplog.at_level(logging.INFO):
+        bnb_log.warning(msg)
+        bnb_log.warning(msg)
+        bnb_log.warning("some other bitsandbytes warning")
+    texts = [r.getMessage() for r in caplog.records]
+    assert not any("pip install kernels" in t for t in texts)
+    assert sum("built-in kernels" in t for t in texts) == 1
+    assert "some other bitsandbytes warning" in texts

@@ -38,6 +38,28 @@ DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
 _DTYPES = ("bfloat16", "float32", "float16", "auto", "fast")
 
 
+class _HubKernelHint(logging.Filter):
+    """bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a 4-bit matmul kernel from the Hugging Face
+    hub through the `kernels` package and, when that fails, warns "please `pip install kernels`". Here nothing may be
+    fetched from a hub at run time and its built-in CPU path (the one it falls back to) is what runs, so the hint is
+    replaced by one INFO line that says so."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" not in record.getMessage():
+            return True
+        if not _HubKernelHint.said:
+            _HubKernelHint.said = True
+            log.info("bitsandbytes: 4-bit CPU matmuls use its built-in kernels (its optional hub-fetched kernel is "
+                     "not used: nothing is downloaded at run time)")
+        return False
+
+
+# installed before anything imports bitsandbytes (it warns once, at import)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelHint())
+
+
 @dataclass
 class QuantSettings:
     """4-bit loading (bitsandbytes). `load_in_4bit: false` loads in `dtype` (bf16 or fp32)."""
