@@ -394,11 +394,21 @@ def run_service(args: argparse.Namespace, cmd: str = "") -> dict:
         out[key] = {"backend": health.get("backend"), "backend_note": health.get("backend_note"),
                     "model": health.get("model"), "service_start_s": start_s, "runs": runs,
                     "retriever": args.retriever, "explain": args.explain, "note": args.note, "command": cmd,
-                    "batch_size_metrics": batch_lines}
+                    "batch_size_metrics": batch_lines, "machine": machine_info()}
     return out
 
 
 # ------------------------------------------------------------------------------------------------------ report
+# parts run on different days can come from different machines (the file's own `machine` line is the last writer's)
+MACHINE_UNRECORDED = "not recorded with this part"
+
+
+def machine_info() -> str:
+    from llmrec.bench_utils import machine_info as info
+
+    return info()
+
+
 def write(res: dict) -> None:
     from llmrec.bench_utils import md_table, write_result
 
@@ -413,7 +423,8 @@ def write(res: dict) -> None:
     eng = res.get("engines")
     if eng:
         md.append(f"## Engines (same model, same prompts)\n\n{eng.get('note') or shared}\n\n"
-                  f"`{eng.get('command', '')}`; model `{eng['model']}`, "
+                  f"`{eng.get('command', '')}`; machine: {eng.get('machine', MACHINE_UNRECORDED)}; "
+                  f"model `{eng['model']}`, "
                   f"prompts: {eng['prompt_source']}; generation: {eng['gen_tokens_per_prompt']} forced tokens per "
                   "prompt.\n")
         md.append(md_table([{**r, "start_s": r.get("start_s")} for r in eng["rows"]],
@@ -453,7 +464,8 @@ def write(res: dict) -> None:
         runs_md = []  # each run of this part (--append keeps earlier ones): its note and command
         for v in svc.values():
             command = v.get("command") or res.get("commands", {}).get("service", "")
-            item = f"- {v.get('note') or res.get('service_note') or shared} `{command}`"
+            item = (f"- {v.get('note') or res.get('service_note') or shared} `{command}`; machine: "
+                    f"{v.get('machine', MACHINE_UNRECORDED)}")
             if item not in runs_md:
                 runs_md.append(item)
         md.append("\n## Service: GET /v1/users/{id}/recommendations?k=10 (distinct users, no cache hits)\n\n"
@@ -524,7 +536,7 @@ def main() -> int:
     res = load_results()
     cmd = "python serve/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     if args.part == "engines":
-        res["engines"] = {**run_engines(args), "command": cmd, "note": args.note}
+        res["engines"] = {**run_engines(args), "command": cmd, "note": args.note, "machine": machine_info()}
     elif args.part == "service":
         res["service"] = run_service(args, cmd)
         res.setdefault("commands", {})["service"] = cmd

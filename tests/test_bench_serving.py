@@ -78,3 +78,25 @@ def test_load_run_asks_for_explanations_when_told_and_counts_status():
         assert seen == [("u1", "false")]
     finally:
         srv.shutdown()
+
+
+def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch):
+    # parts are run on different days, possibly on different machines: each carries its own machine line
+    import llmrec.bench_utils as bu
+
+    monkeypatch.setattr(bu, "RESULTS_DIR", tmp_path)
+    bs = _bench_serving()
+    eng_row = {"engine": "vllm", "start_s": 1.0, "score_prompts": 4, "score_prompts_per_s": 2.0, "gen_prompts": 4,
+               "gen_tokens_per_s": 10.0}
+    res = {"engines": {"model": "m", "prompt_source": "p", "gen_tokens_per_prompt": 8, "rows": [eng_row],
+                       "vllm_vs_transformers_gen_speedup": 1.5, "vllm_vs_transformers_score_speedup": 1.1,
+                       "goal_gen_speedup_3x_met": False, "command": "c", "note": "quiet",
+                       "machine": "2 x CPU-A (native bf16 (AVX512-BF16/AMX))"},
+           "service": {"vllm, batching=none": {
+               "backend": "vllm", "service_start_s": 1.0, "batch_size_metrics": [], "note": "n", "command": "c2",
+               "runs": [{"concurrency": 1, "requests": 2, "p50_ms": 1.0, "p95_ms": 2.0, "requests_per_s": 1.0,
+                         "status": {"200": 2}, "degraded": 0}]}}}
+    bs.write(res)
+    md = (tmp_path / "serving.md").read_text()
+    assert "machine: 2 x CPU-A (native bf16 (AVX512-BF16/AMX))" in md
+    assert f"machine: {bs.MACHINE_UNRECORDED}" in md  # the service part had none: said, not guessed
