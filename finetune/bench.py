@@ -55,8 +55,12 @@ def finetune(task: str, out: Path, overrides: list[str]) -> dict[str, Any]:
 # `run --variant NAME`: the same recipe with these overrides, in its own folder (`<run>_NAME`), reported beside the
 # main QLoRA run. "lora": LoRA on the full-precision base (on a CPU 4-bit saves memory, not time, and the nf4 copy of
 # a 135M model starts from a higher loss); the zero-shot pass is skipped (it scores the same full-precision base).
-VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"]}
-VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)"}
+# "qlora_upcast": QLoRA with PEFT's fp32 upcast of the frozen embeddings and norms (the recipes' default before
+# 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved activation fp32).
+VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"],
+            "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false"]}
+VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)",
+                  "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32"}
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -80,7 +84,9 @@ def cmd_mem(a: argparse.Namespace) -> None:
         common.append(f"model={a.model}")
     # all loaded in bf16 (`dtype`: the checkpoint is read in it before 4-bit quantization, and the non-quantized
     # weights keep it) and computing in bf16, so that only the weight format differs
-    q4 = ["quant.load_in_4bit=true", "dtype=bfloat16", "quant.compute_dtype=bfloat16"]
+    # (the upcast flags explicit: each kind measures what its name says, whatever the recipe's default)
+    q4 = ["quant.load_in_4bit=true", "dtype=bfloat16", "quant.compute_dtype=bfloat16",
+          "quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true"]
     configs = {"qlora": q4,
                "bf16": ["quant.load_in_4bit=false", "dtype=bfloat16"],
                # QLoRA with the frozen embedding / LM head kept in bf16 instead of PEFT's fp32 upcast
@@ -359,7 +365,8 @@ def cmd_report(a: argparse.Namespace) -> None:
         vp = run_dir(a.task, a.dataset, f"_{name}") / "metrics.json"
         v = json.loads(vp.read_text()) if vp.is_file() else {}
         if v.get("status") == "done":
-            variants[name] = {k: v.get(k) for k in ("train", "test_after", "valid_after", "wall_s", "load_in_4bit")}
+            variants[name] = {k: v.get(k) for k in ("train", "test_before", "test_after", "valid_after", "wall_s",
+                                                    "load_in_4bit")}
             rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},
                          "note": f"same recipe, {' '.join(VARIANTS[name])}"})
             vthr = (v.get("test_after") or {}).get("at_valid_threshold")
@@ -375,7 +382,8 @@ def cmd_report(a: argparse.Namespace) -> None:
              "peak RSS MB": tr.get("peak_rss_mb")}]
     for name, v in variants.items():
         vt = v["train"]
-        perf.append({"run": f"{name} (no zero-shot pass)", "examples": vt.get("examples"), "steps": vt.get("steps"),
+        zs = "with" if v.get("test_before") else "no"
+        perf.append({"run": f"{name} ({zs} zero-shot pass)", "examples": vt.get("examples"), "steps": vt.get("steps"),
                      "examples/s": vt.get("examples_per_s"), "train wall s": vt.get("wall_s"),
                      "total wall s": v["wall_s"], "peak RSS MB": vt.get("peak_rss_mb")})
     for k in MEM_KINDS:

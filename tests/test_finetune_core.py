@@ -198,10 +198,16 @@ def test_frozen_embeddings_can_stay_in_the_compute_dtype(tiny_dir):
     lora_params = [(n, p) for n, p in pm.named_parameters() if "lora_" in n]
     assert lora_params and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in lora_params)
     assert any(float(p.grad.abs().sum()) > 0 for n, p in lora_params if "lora_B" in n)
-    m3, _ = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    # fp32 compute on weights loaded bf16: they would not match the layers -> refused, naming the field
+    m3, _ = load_causal_lm(tiny_dir, dtype="bfloat16", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
     with pytest.raises(BackendError, match="upcast_frozen_embeddings=false needs a bf16/fp16 compute dtype"):
         apply_lora(m3, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32",
                                                  upcast_frozen_embeddings=False))
+    # weights loaded fp32 (`dtype: fast` on a CPU without native bf16): nothing to keep, the flag is a no-op
+    m4, _ = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    pm4 = apply_lora(m4, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32",
+                                                   upcast_frozen_embeddings=False, upcast_norms=False))
+    assert pm4.get_input_embeddings().weight.dtype == torch.float32
 
 
 def test_norms_can_stay_in_the_compute_dtype_so_activations_stay_bf16(tiny_dir):
@@ -238,7 +244,7 @@ def test_norms_can_stay_in_the_compute_dtype_so_activations_stay_bf16(tiny_dir):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in lora_params)
     assert any(float(p.grad.abs().sum()) > 0 for n, p in lora_params if "lora_B" in n)
-    m3, _ = load_causal_lm(tiny_dir, dtype="float32", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
+    m3, _ = load_causal_lm(tiny_dir, dtype="bfloat16", quant=QuantSettings(load_in_4bit=True, compute_dtype="float32"))
     with pytest.raises(BackendError, match="upcast_norms=false needs a bf16/fp16 compute dtype"):
         apply_lora(m3, lora, quant=QuantSettings(load_in_4bit=True, compute_dtype="float32", upcast_norms=False))
 

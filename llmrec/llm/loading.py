@@ -610,7 +610,10 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
             import torch
 
             dt = torch_dtype(resolve_dtype(quant.compute_dtype))
-            if dt not in (torch.bfloat16, torch.float16):
+            # fp32 compute: weights already fp32 (a `dtype: fast` load on a CPU without native bf16) have nothing to
+            # keep from the upcast, so `false` is a no-op there; weights in bf16/fp16 would not match the layers
+            if dt not in (torch.bfloat16, torch.float16) and any(
+                    p.dtype != torch.float32 for p in _not_upcast(model, quant)):
                 key = "upcast_frozen_embeddings" if not quant.upcast_frozen_embeddings else "upcast_norms"
                 raise BackendError(f"quant.{key}=false needs a bf16/fp16 compute dtype, got "
                                    f"{quant.compute_dtype!r} (= {dt}); the weights would not match the layers")
