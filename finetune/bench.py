@@ -367,8 +367,10 @@ def cmd_report(a: argparse.Namespace) -> None:
         if v.get("status") == "done":
             variants[name] = {k: v.get(k) for k in ("train", "test_before", "test_after", "valid_after", "wall_s",
                                                     "load_in_4bit")}
+            # the overrides this run had (a run made before its variant existed may have kept the zero-shot pass)
+            over = [o for o in VARIANTS[name] if not (o == "eval_before=false" and v.get("test_before"))]
             rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},
-                         "note": f"same recipe, {' '.join(VARIANTS[name])}"})
+                         "note": f"same recipe, {' '.join(over)}"})
             vthr = (v.get("test_after") or {}).get("at_valid_threshold")
             if vthr:
                 rows.append({"model": f"{label}, threshold chosen on valid", "accuracy": vthr["accuracy"],
