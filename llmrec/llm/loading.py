@@ -492,10 +492,11 @@ def load_causal_lm(
     once could leave the other's dtype behind (every later tensor bf16). `tokenizer`: one the caller already
     loaded with `load_tokenizer` for this model (returned as is)."""
     with _LOAD_LOCK:
-        return _load_causal_lm(model, dtype, quant, device_map, release_mmap, pread_4bit, tokenizer)
+        return _load_causal_lm(model, dtype=dtype, quant=quant, device_map=device_map, release_mmap=release_mmap,
+                               pread_4bit=pread_4bit, tokenizer=tokenizer)
 
 
-def _load_causal_lm(model: str | Path | None, dtype: str, quant: QuantSettings | None,
+def _load_causal_lm(model: str | Path | None, *, dtype: str, quant: QuantSettings | None,
                     device_map: str | dict | None, release_mmap: bool, pread_4bit: bool,
                     tokenizer: Any) -> tuple[Any, Any]:
     import torch
@@ -606,18 +607,18 @@ def apply_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = Fa
                            f"{sorted(n for n in names if n.endswith('proj'))[:10]})")
     gc_kwargs = {"use_reentrant": False}  # the reentrant variant is deprecated in torch and warns on every call
     if kbit:
-        if quant is not None and not (quant.upcast_frozen_embeddings and quant.upcast_norms):
+        keep = _not_upcast(model, quant)  # the weights `quant` keeps out of PEFT's fp32 upcast
+        if keep:
             import torch
 
             dt = torch_dtype(resolve_dtype(quant.compute_dtype))
             # fp32 compute: weights already fp32 (a `dtype: fast` load on a CPU without native bf16) have nothing to
             # keep from the upcast, so `false` is a no-op there; weights in bf16/fp16 would not match the layers
-            if dt not in (torch.bfloat16, torch.float16) and any(
-                    p.dtype != torch.float32 for p in _not_upcast(model, quant)):
+            if dt not in (torch.bfloat16, torch.float16) and any(p.dtype != torch.float32 for p in keep):
                 key = "upcast_frozen_embeddings" if not quant.upcast_frozen_embeddings else "upcast_norms"
                 raise BackendError(f"quant.{key}=false needs a bf16/fp16 compute dtype, got "
                                    f"{quant.compute_dtype!r} (= {dt}); the weights would not match the layers")
-        with _upcast_skipped(_not_upcast(model, quant)):
+        with _upcast_skipped(keep):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=gc_kwargs)
         if quant is not None and not quant.upcast_norms:
