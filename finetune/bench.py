@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -57,10 +59,14 @@ def finetune(task: str, out: Path, overrides: list[str]) -> dict[str, Any]:
 # a 135M model starts from a higher loss); the zero-shot pass is skipped (it scores the same full-precision base).
 # "qlora_upcast": QLoRA with PEFT's fp32 upcast of the frozen embeddings and norms (the recipes' default before
 # 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved activation fp32).
+# "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the Recommender's default)
+# instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
 VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"],
-            "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false"]}
+            "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false"],
+            "retrieval": ["data.candidates=retrieval"]}
 VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)",
-                  "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32"}
+                  "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32",
+                  "retrieval": "SmolLM2 + QLoRA, retrieved candidates"}
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -267,6 +273,7 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
     return mem
 
 
+DEFAULT_BASELINES = {"yesno": "mf,bert_lstm", "rank": "pop,bpr,sasrec,bert_lstm"}
 FEW_SHOT_KW = {"mf": {}, "bert_lstm": {"tasks": ["yesno"]}}  # baselines refitted on the LLM's few-shot rows
 
 
@@ -275,7 +282,7 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     """Each baseline's test metrics on the recipe's test subset (its checkpoint, else fitted with defaults on every
     training row), the counts-only reference, and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW
     refitted on exactly the LLM's n_train training rows, early-stopped on its n_valid validation rows (same seed)."""
-    from llmrec.baselines import get_model, load_model
+    from llmrec.baselines import get_model
     from llmrec.data import load_prepared
     from llmrec.evaluation import evaluate_yesno, yesno_subset
 
@@ -285,13 +292,7 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     for name in names:
         t0 = time.time()
         try:
-            try:
-                model = load_model(name, dataset, ds=ds)
-                how = "loaded checkpoint"
-            except (FileNotFoundError, OSError, KeyError, ValueError):
-                model = get_model(name)
-                model.fit(ds)
-                how = "fitted with defaults"
+            model, how = load_or_fit(name, ds)
             out[name] = {**evaluate_yesno(model.predict_proba(ex), ex), "how": how,
                          "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
@@ -309,6 +310,46 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
 
     out["counts only (no model)"] = {**evaluate_yesno(counts_only_p_yes(ds, ex), ex),
                                      "how": "the yesno_stats prompt's two counts, no fitting (llmrec.data.stats)"}
+    return out
+
+
+def load_or_fit(name: str, ds: Any) -> tuple[Any, str]:
+    """Baseline `name`: its checkpoint (`llmrec baselines train`), else fitted with defaults and saved there."""
+    from llmrec.baselines import checkpoint_dir, get_model, load_model
+
+    try:
+        return load_model(name, ds.name, ds=ds), "loaded checkpoint"
+    except (FileNotFoundError, OSError, KeyError, ValueError):
+        ck = checkpoint_dir(ds.name, name)
+        return get_model(name).fit(ds, checkpoint_dir=ck), f"fitted with defaults (saved to {ck})"
+
+
+def baseline_rank(names: list[str], run: Path) -> dict[str, Any]:
+    """Each next-item baseline's NDCG/HR/MRR@10 over exactly the test prompts' candidate sets of the finetune run in
+    `run` (its resolved recipe rebuilds them: same seed, same candidates), plus the expected random order. A
+    baseline scores the user's full test-time history (train + valid events); its scores order the candidates."""
+    from llmrec.data import load_prepared
+    from llmrec.finetune import load_recipe
+    from llmrec.finetune.data import build_examples
+    from llmrec.llm.loading import load_tokenizer
+    from llmrec.metrics import random_order_metrics, ranking_metrics, ranks_from_scores
+
+    cfg = load_recipe(run / "recipe.yaml", ["data.n_train=0", "data.n_valid=0"])
+    ds = load_prepared(cfg.dataset)
+    ex = build_examples(ds, "rank", cfg.data, load_tokenizer(cfg.model))["test"]
+    n = len(ex[0].candidate_ids)
+    out: dict[str, Any] = {"random order (expected)": {**random_order_metrics(n), "how": f"uniform over {n}"}}
+    labels = np.array([e.label for e in ex])
+    for name in names:
+        t0 = time.time()
+        try:
+            model, how = load_or_fit(name, ds)
+            scores = model.score_items([e.user_id for e in ex], split="test")
+            cand = np.array([[scores[u, ds.item_index[c]] for c in e.candidate_ids] for u, e in enumerate(ex)])
+            m = ranking_metrics(ranks_from_scores(cand, labels), ks=(10,))
+            out[name] = {**m, "how": how, "seconds": round(time.time() - t0, 1)}
+        except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -343,8 +384,11 @@ def cmd_report(a: argparse.Namespace) -> None:
     n_test = manifest["test"]["n"]
     seed = manifest["seed"]
     few = (manifest["train"]["n"], manifest["valid"]["n"]) if a.few_shot else None
-    baselines = baseline_yesno(a.baselines.split(","), a.dataset, n_test, seed, few) if (
-        a.task == "yesno" and a.baselines) else {}
+    names = [n for n in (a.baselines or DEFAULT_BASELINES[a.task]).split(",") if n]
+    if a.task == "yesno":
+        baselines = baseline_yesno(names, a.dataset, n_test, seed, few) if names else {}
+    else:  # the same candidate sets as the LLM's test prompts
+        baselines = baseline_rank(names, run_dir(a.task, a.dataset))
     payload = {
         "dataset": a.dataset, "task": a.task, "status": main.get("status", "done"),
         "model": "SmolLM2-135M-Instruct (embedded GGUF -> HF bf16)",
@@ -360,6 +404,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     if thr:
         rows.append({"model": "SmolLM2 + QLoRA, threshold chosen on valid", "accuracy": thr["accuracy"],
                      "f1": thr["f1"], "note": f"P(Yes) >= {thr['threshold']:.3f} (AUC is threshold-free)"})
+    rows += [{"model": n, **{k: v.get(k) for k in keys}, "note": v.get("how", v.get("error"))}
+             for n, v in baselines.items()]
     variants = {}
     for name, label in VARIANT_LABELS.items():
         vp = run_dir(a.task, a.dataset, f"_{name}") / "metrics.json"
@@ -369,15 +415,22 @@ def cmd_report(a: argparse.Namespace) -> None:
                                                     "load_in_4bit")}
             # the overrides this run had (a run made before its variant existed may have kept the zero-shot pass)
             over = [o for o in VARIANTS[name] if not (o == "eval_before=false" and v.get("test_before"))]
+            own_sets = any(o.startswith("data.") for o in VARIANTS[name])  # other test examples than main's
+            if v.get("test_before") and own_sets:
+                rows.append({"model": f"{label}: zero-shot", **{k: v["test_before"].get(k) for k in keys},
+                             "note": f"same recipe, {' '.join(over)}"})
             rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},
                          "note": f"same recipe, {' '.join(over)}"})
+            if a.task == "rank" and names and own_sets:  # baselines on this variant's own candidate sets
+                vb = baseline_rank(names, run_dir(a.task, a.dataset, f"_{name}"))
+                variants[name]["baselines_same_candidates"] = vb
+                rows += [{"model": f"{n} ({label.split(', ', 1)[-1]})", **{k: b.get(k) for k in keys},
+                          "note": b.get("how", b.get("error"))} for n, b in vb.items()]
             vthr = (v.get("test_after") or {}).get("at_valid_threshold")
             if vthr:
                 rows.append({"model": f"{label}, threshold chosen on valid", "accuracy": vthr["accuracy"],
                              "f1": vthr["f1"], "note": f"P(Yes) >= {vthr['threshold']:.3f}"})
     payload["variants"] = variants
-    rows += [{"model": n, **{k: v.get(k) for k in keys}, "note": v.get("how", v.get("error"))}
-             for n, v in baselines.items()]
     tr = main["train"]
     perf = [{"run": "main (QLoRA)", "examples": tr.get("examples"), "steps": tr.get("steps"),
              "examples/s": tr.get("examples_per_s"), "train wall s": tr.get("wall_s"), "total wall s": main["wall_s"],
@@ -430,7 +483,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="shaped: output folder")
     for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):
         p.add_argument(f"--{k}", type=int, default=v, help=f"shaped: (default {v}: TinyLlama-1.1B's shape)")
-    p.add_argument("--baselines", default="mf,bert_lstm", help="report (yesno): baselines scored on the same subset")
+    p.add_argument("--baselines", default=None,
+                   help="report: baselines scored on the same test subset (yesno; default mf,bert_lstm) or the same "
+                        "candidate sets (rank; default pop,bpr,sasrec,bert_lstm); '' = none")
     p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=True,
                    help="report (yesno): also refit mf / bert_lstm on the LLM's own training and validation rows")
     p.add_argument("--note", default="", help="report, mmap: free text (e.g. the CPU contention during the run)")

@@ -138,6 +138,7 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
 def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict,
             fitted: dict | None = None, ex_valid: Any = None) -> None:
     from llmrec.llm import load_backend
+    from llmrec.metrics import random_order_metrics
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
     from llmrec.ranking.factory import build_retriever, collaborative_name, with_adapter_templates
@@ -154,6 +155,12 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
         "rank_s_per_user": m["seconds_per_user"],
         "train_s": time.perf_counter() - t0,
     }
+    n = cfg.n_candidates
+    if f"hr@{n}" in m:  # chance level of a reranker: the retrieved candidates in a uniformly random order
+        chance = random_order_metrics(n)
+        methods[f"retrieval ({cfg.retriever}), candidates in random order (expected)"] = {
+            **{k: m[f"hr@{n}"] * chance[k.replace("recall", "hr")] for k in RANK_KEYS},
+            "rank_s_per_user": m["seconds_per_user"], "expected": True}  # the retrieval's time: a shuffle is free
     variants = [("llm zero-shot", None, None)]
     ay = cfg.adapter_yesno or _finetune_default("yesno", ds.name)
     ar = cfg.adapter_rank or _finetune_default("rank", ds.name)
@@ -301,13 +308,14 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
     pngs = plots(name, out_dir, methods, curves, ex["label"].tolist())
     best = {}
     for key in ("ndcg@10", "auc"):
-        scored = {n: r[key] for n, r in methods.items() if isinstance(r.get(key), float)}
+        scored = {n: r[key] for n, r in methods.items() if isinstance(r.get(key), float) and not r.get("expected")}
         if scored:
             best[key] = max(scored, key=scored.get)
     tuned = methods.get("llm tuned", {})
     goals = {}
     for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
-        others = [r[key] for n, r in methods.items() if not n.startswith("llm") and isinstance(r.get(key), float)]
+        others = [r[key] for n, r in methods.items()
+                  if not n.startswith("llm") and not r.get("expected") and isinstance(r.get(key), float)]
         if others and isinstance(tuned.get(key), float):
             goals[key] = {
                 "tuned_llm": tuned[key],

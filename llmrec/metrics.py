@@ -160,6 +160,15 @@ def mrr_at_k(ranks: np.ndarray, k: int) -> float:
     return float(np.mean(np.where(r <= k, 1.0 / r, 0.0)))
 
 
+def random_order_metrics(n: int, k: int = 10) -> dict[str, float]:
+    """Expected HR@K / NDCG@K / MRR@K of a uniformly random order of `n` candidates holding the one target (the
+    chance level of a reranker): rank r has probability 1/n, so HR@K = min(n, K) / n,
+    NDCG@K = (1/n) sum_{r<=min(n,K)} 1 / log2(r + 1), MRR@K = (1/n) sum_{r<=min(n,K)} 1 / r."""
+    r = np.arange(1, min(n, k) + 1, dtype=np.float64)
+    return {f"hr@{k}": float(len(r) / n), f"ndcg@{k}": float(np.sum(1.0 / np.log2(r + 1.0)) / n),
+            f"mrr@{k}": float(np.sum(1.0 / r) / n)}
+
+
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
     """hr@K, recall@K, ndcg@K, mrr@K for each K, plus the number of users."""
     out: dict[str, float] = {"n_users": int(len(ranks))}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -38,6 +39,7 @@ YESNO_EXAMPLES = 40
 YESNO_VALID = 30
 EXPLANATIONS = 2
 RETRIEVAL_ROW = "retrieval (text)"
+CHANCE_ROW = RETRIEVAL_ROW + ", candidates in random order (expected)"  # a reranker's chance level
 
 
 def md_fmt(v) -> str:
@@ -120,7 +122,7 @@ def test_report_header_and_methods(bench):
     for label in ("llm zero-shot", "llm tuned"):  # "<label>, LLM order only" when the fusion weight is not 0
         llm_rows += [f"{label}, LLM order only"] if d["fusion"][label]["selected"] != 0.0 else []
         llm_rows.append(label)
-    assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, *llm_rows]
+    assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, CHANCE_ROW, *llm_rows]
     assert d["config"]["rank_users"] == RANK_USERS and d["config"]["baseline_overrides"] == FAST
     assert d["notes"] == []  # a tuned adapter was given: no "no tuned adapter" note
     assert d["zeroshot"] is None  # no eval/results/zeroshot.json in the (patched) global results folder
@@ -197,6 +199,11 @@ def test_numbers_recomputed_independently(bench, tiny_home, monkeypatch):
                   retrieval_only=True)
     for k in RANK_KEYS:
         assert methods[RETRIEVAL_ROW][k] == pytest.approx(r[k], abs=1e-12), k
+    # chance: the target is among the 10 candidates for a fraction hr@10 of users, then at each rank w.p. 1/10
+    ranks = np.arange(1, 11)
+    assert methods[CHANCE_ROW]["hr@10"] == pytest.approx(r["hr@10"])
+    assert methods[CHANCE_ROW]["ndcg@10"] == pytest.approx(r["hr@10"] * np.mean(1 / np.log2(ranks + 1)))
+    assert methods[CHANCE_ROW]["mrr@10"] == pytest.approx(r["hr@10"] * np.mean(1 / ranks))
 
     ex = yesno_subset(ds, "test", YESNO_EXAMPLES, 0)
     backend = load_backend("transformers", model=str(bench.llm_dir), dtype="float32")
@@ -235,14 +242,14 @@ def test_fusion_weight_chosen_on_valid(bench):
 def test_best_goals_and_verbalizer_sections(bench):
     d, methods = bench.data, bench.data["methods"]
     for key in ("ndcg@10", "auc"):
-        scored = {n: r[key] for n, r in methods.items() if key in r}
+        scored = {n: r[key] for n, r in methods.items() if key in r and n != CHANCE_ROW}
         assert d["best"][key] in scored and scored[d["best"][key]] == max(scored.values())
     assert set(d["goals"]) == {"ndcg@10", "auc", "verbalizer_speedup"}
     sp = d["goals"]["verbalizer_speedup"]
     assert sp["ratio"] == d["verbalizer_vs_generate"]["speedup"] and sp["met"] == (sp["ratio"] >= 20)
     for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
         g = d["goals"][key]
-        others = [r[key] for n, r in methods.items() if not n.startswith("llm") and key in r]
+        others = [r[key] for n, r in methods.items() if not n.startswith("llm") and key in r and n != CHANCE_ROW]
         assert g["tuned_llm"] == methods["llm tuned"][key]
         assert g["best_other"] == max(others)
         assert g["ratio"] == pytest.approx(g["tuned_llm"] / g["best_other"])
@@ -268,7 +275,7 @@ def test_ranking_report(bench):
     best = max((n for n in BASELINES), key=lambda n: methods[n]["ndcg@10"])
     llm_rows = {n for n in methods if n.startswith("llm")}
     assert {"llm zero-shot", "llm tuned"} <= llm_rows
-    assert set(r["methods"]) == {RETRIEVAL_ROW, *llm_rows, f"best baseline: {best}"}
+    assert set(r["methods"]) == {RETRIEVAL_ROW, CHANCE_ROW, *llm_rows, f"best baseline: {best}"}
     for name, row in r["methods"].items():
         src = methods[name.removeprefix("best baseline: ")]
         assert row["ndcg@10"] == src["ndcg@10"] and row["recall@10"] == src["recall@10"]

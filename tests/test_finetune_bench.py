@@ -60,3 +60,47 @@ def test_short_run_trains_exactly_the_measured_steps(fbench):
     for kv in ("dataset=tiny", "data.n_train=8", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1",
                "eval_before=false", "eval_after=false", "train.save_steps=0", "train.resume=null"):
         assert kv in o, kv
+
+
+def test_rank_baselines_score_the_run_s_own_candidate_sets(fbench, tiny_dataset, tiny_home, tmp_path, monkeypatch):
+    """An oracle that scores each user's test target highest gets NDCG 1 over the rebuilt candidate sets, one that
+    scores it lowest gets HR@10 0 (20 candidates): candidates, scores and labels line up, at the test split."""
+    import numpy as np
+    import yaml
+    from llm_fixtures import make_tiny_llm
+
+    from llmrec.config import to_dict
+    from llmrec.finetune import load_recipe
+
+    monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_recipe(ROOT / "finetune" / "recipes" / "rank_smollm2_qlora.yaml", [
+        f"model={make_tiny_llm(tmp_path / 'llm')}", "dataset=tiny", "data.n_test=8", "data.max_len=2048",
+        "data.history_max=3"])
+    (run / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    target = dict(zip(tiny_dataset.targets("test")["user_id"].astype(str),
+                      tiny_dataset.targets("test")["item_id"].astype(str)))
+
+    class Oracle:
+        def __init__(self, sign):
+            self.sign = sign
+
+        def score_items(self, user_ids, split):
+            assert split == "test"
+            s = np.zeros((len(user_ids), tiny_dataset.n_items))
+            for r, u in enumerate(user_ids):
+                s[r, tiny_dataset.item_index[target[u]]] = self.sign
+            return s
+
+    def fake(name, ds):
+        if name == "broken":
+            raise RuntimeError("no checkpoint")
+        return Oracle(1.0 if name == "best" else -1.0), "fake"
+
+    monkeypatch.setattr(fbench, "load_or_fit", fake)
+    out = fbench.baseline_rank(["best", "worst", "broken"], run)
+    assert out["best"]["n_users"] == 8 and out["best"]["ndcg@10"] == 1.0 and out["best"]["mrr@10"] == 1.0
+    assert out["worst"]["hr@10"] == 0.0
+    assert "RuntimeError: no checkpoint" in out["broken"]["error"]
+    assert out["random order (expected)"]["hr@10"] == 0.5

@@ -130,6 +130,8 @@ def test_recipes_load_and_unknown_keys_fail(tmp_path):
         load_recipe(None, ["task=summarize"])
     with pytest.raises(ConfigError, match=r"train.malloc_mmap_threshold_mb must be >= 0.*got -1"):
         load_recipe(None, ["train.malloc_mmap_threshold_mb=-1"])
+    with pytest.raises(ConfigError, match=r"data.retriever 'bm25' is not one of \['text', 'hybrid'"):
+        load_recipe(RECIPES / "rank_smollm2_qlora.yaml", ["data.candidates=retrieval", "data.retriever=bm25"])
 
 
 def test_train_py_and_cli_share_the_code(tmp_path):

@@ -89,3 +89,16 @@ def test_metrics_at_valid_threshold_hand_computed():
     # at the fixed 0.5 the same test scores are all No: accuracy 2/4, F1 0
     at_half = metrics_at_valid_threshold([0, 1], [0.4, 0.6], test_y, test_p)
     assert at_half["threshold"] == pytest.approx(0.5) and at_half["f1"] == 0.0
+
+
+def test_random_order_metrics_hand_computed():
+    # 2 candidates: rank 1 or 2 with probability 1/2 each
+    m = M.random_order_metrics(2)
+    assert m["hr@10"] == 1.0 and m["mrr@10"] == pytest.approx(0.75)
+    assert m["ndcg@10"] == pytest.approx((1.0 + 1.0 / math.log2(3)) / 2)
+    m = M.random_order_metrics(20)  # half the ranks are in the top 10
+    assert m["hr@10"] == 0.5 and m["ndcg@10"] == pytest.approx(0.2272, abs=1e-4)
+    # the average over every rank of the exact per-rank metrics
+    ranks = np.arange(1, 21)
+    assert m["ndcg@10"] == pytest.approx(M.ndcg_at_k(ranks, 10))
+    assert m["mrr@10"] == pytest.approx(M.mrr_at_k(ranks, 10))

@@ -320,3 +320,34 @@ def test_mean_scoring_option_and_bad_options(tiny_dataset, text_ret):
         TextRetriever(encoder=text_ret.encoder, scoring="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="knn_tau"):
         TextRetriever(encoder=text_ret.encoder, knn_tau=0)
+
+
+def test_rank_training_examples_list_retrieved_candidates(tiny_dataset, text_ret, itemcf):
+    """`candidates: retrieval` fine-tuning data: every split's candidates are the retriever's list for the user's
+    events before the target (train: before its position), minus history, with the target shuffled in once."""
+    from llmrec.finetune.config import DataSettings
+    from llmrec.finetune.data import build_examples
+    from llmrec.prompts import WhitespaceTokenizer
+
+    ds, n = tiny_dataset, 6
+    hyb = HybridRetriever(text_ret, itemcf)
+    cfg = DataSettings(n_train=12, n_valid=6, n_test=6, candidates="retrieval", n_candidates=n, max_len=4000,
+                       history_max=3)
+    ex = build_examples(ds, "rank", cfg, WhitespaceTokenizer(), retriever=hyb)
+    assert all(len(ex[s]) > 0 for s in ("train", "valid", "test"))
+    positions = []
+    for split, rows in ex.items():
+        for e in rows:
+            assert e.candidate_ids.count(e.item_id) == 1 and e.candidate_ids[e.label] == e.item_id
+            ev = ds.history(e.user_id, before="all")
+            pos = int(ev.loc[ev["item_id"].astype(str) == e.item_id, "pos"].iloc[0])
+            before = set(ev.loc[ev["pos"] < pos, "item_id"].astype(str))
+            assert not before & set(e.candidate_ids)
+            got = candidates_for(ds, e.user_id, split, n, hyb, pos=pos if split == "train" else None)
+            want = [i for i, _ in got if i != e.item_id][: n - 1]
+            assert sorted(set(e.candidate_ids) - {e.item_id}) == sorted(want), (split, e.user_id)
+            positions.append(e.label)
+    assert len(set(positions)) > 1  # the target's letter is shuffled, not always first (retrieval order)
+    pop = build_examples(ds, "rank", DataSettings(n_train=12, n_valid=0, n_test=0, n_candidates=n, max_len=4000,
+                                                  history_max=3), WhitespaceTokenizer())
+    assert [e.candidate_ids for e in pop["train"]] != [e.candidate_ids for e in ex["train"]]

@@ -23,6 +23,9 @@ class DataSettings:
     history_max: int = 10
     n_candidates: int = 20  # rank: candidates per prompt (target + n-1 others), letters A, B, ...
     candidates: Literal["popular", "random", "retrieval"] = "popular"
+    # candidates: retrieval -> the retriever that lists them for every split, training positions included (the
+    # user's events before the target only): text | hybrid | hybrid:itemcf | hybrid:sasrec (llmrec.ranking.factory)
+    retriever: str = "hybrid"
     n_valid: int | None = 200  # validation examples scored during training (fixed seeded subset); null = all, 0 = none
     n_test: int | None = 1000  # test examples scored before/after training (fixed seeded subset); null = all, 0 = none
     append_eos: bool = True  # the answer is followed by the EOS token (also counted in the loss)
@@ -84,6 +87,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: task {cfg.task!r} is not one of {list(TASKS)}")
     if cfg.data.n_candidates < 2 or cfg.data.n_candidates > 26:
         raise ConfigError(f"{path}: data.n_candidates must be in 2..26 (letters A-Z), got {cfg.data.n_candidates}")
+    from llmrec.ranking.factory import RETRIEVERS
+
+    if cfg.data.retriever not in RETRIEVERS:
+        raise ConfigError(f"{path}: data.retriever {cfg.data.retriever!r} is not one of {list(RETRIEVERS)}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError(f"{path}: train.batch_size and train.grad_accum must be >= 1")
     if cfg.train.malloc_mmap_threshold_mb < 0:

@@ -101,7 +101,12 @@ def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: A
 
 
 class _CandidateSampler:
-    def __init__(self, ds: Any, mode: str, n: int):
+    """Other items for a rank example. `popular` / `random`: sampled by training-split popularity / uniformly.
+    `retrieval`: the top of `retriever`'s list for the user's events before the target (valid/test: the leave-one-out
+    rule of the split; train: the events before the training position), so training sees the hard negatives the
+    Recommender will show; topped up by popularity when the list is short. The target is then shuffled in."""
+
+    def __init__(self, ds: Any, mode: str, n: int, retriever: Any = None, retriever_kind: str = "hybrid"):
         self.ds, self.mode, self.n = ds, mode, n
         train = ds.interactions[ds.interactions["split"] == "train"]
         counts = train["item_id"].value_counts()
@@ -109,16 +114,22 @@ class _CandidateSampler:
         self.p = pop / pop.sum()
         if ds.n_items < n:
             raise ValueError(f"data.n_candidates={n} but the dataset has only {ds.n_items} items")
+        self.retriever = retriever
+        if mode == "retrieval" and retriever is None:
+            from llmrec.ranking.factory import build_retriever
 
-    def __call__(self, rng: np.random.Generator, target: str, seen: set[str], user_id: str, split: str) -> list[str]:
+            self.retriever = build_retriever(ds, retriever_kind)
+
+    def __call__(self, rng: np.random.Generator, target: str, seen: set[str], user_id: str, split: str,
+                 pos: int | None = None) -> list[str]:
         ds = self.ds
-        if self.mode == "retrieval" and split in ("valid", "test"):
-            from llmrec.retrieval import candidates_for  # retrieved candidates exist for valid/test targets only
+        others: list[str] = []
+        if self.mode == "retrieval":
+            from llmrec.retrieval import candidates_for
 
-            got = [str(c[0] if isinstance(c, tuple | list) else c) for c in candidates_for(ds, user_id, split, self.n)]
+            at = pos if split == "train" else None  # valid/test: exactly the split's history, as at evaluation
+            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n, self.retriever, pos=at)]
             others = [i for i in got if i != target and i not in seen][: self.n - 1]
-        else:
-            others = []
         if len(others) < self.n - 1:
             mask = np.ones(ds.n_items, dtype=bool)
             for i in list(seen) + [target] + others:
@@ -140,10 +151,9 @@ def _user_events(ds: Any) -> dict[str, pd.DataFrame]:
 
 
 def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, tokenizer: Any, template: Any,
-                  P: Any, split: str, seed: int, desc: str) -> list[Example]:
+                  P: Any, split: str, seed: int, desc: str, sampler: _CandidateSampler | None = None) -> list[Example]:
     """rank / next_title examples for (user_id, pos) targets: history = the user's events before `pos`."""
     events = _user_events(ds)
-    sampler = _CandidateSampler(ds, cfg.candidates, cfg.n_candidates) if task == "rank" else None
     rng = np.random.default_rng(seed)
     budget = cfg.max_len - ANSWER_RESERVE[task]
     out = []
@@ -156,7 +166,7 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
                         h["timestamp"].tolist())
         target = str(r.item_id)
         if task == "rank":
-            cands = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split)
+            cands = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos))
             rp = P.render(template, history=hist, domain=ds.domain, candidates=P.items_from_dataset(ds, cands),
                           tokenizer=tokenizer, max_tokens=budget, chat=cfg.chat, now=int(r.timestamp))
             ids = [str(c) for c in (rp.candidate_ids or cands)]
@@ -172,9 +182,11 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
     return out
 
 
-def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dict[str, list[Example]]:
+def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
+                   retriever: Any = None) -> dict[str, list[Example]]:
     """{"train", "valid", "test"} example lists for `task` (train: n_train sampled with cfg.seed; valid/test: fixed
-    seeded subsets of n_valid / n_test, the same rows as `llmrec.evaluation.yesno_subset` for yesno)."""
+    seeded subsets of n_valid / n_test, the same rows as `llmrec.evaluation.yesno_subset` for yesno). `retriever`:
+    for rank with `candidates: retrieval`, a built retriever instead of building `cfg.retriever`."""
     from llmrec.evaluation import yesno_subset
 
     P = _prompts_api()
@@ -200,12 +212,15 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any) -> dic
     train = sample_rows(pool, cfg.n_train, cfg.seed)
     valid = _subset(ds.targets("valid"), cfg.n_valid, cfg.seed)
     test = _subset(ds.targets("test"), cfg.n_test, cfg.seed)
+    sampler = _CandidateSampler(ds, cfg.candidates, cfg.n_candidates, retriever, cfg.retriever) if (
+        task == "rank") else None
     return {
-        "train": _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples"),
+        "train": _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples",
+                               sampler),
         "valid": _seq_examples(ds, task, _with_pos(ds, valid), cfg, tokenizer, template, P, "valid", cfg.seed + 1,
-                               "valid examples"),
+                               "valid examples", sampler),
         "test": _seq_examples(ds, task, _with_pos(ds, test), cfg, tokenizer, template, P, "test", cfg.seed + 2,
-                              "test examples"),
+                              "test examples", sampler),
     }
 
 
@@ -301,6 +316,7 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
     out: dict[str, Any] = {"dataset": getattr(ds, "name", None), "task": task, "seed": cfg.seed,
                            "n_train_requested": cfg.n_train,
                            "candidates": cfg.candidates if task == "rank" else None,
+                           "retriever": cfg.retriever if task == "rank" and cfg.candidates == "retrieval" else None,
                            "n_candidates": cfg.n_candidates if task == "rank" else None,
                            "max_len": cfg.max_len, "history_max": cfg.history_max}
     if template is not None:
