@@ -334,7 +334,7 @@ def baseline_rank(names: list[str], run: Path) -> dict[str, Any]:
     from llmrec.llm.loading import load_tokenizer
     from llmrec.metrics import random_order_metrics, ranking_metrics, ranks_from_scores
 
-    cfg = load_recipe(run / "recipe.yaml", ["data.n_train=0", "data.n_valid=0"])
+    cfg = load_recipe(run / "recipe.yaml", ["data.n_train=1", "data.n_valid=0"])  # test prompts: own seed
     ds = load_prepared(cfg.dataset)
     ex = build_examples(ds, "rank", cfg.data, load_tokenizer(cfg.model))["test"]
     n = len(ex[0].candidate_ids)
@@ -448,7 +448,8 @@ def cmd_report(a: argparse.Namespace) -> None:
                          "examples/s": m["examples_per_s"], "train wall s": m["wall_s"],
                          "peak RSS MB": m["peak_rss_mb"], "above start MB": m["peak_above_start_mb"]})
     status = main.get("status", "done")
-    cands = " (candidates per prompt: 20)" if a.task == "rank" else ""
+    cands = (f" (candidates per prompt: {manifest.get('n_candidates')}, {manifest.get('candidates')}; a variant "
+             "with other candidates has its own test prompts and baseline rows)") if a.task == "rank" else ""
     table = (f"Status: {status}\n\nTest subset: {n_test} examples, seed {seed}{cands}\n\n"
              + md_table(rows, ["model", *keys, "note"]) + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
