@@ -282,7 +282,7 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     """Each baseline's test metrics on the recipe's test subset (its checkpoint, else fitted with defaults on every
     training row), the counts-only reference, and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW
     refitted on exactly the LLM's n_train training rows, early-stopped on its n_valid validation rows (same seed)."""
-    from llmrec.baselines import get_model
+    from llmrec.baselines import get_model, load_or_fit
     from llmrec.data import load_prepared
     from llmrec.evaluation import evaluate_yesno, yesno_subset
 
@@ -313,21 +313,11 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     return out
 
 
-def load_or_fit(name: str, ds: Any) -> tuple[Any, str]:
-    """Baseline `name`: its checkpoint (`llmrec baselines train`), else fitted with defaults and saved there."""
-    from llmrec.baselines import checkpoint_dir, get_model, load_model
-
-    try:
-        return load_model(name, ds.name, ds=ds), "loaded checkpoint"
-    except (FileNotFoundError, OSError, KeyError, ValueError):
-        ck = checkpoint_dir(ds.name, name)
-        return get_model(name).fit(ds, checkpoint_dir=ck), f"fitted with defaults (saved to {ck})"
-
-
 def baseline_rank(names: list[str], run: Path) -> dict[str, Any]:
     """Each next-item baseline's NDCG/HR/MRR@10 over exactly the test prompts' candidate sets of the finetune run in
     `run` (its resolved recipe rebuilds them: same seed, same candidates), plus the expected random order. A
     baseline scores the user's full test-time history (train + valid events); its scores order the candidates."""
+    from llmrec.baselines import load_or_fit
     from llmrec.data import load_prepared
     from llmrec.finetune import load_recipe
     from llmrec.finetune.data import build_examples

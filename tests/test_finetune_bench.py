@@ -98,7 +98,7 @@ def test_rank_baselines_score_the_run_s_own_candidate_sets(fbench, tiny_dataset,
             raise RuntimeError("no checkpoint")
         return Oracle(1.0 if name == "best" else -1.0), "fake"
 
-    monkeypatch.setattr(fbench, "load_or_fit", fake)
+    monkeypatch.setattr("llmrec.baselines.load_or_fit", fake)
     out = fbench.baseline_rank(["best", "worst", "broken"], run)
     assert out["best"]["n_users"] == 8 and out["best"]["ndcg@10"] == 1.0 and out["best"]["mrr@10"] == 1.0
     assert out["worst"]["hr@10"] == 0.0

@@ -38,22 +38,9 @@ def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = Tr
         from llmrec.retrieval.cf import ItemCF
 
         return ItemCF().fit(ds)
-    from llmrec.baselines import checkpoint_dir, get_model, load_model, model_class
+    from llmrec.baselines import load_or_fit
 
-    model_class(name)  # unknown names fail here, naming the choices
-    ck = checkpoint_dir(ds.name, name)
-    if (ck / "meta.json").is_file():
-        try:
-            m = load_model(name, ds.name, ds=ds)
-            log.info("retriever: %s loaded from %s", name, ck)
-            return m
-        except ValueError as e:  # trained on another version of the dataset: refit below
-            log.warning("retriever: %s; fitting %s again", e, name)
-    if not fit_if_missing:
-        raise FileNotFoundError(f"no {name} checkpoint at {ck}: run `llmrec baselines train --dataset {ds.name} "
-                                f"--model {name}`")
-    log.info("retriever: fitting %s on %s (saved to %s)", name, ds.name, ck)
-    return get_model(name).fit(ds, checkpoint_dir=ck)
+    return load_or_fit(name, ds, fit_if_missing)[0]
 
 
 def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, cf_model: Any = None) -> Any:
