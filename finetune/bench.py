@@ -374,7 +374,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     n_test = manifest["test"]["n"]
     seed = manifest["seed"]
     few = (manifest["train"]["n"], manifest["valid"]["n"]) if a.few_shot else None
-    names = [n for n in (a.baselines or DEFAULT_BASELINES[a.task]).split(",") if n]
+    names = [n for n in (DEFAULT_BASELINES[a.task] if a.baselines is None else a.baselines).split(",") if n]
     if a.task == "yesno":
         baselines = baseline_yesno(names, a.dataset, n_test, seed, few) if names else {}
     else:  # the same candidate sets as the LLM's test prompts
