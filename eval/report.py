@@ -62,6 +62,10 @@ def section() -> str:
         ("finetune_memory_yesno_ml-100k_1.1b", None),
         ("finetune_memory_yesno_ml-100k_3b", None),
         ("finetune_mmap_yesno_ml-100k", None),
+        # GPU timings (finetune/gpu_check.sh on a lent GPU machine; absent until one has run)
+        ("finetune_gpu_yesno_ml-100k_135m", None),
+        ("finetune_gpu_yesno_ml-100k_1.1b", None),
+        ("finetune_gpu_yesno_ml-100k_3b", None),
         ("load_memory", None),
         ("load_memory_1.1b", None),
         ("load_memory_3b", None),

@@ -9,6 +9,8 @@
     python finetune/bench.py shaped --out artifacts/models/llama-1.1b-shaped      # random-weight 1.1B (memory only)
     python finetune/bench.py mem --task yesno --model artifacts/models/llama-1.1b-shaped --label _1.1b \
         --gradient-checkpointing --batch-size 1 --steps 1 data.history_max=3
+    python finetune/bench.py gpu --task yesno --model artifacts/models/llama-1.1b-shaped --label _1.1b --steps 20 \
+        --batch-size 8                                                           # on a GPU: see finetune/gpu_check.sh
     python finetune/bench.py shaped --out artifacts/models/llama-3b-shaped --hidden 3072 --intermediate 8192 \
         --layers 28 --heads 24 --kv-heads 8                                      # Llama-3.2-3B's shape
     python finetune/bench.py mem --task yesno --model artifacts/models/llama-3b-shaped --label _3b \
@@ -46,8 +48,8 @@ def run_dir(task: str, dataset: str, kind: str = "") -> Path:
     return llmrec_home() / "finetune" / f"bench_{task}_{dataset}{kind}"
 
 
-def finetune(task: str, out: Path, overrides: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "llmrec.cli", "finetune", "--config", str(recipe(task)), *overrides,
+def finetune(task: str, out: Path, overrides: list[str], recipe_path: Path | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "llmrec.cli", "finetune", "--config", str(recipe_path or recipe(task)), *overrides,
            f"output_dir={out}", "train.progress=false"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -197,10 +199,10 @@ def cmd_shaped(a: argparse.Namespace) -> None:
 
     from llmrec.llm.loading import default_model_path
 
-    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok = AutoTokenizer.from_pretrained(a.tokenizer or default_model_path())
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                      max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16",
+                      max_position_embeddings=2048, tie_word_embeddings=a.tie_embeddings, torch_dtype="bfloat16",
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
@@ -214,6 +216,61 @@ def cmd_shaped(a: argparse.Namespace) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     print(f"wrote {out}: {n / 1e9:.2f}B parameters (random weights, bf16)")
+
+
+# `gpu`: the GPU recipe as written (QLoRA, PEFT's fp32 upcast of embeddings and norms), QLoRA with those kept bf16,
+# and bf16 LoRA; every run with the recipe's bf16 autocast and gradient checkpointing, at the same batch
+GPU_KINDS = {"qlora": ["quant.load_in_4bit=true"],
+             "qlora_bf16all": ["quant.load_in_4bit=true", "quant.upcast_frozen_embeddings=false",
+                               "quant.upcast_norms=false"],
+             "bf16": ["quant.load_in_4bit=false"]}
+GPU_KEYS = ("examples", "steps", "batch_size", "examples_per_s", "wall_s", "peak_cuda_mb", "peak_cuda_train_mb",
+            "weights_mb", "lora_mb", "peak_rss_mb", "gradient_checkpointing")
+
+
+def gpu_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Rows (one per run, from its metrics.json `train`) and the QLoRA / bf16 LoRA ratios of peak CUDA memory
+    (whole run, training alone), weights and examples/s, for each QLoRA run that has a bf16 run beside it."""
+    out: dict[str, Any] = {"rows": [{"run": k, **{c: t.get(c) for c in GPU_KEYS}} for k, t in runs.items()]}
+    b = runs.get("bf16")
+    for kind, q in runs.items():
+        if kind == "bf16" or b is None:
+            continue
+        for key, metric in (("peak_cuda", "peak_cuda_mb"), ("peak_cuda_train", "peak_cuda_train_mb"),
+                            ("weights", "weights_mb"), ("speed", "examples_per_s")):
+            if q.get(metric) and b.get(metric):
+                out[f"ratio_{key}_{kind}_over_bf16"] = round(q[metric] / b[metric], 3)
+    return out
+
+
+def cmd_gpu(a: argparse.Namespace) -> None:
+    """QLoRA vs bf16 LoRA with the GPU recipe (`finetune/recipes/<task>_gpu_qlora.yaml`) on `--model`: examples/s
+    and peak CUDA memory (torch.cuda.max_memory_allocated) at the same batch, one process per run. Without a GPU it
+    runs on the CPU (a smoke run: no CUDA figures)."""
+    from llmrec.bench_utils import md_table, write_result
+
+    if not a.model:
+        raise SystemExit("gpu: --model is required (a local HF folder, e.g. one made by `shaped`)")
+    label = a.label or ""
+    gpu_recipe = ROOT / "finetune" / "recipes" / f"{a.task}_gpu_qlora.yaml"
+    common = [*short_run(a), f"model={a.model}", "train.report_to=none", *a.overrides]
+    runs = {}
+    for kind in a.only_gpu or list(GPU_KINDS):
+        out = run_dir(a.task, a.dataset, f"_gpu{label}_{kind}")
+        runs[kind] = finetune(a.task, out, common + GPU_KINDS[kind], recipe_path=gpu_recipe)["train"]
+    summary = gpu_summary(runs)
+    cols = ["run", *GPU_KEYS]
+    table = (f"Model: {a.model}{' (' + a.model_note + ')' if a.model_note else ''}. Recipe `{gpu_recipe.name}` "
+             f"(bf16 autocast, gradient checkpointing), {a.steps} steps at batch {a.batch_size}, one process per "
+             "run; examples_per_s over the whole train() call (first steps included); peak_cuda_mb = "
+             "torch.cuda.max_memory_allocated over the run (loading included), peak_cuda_train_mb = during train() "
+             "alone.\n\n" + md_table(summary["rows"], cols) + "\n"
+             + "".join(f"\n{k}: {v}" for k, v in summary.items() if k.startswith("ratio_"))
+             + (f"\n\n{a.note}\n" if a.note else "\n"))
+    payload = {"dataset": a.dataset, "task": a.task, "model": a.model, "model_note": a.model_note,
+               "steps": a.steps, "batch_size": a.batch_size, **summary}
+    print(write_result(f"finetune_gpu_{a.task}_{a.dataset}{label}", payload, table))
+    print(table)
 
 
 MEM_KINDS = ("qlora", "bf16", "qlora_bf16emb", "qlora_bf16all", "bf16_mmap", "qlora_bf16all_mmap",
@@ -455,7 +512,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "mem", "mmap", "report", "shaped"])
+    p.add_argument("action", choices=["run", "mem", "mmap", "report", "shaped", "gpu"])
     p.add_argument("--task", default="yesno", choices=["yesno", "rank"])
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--steps", type=int, default=2, help="mem, mmap: training steps per configuration")
@@ -471,7 +528,10 @@ def main() -> None:
     p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
     p.add_argument("--variant", default=None, choices=list(VARIANTS),
                    help="run: the recipe with the variant's overrides, in its own folder (reported beside main)")
+    p.add_argument("--only-gpu", nargs="+", choices=list(GPU_KINDS), default=None, help="gpu: only these runs")
     p.add_argument("--out", default=None, help="shaped: output folder")
+    p.add_argument("--tokenizer", default=None, help="shaped: tokenizer folder (default: the embedded model's)")
+    p.add_argument("--tie-embeddings", action="store_true", help="shaped: tie the input and output embeddings")
     for k, v in (("hidden", 2048), ("intermediate", 5632), ("layers", 22), ("heads", 32), ("kv-heads", 4)):
         p.add_argument(f"--{k}", type=int, default=v, help=f"shaped: (default {v}: TinyLlama-1.1B's shape)")
     p.add_argument("--baselines", default=None,
@@ -484,7 +544,8 @@ def main() -> None:
     p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_intermixed_args()
-    {"run": cmd_run, "mem": cmd_mem, "mmap": cmd_mmap, "report": cmd_report, "shaped": cmd_shaped}[a.action](a)
+    {"run": cmd_run, "mem": cmd_mem, "mmap": cmd_mmap, "report": cmd_report, "shaped": cmd_shaped,
+     "gpu": cmd_gpu}[a.action](a)
 
 
 if __name__ == "__main__":

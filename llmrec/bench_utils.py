@@ -16,7 +16,8 @@ RESULTS_DIR = Path(os.environ.get("LLMREC_RESULTS", Path(__file__).resolve().par
 
 
 def git_commit() -> str:
-    """Short HEAD of this checkout, "+dirty" with uncommitted changes to tracked files; "unknown" outside git."""
+    """Short HEAD of this checkout, "+dirty" with uncommitted changes to tracked files; outside git (a copy of the
+    tree on another machine) `$LLMREC_COMMIT` if set, else "unknown"."""
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
@@ -25,9 +26,11 @@ def git_commit() -> str:
     try:
         out = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("LLMREC_COMMIT") or "unknown"
 
 
 # The code a long benchmark runs is the checkout as it was when the runner imported this module; commits made while it

@@ -136,3 +136,17 @@ def test_machine_line_says_whether_the_cpu_computes_bf16_natively(monkeypatch):
     assert "(native bf16 (AVX512-BF16/AMX))" in machine_info()
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
     assert "(no native bf16)" in machine_info()
+
+
+def test_commit_outside_git_comes_from_llmrec_commit(monkeypatch):
+    # a copy of the tree on another machine (no .git): the commit the copy was made from, passed in the environment
+    import subprocess
+
+    from llmrec import bench_utils
+
+    monkeypatch.setattr(bench_utils.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "fatal: not a git repository"))
+    monkeypatch.delenv("LLMREC_COMMIT", raising=False)
+    assert bench_utils.git_commit() == "unknown"
+    monkeypatch.setenv("LLMREC_COMMIT", "abc1234")
+    assert bench_utils.git_commit() == "abc1234"

@@ -104,3 +104,25 @@ def test_rank_baselines_score_the_run_s_own_candidate_sets(fbench, tiny_dataset,
     assert out["worst"]["hr@10"] == 0.0
     assert "RuntimeError: no checkpoint" in out["broken"]["error"]
     assert out["random order (expected)"]["hr@10"] == 0.5
+
+
+def test_gpu_summary_divides_each_qlora_run_by_the_bf16_run(fbench):
+    runs = {"qlora": {"peak_cuda_mb": 3000.0, "peak_cuda_train_mb": 2500.0, "weights_mb": 900.0,
+                      "examples_per_s": 30.0, "steps": 20},
+            "qlora_bf16all": {"peak_cuda_mb": 2400.0, "peak_cuda_train_mb": 2000.0, "weights_mb": 800.0,
+                              "examples_per_s": 36.0},
+            "bf16": {"peak_cuda_mb": 6000.0, "peak_cuda_train_mb": 4000.0, "weights_mb": 2100.0,
+                     "examples_per_s": 40.0}}
+    s = fbench.gpu_summary(runs)
+    assert [r["run"] for r in s["rows"]] == ["qlora", "qlora_bf16all", "bf16"]
+    assert s["rows"][0]["steps"] == 20 and s["rows"][1]["steps"] is None  # every row has every column
+    assert s["ratio_peak_cuda_qlora_over_bf16"] == 0.5
+    assert s["ratio_peak_cuda_train_qlora_over_bf16"] == 0.625
+    assert s["ratio_weights_qlora_bf16all_over_bf16"] == round(800 / 2100, 3)
+    assert s["ratio_speed_qlora_bf16all_over_bf16"] == 0.9
+    assert not any(k.startswith("ratio_") and "_bf16_over" in k for k in s)  # bf16 is only a denominator
+    # a CPU smoke run has no CUDA figures: no CUDA ratios, the others stay; no bf16 run: no ratios at all
+    cpu = fbench.gpu_summary({"qlora": {"weights_mb": 1.0, "examples_per_s": 2.0},
+                              "bf16": {"weights_mb": 2.0, "examples_per_s": 4.0}})
+    assert cpu["ratio_weights_qlora_over_bf16"] == 0.5 and "ratio_peak_cuda_qlora_over_bf16" not in cpu
+    assert not [k for k in fbench.gpu_summary({"qlora": runs["qlora"]}) if k.startswith("ratio_")]

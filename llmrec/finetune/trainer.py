@@ -85,6 +85,19 @@ def model_memory_mb(model: Any) -> dict[str, float]:
             "lora_bytes": lora}
 
 
+def _reset_cuda_peak() -> float | None:
+    """The peak allocated CUDA memory so far (MB), then reset the counter; None without a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
 def _peak_memory_mb() -> dict[str, float]:
     from llmrec.bench_utils import peak_rss_mb
 
@@ -288,8 +301,9 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         weight_decay=tc.weight_decay,
         lr_scheduler_type=tc.lr_scheduler,
         logging_steps=tc.logging_steps,
-        eval_strategy="steps" if tc.eval_steps > 0 else "no",
-        eval_steps=tc.eval_steps if tc.eval_steps > 0 else None,
+        # no validation examples (data.n_valid=0): nothing to evaluate during training, whatever eval_steps says
+        eval_strategy="steps" if tc.eval_steps > 0 and valid_feats else "no",
+        eval_steps=tc.eval_steps if tc.eval_steps > 0 and valid_feats else None,
         save_strategy="steps" if tc.save_steps > 0 else "no",
         save_steps=tc.save_steps if tc.save_steps > 0 else 500,
         save_total_limit=tc.save_total_limit,
@@ -328,10 +342,14 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     hwm_reset = reset_peak_rss()
     rss_at_train = vm_hwm_mb() if hwm_reset else None  # right after the reset: the current RSS
     rss_file_at_train = rss_file_mb()  # of which mapped files (libraries; a checkpoint's pages if still mapped)
+    cuda_before = _reset_cuda_peak()  # GPU: the peak so far (loading), then the peak of training alone
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_wall = time.time() - t_train
     mem = _peak_memory_mb()
+    if cuda_before is not None and "peak_cuda_mb" in mem:
+        mem["peak_cuda_train_mb"] = mem["peak_cuda_mb"]
+        mem["peak_cuda_mb"] = max(mem["peak_cuda_mb"], cuda_before)
     peak_train = vm_hwm_mb() if hwm_reset else None
     if peak_train is not None and rss_at_train is not None:
         # the phase's peak is at least its starting RSS; the kernel's per-thread RSS counters are synced lazily, so a
@@ -362,7 +380,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         **({"rss_file_at_train_start_mb": round(rss_file_at_train, 1)} if rss_file_at_train is not None else {}),
         "gradient_checkpointing": tc.gradient_checkpointing,
         **model_mem,
-        **({"peak_cuda_mb": mem["peak_cuda_mb"]} if "peak_cuda_mb" in mem else {}),
+        # GPU: peak allocated CUDA memory of the whole run and of trainer.train() alone
+        **{k: mem[k] for k in ("peak_cuda_mb", "peak_cuda_train_mb") if k in mem},
     }
     valid_scores: dict[str, Any] = {}
     if examples["valid"]:
