@@ -151,7 +151,13 @@ def vm_hwm_mb() -> float | None:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    """The command as typed: `script.py args`, or `python -m pkg args` for a `python -m` run (whose argv[0] is the
+    package's `__main__.py`)."""
+    head = Path(sys.argv[0]).name
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if head == "__main__.py" and spec is not None and spec.name:
+        head = "python -m " + spec.name.removesuffix(".__main__")
+    return " ".join([head] + sys.argv[1:])
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -150,3 +150,18 @@ def test_commit_outside_git_comes_from_llmrec_commit(monkeypatch):
     assert bench_utils.git_commit() == "unknown"
     monkeypatch.setenv("LLMREC_COMMIT", "abc1234")
     assert bench_utils.git_commit() == "abc1234"
+
+
+def test_command_line_names_a_python_m_run_by_its_package(monkeypatch):
+    import sys
+    import types
+
+    from llmrec.bench_utils import command_line
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="llmrec.cli.__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["/x/llmrec/cli/__main__.py", "bench", "--dataset", "ml-100k"])
+    assert command_line() == "python -m llmrec.cli bench --dataset ml-100k"
+    monkeypatch.setattr(sys, "argv", ["/x/eval/ranking_modes.py", "--users", "5"])
+    assert command_line() == "ranking_modes.py --users 5"
