@@ -27,11 +27,10 @@ from typing import Any
 
 from llmrec.config import ConfigError, llmrec_home
 from llmrec.llm.loading import resolve_dtype
+from llmrec.llm.vllm_backend import VLLM_CPU_ENV
 from llmrec.service.config import ServiceConfig
 
 log = logging.getLogger(__name__)
-
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0"}
 
 
 def _has_cuda() -> bool:
