@@ -1,6 +1,7 @@
 """Verbalizer vs generate on the same users, one process -> eval/results/ranking_modes_<dataset>[_<backend>].{json,md}.
 
     python eval/ranking_modes.py [--dataset ml-100k] [--users 20] [--backend transformers|vllm] [--adapter PATH]
+        [--model DIR --model-note TEXT --label _NAME]    # another local model (e.g. on a GPU: finetune/gpu_check.sh)
 
 Every mode ranks the same retrieved candidates (20 by default) of the same seeded test users; metrics are
 full-ranking (items outside the candidates keep their retrieval score below them). Rows:
@@ -39,6 +40,9 @@ def main() -> None:
     ap.add_argument("--titles", type=int, default=10, help="constrained generate: titles written per user")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--adapter", default=None)
+    ap.add_argument("--model", default=None, help="a local HF model folder (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--model-note", default="", help="what the model is (printed under the table)")
+    ap.add_argument("--label", default="", help="suffix of the result name, e.g. _gpu")
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--skip-free", action="store_true", help="leave out free-text generate")
@@ -47,7 +51,7 @@ def main() -> None:
 
     ds = load_prepared(args.dataset, prepare_if_missing=True)
     retriever = build_retriever(ds, args.retriever)
-    backend = load_backend(args.backend, adapter=args.adapter, dtype=args.dtype)
+    backend = load_backend(args.backend, model=args.model, adapter=args.adapter, dtype=args.dtype)
     cfg = with_adapter_templates(RankingConfig(n_candidates=args.candidates, batch_size=args.batch_size,
                                                generate_titles=args.titles), args.adapter)
     rec = Recommender(ds, backend, retriever, cfg)
@@ -81,6 +85,7 @@ def main() -> None:
     md += (
         f"\n{args.users} test users (seed {args.seed}), {args.candidates} candidates from `{args.retriever}`, "
         f"backend {backend.name}, batch {args.batch_size}; x_verbalizer_time = s_per_user / the verbalizer's."
+        + (f" Model: {args.model_note}." if args.model_note else "")
         + (" vLLM in-process with prefix caching on (constrained generation re-sends each prompt at every point "
            "where titles part; the verbalizer's prompts are all distinct)." if args.backend == "vllm" else "")
         + "\n"
@@ -88,7 +93,8 @@ def main() -> None:
         + (f", {free['x_verbalizer_time']:.1f}x than free-text generate" if free else "")
         + " (issue goal: 20x).\n"
     )
-    name = f"ranking_modes_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
+    name = (f"ranking_modes_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
+            + args.label)
     write_result(name, {"dataset": args.dataset, "rows": rows, "args": vars(args), "backend": backend.name}, md,
                  command="python eval/ranking_modes.py " + " ".join(command_line().split()[1:]))
 

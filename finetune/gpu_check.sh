@@ -14,9 +14,11 @@
 # peak CUDA memory, on random-weight Llamas of SmolLM2-135M's, TinyLlama-1.1B's and Llama-3.2-3B's shapes (speed
 # and memory depend on shapes and dtypes, not on weight values). Why random weights: the GPU machine has no network,
 # and one call carries at most 64 MiB, less than the embedded model (98 MB GGUF) or vLLM (0.5 GB); so no quality
-# figure and no vLLM comparison can run there, only these timings. The machine's python3 has torch (CUDA),
-# transformers, peft, accelerate, pandas and pyarrow; bitsandbytes travels as a wheel.
-# Environment: SHAPES (default "135m 1.1b 3b"), STEPS (20), BATCH (8), PY (python3).
+# figure and no vLLM comparison can run there, only these timings. Also on the 135M shape: verbalizer vs constrained
+# generate time per user (eval/ranking_modes.py, transformers backend, item-CF candidates: the sentence-transformer
+# does not travel either). The machine's python3 has torch (CUDA), transformers, peft, accelerate, pandas and
+# pyarrow; bitsandbytes travels as a wheel.
+# Environment: SHAPES (default "135m 1.1b 3b"), STEPS (20), BATCH (8), RANK_SHAPE (135m), RANK_USERS (50), PY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -77,6 +79,12 @@ torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', pef
     timeout "${RUN_TIMEOUT:-240}" "$py" finetune/bench.py gpu --task yesno --model "$model" --label "_$shape" \
       --steps "${STEPS:-20}" --batch-size "${BATCH:-8}" --model-note "random weights, $shape shape" \
       || echo "shape $shape: failed or timed out (see above)"
+    if [ "$shape" = "${RANK_SHAPE:-135m}" ]; then  # verbalizer vs constrained generate, per user, on this shape
+      timeout "${RUN_TIMEOUT:-240}" "$py" eval/ranking_modes.py --model "$model" --label "_gpu_$shape" \
+        --model-note "random weights, $shape shape: the times hold (constrained generation writes exactly --titles \
+candidate titles whatever the weights), the ranking metrics mean nothing" \
+        --retriever itemcf --skip-free --users "${RANK_USERS:-50}" || echo "ranking_modes on $shape: failed"
+    fi
     rm -rf "$model"
   done
   ls -la "$out"
@@ -85,6 +93,7 @@ torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', pef
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
-  smoke) SHAPES=tiny STEPS=2 BATCH=2 PY=${PY:-.venv/bin/python} OUT=${OUT:-$GPU_DIR/smoke} run ;;
+  smoke) SHAPES=tiny STEPS=2 BATCH=2 RANK_SHAPE=tiny RANK_USERS=4 PY=${PY:-.venv/bin/python} \
+    OUT=${OUT:-$GPU_DIR/smoke} run ;;
   *) echo "usage: $0 prepare|run|smoke" >&2; exit 2 ;;
 esac

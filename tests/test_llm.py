@@ -81,6 +81,17 @@ def test_missing_model_and_unknown_kind(tmp_path):
         load_backend("onnx", model=tmp_path)
 
 
+def test_device_auto_places_the_model_and_cuda_without_a_gpu_is_a_clear_error(tiny_dir):
+    import torch
+
+    b = load_backend("transformers", model=tiny_dir, dtype="float32")  # device="auto"
+    assert b.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA device"):
+            load_backend("transformers", model=tiny_dir, dtype="float32", device="cuda")
+    assert load_backend("transformers", model=tiny_dir, dtype="float32", device="cpu").device.type == "cpu"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_missing_is_a_clear_error(tiny_dir):
     with pytest.raises(BackendError, match="vllm"):

@@ -399,6 +399,32 @@ def test_score_matrix_candidates_on_top_without_leakage(parts, tiny_dataset):
         assert f'"{title(tiny_dataset, used[-1])}"' in hist_part
 
 
+def test_itemcf_retriever_needs_no_encoder_and_ranks_full_catalogue(parts, tiny_dataset, monkeypatch):
+    """`itemcf`: item-CF alone, built without the sentence-transformer (data without texts, a machine without the
+    encoder); the Recommender ranks its candidates and the full-ranking matrix keeps them on top."""
+    import llmrec.retrieval as retrieval
+    from llmrec.ranking.factory import build_retriever
+    from llmrec.retrieval.cf import ItemCF
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the itemcf retriever must not build the text retriever")
+
+    monkeypatch.setattr(retrieval, "TextRetriever", no_encoder)
+    ret = build_retriever(tiny_dataset, "itemcf")
+    assert isinstance(ret, ItemCF)
+    rec = Recommender(tiny_dataset, ScriptedBackend(), ret, RankingConfig(n_candidates=8, max_prompt_tokens=512))
+    hist = rec.dataset_history("u0", "test")
+    cands = rec.candidates(hist)
+    seen = {e.item_id for e in hist}
+    assert len(cands) == 8 and not {i for i, _ in cands} & seen
+    assert [i for i, _ in cands] == [i for i, _ in ret.query(hist, k=8, exclude=seen)]  # the CF order itself
+    ranked = rec.rank_candidates([hist], [cands])[0]
+    assert [i for i, _ in ranked] == [i for i, _ in cands][::-1]  # the scripted backend prefers the last letter
+    m = rec.score_matrix(["u0"], "test")
+    cidx = [tiny_dataset.item_index[i] for i, _ in cands]
+    assert m[0, cidx].min() > np.delete(m[0], cidx).max()
+
+
 # ------------------------------------------------------------------------------------------------ 5. recommend
 def test_recommend_and_batch_real_llm(rec, tiny_dataset):
     r = rec.recommend("u2", k=4, explain=True)

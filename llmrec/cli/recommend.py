@@ -9,7 +9,7 @@ from pathlib import Path
 
 # = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
 # agree, and with the service's defaults)
-RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec"]
+RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "itemcf"]
 DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retriever", default=DEFAULT_RETRIEVER, choices=RETRIEVER_CHOICES,
                    help="candidate retriever: text, hybrid (text + item-CF, fitted in seconds; the default, as in "
                         "the service), hybrid:sasrec (text + SASRec: `llmrec baselines train --model sasrec` first, "
-                        "else it is fitted now)")
+                        "else it is fitted now), itemcf (item-CF alone, no sentence-transformer)")
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
     p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
                    help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order "

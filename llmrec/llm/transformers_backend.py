@@ -34,7 +34,8 @@ class TransformersBackend(Backend):
     bf16 on CPU, 1.1x in fp32; same AUC within float rounding); a 4-bit base keeps the adapter separate (merging
     would re-quantize).
     `score_choices` uses left padding and `logits_to_keep=1` (one position of logits per prompt), in batches of
-    `batch_size` prompts sorted by length, under `torch.inference_mode`."""
+    `batch_size` prompts sorted by length, under `torch.inference_mode`. `device`: "auto" (the GPU when there is
+    one, else the CPU), "cpu", "cuda" or "cuda:N"; a 4-bit model is placed on the GPU at load already."""
 
     adapter_merged: bool = False  # True: the fixed adapter was merged into the weights at load
 
@@ -48,6 +49,7 @@ class TransformersBackend(Backend):
         threads: int | None = None,
         progress: bool = False,
         merge_adapter: bool = True,
+        device: str = "auto",
         **_: Any,
     ):
         import torch
@@ -69,6 +71,11 @@ class TransformersBackend(Backend):
                 merged = True
                 log.info("adapter %s merged into the base weights for inference (merge_adapter=False keeps it "
                          "separate)", adapter)
+        target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if target.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"device {device!r}: no CUDA device is available here")
+        if not load_in_4bit and next(m.parameters()).device != torch.device(target):
+            m = m.to(target)
         self._init(m, tok, batch_size=batch_size, progress=progress)
         self._fixed_adapter = bool(adapter)
         self.model_name = Path(str(model)).name if model else "smollm2-135m-instruct"

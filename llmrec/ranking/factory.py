@@ -12,7 +12,7 @@ from llmrec.ranking.recommender import RankingConfig, Recommender
 log = logging.getLogger(__name__)
 
 
-RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec")
+RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "itemcf")
 # what the product answers with unless told otherwise (`llmrec recommend` / `eval rank`, the service): text + item-CF
 # needs no trained model (fitted in seconds) and puts the test item in the top 20 for 23% of ML-100K users against
 # 7% for the text retriever alone (eval/results/retrieval_ml-100k.md); `hybrid:sasrec` is better (27%) once SASRec is
@@ -46,11 +46,15 @@ def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = Tr
 def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, cf_model: Any = None) -> Any:
     """`text`: sentence-transformer retriever over item texts; `hybrid` (= `hybrid:itemcf`): fused by RRF with
     item-to-item CF; `hybrid:sasrec`: fused with a SASRec model instead (text weight 0.25, chosen on the validation
-    split in eval/retrieval.py). `cf_model` replaces the collaborative side (e.g. a model the caller fitted)."""
+    split in eval/retrieval.py); `itemcf`: item-to-item CF alone (no sentence-transformer: for data without item
+    texts, or a machine without the encoder). `cf_model` replaces the collaborative side (e.g. a model the caller
+    fitted)."""
     from llmrec.retrieval import TextRetriever
 
     if kind not in RETRIEVERS:
         raise ValueError(f"unknown retriever {kind!r}: use one of {', '.join(RETRIEVERS)}")
+    if kind == "itemcf":
+        return cf_model if cf_model is not None else collaborative_model(ds, "itemcf")
     text = TextRetriever(model_path=model_path)
     text.build(ds)
     if kind == "text":

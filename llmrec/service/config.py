@@ -70,8 +70,9 @@ class ServiceConfig:
     like_threshold: float = 3.0  # rating events above it count as likes
     retrieval_weight: float = 4.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
     # candidate retriever: text | hybrid (text + item-CF) | hybrid:sasrec (text + SASRec, loaded from its checkpoint
-    # or fitted once at start); every choice scores any history from the event store, known users or not
-    retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec"] = "hybrid"
+    # or fitted once at start) | itemcf (item-CF alone, no sentence-transformer); every choice scores any history
+    # from the event store, known users or not
+    retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "itemcf"] = "hybrid"
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
