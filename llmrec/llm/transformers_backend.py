@@ -74,7 +74,10 @@ class TransformersBackend(Backend):
         target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if target.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r}: no CUDA device is available here")
-        if not load_in_4bit and next(m.parameters()).device != torch.device(target):
+        # a 4-bit model (quantized at load, or a saved 4-bit copy) is placed by its device_map; transformers refuses
+        # `.to()` on bitsandbytes models
+        quantized = load_in_4bit or bool(getattr(m, "is_loaded_in_4bit", False))
+        if not quantized and next(m.parameters()).device != torch.device(target):
             m = m.to(target)
         self._init(m, tok, batch_size=batch_size, progress=progress)
         self._fixed_adapter = bool(adapter)
