@@ -126,3 +126,34 @@ def test_gpu_summary_divides_each_qlora_run_by_the_bf16_run(fbench):
                               "bf16": {"weights_mb": 2.0, "examples_per_s": 4.0}})
     assert cpu["ratio_weights_qlora_over_bf16"] == 0.5 and "ratio_peak_cuda_qlora_over_bf16" not in cpu
     assert not [k for k in fbench.gpu_summary({"qlora": runs["qlora"]}) if k.startswith("ratio_")]
+
+
+def test_gpu_check_runs_the_gpu_recipe_three_ways(fbench, tiny_dataset, tiny_home, tmp_path, monkeypatch):
+    """`finetune/bench.py gpu` (what finetune/gpu_check.sh runs on a GPU machine) on the CPU: the GPU recipe trains as
+    written, with bf16 embeddings/norms and as bf16 LoRA, one process each, and the result files name the runs. It is
+    the only test that loads `yesno_gpu_qlora.yaml` (its eval_steps with data.n_valid=0 once failed in Trainer)."""
+    from argparse import Namespace
+
+    from llm_fixtures import make_tiny_llm
+
+    import llmrec.bench_utils as bench_utils
+
+    tiny_dir = make_tiny_llm(tmp_path / "llm")
+    monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
+    monkeypatch.setattr(bench_utils, "RESULTS_DIR", tmp_path / "results")
+    a = Namespace(task="yesno", dataset="tiny", model=str(tiny_dir), steps=1, batch_size=2, label="_t",
+                  only_gpu=None, model_note="tiny", note="",
+                  overrides=["data.max_len=1024", "data.history_max=3", "lora.target_modules=[q_proj,v_proj]"])
+    fbench.cmd_gpu(a)
+    res = json.loads((tmp_path / "results" / "finetune_gpu_yesno_tiny_t.json").read_text())
+    assert [r["run"] for r in res["rows"]] == ["qlora", "qlora_bf16all", "bf16"]
+    assert all(r["steps"] == 1 and r["examples"] == 2 and r["gradient_checkpointing"] for r in res["rows"])
+    for kind in ("qlora", "qlora_bf16all", "bf16"):  # each in its own run folder, with the recipe it ran
+        recipe = (fbench.run_dir("yesno", "tiny", f"_gpu_t_{kind}") / "recipe.yaml").read_text()
+        assert ("load_in_4bit: true" in recipe) == kind.startswith("qlora")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "ratio_peak_cuda_qlora_over_bf16" not in res and res["rows"][0]["peak_cuda_mb"] is None
+    assert "ratio_weights_qlora_bf16all_over_bf16" in res and "qlora_bf16all" in (
+        tmp_path / "results" / "finetune_gpu_yesno_tiny_t.md").read_text()
