@@ -63,12 +63,15 @@ def finetune(task: str, out: Path, overrides: list[str], recipe_path: Path | Non
 # 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved activation fp32).
 # "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the Recommender's default)
 # instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
+# "n1536" (yesno): twice the recipe's 768 training examples, the most that fits the 45-min CPU budget.
 VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"],
             "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false"],
-            "retrieval": ["data.candidates=retrieval"]}
+            "retrieval": ["data.candidates=retrieval"],
+            "n1536": ["data.n_train=1536", "eval_before=false"]}
 VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)",
                   "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32",
-                  "retrieval": "SmolLM2 + QLoRA, retrieved candidates"}
+                  "retrieval": "SmolLM2 + QLoRA, retrieved candidates",
+                  "n1536": "SmolLM2 + QLoRA, 1536 training examples"}
 
 
 def cmd_run(a: argparse.Namespace) -> None:
