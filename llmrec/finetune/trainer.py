@@ -289,6 +289,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, math.ceil(len(train_feats) / (tc.batch_size * tc.grad_accum * world)))
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(steps_per_epoch * tc.epochs)
+    # no validation examples (data.n_valid=0): nothing to evaluate during training, whatever eval_steps says
+    eval_during = tc.eval_steps > 0 and bool(valid_feats)
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=tc.batch_size,
@@ -301,9 +303,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         weight_decay=tc.weight_decay,
         lr_scheduler_type=tc.lr_scheduler,
         logging_steps=tc.logging_steps,
-        # no validation examples (data.n_valid=0): nothing to evaluate during training, whatever eval_steps says
-        eval_strategy="steps" if tc.eval_steps > 0 and valid_feats else "no",
-        eval_steps=tc.eval_steps if tc.eval_steps > 0 and valid_feats else None,
+        eval_strategy="steps" if eval_during else "no",
+        eval_steps=tc.eval_steps if eval_during else None,
         save_strategy="steps" if tc.save_steps > 0 else "no",
         save_steps=tc.save_steps if tc.save_steps > 0 else 500,
         save_total_limit=tc.save_total_limit,
