@@ -160,10 +160,44 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _dataclass_of(tp: Any) -> type | None:
+    """`tp` itself, or the one dataclass in `X | None`, when it is a dataclass type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def check_overrides(cls: type, over: dict[str, Any], label: str = "override", prefix: str = "") -> None:
+    """Check parsed `key=value` overrides against `cls` on their own, so that an error names the override (not the
+    config file it would have been merged into): unknown keys, and values of the wrong type."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            level = f" of {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"{label} {key}: unknown key {k!r}; known keys{level}: {sorted(fields)}")
+        sub = _dataclass_of(hints[k])
+        if sub is not None and isinstance(v, dict):
+            check_overrides(sub, v, label, f"{key}.")
+        else:
+            _coerce(v, hints[k], f"{label} {key}")
+
+
+def apply_overrides(cls: type, data: dict[str, Any], pairs: list[str] | None,
+                    label: str = "override") -> dict[str, Any]:
+    """`data` (e.g. a config file's mapping) with `key=value` `pairs` merged in, the pairs checked first
+    (`check_overrides`)."""
+    over = parse_overrides(pairs)
+    check_overrides(cls, over, label)
+    return deep_merge(data, over)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + `key=value` overrides -> dataclass `cls`, with errors that name the file and key."""
-    data = load_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides))
+    """YAML file (optional) + `key=value` overrides -> dataclass `cls`, with errors that name the file and key (or the
+    override)."""
+    data = apply_overrides(cls, load_yaml(path) if path else {}, overrides)
     return from_dict(cls, data, where=str(path) if path else "config")
 
 

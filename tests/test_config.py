@@ -57,3 +57,39 @@ def test_every_user_command_takes_both_user_spellings(argv):
     for flag in ("--user", "--user-id"):
         ns = vars(p.parse_args(argv + [flag, "42"]))
         assert ns.get("user", ns.get("user_id")) == "42", flag
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: run\n")
+    with pytest.raises(ConfigError, match=r"^override inner\.rank: unknown key 'rank'; known keys of inner") as e:
+        load_config(Cfg, p, ["inner.rank=3"])
+    assert "c.yaml" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^override lr: expected float, got 'fast'"):
+        load_config(Cfg, p, ["lr=fast"])
+    with pytest.raises(ConfigError, match=r"^override inner: expected a mapping"):
+        load_config(Cfg, p, ["inner=3"])
+    assert load_config(Cfg, p, ["maybe=null"]).maybe is None
+    p.write_text("name: run\nlearning_rate: 1\n")  # a bad file key is still the file's error, whatever the overrides
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key\(s\) \['learning_rate'\]"):
+        load_config(Cfg, p, ["lr=0.1"])
+
+
+def test_service_config_errors_name_the_environment_variable_or_the_override():
+    from llmrec.service.config import load_service_config
+
+    with pytest.raises(ConfigError, match=r"^environment \(LLMREC_SERVE_\*\) llm\.modle: unknown key 'modle'"):
+        load_service_config(None, [], environ={"LLMREC_SERVE_LLM__MODLE": "x"})
+    with pytest.raises(ConfigError, match=r"^override max_k: expected int"):
+        load_service_config(None, ["max_k=many"], environ={})
+    cfg = load_service_config(None, ["max_k=7"], environ={"LLMREC_SERVE_MAX_K": "9", "LLMREC_SERVE_DEFAULT_K": "5"})
+    assert cfg.max_k == 7 and cfg.default_k == 5  # CLI overrides win over the environment
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "ten"])
+def test_recommend_refuses_a_k_below_one(k, capsys):
+    from llmrec.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["recommend", "--user-id", "1", "--k", k])
+    assert "--k" in capsys.readouterr().err

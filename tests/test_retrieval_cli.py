@@ -46,3 +46,21 @@ def test_prompt_prints_render_and_token_count(tiny_dataset, home, capsys):
     assert f'Will the user enjoy the item "{title}"' in out
     assert main(args + ["--template", "rank", "--max-tokens", "150"]) == 0
     assert re.search(r"\d+ history items kept, [1-9]\d* dropped", capsys.readouterr().out)
+
+
+def test_recommend_and_eval_refuse_bad_input_before_loading_a_model(tiny_dataset, home, tmp_path, monkeypatch, capsys):
+    import json
+
+    import llmrec.cli.recommend as rc
+
+    def no_model(args):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(rc, "_backend", no_model)
+    assert main(["recommend", "--dataset", str(tiny_dataset.root), "--user-id", "nobody"]) == 1
+    assert "unknown user 'nobody'" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "i", "input": "x", "output": "Yes."},
+                               {"instruction": "i", "input": "y", "output": "Maybe."}]))
+    assert main(["eval", "yesno", "--file", str(bad)]) == 1
+    assert "entry 1: field 'output'" in capsys.readouterr().err

@@ -41,11 +41,10 @@ def format_stats(name: str, st: dict, seconds: float | None = None) -> str:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from llmrec.config import deep_merge, from_dict, load_yaml, parse_overrides
+    from llmrec.config import apply_overrides, from_dict, load_yaml
     from llmrec.data import PrepareConfig, prepare
 
-    data = load_yaml(args.config) if args.config else {}
-    data = deep_merge(data, parse_overrides(args.set))
+    data = apply_overrides(PrepareConfig, load_yaml(args.config) if args.config else {}, args.set, "--set")
     if args.items:
         data["items_file"] = args.items
     cfg = from_dict(PrepareConfig, data, where=args.config or "--set")

@@ -82,7 +82,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if model is None:
         cfg_path = Path(args.adapter) / "adapter_config.json"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: not a PEFT adapter folder")
+            raise FileNotFoundError(f"--adapter {args.adapter}: no adapter_config.json (not a PEFT adapter folder)")
         model = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or None
     out = merge_and_save(model, args.adapter, args.out, dtype=args.dtype)
     print(f"merged model written to {out}")

@@ -14,6 +14,16 @@ DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -33,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
                    help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order "
                         "alone (default %(default)s, as in the service)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--template", action="append", default=[], type=_task_template, metavar="TASK=NAME",
                    help="prompt template per task, e.g. yesno=yesno_stats (default: the adapter's own, else the "
                         "task's name); repeatable")
@@ -53,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--user-id", "--user", dest="user_id", required=True)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=_positive_int, default=10)
     p.add_argument("--explain", action="store_true")
     p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process")
     _add_model_args(p)
@@ -102,13 +112,18 @@ def _backend(args: argparse.Namespace):
     return load_backend(args.backend, model=args.model, adapter=args.adapter, **kw)
 
 
-def _recommender(args: argparse.Namespace, dataset: str):
+def _recommender(args: argparse.Namespace, dataset: str, user_id: str | None = None):
+    """The Recommender the flags describe; with `user_id`, an unknown user fails before any model is loaded."""
+    from llmrec.data import load_prepared
     from llmrec.ranking import RankingConfig
     from llmrec.ranking.factory import build_recommender
 
+    ds = load_prepared(dataset, prepare_if_missing=True)
+    if user_id is not None and not ds.has_user(user_id):
+        raise KeyError(f"unknown user {user_id!r} in dataset {ds.name}")
     cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size,
                         retrieval_weight=args.retrieval_weight, templates=dict(args.template))
-    return build_recommender(dataset, _backend(args), adapter=args.adapter, retriever=args.retriever, cfg=cfg)
+    return build_recommender(ds, _backend(args), adapter=args.adapter, retriever=args.retriever, cfg=cfg)
 
 
 def _write(out: str | None, data: dict) -> None:
@@ -128,9 +143,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             return 1
         print(format_recommendations(rec_json))
         return 0
-    rec = _recommender(args, args.dataset)
-    if not rec.ds.has_user(args.user_id):
-        raise KeyError(f"unknown user {args.user_id!r} in dataset {rec.ds.name}")
+    rec = _recommender(args, args.dataset, user_id=args.user_id)
     r = rec.recommend(args.user_id, k=args.k, explain=args.explain)
     payload = {
         "user_id": r.user_id,
@@ -156,11 +169,12 @@ def _print_metrics(title: str, m: dict, keys: list[str]) -> None:
 
 
 def cmd_eval_yesno(args: argparse.Namespace) -> int:
-    from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec
+    from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec, load_tallrec
 
     if args.file:
+        data = load_tallrec(args.file)  # a malformed file fails here, before the model is loaded
         backend = _backend(args)
-        m = eval_yesno_tallrec(backend, args.file, args.batch_size)
+        m = eval_yesno_tallrec(backend, args.file, args.batch_size, data=data)
         title = f"yes/no on {args.file}"
     else:
         rec = _recommender(args, args.dataset)

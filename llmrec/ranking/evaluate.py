@@ -50,8 +50,10 @@ def tallrec_prompt(ex: dict[str, str]) -> str:
     return f"{ex['instruction'].strip()}\n\n{ex['input'].strip()}\nAnswer:"
 
 
-def eval_yesno_tallrec(backend: Any, path: str | Path, batch_size: int = 8) -> dict:
-    data = load_tallrec(path)
+def eval_yesno_tallrec(backend: Any, path: str | Path, batch_size: int = 8,
+                       data: list[dict[str, str]] | None = None) -> dict:
+    """AUC/accuracy/F1 of P(Yes) on a TALLRec JSON file (`data`: the file already read by `load_tallrec`)."""
+    data = load_tallrec(path) if data is None else data
     labels = np.array([1 if ex["output"].strip().lower().startswith("yes") else 0 for ex in data])
     probs = np.zeros(len(data))
     t0 = time.perf_counter()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from llmrec.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
+from llmrec.config import ConfigError, apply_overrides, from_dict, load_yaml
 
 ENV_PREFIX = "LLMREC_SERVE_"
 
@@ -88,20 +88,17 @@ class ServiceConfig:
                 raise ConfigError(f"llm.adapters: invalid adapter name {name!r} (no slashes, spaces or leading dot)")
 
 
-def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+def env_pairs(environ: dict[str, str] | None = None) -> list[str]:
+    """`LLMREC_SERVE_LLM__MODEL=x` -> `llm.model=x` for every variable with the prefix."""
     env = os.environ if environ is None else environ
-    pairs = []
-    for k, v in env.items():
-        if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX):
-            key = k[len(ENV_PREFIX):].lower().replace("__", ".")
-            pairs.append(f"{key}={v}")
-    return parse_overrides(pairs)
+    return [f"{k[len(ENV_PREFIX):].lower().replace('__', '.')}={v}"
+            for k, v in env.items() if k.startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX)]
 
 
 def load_service_config(
     path: str | Path | None = None, overrides: list[str] | None = None, environ: dict[str, str] | None = None
 ) -> ServiceConfig:
     data = load_yaml(path) if path else {}
-    data = deep_merge(data, env_overrides(environ))
-    data = deep_merge(data, parse_overrides(overrides))
+    data = apply_overrides(ServiceConfig, data, env_pairs(environ), f"environment ({ENV_PREFIX}*)")
+    data = apply_overrides(ServiceConfig, data, overrides)
     return from_dict(ServiceConfig, data, where=str(path) if path else "service config")
