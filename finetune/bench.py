@@ -2,6 +2,7 @@
 
     python finetune/bench.py run  --task yesno [key=value ...]   # the recipe run (zero-shot test, train, test again)
     python finetune/bench.py run  --task yesno --variant lora    # the same recipe on the full-precision base
+    python finetune/bench.py rescore --task yesno [--variant X]  # a finished run scored again (current evaluation)
     python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
     python finetune/bench.py mmap --task yesno --steps 8         # train.malloc_mmap_threshold_mb 0 vs 1: speed, RSS
                                                                  # -> eval/results/finetune_memory_<task>_<dataset>
@@ -78,6 +79,15 @@ def cmd_run(a: argparse.Namespace) -> None:
     extra = VARIANTS[a.variant] if a.variant else []
     out = run_dir(a.task, a.dataset, f"_{a.variant}" if a.variant else "")
     finetune(a.task, out, [f"dataset={a.dataset}", *extra, *a.overrides])
+
+
+def cmd_rescore(a: argparse.Namespace) -> None:
+    """Score a finished run (main or `--variant`) again with the current evaluation; training figures kept."""
+    out = run_dir(a.task, a.dataset, f"_{a.variant}" if a.variant else "")
+    cmd = [sys.executable, "-m", "llmrec.cli", "finetune", "--config", str(out / "recipe.yaml"), "--eval-only",
+           "train.progress=false", *a.overrides]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def short_run(a: argparse.Namespace) -> list[str]:
@@ -515,7 +525,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "mem", "mmap", "report", "shaped", "gpu"])
+    p.add_argument("action", choices=["run", "rescore", "mem", "mmap", "report", "shaped", "gpu"])
     p.add_argument("--task", default="yesno", choices=["yesno", "rank"])
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--steps", type=int, default=2, help="mem, mmap: training steps per configuration")
@@ -530,7 +540,8 @@ def main() -> None:
                    help="mem: run only these configurations (the report reads every run folder that exists)")
     p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
     p.add_argument("--variant", default=None, choices=list(VARIANTS),
-                   help="run: the recipe with the variant's overrides, in its own folder (reported beside main)")
+                   help="run: the recipe with the variant's overrides, in its own folder (reported beside main); "
+                        "rescore: that variant's run")
     p.add_argument("--only-gpu", nargs="+", choices=list(GPU_KINDS), default=None, help="gpu: only these runs")
     p.add_argument("--out", default=None, help="shaped: output folder")
     p.add_argument("--tokenizer", default=None, help="shaped: tokenizer folder (default: the embedded model's)")
@@ -547,8 +558,8 @@ def main() -> None:
     p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_intermixed_args()
-    {"run": cmd_run, "mem": cmd_mem, "mmap": cmd_mmap, "report": cmd_report, "shaped": cmd_shaped,
-     "gpu": cmd_gpu}[a.action](a)
+    {"run": cmd_run, "rescore": cmd_rescore, "mem": cmd_mem, "mmap": cmd_mmap, "report": cmd_report,
+     "shaped": cmd_shaped, "gpu": cmd_gpu}[a.action](a)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,19 @@ def test_adapter_roundtrip_and_merge(tiny_dir, tmp_path):
     with pytest.raises(BackendError, match="adapter_config.json"):
         load_backend("transformers", model=tiny_dir, adapter=tmp_path)
 
+    # the same adapter marked as fitted to an nf4 base (what a QLoRA run writes): scored and merged on that base's
+    # dequantized weights, which reproduce the 4-bit model with the adapter far better than the original weights
+    from llmrec.llm.loading import QuantSettings, write_adapter_base
+
+    write_adapter_base(tmp_path / "adapter", QuantSettings(load_in_4bit=True))
+    s_q4 = q4.score_choices(PROMPTS, [" Yes", " No"])
+    s_deq = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="float32",
+                         ).score_choices(PROMPTS, [" Yes", " No"])
+    assert np.abs(s_deq - s_q4).max() < 0.25 * np.abs(s_ad - s_q4).max()
+    out_deq = merge_and_save(tiny_dir, tmp_path / "adapter", tmp_path / "merged_deq", dtype="float32")
+    np.testing.assert_allclose(load_backend("transformers", model=out_deq, dtype="float32").score_choices(
+        PROMPTS, [" Yes", " No"]), s_deq, atol=1e-4)
+
 
 def test_several_adapters_share_one_base_model(tiny_dir, tmp_path):
     """add_adapter loads each adapter into the one model; a view per adapter scores exactly like a backend built

@@ -1,6 +1,6 @@
 """`llmrec export --quantize-4bit`: a model saved with its linear layers already 4-bit loads to the same weights and
 outputs as quantizing the full-precision model at load time, trains LoRA, refuses settings it was not made with,
-and merges an adapter into its full-precision source."""
+and merges an adapter into its dequantized weights (those the adapter was trained on)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from llm_fixtures import make_tiny_llm  # noqa: E402
 
 from llmrec.cli import main  # noqa: E402
 from llmrec.llm import BackendError, LoraSettings, QuantSettings, apply_lora, load_causal_lm  # noqa: E402
-from llmrec.llm.loading import merge_and_save, prequantized_4bit, quantized_source  # noqa: E402
+from llmrec.llm.loading import QUANTIZED_FILE, merge_and_save, prequantized_4bit  # noqa: E402
 
 Q4 = QuantSettings(load_in_4bit=True, compute_dtype="float32")
 
@@ -32,7 +32,7 @@ def dirs(tmp_path_factory):
 def test_prequantized_folder_loads_the_same_model(dirs):
     src, q4 = dirs
     assert prequantized_4bit(q4)["bnb_4bit_quant_type"] == "nf4" and prequantized_4bit(src) is None
-    assert quantized_source(q4) == str(src.resolve())
+    assert json.loads((q4 / QUANTIZED_FILE).read_text())["source"] == str(src.resolve())
     assert (q4 / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size
     # computing in bf16 although the folder's config.json stores the fp32 it was exported with
     q_bf16 = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16")
@@ -67,7 +67,7 @@ def test_prequantized_folder_refuses_settings_it_was_not_made_with(dirs, tmp_pat
         main(["export", "--out", str(q4.parent / "x")])
 
 
-def test_lora_trains_on_a_prequantized_base_and_merges_into_its_source(dirs, tmp_path):
+def test_lora_trains_on_a_prequantized_base_and_merges_into_its_dequantized_weights(dirs, tmp_path):
     src, q4 = dirs
     m, tok = load_causal_lm(q4, dtype="float32", quant=Q4)
     pm = apply_lora(m, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
@@ -79,9 +79,16 @@ def test_lora_trains_on_a_prequantized_base_and_merges_into_its_source(dirs, tmp
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
+        trained = pm(**ids).logits  # the 4-bit model with its adapter: what serving should reproduce
     pm.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     out = merge_and_save(q4, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
-    assert prequantized_4bit(out) is None  # merged into the full-precision source, not into 4-bit weights
+    assert prequantized_4bit(out) is None  # plain weights, not 4-bit ones
     merged, _ = load_causal_lm(out, dtype="float32")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    on_source = merge_and_save(src, tmp_path / "adapter", tmp_path / "merged_src", dtype="float32")
+    with torch.no_grad():
+        err = (merged(**ids).logits - trained).abs().max().item()
+        err_src = (load_causal_lm(on_source, dtype="float32")[0](**ids).logits - trained).abs().max().item()
+    # bitsandbytes' CPU 4-bit matmul is not exact, so not 0; the original weights are much further away
+    assert err < 0.2 * err_src, (err, err_src)

@@ -34,6 +34,9 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. train.lr=1e-4")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides (same as --set)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: score the finished run in the recipe's output_dir again with the current "
+                        "evaluation (e.g. --config <run>/recipe.yaml) and update its metrics.json")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -41,13 +44,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from llmrec.config import to_dict
     from llmrec.finetune import load_recipe, run_finetune
-    from llmrec.finetune.trainer import is_main_process
+    from llmrec.finetune.trainer import is_main_process, rescore_run
 
     cfg = load_recipe(args.config, list(args.set or []) + list(args.overrides or []))
     if args.dry_run:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    m = run_finetune(cfg)
+    m = rescore_run(cfg) if args.eval_only else run_finetune(cfg)
     if not is_main_process():  # under torchrun / accelerate launch only rank 0 reports
         return 0
     rows = [("task", m["task"]), ("output", m.get("output_dir")), ("steps", m["train"]["steps"]),

@@ -123,36 +123,24 @@ def threshold_metrics(valid: dict[str, Any], test: dict[str, Any]) -> dict[str, 
 class Evaluator:
     """Scores examples with the current LoRA weights. `eval_dtype` "train": the training model itself; otherwise a
     non-quantized copy of the base in that dtype with the same LoRA config, into which the trained LoRA weights are
-    copied before each evaluation (what serving runs; 4-bit inference on CPU is several times slower)."""
+    copied before each evaluation (what serving runs; 4-bit inference on CPU is several times slower). For a 4-bit
+    run the copy holds the 4-bit base's dequantized weights (`load_dequantized_4bit`), the weights the LoRA is fitted
+    to, as `llmrec export --merge` and the backends use them for an adapter trained this way."""
 
     def __init__(self, cfg: FinetuneConfig, train_model: Any, tokenizer: Any):
         self.cfg, self.tok = cfg, tokenizer
         self.model: Any = None  # loaded at the first evaluation
-        self._no_copy = False
         self.last_scores: dict[str, Any] = {}  # yesno: labels and P(Yes) of the last call
 
     def _eval_model(self) -> Any:
-        """The non-quantized evaluation copy; None when there is no full-precision base to make it from (a 4-bit
-        checkpoint without a reachable source): then the training model itself is scored."""
-        if self.model is None and not self._no_copy:
-            from llmrec.llm.loading import (
-                apply_lora,
-                load_causal_lm,
-                prequantized_4bit,
-                quantized_source,
-                resolve_model_path,
-            )
+        if self.model is None:
+            from llmrec.llm.loading import apply_lora, load_causal_lm, load_dequantized_4bit
 
-            path = self.cfg.model
-            if path is not None and prequantized_4bit(resolve_model_path(path)) is not None:
-                src = quantized_source(resolve_model_path(path))
-                if src is None or not Path(src).is_dir():
-                    log.warning("%s is a 4-bit checkpoint without its full-precision source: evaluating on the "
-                                "4-bit training model (eval_dtype ignored)", path)
-                    self._no_copy = True
-                    return None
-                path = src
-            base, _ = load_causal_lm(path, dtype=self.cfg.eval_dtype)
+            if self.cfg.quant.load_in_4bit:
+                base, _ = load_dequantized_4bit(self.cfg.model, self.cfg.quant, dtype=self.cfg.eval_dtype,
+                                                tokenizer=self.tok)
+            else:
+                base, _ = load_causal_lm(self.cfg.model, dtype=self.cfg.eval_dtype, tokenizer=self.tok)
             self.model = apply_lora(base, self.cfg.lora)
             self.model.eval()
             for p in self.model.parameters():
@@ -163,7 +151,8 @@ class Evaluator:
         from llmrec.llm.transformers_backend import TransformersBackend
 
         m = train_model
-        if self.cfg.eval_dtype != "train" and self._eval_model() is not None:
+        if self.cfg.eval_dtype != "train":
+            self._eval_model()
             from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
             sd = {k: v.detach().to(self.model.device) for k, v in get_peft_model_state_dict(train_model).items()}
@@ -173,6 +162,58 @@ class Evaluator:
                                             progress=progress, name=f"finetune:{self.cfg.task}")
         self.last_scores = {}
         return evaluate_examples(be, self.cfg.task, examples, scores=self.last_scores)
+
+
+def final_evaluation(evaluator: Evaluator, model: Any, examples: dict[str, list[Example]], test: bool = True,
+                     progress: bool = False) -> dict[str, Any]:
+    """`valid_after` and (with `test`) `test_after` of the tuned `model`; yesno: the test split's accuracy/F1 at the
+    threshold chosen on the validation split too (`test_after.at_valid_threshold`)."""
+    out: dict[str, Any] = {}
+    valid_scores: dict[str, Any] = {}
+    if examples["valid"]:
+        out["valid_after"] = evaluator(model, examples["valid"])
+        valid_scores = evaluator.last_scores
+    if test and examples["test"]:
+        out["test_after"] = evaluator(model, examples["test"], progress=progress)
+        if valid_scores and evaluator.last_scores:  # yesno: accuracy/F1 at the threshold chosen on valid
+            out["test_after"]["at_valid_threshold"] = threshold_metrics(valid_scores, evaluator.last_scores)
+        log.info("test after: %s", out["test_after"])
+    return out
+
+
+def rescore_run(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
+    """Score a finished run's adapter (`<output_dir>/adapter`) again with the current evaluation, as `run_finetune`
+    does after training (and the zero-shot pass with `eval_before`), on the examples its recipe builds; the training
+    figures in `<output_dir>/metrics.json` are kept, the scores replaced, `rescored` says when and at which commit.
+    For a run from before adapters recorded their 4-bit base, that record is added (the recipe says it)."""
+    from llmrec.bench_utils import git_commit
+    from llmrec.config import ConfigError
+    from llmrec.data import load_prepared
+    from llmrec.llm.loading import BASE_FILE, load_adapter_weights, load_tokenizer, write_adapter_base
+
+    out_dir = output_dir_for(cfg)
+    adapter = out_dir / "adapter"
+    if not (out_dir / "metrics.json").is_file() or not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{out_dir}: no finished run there (metrics.json and adapter/ expected)")
+    if cfg.eval_dtype == "train":
+        raise ConfigError("eval_dtype: 'train' scores the training model, which a rescore does not load; use fast, "
+                          "bfloat16 or float32")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
+    tok = load_tokenizer(cfg.model)
+    examples = build_examples(ds, cfg.task, cfg.data, tok)
+    evaluator = Evaluator(cfg, None, tok)
+    model = evaluator._eval_model()  # LoRA B = 0: the base itself, for the zero-shot pass
+    if cfg.eval_before and examples["test"]:
+        metrics["test_before"] = evaluator(model, examples["test"], progress=cfg.train.progress)
+    load_adapter_weights(model, adapter)
+    metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, cfg.train.progress))
+    if cfg.quant.load_in_4bit and not (adapter / BASE_FILE).exists():
+        write_adapter_base(adapter, cfg.quant)
+    metrics["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
+                           "base": "dequantized 4-bit" if cfg.quant.load_in_4bit else cfg.eval_dtype}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics
 
 
 def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
@@ -384,26 +425,20 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         # GPU: peak allocated CUDA memory of the whole run and of trainer.train() alone
         **{k: mem[k] for k in ("peak_cuda_mb", "peak_cuda_train_mb") if k in mem},
     }
-    valid_scores: dict[str, Any] = {}
-    if examples["valid"]:
-        metrics["valid_after"] = task_eval(model)
-        valid_scores = evaluator.last_scores
-    if cfg.eval_after and examples["test"]:
-        metrics["test_after"] = evaluator(model, examples["test"], progress=tc.progress)
-        if valid_scores and evaluator.last_scores:  # yesno: accuracy/F1 at the threshold chosen on valid
-            metrics["test_after"]["at_valid_threshold"] = threshold_metrics(valid_scores, evaluator.last_scores)
-        log.info("test after: %s", metrics["test_after"])
+    metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, tc.progress))
     if is_main_process():
         adapter_dir = out_dir / "adapter"
         trainer.model.save_pretrained(str(adapter_dir))
         tok.save_pretrained(str(adapter_dir))
         # which prompt the adapter was trained on: the Recommender, bench and service render with the same one
         # (llmrec.ranking.factory.adapter_templates); `llmrec export --merge` copies it into the merged folder
-        from llmrec.llm.loading import PROMPT_FILE
+        from llmrec.llm.loading import PROMPT_FILE, write_adapter_base
 
         (adapter_dir / PROMPT_FILE).write_text(json.dumps(
             {"task": cfg.task, "template": template.name, "version": template.version, "hash": template.hash},
             indent=2) + "\n")
+        if cfg.quant.load_in_4bit:  # merged / served on the dequantized 4-bit base it was fitted to
+            write_adapter_base(adapter_dir, cfg.quant)
         metrics["adapter"] = str(adapter_dir)
     metrics["wall_s"] = round(time.time() - t_start, 1)
     metrics["output_dir"] = str(out_dir)

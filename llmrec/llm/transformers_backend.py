@@ -19,7 +19,13 @@ from llmrec.llm.base import (
     quote_token_sets,
     quoted_state,
 )
-from llmrec.llm.loading import QuantSettings, load_adapter, load_causal_lm
+from llmrec.llm.loading import (
+    QuantSettings,
+    adapter_base_quant,
+    load_adapter,
+    load_causal_lm,
+    load_dequantized_4bit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,8 @@ class TransformersBackend(Backend):
     `load_in_4bit`: nf4 base. `merge_adapter` (default): a fixed `adapter` on a full-precision base is merged into the
     weights once at load (PEFT `merge_and_unload`), so each forward runs no LoRA matmuls (1.3x faster scoring in
     bf16 on CPU, 1.1x in fp32; same AUC within float rounding); a 4-bit base keeps the adapter separate (merging
-    would re-quantize).
+    would re-quantize). An adapter trained on a 4-bit base (its `llmrec_base.json`) gets that base dequantized
+    (`load_dequantized_4bit`) unless `load_in_4bit` asks for the 4-bit model itself.
     `score_choices` uses left padding and `logits_to_keep=1` (one position of logits per prompt), in batches of
     `batch_size` prompts sorted by length, under `torch.inference_mode`. `device`: "auto" (the GPU when there is
     one, else the CPU), "cpu", "cuda" or "cuda:N"; a 4-bit model is placed on the GPU at load already."""
@@ -57,7 +64,13 @@ class TransformersBackend(Backend):
         if threads:
             torch.set_num_threads(int(threads))
         quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype if dtype != "auto" else "fast")
-        m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
+        trained_on = adapter_base_quant(adapter) if adapter and not load_in_4bit else None
+        if trained_on is not None:  # a QLoRA adapter: its base's dequantized 4-bit weights, not the original ones
+            log.info("adapter %s was trained on a %s 4-bit base: loading that base dequantized to %s", adapter,
+                     trained_on.quant_type, dtype)
+            m, tok = load_dequantized_4bit(model, trained_on, dtype=dtype)
+        else:
+            m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
         if load_in_4bit:  # inference only: the forward guard is for training
             guard = getattr(m, "_llmrec_guard", None)
             if guard is not None:
