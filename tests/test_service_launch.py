@@ -123,3 +123,32 @@ def test_batching_auto_is_micro_on_transformers_and_none_on_vllm():
     for explicit in ("none", "micro"):
         assert resolved_batching(ServiceConfig(batching=explicit), BackendPlan("transformers", "")) == explicit
         assert resolved_batching(ServiceConfig(batching=explicit), BackendPlan("vllm-launch", "")) == explicit
+
+
+def test_merge_adapter_merges_once_on_the_adapters_own_base_and_again_when_it_changes(tmp_path):
+    """The vLLM merged mode's folder: merged like `llmrec export --merge` (a QLoRA adapter into its dequantized
+    4-bit base), reused while base and adapter are unchanged, merged again after the adapter was retrained."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("peft")
+    from llm_fixtures import make_tiny_llm
+
+    from llmrec.bench_utils import random_lora_adapter
+    from llmrec.llm import load_backend
+    from llmrec.llm.loading import QuantSettings, write_adapter_base
+
+    base = make_tiny_llm(tmp_path / "base")
+    ad = tmp_path / "adapter"
+    random_lora_adapter(base, ad, r=4, target_modules=["q_proj", "v_proj"], std=0.5)
+    write_adapter_base(ad, QuantSettings(load_in_4bit=True))
+    out = launch.merge_adapter(str(base), str(ad), out=tmp_path / "merged")
+    prompts, yn = ["The user liked Action Story 1. Answer:"], [" Yes", " No"]
+    # merged and stored in bf16: the same as merging at load in bf16
+    want = load_backend("transformers", model=base, adapter=ad, dtype="bfloat16").score_choices(prompts, yn)
+    got = load_backend("transformers", model=out, dtype="bfloat16").score_choices(prompts, yn)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    assert launch.merge_adapter(str(base), str(ad), out=tmp_path / "merged") == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == first  # cached
+    random_lora_adapter(base, ad, r=4, target_modules=["q_proj", "v_proj"], std=0.5, seed=1)  # retrained in place
+    launch.merge_adapter(str(base), str(ad), out=tmp_path / "merged")
+    assert (out / "model.safetensors").stat().st_mtime_ns != first

@@ -131,22 +131,22 @@ class VLLMServer:
 
 
 def merge_adapter(base: str, adapter: str, out: Path | None = None) -> Path:
-    """Merge a LoRA adapter into its base (peft `merge_and_unload`) once; returns the merged folder (cached)."""
+    """Merge a LoRA adapter into its base once (`llmrec.llm.loading.merge_and_save`: a QLoRA adapter into the
+    dequantized 4-bit base it was trained on); returns the merged folder, cached until the base, the adapter's
+    weights or its base record change."""
+    from llmrec.llm.loading import BASE_FILE, merge_and_save
+
     out = out or (llmrec_home() / "models" / "merged" / Path(adapter).name)
     marker = out / ".merged-from"
-    src = f"{Path(base).resolve()}\n{Path(adapter).resolve()}\n"
+    ad = Path(adapter)
+    stamp = [str(Path(base).resolve()), str(ad.resolve())] + [
+        f"{f.name} {f.stat().st_mtime_ns} {f.stat().st_size}"
+        for f in (ad / "adapter_model.safetensors", ad / BASE_FILE) if f.is_file()]
+    src = "\n".join(stamp) + "\n"
     if marker.is_file() and marker.read_text() == src:
         return out
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("merging adapter %s into %s -> %s", adapter, base, out)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    merge_and_save(base, adapter, out, dtype="bfloat16")
     marker.write_text(src)
     return out
 
