@@ -451,6 +451,7 @@ def cmd_report(a: argparse.Namespace) -> None:
         baselines = baseline_rank(names, run_dir(a.task, a.dataset))
     payload = {
         "dataset": a.dataset, "task": a.task, "status": main.get("status", "done"),
+        "eval_base": main.get("eval_base"), "rescored": main.get("rescored"),
         "model": "SmolLM2-135M-Instruct (embedded GGUF -> HF bf16)",
         "test_subset": {"n": n_test, "seed": seed}, "train": main["train"], "test_before": main.get("test_before"),
         "test_after": main.get("test_after"), "valid_after": main.get("valid_after"), "memory": mem,
@@ -458,7 +459,9 @@ def cmd_report(a: argparse.Namespace) -> None:
         "data_manifest": manifest, "note": a.note,
     }
     keys = ["auc", "accuracy", "f1"] if a.task == "yesno" else ["ndcg@10", "hr@10", "mrr@10"]
-    rows = [{"model": "SmolLM2 zero-shot", **{k: (main.get("test_before") or {}).get(k) for k in keys}},
+    on_deq = "dequantized" in main.get("eval_base", "")  # QLoRA scored on its own base (since 2026-12-05)
+    rows = [{"model": "SmolLM2 zero-shot", **{k: (main.get("test_before") or {}).get(k) for k in keys},
+             "note": "the nf4 base QLoRA starts from, dequantized" if on_deq else ""},
             {"model": "SmolLM2 + QLoRA", **{k: (main.get("test_after") or {}).get(k) for k in keys}}]
     thr = (main.get("test_after") or {}).get("at_valid_threshold")
     if thr:
@@ -510,7 +513,11 @@ def cmd_report(a: argparse.Namespace) -> None:
     status = main.get("status", "done")
     cands = (f" (candidates per prompt: {manifest.get('n_candidates')}, {manifest.get('candidates')}; a variant "
              "with other candidates has its own test prompts and baseline rows)") if a.task == "rank" else ""
-    table = (f"Status: {status}\n\nTest subset: {n_test} examples, seed {seed}{cands}\n\n"
+    how = (f"Scored on: {main['eval_base']}" + (f" (scores from a rescore, {main['rescored']['at'][:10]} at "
+                                                  f"{main['rescored']['commit']}; training figures from the run)"
+                                                  if main.get("rescored") else "") + "\n\n"
+           if main.get("eval_base") else "")
+    table = (f"Status: {status}\n\nTest subset: {n_test} examples, seed {seed}{cands}\n\n{how}"
              + md_table(rows, ["model", *keys, "note"]) + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
                                "peak RSS MB", "above start MB"])

@@ -92,7 +92,8 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     r = rescore_run(tiny_recipe(tiny_dir, out), ds=tiny_dataset)
     for k in ("test_before", "test_after", "valid_after"):
         assert r[k]["auc"] == pytest.approx(m1[k]["auc"], abs=1e-9), k
-    assert r["train"] == json.loads(json.dumps(m1["train"])) and r["rescored"]["base"] == "dequantized 4-bit"
+    assert r["train"] == json.loads(json.dumps(m1["train"])) and r["rescored"]["commit"]
+    assert r["eval_base"] == m1["eval_base"] == "dequantized 4-bit base, float32"
     assert json.loads((out / "metrics.json").read_text())["rescored"] == r["rescored"]
     assert (out / "adapter" / "llmrec_base.json").is_file()
 

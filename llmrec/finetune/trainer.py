@@ -132,6 +132,14 @@ class Evaluator:
         self.model: Any = None  # loaded at the first evaluation
         self.last_scores: dict[str, Any] = {}  # yesno: labels and P(Yes) of the last call
 
+    @property
+    def base(self) -> str:
+        """What the scores are computed on (recorded as `eval_base` in metrics.json)."""
+        if self.cfg.eval_dtype == "train":
+            return "the training model"
+        kind = "dequantized 4-bit" if self.cfg.quant.load_in_4bit else "full-precision"
+        return f"{kind} base, {self.cfg.eval_dtype}"
+
     def _eval_model(self) -> Any:
         if self.model is None:
             from llmrec.llm.loading import apply_lora, load_causal_lm, load_dequantized_4bit
@@ -210,8 +218,8 @@ def rescore_run(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -
     metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, cfg.train.progress))
     if cfg.quant.load_in_4bit and not (adapter / BASE_FILE).exists():
         write_adapter_base(adapter, cfg.quant)
-    metrics["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
-                           "base": "dequantized 4-bit" if cfg.quant.load_in_4bit else cfg.eval_dtype}
+    metrics["eval_base"] = evaluator.base
+    metrics["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics
 
@@ -282,7 +290,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     metrics: dict[str, Any] = {"task": cfg.task, "dataset": cfg.dataset, "model": str(cfg.model or "default"),
                                "load_in_4bit": cfg.quant.load_in_4bit, "dtype": cfg.dtype,
                                "trainable_params": n_trainable, "total_params": n_total,
-                               "train_tokens_mean": float(np.mean(lens)), "train_tokens_max": int(max(lens))}
+                               "train_tokens_mean": float(np.mean(lens)), "train_tokens_max": int(max(lens)),
+                               "eval_base": evaluator.base}
     if cfg.eval_before and examples["test"]:
         log.info("zero-shot evaluation on %d test examples", len(examples["test"]))
         metrics["test_before"] = evaluator(model, examples["test"], progress=tc.progress)
