@@ -84,8 +84,9 @@ def cmd_run(a: argparse.Namespace) -> None:
 def cmd_rescore(a: argparse.Namespace) -> None:
     """Score a finished run (main or `--variant`) again with the current evaluation; training figures kept."""
     out = run_dir(a.task, a.dataset, f"_{a.variant}" if a.variant else "")
+    # output_dir named: a run folder renamed since its run still records the old one
     cmd = [sys.executable, "-m", "llmrec.cli", "finetune", "--config", str(out / "recipe.yaml"), "--eval-only",
-           "train.progress=false", *a.overrides]
+           f"output_dir={out}", "train.progress=false", *a.overrides]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
