@@ -161,10 +161,11 @@ class Evaluator:
         m = train_model
         if self.cfg.eval_dtype != "train":
             self._eval_model()
-            from peft import get_peft_model_state_dict, set_peft_model_state_dict
+            if train_model is not self.model:  # a rescore scores the evaluation copy itself: nothing to copy
+                from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-            sd = {k: v.detach().to(self.model.device) for k, v in get_peft_model_state_dict(train_model).items()}
-            set_peft_model_state_dict(self.model, sd)
+                sd = {k: v.detach().to(self.model.device) for k, v in get_peft_model_state_dict(train_model).items()}
+                set_peft_model_state_dict(self.model, sd)
             m = self.model
         be = TransformersBackend.from_model(m, self.tok, batch_size=self.cfg.train.eval_batch_size,
                                             progress=progress, name=f"finetune:{self.cfg.task}")

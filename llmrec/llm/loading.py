@@ -240,13 +240,17 @@ def prequantized_4bit(model_path: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def _stored_quant(q: dict[str, Any]) -> dict[str, Any]:
+    """The QuantSettings fields a checkpoint's bitsandbytes `quantization_config` fixes."""
+    return {"quant_type": q.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(q.get("bnb_4bit_use_double_quant"))}
+
+
 def _check_prequantized(path: Path, q: dict[str, Any], quant: QuantSettings) -> None:
     if not quant.load_in_4bit:
         raise BackendError(f"{path} holds a 4-bit checkpoint (config.json quantization_config); load it with "
                            "quant.load_in_4bit=true (--load-in-4bit), or use its full-precision source model")
-    stored = {"quant_type": q.get("bnb_4bit_quant_type", "fp4"),
-              "double_quant": bool(q.get("bnb_4bit_use_double_quant"))}
-    for key, value in stored.items():
+    for key, value in _stored_quant(q).items():
         if getattr(quant, key) != value:
             raise BackendError(f"quant.{key}={getattr(quant, key)!r} but {path} was quantized with {key}={value!r} "
                                f"(its weights are stored quantized): set quant.{key}={value!r}")
@@ -739,8 +743,7 @@ def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Pat
     quant = adapter_base_quant(adapter)
     pre = prequantized_4bit(resolve_model_path(model)) if model is not None else None
     if pre is not None and quant is None:  # an adapter on a saved 4-bit copy was trained on it
-        quant = QuantSettings(load_in_4bit=True, quant_type=pre.get("bnb_4bit_quant_type", "fp4"),
-                              double_quant=bool(pre.get("bnb_4bit_use_double_quant")))
+        quant = QuantSettings(load_in_4bit=True, **_stored_quant(pre))
     if quant is not None:
         log.info("merging %s into the dequantized %s weights it was trained on", adapter, quant.quant_type)
         base, tok = load_dequantized_4bit(model, quant, dtype=dtype)
