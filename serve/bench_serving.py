@@ -1,6 +1,7 @@
 """Serving benchmark (bounded, loopback only) -> eval/results/serving.{json,md}.
 
     python serve/bench_serving.py engines [--n-score 64 --n-gen 32 --gen-tokens 32 --n-explain 64]
+    python serve/bench_serving.py generation [--n-gen 64 --gen-lengths 32,128 --hf-batches 16,64]
     python serve/bench_serving.py service [--backends vllm,transformers --concurrency 1,8,16 --requests 24]
     python serve/bench_serving.py report          # rewrite the markdown from the JSON (+ serving_kill.json)
 
@@ -11,6 +12,8 @@ tokens/s (forced length: HF min_new_tokens, vLLM ignore_eos), engine start time,
 workload: explanations per second (`explain` template, greedy, natural stop at a newline / EOS, <= 80 tokens). vLLM
 via one request per chunk of prompts ("list") and via concurrent single-prompt requests ("concurrent", continuous
 batching); vLLM with a LoRA adapter through --lora-modules vs the same adapter merged.
+`generation`: batched forced-length generation by length (transformers at several static batch sizes, its best
+counts, vs the vLLM server): where the prompts' prefill or the decoding dominates.
 `service`: `llmrec serve` subprocesses on 127.0.0.1; GET /recommendations for distinct users (cache misses;
 explain=false, or with --explain the explanation too) at each concurrency level, a fixed number of requests
 each; p50/p95 latency and requests/s; the service's own micro-batching vs direct concurrent calls.
@@ -137,6 +140,23 @@ def explain_row(be: Any, prompts: list[str], tokenizer: Any, quotable: list[list
 
 
 # ------------------------------------------------------------------------------------------------------ engines
+def hf_forced_generate(be: Any, prompts: list[str], gen_tokens: int, batch: int) -> tuple[int, float]:
+    """Greedy generation of exactly `gen_tokens` new tokens per prompt (HF min_new_tokens) in static batches of
+    `batch` prompts (left padding, as the backend pads). Returns (tokens generated, seconds)."""
+    import torch
+
+    tok = be.tokenizer
+    n_tok = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(prompts), batch):
+            enc = tok(prompts[b:b + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = be.model.generate(**enc, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False,
+                                    temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+            n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
+    return n_tok, time.perf_counter() - t0
+
+
 def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[str], gen_tokens: int,
                        dtype: str = "float32", expl_prompts: list[str] | None = None,
                        expl_quotable: list[list[str]] | None = None) -> dict:
@@ -152,15 +172,7 @@ def bench_transformers(model: str, score_prompts: list[str], gen_prompts: list[s
     lp = be.score_choices(score_prompts, [" Yes", " No"])
     score_s = time.perf_counter() - t0
     tok = be.tokenizer
-    n_tok = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b in range(0, len(gen_prompts), 16):
-            enc = tok(gen_prompts[b:b + 16], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = be.model.generate(**enc, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False,
-                                    temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-            n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
-    gen_s = time.perf_counter() - t0
+    n_tok, gen_s = hf_forced_generate(be, gen_prompts, gen_tokens, 16)
     expl = explain_row(be, expl_prompts, tok, expl_quotable) if expl_prompts else {}
     return {"engine": f"transformers {dtype} (batch 16)", "start_s": start, "score_prompts": len(score_prompts),
             "score_s": score_s, "score_prompts_per_s": len(score_prompts) / score_s, "gen_prompts": len(gen_prompts),
@@ -270,6 +282,61 @@ def run_engines(args: argparse.Namespace) -> dict:
             "vllm_vs_transformers_gen_speedup": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"],
             "vllm_vs_transformers_score_speedup": best["score_prompts_per_s"] / hf["score_prompts_per_s"],
             "goal_gen_speedup_3x_met": best["gen_tokens_per_s"] / hf["gen_tokens_per_s"] >= 3.0}
+
+
+def run_generation(args: argparse.Namespace) -> dict:
+    """Batched forced-length generation by length: the same `n_gen` Yes/No prompts (~330 tokens) with each length in
+    `gen_lengths` new tokens; transformers at each static batch size in `hf_batches` (its best counts), the vLLM
+    server with one request for all prompts. At 32 tokens the prompts' prefill (compute-bound on a CPU, where vLLM
+    has less of an edge) is most of the work; the longer the generation, the more the run measures decoding."""
+    import gc
+
+    from llmrec.llm import default_model_path, load_backend
+    from llmrec.llm.loading import resolve_dtype
+    from llmrec.llm.vllm_backend import VLLMBackend
+    from llmrec.service.launch import VLLMServer
+
+    dt = resolve_dtype(args.dtype)
+    model = str(default_model_path())
+    prompts, source = yesno_prompts(args.n_gen)
+    lengths = [int(x) for x in args.gen_lengths.split(",")]
+    batches = [int(x) for x in args.hf_batches.split(",")]
+    rows: list[dict] = []
+    be = load_backend("transformers", model=model, dtype=dt, batch_size=max(batches))
+    hf_forced_generate(be, prompts[:2], 4, 2)  # warm-up
+    for n_new in lengths:
+        for batch in batches:
+            n_tok, s = hf_forced_generate(be, prompts, n_new, batch)
+            rows.append({"engine": f"transformers {dt}", "batch": batch, "gen_tokens_per_prompt": n_new,
+                         "gen_prompts": len(prompts), "gen_tokens": n_tok, "gen_s": s, "gen_tokens_per_s": n_tok / s})
+            print(rows[-1], flush=True)
+    del be
+    gc.collect()
+    srv = VLLMServer(model, port=free_port(), python=str(VLLM_PY), extra_args=["--no-enable-prefix-caching"],
+                     dtype=dt)
+    with srv:
+        vb = VLLMBackend(url=srv.url, model=model, tokenizer=model, chunk_size=len(prompts), max_concurrency=16)
+        vb.generate(prompts[:2], max_new_tokens=4, ignore_eos=True)  # warm-up
+        for n_new in lengths:
+            t0 = time.perf_counter()
+            outs = vb.generate(prompts, max_new_tokens=n_new, ignore_eos=True)
+            s = time.perf_counter() - t0
+            assert len(outs) == len(prompts)
+            n_tok = len(prompts) * n_new
+            rows.append({"engine": f"vLLM server {dt}", "batch": len(prompts), "gen_tokens_per_prompt": n_new,
+                         "gen_prompts": len(prompts), "gen_tokens": n_tok, "gen_s": s, "gen_tokens_per_s": n_tok / s,
+                         "start_s": srv.start_s})
+            print(rows[-1], flush=True)
+        vb.close()
+    speedups = {}
+    for n_new in lengths:
+        hf = max(r["gen_tokens_per_s"] for r in rows if r["engine"].startswith("transformers")
+                 and r["gen_tokens_per_prompt"] == n_new)
+        vl = max(r["gen_tokens_per_s"] for r in rows if r["engine"].startswith("vLLM")
+                 and r["gen_tokens_per_prompt"] == n_new)
+        speedups[str(n_new)] = vl / hf
+    return {"model": model, "dtype": dt, "prompt_source": source, "rows": rows,
+            "vllm_vs_best_transformers_speedup": speedups}
 
 
 # ------------------------------------------------------------------------------------------------------ service
@@ -451,6 +518,17 @@ def write(res: dict) -> None:
                 md.append(f"\nWith quoted titles constrained (`generate_quoted`, how the Recommender now explains; "
                           f"transformers: a logits processor, vLLM: a structured-output regex per request): "
                           f"x{quoted:.2f}.\n")
+    gen = res.get("generation")
+    if gen:
+        md.append(f"\n### Batched generation by length (forced tokens)\n\n{gen.get('note') or shared}\n\n"
+                  f"`{gen.get('command', '')}`; machine: {gen.get('machine', MACHINE_UNRECORDED)}; model "
+                  f"`{gen['model']}` ({gen['dtype']}), prompts: {gen['prompt_source']} (the same prompts for every "
+                  "row); transformers in static batches of `batch` prompts, vLLM one request for all of them.\n")
+        md.append(md_table(gen["rows"], ["engine", "batch", "gen_tokens_per_prompt", "gen_prompts", "start_s", "gen_s",
+                                         "gen_tokens_per_s"]))
+        md.append("\nvLLM / the best transformers batch: " + ", ".join(
+            f"x{v:.2f} at {k} tokens" for k, v in gen["vllm_vs_best_transformers_speedup"].items())
+            + " (goal >= 3x on batched generation).\n")
     svc = res.get("service")
     if svc:
         rows = []
@@ -511,12 +589,14 @@ def write(res: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["engines", "service", "report"])
+    ap.add_argument("part", choices=["engines", "generation", "service", "report"])
     ap.add_argument("--n-score", type=int, default=64)
     ap.add_argument("--n-gen", type=int, default=32)
     ap.add_argument("--dtype", default="fast", help="engines: both engines in this dtype")
     ap.add_argument("--n-lora", type=int, default=16, help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-lengths", default="32,128", help="generation: forced new tokens per prompt, comma list")
+    ap.add_argument("--hf-batches", default="16,64", help="generation: transformers static batch sizes, comma list")
     ap.add_argument("--n-explain", type=int, default=64,
                     help="explanation prompts (natural stop) per engine; 0 skips that workload")
     ap.add_argument("--skip-lora", action="store_true")
@@ -537,6 +617,8 @@ def main() -> int:
     cmd = "python serve/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     if args.part == "engines":
         res["engines"] = {**run_engines(args), "command": cmd, "note": args.note, "machine": machine_info()}
+    elif args.part == "generation":
+        res["generation"] = {**run_generation(args), "command": cmd, "note": args.note, "machine": machine_info()}
     elif args.part == "service":
         res["service"] = run_service(args, cmd)
         res.setdefault("commands", {})["service"] = cmd

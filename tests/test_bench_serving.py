@@ -100,3 +100,33 @@ def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch):
     md = (tmp_path / "serving.md").read_text()
     assert "machine: 2 x CPU-A (native bf16 (AVX512-BF16/AMX))" in md
     assert f"machine: {bs.MACHINE_UNRECORDED}" in md  # the service part had none: said, not guessed
+
+
+def test_forced_generation_writes_exactly_n_tokens_per_prompt_in_every_batch(tmp_path):
+    # the transformers side of `generation`: ragged last batch, prompts of different lengths, EOS not allowed to stop
+    from llm_fixtures import make_tiny_llm
+
+    from llmrec.llm import load_backend
+
+    be = load_backend("transformers", model=str(make_tiny_llm(tmp_path / "tiny")), dtype="float32")
+    prompts = ["Answer:", "The user watched Action Story 1. Answer:", "liked movie", "Candidates: A. Drama Story"]
+    n_tok, seconds = _bench_serving().hf_forced_generate(be, prompts, 5, batch=3)
+    assert n_tok == 5 * len(prompts)
+    assert seconds > 0
+
+
+def test_report_has_the_generation_section_with_the_speedup_per_length(tmp_path, monkeypatch):
+    import llmrec.bench_utils as bu
+
+    monkeypatch.setattr(bu, "RESULTS_DIR", tmp_path)
+    bs = _bench_serving()
+    rows = [{"engine": "transformers bfloat16", "batch": 16, "gen_tokens_per_prompt": 32, "gen_prompts": 64,
+             "gen_s": 40.0, "gen_tokens_per_s": 51.2},
+            {"engine": "vLLM server bfloat16", "batch": 64, "gen_tokens_per_prompt": 32, "gen_prompts": 64,
+             "gen_s": 10.0, "gen_tokens_per_s": 204.8, "start_s": 50.0}]
+    bs.write({"generation": {"model": "m", "dtype": "bfloat16", "prompt_source": "p", "rows": rows,
+                             "vllm_vs_best_transformers_speedup": {"32": 4.0}, "command": "c", "note": "quiet",
+                             "machine": "M"}})
+    md = (tmp_path / "serving.md").read_text()
+    assert "### Batched generation by length" in md and "x4.00 at 32 tokens" in md and "machine: M" in md
+    assert "| vLLM server bfloat16 | 64 | 32 | 64 | 50.0000 |" in md
