@@ -1,7 +1,7 @@
 """Serving benchmark (bounded, loopback only) -> eval/results/serving.{json,md}.
 
     python serve/bench_serving.py engines [--n-score 64 --n-gen 32 --gen-tokens 32 --n-explain 64]
-    python serve/bench_serving.py generation [--n-gen 64 --gen-lengths 32,128 --hf-batches 16,64]
+    python serve/bench_serving.py generation [--n-gen 64 --gen-lengths 32,128 --hf-batches 16,64 --append]
     python serve/bench_serving.py service [--backends vllm,transformers --concurrency 1,8,16 --requests 24]
     python serve/bench_serving.py report          # rewrite the markdown from the JSON (+ serving_kill.json)
 
@@ -518,9 +518,10 @@ def write(res: dict) -> None:
                 md.append(f"\nWith quoted titles constrained (`generate_quoted`, how the Recommender now explains; "
                           f"transformers: a logits processor, vLLM: a structured-output regex per request): "
                           f"x{quoted:.2f}.\n")
-    gen = res.get("generation")
-    if gen:
-        md.append(f"\n### Batched generation by length (forced tokens)\n\n{gen.get('note') or shared}\n\n"
+    gen_runs = res.get("generation", {}).get("runs", [])
+    for n, gen in enumerate(gen_runs, 1):
+        run = f" — run {n} of {len(gen_runs)}" if len(gen_runs) > 1 else ""
+        md.append(f"\n### Batched generation by length (forced tokens){run}\n\n{gen.get('note') or shared}\n\n"
                   f"`{gen.get('command', '')}`; machine: {gen.get('machine', MACHINE_UNRECORDED)}; model "
                   f"`{gen['model']}` ({gen['dtype']}), prompts: {gen['prompt_source']} (the same prompts for every "
                   "row); transformers in static batches of `batch` prompts, vLLM one request for all of them.\n")
@@ -607,7 +608,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=8,
                     help="requests per concurrency level (at least 2 x concurrency)")
     ap.add_argument("--timeout", type=float, default=300.0)
-    ap.add_argument("--append", action="store_true", help="keep earlier service rows")
+    ap.add_argument("--append", action="store_true", help="service / generation: keep the earlier runs' rows")
     ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")
     ap.add_argument("--retriever", default=_service_default("retriever"),
                     help="service: candidate retriever (default: the service's own default)")
@@ -618,7 +619,9 @@ def main() -> int:
     if args.part == "engines":
         res["engines"] = {**run_engines(args), "command": cmd, "note": args.note, "machine": machine_info()}
     elif args.part == "generation":
-        res["generation"] = {**run_generation(args), "command": cmd, "note": args.note, "machine": machine_info()}
+        runs = res.get("generation", {}).get("runs", []) if args.append else []
+        runs.append({**run_generation(args), "command": cmd, "note": args.note, "machine": machine_info()})
+        res["generation"] = {"runs": runs}
     elif args.part == "service":
         res["service"] = run_service(args, cmd)
         res.setdefault("commands", {})["service"] = cmd

@@ -124,9 +124,12 @@ def test_report_has_the_generation_section_with_the_speedup_per_length(tmp_path,
              "gen_s": 40.0, "gen_tokens_per_s": 51.2},
             {"engine": "vLLM server bfloat16", "batch": 64, "gen_tokens_per_prompt": 32, "gen_prompts": 64,
              "gen_s": 10.0, "gen_tokens_per_s": 204.8, "start_s": 50.0}]
-    bs.write({"generation": {"model": "m", "dtype": "bfloat16", "prompt_source": "p", "rows": rows,
-                             "vllm_vs_best_transformers_speedup": {"32": 4.0}, "command": "c", "note": "quiet",
-                             "machine": "M"}})
+    run = {"model": "m", "dtype": "bfloat16", "prompt_source": "p", "rows": rows,
+           "vllm_vs_best_transformers_speedup": {"32": 4.0}, "command": "c", "note": "quiet", "machine": "M"}
+    bs.write({"generation": {"runs": [run]}})
     md = (tmp_path / "serving.md").read_text()
-    assert "### Batched generation by length" in md and "x4.00 at 32 tokens" in md and "machine: M" in md
-    assert "| vLLM server bfloat16 | 64 | 32 | 64 | 50.0000 |" in md
+    assert "### Batched generation by length (forced tokens)\n" in md and "x4.00 at 32 tokens" in md
+    assert "machine: M" in md and "| vLLM server bfloat16 | 64 | 32 | 64 | 50.0000 |" in md
+    bs.write({"generation": {"runs": [run, {**run, "vllm_vs_best_transformers_speedup": {"32": 2.5}}]}})
+    md = (tmp_path / "serving.md").read_text()  # repeats (--append) each keep their table and ratio
+    assert "run 1 of 2" in md and "run 2 of 2" in md and "x4.00 at 32 tokens" in md and "x2.50 at 32 tokens" in md
