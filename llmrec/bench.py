@@ -353,6 +353,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
         "plots": pngs,
         **report,
         "zeroshot": json.loads(zs.read_text()).get("table") if zs.is_file() else None,
+        "zeroshot_created": json.loads(zs.read_text()).get("created") if zs.is_file() else None,
     }
     cols = ["method", *RANK_KEYS, *YESNO_KEYS, *(THRESHOLD_KEYS if ex_valid is not None else []), "train_s",
             "rank_s_per_user"]
@@ -377,7 +378,9 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
             )
     if payload["zeroshot"]:
         zcols = list(dict.fromkeys(k for r in payload["zeroshot"] for k in r))
-        md += "\n## Zero-shot (from eval/results/zeroshot.json)\n" + md_table(payload["zeroshot"], zcols)
+        md += (f"\n## Zero-shot (a copy of eval/results/zeroshot.json as created {payload['zeroshot_created']}; "
+               "`python eval/zeroshot.py` may have re-measured it since: zeroshot.md is current)\n"
+               + md_table(payload["zeroshot"], zcols))
     for n in report["notes"]:
         md += f"\n> note: {n}\n"
     path = write_result(name, payload, md, command=command, results_dir=out_dir)

@@ -102,6 +102,9 @@ def bench(tiny_dataset, tiny_home, tmp_path_factory):
         mp.setenv("LLMREC_HOME", str(tiny_home))
         # the zero-shot table is read from the global results folder: point it at an empty one (hermetic)
         mp.setattr("llmrec.bench.RESULTS_DIR", root / "global_results")
+        (root / "global_results").mkdir(exist_ok=True)
+        (root / "global_results" / "zeroshot.json").write_text(json.dumps(
+            {"created": "2026-01-02T03:04:05+00:00", "table": [{"domain": "d", "method": "LLM base", "auc": 0.5}]}))
         path = run_bench(cfg, command="llmrec bench --dataset tiny (test)")
         yield SimpleNamespace(cfg=cfg, path=path, data=json.loads(path.read_text()),
                               md=path.with_suffix(".md").read_text(), results=results, llm_dir=llm_dir,
@@ -125,7 +128,11 @@ def test_report_header_and_methods(bench):
     assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, CHANCE_ROW, *llm_rows]
     assert d["config"]["rank_users"] == RANK_USERS and d["config"]["baseline_overrides"] == FAST
     assert d["notes"] == []  # a tuned adapter was given: no "no tuned adapter" note
-    assert d["zeroshot"] is None  # no eval/results/zeroshot.json in the (patched) global results folder
+    # the zero-shot table is copied as it was when the bench ran, and says from when (it may be re-measured since)
+    assert d["zeroshot"] == [{"domain": "d", "method": "LLM base", "auc": 0.5}]
+    assert d["zeroshot_created"] == "2026-01-02T03:04:05+00:00"
+    assert "a copy of eval/results/zeroshot.json as created 2026-01-02T03:04:05+00:00" in bench.md
+    assert "| d | LLM base | 0.5000 |" in bench.md
 
 
 def test_every_number_is_finite_and_in_range(bench):
