@@ -334,6 +334,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
             "met": sp >= 20.0,
         }
     zs = RESULTS_DIR / "zeroshot.json"
+    zs_data = json.loads(zs.read_text()) if zs.is_file() else {}
     payload = {
         "dataset": ds.name,
         "protocol": {
@@ -352,8 +353,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
         "seconds": time.perf_counter() - t0,
         "plots": pngs,
         **report,
-        "zeroshot": json.loads(zs.read_text()).get("table") if zs.is_file() else None,
-        "zeroshot_created": json.loads(zs.read_text()).get("created") if zs.is_file() else None,
+        "zeroshot": zs_data.get("table"),
+        "zeroshot_created": zs_data.get("created"),
     }
     cols = ["method", *RANK_KEYS, *YESNO_KEYS, *(THRESHOLD_KEYS if ex_valid is not None else []), "train_s",
             "rank_s_per_user"]

@@ -595,7 +595,7 @@ def main() -> int:
     ap.add_argument("part", choices=["engines", "generation", "service", "report"])
     ap.add_argument("--n-score", type=int, default=64)
     ap.add_argument("--n-gen", type=int, default=32)
-    ap.add_argument("--dtype", default="fast", help="engines: both engines in this dtype")
+    ap.add_argument("--dtype", default="fast", help="engines / generation: both engines in this dtype")
     ap.add_argument("--n-lora", type=int, default=16, help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--gen-lengths", default="32,128", help="generation: forced new tokens per prompt, comma list")
