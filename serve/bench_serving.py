@@ -142,7 +142,8 @@ def explain_row(be: Any, prompts: list[str], tokenizer: Any, quotable: list[list
 # ------------------------------------------------------------------------------------------------------ engines
 def hf_forced_generate(be: Any, prompts: list[str], gen_tokens: int, batch: int) -> tuple[int, float]:
     """Greedy generation of exactly `gen_tokens` new tokens per prompt (HF min_new_tokens) in static batches of
-    `batch` prompts (left padding, as the backend pads). Returns (tokens generated, seconds)."""
+    `batch` prompts (left padding, as the backend pads). Returns (tokens generated, seconds); padding after a row
+    that ended early is not counted."""
     import torch
 
     tok = be.tokenizer
@@ -153,7 +154,7 @@ def hf_forced_generate(be: Any, prompts: list[str], gen_tokens: int, batch: int)
             enc = tok(prompts[b:b + batch], return_tensors="pt", padding=True, add_special_tokens=False)
             out = be.model.generate(**enc, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False,
                                     temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-            n_tok += int(out[:, enc["input_ids"].shape[1]:].numel())
+            n_tok += int((out[:, enc["input_ids"].shape[1]:] != tok.pad_token_id).sum())
     return n_tok, time.perf_counter() - t0
 
 

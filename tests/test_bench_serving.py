@@ -104,12 +104,18 @@ def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch):
 
 def test_forced_generation_writes_exactly_n_tokens_per_prompt_in_every_batch(tmp_path):
     # the transformers side of `generation`: ragged last batch, prompts of different lengths, EOS not allowed to stop
+    import torch
     from llm_fixtures import make_tiny_llm
 
     from llmrec.llm import load_backend
 
     be = load_backend("transformers", model=str(make_tiny_llm(tmp_path / "tiny")), dtype="float32")
+    eos = be.tokenizer.eos_token_id
+    # EOS is every step's first choice: only the forcing keeps rows going (counted: padding after EOS is not)
+    be.model.lm_head.register_forward_hook(
+        lambda mod, inp, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 100.0)))
     prompts = ["Answer:", "The user watched Action Story 1. Answer:", "liked movie", "Candidates: A. Drama Story"]
+    assert be.generate(prompts[:1], max_new_tokens=5) == [""]  # unforced, it stops at once
     n_tok, seconds = _bench_serving().hf_forced_generate(be, prompts, 5, batch=3)
     assert n_tok == 5 * len(prompts)
     assert seconds > 0
