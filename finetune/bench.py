@@ -65,14 +65,18 @@ def finetune(task: str, out: Path, overrides: list[str], recipe_path: Path | Non
 # "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the Recommender's default)
 # instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
 # "n1536" (yesno): twice the recipe's 768 training examples, the most that fits the 45-min CPU budget.
+# "estimate" (yesno): the `yesno_estimate` prompt, which adds the "counts only" figure (the two counts combined with
+# no fitting) as one line; the model then corrects a prior instead of learning the arithmetic.
 VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"],
             "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false"],
             "retrieval": ["data.candidates=retrieval"],
-            "n1536": ["data.n_train=1536", "eval_before=false"]}
+            "n1536": ["data.n_train=1536", "eval_before=false"],
+            "estimate": ["data.template=yesno_estimate"]}
 VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)",
                   "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32",
                   "retrieval": "SmolLM2 + QLoRA, retrieved candidates",
-                  "n1536": "SmolLM2 + QLoRA, 1536 training examples"}
+                  "n1536": "SmolLM2 + QLoRA, 1536 training examples",
+                  "estimate": "SmolLM2 + QLoRA, prompt with the counts' estimate (yesno_estimate)"}
 
 
 def cmd_run(a: argparse.Namespace) -> None:

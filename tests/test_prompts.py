@@ -72,7 +72,7 @@ def render_case(name: str, tok=None, **kw):
     t = load_template(name)
     if t.task == "yesno":
         kwargs["target"] = TARGET
-    if "target_stats" in t.placeholders:
+    if t.needs_feedback:
         kwargs["target_stats"] = (148, 90)
     if t.task in ("rank", "next_title"):
         kwargs["candidates"] = fixed_candidates()
@@ -94,14 +94,14 @@ def check_golden(name: str, case: str, r) -> None:
     assert body == path.read_text(), f"render of {name}/{case} differs from {path}"
 
 
-ALL = ["yesno", "yesno_stats", "rank", "next_title", "explain"]
+ALL = ["yesno", "yesno_stats", "yesno_estimate", "rank", "next_title", "explain"]
 
 
 def test_templates_present_and_valid():
     assert set(ALL) <= set(list_templates())
     for n in ALL:
         t = load_template(n)
-        assert t.name == n and t.version >= 1 and t.task == n.removesuffix("_stats")
+        assert t.name == n and t.version >= 1 and t.task == n.split("_")[0].replace("next", "next_title")
     assert load_template("yesno").verbalizer.choices == [" Yes", " No"]
     assert load_template("rank").verbalizer.labels == "ABCDEFGHIJKLMNOPQRST"
 
@@ -376,3 +376,24 @@ def test_yesno_stats_lines():
     assert "The user liked" not in render_case("yesno_stats", history=[]).text
     # plain yesno ignores target_stats (no placeholder)
     assert "Other users" not in render_case("yesno", target_stats=(148, 90)).text
+
+
+def test_yesno_estimate_line_is_the_counts_only_figure():
+    # by hand: target 90 likes of 148 -> (90+1)/(148+2) = 0.6067, logit 0.4333; user 3 liked of 5 known (the
+    # unknown reaction is not counted) -> 4/7 = 0.5714, logit 0.2877; sigmoid(0.7210) = 0.6728 -> 67%
+    from llmrec.data.stats import counts_estimate
+
+    assert counts_estimate(148, 90, 5, 3) == pytest.approx(0.6728, abs=1e-4)
+    r = render_case("yesno_estimate")
+    assert "Estimate from these two counts alone: 67% (likely)." in r.text
+    assert r.text.index("Other users so far") < r.text.index("Estimate from") < r.text.index("Answer Yes or No")
+    assert load_template("yesno_estimate").needs_feedback and not load_template("yesno").needs_feedback
+    # the user's count covers every given item, not only the ones the budget keeps
+    full = render_case("yesno_estimate")
+    assert "67% (likely)" in render_case("yesno_estimate", max_tokens=full.n_tokens - 5).text
+    # no feedback: no estimate line (the user's count alone is not the figure)
+    assert "Estimate from" not in render_case("yesno_estimate", target_stats=None).text
+    # zero earlier ratings: the item side is 1/2 (logit 0), so the figure is the user's smoothed rate alone
+    assert "57% (likely)" in render_case("yesno_estimate", target_stats=(0, 0)).text
+    assert "(very unlikely)" in render_case("yesno_estimate", target_stats=(40, 2)).text
+    assert "(a toss-up)" in render_case("yesno_estimate", target_stats=(100, 42)).text

@@ -85,6 +85,26 @@ def test_finetune_examples_and_recommender_use_the_stats_template(tiny_dataset):
     assert not any("Other users so far" in e.prompt for e in plain["train"] + plain["test"])
 
 
+def test_estimate_prompt_shows_the_counts_only_figure(tiny_dataset):
+    """`yesno_estimate` examples print, for every row, the bench's counts-only P(Yes) of that same row (same cut-off
+    rule, same history), so the "counts only" row of the report is exactly the figure the model was shown."""
+    import re
+
+    from llmrec.data.stats import counts_only_p_yes
+    from llmrec.evaluation import yesno_subset
+    from llmrec.finetune.config import DataSettings
+    from llmrec.finetune.data import build_examples
+    from llmrec.prompts import WhitespaceTokenizer
+
+    cfg = DataSettings(n_train=8, n_valid=4, n_test=6, template="yesno_estimate", max_len=400)
+    ex = build_examples(tiny_dataset, "yesno", cfg, WhitespaceTokenizer())
+    for split, n in (("train", cfg.n_train), ("valid", cfg.n_valid), ("test", cfg.n_test)):
+        rows = yesno_subset(tiny_dataset, split, n, cfg.seed)
+        want = np.round(100 * counts_only_p_yes(tiny_dataset, rows)).astype(int)
+        got = [int(re.search(r"Estimate from these two counts alone: (\d+)%", e.prompt).group(1)) for e in ex[split]]
+        assert got == want.tolist() and len(got) > 0, split
+
+
 def test_adapter_templates(tmp_path):
     from llmrec.ranking import RankingConfig
     from llmrec.ranking.factory import adapter_templates, with_adapter_templates

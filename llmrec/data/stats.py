@@ -83,14 +83,20 @@ def yesno_row_feedback(ds: Any, rows: pd.DataFrame) -> list[ItemFeedback]:
     ]
 
 
+def counts_estimate(item_n: int, item_liked: int, user_known: int, user_liked: int) -> float:
+    """The no-fitting estimate of P(Yes) from the two counts (see `counts_only_p_yes`): sigmoid of the summed logits
+    of the Laplace-smoothed rates (liked_i + 1) / (n_i + 2) and (likes_u + 1) / (k_u + 2)."""
+    r_i = (item_liked + 1.0) / (item_n + 2.0)
+    r_u = (user_liked + 1.0) / (user_known + 2.0)
+    z = float(np.log(r_i / (1 - r_i)) + np.log(r_u / (1 - r_u)))
+    return 1.0 / (1.0 + float(np.exp(-z)))
+
+
 def counts_only_p_yes(ds: Any, rows: pd.DataFrame) -> np.ndarray:
     """A no-model reference for Yes/No rows: the two counts the `yesno_stats` prompt shows, combined with no fitting.
     p = sigmoid(logit((liked_i + 1) / (n_i + 2)) + logit((likes_u + 1) / (k_u + 2))), where liked_i / n_i are other
     users' likes / ratings of the target as of `feature_time` and likes_u / k_u the user's likes / reactions in the
     row's history (Laplace-smoothed rates; their logits add as in naive Bayes). Tells how much of an LLM's AUC the two
-    numbers alone already give."""
+    numbers alone already give; the `yesno_estimate` prompt shows this figure (`{estimate}`)."""
     fb = yesno_row_feedback(ds, rows)
-    r_item = np.array([(f.liked + 1.0) / (f.n + 2.0) for f in fb])
-    r_user = np.array([(float(np.sum(h)) + 1.0) / (len(h) + 2.0) for h in rows["hist_labels"]])
-    z = np.log(r_item / (1 - r_item)) + np.log(r_user / (1 - r_user))
-    return 1.0 / (1.0 + np.exp(-z))
+    return np.array([counts_estimate(f.n, f.liked, len(h), int(np.sum(h))) for f, h in zip(fb, rows["hist_labels"])])

@@ -81,7 +81,7 @@ def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: A
     out = []
     budget = cfg.max_len - ANSWER_RESERVE["yesno"]
     feedback: list[Any] = [None] * len(rows)
-    if "target_stats" in template.placeholders:  # other users' reactions as of the row's split cut-off
+    if template.needs_feedback:  # other users' reactions as of the row's split cut-off
         from llmrec.data.stats import yesno_row_feedback
 
         feedback = yesno_row_feedback(ds, rows)

@@ -147,6 +147,22 @@ def user_stats_text(hist: list[HistoryItem], domains: str) -> str:
     return f"The user liked {sum(known)} of their last {len(known)} rated {domains} ({word})."
 
 
+def estimate_text(feedback: Any, hist: list[HistoryItem]) -> str:
+    """`Estimate from these two counts alone: 72% (likely).` - the no-fitting combination of the target's earlier
+    like rate and the user's (llmrec.data.stats.counts_estimate, the bench's "counts only" row) as one figure, so a
+    small model need not do the arithmetic; empty without the target's feedback."""
+    if feedback is None:
+        return ""
+    from llmrec.data.stats import counts_estimate
+
+    n, liked = (feedback.n, feedback.liked) if hasattr(feedback, "n") else (int(feedback[0]), int(feedback[1]))
+    known = [h.liked for h in hist if h.liked is not None]
+    p = counts_estimate(n, liked, len(known), sum(known))
+    word = ("very likely" if p >= 0.75 else "likely" if p >= 0.55 else "a toss-up" if p >= 0.45
+            else "unlikely" if p >= 0.25 else "very unlikely")
+    return f"Estimate from these two counts alone: {round(100 * p)}% ({word})."
+
+
 def _labels(t: PromptTemplate, n: int) -> list[str]:
     labels = t.verbalizer.labels if t.verbalizer and t.verbalizer.labels else ""
     if n > len(labels):
@@ -184,8 +200,8 @@ def render(
     per 3 characters and `n_tokens` is None.
 
     `target_stats` (an `ItemFeedback` or an (n, liked) pair, computed by the caller from data before the target's
-    time) fills `{target_stats}`; `{user_stats}` counts the likes among all the history items given (the most recent
-    `options.max_history` of them are listed)."""
+    time) fills `{target_stats}` and, with the user's reactions, `{estimate}`; `{user_stats}` counts the likes among
+    all the history items given (the most recent `options.max_history` of them are listed)."""
     t = load_template(template) if isinstance(template, str) else template
     o = t.options
     if t.task == "yesno" and target is None:
@@ -219,6 +235,7 @@ def render(
         "n_candidates": str(len(cands)), "first_label": labels[0] if labels else "",
         "last_label": labels[-1] if labels else "",
         "target_stats": target_stats_text(target_stats, dom),
+        "estimate": estimate_text(target_stats, list(history)) if "estimate" in t.placeholders else "",
     }
 
     def compose(n_keep: int) -> str:
@@ -230,7 +247,8 @@ def render(
                       user_stats=user_stats)
         present = {"candidates": bool(cands), "target": target is not None, "recommended": bool(rec_lines),
                    "history": n_keep > 0, "liked": bool(liked), "disliked": bool(disliked),
-                   "target_stats": bool(fixed["target_stats"]), "user_stats": bool(values["user_stats"])}
+                   "target_stats": bool(fixed["target_stats"]), "user_stats": bool(values["user_stats"]),
+                   "estimate": bool(fixed["estimate"])}
         lines = []
         for line in t.text.splitlines():
             if line.startswith("{?"):

@@ -10,9 +10,11 @@ lines are written) and, where the answer is scored, the `verbalizer`:
 Placeholders (all text is produced by the renderer, quoted and escaped):
 `{domain}` `{domains}` `{Domain}` `{Domains}` (the dataset's noun, singular/plural/capitalised), `{history}` (all
 history lines, oldest first), `{liked}` / `{disliked}` (the history split by the user's reaction), `{target}`,
-`{candidates}` (labelled lines), `{recommended}`, `{n_candidates}`, `{first_label}`, `{last_label}`, `{n_history}`.
-A line starting with `{?name}` is kept only when `name` (candidates, target, recommended, history, liked, disliked)
-is non-empty. Literal braces are written `{{` and `}}`.
+`{candidates}` (labelled lines), `{recommended}`, `{n_candidates}`, `{first_label}`, `{last_label}`, `{n_history}`,
+`{target_stats}` (other users' earlier reactions to the target), `{user_stats}` (the user's like count), `{estimate}`
+(the two counts combined into one figure, no fitting). A line starting with `{?name}` is kept only when `name`
+(candidates, target, recommended, history, liked, disliked, target_stats, user_stats, estimate) is non-empty.
+Literal braces are written `{{` and `}}`.
 
 `template_hash` covers every field that changes a render; `prompts/versions.lock` records (version, hash) per
 template and a test fails when the hash changed but the version did not.
@@ -33,8 +35,10 @@ TASKS = ("yesno", "rank", "next_title", "explain")
 PLACEHOLDERS = {
     "domain", "domains", "Domain", "Domains", "history", "liked", "disliked", "target", "candidates",
     "recommended", "n_candidates", "first_label", "last_label", "n_history", "target_stats", "user_stats",
+    "estimate",
 }
-CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked", "target_stats", "user_stats"}
+CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked", "target_stats", "user_stats",
+              "estimate"}
 
 
 def prompts_dir() -> Path:
@@ -87,6 +91,11 @@ class PromptTemplate:
             body = line[line.index("}") + 1 :] if line.startswith("{?") else line
             out.update(f for _, f, _, _ in string.Formatter().parse(body) if f)
         return out
+
+    @property
+    def needs_feedback(self) -> bool:
+        """Whether a render needs the target's earlier feedback (`target_stats=`): `{target_stats}` or `{estimate}`."""
+        return bool({"target_stats", "estimate"} & self.placeholders)
 
     @property
     def hash(self) -> str:

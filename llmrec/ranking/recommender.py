@@ -435,7 +435,7 @@ class Recommender:
 
     @property
     def yesno_uses_stats(self) -> bool:
-        return "target_stats" in self.templates["yesno"].placeholders
+        return self.templates["yesno"].needs_feedback
 
     def yesno_probs(
         self,
