@@ -58,28 +58,38 @@ def finetune(task: str, out: Path, overrides: list[str], recipe_path: Path | Non
 
 
 # `run --variant NAME`: the same recipe with these overrides, in its own folder (`<run>_NAME`), reported beside the
-# main QLoRA run. "lora": LoRA on the full-precision base (on a CPU 4-bit saves memory, not time, and the nf4 copy of
-# a 135M model starts from a higher loss); the zero-shot pass is skipped (it scores the same full-precision base).
-# "qlora_upcast": QLoRA with PEFT's fp32 upcast of the frozen embeddings and norms (the recipes' default before
-# 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved activation fp32).
-# "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the Recommender's default)
-# instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
+# main QLoRA run. "stats" (yesno): the `yesno_stats` prompt, the recipe's default before 2026-12-05 (the two counts
+# without the combined estimate line of `yesno_estimate`); "lora", "qlora_upcast" and "n1536" were measured with that
+# prompt too, so they name it. "lora": LoRA on the full-precision base (on a CPU 4-bit saves memory, not time, and
+# the nf4 copy of a 135M model starts from a higher loss); the zero-shot pass is skipped (it scores the same
+# full-precision base). "qlora_upcast": QLoRA with PEFT's fp32 upcast of the frozen embeddings and norms (the recipes'
+# default before 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved
+# activation fp32). "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the
+# Recommender's default) instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
 # "n1536" (yesno): twice the recipe's 768 training examples, the most that fits the 45-min CPU budget.
-# "estimate" (yesno): the `yesno_estimate` prompt, which adds the "counts only" figure (the two counts combined with
-# no fitting) as one line; the model then corrects a prior instead of learning the arithmetic.
-VARIANTS = {"lora": ["quant.load_in_4bit=false", "eval_before=false"],
-            "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false"],
+STATS = "data.template=yesno_stats"
+VARIANTS = {"stats": [STATS],
+            "lora": ["quant.load_in_4bit=false", "eval_before=false", STATS],
+            "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false",
+                             STATS],
             "retrieval": ["data.candidates=retrieval"],
-            "n1536": ["data.n_train=1536", "eval_before=false"],
-            "estimate": ["data.template=yesno_estimate"]}
-VARIANT_LABELS = {"lora": "SmolLM2 + LoRA (full-precision base)",
-                  "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32",
+            "n1536": ["data.n_train=1536", "eval_before=false", STATS]}
+VARIANT_TASK = {"retrieval": "rank"}  # the task a variant belongs to (default yesno)
+VARIANT_LABELS = {"stats": "SmolLM2 + QLoRA, yesno_stats prompt (no estimate line)",
+                  "lora": "SmolLM2 + LoRA (full-precision base), yesno_stats prompt",
+                  "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32, yesno_stats prompt",
                   "retrieval": "SmolLM2 + QLoRA, retrieved candidates",
-                  "n1536": "SmolLM2 + QLoRA, 1536 training examples",
-                  "estimate": "SmolLM2 + QLoRA, prompt with the counts' estimate (yesno_estimate)"}
+                  "n1536": "SmolLM2 + QLoRA, 1536 training examples, yesno_stats prompt"}
+
+
+def check_variant(a: argparse.Namespace) -> None:
+    if a.variant and VARIANT_TASK.get(a.variant, "yesno") != a.task:
+        raise SystemExit(f"--variant {a.variant} belongs to --task {VARIANT_TASK.get(a.variant, 'yesno')}, "
+                         f"not {a.task}")
 
 
 def cmd_run(a: argparse.Namespace) -> None:
+    check_variant(a)
     extra = VARIANTS[a.variant] if a.variant else []
     out = run_dir(a.task, a.dataset, f"_{a.variant}" if a.variant else "")
     finetune(a.task, out, [f"dataset={a.dataset}", *extra, *a.overrides])
@@ -87,6 +97,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 def cmd_rescore(a: argparse.Namespace) -> None:
     """Score a finished run (main or `--variant`) again with the current evaluation; training figures kept."""
+    check_variant(a)
     out = run_dir(a.task, a.dataset, f"_{a.variant}" if a.variant else "")
     # output_dir named: a run folder renamed since its run still records the old one
     cmd = [sys.executable, "-m", "llmrec.cli", "finetune", "--config", str(out / "recipe.yaml"), "--eval-only",

@@ -58,10 +58,10 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     for f in ("recipe.yaml", "data_manifest.json", "metrics.json", "adapter/adapter_config.json"):
         assert (out / f).is_file(), f
     man = json.loads((out / "data_manifest.json").read_text())
-    # the CPU recipe trains on the yesno_stats prompt
-    assert man["train"]["n"] == 16 and man["test"]["n"] == 8 and man["template"]["name"] == "yesno_stats"
+    # the CPU recipe trains on the yesno_estimate prompt
+    assert man["train"]["n"] == 16 and man["test"]["n"] == 8 and man["template"]["name"] == "yesno_estimate"
     prompt = json.loads((out / "adapter" / "llmrec_prompt.json").read_text())  # read by adapter_templates()
-    assert prompt == {"task": "yesno", "template": "yesno_stats", "version": man["template"]["version"],
+    assert prompt == {"task": "yesno", "template": "yesno_estimate", "version": man["template"]["version"],
                       "hash": man["template"]["hash"]}
     # the adapter loads with PEFT and through the backend
     base, _ = load_causal_lm(tiny_dir, dtype="float32")
@@ -184,6 +184,6 @@ def test_a_prompt_budget_the_data_cannot_fit_fails_before_the_model_is_loaded(ti
 
     monkeypatch.setattr(loading, "load_causal_lm", no_load)
     out = tmp_path / "run"
-    with pytest.raises(PromptBudgetError, match=r"template 'yesno_stats'.*exceed max_tokens"):
+    with pytest.raises(PromptBudgetError, match=r"template 'yesno_estimate'.*exceed max_tokens"):
         run_finetune(tiny_recipe(tiny_dir, out, extra=["data.max_len=40"]), ds=tiny_dataset)
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()

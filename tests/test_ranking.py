@@ -356,6 +356,15 @@ def test_yesno_stats_template_renders_each_rows_feedback(parts, tiny_dataset):
     rec.score_yesno("u3", ["i0"])  # serving: every interaction known now
     assert target_stats_text(ItemFeedbackStats.from_dataset(tiny_dataset).at("i0"), tiny_dataset.domain) in \
         backend.scored[0]
+    # yesno_estimate: the same feedback, also combined with the row's own history into the estimate line
+    from llmrec.data.stats import counts_estimate
+
+    backend.scored.clear()
+    make_rec(parts, backend, templates={"yesno": "yesno_estimate"}).yesno_examples_probs(ex)
+    for text, fb, labels in zip(backend.scored, yesno_row_feedback(tiny_dataset, ex), ex["hist_labels"]):
+        p = counts_estimate(fb.n, fb.liked, len(labels), int(sum(labels)))
+        assert target_stats_text(fb, tiny_dataset.domain) in text
+        assert f"Estimate from these two counts alone: {round(100 * p)}%" in text
     with pytest.raises(ValueError, match="is a 'rank' template"):
         make_rec(parts, backend, templates={"yesno": "rank"})
     with pytest.raises(ValueError, match="unknown task"):
