@@ -395,7 +395,8 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     from llmrec.data.stats import counts_only_p_yes
 
     out["counts only (no model)"] = {**evaluate_yesno(counts_only_p_yes(ds, ex), ex),
-                                     "how": "the yesno_stats prompt's two counts, no fitting (llmrec.data.stats)"}
+                                     "how": "the yesno_stats prompt's two counts, no fitting (llmrec.data.stats): "
+                                            "the figure yesno_estimate shows"}
     return out
 
 
@@ -486,6 +487,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     rows += [{"model": n, **{k: v.get(k) for k in keys}, "note": v.get("how", v.get("error"))}
              for n, v in baselines.items()]
     variants = {}
+    zero_shot_shown: set[tuple[str, ...]] = set()
     for name, label in VARIANT_LABELS.items():
         vp = run_dir(a.task, a.dataset, f"_{name}") / "metrics.json"
         v = json.loads(vp.read_text()) if vp.is_file() else {}
@@ -494,8 +496,11 @@ def cmd_report(a: argparse.Namespace) -> None:
                                                     "load_in_4bit")}
             # the overrides this run had (a run made before its variant existed may have kept the zero-shot pass)
             over = [o for o in VARIANTS[name] if not (o == "eval_before=false" and v.get("test_before"))]
-            own_sets = any(o.startswith("data.") for o in VARIANTS[name])  # other test examples than main's
-            if v.get("test_before") and own_sets:
+            data_over = tuple(sorted(o for o in VARIANTS[name] if o.startswith("data.")))
+            own_sets = bool(data_over)  # other test examples than main's
+            # one zero-shot row per distinct test set (e.g. every yesno_stats variant shares the `stats` one)
+            if v.get("test_before") and own_sets and data_over not in zero_shot_shown:
+                zero_shot_shown.add(data_over)
                 rows.append({"model": f"{label}: zero-shot", **{k: v["test_before"].get(k) for k in keys},
                              "note": f"same recipe, {' '.join(over)}"})
             rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},

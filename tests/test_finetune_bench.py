@@ -157,3 +157,23 @@ def test_gpu_check_runs_the_gpu_recipe_three_ways(fbench, tiny_dataset, tiny_hom
         assert "ratio_peak_cuda_qlora_over_bf16" not in res and res["rows"][0]["peak_cuda_mb"] is None
     assert "ratio_weights_qlora_bf16all_over_bf16" in res and "qlora_bf16all" in (
         tmp_path / "results" / "finetune_gpu_yesno_tiny_t.md").read_text()
+
+
+def test_variants_belong_to_one_task_and_name_the_prompt_they_ran_with(fbench):
+    import argparse
+
+    ns = argparse.Namespace
+    fbench.check_variant(ns(task="yesno", variant="lora"))
+    fbench.check_variant(ns(task="rank", variant="retrieval"))
+    fbench.check_variant(ns(task="rank", variant=None))
+    with pytest.raises(SystemExit, match="--variant lora belongs to --task yesno, not rank"):
+        fbench.check_variant(ns(task="rank", variant="lora"))
+    with pytest.raises(SystemExit, match="--variant retrieval belongs to --task rank"):
+        fbench.check_variant(ns(task="yesno", variant="retrieval"))
+    # the recipe's prompt changed to yesno_estimate: the variants measured on yesno_stats re-run on it
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "finetune" / "recipes" / "yesno_smollm2_qlora.yaml").read_text())
+    assert recipe["data"]["template"] == "yesno_estimate"
+    for name in ("stats", "lora", "qlora_upcast", "n1536"):
+        assert "data.template=yesno_stats" in fbench.VARIANTS[name], name
