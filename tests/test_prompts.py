@@ -94,14 +94,16 @@ def check_golden(name: str, case: str, r) -> None:
     assert body == path.read_text(), f"render of {name}/{case} differs from {path}"
 
 
-ALL = ["yesno", "yesno_stats", "yesno_estimate", "rank", "next_title", "explain"]
+TASK_OF = {"yesno": "yesno", "yesno_stats": "yesno", "yesno_estimate": "yesno", "rank": "rank",
+           "next_title": "next_title", "explain": "explain"}
+ALL = list(TASK_OF)
 
 
 def test_templates_present_and_valid():
     assert set(ALL) <= set(list_templates())
     for n in ALL:
         t = load_template(n)
-        assert t.name == n and t.version >= 1 and t.task == n.split("_")[0].replace("next", "next_title")
+        assert t.name == n and t.version >= 1 and t.task == TASK_OF[n]
     assert load_template("yesno").verbalizer.choices == [" Yes", " No"]
     assert load_template("rank").verbalizer.labels == "ABCDEFGHIJKLMNOPQRST"
 

@@ -121,13 +121,18 @@ def _details(h: HistoryItem, t: PromptTemplate, now: int | None) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def _feedback_counts(feedback: Any) -> tuple[int, int]:
+    """(n, liked) of an `ItemFeedback` or an (n, liked) pair."""
+    return (feedback.n, feedback.liked) if hasattr(feedback, "n") else (int(feedback[0]), int(feedback[1]))
+
+
 def target_stats_text(feedback: Any, domain: str) -> str:
     """`Other users so far: 61% of 148 ratings were likes (liked by most).` from an object with `n` and `liked`
     (llmrec.data.stats.ItemFeedback) or an (n, liked) pair; empty when there is none. The words after the figure
     (loved by most / liked by most / divisive / disliked by most) say the same thing without arithmetic."""
     if feedback is None:
         return ""
-    n, liked = (feedback.n, feedback.liked) if hasattr(feedback, "n") else (int(feedback[0]), int(feedback[1]))
+    n, liked = _feedback_counts(feedback)
     if n <= 0:
         return f"Other users so far: no ratings of this {domain} yet."
     rate = liked / n
@@ -155,7 +160,7 @@ def estimate_text(feedback: Any, hist: list[HistoryItem]) -> str:
         return ""
     from llmrec.data.stats import counts_estimate
 
-    n, liked = (feedback.n, feedback.liked) if hasattr(feedback, "n") else (int(feedback[0]), int(feedback[1]))
+    n, liked = _feedback_counts(feedback)
     known = [h.liked for h in hist if h.liked is not None]
     p = counts_estimate(n, liked, len(known), sum(known))
     word = ("very likely" if p >= 0.75 else "likely" if p >= 0.55 else "a toss-up" if p >= 0.45
@@ -235,7 +240,7 @@ def render(
         "n_candidates": str(len(cands)), "first_label": labels[0] if labels else "",
         "last_label": labels[-1] if labels else "",
         "target_stats": target_stats_text(target_stats, dom),
-        "estimate": estimate_text(target_stats, list(history)) if "estimate" in t.placeholders else "",
+        "estimate": estimate_text(target_stats, list(history)),  # over every given item, as user_stats
     }
 
     def compose(n_keep: int) -> str:
