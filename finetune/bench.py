@@ -83,9 +83,9 @@ VARIANT_LABELS = {"stats": "SmolLM2 + QLoRA, yesno_stats prompt (no estimate lin
 
 
 def check_variant(a: argparse.Namespace) -> None:
-    if a.variant and VARIANT_TASK.get(a.variant, "yesno") != a.task:
-        raise SystemExit(f"--variant {a.variant} belongs to --task {VARIANT_TASK.get(a.variant, 'yesno')}, "
-                         f"not {a.task}")
+    own = VARIANT_TASK.get(a.variant, "yesno")
+    if a.variant and own != a.task:
+        raise SystemExit(f"--variant {a.variant} belongs to --task {own}, not {a.task}")
 
 
 def cmd_run(a: argparse.Namespace) -> None:
