@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.bench_utils import RESULTS_DIR, md_table, write_result
-from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
+from llmrec.evaluation import evaluate_ranking, evaluate_yesno, ranking_targets, yesno_subset
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,35 @@ def _finetune_default(task: str, dataset: str) -> str | None:
 
 
 def goal_line(key: str, g: dict) -> str:
-    """One markdown bullet for a goal of the bench report."""
+    """One markdown bullet for a goal of the bench report (with its paired-bootstrap interval when there is one)."""
     verdict = "met" if g["met"] else "NOT met"
     if key == "verbalizer_speedup":
         return f"- verbalizer vs generate: {g['ratio']:.1f}x faster per user (goal {g['goal_ratio']:.0f}x): {verdict}"
+    ci = g.get("ci")
+    unc = (f"; {100 * ci['level']:.0f}% paired-bootstrap interval {ci['lo']:.2f}-{ci['hi']:.2f}x over the same "
+           f"{ci['n']} {g.get('rows', 'rows')}, tuned LLM >= {g.get('best_other_name', 'best other')} in "
+           f"{100 * ci['p_ge_1']:.0f}% of resamples" if ci else "")
     return (
-        f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other {g['best_other']:.4f} = {g['ratio']:.2f}x "
-        f"(goal {g['goal_ratio']}x): {verdict}"
+        f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other"
+        f"{' (' + g['best_other_name'] + ')' if g.get('best_other_name') else ''} {g['best_other']:.4f} = "
+        f"{g['ratio']:.2f}x (goal {g['goal_ratio']}x): {verdict}{unc}"
     )
+
+
+def goal_interval(key: str, tuned: str, other: str, ranks: dict, curves: dict, labels: Any,
+                  seed: int = 0) -> dict | None:
+    """The paired-bootstrap interval of the tuned LLM's / the best other method's `key` (ndcg@10 over the same
+    users, auc over the same Yes/No rows; llmrec.metrics.paired_bootstrap_ratio), None without both methods' rows."""
+    from llmrec.metrics import auc, ndcg_at_k, paired_bootstrap_ratio
+
+    if key == "ndcg@10" and tuned in ranks and other in ranks:
+        return paired_bootstrap_ratio(lambda r: ndcg_at_k(r, 10), np.asarray(ranks[tuned]), np.asarray(ranks[other]),
+                                      seed=seed)
+    if key == "auc" and tuned in curves and other in curves:
+        y = np.asarray(labels, dtype=np.float64)
+        return paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, curves[tuned]]),
+                                      np.column_stack([y, curves[other]]), seed=seed)
+    return None
 
 
 def yesno_row(probs: Any, ex: Any, valid_probs: Any = None, ex_valid: Any = None) -> dict[str, float]:
@@ -96,8 +117,11 @@ def yesno_row(probs: Any, ex: Any, valid_probs: Any = None, ex_valid: Any = None
     return row
 
 
-def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, ex_valid: Any = None) -> dict:
-    """Fit and score each baseline; returns the fitted models by name (a `hybrid:<name>` retriever reuses one)."""
+def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, ex_valid: Any = None,
+                  ranks: dict | None = None) -> dict:
+    """Fit and score each baseline; returns the fitted models by name (a `hybrid:<name>` retriever reuses one).
+    `ranks` gets each method's per-user target ranks on the shared user subset, `curves` its Yes/No P(Yes)."""
+    ranks = {} if ranks is None else ranks
     from llmrec.baselines import get_model
 
     fitted = {}
@@ -114,7 +138,9 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
             max_users=cfg.rank_users or None,
             seed=cfg.seed,
             desc=name,
+            return_ranks=True,
         )
+        ranks[name] = sub.pop("ranks")
         rank_s = (time.perf_counter() - t1) / max(1, sub.get("user_subset", {}).get("n", sub["n_users"]))
         full = evaluate_ranking(ds, lambda u, m=model: m.score_items(list(u), "test"), desc=name)
         row: dict[str, Any] = {k: sub[k] for k in RANK_KEYS}
@@ -136,7 +162,7 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
 
 
 def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict,
-            fitted: dict | None = None, ex_valid: Any = None) -> None:
+            fitted: dict | None = None, ex_valid: Any = None, ranks: dict | None = None) -> None:
     from llmrec.llm import load_backend
     from llmrec.metrics import random_order_metrics
     from llmrec.ranking import RankingConfig, Recommender
@@ -148,8 +174,11 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
     retriever = build_retriever(ds, cfg.retriever, cf_model=cf)
     rcfg = RankingConfig(n_candidates=cfg.n_candidates)
     max_users = cfg.rank_users or None
+    ranks = {} if ranks is None else ranks
     t0 = time.perf_counter()
-    m = eval_rank(Recommender(ds, None, retriever, rcfg), ds, max_users, cfg.seed, retrieval_only=True)
+    m = eval_rank(Recommender(ds, None, retriever, rcfg), ds, max_users, cfg.seed, retrieval_only=True,
+                  return_ranks=True)
+    ranks[f"retrieval ({cfg.retriever})"] = m.pop("ranks")
     methods[f"retrieval ({cfg.retriever})"] = {
         **{k: m[k] for k in RANK_KEYS},
         "rank_s_per_user": m["seconds_per_user"],
@@ -181,14 +210,17 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                 if cfg.fusion_grid:
                     sel = select_retrieval_weight(rec, ds, cfg.fusion_grid, max_users, cfg.seed)
                     report.setdefault("fusion", {})[label] = sel
-                r = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer")  # scores every test prompt
+                # scores every test prompt
+                r = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer", return_ranks=True)
+                ranks[label] = r.pop("ranks")
                 row.update({k: r[k] for k in RANK_KEYS})
                 row["rank_s_per_user"] = r["seconds_per_user"]
                 row["rank_adapter"] = adapter
                 if rec.cfg.retrieval_weight != 0.0:  # the LLM's own order, for reference (prompts already scored)
                     w = rec.cfg.retrieval_weight
                     rec.cfg.retrieval_weight = 0.0
-                    r0 = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer")
+                    r0 = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer", return_ranks=True)
+                    ranks[f"{label}, LLM order only"] = r0.pop("ranks")
                     # same prompts, same LLM cost: only the final ordering differs
                     methods[f"{label}, LLM order only"] = {**{k: r0[k] for k in RANK_KEYS},
                                                           "rank_s_per_user": r["seconds_per_user"],
@@ -295,13 +327,14 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
     ex_valid = yesno_subset(ds, "valid", cfg.yesno_valid_examples, cfg.seed) if cfg.yesno_valid_examples else None
     methods: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
+    ranks: dict[str, list[int]] = {}  # per-user target ranks, the same users in the same order for every method
     report: dict[str, Any] = {"notes": []}
     t0 = time.perf_counter()
     fitted: dict[str, Any] = {}
     if cfg.baselines:
-        fitted = run_baselines(ds, cfg, ex, methods, curves, ex_valid)
+        fitted = run_baselines(ds, cfg, ex, methods, curves, ex_valid, ranks)
     if cfg.llm:
-        run_llm(ds, cfg, ex, methods, curves, report, fitted, ex_valid)
+        run_llm(ds, cfg, ex, methods, curves, report, fitted, ex_valid, ranks)
     name = f"bench_{ds.name}"
     out_dir = Path(cfg.results_dir) if cfg.results_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,15 +347,19 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
     tuned = methods.get("llm tuned", {})
     goals = {}
     for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
-        others = [r[key] for n, r in methods.items()
-                  if not n.startswith("llm") and not r.get("expected") and isinstance(r.get(key), float)]
+        others = {n: r[key] for n, r in methods.items()
+                  if not n.startswith("llm") and not r.get("expected") and isinstance(r.get(key), float)}
         if others and isinstance(tuned.get(key), float):
+            other = max(others, key=others.get)
             goals[key] = {
                 "tuned_llm": tuned[key],
-                "best_other": max(others),
-                "ratio": tuned[key] / max(others) if max(others) > 0 else float("inf"),
+                "best_other": others[other],
+                "best_other_name": other,
+                "ratio": tuned[key] / others[other] if others[other] > 0 else float("inf"),
                 "goal_ratio": margin,
-                "met": tuned[key] >= margin * max(others),
+                "met": tuned[key] >= margin * others[other],
+                "rows": "users" if key == "ndcg@10" else "Yes/No test rows",
+                "ci": goal_interval(key, "llm tuned", other, ranks, curves, ex["label"].to_numpy(), cfg.seed),
             }
     if report.get("verbalizer_vs_generate"):
         sp = report["verbalizer_vs_generate"]["speedup"]
@@ -355,6 +392,12 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
         **report,
         "zeroshot": zs_data.get("table"),
         "zeroshot_created": zs_data.get("created"),
+        # per-row results behind the table, for intervals or tests of one's own: each method's target rank per user
+        # (the users in `rank_user_ids`' order) and P(Yes) per Yes/No test row (`yesno_rows`' order)
+        "rank_user_ids": ranking_targets(ds, "test", cfg.rank_users or None, cfg.seed)["user_id"].tolist(),
+        "ranks": ranks,
+        "yesno_rows": ex[["user_id", "item_id", "label"]].to_dict("records"),
+        "yesno_probs": {n: [round(float(p), 6) for p in v] for n, v in curves.items()},
     }
     cols = ["method", *RANK_KEYS, *YESNO_KEYS, *(THRESHOLD_KEYS if ex_valid is not None else []), "train_s",
             "rank_s_per_user"]

@@ -27,6 +27,16 @@ def history_indices(ds: PreparedDataset, user_ids: Sequence[str], split: Literal
     return [np.array([ds.item_index[i] for i in by_user.get(u, [])], dtype=np.int64) for u in user_ids]
 
 
+def ranking_targets(ds: PreparedDataset, split: str = "test", max_users: int | None = None,
+                    seed: int = 0) -> pd.DataFrame:
+    """The leave-one-out targets `evaluate_ranking` scores: all of `split`'s, or a fixed seeded subset of `max_users`
+    users (in the targets' order, the same for every method)."""
+    targets = ds.targets(split)
+    if max_users is not None and max_users < len(targets):
+        targets = targets.sample(n=max_users, random_state=seed).sort_index()
+    return targets
+
+
 def evaluate_ranking(
     ds: PreparedDataset,
     score_fn: ScoreFn,
@@ -37,16 +47,17 @@ def evaluate_ranking(
     max_users: int | None = None,
     seed: int = 0,
     desc: str = "rank",
+    return_ranks: bool = False,
 ) -> dict:
     """Leave-one-out ranking metrics for `score_fn`.
 
     full: every catalogue item is ranked, the user's earlier items are excluded. sampled: the target is ranked
     against the fixed negatives saved with the split (test only); the result carries `"protocol": "sampled"`.
-    `max_users` evaluates a fixed, seeded subset of users (recorded in the result).
+    `max_users` evaluates a fixed, seeded subset of users (recorded in the result). `return_ranks`: the target's rank
+    per user is left in the result too (`ranks`, `users`: the same order for every method at the same seed, so two
+    methods' ranks pair up for a paired bootstrap, llmrec.metrics.paired_bootstrap_ratio).
     """
-    targets = ds.targets(split)
-    if max_users is not None and max_users < len(targets):
-        targets = targets.sample(n=max_users, random_state=seed).sort_index()
+    targets = ranking_targets(ds, split, max_users, seed)
     users = targets["user_id"].tolist()
     t_idx = np.array([ds.item_index[i] for i in targets["item_id"]], dtype=np.int64)
     hist = history_indices(ds, users, split)
@@ -71,6 +82,8 @@ def evaluate_ranking(
     out["split"] = split
     if max_users is not None:
         out["user_subset"] = {"n": len(users), "seed": seed}
+    if return_ranks:
+        out["ranks"], out["users"] = ranks.tolist(), list(users)
     return out
 
 

@@ -10,7 +10,7 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -178,3 +178,39 @@ def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 20)) -> dict[str
         out[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
         out[f"mrr@{k}"] = mrr_at_k(ranks, k)
     return out
+
+
+# --------------------------------------------------------------------------------------------------- uncertainty
+def paired_bootstrap_ratio(
+    metric: Callable[[np.ndarray], float],
+    a: np.ndarray,
+    b: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Paired percentile bootstrap of metric(a) / metric(b), for two methods scored on the same rows (users or
+    examples): row i of `a` and row i of `b` belong to the same user / example.
+
+    Each of `n_boot` replicates draws n row indices with replacement (seeded), the same indices for both methods,
+    and computes r* = metric(a[idx]) / metric(b[idx]); the interval is the ((1 - level) / 2, (1 + level) / 2)
+    quantiles of r* (NaN replicates, e.g. a one-class AUC resample, are dropped). Also returned: the point ratio,
+    `p_ge_1` = the share of replicates with r* >= 1 (how often method a comes out at least as good) and `n`.
+    For a per-user ranking metric pass the ranks (metric = lambda r: ndcg_at_k(r, 10)); for AUC pass
+    np.column_stack([labels, scores]) (metric = lambda m: auc(m[:, 0], m[:, 1])).
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b):
+        raise ValueError(f"paired bootstrap needs the same rows for both methods: {len(a)} vs {len(b)}")
+    if len(a) == 0:
+        raise ValueError("paired bootstrap of zero rows")
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = np.float64(metric(a)) / np.float64(metric(b))
+        reps = np.array([np.float64(metric(a[idx])) / np.float64(metric(b[idx]))
+                         for idx in rng.integers(0, n, size=(n_boot, n))])
+    reps = reps[np.isfinite(reps)]
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if reps.size else (np.nan, np.nan)
+    return {"ratio": float(point), "lo": float(lo), "hi": float(hi), "level": level,
+            "p_ge_1": float(np.mean(reps >= 1.0)) if reps.size else float("nan"), "n": n, "n_boot": int(reps.size)}

@@ -22,7 +22,8 @@ pytest.importorskip("peft")
 from llm_fixtures import make_tiny_llm  # noqa: E402
 
 from llmrec.bench import RANK_KEYS, THRESHOLD_KEYS, YESNO_KEYS, BenchConfig, run_bench  # noqa: E402
-from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset  # noqa: E402
+from llmrec.evaluation import evaluate_ranking, evaluate_yesno, ranking_targets, yesno_subset  # noqa: E402
+from llmrec.metrics import auc, ndcg_at_k, paired_bootstrap_ratio, ranking_metrics  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASELINES = ["pop", "mf", "bpr", "bert_lstm", "sasrec"]
@@ -261,9 +262,23 @@ def test_best_goals_and_verbalizer_sections(bench):
         assert g["best_other"] == max(others)
         assert g["ratio"] == pytest.approx(g["tuned_llm"] / g["best_other"])
         assert g["goal_ratio"] == margin and g["met"] == (g["tuned_llm"] >= margin * g["best_other"])
-        line = (f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other {g['best_other']:.4f} = {g['ratio']:.2f}x "
-                f"(goal {margin}x): {'met' if g['met'] else 'NOT met'}")
+        assert methods[g["best_other_name"]][key] == g["best_other"]
+        line = (f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other ({g['best_other_name']}) "
+                f"{g['best_other']:.4f} = {g['ratio']:.2f}x (goal {margin}x): {'met' if g['met'] else 'NOT met'}")
         assert line in bench.md
+        # the paired bootstrap interval: recomputed here from the per-row results the report keeps
+        ci = g["ci"]
+        if key == "ndcg@10":
+            a, b = np.array(d["ranks"]["llm tuned"]), np.array(d["ranks"][g["best_other_name"]])
+            ref = paired_bootstrap_ratio(lambda r: ndcg_at_k(r, 10), a, b, seed=bench.cfg.seed)
+        else:
+            y = np.array([r["label"] for r in d["yesno_rows"]], dtype=float)
+            a = np.column_stack([y, d["yesno_probs"]["llm tuned"]])
+            b = np.column_stack([y, d["yesno_probs"][g["best_other_name"]]])
+            ref = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), a, b, seed=bench.cfg.seed)
+        assert ci["n"] == len(a) and (ci["lo"], ci["hi"]) == pytest.approx((ref["lo"], ref["hi"]), abs=1e-4)
+        assert ci["ratio"] == pytest.approx(g["ratio"], rel=1e-4) and ci["lo"] <= ci["hi"]
+        assert f"{ci['lo']:.2f}-{ci['hi']:.2f}x over the same {ci['n']}" in bench.md
     v = d["verbalizer_vs_generate"]
     assert v["users"] == min(bench.cfg.generate_users, RANK_USERS)
     assert v["verbalizer_s_per_user"] == methods["llm zero-shot"]["rank_s_per_user"]
@@ -272,6 +287,25 @@ def test_best_goals_and_verbalizer_sections(bench):
     assert isinstance(v["generate_mapping"], dict)
     assert (f"{v['verbalizer_s_per_user']:.2f} s/user vs {v['generate_s_per_user']:.2f} s/user "
             f"({v['speedup']:.1f}x)") in bench.md
+
+
+def test_per_row_results_reproduce_the_table(bench):
+    """The report keeps each method's per-user ranks and per-row P(Yes); they give the table's numbers back."""
+    d, methods = bench.data, bench.data["methods"]
+    users = ranking_targets(bench.ds, "test", RANK_USERS, bench.cfg.seed)["user_id"].tolist()
+    assert d["rank_user_ids"] == users
+    expected = {n for n, r in methods.items() if "ndcg@10" in r and n != CHANCE_ROW}
+    assert set(d["ranks"]) == expected
+    for name, rk in d["ranks"].items():
+        assert len(rk) == RANK_USERS
+        m = ranking_metrics(np.array(rk), ks=(10,))
+        for k in RANK_KEYS:
+            assert methods[name][k] == pytest.approx(m[k], abs=1e-12), (name, k)
+    ex = yesno_subset(bench.ds, "test", YESNO_EXAMPLES, bench.cfg.seed)
+    assert [r["user_id"] for r in d["yesno_rows"]] == ex["user_id"].tolist()
+    assert set(d["yesno_probs"]) == {n for n, r in methods.items() if "auc" in r}
+    for name, p in d["yesno_probs"].items():
+        assert methods[name]["auc"] == pytest.approx(auc(ex["label"].to_numpy(), p), abs=1e-4), name
 
 
 def test_ranking_report(bench):

@@ -102,3 +102,24 @@ def test_random_order_metrics_hand_computed():
     ranks = np.arange(1, 21)
     assert m["ndcg@10"] == pytest.approx(M.ndcg_at_k(ranks, 10))
     assert m["mrr@10"] == pytest.approx(M.mrr_at_k(ranks, 10))
+
+
+def test_paired_bootstrap_ratio_hand_computed():
+    # two rows, metric = mean: a resample is {0,0} (ratio 1/1), {1,1} (3/1) or mixed (2/1) with probability
+    # 1/4, 1/4, 1/2, so the 95% interval is exactly [1, 3] and r* >= 1 always; the point ratio is 2
+    out = M.paired_bootstrap_ratio(np.mean, np.array([1.0, 3.0]), np.array([1.0, 1.0]), n_boot=4000, seed=1)
+    assert out["ratio"] == 2.0 and (out["lo"], out["hi"]) == (1.0, 3.0) and out["p_ge_1"] == 1.0
+    # the pairing matters: the same rows are drawn for both methods, so identical methods give exactly 1
+    r = np.array([1, 2, 30, 4, 5])
+    same = M.paired_bootstrap_ratio(lambda x: M.ndcg_at_k(x, 10), r, r.copy(), n_boot=200)
+    assert (same["lo"], same["hi"]) == (1.0, 1.0)
+    # AUC: a and b stack labels with scores; b = a's scores reversed -> a's AUC 1, b's 0 -> every ratio inf, dropped
+    y = np.array([0, 0, 1, 1])
+    a = np.column_stack([y, [0.1, 0.2, 0.8, 0.9]])
+    b = np.column_stack([y, [0.9, 0.8, 0.2, 0.1]])
+    c = np.column_stack([y, [0.1, 0.8, 0.2, 0.9]])  # AUC 0.75
+    out = M.paired_bootstrap_ratio(lambda m: M.auc(m[:, 0], m[:, 1]), a, c, n_boot=300)
+    assert out["ratio"] == pytest.approx(1 / 0.75) and out["lo"] >= 1.0 and out["p_ge_1"] == 1.0
+    assert M.paired_bootstrap_ratio(lambda m: M.auc(m[:, 0], m[:, 1]), a, b, n_boot=50)["n_boot"] == 0
+    with pytest.raises(ValueError, match="same rows"):
+        M.paired_bootstrap_ratio(np.mean, np.ones(3), np.ones(4))

@@ -130,9 +130,11 @@ def eval_rank(
     mode: str | None = None,
     retrieval_only: bool = False,
     split: str = "test",
+    return_ranks: bool = False,
 ) -> dict:
     """Full-ranking metrics of retrieve + LLM rerank (or the retriever alone) on the leave-one-out `split` (test;
-    valid for choosing settings: histories then stop before the validation target)."""
+    valid for choosing settings: histories then stop before the validation target); `return_ranks` as in
+    llmrec.evaluation.evaluate_ranking."""
     t0 = time.perf_counter()
     if retrieval_only:
         fn = lambda users: rec.retriever.score_items(list(users), split)  # noqa: E731
@@ -147,6 +149,7 @@ def eval_rank(
         seed=seed,
         batch_users=16,
         desc="retrieval" if retrieval_only else f"rerank:{mode or rec.cfg.mode}",
+        return_ranks=return_ranks,
     )
     n = out.get("user_subset", {}).get("n", out["n_users"])
     out["seconds_per_user"] = (time.perf_counter() - t0) / max(1, n)
