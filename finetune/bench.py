@@ -364,10 +364,13 @@ FEW_SHOT_KW = {"mf": {}, "bert_lstm": {"tasks": ["yesno"]}}  # baselines refitte
 
 
 def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int,
-                   few_shot: tuple[int, int] | None = None) -> dict[str, Any]:
+                   few_shot: tuple[int, int] | None = None, probs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each baseline's test metrics on the recipe's test subset (its checkpoint, else fitted with defaults on every
     training row), the counts-only reference, and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW
-    refitted on exactly the LLM's n_train training rows, early-stopped on its n_valid validation rows (same seed)."""
+    refitted on exactly the LLM's n_train training rows, early-stopped on its n_valid validation rows (same seed).
+    `probs`, when given, gets each method's P(Yes) per test row as a DataFrame (user_id, item_id, label, p_yes)."""
+    import pandas as pd
+
     from llmrec.baselines import get_model, load_or_fit
     from llmrec.data import load_prepared
     from llmrec.evaluation import evaluate_yesno, yesno_subset
@@ -375,11 +378,19 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     ds = load_prepared(dataset)
     ex = yesno_subset(ds, "test", n_test, seed)
     out: dict[str, Any] = {}
+    probs = {} if probs is None else probs
+
+    def keep(name: str, p: Any) -> Any:
+        probs[name] = pd.DataFrame({"user_id": ex["user_id"].astype(str).to_numpy(),
+                                    "item_id": ex["item_id"].astype(str).to_numpy(),
+                                    "label": ex["label"].to_numpy(), "p_yes": np.asarray(p, dtype=float)})
+        return p
+
     for name in names:
         t0 = time.time()
         try:
             model, how = load_or_fit(name, ds)
-            out[name] = {**evaluate_yesno(model.predict_proba(ex), ex), "how": how,
+            out[name] = {**evaluate_yesno(keep(name, model.predict_proba(ex)), ex), "how": how,
                          "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -389,14 +400,39 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
         model = get_model(name, max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, **FEW_SHOT_KW[name])
         model.fit(ds)
         out[f"{name}, same {n_tr} training rows"] = {
-            **evaluate_yesno(model.predict_proba(ex), ex), "seconds": round(time.time() - t0, 1),
+            **evaluate_yesno(keep(f"{name}, same {n_tr} training rows", model.predict_proba(ex)), ex),
+            "seconds": round(time.time() - t0, 1),
             "how": f"fitted on the LLM's {n_tr} training rows, early stopping on its {n_va} validation rows",
         }
     from llmrec.data.stats import counts_only_p_yes
 
-    out["counts only (no model)"] = {**evaluate_yesno(counts_only_p_yes(ds, ex), ex),
+    out["counts only (no model)"] = {**evaluate_yesno(keep("counts only (no model)", counts_only_p_yes(ds, ex)), ex),
                                      "how": "the yesno_stats prompt's two counts, no fitting (llmrec.data.stats): "
                                             "the figure yesno_estimate shows"}
+    return out
+
+
+def paired_auc_intervals(run: Path, others: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    """The tuned LLM's test AUC over each other method's on the same rows: a paired bootstrap of the ratio
+    (llmrec.metrics.paired_bootstrap_ratio) from the run's `scores/test_after.csv` and the others' P(Yes), rows
+    matched on (user_id, item_id). [] for a run from before the scores were kept (rescore it)."""
+    import pandas as pd
+
+    from llmrec.metrics import auc, paired_bootstrap_ratio
+
+    path = run / "scores" / "test_after.csv"
+    if not path.is_file():
+        return []
+    llm = pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+    out = []
+    for name, o in others.items():
+        j = llm.merge(o, on=["user_id", "item_id"], suffixes=("", "_other"), validate="one_to_one")
+        if len(j) != len(llm) or not (j["label"] == j["label_other"]).all():
+            raise ValueError(f"{path}: its test rows are not {name}'s ({len(j)} of {len(llm)} matched)")
+        y = j["label"].to_numpy(dtype=float)
+        ci = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, j["p_yes"]]),
+                                    np.column_stack([y, j["p_yes_other"]]), seed=seed)
+        out.append({"vs": name, **ci})
     return out
 
 
@@ -462,8 +498,9 @@ def cmd_report(a: argparse.Namespace) -> None:
     seed = manifest["seed"]
     few = (manifest["train"]["n"], manifest["valid"]["n"]) if a.few_shot else None
     names = [n for n in (DEFAULT_BASELINES[a.task] if a.baselines is None else a.baselines).split(",") if n]
+    base_probs: dict[str, Any] = {}
     if a.task == "yesno":
-        baselines = baseline_yesno(names, a.dataset, n_test, seed, few) if names else {}
+        baselines = baseline_yesno(names, a.dataset, n_test, seed, few, base_probs) if names else {}
     else:  # the same candidate sets as the LLM's test prompts
         baselines = baseline_rank(names, run_dir(a.task, a.dataset))
     payload = {
@@ -474,6 +511,7 @@ def cmd_report(a: argparse.Namespace) -> None:
         "test_after": main.get("test_after"), "valid_after": main.get("valid_after"), "memory": mem,
         "baselines_same_subset": baselines, "wall_s": main["wall_s"], "recipe": recipe_used,
         "data_manifest": manifest, "note": a.note,
+        "auc_intervals": paired_auc_intervals(run_dir(a.task, a.dataset), base_probs, seed) if base_probs else [],
     }
     keys = ["auc", "accuracy", "f1"] if a.task == "yesno" else ["ndcg@10", "hr@10", "mrr@10"]
     on_deq = "dequantized" in main.get("eval_base", "")  # QLoRA scored on its own base (since 2026-12-05)
@@ -538,8 +576,17 @@ def cmd_report(a: argparse.Namespace) -> None:
                                                   f"{main['rescored']['commit']}; training figures from the run)"
                                                   if main.get("rescored") else "") + "\n\n"
            if main.get("eval_base") else "")
+    intervals = ""
+    if payload["auc_intervals"]:
+        iv = payload["auc_intervals"][0]
+        intervals = (f"\nSmolLM2 + QLoRA's test AUC / each other method's on the same {iv['n']} rows, with a "
+                     f"{100 * iv['level']:.0f}% paired-bootstrap interval ({iv['n_boot']} resamples; "
+                     "llmrec.metrics.paired_bootstrap_ratio):\n\n"
+                     + md_table([{"vs": r["vs"], "auc ratio": r["ratio"], "low": r["lo"], "high": r["hi"],
+                                  "resamples with LLM >= it": r["p_ge_1"]} for r in payload["auc_intervals"]],
+                                ["vs", "auc ratio", "low", "high", "resamples with LLM >= it"]))
     table = (f"Status: {status}\n\nTest subset: {n_test} examples, seed {seed}{cands}\n\n{how}"
-             + md_table(rows, ["model", *keys, "note"]) + "\n"
+             + md_table(rows, ["model", *keys, "note"]) + intervals + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",
                                "peak RSS MB", "above start MB"])
              + "".join(f"\n{k} / {mem_denominator(k)} LoRA peak RSS: {mem[ratio_key('peak_rss', k)]} (whole "

@@ -177,3 +177,30 @@ def test_variants_belong_to_one_task_and_name_the_prompt_they_ran_with(fbench):
     assert recipe["data"]["template"] == "yesno_estimate"
     for name in ("stats", "lora", "qlora_upcast", "n1536"):
         assert "data.template=yesno_stats" in fbench.VARIANTS[name], name
+
+
+def test_auc_intervals_pair_the_run_s_scores_with_each_method_s_by_row(fbench, tmp_path):
+    """The LLM's saved per-row P(Yes) are matched to another method's on (user_id, item_id), whatever the order."""
+    import numpy as np
+    import pandas as pd
+
+    from llmrec.metrics import auc, paired_bootstrap_ratio
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y = rng.integers(0, 2, n)
+    llm = pd.DataFrame({"user_id": [str(i) for i in range(n)], "item_id": ["i7"] * n, "label": y,
+                        "p_yes": np.clip(0.5 * y + rng.random(n) * 0.7, 0, 1)})
+    (tmp_path / "scores").mkdir()
+    llm.to_csv(tmp_path / "scores" / "test_after.csv", index=False)
+    other = llm.assign(p_yes=rng.random(n)).iloc[::-1].reset_index(drop=True)  # other order, other scores
+    (iv,) = fbench.paired_auc_intervals(tmp_path, {"mf": other}, seed=3)
+    assert iv["vs"] == "mf" and iv["n"] == n
+    o = other.iloc[::-1]
+    assert iv["ratio"] == pytest.approx(auc(y, llm["p_yes"]) / auc(y, o["p_yes"]))
+    ref = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, llm["p_yes"]]),
+                                 np.column_stack([y, o["p_yes"]]), seed=3)
+    assert (iv["lo"], iv["hi"]) == (ref["lo"], ref["hi"])
+    with pytest.raises(ValueError, match="not mf's"):  # another test subset: refused, not silently mismatched
+        fbench.paired_auc_intervals(tmp_path, {"mf": other.iloc[:50]})
+    assert fbench.paired_auc_intervals(tmp_path / "nothing", {"mf": other}) == []

@@ -84,6 +84,19 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     on_orig: dict = {}
     evaluate_examples(TransformersBackend.from_model(orig, be._tok), "yesno", test, scores=on_orig)
     assert not np.allclose(got["p_yes"], on_orig["p_yes"], atol=1e-3)
+    # each pass's per-example P(Yes) is kept beside the metrics: the file's rows give the reported AUC back
+    import pandas as pd
+
+    from llmrec.metrics import auc
+
+    for name, n in (("test_before", 8), ("test_after", 8), ("valid_after", 8)):
+        sc = pd.read_csv(out / "scores" / f"{name}.csv", dtype={"user_id": str, "item_id": str})
+        assert len(sc) == n and list(sc.columns) == ["user_id", "item_id", "label", "p_yes"]
+        assert sc["p_yes"].between(0, 1).all()
+        assert auc(sc["label"], sc["p_yes"]) == pytest.approx(m1[name]["auc"], abs=1e-9, nan_ok=True), name
+    sc = pd.read_csv(out / "scores" / "test_after.csv", dtype={"user_id": str, "item_id": str})
+    assert sc["user_id"].tolist() == [e.user_id for e in test] and sc["label"].tolist() == [e.label for e in test]
+    np.testing.assert_allclose(sc["p_yes"], got["p_yes"], atol=1e-6)
     # `--eval-only` scores the finished run again: the same figures, the training ones kept; the base record of a run
     # from before it existed is added
     from llmrec.finetune.trainer import rescore_run

@@ -173,17 +173,38 @@ class Evaluator:
         return evaluate_examples(be, self.cfg.task, examples, scores=self.last_scores)
 
 
+SCORES_DIR = "scores"  # <output_dir>/scores/<pass>.csv: yesno P(Yes) per example (user_id, item_id, label, p_yes)
+
+
+def save_scores(out_dir: Path | None, name: str, examples: list[Example], scores: dict[str, Any]) -> Path | None:
+    """Write one evaluation pass's per-example P(Yes) to `<out_dir>/scores/<name>.csv` (yesno; other tasks leave no
+    scores), so a comparison with another method on the same examples (a paired bootstrap, a ROC plot) needs no
+    re-scoring. Only the main process writes."""
+    if out_dir is None or "p_yes" not in scores or not is_main_process():
+        return None
+    import pandas as pd
+
+    path = Path(out_dir) / SCORES_DIR / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user_id": [e.user_id for e in examples], "item_id": [e.item_id for e in examples],
+                  "label": scores["labels"], "p_yes": scores["p_yes"]}).to_csv(path, index=False)
+    return path
+
+
 def final_evaluation(evaluator: Evaluator, model: Any, examples: dict[str, list[Example]], test: bool = True,
-                     progress: bool = False) -> dict[str, Any]:
+                     progress: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
     """`valid_after` and (with `test`) `test_after` of the tuned `model`; yesno: the test split's accuracy/F1 at the
-    threshold chosen on the validation split too (`test_after.at_valid_threshold`)."""
+    threshold chosen on the validation split too (`test_after.at_valid_threshold`), and with `out_dir` the per-example
+    scores of both passes (`save_scores`)."""
     out: dict[str, Any] = {}
     valid_scores: dict[str, Any] = {}
     if examples["valid"]:
         out["valid_after"] = evaluator(model, examples["valid"])
         valid_scores = evaluator.last_scores
+        save_scores(out_dir, "valid_after", examples["valid"], valid_scores)
     if test and examples["test"]:
         out["test_after"] = evaluator(model, examples["test"], progress=progress)
+        save_scores(out_dir, "test_after", examples["test"], evaluator.last_scores)
         if valid_scores and evaluator.last_scores:  # yesno: accuracy/F1 at the threshold chosen on valid
             out["test_after"]["at_valid_threshold"] = threshold_metrics(valid_scores, evaluator.last_scores)
         log.info("test after: %s", out["test_after"])
@@ -215,8 +236,9 @@ def rescore_run(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -
     model = evaluator._eval_model()  # LoRA B = 0: the base itself, for the zero-shot pass
     if cfg.eval_before and examples["test"]:
         metrics["test_before"] = evaluator(model, examples["test"], progress=cfg.train.progress)
+        save_scores(out_dir, "test_before", examples["test"], evaluator.last_scores)
     load_adapter_weights(model, adapter)
-    metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, cfg.train.progress))
+    metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, cfg.train.progress, out_dir))
     if cfg.quant.load_in_4bit and not (adapter / BASE_FILE).exists():
         write_adapter_base(adapter, cfg.quant)
     metrics["eval_base"] = evaluator.base
@@ -296,6 +318,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     if cfg.eval_before and examples["test"]:
         log.info("zero-shot evaluation on %d test examples", len(examples["test"]))
         metrics["test_before"] = evaluator(model, examples["test"], progress=tc.progress)
+        save_scores(out_dir, "test_before", examples["test"], evaluator.last_scores)
         log.info("test before: %s", metrics["test_before"])
         if is_main_process():  # partial metrics, overwritten at the end (status "done")
             (out_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "running"}, indent=2) + "\n")
@@ -435,7 +458,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         # GPU: peak allocated CUDA memory of the whole run and of trainer.train() alone
         **{k: mem[k] for k in ("peak_cuda_mb", "peak_cuda_train_mb") if k in mem},
     }
-    metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, tc.progress))
+    metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, tc.progress, out_dir))
     if is_main_process():
         adapter_dir = out_dir / "adapter"
         trainer.model.save_pretrained(str(adapter_dir))
