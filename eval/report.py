@@ -47,8 +47,13 @@ def section() -> str:
                 parts.append(f"- goal verbalizer vs generate: verbalizer {v['ratio']:.2f}x faster per user "
                              f"(goal {v['goal_ratio']}x) — **{met}**\n")
             else:
-                parts.append(f"- goal {g}: tuned LLM {v['tuned_llm']:.4f} vs best other {v['best_other']:.4f} "
-                             f"({v['ratio']:.2f}x, goal {v['goal_ratio']}x) — **{met}**\n")
+                ci = v.get("ci")  # paired bootstrap over the same users / rows (runs since 2026-12-05)
+                unc = (f"; {100 * ci['level']:.0f}% interval {ci['lo']:.2f}-{ci['hi']:.2f}x (paired bootstrap, "
+                       f"{ci['n']} {v.get('rows', 'rows')}; tuned LLM ahead in {100 * ci['p_ge_1']:.0f}% of "
+                       "resamples)" if ci else "")
+                other = f" ({v['best_other_name']})" if v.get("best_other_name") else ""
+                parts.append(f"- goal {g}: tuned LLM {v['tuned_llm']:.4f} vs best other{other} {v['best_other']:.4f} "
+                             f"({v['ratio']:.2f}x, goal {v['goal_ratio']}x{unc}) — **{met}**\n")
         for png in d.get("plots", []):
             parts.append(f"\n![{png}](eval/results/{png})\n")
         parts.append("\n" + _src(d, p.stem))
