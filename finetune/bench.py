@@ -66,20 +66,23 @@ def finetune(task: str, out: Path, overrides: list[str], recipe_path: Path | Non
 # default before 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved
 # activation fp32). "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the
 # Recommender's default) instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
-# "n1536" (yesno): twice the recipe's 768 training examples, the most that fits the 45-min CPU budget.
+# "n1536" (yesno): twice the recipe's 768 training examples, the most that fits the 45-min CPU budget, on yesno_stats;
+# "n1536_estimate": the same on the recipe's own prompt.
 STATS = "data.template=yesno_stats"
 VARIANTS = {"stats": [STATS],
             "lora": ["quant.load_in_4bit=false", "eval_before=false", STATS],
             "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false",
                              STATS],
             "retrieval": ["data.candidates=retrieval"],
-            "n1536": ["data.n_train=1536", "eval_before=false", STATS]}
+            "n1536": ["data.n_train=1536", "eval_before=false", STATS],
+            "n1536_estimate": ["data.n_train=1536", "eval_before=false"]}
 VARIANT_TASK = {"retrieval": "rank"}  # the task a variant belongs to (default yesno)
 VARIANT_LABELS = {"stats": "SmolLM2 + QLoRA, yesno_stats prompt (no estimate line)",
                   "lora": "SmolLM2 + LoRA (full-precision base), yesno_stats prompt",
                   "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32, yesno_stats prompt",
                   "retrieval": "SmolLM2 + QLoRA, retrieved candidates",
-                  "n1536": "SmolLM2 + QLoRA, 1536 training examples, yesno_stats prompt"}
+                  "n1536": "SmolLM2 + QLoRA, 1536 training examples, yesno_stats prompt",
+                  "n1536_estimate": "SmolLM2 + QLoRA, 1536 training examples"}
 
 
 def check_variant(a: argparse.Namespace) -> None:
