@@ -121,9 +121,9 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
                   ranks: dict | None = None) -> dict:
     """Fit and score each baseline; returns the fitted models by name (a `hybrid:<name>` retriever reuses one).
     `ranks` gets each method's per-user target ranks on the shared user subset, `curves` its Yes/No P(Yes)."""
-    ranks = {} if ranks is None else ranks
     from llmrec.baselines import get_model
 
+    ranks = {} if ranks is None else ranks
     fitted = {}
     for name in cfg.baselines:
         t0 = time.perf_counter()
