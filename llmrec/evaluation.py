@@ -54,8 +54,8 @@ def evaluate_ranking(
     full: every catalogue item is ranked, the user's earlier items are excluded. sampled: the target is ranked
     against the fixed negatives saved with the split (test only); the result carries `"protocol": "sampled"`.
     `max_users` evaluates a fixed, seeded subset of users (recorded in the result). `return_ranks`: the target's rank
-    per user is left in the result too (`ranks`, `users`: the same order for every method at the same seed, so two
-    methods' ranks pair up for a paired bootstrap, llmrec.metrics.paired_bootstrap_ratio).
+    per user is left in the result too (`ranks`, in `ranking_targets`' user order, the same for every method at the
+    same seed, so two methods' ranks pair up for a paired bootstrap, llmrec.metrics.paired_bootstrap_ratio).
     """
     targets = ranking_targets(ds, split, max_users, seed)
     users = targets["user_id"].tolist()
@@ -83,7 +83,7 @@ def evaluate_ranking(
     if max_users is not None:
         out["user_subset"] = {"n": len(users), "seed": seed}
     if return_ranks:
-        out["ranks"], out["users"] = ranks.tolist(), list(users)
+        out["ranks"] = ranks.tolist()
     return out
 
 
