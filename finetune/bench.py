@@ -75,14 +75,16 @@ VARIANTS = {"stats": [STATS],
                              STATS],
             "retrieval": ["data.candidates=retrieval"],
             "n1536": ["data.n_train=1536", "eval_before=false", STATS],
-            "n1536_estimate": ["data.n_train=1536", "eval_before=false"]}
+            "n1536_estimate": ["data.n_train=1536", "eval_before=false"],
+            "lr1e3": ["train.lr=0.001", "eval_before=false"]}
 VARIANT_TASK = {"retrieval": "rank"}  # the task a variant belongs to (default yesno)
 VARIANT_LABELS = {"stats": "SmolLM2 + QLoRA, yesno_stats prompt (no estimate line)",
                   "lora": "SmolLM2 + LoRA (full-precision base), yesno_stats prompt",
                   "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32, yesno_stats prompt",
                   "retrieval": "SmolLM2 + QLoRA, retrieved candidates",
                   "n1536": "SmolLM2 + QLoRA, 1536 training examples, yesno_stats prompt",
-                  "n1536_estimate": "SmolLM2 + QLoRA, 1536 training examples"}
+                  "n1536_estimate": "SmolLM2 + QLoRA, 1536 training examples",
+                  "lr1e3": "SmolLM2 + QLoRA, learning rate 1e-3 (recipe: 5e-4)"}
 
 
 def check_variant(a: argparse.Namespace) -> None:

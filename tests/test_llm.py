@@ -372,3 +372,32 @@ def test_bitsandbytes_hub_kernel_hint_is_replaced_by_one_accurate_line(caplog, m
     assert not any("pip install kernels" in t for t in texts)
     assert sum("built-in kernels" in t for t in texts) == 1
     assert "some other bitsandbytes warning" in texts
+
+
+def test_choice_logits_in_float32_from_the_head_input(tiny_dir):
+    """In bf16, choice logits come from a float32 product of the final hidden state and the head's rows (finer than
+    the model's bf16 logits, which tie), and stay within bf16 rounding of the model's own logits."""
+    be = load_backend("transformers", model=tiny_dir, dtype="bfloat16", batch_size=2)
+    ids = torch.tensor([[be.first_token_id(" Yes"), be.first_token_id(" No")]] * len(PROMPTS))
+    got = be.choice_logits(PROMPTS, ids)
+    coarse = torch.gather(be.next_token_logits(PROMPTS), 1, ids)
+    for i, p in enumerate(PROMPTS):
+        enc = be.tokenizer(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            h = be.model.model(**enc).last_hidden_state[0, -1].float()
+            ref = be.model.lm_head.weight[ids[i]].float() @ h
+        np.testing.assert_allclose(got[i].numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), coarse.numpy(), rtol=0.02, atol=0.05)
+    # the model's own logits are bf16 values; the float32 ones in general are not
+    assert torch.equal(coarse, coarse.bfloat16().float())
+    assert not torch.equal(got, got.bfloat16().float())
+    lp = be.score_choices(PROMPTS, [" Yes", " No"])
+    np.testing.assert_allclose(lp, torch.log_softmax(got, -1).numpy(), atol=1e-6)
+
+
+def test_choice_logits_fall_back_to_the_models_own_under_a_logit_transform(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="bfloat16", batch_size=2)
+    be.model.config.final_logit_softcapping = 30.0  # a transform the float32 head would not apply
+    ids = torch.tensor([[be.first_token_id(" Yes"), be.first_token_id(" No")]] * len(PROMPTS))
+    got = be.choice_logits(PROMPTS, ids)
+    assert torch.equal(got, torch.gather(be.next_token_logits(PROMPTS), 1, ids))

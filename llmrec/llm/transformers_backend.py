@@ -210,13 +210,42 @@ class TransformersBackend(Backend):
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def next_token_logits(self, prompts: list[str]) -> Any:
-        """[n, vocab] float32 logits at the next position for each prompt (torch tensor on CPU)."""
+        """[n, vocab] float32 logits at the next position for each prompt (torch tensor on CPU), as the model
+        computes them (in its dtype, then widened)."""
+        return self._next_position(prompts, None)
+
+    def choice_logits(self, prompts: list[str], ids: Any) -> Any:
+        """[n, k] float32 logits of token ids `ids` ([n, k] long tensor) at the next position of each prompt,
+        computed in float32 from the LM head's input (the final hidden state) and the head's rows for those ids.
+
+        In bf16 the model's own logits are rounded to 8 significant bits: at the magnitudes of a 135M model's
+        logits (10-30) two answers' logits differ in steps of 0.06-0.125, so P(Yes) over 1,000 test rows took only
+        24 distinct values and most rows tied. The float32 dot product keeps what the hidden state tells apart.
+        Used when the head is a plain `nn.Linear` and the model applies no logit transform (softcapping, scaling);
+        each batch is also checked against the model's own logits, and a batch outside bf16 rounding of them uses
+        those instead (logged once)."""
+        return self._next_position(prompts, ids)
+
+    def _plain_head(self) -> Any:
         import torch
 
-        out = torch.empty((len(prompts), 0))
+        head = self.model.get_output_embeddings()
+        cfg = getattr(self.model, "config", None)
+        transformed = any(getattr(cfg, k, None) not in (None, 1, 1.0)
+                          for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+        return head if type(head) is torch.nn.Linear and not transformed else None
+
+    def _next_position(self, prompts: list[str], ids: Any | None) -> Any:
+        import torch
+
+        k = 0 if ids is None else int(ids.shape[1])
+        out = torch.empty((len(prompts), k))
         rows: dict[int, Any] = {}
         was_training = self.model.training
         self.model.eval()
+        head = self._plain_head() if ids is not None else None
+        seen: list[Any] = []
+        hook = head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0])) if head is not None else None
         try:
             with self._lock, self._forward_context(), torch.inference_mode():
                 batches = self._batches(prompts)
@@ -224,10 +253,32 @@ class TransformersBackend(Backend):
                     enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
                                     add_special_tokens=False).to(self.device)
                     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                    logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float().cpu()
+                    seen.clear()
+                    logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
+                    if ids is not None:
+                        sel = ids[b].to(logits.device)
+                        model_sel = torch.gather(logits, 1, sel)
+                        logits = model_sel
+                        if head is not None and len(seen) == 1:
+                            h = seen[0][:, -1, :].float()  # [B, H]
+                            w = head.weight[sel].float()  # [B, k, H]
+                            fine = torch.einsum("bh,bkh->bk", h, w)
+                            if head.bias is not None:
+                                fine = fine + head.bias[sel].float()
+                            # bf16 rounding of the model's logits is < 2^-8 relative; allow a margin for the
+                            # rounding of the matmul's inputs
+                            if bool(((fine - model_sel).abs() <= 0.02 * model_sel.abs() + 0.05).all()):
+                                logits = fine
+                            elif not getattr(self, "_warned_head", False):
+                                self._warned_head = True
+                                log.warning("choice logits: the float32 head disagrees with the model's logits "
+                                            "(a logit transform?); using the model's own logits")
+                    logits = logits.cpu()
                     for j, i in enumerate(b):
                         rows[i] = logits[j]
         finally:
+            if hook is not None:
+                hook.remove()
             if was_training:
                 self.model.train()
         if rows:
@@ -241,8 +292,7 @@ class TransformersBackend(Backend):
             return np.zeros((0, 0))
         per = normalize_choices(prompts, choices)
         ids = torch.tensor([[self.first_token_id(c) for c in cs] for cs in per], dtype=torch.long)
-        logits = self.next_token_logits(prompts)
-        sel = torch.gather(logits, 1, ids)
+        sel = self.choice_logits(prompts, ids)
         return torch.log_softmax(sel, dim=-1).numpy().astype(np.float64)
 
     def _generate_tokens(self, prompts: list[str], max_new_tokens: int, desc: str,
