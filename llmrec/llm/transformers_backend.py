@@ -243,47 +243,54 @@ class TransformersBackend(Backend):
         rows: dict[int, Any] = {}
         was_training = self.model.training
         self.model.eval()
-        head = self._plain_head() if ids is not None else None
         seen: list[Any] = []
-        hook = head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0])) if head is not None else None
         try:
             with self._lock, self._forward_context(), torch.inference_mode():
-                batches = self._batches(prompts)
-                for b in tqdm(batches, desc="score", leave=False, disable=not self.progress):
-                    enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
-                                    add_special_tokens=False).to(self.device)
-                    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                    seen.clear()
-                    logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
-                    if ids is not None:
-                        sel = ids[b].to(logits.device)
-                        model_sel = torch.gather(logits, 1, sel)
-                        logits = model_sel
-                        if head is not None and len(seen) == 1:
-                            h = seen[0][:, -1, :].float()  # [B, H]
-                            w = head.weight[sel].float()  # [B, k, H]
-                            fine = torch.einsum("bh,bkh->bk", h, w)
-                            if head.bias is not None:
-                                fine = fine + head.bias[sel].float()
-                            # bf16 rounding of the model's logits is < 2^-8 relative; allow a margin for the
-                            # rounding of the matmul's inputs
-                            if bool(((fine - model_sel).abs() <= 0.02 * model_sel.abs() + 0.05).all()):
-                                logits = fine
-                            elif not getattr(self, "_warned_head", False):
-                                self._warned_head = True
-                                log.warning("choice logits: the float32 head disagrees with the model's logits "
-                                            "(a logit transform?); using the model's own logits")
-                    logits = logits.cpu()
-                    for j, i in enumerate(b):
-                        rows[i] = logits[j]
+                # hooked under the lock: views share the model, and each call's hook sees its own forwards only
+                head = self._plain_head() if ids is not None else None
+                hook = None if head is None else head.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+                try:
+                    for b in tqdm(self._batches(prompts), desc="score", leave=False, disable=not self.progress):
+                        enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                        add_special_tokens=False).to(self.device)
+                        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                        seen.clear()
+                        logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
+                        if ids is not None:
+                            logits = self._choice_rows(logits, ids[b], head, seen)
+                        logits = logits.cpu()
+                        for j, i in enumerate(b):
+                            rows[i] = logits[j]
+                finally:
+                    if hook is not None:
+                        hook.remove()
         finally:
-            if hook is not None:
-                hook.remove()
             if was_training:
                 self.model.train()
         if rows:
             out = torch.stack([rows[i] for i in range(len(prompts))])
         return out
+
+    def _choice_rows(self, logits: Any, ids: Any, head: Any, seen: list[Any]) -> Any:
+        """[B, k]: the float32 head's logits for `ids` when the hook caught the head's input once and they agree
+        with the model's own `logits` ([B, vocab]) within bf16 rounding; else the model's."""
+        import torch
+
+        sel = ids.to(logits.device)
+        own = torch.gather(logits, 1, sel)
+        if head is None or len(seen) != 1:
+            return own
+        fine = torch.einsum("bh,bkh->bk", seen[0][:, -1, :].float(), head.weight[sel].float())
+        if head.bias is not None:
+            fine = fine + head.bias[sel].float()
+        # bf16 rounding of the model's logits is < 2^-8 relative; a margin for the rounding of the matmul's inputs
+        if bool(((fine - own).abs() <= 0.02 * own.abs() + 0.05).all()):
+            return fine
+        if not getattr(self, "_warned_head", False):
+            self._warned_head = True
+            log.warning("choice logits: the float32 head disagrees with the model's logits (a logit transform?); "
+                        "using the model's own logits")
+        return own
 
     def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
         import torch

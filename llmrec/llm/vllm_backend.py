@@ -10,10 +10,11 @@ log-probabilities of exactly those token ids (up to 128) at each generated posit
 `logit_t - logsumexp(all logits)`, so a log-softmax over the selected ids equals the log-softmax over their logits,
 what the transformers backend computes. (vLLM's logits are in the model's dtype: in bf16 they are rounded to 8
 bits and near answers tie, where the transformers backend computes the choice logits in float32 from the final
-hidden state; load with `dtype="float32"` for that resolution.) One decoding step is run (`max_tokens=1`, greedy); the sampled token
-is ignored. Alternatives we did not take: `allowed_token_ids` + `--logprobs-mode processed_logprobs` also works but
-changes the server's logprobs for every client; `structured_outputs={"choice": [...]}` returns masked logprobs of the
-chosen string only; prompt_logprobs needs one request per choice.
+hidden state; load with `dtype="float32"` for that resolution.) One decoding step is run (`max_tokens=1`, greedy);
+the sampled token is ignored. Alternatives we did not take: `allowed_token_ids` + `--logprobs-mode
+processed_logprobs` also works but changes the server's logprobs for every client;
+`structured_outputs={"choice": [...]}` returns masked logprobs of the chosen string only; prompt_logprobs needs one
+request per choice.
 
 Over HTTP, `return_tokens_as_token_ids=true` makes the returned keys `token_id:<id>`, so two choices whose tokens
 decode to the same text cannot collide.
