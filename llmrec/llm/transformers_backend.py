@@ -232,7 +232,7 @@ class TransformersBackend(Backend):
         head = self.model.get_output_embeddings()
         cfg = getattr(self.model, "config", None)
         transformed = any(getattr(cfg, k, None) not in (None, 1, 1.0)
-                          for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+                          for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
         return head if type(head) is torch.nn.Linear and not transformed else None
 
     def _next_position(self, prompts: list[str], ids: Any | None) -> Any:
