@@ -401,3 +401,18 @@ def test_choice_logits_fall_back_to_the_models_own_under_a_logit_transform(tiny_
     ids = torch.tensor([[be.first_token_id(" Yes"), be.first_token_id(" No")]] * len(PROMPTS))
     got = be.choice_logits(PROMPTS, ids)
     assert torch.equal(got, torch.gather(be.next_token_logits(PROMPTS), 1, ids))
+
+
+def test_choice_logits_fall_back_when_the_model_changes_its_logits_unannounced(tiny_dir, caplog):
+    """A transform no config key names (here the head's output doubled by a hook) is caught by the per-batch check:
+    the model's own logits are used, and a warning says so."""
+    be = load_backend("transformers", model=tiny_dir, dtype="bfloat16", batch_size=2)
+    h = be.model.lm_head.register_forward_hook(lambda _m, _i, out: out * 2)
+    try:
+        ids = torch.tensor([[be.first_token_id(" Yes"), be.first_token_id(" No")]] * len(PROMPTS))
+        with caplog.at_level("WARNING", logger="llmrec.llm.transformers_backend"):
+            got = be.choice_logits(PROMPTS, ids)
+        assert torch.equal(got, torch.gather(be.next_token_logits(PROMPTS), 1, ids))
+        assert any("disagrees" in r.getMessage() for r in caplog.records)
+    finally:
+        h.remove()
