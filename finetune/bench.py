@@ -441,6 +441,34 @@ def paired_auc_intervals(run: Path, others: dict[str, Any], seed: int = 0) -> li
     return out
 
 
+def counts_reading(runs: dict[str, Path], counts: Any, bins: int = 5) -> list[dict[str, Any]]:
+    """How much of each run's tuned P(Yes) is the counts figure the yesno_stats / yesno_estimate prompts carry:
+    Spearman's rho between the two over the test rows, and the AUC within `bins` quantile bins of the figure
+    (llmrec.metrics.stratified_auc) of the run's score beside the figure's own: a model that read the titles would
+    tell apart rows the counts rate alike. Runs without kept scores are skipped."""
+    import pandas as pd
+
+    from llmrec.metrics import stratified_auc
+
+    strata = pd.qcut(counts["p_yes"].rank(method="first"), bins, labels=False)
+    ref = counts.assign(stratum=strata.to_numpy())
+    out = []
+    for name, run in runs.items():
+        path = run / "scores" / "test_after.csv"
+        if not path.is_file():
+            continue
+        llm = pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+        j = llm.merge(ref, on=["user_id", "item_id"], suffixes=("", "_counts"), validate="one_to_one")
+        if len(j) != len(llm) or len(j) != len(ref):
+            continue  # other test rows than the figure's
+        y = j["label"].to_numpy()
+        out.append({"run": name, "n": len(j), "spearman_vs_counts": float(j["p_yes"].corr(j["p_yes_counts"],
+                                                                                             method="spearman")),
+                    f"auc_within_{bins}_bins": stratified_auc(y, j["p_yes"], j["stratum"]),
+                    f"counts_auc_within_{bins}_bins": stratified_auc(y, j["p_yes_counts"], j["stratum"])})
+    return out
+
+
 def baseline_rank(names: list[str], run: Path) -> dict[str, Any]:
     """Each next-item baseline's NDCG/HR/MRR@10 over exactly the test prompts' candidate sets of the finetune run in
     `run` (its resolved recipe rebuilds them: same seed, same candidates), plus the expected random order. A
@@ -558,6 +586,11 @@ def cmd_report(a: argparse.Namespace) -> None:
                 rows.append({"model": f"{label}, threshold chosen on valid", "accuracy": vthr["accuracy"],
                              "f1": vthr["f1"], "note": f"P(Yes) >= {vthr['threshold']:.3f}"})
     payload["variants"] = variants
+    reading = []
+    if "counts only (no model)" in base_probs:
+        runs = {"main": run_dir(a.task, a.dataset)} | {n: run_dir(a.task, a.dataset, f"_{n}") for n in variants}
+        reading = counts_reading(runs, base_probs["counts only (no model)"])
+    payload["counts_reading"] = reading
     tr = main["train"]
     perf = [{"run": "main (QLoRA)", "examples": tr.get("examples"), "steps": tr.get("steps"),
              "examples/s": tr.get("examples_per_s"), "train wall s": tr.get("wall_s"), "total wall s": main["wall_s"],
@@ -590,6 +623,12 @@ def cmd_report(a: argparse.Namespace) -> None:
                      + md_table([{"vs": r["vs"], "auc ratio": r["ratio"], "low": r["lo"], "high": r["hi"],
                                   "resamples with LLM >= it": r["p_ge_1"]} for r in payload["auc_intervals"]],
                                 ["vs", "auc ratio", "low", "high", "resamples with LLM >= it"]))
+    if reading:
+        cols = list(reading[0])
+        intervals += ("\nHow much of the tuned P(Yes) is the counts figure (the `counts only` row) on the same rows: "
+                      "Spearman's rho, and the AUC within 5 quantile bins of the figure (pairs from rows it rates "
+                      "alike; llmrec.metrics.stratified_auc), the model's beside the figure's own:\n\n"
+                      + md_table(reading, cols))
     table = (f"Status: {status}\n\nTest subset: {n_test} examples, seed {seed}{cands}\n\n{how}"
              + md_table(rows, ["model", *keys, "note"]) + intervals + "\n"
              + md_table(perf, ["run", "examples", "steps", "examples/s", "train wall s", "total wall s",

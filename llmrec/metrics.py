@@ -36,6 +36,27 @@ def auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def stratified_auc(labels: Sequence[int], scores: Sequence[float], strata: Sequence) -> float:
+    """AUC within strata, averaged with weights n+_s n-_s (the pairs each stratum compares).
+
+    AUC_strat = sum_s n+_s n-_s AUC_s / sum_s n+_s n-_s: the share of (positive, negative) pairs *from the same
+    stratum* that `scores` order correctly (ties count 0.5). With strata = bins of a reference score it asks what a
+    score tells apart among rows the reference rates alike. Strata holding one class compare no pair and drop out;
+    NaN when none holds both.
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    g = np.asarray(strata)
+    num = den = 0.0
+    for key in np.unique(g):
+        m = g == key
+        n_pos, n_neg = int(y[m].sum()), int((~y[m]).sum())
+        if n_pos and n_neg:
+            num += n_pos * n_neg * auc(y[m], s[m])
+            den += n_pos * n_neg
+    return num / den if den else float("nan")
+
+
 def confusion(labels: Sequence[int], preds: Sequence[int]) -> tuple[int, int, int, int]:
     """(TP, FP, TN, FN) of binary predictions."""
     y = np.asarray(labels).astype(bool)

@@ -204,3 +204,34 @@ def test_auc_intervals_pair_the_run_s_scores_with_each_method_s_by_row(fbench, t
     with pytest.raises(ValueError, match="not mf's"):  # another test subset: refused, not silently mismatched
         fbench.paired_auc_intervals(tmp_path, {"mf": other.iloc[:50]})
     assert fbench.paired_auc_intervals(tmp_path / "nothing", {"mf": other}) == []
+
+
+def test_counts_reading_tells_a_copy_of_the_figure_from_a_score_that_adds_to_it(fbench, tmp_path):
+    """A run whose P(Yes) is a monotone copy of the counts figure ranks as it does (rho 1) and tells apart within
+    the figure's bins no better than the figure; one that knows the labels does, and a run on other rows is skipped."""
+    import numpy as np
+    import pandas as pd
+
+    from llmrec.metrics import stratified_auc
+
+    rng = np.random.default_rng(1)
+    n = 100
+    y = rng.integers(0, 2, n)
+    counts = pd.DataFrame({"user_id": [str(i) for i in range(n)], "item_id": ["i"] * n, "label": y,
+                           "p_yes": np.clip(0.3 * y + 0.7 * rng.random(n), 0.01, 0.99)})
+    runs = {}
+    for name, p in {"copy": counts["p_yes"] ** 2, "knows": 0.5 * counts["p_yes"] + 0.5 * y,
+                    "other_rows": counts["p_yes"]}.items():
+        run = tmp_path / name
+        (run / "scores").mkdir(parents=True)
+        frame = counts.assign(p_yes=p).iloc[::-1]  # another order: matched by row id
+        (frame.iloc[:50] if name == "other_rows" else frame).to_csv(run / "scores" / "test_after.csv", index=False)
+        runs[name] = run
+    copy, knows = fbench.counts_reading(runs, counts)
+    assert [copy["run"], knows["run"]] == ["copy", "knows"]
+    assert copy["spearman_vs_counts"] == pytest.approx(1.0)
+    assert copy["auc_within_5_bins"] == pytest.approx(copy["counts_auc_within_5_bins"])
+    assert knows["auc_within_5_bins"] == pytest.approx(1.0)
+    assert knows["counts_auc_within_5_bins"] < 0.9
+    bins = pd.qcut(counts["p_yes"].rank(method="first"), 5, labels=False)
+    assert copy["counts_auc_within_5_bins"] == pytest.approx(stratified_auc(y, counts["p_yes"], bins))

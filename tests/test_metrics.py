@@ -123,3 +123,17 @@ def test_paired_bootstrap_ratio_hand_computed():
     assert M.paired_bootstrap_ratio(lambda m: M.auc(m[:, 0], m[:, 1]), a, b, n_boot=50)["n_boot"] == 0
     with pytest.raises(ValueError, match="same rows"):
         M.paired_bootstrap_ratio(np.mean, np.ones(3), np.ones(4))
+
+
+def test_stratified_auc_hand_computed():
+    # stratum a: pairs (0.8>0.5, 0.8>0.1, 0.4<0.5, 0.4>0.1) = 3/4 over 4 pairs; stratum b: its one pair misordered
+    # (0.1 < 0.9) = 0; stratum c holds only positives: no pair -> (4 * 0.75 + 1 * 0) / 5 = 0.6
+    labels = [1, 0, 1, 0, 1, 0, 1, 1]
+    scores = [0.8, 0.5, 0.4, 0.1, 0.1, 0.9, 0.3, 0.7]
+    strata = ["a", "a", "a", "a", "b", "b", "c", "c"]
+    assert M.stratified_auc(labels, scores, strata) == pytest.approx(0.6)
+    # pooled, the cross-stratum pairs count too: not the same figure
+    assert M.auc(labels, scores) != pytest.approx(0.6)
+    # a score constant within each stratum tells nothing apart inside them: every pair a tie
+    assert M.stratified_auc(labels, [1, 1, 1, 1, 2, 2, 3, 3], strata) == pytest.approx(0.5)
+    assert math.isnan(M.stratified_auc([1, 0], [0.2, 0.1], ["a", "b"]))
