@@ -16,8 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+import numpy as np
+import pandas as pd
+
 from llmrec.bench_utils import command_line, md_table, write_result
 from llmrec.data import load_prepared
+from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
@@ -40,12 +44,28 @@ def llm_rows(ds, retriever, adapter, label, args, yesno: bool) -> dict:
     row = {"domain": ds.name, "method": label}
     if yesno:
         ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
-        m = evaluate_yesno(rec.yesno_examples_probs(ex), ex)
-        row.update({"auc": m["auc"], "accuracy": m["accuracy"], "f1": m["f1"], "yesno_n": m["n"]})
+        probs = np.asarray(rec.yesno_examples_probs(ex), dtype=float)
+        m = evaluate_yesno(probs, ex)
+        row.update({"auc": m["auc"], "accuracy": m["accuracy"], "f1": m["f1"], "yesno_n": m["n"],
+                    "rho_counts": spearman(probs, counts_only_p_yes(ds, ex)), "p_yes": probs.tolist()})
     r = eval_rank(rec, ds, args.rank_users, args.seed)
     row.update({"ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"], "rank_users": r["n_users"]})
     backend.close()
     return row
+
+
+def spearman(a, b) -> float:
+    """Spearman's rho: Pearson's correlation of the average ranks."""
+    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
+
+
+def counts_row(ds, args) -> dict:
+    """The figure the yesno_estimate prompt shows (two counts from before the row's time, no fitting) as a score."""
+    ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
+    p = counts_only_p_yes(ds, ex)
+    m = evaluate_yesno(p, ex)
+    return {"domain": ds.name, "method": "counts figure alone (no model)", "auc": m["auc"],
+            "accuracy": m["accuracy"], "f1": m["f1"], "yesno_n": m["n"], "rho_counts": 1.0, "p_yes": p.tolist()}
 
 
 def retrieval_row(ds, retriever, args) -> dict:
@@ -63,11 +83,13 @@ def in_domain_rows(ds, args, yesno: bool) -> list[dict]:
         mf = get_model("mf")
         mf.fit(ds)
         ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
-        m = evaluate_yesno(mf.predict_proba(ex), ex)
+        p = np.asarray(mf.predict_proba(ex), dtype=float)
+        m = evaluate_yesno(p, ex)
         r = evaluate_ranking(ds, lambda u: mf.score_items(list(u), "test"), max_users=args.rank_users, seed=args.seed)
         rows.append({"domain": ds.name, "method": "MF (in-domain)", "auc": m["auc"], "accuracy": m["accuracy"],
                      "f1": m["f1"], "yesno_n": m["n"], "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"],
-                     "rank_users": r["n_users"]})
+                     "rank_users": r["n_users"], "rho_counts": spearman(p, counts_only_p_yes(ds, ex)),
+                     "p_yes": p.tolist()})
     bpr = get_model("bpr")
     bpr.fit(ds)
     r = evaluate_ranking(ds, lambda u: bpr.score_items(list(u), "test"), max_users=args.rank_users, seed=args.seed)
@@ -92,6 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = []
+    yesno_rows: dict[str, list[dict]] = {}  # each domain's Yes/No test rows, in the order of every row's p_yes
     plan = [
         ("lastfm", True, args.ml_adapter, "LLM + MovieLens adapter (zero-shot transfer)"),
         ("ml-100k", True, args.lastfm_adapter, "LLM + Last.fm adapter (reverse transfer)"),
@@ -107,21 +130,31 @@ def main() -> None:
             table.append(llm_rows(ds, retriever, adapter, label, args, yesno))
             log.info("%s", table[-1])
         table.extend(in_domain_rows(ds, args, yesno))
+        if yesno:
+            table.append(counts_row(ds, args))
+            ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
+            yesno_rows[name] = ex[["user_id", "item_id", "label"]].astype({"user_id": str, "item_id": str}).to_dict(
+                "records")
     ml = load_prepared("ml-100k")
     base = load_backend("transformers", dtype=args.dtype)
     probe = contamination_probe(base, ml, n=args.contamination_n, seed=args.seed)
-    cols = ["domain", "method", "auc", "accuracy", "f1", "ndcg@10", "hr@10", "yesno_n", "rank_users"]
+    cols = ["domain", "method", "auc", "accuracy", "f1", "rho_counts", "ndcg@10", "hr@10", "yesno_n", "rank_users"]
     md = md_table(table, cols)
     md += (
         f"\nRanking columns: full ranking over all items minus the user's history; LLM rows rank the top 20 of "
         f"`{args.retriever}` by letter log-prob + {args.retrieval_weight:g} x log(1 / retrieval rank), the rest "
         "follow in retrieval order. Ranking rows of the LLM use the named adapter as it is (tuned on Yes/No).\n"
+        "\nrho_counts: Spearman's rho between a row's P(Yes) and the counts figure (the user's like rate and other "
+        "users' like rate of the target, from before the row's time, combined with no fitting: "
+        "llmrec.data.stats.counts_only_p_yes, the figure the `yesno_estimate` prompt shows) on the same rows; "
+        "every row's per-example P(Yes) is in the JSON (`p_yes`, rows in `yesno_rows`).\n"
         "\nGift Cards: 93% of labels are positive, so it is a ranking smoke test only (no AUC row).\n"
         "\n## Contamination probe (ML-100K, base model)\n" + md_table([probe], list(probe)) +
         "\nA title-completion rate well above the shuffled control means the base model has seen these titles; "
         "MovieLens figures then measure memory of popular titles as well as preference modelling.\n"
     )
     write_result("zeroshot", {"dataset": "lastfm, ml-100k, amazon-gift-cards", "table": table,
+                              "yesno_rows": yesno_rows,
                               "contamination": probe, "args": vars(args)}, md, command=command_line())
 
 

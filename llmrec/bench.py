@@ -390,7 +390,9 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
         "seconds": time.perf_counter() - t0,
         "plots": pngs,
         **report,
-        "zeroshot": zs_data.get("table"),
+        # the table's figures; its per-row P(Yes) lists stay in zeroshot.json
+        "zeroshot": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in zs_data["table"]]
+        if zs_data.get("table") else None,
         "zeroshot_created": zs_data.get("created"),
         # per-row results behind the table, for intervals or tests of one's own: each method's target rank per user
         # (the users in `rank_user_ids`' order) and P(Yes) per Yes/No test row (`yesno_rows`' order)

@@ -105,7 +105,8 @@ def bench(tiny_dataset, tiny_home, tmp_path_factory):
         mp.setattr("llmrec.bench.RESULTS_DIR", root / "global_results")
         (root / "global_results").mkdir(exist_ok=True)
         (root / "global_results" / "zeroshot.json").write_text(json.dumps(
-            {"created": "2026-01-02T03:04:05+00:00", "table": [{"domain": "d", "method": "LLM base", "auc": 0.5}]}))
+            {"created": "2026-01-02T03:04:05+00:00",
+             "table": [{"domain": "d", "method": "LLM base", "auc": 0.5, "p_yes": [0.25, 0.75]}]}))
         path = run_bench(cfg, command="llmrec bench --dataset tiny (test)")
         yield SimpleNamespace(cfg=cfg, path=path, data=json.loads(path.read_text()),
                               md=path.with_suffix(".md").read_text(), results=results, llm_dir=llm_dir,
@@ -129,8 +130,10 @@ def test_report_header_and_methods(bench):
     assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, CHANCE_ROW, *llm_rows]
     assert d["config"]["rank_users"] == RANK_USERS and d["config"]["baseline_overrides"] == FAST
     assert d["notes"] == []  # a tuned adapter was given: no "no tuned adapter" note
-    # the zero-shot table is copied as it was when the bench ran, and says from when (it may be re-measured since)
+    # the zero-shot table is copied as it was when the bench ran, and says from when (it may be re-measured since);
+    # its per-row P(Yes) lists stay in zeroshot.json
     assert d["zeroshot"] == [{"domain": "d", "method": "LLM base", "auc": 0.5}]
+    assert "0.25" not in bench.md
     assert d["zeroshot_created"] == "2026-01-02T03:04:05+00:00"
     assert "a copy of eval/results/zeroshot.json as created 2026-01-02T03:04:05+00:00" in bench.md
     assert "| d | LLM base | 0.5000 |" in bench.md
