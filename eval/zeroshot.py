@@ -17,13 +17,13 @@ import argparse
 import logging
 
 import numpy as np
-import pandas as pd
 
 from llmrec.bench_utils import command_line, md_table, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.llm import load_backend
+from llmrec.metrics import spearman
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import contamination_probe, eval_rank
 from llmrec.ranking.factory import (
@@ -52,11 +52,6 @@ def llm_rows(ds, retriever, adapter, label, args, yesno: bool) -> dict:
     row.update({"ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"], "rank_users": r["n_users"]})
     backend.close()
     return row
-
-
-def spearman(a, b) -> float:
-    """Spearman's rho: Pearson's correlation of the average ranks."""
-    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
 
 
 def counts_row(ds, args) -> dict:

@@ -448,7 +448,7 @@ def counts_reading(runs: dict[str, Path], counts: Any, bins: int = 5) -> list[di
     tell apart rows the counts rate alike. Runs without kept scores are skipped."""
     import pandas as pd
 
-    from llmrec.metrics import stratified_auc
+    from llmrec.metrics import spearman, stratified_auc
 
     strata = pd.qcut(counts["p_yes"].rank(method="first"), bins, labels=False)
     ref = counts.assign(stratum=strata.to_numpy())
@@ -462,8 +462,7 @@ def counts_reading(runs: dict[str, Path], counts: Any, bins: int = 5) -> list[di
         if len(j) != len(llm) or len(j) != len(ref):
             continue  # other test rows than the figure's
         y = j["label"].to_numpy()
-        out.append({"run": name, "n": len(j), "spearman_vs_counts": float(j["p_yes"].corr(j["p_yes_counts"],
-                                                                                             method="spearman")),
+        out.append({"run": name, "n": len(j), "spearman_vs_counts": spearman(j["p_yes"], j["p_yes_counts"]),
                     f"auc_within_{bins}_bins": stratified_auc(y, j["p_yes"], j["stratum"]),
                     f"counts_auc_within_{bins}_bins": stratified_auc(y, j["p_yes_counts"], j["stratum"])})
     return out

@@ -26,13 +26,7 @@ def auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over tie groups
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
+    ranks = _average_ranks(s)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -55,6 +49,24 @@ def stratified_auc(labels: Sequence[int], scores: Sequence[float], strata: Seque
             num += n_pos * n_neg * auc(y[m], s[m])
             den += n_pos * n_neg
     return num / den if den else float("nan")
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (ties share their mean rank),
+    rho = cov(rank a, rank b) / (sd(rank a) sd(rank b)). NaN when either side is constant."""
+    ra, rb = (_average_ranks(np.asarray(x, dtype=np.float64)) for x in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _average_ranks(s: np.ndarray) -> np.ndarray:
+    """1-based ranks of `s`, tie groups given their mean rank."""
+    order = np.argsort(s, kind="mergesort")
+    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(s), dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
 
 
 def confusion(labels: Sequence[int], preds: Sequence[int]) -> tuple[int, int, int, int]:

@@ -137,3 +137,14 @@ def test_stratified_auc_hand_computed():
     # a score constant within each stratum tells nothing apart inside them: every pair a tie
     assert M.stratified_auc(labels, [1, 1, 1, 1, 2, 2, 3, 3], strata) == pytest.approx(0.5)
     assert math.isnan(M.stratified_auc([1, 0], [0.2, 0.1], ["a", "b"]))
+
+
+def test_spearman_hand_computed():
+    # ranks (1, 2, 3) vs (1, 3, 2), centred (-1, 0, 1) and (-1, 1, 0): dot 1 over sqrt(2 * 2) = 0.5
+    assert M.spearman([0.1, 0.2, 0.3], [10, 30, 20]) == pytest.approx(0.5)
+    # monotone, not linear: 1; reversed: -1
+    assert M.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)
+    assert M.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mean rank: (1, 2.5, 2.5, 4) vs (1, 2, 3, 4) -> 4.5 / sqrt(4.5 * 5) = 0.9487
+    assert M.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(M.spearman([1, 1, 1], [1, 2, 3]))
