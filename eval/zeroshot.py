@@ -37,30 +37,31 @@ from llmrec.ranking.factory import (
 log = logging.getLogger("zeroshot")
 
 
-def llm_rows(ds, retriever, adapter, label, args, yesno: bool) -> dict:
+def yesno_cols(p, yn) -> dict:
+    """The Yes/No columns of a row from its P(Yes) on the domain's test rows `yn` = (examples, counts figure)."""
+    ex, counts = yn
+    p = np.asarray(p, dtype=float)
+    m = evaluate_yesno(p, ex)
+    return {"auc": m["auc"], "accuracy": m["accuracy"], "f1": m["f1"], "yesno_n": m["n"],
+            "rho_counts": spearman(p, counts), "p_yes": p.tolist()}
+
+
+def llm_rows(ds, retriever, adapter, label, args, yn) -> dict:
     backend = load_backend("transformers", adapter=adapter, dtype=args.dtype)
     rec = Recommender(ds, backend, retriever,
                       with_adapter_templates(RankingConfig(retrieval_weight=args.retrieval_weight), adapter))
     row = {"domain": ds.name, "method": label}
-    if yesno:
-        ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
-        probs = np.asarray(rec.yesno_examples_probs(ex), dtype=float)
-        m = evaluate_yesno(probs, ex)
-        row.update({"auc": m["auc"], "accuracy": m["accuracy"], "f1": m["f1"], "yesno_n": m["n"],
-                    "rho_counts": spearman(probs, counts_only_p_yes(ds, ex)), "p_yes": probs.tolist()})
+    if yn:
+        row.update(yesno_cols(rec.yesno_examples_probs(yn[0]), yn))
     r = eval_rank(rec, ds, args.rank_users, args.seed)
     row.update({"ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"], "rank_users": r["n_users"]})
     backend.close()
     return row
 
 
-def counts_row(ds, args) -> dict:
+def counts_row(ds, yn) -> dict:
     """The figure the yesno_estimate prompt shows (two counts from before the row's time, no fitting) as a score."""
-    ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
-    p = counts_only_p_yes(ds, ex)
-    m = evaluate_yesno(p, ex)
-    return {"domain": ds.name, "method": "counts figure alone (no model)", "auc": m["auc"],
-            "accuracy": m["accuracy"], "f1": m["f1"], "yesno_n": m["n"], "rho_counts": 1.0, "p_yes": p.tolist()}
+    return {"domain": ds.name, "method": "counts figure alone (no model)", **yesno_cols(yn[1], yn)}
 
 
 def retrieval_row(ds, retriever, args) -> dict:
@@ -70,21 +71,16 @@ def retrieval_row(ds, retriever, args) -> dict:
             "hr@10": r["hr@10"], "rank_users": r["n_users"]}
 
 
-def in_domain_rows(ds, args, yesno: bool) -> list[dict]:
+def in_domain_rows(ds, args, yn) -> list[dict]:
     from llmrec.baselines import get_model
 
     rows = []
-    if yesno:
+    if yn:
         mf = get_model("mf")
         mf.fit(ds)
-        ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
-        p = np.asarray(mf.predict_proba(ex), dtype=float)
-        m = evaluate_yesno(p, ex)
         r = evaluate_ranking(ds, lambda u: mf.score_items(list(u), "test"), max_users=args.rank_users, seed=args.seed)
-        rows.append({"domain": ds.name, "method": "MF (in-domain)", "auc": m["auc"], "accuracy": m["accuracy"],
-                     "f1": m["f1"], "yesno_n": m["n"], "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"],
-                     "rank_users": r["n_users"], "rho_counts": spearman(p, counts_only_p_yes(ds, ex)),
-                     "p_yes": p.tolist()})
+        rows.append({"domain": ds.name, "method": "MF (in-domain)", **yesno_cols(mf.predict_proba(yn[0]), yn),
+                     "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"], "rank_users": r["n_users"]})
     bpr = get_model("bpr")
     bpr.fit(ds)
     r = evaluate_ranking(ds, lambda u: bpr.score_items(list(u), "test"), max_users=args.rank_users, seed=args.seed)
@@ -118,18 +114,21 @@ def main() -> None:
     for name, yesno, adapter, label in plan:
         ds = load_prepared(name, prepare_if_missing=True)
         retriever = build_retriever(ds, args.retriever)
-        table.append(retrieval_row(ds, retriever, args))
-        table.append(llm_rows(ds, retriever, None, "LLM base (zero-shot)", args, yesno))
-        log.info("%s", table[-1])
-        if adapter:
-            table.append(llm_rows(ds, retriever, adapter, label, args, yesno))
-            log.info("%s", table[-1])
-        table.extend(in_domain_rows(ds, args, yesno))
+        yn = None  # the domain's Yes/No test rows and the counts figure on them, shared by every row
         if yesno:
-            table.append(counts_row(ds, args))
             ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
+            yn = (ex, counts_only_p_yes(ds, ex))
             yesno_rows[name] = ex[["user_id", "item_id", "label"]].astype({"user_id": str, "item_id": str}).to_dict(
                 "records")
+        table.append(retrieval_row(ds, retriever, args))
+        table.append(llm_rows(ds, retriever, None, "LLM base (zero-shot)", args, yn))
+        log.info("%s", table[-1])
+        if adapter:
+            table.append(llm_rows(ds, retriever, adapter, label, args, yn))
+            log.info("%s", table[-1])
+        table.extend(in_domain_rows(ds, args, yn))
+        if yn:
+            table.append(counts_row(ds, yn))
     ml = load_prepared("ml-100k")
     base = load_backend("transformers", dtype=args.dtype)
     probe = contamination_probe(base, ml, n=args.contamination_n, seed=args.seed)
