@@ -2,11 +2,14 @@
 -> eval/results/explanations_<dataset>[_<backend>].{json,md}.
 
     python eval/explanations.py [--dataset ml-100k] [--users 40] [--adapter PATH] [--backend transformers|vllm]
+        [--frequency-penalty 0 ...]
 
 For seeded test users (history up to their test event), the Recommender recommends k=5 (verbalizer, the given
 retriever) and explains the top 3 three ways: generated freely (`explain_quoted_titles: false`), with quoted titles
 constrained to titles the user liked in the prompt's history (`explain_relevant_titles: false`), and constrained to
-those of them that share an attribute with a recommended item (the default). The post-check and fallback are the
+those of them that share an attribute with a recommended item (the default); each with the configured
+`explain_frequency_penalty`, and `--frequency-penalty` adds rows of the default mode with other penalties. The
+post-check and fallback are the
 same in all (llmrec.ranking.explain.check_explanation). Metrics: llmrec.ranking.evaluate.explanation_metrics, and
 `relevant_citations`: of the history items the shown explanations name (fallbacks included), the share that shares
 an attribute value (genre, tag, ...) with one of the three recommended items.
@@ -49,6 +52,8 @@ def main() -> None:
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--examples", type=int, default=5)
+    ap.add_argument("--frequency-penalty", type=float, default=[], nargs="*",
+                    help="extra rows: the default mode (quoted, sharing an attribute) with these penalties")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -61,10 +66,14 @@ def main() -> None:
     recs = rec.recommend_batch(users, hs, k=5, explain=False)  # one ranking, explained twice
     top = [[i.item_id for i in r.items] for r in recs]
     rows, examples = [], {}
-    variants = (("free text", False, False), ("quoted titles constrained (any liked)", True, False),
-                ("quoted titles constrained (liked, sharing an attribute)", True, True))
-    for label, quoted, relevant in variants:
+    fp0 = rec.cfg.explain_frequency_penalty
+    variants = [("free text", False, False, fp0), ("quoted titles constrained (any liked)", True, False, fp0),
+                ("quoted titles constrained (liked, sharing an attribute)", True, True, fp0)]
+    variants += [(f"quoted titles constrained (liked, sharing an attribute), frequency_penalty {fp:g}", True, True, fp)
+                 for fp in args.frequency_penalty]
+    for label, quoted, relevant, fp in variants:
         rec.cfg.explain_quoted_titles, rec.cfg.explain_relevant_titles = quoted, relevant
+        rec.cfg.explain_frequency_penalty = fp
         t0 = time.perf_counter()
         out = rec.explain(hs, top)
         dt = (time.perf_counter() - t0) / max(1, len(users))
@@ -72,7 +81,7 @@ def main() -> None:
             r.explanation, r.explanation_fallback, r.hallucinated = text, fb, hall
         m = explanation_metrics(recs)
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
-                     "s_per_user": dt})
+                     "frequency_penalty": fp, "s_per_user": dt})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
                             "explanation": r.explanation, "fallback": r.explanation_fallback}
                            for r in recs[: args.examples]]
@@ -80,13 +89,16 @@ def main() -> None:
     backend.close()
 
     cols = ["explanations", "n", "fallback_rate", "hallucination_rate", "grounding_rate", "relevant_citations",
-            "mean_words", "distinct_2", "s_per_user"]
+            "names_recommended", "mean_words", "distinct_2", "frequency_penalty", "s_per_user"]
     md = md_table(rows, cols)
     md += (f"\n{len(users)} test users (seed {args.seed}), top 3 of k=5 explained, backend {backend.name}, "
            f"retriever `{args.retriever}`. fallback = the generated text failed the post-check and the template "
            "explanation was shown instead (grounding_rate = 1 - fallback_rate). relevant_citations: of the history "
            "items the shown texts name (template fallbacks included), the share that shares an attribute value with "
-           "one of the three recommended items.\n")
+           "one of the three recommended items. names_recommended: of the generated texts shown (fallbacks left out), "
+           "the share that quotes one of the three recommended titles. frequency_penalty "
+           "(RankingConfig.explain_frequency_penalty, OpenAI's meaning): each repeat of a token already generated "
+           f"lowers its logit by that much. Prompt template: explain v{rec.templates['explain'].version}.\n")
     for label, ex in examples.items():
         md += f"\n## Examples: {label}\n" + "".join(
             f"- user {e['user_id']} -> {', '.join(e['recommended'])}: {e['explanation']}"

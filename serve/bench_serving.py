@@ -111,11 +111,13 @@ def explain_prompts(n: int, dataset: str = "ml-100k", seed: int = 0, ds: Any = N
     return out, f"prompts/explain.yaml v{tpl.version}"
 
 
-def _explain_max_tokens() -> int:
-    """The Recommender's own bound on an explanation (RankingConfig.explain_max_new_tokens)."""
+def _explain_settings() -> dict[str, Any]:
+    """The Recommender's own generation settings for an explanation (RankingConfig.explain_max_new_tokens and
+    explain_frequency_penalty)."""
     from llmrec.ranking.recommender import RankingConfig
 
-    return RankingConfig().explain_max_new_tokens
+    cfg = RankingConfig()
+    return {"max_new_tokens": cfg.explain_max_new_tokens, "frequency_penalty": cfg.explain_frequency_penalty}
 
 
 def explain_row(be: Any, prompts: list[str], tokenizer: Any, quotable: list[list[str]] | None = None) -> dict:
@@ -128,9 +130,12 @@ def explain_row(be: Any, prompts: list[str], tokenizer: Any, quotable: list[list
     for key, q in runs:
         t0 = time.perf_counter()
         if q is None:
-            texts = be.generate(prompts, max_new_tokens=_explain_max_tokens(), stop=["\n"])
-        else:
-            texts = be.generate_quoted(prompts, q, max_new_tokens=_explain_max_tokens(), stop=["\n"])
+            texts = be.generate(prompts, stop=["\n"], **_explain_settings())
+        else:  # as the Recommender: the explain template's lead_quote (v3: the text opens with a quoted title)
+            from llmrec.prompts import load_template
+
+            texts = be.generate_quoted(prompts, q, stop=["\n"], lead_quote=load_template("explain").options.lead_quote,
+                                       **_explain_settings())
         s = time.perf_counter() - t0
         n_tok = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         out.update({f"{key}_prompts": len(prompts), f"{key}_s": s, f"{key}_per_s": len(prompts) / s,
@@ -273,7 +278,7 @@ def run_engines(args: argparse.Namespace) -> dict:
                      key=lambda r: r["explain_per_s"])
         best_q = max((r for r in rows if r["engine"].startswith(f"vLLM server {dt},")),
                      key=lambda r: r["explain_quoted_per_s"])
-        expl = {"explain_prompt_source": expl_source, "explain_max_tokens": _explain_max_tokens(),
+        expl = {"explain_prompt_source": expl_source, "explain_max_tokens": _explain_settings()["max_new_tokens"],
                 "vllm_vs_transformers_explain_speedup": best_e["explain_per_s"] / hf["explain_per_s"],
                 "goal_explain_speedup_3x_met": best_e["explain_per_s"] / hf["explain_per_s"] >= 3.0,
                 "vllm_vs_transformers_explain_quoted_speedup": best_q["explain_quoted_per_s"]

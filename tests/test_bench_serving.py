@@ -25,10 +25,12 @@ def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_datase
     assert len(prompts) == 6 and len(set(prompts)) == 6
     titles = {str(t) for t in tiny_dataset.titles}
     for p in prompts:
-        assert p.rstrip().endswith(tpl.answer_prefix)
         hist_part, rec_part = p.split("Recommended", 1)
-        rec_titles = {t for t in titles if f'"{t}"' in rec_part.split("\n", 1)[1].split("In one or two")[0]}
+        rec_lines = rec_part.split("\n", 1)[1].split("In one or two")[0]
+        rec_titles = {t for t in titles if f'"{t}"' in rec_lines}
         assert len(rec_titles) == 3
+        first = next(t for t in titles if rec_lines.startswith(f'- "{t}"'))
+        assert p.rstrip().split("\n")[-1] == tpl.answer_prefix.format(first_recommended=f'"{first}"')
         assert not any(f'"{t}"' in hist_part for t in rec_titles)  # recommended items are outside the history
     assert bs.explain_prompts(6, ds=tiny_dataset)[0] == prompts  # seeded
     same, quotable, _ = bs.explain_prompts(6, ds=tiny_dataset, with_quotable=True)

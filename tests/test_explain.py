@@ -93,6 +93,10 @@ def test_tidy_explanation_prefix_line_and_sentence_caps():
     assert dangling == 'Because the user liked the movie "Kolya (1996)" and liked the movie "Crumb (1994)".'
     assert tidy_explanation(lead, ' "Kolya (1996)", a quiet drama') == 'Because the user liked "Kolya (1996)".'
     assert tidy_explanation(lead, ' "Kolya (1996)" so much') == 'Because the user liked "Kolya (1996)" so much'
+    # explain v3: the lead names the top item; a text that stops right after a cited title ends its sentence
+    v3 = '"Babe (1995)" suits this user because they liked'
+    assert tidy_explanation(v3, ' "Toy Story (1995)" and liked "Heat (1995)"') == (
+        '"Babe (1995)" suits this user because they liked "Toy Story (1995)" and liked "Heat (1995)".')
     capped = tidy_explanation("", " ".join(f"w{k}" for k in range(100)), max_words=5)
     assert capped == "w0 w1 w2 w3 w4 ..."
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -325,9 +326,61 @@ def test_quoted_state_and_span_processor():
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [0, 4, 5, 6, 7, 8, 9]  # no quotes at all
     out = proc(torch.tensor([[4, 4, 9], [4, 4, 9]]), torch.zeros(2, 10))
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [0, 1, 4, 5, 6, 7, 8, 9]  # may open, not 2 or 3
+    lead = quoted_span_processor([trie, None], start=2, quote_ids=[1, 2, 3], open_ids=[1], lead_quote=True)
+    out = lead(torch.tensor([[4, 4], [4, 4]]), torch.zeros(2, 10))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [1]  # must open a quote first
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [0, 4, 5, 6, 7, 8, 9]  # nothing to quote: free
+    out = lead(torch.tensor([[4, 4, 1], [4, 4, 9]]), torch.zeros(2, 10))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [5, 8]  # then as without lead_quote
     used_all = torch.tensor([[4, 4, 1, 5, 6, 2, 1, 5, 7, 2, 1, 8, 2, 9]])
     out = quoted_span_processor([trie], 2, [1, 2, 3], [1])(used_all, torch.zeros(1, 10))
     assert 1 not in torch.isfinite(out[0]).nonzero().flatten().tolist()  # every option used: no new quote
+
+
+def test_frequency_penalty_processor_counts_generated_tokens_only():
+    from llmrec.llm.transformers_backend import frequency_penalty_processor
+
+    # prompt = columns 0..2 (token 5 there is not counted); generated: 5, 5, 7 -> token 5 twice, token 7 once
+    ids = torch.tensor([[5, 5, 3, 5, 5, 7], [0, 0, 0, 9, 1, 1]])
+    scores = torch.arange(20, dtype=torch.float32).reshape(2, 10)
+    out = frequency_penalty_processor(start=3, penalty=0.5)(ids, scores.clone())
+    want = scores.clone()
+    want[0, 5] -= 1.0
+    want[0, 7] -= 0.5
+    want[1, 9] -= 0.5
+    want[1, 1] -= 1.0
+    torch.testing.assert_close(out, want)
+    same = frequency_penalty_processor(start=6, penalty=0.5)(ids, scores.clone())  # nothing generated yet
+    torch.testing.assert_close(same, scores)
+
+
+def _greedy_with_penalty(be, prompt, n, penalty):
+    """Reference: token-by-token greedy decoding without generate(), logits minus penalty x generated counts."""
+    ids = be.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0].tolist()
+    gen: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = be.model(input_ids=torch.tensor([ids + gen])).logits[0, -1].clone()
+        for t in set(gen):
+            logits[t] -= penalty * gen.count(t)
+        nxt = int(logits.argmax())
+        gen.append(nxt)
+        if nxt == be.tokenizer.eos_token_id:
+            break
+    return be.tokenizer.decode(gen, skip_special_tokens=True)
+
+
+def test_generate_frequency_penalty_matches_reference_and_changes_output(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    plain = be.generate(PROMPTS, max_new_tokens=12)
+    pen = be.generate(PROMPTS, max_new_tokens=12, frequency_penalty=3.0)  # batches of 2: left padding counts not
+    for p, got in zip(PROMPTS, pen):
+        assert got == _greedy_with_penalty(be, p, 12, 3.0)
+    assert be.generate(PROMPTS, max_new_tokens=12, frequency_penalty=0.0) == plain
+    # the tiny random model repeats itself when greedy; the penalty makes it stop
+    assert pen != plain
+    q = be.generate_quoted(PROMPTS[:1], [[]], max_new_tokens=12, frequency_penalty=3.0)
+    assert '"' not in q[0]
 
 
 def test_generate_quoted_only_writes_allowed_quotes(tiny_dir):
@@ -351,6 +404,21 @@ def test_generate_quoted_only_writes_allowed_quotes(tiny_dir):
         spans = text.split('"')[1::2]
         assert sorted(spans) == sorted(allowed), (text, allowed)  # each allowed title quoted once, nothing else
     assert '"' not in outs[1]
+    # lead_quote: the text opens with a quoted title even where the model would rather not quote at all
+    bias[open_ids] = -50.0
+    hook = be.model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    try:
+        free = be.generate_quoted(PROMPTS, quotable, max_new_tokens=24)
+        led = be.generate_quoted(PROMPTS, quotable, max_new_tokens=24, lead_quote=True)
+    finally:
+        hook.remove()
+    assert all('"' not in t for t in free)
+    for text, allowed in zip(led, quotable):
+        if allowed:
+            m = re.match(r' ?"([^"]*)"', text)
+            assert m and m.group(1) in allowed, (text, allowed)
+        else:
+            assert '"' not in text
 
 
 def test_bitsandbytes_hub_kernel_hint_is_replaced_by_one_accurate_line(caplog, monkeypatch):

@@ -114,7 +114,9 @@ def test_golden_full(name):
     check_golden(name, "full", r)
     cap = load_template(name).options.max_history or 6  # yesno_stats lists the 5 most recent
     assert r.n_history == min(6, cap) and r.n_dropped == 6 - min(6, cap)
-    assert r.text.rstrip().endswith(load_template(name).answer_prefix)
+    t = load_template(name)
+    assert r.text.rstrip().endswith(r.answer_prefix) and r.answer_prefix == t.answer_prefix.format(
+        first_recommended=quote(fixed_candidates()[0].title) if t.task == "explain" else "")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -141,8 +143,7 @@ def test_golden_budget_drops_oldest_history_first(name):
 def test_golden_chat_form(name):
     r = render_case(name, tok=ChatStandIn(), chat=True)
     check_golden(name, "chat", r)
-    t = load_template(name)
-    assert r.text.startswith("<|im_start|>user\n") and r.text.endswith("<|im_start|>assistant\n" + t.answer_prefix)
+    assert r.text.startswith("<|im_start|>user\n") and r.text.endswith("<|im_start|>assistant\n" + r.answer_prefix)
 
 
 def test_golden_time_context():
@@ -238,6 +239,10 @@ def test_template_validation_errors(tmp_path):
     parse_template(dict(base))
     with pytest.raises(ConfigError, match="line 2: unknown placeholder {cands}"):
         parse_template(dict(base, text="{history}\n{cands}"))
+    with pytest.raises(ConfigError, match="answer_prefix: unknown placeholder {top}"):
+        parse_template(dict(base, answer_prefix="Answer {top}:"))
+    with pytest.raises(ConfigError, match="answer_prefix: .*literal braces"):
+        parse_template(dict(base, answer_prefix="Answer {:"))
     with pytest.raises(ConfigError, match="verbalizer.labels"):
         parse_template(dict(base, verbalizer=None))
     with pytest.raises(ConfigError, match="unknown condition"):

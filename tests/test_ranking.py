@@ -20,6 +20,7 @@ from llm_fixtures import make_tiny_llm  # noqa: E402
 
 from llmrec.llm.base import Backend, BackendError, cut_at_stop, normalize_choices  # noqa: E402
 from llmrec.ranking import HistEvent, RankingConfig, Recommendation, Recommender, to_hist_events  # noqa: E402
+from llmrec.ranking.recommender import RecItem  # noqa: E402
 
 USERS = ["u0", "u1", "u2", "u3", "u5"]
 
@@ -48,14 +49,17 @@ class ScriptedBackend(Backend):
         x = np.stack([np.asarray(self.logits(p, c), dtype=np.float64) for p, c in zip(prompts, per)])
         return x - np.log(np.exp(x).sum(1, keepdims=True))
 
-    def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop=None):
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop=None, frequency_penalty=0.0):
         self.generated += prompts
+        self.frequency_penalties = getattr(self, "frequency_penalties", []) + [frequency_penalty]
         return [cut_at_stop(self.gen(p) if callable(self.gen) else self.gen, stop) for p in prompts]
 
-    def generate_quoted(self, prompts, quotable, max_new_tokens=64, stop=None):
+    def generate_quoted(self, prompts, quotable, max_new_tokens=64, stop=None, frequency_penalty=0.0,
+                        lead_quote=False):
         """Records the quotable lists, then generates as `generate` (the constraint itself is the backend's)."""
         self.quotable = getattr(self, "quotable", []) + list(quotable)
-        return self.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
+        self.lead_quote = lead_quote
+        return self.generate(prompts, max_new_tokens=max_new_tokens, stop=stop, frequency_penalty=frequency_penalty)
 
     def generate_from(self, prompts, options, n, sep="\n"):
         """Constrained generation, scripted: `pick(prompt, options)` -> option indices (default: the last n, last
@@ -510,8 +514,11 @@ def test_grounded_explanation_is_kept(parts, tiny_dataset):
     backend = ScriptedBackend(gen=f' "{named}", so these dramas fit well.\n"The Midnight Llama" on a new line.')
     r = make_rec(parts, backend).recommend("u2", k=4, explain=True)
     assert r.explanation_fallback is False and r.hallucinated == []
-    assert f'"{named}", so these dramas fit well.' in r.explanation
-    assert "Midnight Llama" not in r.explanation and not r.explanation.startswith("Recommended ")
+    # explain v3: the prompt ends with the answer prefix naming the top item; the shown text continues it
+    lead = f'"{r.items[0].title}" suits this user because they liked'
+    assert backend.generated[-1].endswith("Explanation: " + lead)
+    assert r.explanation == f'{lead} "{named}", so these dramas fit well.'
+    assert backend.lead_quote is True and backend.frequency_penalties[-1] == RankingConfig().explain_frequency_penalty
 
 
 def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_dataset):
@@ -634,7 +641,14 @@ def test_explanation_metrics_hand_computed():
     assert m["hallucination_rate"] == pytest.approx(2 / 4)
     assert m["mean_words"] == pytest.approx((6 + 3 + 4 + 0) / 4)
     assert m["distinct_2"] == pytest.approx(8 / 10)
+    assert m["names_recommended"] == 0.0  # a and c name no recommended item (they have none)
     assert explanation_metrics([Recommendation("x", [], "same words here", False, [])] * 2)["distinct_2"] == 0.5
+    items = [RecItem("i1", "Heat (1995)", 1.0, 1), RecItem("i2", "Fargo (1996)", 0.5, 2)]
+    named = [Recommendation("e", items, '"Fargo (1996)" suits this user because they liked "Alien (1979)".', False),
+             Recommendation("f", items, 'Because the user liked "Alien (1979)".', False),
+             Recommendation("g", items, 'Recommended "Heat (1995)" because ...', True)]  # fallback: not counted
+    assert explanation_metrics(named)["names_recommended"] == pytest.approx(1 / 2)
+    assert explanation_metrics(named[2:])["names_recommended"] is None
 
 
 def test_contamination_probe_memorizer_vs_shuffled_control():

@@ -61,7 +61,8 @@ def test_explanations_and_constrained_titles_are_batched_with_their_own_rows():
     from llmrec.service.batching import LockedBackend
 
     class Constrained(RecordingBackend):
-        def generate_quoted(self, prompts, quotable, max_new_tokens=64, stop=None):
+        def generate_quoted(self, prompts, quotable, max_new_tokens=64, stop=None, frequency_penalty=0.0,
+                            lead_quote=False):
             self.calls.append(("quoted", len(prompts), max_new_tokens))
             time.sleep(0.05)
             return [f"{p}:{'|'.join(q)}" for p, q in zip(prompts, quotable)]

@@ -3,6 +3,7 @@ are all scored, the HTTP server works with the official openai client, and adapt
 
 from __future__ import annotations
 
+import re
 import socket
 
 import numpy as np
@@ -110,6 +111,12 @@ def test_in_process_scoring_matches_transformers(model_dir, reference):
         spans = outs[0].split('"')[1::2]
         assert spans and all(x in allowed for x in spans), outs[0]
         assert '"' not in outs[1]
+        # explain v3: the text must open with a quoted allowed title; the frequency penalty goes to SamplingParams
+        v3 = EXPLAIN_PROMPT.replace("Because the user liked", '"Casino (1995)" suits this user because they liked')
+        led = be.generate_quoted([v3, v3], [allowed, []], max_new_tokens=40, stop=["\n"], lead_quote=True,
+                                 frequency_penalty=1.0)
+        assert re.match(r' ?"(Heat \(1995\)|Fargo \(1996\))"', led[0]), led[0]
+        assert '"' not in led[1]
     finally:
         be.close()
         del be

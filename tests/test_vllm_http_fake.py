@@ -162,4 +162,15 @@ def test_constrained_generation_over_http(fake_server, tmp_path):
     assert re.fullmatch(regexes["a"], 'because "Heat (1995)" and "Face/Off (1997)", fine\n')
     assert not re.fullmatch(regexes["a"], 'because "Heat 1995" fits')  # not an allowed quote
     assert not re.fullmatch(regexes["b"], 'say "Heat (1995)"') and re.fullmatch(regexes["b"], "no quotes")
+    assert all("frequency_penalty" not in b for b in seen)  # 0 = the server's default, not sent
+    seen.clear()
+    be.generate_quoted(["a", "b"], quotable, max_new_tokens=5, lead_quote=True)
+    regexes = {b["prompt"]: b["structured_outputs"]["regex"] for b in seen}
+    assert re.fullmatch(regexes["a"], ' "Face/Off (1997)" and "Heat (1995)", fine')
+    assert not re.fullmatch(regexes["a"], 'because "Heat (1995)" fits')  # must open with a quoted title
+    assert re.fullmatch(regexes["b"], "no quotes")  # nothing to quote: free text
+    seen.clear()
+    be.generate_quoted(["a"], quotable[:1], max_new_tokens=5, frequency_penalty=0.7)
+    be.generate(["c"], max_new_tokens=5, frequency_penalty=0.7)
+    assert [b["frequency_penalty"] for b in seen] == [0.7, 0.7]
     be.close()

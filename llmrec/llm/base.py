@@ -2,7 +2,9 @@
 
 `score_choices(prompts, choices)` returns, per prompt, the log-softmax over the logits of each choice's FIRST token at
 the next position (so `exp()` of a row sums to 1); `choices` is either one list shared by all prompts or one list per
-prompt (same length for all). `generate` decodes greedily when `temperature == 0`. `generate_from(prompts, options,
+prompt (same length for all). `generate` decodes greedily when `temperature == 0`; `frequency_penalty` (OpenAI's and
+vLLM's meaning) subtracts penalty x count from each token's logit, counting only tokens generated so far (never the
+prompt's, so copying a title from the prompt costs nothing). `generate_from(prompts, options,
 n)` is constrained greedy decoding: the model writes up to `n` of each prompt's options, one per line, token by token
 but only along the options' tokens, never one twice (titles as a ranked list that always maps back to the catalogue).
 `generate_quoted(prompts, quotable)` generates freely except that a double-quoted span can only be one of the
@@ -40,9 +42,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(
-        self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None
+        self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None,
+        frequency_penalty: float = 0.0,
     ) -> list[str]:
-        """Continuations of `prompts` (greedy at temperature 0), cut at the first `stop` string if given."""
+        """Continuations of `prompts` (greedy at temperature 0), cut at the first `stop` string if given;
+        `frequency_penalty` as in the module docstring."""
 
     def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
         """Constrained greedy generation: per prompt, the indices of up to `n` of its `options` in the order the model
@@ -50,11 +54,14 @@ class Backend(abc.ABC):
         raise BackendError(f"{self.name}: constrained generation (generate_from) is not supported by this backend")
 
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
-                        stop: list[str] | None = None) -> list[str]:
+                        stop: list[str] | None = None, frequency_penalty: float = 0.0,
+                        lead_quote: bool = False) -> list[str]:
         """Greedy generation in which every double-quoted span is one of the prompt's `quotable` strings, each at
-        most once; outside quotes the model writes freely (no other quote characters). Backends without constrained
-        decoding generate freely (this default): callers must still check the text."""
-        return self.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
+        most once; outside quotes the model writes freely (no other quote characters). `lead_quote`: where a prompt
+        has something to quote, the text starts with a quoted span (an optional space, then the opening quote: the
+        model picks which string). Backends without constrained decoding generate freely (this default): callers
+        must still check the text."""
+        return self.generate(prompts, max_new_tokens=max_new_tokens, stop=stop, frequency_penalty=frequency_penalty)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources (servers, threads); a no-op by default."""

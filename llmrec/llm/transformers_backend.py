@@ -304,11 +304,14 @@ class TransformersBackend(Backend):
 
     def _generate_tokens(self, prompts: list[str], max_new_tokens: int, desc: str,
                          extra: Callable[[list[int], int], dict[str, Any]] | None = None,
-                         temperature: float = 0.0, stop: list[str] | None = None) -> dict[int, list[int]]:
+                         temperature: float = 0.0, stop: list[str] | None = None,
+                         frequency_penalty: float = 0.0) -> dict[int, list[int]]:
         """The new token ids per prompt (index -> ids), generated in left-padded batches under the lock with the
         view's adapter active; greedy at temperature 0. `extra(batch_indices, start)` adds generate() arguments for
-        a batch whose generated tokens begin at column `start` (constraints)."""
+        a batch whose generated tokens begin at column `start` (constraints); a non-zero `frequency_penalty` runs
+        before its logits processors (`frequency_penalty_processor`)."""
         import torch
+        from transformers import LogitsProcessorList
 
         out: dict[int, list[int]] = {}
         self.model.eval()
@@ -326,6 +329,9 @@ class TransformersBackend(Backend):
                     kw.update(stop_strings=list(stop), tokenizer=self._tok)
                 if extra is not None:
                     kw.update(extra(b, start))
+                if frequency_penalty:
+                    kw["logits_processor"] = LogitsProcessorList(
+                        [frequency_penalty_processor(start, frequency_penalty), *kw.get("logits_processor", [])])
                 gen = self.model.generate(**enc, **kw)
                 for j, i in enumerate(b):
                     out[i] = gen[j, start:].tolist()
@@ -360,10 +366,12 @@ class TransformersBackend(Backend):
         return out
 
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
-                        stop: list[str] | None = None) -> list[str]:
+                        stop: list[str] | None = None, frequency_penalty: float = 0.0,
+                        lead_quote: bool = False) -> list[str]:
         """Greedy generation through a logits processor: outside quotes every token containing a quote character is
         masked except a lone opening quote ('"' or ' "', only while an unused option is left); inside a quote only
-        the tokens of an unused option + closing quote (each tokenized on its own) are allowed."""
+        the tokens of an unused option + closing quote (each tokenized on its own) are allowed. `lead_quote`: the
+        first token must be a lone opening quote (for prompts with something to quote)."""
         from transformers import LogitsProcessorList
 
         if len(quotable) != len(prompts):
@@ -376,29 +384,53 @@ class TransformersBackend(Backend):
                  if qs else None for qs in quotable]
 
         def extra(b: list[int], start: int) -> dict[str, Any]:
-            proc = quoted_span_processor([tries[i] for i in b], start, quote_ids, open_ids)
+            proc = quoted_span_processor([tries[i] for i in b], start, quote_ids, open_ids, lead_quote)
             return {"logits_processor": LogitsProcessorList([proc])}
 
-        gen = self._generate_tokens(prompts, max_new_tokens, "generate_quoted", extra, stop=stop)
+        gen = self._generate_tokens(prompts, max_new_tokens, "generate_quoted", extra, stop=stop,
+                                    frequency_penalty=frequency_penalty)
         return [self._decode(gen[i], stop) for i in range(len(prompts))]
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None
+        self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None,
+        frequency_penalty: float = 0.0,
     ) -> list[str]:
-        gen = self._generate_tokens(prompts, max_new_tokens, "generate", temperature=temperature, stop=stop)
+        gen = self._generate_tokens(prompts, max_new_tokens, "generate", temperature=temperature, stop=stop,
+                                    frequency_penalty=frequency_penalty)
         return [self._decode(gen[i], stop) for i in range(len(prompts))]
 
+def frequency_penalty_processor(start: int, penalty: float) -> Any:
+    """A transformers LogitsProcessor with OpenAI's / vLLM's `frequency_penalty`: each token's logit minus `penalty`
+    x the times it occurs among the generated tokens (`input_ids[:, start:]`); the prompt's tokens are not counted
+    (transformers' own `repetition_penalty` counts them, so it would also penalize copying a title from the prompt)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class FrequencyPenalty(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            gen = input_ids[:, start:]
+            if gen.shape[1] == 0:
+                return scores
+            counts = torch.zeros_like(scores).scatter_add_(1, gen, torch.ones(gen.shape, dtype=scores.dtype,
+                                                                               device=scores.device))
+            return scores - penalty * counts
+
+    return FrequencyPenalty()
+
+
 def quoted_span_processor(
-    tries: list[OptionTrie | None], start: int, quote_ids: list[int], open_ids: list[int]
+    tries: list[OptionTrie | None], start: int, quote_ids: list[int], open_ids: list[int], lead_quote: bool = False
 ) -> Any:
     """A transformers LogitsProcessor for `generate_quoted` over a batch: row r follows `tries[r]` (None: no quote
     allowed at all); `start` = where generation begins in `input_ids`. Outside quotes every quote-character token is
     masked except the lone opening quotes `open_ids`, and those too once every option is used; inside a quote only
-    the trie's continuations of unused options are kept."""
+    the trie's continuations of unused options are kept. `lead_quote`: at the first generated position a row with a
+    trie may only open a quote."""
     import torch
     from transformers import LogitsProcessor
 
     opens = set(open_ids)
+    open_t = torch.tensor(sorted(opens), dtype=torch.long)
     ban_all = torch.tensor(sorted(quote_ids), dtype=torch.long)
     ban_free = torch.tensor(sorted(set(quote_ids) - opens), dtype=torch.long)
 
@@ -407,6 +439,11 @@ def quoted_span_processor(
             for row, trie in enumerate(tries):
                 if trie is None:
                     scores[row, ban_all] = float("-inf")
+                    continue
+                if lead_quote and input_ids.shape[1] == start:
+                    keep = scores[row, open_t].clone()
+                    scores[row] = float("-inf")
+                    scores[row, open_t] = keep
                     continue
                 inside, used = quoted_state(trie, input_ids[row, start:].tolist(), opens)
                 if inside is None:

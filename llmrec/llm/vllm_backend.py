@@ -249,13 +249,14 @@ class VLLMBackend(Backend):
         return _log_softmax(out)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 stop: list[str] | None = None, ignore_eos: bool = False) -> list[str]:
+                 stop: list[str] | None = None, frequency_penalty: float = 0.0, ignore_eos: bool = False) -> list[str]:
         if not prompts:
             return []
         if self.url is None:
             from vllm import SamplingParams
 
-            sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, stop=stop, ignore_eos=ignore_eos)
+            sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, stop=stop, ignore_eos=ignore_eos,
+                                frequency_penalty=frequency_penalty)
             res = self.llm.generate(list(prompts), sp, use_tqdm=False, lora_request=self._lora)
             return [o.outputs[0].text for o in res]
         texts: list[str] = [""] * len(prompts)
@@ -265,6 +266,8 @@ class VLLMBackend(Backend):
                                        "max_tokens": max_new_tokens, "temperature": temperature}
             if stop:
                 payload["stop"] = stop
+            if frequency_penalty:
+                payload["frequency_penalty"] = frequency_penalty
             if ignore_eos:
                 payload["ignore_eos"] = True
             body = self._post(payload)
@@ -314,7 +317,8 @@ class VLLMBackend(Backend):
         return out
 
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
-                        stop: list[str] | None = None) -> list[str]:
+                        stop: list[str] | None = None, frequency_penalty: float = 0.0,
+                        lead_quote: bool = False) -> list[str]:
         """Structured outputs with a regex: free text without quote characters, except spans "<one of quotable>".
         Unlike the transformers trie the regex cannot forbid quoting the same string twice: the Recommender's tidy
         step cuts an explanation at a repeated quote (llmrec.ranking.explain.tidy_explanation)."""
@@ -326,6 +330,8 @@ class VLLMBackend(Backend):
             if not qs:
                 return free + "(\\n)?"
             alts = "|".join(regex_literal(q) for q in qs)
+            if lead_quote:  # the text opens with one of them
+                return f' ?"({alts})"{free}("({alts})"{free})*(\\n)?'
             return f'{free}("({alts})"{free})*(\\n)?'
 
         if self.url is None:
@@ -333,6 +339,7 @@ class VLLMBackend(Backend):
             from vllm.sampling_params import StructuredOutputsParams
 
             sps = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=stop,
+                                  frequency_penalty=frequency_penalty,
                                   structured_outputs=StructuredOutputsParams(regex=pattern(qs))) for qs in quotable]
             res = self.llm.generate(list(prompts), sps, use_tqdm=False, lora_request=self._lora)
             return [o.outputs[0].text for o in res]
@@ -343,6 +350,8 @@ class VLLMBackend(Backend):
                                        "temperature": 0.0, "structured_outputs": {"regex": pattern(quotable[i])}}
             if stop:
                 payload["stop"] = stop
+            if frequency_penalty:
+                payload["frequency_penalty"] = frequency_penalty
             texts[i] = self._post(payload)["choices"][0]["text"]
 
         list(self._pool.map(run, range(len(prompts))))

@@ -44,6 +44,7 @@ class RenderedPrompt:
     n_dropped: int = 0  # oldest history items dropped to fit the budget
     template: str = ""
     version: int = 0
+    answer_prefix: str = ""  # the template's answer prefix as filled (the text ends with it)
 
 
 # ------------------------------------------------------------------------------------------------ dataset helpers
@@ -241,7 +242,9 @@ def render(
         "last_label": labels[-1] if labels else "",
         "target_stats": target_stats_text(target_stats, dom),
         "estimate": estimate_text(target_stats, list(history)),  # over every given item, as user_stats
+        "first_recommended": quote(recommended[0].title, o.title_max_chars) if recommended else "",
     }
+    prefix = t.answer_prefix.format_map(fixed)
 
     def compose(n_keep: int) -> str:
         keep = range(len(hist) - n_keep, len(hist))
@@ -264,8 +267,8 @@ def render(
             lines.append(line.format_map(values))
         body = "\n".join(lines).strip("\n")
         if chat:
-            return _chat(tokenizer, t, body) + t.answer_prefix
-        return body + ("\n" + t.answer_prefix if t.answer_prefix else "")
+            return _chat(tokenizer, t, body) + prefix
+        return body + ("\n" + prefix if prefix else "")
 
     def n_tok(text: str) -> int:
         return count_tokens(tokenizer, text) if tokenizer is not None else math.ceil(len(text) / 3)
@@ -296,6 +299,7 @@ def render(
         n_dropped=len(history) - n_keep,
         template=t.name,
         version=t.version,
+        answer_prefix=prefix,
     )
 
 

@@ -35,7 +35,7 @@ TASKS = ("yesno", "rank", "next_title", "explain")
 PLACEHOLDERS = {
     "domain", "domains", "Domain", "Domains", "history", "liked", "disliked", "target", "candidates",
     "recommended", "n_candidates", "first_label", "last_label", "n_history", "target_stats", "user_stats",
-    "estimate",
+    "estimate", "first_recommended",
 }
 CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked", "target_stats", "user_stats",
               "estimate"}
@@ -66,6 +66,8 @@ class TemplateOptions:
     title_max_chars: int = 120
     field_max_chars: int = 80
     max_history: int | None = None  # hard cap before the token budget (most recent kept)
+    lead_quote: bool = False  # explain: the generated text must open with a quoted history title (the answer prefix
+    # ends where a title is cited: "... because they liked"); Backend.generate_quoted(lead_quote=True)
     rating_scale: float | None = 5.0  # "rated 4/5"; None writes the bare rating
 
 
@@ -145,15 +147,8 @@ def _validate(t: PromptTemplate, where: str) -> None:
                     f"{where}: text line {n}: unknown condition {{?{cond}}}; use one of {sorted(CONDITIONS)}"
                 )
             body = body[end + 1 :]
-        try:
-            names = [f for _, f, _, _ in string.Formatter().parse(body) if f is not None]
-        except ValueError as e:
-            raise ConfigError(f"{where}: text line {n}: {e} (write literal braces as {{{{ and }}}})") from None
-        for f in names:
-            if f not in PLACEHOLDERS:
-                raise ConfigError(
-                    f"{where}: text line {n}: unknown placeholder {{{f}}}; known: {sorted(PLACEHOLDERS)}"
-                )
+        _check_placeholders(body, f"{where}: text line {n}")
+    _check_placeholders(t.answer_prefix, f"{where}: answer_prefix")
     v = t.verbalizer
     if t.task == "yesno" and (v is None or not v.choices or len(v.choices) != 2):
         raise ConfigError(f"{where}: a yesno template needs verbalizer.choices with 2 answers")
@@ -168,6 +163,16 @@ def _validate(t: PromptTemplate, where: str) -> None:
         raise ConfigError(f"{where}: a yesno template must show {{target}}")
     if t.task == "explain" and "{recommended}" not in t.text:
         raise ConfigError(f"{where}: an explain template must show {{recommended}}")
+
+
+def _check_placeholders(text: str, where: str) -> None:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e} (write literal braces as {{{{ and }}}})") from None
+    for f in names:
+        if f not in PLACEHOLDERS:
+            raise ConfigError(f"{where}: unknown placeholder {{{f}}}; known: {sorted(PLACEHOLDERS)}")
 
 
 def parse_template(data: dict[str, Any], where: str = "template") -> PromptTemplate:

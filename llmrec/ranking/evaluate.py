@@ -180,9 +180,13 @@ def select_retrieval_weight(rec: Any, ds: Any, grid: Sequence[float], max_users:
 def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None = None) -> dict:
     """grounding rate (the generated text passed the check: names >= 1 history item or liked attribute, no invented
     titles), hallucination rate (share with >= 1 invented title), fallback rate, mean length in words, distinct-2
-    (distinct word bigrams / all bigrams across users)."""
+    (distinct word bigrams / all bigrams across users), and names_recommended: of the generated texts shown (not
+    template fallbacks, which always list them), the share that names one of the top-3 recommended items by its
+    quoted title (an explanation that talks only about the history does not say why *these* items)."""
     texts = [r.explanation or "" for r in recs]
     n = max(1, len(recs))
+    gen = [r for r in recs if not r.explanation_fallback and r.explanation]
+    names = [any(f'"{i.title}"' in r.explanation for i in r.items[:3]) for r in gen]
     bigrams = [tuple(t.lower().split()[i : i + 2]) for t in texts for i in range(max(0, len(t.split()) - 1))]
     return {
         "n": len(recs),
@@ -191,6 +195,7 @@ def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None =
         "fallback_rate": sum(r.explanation_fallback for r in recs) / n,
         "mean_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0,
         "distinct_2": len(set(bigrams)) / max(1, len(bigrams)),
+        "names_recommended": sum(names) / len(names) if names else None,
     }
 
 

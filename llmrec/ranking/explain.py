@@ -126,6 +126,8 @@ def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: in
         out = sentences[0]
     elif out[-1] not in '.!?"' and _DANGLING.search(out):  # cut off mid-list: '... "Heat (1995)" and liked the'
         out = out[: out.rfind('"') + 1] + "."
+    if out.endswith('"') and out.count('"') % 2 == 0:  # the model stopped right after a title: end the sentence
+        out += "."
     return out
 
 

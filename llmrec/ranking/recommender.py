@@ -13,8 +13,10 @@ Scoring modes
   embedding similarity among the candidates (threshold `min_title_similarity`); unmapped lines are dropped and
   counted. Candidates the model did not name keep their retrieval order after the named ones.
 Yes/No: `score_yesno` gives P(Yes) = softmax over the " Yes"/" No" first-token logits of the `yesno` prompt.
-Explanations: `explain` template; with `explain_quoted_titles` a quoted title can only be one the user liked among the
-history items the prompt lists (`Backend.generate_quoted`); then the post-check, else a template fallback.
+Explanations: `explain` template (v3 names the top recommendation and, with its `lead_quote`, makes the text open by
+citing a liked title); with `explain_quoted_titles` a quoted title can only be one the user liked among the history
+items the prompt lists (`Backend.generate_quoted`); greedy with `explain_frequency_penalty`; then the post-check, else
+a template fallback.
 
 Full ranking (evaluation): `score_matrix` puts the LLM-ordered candidates above every other item; the rest keep their
 retrieval score, so metrics stay full-ranking over the whole catalogue.
@@ -65,6 +67,9 @@ class RankingConfig:
     chat: bool = False  # render with the tokenizer's chat template
     batch_size: int = 8  # prompts per backend call
     explain_max_new_tokens: int = 80
+    # OpenAI / vLLM frequency_penalty on the explanation's own tokens (the prompt's are not counted): each repeat of
+    # a token costs this much logit, so greedy decoding stops chaining 'and liked "..." and liked "..."' (0 = off)
+    explain_frequency_penalty: float = 1.0
     # explanations: a double-quoted title can only be one the user liked in the prompt's history, each at most once
     # (constrained decoding; invented, repeated or recommended-as-liked quoted titles cannot be written)
     explain_quoted_titles: bool = True
@@ -345,8 +350,7 @@ class Recommender:
         """Generated explanations with the post-check; (text, used_fallback, hallucinated ids) per user."""
         todo = [u for u, r in enumerate(recs) if r]
         res: list[tuple[str, bool, list[str]]] = [("", False, []) for _ in recs]
-        prefix = self.templates["explain"].answer_prefix
-        lead = prefix.split(":", 1)[1].strip() if ":" in prefix else ""  # "Explanation: Because the user liked"
+        tmpl = self.templates["explain"]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
             hist = [self._prompt_history(histories[u]) for u in idx]
@@ -359,11 +363,15 @@ class Recommender:
                 quotable = [quotable_titles(self.templates["explain"], h, r, p)
                             for h, r, p in zip(hist, rendered, prefer)]
                 texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
-                                                     stop=["\n"])
+                                                     stop=["\n"], frequency_penalty=self.cfg.explain_frequency_penalty,
+                                                     lead_quote=tmpl.options.lead_quote)
             else:
-                texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n"])
-            for u, text in zip(idx, texts):
-                text = tidy_explanation(lead, text)
+                texts = self.backend.generate(prompts, max_new_tokens=self.cfg.explain_max_new_tokens, stop=["\n"],
+                                              frequency_penalty=self.cfg.explain_frequency_penalty)
+            for u, r, text in zip(idx, rendered, texts):
+                # the answer prefix after its label ("Explanation: ") is the start of the text the model continues
+                pre = r.answer_prefix
+                text = tidy_explanation(pre.split(":", 1)[1].strip() if ":" in pre else "", text)
                 hist_ids = {e.item_id for e in histories[u]}
                 liked = [e.item_id for e in histories[u] if e.liked and e.item_id in self.ds.item_index]
                 attrs = {a for i in liked[-10:] for a in self._attrs(i)}

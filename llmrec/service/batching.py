@@ -63,13 +63,15 @@ class MicroBatchingBackend:
         return job.future.result()
 
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
-                        stop: list[str] | None = None) -> list[str]:
+                        stop: list[str] | None = None, frequency_penalty: float = 0.0,
+                        lead_quote: bool = False) -> list[str]:
         """Explanations: grouped with other callers' `generate_quoted` calls of the same settings; each prompt keeps
         its own quotable titles."""
         if len(quotable) != len(prompts):
             raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
-        job = _Job(("quoted", max_new_tokens, tuple(stop or ())), list(prompts),
-                   {"rows": [list(q) for q in quotable], "max_new_tokens": max_new_tokens, "stop": stop})
+        job = _Job(("quoted", max_new_tokens, tuple(stop or ()), frequency_penalty, lead_quote), list(prompts),
+                   {"rows": [list(q) for q in quotable], "max_new_tokens": max_new_tokens, "stop": stop,
+                    "frequency_penalty": frequency_penalty, "lead_quote": lead_quote})
         self._q.put(job)
         return job.future.result()
 
