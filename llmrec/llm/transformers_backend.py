@@ -399,6 +399,7 @@ class TransformersBackend(Backend):
                                     frequency_penalty=frequency_penalty)
         return [self._decode(gen[i], stop) for i in range(len(prompts))]
 
+
 def frequency_penalty_processor(start: int, penalty: float) -> Any:
     """A transformers LogitsProcessor with OpenAI's / vLLM's `frequency_penalty`: each token's logit minus `penalty`
     x the times it occurs among the generated tokens (`input_ids[:, start:]`); the prompt's tokens are not counted
