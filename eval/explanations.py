@@ -9,10 +9,10 @@ retriever) and explains the top 3 three ways: generated freely (`explain_quoted_
 constrained to titles the user liked in the prompt's history (`explain_relevant_titles: false`), and constrained to
 those of them that share an attribute with a recommended item (the default); each with the configured
 `explain_frequency_penalty`, and `--frequency-penalty` adds rows of the default mode with other penalties. The
-post-check and fallback are the
-same in all (llmrec.ranking.explain.check_explanation). Metrics: llmrec.ranking.evaluate.explanation_metrics, and
-`relevant_citations`: of the history items the shown explanations name (fallbacks included), the share that shares
-an attribute value (genre, tag, ...) with one of the three recommended items.
+post-check and fallback are the same in all (llmrec.ranking.explain.check_explanation). Metrics:
+llmrec.ranking.evaluate.explanation_metrics, `relevant_citations`: of the history items the shown explanations name
+(fallbacks included), the share that shares an attribute value (genre, tag, ...) with one of the three recommended
+items, and `top1_citations`: of those the generated texts name, the share that shares one with the top item.
 """
 
 from __future__ import annotations
@@ -31,14 +31,18 @@ from llmrec.ranking.factory import build_retriever, with_adapter_templates
 log = logging.getLogger("explanations")
 
 
-def relevant_citations(rec: Recommender, hs: list, recs: list) -> float | None:
-    """Of the history items the explanations name, the share with an attribute value of a top-3 recommended item."""
+def relevant_citations(rec: Recommender, hs: list, recs: list, top: int = 3,
+                       generated_only: bool = False) -> float | None:
+    """Of the history items the explanations name (`generated_only`: in generated texts, fallbacks left out), the
+    share with an attribute value of one of the `top` recommended items."""
     named = shared = 0
     for h, r in zip(hs, recs):
+        if generated_only and r.explanation_fallback:
+            continue
         hist = {e.item_id for e in h}
         cited = [i for i in rec.matcher.find(r.explanation or "") if i in hist]
         named += len(cited)
-        shared += len(rec.sharing_attributes(cited, [i.item_id for i in r.items[:3]]))
+        shared += len(rec.sharing_attributes(cited, [i.item_id for i in r.items[:top]]))
     return shared / named if named else None
 
 
@@ -81,6 +85,7 @@ def main() -> None:
             r.explanation, r.explanation_fallback, r.hallucinated = text, fb, hall
         m = explanation_metrics(recs)
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
+                     "top1_citations": relevant_citations(rec, hs, recs, top=1, generated_only=True),
                      "frequency_penalty": fp, "s_per_user": dt})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
                             "explanation": r.explanation, "fallback": r.explanation_fallback}
@@ -89,13 +94,15 @@ def main() -> None:
     backend.close()
 
     cols = ["explanations", "n", "fallback_rate", "hallucination_rate", "grounding_rate", "relevant_citations",
-            "names_recommended", "mean_words", "distinct_2", "frequency_penalty", "s_per_user"]
+            "top1_citations", "names_recommended", "mean_words", "distinct_2", "frequency_penalty", "s_per_user"]
     md = md_table(rows, cols)
     md += (f"\n{len(users)} test users (seed {args.seed}), top 3 of k=5 explained, backend {backend.name}, "
            f"retriever `{args.retriever}`. fallback = the generated text failed the post-check and the template "
            "explanation was shown instead (grounding_rate = 1 - fallback_rate). relevant_citations: of the history "
            "items the shown texts name (template fallbacks included), the share that shares an attribute value with "
-           "one of the three recommended items. names_recommended: of the generated texts shown (fallbacks left out), "
+           "one of the three recommended items; top1_citations: of those the generated texts name (fallbacks left "
+           "out), the share that shares one with the top item (the one explain v3's text is about). "
+           "names_recommended: of the generated texts shown (fallbacks left out), "
            "the share that quotes one of the three recommended titles. frequency_penalty "
            "(RankingConfig.explain_frequency_penalty, OpenAI's meaning): each repeat of a token already generated "
            f"lowers its logit by that much. Prompt template: explain v{rec.templates['explain'].version}.\n")

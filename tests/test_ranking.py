@@ -522,9 +522,10 @@ def test_grounded_explanation_is_kept(parts, tiny_dataset):
 
 
 def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_dataset):
-    """Quotable: the liked titles among the history the prompt shows; by default only those sharing a genre with a
-    recommended item (evidence for the recommendation), all of them with `explain_relevant_titles: false` or when
-    none shares one. A disliked title is listed in the prompt but never quotable."""
+    """Quotable: the liked titles among the history the prompt shows; by default only those sharing a genre with the
+    top recommended item (the one explain v3's text is about), else with one of the top 3 (evidence for the
+    recommendation), all of them with `explain_relevant_titles: false` or when none shares one. A disliked title is
+    listed in the prompt but never quotable."""
     by_genre = tiny_dataset.items.groupby("genres")["item_id"].apply(list)
     a, b, c = (by_genre.iloc[j] for j in range(3))
     hist = [HistEvent(a[0], True, 5.0, 1), HistEvent(b[0], True, 5.0, 2), HistEvent(a[1], False, 1.0, 3),
@@ -532,6 +533,8 @@ def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_datas
     liked = [a[0], b[0], b[1]]
     for recs, relevant, want in (([a[2], a[3], a[4]], True, [a[0]]),
                                  ([a[2], a[3], a[4]], False, liked),
+                                 ([b[2], a[2], a[3]], True, [b[0], b[1]]),  # the text is about b[2]: its genre
+                                 ([c[0], a[2], b[2]], True, liked),  # c[0] shares none: any of the top 3's
                                  ([c[0], c[1], c[2]], True, liked)):  # nothing shares a genre: every liked title
         backend = ScriptedBackend(gen=" nice things.")
         make_rec(parts, backend, explain_relevant_titles=relevant).explain([hist], [recs])

@@ -73,8 +73,9 @@ class RankingConfig:
     # explanations: a double-quoted title can only be one the user liked in the prompt's history, each at most once
     # (constrained decoding; invented, repeated or recommended-as-liked quoted titles cannot be written)
     explain_quoted_titles: bool = True
-    # ... and only liked items sharing an attribute (genre, tag, ...) with a recommended item, when there is one
-    # (what the explanation can cite is then evidence for the recommendation, not any liked title)
+    # ... and only liked items sharing an attribute (genre, tag, ...) with the top recommended item when the answer
+    # prefix names it (explain v3), else / when none does with one of the top 3, when there is one (what the
+    # explanation can cite is then evidence for the recommendation, not any liked title)
     explain_relevant_titles: bool = True
     generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
@@ -240,6 +241,18 @@ class Recommender:
         rec_attrs = {a for i in rec_ids for a in self._attrs(i)}
         return {i for i in item_ids if i in self.ds.item_index and rec_attrs & set(self._attrs(i))}
 
+    def _cite_pool(self, hist: list, rendered: Any, recs: Sequence[str], first: bool) -> set[str] | None:
+        """The liked history items the prompt lists that an explanation should cite: those sharing an attribute with
+        the top recommended item when the text is about it (`first`), else (or when none does) with one of the top
+        3; None when none shares one (any liked title listed may be quoted then)."""
+        shown = hist[len(hist) - rendered.n_history:] if rendered.n_history else []
+        liked = {x.item.item_id for x in shown if x.liked is not False}
+        for pool in ((recs[:1], recs[:3]) if first else (recs[:3],)):
+            prefer = self.sharing_attributes(liked, pool)
+            if prefer:
+                return prefer
+        return None
+
     # ----------------------------------------------------------------------------------------------- ranking
     def rank_candidates(
         self, histories: list[list[HistEvent]], cands: list[list[tuple[str, float]]], mode: str | None = None
@@ -358,8 +371,9 @@ class Recommender:
                         for u, h in zip(idx, hist)]
             prompts = [r.text for r in rendered]
             if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
-                prefer = [self.sharing_attributes((x.item.item_id for x in h), recs[u][:3])
-                          if self.cfg.explain_relevant_titles else None for u, h in zip(idx, hist)]
+                first = "{first_recommended}" in tmpl.answer_prefix  # the text explains the top item itself
+                prefer = [self._cite_pool(h, r, recs[u], first) if self.cfg.explain_relevant_titles else None
+                          for u, h, r in zip(idx, hist, rendered)]
                 quotable = [quotable_titles(self.templates["explain"], h, r, p)
                             for h, r, p in zip(hist, rendered, prefer)]
                 texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
