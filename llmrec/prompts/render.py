@@ -303,13 +303,19 @@ def render(
     )
 
 
+def liked_shown(history: list[HistoryItem], rendered: RenderedPrompt) -> list[HistoryItem]:
+    """The items the user liked (or gave no reaction to) among the history items `rendered` (a render of `history`)
+    lists."""
+    shown = history[-rendered.n_history:] if rendered.n_history else []
+    return [h for h in shown if h.liked is not False]
+
+
 def quotable_titles(t: PromptTemplate, history: list[HistoryItem], rendered: RenderedPrompt,
                     prefer: set[str] | None = None) -> list[str]:
-    """The titles an explanation may quote: the items the user liked (or gave no reaction to) among the history
-    items `rendered` (a render of `history` with `t`) lists, each as quoted there (without the outer quotes). With
-    `prefer` (item ids), only those of them, unless none of them is among the listed liked items."""
-    shown = history[-rendered.n_history:] if rendered.n_history else []
-    liked = [h for h in shown if h.liked is not False]
+    """The titles an explanation may quote: `liked_shown(history, rendered)` (`rendered` a render of `history` with
+    `t`), each as quoted there (without the outer quotes). With `prefer` (item ids), only those of them, unless none
+    of them is among the listed liked items."""
+    liked = liked_shown(history, rendered)
     if prefer:
         liked = [h for h in liked if h.item.item_id in prefer] or liked
     cap = t.options.title_max_chars

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.data.prepare import PreparedDataset
-from llmrec.prompts import quotable_titles, quote
+from llmrec.prompts import liked_shown, quotable_titles, quote
 from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
@@ -245,8 +245,7 @@ class Recommender:
         """The liked history items the prompt lists that an explanation should cite: those sharing an attribute with
         the top recommended item when the text is about it (`first`), else (or when none does) with one of the top
         3; None when none shares one (any liked title listed may be quoted then)."""
-        shown = hist[len(hist) - rendered.n_history:] if rendered.n_history else []
-        liked = {x.item.item_id for x in shown if x.liked is not False}
+        liked = {x.item.item_id for x in liked_shown(hist, rendered)}
         for pool in ((recs[:1], recs[:3]) if first else (recs[:3],)):
             prefer = self.sharing_attributes(liked, pool)
             if prefer:
