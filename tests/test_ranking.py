@@ -652,6 +652,10 @@ def test_explanation_metrics_hand_computed():
              Recommendation("g", items, 'Recommended "Heat (1995)" because ...', True)]  # fallback: not counted
     assert explanation_metrics(named)["names_recommended"] == pytest.approx(1 / 2)
     assert explanation_metrics(named[2:])["names_recommended"] is None
+    # a title with a double quote in it is named as the prompt quotes it (escaped), not as the raw title
+    odd = [RecItem("i3", 'Say "Hi" (1999)', 1.0, 1)]
+    escaped = Recommendation("h", odd, '"Say \\"Hi\\" (1999)" suits this user because they liked "Heat".', False)
+    assert explanation_metrics([escaped])["names_recommended"] == 1.0
 
 
 def test_contamination_probe_memorizer_vs_shuffled_control():

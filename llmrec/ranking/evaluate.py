@@ -16,6 +16,7 @@ import numpy as np
 from llmrec.data.loaders import DataError
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.metrics import classification_metrics
+from llmrec.prompts import quote
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,12 @@ def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None =
     titles), hallucination rate (share with >= 1 invented title), fallback rate, mean length in words, distinct-2
     (distinct word bigrams / all bigrams across users), and names_recommended: of the generated texts shown (not
     template fallbacks, which always list them), the share that names one of the top-3 recommended items by its
-    quoted title (an explanation that talks only about the history does not say why *these* items)."""
+    title quoted as prompts quote it (`llmrec.prompts.quote`: inner quotes escaped, long titles capped); an
+    explanation that talks only about the history does not say why *these* items."""
     texts = [r.explanation or "" for r in recs]
     n = max(1, len(recs))
     gen = [r for r in recs if not r.explanation_fallback and r.explanation]
-    names = [any(f'"{i.title}"' in r.explanation for i in r.items[:3]) for r in gen]
+    names = [any(quote(i.title) in r.explanation for i in r.items[:3]) for r in gen]  # as prompts quote titles
     bigrams = [tuple(t.lower().split()[i : i + 2]) for t in texts for i in range(max(0, len(t.split()) - 1))]
     return {
         "n": len(recs),
