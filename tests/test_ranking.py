@@ -808,3 +808,60 @@ def test_cli_eval_yesno_on_a_4bit_base(parts, tallrec_file, tmp_path, monkeypatc
     assert res["backend"].endswith(":4bit")  # the result names the 4-bit base it was scored on
     with pytest.raises(SystemExit, match="--load-in-4bit is for --backend transformers"):
         main(args + ["--load-in-4bit", "--backend", "vllm"])
+
+
+def test_title_twins_hand_computed():
+    from llmrec.data import title_twins
+
+    got = title_twins(["1", "2", "3", "4"], ["Heat (1995)", " heat  (1995)", "Alien (1979)", "HEAT (1995)"])
+    assert got == {"1": ("2", "4"), "2": ("1", "4"), "4": ("1", "2")}  # "3" has a title of its own
+    assert title_twins(["a", "b"], ["A", "B"]) == {}
+
+
+def _with_twin(ds, item: str, twin_of: str):
+    """A shallow copy of `ds` in which `item` is listed under `twin_of`'s title (a catalogue duplicate)."""
+    import copy
+
+    out = copy.copy(ds)
+    out.titles = ds.titles.copy()
+    out.titles[ds.item_index[item]] = ds.titles[ds.item_index[twin_of]]
+    return out
+
+
+def test_candidates_skip_title_twins_of_seen_items_but_evaluation_keeps_the_id_protocol(parts, tiny_dataset):
+    user = USERS[0]
+    base = make_rec(parts)
+    h = base.dataset_history(user, "test")
+    by_id = [c for c, _ in base.candidates(h)]
+    seen, twin = h[-1].item_id, by_id[0]  # the top candidate becomes the twin of a seen item
+    ds2 = _with_twin(tiny_dataset, twin, seen)
+    cfg = RankingConfig(n_candidates=8, max_prompt_tokens=512)
+    rec2 = Recommender(ds2, parts.backend, parts.retriever, cfg)
+    assert rec2.title_twins == {twin: (seen,), seen: (twin,)}
+    got = [c for c, _ in rec2.candidates(h)]
+    assert twin not in got and got[:7] == by_id[1:] and len(got) == 8  # the next retrieved item moves up
+    assert [c for c, _ in rec2.candidates(h, exclude_seen_titles=False)] == by_id
+    off = Recommender(ds2, parts.backend, parts.retriever, RankingConfig(n_candidates=8, max_prompt_tokens=512,
+                                                                          exclude_seen_titles=False))
+    assert [c for c, _ in off.candidates(h)] == by_id
+    # recommendations never name it; the evaluation's full ranking still places it among the 8 candidates
+    recs = rec2.recommend_batch([user], [h], k=8, explain=False)[0]
+    assert twin not in [i.item_id for i in recs.items] and len(recs.items) == 8
+    m = rec2.score_matrix([user], "test")
+    top8 = {str(tiny_dataset.item_ids[j]) for j in np.argsort(-m[0], kind="stable")[:8]}
+    assert top8 == set(by_id)
+
+
+def test_collaborative_fallback_skips_title_twins(tiny_dataset):
+    from llmrec.service.serving import CollaborativeFallback
+    from llmrec.store.events import Event
+
+    user = USERS[0]
+    hist = tiny_dataset.history(user, before="all")
+    events = [Event(user_id=user, item_id=str(i), type="rating", timestamp=int(t), value=float(r), liked=bool(lab))
+              for i, r, t, lab in zip(hist["item_id"], hist["rating"], hist["timestamp"], hist["label"])]
+    first = CollaborativeFallback(tiny_dataset).recommend(events, 5)[0]["item_id"]
+    ds2 = _with_twin(tiny_dataset, first, events[0].item_id)
+    got = [r["item_id"] for r in CollaborativeFallback(ds2).recommend(events, 5)]
+    assert first not in got and len(got) == 5
+    assert CollaborativeFallback(ds2, exclude_seen_titles=False).recommend(events, 5)[0]["item_id"] == first

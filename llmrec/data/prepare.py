@@ -35,6 +35,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -272,8 +273,24 @@ def _write_atomic(final: Path, write) -> None:
         raise
 
 
+def title_key(title: object) -> str:
+    """What makes two catalogue titles the same for `title_twins`: whitespace-collapsed, case-folded text."""
+    return " ".join(str(title).split()).casefold()
+
+
+def title_twins(item_ids: Sequence[object], titles: Sequence[object]) -> dict[str, tuple[str, ...]]:
+    """For each item whose title (`title_key`) another item shares, the other items' ids. Catalogues list one work
+    under several ids (ML-100K: 18 films twice, e.g. "Chasing Amy (1997)" as 246 and 268); a recommender that
+    excludes seen items by id alone would offer a user the film they rated under its other id."""
+    groups: dict[str, list[str]] = {}
+    for i, t in zip(item_ids, titles):
+        groups.setdefault(title_key(t), []).append(str(i))
+    return {i: tuple(j for j in g if j != i) for g in groups.values() if len(g) > 1 for i in g}
+
+
 def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, dropped: dict[str, int]) -> dict:
     n_u, n_i, n = df["user_id"].nunique(), len(items), len(df)
+    twins = title_twins(items["item_id"].tolist(), items["title"].tolist())
     ys = pd.Series(yesno.column("split").to_numpy(zero_copy_only=False)).value_counts().to_dict()
     lab = yesno.column("label").to_numpy()
     spl = yesno.column("split").to_numpy(zero_copy_only=False)
@@ -285,6 +302,9 @@ def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, droppe
         "time_start": datetime.fromtimestamp(int(df["timestamp"].min()), UTC).strftime("%Y-%m-%d"),
         "time_end": datetime.fromtimestamp(int(df["timestamp"].max()), UTC).strftime("%Y-%m-%d"),
         "like_rate": float(df["label"].mean()),
+        # items whose title another item shares (kept apart: ids are the data's; recommendations skip a seen
+        # title's twins, RankingConfig.exclude_seen_titles)
+        "items_sharing_a_title": len(twins),
         "dropped": dropped,
         "loo_split": {k: int(v) for k, v in df["split"].value_counts().to_dict().items()},
         "yesno_split": {k: int(v) for k, v in ys.items()},
@@ -437,6 +457,11 @@ class PreparedDataset:
 
     def item_texts(self, fields: list[str] | None = None) -> list[str]:
         return [self.item_text(i, fields) for i in self.item_ids]
+
+    @cached_property
+    def title_twins(self) -> dict[str, tuple[str, ...]]:
+        """item id -> the other ids listed under the same title (`title_twins`); items with a unique title absent."""
+        return title_twins(self.item_ids, self.titles)
 
 
 def dataset_dir(name: str, home: Path | None = None) -> Path:

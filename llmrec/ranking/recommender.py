@@ -82,6 +82,9 @@ class RankingConfig:
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
     min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
     like_threshold: float = 3.0  # rating events: liked = value > like_threshold
+    # candidates skip items listed under the title of an item the user has seen (catalogue duplicates: ML-100K has 18
+    # films under two ids). Evaluation (`score_matrix`) keeps the leave-one-out protocol of every baseline: by id only
+    exclude_seen_titles: bool = True
     # prompt template per task when it is not the task's own name, e.g. {"yesno": "yesno_stats"} for an adapter
     # tuned on it (llmrec.ranking.factory.adapter_templates reads what an adapter was trained with)
     templates: dict[str, str] = field(default_factory=dict)
@@ -162,6 +165,9 @@ class Recommender:
         self.cfg = cfg or RankingConfig()
         self.adapter = adapter
         self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles])
+        from llmrec.data import title_twins
+
+        self.title_twins = title_twins(list(ds.item_ids), list(ds.titles))  # id -> ids listed under the same title
         self._attr_fields = [f for f in ATTRIBUTE_FIELDS if f in ds.items.columns]
         from llmrec.prompts import load_template
         from llmrec.prompts.templates import TASKS
@@ -225,10 +231,14 @@ class Recommender:
 
         return items_from_dataset(self.ds, list(ids))
 
-    def candidates(self, history: list[HistEvent], k: int | None = None) -> list[tuple[str, float]]:
-        """Top-k unseen items from the retriever, built from `history` only."""
+    def candidates(self, history: list[HistEvent], k: int | None = None,
+                   exclude_seen_titles: bool | None = None) -> list[tuple[str, float]]:
+        """Top-k unseen items from the retriever, built from `history` only. Unseen: not a history item, nor (when
+        `exclude_seen_titles`, default `cfg.exclude_seen_titles`) listed under a history item's title."""
         k = k or self.cfg.n_candidates
         seen = {e.item_id for e in history}
+        if self.cfg.exclude_seen_titles if exclude_seen_titles is None else exclude_seen_titles:
+            seen |= {t for i in list(seen) for t in self.title_twins.get(i, ())}
         hist = [(e.item_id, e.liked is not False, e.timestamp) for e in self._known(history)]
         return list(self.retriever.query(hist, k=k, exclude=seen))[:k]
 
@@ -514,9 +524,10 @@ class Recommender:
 
     def score_matrix(self, user_ids: Sequence[str], split: str = "test", mode: str | None = None) -> np.ndarray:
         """Full-ranking scores for evaluation: LLM-ordered candidates on top, every other item by retrieval score.
-        Only the history allowed for `split` is used (test: train+valid events)."""
+        Only the history allowed for `split` is used (test: train+valid events). Candidates exclude seen items by id
+        only, whatever `cfg.exclude_seen_titles` says: the protocol every baseline is scored by."""
         hs = [self.dataset_history(u, split) for u in user_ids]
-        cands = [self.candidates(h) for h in hs]
+        cands = [self.candidates(h, exclude_seen_titles=False) for h in hs]
         ranked = self.rank_candidates(hs, cands, mode)
         base = np.asarray(self.retriever.score_items(list(user_ids), split), dtype=np.float64)
         base = base - np.nanmax(base) - 1.0 if base.size else base  # every non-candidate below every candidate

@@ -68,6 +68,9 @@ class ServiceConfig:
     batch_max_wait_ms: float = 10.0
     candidates: int = 20  # candidates the recommender ranks (passed as `n_candidates` when it accepts it)
     like_threshold: float = 3.0  # rating events above it count as likes
+    # never recommend an item listed under the title of one the user has seen (catalogue duplicates, e.g. ML-100K's
+    # 18 films with two ids each); false: seen items are excluded by id only
+    exclude_seen_titles: bool = True
     retrieval_weight: float = 4.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
     # candidate retriever: text | hybrid (text + item-CF) | hybrid:sasrec (text + SASRec, loaded from its checkpoint
     # or fitted once at start) | itemcf (item-CF alone, no sentence-transformer); every choice scores any history

@@ -69,12 +69,17 @@ class LRUCache:
 
 class CollaborativeFallback:
     """Item-kNN on the dataset's user-item matrix: score(j) = sum over the user's recent liked (else all) items i of
-    cosine(i, j); seen items excluded; popularity breaks ties. Used when the LLM backend is down or slow."""
+    cosine(i, j); seen items (and their title twins) excluded; popularity breaks ties. Used when the LLM backend is
+    down or slow."""
 
-    def __init__(self, ds: Any):
+    def __init__(self, ds: Any, exclude_seen_titles: bool = True):
         from scipy import sparse
 
+        from llmrec.data import title_twins
+
         self.item_ids = np.asarray(ds.item_ids)
+        # seen items' title twins are excluded too (as RankingConfig.exclude_seen_titles)
+        self.twins = title_twins(list(ds.item_ids), list(ds.titles)) if exclude_seen_titles else {}
         self.index = ds.item_index
         self.titles = np.asarray(ds.titles)
         inter = ds.interactions
@@ -99,6 +104,8 @@ class CollaborativeFallback:
             scores = scores + sim
         for e in known:
             scores[self.index[e.item_id]] = -np.inf
+            for t in self.twins.get(e.item_id, ()):
+                scores[self.index[t]] = -np.inf
         k = min(k, int(np.isfinite(scores).sum()))
         top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], dtype=int)
         top = top[np.argsort(-scores[top], kind="stable")]
@@ -142,7 +149,8 @@ class RecommendationService:
         self.model_name = model_name
         self.hash_user = UserHasher(cfg.user_hash_key)
         self.cache = LRUCache(cfg.cache_size)
-        self.fallback = CollaborativeFallback(catalogue) if cfg.fallback == "collaborative" else None
+        self.fallback = (CollaborativeFallback(catalogue, cfg.exclude_seen_titles) if cfg.fallback == "collaborative"
+                         else None)
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="llmrec-llm")
         self.adapters = sorted(cfg.llm.adapters)
 
