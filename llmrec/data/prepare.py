@@ -458,11 +458,6 @@ class PreparedDataset:
     def item_texts(self, fields: list[str] | None = None) -> list[str]:
         return [self.item_text(i, fields) for i in self.item_ids]
 
-    @cached_property
-    def title_twins(self) -> dict[str, tuple[str, ...]]:
-        """item id -> the other ids listed under the same title (`title_twins`); items with a unique title absent."""
-        return title_twins(self.item_ids, self.titles)
-
 
 def dataset_dir(name: str, home: Path | None = None) -> Path:
     return (home or llmrec_home()) / "data" / name
