@@ -865,3 +865,28 @@ def test_collaborative_fallback_skips_title_twins(tiny_dataset):
     got = [r["item_id"] for r in CollaborativeFallback(ds2).recommend(events, 5)]
     assert first not in got and len(got) == 5
     assert CollaborativeFallback(ds2, exclude_seen_titles=False).recommend(events, 5)[0]["item_id"] == first
+
+
+def test_map_titles_resolves_a_shared_title_to_the_candidate_listed_under_it():
+    titles = ["Heat (1995)", "Alien (1979)", "Heat (1995)"]  # m0 and m2: one film under two ids
+    rec = Recommender(_fake_ds(titles), ScriptedBackend(), SimpleNamespace(), RankingConfig(n_candidates=2))
+    assert rec.matcher.exact("Heat (1995)") == "m0"  # the title alone names the first id
+    assert rec.map_titles("Heat (1995)\nAlien (1979)", ["m1", "m2"]) == ["m2", "m1"]
+    assert rec.map_titles("Heat (1995)", ["m1"]) == [] and rec.last_generate_stats["unmapped"] == 1
+
+
+def test_explanation_citing_a_seen_title_listed_under_two_ids_is_not_a_hallucination(parts, tiny_dataset):
+    h = make_rec(parts).dataset_history("u2")
+    ids = [str(i) for i in tiny_dataset.item_ids]
+    liked = max((e.item_id for e in h if e.liked), key=ids.index)
+    twin = next(i for i in ids if i not in {e.item_id for e in h})
+    assert ids.index(twin) < ids.index(liked)  # so the matcher reads the shared title as `twin`, not the seen id
+    ds2 = _with_twin(tiny_dataset, twin, liked)
+    named = title(tiny_dataset, liked)
+    backend = ScriptedBackend(gen=f' "{named}", so these fit well.')
+    rec = Recommender(ds2, backend, parts.retriever, RankingConfig(n_candidates=8, max_prompt_tokens=512))
+    assert rec.matcher.exact(named) == twin
+    r = rec.recommend("u2", k=4, explain=True)
+    assert twin not in [i.item_id for i in r.items]
+    assert r.explanation_fallback is False and r.hallucinated == []
+    assert r.explanation.endswith(f'"{named}", so these fit well.')

@@ -238,9 +238,14 @@ class Recommender:
         k = k or self.cfg.n_candidates
         seen = {e.item_id for e in history}
         if self.cfg.exclude_seen_titles if exclude_seen_titles is None else exclude_seen_titles:
-            seen |= {t for i in list(seen) for t in self.title_twins.get(i, ())}
+            seen = self._with_twins(seen)
         hist = [(e.item_id, e.liked is not False, e.timestamp) for e in self._known(history)]
         return list(self.retriever.query(hist, k=k, exclude=seen))[:k]
+
+    def _with_twins(self, ids: Iterable[str]) -> set[str]:
+        """`ids` and every id listed under the same title as one of them (`title_twins`)."""
+        ids = set(ids)
+        return ids | {t for i in ids for t in self.title_twins.get(i, ())}
 
     def _attrs(self, item_id: str) -> list[str]:
         row = self.ds.items.iloc[self.ds.item_index[item_id]]
@@ -351,6 +356,8 @@ class Recommender:
             if iid is None:
                 found = self.matcher.find(line)
                 iid = found[0] if found else None
+            if iid is not None and iid not in candidate_ids:  # the title may be a candidate's under another id
+                iid = next((t for t in self.title_twins.get(iid, ()) if t in candidate_ids), iid)
             if iid is not None and iid not in candidate_ids:  # a catalogue title, but not one of the candidates
                 stats["unmapped"] += 1
                 continue
@@ -398,7 +405,9 @@ class Recommender:
                 hist_ids = {e.item_id for e in histories[u]}
                 liked = [e.item_id for e in histories[u] if e.liked and e.item_id in self.ds.item_index]
                 attrs = {a for i in liked[-10:] for a in self._attrs(i)}
-                chk = check_explanation(text, self.matcher, hist_ids, set(recs[u]), attrs)
+                # a title names every id listed under it (the matcher returns one of them)
+                chk = check_explanation(text, self.matcher, self._with_twins(hist_ids), self._with_twins(recs[u]),
+                                        attrs)
                 if chk.ok:
                     res[u] = (text, False, [])
                 else:
