@@ -35,7 +35,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -286,6 +286,12 @@ def title_twins(item_ids: Sequence[object], titles: Sequence[object]) -> dict[st
     for i, t in zip(item_ids, titles):
         groups.setdefault(title_key(t), []).append(str(i))
     return {i: tuple(j for j in g if j != i) for g in groups.values() if len(g) > 1 for i in g}
+
+
+def with_title_twins(ids: Iterable[str], twins: dict[str, tuple[str, ...]]) -> set[str]:
+    """`ids` and every id listed under the same title as one of them (`twins`: a `title_twins` map)."""
+    ids = set(ids)
+    return ids | {t for i in ids for t in twins.get(i, ())}
 
 
 def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, dropped: dict[str, int]) -> dict:

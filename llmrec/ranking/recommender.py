@@ -243,9 +243,9 @@ class Recommender:
         return list(self.retriever.query(hist, k=k, exclude=seen))[:k]
 
     def _with_twins(self, ids: Iterable[str]) -> set[str]:
-        """`ids` and every id listed under the same title as one of them (`title_twins`)."""
-        ids = set(ids)
-        return ids | {t for i in ids for t in self.title_twins.get(i, ())}
+        from llmrec.data import with_title_twins
+
+        return with_title_twins(ids, self.title_twins)
 
     def _attrs(self, item_id: str) -> list[str]:
         row = self.ds.items.iloc[self.ds.item_index[item_id]]

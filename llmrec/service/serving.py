@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.data import title_twins, with_title_twins
 from llmrec.service.config import ServiceConfig
 from llmrec.service.metrics import ServiceMetrics
 from llmrec.store import Event, EventStore, IdempotencyConflict, StoreError
@@ -75,8 +76,6 @@ class CollaborativeFallback:
     def __init__(self, ds: Any, exclude_seen_titles: bool = True):
         from scipy import sparse
 
-        from llmrec.data import title_twins
-
         self.item_ids = np.asarray(ds.item_ids)
         # seen items' title twins are excluded too (as RankingConfig.exclude_seen_titles)
         self.twins = title_twins(list(ds.item_ids), list(ds.titles)) if exclude_seen_titles else {}
@@ -102,10 +101,8 @@ class CollaborativeFallback:
         if seeds:
             sim = (self.xt[seeds] @ self.xt.T).toarray().sum(axis=0)
             scores = scores + sim
-        for e in known:
-            scores[self.index[e.item_id]] = -np.inf
-            for t in self.twins.get(e.item_id, ()):
-                scores[self.index[t]] = -np.inf
+        for i in with_title_twins((e.item_id for e in known), self.twins):
+            scores[self.index[i]] = -np.inf
         k = min(k, int(np.isfinite(scores).sum()))
         top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], dtype=int)
         top = top[np.argsort(-scores[top], kind="stable")]
