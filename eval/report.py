@@ -79,6 +79,7 @@ def section() -> str:
         ("ranking_modes_ml-100k", None),
         ("ranking_modes_ml-100k_vllm", None),
         ("ranking_modes_ml-100k_gpu_135m", None),  # finetune/gpu_check.sh (absent until a GPU run)
+        ("score_batching_ml-100k", None),
         ("explanations_ml-100k", None),
         ("explanations_ml-100k_vllm", None),
         ("zeroshot", None),

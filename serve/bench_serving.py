@@ -3,6 +3,7 @@
     python serve/bench_serving.py engines [--n-score 64 --n-gen 32 --gen-tokens 32 --n-explain 64]
     python serve/bench_serving.py generation [--n-gen 64 --gen-lengths 32,128 --hf-batches 16,64 --append]
     python serve/bench_serving.py service [--backends vllm,transformers --concurrency 1,8,16 --requests 24]
+        [--set key=value ...]                 # service config overrides, named in the row
     python serve/bench_serving.py report          # rewrite the markdown from the JSON (+ serving_kill.json)
 
 `engines`: same model (embedded SmolLM2-135M-Instruct, --dtype: "fast" = bf16 where the hardware has it, else
@@ -441,12 +442,14 @@ def run_service(args: argparse.Namespace, cmd: str = "") -> dict:
                 f"llm.timeout_s={args.timeout}", "fallback=none", f"llm.vllm_port={free_port()}",
                 f"retriever={args.retriever}"]
         over.append("llm.backend=vllm" if kind == "vllm" else f"llm.backend={kind}")
+        over += args.set
         log_path = tmp / "service.log"
         t0 = time.perf_counter()
         proc = start_service(over, port, log_path)
         start_s = time.perf_counter() - t0
         key = (f"{kind}, batching={batching}" + (", explain" if args.explain else "")
-               + (f", {args.retriever}" if args.retriever != _service_default("retriever") else ""))
+               + (f", {args.retriever}" if args.retriever != _service_default("retriever") else "")
+               + "".join(f", {kv}" for kv in args.set))
         try:
             import httpx
 
@@ -618,6 +621,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--append", action="store_true", help="service / generation: keep the earlier runs' rows")
     ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="service: extra config overrides (e.g. llm.score_batch_tokens=null), named in the row")
     ap.add_argument("--retriever", default=_service_default("retriever"),
                     help="service: candidate retriever (default: the service's own default)")
     ap.add_argument("--note", default="", help="how the machine was during this part (e.g. quiet); stored with it")

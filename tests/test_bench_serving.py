@@ -141,3 +141,33 @@ def test_report_has_the_generation_section_with_the_speedup_per_length(tmp_path,
     bs.write({"generation": {"runs": [run, {**run, "vllm_vs_best_transformers_speedup": {"32": 2.5}}]}})
     md = (tmp_path / "serving.md").read_text()  # repeats (--append) each keep their table and ratio
     assert "run 1 of 2" in md and "run 2 of 2" in md and "x4.00 at 32 tokens" in md and "x2.50 at 32 tokens" in md
+
+
+def test_service_part_passes_set_overrides_to_the_service_and_names_them_in_the_row(tiny_dataset, monkeypatch):
+    import argparse
+    import sys
+    import types
+
+    bs = _bench_serving()
+    started: list[list[str]] = []
+    monkeypatch.setattr(bs, "start_service", lambda over, port, log_path: started.append(list(over)) or "proc")
+    monkeypatch.setattr(bs, "stop_service", lambda proc: None)
+    monkeypatch.setattr(bs, "load_run", lambda base, users, c, timeout, explain=False: {"concurrency": c,
+                                                                                          "users": list(users)})
+
+    class Resp:
+        text = 'llmrec_batch_size_count{op="score"} 1.0'
+
+        def json(self):
+            return {"backend": "transformers"}
+
+    monkeypatch.setitem(sys.modules, "httpx", types.SimpleNamespace(get=lambda *a, **k: Resp()))
+    monkeypatch.setattr("llmrec.data.load_prepared", lambda name: tiny_dataset)
+    args = argparse.Namespace(dataset="tiny", append=False, backends="transformers:micro", timeout=5.0,
+                              retriever=bs._service_default("retriever"), explain=False, concurrency="1,2",
+                              requests=2, note="n", set=["llm.dtype=float32", "candidates=10"])
+    out = bs.run_service(args)
+    assert list(out) == ["transformers, batching=micro, llm.dtype=float32, candidates=10"]
+    assert started[0][-2:] == ["llm.dtype=float32", "candidates=10"] and "batching=micro" in started[0]
+    users = [u for r in out[next(iter(out))]["runs"] for u in r["users"]]
+    assert len(users) == len(set(users)) == 2 + 4  # distinct users across concurrency levels (no cache hits)
