@@ -545,6 +545,28 @@ def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_datas
     assert not hasattr(off, "quotable")
 
 
+def test_explanation_prompt_adds_earlier_likes_when_the_recent_window_has_too_few(parts, tiny_dataset):
+    """A harsh rater's last `history_len` events may hold no like: the explain prompt then also lists the most recent
+    earlier liked items (before the window, oldest first), up to `explain_min_liked` likes in all, so the text has a
+    liked title to cite; a window with enough likes is listed alone."""
+    ids = [str(i) for i in tiny_dataset.item_ids[:14]]
+    liked_early = {0, 1, 2}  # three likes before the window of 10
+    hist = [HistEvent(i, n in liked_early or n == 13, 5.0 if n in liked_early or n == 13 else 1.0, n)
+            for n, i in enumerate(ids)]  # window = events 4..13: one like (13)
+    recs = [str(i) for i in tiny_dataset.item_ids[20:23]]
+    cases = ((3, [ids[1], ids[2], ids[13]]),  # two earlier likes added: the most recent ones, 1 and 2
+             (1, [ids[13]]),  # the window already holds one like
+             (0, [ids[13]]))
+    for min_liked, want in cases:
+        backend = ScriptedBackend(gen=" nice things.")
+        make_rec(parts, backend, explain_relevant_titles=False, explain_min_liked=min_liked).explain([hist], [recs])
+        assert backend.quotable == [[title(tiny_dataset, i) for i in want]], min_liked
+        prompt = backend.generated[-1].split("Recommended")[0]
+        listed = [i for i in ids if f'"{title(tiny_dataset, i)}"' in prompt]
+        assert listed == sorted(set(want) | set(ids[4:]), key=ids.index)  # oldest first, the window complete
+    assert not [i for i in ids[:4] if f'"{title(tiny_dataset, i)}"' in backend.generated[-1].split("Recommended")[0]]
+
+
 # ------------------------------------------------------------------------------------------------ 6. evaluations
 def _tallrec_rows(outputs=("Yes.", "No.", "Yes.", "No.", "Yes.", "No.")):
     instr = 'Given the user\'s preference and unpreference, identify whether the user will like the target movie by ' \

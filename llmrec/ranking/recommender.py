@@ -77,6 +77,9 @@ class RankingConfig:
     # prefix names it (explain v3), else / when none does with one of the top 3, when there is one (what the
     # explanation can cite is then evidence for the recommendation, not any liked title)
     explain_relevant_titles: bool = True
+    # explanations: when the history_len most recent events hold fewer likes than this, the prompt also lists the
+    # most recent earlier liked items (oldest first still), so a harsh rater's explanation has something to cite
+    explain_min_liked: int = 3
     generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
@@ -198,13 +201,27 @@ class Recommender:
             for i, lab, r, t in zip(h["item_id"], h["label"], h["rating"], h["timestamp"])
         ]
 
+    def _explain_events(self, history: list[HistEvent]) -> list[HistEvent]:
+        """The events an explanation prompt lists: the `history_len` most recent, preceded (still oldest first) by the
+        most recent earlier liked ones when those hold fewer than `explain_min_liked` likes. A harsh rater's last ten
+        can all be dislikes, and the text may only cite liked titles the prompt lists."""
+        n = self.cfg.history_len
+        window = history[-n:]
+        need = self.cfg.explain_min_liked - sum(e.liked is True for e in window)
+        if need <= 0:
+            return window
+        earlier = [e for e in history[: max(0, len(history) - n)]
+                   if e.liked is True and e.item_id in self.ds.item_index]
+        return earlier[-need:] + window
+
     def _known(self, history: list[HistEvent]) -> list[HistEvent]:
         return [e for e in history if e.item_id in self.ds.item_index]
 
-    def _prompt_history(self, history: list[HistEvent]):
+    def _prompt_history(self, history: list[HistEvent], events: list[HistEvent] | None = None):
+        """The prompt's history items: `events`, by default the `history_len` most recent of `history`."""
         from llmrec.prompts import history_from_dataset
 
-        h = history[-self.cfg.history_len :]
+        h = history[-self.cfg.history_len :] if events is None else events
         return history_from_dataset(
             self.ds,
             [e.item_id for e in h],
@@ -382,7 +399,7 @@ class Recommender:
         tmpl = self.templates["explain"]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
-            hist = [self._prompt_history(histories[u]) for u in idx]
+            hist = [self._prompt_history(histories[u], self._explain_events(histories[u])) for u in idx]
             rendered = [self._render("explain", histories[u], recommended=self._items(recs[u][:3]), prompt_history=h)
                         for u, h in zip(idx, hist)]
             prompts = [r.text for r in rendered]
