@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmrec.data.prepare import PreparedDataset
+from llmrec.data.prepare import PreparedDataset, title_twins, with_title_twins
 from llmrec.prompts import liked_shown, quotable_titles, quote
 from llmrec.ranking.explain import (
     TitleMatcher,
@@ -168,8 +168,6 @@ class Recommender:
         self.cfg = cfg or RankingConfig()
         self.adapter = adapter
         self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles])
-        from llmrec.data import title_twins
-
         self.title_twins = title_twins(list(ds.item_ids), list(ds.titles))  # id -> ids listed under the same title
         self._attr_fields = [f for f in ATTRIBUTE_FIELDS if f in ds.items.columns]
         from llmrec.prompts import load_template
@@ -260,8 +258,6 @@ class Recommender:
         return list(self.retriever.query(hist, k=k, exclude=seen))[:k]
 
     def _with_twins(self, ids: Iterable[str]) -> set[str]:
-        from llmrec.data import with_title_twins
-
         return with_title_twins(ids, self.title_twins)
 
     def _attrs(self, item_id: str) -> list[str]:
