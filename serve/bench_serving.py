@@ -622,7 +622,7 @@ def main() -> int:
     ap.add_argument("--append", action="store_true", help="service / generation: keep the earlier runs' rows")
     ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="service: extra config overrides (e.g. llm.score_batch_tokens=null), named in the row")
+                    help="service: extra config overrides (e.g. exclude_seen_titles=false), named in the row")
     ap.add_argument("--retriever", default=_service_default("retriever"),
                     help="service: candidate retriever (default: the service's own default)")
     ap.add_argument("--note", default="", help="how the machine was during this part (e.g. quiet); stored with it")
