@@ -3,6 +3,7 @@
 from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
+    drop_empty_tail,
     split_values,
     template_explanation,
     tidy_explanation,
@@ -128,3 +129,23 @@ def test_a_recommended_item_claimed_as_already_liked_fails_the_check():
                  "tend to enjoy: Action."):
         chk = check_explanation(good, m, {"1", "2"}, {"3"}, {"Action"})
         assert chk.ok and chk.misattributed == [], good
+
+
+def test_drop_empty_tail_cuts_filler_after_the_last_cited_title():
+    m = TitleMatcher(IDS, TITLES)
+    head = '"Babe (1995)" suits this user because they liked "Toy Story (1995)"'
+    # filler seen on ML-100K (9 of 60 texts): names nothing, verifiable by nothing
+    assert drop_empty_tail(head + " and liked the movie title.", m, {"Comedy"}) == head + "."
+    assert drop_empty_tail(head + " because they liked both movies.", m, set()) == head + "."
+    # a reaction mark copied from the prompt's history lines ("(disliked)" on a title the user liked) is removed
+    assert drop_empty_tail(head + " (disliked).", m, set()) == head + "."
+    marked = '"Babe (1995)" suits this user because they liked "Toy Story (1995)" (liked) and "Heat (1995)".'
+    assert drop_empty_tail(marked, m, set()) == marked.replace(" (liked)", "")
+    # a tail that names an attribute value or a title says something: kept
+    kept = head + " because they both had a love for comedy movies."
+    assert drop_empty_tail(kept, m, {"Comedy"}) == kept
+    assert drop_empty_tail(head + " just like Heat (1995).", m, set()) == head + " just like Heat (1995)."
+    # only the recommended title quoted (the answer prefix's): nothing to end the sentence at
+    lone = '"Babe (1995)" suits this user because they liked the movie title.'
+    assert drop_empty_tail(lone, m, set()) == lone
+    assert drop_empty_tail(head + ".", m, set()) == head + "."

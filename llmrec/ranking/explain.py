@@ -131,6 +131,30 @@ def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: in
     return out
 
 
+_REACTION_MARK = re.compile(r'"\s*\((?:liked|disliked|loved|hated)\)', re.IGNORECASE)
+
+
+def drop_empty_tail(text: str, matcher: TitleMatcher, attributes: set[str]) -> str:
+    """Cut what follows the last quoted title when it names no catalogue title and no attribute value (genre, tag):
+    the 135M model often closes with filler ('... and liked "Apollo 13 (1995)" and liked the movie title.', '...
+    because they liked both movies.'), which says nothing about the user and nothing a check can verify. The sentence
+    then ends at the title. Only applies after a second quoted span (the first is the recommended title the answer
+    prefix opens with), and a reaction mark copied from the prompt's history lines after a title (`"Heat (1995)"
+    (disliked)`, false for the titles the quote constraint allows) is removed first."""
+    text = _REACTION_MARK.sub('"', text)
+    quotes = [m.start() for m in re.finditer('"', text)]
+    if len(quotes) < 4 or len(quotes) % 2:
+        return text
+    end = quotes[-1] + 1
+    tail = text[end:]
+    if not tail.strip(" .,;:!?") or matcher.find(tail):
+        return text
+    low = tail.lower()
+    if any(len(a) >= 3 and re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in attributes):
+        return text
+    return text[:end] + "."
+
+
 @dataclass
 class ExplanationCheck:
     named: list[str] = field(default_factory=list)  # item ids named in the text

@@ -40,6 +40,7 @@ from llmrec.prompts import liked_shown, quotable_titles, quote
 from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
+    drop_empty_tail,
     split_values,
     template_explanation,
     tidy_explanation,
@@ -418,6 +419,7 @@ class Recommender:
                 hist_ids = {e.item_id for e in histories[u]}
                 liked = [e.item_id for e in histories[u] if e.liked and e.item_id in self.ds.item_index]
                 attrs = {a for i in liked[-10:] for a in self._attrs(i)}
+                text = drop_empty_tail(text, self.matcher, attrs | {a for i in recs[u][:3] for a in self._attrs(i)})
                 # a title names every id listed under it (the matcher returns one of them)
                 chk = check_explanation(text, self.matcher, self._with_twins(hist_ids), self._with_twins(recs[u]),
                                         attrs)
