@@ -4,6 +4,7 @@ from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
     drop_empty_tail,
+    mentions_attribute,
     split_values,
     template_explanation,
     tidy_explanation,
@@ -149,3 +150,11 @@ def test_drop_empty_tail_cuts_filler_after_the_last_cited_title():
     lone = '"Babe (1995)" suits this user because they liked the movie title.'
     assert drop_empty_tail(lone, m, set()) == lone
     assert drop_empty_tail(head + ".", m, set()) == head + "."
+
+
+def test_mentions_attribute_whole_words_and_plurals():
+    assert mentions_attribute("two fine dramas", {"Drama"}) and mentions_attribute("Comedies!", {"Comedy"})
+    assert mentions_attribute("a thriller", {"Thriller", "War"}) and not mentions_attribute("a warm film", {"War"})
+    assert not mentions_attribute("melodramatic", {"Drama"}) and not mentions_attribute("an ox", {"Ox"})  # < 3 chars
+    m = TitleMatcher(IDS, TITLES)
+    assert check_explanation("You enjoy comedies.", m, {"1"}, {"3"}, {"Comedy"}).grounded

@@ -519,6 +519,11 @@ def test_grounded_explanation_is_kept(parts, tiny_dataset):
     assert backend.generated[-1].endswith("Explanation: " + lead)
     assert r.explanation == f'{lead} "{named}", so these dramas fit well.'
     assert backend.lead_quote is True and backend.frequency_penalties[-1] == RankingConfig().explain_frequency_penalty
+    # structured evidence: the cited history item with the genres it shares with the top item (the text's subject)
+    genres = {i: set(str(tiny_dataset.items.iloc[tiny_dataset.item_index[i]]["genres"]).split("|"))
+              for i in (liked[-1], r.items[0].item_id)}
+    assert r.evidence == [{"item_id": liked[-1], "title": named,
+                           "shared": sorted(genres[liked[-1]] & genres[r.items[0].item_id])}]
 
 
 def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_dataset):
@@ -911,4 +916,5 @@ def test_explanation_citing_a_seen_title_listed_under_two_ids_is_not_a_hallucina
     r = rec.recommend("u2", k=4, explain=True)
     assert twin not in [i.item_id for i in r.items]
     assert r.explanation_fallback is False and r.hallucinated == []
-    assert r.explanation.endswith(f'"{named}", so these fit well.')
+    assert r.explanation.endswith(f'"{named}".')  # the filler after the cited title is cut
+    assert [e["item_id"] for e in r.evidence] == [liked]  # the id the user has, not the twin the title reads as

@@ -44,8 +44,12 @@ class GenreRecommender:
         sc = self._scores(history)
         top = sorted(sc, key=lambda i: -sc[i])[:k]
         items = [RecItem(i, self.ds.titles[self.ds.item_index[i]], sc[i], r + 1) for r, i in enumerate(top)]
+        last = history[-1] if history else None
+        evidence = ([{"item_id": last.item_id, "title": self.ds.titles[self.ds.item_index[last.item_id]],
+                      "shared": ["Drama"]}] if explain and last is not None else [])
         return Recommendation(user_id, items, explanation="because you liked them" if explain else None,
-                              explanation_fallback=False, model="fake", adapter=adapter, backend="fake")
+                              explanation_fallback=False, model="fake", adapter=adapter, backend="fake",
+                              evidence=evidence)
 
     def score_yesno(self, user_id, item_ids, history=None):
         if self.fail:
@@ -93,6 +97,9 @@ def test_recommendations_shape_and_history_passed(client, tiny_dataset):
     body = r.json()
     assert [it["rank"] for it in body["items"]] == [1, 2, 3, 4, 5]
     assert body["explanation"] and body["backend"] == "fake" and body["degraded"] is False and body["cached"] is False
+    last = client.rec.calls[-1]["history"][-1]
+    assert body["explanation_evidence"] == [{"item_id": last.item_id, "title": tiny_dataset.titles[
+        tiny_dataset.item_index[last.item_id]], "shared": ["Drama"]}]
     seen = set(tiny_dataset.history("u3", before="all")["item_id"])
     assert not seen & {it["item_id"] for it in body["items"]}
     hist = client.rec.calls[-1]["history"]

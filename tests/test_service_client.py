@@ -49,6 +49,17 @@ def test_fetch_and_format(server):
         fetch_recommendations(server, "u4", k=0)
 
 
+def test_format_shows_the_explanation_and_its_evidence():
+    rec = {"user_id": "7", "items": [{"rank": 1, "score": -0.5, "item_id": "i1", "title": "Babe (1995)"}],
+           "explanation": '"Babe (1995)" suits this user because they liked "Toy Story (1995)".',
+           "explanation_fallback": False, "backend": "transformers", "model": "m",
+           "explanation_evidence": [{"item_id": "i9", "title": "Toy Story (1995)", "shared": ["Children's", "Comedy"]},
+                                    {"item_id": "i8", "title": "Heat (1995)", "shared": []}]}
+    lines = format_recommendations(rec).splitlines()
+    assert lines[-3].startswith('explanation: "Babe (1995)"')
+    assert lines[-2:] == ["  cites Toy Story (1995) (shares Children's, Comedy)", "  cites Heat (1995)"]
+
+
 def test_unreachable():
     with pytest.raises(ServiceClientError, match="cannot reach"):
         fetch_recommendations(f"http://127.0.0.1:{free_port()}", "u1", timeout=2)

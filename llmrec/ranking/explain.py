@@ -149,10 +149,23 @@ def drop_empty_tail(text: str, matcher: TitleMatcher, attributes: set[str]) -> s
     tail = text[end:]
     if not tail.strip(" .,;:!?") or matcher.find(tail):
         return text
-    low = tail.lower()
-    if any(len(a) >= 3 and re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in attributes):
+    if mentions_attribute(tail, attributes):
         return text
     return text[:end] + "."
+
+
+def mentions_attribute(text: str, attributes: set[str]) -> bool:
+    """Whether `text` names one of the attribute values (3+ characters, whole words, case-insensitive), singular or
+    plural ("drama" / "dramas", "comedy" / "comedies")."""
+    low = text.lower()
+    for a in attributes:
+        a = a.lower()
+        if len(a) < 3:
+            continue
+        stem = re.escape(a[:-1]) + r"(?:y|ies)" if a.endswith("y") else re.escape(a) + r"(?:s|es)?"
+        if re.search(r"(?<!\w)" + stem + r"(?!\w)", low):
+            return True
+    return False
 
 
 @dataclass
@@ -175,7 +188,6 @@ def check_explanation(
     not repetitive, and no recommended item presented as one the user already liked / watched / bought."""
     named = matcher.find(text)
     halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
-    low = text.lower()
     attr_low = {a.lower() for a in attributes}
     quoted = [q.strip() for q in _QUOTED.findall(text)]
     for q in quoted:
@@ -184,9 +196,7 @@ def check_explanation(
     mentions = [matcher.exact(q) for q in quoted]
     ids = [m for m in mentions if m]
     repetitive = len(ids) != len(set(ids))
-    grounded = any(i in history_ids for i in named) or any(
-        re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", low) for a in attr_low if len(a) >= 3
-    )
+    grounded = any(i in history_ids for i in named) or mentions_attribute(text, attributes)
     misattributed: list[str] = []
     for m in _CLAIM.finditer(text):
         for i in matcher.find(m.group(1)):

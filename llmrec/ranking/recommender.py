@@ -113,6 +113,9 @@ class Recommendation:
     adapter: str | None = None
     backend: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    # the history items the explanation cites, each with the attribute values (genre, tag, ...) it shares with the
+    # recommended items the text names: {"item_id", "title", "shared": [...]}, in the order the text cites them
+    evidence: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -269,6 +272,27 @@ class Recommender:
         """The ids among `item_ids` (catalogue items) that share an attribute value with one of `rec_ids`."""
         rec_attrs = {a for i in rec_ids for a in self._attrs(i)}
         return {i for i in item_ids if i in self.ds.item_index and rec_attrs & set(self._attrs(i))}
+
+    def explanation_evidence(self, history: list[HistEvent], text: str | None, rec_ids: Sequence[str]
+                             ) -> list[dict[str, Any]]:
+        """The history items `text` cites (in order; a title listed under two ids resolves to the one the user has),
+        each with the attribute values it shares with the recommended items the text names (with the top item when it
+        names none): structured evidence a client can show next to the explanation."""
+        if not text:
+            return []
+        hist = {e.item_id for e in history}
+        named = self.matcher.find(text)
+        recs = set(rec_ids)
+        about = [i for i in named if i in self._with_twins(recs) and i not in hist] or list(rec_ids[:1])
+        about_attrs = {a for i in about if i in self.ds.item_index for a in self._attrs(i)}
+        out: list[dict[str, Any]] = []
+        for i in named:
+            own = next((t for t in sorted(self._with_twins([i])) if t in hist), None)
+            if own is None or own not in self.ds.item_index or any(e["item_id"] == own for e in out):
+                continue
+            shared = [a for a in dict.fromkeys(self._attrs(own)) if a in about_attrs]
+            out.append({"item_id": own, "title": str(self.ds.titles[self.ds.item_index[own]]), "shared": shared})
+        return out
 
     def _cite_pool(self, hist: list, rendered: Any, recs: Sequence[str], first: bool) -> set[str] | None:
         """The liked history items the prompt lists that an explanation should cite: those sharing an attribute with
@@ -459,7 +483,7 @@ class Recommender:
         expl = self.explain(hs, top) if explain else [(None, False, []) for _ in top]
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
         out = []
-        for u, r, (text, fb, hall) in zip(user_ids, ranked, expl):
+        for u, h, r, t, (text, fb, hall) in zip(user_ids, hs, ranked, top, expl):
             items = [
                 RecItem(i, str(self.ds.titles[self.ds.item_index[i]]), s, n + 1) for n, (i, s) in enumerate(r[:k])
             ]
@@ -474,6 +498,7 @@ class Recommender:
                     self.adapter,
                     getattr(self.backend, "name", ""),
                     {"seconds_per_user": dt},
+                    self.explanation_evidence(h, text, t) if explain else [],
                 )
             )
         return out

@@ -97,4 +97,7 @@ def format_recommendations(rec: dict[str, Any]) -> str:
     if rec.get("explanation"):
         tag = " (template fallback)" if rec.get("explanation_fallback") else ""
         lines.append(f"explanation{tag}: {rec['explanation']}")
+        for ev in rec.get("explanation_evidence") or []:
+            shared = f" (shares {', '.join(ev['shared'])})" if ev.get("shared") else ""
+            lines.append(f"  cites {ev['title']}{shared}")
     return "\n".join(lines)

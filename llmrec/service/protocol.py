@@ -28,11 +28,19 @@ class RecItemOut(BaseModel):
     rank: int
 
 
+class EvidenceOut(BaseModel):
+    item_id: str = Field(description="a history item the explanation cites")
+    title: str
+    shared: list[str] = Field(default_factory=list, description="attribute values (genre, tag, ...) it shares with "
+                              "the recommended items the explanation names")
+
+
 class RecommendationResponse(BaseModel):
     user_id: str
     items: list[RecItemOut]
     explanation: str | None = None
     explanation_fallback: bool = False
+    explanation_evidence: list[EvidenceOut] = Field(default_factory=list)
     model: str | None = None
     adapter: str | None = None
     backend: str

@@ -210,6 +210,7 @@ class RecommendationService:
                     ],
                     "explanation": rec.explanation,
                     "explanation_fallback": bool(getattr(rec, "explanation_fallback", False)),
+                    "explanation_evidence": list(getattr(rec, "evidence", None) or []),
                     "model": self.model_name or getattr(rec, "model", None),  # the launcher knows of merging
                     "adapter": getattr(rec, "adapter", None) or adapter,
                     "backend": getattr(rec, "backend", None) or self.backend_name,
@@ -229,6 +230,7 @@ class RecommendationService:
                 raise ServiceError(503, "backend_unavailable", "no LLM backend and no fallback configured")
             out = {
                 "items": self.fallback.recommend(history, k), "explanation": None, "explanation_fallback": False,
+                "explanation_evidence": [],
                 "model": None, "adapter": None, "backend": "collaborative", "degraded": True,
             }
         resp = {"user_id": user_id, **out, "cached": False, "history_version": version}
