@@ -81,14 +81,16 @@ def main() -> None:
         t0 = time.perf_counter()
         out = rec.explain(hs, top)
         dt = (time.perf_counter() - t0) / max(1, len(users))
-        for r, (text, fb, hall) in zip(recs, out):
+        for r, h, t, (text, fb, hall) in zip(recs, hs, top, out):
             r.explanation, r.explanation_fallback, r.hallucinated = text, fb, hall
+            r.evidence = rec.explanation_evidence(h, text, t)
         m = explanation_metrics(recs)
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
                      "top1_citations": relevant_citations(rec, hs, recs, top=1, generated_only=True),
                      "frequency_penalty": fp, "s_per_user": dt})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
-                            "explanation": r.explanation, "fallback": r.explanation_fallback}
+                            "explanation": r.explanation, "fallback": r.explanation_fallback,
+                            "evidence": r.evidence}
                            for r in recs[: args.examples]]
         log.info("%s", rows[-1])
     backend.close()
@@ -109,7 +111,10 @@ def main() -> None:
     for label, ex in examples.items():
         md += f"\n## Examples: {label}\n" + "".join(
             f"- user {e['user_id']} -> {', '.join(e['recommended'])}: {e['explanation']}"
-            + (" *(template fallback)*" if e["fallback"] else "") + "\n" for e in ex)
+            + (" *(template fallback)*" if e["fallback"] else "")
+            + "".join(f" [cites {v['title']}: {', '.join(v['shared']) or 'no shared attribute'}]"
+                      for v in e.get("evidence", []))
+            + "\n" for e in ex)
     name = f"explanations_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
     write_result(name, {"dataset": args.dataset, "rows": rows, "examples": examples,
                                                   "args": vars(args), "backend": backend.name}, md,

@@ -1,0 +1,64 @@
+"""eval/report.py: the README's headline block is read from the result files, not typed by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "eval" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(tmp_path: Path) -> None:
+    methods = {"mf": {"ndcg@10": 0.03, "hr@10": 0.05, "auc": 0.72, "rank_s_per_user": 0.0005},
+               "sasrec": {"ndcg@10": 0.085, "hr@10": 0.175, "rank_s_per_user": 0.0015},
+               "llm tuned": {"ndcg@10": 0.0719, "hr@10": 0.15, "auc": 0.7632, "rank_s_per_user": 1.2345},
+               "a method the headline leaves out": {"ndcg@10": 0.5}}
+    goals = {"ndcg@10": {"ratio": 0.8459, "goal_ratio": 1.15, "met": False, "best_other_name": "sasrec"},
+             "verbalizer_speedup": {"ratio": 21.04, "goal_ratio": 20.0, "met": True}}
+    (tmp_path / "bench_ml-100k.json").write_text(json.dumps(
+        {"methods": methods, "goals": goals, "rank_user_ids": ["1", "2", "3"], "yesno_rows": [0, 1],
+         "command": "llmrec bench", "commit": "abc1234"}))
+
+
+def test_glance_reads_the_bench_and_explanation_results(report, tmp_path):
+    assert "make bench" in report.glance(tmp_path)  # nothing measured yet: says how to measure
+    _bench(tmp_path)
+    text = report.glance(tmp_path)
+    lines = text.splitlines()
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table == ["| method | NDCG@10 | HR@10 | Yes/No AUC | ms/user |",
+                     "| MF | 0.0300 | 0.0500 | 0.7200 | 0.5 |",
+                     "| SASRec | 0.0850 | 0.1750 |  | 1.5 |",
+                     "| LLM (SmolLM2-135M), QLoRA-tuned | 0.0719 | 0.1500 | 0.7632 | 1,234.5 |"]
+    assert "leave-one-out test, 3 users), Yes/No by AUC on 2 time-split" in text
+    assert "- tuned LLM NDCG@10 = 0.85x the best baseline's (SASRec; goal 1.15x): **not met**" in lines
+    assert "- verbalizer ranking 21.0x faster per user than generating titles (goal 20x): met" in lines
+    assert "- explanations" not in text and "explanations_ml-100k" not in text
+    rows = [{"explanations": "free text", "n": 40, "fallback_rate": 0.9, "hallucination_rate": 0.025,
+             "mean_words": 35.8, "s_per_user": 0.61},
+            {"explanations": report.DEFAULT_EXPLANATIONS, "n": 40, "fallback_rate": 0.025, "hallucination_rate": 0.0,
+             "mean_words": 17.4, "s_per_user": 0.654}]
+    (tmp_path / "explanations_ml-100k.json").write_text(json.dumps({"rows": rows, "command": "python eval/e.py"}))
+    text = report.glance(tmp_path)
+    assert ("- explanations (40 users, the default mode): template fallback 2%, hallucinated titles 0%, 17 words, "
+            "0.65 s/user.") in text.splitlines()
+    assert "`eval/results/bench_ml-100k.json` (`llmrec bench`, commit abc1234)" in text
+
+
+def test_replace_rewrites_only_between_the_markers_and_names_missing_ones(report):
+    text = f"intro\n{report.GLANCE_START}\nold\n{report.GLANCE_END}\nrest"
+    assert report._replace(text, report.GLANCE_START, report.GLANCE_END, "new") == (
+        f"intro\n{report.GLANCE_START}\nnew\n{report.GLANCE_END}\nrest")
+    with pytest.raises(SystemExit, match="no markers"):
+        report._replace("intro", report.START, report.END, "x")
