@@ -26,6 +26,7 @@ from llmrec.data import load_prepared
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import explanation_metrics
+from llmrec.ranking.explain import evidence_note
 from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
 log = logging.getLogger("explanations")
@@ -112,8 +113,7 @@ def main() -> None:
         md += f"\n## Examples: {label}\n" + "".join(
             f"- user {e['user_id']} -> {', '.join(e['recommended'])}: {e['explanation']}"
             + (" *(template fallback)*" if e["fallback"] else "")
-            + "".join(f" [cites {v['title']}: {', '.join(v['shared']) or 'no shared attribute'}]"
-                      for v in e.get("evidence", []))
+            + evidence_note(e.get("evidence"))
             + "\n" for e in ex)
     name = f"explanations_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
     write_result(name, {"dataset": args.dataset, "rows": rows, "examples": examples,

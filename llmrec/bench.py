@@ -256,6 +256,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                                 "items": [i.title for i in x.items],
                                 "explanation": x.explanation,
                                 "fallback": x.explanation_fallback,
+                                "evidence": x.evidence,
                             }
                             for x in recs[: cfg.explanations]
                         ],
@@ -321,6 +322,7 @@ def plots(name: str, out_dir: Path, methods: dict, curves: dict, labels: list[in
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
     from llmrec.data import load_prepared
+    from llmrec.ranking.explain import evidence_note
 
     ds = load_prepared(cfg.dataset, prepare_if_missing=True)
     ex = yesno_subset(ds, "test", cfg.yesno_examples or None, cfg.seed)
@@ -420,6 +422,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
             md += (
                 f"- user {e['user_id']}: {', '.join(e['items'][:3])} — {e['explanation']}"
                 + (" *(template fallback)*" if e["fallback"] else "")
+                + evidence_note(e.get("evidence"))
                 + "\n"
             )
     if payload["zeroshot"]:
@@ -441,6 +444,8 @@ def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path)
     Retrieval alone, LLM rerank zero-shot and tuned, the best baseline of the same run (same users, full ranking),
     verbalizer vs generate time per user, explanation metrics and examples.
     """
+    from llmrec.ranking.explain import evidence_note
+
     methods = bench["methods"]
     baselines = {n: r for n, r in methods.items() if not n.startswith(("llm", "retrieval")) and "ndcg@10" in r}
     rows = {n: r for n, r in methods.items() if n.startswith(("llm", "retrieval"))}
@@ -484,6 +489,7 @@ def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path)
             md += (
                 f"- user {x['user_id']} -> {', '.join(x['items'][:3])}: {x['explanation']}"
                 + (" *(template fallback)*" if x["fallback"] else "")
+                + evidence_note(x.get("evidence"))
                 + "\n"
             )
     return write_result(f"ranking_{dataset}", payload, md, command=command, results_dir=out_dir)

@@ -4,6 +4,7 @@ from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
     drop_empty_tail,
+    evidence_note,
     mentions_attribute,
     split_values,
     template_explanation,
@@ -158,3 +159,11 @@ def test_mentions_attribute_whole_words_and_plurals():
     assert not mentions_attribute("melodramatic", {"Drama"}) and not mentions_attribute("an ox", {"Ox"})  # < 3 chars
     m = TitleMatcher(IDS, TITLES)
     assert check_explanation("You enjoy comedies.", m, {"1"}, {"3"}, {"Comedy"}).grounded
+
+
+def test_evidence_note_for_report_lines():
+    ev = [{"item_id": "1", "title": "Toy Story (1995)", "shared": ["Comedy", "Children's"]},
+          {"item_id": "3", "title": "Heat (1995)", "shared": []}]
+    assert evidence_note(ev) == (' [cites "Toy Story (1995)": Comedy, Children\'s]'
+                                 ' [cites "Heat (1995)": no shared attribute]')
+    assert evidence_note(None) == "" and evidence_note([]) == ""

@@ -239,3 +239,9 @@ def template_explanation(
     if likes:
         return f"Recommended {recs} as {domain}s similar to ones you liked recently: {likes}."
     return f"Recommended {recs} from what is popular with users like you."
+
+
+def evidence_note(evidence: list[dict] | None) -> str:
+    """An explanation's evidence for a report line: ` [cites "Title": Comedy, Drama]` per cited history item."""
+    return "".join(f" [cites \"{v['title']}\": {', '.join(v.get('shared') or []) or 'no shared attribute'}]"
+                   for v in evidence or [])
