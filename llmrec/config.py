@@ -7,6 +7,7 @@ fields and coerced to the annotated types.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -107,6 +108,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _did_you_mean(keys: list[str], known: typing.Iterable[str]) -> str:
+    """' (did you mean 'like_threshold'?)' for misspelt keys that are close to a known one, else ''."""
+    known = list(known)
+    close = {k: m[0] for k in keys if (m := difflib.get_close_matches(k, known, n=1, cutoff=0.75))}
+    if not close:
+        return ""
+    if len(keys) == 1:
+        return f" (did you mean {close[keys[0]]!r}?)"
+    return " (did you mean " + ", ".join(f"{v!r} for {k!r}" for k, v in close.items()) + "?)"
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a mapping; unknown keys raise `ConfigError` naming them and the known ones."""
     if not isinstance(data, dict):
@@ -115,7 +127,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{_did_you_mean(unknown, fields)}; known keys: "
+                          f"{sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -177,7 +190,8 @@ def check_overrides(cls: type, over: dict[str, Any], label: str = "override", pr
         key = f"{prefix}{k}"
         if k not in fields:
             level = f" of {prefix[:-1]}" if prefix else ""
-            raise ConfigError(f"{label} {key}: unknown key {k!r}; known keys{level}: {sorted(fields)}")
+            raise ConfigError(f"{label} {key}: unknown key {k!r}{_did_you_mean([k], fields)}; known keys{level}: "
+                              f"{sorted(fields)}")
         sub = _dataclass_of(hints[k])
         if sub is not None and isinstance(v, dict):
             check_overrides(sub, v, label, f"{key}.")

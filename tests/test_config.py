@@ -78,7 +78,8 @@ def test_an_override_error_names_the_override_not_the_file(tmp_path):
 def test_service_config_errors_name_the_environment_variable_or_the_override():
     from llmrec.service.config import load_service_config
 
-    with pytest.raises(ConfigError, match=r"^environment \(LLMREC_SERVE_\*\) llm\.modle: unknown key 'modle'"):
+    with pytest.raises(ConfigError, match=r"^environment \(LLMREC_SERVE_\*\) llm\.modle: unknown key 'modle' "
+                                          r"\(did you mean 'model'\?\)"):
         load_service_config(None, [], environ={"LLMREC_SERVE_LLM__MODLE": "x"})
     with pytest.raises(ConfigError, match=r"^override max_k: expected int"):
         load_service_config(None, ["max_k=many"], environ={})
@@ -93,3 +94,14 @@ def test_recommend_refuses_a_k_below_one(k, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["recommend", "--user-id", "1", "--k", k])
     assert "--k" in capsys.readouterr().err
+
+
+def test_a_misspelt_key_gets_a_suggestion_and_a_foreign_one_none(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: run\nflga: true\nnmae: x\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['flga', 'learning_rate', 'nmae'\] \(did you mean "
+                                          r"'flag' for 'flga', 'name' for 'nmae'\?\); known keys"):
+        load_config(Cfg, p)
+    with pytest.raises(ConfigError, match=r"^override inner\.modules_: unknown key 'modules_' \(did you mean "
+                                          r"'modules'\?\)"):
+        load_config(Cfg, None, ["inner.modules_=[a]"])
