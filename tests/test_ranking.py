@@ -918,3 +918,38 @@ def test_explanation_citing_a_seen_title_listed_under_two_ids_is_not_a_hallucina
     assert r.explanation_fallback is False and r.hallucinated == []
     assert r.explanation.endswith(f'"{named}".')  # the filler after the cited title is cut
     assert [e["item_id"] for e in r.evidence] == [liked]  # the id the user has, not the twin the title reads as
+
+
+def test_attribute_fields_known_then_short_repeating_text_columns():
+    from llmrec.ranking.recommender import attribute_fields
+
+    n = 20
+    items = pd.DataFrame({
+        "item_id": [f"b{j}" for j in range(n)], "title": [f"Book {j}" for j in range(n)],
+        "author": ["Frank Herbert", "Ursula K. Le Guin"] * 10,  # repeats: an attribute two books can share
+        "genres": ["Science Fiction, Classics"] * n,
+        "year": ["1965"] * 19 + ["unknown"],  # numeric but for one dirty value
+        "pages": list(range(100, 100 + n)),  # numeric dtype
+        "isbn": [f"978-{j:06d}" for j in range(n)],  # unique per item
+        "description": ["a long blurb about the book, its plot, its author and why readers like it " * 2] * n,
+        "series": [None] * n,  # empty
+    })
+    assert attribute_fields(items) == ["genres", "author"]
+
+
+def test_author_is_a_whole_attribute_and_a_missing_value_none(tmp_path):
+    titles = ["Dune", "Dune Messiah", "Earthsea", "Emma"]
+    ds = _fake_ds(titles)
+    ds.items["author"] = ["Frank Herbert", "Frank Herbert", "Ursula K. Le Guin", None]
+    ds.items["genres"] = ["Science Fiction", "Science Fiction", "Fantasy, Classics", "Classics"]
+    rec = Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig())
+    assert rec._attrs("m0") == ["Science Fiction", "Frank Herbert"]  # the column lists values with commas
+    assert rec._attrs("m2") == ["Fantasy", "Classics", "Ursula K. Le Guin"] and rec._attrs("m3") == ["Classics"]
+    assert rec.sharing_attributes(["m1", "m2", "m3"], ["m0"]) == {"m1"}
+    only = Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig(attribute_fields=["author"]))
+    assert only._attrs("m0") == ["Frank Herbert"]
+    with pytest.raises(ValueError, match=r"attribute_fields: \['writer'\] not among fake's item columns"):
+        Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig(attribute_fields=["writer"]))
+    ds.items["genres"] = ["Science Fiction", "Science Fiction", "Fantasy Classics", "Classics"]  # ML-100K's style
+    assert Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig())._attrs("m2")[:2] == [
+        "Fantasy", "Classics"]

@@ -206,6 +206,11 @@ def check_explanation(
     return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed)
 
 
+def split_list(v: str) -> list[str]:
+    """Attribute values of a field that is not genre-like: split at , | ; only ("Frank Herbert" stays whole)."""
+    return [x.strip() for x in re.split(r"[,|;]", "" if v is None else str(v)) if x.strip()]
+
+
 def split_values(v: str) -> list[str]:
     """Attribute values of one field: split at , | ; and before each capitalised word of a space-separated list
     ("Action Adventure Sci-Fi" -> Action, Adventure, Sci-Fi); lower-case multi-word values stay whole."""

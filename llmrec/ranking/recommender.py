@@ -41,6 +41,7 @@ from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
     drop_empty_tail,
+    split_list,
     split_values,
     template_explanation,
     tidy_explanation,
@@ -92,6 +93,26 @@ class RankingConfig:
     # prompt template per task when it is not the task's own name, e.g. {"yesno": "yesno_stats"} for an adapter
     # tuned on it (llmrec.ranking.factory.adapter_templates reads what an adapter was trained with)
     templates: dict[str, str] = field(default_factory=dict)
+    # item columns an explanation may cite as shared attributes (evidence, fallback text, citable titles); None =
+    # genres / categories / brand when present, then other short categorical text columns (a CSV's `author`)
+    attribute_fields: list[str] | None = None
+
+
+def attribute_fields(items: Any) -> list[str]:
+    """Item columns whose values are attributes two items can share: the known ones (genres, categories, brand) when
+    present, then every other text column of short values that repeat across items (a CSV's `author`, `artist`);
+    never the id, the title, a numeric column (year, price) or long free text (description)."""
+    out = [f for f in ATTRIBUTE_FIELDS if f in items.columns]
+    for f in items.columns:
+        if f in out or f in ("item_id", "title") or items[f].dtype.kind in "biuf":
+            continue
+        vals = items[f].dropna().astype(str).str.strip()
+        vals = vals[vals != ""]
+        if vals.empty or vals.str.fullmatch(r"[-+]?\d+(?:\.\d+)?").mean() >= 0.95:  # numeric, a few dirty values
+            continue
+        if vals.str.len().mean() <= 40 and vals.nunique() < 0.8 * len(vals):
+            out.append(f)
+    return out
 
 
 @dataclass
@@ -173,7 +194,16 @@ class Recommender:
         self.adapter = adapter
         self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles])
         self.title_twins = title_twins(list(ds.item_ids), list(ds.titles))  # id -> ids listed under the same title
-        self._attr_fields = [f for f in ATTRIBUTE_FIELDS if f in ds.items.columns]
+        if self.cfg.attribute_fields is not None:
+            missing = [f for f in self.cfg.attribute_fields if f not in ds.items.columns]
+            if missing:
+                raise ValueError(f"RankingConfig.attribute_fields: {missing} not among {ds.name}'s item columns "
+                                 f"{list(ds.items.columns)}")
+            self._attr_fields = list(self.cfg.attribute_fields)
+        else:
+            self._attr_fields = attribute_fields(ds.items)
+        self._space_lists = {f for f in self._attr_fields if f in ATTRIBUTE_FIELDS
+                             and not ds.items[f].astype(str).str.contains(r"[,|;]").any()}
         from llmrec.prompts import load_template
         from llmrec.prompts.templates import TASKS
 
@@ -266,7 +296,10 @@ class Recommender:
 
     def _attrs(self, item_id: str) -> list[str]:
         row = self.ds.items.iloc[self.ds.item_index[item_id]]
-        return [a for f in self._attr_fields for a in split_values(row[f])]
+        # values are split at , | ; ("Science Fiction, Classics"; "Frank Herbert" stays whole), a genre-like column
+        # with no such separator anywhere at spaces before capitalised words (ML-100K: "Action Adventure Sci-Fi")
+        vals = [(f, row[f]) for f in self._attr_fields if isinstance(row[f], str)]  # a missing value is no attribute
+        return [a for f, v in vals for a in (split_values(v) if f in self._space_lists else split_list(v))]
 
     def sharing_attributes(self, item_ids: Iterable[str], rec_ids: Sequence[str]) -> set[str]:
         """The ids among `item_ids` (catalogue items) that share an attribute value with one of `rec_ids`."""
