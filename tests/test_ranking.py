@@ -953,3 +953,24 @@ def test_author_is_a_whole_attribute_and_a_missing_value_none(tmp_path):
     ds.items["genres"] = ["Science Fiction", "Science Fiction", "Fantasy Classics", "Classics"]  # ML-100K's style
     assert Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig())._attrs("m2")[:2] == [
         "Fantasy", "Classics"]
+
+
+def test_cli_recommend_in_process_table_and_json(parts, tmp_path, monkeypatch, capsys):
+    """`llmrec recommend --explain` on a tiny model: the table with the explanation and its evidence, and `--json`
+    the same answer in the service's response shape."""
+    from llmrec.cli import main
+    from llmrec.service.protocol import RecommendationResponse
+
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    base = ["recommend", "--dataset", str(parts.ds.root), "--user-id", "u2", "--k", "3", "--explain",
+            "--model", str(parts.llm_dir), "--dtype", "float32"]
+    assert main(base + ["--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["user_id"] == "u2" and [i["rank"] for i in body["items"]] == [1, 2, 3]
+    seen = {e.item_id for e in make_rec(parts).dataset_history("u2")}
+    assert not seen & {i["item_id"] for i in body["items"]} and body["explanation"]
+    assert {e["item_id"] for e in body["explanation_evidence"]} <= seen
+    RecommendationResponse(**body, history_version=0)  # the service's schema accepts it
+    assert main(base) == 0
+    table = capsys.readouterr().out
+    assert body["items"][0]["title"] in table and "explanation" in table

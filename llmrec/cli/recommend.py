@@ -66,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=_positive_int, default=10)
     p.add_argument("--explain", action="store_true")
     p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process")
+    p.add_argument("--json", action="store_true",
+                   help="print the answer as JSON (the service's response shape) instead of a table")
     _add_model_args(p)
     p.set_defaults(func=cmd_recommend)
 
@@ -141,7 +143,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         except ServiceClientError as e:
             print(f"llmrec: error: {e}", file=sys.stderr)
             return 1
-        print(format_recommendations(rec_json))
+        print(json.dumps(rec_json, indent=2) if args.json else format_recommendations(rec_json))
         return 0
     rec = _recommender(args, args.dataset, user_id=args.user_id)
     r = rec.recommend(args.user_id, k=args.k, explain=args.explain)
@@ -157,7 +159,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         "degraded": False,
         "latency_ms": 1000 * r.stats.get("seconds_per_user", 0.0),
     }
-    print(format_recommendations(payload))
+    print(json.dumps(payload, indent=2) if args.json else format_recommendations(payload))
     return 0
 
 
