@@ -28,6 +28,7 @@ def _bench(tmp_path: Path) -> None:
              "verbalizer_speedup": {"ratio": 21.04, "goal_ratio": 20.0, "met": True}}
     (tmp_path / "bench_ml-100k.json").write_text(json.dumps(
         {"methods": methods, "goals": goals, "rank_user_ids": ["1", "2", "3"], "yesno_rows": [0, 1],
+         "machine": "2 x AMD EPYC, 24 GiB RAM, Python 3.11.7", "config": {"model": "/models/llama-1b"},
          "command": "llmrec bench", "commit": "abc1234"}))
 
 
@@ -40,8 +41,9 @@ def test_glance_reads_the_bench_and_explanation_results(report, tmp_path):
     assert table == ["| method | NDCG@10 | HR@10 | Yes/No AUC | ms/user |",
                      "| MF | 0.0300 | 0.0500 | 0.7200 | 0.5 |",
                      "| SASRec | 0.0850 | 0.1750 |  | 1.5 |",
-                     "| LLM (SmolLM2-135M), QLoRA-tuned | 0.0719 | 0.1500 | 0.7632 | 1,234.5 |"]
-    assert "leave-one-out test, 3 users), Yes/No by AUC on 2 time-split" in text
+                     "| LLM, QLoRA-tuned | 0.0719 | 0.1500 | 0.7632 | 1,234.5 |"]
+    assert ("leave-one-out test, 3 users), Yes/No by AUC on 2 time-split test rows; LLM /models/llama-1b, on "
+            "2 x AMD EPYC.") in text
     assert "- tuned LLM NDCG@10 = 0.85x the best baseline's (SASRec; goal 1.15x): **not met**" in lines
     assert "- verbalizer ranking 21.0x faster per user than generating titles (goal 20x): met" in lines
     assert "- explanations" not in text and "explanations_ml-100k" not in text
