@@ -12,7 +12,8 @@ those of them that share an attribute with a recommended item (the default); eac
 post-check and fallback are the same in all (llmrec.ranking.explain.check_explanation). Metrics:
 llmrec.ranking.evaluate.explanation_metrics, `relevant_citations`: of the history items the shown explanations name
 (fallbacks included), the share that shares an attribute value (genre, tag, ...) with one of the three recommended
-items, and `top1_citations`: of those the generated texts name, the share that shares one with the top item.
+items, `top1_citations`: of those the generated texts name, the share that shares one with the top item, and
+`subject_citations`: with the recommended item the text is about (its evidence).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def relevant_citations(rec: Recommender, hs: list, recs: list, top: int = 3,
         named += len(cited)
         shared += len(rec.sharing_attributes(cited, [i.item_id for i in r.items[:top]]))
     return shared / named if named else None
+
+
+def subject_citations(recs: list) -> float | None:
+    """Of the history items the generated texts cite (fallbacks left out), the share that shares an attribute value
+    with the recommended item the text is about (its evidence, `Recommendation.evidence`)."""
+    cited = [e for r in recs if not r.explanation_fallback for e in r.evidence]
+    return sum(bool(e["shared"]) for e in cited) / len(cited) if cited else None
 
 
 def main() -> None:
@@ -88,6 +96,7 @@ def main() -> None:
         m = explanation_metrics(recs)
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
                      "top1_citations": relevant_citations(rec, hs, recs, top=1, generated_only=True),
+                     "subject_citations": subject_citations(recs),
                      "frequency_penalty": fp, "s_per_user": dt})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
                             "explanation": r.explanation, "fallback": r.explanation_fallback,
@@ -97,14 +106,17 @@ def main() -> None:
     backend.close()
 
     cols = ["explanations", "n", "fallback_rate", "hallucination_rate", "grounding_rate", "relevant_citations",
-            "top1_citations", "names_recommended", "mean_words", "distinct_2", "frequency_penalty", "s_per_user"]
+            "top1_citations", "subject_citations", "names_recommended", "mean_words", "distinct_2",
+            "frequency_penalty", "s_per_user"]
     md = md_table(rows, cols)
     md += (f"\n{len(users)} test users (seed {args.seed}), top 3 of k=5 explained, backend {backend.name}, "
            f"retriever `{args.retriever}`. fallback = the generated text failed the post-check and the template "
            "explanation was shown instead (grounding_rate = 1 - fallback_rate). relevant_citations: of the history "
            "items the shown texts name (template fallbacks included), the share that shares an attribute value with "
            "one of the three recommended items; top1_citations: of those the generated texts name (fallbacks left "
-           "out), the share that shares one with the top item (the one explain v3's text is about). "
+           "out), the share that shares one with the top item; subject_citations: with the recommended item the "
+           "text is about (explain v3: the top one, or the best-ranked of the top 3 that shares an attribute with a "
+           "liked item the prompt lists when the top one does not). "
            "names_recommended: of the generated texts shown (fallbacks left out), "
            "the share that quotes one of the three recommended titles. frequency_penalty "
            "(RankingConfig.explain_frequency_penalty, OpenAI's meaning): each repeat of a token already generated "

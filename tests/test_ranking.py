@@ -528,9 +528,9 @@ def test_grounded_explanation_is_kept(parts, tiny_dataset):
 
 def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_dataset):
     """Quotable: the liked titles among the history the prompt shows; by default only those sharing a genre with the
-    top recommended item (the one explain v3's text is about), else with one of the top 3 (evidence for the
-    recommendation), all of them with `explain_relevant_titles: false` or when none shares one. A disliked title is
-    listed in the prompt but never quotable."""
+    recommended item explain v3's text is about: the top one, or when no listed liked title shares one with it, the
+    best-ranked of the top 3 that does (then listed first and named by the answer prefix); all of them with
+    `explain_relevant_titles: false` or when none shares one. A disliked title is listed but never quotable."""
     by_genre = tiny_dataset.items.groupby("genres")["item_id"].apply(list)
     a, b, c = (by_genre.iloc[j] for j in range(3))
     hist = [HistEvent(a[0], True, 5.0, 1), HistEvent(b[0], True, 5.0, 2), HistEvent(a[1], False, 1.0, 3),
@@ -539,12 +539,20 @@ def test_explanation_quotes_only_liked_titles_the_prompt_shows(parts, tiny_datas
     for recs, relevant, want in (([a[2], a[3], a[4]], True, [a[0]]),
                                  ([a[2], a[3], a[4]], False, liked),
                                  ([b[2], a[2], a[3]], True, [b[0], b[1]]),  # the text is about b[2]: its genre
-                                 ([c[0], a[2], b[2]], True, liked),  # c[0] shares none: any of the top 3's
+                                 # c[0] shares none: the text is about a[2], the best-ranked one a liked title
+                                 # supports, listed first in the prompt
+                                 ([c[0], a[2], b[2]], True, [a[0]]),
                                  ([c[0], c[1], c[2]], True, liked)):  # nothing shares a genre: every liked title
         backend = ScriptedBackend(gen=" nice things.")
         make_rec(parts, backend, explain_relevant_titles=relevant).explain([hist], [recs])
         assert backend.quotable == [[title(tiny_dataset, i) for i in want]], (recs, relevant)
         assert all(f'"{title(tiny_dataset, i)}"' in backend.generated[-1] for i in liked + [a[1]])  # all listed
+        subject = a[2] if recs[0] == c[0] and recs[1] == a[2] and relevant else recs[0]
+        assert backend.generated[-1].endswith(f'Explanation: "{title(tiny_dataset, subject)}" suits this user '
+                                              "because they liked")
+        listed = backend.generated[-1].split("Recommended items:\n")[1].split("\n")[:3]
+        assert [ln.split('"')[1] for ln in listed] == [title(tiny_dataset, i)
+                                                      for i in [subject] + [x for x in recs if x != subject]]
     off = ScriptedBackend(gen=" nice things.")
     make_rec(parts, off, explain_quoted_titles=False).recommend("u2", k=4, explain=True)
     assert not hasattr(off, "quotable")

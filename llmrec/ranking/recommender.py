@@ -79,6 +79,8 @@ class RankingConfig:
     # prefix names it (explain v3), else / when none does with one of the top 3, when there is one (what the
     # explanation can cite is then evidence for the recommendation, not any liked title)
     explain_relevant_titles: bool = True
+    # (with explain_relevant_titles and a template whose answer prefix names {first_recommended}: the text is about
+    # the best-ranked of the top 3 that shares an attribute with a liked item the prompt lists, listed first there)
     # explanations: when the history_len most recent events hold fewer likes than this, the prompt also lists the
     # most recent earlier liked items (oldest first still), so a harsh rater's explanation has something to cite
     explain_min_liked: int = 3
@@ -327,6 +329,16 @@ class Recommender:
             out.append({"item_id": own, "title": str(self.ds.titles[self.ds.item_index[own]]), "shared": shared})
         return out
 
+    def _explain_subject(self, hist: list, rendered: Any, recs: Sequence[str], top: int = 3) -> int:
+        """Which of the `top` recommended items an explanation should be about: the best-ranked one that shares an
+        attribute value with a liked item the prompt lists (so "X suits this user because they liked Y" has a reason
+        behind it), else the top item (0)."""
+        liked = {x.item.item_id for x in liked_shown(hist, rendered)}
+        for j, rid in enumerate(recs[:top]):
+            if self.sharing_attributes(liked, [rid]):
+                return j
+        return 0
+
     def _cite_pool(self, hist: list, rendered: Any, recs: Sequence[str], first: bool) -> set[str] | None:
         """The liked history items the prompt lists that an explanation should cite: those sharing an attribute with
         the top recommended item when the text is about it (`first`), else (or when none does) with one of the top
@@ -456,10 +468,18 @@ class Recommender:
             hist = [self._prompt_history(histories[u], self._explain_events(histories[u])) for u in idx]
             rendered = [self._render("explain", histories[u], recommended=self._items(recs[u][:3]), prompt_history=h)
                         for u, h in zip(idx, hist)]
+            first = "{first_recommended}" in tmpl.answer_prefix  # the text explains the first recommended item itself
+            shown = {u: recs[u] for u in idx}  # the recommended items in the order the explain prompt lists them
+            if first and self.cfg.explain_quoted_titles and self.cfg.explain_relevant_titles:
+                for n, (u, h) in enumerate(zip(idx, hist)):
+                    s = self._explain_subject(h, rendered[n], recs[u])
+                    if s:  # the text is about the best-ranked item a liked title listed in the prompt supports
+                        shown[u] = [recs[u][s]] + [x for j, x in enumerate(recs[u]) if j != s]
+                        rendered[n] = self._render("explain", histories[u], recommended=self._items(shown[u][:3]),
+                                                   prompt_history=h)
             prompts = [r.text for r in rendered]
             if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
-                first = "{first_recommended}" in tmpl.answer_prefix  # the text explains the top item itself
-                prefer = [self._cite_pool(h, r, recs[u], first) if self.cfg.explain_relevant_titles else None
+                prefer = [self._cite_pool(h, r, shown[u], first) if self.cfg.explain_relevant_titles else None
                           for u, h, r in zip(idx, hist, rendered)]
                 quotable = [quotable_titles(self.templates["explain"], h, r, p)
                             for h, r, p in zip(hist, rendered, prefer)]
