@@ -276,3 +276,29 @@ def test_few_shot_caps_draw_the_fine_tuning_rows_and_mf_fits_on_them_only(tiny_d
     m = get_model("mf", max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, **FAST["mf"])
     m.fit(tiny_dataset, progress=False)
     assert set(m.user_index) == set(tr["user_id"].astype(str))
+
+
+def test_fit_runs_on_its_own_thread_count_and_restores_the_process_one(tiny_dataset):
+    """A baseline trains on `threads` (1 by default) but leaves the process's torch thread count as it was: the LLM
+    scored after it in the same process (`llmrec bench`, a service fitting its SASRec retriever) ran on one thread."""
+    import torch
+
+    from llmrec.baselines.base import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seen = []
+        model = get_model("sasrec", epochs=1, max_len=8, hidden=32)
+        fit = model._fit
+        model._fit = lambda ds, progress=True: (seen.append(torch.get_num_threads()), fit(ds, progress=progress))
+        model.fit(tiny_dataset, progress=False)
+        assert seen == [1] and torch.get_num_threads() == 3
+        with pytest.raises(RuntimeError), torch_threads(2):
+            assert torch.get_num_threads() == 2
+            raise RuntimeError("a failed fit restores the count too")
+        assert torch.get_num_threads() == 3
+        with torch_threads(None):
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -17,7 +17,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,11 +48,22 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def set_threads(n: int | None) -> None:
-    if n:
-        import torch
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None/0: unchanged), and restore the previous count after it: a
+    baseline fitted in the same process as the LLM (`llmrec bench`, a service fitting its SASRec retriever) must not
+    leave it on one thread (the bench's LLM timings were 1.5x slow that way)."""
+    if not n:
+        yield
+        return
+    import torch
 
-        torch.set_num_threads(n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class TimeBudget:
@@ -148,9 +160,9 @@ class Baseline:
         self._hist_cache = {}
         seed = getattr(self.cfg, "seed", 0)
         set_seed(seed)
-        set_threads(getattr(self.cfg, "threads", None))
         t0 = time.perf_counter()
-        self._fit(ds, progress=progress)
+        with torch_threads(getattr(self.cfg, "threads", None)):
+            self._fit(ds, progress=progress)
         self.fit_info["train_s"] = time.perf_counter() - t0
         log.info("%s fitted on %s in %.1f s: %s", self.name, ds.name, self.fit_info["train_s"], self.fit_info)
         if checkpoint_dir is not None:
