@@ -157,7 +157,10 @@ def test_cli_prepare_and_show(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "943" in out and "1,682" in out and "100,000" in out
     assert main(["data", "show", "--dataset", "ml-100k", "--user", "1", "--limit", "3"]) == 0
-    assert "272 events" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "272 events" in shown
+    # each line: date, rating, reaction, split role, title and the item's fields (the year is already in the title)
+    assert "dislike  test   Aristocats, The (1970)  (genres: Animation Children's)" in shown.splitlines()[-1]
     assert main(["data", "prepare", "--dataset", "ml-100k", "--set", "bogus=1"]) == 1
     assert "bogus" in capsys.readouterr().err
 

@@ -62,9 +62,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     from llmrec.prompts.text import plural
 
     print(f"user {args.user}: {len(h)} events in {ds.name} ({plural(ds.domain)}); split = leave-one-out role")
+    fields = [f for f in ds.items.columns if f not in ("item_id", "title")]  # what prompts show after a title
     for _, r in h.tail(args.limit).iterrows():
         when = datetime.fromtimestamp(int(r["timestamp"]), UTC).strftime("%Y-%m-%d")
         rating = "" if r["rating"] != r["rating"] else f"{r['rating']:g}"
         liked = "like" if r["label"] else "dislike"
-        print(f"{when}  {rating:>6}  {liked:<7}  {r['split']:<5}  {ds.titles[ds.item_index[r['item_id']]]}")
+        item = ds.items.iloc[ds.item_index[r["item_id"]]]
+        title = str(item["title"])
+        details = "; ".join(f"{f}: {_short(item[f])}" for f in fields
+                            if isinstance(item[f], str) and item[f].strip() and item[f].strip() not in title)
+        print(f"{when}  {rating:>6}  {liked:<7}  {r['split']:<5}  {title}" + (f"  ({details})" if details else ""))
     return 0
+
+
+def _short(v: str, n: int = 40) -> str:
+    v = " ".join(v.split())
+    return v if len(v) <= n else v[: n - 3] + "..."
