@@ -317,8 +317,8 @@ class Recommender:
             return []
         hist = {e.item_id for e in history}
         named = self.matcher.find(text)
-        recs = set(rec_ids)
-        about = [i for i in named if i in self._with_twins(recs) and i not in hist] or list(rec_ids[:1])
+        recs = self._with_twins(rec_ids)
+        about = [i for i in named if i in recs and i not in hist] or list(rec_ids[:1])
         about_attrs = {a for i in about if i in self.ds.item_index for a in self._attrs(i)}
         out: list[dict[str, Any]] = []
         for i in named:
@@ -329,26 +329,19 @@ class Recommender:
             out.append({"item_id": own, "title": str(self.ds.titles[self.ds.item_index[own]]), "shared": shared})
         return out
 
-    def _explain_subject(self, hist: list, rendered: Any, recs: Sequence[str], top: int = 3) -> int:
-        """Which of the `top` recommended items an explanation should be about: the best-ranked one that shares an
-        attribute value with a liked item the prompt lists (so "X suits this user because they liked Y" has a reason
-        behind it), else the top item (0)."""
+    def _explain_focus(self, hist: list, rendered: Any, recs: Sequence[str],
+                       first: bool) -> tuple[int, set[str] | None]:
+        """What an explanation is about and may cite: (index among the top 3 of the item the text explains, the liked
+        history items the prompt lists that share an attribute value with it). `first` (the answer prefix names the
+        item): the best-ranked of the top 3 some listed liked item shares an attribute with, so "X suits this user
+        because they liked Y" has a reason behind it; else those sharing one with any of the top 3. (0, None) when
+        none does: the top item, and any liked title listed may be quoted."""
         liked = {x.item.item_id for x in liked_shown(hist, rendered)}
-        for j, rid in enumerate(recs[:top]):
-            if self.sharing_attributes(liked, [rid]):
-                return j
-        return 0
-
-    def _cite_pool(self, hist: list, rendered: Any, recs: Sequence[str], first: bool) -> set[str] | None:
-        """The liked history items the prompt lists that an explanation should cite: those sharing an attribute with
-        the top recommended item when the text is about it (`first`), else (or when none does) with one of the top
-        3; None when none shares one (any liked title listed may be quoted then)."""
-        liked = {x.item.item_id for x in liked_shown(hist, rendered)}
-        for pool in ((recs[:1], recs[:3]) if first else (recs[:3],)):
+        for j, pool in (enumerate([[r] for r in recs[:3]]) if first else [(0, recs[:3])]):
             prefer = self.sharing_attributes(liked, pool)
             if prefer:
-                return prefer
-        return None
+                return j, prefer
+        return 0, None
 
     # ----------------------------------------------------------------------------------------------- ranking
     def rank_candidates(
@@ -469,18 +462,16 @@ class Recommender:
             rendered = [self._render("explain", histories[u], recommended=self._items(recs[u][:3]), prompt_history=h)
                         for u, h in zip(idx, hist)]
             first = "{first_recommended}" in tmpl.answer_prefix  # the text explains the first recommended item itself
-            shown = {u: recs[u] for u in idx}  # the recommended items in the order the explain prompt lists them
-            if first and self.cfg.explain_quoted_titles and self.cfg.explain_relevant_titles:
+            prefer: list[set[str] | None] = [None] * len(idx)
+            if self.cfg.explain_quoted_titles and self.cfg.explain_relevant_titles:
                 for n, (u, h) in enumerate(zip(idx, hist)):
-                    s = self._explain_subject(h, rendered[n], recs[u])
-                    if s:  # the text is about the best-ranked item a liked title listed in the prompt supports
-                        shown[u] = [recs[u][s]] + [x for j, x in enumerate(recs[u]) if j != s]
-                        rendered[n] = self._render("explain", histories[u], recommended=self._items(shown[u][:3]),
+                    j, prefer[n] = self._explain_focus(h, rendered[n], recs[u], first)
+                    if j:  # about another of the top 3: list it first, so that the answer prefix names it
+                        order = [recs[u][j]] + [x for i, x in enumerate(recs[u][:3]) if i != j]
+                        rendered[n] = self._render("explain", histories[u], recommended=self._items(order),
                                                    prompt_history=h)
             prompts = [r.text for r in rendered]
             if self.cfg.explain_quoted_titles:  # a quoted title can only be one the user liked, shown in the prompt
-                prefer = [self._cite_pool(h, r, shown[u], first) if self.cfg.explain_relevant_titles else None
-                          for u, h, r in zip(idx, hist, rendered)]
                 quotable = [quotable_titles(self.templates["explain"], h, r, p)
                             for h, r, p in zip(hist, rendered, prefer)]
                 texts = self.backend.generate_quoted(prompts, quotable, max_new_tokens=self.cfg.explain_max_new_tokens,
