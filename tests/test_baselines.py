@@ -211,6 +211,40 @@ def test_sasrec_scores_an_arbitrary_history_like_a_known_user(tiny_dataset, fitt
     assert not np.allclose(sas.score_history(ids[:-1]), want)
 
 
+def assert_retriever_ranks_as(ds, model, name: str) -> None:
+    """`--retriever <name>` (a baseline alone): candidates for a history are the baseline's own top unseen items,
+    and the full-ranking scores order every user's items as the baseline does (seen items last, finite)."""
+    from llmrec.ranking.factory import build_retriever, collaborative_name
+
+    assert collaborative_name(name) == name and collaborative_name(f"hybrid:{name}") == name
+    ret = build_retriever(ds, name, cf_model=model)
+    users = ds.targets("test")["user_id"].tolist()
+    base = model.score_items(users, "test")
+    got = ret.score_items(users, "test")
+    assert np.isfinite(got).all()
+    for r in range(len(users)):
+        seen = np.isneginf(base[r])
+        assert got[r][seen].max() < got[r][~seen].min()
+        np.testing.assert_array_equal(np.argsort(-got[r][~seen], kind="stable"),
+                                      np.argsort(-base[r][~seen], kind="stable"))
+    items, labs = model.history_of(users[0], "test")
+    hist = [(ds.item_ids[i], bool(lab), 0) for i, lab in zip(items, labs)]
+    top = ret.query(hist, k=5)
+    assert [i for i, _ in top] == [ds.item_ids[j] for j in np.argsort(-base[0], kind="stable")[:5]]
+    assert ret.similar_texts("a", ["a", "b"]).shape == (2,)  # generate mode maps titles through the text side
+
+
+def test_sasrec_alone_as_the_retriever_ranks_as_sasrec(tiny_dataset, fitted):
+    assert_retriever_ranks_as(tiny_dataset, fitted["sasrec"], "sasrec")
+
+
+def test_a_model_without_score_history_cannot_be_a_retriever_alone(fitted):
+    from llmrec.retrieval import ModelRetriever
+
+    with pytest.raises(ValueError, match="no score_history"):
+        ModelRetriever(fitted["mf"])
+
+
 def test_hybrid_sasrec_retriever_loads_the_checkpoint(tiny_dataset, fitted, tmp_path, monkeypatch):
     from llmrec.baselines import checkpoint_dir
     from llmrec.ranking.factory import build_retriever, collaborative_model

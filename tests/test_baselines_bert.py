@@ -90,3 +90,26 @@ def test_tune_top_layer_changes_only_top_layer(tiny_dataset, tmp_path):
     assert not torch.allclose(m.E, m._base_E)
     with pytest.raises(RuntimeError, match="next-item head"):
         m.score_items(tiny_dataset.targets("test")["user_id"].tolist()[:2])
+
+
+def test_bert_lstm_scores_an_arbitrary_history_like_a_known_user(bert_model, tiny_dataset):
+    """BERT+LSTM's `score_history` reads the same events (ids and likes) as a known user's `_score`; a changed like
+    label changes the scores (the model sees reactions); unknown ids are skipped; liked unknown counts as liked."""
+    m, _ = bert_model
+    u = tiny_dataset.targets("test")["user_id"].iloc[0]
+    items, labs = m.history_of(u, "test")
+    assert 0 < labs.sum() < len(labs), "the tiny user needs both likes and dislikes for this test"
+    events = [(tiny_dataset.item_ids[i], bool(lab), 0) for i, lab in zip(items, labs)]
+    want = m._score([u], "test")[0]
+    np.testing.assert_allclose(m.score_history(events + [("no-such-item", True, 0)]), want, rtol=1e-5, atol=1e-5)
+    flipped = [(i, not lab, t) for i, lab, t in events]
+    assert not np.allclose(m.score_history(flipped), want)
+    all_liked = m.score_history([(i, True, 0) for i, _, _ in events])
+    np.testing.assert_allclose(m.score_history([i for i, _, _ in events]), all_liked, rtol=1e-6)
+    np.testing.assert_allclose(m.score_history([(i, None) for i, _, _ in events]), all_liked, rtol=1e-6)
+
+
+def test_bert_lstm_alone_as_the_retriever_ranks_as_bert_lstm(bert_model, tiny_dataset):
+    from test_baselines import assert_retriever_ranks_as
+
+    assert_retriever_ranks_as(tiny_dataset, bert_model[0], "bert_lstm")

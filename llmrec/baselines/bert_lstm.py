@@ -332,6 +332,10 @@ class BertLSTM(Baseline):
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     def _score(self, user_ids: list[str], split: str) -> np.ndarray:
+        return self._next_scores([self.history_of(u, split) for u in user_ids])
+
+    def _next_scores(self, hists: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """[len(hists), n_items] next-item logits after each (item indices, like labels) history, oldest first."""
         import torch
 
         if "next" not in getattr(self, "nets", {}):
@@ -339,10 +343,9 @@ class BertLSTM(Baseline):
         net = self.nets["next"]
         net.eval()
         n = self.cfg.seq_len
-        x = np.zeros((len(user_ids), n), np.int64)
-        lk = np.zeros((len(user_ids), n), np.int64)
-        for r, u in enumerate(user_ids):
-            items, labs = self.history_of(u, split)
+        x = np.zeros((len(hists), n), np.int64)
+        lk = np.zeros((len(hists), n), np.int64)
+        for r, (items, labs) in enumerate(hists):
             items, labs = items[-n:], labs[-n:]
             if len(items):
                 x[r, n - len(items) :] = items + 1
@@ -351,6 +354,19 @@ class BertLSTM(Baseline):
         with torch.no_grad():
             h = net.encode_seq(table[torch.as_tensor(x)], torch.as_tensor(lk))[:, -1]
             return net.next_logits(h, self.E).numpy()
+
+    def score_history(self, history: Any) -> np.ndarray:
+        """[n_items] next-item scores after an arbitrary history of (item_id, liked, ...) tuples or item ids,
+        oldest first; unknown items are skipped; unmasked (the caller excludes what it must). Lets BERT+LSTM be the
+        collaborative side of a retriever for users outside the training data (the event store)."""
+        if self.ds is None:
+            raise RuntimeError(f"{self.name}: call fit(ds) or load(path) first")
+        rows = [(h[0], len(h) < 2 or h[1] is not False) if isinstance(h, (tuple, list)) else (h, True)
+                for h in history]  # liked unknown (None): counted as liked, as a plain view or click
+        rows = [(self.ds.item_index[str(i)], lab) for i, lab in rows if str(i) in self.ds.item_index]
+        items = np.array([i for i, _ in rows], dtype=np.int64)
+        labs = np.array([int(lab) for _, lab in rows], dtype=np.int64)
+        return self._next_scores([(items, labs)])[0].astype(np.float64)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:

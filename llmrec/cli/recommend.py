@@ -9,7 +9,8 @@ from pathlib import Path
 
 # = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
 # agree, and with the service's defaults)
-RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "itemcf"]
+RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec",
+                     "bert_lstm"]
 DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
@@ -38,7 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retriever", default=DEFAULT_RETRIEVER, choices=RETRIEVER_CHOICES,
                    help="candidate retriever: text, hybrid (text + item-CF, fitted in seconds; the default, as in "
                         "the service), hybrid:sasrec (text + SASRec: `llmrec baselines train --model sasrec` first, "
-                        "else it is fitted now), itemcf (item-CF alone, no sentence-transformer)")
+                        "else it is fitted now; hybrid:bert_lstm likewise), itemcf (item-CF alone, no "
+                        "sentence-transformer), sasrec / bert_lstm (that baseline's ranking alone)")
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
     p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
                    help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order "

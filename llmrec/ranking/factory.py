@@ -12,7 +12,10 @@ from llmrec.ranking.recommender import RankingConfig, Recommender
 log = logging.getLogger(__name__)
 
 
-RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "itemcf")
+# `text`; `hybrid[:cf]` = text + a collaborative model by RRF; a collaborative model alone (`sasrec`, `bert_lstm`:
+# e.g. the best baseline's candidates for the LLM to rerank). Collaborative models here can rank any history.
+COLLABORATIVE = ("itemcf", "sasrec", "bert_lstm")
+RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec", "bert_lstm")
 # what the product answers with unless told otherwise (`llmrec recommend` / `eval rank`, the service): text + item-CF
 # needs no trained model (fitted in seconds) and puts the test item in the top 20 for 23% of ML-100K users against
 # 7% for the text retriever alone (eval/results/retrieval_ml-100k.md); `hybrid:sasrec` is better (27%) once SASRec is
@@ -26,9 +29,11 @@ HYBRID_WEIGHTS: dict[str, tuple[float, float]] = {"itemcf": (0.5, 1.0), "sasrec"
 
 
 def collaborative_name(kind: str) -> str | None:
-    """The collaborative model a retriever kind fuses in: `hybrid` / `hybrid:itemcf` -> itemcf, `hybrid:sasrec` ->
-    sasrec, `text` -> None."""
-    return (kind.partition(":")[2] or "itemcf") if kind.startswith("hybrid") else None
+    """The collaborative model a retriever kind uses: `hybrid` / `hybrid:itemcf` / `itemcf` -> itemcf,
+    `hybrid:sasrec` / `sasrec` -> sasrec (likewise bert_lstm), `text` -> None."""
+    if kind.startswith("hybrid"):
+        return kind.partition(":")[2] or "itemcf"
+    return kind if kind in COLLABORATIVE else None
 
 
 def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = True) -> Any:
@@ -46,10 +51,11 @@ def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = Tr
 def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, cf_model: Any = None) -> Any:
     """`text`: sentence-transformer retriever over item texts; `hybrid` (= `hybrid:itemcf`): fused by RRF with
     item-to-item CF; `hybrid:sasrec`: fused with a SASRec model instead (text weight 0.25, chosen on the validation
-    split in eval/retrieval.py); `itemcf`: item-to-item CF alone (no sentence-transformer: for data without item
-    texts, or a machine without the encoder). `cf_model` replaces the collaborative side (e.g. a model the caller
-    fitted)."""
-    from llmrec.retrieval import TextRetriever
+    split in eval/retrieval.py; `hybrid:bert_lstm` likewise); `itemcf`: item-to-item CF alone (no
+    sentence-transformer: for data without item texts, or a machine without the encoder); `sasrec` / `bert_lstm`:
+    that baseline's ranking alone (its checkpoint, else fitted now; the text encoder only maps generated titles).
+    `cf_model` replaces the collaborative side (e.g. a model the caller fitted)."""
+    from llmrec.retrieval import ModelRetriever, TextRetriever
 
     if kind not in RETRIEVERS:
         raise ValueError(f"unknown retriever {kind!r}: use one of {', '.join(RETRIEVERS)}")
@@ -59,6 +65,8 @@ def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, 
     text.build(ds)
     if kind == "text":
         return text
+    if kind in COLLABORATIVE:
+        return ModelRetriever(cf_model if cf_model is not None else collaborative_model(ds, kind), text)
     from llmrec.retrieval import HybridRetriever
 
     cf_name = collaborative_name(kind) or "itemcf"

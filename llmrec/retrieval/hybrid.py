@@ -121,3 +121,44 @@ class HybridRetriever:
 
     def similar_texts(self, text: str, texts: list[str]) -> np.ndarray:
         return self.text.similar_texts(text, texts)
+
+
+class ModelRetriever:
+    """A collaborative model alone as the retriever (`--retriever sasrec`, `bert_lstm`): its own ranking, e.g. the
+    best baseline's top candidates for the LLM to rerank. `query(history, ...)` needs the model's
+    `score_history(history)` (SASRec, BERT+LSTM, ItemCF have it), so users outside the training data (the event
+    store) are served too. `text` (optional) only maps generated titles back to the catalogue (`similar_texts`)."""
+
+    name = "model"
+
+    def __init__(self, model: Any, text: TextRetriever | None = None):
+        if not hasattr(model, "score_history"):
+            raise ValueError(f"{type(model).__name__} cannot rank an arbitrary history (no score_history): use it "
+                             "through hybrid:<name> or choose sasrec, bert_lstm or itemcf")
+        self.cf = model
+        self.text = text
+
+    @property
+    def ds(self) -> Any:
+        return self.cf.ds
+
+    def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None, *,
+              user_id: str | None = None, split: str = "test") -> list[tuple[str, float]]:
+        """Top-k unseen items by the model's scores for `history` (oldest first)."""
+        events = as_events(history)
+        exclude = set(exclude) if exclude is not None else {i for i, _ in events}
+        return top_unseen(np.asarray(self.cf.score_history(events), dtype=np.float64), self.ds.item_ids, exclude, k)
+
+    def score_items(self, user_ids: Sequence[str], split: str = "test") -> np.ndarray:
+        """[n_users, n_items] model scores (seen items below every unseen one, finite)."""
+        out = np.asarray(self.cf.score_items(list(user_ids), split), dtype=np.float64)
+        seen = np.isneginf(out)
+        if seen.any():
+            out[seen] = np.nanmin(out[~seen]) - 1.0 if (~seen).any() else 0.0
+        return out
+
+    def similar_texts(self, text: str, texts: list[str]) -> np.ndarray:
+        if self.text is None:
+            raise ValueError("this retriever has no text encoder: mapping generated titles needs one "
+                             "(build it with a TextRetriever, or use the verbalizer mode)")
+        return self.text.similar_texts(text, texts)

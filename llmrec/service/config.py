@@ -73,9 +73,10 @@ class ServiceConfig:
     exclude_seen_titles: bool = True
     retrieval_weight: float = 4.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
     # candidate retriever: text | hybrid (text + item-CF) | hybrid:sasrec (text + SASRec, loaded from its checkpoint
-    # or fitted once at start) | itemcf (item-CF alone, no sentence-transformer); every choice scores any history
-    # from the event store, known users or not
-    retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "itemcf"] = "hybrid"
+    # or fitted once at start; hybrid:bert_lstm likewise) | itemcf (item-CF alone, no sentence-transformer) | sasrec /
+    # bert_lstm (that baseline alone); every choice scores any history from the event store, known users or not
+    retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec",
+                       "bert_lstm"] = "hybrid"
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
