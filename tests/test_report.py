@@ -22,13 +22,16 @@ def report():
 def _bench(tmp_path: Path) -> None:
     methods = {"mf": {"ndcg@10": 0.03, "hr@10": 0.05, "auc": 0.72, "rank_s_per_user": 0.0005},
                "sasrec": {"ndcg@10": 0.085, "hr@10": 0.175, "rank_s_per_user": 0.0015},
+               "retrieval (sasrec)": {"ndcg@10": 0.085, "hr@10": 0.175, "rank_s_per_user": 0.002},
+               "retrieval (text)": {"ndcg@10": 0.01},  # another retriever's row: not this run's candidates
                "llm tuned": {"ndcg@10": 0.0719, "hr@10": 0.15, "auc": 0.7632, "rank_s_per_user": 1.2345},
                "a method the headline leaves out": {"ndcg@10": 0.5}}
     goals = {"ndcg@10": {"ratio": 0.8459, "goal_ratio": 1.15, "met": False, "best_other_name": "sasrec"},
              "verbalizer_speedup": {"ratio": 21.04, "goal_ratio": 20.0, "met": True}}
     (tmp_path / "bench_ml-100k.json").write_text(json.dumps(
         {"methods": methods, "goals": goals, "rank_user_ids": ["1", "2", "3"], "yesno_rows": [0, 1],
-         "machine": "2 x AMD EPYC, 24 GiB RAM, Python 3.11.7", "config": {"model": "/models/llama-1b"},
+         "machine": "2 x AMD EPYC, 24 GiB RAM, Python 3.11.7",
+         "config": {"model": "/models/llama-1b", "retriever": "sasrec"},
          "command": "llmrec bench", "commit": "abc1234"}))
 
 
@@ -41,6 +44,7 @@ def test_glance_reads_the_bench_and_explanation_results(report, tmp_path):
     assert table == ["| method | NDCG@10 | HR@10 | Yes/No AUC | ms/user |",
                      "| MF | 0.0300 | 0.0500 | 0.7200 | 0.5 |",
                      "| SASRec | 0.0850 | 0.1750 |  | 1.5 |",
+                     "| retrieval alone (sasrec: the LLM's candidates, in its order) | 0.0850 | 0.1750 |  | 2.0 |",
                      "| LLM, QLoRA-tuned | 0.0719 | 0.1500 | 0.7632 | 1,234.5 |"]
     assert ("leave-one-out test, 3 users), Yes/No by AUC on 2 time-split test rows; LLM /models/llama-1b, on "
             "2 x AMD EPYC.") in text
