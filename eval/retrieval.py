@@ -4,8 +4,9 @@ throughput and query latency.
 
 The hybrid's text weight is chosen on the *validation* split (grid below, best Recall@20) and then evaluated once
 on test; the equal-weight hybrid is reported too. The collaborative side is `llmrec.retrieval.ItemCF` (item-item
-cosine over training sequences), plus the BPR and SASRec baselines from `llmrec.baselines` (checkpoint, else
-fitted here); the goal row is the hybrid (text+itemcf or text+sasrec) with the best validation Recall@20.
+cosine over training sequences), plus the BPR, SASRec and BERT+LSTM baselines from `llmrec.baselines` (checkpoint,
+else fitted here; each sequential one alone and as a hybrid's side); the goal row is the hybrid with the best
+validation Recall@20.
 
     .venv/bin/python eval/retrieval.py --datasets ml-100k ml-1m
 """
@@ -113,19 +114,21 @@ def select_text_weight(ds: Any, text: Any, cf: Any, label: str, valid: dict, max
                                     valid[f"{label}(w_text={w})"]["recall@50"]))
 
 
-def try_sasrec(ds: Any) -> tuple[Any, str]:
-    """The SASRec baseline the `hybrid:sasrec` retriever uses: its checkpoint, else fitted (and saved) here."""
+def try_model(ds: Any, name: str) -> tuple[Any, str]:
+    """The baseline `name` (sasrec, bert_lstm) a `hybrid:<name>` / `<name>` retriever uses: its checkpoint, else
+    fitted (and saved) here."""
     from llmrec.baselines import checkpoint_dir
     from llmrec.ranking.factory import collaborative_model
 
     t0 = time.perf_counter()
-    had = (checkpoint_dir(ds.name, "sasrec") / "meta.json").is_file()
+    had = (checkpoint_dir(ds.name, name) / "meta.json").is_file()
     try:
-        m = collaborative_model(ds, "sasrec")
+        m = collaborative_model(ds, name)
     except Exception as e:  # a baseline that fails is reported, not hidden
-        return None, f"SASRec failed: {type(e).__name__}: {e}"
+        return None, f"{name} failed: {type(e).__name__}: {e}"
     how = "loaded from its checkpoint" if had else f"fitted here in {time.perf_counter() - t0:.0f} s"
-    return m, f"{how} ({m.fit_info.get('epochs')} epochs; config in {checkpoint_dir(ds.name, 'sasrec')}/meta.json)"
+    epochs = m.fit_info.get("epochs") or m.fit_info.get("next_epochs")  # bert_lstm: its next-item head's
+    return m, f"{how} ({epochs} epochs; config in {checkpoint_dir(ds.name, name)}/meta.json)"
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
@@ -186,17 +189,22 @@ def run(name: str, args: argparse.Namespace) -> dict:
         test["bpr"] = recalls(ds, bpr, "test", args.max_users)
         test[f"hybrid text+bpr (w_text={best_w})"] = recalls(ds, HybridRetriever(text, bpr, weights=(best_w, 1.0)),
                                                              "test", args.max_users)
-    # SASRec as the collaborative side (`--retriever hybrid:sasrec`): its own text weight, chosen on valid
-    sas, res["sasrec"] = (None, "skipped (--no-sasrec)") if args.no_sasrec else try_sasrec(ds)
+    # sequential baselines as the collaborative side (`--retriever hybrid:sasrec`) or alone (`--retriever sasrec`,
+    # `bert_lstm`): each its own text weight, chosen on valid
     hybrids = {"hybrid": (hyb, valid[f"hybrid(w_text={best_w})"]["recall@20"])}
-    if sas is not None:
-        valid["sasrec"] = recalls(ds, sas, "valid", args.max_users)
-        sw = select_text_weight(ds, text, sas, "hybrid:sasrec", valid, args.max_users)
-        res["selected_text_weight_sasrec"] = sw
-        test["sasrec"] = recalls(ds, sas, "test", args.max_users)
-        hyb_sas = HybridRetriever(text, sas, weights=(sw, 1.0))
-        test["hybrid:sasrec"] = recalls(ds, hyb_sas, "test", args.max_users)
-        hybrids["hybrid:sasrec"] = (hyb_sas, valid[f"hybrid:sasrec(w_text={sw})"]["recall@20"])
+    singles_m: dict[str, Any] = {"text": text, "text(mean)": text_mean, "itemcf": cf, "bpr": bpr}
+    for mname in args.models:
+        m, res[mname] = try_model(ds, mname)
+        if m is None:
+            continue
+        singles_m[mname] = m
+        valid[mname] = recalls(ds, m, "valid", args.max_users)
+        sw = select_text_weight(ds, text, m, f"hybrid:{mname}", valid, args.max_users)
+        res[f"selected_text_weight_{mname}"] = sw
+        test[mname] = recalls(ds, m, "test", args.max_users)
+        h = HybridRetriever(text, m, weights=(sw, 1.0))
+        test[f"hybrid:{mname}"] = recalls(ds, h, "test", args.max_users)
+        hybrids[f"hybrid:{mname}"] = (h, valid[f"hybrid:{mname}(w_text={sw})"]["recall@20"])
     res["test"] = test
     # the goal row: the hybrid with the best *validation* Recall@20, against the best single retriever on test
     goal_h = max(hybrids, key=lambda k: hybrids[k][1])
@@ -205,8 +213,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     res["goal"] = {"hybrid": goal_h, "hybrid_recall@20": test[goal_h]["recall@20"], "best_single": best_single,
                    "best_single_recall@20": singles[best_single],
                    "met": bool(test[goal_h]["recall@20"] >= singles[best_single]),
-                   "paired": paired(ds, hybrids[goal_h][0], {"text": text, "text(mean)": text_mean, "itemcf": cf,
-                                                              "bpr": bpr, "sasrec": sas}[best_single], "test")}
+                   "paired": paired(ds, hybrids[goal_h][0], singles_m[best_single], "test")}
 
     # query latency: one user at a time, top-100, through the persisted faiss index
     rng = np.random.default_rng(0)
@@ -218,9 +225,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "text_mean(flat)": latency_ms(lambda h: text_mean.query(h, k=100), hists),
         "hybrid(itemcf)": latency_ms(lambda h: hyb.query(h, k=100), hists),
     }
-    if sas is not None:
-        hs = hybrids["hybrid:sasrec"][0]
-        res["query_latency"]["hybrid(sasrec)"] = latency_ms(lambda h: hs.query(h, k=100), hists)
+    for key, (hr, _) in hybrids.items():
+        if key != "hybrid":
+            res["query_latency"][f"hybrid({key.split(':')[1]})"] = latency_ms(lambda h, r=hr: r.query(h, k=100), hists)
     ivf = TextRetriever(encoder=text.encoder, index="ivf", nprobe=8, scoring="mean").build(ds, progress=False)
     res["query_latency"]["text_mean(ivf, nprobe=8)"] = latency_ms(lambda h: ivf.query(h, k=100), hists)
     overlap = [len({i for i, _ in ivf.query(h, k=100)} & {i for i, _ in text_mean.query(h, k=100)}) / 100
@@ -236,9 +243,11 @@ def _p(p: float) -> str:
 
 
 def table(r: dict) -> str:
-    label = {"hybrid": f"hybrid (text+itemcf, w_text={r['selected_text_weight']} chosen on valid)",
-             "hybrid:sasrec": f"hybrid:sasrec (text+sasrec, w_text={r.get('selected_text_weight_sasrec')} chosen on "
-                              "valid)"}
+    label = {"hybrid": f"hybrid (text+itemcf, w_text={r['selected_text_weight']} chosen on valid)"}
+    for k in r["test"]:
+        if k.startswith("hybrid:"):
+            m = k.split(":", 1)[1]
+            label[k] = f"{k} (text+{m}, w_text={r.get(f'selected_text_weight_{m}')} chosen on valid)"
     gk = r["goal"].get("hybrid", "hybrid")
     label[gk] = f"**{label[gk]}**"
     rows = [{"retriever": label.get(k, k),
@@ -262,9 +271,11 @@ def table(r: dict) -> str:
         f"Text side: all-MiniLM-L6-v2 item embeddings; `text` = soft nearest-neighbour vote of the history items "
         f"(score(i) = sum_h w_h exp((cos(e_h, e_i) - 1) / {st.get('knn_tau')}), {st.get('knn_neighbors')} neighbours "
         f"per item; the default), `text(mean)` = cosine to the recency-weighted mean of the history embeddings.\n"
-        f"Collaborative side: ItemCF (llmrec.retrieval.cf); BPR: {r['bpr']}; SASRec: {r.get('sasrec')}.\n"
+        f"Collaborative side: ItemCF (llmrec.retrieval.cf); BPR: {r['bpr']}"
+        + "".join(f"; {m}: {r[m]}" for m in ("sasrec", "bert_lstm") if m in r) + ".\n"
         f"Hybrid = RRF, score = sum w/(60 + rank), top-200 per side; text weights {r['selected_text_weight']} "
-        f"(itemcf) and {r.get('selected_text_weight_sasrec')} (sasrec) chosen on the validation split:\n\n"
+        f"(itemcf)" + "".join(f", {r[f'selected_text_weight_{m}']} ({m})" for m in ("sasrec", "bert_lstm")
+                             if f"selected_text_weight_{m}" in r) + " chosen on the validation split:\n\n"
         f"{md_table(vrows, ['retriever', 'recall@20', 'recall@50', 'recall@100'])}\n"
         f"Encoding (all-MiniLM-L6-v2, CPU, no cache): {e['items']:,} items in {e['seconds']} s = "
         f"**{e['items_per_second']} items/s** (batch {e['batch_size']}, mean text {e['mean_text_chars']} chars; "
@@ -283,7 +294,9 @@ def main() -> int:
     p.add_argument("--latency-users", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-bpr", action="store_true")
-    p.add_argument("--no-sasrec", action="store_true")
+    p.add_argument("--models", nargs="*", default=["sasrec", "bert_lstm"],
+                   help="sequential baselines scored alone and as a hybrid's collaborative side (checkpoint, else "
+                        "fitted and saved); none: --models")
     p.add_argument("--bpr-budget", type=float, default=900.0, help="seconds for fitting BPR when no checkpoint")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -25,7 +25,8 @@ DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 # (text, collaborative) RRF weights per collaborative model, chosen on the ML-100K validation split
 # (eval/retrieval.py; ML-1M's validation split preferred 0.1 for SASRec, by 0.002 Recall@20 over 0.25)
-HYBRID_WEIGHTS: dict[str, tuple[float, float]] = {"itemcf": (0.5, 1.0), "sasrec": (0.25, 1.0)}
+HYBRID_WEIGHTS: dict[str, tuple[float, float]] = {"itemcf": (0.5, 1.0), "sasrec": (0.25, 1.0),
+                                                  "bert_lstm": (0.25, 1.0)}
 
 
 def collaborative_name(kind: str) -> str | None:
