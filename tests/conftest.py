@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,3 +63,18 @@ def tiny_dataset(tiny_home):
     tpath, ipath = make_tiny_csv(tiny_home)
     prepare(str(tpath), PrepareConfig(items_file=str(ipath), name="tiny", n_sampled_negatives=20), home=tiny_home)
     return load_prepared("tiny", home=tiny_home)
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a repository script that is not a package module (eval/report.py, serve/bench_serving.py, ...) by its
+    path relative to the repository root: `load_script("eval/report.py")`."""
+    root = Path(__file__).resolve().parent.parent
+
+    def load(rel: str):
+        spec = importlib.util.spec_from_file_location(Path(rel).stem, root / rel)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
 
 
-def _bench_serving():
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "serve" / "bench_serving.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def bench_serving(load_script):
+    return load_script("serve/bench_serving.py")
 
 
-def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_dataset):
+def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_dataset, bench_serving):
     from llmrec.prompts import load_template
 
-    bs = _bench_serving()
+    bs = bench_serving
     prompts, source = bs.explain_prompts(6, ds=tiny_dataset)
     tpl = load_template("explain")
     assert source == f"prompts/explain.yaml v{tpl.version}"
@@ -42,7 +37,7 @@ def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_datase
                    .split("\n")[0] for q in qs)
 
 
-def test_load_run_asks_for_explanations_when_told_and_counts_status():
+def test_load_run_asks_for_explanations_when_told_and_counts_status(bench_serving):
     """load_run sends explain=true|false, one request per user, and tallies status codes and degraded answers."""
     import json
     import threading
@@ -70,7 +65,7 @@ def test_load_run_asks_for_explanations_when_told_and_counts_status():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        bs = _bench_serving()
+        bs = bench_serving
         base = f"http://127.0.0.1:{srv.server_address[1]}"
         r = bs.load_run(base, ["u1", "u2", "missing", "u3"], 2, 10.0, explain=True)
         assert sorted(seen) == [("missing", "true"), ("u1", "true"), ("u2", "true"), ("u3", "true")]
@@ -82,12 +77,12 @@ def test_load_run_asks_for_explanations_when_told_and_counts_status():
         srv.shutdown()
 
 
-def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch):
+def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch, bench_serving):
     # parts are run on different days, possibly on different machines: each carries its own machine line
     import llmrec.bench_utils as bu
 
     monkeypatch.setattr(bu, "RESULTS_DIR", tmp_path)
-    bs = _bench_serving()
+    bs = bench_serving
     eng_row = {"engine": "vllm", "start_s": 1.0, "score_prompts": 4, "score_prompts_per_s": 2.0, "gen_prompts": 4,
                "gen_tokens_per_s": 10.0}
     res = {"engines": {"model": "m", "prompt_source": "p", "gen_tokens_per_prompt": 8, "rows": [eng_row],
@@ -104,7 +99,7 @@ def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch):
     assert f"machine: {bs.MACHINE_UNRECORDED}" in md  # the service part had none: said, not guessed
 
 
-def test_forced_generation_writes_exactly_n_tokens_per_prompt_in_every_batch(tmp_path):
+def test_forced_generation_writes_exactly_n_tokens_per_prompt_in_every_batch(tmp_path, bench_serving):
     # the transformers side of `generation`: ragged last batch, prompts of different lengths, EOS not allowed to stop
     import torch
     from llm_fixtures import make_tiny_llm
@@ -118,16 +113,16 @@ def test_forced_generation_writes_exactly_n_tokens_per_prompt_in_every_batch(tmp
         lambda mod, inp, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 100.0)))
     prompts = ["Answer:", "The user watched Action Story 1. Answer:", "liked movie", "Candidates: A. Drama Story"]
     assert be.generate(prompts[:1], max_new_tokens=5) == [""]  # unforced, it stops at once
-    n_tok, seconds = _bench_serving().hf_forced_generate(be, prompts, 5, batch=3)
+    n_tok, seconds = bench_serving.hf_forced_generate(be, prompts, 5, batch=3)
     assert n_tok == 5 * len(prompts)
     assert seconds > 0
 
 
-def test_report_has_the_generation_section_with_the_speedup_per_length(tmp_path, monkeypatch):
+def test_report_has_the_generation_section_with_the_speedup_per_length(tmp_path, monkeypatch, bench_serving):
     import llmrec.bench_utils as bu
 
     monkeypatch.setattr(bu, "RESULTS_DIR", tmp_path)
-    bs = _bench_serving()
+    bs = bench_serving
     rows = [{"engine": "transformers bfloat16", "batch": 16, "gen_tokens_per_prompt": 32, "gen_prompts": 64,
              "gen_s": 40.0, "gen_tokens_per_s": 51.2},
             {"engine": "vLLM server bfloat16", "batch": 64, "gen_tokens_per_prompt": 32, "gen_prompts": 64,
@@ -143,12 +138,13 @@ def test_report_has_the_generation_section_with_the_speedup_per_length(tmp_path,
     assert "run 1 of 2" in md and "run 2 of 2" in md and "x4.00 at 32 tokens" in md and "x2.50 at 32 tokens" in md
 
 
-def test_service_part_passes_set_overrides_to_the_service_and_names_them_in_the_row(tiny_dataset, monkeypatch):
+def test_service_part_passes_set_overrides_to_the_service_and_names_them_in_the_row(tiny_dataset, monkeypatch,
+                                                                                   bench_serving):
     import argparse
     import sys
     import types
 
-    bs = _bench_serving()
+    bs = bench_serving
     started: list[list[str]] = []
     monkeypatch.setattr(bs, "start_service", lambda over, port, log_path: started.append(list(over)) or "proc")
     monkeypatch.setattr(bs, "stop_service", lambda proc: None)

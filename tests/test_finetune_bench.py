@@ -3,7 +3,6 @@ setting, and only runs that exist get ratios."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,12 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
-def fbench(tmp_path, monkeypatch):
+def fbench(tmp_path, monkeypatch, load_script):
     monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("finetune_bench", ROOT / "finetune" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("finetune/bench.py")
 
 
 def write_run(fbench, kind: str, peak: float, start: float = 400.0, weights: float = 100.0,

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def pb():
-    spec = importlib.util.spec_from_file_location("position_bias", ROOT / "eval" / "position_bias.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def pb(load_script):
+    return load_script("eval/position_bias.py")
 
 
 def test_order_stats_hand_computed(pb):
