@@ -108,18 +108,17 @@ def main() -> None:
         retrieved = [[i for i, _ in c] for c in cands]
         shuffled = [[c[j] for j in np.random.default_rng([args.seed, n]).permutation(len(c))]
                     for n, c in enumerate(cands)]
-        for listing, cl in (("retrieval order", cands), ("random order", shuffled)):
-            ranked = rec.rank_candidates(hs, cl, "verbalizer")
-            st = order_stats(ranked, [[i for i, _ in c] for c in cl], retrieved, [targets[u] for u in users])
+        in_order = rec.rank_candidates(hs, cands, "verbalizer")
+        prior = letter_prior(rec, valid_users, args.candidates)
+        for listing, ranked, listed in (
+            ("retrieval order", in_order, retrieved),
+            ("random order", rec.rank_candidates(hs, shuffled, "verbalizer"), [[i for i, _ in c] for c in shuffled]),
+            ("retrieval order, letter prior removed",
+             [calibrate(r, ids, prior) for r, ids in zip(in_order, retrieved)], retrieved),
+        ):
+            st = order_stats(ranked, listed, retrieved, [targets[u] for u in users])
             rows.append({"model": label, "candidates listed in": listing, **st})
             log.info("%s", rows[-1])
-            if listing == "retrieval order":
-                by_listing = ranked
-        prior = letter_prior(rec, valid_users, args.candidates)
-        calibrated = [calibrate(r, ids, prior) for r, ids in zip(by_listing, retrieved)]
-        st = order_stats(calibrated, retrieved, retrieved, [targets[u] for u in users])
-        rows.append({"model": label, "candidates listed in": "retrieval order, letter prior removed", **st})
-        log.info("%s", rows[-1])
         backend.close()
     cols = ["model", "candidates listed in", "ndcg@10", "hr@10", "top1_listed_first", "top1_retrieval_rank",
             "rho_listed", "rho_retrieval", "users"]

@@ -10,8 +10,8 @@ from llmrec.retrieval.text import TextRetriever, as_events
 __all__ = [
     "EmbeddingCache",
     "HybridRetriever",
-    "ModelRetriever",
     "ItemCF",
+    "ModelRetriever",
     "TextEncoder",
     "TextRetriever",
     "as_events",

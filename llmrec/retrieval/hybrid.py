@@ -144,7 +144,8 @@ class ModelRetriever:
 
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None, *,
               user_id: str | None = None, split: str = "test") -> list[tuple[str, float]]:
-        """Top-k unseen items by the model's scores for `history` (oldest first)."""
+        """Top-k unseen items by the model's scores for `history` (oldest first). `user_id` / `split` are accepted
+        as `candidates_for` passes them to a hybrid, and unused: the history given is the one scored."""
         events = as_events(history)
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
         return top_unseen(np.asarray(self.cf.score_history(events), dtype=np.float64), self.ds.item_ids, exclude, k)
