@@ -24,7 +24,8 @@ class DataSettings:
     n_candidates: int = 20  # rank: candidates per prompt (target + n-1 others), letters A, B, ...
     candidates: Literal["popular", "random", "retrieval"] = "popular"
     # candidates: retrieval -> the retriever that lists them for every split, training positions included (the
-    # user's events before the target only): text | hybrid | hybrid:itemcf | hybrid:sasrec (llmrec.ranking.factory)
+    # user's events before the target only): one of llmrec.ranking.factory.RETRIEVERS (text, hybrid, hybrid:sasrec,
+    # bert_lstm, ...)
     retriever: str = "hybrid"
     n_valid: int | None = 200  # validation examples scored during training (fixed seeded subset); null = all, 0 = none
     n_test: int | None = 1000  # test examples scored before/after training (fixed seeded subset); null = all, 0 = none
