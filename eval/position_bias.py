@@ -1,6 +1,7 @@
 """Does the LLM's candidate order echo the order the candidates are listed in? -> eval/results/position_bias_<dataset>.
 
     python eval/position_bias.py [--dataset ml-100k] [--users 200] [--retriever bert_lstm] [--adapter PATH]
+                                 [--listings 4]
 
 The same seeded test users as `llmrec bench` (`--users`, `--seed`), the same retrieved candidates; each model (the
 base model zero-shot, and the tuned rank adapter with `--adapter`) scores them twice with the verbalizer, LLM order
@@ -16,7 +17,10 @@ listed in a seeded random order. Per row:
 If the retrieval-order listing's NDCG drops to the random-order listing's level once shuffled while rho_listed stays,
 the LLM ranks by where a candidate is listed, not by what it is. A third row per model removes the letter prior
 (contextual calibration): each listed position's mean log-prob over the same number of *validation* users' prompts
-is subtracted from the test scores before ordering; what is left is what the model says about the items.
+is subtracted from the test scores before ordering; what is left is what the model says about the items. A fourth
+row is the product's own remedy (`RankingConfig.listings`, `--listings`): the candidates listed `--listings` times in
+cyclically shifted orders (the first is the retrieval order), each one's letter log-probs averaged; no validation
+prompts needed, `--listings` forward passes per user.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--adapter", default=None, help="tuned rank adapter (a second model row)")
     ap.add_argument("--dtype", default="fast")
+    ap.add_argument("--listings", type=int, default=4, help="cyclic listings averaged in the fourth row per model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -103,6 +108,7 @@ def main() -> None:
         backend = load_backend("transformers", adapter=adapter, dtype=args.dtype)
         cfg = with_adapter_templates(RankingConfig(n_candidates=args.candidates, retrieval_weight=0.0), adapter)
         rec = Recommender(ds, backend, retriever, cfg)
+        rec.llm_cache = {}  # the retrieval-order prompts are the averaged row's first listing: scored once
         hs = [rec.dataset_history(u, "test") for u in users]
         cands = [rec.candidates(h, exclude_seen_titles=False) for h in hs]
         retrieved = [[i for i, _ in c] for c in cands]
@@ -110,11 +116,14 @@ def main() -> None:
                     for n, c in enumerate(cands)]
         in_order = rec.rank_candidates(hs, cands, "verbalizer")
         prior = letter_prior(rec, valid_users, args.candidates)
+        rec.cfg.listings = args.listings
+        averaged = rec.rank_candidates(hs, cands, "verbalizer")
         for listing, ranked, listed in (
             ("retrieval order", in_order, retrieved),
             ("random order", rec.rank_candidates(hs, shuffled, "verbalizer"), [[i for i, _ in c] for c in shuffled]),
             ("retrieval order, letter prior removed",
              [calibrate(r, ids, prior) for r, ids in zip(in_order, retrieved)], retrieved),
+            (f"retrieval order + {args.listings - 1} cyclic shifts, averaged", averaged, retrieved),
         ):
             st = order_stats(ranked, listed, retrieved, [targets[u] for u in users])
             rows.append({"model": label, "candidates listed in": listing, **st})
@@ -124,7 +133,8 @@ def main() -> None:
             "rho_listed", "rho_retrieval", "users"]
     md = md_table(rows, cols) + (
         f"\n{args.users} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
-        f"`{args.retriever}`, verbalizer, LLM order alone; adapter: {args.adapter or 'none'}. Chance: "
+        f"`{args.retriever}`, verbalizer, LLM order alone; adapter: {args.adapter or 'none'}; averaged rows: "
+        f"{args.listings} listings, shifted by {args.candidates / args.listings:g} places each. Chance: "
         f"top1_listed_first {1 / args.candidates:.2f}, top1_retrieval_rank {(args.candidates + 1) / 2:g}, rho 0.\n")
     write_result(f"position_bias_{args.dataset}", {"dataset": args.dataset, "rows": rows, "args": vars(args)}, md,
                  command="python eval/position_bias.py " + " ".join(command_line().split()[1:]))

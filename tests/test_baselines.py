@@ -288,6 +288,8 @@ def test_retriever_names_and_defaults_agree_across_cli_service_and_factory():
     for argv in (["recommend", "--user-id", "1"], ["eval", "rank", "--dataset", "x"]):
         a = parser.parse_args(argv)
         assert (a.retriever, a.retrieval_weight) == (factory.DEFAULT_RETRIEVER, factory.DEFAULT_RETRIEVAL_WEIGHT)
+        assert a.listings == ServiceConfig().listings == shipped.listings == factory.RankingConfig().listings == 1
+    assert parser.parse_args(["recommend", "--user-id", "1", "--listings", "4"]).listings == 4
 
 
 def test_few_shot_caps_draw_the_fine_tuning_rows_and_mf_fits_on_them_only(tiny_dataset):

@@ -149,6 +149,52 @@ def test_verbalizer_orders_candidates_by_letter_logprobs(parts):
         rec.rank_candidates(hs, cands, mode="listwise")
 
 
+def test_listings_cancel_a_letter_prior(parts):
+    """A model that prefers earlier letters (-1 per letter) and slightly higher item numbers (+0.01 each): one
+    listing gives the listed order back; `listings` = n_candidates puts every candidate at every position once, so
+    only the item numbers order them; k listings cost k scored prompts per user."""
+
+    def first_letters(prompt, choices):
+        lab = labelled_titles(prompt)
+        return np.array([-j + 0.01 * number(lab[c.strip()]) for j, c in enumerate(choices)], dtype=np.float64)
+
+    hs = [make_rec(parts).dataset_history(u, "test") for u in USERS]
+    for k, expect in ((1, "listed"), (8, "content"), (2, None)):
+        rec = make_rec(parts, ScriptedBackend(logits=first_letters), listings=k, batch_size=2)
+        cands = [rec.candidates(h) for h in hs]
+        ranked = rec.rank_candidates(hs, cands)
+        assert len(rec.backend.scored) == len(USERS) * k
+        for c, r in zip(cands, ranked):
+            ids = [i for i, _ in c]
+            got = [i for i, _ in r]
+            if expect == "listed":
+                assert got == ids
+            elif expect == "content":
+                assert got == sorted(ids, key=lambda i: -int(i[1:]))
+            else:  # two listings, shifted by 4: candidate j sits at j and (j + 4) % 8; mean -(j + (j + 4) % 8) / 2
+                pos = {i: (j + (j + 4) % 8) / 2 for j, i in enumerate(ids)}
+                assert got == sorted(ids, key=lambda i: (pos[i] - 0.01 * int(i[1:])))
+    with pytest.raises(ValueError, match="listings must be >= 1"):
+        make_rec(parts, ScriptedBackend(), listings=0).rank_candidates(hs[:1], [make_rec(parts).candidates(hs[0])])
+
+
+def test_cyclic_shift_and_mean_over_listings_hand_computed():
+    from llmrec.ranking.recommender import cyclic_shift, mean_over_listings
+
+    ids = ["a", "b", "c", "d", "e"]
+    assert [cyclic_shift(ids, s, 1) for s in range(1)] == [ids]
+    assert [cyclic_shift(ids, s, 2) for s in range(2)] == [ids, ["c", "d", "e", "a", "b"]]  # round(2.5) = 2
+    assert [cyclic_shift(ids, s, 5)[0] for s in range(5)] == ids
+    assert cyclic_shift([], 0, 3) == []
+    got = mean_over_listings(["a", "b", "c"], [(["a", "b", "c"], np.log([0.5, 0.3, 0.2])),
+                                              (["c", "a", "b"], np.log([0.6, 0.3, 0.1]))])
+    np.testing.assert_allclose(got, [(np.log(0.5) + np.log(0.3)) / 2, (np.log(0.3) + np.log(0.1)) / 2,
+                                     (np.log(0.2) + np.log(0.6)) / 2])
+    assert mean_over_listings(["a", "z"], [(["a"], np.array([-1.0]))])[1] == -np.inf
+    with pytest.raises(ValueError, match="2 listed candidates but 1 LLM scores"):
+        mean_over_listings(["a", "b"], [(["a", "b"], np.array([-1.0]))])
+
+
 def test_verbalizer_batched_equals_one_user_at_a_time(parts):
     rec1 = make_rec(parts, batch_size=1)
     hs = [rec1.dataset_history(u, "test") for u in USERS]

@@ -302,6 +302,9 @@ def test_config_env_and_overrides(tmp_path):
         load_service_config(p, ["llm.default_adapter=zzz"], environ={})
     with pytest.raises(ConfigError, match="invalid adapter name"):
         load_service_config(p, ["llm.adapters={../x: /a}"], environ={})
+    assert load_service_config(p, ["listings=4"], environ={}).listings == 4
+    with pytest.raises(ConfigError, match="listings: must be >= 1"):
+        load_service_config(p, ["listings=0"], environ={})
 
 
 def test_no_llm_mode_is_labelled(tiny_dataset, tmp_path):

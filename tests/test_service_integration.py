@@ -75,11 +75,12 @@ def test_transformers_runtime_serves_every_adapter_from_one_model(tiny_dataset, 
     real = transformers_backend.load_causal_lm
     monkeypatch.setattr(transformers_backend, "load_causal_lm", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
-    cfg = ServiceConfig(dataset="tiny", store_url=f"sqlite:///{tmp_path / 'ev.db'}", candidates=8,
+    cfg = ServiceConfig(dataset="tiny", store_url=f"sqlite:///{tmp_path / 'ev.db'}", candidates=8, listings=2,
                         llm=LLMConfig(backend="transformers", model=str(llm_dir), dtype="float32", adapters=adapters))
     rt = build_runtime(cfg)
     try:
         assert len(loads) == 1  # base + 2 adapters: one model
+        assert {r.cfg.listings for r in rt.app.state.service.recommenders.values()} == {2}
         items = ["i0", "i1", "i2", "i3"]
         with TestClient(rt.app) as c:
             assert c.get("/health").json()["batching"] == "micro"  # batching: auto on transformers

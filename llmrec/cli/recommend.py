@@ -45,6 +45,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
                    help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order "
                         "alone (default %(default)s, as in the service)")
+    p.add_argument("--listings", type=_positive_int, default=1,
+                   help="verbalizer: list the candidates N times in cyclically shifted orders and average each one's "
+                        "letter log-probs, cancelling the model's letter / position preference (N forward passes "
+                        "per user; default %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--template", action="append", default=[], type=_task_template, metavar="TASK=NAME",
                    help="prompt template per task, e.g. yesno=yesno_stats (default: the adapter's own, else the "
@@ -126,7 +130,7 @@ def _recommender(args: argparse.Namespace, dataset: str, user_id: str | None = N
     if user_id is not None and not ds.has_user(user_id):
         raise KeyError(f"unknown user {user_id!r} in dataset {ds.name}")
     cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size,
-                        retrieval_weight=args.retrieval_weight, templates=dict(args.template))
+                        retrieval_weight=args.retrieval_weight, listings=args.listings, templates=dict(args.template))
     return build_recommender(ds, _backend(args), adapter=args.adapter, retriever=args.retriever, cfg=cfg)
 
 

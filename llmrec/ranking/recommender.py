@@ -4,7 +4,8 @@ One object serves the CLI, the HTTP service and the evaluation runners, so that 
 
 Scoring modes
 - `verbalizer` (default): one forward pass over the `rank` prompt; each candidate is labelled with a single-token
-  letter and scored by the log-probability of its letter as the next token (LlamaRec style).
+  letter and scored by the log-probability of its letter as the next token (LlamaRec style). With `listings` k > 1
+  the candidates are listed k times in cyclically shifted orders and each one's log-probs are averaged (k passes).
 - `generate`: the model writes titles (the `next_title` prompt), one per line. By default (`generate_constrained`)
   decoding is constrained to the candidates' own title tokens (`Backend.generate_from`: a token trie; vLLM:
   `allowed_token_ids` where titles part), so it writes up to `generate_titles` distinct candidates in its own order
@@ -63,6 +64,11 @@ class RankingConfig:
     # verbalizer: score = LLM letter log-prob + retrieval_weight * log(1 / retrieval rank). 0 = the LLM's order
     # alone; large = the retriever's order. `llmrec bench` chooses it on the validation split (fusion_grid).
     retrieval_weight: float = 0.0
+    # verbalizer: list the candidates this many times, each listing a cyclic shift of the retrieval order by
+    # n_candidates / listings places; a candidate's LLM score is its mean letter log-prob over the listings, so a
+    # model's preference for a letter or a listed position cancels out (listings = n_candidates: every candidate at
+    # every position once). Costs `listings` forward passes per user. 1 = one listing, in retrieval order.
+    listings: int = 1
     history_len: int = 10  # most recent events in the prompt (as in the finetune recipes; the budget may drop more)
     max_prompt_tokens: int = 1024  # token budget per prompt: oldest history dropped first (next_title with 20
     # candidates and no history is ~530 tokens on ml-100k; 10 history events add ~200)
@@ -165,6 +171,29 @@ def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[
         ts = get("timestamp", None)
         out.append(HistEvent(str(get("item_id")), liked, value, int(ts) if ts is not None else None))
     return out
+
+
+def cyclic_shift(ids: Sequence[str], s: int, k: int) -> list[str]:
+    """Listing `s` of `k` of the candidates `ids`: their order rotated left by round(s * len(ids) / k) places, so the
+    k listings put each candidate at k positions spread evenly over the list (listing 0 = `ids` as given)."""
+    n = len(ids)
+    shift = round(s * n / k) % n if n else 0
+    return list(ids[shift:]) + list(ids[:shift])
+
+
+def mean_over_listings(ids: Sequence[str], listings: Sequence[tuple[Sequence[str], np.ndarray]]) -> np.ndarray:
+    """Each of `ids`' mean LLM score over the `listings` ((listed ids, their log-probs in listed order)) that list
+    it; -inf for an id none lists."""
+    total = dict.fromkeys(ids, 0.0)
+    count = dict.fromkeys(ids, 0)
+    for listed, lp in listings:
+        if len(listed) != len(lp):
+            raise ValueError(f"{len(listed)} listed candidates but {len(lp)} LLM scores")
+        for i, v in zip(listed, lp):
+            if i in total:
+                total[i] += float(v)
+                count[i] += 1
+    return np.array([total[i] / count[i] if count[i] else -np.inf for i in ids])
 
 
 def fuse_with_retrieval(ids: Sequence[str], llm_logprobs: np.ndarray, weight: float) -> list[tuple[str, float]]:
@@ -357,26 +386,30 @@ class Recommender:
 
     def _rank_verbalizer(self, histories, cands):
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
+        k = self.cfg.listings
+        if k < 1:
+            raise ValueError(f"RankingConfig.listings must be >= 1, got {k}")
+        cache = self.llm_cache if self.llm_cache is not None else {}
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
-            rendered = [
-                self._render("rank", histories[u], candidates=self._items([c for c, _ in cands[u]])) for u in idx
-            ]
-            groups: dict[int, list[int]] = {}
-            for j, r in enumerate(rendered):
-                groups.setdefault(len(r.choices), []).append(j)
-            for js in groups.values():  # backends need equal-length choice lists per call
-                cache = self.llm_cache if self.llm_cache is not None else {}
-                todo_j = [j for j in js if rendered[j].text not in cache]
-                if todo_j:
-                    lp = self.backend.score_choices([rendered[j].text for j in todo_j],
-                                                    [rendered[j].choices for j in todo_j])
-                    for row, j in zip(lp, todo_j):
-                        cache[rendered[j].text] = np.asarray(row, dtype=np.float64)
-                for j in js:
-                    out[idx[j]] = fuse_with_retrieval(rendered[j].candidate_ids, cache[rendered[j].text],
-                                                      self.cfg.retrieval_weight)
+            ids = {u: [c for c, _ in cands[u]] for u in idx}
+            rendered: dict[int, list[Any]] = {}
+            for u in idx:
+                m = min(k, len(ids[u]))  # listings of this user's candidates (k, or one per candidate)
+                rendered[u] = [self._render("rank", histories[u], candidates=self._items(cyclic_shift(ids[u], s, m)))
+                               for s in range(m)]
+            groups: dict[int, list[Any]] = {}
+            for r in (r for rs in rendered.values() for r in rs if r.text not in cache):
+                groups.setdefault(len(r.choices), []).append(r)
+            for rs in groups.values():  # backends need equal-length choice lists per call
+                rs = list({r.text: r for r in rs}.values())
+                lp = self.backend.score_choices([r.text for r in rs], [r.choices for r in rs])
+                for row, r in zip(lp, rs):
+                    cache[r.text] = np.asarray(row, dtype=np.float64)
+            for u in idx:
+                lp = mean_over_listings(ids[u], [(r.candidate_ids, cache[r.text]) for r in rendered[u]])
+                out[u] = fuse_with_retrieval(ids[u], lp, self.cfg.retrieval_weight)
         return out
 
     def _rank_generate(self, histories, cands):

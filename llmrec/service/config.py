@@ -72,6 +72,9 @@ class ServiceConfig:
     # 18 films with two ids each); false: seen items are excluded by id only
     exclude_seen_titles: bool = True
     retrieval_weight: float = 4.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
+    # verbalizer: candidates listed this many times in cyclically shifted orders, letter log-probs averaged (cancels
+    # the LLM's letter / position preference; that many forward passes per user)
+    listings: int = 1
     # candidate retriever: text | hybrid (text + item-CF) | hybrid:sasrec (text + SASRec, loaded from its checkpoint
     # or fitted once at start; hybrid:bert_lstm likewise) | itemcf (item-CF alone, no sentence-transformer) | sasrec /
     # bert_lstm (that baseline alone); every choice scores any history from the event store, known users or not
@@ -80,7 +83,8 @@ class ServiceConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_k", "max_history", "max_history_page", "max_score_items", "max_body_bytes", "cache_size"):
+        for name in ("listings", "max_k", "max_history", "max_history_page", "max_score_items", "max_body_bytes",
+                     "cache_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if not 1 <= self.default_k <= self.max_k:

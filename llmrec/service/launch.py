@@ -290,7 +290,8 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
 
     retriever = build_retriever(ds, cfg.retriever)
     rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
-                         retrieval_weight=cfg.retrieval_weight, exclude_seen_titles=cfg.exclude_seen_titles)
+                         retrieval_weight=cfg.retrieval_weight, listings=cfg.listings,
+                         exclude_seen_titles=cfg.exclude_seen_titles)
     recs: dict[str | None, Any] = {}
     made: dict[int, Any] = {}
     for name, be in backends.items():
