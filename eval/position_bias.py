@@ -115,12 +115,13 @@ def main() -> None:
         shuffled = [[c[j] for j in np.random.default_rng([args.seed, n]).permutation(len(c))]
                     for n, c in enumerate(cands)]
         in_order = rec.rank_candidates(hs, cands, "verbalizer")
+        in_random_order = rec.rank_candidates(hs, shuffled, "verbalizer")
         prior = letter_prior(rec, valid_users, args.candidates)
-        rec.cfg.listings = args.listings
+        rec.cfg.listings = args.listings  # the last row's; every row above is one listing
         averaged = rec.rank_candidates(hs, cands, "verbalizer")
         for listing, ranked, listed in (
             ("retrieval order", in_order, retrieved),
-            ("random order", rec.rank_candidates(hs, shuffled, "verbalizer"), [[i for i, _ in c] for c in shuffled]),
+            ("random order", in_random_order, [[i for i, _ in c] for c in shuffled]),
             ("retrieval order, letter prior removed",
              [calibrate(r, ids, prior) for r, ids in zip(in_order, retrieved)], retrieved),
             (f"retrieval order + {args.listings - 1} cyclic shifts, averaged", averaged, retrieved),

@@ -85,6 +85,7 @@ def section() -> str:
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("position_bias_ml-100k", None),
+        ("pointwise_rank_ml-100k", None),
         ("ranking_modes_ml-100k", None),
         ("ranking_modes_ml-100k_vllm", None),
         ("ranking_modes_ml-100k_gpu_135m", None),  # finetune/gpu_check.sh (absent until a GPU run)
