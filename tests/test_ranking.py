@@ -854,17 +854,20 @@ def test_cli_eval_rank_defaults_to_the_hybrid_retriever_and_records_its_settings
     base = ["eval", "rank", "--dataset", str(parts.ds.root), "--model", str(parts.llm_dir), "--dtype", "float32",
             "--max-users", "4", "--batch-size", "4"]
     got = {}
-    for name, extra in (("default", []), ("text", ["--retriever", "text", "--retrieval-weight", "0"])):
+    for name, extra in (("default", []), ("text", ["--retriever", "text", "--retrieval-weight", "0",
+                                                   "--listings", "2"])):
         out = tmp_path / f"{name}.json"
         assert main(base + extra + ["--out", str(out)]) == 0
         got[name] = json.loads(out.read_text())
         assert got[name]["n_users"] == 4 and 0.0 <= got[name]["ndcg@10"] <= 1.0
     assert (got["default"]["retriever"], got["default"]["retrieval_weight"]) == ("hybrid", 4.0)
     assert (got["text"]["retriever"], got["text"]["retrieval_weight"]) == ("text", 0.0)
+    assert (got["default"]["listings"], got["text"]["listings"]) == (1, 2)
     assert got["default"]["mode"] == "verbalizer" and got["default"]["n_candidates"] == 20
     assert got["default"]["backend"].startswith("transformers:") and got["default"]["adapter"] is None
     printed = capsys.readouterr().out
-    assert "with hybrid + verbalizer rerank, retrieval weight 4" in printed and "with text + verbalizer" in printed
+    assert "with hybrid + verbalizer rerank, retrieval weight 4;" in printed
+    assert "with text + verbalizer rerank, retrieval weight 0, 2 listings;" in printed
 
 
 def test_cli_eval_yesno_on_a_4bit_base(parts, tallrec_file, tmp_path, monkeypatch):

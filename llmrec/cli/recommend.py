@@ -213,11 +213,12 @@ def cmd_eval_rank(args: argparse.Namespace) -> int:
     rec = _recommender(args, args.dataset)
     m = eval_rank(rec, rec.ds, args.max_users or None, args.seed, args.mode)
     m.update(retriever=args.retriever, n_candidates=rec.cfg.n_candidates, mode=args.mode,
-             retrieval_weight=rec.cfg.retrieval_weight, adapter=args.adapter,
+             retrieval_weight=rec.cfg.retrieval_weight, listings=rec.cfg.listings, adapter=args.adapter,
              backend=getattr(rec.backend, "name", args.backend))
+    listed = f", {rec.cfg.listings} listings" if args.mode == "verbalizer" and rec.cfg.listings > 1 else ""
     _print_metrics(
         f"full ranking on {args.dataset} (retrieve {rec.cfg.n_candidates} with {args.retriever} + {args.mode} rerank, "
-        f"retrieval weight {rec.cfg.retrieval_weight:g}; {m['backend']})",
+        f"retrieval weight {rec.cfg.retrieval_weight:g}{listed}; {m['backend']})",
         m,
         ["n_users", "hr@10", "recall@10", "ndcg@10", "ndcg@20", "mrr@10", "seconds_per_user"],
     )
