@@ -1,7 +1,7 @@
 """Does the LLM's candidate order echo the order the candidates are listed in? -> eval/results/position_bias_<dataset>.
 
     python eval/position_bias.py [--dataset ml-100k] [--users 200] [--retriever bert_lstm] [--adapter PATH]
-                                 [--listings 4]
+                                 [--listings 4] [--name position_bias_<dataset>]
 
 The same seeded test users as `llmrec bench` (`--users`, `--seed`), the same retrieved candidates; each model (the
 base model zero-shot, and the tuned rank adapter with `--adapter`) scores them twice with the verbalizer, LLM order
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="tuned rank adapter (a second model row)")
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--listings", type=int, default=4, help="cyclic listings averaged in the fourth row per model")
+    ap.add_argument("--name", default=None, help="result name (default position_bias_<dataset>)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -137,7 +138,8 @@ def main() -> None:
         f"`{args.retriever}`, verbalizer, LLM order alone; adapter: {args.adapter or 'none'}; averaged rows: "
         f"{args.listings} listings, shifted by {args.candidates / args.listings:g} places each. Chance: "
         f"top1_listed_first {1 / args.candidates:.2f}, top1_retrieval_rank {(args.candidates + 1) / 2:g}, rho 0.\n")
-    write_result(f"position_bias_{args.dataset}", {"dataset": args.dataset, "rows": rows, "args": vars(args)}, md,
+    write_result(args.name or f"position_bias_{args.dataset}",
+                 {"dataset": args.dataset, "rows": rows, "args": vars(args)}, md,
                  command="python eval/position_bias.py " + " ".join(command_line().split()[1:]))
 
 

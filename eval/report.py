@@ -85,6 +85,7 @@ def section() -> str:
         ("finetune_rank_ml-100k", None),
         ("ranking_ml-100k", None),
         ("position_bias_ml-100k", None),
+        ("position_bias_ml-100k_20_listings", None),  # --users 100 --listings 20: every candidate at every place
         ("pointwise_rank_ml-100k", None),
         ("ranking_modes_ml-100k", None),
         ("ranking_modes_ml-100k_vllm", None),
