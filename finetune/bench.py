@@ -5,6 +5,7 @@
     python finetune/bench.py rescore --task yesno [--variant X]  # a finished run scored again (current evaluation)
     python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
     python finetune/bench.py mmap --task yesno --steps 8         # train.malloc_mmap_threshold_mb 0 vs 1: speed, RSS
+    python finetune/bench.py speed --task yesno --steps 8        # the recipe vs its settings before 2026-12-06
                                                                  # -> eval/results/finetune_memory_<task>_<dataset>
     python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
     python finetune/bench.py shaped --out artifacts/models/llama-1.1b-shaped      # random-weight 1.1B (memory only)
@@ -58,33 +59,45 @@ def finetune(task: str, out: Path, overrides: list[str], recipe_path: Path | Non
 
 
 # `run --variant NAME`: the same recipe with these overrides, in its own folder (`<run>_NAME`), reported beside the
-# main QLoRA run. "stats" (yesno): the `yesno_stats` prompt, the recipe's default before 2026-12-05 (the two counts
-# without the combined estimate line of `yesno_estimate`); "lora", "qlora_upcast" and "n1536" were measured with that
-# prompt too, so they name it. "lora": LoRA on the full-precision base (on a CPU 4-bit saves memory, not time, and
-# the nf4 copy of a 135M model starts from a higher loss); the zero-shot pass is skipped (it scores the same
-# full-precision base). "qlora_upcast": QLoRA with PEFT's fp32 upcast of the frozen embeddings and norms (the recipes'
-# default before 2026-12-05; where `dtype: fast` is bf16, fp32 norms make the residual stream and every saved
-# activation fp32). "retrieval" (rank): training, validation and test candidates from the hybrid retriever (the
-# Recommender's default) instead of popularity samples: other test sets, so the run keeps its own zero-shot pass.
-# "n1536" (yesno): twice the recipe's 768 training examples, the most that fits the 45-min CPU budget, on yesno_stats;
-# "n1536_estimate": the same on the recipe's own prompt.
+# main QLoRA run. The yesno recipe changed on 2026-12-06 (no LoRA dropout, bf16 autocast where the model computes in
+# bf16: faster training, `speed` measures it, since dropout draws a mask over every LoRA layer's input and without
+# autocast PEFT casts each one to fp32 and back); the variants measured before name the old settings (OLD), so each
+# still reruns what it ran. "recipe_1205": that recipe as it was (768 examples). "stats": the `yesno_stats` prompt, the
+# recipe's default before 2026-12-05 (the two counts without the combined estimate line of `yesno_estimate`); "lora",
+# "qlora_upcast" and "n1536" were measured with that prompt too, so they name it. "lora": LoRA on the full-precision
+# base (on a CPU 4-bit saves memory, not time, and the nf4 copy of a 135M model starts from a higher loss); the
+# zero-shot pass is skipped (it scores the same full-precision base). "qlora_upcast": QLoRA with PEFT's fp32 upcast of
+# the frozen embeddings and norms (the recipes' default before 2026-12-05; where `dtype: fast` is bf16, fp32 norms
+# make the residual stream and every saved activation fp32). "retrieval" (rank): training, validation and test
+# candidates from the hybrid retriever (the Recommender's default) instead of popularity samples: other test sets, so
+# the run keeps its own zero-shot pass. "n1536" (yesno): twice the recipe's 768 training examples, then the most that
+# fit the 45-min CPU budget, on yesno_stats; "n1536_estimate": the same on the recipe's own prompt. "fast_n1536",
+# "fast_n3072": the current recipe on 2 and 4 times the examples.
 STATS = "data.template=yesno_stats"
-VARIANTS = {"stats": [STATS],
-            "lora": ["quant.load_in_4bit=false", "eval_before=false", STATS],
-            "qlora_upcast": ["quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true", "eval_before=false",
-                             STATS],
+OLD = ["lora.dropout=0.05", "train.bf16_autocast=false"]
+VARIANTS = {"recipe_1205": [*OLD],
+            "stats": [*OLD, STATS],
+            "lora": [*OLD, "quant.load_in_4bit=false", "eval_before=false", STATS],
+            "qlora_upcast": [*OLD, "quant.upcast_frozen_embeddings=true", "quant.upcast_norms=true",
+                             "eval_before=false", STATS],
             "retrieval": ["data.candidates=retrieval"],
-            "n1536": ["data.n_train=1536", "eval_before=false", STATS],
-            "n1536_estimate": ["data.n_train=1536", "eval_before=false"],
-            "lr1e3": ["train.lr=0.001", "eval_before=false"]}
+            "n1536": [*OLD, "data.n_train=1536", "eval_before=false", STATS],
+            "n1536_estimate": [*OLD, "data.n_train=1536", "eval_before=false"],
+            "lr1e3": [*OLD, "train.lr=0.001", "eval_before=false"],
+            "fast_n1536": ["data.n_train=1536", "eval_before=false"],
+            "fast_n3072": ["data.n_train=3072", "eval_before=false"]}
 VARIANT_TASK = {"retrieval": "rank"}  # the task a variant belongs to (default yesno)
-VARIANT_LABELS = {"stats": "SmolLM2 + QLoRA, yesno_stats prompt (no estimate line)",
-                  "lora": "SmolLM2 + LoRA (full-precision base), yesno_stats prompt",
-                  "qlora_upcast": "SmolLM2 + QLoRA, embeddings and norms upcast to fp32, yesno_stats prompt",
+_OLD = "LoRA dropout 0.05, no autocast"
+VARIANT_LABELS = {"recipe_1205": f"SmolLM2 + QLoRA, recipe of 2026-12-05 ({_OLD})",
+                  "stats": f"SmolLM2 + QLoRA, yesno_stats prompt (no estimate line), {_OLD}",
+                  "lora": f"SmolLM2 + LoRA (full-precision base), yesno_stats prompt, {_OLD}",
+                  "qlora_upcast": f"SmolLM2 + QLoRA, embeddings and norms upcast to fp32, yesno_stats prompt, {_OLD}",
                   "retrieval": "SmolLM2 + QLoRA, retrieved candidates",
-                  "n1536": "SmolLM2 + QLoRA, 1536 training examples, yesno_stats prompt",
-                  "n1536_estimate": "SmolLM2 + QLoRA, 1536 training examples",
-                  "lr1e3": "SmolLM2 + QLoRA, learning rate 1e-3 (recipe: 5e-4)"}
+                  "n1536": f"SmolLM2 + QLoRA, 1536 training examples, yesno_stats prompt, {_OLD}",
+                  "n1536_estimate": f"SmolLM2 + QLoRA, 1536 training examples, {_OLD}",
+                  "lr1e3": f"SmolLM2 + QLoRA, learning rate 1e-3 (recipe: 5e-4), {_OLD}",
+                  "fast_n1536": "SmolLM2 + QLoRA, 1536 training examples",
+                  "fast_n3072": "SmolLM2 + QLoRA, 3072 training examples"}
 
 
 def check_variant(a: argparse.Namespace) -> None:
@@ -188,40 +201,78 @@ def cmd_mem(a: argparse.Namespace) -> None:
     print(table)
 
 
-def cmd_mmap(a: argparse.Namespace) -> None:
-    """Speed and peak RSS of the recipe as users run it (its own dtypes), with `train.malloc_mmap_threshold_mb` at
-    each of `--thresholds`, alternating, `--repeats` times: what the allocator option costs and saves."""
-    from llmrec.bench_utils import md_table, write_result
-
+def alternating_runs(a: argparse.Namespace, configs: dict[str, list[str]], folder: str, key: str
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Short runs (`short_run`) of the recipe as users run it with each of `configs` (name -> overrides), one process
+    each, the configurations alternating, `--repeats` times. Returns (runs, summary: the means per configuration, and
+    speed / peak during training against the first); `key` names the configuration column."""
     common = [*short_run(a), *a.overrides]
     runs = []
     for rep in range(a.repeats):
-        for thr in a.thresholds:
-            out = run_dir(a.task, a.dataset, f"_mmap{thr}_{rep}")
-            t = finetune(a.task, out, [*common, f"train.malloc_mmap_threshold_mb={thr}"])["train"]
-            runs.append({"malloc_mmap_threshold_mb": thr, "repeat": rep, "examples_per_s": t["examples_per_s"],
+        for name, over in configs.items():
+            out = run_dir(a.task, a.dataset, f"_{folder}{name}_{rep}")
+            t = finetune(a.task, out, [*common, *over])["train"]
+            runs.append({key: name, "repeat": rep, "examples_per_s": t["examples_per_s"],
                          "train_wall_s": t["wall_s"], "peak_rss_train_mb": t.get("peak_rss_train_mb"),
                          "rss_at_train_start_mb": t.get("rss_at_train_start_mb"), "peak_rss_mb": t["peak_rss_mb"]})
     summary = []
-    for thr in a.thresholds:
-        rs = [r for r in runs if r["malloc_mmap_threshold_mb"] == thr]
-        summary.append({"malloc_mmap_threshold_mb": thr, "runs": len(rs),
+    for name in configs:
+        rs = [r for r in runs if r[key] == name]
+        summary.append({key: name, "runs": len(rs),
                         **{f"mean_{k}": round(sum(r[k] for r in rs) / len(rs), 3)
                            for k in ("examples_per_s", "peak_rss_train_mb", "peak_rss_mb")}})
     base = summary[0]
     for row in summary[1:]:
         row["speed_vs_first"] = round(row["mean_examples_per_s"] / base["mean_examples_per_s"], 3)
         row["peak_train_vs_first"] = round(row["mean_peak_rss_train_mb"] / base["mean_peak_rss_train_mb"], 3)
-    table = (f"Recipe `{recipe(a.task).name}` as configured (its own dtypes), {a.steps} steps at batch "
-             f"{a.batch_size}, "
-             f"each run its own process, thresholds alternating; peak_rss_train = the peak during trainer.train() "
-             f"(VmHWM reset when it starts).\n\n"
-             + md_table(runs, list(runs[0])) + "\n"
-             + md_table(summary, list(dict.fromkeys(k for r in summary for k in r)))
-             + (f"\n{a.note}\n" if a.note else ""))
+    return runs, summary
+
+
+def _alternating_table(a: argparse.Namespace, what: str, runs: list[dict[str, Any]],
+                       summary: list[dict[str, Any]]) -> str:
+    from llmrec.bench_utils import md_table
+
+    return (f"Recipe `{recipe(a.task).name}` as configured (its own dtypes), {a.steps} steps at batch "
+            f"{a.batch_size}, each run its own process, {what} alternating; peak_rss_train = the peak during "
+            f"trainer.train() (VmHWM reset when it starts).\n\n"
+            + md_table(runs, list(runs[0])) + "\n"
+            + md_table(summary, list(dict.fromkeys(k for r in summary for k in r)))
+            + (f"\n{a.note}\n" if a.note else ""))
+
+
+def cmd_mmap(a: argparse.Namespace) -> None:
+    """Speed and peak RSS of the recipe as users run it (its own dtypes), with `train.malloc_mmap_threshold_mb` at
+    each of `--thresholds`, alternating, `--repeats` times: what the allocator option costs and saves."""
+    from llmrec.bench_utils import write_result
+
+    runs, summary = alternating_runs(a, {thr: [f"train.malloc_mmap_threshold_mb={thr}"] for thr in a.thresholds},
+                                     "mmap", "malloc_mmap_threshold_mb")
+    table = _alternating_table(a, "thresholds", runs, summary)
     payload = {"task": a.task, "dataset": a.dataset, "steps": a.steps, "batch_size": a.batch_size, "runs": runs,
                "summary": summary}
     print(write_result(f"finetune_mmap_{a.task}_{a.dataset}", payload, table))
+    print(table)
+
+
+# `speed`: what each of the 2026-12-06 changes to the CPU yesno recipe buys, against the recipe before them
+SPEED_CONFIGS = {"recipe_1205": OLD,
+                 "no_dropout": ["lora.dropout=0", "train.bf16_autocast=false"],
+                 "autocast": ["lora.dropout=0.05", "train.bf16_autocast=auto"],
+                 "recipe": []}
+
+
+def cmd_speed(a: argparse.Namespace) -> None:
+    """Examples/s and peak RSS of short runs of the recipe before 2026-12-06 (LoRA dropout 0.05, no autocast), with
+    each change alone, and as it is now; alternating, `--repeats` times."""
+    from llmrec.bench_utils import write_result
+
+    runs, summary = alternating_runs(a, SPEED_CONFIGS, "speed_", "config")
+    for row in [*runs, *summary]:
+        row["overrides"] = " ".join(SPEED_CONFIGS[row["config"]]) or "(none)"
+    table = _alternating_table(a, "configurations", runs, summary)
+    payload = {"task": a.task, "dataset": a.dataset, "steps": a.steps, "batch_size": a.batch_size, "runs": runs,
+               "summary": summary}
+    print(write_result(f"finetune_speed_{a.task}_{a.dataset}", payload, table))
     print(table)
 
 
@@ -525,7 +576,12 @@ def cmd_report(a: argparse.Namespace) -> None:
     main = load_main(a)
     recipe_used = (run_dir(a.task, a.dataset) / "recipe.yaml").read_text()
     manifest = json.loads((run_dir(a.task, a.dataset) / "data_manifest.json").read_text())
-    mem = memory_summary(a.task, a.dataset)
+    # runs whose folders are gone ($LLMREC_HOME rebuilt, another machine) keep the figures of the previous report
+    from llmrec.bench_utils import RESULTS_DIR
+
+    prev_path = Path(RESULTS_DIR) / f"finetune_{a.task}_{a.dataset}.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
+    mem = memory_summary(a.task, a.dataset) or prev.get("memory") or {}
     n_test = manifest["test"]["n"]
     seed = manifest["seed"]
     few = (manifest["train"]["n"], manifest["valid"]["n"]) if a.few_shot else None
@@ -561,9 +617,11 @@ def cmd_report(a: argparse.Namespace) -> None:
     for name, label in VARIANT_LABELS.items():
         vp = run_dir(a.task, a.dataset, f"_{name}") / "metrics.json"
         v = json.loads(vp.read_text()) if vp.is_file() else {}
+        if v.get("status") != "done" and name in prev.get("variants", {}):
+            v = {**prev["variants"][name], "status": "done", "carried_over": prev_path.name}
         if v.get("status") == "done":
             variants[name] = {k: v.get(k) for k in ("train", "test_before", "test_after", "valid_after", "wall_s",
-                                                    "load_in_4bit")}
+                                                    "load_in_4bit", "carried_over") if k in v}
             # the overrides this run had (a run made before its variant existed may have kept the zero-shot pass)
             over = [o for o in VARIANTS[name] if not (o == "eval_before=false" and v.get("test_before"))]
             data_over = tuple(sorted(o for o in VARIANTS[name] if o.startswith("data.")))
@@ -573,10 +631,13 @@ def cmd_report(a: argparse.Namespace) -> None:
                 zero_shot_shown.add(data_over)
                 rows.append({"model": f"{label}: zero-shot", **{k: v["test_before"].get(k) for k in keys},
                              "note": f"same recipe, {' '.join(over)}"})
+            kept = f"; figures kept from the previous {v['carried_over']} (run folder gone)" if v.get(
+                "carried_over") else ""
             rows.append({"model": label, **{k: (v.get("test_after") or {}).get(k) for k in keys},
-                         "note": f"same recipe, {' '.join(over)}"})
+                         "note": f"same recipe, {' '.join(over)}{kept}"})
             if a.task == "rank" and names and own_sets:  # baselines on this variant's own candidate sets
-                vb = baseline_rank(names, run_dir(a.task, a.dataset, f"_{name}"))
+                vb = (v.get("baselines_same_candidates") or {} if v.get("carried_over")
+                      else baseline_rank(names, run_dir(a.task, a.dataset, f"_{name}")))
                 variants[name]["baselines_same_candidates"] = vb
                 rows += [{"model": f"{n} ({label.split(', ', 1)[-1]})", **{k: b.get(k) for k in keys},
                           "note": b.get("how", b.get("error"))} for n, b in vb.items()]
@@ -589,6 +650,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     if "counts only (no model)" in base_probs:
         runs = {"main": run_dir(a.task, a.dataset)} | {n: run_dir(a.task, a.dataset, f"_{n}") for n in variants}
         reading = counts_reading(runs, base_probs["counts only (no model)"])
+        have = {r["run"] for r in reading}
+        reading += [r for r in prev.get("counts_reading", []) if r["run"] in runs and r["run"] not in have]
     payload["counts_reading"] = reading
     tr = main["train"]
     perf = [{"run": "main (QLoRA)", "examples": tr.get("examples"), "steps": tr.get("steps"),
@@ -643,14 +706,14 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "rescore", "mem", "mmap", "report", "shaped", "gpu"])
+    p.add_argument("action", choices=["run", "rescore", "mem", "mmap", "speed", "report", "shaped", "gpu"])
     p.add_argument("--task", default="yesno", choices=["yesno", "rank"])
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--steps", type=int, default=2, help="mem, mmap: training steps per configuration")
+    p.add_argument("--steps", type=int, default=2, help="mem, mmap, speed: training steps per configuration")
     p.add_argument("--batch-size", type=int, default=4, help="mem, mmap: the batch every configuration uses")
     p.add_argument("--thresholds", type=int, nargs="+", default=[0, 1],
                    help="mmap: train.malloc_mmap_threshold_mb values, the first is the reference")
-    p.add_argument("--repeats", type=int, default=2, help="mmap: runs per threshold (alternating)")
+    p.add_argument("--repeats", type=int, default=2, help="mmap, speed: runs per configuration (alternating)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="mem: both configurations with it")
     p.add_argument("--model", default=None, help="mem: a local HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
@@ -676,8 +739,8 @@ def main() -> None:
     p.add_argument("--log", default=None, help="report: log of a recipe run that has not finished")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_intermixed_args()
-    {"run": cmd_run, "rescore": cmd_rescore, "mem": cmd_mem, "mmap": cmd_mmap, "report": cmd_report,
-     "shaped": cmd_shaped, "gpu": cmd_gpu}[a.action](a)
+    {"run": cmd_run, "rescore": cmd_rescore, "mem": cmd_mem, "mmap": cmd_mmap, "speed": cmd_speed,
+     "report": cmd_report, "shaped": cmd_shaped, "gpu": cmd_gpu}[a.action](a)
 
 
 if __name__ == "__main__":

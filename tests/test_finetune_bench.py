@@ -231,3 +231,79 @@ def test_counts_reading_tells_a_copy_of_the_figure_from_a_score_that_adds_to_it(
     assert knows["counts_auc_within_5_bins"] < 0.9
     bins = pd.qcut(counts["p_yes"].rank(method="first"), 5, labels=False)
     assert copy["counts_auc_within_5_bins"] == pytest.approx(stratified_auc(y, counts["p_yes"], bins))
+
+
+def test_report_keeps_the_previous_figures_of_runs_whose_folders_are_gone(fbench, tmp_path, monkeypatch):
+    """A variant run done since ($LLMREC_HOME has its folder) is reported from it; one whose folder is gone keeps the
+    previous report's figures, labelled, instead of silently dropping its row; so do the memory runs."""
+    import argparse
+
+    import llmrec.bench_utils as bu
+
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(bu, "RESULTS_DIR", results)
+    main = fbench.run_dir("yesno", "tiny")
+    main.mkdir(parents=True)
+    train = {"examples": 8, "steps": 2, "examples_per_s": 1.0, "wall_s": 8.0, "peak_rss_mb": 900.0}
+    (main / "metrics.json").write_text(json.dumps({"status": "done", "train": train, "wall_s": 9.0,
+                                                   "test_after": {"auc": 0.7, "accuracy": 0.6, "f1": 0.5}}))
+    (main / "recipe.yaml").write_text("task: yesno\n")
+    (main / "data_manifest.json").write_text(json.dumps({"seed": 0, "test": {"n": 10}, "train": {"n": 8},
+                                                         "valid": {"n": 4}}))
+    fresh = fbench.run_dir("yesno", "tiny", "_fast_n1536")
+    fresh.mkdir()
+    (fresh / "metrics.json").write_text(json.dumps({"status": "done", "train": train, "wall_s": 5.0,
+                                                    "test_after": {"auc": 0.8, "accuracy": 0.7, "f1": 0.6}}))
+    old_mem = {"qlora": {"peak_rss_mb": 1000.0, "peak_above_start_mb": 600.0, "batch_size": 4, "steps": 1,
+                         "examples_per_s": 0.5, "wall_s": 8.0}, "ratio_peak_rss_qlora_over_bf16": 0.9}
+    (results / "finetune_yesno_tiny.json").write_text(json.dumps({
+        "memory": old_mem,
+        "variants": {"lr1e3": {"train": train, "wall_s": 7.0,
+                               "test_after": {"auc": 0.75, "accuracy": 0.65, "f1": 0.55}},
+                     "fast_n1536": {"train": train, "wall_s": 1.0, "test_after": {"auc": 0.1}}}}))
+    a = argparse.Namespace(task="yesno", dataset="tiny", few_shot=False, baselines="", note="", command="test",
+                           log=None)
+    fbench.cmd_report(a)
+    out = json.loads((results / "finetune_yesno_tiny.json").read_text())
+    fresh_v = out["variants"]["fast_n1536"]
+    assert fresh_v["test_after"]["auc"] == 0.8 and "carried_over" not in fresh_v
+    assert out["variants"]["lr1e3"]["test_after"]["auc"] == 0.75
+    assert out["variants"]["lr1e3"]["carried_over"] == "finetune_yesno_tiny.json"
+    assert out["memory"] == old_mem
+    md = (results / "finetune_yesno_tiny.md").read_text()
+    lr_row = next(line for line in md.splitlines() if "learning rate 1e-3" in line)
+    assert "0.7500" in lr_row and "figures kept from the previous finetune_yesno_tiny.json" in lr_row
+    fast_row = next(line for line in md.splitlines() if line.startswith("| SmolLM2 + QLoRA, 1536 training examples |"))
+    assert "0.8000" in fast_row and "kept" not in fast_row
+
+
+def test_speed_runs_alternate_and_each_change_is_measured_alone(fbench, monkeypatch):
+    import argparse
+
+    from llmrec.finetune import load_recipe
+
+    recipe = ROOT / "finetune" / "recipes" / "yesno_smollm2_qlora.yaml"
+    now = load_recipe(recipe)
+    assert now.lora.dropout == 0 and now.train.bf16_autocast == "auto"
+    settings = {name: load_recipe(recipe, over) for name, over in fbench.SPEED_CONFIGS.items()}
+    assert [(c.lora.dropout, c.train.bf16_autocast) for c in settings.values()] == [
+        (0.05, False), (0.0, False), (0.05, "auto"), (0.0, "auto")]
+    calls = []
+    speed = {"recipe_1205": 1.0, "no_dropout": 1.5, "autocast": 1.2, "recipe": 2.0}
+
+    def fake_finetune(task, out, overrides):
+        name = out.name.removeprefix("bench_yesno_tiny_speed_").rsplit("_", 1)[0]
+        calls.append(name)
+        own = fbench.SPEED_CONFIGS[name]
+        assert "train.max_steps=3" in overrides and overrides[len(overrides) - len(own):] == own
+        return {"train": {"examples_per_s": speed[name], "wall_s": 1.0, "peak_rss_train_mb": 100.0 * speed[name],
+                          "peak_rss_mb": 500.0}}
+
+    monkeypatch.setattr(fbench, "finetune", fake_finetune)
+    a = argparse.Namespace(task="yesno", dataset="tiny", steps=3, batch_size=2, repeats=2, overrides=[])
+    runs, summary = fbench.alternating_runs(a, fbench.SPEED_CONFIGS, "speed_", "config")
+    assert calls == list(fbench.SPEED_CONFIGS) * 2  # alternating, not one configuration's repeats in a row
+    by = {r["config"]: r for r in summary}
+    assert by["recipe"]["runs"] == 2 and by["recipe"]["speed_vs_first"] == 2.0
+    assert by["no_dropout"]["peak_train_vs_first"] == 1.5 and "speed_vs_first" not in by["recipe_1205"]

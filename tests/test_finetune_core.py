@@ -282,3 +282,53 @@ def test_weights_kept_out_of_the_upcast_never_get_an_fp32_copy(tiny_dir, monkeyp
         kept = not (emb_up if is_emb(n) else norm_up)
         assert p.dtype == (torch.bfloat16 if kept else torch.float32), n
         assert torch.equal(p.to(ref.dtype), ref), n  # values back (bf16 -> fp32 is exact)
+
+
+def test_bf16_autocast_auto_follows_the_compute_dtype(monkeypatch):
+    import llmrec.llm.loading as loading
+    from llmrec.finetune import load_recipe
+    from llmrec.finetune.trainer import use_bf16_autocast
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = RECIPES / "yesno_smollm2_qlora.yaml"
+    assert load_recipe(recipe, ["train.bf16_autocast=auto"]).train.bf16_autocast == "auto"
+    assert load_recipe(recipe, ["train.bf16_autocast=true"]).train.bf16_autocast is True
+    with pytest.raises(ConfigError, match="bf16_autocast"):
+        load_recipe(recipe, ["train.bf16_autocast=sometimes"])
+    for native in (True, False):
+        monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda native=native: native)
+        auto = load_recipe(recipe, ["train.bf16_autocast=auto"])  # 4-bit: follows quant.compute_dtype (fast)
+        assert use_bf16_autocast(auto) is native
+        full = load_recipe(recipe, ["train.bf16_autocast=auto", "quant.load_in_4bit=false", "dtype=float32"])
+        assert use_bf16_autocast(full) is False  # an fp32 model is never put on bf16
+        assert use_bf16_autocast(load_recipe(recipe, ["train.bf16_autocast=true"])) is True
+        assert use_bf16_autocast(load_recipe(recipe, ["train.bf16_autocast=false"])) is False
+
+
+def test_qlora_trains_under_cpu_bf16_autocast_with_fp32_lora_weights(tiny_dir):
+    """What `bf16_autocast: auto` does on a bf16 CPU: LoRA matmuls in bf16, LoRA weights (and their updates) fp32."""
+    torch.manual_seed(0)
+    m, tok = load_causal_lm(tiny_dir, dtype="bfloat16",
+                            quant=QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_norms=False,
+                                                upcast_frozen_embeddings=False))
+    m = apply_lora(m, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+                   quant=QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_norms=False,
+                                       upcast_frozen_embeddings=False))
+    lora = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    opt = torch.optim.AdamW(list(lora.values()), lr=1e-2)
+    b = batch(tok)
+    m.train()
+    losses = []
+    for step in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, logits = answer_only_loss(m, b)
+        loss.backward()
+        if step == 1:
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 and float(p.grad.abs().sum()) > 0
+                       for p in lora.values())
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert logits.dtype == torch.bfloat16
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -48,7 +48,10 @@ class TrainSettings:
     save_steps: int = 50
     save_total_limit: int = 2
     gradient_checkpointing: bool = False
-    bf16_autocast: bool = False  # mixed precision (GPU); on CPU the base dtype is used directly
+    # bf16 mixed precision (torch.autocast, also on CPU). "auto": on where the model computes in bf16 (`dtype` /
+    # `quant.compute_dtype` resolve to bfloat16): the base is bf16 already, and autocast runs the fp32 LoRA matmuls in
+    # bf16 instead of casting each LoRA layer's input to fp32 and its output back (CPU, 135M yesno step: 1.1x faster)
+    bf16_autocast: bool | Literal["auto"] = False
     report_to: Literal["none", "tensorboard"] = "none"
     resume: str | None = None  # "auto" (last checkpoint in output_dir if any), a checkpoint folder, or null
     threads: int = 0  # torch threads on CPU; 0 = torch default

@@ -70,6 +70,17 @@ def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
 
 
+def use_bf16_autocast(cfg: FinetuneConfig) -> bool:
+    """`train.bf16_autocast` as a bool: "auto" is on when the model computes in bf16 (the 4-bit compute dtype, else
+    `dtype`), so a CPU without native bf16 (`fast` = fp32) is never put on emulated bf16 matmuls."""
+    from llmrec.llm.loading import resolve_dtype
+
+    flag = cfg.train.bf16_autocast
+    if flag != "auto":
+        return bool(flag)
+    return resolve_dtype(cfg.quant.compute_dtype if cfg.quant.load_in_4bit else cfg.dtype) == "bfloat16"
+
+
 def is_main_process() -> bool:
     """Rank 0 of a torchrun / accelerate launch (or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -384,7 +395,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         save_total_limit=tc.save_total_limit,
         report_to=[] if tc.report_to == "none" else [tc.report_to],
         seed=tc.seed,
-        bf16=tc.bf16_autocast,
+        bf16=use_bf16_autocast(cfg),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not tc.progress,
