@@ -5,8 +5,8 @@
     python finetune/bench.py rescore --task yesno [--variant X]  # a finished run scored again (current evaluation)
     python finetune/bench.py mem  --task yesno                   # QLoRA vs bf16 LoRA memory, same batch, 2 runs
     python finetune/bench.py mmap --task yesno --steps 8         # train.malloc_mmap_threshold_mb 0 vs 1: speed, RSS
-    python finetune/bench.py speed --task yesno --steps 8        # the recipe vs its settings before 2026-12-06
                                                                  # -> eval/results/finetune_memory_<task>_<dataset>
+    python finetune/bench.py speed --task yesno --steps 8        # the recipe vs its settings before 2026-12-06
     python finetune/bench.py report --task yesno [--baselines mf,bert_lstm]
     python finetune/bench.py shaped --out artifacts/models/llama-1.1b-shaped      # random-weight 1.1B (memory only)
     python finetune/bench.py mem --task yesno --model artifacts/models/llama-1.1b-shaped --label _1.1b \
@@ -646,6 +646,16 @@ def cmd_report(a: argparse.Namespace) -> None:
                 rows.append({"model": f"{label}, threshold chosen on valid", "accuracy": vthr["accuracy"],
                              "f1": vthr["f1"], "note": f"P(Yes) >= {vthr['threshold']:.3f}"})
     payload["variants"] = variants
+    import pandas as pd
+
+    for name in variants:  # the main run against each variant scored on the same test rows
+        path = run_dir(a.task, a.dataset, f"_{name}") / "scores" / "test_after.csv"
+        if a.task == "yesno" and path.is_file():
+            other = {VARIANT_LABELS[name]: pd.read_csv(path, dtype={"user_id": str, "item_id": str})}
+            try:
+                payload["auc_intervals"] += paired_auc_intervals(run_dir(a.task, a.dataset), other, seed)
+            except ValueError:
+                continue  # other test rows than the main run's
     reading = []
     if "counts only (no model)" in base_probs:
         runs = {"main": run_dir(a.task, a.dataset)} | {n: run_dir(a.task, a.dataset, f"_{n}") for n in variants}

@@ -262,6 +262,11 @@ def test_report_keeps_the_previous_figures_of_runs_whose_folders_are_gone(fbench
         "variants": {"lr1e3": {"train": train, "wall_s": 7.0,
                                "test_after": {"auc": 0.75, "accuracy": 0.65, "f1": 0.55}},
                      "fast_n1536": {"train": train, "wall_s": 1.0, "test_after": {"auc": 0.1}}}}))
+    rows = "user_id,item_id,label,p_yes\n" + "".join(f"u{i},i{i},{i % 2},{p}\n" for i, p in enumerate(
+        [0.1, 0.9, 0.2, 0.8, 0.6, 0.4]))
+    for run in (main, fresh):
+        (run / "scores").mkdir()
+        (run / "scores" / "test_after.csv").write_text(rows)
     a = argparse.Namespace(task="yesno", dataset="tiny", few_shot=False, baselines="", note="", command="test",
                            log=None)
     fbench.cmd_report(a)
@@ -271,6 +276,10 @@ def test_report_keeps_the_previous_figures_of_runs_whose_folders_are_gone(fbench
     assert out["variants"]["lr1e3"]["test_after"]["auc"] == 0.75
     assert out["variants"]["lr1e3"]["carried_over"] == "finetune_yesno_tiny.json"
     assert out["memory"] == old_mem
+    # the main run against the variant scored on the same rows (here the same scores: ratio 1)
+    iv = {r["vs"]: r for r in out["auc_intervals"]}
+    assert set(iv) == {"SmolLM2 + QLoRA, 1536 training examples"} and iv["SmolLM2 + QLoRA, 1536 training examples"][
+        "ratio"] == 1.0
     md = (results / "finetune_yesno_tiny.md").read_text()
     lr_row = next(line for line in md.splitlines() if "learning rate 1e-3" in line)
     assert "0.7500" in lr_row and "figures kept from the previous finetune_yesno_tiny.json" in lr_row
