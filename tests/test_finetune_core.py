@@ -308,12 +308,11 @@ def test_bf16_autocast_auto_follows_the_compute_dtype(monkeypatch):
 def test_qlora_trains_under_cpu_bf16_autocast_with_fp32_lora_weights(tiny_dir):
     """What `bf16_autocast: auto` does on a bf16 CPU: LoRA matmuls in bf16, LoRA weights (and their updates) fp32."""
     torch.manual_seed(0)
-    m, tok = load_causal_lm(tiny_dir, dtype="bfloat16",
-                            quant=QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_norms=False,
-                                                upcast_frozen_embeddings=False))
+    quant = QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_norms=False,
+                          upcast_frozen_embeddings=False)
+    m, tok = load_causal_lm(tiny_dir, dtype="bfloat16", quant=quant)
     m = apply_lora(m, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
-                   quant=QuantSettings(load_in_4bit=True, compute_dtype="bfloat16", upcast_norms=False,
-                                       upcast_frozen_embeddings=False))
+                   quant=quant)
     lora = {n: p for n, p in m.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     opt = torch.optim.AdamW(list(lora.values()), lr=1e-2)
