@@ -571,14 +571,12 @@ def load_main(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from llmrec.bench_utils import md_table, write_result
+    from llmrec.bench_utils import RESULTS_DIR, md_table, write_result
 
     main = load_main(a)
     recipe_used = (run_dir(a.task, a.dataset) / "recipe.yaml").read_text()
     manifest = json.loads((run_dir(a.task, a.dataset) / "data_manifest.json").read_text())
     # runs whose folders are gone ($LLMREC_HOME rebuilt, another machine) keep the figures of the previous report
-    from llmrec.bench_utils import RESULTS_DIR
-
     prev_path = Path(RESULTS_DIR) / f"finetune_{a.task}_{a.dataset}.json"
     prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
     mem = memory_summary(a.task, a.dataset) or prev.get("memory") or {}
