@@ -85,8 +85,10 @@ VARIANTS = {"recipe_1205": [*OLD],
             "n1536_estimate": [*OLD, "data.n_train=1536", "eval_before=false"],
             "lr1e3": [*OLD, "train.lr=0.001", "eval_before=false"],
             "fast_n1536": ["data.n_train=1536", "eval_before=false"],
-            "fast_n3072": ["data.n_train=3072", "eval_before=false"]}
-VARIANT_TASK = {"retrieval": "rank"}  # the task a variant belongs to (default yesno)
+            "fast_n3072": ["data.n_train=3072", "eval_before=false"],
+            # rank with the Yes/No recipe's CPU settings of 2026-12-06 (1.55x examples/s there), twice the examples
+            "fast_n768": ["lora.dropout=0.0", "train.bf16_autocast=auto", "data.n_train=768", "eval_before=false"]}
+VARIANT_TASK = {"retrieval": "rank", "fast_n768": "rank"}  # the task a variant belongs to (default yesno)
 _OLD = "LoRA dropout 0.05, no autocast"
 VARIANT_LABELS = {"recipe_1205": f"SmolLM2 + QLoRA, recipe of 2026-12-05 ({_OLD})",
                   "stats": f"SmolLM2 + QLoRA, yesno_stats prompt (no estimate line), {_OLD}",
@@ -97,7 +99,8 @@ VARIANT_LABELS = {"recipe_1205": f"SmolLM2 + QLoRA, recipe of 2026-12-05 ({_OLD}
                   "n1536_estimate": f"SmolLM2 + QLoRA, 1536 training examples, {_OLD}",
                   "lr1e3": f"SmolLM2 + QLoRA, learning rate 1e-3 (recipe: 5e-4), {_OLD}",
                   "fast_n1536": "SmolLM2 + QLoRA, 1536 training examples",
-                  "fast_n3072": "SmolLM2 + QLoRA, 3072 training examples"}
+                  "fast_n3072": "SmolLM2 + QLoRA, 3072 training examples",
+                  "fast_n768": "SmolLM2 + QLoRA, no LoRA dropout, bf16 autocast, 768 training examples"}
 
 
 def check_variant(a: argparse.Namespace) -> None:
@@ -622,7 +625,9 @@ def cmd_report(a: argparse.Namespace) -> None:
                                                     "load_in_4bit", "carried_over") if k in v}
             # the overrides this run had (a run made before its variant existed may have kept the zero-shot pass)
             over = [o for o in VARIANTS[name] if not (o == "eval_before=false" and v.get("test_before"))]
-            data_over = tuple(sorted(o for o in VARIANTS[name] if o.startswith("data.")))
+            # the test examples depend on every data setting but the number of training examples
+            data_over = tuple(sorted(o for o in VARIANTS[name] if o.startswith("data.")
+                                     and not o.startswith("data.n_train=")))
             own_sets = bool(data_over)  # other test examples than main's
             # one zero-shot row per distinct test set (e.g. every yesno_stats variant shares the `stats` one)
             if v.get("test_before") and own_sets and data_over not in zero_shot_shown:

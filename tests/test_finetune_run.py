@@ -200,3 +200,20 @@ def test_a_prompt_budget_the_data_cannot_fit_fails_before_the_model_is_loaded(ti
     with pytest.raises(PromptBudgetError, match=r"template 'yesno_estimate'.*exceed max_tokens"):
         run_finetune(tiny_recipe(tiny_dir, out, extra=["data.max_len=40"]), ds=tiny_dataset)
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+
+
+def test_next_title_answers_are_titles_as_the_generate_mode_writes_them(tiny_dataset, tiny_dir):
+    from transformers import AutoTokenizer
+
+    from llmrec.finetune.data import build_examples
+    from llmrec.prompts import load_template, quote
+
+    cfg = tiny_recipe(tiny_dir, tiny_dir / "unused", task="rank",
+                      extra=["task=next_title", "data.template=next_title"])
+    ex = build_examples(tiny_dataset, "next_title", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
+    cap = load_template("next_title").options.title_max_chars
+    for e in ex["train"] + ex["test"]:
+        title = tiny_dataset.titles[tiny_dataset.item_index[e.item_id]]
+        # the Recommender's constrained `generate` options are exactly " " + quote(title, cap)
+        assert e.answer == " " + quote(title, cap) and e.answer.startswith(' "') and e.answer.endswith('"')
+        assert e.prompt.rstrip().endswith("Title:")

@@ -7,7 +7,8 @@ Tasks
   cut-off (llmrec.data.stats.feature_time: a train row sees up to its own time, valid/test rows up to t_valid/t_test).
 - rank: leave-one-out next item; the target is shuffled among `n_candidates - 1` other items (popularity-sampled,
   uniform, or retrieved), the answer is the target's letter (" A", " B", ...).
-- next_title: the answer is the next item's title.
+- next_title: the answer is the next item's title, double-quoted as prompts quote titles (what the Recommender's
+  `generate` mode writes and its title-likelihood scoring reads).
 
 Only the answer tokens (plus EOS when `append_eos`) count in the loss: prompt positions get label -100.
 Few-shot: `n_train` examples are drawn with a fixed seed (as TALLRec does); the same seed gives the same rows.
@@ -178,7 +179,9 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
             rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
                           chat=cfg.chat, now=int(r.timestamp))
             title = ds.titles[ds.item_index[target]] if hasattr(ds, "titles") else target
-            out.append(Example(rp.text, " " + str(title), [], 0, str(r.user_id), target))
+            # quoted as the prompt quotes titles and as the Recommender's `generate` mode writes them
+            answer = " " + P.quote(title, template.options.title_max_chars)
+            out.append(Example(rp.text, answer, [], 0, str(r.user_id), target))
     return out
 
 
