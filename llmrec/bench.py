@@ -45,7 +45,11 @@ class BenchConfig:
     backend: str = "transformers"
     model: str | None = None  # default: the embedded SmolLM2-135M-Instruct
     adapter_yesno: str | None = None  # LoRA adapter tuned on the yesno task (default: finetune output if present)
-    adapter_rank: str | None = None  # LoRA adapter tuned on the rank task
+    adapter_rank: str | None = None  # LoRA adapter tuned on the rank task (verbalizer mode)
+    adapter_title: str | None = None  # LoRA adapter tuned on the next_title task (likelihood mode)
+    # LLM rerank modes scored, each zero-shot and tuned: verbalizer (letters, adapter_rank) and likelihood (titles'
+    # log-probs, adapter_title); the headline's tuned LLM is the tuned row of best validation NDCG@10
+    rank_modes: list[str] = field(default_factory=lambda: ["verbalizer", "likelihood"])
     # candidates: the BERT+LSTM baseline's own top 20 (fitted above when "bert_lstm" is in `baselines`), so the LLM
     # reranks the best baseline's list. On ML-100K's validation split the tuned LLM's best fused NDCG@10 was 0.086 over
     # these vs 0.079 over `hybrid:sasrec` (text + SASRec by RRF, the best candidate *recall*,
@@ -84,7 +88,8 @@ def goal_line(key: str, g: dict) -> str:
            f"{ci['n']} {g.get('rows', 'rows')}, tuned LLM >= {g.get('best_other_name', 'best other')} in "
            f"{100 * ci['p_ge_1']:.0f}% of resamples" if ci else "")
     return (
-        f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other"
+        f"- {key}: tuned LLM{' (' + g['tuned_name'] + ')' if g.get('tuned_name') not in (None, 'llm tuned') else ''}"
+        f" {g['tuned_llm']:.4f} vs best other"
         f"{' (' + g['best_other_name'] + ')' if g.get('best_other_name') else ''} {g['best_other']:.4f} = "
         f"{g['ratio']:.2f}x (goal {g['goal_ratio']}x): {verdict}{unc}"
     )
@@ -163,6 +168,18 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
     return fitted
 
 
+def best_tuned_rank(methods: dict, fusion: dict) -> str:
+    """The tuned LLM rerank row the headline compares: of `llm tuned` (verbalizer) and `llm tuned, title likelihood`,
+    the one with the best *validation* NDCG@10 at its selected fusion weight (never chosen on the test users);
+    `llm tuned` when there is no validation figure."""
+    rows = [n for n in ("llm tuned", "llm tuned, title likelihood") if isinstance(methods.get(n, {}).get("ndcg@10"),
+                                                                                  float)]
+    valid = {n: fusion[n]["valid"][fusion[n]["selected"]]["ndcg@10"] for n in rows if n in fusion}
+    if not valid:
+        return "llm tuned"
+    return max(valid, key=lambda n: (valid[n], n == "llm tuned"))
+
+
 def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict,
             fitted: dict | None = None, ex_valid: Any = None, ranks: dict | None = None) -> None:
     from llmrec.llm import load_backend
@@ -192,43 +209,58 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
         methods[f"retrieval ({cfg.retriever}), candidates in random order (expected)"] = {
             **{k: m[f"hr@{n}"] * chance[k.replace("recall", "hr")] for k in RANK_KEYS},
             "rank_s_per_user": m["seconds_per_user"], "expected": True}  # the retrieval's time: a shuffle is free
-    variants = [("llm zero-shot", None, None)]
+    unknown = set(cfg.rank_modes) - {"verbalizer", "likelihood"}
+    if unknown:
+        raise ValueError(f"BenchConfig.rank_modes: unknown mode(s) {sorted(unknown)}; use verbalizer, likelihood")
+    variants = [("llm zero-shot", None, None, None)]
     ay = cfg.adapter_yesno or _finetune_default("yesno", ds.name)
     ar = cfg.adapter_rank or _finetune_default("rank", ds.name)
-    if ay or ar:
-        variants.append(("llm tuned", ay, ar))
+    at = (cfg.adapter_title or _finetune_default("next_title", ds.name)) if "likelihood" in cfg.rank_modes else None
+    if ay or ar or at:
+        variants.append(("llm tuned", ay, ar, at))
     else:
-        report["notes"].append("no tuned adapter found: run `make finetune` (or pass adapter_yesno/adapter_rank)")
-    for label, a_yes, a_rank in variants:
+        report["notes"].append("no tuned adapter found: run `make finetune` (or pass adapter_yesno/adapter_rank/"
+                               "adapter_title)")
+
+    def rank_rows(rec: Any, label: str, adapter: str | None, mode: str) -> dict[str, Any]:
+        """The `label` row (fusion weight chosen on valid, test users) and its `, LLM order only` row."""
+        rec.llm_cache = {}  # every prompt scored once across the fusion weights
+        if cfg.fusion_grid:
+            sel = select_retrieval_weight(rec, ds, cfg.fusion_grid, max_users, cfg.seed, mode=mode)
+            report.setdefault("fusion", {})[label] = sel
+        r = eval_rank(rec, ds, max_users, cfg.seed, mode=mode, return_ranks=True)  # scores every test prompt
+        ranks[label] = r.pop("ranks")
+        row = {**{k: r[k] for k in RANK_KEYS}, "rank_s_per_user": r["seconds_per_user"], "rank_adapter": adapter,
+               "rank_mode": mode}
+        if rec.cfg.retrieval_weight != 0.0:  # the LLM's own order, for reference (prompts already scored)
+            w = rec.cfg.retrieval_weight
+            rec.cfg.retrieval_weight = 0.0
+            r0 = eval_rank(rec, ds, max_users, cfg.seed, mode=mode, return_ranks=True)
+            ranks[f"{label}, LLM order only"] = r0.pop("ranks")
+            # same prompts, same LLM cost: only the final ordering differs
+            methods[f"{label}, LLM order only"] = {**{k: r0[k] for k in RANK_KEYS},
+                                                  "rank_s_per_user": r["seconds_per_user"],
+                                                  "retrieval_weight": 0.0, "rank_adapter": adapter, "rank_mode": mode}
+            rec.cfg.retrieval_weight = w
+        row["retrieval_weight"] = rec.cfg.retrieval_weight
+        return row
+
+    for label, a_yes, a_rank, a_title in variants:
         row: dict[str, Any] = {}
-        for task, adapter in (("rank", a_rank), ("yesno", a_yes)):
+        jobs = [("rank", a_rank)] if "verbalizer" in cfg.rank_modes else []
+        jobs += [("likelihood", a_title)] if "likelihood" in cfg.rank_modes else []
+        for task, adapter in (*jobs, ("yesno", a_yes)):
             if label == "llm tuned" and adapter is None:
                 continue
             backend = load_backend(cfg.backend, model=cfg.model, adapter=adapter, dtype=cfg.dtype)
             name = Path(adapter).parent.name if adapter else None
             rec = Recommender(ds, backend, retriever, with_adapter_templates(replace(rcfg), adapter), adapter=name)
-            if task == "rank":
-                rec.llm_cache = {}  # every prompt scored once across the fusion weights
-                if cfg.fusion_grid:
-                    sel = select_retrieval_weight(rec, ds, cfg.fusion_grid, max_users, cfg.seed)
-                    report.setdefault("fusion", {})[label] = sel
-                # scores every test prompt
-                r = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer", return_ranks=True)
-                ranks[label] = r.pop("ranks")
-                row.update({k: r[k] for k in RANK_KEYS})
-                row["rank_s_per_user"] = r["seconds_per_user"]
-                row["rank_adapter"] = adapter
-                if rec.cfg.retrieval_weight != 0.0:  # the LLM's own order, for reference (prompts already scored)
-                    w = rec.cfg.retrieval_weight
-                    rec.cfg.retrieval_weight = 0.0
-                    r0 = eval_rank(rec, ds, max_users, cfg.seed, mode="verbalizer", return_ranks=True)
-                    ranks[f"{label}, LLM order only"] = r0.pop("ranks")
-                    # same prompts, same LLM cost: only the final ordering differs
-                    methods[f"{label}, LLM order only"] = {**{k: r0[k] for k in RANK_KEYS},
-                                                          "rank_s_per_user": r["seconds_per_user"],
-                                                          "retrieval_weight": 0.0, "rank_adapter": adapter}
-                    rec.cfg.retrieval_weight = w
-                row["retrieval_weight"] = rec.cfg.retrieval_weight
+            if task == "likelihood":
+                methods[f"{label}, title likelihood"] = rank_rows(rec, f"{label}, title likelihood", adapter,
+                                                                  "likelihood")
+            elif task == "rank":
+                row.update(rank_rows(rec, label, adapter, "verbalizer"))
+                r = {"seconds_per_user": row["rank_s_per_user"]}
                 if label == "llm zero-shot":
                     n_gen = min(cfg.generate_users, max_users or cfg.generate_users)
                     rec.generate_totals.clear()
@@ -348,22 +380,24 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
         scored = {n: r[key] for n, r in methods.items() if isinstance(r.get(key), float) and not r.get("expected")}
         if scored:
             best[key] = max(scored, key=scored.get)
-    tuned = methods.get("llm tuned", {})
     goals = {}
     for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
+        tuned_name = best_tuned_rank(methods, report.get("fusion", {})) if key == "ndcg@10" else "llm tuned"
+        tuned = methods.get(tuned_name, {})
         others = {n: r[key] for n, r in methods.items()
                   if not n.startswith("llm") and not r.get("expected") and isinstance(r.get(key), float)}
         if others and isinstance(tuned.get(key), float):
             other = max(others, key=others.get)
             goals[key] = {
                 "tuned_llm": tuned[key],
+                "tuned_name": tuned_name,
                 "best_other": others[other],
                 "best_other_name": other,
                 "ratio": tuned[key] / others[other] if others[other] > 0 else float("inf"),
                 "goal_ratio": margin,
                 "met": tuned[key] >= margin * others[other],
                 "rows": "users" if key == "ndcg@10" else "Yes/No test rows",
-                "ci": goal_interval(key, "llm tuned", other, ranks, curves, ex["label"].to_numpy(), cfg.seed),
+                "ci": goal_interval(key, tuned_name, other, ranks, curves, ex["label"].to_numpy(), cfg.seed),
             }
     if report.get("verbalizer_vs_generate"):
         sp = report["verbalizer_vs_generate"]["speedup"]
@@ -454,7 +488,8 @@ def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path)
     if baselines:
         best = max(baselines, key=lambda n: baselines[n]["ndcg@10"])
         rows[f"best baseline: {best}"] = baselines[best]
-    keep = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "rank_s_per_user", "retrieval_weight", "rank_adapter"]
+    keep = ["ndcg@10", "recall@10", "hr@10", "mrr@10", "rank_s_per_user", "rank_mode", "retrieval_weight",
+            "rank_adapter"]
     table = {n: {k: r[k] for k in keep if k in r} for n, r in rows.items()}
     goals = {k: v for k, v in bench.get("goals", {}).items() if k in ("ndcg@10", "verbalizer_speedup")}
     payload = {
@@ -470,8 +505,10 @@ def write_ranking(dataset: str, bench: dict, command: str | None, out_dir: Path)
     md = f"Protocol: {payload['protocol']}.\n\n"
     md += md_table([{"method": n, **r} for n, r in table.items()], ["method", *keep])
     if payload["fusion"]:
-        md += ("\nLLM rows rank their candidates by LLM letter log-prob + retrieval_weight x log(1 / retrieval rank); "
-               "the weight is chosen on the **validation** split (same number of users), NDCG@10 there:\n\n")
+        md += ("\nLLM rows rank their candidates by LLM score + retrieval_weight x log(1 / retrieval rank), the score "
+               "being the candidate letter's log-prob (verbalizer) or the title's mean log-prob per token after the "
+               "history (title likelihood); the weight is chosen on the **validation** split (same number of users), "
+               "NDCG@10 there:\n\n")
         frows = [{"variant": lab, **{f"w={w}": m["ndcg@10"] for w, m in f["valid"].items()}, "selected": f["selected"]}
                  for lab, f in payload["fusion"].items()]
         md += md_table(frows, list(dict.fromkeys(k for r in frows for k in r)))

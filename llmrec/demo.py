@@ -1,7 +1,7 @@
 """`llmrec demo`: the first hour of a new user, end to end on the embedded defaults.
 
 1. prepare ML-100K (and ML-1M) and print their statistics;
-2. fine-tune the embedded SmolLM2-135M briefly (QLoRA, Yes/No and rank recipes, small step budgets);
+2. fine-tune the embedded SmolLM2-135M briefly (QLoRA, Yes/No, rank and next-title recipes, small step budgets);
 3. benchmark every method side by side on the same split (`eval/results/bench_<dataset>.md`);
 4. start the recommendation service, ask for one user's recommendations with an explanation, post a feedback event,
    show the changed answer, stop the service.
@@ -49,10 +49,10 @@ FAST_BUDGET = {"steps": 2, "n_train": 16, "rank_users": 10, "yesno_examples": 20
 
 
 def finetune_stage(dataset: str, budget: dict) -> dict[str, str]:
-    """Run the two default recipes with the demo step budget unless their adapters already exist. The tuned-vs-
+    """Run the three default recipes with the demo step budget unless their adapters already exist. The tuned-vs-
     zero-shot comparison is the bench's job, so the recipe's own test passes are switched off here."""
     out = {}
-    for task in ("yesno", "rank"):
+    for task in ("yesno", "rank", "next_title"):
         out_dir = llmrec_home() / "finetune" / f"demo_{task}_{dataset}_{budget['steps']}steps"
         if not (out_dir / "adapter" / "adapter_config.json").is_file():
             _run(
@@ -164,6 +164,7 @@ def run_demo(dataset: str = "ml-100k", user_id: str = "1", fast: bool = False) -
         "--set",
         f"adapter_yesno={adapters['yesno']}",
         f"adapter_rank={adapters['rank']}",
+        f"adapter_title={adapters['next_title']}",
         f"rank_users={budget['rank_users']}",
         f"yesno_examples={budget['yesno_examples']}",
         f"yesno_valid_examples={budget['yesno_examples']}",  # as many validation rows for the thresholds

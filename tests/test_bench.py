@@ -93,6 +93,7 @@ def bench(tiny_dataset, tiny_home, tmp_path_factory):
         model=str(llm_dir),
         adapter_yesno=str(adapter),
         adapter_rank=str(adapter),
+        adapter_title=str(adapter),
         n_candidates=10,
         retriever="text",
         dtype="float32",
@@ -124,9 +125,10 @@ def test_report_header_and_methods(bench):
     assert isinstance(d["commit"], str) and d["commit"]
     assert isinstance(d["machine"], str) and "Python" in d["machine"]
     llm_rows = []
-    for label in ("llm zero-shot", "llm tuned"):  # "<label>, LLM order only" when the fusion weight is not 0
-        llm_rows += [f"{label}, LLM order only"] if d["fusion"][label]["selected"] != 0.0 else []
-        llm_rows.append(label)
+    for label in ("llm zero-shot", "llm tuned"):  # "<row>, LLM order only" when the fusion weight is not 0
+        for row in (label, f"{label}, title likelihood"):  # the verbalizer's rows, then the likelihood mode's
+            llm_rows += [f"{row}, LLM order only"] if d["fusion"][row]["selected"] != 0.0 else []
+        llm_rows += [f"{label}, title likelihood", label]
     assert list(d["methods"]) == [*BASELINES, RETRIEVAL_ROW, CHANCE_ROW, *llm_rows]
     assert d["config"]["rank_users"] == RANK_USERS and d["config"]["baseline_overrides"] == FAST
     assert d["notes"] == []  # a tuned adapter was given: no "no tuned adapter" note
@@ -239,7 +241,8 @@ def test_numbers_recomputed_independently(bench, tiny_home, monkeypatch):
 def test_fusion_weight_chosen_on_valid(bench):
     """Each LLM variant's retrieval_weight is the argmax of validation NDCG@10 over the grid (ties: the smaller)."""
     d = bench.data
-    assert set(d["fusion"]) == {"llm zero-shot", "llm tuned"}
+    assert set(d["fusion"]) == {"llm zero-shot", "llm tuned", "llm zero-shot, title likelihood",
+                                "llm tuned, title likelihood"}
     for label, f in d["fusion"].items():
         valid = {float(w): m for w, m in f["valid"].items()}
         assert sorted(valid) == sorted(bench.cfg.fusion_grid)
@@ -261,18 +264,26 @@ def test_best_goals_and_verbalizer_sections(bench):
     for key, margin in (("ndcg@10", 1.15), ("auc", 1.05)):
         g = d["goals"][key]
         others = [r[key] for n, r in methods.items() if not n.startswith("llm") and key in r and n != CHANCE_ROW]
-        assert g["tuned_llm"] == methods["llm tuned"][key]
+        tuned = g["tuned_name"]
+        if key == "ndcg@10":  # the tuned mode of best validation NDCG@10 (verbalizer or title likelihood)
+            valid = {n: d["fusion"][n]["valid"][str(d["fusion"][n]["selected"])]["ndcg@10"]
+                     for n in ("llm tuned", "llm tuned, title likelihood")}
+            assert valid[tuned] == max(valid.values())
+        else:
+            assert tuned == "llm tuned"
+        assert g["tuned_llm"] == methods[tuned][key]
         assert g["best_other"] == max(others)
         assert g["ratio"] == pytest.approx(g["tuned_llm"] / g["best_other"])
         assert g["goal_ratio"] == margin and g["met"] == (g["tuned_llm"] >= margin * g["best_other"])
         assert methods[g["best_other_name"]][key] == g["best_other"]
-        line = (f"- {key}: tuned LLM {g['tuned_llm']:.4f} vs best other ({g['best_other_name']}) "
+        named = f" ({tuned})" if tuned != "llm tuned" else ""
+        line = (f"- {key}: tuned LLM{named} {g['tuned_llm']:.4f} vs best other ({g['best_other_name']}) "
                 f"{g['best_other']:.4f} = {g['ratio']:.2f}x (goal {margin}x): {'met' if g['met'] else 'NOT met'}")
         assert line in bench.md
         # the paired bootstrap interval: recomputed here from the per-row results the report keeps
         ci = g["ci"]
         if key == "ndcg@10":
-            a, b = np.array(d["ranks"]["llm tuned"]), np.array(d["ranks"][g["best_other_name"]])
+            a, b = np.array(d["ranks"][tuned]), np.array(d["ranks"][g["best_other_name"]])
             ref = paired_bootstrap_ratio(lambda r: ndcg_at_k(r, 10), a, b, seed=bench.cfg.seed)
         else:
             y = np.array([r["label"] for r in d["yesno_rows"]], dtype=float)

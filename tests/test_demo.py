@@ -31,11 +31,12 @@ def test_fast_demo_runs_every_stage(tmp_path):
     assert p.returncode == 0, (out[-3000:], p.stderr[-3000:])
     for n in range(1, 5):
         assert f"=== [{n}/4]" in out
-    for task in ("yesno", "rank"):  # the two default recipes ran with the fast step budget
+    for task in ("yesno", "rank", "next_title"):  # the three default recipes ran with the fast step budget
         adapter = home / "finetune" / f"demo_{task}_ml-100k_2steps" / "adapter"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "llmrec_prompt.json").is_file()
     bench = json.loads((home / "demo" / "bench_ml-100k.json").read_text())
-    assert {"pop", "mf", "bpr", "llm zero-shot", "llm tuned"} <= set(bench["methods"])
+    assert {"pop", "mf", "bpr", "llm zero-shot", "llm tuned", "llm zero-shot, title likelihood",
+            "llm tuned, title likelihood"} <= set(bench["methods"])
     assert all(0.0 <= r["ndcg@10"] <= 1.0 for r in bench["methods"].values() if "ndcg@10" in r)
     # the service answered, took the feedback event and answered again without the item the user disliked
     assert "GET /v1/users/1/recommendations?k=5&explain=true" in out

@@ -56,6 +56,33 @@ def test_score_choices_per_prompt_lists(tiny_dir):
         be.score_choices(PROMPTS[:2], [[" A", " B"], [" A"]])
 
 
+def _continuation_reference(be, prompt: str, cont: str) -> tuple[float, int]:
+    """Sum of log P(token) over `cont`'s tokens: one unpadded forward over prompt + continuation, no cache."""
+    p = be.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = be.tokenizer(cont, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(be.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+    return float(sum(lp[len(p) - 1 + j, t] for j, t in enumerate(c))), len(c)
+
+
+def test_score_continuations_equals_a_full_forward_per_continuation(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)  # 2 batches, padded prompts
+    conts = [[' "Action Story"', ' "Comedy Story 2"', " Horror"], [" Yes", ' "Action Story 1"', " a b c d e"],
+             [" Story", " Story", ' "Horror Story 4"']]
+    sums, counts = be.score_continuations(PROMPTS, conts)
+    assert sums.shape == counts.shape == (3, 3)
+    for i, p in enumerate(PROMPTS):
+        for j, c in enumerate(conts[i]):
+            ref, n = _continuation_reference(be, p, c)
+            assert counts[i, j] == n
+            assert sums[i, j] == pytest.approx(ref, abs=1e-4)
+    assert sums[2, 0] == sums[2, 1]  # the same continuation, the same score
+    with pytest.raises(ValueError, match="same"):
+        be.score_continuations(PROMPTS[:2], [[" A", " B"], [" A"]])
+    with pytest.raises(BackendError, match="no tokens"):
+        be.score_continuations(PROMPTS[:1], [[""]])
+
+
 def test_generate_greedy_and_stop(tiny_dir):
     be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
     a = be.generate(PROMPTS, max_new_tokens=6)

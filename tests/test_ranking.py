@@ -19,6 +19,7 @@ pytest.importorskip("faiss")
 from llm_fixtures import make_tiny_llm  # noqa: E402
 
 from llmrec.llm.base import Backend, BackendError, cut_at_stop, normalize_choices  # noqa: E402
+from llmrec.prompts import quote  # noqa: E402
 from llmrec.ranking import HistEvent, RankingConfig, Recommendation, Recommender, to_hist_events  # noqa: E402
 from llmrec.ranking.recommender import RecItem  # noqa: E402
 
@@ -262,6 +263,68 @@ def test_retrieval_weight_chosen_on_valid_scores_each_prompt_once(parts):
     rec.cfg.retrieval_weight = 0.0
     eval_rank(rec, parts.ds, 5, 0, mode="verbalizer")
     assert after_one > n_valid_prompts and len(be.scored) == after_one
+
+
+# ------------------------------------------------------------------------------------------------ likelihood
+class LikelihoodBackend(ScriptedBackend):
+    """score_continuations: a title's log-prob sum = its item number, over (1 + number % 3) tokens; records calls."""
+
+    def score_continuations(self, prompts, continuations):
+        per = normalize_choices(prompts, continuations)
+        self.continued = getattr(self, "continued", []) + list(zip(prompts, per))
+        nums = np.array([[number(c.strip().strip('"')) for c in cs] for cs in per], dtype=np.float64)
+        return nums.copy(), 1 + nums % 3
+
+
+def test_likelihood_mode_ranks_by_mean_title_logprob_without_a_candidate_list(parts):
+    be = LikelihoodBackend()
+    rec = make_rec(parts, be, mode="likelihood", batch_size=2)
+    hs = [rec.dataset_history(u, "test") for u in USERS]
+    cands = [rec.candidates(h) for h in hs]
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r in zip(cands, ranked):
+        nums = {i: number(title(parts.ds, i)) for i, _ in c}
+        mean = {i: n / (1 + n % 3) for i, n in nums.items()}
+        assert [i for i, _ in r] == sorted(mean, key=lambda i: -mean[i])  # distinct means on the tiny titles
+        assert [s for _, s in r] == pytest.approx(sorted(mean.values(), reverse=True))
+    assert len(be.continued) == len(USERS) and not be.scored  # no letter scoring
+    for (prompt, conts), c in zip(be.continued, cands):
+        assert conts == [" " + quote(title(parts.ds, i)) for i, _ in c]  # titles as prompts quote them
+        assert "Choose among" not in prompt and prompt.rstrip().endswith("Title:")
+        assert not any(f"- {t}" in prompt for t in conts)  # no candidate listed in the prompt
+    by_sum = make_rec(parts, LikelihoodBackend(), mode="likelihood", likelihood_norm="sum").rank_candidates(hs, cands)
+    for c, r in zip(cands, by_sum):
+        assert [i for i, _ in r] == sorted((i for i, _ in c), key=lambda i: -number(title(parts.ds, i)))
+    with pytest.raises(ValueError, match="likelihood_norm"):
+        make_rec(parts, LikelihoodBackend(), mode="likelihood", likelihood_norm="max").rank_candidates(hs, cands)
+    with pytest.raises(BackendError, match="score_continuations"):  # a backend without it says so
+        make_rec(parts, ScriptedBackend(), mode="likelihood").rank_candidates(hs, cands)
+
+
+def test_likelihood_weight_chosen_on_valid_scores_each_prompt_once(parts):
+    from llmrec.ranking.evaluate import eval_rank, select_retrieval_weight
+
+    be = LikelihoodBackend()
+    rec = make_rec(parts, be, mode="likelihood")
+    sel = select_retrieval_weight(rec, parts.ds, [0.0, 1.0, 50.0], max_users=5, seed=0, mode="likelihood")
+    assert len(be.continued) == 5 and sel["selected"] == rec.cfg.retrieval_weight
+    eval_rank(rec, parts.ds, 5, 0, mode="likelihood")
+    rec.cfg.retrieval_weight = 0.0
+    eval_rank(rec, parts.ds, 5, 0, mode="likelihood")
+    assert len(be.continued) == 10  # the 5 test prompts once, for both weights
+
+
+def test_likelihood_mode_on_a_tiny_model_equals_its_continuation_scores(parts):
+    rec = make_rec(parts, mode="likelihood")
+    hs = [rec.dataset_history(u, "test") for u in USERS[:3]]
+    cands = [rec.candidates(h) for h in hs]
+    ranked = rec.rank_candidates(hs, cands)
+    for h, c, r in zip(hs, cands, ranked):
+        prompt = rec._render("next_title", h).text
+        sums, counts = parts.backend.score_continuations([prompt], [[" " + quote(title(parts.ds, i)) for i, _ in c]])
+        mean = dict(zip((i for i, _ in c), sums[0] / counts[0]))
+        assert [s for _, s in r] == pytest.approx(sorted(mean.values(), reverse=True), abs=1e-6)
+        assert [i for i, _ in r][0] == max(mean, key=mean.get)
 
 
 # ------------------------------------------------------------------------------------------------ 2. generate

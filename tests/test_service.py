@@ -303,6 +303,9 @@ def test_config_env_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="invalid adapter name"):
         load_service_config(p, ["llm.adapters={../x: /a}"], environ={})
     assert load_service_config(p, ["listings=4"], environ={}).listings == 4
+    assert load_service_config(p, ["rank_mode=likelihood"], environ={}).rank_mode == "likelihood"
+    with pytest.raises(ConfigError, match="rank_mode"):
+        load_service_config(p, ["rank_mode=letters"], environ={})
     with pytest.raises(ConfigError, match="listings: must be >= 1"):
         load_service_config(p, ["listings=0"], environ={})
 

@@ -94,6 +94,40 @@ def test_explanations_and_constrained_titles_are_batched_with_their_own_rows():
     assert locked.generate_quoted(["x"], [["a"]]) == ["x:a"] and locked.generate_from(["x"], [["a", "b"]], 1) == [[1]]
 
 
+def test_title_likelihood_calls_are_merged_and_each_caller_gets_its_rows():
+    from llmrec.service.batching import LockedBackend
+
+    class Continuing(RecordingBackend):
+        def score_continuations(self, prompts, continuations):
+            self.calls.append(("cont", len(prompts)))
+            time.sleep(0.05)
+            sums = np.array([[len(p) * 100.0 + len(c) for c in cs] for p, cs in zip(prompts, continuations)])
+            return sums, np.ones_like(sums) * 2
+
+    inner = Continuing()
+    mb = MicroBatchingBackend(inner, max_batch=64, max_wait_ms=150)
+    got: dict[int, tuple] = {}
+
+    def call(i):
+        got[i] = mb.score_continuations(["x" * i, "y" * (i + 10)], [["a", "bb"], ["ccc", "d" * i]])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (sums, counts) in got.items():
+        np.testing.assert_array_equal(sums, [[i * 100 + 1, i * 100 + 2], [(i + 10) * 100 + 3, (i + 10) * 100 + i]])
+        np.testing.assert_array_equal(counts, np.full((2, 2), 2.0))
+    calls = [c for c in inner.calls if c[0] == "cont"]
+    assert sum(c[1] for c in calls) == 12 and max(c[1] for c in calls) > 2  # merged across callers
+    with pytest.raises(ValueError, match="2 lists for 1 prompts"):
+        mb.score_continuations(["x"], [["a"], ["b"]])
+    mb.close()
+    sums, counts = LockedBackend(Continuing()).score_continuations(["ab"], [["c"]])
+    assert sums.tolist() == [[201.0]] and counts.tolist() == [[2.0]]
+
+
 def test_errors_reach_every_caller():
     class Broken(RecordingBackend):
         def score_choices(self, prompts, choices):

@@ -76,11 +76,13 @@ def test_transformers_runtime_serves_every_adapter_from_one_model(tiny_dataset, 
     monkeypatch.setattr(transformers_backend, "load_causal_lm", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
     cfg = ServiceConfig(dataset="tiny", store_url=f"sqlite:///{tmp_path / 'ev.db'}", candidates=8, listings=2,
+                        rank_mode="likelihood",
                         llm=LLMConfig(backend="transformers", model=str(llm_dir), dtype="float32", adapters=adapters))
     rt = build_runtime(cfg)
     try:
         assert len(loads) == 1  # base + 2 adapters: one model
-        assert {r.cfg.listings for r in rt.app.state.service.recommenders.values()} == {2}
+        assert {(r.cfg.listings, r.cfg.mode) for r in rt.app.state.service.recommenders.values()} == {
+            (2, "likelihood")}
         items = ["i0", "i1", "i2", "i3"]
         with TestClient(rt.app) as c:
             assert c.get("/health").json()["batching"] == "micro"  # batching: auto on transformers
@@ -91,6 +93,9 @@ def test_transformers_runtime_serves_every_adapter_from_one_model(tiny_dataset, 
                 assert r.status_code == 200, r.text
                 got[name] = [s["p_yes"] for s in r.json()["scores"]]
             assert c.post("/v1/score", json={"user_id": "u3", "item_ids": items, "adapter": "a3"}).status_code == 422
+            # ranked by title likelihood through the micro-batcher (rank_mode: likelihood), not the fallback
+            r = c.get("/v1/users/u3/recommendations?k=3")
+            assert r.status_code == 200 and len(r.json()["items"]) == 3 and not r.json().get("degraded"), r.text
         # the same scoring on a model loaded with that adapter alone (same prompts: the service's own Recommender
         # settings and the store's history)
         from llmrec.ranking import Recommender

@@ -41,6 +41,19 @@ def transformers_picks(model_dir: str) -> list[list[int]]:
     return load_backend("transformers", model=model_dir, dtype="float32").generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3)
 
 
+def transformers_continuations(model_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    from llmrec.llm import load_backend
+
+    return load_backend("transformers", model=model_dir, dtype="float32").score_continuations(GEN_PROMPTS, GEN_OPTIONS)
+
+
+def check_continuations(got: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> None:
+    """Same token counts, log-prob sums within fp32 engine differences; the same title order per prompt."""
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[0], ref[0], atol=5e-2)
+    assert [list(np.argsort(-r)) for r in got[0] / got[1]] == [list(np.argsort(-r)) for r in ref[0] / ref[1]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +118,8 @@ def test_in_process_scoring_matches_transformers(model_dir, reference):
         # constrained generation (structured-output choice rounds) writes what the transformers trie walk writes
         picks = be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3)
         assert picks == transformers_picks(model_dir)
+        # title likelihood (the `likelihood` ranking mode): the transformers backend's sums, prompt logprobs here
+        check_continuations(be.score_continuations(GEN_PROMPTS, GEN_OPTIONS), transformers_continuations(model_dir))
         # quoted spans limited to the allowed strings (a regex; repeats are the caller's check)
         allowed = ["Heat (1995)", "Fargo (1996)"]
         outs = be.generate_quoted([EXPLAIN_PROMPT, EXPLAIN_PROMPT], [allowed, []], max_new_tokens=40, stop=["\n"])
@@ -142,6 +157,7 @@ def test_server_openai_client_and_adapters(model_dir, reference, adapter_dir):
         r = client.completions.create(model="test", prompt=PROMPTS[0], max_tokens=3, temperature=0)
         assert r.model == "test" and isinstance(r.choices[0].text, str)
         assert be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3) == transformers_picks(model_dir)
+        check_continuations(be.score_continuations(GEN_PROMPTS, GEN_OPTIONS), transformers_continuations(model_dir))
         quoted = be.generate_quoted([EXPLAIN_PROMPT], [["Heat (1995)", "Fargo (1996)"]], max_new_tokens=40)[0]
         spans = quoted.split('"')[1::2]
         assert spans and all(x in ("Heat (1995)", "Fargo (1996)") for x in spans), quoted

@@ -41,9 +41,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the service), hybrid:sasrec (text + SASRec: `llmrec baselines train --model sasrec` first, "
                         "else it is fitted now; hybrid:bert_lstm likewise), itemcf (item-CF alone, no "
                         "sentence-transformer), sasrec / bert_lstm (that baseline's ranking alone)")
-    p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "generate"])
+    p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "likelihood", "generate"],
+                   help="verbalizer: candidate letters' log-probs, one forward pass (default); likelihood: each "
+                        "candidate title's mean log-prob as the answer to the next_title prompt (an adapter tuned "
+                        "with finetune/recipes/next_title_smollm2_qlora.yaml); generate: the model writes titles")
     p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
-                   help="verbalizer: rank by LLM letter log-prob + W x log(1/retrieval rank); 0 = the LLM's order "
+                   help="verbalizer / likelihood: rank by LLM score + W x log(1/retrieval rank); 0 = the LLM's order "
                         "alone (default %(default)s, as in the service)")
     p.add_argument("--listings", type=_positive_int, default=1,
                    help="verbalizer: list the candidates N times in cyclically shifted orders and average each one's "

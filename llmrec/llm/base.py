@@ -7,6 +7,8 @@ vLLM's meaning) subtracts penalty x count from each token's logit, counting only
 prompt's, so copying a title from the prompt costs nothing). `generate_from(prompts, options,
 n)` is constrained greedy decoding: the model writes up to `n` of each prompt's options, one per line, token by token
 but only along the options' tokens, never one twice (titles as a ranked list that always maps back to the catalogue).
+`score_continuations(prompts, continuations)` sums the log-probs of each continuation's tokens after its prompt
+(the `likelihood` ranking mode: a candidate's title scored as the answer, one shared prompt per user).
 `generate_quoted(prompts, quotable)` generates freely except that a double-quoted span can only be one of the
 prompt's `quotable` strings (explanations that cannot invent or repeat a quoted title).
 """
@@ -47,6 +49,12 @@ class Backend(abc.ABC):
     ) -> list[str]:
         """Continuations of `prompts` (greedy at temperature 0), cut at the first `stop` string if given;
         `frequency_penalty` as in the module docstring."""
+
+    def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(log-probability sums, token counts), each [n_prompts, n_continuations]: the sum over each continuation's
+        tokens of log P(token | prompt, the continuation's earlier tokens), prompt and continuation tokenized apart
+        (as fine-tuning encodes prompt and answer). Every prompt needs the same number of continuations."""
+        raise BackendError(f"{self.name}: continuation scoring (score_continuations) is not supported by this backend")
 
     def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
         """Constrained greedy generation: per prompt, the indices of up to `n` of its `options` in the order the model

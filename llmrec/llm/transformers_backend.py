@@ -302,6 +302,57 @@ class TransformersBackend(Backend):
         sel = self.choice_logits(prompts, ids)
         return torch.log_softmax(sel, dim=-1).numpy().astype(np.float64)
 
+    def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch of prompts: one forward over the left-padded prompts keeps their KV cache, which is repeated
+        once per continuation; one more forward over the right-padded continuation tokens reads every token's
+        log-prob (a prompt's tokens are computed once, not once per continuation)."""
+        import torch
+
+        per = normalize_choices(prompts, continuations)
+        if not per:
+            return np.zeros((0, 0)), np.zeros((0, 0))
+        k = len(per[0])
+        ids = [[self._continuation_ids(c) for c in cs] for cs in per]
+        sums = np.zeros((len(prompts), k))
+        counts = np.array([[len(t) for t in row] for row in ids], dtype=np.float64)
+        self.model.eval()
+        with self._lock, self._forward_context(), torch.inference_mode():
+            for b in tqdm(self._batches(prompts), desc="continuations", leave=False, disable=not self.progress):
+                enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(self.device)
+                mask = enc["attention_mask"]
+                out = self.model(**enc, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                                 logits_to_keep=1)
+                first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [B, vocab]
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(k)  # row j * k + c: prompt j, continuation c
+                rows = [ids[i][c] for i in b for c in range(k)]
+                m = max(len(t) for t in rows)
+                x = torch.full((len(rows), m), int(self._tok.pad_token_id), dtype=torch.long)
+                cmask = torch.zeros((len(rows), m), dtype=torch.long)
+                for r, t in enumerate(rows):
+                    x[r, : len(t)] = torch.tensor(t)
+                    cmask[r, : len(t)] = 1
+                x, cmask = x.to(self.device), cmask.to(self.device)
+                plen = mask.sum(-1).repeat_interleave(k)
+                pos = plen[:, None] + torch.arange(m, device=self.device)[None, :]
+                full = torch.cat([mask.repeat_interleave(k, dim=0), cmask], dim=1)
+                lp = torch.log_softmax(self.model(input_ids=x, attention_mask=full, position_ids=pos,
+                                                  past_key_values=cache).logits.float(), dim=-1)
+                # token t of a continuation: from the prompt's last position (t = 0), else from position t - 1
+                tok_lp = torch.gather(lp[:, :-1, :], 2, x[:, 1:, None])[..., 0] * cmask[:, 1:]
+                head = torch.gather(first.repeat_interleave(k, dim=0), 1, x[:, :1])[:, 0]
+                total = (head + tok_lp.sum(-1)).cpu().numpy()
+                for j, i in enumerate(b):
+                    sums[i] = total[j * k : (j + 1) * k]
+        return sums, counts
+
+    def _continuation_ids(self, text: str) -> list[int]:
+        ids = self._tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise BackendError(f"continuation {text!r} encodes to no tokens")
+        return list(ids)
+
     def _generate_tokens(self, prompts: list[str], max_new_tokens: int, desc: str,
                          extra: Callable[[list[int], int], dict[str, Any]] | None = None,
                          temperature: float = 0.0, stop: list[str] | None = None,

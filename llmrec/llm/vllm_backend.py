@@ -248,6 +248,62 @@ class VLLMBackend(Backend):
             list(self._pool.map(run, jobs))
         return _log_softmax(out)
 
+    def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """One request per (prompt, continuation) as token ids (prompt and continuation tokenized apart, as the
+        transformers backend does), `prompt_logprobs=0`: the log-prob of each prompt token, read over the
+        continuation's. vLLM computes such a request in full (prompt log-probs bypass the prefix cache), so this costs
+        a prompt forward per continuation where the transformers backend shares one."""
+        per = normalize_choices(prompts, continuations)
+        if not per:
+            return np.zeros((0, 0)), np.zeros((0, 0))
+        tok = self.tokenizer
+        p_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        rows: list[tuple[int, int, list[int]]] = []  # (prompt, continuation, continuation ids)
+        for i, cs in enumerate(per):
+            for j, c in enumerate(cs):
+                ids = tok.encode(c, add_special_tokens=False)
+                if not ids:
+                    raise VLLMError(f"continuation {c!r} encodes to no tokens")
+                rows.append((i, j, ids))
+        k = len(per[0])
+        sums = np.zeros((len(prompts), k))
+        counts = np.zeros((len(prompts), k))
+
+        def fill(r: int, prompt_lps: list[Any]) -> None:
+            i, j, ids = rows[r]
+            start = len(p_ids[i])
+            total = 0.0
+            for t, tid in enumerate(ids):
+                lp = (prompt_lps[start + t] or {}).get(tid)
+                if lp is None:
+                    raise VLLMError(f"vLLM returned no prompt logprob for token {tid} at position {start + t}")
+                total += lp
+            sums[i, j], counts[i, j] = total, len(ids)
+
+        if self.url is None:
+            from vllm import SamplingParams
+
+            sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            for chunk in self._chunks(list(range(len(rows)))):
+                res = self.llm.generate([{"prompt_token_ids": p_ids[rows[r][0]] + rows[r][2]} for r in chunk], sp,
+                                        use_tqdm=False, lora_request=self._lora)
+                for r, o in zip(chunk, res):
+                    fill(r, [None if d is None else {int(t): float(v.logprob) for t, v in d.items()}
+                             for d in o.prompt_logprobs])
+        else:
+            def run(chunk: list[int]) -> None:
+                body = self._post({"model": self.served_name, "max_tokens": 1, "temperature": 0.0,
+                                   "prompt": [p_ids[rows[r][0]] + rows[r][2] for r in chunk], "prompt_logprobs": 0})
+                for ch in body["choices"]:
+                    lps = ch.get("prompt_logprobs")
+                    if lps is None:
+                        raise VLLMError("vLLM returned no prompt_logprobs (needs a vLLM server, not plain OpenAI)")
+                    fill(chunk[ch["index"]],
+                         [None if d is None else {int(t): float(v["logprob"]) for t, v in d.items()} for d in lps])
+
+            list(self._pool.map(run, self._chunks(list(range(len(rows))))))
+        return sums, counts
+
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  stop: list[str] | None = None, frequency_penalty: float = 0.0, ignore_eos: bool = False) -> list[str]:
         if not prompts:

@@ -158,8 +158,9 @@ def eval_rank(
 
 
 def select_retrieval_weight(rec: Any, ds: Any, grid: Sequence[float], max_users: int | None = 200, seed: int = 0,
-                            metric: str = "ndcg@10") -> dict:
-    """Choose `rec.cfg.retrieval_weight` (LLM + retrieval rank fusion, verbalizer mode) on the *validation* split:
+                            metric: str = "ndcg@10", mode: str = "verbalizer") -> dict:
+    """Choose `rec.cfg.retrieval_weight` (LLM + retrieval rank fusion; `mode`: verbalizer or likelihood) on the
+    *validation* split:
     each prompt is scored once (`rec.llm_cache`), then every weight in `grid` re-orders the same scores. Leaves
     the best weight in `rec.cfg` (ties: the smaller weight) and the cache in place, so a test evaluation at several
     weights also scores each prompt once. Returns {"selected": w, "valid": {w: metrics}, "metric": metric}."""
@@ -170,7 +171,7 @@ def select_retrieval_weight(rec: Any, ds: Any, grid: Sequence[float], max_users:
     valid: dict[float, dict] = {}
     for w in grid:
         rec.cfg.retrieval_weight = float(w)
-        r = eval_rank(rec, ds, max_users, seed, mode="verbalizer", split="valid")
+        r = eval_rank(rec, ds, max_users, seed, mode=mode, split="valid")
         valid[float(w)] = {k: r[k] for k in ("ndcg@10", "recall@10", "mrr@10", "n_users")}
         log.info("retrieval_weight %s on valid: %s", w, valid[float(w)])
     best = max(valid, key=lambda w: (valid[w][metric], -w))

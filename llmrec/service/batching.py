@@ -54,6 +54,16 @@ class MicroBatchingBackend:
         self._q.put(job)
         return job.future.result()
 
+    def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Title likelihood: grouped with other callers' calls of the same number of continuations per prompt."""
+        if len(continuations) != len(prompts):
+            raise ValueError(f"score_continuations: {len(continuations)} lists for {len(prompts)} prompts")
+        if not prompts:
+            return np.zeros((0, 0)), np.zeros((0, 0))
+        job = _Job(("cont", len(continuations[0])), list(prompts), [list(c) for c in continuations])
+        self._q.put(job)
+        return job.future.result()
+
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  stop: list[str] | None = None, **kw: Any) -> list[str]:
         key = ("gen", max_new_tokens, temperature, tuple(stop or ()), tuple(sorted(kw.items())))
@@ -125,6 +135,9 @@ class MicroBatchingBackend:
                 choices = [c for j in batch for c in j.payload]
                 same = all(c == choices[0] for c in choices)
                 out: Any = self.backend.score_choices(prompts, choices[0] if same else choices)
+            elif kind == "cont":
+                sums, counts = self.backend.score_continuations(prompts, [c for j in batch for c in j.payload])
+                out = [(sums[i], counts[i]) for i in range(len(prompts))]
             elif kind in ("quoted", "from"):  # per-prompt lists travel with their prompts; the settings are shared
                 rows = [r for j in batch for r in j.payload["rows"]]
                 kw = {k: v for k, v in batch[0].payload.items() if k != "rows"}
@@ -138,7 +151,10 @@ class MicroBatchingBackend:
             return
         start = 0
         for j in batch:
-            j.future.set_result(out[start:start + len(j.prompts)])
+            part = out[start:start + len(j.prompts)]
+            if kind == "cont":  # rows back to the (sums, counts) pair of arrays
+                part = (np.array([r[0] for r in part]), np.array([r[1] for r in part]))
+            j.future.set_result(part)
             start += len(j.prompts)
 
 
@@ -156,6 +172,10 @@ class LockedBackend:
     def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
         with self._lock:
             return self.backend.score_choices(prompts, choices)
+
+    def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self.backend.score_continuations(prompts, continuations)
 
     def generate(self, prompts: list[str], *args: Any, **kw: Any) -> list[str]:
         with self._lock:

@@ -71,7 +71,10 @@ class ServiceConfig:
     # never recommend an item listed under the title of one the user has seen (catalogue duplicates, e.g. ML-100K's
     # 18 films with two ids each); false: seen items are excluded by id only
     exclude_seen_titles: bool = True
-    retrieval_weight: float = 4.0  # LLM letter log-prob + w x log(1/retrieval rank); 0 = the LLM's order alone
+    # verbalizer: candidate letters' log-probs, one forward pass; likelihood: each candidate title's mean log-prob
+    # after the history (an adapter tuned with the next_title recipe; RankingConfig.mode)
+    rank_mode: Literal["verbalizer", "likelihood"] = "verbalizer"
+    retrieval_weight: float = 4.0  # LLM score + w x log(1/retrieval rank); 0 = the LLM's order alone
     # verbalizer: candidates listed this many times in cyclically shifted orders, letter log-probs averaged (cancels
     # the LLM's letter / position preference; that many forward passes per user)
     listings: int = 1

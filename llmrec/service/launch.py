@@ -289,7 +289,7 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
     from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
     retriever = build_retriever(ds, cfg.retriever)
-    rcfg = RankingConfig(n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
+    rcfg = RankingConfig(mode=cfg.rank_mode, n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
                          retrieval_weight=cfg.retrieval_weight, listings=cfg.listings,
                          exclude_seen_titles=cfg.exclude_seen_titles)
     recs: dict[str | None, Any] = {}
