@@ -18,6 +18,8 @@ GLANCE_METHODS = {
     "pop": "popularity", "mf": "MF", "bpr": "BPR", "bert_lstm": "BERT+LSTM", "sasrec": "SASRec",
     "retrieval": "retrieval alone ({kind}: the LLM's candidates, in its order)",  # `retrieval (<kind>)`, any kind
     "llm zero-shot": "LLM, zero-shot", "llm tuned": "LLM, QLoRA-tuned",
+    "llm zero-shot, title likelihood": "LLM, zero-shot, title likelihood",
+    "llm tuned, title likelihood": "LLM, QLoRA-tuned (next_title), title likelihood",
 }
 DEFAULT_EXPLANATIONS = "quoted titles constrained (liked, sharing an attribute)"  # eval/explanations.py's row
 
@@ -60,8 +62,9 @@ def section() -> str:
                        f"{ci['n']} {v.get('rows', 'rows')}; tuned LLM ahead in {100 * ci['p_ge_1']:.0f}% of "
                        "resamples)" if ci else "")
                 other = f" ({v['best_other_name']})" if v.get("best_other_name") else ""
-                parts.append(f"- goal {g}: tuned LLM {v['tuned_llm']:.4f} vs best other{other} {v['best_other']:.4f} "
-                             f"({v['ratio']:.2f}x, goal {v['goal_ratio']}x{unc}) — **{met}**\n")
+                mode = f" ({v['tuned_name']})" if v.get("tuned_name") not in (None, "llm tuned") else ""
+                parts.append(f"- goal {g}: tuned LLM{mode} {v['tuned_llm']:.4f} vs best other{other} "
+                             f"{v['best_other']:.4f} ({v['ratio']:.2f}x, goal {v['goal_ratio']}x{unc}) — **{met}**\n")
         for png in d.get("plots", []):
             parts.append(f"\n![{png}](eval/results/{png})\n")
         parts.append("\n" + _src(d, p.stem))
@@ -147,7 +150,9 @@ def glance(results: Path = RESULTS, dataset: str = "ml-100k") -> str:
                          f"{v['goal_ratio']:g}x): {met}")
         else:
             other = GLANCE_METHODS.get(v.get("best_other_name", ""), v.get("best_other_name", "best other"))
-            goals.append(f"tuned LLM {g.upper() if g == 'auc' else g.replace('ndcg', 'NDCG')} = {v['ratio']:.2f}x "
+            mode = ", title likelihood" if v.get("tuned_name") == "llm tuned, title likelihood" else ""
+            name = g.upper() if g == "auc" else g.replace("ndcg", "NDCG")
+            goals.append(f"tuned LLM{mode} {name} = {v['ratio']:.2f}x "
                          f"the best baseline's ({other}; goal {v['goal_ratio']:g}x): {met}")
     out += "\n" + "".join(f"- {x}\n" for x in goals) if goals else ""
     srcs = [f"`eval/results/bench_{dataset}.json` (`{d.get('command')}`, commit {d.get('commit')})"]
