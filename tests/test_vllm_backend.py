@@ -140,7 +140,7 @@ def test_in_process_scoring_matches_transformers(model_dir, reference):
 def test_server_openai_client_and_adapters(model_dir, reference, adapter_dir):
     from openai import OpenAI
 
-    from llmrec.llm.vllm_backend import VLLMBackend
+    from llmrec.llm.vllm_backend import VLLMBackend, VLLMError
     from llmrec.service.launch import VLLMServer
 
     srv = VLLMServer(model_dir, port=free_port(), dtype="float32", lora_modules={"test": adapter_dir},
@@ -157,7 +157,10 @@ def test_server_openai_client_and_adapters(model_dir, reference, adapter_dir):
         r = client.completions.create(model="test", prompt=PROMPTS[0], max_tokens=3, temperature=0)
         assert r.model == "test" and isinstance(r.choices[0].text, str)
         assert be.generate_from(GEN_PROMPTS, GEN_OPTIONS, n=3) == transformers_picks(model_dir)
-        check_continuations(be.score_continuations(GEN_PROMPTS, GEN_OPTIONS), transformers_continuations(model_dir))
+        # prompt log-probs on a LoRA-enabled engine kill it (vLLM 0.32 CPU): refused with a clear error instead, and
+        # the server keeps answering
+        with pytest.raises(VLLMError, match="LoRA enabled"):
+            be.score_continuations(GEN_PROMPTS, GEN_OPTIONS)
         quoted = be.generate_quoted([EXPLAIN_PROMPT], [["Heat (1995)", "Fargo (1996)"]], max_new_tokens=40)[0]
         spans = quoted.split('"')[1::2]
         assert spans and all(x in ("Heat (1995)", "Fargo (1996)") for x in spans), quoted

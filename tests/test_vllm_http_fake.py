@@ -52,6 +52,11 @@ def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
                 top = {f"token_id:{t}": float(v - lse) for t, v in zip(ids, logits) if t != drop_token}
                 top["token_id:2"] = float(5.0 - lse)
                 choices.append({"index": i, "text": "", "logprobs": {"top_logprobs": [top]}})
+            elif body.get("prompt_logprobs") is not None:  # each prompt token's log-prob given the ones before
+                assert body["prompt_logprobs"] == 0 and all(isinstance(t, int) for t in p)
+                lps = [None] + [{str(t): {"logprob": -fake_logit(str(p[:k]), t), "rank": 1, "decoded_token": "?"}}
+                                for k, t in enumerate(p) if k > 0]
+                choices.append({"index": i, "text": "", "prompt_logprobs": lps})
             else:
                 choices.append({"index": i, "text": f"{body['model']}:{p[-3:]}"})
         return {"choices": choices}
@@ -173,4 +178,30 @@ def test_constrained_generation_over_http(fake_server, tmp_path):
     be.generate_quoted(["a"], quotable[:1], max_new_tokens=5, frequency_penalty=0.7)
     be.generate(["c"], max_new_tokens=5, frequency_penalty=0.7)
     assert [b["frequency_penalty"] for b in seen] == [0.7, 0.7]
+    be.close()
+
+
+def test_title_likelihood_over_http(fake_server, tmp_path):
+    """score_continuations: prompt + continuation sent as token ids with prompt_logprobs=0; the continuation's
+    tokens' log-probs are summed; refused on a server that lists LoRA modules (prompt log-probs crash it)."""
+    from llm_fixtures import make_tiny_llm
+
+    url, seen = fake_server()
+    tok_dir = make_tiny_llm(tmp_path / "tiny")
+    be = VLLMBackend(url=url, model="base", tokenizer=str(tok_dir), chunk_size=3)
+    tok = be.tokenizer
+    prompts = ["Action Story 1. Title:", "Comedy Story 2 Title:"]
+    conts = [[' "Action Story"', ' "Horror"'], [" Drama Story 3", ' "Comedy"']]
+    sums, counts = be.score_continuations(prompts, conts)
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p, add_special_tokens=False)
+        for j, c in enumerate(conts[i]):
+            cid = tok.encode(c, add_special_tokens=False)
+            full = ids + cid
+            want = sum(-fake_logit(str(full[:k]), full[k]) for k in range(len(ids), len(full)))
+            assert counts[i, j] == len(cid) and sums[i, j] == pytest.approx(want, abs=1e-9)
+    assert len(seen) == 2 and all(b["max_tokens"] == 1 for b in seen)  # 4 rows in chunks of 3
+    be._lora_engine = True  # as for a server whose /v1/models lists LoRA modules (parent set)
+    with pytest.raises(VLLMError, match="LoRA enabled"):
+        be.score_continuations(prompts, conts)
     be.close()

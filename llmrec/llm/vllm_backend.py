@@ -104,6 +104,7 @@ class VLLMBackend(Backend):
             if model is None:
                 model = served[0]["id"]
             ids = [m["id"] for m in served]
+            self._lora_engine = any(m.get("parent") for m in served)  # LoRA modules listed: started with LoRA on
             if (adapter or model) not in ids:
                 raise VLLMError(f"model {adapter or model!r} is not served at {self.base_url}; served: {ids}")
             self.model = model
@@ -127,6 +128,7 @@ class VLLMBackend(Backend):
             if adapter:
                 kw.update(enable_lora=True, max_lora_rank=64)
             kw.update(llm_kwargs or {})
+            self._lora_engine = bool(kw.get("enable_lora"))
             t0 = time.perf_counter()
             self.llm = LLM(**kw)
             self.engine_start_s = time.perf_counter() - t0
@@ -252,7 +254,17 @@ class VLLMBackend(Backend):
         """One request per (prompt, continuation) as token ids (prompt and continuation tokenized apart, as the
         transformers backend does), `prompt_logprobs=0`: the log-prob of each prompt token, read over the
         continuation's. vLLM computes such a request in full (prompt log-probs bypass the prefix cache), so this costs
-        a prompt forward per continuation where the transformers backend shares one."""
+        a prompt forward per continuation where the transformers backend shares one.
+
+        Refused on an engine with LoRA enabled (an in-process one given an adapter, a server listing LoRA modules):
+        on vLLM 0.32 (CPU) a prompt-logprobs request there kills the EngineCore (the LoRA logits processor's
+        `bgmv_shrink` gets one LoRA index per request, not per prompt token); serve the adapter merged instead."""
+        if getattr(self, "_lora_engine", False):
+            raise VLLMError(
+                "score_continuations (ranking mode 'likelihood') needs prompt log-probs, which crash a vLLM engine "
+                "started with LoRA enabled (seen with vLLM 0.32 on CPU: the EngineCore dies); serve a merged model "
+                "instead (`llmrec export --merge`, or the service's llm.adapter_mode: merged) or use the "
+                "transformers backend")
         per = normalize_choices(prompts, continuations)
         if not per:
             return np.zeros((0, 0)), np.zeros((0, 0))
