@@ -57,6 +57,23 @@ def test_plan_url_and_adapter_modes(monkeypatch):
         launch.plan_backend(cfg(adapters={"a": "/a", "b": "/b"}, adapter_mode="merged"))
     monkeypatch.setattr(launch, "_has_cuda", lambda: True)
     assert launch.plan_backend(cfg(adapters={"yesno": "/a"})).adapter_mode == "lora"  # GPU: LoRA is cheap
+    # title likelihood reads prompt log-probs, which kill a LoRA-enabled vLLM engine: refused before the launch
+    likelihood = cfg(adapters={"a": "/a", "b": "/b"})
+    likelihood.rank_mode = "likelihood"
+    with pytest.raises(ConfigError, match="rank_mode: likelihood"):
+        launch.plan_backend(likelihood)
+    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    likelihood.llm.adapters = {"a": "/a"}  # one adapter, merged on CPU: allowed
+    assert launch.plan_backend(likelihood).adapter_mode == "merged"
+
+
+def test_likelihood_mode_refuses_an_endpoint_with_lora_modules(tiny_dataset):
+    from types import SimpleNamespace
+
+    c = cfg(vllm_url="http://127.0.0.1:9/v1")
+    c.rank_mode = "likelihood"
+    with pytest.raises(ConfigError, match="rank_mode: likelihood"):
+        launch.build_recommenders(c, tiny_dataset, {None: SimpleNamespace(_lora_engine=True)})
 
 
 def test_transformers_backend_merges_a_single_adapter_on_cpu(monkeypatch):

@@ -160,6 +160,11 @@ class BackendPlan:
     served: dict[str, str] = field(default_factory=dict)  # adapter name -> served model name (vLLM)
 
 
+LIKELIHOOD_LORA = ("rank_mode: likelihood reads prompt log-probs, which crash a vLLM engine with LoRA enabled (vLLM "
+                   "0.32 CPU); serve one adapter merged (llm.adapter_mode: merged or auto), or use rank_mode: "
+                   "verbalizer, or the transformers backend")
+
+
 def _adapter_mode(llm: Any) -> str:
     """merged | lora | none: `auto` merges exactly one adapter on a CPU machine (LoRA layers cost ~10x on vLLM-CPU,
     1.3x on transformers), keeps LoRA for several adapters or on a GPU."""
@@ -198,6 +203,8 @@ def plan_backend(cfg: ServiceConfig) -> BackendPlan:
                            served={n: n for n in llm.adapters})
     if llm.backend in ("auto", "vllm") and python_has_vllm(llm.vllm_python):
         mode = _adapter_mode(llm)
+        if mode == "lora" and cfg.rank_mode == "likelihood":
+            raise ConfigError(LIKELIHOOD_LORA)
         return BackendPlan("vllm-launch", f"vLLM server launched on {llm.vllm_host}:{llm.vllm_port} "
                            f"(adapters: {mode})", llm.model, mode, {n: n for n in llm.adapters})
     if llm.backend == "vllm":
@@ -288,6 +295,8 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
+    if cfg.rank_mode == "likelihood" and any(getattr(be, "_lora_engine", False) for be in backends.values()):
+        raise ConfigError(LIKELIHOOD_LORA)  # e.g. an endpoint (llm.vllm_url) that lists LoRA modules
     retriever = build_retriever(ds, cfg.retriever)
     rcfg = RankingConfig(mode=cfg.rank_mode, n_candidates=cfg.candidates, like_threshold=cfg.like_threshold,
                          retrieval_weight=cfg.retrieval_weight, listings=cfg.listings,
