@@ -337,10 +337,12 @@ class TransformersBackend(Backend):
                 plen = mask.sum(-1).repeat_interleave(k)
                 pos = plen[:, None] + torch.arange(m, device=self.device)[None, :]
                 full = torch.cat([mask.repeat_interleave(k, dim=0), cmask], dim=1)
-                lp = torch.log_softmax(self.model(input_ids=x, attention_mask=full, position_ids=pos,
-                                                  past_key_values=cache).logits.float(), dim=-1)
+                logits = self.model(input_ids=x, attention_mask=full, position_ids=pos,
+                                    past_key_values=cache).logits[:, :-1, :].float()
                 # token t of a continuation: from the prompt's last position (t = 0), else from position t - 1
-                tok_lp = torch.gather(lp[:, :-1, :], 2, x[:, 1:, None])[..., 0] * cmask[:, 1:]
+                # (log-softmax read at the token only: logit - logsumexp, no second vocabulary-sized tensor)
+                tok_lp = (torch.gather(logits, 2, x[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1))
+                tok_lp = tok_lp * cmask[:, 1:]
                 head = torch.gather(first.repeat_interleave(k, dim=0), 1, x[:, :1])[:, 0]
                 total = (head + tok_lp.sum(-1)).cpu().numpy()
                 for j, i in enumerate(b):
