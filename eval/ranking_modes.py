@@ -7,6 +7,8 @@ Every mode ranks the same retrieved candidates (20 by default) of the same seede
 full-ranking (items outside the candidates keep their retrieval score below them). Rows:
 - retrieval alone (the candidates' own order; no LLM),
 - verbalizer: one forward pass, candidate letters scored (the default mode),
+- title likelihood: one prompt without candidates, each candidate's title scored by its mean log-prob per token
+  (the prompt's KV cache shared by the titles on transformers; prompt log-probs on vLLM),
 - generate, constrained: the model writes `--titles` candidate titles, decoding restricted to the candidates'
   tokens (every line maps),
 - generate, free text: the model writes titles freely, lines mapped back by exact then embedding match.
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--skip-free", action="store_true", help="leave out free-text generate")
+    ap.add_argument("--skip-likelihood", action="store_true",
+                    help="leave out title likelihood (e.g. vLLM with a LoRA adapter, where it is refused)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -74,6 +78,8 @@ def main() -> None:
 
     run("retrieval alone", None)
     verb = run("verbalizer (one forward pass)", "verbalizer")
+    if not args.skip_likelihood:
+        run(f"title likelihood (one prompt, {args.candidates} titles scored)", "likelihood")
     gen = run(f"generate, constrained ({args.titles} titles)", "generate", generate_constrained=True)
     free = None if args.skip_free else run("generate, free text", "generate", generate_constrained=False)
     for r in rows[1:]:
