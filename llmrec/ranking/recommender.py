@@ -65,7 +65,7 @@ class RankingConfig:
 
     mode: Literal["verbalizer", "likelihood", "generate"] = "verbalizer"
     n_candidates: int = 20  # retrieved candidates placed in the prompt (letters A..T)
-    # verbalizer: score = LLM letter log-prob + retrieval_weight * log(1 / retrieval rank). 0 = the LLM's order
+    # verbalizer / likelihood: score = LLM score + retrieval_weight * log(1 / retrieval rank). 0 = the LLM's order
     # alone; large = the retriever's order. `llmrec bench` chooses it on the validation split (fusion_grid).
     retrieval_weight: float = 0.0
     # verbalizer: list the candidates this many times, each listing a cyclic shift of the retrieval order by
@@ -253,8 +253,8 @@ class Recommender:
         for task, t in self.templates.items():
             if t.task != task:
                 raise ValueError(f"RankingConfig.templates[{task!r}]: template {t.name!r} is a {t.task!r} template")
-        # prompt text -> letter log-probs; set to a dict to score each prompt once across several retrieval_weight
-        # values (llmrec.ranking.evaluate.select_retrieval_weight)
+        # prompt text -> letter log-probs (verbalizer), ("likelihood", prompt, title) -> (log-prob sum, tokens); set to
+        # a dict to score each prompt once across several retrieval_weight values (select_retrieval_weight)
         self.llm_cache: dict[Any, Any] | None = None
         # generate mode, summed over calls (an evaluation ranks users in several calls): users, lines, mapped, unmapped
         self.generate_totals: Counter[str] = Counter()
