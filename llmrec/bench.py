@@ -260,16 +260,16 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                                                                   "likelihood")
             elif task == "rank":
                 row.update(rank_rows(rec, label, adapter, "verbalizer"))
-                r = {"seconds_per_user": row["rank_s_per_user"]}
                 if label == "llm zero-shot":
+                    verb_s = row["rank_s_per_user"]
                     n_gen = min(cfg.generate_users, max_users or cfg.generate_users)
                     rec.generate_totals.clear()
                     g = eval_rank(rec, ds, n_gen, cfg.seed, mode="generate")
                     report["verbalizer_vs_generate"] = {
                         "users": n_gen,
-                        "verbalizer_s_per_user": r["seconds_per_user"],
+                        "verbalizer_s_per_user": verb_s,
                         "generate_s_per_user": g["seconds_per_user"],
-                        "speedup": g["seconds_per_user"] / max(1e-9, r["seconds_per_user"]),
+                        "speedup": g["seconds_per_user"] / max(1e-9, verb_s),
                         "generate_ndcg@10": g["ndcg@10"],
                         "generate_mapping": dict(rec.generate_totals),
                     }

@@ -281,15 +281,17 @@ class VLLMBackend(Backend):
         sums = np.zeros((len(prompts), k))
         counts = np.zeros((len(prompts), k))
 
-        def fill(r: int, prompt_lps: list[Any]) -> None:
+        def fill(r: int, prompt_lps: list[Any], key: Any) -> None:
+            """Sum the continuation's positions of `prompt_lps` (one dict per prompt token, None first); `key` maps a
+            token id to its key there (an int in-process, a string in the HTTP JSON)."""
             i, j, ids = rows[r]
             start = len(p_ids[i])
             total = 0.0
             for t, tid in enumerate(ids):
-                lp = (prompt_lps[start + t] or {}).get(tid)
+                lp = (prompt_lps[start + t] or {}).get(key(tid))
                 if lp is None:
                     raise VLLMError(f"vLLM returned no prompt logprob for token {tid} at position {start + t}")
-                total += lp
+                total += float(lp.logprob if hasattr(lp, "logprob") else lp["logprob"])
             sums[i, j], counts[i, j] = total, len(ids)
 
         if self.url is None:
@@ -300,8 +302,7 @@ class VLLMBackend(Backend):
                 res = self.llm.generate([{"prompt_token_ids": p_ids[rows[r][0]] + rows[r][2]} for r in chunk], sp,
                                         use_tqdm=False, lora_request=self._lora)
                 for r, o in zip(chunk, res):
-                    fill(r, [None if d is None else {int(t): float(v.logprob) for t, v in d.items()}
-                             for d in o.prompt_logprobs])
+                    fill(r, o.prompt_logprobs, int)
         else:
             def run(chunk: list[int]) -> None:
                 body = self._post({"model": self.served_name, "max_tokens": 1, "temperature": 0.0,
@@ -310,8 +311,7 @@ class VLLMBackend(Backend):
                     lps = ch.get("prompt_logprobs")
                     if lps is None:
                         raise VLLMError("vLLM returned no prompt_logprobs (needs a vLLM server, not plain OpenAI)")
-                    fill(chunk[ch["index"]],
-                         [None if d is None else {int(t): float(v["logprob"]) for t, v in d.items()} for d in lps])
+                    fill(chunk[ch["index"]], lps, str)
 
             list(self._pool.map(run, self._chunks(list(range(len(rows))))))
         return sums, counts

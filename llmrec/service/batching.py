@@ -135,9 +135,8 @@ class MicroBatchingBackend:
                 choices = [c for j in batch for c in j.payload]
                 same = all(c == choices[0] for c in choices)
                 out: Any = self.backend.score_choices(prompts, choices[0] if same else choices)
-            elif kind == "cont":
-                sums, counts = self.backend.score_continuations(prompts, [c for j in batch for c in j.payload])
-                out = [(sums[i], counts[i]) for i in range(len(prompts))]
+            elif kind == "cont":  # (sums, counts): each caller gets its rows of both arrays
+                out = self.backend.score_continuations(prompts, [c for j in batch for c in j.payload])
             elif kind in ("quoted", "from"):  # per-prompt lists travel with their prompts; the settings are shared
                 rows = [r for j in batch for r in j.payload["rows"]]
                 kw = {k: v for k, v in batch[0].payload.items() if k != "rows"}
@@ -151,10 +150,8 @@ class MicroBatchingBackend:
             return
         start = 0
         for j in batch:
-            part = out[start:start + len(j.prompts)]
-            if kind == "cont":  # rows back to the (sums, counts) pair of arrays
-                part = (np.array([r[0] for r in part]), np.array([r[1] for r in part]))
-            j.future.set_result(part)
+            rows = slice(start, start + len(j.prompts))
+            j.future.set_result(tuple(a[rows] for a in out) if kind == "cont" else out[rows])
             start += len(j.prompts)
 
 
