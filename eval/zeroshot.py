@@ -1,7 +1,8 @@
 """Cross-domain (zero-shot) table and the contamination probe -> eval/results/zeroshot.{json,md}.
 
-    python eval/zeroshot.py --ml-adapter PATH --lastfm-adapter PATH [--yesno-examples 300] [--rank-users 100]
-        [--retriever hybrid] [--retrieval-weight 4]
+    python eval/zeroshot.py --ml-adapter PATH --lastfm-adapter PATH [--ml-title-adapter PATH]
+        [--yesno-examples 300] [--rank-users 100] [--retriever hybrid] [--retrieval-weight 4] [--likelihood-weight 1]
+        [--label _NAME]   # -> eval/results/zeroshot_NAME.{json,md} (default: zeroshot.{json,md})
 
 Rows: for each target domain (Last.fm artists, MovieLens-100K, Amazon Gift Cards as a ranking smoke test), the base
 model zero-shot, an adapter tuned on the *other* domain, and that domain's in-domain MF (Yes/No) / BPR (ranking).
@@ -9,6 +10,11 @@ All Yes/No rows of one domain score the same fixed example subset; all ranking r
 ranking over the candidates of `--retriever`, by default the product's: text + item-CF, LLM letter log-prob fused
 with weight 4 x log(1 / retrieval rank), as `llmrec recommend` and the service do; a "retrieval alone" row shows what
 the LLM adds). Gift Cards gets no AUC claim: 93% of its labels are positive.
+With `--ml-title-adapter` (a MovieLens `next_title` adapter), each domain also gets title-likelihood ranking rows
+(the Recommender's `likelihood` mode: each candidate's quoted title scored by its mean log-prob as the answer to a
+`next_title` prompt without a candidate list), base and adapter, fused with the retrieval rank at
+`--likelihood-weight` (1 by default: the weight `llmrec bench` chose on MovieLens-100K's validation split, so the other
+domains are not tuned on).
 """
 
 from __future__ import annotations
@@ -59,6 +65,17 @@ def llm_rows(ds, retriever, adapter, label, args, yn) -> dict:
     return row
 
 
+def likelihood_row(ds, retriever, adapter, label, args) -> dict:
+    """A ranking row of the title-likelihood mode (no Yes/No: the adapter is tuned on next_title)."""
+    backend = load_backend("transformers", adapter=adapter, dtype=args.dtype)
+    cfg = RankingConfig(mode="likelihood", retrieval_weight=args.likelihood_weight)
+    rec = Recommender(ds, backend, retriever, with_adapter_templates(cfg, adapter))
+    r = eval_rank(rec, ds, args.rank_users, args.seed, mode="likelihood")
+    backend.close()
+    return {"domain": ds.name, "method": label, "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"],
+            "rank_users": r["n_users"]}
+
+
 def counts_row(ds, yn) -> dict:
     """The figure the yesno_estimate prompt shows (two counts from before the row's time, no fitting) as a score."""
     return {"domain": ds.name, "method": "counts figure alone (no model)", **yesno_cols(yn[1], yn)}
@@ -93,6 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ml-adapter", help="adapter tuned on MovieLens (yesno task)")
     ap.add_argument("--lastfm-adapter", help="adapter tuned on Last.fm (yesno task)")
+    ap.add_argument("--ml-title-adapter", help="adapter tuned on MovieLens (next_title task): title-likelihood rows")
     ap.add_argument("--yesno-examples", type=int, default=300)
     ap.add_argument("--rank-users", type=int, default=100)
     ap.add_argument("--contamination-n", type=int, default=100)
@@ -102,6 +120,9 @@ def main() -> None:
                     help="candidates the LLM rows rank (default: the product's)")
     ap.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
                     help="LLM letter log-prob + W x log(1 / retrieval rank); 0 = the LLM's order alone")
+    ap.add_argument("--label", default="", help="suffix of the result name, e.g. _1206")
+    ap.add_argument("--likelihood-weight", type=float, default=1.0,
+                    help="title-likelihood rows: mean title log-prob + W x log(1 / retrieval rank)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = []
@@ -126,6 +147,12 @@ def main() -> None:
         if adapter:
             table.append(llm_rows(ds, retriever, adapter, label, args, yn))
             log.info("%s", table[-1])
+        if args.ml_title_adapter:
+            table.append(likelihood_row(ds, retriever, None, "LLM base (zero-shot), title likelihood", args))
+            if name != "ml-100k":  # on MovieLens the adapter is in-domain: `llmrec bench` scores it there
+                label = "LLM + MovieLens next-title adapter (zero-shot transfer), title likelihood"
+                table.append(likelihood_row(ds, retriever, args.ml_title_adapter, label, args))
+            log.info("%s", table[-1])
         table.extend(in_domain_rows(ds, args, yn))
         if yn:
             table.append(counts_row(ds, yn))
@@ -137,7 +164,10 @@ def main() -> None:
     md += (
         f"\nRanking columns: full ranking over all items minus the user's history; LLM rows rank the top 20 of "
         f"`{args.retriever}` by letter log-prob + {args.retrieval_weight:g} x log(1 / retrieval rank), the rest "
-        "follow in retrieval order. Ranking rows of the LLM use the named adapter as it is (tuned on Yes/No).\n"
+        "follow in retrieval order. Ranking rows of the LLM use the named adapter as it is (tuned on Yes/No). "
+        f"`title likelihood` rows: each candidate's quoted title scored by its mean log-prob per token as the answer "
+        f"to a `next_title` prompt without candidates, + {args.likelihood_weight:g} x log(1 / retrieval rank) (the "
+        "weight llmrec bench chose on MovieLens-100K validation; the target domain is not tuned on).\n"
         "\nrho_counts: Spearman's rho between a row's P(Yes) and the counts figure (the user's like rate and other "
         "users' like rate of the target, from before the row's time, combined with no fitting: "
         "llmrec.data.stats.counts_only_p_yes, the figure the `yesno_estimate` prompt shows) on the same rows; "
@@ -147,7 +177,7 @@ def main() -> None:
         "\nA title-completion rate well above the shuffled control means the base model has seen these titles; "
         "MovieLens figures then measure memory of popular titles as well as preference modelling.\n"
     )
-    write_result("zeroshot", {"dataset": "lastfm, ml-100k, amazon-gift-cards", "table": table,
+    write_result(f"zeroshot{args.label}", {"dataset": "lastfm, ml-100k, amazon-gift-cards", "table": table,
                               "yesno_rows": yesno_rows,
                               "contamination": probe, "args": vars(args)}, md, command=command_line())
 
