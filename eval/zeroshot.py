@@ -150,8 +150,8 @@ def main() -> None:
         if args.ml_title_adapter:
             table.append(likelihood_row(ds, retriever, None, "LLM base (zero-shot), title likelihood", args))
             if name != "ml-100k":  # on MovieLens the adapter is in-domain: `llmrec bench` scores it there
-                label = "LLM + MovieLens next-title adapter (zero-shot transfer), title likelihood"
-                table.append(likelihood_row(ds, retriever, args.ml_title_adapter, label, args))
+                title_label = "LLM + MovieLens next-title adapter (zero-shot transfer), title likelihood"
+                table.append(likelihood_row(ds, retriever, args.ml_title_adapter, title_label, args))
             log.info("%s", table[-1])
         table.extend(in_domain_rows(ds, args, yn))
         if yn:
