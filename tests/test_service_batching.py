@@ -123,6 +123,10 @@ def test_title_likelihood_calls_are_merged_and_each_caller_gets_its_rows():
     assert sum(c[1] for c in calls) == 12 and max(c[1] for c in calls) > 2  # merged across callers
     with pytest.raises(ValueError, match="2 lists for 1 prompts"):
         mb.score_continuations(["x"], [["a"], ["b"]])
+    n_calls = len(inner.calls)
+    with pytest.raises(ValueError, match="same .non-zero. number"):  # refused before it joins a shared batch
+        mb.score_continuations(["x", "y"], [["a"], ["b", "c"]])
+    assert len(inner.calls) == n_calls
     mb.close()
     sums, counts = LockedBackend(Continuing()).score_continuations(["ab"], [["c"]])
     assert sums.tolist() == [[201.0]] and counts.tolist() == [[2.0]]

@@ -343,7 +343,7 @@ class TransformersBackend(Backend):
                 # (log-softmax read at the token only: logit - logsumexp, no second vocabulary-sized tensor)
                 tok_lp = (torch.gather(logits, 2, x[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1))
                 tok_lp = tok_lp * cmask[:, 1:]
-                head = torch.gather(first.repeat_interleave(k, dim=0), 1, x[:, :1])[:, 0]
+                head = torch.gather(first, 1, x[:, 0].view(len(b), k)).reshape(-1)  # rows j * k + c, as x's
                 total = (head + tok_lp.sum(-1)).cpu().numpy()
                 for j, i in enumerate(b):
                     sums[i] = total[j * k : (j + 1) * k]

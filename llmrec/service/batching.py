@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.llm.base import normalize_choices
+
 log = logging.getLogger(__name__)
 
 
@@ -55,12 +57,12 @@ class MicroBatchingBackend:
         return job.future.result()
 
     def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """Title likelihood: grouped with other callers' calls of the same number of continuations per prompt."""
-        if len(continuations) != len(prompts):
-            raise ValueError(f"score_continuations: {len(continuations)} lists for {len(prompts)} prompts")
-        if not prompts:
+        """Title likelihood: grouped with other callers' calls of the same number of continuations per prompt.
+        Checked here (the backends' own check), so a caller's malformed lists fail that caller, not a shared batch."""
+        per = normalize_choices(prompts, continuations)
+        if not per:
             return np.zeros((0, 0)), np.zeros((0, 0))
-        job = _Job(("cont", len(continuations[0])), list(prompts), [list(c) for c in continuations])
+        job = _Job(("cont", len(per[0])), list(prompts), per)
         self._q.put(job)
         return job.future.result()
 
