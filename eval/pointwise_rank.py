@@ -30,7 +30,7 @@ from llmrec.data import load_prepared
 from llmrec.data.stats import ItemFeedbackStats, counts_estimate
 from llmrec.evaluation import ranking_targets
 from llmrec.llm import load_backend
-from llmrec.metrics import ranking_metrics
+from llmrec.metrics import logit, ranking_metrics
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.factory import build_retriever, with_adapter_templates
 from llmrec.ranking.recommender import fuse_with_retrieval
@@ -51,10 +51,6 @@ def target_ranks(cands: list[list[str]], targets: list[str], scores: list[np.nda
         out.append(order.index(t) + 1 if t in order else missing)
     return np.asarray(out, dtype=np.int64)
 
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def main() -> None:

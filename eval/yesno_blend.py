@@ -27,16 +27,12 @@ from llmrec.bench_utils import command_line, md_table, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import yesno_subset
-from llmrec.metrics import auc, paired_bootstrap_ratio
+from llmrec.metrics import auc, logit, paired_bootstrap_ratio
 
 log = logging.getLogger("yesno_blend")
 
 KEYS = ["user_id", "item_id"]
 
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def signals(ds, ex: pd.DataFrame, models: dict) -> pd.DataFrame:

@@ -51,6 +51,13 @@ def stratified_auc(labels: Sequence[int], scores: Sequence[float], strata: Seque
     return num / den if den else float("nan")
 
 
+def logit(p: Sequence[float], eps: float = 1e-6) -> np.ndarray:
+    """log(p / (1 - p)) with p clipped to [eps, 1 - eps], so a probability of exactly 0 or 1 stays finite: the scale
+    on which P(Yes) scores are fused with other scores or blended."""
+    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(q / (1 - q))
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation: Pearson's correlation of the average ranks (ties share their mean rank),
     rho = cov(rank a, rank b) / (sd(rank a) sd(rank b)). NaN when either side is constant."""

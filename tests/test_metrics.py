@@ -148,3 +148,12 @@ def test_spearman_hand_computed():
     # ties share their mean rank: (1, 2.5, 2.5, 4) vs (1, 2, 3, 4) -> 4.5 / sqrt(4.5 * 5) = 0.9487
     assert M.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
     assert math.isnan(M.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_logit_is_clipped_and_inverts_the_sigmoid():
+    from llmrec.metrics import logit
+
+    p = np.array([0.2, 0.5, 0.9])
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit(p))), p)
+    np.testing.assert_allclose(logit([0.5, 0.75]), [0.0, np.log(3.0)])
+    assert np.all(np.isfinite(logit([0.0, 1.0])))

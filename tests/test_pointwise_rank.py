@@ -23,8 +23,3 @@ def test_target_ranks_hand_computed(pr):
     # w = 4: c 2 - 4 log 3 = -2.39 below b 1 - 4 log 2 = -1.77 -> a, b, c
     assert pr.target_ranks(cands, targets, scores, 4.0, 99).tolist() == [3, 99]
 
-
-def test_logit_is_clipped_and_inverts_the_sigmoid(pr):
-    p = np.array([0.2, 0.5, 0.9])
-    np.testing.assert_allclose(1 / (1 + np.exp(-pr.logit(p))), p)
-    assert np.all(np.isfinite(pr.logit(np.array([0.0, 1.0]))))
