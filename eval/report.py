@@ -100,7 +100,6 @@ def section() -> str:
         ("explanations_ml-100k", None),
         ("explanations_ml-100k_vllm", None),
         ("zeroshot", None),
-        ("zeroshot_1206", None),  # the 2026-12-06 adapters, title-likelihood rows (no Last.fm adapter: no reverse row)
         ("serving", None),
         ("data_prepare", None),
     ]:

@@ -1,6 +1,7 @@
 """Cross-domain (zero-shot) table and the contamination probe -> eval/results/zeroshot.{json,md}.
 
     python eval/zeroshot.py --ml-adapter PATH --lastfm-adapter PATH [--ml-title-adapter PATH]
+        [--lastfm-title-adapter PATH]
         [--yesno-examples 300] [--rank-users 100] [--retriever hybrid] [--retrieval-weight 4] [--likelihood-weight 1]
         [--label _NAME]   # -> eval/results/zeroshot_NAME.{json,md} (default: zeroshot.{json,md})
 
@@ -10,9 +11,10 @@ All Yes/No rows of one domain score the same fixed example subset; all ranking r
 ranking over the candidates of `--retriever`, by default the product's: text + item-CF, LLM letter log-prob fused
 with weight 4 x log(1 / retrieval rank), as `llmrec recommend` and the service do; a "retrieval alone" row shows what
 the LLM adds). Gift Cards gets no AUC claim: 93% of its labels are positive.
-With `--ml-title-adapter` (a MovieLens `next_title` adapter), each domain also gets title-likelihood ranking rows
-(the Recommender's `likelihood` mode: each candidate's quoted title scored by its mean log-prob as the answer to a
-`next_title` prompt without a candidate list), base and adapter, fused with the retrieval rank at
+With `--ml-title-adapter` (a MovieLens `next_title` adapter; `--lastfm-title-adapter` for the reverse direction), each
+domain also gets title-likelihood ranking rows (the Recommender's `likelihood` mode: each candidate's quoted title
+scored by its mean log-prob as the answer to a `next_title` prompt without a candidate list), base and the other
+domain's adapter, fused with the retrieval rank at
 `--likelihood-weight` (1 by default: the weight `llmrec bench` chose on MovieLens-100K's validation split, so the other
 domains are not tuned on).
 """
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--ml-adapter", help="adapter tuned on MovieLens (yesno task)")
     ap.add_argument("--lastfm-adapter", help="adapter tuned on Last.fm (yesno task)")
     ap.add_argument("--ml-title-adapter", help="adapter tuned on MovieLens (next_title task): title-likelihood rows")
+    ap.add_argument("--lastfm-title-adapter",
+                    help="adapter tuned on Last.fm (next_title task): the reverse title-likelihood row on MovieLens")
     ap.add_argument("--yesno-examples", type=int, default=300)
     ap.add_argument("--rank-users", type=int, default=100)
     ap.add_argument("--contamination-n", type=int, default=100)
@@ -127,12 +131,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = []
     yesno_rows: dict[str, list[dict]] = {}  # each domain's Yes/No test rows, in the order of every row's p_yes
-    plan = [
-        ("lastfm", True, args.ml_adapter, "LLM + MovieLens adapter (zero-shot transfer)"),
-        ("ml-100k", True, args.lastfm_adapter, "LLM + Last.fm adapter (reverse transfer)"),
-        ("amazon-gift-cards", False, args.ml_adapter, "LLM + MovieLens adapter (smoke test)"),
+    ml_title = (args.ml_title_adapter, "LLM + MovieLens next-title adapter (zero-shot transfer), title likelihood")
+    plan = [  # domain, Yes/No rows?, (Yes/No adapter, its label), (next_title adapter, its label): the other domain's
+        ("lastfm", True, (args.ml_adapter, "LLM + MovieLens adapter (zero-shot transfer)"), ml_title),
+        ("ml-100k", True, (args.lastfm_adapter, "LLM + Last.fm adapter (reverse transfer)"),
+         (args.lastfm_title_adapter, "LLM + Last.fm next-title adapter (reverse transfer), title likelihood")),
+        ("amazon-gift-cards", False, (args.ml_adapter, "LLM + MovieLens adapter (smoke test)"), ml_title),
     ]
-    for name, yesno, adapter, label in plan:
+    any_title = bool(args.ml_title_adapter or args.lastfm_title_adapter)
+    for name, yesno, (adapter, label), (title_adapter, title_label) in plan:
         ds = load_prepared(name, prepare_if_missing=True)
         retriever = build_retriever(ds, args.retriever)
         yn = None  # the domain's Yes/No test rows and the counts figure on them, shared by every row
@@ -147,11 +154,10 @@ def main() -> None:
         if adapter:
             table.append(llm_rows(ds, retriever, adapter, label, args, yn))
             log.info("%s", table[-1])
-        if args.ml_title_adapter:
+        if any_title:
             table.append(likelihood_row(ds, retriever, None, "LLM base (zero-shot), title likelihood", args))
-            if name != "ml-100k":  # on MovieLens the adapter is in-domain: `llmrec bench` scores it there
-                title_label = "LLM + MovieLens next-title adapter (zero-shot transfer), title likelihood"
-                table.append(likelihood_row(ds, retriever, args.ml_title_adapter, title_label, args))
+            if title_adapter:  # in-domain adapters are `llmrec bench`'s to score
+                table.append(likelihood_row(ds, retriever, title_adapter, title_label, args))
             log.info("%s", table[-1])
         table.extend(in_domain_rows(ds, args, yn))
         if yn:
