@@ -6,17 +6,17 @@
         [--label _NAME]   # -> eval/results/zeroshot_NAME.{json,md} (default: zeroshot.{json,md})
 
 Rows: for each target domain (Last.fm artists, MovieLens-100K, Amazon Gift Cards as a ranking smoke test), the base
-model zero-shot, an adapter tuned on the *other* domain, and that domain's in-domain MF (Yes/No) / BPR (ranking).
+model zero-shot, an adapter tuned on the *other* domain (the transfer), the domain's own adapter (the in-domain
+reference, where one is given), and that domain's in-domain MF (Yes/No) / BPR (ranking).
 All Yes/No rows of one domain score the same fixed example subset; all ranking rows the same user subset (full
 ranking over the candidates of `--retriever`, by default the product's: text + item-CF, LLM letter log-prob fused
 with weight 4 x log(1 / retrieval rank), as `llmrec recommend` and the service do; a "retrieval alone" row shows what
 the LLM adds). Gift Cards gets no AUC claim: 93% of its labels are positive.
-With `--ml-title-adapter` (a MovieLens `next_title` adapter; `--lastfm-title-adapter` for the reverse direction), each
-domain also gets title-likelihood ranking rows (the Recommender's `likelihood` mode: each candidate's quoted title
-scored by its mean log-prob as the answer to a `next_title` prompt without a candidate list), base and the other
-domain's adapter, fused with the retrieval rank at
-`--likelihood-weight` (1 by default: the weight `llmrec bench` chose on MovieLens-100K's validation split, so the other
-domains are not tuned on).
+With `--ml-title-adapter` / `--lastfm-title-adapter` (`next_title` adapters), each domain also gets title-likelihood
+ranking rows (the Recommender's `likelihood` mode: each candidate's quoted title scored by its mean log-prob as the
+answer to a `next_title` prompt without a candidate list): base, the other domain's adapter and the domain's own,
+fused with the retrieval rank at `--likelihood-weight` (1 by default: the weight `llmrec bench` chose on
+MovieLens-100K's validation split, so the other domains are not tuned on).
 """
 
 from __future__ import annotations
@@ -131,15 +131,24 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = []
     yesno_rows: dict[str, list[dict]] = {}  # each domain's Yes/No test rows, in the order of every row's p_yes
-    ml_title = (args.ml_title_adapter, "LLM + MovieLens next-title adapter (zero-shot transfer), title likelihood")
-    plan = [  # domain, Yes/No rows?, (Yes/No adapter, its label), (next_title adapter, its label): the other domain's
-        ("lastfm", True, (args.ml_adapter, "LLM + MovieLens adapter (zero-shot transfer)"), ml_title),
-        ("ml-100k", True, (args.lastfm_adapter, "LLM + Last.fm adapter (reverse transfer)"),
-         (args.lastfm_title_adapter, "LLM + Last.fm next-title adapter (reverse transfer), title likelihood")),
-        ("amazon-gift-cards", False, (args.ml_adapter, "LLM + MovieLens adapter (smoke test)"), ml_title),
+    ml, lfm = "LLM + MovieLens", "LLM + Last.fm"
+    tl = "next-title adapter ({}), title likelihood"
+    plan = [  # domain, Yes/No rows?, [(Yes/No adapter, label)], [(next_title adapter, label)]: transfer, in-domain
+        ("lastfm", True,
+         [(args.ml_adapter, f"{ml} adapter (zero-shot transfer)"),
+          (args.lastfm_adapter, f"{lfm} adapter (in-domain)")],
+         [(args.ml_title_adapter, f"{ml} {tl.format('zero-shot transfer')}"),
+          (args.lastfm_title_adapter, f"{lfm} {tl.format('in-domain')}")]),
+        ("ml-100k", True,
+         [(args.lastfm_adapter, f"{lfm} adapter (reverse transfer)"),
+          (args.ml_adapter, f"{ml} adapter (in-domain)")],
+         [(args.lastfm_title_adapter, f"{lfm} {tl.format('reverse transfer')}"),
+          (args.ml_title_adapter, f"{ml} {tl.format('in-domain')}")]),
+        ("amazon-gift-cards", False, [(args.ml_adapter, f"{ml} adapter (smoke test)")],
+         [(args.ml_title_adapter, f"{ml} {tl.format('zero-shot transfer')}")]),
     ]
     any_title = bool(args.ml_title_adapter or args.lastfm_title_adapter)
-    for name, yesno, (adapter, label), (title_adapter, title_label) in plan:
+    for name, yesno, adapters, title_adapters in plan:
         ds = load_prepared(name, prepare_if_missing=True)
         retriever = build_retriever(ds, args.retriever)
         yn = None  # the domain's Yes/No test rows and the counts figure on them, shared by every row
@@ -151,20 +160,22 @@ def main() -> None:
         table.append(retrieval_row(ds, retriever, args))
         table.append(llm_rows(ds, retriever, None, "LLM base (zero-shot)", args, yn))
         log.info("%s", table[-1])
-        if adapter:
-            table.append(llm_rows(ds, retriever, adapter, label, args, yn))
-            log.info("%s", table[-1])
+        for adapter, label in adapters:
+            if adapter:
+                table.append(llm_rows(ds, retriever, adapter, label, args, yn))
+                log.info("%s", table[-1])
         if any_title:
             table.append(likelihood_row(ds, retriever, None, "LLM base (zero-shot), title likelihood", args))
-            if title_adapter:  # in-domain adapters are `llmrec bench`'s to score
-                table.append(likelihood_row(ds, retriever, title_adapter, title_label, args))
             log.info("%s", table[-1])
+            for adapter, label in title_adapters:
+                if adapter:
+                    table.append(likelihood_row(ds, retriever, adapter, label, args))
+                    log.info("%s", table[-1])
         table.extend(in_domain_rows(ds, args, yn))
         if yn:
             table.append(counts_row(ds, yn))
-    ml = load_prepared("ml-100k")
     base = load_backend("transformers", dtype=args.dtype)
-    probe = contamination_probe(base, ml, n=args.contamination_n, seed=args.seed)
+    probe = contamination_probe(base, load_prepared("ml-100k"), n=args.contamination_n, seed=args.seed)
     cols = ["domain", "method", "auc", "accuracy", "f1", "rho_counts", "ndcg@10", "hr@10", "yesno_n", "rank_users"]
     md = md_table(table, cols)
     md += (

@@ -19,7 +19,8 @@ def _rows() -> pd.DataFrame:
 
 def test_with_llm_joins_on_user_and_item_and_takes_the_logit(yb, tmp_path):
     f = tmp_path / "test_after.csv"
-    pd.DataFrame({"user_id": ["2", "1"], "item_id": ["a", "b"], "label": [1, 0], "p_yes": [0.5, 0.75]}).to_csv(f, index=False)
+    scores = pd.DataFrame({"user_id": ["2", "1"], "item_id": ["a", "b"], "label": [1, 0], "p_yes": [0.5, 0.75]})
+    scores.to_csv(f, index=False)
     j = yb.with_llm(_rows(), f).set_index(["user_id", "item_id"])
     assert len(j) == 2
     assert j.loc[("2", "a"), "llm"] == pytest.approx(0.0)
