@@ -7,7 +7,8 @@
 
 Rows: for each target domain (Last.fm artists, MovieLens-100K, Amazon Gift Cards as a ranking smoke test), the base
 model zero-shot, an adapter tuned on the *other* domain (the transfer), the domain's own adapter (the in-domain
-reference, where one is given), and that domain's in-domain MF (Yes/No) / BPR (ranking).
+reference, where one is given), and that domain's in-domain MF and BERT+LSTM (Yes/No and ranking) / BPR (ranking),
+with paired-bootstrap AUC ratios of every tuned LLM row to MF, BERT+LSTM and the counts figure.
 All Yes/No rows of one domain score the same fixed example subset; all ranking rows the same user subset (full
 ranking over the candidates of `--retriever`, by default the product's: text + item-CF, LLM letter log-prob fused
 with weight 4 x log(1 / retrieval rank), as `llmrec recommend` and the service do; a "retrieval alone" row shows what
@@ -31,7 +32,7 @@ from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.llm import load_backend
-from llmrec.metrics import spearman
+from llmrec.metrics import auc, paired_bootstrap_ratio, spearman
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import contamination_probe, eval_rank
 from llmrec.ranking.factory import (
@@ -78,6 +79,25 @@ def likelihood_row(ds, retriever, adapter, label, args) -> dict:
             "rank_users": r["n_users"]}
 
 
+def paired_auc_rows(table: list[dict], yesno_rows: dict[str, list[dict]], seed: int) -> list[dict]:
+    """Each tuned LLM row's AUC over MF's, BERT+LSTM's and the counts figure's on the same Yes/No rows of its
+    domain: the ratio with a 95% paired-bootstrap interval (llmrec.metrics.paired_bootstrap_ratio, 2000 resamples)."""
+    out = []
+    for dom, rows in yesno_rows.items():
+        y = np.array([r["label"] for r in rows], dtype=float)
+        by = {r["method"]: r for r in table if r["domain"] == dom and "p_yes" in r}
+        for name, r in by.items():
+            if not name.startswith("LLM +"):
+                continue
+            for ref in ("MF (in-domain)", "BERT+LSTM (in-domain)", "counts figure alone (no model)"):
+                if ref in by:
+                    ci = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, r["p_yes"]]),
+                                                np.column_stack([y, by[ref]["p_yes"]]), seed=seed)
+                    out.append({"domain": dom, "method": name, "vs": ref, "auc_ratio": ci["ratio"], "low": ci["lo"],
+                                "high": ci["hi"], "p_ge_1": ci["p_ge_1"], "n": ci["n"]})
+    return out
+
+
 def counts_row(ds, yn) -> dict:
     """The figure the yesno_estimate prompt shows (two counts from before the row's time, no fitting) as a score."""
     return {"domain": ds.name, "method": "counts figure alone (no model)", **yesno_cols(yn[1], yn)}
@@ -91,15 +111,19 @@ def retrieval_row(ds, retriever, args) -> dict:
 
 
 def in_domain_rows(ds, args, yn) -> list[dict]:
-    from llmrec.baselines import get_model
+    from llmrec.baselines import get_model, load_or_fit
 
     rows = []
     if yn:
         mf = get_model("mf")
         mf.fit(ds)
-        r = evaluate_ranking(ds, lambda u: mf.score_items(list(u), "test"), max_users=args.rank_users, seed=args.seed)
-        rows.append({"domain": ds.name, "method": "MF (in-domain)", **yesno_cols(mf.predict_proba(yn[0]), yn),
-                     "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"], "rank_users": r["n_users"]})
+        # BERT+LSTM from its checkpoint (`llmrec baselines train --dataset D --model bert_lstm`), else fitted and saved
+        fitted = [("MF (in-domain)", mf), ("BERT+LSTM (in-domain)", load_or_fit("bert_lstm", ds)[0])]
+        for label, m in fitted:
+            r = evaluate_ranking(ds, lambda u, m=m: m.score_items(list(u), "test"), max_users=args.rank_users,
+                                 seed=args.seed)
+            rows.append({"domain": ds.name, "method": label, **yesno_cols(m.predict_proba(yn[0]), yn),
+                         "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"], "rank_users": r["n_users"]})
     bpr = get_model("bpr")
     bpr.fit(ds)
     r = evaluate_ranking(ds, lambda u: bpr.score_items(list(u), "test"), max_users=args.rank_users, seed=args.seed)
@@ -178,6 +202,7 @@ def main() -> None:
     probe = contamination_probe(base, load_prepared("ml-100k"), n=args.contamination_n, seed=args.seed)
     cols = ["domain", "method", "auc", "accuracy", "f1", "rho_counts", "ndcg@10", "hr@10", "yesno_n", "rank_users"]
     md = md_table(table, cols)
+    paired = paired_auc_rows(table, yesno_rows, args.seed)
     md += (
         f"\nRanking columns: full ranking over all items minus the user's history; LLM rows rank the top 20 of "
         f"`{args.retriever}` by letter log-prob + {args.retrieval_weight:g} x log(1 / retrieval rank), the rest "
@@ -190,12 +215,16 @@ def main() -> None:
         "llmrec.data.stats.counts_only_p_yes, the figure the `yesno_estimate` prompt shows) on the same rows; "
         "every row's per-example P(Yes) is in the JSON (`p_yes`, rows in `yesno_rows`).\n"
         "\nGift Cards: 93% of labels are positive, so it is a ranking smoke test only (no AUC row).\n"
+        "\n## Paired AUC ratios (tuned LLM rows vs MF, BERT+LSTM and the counts figure, same rows)\n"
+        + md_table(paired, ["domain", "method", "vs", "auc_ratio", "low", "high", "p_ge_1", "n"]) +
+        "\nauc_ratio: the row's AUC / the reference's; low-high: 95% paired-bootstrap interval (2000 resamples); "
+        "p_ge_1: share of resamples where the LLM row is at least as good.\n"
         "\n## Contamination probe (ML-100K, base model)\n" + md_table([probe], list(probe)) +
         "\nA title-completion rate well above the shuffled control means the base model has seen these titles; "
         "MovieLens figures then measure memory of popular titles as well as preference modelling.\n"
     )
     write_result(f"zeroshot{args.label}", {"dataset": "lastfm, ml-100k, amazon-gift-cards", "table": table,
-                              "yesno_rows": yesno_rows,
+                              "yesno_rows": yesno_rows, "paired_auc": paired,
                               "contamination": probe, "args": vars(args)}, md, command=command_line())
 
 
