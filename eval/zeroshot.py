@@ -136,9 +136,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ml-adapter", help="adapter tuned on MovieLens (yesno task)")
     ap.add_argument("--lastfm-adapter", help="adapter tuned on Last.fm (yesno task)")
-    ap.add_argument("--ml-title-adapter", help="adapter tuned on MovieLens (next_title task): title-likelihood rows")
+    ap.add_argument("--ml-title-adapter",
+                    help="adapter tuned on MovieLens (next_title task): title-likelihood rows (transfer to Last.fm "
+                         "and Gift Cards, in-domain on MovieLens)")
     ap.add_argument("--lastfm-title-adapter",
-                    help="adapter tuned on Last.fm (next_title task): the reverse title-likelihood row on MovieLens")
+                    help="adapter tuned on Last.fm (next_title task): title-likelihood rows (in-domain on Last.fm, "
+                         "reverse transfer on MovieLens)")
     ap.add_argument("--yesno-examples", type=int, default=300)
     ap.add_argument("--rank-users", type=int, default=100)
     ap.add_argument("--contamination-n", type=int, default=100)
