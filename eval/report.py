@@ -74,6 +74,7 @@ def section() -> str:
         ("retrieval_ml-1m", None),
         ("finetune_yesno_ml-100k", None),
         ("yesno_blend_ml-100k", None),  # how far the Yes/No signals go, alone and in fitted blends
+        ("yesno_blend_lastfm", None),  # the same on Last.fm (the Last.fm Yes/No adapter of the zeroshot table)
         ("finetune_speed_yesno_ml-100k", None),  # the recipe of 2026-12-06 vs its settings before
         ("finetune_memory_yesno_ml-100k", None),
         ("finetune_memory_yesno_ml-100k_1206", None),  # the same 3 of those runs with the recipe of 2026-12-06
