@@ -52,7 +52,6 @@ def target_ranks(cands: list[list[str]], targets: list[str], scores: list[np.nda
     return np.asarray(out, dtype=np.int64)
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")

@@ -27,7 +27,7 @@ from llmrec.bench_utils import command_line, md_table, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import yesno_subset
-from llmrec.metrics import auc, logit, paired_bootstrap_ratio
+from llmrec.metrics import auc, logit, paired_auc_ratio
 
 log = logging.getLogger("yesno_blend")
 
@@ -99,12 +99,11 @@ def main() -> None:
         scored[label] = (m.decision_function(test[cols].to_numpy()),
                          f"logistic regression on {len(fit_rows)} validation rows; coef " +
                          ", ".join(f"{names[c]} {w:.2f}" for c, w in coefs[label].items()))
-    ref = np.column_stack([y, scored["BERT+LSTM"][0]])
     rows = []
     for label, (s, how) in scored.items():
         row = {"signal": label, "auc": auc(y, s), "how": how}
         if label != "BERT+LSTM":
-            ci = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, s]), ref, seed=args.seed)
+            ci = paired_auc_ratio(y, s, scored["BERT+LSTM"][0], seed=args.seed)
             row.update({"vs_bert_lstm": ci["ratio"], "low": ci["lo"], "high": ci["hi"], "p_ge_1": ci["p_ge_1"]})
         rows.append(row)
         log.info("%s: AUC %.4f", label, row["auc"])

@@ -32,7 +32,7 @@ from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
 from llmrec.llm import load_backend
-from llmrec.metrics import auc, paired_bootstrap_ratio, spearman
+from llmrec.metrics import paired_auc_ratio, spearman
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import contamination_probe, eval_rank
 from llmrec.ranking.factory import (
@@ -81,18 +81,17 @@ def likelihood_row(ds, retriever, adapter, label, args) -> dict:
 
 def paired_auc_rows(table: list[dict], yesno_rows: dict[str, list[dict]], seed: int) -> list[dict]:
     """Each tuned LLM row's AUC over MF's, BERT+LSTM's and the counts figure's on the same Yes/No rows of its
-    domain: the ratio with a 95% paired-bootstrap interval (llmrec.metrics.paired_bootstrap_ratio, 2000 resamples)."""
+    domain: the ratio with a 95% paired-bootstrap interval (llmrec.metrics.paired_auc_ratio, 2000 resamples)."""
     out = []
     for dom, rows in yesno_rows.items():
-        y = np.array([r["label"] for r in rows], dtype=float)
+        y = [r["label"] for r in rows]
         by = {r["method"]: r for r in table if r["domain"] == dom and "p_yes" in r}
         for name, r in by.items():
             if not name.startswith("LLM +"):
                 continue
             for ref in ("MF (in-domain)", "BERT+LSTM (in-domain)", "counts figure alone (no model)"):
                 if ref in by:
-                    ci = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, r["p_yes"]]),
-                                                np.column_stack([y, by[ref]["p_yes"]]), seed=seed)
+                    ci = paired_auc_ratio(y, r["p_yes"], by[ref]["p_yes"], seed=seed)
                     out.append({"domain": dom, "method": name, "vs": ref, "auc_ratio": ci["ratio"], "low": ci["lo"],
                                 "high": ci["hi"], "p_ge_1": ci["p_ge_1"], "n": ci["n"]})
     return out

@@ -477,7 +477,7 @@ def paired_auc_intervals(run: Path, others: dict[str, Any], seed: int = 0) -> li
     matched on (user_id, item_id). [] for a run from before the scores were kept (rescore it)."""
     import pandas as pd
 
-    from llmrec.metrics import auc, paired_bootstrap_ratio
+    from llmrec.metrics import paired_auc_ratio
 
     path = run / "scores" / "test_after.csv"
     if not path.is_file():
@@ -488,9 +488,7 @@ def paired_auc_intervals(run: Path, others: dict[str, Any], seed: int = 0) -> li
         j = llm.merge(o, on=["user_id", "item_id"], suffixes=("", "_other"), validate="one_to_one")
         if len(j) != len(llm) or not (j["label"] == j["label_other"]).all():
             raise ValueError(f"{path}: its test rows are not {name}'s ({len(j)} of {len(llm)} matched)")
-        y = j["label"].to_numpy(dtype=float)
-        ci = paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, j["p_yes"]]),
-                                    np.column_stack([y, j["p_yes_other"]]), seed=seed)
+        ci = paired_auc_ratio(j["label"].to_numpy(dtype=float), j["p_yes"], j["p_yes_other"], seed=seed)
         out.append({"vs": name, **ci})
     return out
 

@@ -99,15 +99,13 @@ def goal_interval(key: str, tuned: str, other: str, ranks: dict, curves: dict, l
                   seed: int = 0) -> dict | None:
     """The paired-bootstrap interval of the tuned LLM's / the best other method's `key` (ndcg@10 over the same
     users, auc over the same Yes/No rows; llmrec.metrics.paired_bootstrap_ratio), None without both methods' rows."""
-    from llmrec.metrics import auc, ndcg_at_k, paired_bootstrap_ratio
+    from llmrec.metrics import ndcg_at_k, paired_auc_ratio, paired_bootstrap_ratio
 
     if key == "ndcg@10" and tuned in ranks and other in ranks:
         return paired_bootstrap_ratio(lambda r: ndcg_at_k(r, 10), np.asarray(ranks[tuned]), np.asarray(ranks[other]),
                                       seed=seed)
     if key == "auc" and tuned in curves and other in curves:
-        y = np.asarray(labels, dtype=np.float64)
-        return paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, curves[tuned]]),
-                                      np.column_stack([y, curves[other]]), seed=seed)
+        return paired_auc_ratio(labels, curves[tuned], curves[other], seed=seed)
     return None
 
 

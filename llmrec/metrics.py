@@ -11,6 +11,7 @@ Conventions
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -254,3 +255,12 @@ def paired_bootstrap_ratio(
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if reps.size else (np.nan, np.nan)
     return {"ratio": float(point), "lo": float(lo), "hi": float(hi), "level": level,
             "p_ge_1": float(np.mean(reps >= 1.0)) if reps.size else float("nan"), "n": n, "n_boot": int(reps.size)}
+
+
+def paired_auc_ratio(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float],
+                     **kw: Any) -> dict[str, float]:
+    """`paired_bootstrap_ratio` of AUC(scores_a) / AUC(scores_b) over the same labelled rows (row i of each is the
+    same example); `kw` passes n_boot, seed and level through."""
+    y = np.asarray(labels, dtype=np.float64)
+    return paired_bootstrap_ratio(lambda m: auc(m[:, 0], m[:, 1]), np.column_stack([y, np.asarray(scores_a)]),
+                                  np.column_stack([y, np.asarray(scores_b)]), **kw)

@@ -157,3 +157,14 @@ def test_logit_is_clipped_and_inverts_the_sigmoid():
     np.testing.assert_allclose(1 / (1 + np.exp(-logit(p))), p)
     np.testing.assert_allclose(logit([0.5, 0.75]), [0.0, np.log(3.0)])
     assert np.all(np.isfinite(logit([0.0, 1.0])))
+
+
+def test_paired_auc_ratio_is_the_paired_bootstrap_of_auc():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    a, b = y + rng.normal(0, 0.5, 60), y + rng.normal(0, 1.5, 60)
+    got = M.paired_auc_ratio(y, a, b, n_boot=200, seed=3)
+    want = M.paired_bootstrap_ratio(lambda m: M.auc(m[:, 0], m[:, 1]), np.column_stack([y, a]),
+                                    np.column_stack([y, b]), n_boot=200, seed=3)
+    assert got == want
+    assert got["ratio"] == pytest.approx(M.auc(y, a) / M.auc(y, b)) and got["ratio"] > 1
