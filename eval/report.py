@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +21,50 @@ GLANCE_METHODS = {
     "llm tuned, title likelihood": "LLM, QLoRA-tuned (next_title), title likelihood",
 }
 DEFAULT_EXPLANATIONS = "quoted titles constrained (liked, sharing an attribute)"  # eval/explanations.py's row
+# every result file besides the bench's, in reading order: the README lists them with a link to their markdown
+# (tests/test_report.py fails when eval/results/ holds a JSON file this list does not describe)
+RESULT_FILES = {
+    "baselines_ml-100k": "popularity, MF, BPR, BERT+LSTM, SASRec by full ranking on ML-100K (their own run)",
+    "baselines_ml-1m": "the same on ML-1M; SASRec against published figures in eval/FINDINGS.md",
+    "data_prepare": "dataset preparation: users, items, interactions, time and peak memory per dataset",
+    "retrieval_ml-100k": "candidate recall: is the test item among the 20 each retriever puts in the prompt",
+    "retrieval_ml-1m": "the same on ML-1M",
+    "finetune_yesno_ml-100k": "the Yes/No QLoRA recipe: AUC / accuracy / F1 zero-shot and tuned, speed, memory, "
+                              "variants (prompts, data size, LoRA vs QLoRA), paired ratios to the baselines",
+    "finetune_rank_ml-100k": "the rank (letter) recipe: NDCG@10 / HR@10 over 20 candidates before and after tuning",
+    "finetune_speed_yesno_ml-100k": "examples/s and peak memory, the recipe of 2026-12-06 against the settings before",
+    "finetune_memory_yesno_ml-100k": "QLoRA vs bf16 LoRA peak memory at 135M, batch 4",
+    "finetune_memory_yesno_ml-100k_1206": "the same with the recipe of 2026-12-06",
+    "finetune_memory_yesno_ml-100k_135m_gc": "the same with gradient checkpointing",
+    "finetune_memory_yesno_ml-100k_1.1b": "the same at the TinyLlama-1.1B shape (random weights)",
+    "finetune_memory_yesno_ml-100k_3b": "the same at the Llama-3.2-3B shape (random weights): the 0.48x row",
+    "finetune_mmap_yesno_ml-100k": "the allocator option `train.malloc_mmap_threshold_mb`: peak memory against speed",
+    "finetune_gpu_yesno_ml-100k_135m": "GPU timings, 135M (finetune/gpu_check.sh on a lent GPU machine)",
+    "finetune_gpu_yesno_ml-100k_1.1b": "GPU timings, 1.1B shape",
+    "finetune_gpu_yesno_ml-100k_3b": "GPU timings, 3B shape",
+    "load_memory": "load + one scoring forward: RSS and load time, 4-bit vs bf16, adapters in one model",
+    "load_memory_1.1b": "the same at the 1.1B shape",
+    "load_memory_3b": "the same at the 3B shape",
+    "yesno_blend_ml-100k": "the Yes/No signals (LLM, MF, BERT+LSTM, prompt counts) alone and in blends fitted on "
+                           "validation rows",
+    "yesno_blend_lastfm": "the same on Last.fm",
+    "ranking_ml-100k": "the issue's ranking table: retrieval alone, LLM rerank zero-shot and tuned, best baseline, "
+                       "verbalizer vs generate time, explanation metrics",
+    "position_bias_ml-100k": "does the LLM rank items or listed positions? (retrieval vs shuffled order, calibration, "
+                             "rotated listings)",
+    "position_bias_ml-100k_20_listings": "the same with every candidate at every place (100 users)",
+    "pointwise_rank_ml-100k": "reranking by the Yes/No adapter's P(Yes), one prompt per candidate",
+    "ranking_modes_ml-100k": "verbalizer vs constrained / free generation vs title likelihood: time and NDCG@10",
+    "ranking_modes_ml-100k_vllm": "the same on vLLM in-process",
+    "ranking_modes_ml-100k_gpu_135m": "the same on a lent GPU (finetune/gpu_check.sh)",
+    "score_batching_ml-100k": "scoring time per prompt by batch size (rank and Yes/No prompts)",
+    "explanations_ml-100k": "explanation modes: fallback, hallucination, grounding, length, distinct-2, examples",
+    "explanations_ml-100k_vllm": "the same on vLLM in-process",
+    "zeroshot": "cross-domain Yes/No and ranking (ML-100K, Last.fm, Amazon Gift Cards) and the contamination probe",
+    "serving": "vLLM vs transformers: tokens/s, batched generation, the service under concurrent load",
+    "serving_kill": "SIGKILL of the service during a stream of feedback events: no acknowledged event lost, "
+                    "retries without duplicates",
+}
 
 
 def _fmt(v) -> str:
@@ -42,9 +85,11 @@ def _src(d: dict, name: str) -> str:
     )
 
 
-def section() -> str:
+def section(results: Path = RESULTS) -> str:
+    """The bench's full tables, then one line per other result file (name linked to its markdown, what it measures,
+    when)."""
     parts = []
-    for p in sorted(RESULTS.glob("bench_*.json")):
+    for p in sorted(results.glob("bench_*.json")):
         d = json.loads(p.read_text())
         rows = [{"method": n, **r} for n, r in d["methods"].items()]
         head = f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
@@ -68,57 +113,16 @@ def section() -> str:
         for png in d.get("plots", []):
             parts.append(f"\n![{png}](eval/results/{png})\n")
         parts.append("\n" + _src(d, p.stem))
-    for name, cols in [
-        ("baselines_ml-1m", ["method", "hr@10", "ndcg@10", "ndcg@20", "mrr@10", "auc", "train_s"]),
-        ("retrieval_ml-100k", None),
-        ("retrieval_ml-1m", None),
-        ("finetune_yesno_ml-100k", None),
-        ("yesno_blend_ml-100k", None),  # how far the Yes/No signals go, alone and in fitted blends
-        ("yesno_blend_lastfm", None),  # the same on Last.fm (the Last.fm Yes/No adapter of the zeroshot table)
-        ("finetune_speed_yesno_ml-100k", None),  # the recipe of 2026-12-06 vs its settings before
-        ("finetune_memory_yesno_ml-100k", None),
-        ("finetune_memory_yesno_ml-100k_1206", None),  # the same 3 of those runs with the recipe of 2026-12-06
-        ("finetune_memory_yesno_ml-100k_135m_gc", None),
-        ("finetune_memory_yesno_ml-100k_1.1b", None),
-        ("finetune_memory_yesno_ml-100k_3b", None),
-        ("finetune_mmap_yesno_ml-100k", None),
-        # GPU timings (finetune/gpu_check.sh on a lent GPU machine; absent until one has run)
-        ("finetune_gpu_yesno_ml-100k_135m", None),
-        ("finetune_gpu_yesno_ml-100k_1.1b", None),
-        ("finetune_gpu_yesno_ml-100k_3b", None),
-        ("load_memory", None),
-        ("load_memory_1.1b", None),
-        ("load_memory_3b", None),
-        ("finetune_rank_ml-100k", None),
-        ("ranking_ml-100k", None),
-        ("position_bias_ml-100k", None),
-        ("position_bias_ml-100k_20_listings", None),  # --users 100 --listings 20: every candidate at every place
-        ("pointwise_rank_ml-100k", None),
-        ("ranking_modes_ml-100k", None),
-        ("ranking_modes_ml-100k_vllm", None),
-        ("ranking_modes_ml-100k_gpu_135m", None),  # finetune/gpu_check.sh (absent until a GPU run)
-        ("score_batching_ml-100k", None),
-        ("explanations_ml-100k", None),
-        ("explanations_ml-100k_vllm", None),
-        ("zeroshot", None),
-        ("serving", None),
-        ("data_prepare", None),
-    ]:
-        p = RESULTS / f"{name}.json"
-        md = RESULTS / f"{name}.md"
-        if not p.is_file():
-            continue
-        d = json.loads(p.read_text())
-        if cols and "methods" in d:
-            body = _table([{"method": n, **r} for n, r in d["methods"].items()], cols)
-        elif md.is_file():
-            text = md.read_text()
-            body = text[text.find("\n|") + 1 :] if "\n|" in text else text
-            body = re.sub(r"^# .*\n", "", body)
-            body = re.sub(r"^#{2,3} ", "#### ", body, flags=re.M)  # nested under this section's ###
-        else:
-            continue
-        parts.append(f"\n### {name}\n\n{body}\n{_src(d, name)}")
+    others = [(name, what) for name, what in RESULT_FILES.items() if (results / f"{name}.json").is_file()]
+    if others:
+        parts.append("\n### Every other result\n\nEach file under `eval/results/` has its JSON and a markdown table "
+                     "that names the command, commit and machine that made it.\n")
+        rows = []
+        for name, what in others:
+            d = json.loads((results / f"{name}.json").read_text())
+            rows.append({"result": f"[{name}](eval/results/{name}.md)", "what it measures": what,
+                         "measured": str(d.get("created") or "")[:10] or d.get("commit")})
+        parts.append(_table(rows, ["result", "what it measures", "measured"]))
     return "\n".join(parts)
 
 

@@ -22,13 +22,15 @@ def _bench(tmp_path: Path) -> None:
                "llm tuned, title likelihood": {"ndcg@10": 0.0929, "hr@10": 0.18, "rank_s_per_user": 0.5},
                "a method the headline leaves out": {"ndcg@10": 0.5}}
     goals = {"ndcg@10": {"ratio": 0.8459, "goal_ratio": 1.15, "met": False, "best_other_name": "sasrec",
+                         "tuned_llm": 0.0719, "best_other": 0.085,
                          "tuned_name": "llm tuned, title likelihood"},
              "verbalizer_speedup": {"ratio": 21.04, "goal_ratio": 20.0, "met": True}}
     (tmp_path / "bench_ml-100k.json").write_text(json.dumps(
         {"methods": methods, "goals": goals, "rank_user_ids": ["1", "2", "3"], "yesno_rows": [0, 1],
          "machine": "2 x AMD EPYC, 24 GiB RAM, Python 3.11.7",
          "config": {"model": "/models/llama-1b", "retriever": "sasrec"},
-         "command": "llmrec bench", "commit": "abc1234"}))
+         "command": "llmrec bench", "commit": "abc1234", "dataset": "ml-100k",
+         "protocol": {"next_item": "leave-one-out", "yesno": "time split"}}))
 
 
 def test_glance_reads_the_bench_and_explanation_results(report, tmp_path):
@@ -66,3 +68,23 @@ def test_replace_rewrites_only_between_the_markers_and_names_missing_ones(report
         f"intro\n{report.GLANCE_START}\nnew\n{report.GLANCE_END}\nrest")
     with pytest.raises(SystemExit, match="no markers"):
         report._replace("intro", report.START, report.END, "x")
+
+
+def test_every_result_file_is_described(report):
+    """A result file added without a line in RESULT_FILES would be missing from the README's index."""
+    names = {p.stem for p in report.RESULTS.glob("*.json") if not p.stem.startswith("bench_")}
+    assert names, "no result files found"
+    assert sorted(names - set(report.RESULT_FILES)) == []
+
+
+def test_section_has_the_bench_tables_and_an_index_of_the_other_results(report, tmp_path):
+    _bench(tmp_path)
+    (tmp_path / "zeroshot.json").write_text(json.dumps({"created": "2026-12-06T17:18:53+00:00", "commit": "abc"}))
+    (tmp_path / "serving.json").write_text(json.dumps({"commit": "def5678"}))  # no date: the commit stands in
+    text = report.section(tmp_path)
+    assert text.startswith("### Benchmark: ")
+    assert "- goal ndcg@10: tuned LLM (llm tuned, title likelihood)" in text
+    index = [ln for ln in text.splitlines() if ln.startswith("| [")]
+    assert index == [  # RESULT_FILES' order; files absent from the folder are left out
+        f"| [zeroshot](eval/results/zeroshot.md) | {report.RESULT_FILES['zeroshot']} | 2026-12-06 |",
+        f"| [serving](eval/results/serving.md) | {report.RESULT_FILES['serving']} | def5678 |"]
