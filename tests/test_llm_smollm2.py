@@ -13,13 +13,14 @@ def test_default_model_scores_yes_no():
 
     path = default_model_path()
     assert (path / "config.json").is_file() and default_model_path() == path  # converted once, then reused
-    be = load_backend("transformers", dtype="bfloat16")
+    be = load_backend("transformers", dtype="float32")
     assert be.tokenizer.encode(" Yes") == [9230] and be.tokenizer.encode(" No") == [2838]
     prompts = ["Is Paris the capital of France? Answer Yes or No.\nAnswer:",
                "A user liked Toy Story and Aladdin. Will the user enjoy the movie Heat? Answer Yes or No.\nAnswer:"]
     s = be.score_choices(prompts, [" Yes", " No"])
     np.testing.assert_allclose(np.exp(s).sum(1), 1.0, atol=1e-5)
-    # batched, left-padded scoring equals one unpadded forward pass per prompt on the model itself
+    # batched, left-padded scoring equals one unpadded forward pass per prompt on the model itself (fp32: in bf16
+    # the padding moves the rounding, and the model's own bf16 logits are rounded to 8 bits)
     import torch
 
     with torch.inference_mode():
@@ -27,8 +28,12 @@ def test_default_model_scores_yes_no():
             ids = torch.tensor([be.tokenizer.encode(p)])
             last = be.model(input_ids=ids).logits[0, -1].float()
             ref = torch.log_softmax(last[[9230, 2838]], dim=-1).numpy()
-            np.testing.assert_allclose(s[i], ref, atol=0.05)  # bf16: padding changes the rounding a little
+            np.testing.assert_allclose(s[i], ref, atol=1e-3)
     assert abs(s[0, 0] - s[1, 0]) > 1e-3  # the answer depends on the prompt
+    # bf16 (dtype fast on a CPU with AVX512-BF16) stays near fp32: 0.053 apart at most on these prompts (2026-12-06)
+    s16 = load_backend("transformers", dtype="bfloat16").score_choices(prompts, [" Yes", " No"])
+    np.testing.assert_allclose(np.exp(s16).sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(s16, s, atol=0.15)
 
 
 def test_smollm2_4bit_lora_step_trains_only_lora():
