@@ -301,6 +301,35 @@ def test_likelihood_mode_ranks_by_mean_title_logprob_without_a_candidate_list(pa
         make_rec(parts, ScriptedBackend(), mode="likelihood").rank_candidates(hs, cands)
 
 
+class PriorBackend(LikelihoodBackend):
+    """LikelihoodBackend, except that after the history-free prompt ("(none)") a title's sum is twice its number."""
+
+    def score_continuations(self, prompts, continuations):
+        sums, counts = super().score_continuations(prompts, continuations)
+        return np.array([row * (2 if "(none)" in p else 1) for p, row in zip(prompts, sums)]), counts
+
+
+def test_likelihood_prior_weight_subtracts_each_titles_history_free_score_scored_once(parts):
+    be = PriorBackend()
+    rec = make_rec(parts, be, mode="likelihood", likelihood_prior_weight=1.0, batch_size=2)
+    hs = [rec.dataset_history(u, "test") for u in USERS]
+    cands = [rec.candidates(h) for h in hs]
+    ranked = rec.rank_candidates(hs, cands)
+    for c, r in zip(cands, ranked):  # mean - 1.0 * (2 * mean) = -mean: the plain likelihood's order reversed
+        mean = {i: number(title(parts.ds, i)) / (1 + number(title(parts.ds, i)) % 3) for i, _ in c}
+        assert [i for i, _ in r] == sorted(mean, key=lambda i: mean[i])
+        assert [s for _, s in r] == pytest.approx(sorted((-m for m in mean.values()), reverse=True))
+    prior_calls = [(p, conts) for p, conts in be.continued if "(none)" in p]
+    assert prior_calls and len({p for p, _ in prior_calls}) == 1  # one history-free prompt
+    titles = [t for _, conts in prior_calls for t in conts]
+    assert len(titles) == len(set(titles)) == len({i for c in cands for i, _ in c})  # each title scored once
+    n = len(be.continued)
+    rec.rank_candidates(hs, cands)
+    assert all("(none)" not in p for p, _ in be.continued[n:])  # priors come from the cache the second time
+    plain = make_rec(parts, PriorBackend(), mode="likelihood").rank_candidates(hs, cands)  # weight 0: no prior
+    assert [[i for i, _ in r][::-1] for r in plain] == [[i for i, _ in r] for r in ranked]
+
+
 def test_likelihood_weight_chosen_on_valid_scores_each_prompt_once(parts):
     from llmrec.ranking.evaluate import eval_rank, select_retrieval_weight
 

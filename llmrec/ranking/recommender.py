@@ -98,6 +98,11 @@ class RankingConfig:
     # list in it), "mean" per token (long titles not penalised; ML-100K validation, tuned adapter: NDCG@10 0.071 alone,
     # 0.089 fused, vs "sum" 0.060 / 0.080) or "sum" (the sequence's log-prob)
     likelihood_norm: Literal["mean", "sum"] = "mean"
+    # likelihood: score = the title's log-prob after the user's prompt - likelihood_prior_weight * its log-prob after
+    # the same prompt with no history ("(none)"), both normalised as likelihood_norm says: what the history adds to a
+    # title rather than how likely the model finds it anyway (domain-conditional PMI, Holtzman et al. 2021). Each
+    # title's prior is computed once per Recommender. 0 = the plain likelihood.
+    likelihood_prior_weight: float = 0.0
     generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
@@ -256,6 +261,7 @@ class Recommender:
         # prompt text -> letter log-probs (verbalizer), ("likelihood", prompt, title) -> (log-prob sum, tokens); set to
         # a dict to score each prompt once across several retrieval_weight values (select_retrieval_weight)
         self.llm_cache: dict[Any, Any] | None = None
+        self._prior_cache: dict[Any, Any] = {}  # title_priors when llm_cache is off: a title's prior never changes
         # generate mode, summed over calls (an evaluation ranks users in several calls): users, lines, mapped, unmapped
         self.generate_totals: Counter[str] = Counter()
         self.last_generate_stats: dict[str, int] = {"lines": 0, "mapped": 0, "unmapped": 0}
@@ -447,8 +453,26 @@ class Recommender:
             for u in idx:
                 got = [cache[("likelihood", text[u], o)] for o in opts[u]]
                 score = np.array([s / n if self.cfg.likelihood_norm == "mean" else s for s, n in got])
+                if self.cfg.likelihood_prior_weight:
+                    score = score - self.cfg.likelihood_prior_weight * self.title_priors(ids[u])
                 out[u] = fuse_with_retrieval(ids[u], score, self.cfg.retrieval_weight)
         return out
+
+    def title_priors(self, item_ids: Sequence[str], chunk: int = 32) -> np.ndarray:
+        """Each item's title log-prob (normalised as `likelihood_norm` says) as the answer to the `next_title` prompt
+        with no history: the model's prior for the title, which `likelihood_prior_weight` subtracts. Cached in
+        `llm_cache` under the history-free prompt, so each title is scored once."""
+        cache = self.llm_cache if self.llm_cache is not None else self._prior_cache
+        cap = self.templates["next_title"].options.title_max_chars
+        text = self._render("next_title", [], prompt_history=[]).text
+        opts = [" " + quote(self.ds.titles[self.ds.item_index[i]], cap) for i in item_ids]
+        todo = list(dict.fromkeys(o for o in opts if ("likelihood", text, o) not in cache))
+        for b in range(0, len(todo), chunk):  # one prompt, its KV cache shared by `chunk` titles per call
+            sums, counts = self.backend.score_continuations([text], [todo[b : b + chunk]])
+            for o, s, n in zip(todo[b : b + chunk], sums[0], counts[0]):
+                cache[("likelihood", text, o)] = (float(s), float(n))
+        got = [cache[("likelihood", text, o)] for o in opts]
+        return np.array([s / n if self.cfg.likelihood_norm == "mean" else s for s, n in got])
 
     def _rank_generate(self, histories, cands):
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
