@@ -52,7 +52,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--adapter", default=None, help="a next_title adapter (its rows follow the base model's)")
-    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--users", type=int, default=200, help="test users (0: all)")
+    ap.add_argument("--valid-users", type=int, default=None, help="users for the choices (default: --users)")
+    ap.add_argument("--models", nargs="+", choices=["zero-shot", "tuned"], default=["zero-shot", "tuned"])
+    ap.add_argument("--name", default=None, help="result name (default: title_prior_<dataset>)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="bert_lstm")
     ap.add_argument("--candidates", type=int, default=20)
@@ -65,18 +68,21 @@ def main() -> None:
     ds = load_prepared(args.dataset, prepare_if_missing=True)
     retriever = build_retriever(ds, args.retriever)
     base_cfg = RankingConfig(n_candidates=args.candidates, mode="likelihood")
-    r = eval_rank(Recommender(ds, None, retriever, base_cfg), ds, args.users, args.seed, retrieval_only=True,
+    users = args.users or None
+    n_valid = users if args.valid_users is None else (args.valid_users or None)
+    r = eval_rank(Recommender(ds, None, retriever, base_cfg), ds, users, args.seed, retrieval_only=True,
                   return_ranks=True)
     retrieval_ranks = np.asarray(r.pop("ranks"))
     rows = [{"model": "-", "method": f"retrieval alone ({args.retriever})", **{k: r[k] for k in KEYS}}]
     selection: dict[str, dict] = {}
-    for label, adapter in [("zero-shot", None), *([("tuned", args.adapter)] if args.adapter else [])]:
+    models = [("zero-shot", None), *([("tuned", args.adapter)] if args.adapter else [])]
+    for label, adapter in [(m, a) for m, a in models if m in args.models]:
         backend = load_backend("transformers", adapter=adapter, dtype=args.dtype)
         rec = Recommender(ds, backend, retriever, with_adapter_templates(replace(base_cfg), adapter))
         rec.llm_cache = {}
-        run = partial(rerank, rec, ds, args.users, args.seed)
-
-        valid = {(a, w): run(a, w, "valid")["ndcg@10"] for a in args.prior_grid for w in args.grid}
+        run = partial(rerank, rec, ds, users, args.seed)
+        valid = {(a, w): rerank(rec, ds, n_valid, args.seed, a, w, "valid")["ndcg@10"]
+                 for a in args.prior_grid for w in args.grid}
         plain_w = choose({k: v for k, v in valid.items() if k[0] == 0.0})[1]
         best = choose(valid)
         selection[label] = {"chosen": best, "plain_w": plain_w,
@@ -100,14 +106,14 @@ def main() -> None:
     cols = ["model", "method", "a", "w", "ndcg@10", "hr@10", "mrr@10", "valid_ndcg@10", "vs_a0", "vs_retrieval",
             "n_users"]
     md = md_table(rows, cols) + (
-        f"\n{args.users} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
+        f"\n{r['n_users']} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
         f"`{args.retriever}`; score = c - a p + w log(1 / retrieval rank), c / p: the title's mean log-prob per token "
         f"after the user's `next_title` prompt / after the same prompt with no history; (a, w) chosen together on "
-        f"{args.users} validation users over a in {args.prior_grid}, w in {args.grid}. vs_a0 / vs_retrieval: "
+        f"{n_valid or 'all'} validation users over a in {args.prior_grid}, w in {args.grid}. vs_a0 / vs_retrieval: "
         f"NDCG@10 ratio to the a = 0 row / to the retrieval order, 95% paired-bootstrap interval over the same users. "
         f"Adapter: {args.adapter}.\n")
-    write_result(f"title_prior_{args.dataset}", {"dataset": args.dataset, "rows": rows, "selection": selection,
-                                                 "args": vars(args)}, md,
+    write_result(args.name or f"title_prior_{args.dataset}",
+                 {"dataset": args.dataset, "rows": rows, "selection": selection, "args": vars(args)}, md,
                  command="python eval/title_prior.py " + " ".join(command_line().split()[1:]))
 
 
