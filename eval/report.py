@@ -55,6 +55,8 @@ RESULT_FILES = {
     "position_bias_ml-100k_20_listings": "the same with every candidate at every place (100 users)",
     "title_prior_ml-100k": "title likelihood minus a times each title's history-free log-prob (PMI-style), a and "
                            "the fusion weight chosen on validation",
+    "title_likelihood_all_users_ml-100k": "the title-likelihood rerank (tuned) over all 943 test users: a tighter "
+                                          "interval than the bench's 200",
     "pointwise_rank_ml-100k": "reranking by the Yes/No adapter's P(Yes), one prompt per candidate",
     "ranking_modes_ml-100k": "verbalizer vs constrained / free generation vs title likelihood: time and NDCG@10",
     "ranking_modes_ml-100k_vllm": "the same on vLLM in-process",
