@@ -82,17 +82,17 @@ def main() -> None:
         rec.llm_cache = {}
         run = partial(rerank, rec, ds, users, args.seed)
         valid = {(a, w): rerank(rec, ds, n_valid, args.seed, a, w, "valid")["ndcg@10"]
-                 for a in args.prior_grid for w in args.grid}
+                 for a in sorted({0.0, *args.prior_grid}) for w in args.grid}  # a = 0 always: the reference row
         plain_w = choose({k: v for k, v in valid.items() if k[0] == 0.0})[1]
         best = choose(valid)
         selection[label] = {"chosen": best, "plain_w": plain_w,
                             "valid_ndcg@10": {f"a={a} w={w}": v for (a, w), v in valid.items()}}
         plain = run(0.0, plain_w, "test")
         plain_ranks = np.asarray(plain["ranks"])
-        for name, (a, w) in [("a = 0 (the bench's likelihood mode)", (0.0, plain_w)),
-                             ("a = 0, LLM order alone", (0.0, 0.0)),
-                             ("a chosen on valid", best),
-                             ("a chosen on valid, LLM order alone", (best[0], 0.0))]:
+        cases = [("a = 0 (the bench's likelihood mode)", (0.0, plain_w)), ("a = 0, LLM order alone", (0.0, 0.0))]
+        if best[0] != 0.0:  # else the same two rows again
+            cases += [("a chosen on valid", best), ("a chosen on valid, LLM order alone", (best[0], 0.0))]
+        for name, (a, w) in cases:
             t = run(a, w, "test")
             ranks = np.asarray(t.pop("ranks"))
             ndcg = lambda rk: ndcg_at_k(rk, 10)  # noqa: E731
