@@ -434,13 +434,12 @@ class Recommender:
                              f"got {self.cfg.likelihood_norm!r}")
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
         cache = self.llm_cache if self.llm_cache is not None else {}
-        cap = self.templates["next_title"].options.title_max_chars  # titles exactly as prompts quote them
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
             ids = {u: [c for c, _ in cands[u]] for u in idx}
             text = {u: self._render("next_title", histories[u]).text for u in idx}  # no candidate list
-            opts = {u: [" " + quote(self.ds.titles[self.ds.item_index[c]], cap) for c in ids[u]] for u in idx}
+            opts = {u: self._answer_titles(ids[u]) for u in idx}
             groups: dict[int, list[int]] = {}
             for u in idx:
                 if any(("likelihood", text[u], o) not in cache for o in opts[u]):
@@ -450,29 +449,39 @@ class Recommender:
                 for u, s_row, n_row in zip(us, sums, counts):
                     for o, s, n in zip(opts[u], s_row, n_row):
                         cache[("likelihood", text[u], o)] = (float(s), float(n))
+            prior: dict[str, float] = {}
+            if self.cfg.likelihood_prior_weight:  # the batch's titles in one pass over the history-free prompt
+                union = list(dict.fromkeys(c for u in idx for c in ids[u]))
+                prior = dict(zip(union, self.title_priors(union)))
             for u in idx:
-                got = [cache[("likelihood", text[u], o)] for o in opts[u]]
-                score = np.array([s / n if self.cfg.likelihood_norm == "mean" else s for s, n in got])
-                if self.cfg.likelihood_prior_weight:
-                    score = score - self.cfg.likelihood_prior_weight * self.title_priors(ids[u])
+                score = self._normalised([cache[("likelihood", text[u], o)] for o in opts[u]])
+                if prior:
+                    score = score - self.cfg.likelihood_prior_weight * np.array([prior[c] for c in ids[u]])
                 out[u] = fuse_with_retrieval(ids[u], score, self.cfg.retrieval_weight)
         return out
+
+    def _answer_titles(self, item_ids: Sequence[str]) -> list[str]:
+        """The items' titles as answers to a `next_title` prompt: a space, then the title as prompts quote it."""
+        cap = self.templates["next_title"].options.title_max_chars
+        return [" " + quote(self.ds.titles[self.ds.item_index[i]], cap) for i in item_ids]
+
+    def _normalised(self, sums_counts: list[tuple[float, float]]) -> np.ndarray:
+        """Title log-probs from (sum, tokens) pairs: per token (`likelihood_norm` "mean") or the sum."""
+        return np.array([s / n if self.cfg.likelihood_norm == "mean" else s for s, n in sums_counts])
 
     def title_priors(self, item_ids: Sequence[str], chunk: int = 32) -> np.ndarray:
         """Each item's title log-prob (normalised as `likelihood_norm` says) as the answer to the `next_title` prompt
         with no history: the model's prior for the title, which `likelihood_prior_weight` subtracts. Cached in
         `llm_cache` under the history-free prompt, so each title is scored once."""
         cache = self.llm_cache if self.llm_cache is not None else self._prior_cache
-        cap = self.templates["next_title"].options.title_max_chars
         text = self._render("next_title", [], prompt_history=[]).text
-        opts = [" " + quote(self.ds.titles[self.ds.item_index[i]], cap) for i in item_ids]
+        opts = self._answer_titles(item_ids)
         todo = list(dict.fromkeys(o for o in opts if ("likelihood", text, o) not in cache))
         for b in range(0, len(todo), chunk):  # one prompt, its KV cache shared by `chunk` titles per call
             sums, counts = self.backend.score_continuations([text], [todo[b : b + chunk]])
             for o, s, n in zip(todo[b : b + chunk], sums[0], counts[0]):
                 cache[("likelihood", text, o)] = (float(s), float(n))
-        got = [cache[("likelihood", text, o)] for o in opts]
-        return np.array([s / n if self.cfg.likelihood_norm == "mean" else s for s, n in got])
+        return self._normalised([cache[("likelihood", text, o)] for o in opts])
 
     def _rank_generate(self, histories, cands):
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
@@ -485,8 +494,7 @@ class Recommender:
             ]
             if self.cfg.generate_constrained:
                 cand_ids = [[c for c, _ in cands[u]] for u in idx]
-                cap = self.templates["next_title"].options.title_max_chars  # titles exactly as the prompt quotes them
-                options = [[" " + quote(self.ds.titles[self.ds.item_index[c]], cap) for c in ids] for ids in cand_ids]
+                options = [self._answer_titles(ids) for ids in cand_ids]  # titles exactly as the prompt quotes them
                 picks = self.backend.generate_from([r.text for r in rendered], options, self.cfg.generate_titles)
                 named_all = [[ids[j] for j in p] for ids, p in zip(cand_ids, picks)]
                 n_named = sum(len(p) for p in picks)
