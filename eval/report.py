@@ -57,6 +57,8 @@ RESULT_FILES = {
                            "the fusion weight chosen on validation",
     "title_likelihood_all_users_ml-100k": "the title-likelihood rerank (tuned) over all 943 test users: a tighter "
                                           "interval than the bench's 200",
+    "rank_ensemble_ml-100k": "does the tuned LLM add to an ensemble of the baselines? The same 20 candidates ordered "
+                             "by fused baseline ranks, with and without the LLM's title scores (all 943 users)",
     "pointwise_rank_ml-100k": "reranking by the Yes/No adapter's P(Yes), one prompt per candidate",
     "ranking_modes_ml-100k": "verbalizer vs constrained / free generation vs title likelihood: time and NDCG@10",
     "ranking_modes_ml-100k_vllm": "the same on vLLM in-process",

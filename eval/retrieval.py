@@ -29,6 +29,7 @@ from llmrec.bench_utils import md_table, peak_rss_mb, write_result  # noqa: E402
 log = logging.getLogger("eval.retrieval")
 KS = (20, 50, 100)
 GRID = (0.1, 0.25, 0.5, 1.0)
+ENSEMBLE_GRID = (0.5, 1.0, 2.0, 4.0)  # `ensemble`: the weight of every model after the first (whose weight is 1)
 
 
 def recalls(ds: Any, model: Any, split: str, max_users: int | None) -> dict[str, float]:
@@ -114,6 +115,18 @@ def select_text_weight(ds: Any, text: Any, cf: Any, label: str, valid: dict, max
                                     valid[f"{label}(w_text={w})"]["recall@50"]))
 
 
+def select_ensemble_weight(ds: Any, models: list[Any], valid: dict, max_users: int | None) -> float:
+    """Validation Recall@20 (then @50) of `ensemble(w=w)` (the first model's RRF weight 1, the others' w) for w in
+    ENSEMBLE_GRID, recorded in `valid`; returns the best w."""
+    from llmrec.retrieval import EnsembleRetriever
+
+    for w in ENSEMBLE_GRID:
+        ens = EnsembleRetriever(models, [1.0] + [w] * (len(models) - 1))
+        valid[f"ensemble(w={w})"] = recalls(ds, ens, "valid", max_users)
+    return max(ENSEMBLE_GRID, key=lambda w: (valid[f"ensemble(w={w})"]["recall@20"],
+                                             valid[f"ensemble(w={w})"]["recall@50"]))
+
+
 def try_model(ds: Any, name: str) -> tuple[Any, str]:
     """The baseline `name` (sasrec, bert_lstm) a `hybrid:<name>` / `<name>` retriever uses: its checkpoint, else
     fitted (and saved) here."""
@@ -133,7 +146,8 @@ def try_model(ds: Any, name: str) -> tuple[Any, str]:
 
 def run(name: str, args: argparse.Namespace) -> dict:
     from llmrec.data import load_prepared
-    from llmrec.retrieval import HybridRetriever, ItemCF, TextEncoder, TextRetriever, history_before
+    from llmrec.ranking.factory import ENSEMBLE_WEIGHTS
+    from llmrec.retrieval import EnsembleRetriever, HybridRetriever, ItemCF, TextEncoder, TextRetriever, history_before
 
     ds = load_prepared(name)
     res: dict[str, Any] = {"dataset": name, "n_items": int(ds.n_items), "n_users": int(len(ds.targets("test")))}
@@ -205,10 +219,17 @@ def run(name: str, args: argparse.Namespace) -> dict:
         h = HybridRetriever(text, m, weights=(sw, 1.0))
         test[f"hybrid:{mname}"] = recalls(ds, h, "test", args.max_users)
         hybrids[f"hybrid:{mname}"] = (h, valid[f"hybrid:{mname}(w_text={sw})"]["recall@20"])
+    ens = None
+    if all(m in singles_m for m in ENSEMBLE_WEIGHTS):  # `--retriever ensemble`: the sequential models fused by RRF
+        members = [singles_m[m] for m in ENSEMBLE_WEIGHTS]
+        ew = select_ensemble_weight(ds, members, valid, args.max_users)
+        res["ensemble"] = {"models": list(ENSEMBLE_WEIGHTS), "selected_weight": ew, "grid": list(ENSEMBLE_GRID)}
+        ens = EnsembleRetriever(members, [1.0] + [ew] * (len(members) - 1))
+        test["ensemble"] = recalls(ds, ens, "test", args.max_users)
     res["test"] = test
     # the goal row: the hybrid with the best *validation* Recall@20, against the best single retriever on test
     goal_h = max(hybrids, key=lambda k: hybrids[k][1])
-    singles = {k: v["recall@20"] for k, v in test.items() if not k.startswith("hybrid")}
+    singles = {k: v["recall@20"] for k, v in test.items() if not k.startswith(("hybrid", "ensemble"))}
     best_single = max(singles, key=singles.get)
     res["goal"] = {"hybrid": goal_h, "hybrid_recall@20": test[goal_h]["recall@20"], "best_single": best_single,
                    "best_single_recall@20": singles[best_single],
@@ -228,6 +249,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     for key, (hr, _) in hybrids.items():
         if key != "hybrid":
             res["query_latency"][f"hybrid({key.split(':')[1]})"] = latency_ms(lambda h, r=hr: r.query(h, k=100), hists)
+    if ens is not None:
+        res["query_latency"]["ensemble"] = latency_ms(lambda h: ens.query(h, k=100), hists)
     ivf = TextRetriever(encoder=text.encoder, index="ivf", nprobe=8, scoring="mean").build(ds, progress=False)
     res["query_latency"]["text_mean(ivf, nprobe=8)"] = latency_ms(lambda h: ivf.query(h, k=100), hists)
     overlap = [len({i for i, _ in ivf.query(h, k=100)} & {i for i, _ in text_mean.query(h, k=100)}) / 100
@@ -248,6 +271,10 @@ def table(r: dict) -> str:
         if k.startswith("hybrid:"):
             m = k.split(":", 1)[1]
             label[k] = f"{k} (text+{m}, w_text={r.get(f'selected_text_weight_{m}')} chosen on valid)"
+    if "ensemble" in r:
+        en = r["ensemble"]
+        label["ensemble"] = (f"ensemble ({' + '.join(en['models'])} by RRF, weights 1 / {en['selected_weight']} "
+                             "chosen on valid)")
     gk = r["goal"].get("hybrid", "hybrid")
     label[gk] = f"**{label[gk]}**"
     rows = [{"retriever": label.get(k, k),

@@ -245,6 +245,51 @@ def test_a_model_without_score_history_cannot_be_a_retriever_alone(fitted):
         ModelRetriever(fitted["mf"])
 
 
+def test_ensemble_retriever_fuses_full_rankings_by_weighted_rrf(tiny_dataset, fitted):
+    """`--retriever ensemble`: score(i) = sum_m w_m / (60 + rank_m(i)) over each user's unseen items, the same from
+    `score_items` (evaluation) and from `query` on the history (the service); weight 0 leaves one model's order."""
+    from llmrec.retrieval import EnsembleRetriever, ItemCF, ModelRetriever, history_before
+
+    ds, sas = tiny_dataset, fitted["sasrec"]
+    cf = ItemCF().fit(ds)
+    users = ds.targets("test")["user_id"].tolist()[:5]
+    ens = EnsembleRetriever([sas, cf], [1.0, 2.0])
+    got = ens.score_items(users, "test")
+    seen_idx, _ = sas.history_of(users[0], "test")
+    seen = np.zeros(ds.n_items, bool)
+    seen[seen_idx] = True
+    hist = history_before(ds, users[0], "test")
+
+    def ranks(s: np.ndarray) -> np.ndarray:  # 1 = best unseen item; by hand, one item at a time
+        s = np.where(seen, -np.inf, np.asarray(s, dtype=np.float64))
+        return np.array([1 + (s > s[j]).sum() + (s[:j] == s[j]).sum() for j in range(len(s))])
+
+    want = 1.0 / (60 + ranks(sas.score_history(hist))) + 2.0 / (60 + ranks(cf.score_history(hist)))
+    np.testing.assert_allclose(got[0][~seen], want[~seen])
+    assert got[0][seen].max() < got[0][~seen].min() and np.isfinite(got).all()
+    top = [i for i, _ in ens.query(hist, k=8)]
+    assert top == [ds.item_ids[j] for j in np.argsort(-np.where(seen, -np.inf, want), kind="stable")[:8]]
+    sas_only = EnsembleRetriever([sas, cf], [1.0, 0.0]).query(hist, k=8)
+    assert [i for i, _ in sas_only] == [i for i, _ in ModelRetriever(sas).query(hist, k=8)]
+    assert top != [i for i, _ in sas_only]  # the second model's weight moves the list
+    with pytest.raises(ValueError, match="no score_history"):
+        EnsembleRetriever([sas, fitted["mf"]])
+    with pytest.raises(ValueError, match="2 models but 1 weights"):
+        EnsembleRetriever([sas, cf], [1.0])
+
+
+def test_ensemble_retriever_is_built_from_the_named_models(tiny_dataset, fitted, monkeypatch):
+    from llmrec.ranking import factory
+    from llmrec.retrieval import ItemCF
+
+    models = {"sasrec": fitted["sasrec"], "itemcf": ItemCF().fit(tiny_dataset)}
+    monkeypatch.setattr(factory, "ENSEMBLE_WEIGHTS", {"sasrec": 1.0, "itemcf": 0.5})
+    monkeypatch.setattr(factory, "collaborative_model", lambda ds, name: models[name])
+    ret = factory.build_retriever(tiny_dataset, "ensemble")
+    assert [type(m).__name__ for m in ret.models] == ["SASRec", "ItemCF"] and ret.weights == (1.0, 0.5)
+    assert ret.similar_texts("a", ["a", "b"]).shape == (2,)  # generate mode maps titles through the text side
+
+
 def test_hybrid_sasrec_retriever_loads_the_checkpoint(tiny_dataset, fitted, tmp_path, monkeypatch):
     from llmrec.baselines import checkpoint_dir
     from llmrec.ranking.factory import build_retriever, collaborative_model

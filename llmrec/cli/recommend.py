@@ -10,7 +10,7 @@ from pathlib import Path
 # = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
 # agree, and with the service's defaults)
 RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec",
-                     "bert_lstm"]
+                     "bert_lstm", "ensemble"]
 DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
@@ -40,7 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="candidate retriever: text, hybrid (text + item-CF, fitted in seconds; the default, as in "
                         "the service), hybrid:sasrec (text + SASRec: `llmrec baselines train --model sasrec` first, "
                         "else it is fitted now; hybrid:bert_lstm likewise), itemcf (item-CF alone, no "
-                        "sentence-transformer), sasrec / bert_lstm (that baseline's ranking alone)")
+                        "sentence-transformer), sasrec / bert_lstm (that baseline's ranking alone), ensemble "
+                        "(BERT+LSTM and SASRec fused by RRF: the best full ranking of ML-100K)")
     p.add_argument("--mode", default="verbalizer", choices=["verbalizer", "likelihood", "generate"],
                    help="verbalizer: candidate letters' log-probs, one forward pass (default); likelihood: each "
                         "candidate title's mean log-prob as the answer to the next_title prompt (an adapter tuned "

@@ -13,9 +13,14 @@ log = logging.getLogger(__name__)
 
 
 # `text`; `hybrid[:cf]` = text + a collaborative model by RRF; a collaborative model alone (`sasrec`, `bert_lstm`:
-# e.g. the best baseline's candidates for the LLM to rerank). Collaborative models here can rank any history.
+# e.g. the best baseline's candidates for the LLM to rerank); `ensemble`: several of them fused by RRF.
+# Collaborative models here can rank any history.
 COLLABORATIVE = ("itemcf", "sasrec", "bert_lstm")
-RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec", "bert_lstm")
+RETRIEVERS = ("text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec", "bert_lstm",
+              "ensemble")
+# `ensemble`: model -> RRF weight. SASRec's weight 2 (against 0.5, 1 and 4) had the best validation Recall@20 and
+# NDCG@10 on ML-100K (eval/results/retrieval_ml-100k.md); the fused list beats either model alone by full ranking
+ENSEMBLE_WEIGHTS: dict[str, float] = {"bert_lstm": 1.0, "sasrec": 2.0}
 # what the product answers with unless told otherwise (`llmrec recommend` / `eval rank`, the service): text + item-CF
 # needs no trained model (fitted in seconds) and puts the test item in the top 20 for 23% of ML-100K users against
 # 7% for the text retriever alone (eval/results/retrieval_ml-100k.md); `hybrid:sasrec` is better (27%) once SASRec is
@@ -49,14 +54,16 @@ def collaborative_model(ds: Any, name: str = "itemcf", fit_if_missing: bool = Tr
     return load_or_fit(name, ds, fit_if_missing)[0]
 
 
-def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, cf_model: Any = None) -> Any:
+def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, cf_model: Any = None,
+                    fitted: dict[str, Any] | None = None) -> Any:
     """`text`: sentence-transformer retriever over item texts; `hybrid` (= `hybrid:itemcf`): fused by RRF with
     item-to-item CF; `hybrid:sasrec`: fused with a SASRec model instead (text weight 0.25, chosen on the validation
     split in eval/retrieval.py; `hybrid:bert_lstm` likewise); `itemcf`: item-to-item CF alone (no
     sentence-transformer: for data without item texts, or a machine without the encoder); `sasrec` / `bert_lstm`:
-    that baseline's ranking alone (its checkpoint, else fitted now; the text encoder only maps generated titles).
-    `cf_model` replaces the collaborative side (e.g. a model the caller fitted)."""
-    from llmrec.retrieval import ModelRetriever, TextRetriever
+    that baseline's ranking alone (its checkpoint, else fitted now; the text encoder only maps generated titles);
+    `ensemble`: the models of `ENSEMBLE_WEIGHTS` fused by weighted RRF (likewise). `cf_model` replaces the
+    collaborative side (e.g. a model the caller fitted); `fitted` (name -> model) supplies an ensemble's members."""
+    from llmrec.retrieval import EnsembleRetriever, ModelRetriever, TextRetriever
 
     if kind not in RETRIEVERS:
         raise ValueError(f"unknown retriever {kind!r}: use one of {', '.join(RETRIEVERS)}")
@@ -66,6 +73,10 @@ def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, 
     text.build(ds)
     if kind == "text":
         return text
+    if kind == "ensemble":
+        fitted = fitted or {}
+        return EnsembleRetriever([fitted[m] if m in fitted else collaborative_model(ds, m) for m in ENSEMBLE_WEIGHTS],
+                                 list(ENSEMBLE_WEIGHTS.values()), text=text)
     if kind in COLLABORATIVE:
         return ModelRetriever(cf_model if cf_model is not None else collaborative_model(ds, kind), text)
     from llmrec.retrieval import HybridRetriever

@@ -163,3 +163,45 @@ class ModelRetriever:
             raise ValueError("this retriever has no text encoder: mapping generated titles needs one "
                              "(build it with a TextRetriever, or use the verbalizer mode)")
         return self.text.similar_texts(text, texts)
+
+
+class EnsembleRetriever(ModelRetriever):
+    """Several collaborative models' full rankings fused by weighted RRF (`rrf_fuse`, no depth cut): score(i) =
+    sum_m w_m / (rrf_k + rank_m(i)) over the user's unseen items (`--retriever ensemble`: BERT+LSTM and SASRec).
+    Every model needs `score_history(history)`, so users outside the training data (the event store) are served
+    too; `text` (optional) maps generated titles back to the catalogue, as `ModelRetriever`'s."""
+
+    name = "ensemble"
+
+    def __init__(self, models: Sequence[Any], weights: Sequence[float] | None = None, rrf_k: float = 60.0,
+                 text: TextRetriever | None = None):
+        if not models:
+            raise ValueError("EnsembleRetriever needs at least one model")
+        for m in models[1:]:
+            ModelRetriever(m)  # fails for a model that cannot score a history
+        super().__init__(models[0], text)
+        self.models = list(models)
+        self.weights = tuple(weights) if weights is not None else (1.0,) * len(self.models)
+        if len(self.weights) != len(self.models):
+            raise ValueError(f"{len(self.models)} models but {len(self.weights)} weights")
+        self.rrf_k = rrf_k
+
+    def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None, *,
+              user_id: str | None = None, split: str = "test") -> list[tuple[str, float]]:
+        """Top-k unseen items by the fused score of `history` (oldest first); `user_id` / `split` unused, as in
+        `ModelRetriever.query`."""
+        events = as_events(history)
+        exclude = set(exclude) if exclude is not None else {i for i, _ in events}
+        ex = np.array([self.ds.item_index[i] for i in exclude if i in self.ds.item_index], dtype=np.int64)
+        mats = [np.asarray(m.score_history(events), dtype=np.float64)[None, :] for m in self.models]
+        return top_unseen(rrf_fuse(mats, self.weights, self.rrf_k, [ex])[0], self.ds.item_ids, exclude, k)
+
+    def score_items(self, user_ids: Sequence[str], split: str = "test") -> np.ndarray:
+        """[n_users, n_items] fused scores over the full catalogue (seen items below every unseen one, finite)."""
+        from llmrec.evaluation import history_indices
+
+        hist = history_indices(self.ds, list(user_ids), split)  # type: ignore[arg-type]
+        mats = [np.asarray(m.score_items(list(user_ids), split), dtype=np.float64) for m in self.models]
+        out = rrf_fuse(mats, self.weights, self.rrf_k, hist)
+        out[np.isneginf(out)] = -1.0
+        return out

@@ -80,9 +80,10 @@ class ServiceConfig:
     listings: int = 1
     # candidate retriever: text | hybrid (text + item-CF) | hybrid:sasrec (text + SASRec, loaded from its checkpoint
     # or fitted once at start; hybrid:bert_lstm likewise) | itemcf (item-CF alone, no sentence-transformer) | sasrec /
-    # bert_lstm (that baseline alone); every choice scores any history from the event store, known users or not
+    # bert_lstm (that baseline alone) | ensemble (BERT+LSTM and SASRec fused by RRF); every choice scores any
+    # history from the event store, known users or not
     retriever: Literal["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec",
-                       "bert_lstm"] = "hybrid"
+                       "bert_lstm", "ensemble"] = "hybrid"
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:

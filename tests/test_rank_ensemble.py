@@ -1,0 +1,34 @@
+"""eval/rank_ensemble.py: ranks within the candidates, the target's rank under a weighted score, the weight choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ens(load_script):
+    return load_script("eval/rank_ensemble.py")
+
+
+def test_within_ranks_descending_ties_keep_column_order(ens):
+    assert ens.within_ranks(np.array([[0.5, 2.0, 0.5], [1.0, 1.0, 3.0]])).tolist() == [[2, 1, 3], [2, 3, 1]]
+
+
+def test_target_ranks_by_hand(ens):
+    retr = -np.log([1.0, 2.0, 3.0])  # the retriever's order: log(1 / rank)
+    feats = np.stack([np.stack([retr, [-3.0, -1.0, -2.0]], 1)] * 2)  # 2 users, 3 candidates, 2 features
+    target = np.array([2, -1])  # user 1's target is not among the candidates
+    assert ens.target_ranks(feats, np.array([1.0, 0.0]), target, 99).tolist() == [3, 99]
+    assert ens.target_ranks(feats, np.array([0.0, 1.0]), target, 99).tolist() == [2, 99]  # -2 behind -1 only
+    assert ens.target_ranks(feats, np.array([0.0, 0.0]), target, 99).tolist() == [3, 99]  # ties: earlier first
+
+
+def test_choose_weights_takes_the_best_validation_ndcg_then_the_smaller_weight(ens):
+    retr = -np.log([1.0, 2.0, 3.0])
+    feats = np.stack([retr, [-3.0, -1.0, 0.0]], 1)[None]  # the LLM puts the target (column 2) first
+    w, v = ens.choose_weights(feats, np.array([2]), free=[1], fixed={0: 1.0}, grid=[0.0, 1.0, 2.0], missing_rank=9)
+    # w_llm 0: rank 3, NDCG 1/log2(4) = 0.5; w_llm 1: -1.099 > -1.693 > -3, rank 1, NDCG 1 (2 ties it: 1 is kept)
+    assert w.tolist() == [1.0, 1.0] and v == pytest.approx(1.0)
+    w, v = ens.choose_weights(feats, np.array([0]), free=[1], fixed={0: 1.0}, grid=[0.0, 1.0], missing_rank=9)
+    assert w.tolist() == [1.0, 0.0] and v == pytest.approx(1.0)  # target first in retrieval order: w_llm 0 suffices
