@@ -149,7 +149,7 @@ def main() -> None:
     }
     test_ranks = {name: target_ranks(ft, w, tt, miss) for name, (w, _) in cases.items()}
     full: dict[str, dict] = {}
-    for m, model in {args.retriever: retriever.cf if hasattr(retriever, "cf") else retriever, **models}.items():
+    for m, model in {args.retriever: retriever, **models}.items():
         r = evaluate_ranking(ds, lambda ub, model=model: model.score_items(ub, "test"), "test", ks=(10, 20),
                              max_users=users, seed=args.seed, return_ranks=True)
         full[m] = r
@@ -167,16 +167,18 @@ def main() -> None:
         met = ranking_metrics(rk, (10, 20))
         rows.append({"method": name, **{k: met[k] for k in KEYS}, "valid_ndcg@10": v,
                      "weights": ", ".join(f"{n} {x:g}" for n, x in zip(names, w) if x),
-                     f"vs_{best}": ratio(rk, best_ranks),
-                     "vs_ensemble": ratio(rk, test_ranks["baselines' ensemble (no LLM)"])})
+                     f"vs_best_{best}": ratio(rk, best_ranks),
+                     "vs_baselines_ensemble": ratio(rk, test_ranks["baselines' ensemble (no LLM)"])})
         log.info("%s", rows[-1])
-    cols = ["method", "ndcg@10", "hr@10", "mrr@10", "valid_ndcg@10", "weights", f"vs_{best}", "vs_ensemble", "n_users"]
+    cols = ["method", "ndcg@10", "hr@10", "mrr@10", "valid_ndcg@10", "weights", f"vs_best_{best}",
+            "vs_baselines_ensemble", "n_users"]
     md = md_table(rows, cols) + (
         f"\n{len(tt)} test users (seed {args.seed}), {args.candidates} candidates from `{args.retriever}`, "
         f"{int((tt >= 0).sum())} of them with the test item among the candidates; weights chosen on "
         f"{len(tv)} validation users over {args.grid}. Features: log(1 / rank among the candidates) by each model, "
         f"and the LLM's title mean log-prob per token (adapter: {args.adapter or 'none, the base model'}). "
-        f"vs_{best} (the best baseline's full ranking on these users) / vs_ensemble: NDCG@10 ratio, 95% paired "
+        f"vs_best_{best} (the best full ranking above, the retriever's included, on these users) / "
+        f"vs_baselines_ensemble: NDCG@10 ratio, 95% paired "
         f"bootstrap interval and the share of resamples at least as good.\n")
     write_result(args.name or f"rank_ensemble_{args.dataset}",
                  {"dataset": args.dataset, "rows": rows, "best_baseline": best, "features": names,

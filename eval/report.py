@@ -59,6 +59,8 @@ RESULT_FILES = {
                                           "interval than the bench's 200",
     "rank_ensemble_ml-100k": "does the tuned LLM add to an ensemble of the baselines? The same 20 candidates ordered "
                              "by fused baseline ranks, with and without the LLM's title scores (all 943 users)",
+    "rank_ensemble_ml-100k_ensemble_candidates": "the same over the `ensemble` retriever's candidates (BERT+LSTM + "
+                                                 "SASRec by RRF)",
     "pointwise_rank_ml-100k": "reranking by the Yes/No adapter's P(Yes), one prompt per candidate",
     "ranking_modes_ml-100k": "verbalizer vs constrained / free generation vs title likelihood: time and NDCG@10",
     "ranking_modes_ml-100k_vllm": "the same on vLLM in-process",

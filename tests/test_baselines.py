@@ -288,6 +288,8 @@ def test_ensemble_retriever_is_built_from_the_named_models(tiny_dataset, fitted,
     ret = factory.build_retriever(tiny_dataset, "ensemble")
     assert [type(m).__name__ for m in ret.models] == ["SASRec", "ItemCF"] and ret.weights == (1.0, 0.5)
     assert ret.similar_texts("a", ["a", "b"]).shape == (2,)  # generate mode maps titles through the text side
+    mine = ItemCF(shrink=0.0).fit(tiny_dataset)  # the bench passes the baselines it fitted on the same split
+    assert factory.build_retriever(tiny_dataset, "ensemble", fitted={"itemcf": mine}).models[1] is mine
 
 
 def test_hybrid_sasrec_retriever_loads_the_checkpoint(tiny_dataset, fitted, tmp_path, monkeypatch):
