@@ -34,17 +34,10 @@ from llmrec.evaluation import evaluate_ranking, ranking_targets
 from llmrec.metrics import ndcg_at_k, paired_bootstrap_ratio, ranking_metrics
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.factory import build_retriever, collaborative_model, with_adapter_templates
+from llmrec.retrieval.hybrid import row_ranks
 
 log = logging.getLogger("rank_ensemble")
 KEYS = ("ndcg@10", "hr@10", "mrr@10", "n_users")
-
-
-def within_ranks(scores: np.ndarray) -> np.ndarray:
-    """1-based rank of each column within its row by descending score; ties keep column (retriever) order."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(1, scores.shape[1] + 1)[None, :].repeat(len(scores), 0), axis=1)
-    return ranks
 
 
 def target_ranks(feats: np.ndarray, w: np.ndarray, target: np.ndarray, missing_rank: int) -> np.ndarray:
@@ -97,7 +90,7 @@ def features(rec: Recommender, ds, models: dict, split: str, users: int | None, 
         feats[rows, :, 0] = -np.log(np.arange(1, k + 1))[None, :]
         for m, model in enumerate(models.values(), start=1):
             full = np.asarray(model.score_items(ub, split), dtype=np.float64)
-            feats[rows, :, m] = -np.log(within_ranks(np.take_along_axis(full, idx, axis=1)))
+            feats[rows, :, m] = -np.log(row_ranks(np.take_along_axis(full, idx, axis=1)))
         if llm:
             ranked = rec.rank_candidates(hs, cands, "likelihood")  # retrieval_weight 0: the title scores alone
             for j, (row, r) in enumerate(zip(ids, ranked)):
@@ -139,13 +132,13 @@ def main() -> None:
     fv, tv, _ = features(rec, ds, models, "valid", valid_users, args.seed, llm=True)
     ft, tt, _ = features(rec, ds, models, "test", users, args.seed, llm=True)
     names = [f"{args.retriever} (retriever)", *models, "llm"]
-    n_b, llm = 1 + len(models), 1 + len(models)
+    llm = len(names) - 1  # the last feature; 0 is the retriever's order, 1 .. llm - 1 the other baselines'
     cases = {
         f"{args.retriever}'s order (the candidates as retrieved)": (np.eye(len(names))[0], None),
-        "baselines' ensemble (no LLM)": choose_weights(fv, tv, list(range(1, n_b)), {0: 1.0}, args.grid, miss),
+        "baselines' ensemble (no LLM)": choose_weights(fv, tv, list(range(1, llm)), {0: 1.0}, args.grid, miss),
         "LLM + retriever (the bench's likelihood row)": choose_weights(fv, tv, [0], {llm: 1.0}, args.grid, miss),
         "LLM order alone": (np.eye(len(names))[llm], None),
-        "baselines' ensemble + LLM": choose_weights(fv, tv, list(range(n_b)), {llm: 1.0}, args.grid, miss),
+        "baselines' ensemble + LLM": choose_weights(fv, tv, list(range(llm)), {llm: 1.0}, args.grid, miss),
     }
     test_ranks = {name: target_ranks(ft, w, tt, miss) for name, (w, _) in cases.items()}
     full: dict[str, dict] = {}

@@ -105,26 +105,30 @@ def try_bpr(ds: Any, time_budget_s: float) -> tuple[Any, str | None]:
         return None, f"BPR failed: {type(e).__name__}: {e}"
 
 
+def select_weight(ds: Any, label: str, grid: tuple[float, ...], make: Any, valid: dict,
+                  max_users: int | None) -> float:
+    """Validation Recall@20 (then @50) of `make(w)` for w in `grid`, recorded in `valid` as `label.format(w=w)`;
+    returns the best w."""
+    for w in grid:
+        valid[label.format(w=w)] = recalls(ds, make(w), "valid", max_users)
+    return max(grid, key=lambda w: (valid[label.format(w=w)]["recall@20"], valid[label.format(w=w)]["recall@50"]))
+
+
 def select_text_weight(ds: Any, text: Any, cf: Any, label: str, valid: dict, max_users: int | None) -> float:
-    """Validation Recall@20 (then @50) of `label(w_text=w)` for w in GRID, recorded in `valid`; returns the best w."""
+    """The hybrid's text weight (`label(w_text=w)`, w in GRID) of best validation Recall@20."""
     from llmrec.retrieval import HybridRetriever
 
-    for w in GRID:
-        valid[f"{label}(w_text={w})"] = recalls(ds, HybridRetriever(text, cf, weights=(w, 1.0)), "valid", max_users)
-    return max(GRID, key=lambda w: (valid[f"{label}(w_text={w})"]["recall@20"],
-                                    valid[f"{label}(w_text={w})"]["recall@50"]))
+    return select_weight(ds, label + "(w_text={w})", GRID, lambda w: HybridRetriever(text, cf, weights=(w, 1.0)),
+                         valid, max_users)
 
 
 def select_ensemble_weight(ds: Any, models: list[Any], valid: dict, max_users: int | None) -> float:
-    """Validation Recall@20 (then @50) of `ensemble(w=w)` (the first model's RRF weight 1, the others' w) for w in
-    ENSEMBLE_GRID, recorded in `valid`; returns the best w."""
+    """The weight of every model after the first (whose weight is 1) in an ensemble (`ensemble(w=w)`, w in
+    ENSEMBLE_GRID) of best validation Recall@20."""
     from llmrec.retrieval import EnsembleRetriever
 
-    for w in ENSEMBLE_GRID:
-        ens = EnsembleRetriever(models, [1.0] + [w] * (len(models) - 1))
-        valid[f"ensemble(w={w})"] = recalls(ds, ens, "valid", max_users)
-    return max(ENSEMBLE_GRID, key=lambda w: (valid[f"ensemble(w={w})"]["recall@20"],
-                                             valid[f"ensemble(w={w})"]["recall@50"]))
+    return select_weight(ds, "ensemble(w={w})", ENSEMBLE_GRID,
+                         lambda w: EnsembleRetriever(models, [1.0] + [w] * (len(models) - 1)), valid, max_users)
 
 
 def try_model(ds: Any, name: str) -> tuple[Any, str]:

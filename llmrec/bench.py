@@ -184,11 +184,10 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
     from llmrec.metrics import random_order_metrics
     from llmrec.ranking import RankingConfig, Recommender
     from llmrec.ranking.evaluate import eval_rank, explanation_metrics, select_retrieval_weight
-    from llmrec.ranking.factory import build_retriever, collaborative_name, with_adapter_templates
+    from llmrec.ranking.factory import build_retriever, with_adapter_templates
 
     # `hybrid:sasrec`, `ensemble` etc.: the collaborative side is the baseline(s) fitted above (same split, same seed)
-    cf = (fitted or {}).get(collaborative_name(cfg.retriever) or "")
-    retriever = build_retriever(ds, cfg.retriever, cf_model=cf, fitted=fitted)
+    retriever = build_retriever(ds, cfg.retriever, fitted=fitted)
     rcfg = RankingConfig(n_candidates=cfg.n_candidates)
     max_users = cfg.rank_users or None
     ranks = {} if ranks is None else ranks

@@ -1,4 +1,5 @@
-"""eval/rank_ensemble.py: ranks within the candidates, the target's rank under a weighted score, the weight choice."""
+"""eval/rank_ensemble.py: ranks within the candidates (llmrec.retrieval.hybrid.row_ranks), the target's rank
+under a weighted score, the weight choice."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ def ens(load_script):
     return load_script("eval/rank_ensemble.py")
 
 
-def test_within_ranks_descending_ties_keep_column_order(ens):
-    assert ens.within_ranks(np.array([[0.5, 2.0, 0.5], [1.0, 1.0, 3.0]])).tolist() == [[2, 1, 3], [2, 3, 1]]
+def test_row_ranks_descending_ties_keep_column_order():
+    from llmrec.retrieval.hybrid import row_ranks
+
+    assert row_ranks(np.array([[0.5, 2.0, 0.5], [1.0, 1.0, 3.0]])).tolist() == [[2, 1, 3], [2, 3, 1]]
 
 
 def test_target_ranks_by_hand(ens):

@@ -62,29 +62,34 @@ def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, 
     split in eval/retrieval.py; `hybrid:bert_lstm` likewise); `itemcf`: item-to-item CF alone (no
     sentence-transformer: for data without item texts, or a machine without the encoder); `sasrec` / `bert_lstm`:
     that baseline's ranking alone (its checkpoint, else fitted now; the text encoder only maps generated titles);
-    `ensemble`: the models of `ENSEMBLE_WEIGHTS` fused by weighted RRF (likewise). `cf_model` replaces the
-    collaborative side (e.g. a model the caller fitted); `fitted` (name -> model) supplies an ensemble's members."""
+    `ensemble`: the models of `ENSEMBLE_WEIGHTS` fused by weighted RRF (likewise). `fitted` (name -> model): models
+    the caller fitted on the same split (the bench's baselines), used instead of checkpoints; `cf_model` replaces
+    the one collaborative model of a single-model kind."""
     from llmrec.retrieval import EnsembleRetriever, ModelRetriever, TextRetriever
 
     if kind not in RETRIEVERS:
         raise ValueError(f"unknown retriever {kind!r}: use one of {', '.join(RETRIEVERS)}")
+    fitted = fitted or {}
+
+    def model(name: str) -> Any:
+        if cf_model is not None and kind != "ensemble":
+            return cf_model
+        return fitted[name] if name in fitted else collaborative_model(ds, name)
+
     if kind == "itemcf":
-        return cf_model if cf_model is not None else collaborative_model(ds, "itemcf")
+        return model("itemcf")
     text = TextRetriever(model_path=model_path)
     text.build(ds)
     if kind == "text":
         return text
     if kind == "ensemble":
-        fitted = fitted or {}
-        return EnsembleRetriever([fitted[m] if m in fitted else collaborative_model(ds, m) for m in ENSEMBLE_WEIGHTS],
-                                 list(ENSEMBLE_WEIGHTS.values()), text=text)
+        return EnsembleRetriever([model(m) for m in ENSEMBLE_WEIGHTS], list(ENSEMBLE_WEIGHTS.values()), text=text)
     if kind in COLLABORATIVE:
-        return ModelRetriever(cf_model if cf_model is not None else collaborative_model(ds, kind), text)
+        return ModelRetriever(model(kind), text)
     from llmrec.retrieval import HybridRetriever
 
     cf_name = collaborative_name(kind) or "itemcf"
-    cf = cf_model if cf_model is not None else collaborative_model(ds, cf_name)
-    return HybridRetriever(text, cf, weights=HYBRID_WEIGHTS.get(cf_name, (0.5, 1.0)))
+    return HybridRetriever(text, model(cf_name), weights=HYBRID_WEIGHTS.get(cf_name, (0.5, 1.0)))
 
 
 def adapter_templates(adapter: str | Path | None) -> dict[str, str]:

@@ -14,6 +14,14 @@ from llmrec.retrieval.text import HistoryLike, TextRetriever, as_events, top_uns
 log = logging.getLogger(__name__)
 
 
+def row_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of each column within its row of `scores` by descending score; ties keep column order."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(1, scores.shape[1] + 1)[None, :].repeat(len(scores), 0), axis=1)
+    return ranks
+
+
 def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = None, rrf_k: float = 60.0,
              exclude: list[np.ndarray] | None = None, depth: int | None = None) -> np.ndarray:
     """Fuse [n_users, n_items] score matrices by reciprocal rank fusion. Items in `exclude[u]` (indices) are
@@ -21,17 +29,13 @@ def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = Non
     only each input's top-`depth` items count (as in `HybridRetriever.query`); the deeper ranks only break ties
     (weight 1e-6), so the full ranking stays defined."""
     weights = list(weights) if weights is not None else [1.0] * len(score_mats)
-    n_users, n_items = score_mats[0].shape
-    out = np.zeros((n_users, n_items), dtype=np.float64)
-    arange = np.arange(1, n_items + 1, dtype=np.float64)
+    out = np.zeros(score_mats[0].shape, dtype=np.float64)
     for w, s in zip(weights, score_mats):
         s = np.array(s, dtype=np.float64, copy=True)
         if exclude is not None:
             for u, ex in enumerate(exclude):
                 s[u, ex] = -np.inf
-        order = np.argsort(-s, axis=1, kind="stable")
-        ranks = np.empty_like(order, dtype=np.float64)
-        np.put_along_axis(ranks, order, arange[None, :].repeat(n_users, 0), axis=1)
+        ranks = row_ranks(s).astype(np.float64)
         contrib = w / (rrf_k + ranks)
         out += contrib if depth is None else np.where(ranks <= depth, contrib, 1e-6 * contrib)
     if exclude is not None:
@@ -123,6 +127,13 @@ class HybridRetriever:
         return self.text.similar_texts(text, texts)
 
 
+def check_scores_histories(model: Any) -> None:
+    """A retriever built on `model` alone must rank any history (event-store users too): `score_history` is needed."""
+    if not hasattr(model, "score_history"):
+        raise ValueError(f"{type(model).__name__} cannot rank an arbitrary history (no score_history): use it "
+                         "through hybrid:<name> or choose sasrec, bert_lstm or itemcf")
+
+
 class ModelRetriever:
     """A collaborative model alone as the retriever (`--retriever sasrec`, `bert_lstm`): its own ranking, e.g. the
     best baseline's top candidates for the LLM to rerank. `query(history, ...)` needs the model's
@@ -132,9 +143,7 @@ class ModelRetriever:
     name = "model"
 
     def __init__(self, model: Any, text: TextRetriever | None = None):
-        if not hasattr(model, "score_history"):
-            raise ValueError(f"{type(model).__name__} cannot rank an arbitrary history (no score_history): use it "
-                             "through hybrid:<name> or choose sasrec, bert_lstm or itemcf")
+        check_scores_histories(model)
         self.cf = model
         self.text = text
 
@@ -177,8 +186,8 @@ class EnsembleRetriever(ModelRetriever):
                  text: TextRetriever | None = None):
         if not models:
             raise ValueError("EnsembleRetriever needs at least one model")
-        for m in models[1:]:
-            ModelRetriever(m)  # fails for a model that cannot score a history
+        for m in models:
+            check_scores_histories(m)
         super().__init__(models[0], text)
         self.models = list(models)
         self.weights = tuple(weights) if weights is not None else (1.0,) * len(self.models)
