@@ -38,6 +38,11 @@ RESULT_FILES = {
     "finetune_memory_yesno_ml-100k_135m_gc": "the same with gradient checkpointing",
     "finetune_memory_yesno_ml-100k_1.1b": "the same at the TinyLlama-1.1B shape (random weights)",
     "finetune_memory_yesno_ml-100k_3b": "the same at the Llama-3.2-3B shape (random weights): the 0.48x row",
+    "finetune_memory_yesno_ml-100k_135m_tensors_b4": "QLoRA vs bf16 LoRA at 135M, batch 4: peak RSS and peak live "
+                                                     "tensor bytes (`train.tensor_memory`)",
+    "finetune_memory_yesno_ml-100k_135m_tensors_b1": "the same at batch 1",
+    "finetune_memory_yesno_ml-100k_1.1b_tensors_b1": "the same at the TinyLlama-1.1B shape, batch 1",
+    "finetune_memory_yesno_ml-100k_3b_tensors_b1": "the same at the Llama-3.2-3B shape, batch 1",
     "finetune_mmap_yesno_ml-100k": "the allocator option `train.malloc_mmap_threshold_mb`: peak memory against speed",
     "finetune_gpu_yesno_ml-100k_135m": "GPU timings, 135M (finetune/gpu_check.sh on a lent GPU machine)",
     "finetune_gpu_yesno_ml-100k_1.1b": "GPU timings, 1.1B shape",

@@ -137,7 +137,8 @@ def short_run(a: argparse.Namespace) -> list[str]:
 
 def cmd_mem(a: argparse.Namespace) -> None:
     label = a.label or ""
-    common = [*short_run(a), f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", *a.overrides]
+    common = [*short_run(a), f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
+              f"train.tensor_memory={str(a.tensor_memory).lower()}", *a.overrides]
     if a.model:
         common.append(f"model={a.model}")
     # all loaded in bf16 (`dtype`: the checkpoint is read in it before 4-bit quantization, and the non-quantized
@@ -167,6 +168,8 @@ def cmd_mem(a: argparse.Namespace) -> None:
             "rss_after_load_trimmed_mb", "peak_rss_mb",
             "peak_above_start_mb", "rss_at_train_start_mb", "rss_file_at_train_start_mb", "peak_rss_train_mb",
             "examples_per_s"]
+    if a.tensor_memory:
+        cols[cols.index("examples_per_s"):cols.index("examples_per_s")] = ["tensor_base_mb", "peak_tensor_mb"]
     rows = [{"run": k, **{c: mem[k].get(c) for c in cols}} for k in MEM_KINDS if k in mem]
     model = a.model or "the embedded SmolLM2-135M-Instruct"
     verdict = lambda r: "met" if r is not None and r <= 0.5 else "NOT met"  # noqa: E731
@@ -178,7 +181,12 @@ def cmd_mem(a: argparse.Namespace) -> None:
              f"trim_memory: freed heap returned to the OS after loading and after each step (`train.trim_memory`; "
              f"blank: a run from before that option, i.e. no); malloc_mmap_threshold_mb: "
              f"`train.malloc_mmap_threshold_mb` "
-             f"(0 or blank: glibc's default).\n\n"
+             f"(0 or blank: glibc's default)."
+             + (" tensor_base_mb / peak_tensor_mb: the bytes of live tensors when trainer.train() starts (the model, "
+                "4-bit quantization state included) and at their peak during it (`train.tensor_memory`, "
+                "llmrec.memtrack: the CPU's counterpart of torch.cuda.max_memory_allocated, without the runtime "
+                "and allocator overhead that RSS holds; examples_per_s is ~15% lower with it)."
+                if a.tensor_memory else "") + "\n\n"
              + md_table(rows, ["run", *cols])
              + "\n")
     labels = {"qlora": "QLoRA (PEFT's fp32 upcast of every non-quantized weight)",
@@ -193,11 +201,14 @@ def cmd_mem(a: argparse.Namespace) -> None:
     for kind, text in labels.items():
         if ratio_key("peak_rss", kind) not in mem:
             continue
-        r = {m: mem.get(ratio_key(m, kind)) for m in ("weights", "peak_rss", "above_start", "peak_train")}
+        r = {m: mem.get(ratio_key(m, kind)) for m in ("weights", "peak_rss", "above_start", "peak_train",
+                                                      "peak_tensor")}
         table += (f"\n{text} / bf16 LoRA: weights {r['weights']}, peak RSS {r['peak_rss']} (whole process), "
                   f"{r['above_start']} (above the RSS before loading the model), {r['peak_train']} (during "
-                  f"training). Goal peak <= 0.5: whole process **{verdict(r['peak_rss'])}**, above the start "
-                  f"**{verdict(r['above_start'])}**, during training **{verdict(r['peak_train'])}**.\n")
+                  f"training)" + (f", peak tensor memory {r['peak_tensor']}" if r["peak_tensor"] else "")
+                  + f". Goal peak <= 0.5: whole process **{verdict(r['peak_rss'])}**, above the start "
+                  f"**{verdict(r['above_start'])}**, during training **{verdict(r['peak_train'])}**"
+                  + (f", tensors **{verdict(r['peak_tensor'])}**" if r["peak_tensor"] else "") + ".\n")
     payload = {"dataset": a.dataset, "task": a.task, "model": model, "model_note": a.model_note, "steps": a.steps,
                "batch_size": a.batch_size, "gradient_checkpointing": a.gradient_checkpointing, "memory": mem}
     print(write_result(f"finetune_memory_{a.task}_{a.dataset}{label}", payload, table))
@@ -402,7 +413,7 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
                                                "rss_at_train_start_mb", "rss_file_at_train_start_mb",
                                                "peak_rss_train_mb", "weights_mb", "lora_mb",
                                                "examples_per_s", "wall_s", "batch_size", "steps",
-                                               "gradient_checkpointing")}
+                                               "gradient_checkpointing", "tensor_base_mb", "peak_tensor_mb")}
             mem[kind]["peak_above_start_mb"] = round(t["peak_rss_mb"] - t["rss_before_load_mb"], 1)
     for kind in MEM_KINDS:
         base = mem_denominator(kind)
@@ -415,6 +426,8 @@ def memory_summary(task: str, dataset: str, label: str = "") -> dict[str, Any]:
             mem[ratio_key("weights", kind)] = round(q["weights_mb"] / b["weights_mb"], 3)
         if q.get("peak_rss_train_mb") and b.get("peak_rss_train_mb"):
             mem[ratio_key("peak_train", kind)] = round(q["peak_rss_train_mb"] / b["peak_rss_train_mb"], 3)
+        if q.get("peak_tensor_mb") and b.get("peak_tensor_mb"):
+            mem[ratio_key("peak_tensor", kind)] = round(q["peak_tensor_mb"] / b["peak_tensor_mb"], 3)
     return mem
 
 
@@ -726,6 +739,8 @@ def main() -> None:
                    help="mmap: train.malloc_mmap_threshold_mb values, the first is the reference")
     p.add_argument("--repeats", type=int, default=2, help="mmap, speed: runs per configuration (alternating)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="mem: both configurations with it")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="mem: also count live tensor bytes during training (train.tensor_memory; ~15%% slower)")
     p.add_argument("--model", default=None, help="mem: a local HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
     p.add_argument("--only", nargs="+", choices=list(MEM_KINDS), default=None,

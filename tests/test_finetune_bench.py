@@ -18,18 +18,19 @@ def fbench(tmp_path, monkeypatch, load_script):
 
 
 def write_run(fbench, kind: str, peak: float, start: float = 400.0, weights: float = 100.0,
-              train_peak: float | None = None) -> None:
+              train_peak: float | None = None, tensor_peak: float | None = None) -> None:
     d = fbench.run_dir("yesno", "tiny", f"_mem_{kind}")
     d.mkdir(parents=True)
     t = {"peak_rss_mb": peak, "rss_before_load_mb": start, "weights_mb": weights, "batch_size": 4, "steps": 1,
          "examples_per_s": 1.0, "wall_s": 10.0, "malloc_mmap_threshold_mb": 1 if kind.endswith("_mmap") else 0,
-         **({"peak_rss_train_mb": train_peak} if train_peak else {})}
+         **({"peak_rss_train_mb": train_peak} if train_peak else {}),
+         **({"peak_tensor_mb": tensor_peak} if tensor_peak else {})}
     (d / "metrics.json").write_text(json.dumps({"train": t}))
 
 
 def test_memory_ratios_pair_runs_with_the_same_allocator_setting(fbench):
-    write_run(fbench, "bf16", 1000.0, weights=270.0, train_peak=900.0)
-    write_run(fbench, "qlora_bf16all", 900.0, weights=170.0, train_peak=810.0)
+    write_run(fbench, "bf16", 1000.0, weights=270.0, train_peak=900.0, tensor_peak=360.0)
+    write_run(fbench, "qlora_bf16all", 900.0, weights=170.0, train_peak=810.0, tensor_peak=216.0)
     write_run(fbench, "bf16_mmap", 800.0, weights=270.0)
     write_run(fbench, "qlora_bf16all_mmap", 600.0, weights=170.0)
     write_run(fbench, "qlora_bf16all_pre_mmap", 560.0, weights=170.0)
@@ -37,6 +38,8 @@ def test_memory_ratios_pair_runs_with_the_same_allocator_setting(fbench):
     assert mem["ratio_peak_rss_qlora_bf16all_over_bf16"] == 0.9
     assert mem["ratio_above_start_qlora_bf16all_over_bf16"] == round(500 / 600, 3)
     assert mem["ratio_peak_train_qlora_bf16all_over_bf16"] == 0.9
+    assert mem["ratio_peak_tensor_qlora_bf16all_over_bf16"] == 0.6 and mem["bf16"]["peak_tensor_mb"] == 360.0
+    assert "ratio_peak_tensor_qlora_bf16all_mmap_over_bf16_mmap" not in mem  # runs without train.tensor_memory
     assert mem["ratio_weights_qlora_bf16all_over_bf16"] == round(170 / 270, 3)
     assert mem["ratio_peak_rss_qlora_bf16all_mmap_over_bf16_mmap"] == 0.75  # 600 / 800, not 600 / 1000
     assert mem["ratio_above_start_qlora_bf16all_mmap_over_bf16_mmap"] == 0.5  # (600 - 400) / (800 - 400)

@@ -132,6 +132,18 @@ def test_rank_run_metrics(tiny_dataset, tiny_dir, tmp_path):
     assert "valid_after" not in m
 
 
+def test_tensor_memory_of_a_4bit_run(tiny_dataset, tiny_dir, tmp_path):
+    m = run_finetune(tiny_recipe(tiny_dir, tmp_path / "tm", steps=1, extra=[
+        "train.tensor_memory=true", "eval_before=false", "eval_after=false", "data.n_valid=0", "train.save_steps=0"]),
+        ds=tiny_dataset)
+    t = m["train"]
+    # the base: parameters and buffers (weights_mb, 4-bit weights packed) plus their quantization state
+    assert t["weights_bytes"] < t["tensor_base_bytes"] < t["weights_bytes"] * 1.2
+    # the step adds at least the LoRA gradients and Adam's two fp32 moments, none of them there before train()
+    assert t["peak_tensor_bytes"] >= t["tensor_base_bytes"] + 3 * t["lora_bytes"]
+    assert t["peak_tensor_mb"] == round(t["peak_tensor_bytes"] / 2**20, 1)
+
+
 def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, tmp_path):
     """`torchrun --nproc_per_node 2 finetune/train.py ...` (what `accelerate launch` runs on several GPUs) trains ONE
     model data-parallel: 16 examples at batch 4 on 2 processes is one epoch in 2 steps (2 independent copies would

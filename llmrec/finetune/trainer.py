@@ -430,7 +430,15 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     rss_file_at_train = rss_file_mb()  # of which mapped files (libraries; a checkpoint's pages if still mapped)
     cuda_before = _reset_cuda_peak()  # GPU: the peak so far (loading), then the peak of training alone
     t_train = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    tensors = None
+    if tc.tensor_memory:
+        from llmrec.memtrack import TensorMemory, tensor_storages
+
+        tensors = TensorMemory(tensor_storages(model))  # the optimizer's state is made inside train(): counted
+        with tensors:
+            result = trainer.train(resume_from_checkpoint=resume)
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     train_wall = time.time() - t_train
     mem = _peak_memory_mb()
     if cuda_before is not None and "peak_cuda_mb" in mem:
@@ -466,6 +474,10 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         **({"rss_file_at_train_start_mb": round(rss_file_at_train, 1)} if rss_file_at_train is not None else {}),
         "gradient_checkpointing": tc.gradient_checkpointing,
         **model_mem,
+        # live tensors during trainer.train(): at its start (the model, 4-bit state included) and at the peak
+        **({"tensor_base_mb": round(tensors.base_mb, 1), "peak_tensor_mb": round(tensors.peak_mb, 1),
+            "tensor_base_bytes": tensors.base_bytes, "peak_tensor_bytes": tensors.peak_bytes}
+           if tensors is not None else {}),
         # GPU: peak allocated CUDA memory of the whole run and of trainer.train() alone
         **{k: mem[k] for k in ("peak_cuda_mb", "peak_cuda_train_mb") if k in mem},
     }
