@@ -303,7 +303,11 @@ def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any
     seq = labels.shape[1]
     first = int(torch.argmax(valid.int(), dim=1)[valid.any(dim=1)].min())
     keep = seq - first + 1
-    logits = model(**fwd, logits_to_keep=keep).logits  # [B, keep, V] for positions seq-keep .. seq-1
+    # the kept positions as an index tensor, not the int `keep`: transformers then gathers them into a contiguous
+    # copy, where with an int it slices the hidden states, and on the CPU the LM head's matmul over that slice of a
+    # training forward allocated ~0.2 GB inside the op (135M, batch 4; eval/results/memtrack_check.md); same logits
+    positions = torch.arange(seq - keep, seq, device=labels.device)
+    logits = model(**fwd, logits_to_keep=positions).logits  # [B, keep, V] for positions seq-keep .. seq-1
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, seq - keep + 1 :]
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
