@@ -13,12 +13,11 @@ bitsandbytes' included), adds the bytes of each new storage and subtracts them w
 
 What it does not see: memory a kernel or C extension allocates for itself inside an op, and tensors made while it
 was off (those are in `base` only when passed). A view shares its base's storage and costs nothing; an in-place op,
-nothing. So it is a lower bound. Checked against RSS with every allocation of 64 KiB or more mapped on its own
-(`MALLOC_MMAP_THRESHOLD_=65536`, so RSS follows what is live), after a warm-up forward (the first one also pays a
-one-time ~0.15 GB of initialisation): a training forward of the 135M decoder at batch 4 peaks at 824 MB of tensors and
-829 MB of RSS growth, 56 vs 59 MB with gradient checkpointing. What it misses there is oneDNN's packed copy of a large
-weight inside a CPU matmul: the 49,152 x 576 LM head costs ~72 MB of RSS per call and 1 MB of tensors (a GPU
-multiplies the weight where it lies).
+nothing. So it is a lower bound. `eval/memtrack_check.py` compares it with RSS (every allocation of 64 KiB or more
+mapped on its own, so RSS follows what is live; after a warm-up call): a training forward of the 135M decoder at
+batch 4 peaks at 824 MB of tensors and 829 MB of RSS growth, 56 vs 59 MB with gradient checkpointing; the same forward
+through the LM head with an int `logits_to_keep` held 210 MB that no tensor accounts for (hence the index tensor in
+`llmrec.finetune.data.answer_only_loss`).
 """
 
 from __future__ import annotations
@@ -87,6 +86,7 @@ class TensorMemory(TorchDispatchMode):
         self.current_bytes = self.base_bytes
         self.peak_bytes = self.base_bytes
         self.allocations = 0
+        self.untracked = 0
 
     def _free(self, ptr: int) -> None:
         self.current_bytes -= self._live.pop(ptr, 0)
@@ -100,11 +100,15 @@ class TensorMemory(TorchDispatchMode):
             if key is None or key[0] in self._live:
                 continue
             ptr, n = key
+            try:  # when the storage goes, its bytes go
+                weakref.finalize(t.untyped_storage(), self._free, ptr)
+            except TypeError:  # a storage that takes no weak reference: its end could not be seen, so not counted
+                self.untracked += 1
+                continue
             self._live[ptr] = n
             self.allocations += 1
             self.current_bytes += n
             self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-            weakref.finalize(t.untyped_storage(), self._free, ptr)
         return out
 
     @property

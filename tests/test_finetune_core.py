@@ -67,15 +67,19 @@ def test_answer_only_mask(tiny_dir):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_answer_only_loss_matches_full_logits(tiny_dir, side):
+@pytest.mark.parametrize("positions_as", ["index", "int"])
+def test_answer_only_loss_matches_full_logits(tiny_dir, side, positions_as):
     m, tok = load_causal_lm(tiny_dir, dtype="float32")
     b = batch(tok, side)
     with torch.no_grad():
-        loss, _ = answer_only_loss(m, b)
+        loss, kept = answer_only_loss(m, b, positions_as=positions_as)
         logits = m(**{k: v for k, v in b.items() if k != "labels"}).logits
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])
     ref = torch.nn.functional.cross_entropy(flat, b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     assert abs(float(loss) - float(ref)) < 1e-4
+    assert torch.allclose(kept, logits[:, -kept.shape[1]:], atol=1e-5)  # the last positions' logits, either way
+    with pytest.raises(ValueError, match="positions_as"):
+        answer_only_loss(m, b, positions_as="slice")
 
 
 def test_qlora_steps_lower_the_loss_and_only_lora_changes(tiny_dir):

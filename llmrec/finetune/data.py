@@ -288,11 +288,13 @@ class AnswerOnlyCollator:
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "labels": pad("labels", IGNORE_INDEX)}
 
 
-def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None,
+                     positions_as: str = "index") -> tuple[Any, Any]:
     """Causal-LM loss over the answer tokens only, computing logits just for the positions that predict them
     (`logits_to_keep`): the window starts one position before the earliest answer token of the batch. Returns
     (loss, logits of the kept window). With `num_items_in_batch` (gradient accumulation) the token sum is divided
-    by it, as transformers' own loss does."""
+    by it, as transformers' own loss does. `positions_as`: how the window reaches transformers, "index" (a tensor of
+    positions) or "int" (its length; the same logits, slower on CPU: eval/loss_positions.py)."""
     import torch
 
     labels = inputs["labels"]
@@ -306,8 +308,10 @@ def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any
     # the kept positions as an index tensor, not the int `keep`: transformers then gathers them into a contiguous
     # copy, where with an int it slices the hidden states, and on the CPU the LM head's matmul over that slice of a
     # training forward allocated ~0.2 GB inside the op (135M, batch 4; eval/results/memtrack_check.md); same logits
-    positions = torch.arange(seq - keep, seq, device=labels.device)
-    logits = model(**fwd, logits_to_keep=positions).logits  # [B, keep, V] for positions seq-keep .. seq-1
+    if positions_as not in ("index", "int"):
+        raise ValueError(f"positions_as must be 'index' or 'int', got {positions_as!r}")
+    kept = torch.arange(seq - keep, seq, device=labels.device) if positions_as == "index" else keep
+    logits = model(**fwd, logits_to_keep=kept).logits  # [B, keep, V] for positions seq-keep .. seq-1
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, seq - keep + 1 :]
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
