@@ -132,10 +132,19 @@ def test_rank_run_metrics(tiny_dataset, tiny_dir, tmp_path):
     assert "valid_after" not in m
 
 
-def test_tensor_memory_of_a_4bit_run(tiny_dataset, tiny_dir, tmp_path):
+def test_tensor_memory_of_a_4bit_run_and_its_results_file(tiny_dataset, tiny_dir, tmp_path, monkeypatch):
+    import llmrec.bench_utils
+
+    monkeypatch.setattr(llmrec.bench_utils, "RESULTS_DIR", tmp_path / "results")
     m = run_finetune(tiny_recipe(tiny_dir, tmp_path / "tm", steps=1, extra=[
-        "train.tensor_memory=true", "eval_before=false", "eval_after=false", "data.n_valid=0", "train.save_steps=0"]),
-        ds=tiny_dataset)
+        "train.tensor_memory=true", "eval_before=false", "data.n_valid=0", "train.save_steps=0",
+        "results_name=tiny_run"]), ds=tiny_dataset)
+    # results_name: the run's figures under the results folder, with the header every benchmark writes
+    saved = json.loads((tmp_path / "results" / "tiny_run.json").read_text())
+    assert saved["metrics"]["test_after"]["auc"] == m["test_after"]["auc"] and saved["recipe"]["task"] == "yesno"
+    assert {"machine", "command", "commit"} <= set(saved)
+    md = (tmp_path / "results" / "tiny_run.md").read_text()
+    assert "| test, tuned |" in md and "test, zero-shot" not in md and "peak_tensor_mb" in md
     t = m["train"]
     # the base: parameters and buffers (weights_mb, 4-bit weights packed) plus their quantization state
     assert t["weights_bytes"] < t["tensor_base_bytes"] < t["weights_bytes"] * 1.2

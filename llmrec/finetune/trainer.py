@@ -501,4 +501,30 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     metrics["status"] = "done"
     if is_main_process():
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        if cfg.results_name:
+            log.info("wrote %s", write_run_result(cfg, metrics))
     return metrics
+
+
+TRAIN_COLUMNS = ["steps", "examples", "examples_per_s", "wall_s", "train_loss", "peak_rss_mb", "peak_rss_train_mb",
+                 "peak_tensor_mb", "peak_cuda_train_mb", "weights_mb", "lora_mb"]
+
+
+def write_run_result(cfg: FinetuneConfig, metrics: dict[str, Any], results_dir: Path | None = None) -> Path:
+    """`results_name`: the run's figures as `eval/results/<name>.{json,md}` (with the machine, command and commit,
+    as every benchmark writes them): a row per evaluated split (zero-shot test, tuned test, tuned validation), the
+    training figures, the run's whole wall time; the JSON also holds the resolved recipe."""
+    from llmrec.bench_utils import md_table, write_result
+
+    splits = [("test, zero-shot", "test_before"), ("test, tuned", "test_after"), ("valid, tuned", "valid_after")]
+    rows = [{"split": label, **{k: v for k, v in metrics[key].items() if isinstance(v, int | float)}}
+            for label, key in splits if metrics.get(key)]
+    cols = ["split", *dict.fromkeys(k for r in rows for k in r if k != "split")]
+    train = metrics.get("train", {})
+    tcols = [c for c in TRAIN_COLUMNS if train.get(c) is not None]
+    table = (f"Task `{cfg.task}` on {cfg.dataset}, model {metrics.get('model')} "
+             f"({'4-bit nf4 + LoRA' if cfg.quant.load_in_4bit else f'{cfg.dtype} + LoRA'}), scored on "
+             f"{metrics.get('eval_base')}; whole run {metrics.get('wall_s')} s.\n\n"
+             + (md_table(rows, cols) + "\n" if rows else "") + md_table([train], tcols) + "\n")
+    payload = {"dataset": cfg.dataset, "metrics": metrics, "recipe": to_dict(cfg)}
+    return write_result(cfg.results_name, payload, table, results_dir=results_dir)
