@@ -77,7 +77,8 @@ def tensor_storages(*objs: Any) -> dict[int, int]:
 class TensorMemory(TorchDispatchMode):
     """Counts the bytes of live tensor storages while active (see the module docstring). `base`: storages that exist
     already ({data pointer: bytes}, from `tensor_storages`): counted in `base_bytes`, and not again when an op
-    returns a view of them. Thread-safe enough for autograd's engine (one backward at a time)."""
+    returns a view of them (a base storage freed and its address reused while active would be missed: pass what
+    lives through the measured code, such as the model)."""
 
     def __init__(self, base: dict[int, int] | None = None):
         super().__init__()
