@@ -158,6 +158,7 @@ def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, t
     model data-parallel: 16 examples at batch 4 on 2 processes is one epoch in 2 steps (2 independent copies would
     report half an epoch), and only rank 0 writes the adapter and the metrics."""
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -173,6 +174,11 @@ def test_data_parallel_on_two_cpu_processes(tiny_dataset, tiny_home, tiny_dir, t
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "finetune" / "train.py"), "--config", str(RECIPES / "yesno_smollm2_qlora.yaml"), *args]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode and "terminate called without an active exception" in r.stderr:
+        # a rank aborting inside the C++ runtime before the first step (seen once in ~25 runs on 2 cores, in a
+        # fresh clone: std::terminate, SIGABRT); one more try, from scratch. A failure of our own code fails twice.
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["epoch"] == pytest.approx(1.0)
