@@ -272,7 +272,10 @@ def cmd_mmap(a: argparse.Namespace) -> None:
 SPEED_CONFIGS = {"recipe_1205": OLD,
                  "no_dropout": ["lora.dropout=0", "train.bf16_autocast=false"],
                  "autocast": ["lora.dropout=0.05", "train.bf16_autocast=auto"],
-                 "recipe": []}
+                 "recipe": [],
+                 # the answer window handed to transformers as its length (the loss before 2026-12-06) instead of
+                 # an index tensor: `speed --configs int_window recipe --label _window`
+                 "int_window": ["train.loss_positions=int"]}
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
@@ -280,13 +283,14 @@ def cmd_speed(a: argparse.Namespace) -> None:
     each change alone, and as it is now; alternating, `--repeats` times."""
     from llmrec.bench_utils import write_result
 
-    runs, summary = alternating_runs(a, SPEED_CONFIGS, "speed_", "config")
+    configs = {k: SPEED_CONFIGS[k] for k in (a.configs or [k for k in SPEED_CONFIGS if k != "int_window"])}
+    runs, summary = alternating_runs(a, configs, "speed_", "config")
     for row in [*runs, *summary]:
-        row["overrides"] = " ".join(SPEED_CONFIGS[row["config"]]) or "(none)"
+        row["overrides"] = " ".join(configs[row["config"]]) or "(none)"
     table = _alternating_table(a, "configurations", runs, summary)
     payload = {"task": a.task, "dataset": a.dataset, "steps": a.steps, "batch_size": a.batch_size, "runs": runs,
                "summary": summary}
-    print(write_result(f"finetune_speed_{a.task}_{a.dataset}", payload, table))
+    print(write_result(f"finetune_speed_{a.task}_{a.dataset}{a.label or ''}", payload, table))
     print(table)
 
 
@@ -745,7 +749,10 @@ def main() -> None:
     p.add_argument("--model-note", default="", help="mem: what the model is (printed in the report)")
     p.add_argument("--only", nargs="+", choices=list(MEM_KINDS), default=None,
                    help="mem: run only these configurations (the report reads every run folder that exists)")
-    p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b")
+    p.add_argument("--label", default="", help="mem: suffix of the run folders and the result name, e.g. _1b; "
+                                               "speed: suffix of the result name")
+    p.add_argument("--configs", nargs="+", choices=list(SPEED_CONFIGS), default=None,
+                   help="speed: these configurations, the first is the reference (default: all but int_window)")
     p.add_argument("--variant", default=None, choices=list(VARIANTS),
                    help="run: the recipe with the variant's overrides, in its own folder (reported beside main); "
                         "rescore: that variant's run")

@@ -349,7 +349,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            loss, logits = answer_only_loss(model, inputs, num_items_in_batch)
+            loss, logits = answer_only_loss(model, inputs, num_items_in_batch, positions_as=tc.loss_positions)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed
             return (loss, {"logits": logits}) if return_outputs else loss
