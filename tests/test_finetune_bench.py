@@ -299,10 +299,11 @@ def test_speed_runs_alternate_and_each_change_is_measured_alone(fbench, monkeypa
     now = load_recipe(recipe)
     assert now.lora.dropout == 0 and now.train.bf16_autocast == "auto"
     settings = {name: load_recipe(recipe, over) for name, over in fbench.SPEED_CONFIGS.items()}
-    assert [(c.lora.dropout, c.train.bf16_autocast) for c in settings.values()] == [
-        (0.05, False), (0.0, False), (0.05, "auto"), (0.0, "auto")]
+    assert [(c.lora.dropout, c.train.bf16_autocast, c.train.loss_positions) for c in settings.values()] == [
+        (0.05, False, "index"), (0.0, False, "index"), (0.05, "auto", "index"), (0.0, "auto", "index"),
+        (0.0, "auto", "int")]  # int_window: the recipe, with the loss window handed over as its length
     calls = []
-    speed = {"recipe_1205": 1.0, "no_dropout": 1.5, "autocast": 1.2, "recipe": 2.0}
+    speed = {"recipe_1205": 1.0, "no_dropout": 1.5, "autocast": 1.2, "recipe": 2.0, "int_window": 1.6}
 
     def fake_finetune(task, out, overrides):
         name = out.name.removeprefix("bench_yesno_tiny_speed_").rsplit("_", 1)[0]
