@@ -46,6 +46,8 @@ RESULT_FILES = {
     "memtrack_check": "live tensor bytes (`llmrec.memtrack`) against RSS, per case: what the count misses",
     "loss_positions": "training-step time, the answer window given to transformers as an index tensor vs an int",
     "finetune_yesno_ml-100k_1206b": "the Yes/No recipe as it is after that change (no zero-shot pass): time, AUC",
+    "finetune_speed_yesno_ml-100k_window": "short recipe runs through the Trainer: the loss window as its length "
+                                           "(`train.loss_positions=int`) vs an index tensor",
     "finetune_mmap_yesno_ml-100k": "the allocator option `train.malloc_mmap_threshold_mb`: peak memory against speed",
     "finetune_gpu_yesno_ml-100k_135m": "GPU timings, 135M (finetune/gpu_check.sh on a lent GPU machine)",
     "finetune_gpu_yesno_ml-100k_1.1b": "GPU timings, 1.1B shape",

@@ -66,7 +66,7 @@ class TrainSettings:
     # torch.cuda.max_memory_allocated, without the runtime and allocator overhead that RSS holds); ~15% slower
     tensor_memory: bool = False
     # how the loss's answer window reaches transformers' `logits_to_keep`: "index" (a tensor of positions) or "int"
-    # (its length, which makes transformers slice the hidden states: the same logits, ~1.2x slower training on CPU;
+    # (its length, which makes transformers slice the hidden states: the same logits, 1.13x slower recipe runs on CPU;
     # kept to measure that, `finetune/bench.py speed --configs int_window recipe`)
     loss_positions: Literal["index", "int"] = "index"
     eval_batch_size: int = 8
