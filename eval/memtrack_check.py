@@ -6,7 +6,7 @@ one call: the tensors' peak above the start against the rise of the process's pe
 
     .venv/bin/python eval/memtrack_check.py     # -> eval/results/memtrack_check.{json,md}
 
-Cases: a training forward (bf16 LoRA on every linear layer, bf16 autocast, batch 4 x 260 tokens) of the embedded
+Cases: a training forward (bf16 LoRA as the Yes/No recipe sets it, bf16 autocast, batch 4 x 260 tokens) of the embedded
 SmolLM2-135M's decoder with and without gradient checkpointing; the same through the LM head for the last 3 positions,
 given as an int (transformers slices the hidden states) and as an index tensor (it gathers a contiguous copy: what
 `llmrec.finetune.data.answer_only_loss` passes); and the LM head's matmul alone (49,152 x 576, bf16, 12 rows).
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmrec.bench_utils import md_table, write_result  # noqa: E402
 
+RECIPE = Path(__file__).resolve().parent.parent / "finetune" / "recipes" / "yesno_smollm2_qlora.yaml"  # its LoRA
 CASES = {  # name -> (gradient checkpointing, what runs)
     "decoder forward": (False, "decoder"),
     "decoder forward, gradient checkpointing": (True, "decoder"),
@@ -39,7 +40,8 @@ def child(case: str) -> dict[str, Any]:
     import torch
 
     from llmrec.bench_utils import memory_status_mb, reset_peak_rss, trim_heap
-    from llmrec.llm.loading import LoraSettings, QuantSettings, apply_lora, load_causal_lm
+    from llmrec.finetune import load_recipe
+    from llmrec.llm.loading import QuantSettings, apply_lora, load_causal_lm
     from llmrec.memtrack import TensorMemory, tensor_storages
 
     gc_on, what = CASES[case]
@@ -57,9 +59,7 @@ def child(case: str) -> dict[str, Any]:
 
         held = tensor_storages(model, h)
     else:
-        model = apply_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-            gradient_checkpointing=gc_on, quant=quant)
+        model = apply_lora(model, load_recipe(RECIPE).lora, gradient_checkpointing=gc_on, quant=quant)
         model.train()
         x = torch.randint(0, 1000, (4, 260))
         decoder = model.get_base_model().model

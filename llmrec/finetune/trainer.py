@@ -5,6 +5,7 @@ adapter, the resolved recipe, the data manifest and the metrics. Runs unchanged 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -435,9 +436,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         from llmrec.memtrack import TensorMemory, tensor_storages
 
         tensors = TensorMemory(tensor_storages(model))  # the optimizer's state is made inside train(): counted
-        with tensors:
-            result = trainer.train(resume_from_checkpoint=resume)
-    else:
+    with tensors or contextlib.nullcontext():
         result = trainer.train(resume_from_checkpoint=resume)
     train_wall = time.time() - t_train
     mem = _peak_memory_mb()
