@@ -335,3 +335,75 @@ def test_qlora_trains_under_cpu_bf16_autocast_with_fp32_lora_weights(tiny_dir):
         losses.append(float(loss.detach()))
     assert logits.dtype == torch.bfloat16
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+GROUPS = [
+    Example("The user watched Action Story 1 and Comedy Story 2. Next title:", ' "Action Story 3"',
+            choices=[' "Action Story 3"', ' "Drama"', ' "Horror Story 4 Returns"']),
+    Example("The user watched Drama Story 1. Next title:", ' "Comedy Story 2"',
+            choices=[' "Comedy Story 2"', ' "Action Story 1 Part Two"', ' "Romance"']),
+]
+
+
+def test_listwise_groups_and_loss_match_each_row_scored_alone(tiny_dir):
+    from llmrec.finetune.data import encode_group, listwise_title_loss
+
+    m, tok = load_causal_lm(tiny_dir, dtype="float32")
+    feats = [encode_group(e, tok, 64) for e in GROUPS]
+    for f, e in zip(feats, GROUPS):
+        p_ids = tok(e.prompt, add_special_tokens=False)["input_ids"]
+        for j, (row, title) in enumerate(zip(f["group"], e.choices)):
+            t_ids = tok(title, add_special_tokens=False)["input_ids"]
+            assert row["input_ids"] == p_ids + t_ids + [tok.eos_token_id]
+            # the listwise score reads the title's tokens, EOS excluded; the LM loss only the true title (+ EOS)
+            assert row["score_labels"] == [IGNORE_INDEX] * len(p_ids) + t_ids + [IGNORE_INDEX]
+            assert row["labels"] == ([IGNORE_INDEX] * len(p_ids) + t_ids + [tok.eos_token_id] if j == 0
+                                     else [IGNORE_INDEX] * len(row["input_ids"]))
+    b = AnswerOnlyCollator(tok.pad_token_id)(feats)
+    assert b["input_ids"].shape[0] == 6 and int(b["group_size"]) == 3
+    with torch.no_grad():
+        loss, parts = listwise_title_loss(m, b, temperature=0.5, lm_weight=2.0)
+    # reference: every row alone, no padding; mean log-prob per title token; CE over each group's scores
+    scores, lm_sum, lm_n = [], 0.0, 0
+    for f in feats:
+        row_scores = []
+        for j, row in enumerate(f["group"]):
+            ids = torch.tensor([row["input_ids"]])
+            with torch.no_grad():
+                lp = torch.log_softmax(m(input_ids=ids).logits[0, :-1].float(), -1)
+            tok_lp = lp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+            on = torch.tensor(row["score_labels"][1:]) != IGNORE_INDEX
+            row_scores.append(float(tok_lp[on].mean()))
+            if j == 0:
+                lm_on = torch.tensor(row["labels"][1:]) != IGNORE_INDEX
+                lm_sum -= float(tok_lp[lm_on].sum())
+                lm_n += int(lm_on.sum())
+        scores.append(row_scores)
+    s = torch.tensor(scores)
+    ce = float(torch.nn.functional.cross_entropy(s / 0.5, torch.zeros(2, dtype=torch.long)))
+    assert abs(parts["lm"] - lm_sum / lm_n) < 1e-4 and abs(parts["listwise"] - ce) < 1e-4
+    assert abs(float(loss) - (2.0 * lm_sum / lm_n + ce)) < 1e-4
+    assert parts["top1"] == float((s.argmax(1) == 0).float().mean())
+    with pytest.raises(ValueError, match="different numbers of titles"):
+        short = encode_group(Example("p", ' "a"', choices=[' "a"', ' "b"']), tok, 64)
+        AnswerOnlyCollator(tok.pad_token_id)([feats[0], short])
+    with pytest.raises(ValueError, match="at least one negative"):
+        encode_group(Example("p", ' "a"', choices=[' "a"']), tok, 64)
+
+
+def test_listwise_steps_move_the_true_titles_up(tiny_dir):
+    from llmrec.finetune.data import encode_group, listwise_title_loss
+
+    m, tok = qlora(tiny_dir)
+    b = AnswerOnlyCollator(tok.pad_token_id)([encode_group(e, tok, 64) for e in GROUPS])
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    m.train()
+    seen = []
+    for _ in range(8):
+        loss, parts = listwise_title_loss(m, b, temperature=0.25, lm_weight=0.0)  # the listwise term alone
+        loss.backward()
+        assert all(p.grad is not None for n, p in m.named_parameters() if "lora_B" in n)
+        opt.step()
+        opt.zero_grad()
+        seen.append(parts)
+    assert seen[-1]["listwise"] < 0.5 * seen[0]["listwise"] and seen[-1]["top1"] == 1.0, seen

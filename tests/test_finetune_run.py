@@ -244,3 +244,87 @@ def test_next_title_answers_are_titles_as_the_generate_mode_writes_them(tiny_dat
         # the Recommender's constrained `generate` options are exactly " " + quote(title, cap)
         assert e.answer == " " + quote(title, cap) and e.answer.startswith(' "') and e.answer.endswith('"')
         assert e.prompt.rstrip().endswith("Title:")
+
+
+def test_next_title_with_negatives_trains_listwise_and_can_start_from_an_adapter(tiny_dataset, tiny_dir, tmp_path):
+
+    from llmrec.config import ConfigError
+
+    extra = ["task=next_title", "data.template=next_title", "data.negatives=3", "data.candidates=popular",
+             "data.n_candidates=5", "eval_before=false", "data.n_valid=0", "data.n_test=4"]
+    cfg = tiny_recipe(tiny_dir, tmp_path / "plain", task="rank", extra=["task=next_title", "data.template=next_title",
+                                                                        "eval_before=false", "data.n_valid=0",
+                                                                        "data.n_test=4"])
+    plain = run_finetune(cfg, ds=tiny_dataset)
+    assert plain["train"]["steps"] == 2
+    cfg = tiny_recipe(tiny_dir, tmp_path / "listwise", task="rank",
+                      extra=[*extra, f"init_adapter={tmp_path / 'plain' / 'adapter'}"])
+
+    # init_adapter: the run starts from the plain run's LoRA weights (checked before a step is taken)
+    import llmrec.finetune.trainer as tr
+
+    started = {}
+    orig = tr.init_from_adapter
+
+    def spy(model, c):
+        orig(model, c)
+        started.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
+
+    tr.init_from_adapter = spy
+    try:
+        m = run_finetune(cfg, ds=tiny_dataset)
+    finally:
+        tr.init_from_adapter = orig
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b_saved = sorted(float(v.abs().sum()) for k, v in saved.items() if "lora_B" in k)
+    assert b_saved and sorted(float(v.abs().sum()) for v in started.values()) == pytest.approx(b_saved)
+    assert m["train"]["steps"] == 2 and m["test_after"]["n"] == 4
+    man = json.loads((tmp_path / "listwise" / "data_manifest.json").read_text())
+    assert man["negatives"] == 3 and man["train"]["titles_per_example"] == 4
+    logged = m["train"]["listwise"]  # (step, listwise loss, top-1 share) per log line (logging_steps=1)
+    assert [s for s, _, _ in logged] == [1, 2] and all(loss > 0 and 0.0 <= top1 <= 1.0 for _, loss, top1 in logged)
+
+    with pytest.raises(ConfigError, match="r: 8 there, 4 in the recipe"):
+        run_finetune(tiny_recipe(tiny_dir, tmp_path / "bad", task="rank",
+                                 extra=[*extra, "lora.r=4", f"init_adapter={tmp_path / 'plain' / 'adapter'}"]),
+                     ds=tiny_dataset)
+    with pytest.raises(ConfigError, match="full-precision base, the recipe trains a nf4 4-bit base"):
+        (tmp_path / "plain" / "adapter" / "llmrec_base.json").unlink()
+        run_finetune(tiny_recipe(tiny_dir, tmp_path / "bad2", task="rank",
+                                 extra=[*extra, f"init_adapter={tmp_path / 'plain' / 'adapter'}"]), ds=tiny_dataset)
+
+
+def test_negatives_settings_are_checked():
+    from llmrec.config import ConfigError
+
+    rec = RECIPES / "next_title_smollm2_qlora.yaml"
+    with pytest.raises(ConfigError, match="data.negatives is for task next_title"):
+        load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["data.negatives=2"])
+    with pytest.raises(ConfigError, match=r"data.negatives \(20\) must be below data.n_candidates \(20\)"):
+        load_recipe(rec, ["data.negatives=20"])
+    with pytest.raises(ConfigError, match="listwise_temperature must be > 0"):
+        load_recipe(rec, ["train.listwise_temperature=0"])
+    with pytest.raises(ConfigError, match="is not an adapter folder"):
+        load_recipe(rec, ["init_adapter=/nonexistent/adapter"])
+
+
+@pytest.mark.parametrize("candidates", ["candidates=popular", "candidates=retrieval"])
+def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset, tiny_dir, candidates):
+    from transformers import AutoTokenizer
+
+    from llmrec.finetune.data import build_examples
+
+    cfg = tiny_recipe(tiny_dir, tiny_dir / "unused", task="rank",
+                      extra=["task=next_title", "data.template=next_title", "data.negatives=3", f"data.{candidates}",
+                             "data.retriever=itemcf", "data.n_candidates=5"])
+    ex = build_examples(tiny_dataset, "next_title", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
+    inter = tiny_dataset.interactions
+    for e in ex["train"]:
+        assert e.choices[0] == e.answer and len(e.choices) == 4 and e.candidate_ids[0] == e.item_id
+        assert len(set(e.candidate_ids)) == 4  # three other items, none of them the target
+        # neither the history nor a later training item of the user (a true next item elsewhere, not a negative)
+        train_items = set(inter[(inter["user_id"] == e.user_id) & (inter["split"] == "train")]["item_id"].astype(str))
+        assert not set(e.candidate_ids[1:]) & train_items
+    assert all(not e.choices for e in ex["test"])  # evaluation: the exact title, as without negatives

@@ -21,7 +21,8 @@ class DataSettings:
     template: str | None = None  # prompt template name; default = the task name
     max_len: int = 448  # token budget of prompt + answer (the prompt's history is trimmed to fit)
     history_max: int = 10
-    n_candidates: int = 20  # rank: candidates per prompt (target + n-1 others), letters A, B, ...
+    n_candidates: int = 20  # rank: candidates per prompt (target + n-1 others), letters A, B, ...; next_title: the
+    # list `negatives` are drawn from
     candidates: Literal["popular", "random", "retrieval"] = "popular"
     # candidates: retrieval -> the retriever that lists them for every split, training positions included (the
     # user's events before the target only): one of llmrec.ranking.factory.RETRIEVERS (text, hybrid, hybrid:sasrec,
@@ -30,6 +31,10 @@ class DataSettings:
     n_valid: int | None = 200  # validation examples scored during training (fixed seeded subset); null = all, 0 = none
     n_test: int | None = 1000  # test examples scored before/after training (fixed seeded subset); null = all, 0 = none
     append_eos: bool = True  # the answer is followed by the EOS token (also counted in the loss)
+    # next_title: > 0 adds a listwise term to the loss: each example's title is scored against this many other titles
+    # drawn (seeded) from the `n_candidates` that `candidates` / `retriever` list for the events before the target
+    # (candidates: retrieval = the hard negatives the Recommender's likelihood mode will rank it among)
+    negatives: int = 0
     chat: bool = False
 
 
@@ -70,6 +75,11 @@ class TrainSettings:
     # kept to measure that, `finetune/bench.py speed --configs int_window recipe`)
     loss_positions: Literal["index", "int"] = "index"
     eval_batch_size: int = 8
+    # next_title with data.negatives > 0: loss = listwise_lm_weight x the answer-only LM loss of the true title +
+    # the cross-entropy of softmax(s / listwise_temperature) over the example's titles, s = a title's mean log-prob
+    # per token after the prompt (the score of the likelihood ranking mode)
+    listwise_temperature: float = 0.25
+    listwise_lm_weight: float = 1.0
     seed: int = 0
     progress: bool = True
 
@@ -90,6 +100,9 @@ class FinetuneConfig:
     eval_after: bool = True
     output_dir: Path | None = None  # default: $LLMREC_HOME/finetune/<task>_<dataset>
     results_name: str | None = None  # also write eval/results/<name>.{json,md}
+    # start from this adapter's LoRA weights (same lora settings and base quantization) instead of a fresh LoRA, e.g.
+    # a next_title adapter continued with the listwise loss
+    init_adapter: Path | None = None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -104,6 +117,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: data.retriever {cfg.data.retriever!r} is not one of {list(RETRIEVERS)}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError(f"{path}: train.batch_size and train.grad_accum must be >= 1")
+    if cfg.data.negatives < 0:
+        raise ConfigError(f"{path}: data.negatives must be >= 0, got {cfg.data.negatives}")
+    if cfg.data.negatives and cfg.task != "next_title":
+        raise ConfigError(f"{path}: data.negatives is for task next_title (got task {cfg.task!r})")
+    if cfg.data.negatives >= cfg.data.n_candidates:
+        raise ConfigError(f"{path}: data.negatives ({cfg.data.negatives}) must be below data.n_candidates "
+                          f"({cfg.data.n_candidates}), the list they are drawn from with the target")
+    if cfg.train.listwise_temperature <= 0:
+        raise ConfigError(f"{path}: train.listwise_temperature must be > 0, got {cfg.train.listwise_temperature}")
+    if cfg.train.listwise_lm_weight < 0:
+        raise ConfigError(f"{path}: train.listwise_lm_weight must be >= 0, got {cfg.train.listwise_lm_weight}")
+    if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{path}: init_adapter {cfg.init_adapter} is not an adapter folder (no adapter_config.json)")
     if cfg.train.malloc_mmap_threshold_mb < 0:
         raise ConfigError(f"{path}: train.malloc_mmap_threshold_mb must be >= 0 (0 = glibc's default), got "
                           f"{cfg.train.malloc_mmap_threshold_mb}")

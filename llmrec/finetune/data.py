@@ -8,7 +8,9 @@ Tasks
 - rank: leave-one-out next item; the target is shuffled among `n_candidates - 1` other items (popularity-sampled,
   uniform, or retrieved), the answer is the target's letter (" A", " B", ...).
 - next_title: the answer is the next item's title, double-quoted as prompts quote titles (what the Recommender's
-  `generate` mode writes and its title-likelihood scoring reads).
+  `generate` mode writes and its title-likelihood scoring reads). With `negatives: K` a training example also
+  carries K other titles from the retriever's list (`choices`, the true one first): `encode_group` makes one row per
+  title and `listwise_title_loss` adds a softmax cross-entropy over their mean log-probs to the LM loss.
 
 Only the answer tokens (plus EOS when `append_eos`) count in the loss: prompt positions get label -100.
 Few-shot: `n_train` examples are drawn with a fixed seed (as TALLRec does); the same seed gives the same rows.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -116,20 +118,28 @@ class _CandidateSampler:
         if ds.n_items < n:
             raise ValueError(f"data.n_candidates={n} but the dataset has only {ds.n_items} items")
         self.retriever = retriever
+        self.later_counts = [0, 0]  # later items among the retrieved top n - 1, retrieved items looked at
         if mode == "retrieval" and retriever is None:
             from llmrec.ranking.factory import build_retriever
 
             self.retriever = build_retriever(ds, retriever_kind)
 
     def __call__(self, rng: np.random.Generator, target: str, seen: set[str], user_id: str, split: str,
-                 pos: int | None = None) -> list[str]:
+                 pos: int | None = None, later: frozenset[str] = frozenset()) -> list[str]:
+        """`seen`: the history (never a candidate); `later`: other items to keep out too (the user's later training
+        items: true next items of later positions, not negatives), replaced by the retriever's next ones."""
         ds = self.ds
+        seen = seen | later
         others: list[str] = []
         if self.mode == "retrieval":
             from llmrec.retrieval import candidates_for
 
             at = pos if split == "train" else None  # valid/test: exactly the split's history, as at evaluation
-            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n, self.retriever, pos=at)]
+            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later), self.retriever, pos=at)]
+            if later:  # how many of the top n - 1 were later items (data_manifest.json: later_items_in_top)
+                top = [i for i in got if i != target and i not in seen - later][: self.n - 1]
+                self.later_counts[0] += sum(i in later for i in top)
+                self.later_counts[1] += len(top)
             others = [i for i in got if i != target and i not in seen][: self.n - 1]
         if len(others) < self.n - 1:
             mask = np.ones(ds.n_items, dtype=bool)
@@ -178,10 +188,23 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
         else:
             rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
                           chat=cfg.chat, now=int(r.timestamp))
-            title = ds.titles[ds.item_index[target]] if hasattr(ds, "titles") else target
-            # quoted as the prompt quotes titles and as the Recommender's `generate` mode writes them
-            answer = " " + P.quote(title, template.options.title_max_chars)
-            out.append(Example(rp.text, answer, [], 0, str(r.user_id), target))
+            def answer(item: str) -> str:  # quoted as prompts quote titles and the `generate` mode writes them
+                title = ds.titles[ds.item_index[item]] if hasattr(ds, "titles") else item
+                return " " + P.quote(title, template.options.title_max_chars)
+
+            ids = [target]
+            if sampler is not None and cfg.negatives:  # the true title first, then the negatives (label 0)
+                # none of the user's later training items: at a training position ~38% of BERT+LSTM's top 19 on
+                # ML-100K are items the user rates later, which would teach the model to rank true items down
+                later = frozenset(ev.loc[(ev["split"] == "train") & (ev["pos"] > r.pos), "item_id"].astype(str))
+                later -= {target}
+                listed = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos),
+                                 later)
+                others = [str(c) for c in listed if str(c) != target]
+                ids += [str(c) for c in rng.choice(others, size=min(cfg.negatives, len(others)), replace=False)]
+            choices = [answer(i) for i in ids] if len(ids) > 1 else []
+            out.append(Example(rp.text, answer(target), choices, 0, str(r.user_id), target,
+                               ids if len(ids) > 1 else []))
     return out
 
 
@@ -215,15 +238,22 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
     train = sample_rows(pool, cfg.n_train, cfg.seed)
     valid = _subset(ds.targets("valid"), cfg.n_valid, cfg.seed)
     test = _subset(ds.targets("test"), cfg.n_test, cfg.seed)
+    listwise = task == "next_title" and cfg.negatives > 0
     sampler = _CandidateSampler(ds, cfg.candidates, cfg.n_candidates, retriever, cfg.retriever) if (
-        task == "rank") else None
+        task == "rank" or listwise) else None
+    held = sampler if task == "rank" else None  # next_title: negatives for training only (evaluation: exact titles)
+    train_ex = _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples",
+                             sampler)
+    if listwise and sampler.later_counts[1]:
+        log.info("negatives: %.1f%% of the retriever's top %d at the training positions were items the user rates "
+                 "later in the training split (kept out, replaced by the next ones)",
+                 100 * sampler.later_counts[0] / sampler.later_counts[1], cfg.n_candidates - 1)
     return {
-        "train": _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples",
-                               sampler),
+        "train": train_ex,
         "valid": _seq_examples(ds, task, _with_pos(ds, valid), cfg, tokenizer, template, P, "valid", cfg.seed + 1,
-                               "valid examples", sampler),
+                               "valid examples", held),
         "test": _seq_examples(ds, task, _with_pos(ds, test), cfg, tokenizer, template, P, "test", cfg.seed + 2,
-                              "test examples", sampler),
+                              "test examples", held),
     }
 
 
@@ -257,6 +287,26 @@ def encode_example(ex: Example, tokenizer: Any, max_len: int, append_eos: bool =
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(p_ids) + a_ids}
 
 
+def encode_group(ex: Example, tokenizer: Any, max_len: int, append_eos: bool = True) -> dict[str, list[dict]]:
+    """A listwise next_title example: one row per title in `ex.choices` (the true one first), each the prompt + that
+    title (+ EOS), as `encode_example` makes it. `labels`: the true row's, -100 on the other rows (the LM loss reads
+    the true title only); `score_labels`: every row's title tokens, EOS excluded (what the likelihood mode scores)."""
+    if len(ex.choices) < 2:
+        raise ValueError(f"encode_group: example of user {ex.user_id} has {len(ex.choices)} titles; needs the true "
+                         "one and at least one negative")
+    rows = []
+    for j, answer in enumerate(ex.choices):
+        f = encode_example(replace(ex, answer=answer), tokenizer, max_len, append_eos)
+        score = list(f["labels"])
+        if append_eos and score and score[-1] == tokenizer.eos_token_id:
+            score[-1] = IGNORE_INDEX
+        f["score_labels"] = score
+        if j:
+            f["labels"] = [IGNORE_INDEX] * len(score)
+        rows.append(f)
+    return {"group": rows}
+
+
 class AnswerOnlyCollator:
     """Pads input_ids (pad id), attention_mask (0) and labels (-100) to the longest example of the batch. Left
     padding (default) right-aligns the answers, so the loss needs the logits of the last few positions only;
@@ -269,9 +319,16 @@ class AnswerOnlyCollator:
         self.side = padding_side
         self.mult = pad_to_multiple_of
 
-    def __call__(self, feats: list[dict[str, list[int]]]) -> dict[str, Any]:
+    def __call__(self, feats: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        group = 0
+        if feats and "group" in feats[0]:  # listwise examples (`encode_group`): their rows, one group after another
+            sizes = {len(f["group"]) for f in feats}
+            if len(sizes) != 1:
+                raise ValueError(f"listwise examples of one batch have different numbers of titles: {sorted(sizes)}")
+            group = sizes.pop()
+            feats = [row for f in feats for row in f["group"]]
         n = max(len(f["input_ids"]) for f in feats)
         if self.mult:
             n = -(-n // self.mult) * self.mult
@@ -284,8 +341,31 @@ class AnswerOnlyCollator:
             return torch.tensor(rows, dtype=torch.long)
 
         mask = pad("attention_mask", 0)
-        return {"input_ids": pad("input_ids", self.pad), "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "labels": pad("labels", IGNORE_INDEX)}
+        out = {"input_ids": pad("input_ids", self.pad), "attention_mask": mask,
+               "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "labels": pad("labels", IGNORE_INDEX)}
+        if group:
+            out.update(score_labels=pad("score_labels", IGNORE_INDEX), group_size=torch.tensor(group))
+        return out
+
+
+def _window_logits(model: Any, inputs: dict[str, Any], answers: Any, positions_as: str) -> tuple[Any, int]:
+    """(logits of the positions from one before the batch's earliest answer token to the end, the column of the
+    first token they predict). `answers`: [B, seq] bool, True on answer tokens."""
+    import torch
+
+    if not bool(answers.any()):
+        raise ValueError("a batch without answer tokens (every label is -100)")
+    seq = answers.shape[1]
+    first = int(torch.argmax(answers.int(), dim=1)[answers.any(dim=1)].min())
+    keep = seq - first + 1
+    # the kept positions as an index tensor, not the int `keep`: transformers then gathers them into a contiguous
+    # copy, where with an int it slices the hidden states, and on the CPU the LM head's matmul over that slice of a
+    # training forward allocated ~0.2 GB inside the op (135M, batch 4; eval/results/memtrack_check.md); same logits
+    if positions_as not in ("index", "int"):
+        raise ValueError(f"positions_as must be 'index' or 'int', got {positions_as!r}")
+    kept = torch.arange(seq - keep, seq, device=answers.device) if positions_as == "index" else keep
+    fwd = {k: v for k, v in inputs.items() if k not in ("labels", "score_labels", "group_size")}
+    return model(**fwd, logits_to_keep=kept).logits, seq - keep + 1
 
 
 def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None,
@@ -298,22 +378,10 @@ def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any
     import torch
 
     labels = inputs["labels"]
-    fwd = {k: v for k, v in inputs.items() if k != "labels"}
     valid = labels.ne(IGNORE_INDEX)
-    if not bool(valid.any()):
-        raise ValueError("a batch without answer tokens (every label is -100)")
-    seq = labels.shape[1]
-    first = int(torch.argmax(valid.int(), dim=1)[valid.any(dim=1)].min())
-    keep = seq - first + 1
-    # the kept positions as an index tensor, not the int `keep`: transformers then gathers them into a contiguous
-    # copy, where with an int it slices the hidden states, and on the CPU the LM head's matmul over that slice of a
-    # training forward allocated ~0.2 GB inside the op (135M, batch 4; eval/results/memtrack_check.md); same logits
-    if positions_as not in ("index", "int"):
-        raise ValueError(f"positions_as must be 'index' or 'int', got {positions_as!r}")
-    kept = torch.arange(seq - keep, seq, device=labels.device) if positions_as == "index" else keep
-    logits = model(**fwd, logits_to_keep=kept).logits  # [B, keep, V] for positions seq-keep .. seq-1
+    logits, start = _window_logits(model, inputs, valid, positions_as)  # [B, keep, V]: positions start-1 .. seq-1
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, seq - keep + 1 :]
+    shift_labels = labels[:, start:]
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                              shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     denom = num_items_in_batch if num_items_in_batch is not None else valid.sum()
@@ -322,13 +390,58 @@ def answer_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any
     return loss / denom, logits
 
 
+def listwise_title_loss(model: Any, inputs: dict[str, Any], temperature: float, lm_weight: float = 1.0,
+                        num_items_in_batch: Any = None, positions_as: str = "index", lm_scale: float = 1.0,
+                        list_scale: float = 1.0) -> tuple[Any, dict[str, float]]:
+    """Loss of a batch of listwise next_title groups (`AnswerOnlyCollator` over `encode_group` features; each group
+    the true title's row, then its negatives'):
+
+        loss = lm_weight * lm_scale * NLL(true titles' answer tokens) / num_items_in_batch
+               + list_scale * mean_g CE(softmax(s_g / temperature), 0)
+
+    s_g = each title's mean log-prob per token after the prompt (the likelihood mode's score). `lm_scale` /
+    `list_scale` let the Trainer undo its distributed averaging and spread the listwise term over gradient
+    accumulation. Returns (loss, {"lm": ..., "listwise": ..., "top1": share of groups whose true title scores
+    highest}) from one forward pass over all rows."""
+    import torch
+
+    labels, score_labels = inputs["labels"], inputs["score_labels"]
+    g = int(inputs["group_size"])
+    if labels.shape[0] % g:
+        raise ValueError(f"{labels.shape[0]} rows are not whole groups of {g}")
+    logits, start = _window_logits(model, inputs, labels.ne(IGNORE_INDEX) | score_labels.ne(IGNORE_INDEX),
+                                   positions_as)
+    lg = logits[:, :-1, :].float()
+    lse = torch.logsumexp(lg, dim=-1)
+
+    def token_logprobs(target: Any) -> tuple[Any, Any]:
+        t = target[:, start:]
+        on = t.ne(IGNORE_INDEX)
+        return (torch.gather(lg, 2, t.clamp(min=0)[..., None])[..., 0] - lse) * on, on
+
+    lm_lp, lm_on = token_logprobs(labels)
+    denom = num_items_in_batch if num_items_in_batch is not None else lm_on.sum()
+    if torch.is_tensor(denom):
+        denom = denom.to(lm_lp.device)
+    lm = -lm_lp.sum() / denom
+    sc_lp, sc_on = token_logprobs(score_labels)
+    s = (sc_lp.sum(-1) / sc_on.sum(-1).clamp(min=1)).view(-1, g)
+    target = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
+    lw = torch.nn.functional.cross_entropy(s / temperature, target)
+    parts = {"lm": float(lm.detach()), "listwise": float(lw.detach()),
+             "top1": float((s.argmax(-1) == 0).float().mean())}
+    return lm_weight * lm_scale * lm + list_scale * lw, parts
+
+
 def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Example]], template: Any = None) -> dict:
     """What the model was trained and evaluated on: sizes, seed, label balance, template, and a content hash."""
+    listed = task == "rank" or (task == "next_title" and cfg.negatives > 0)
     out: dict[str, Any] = {"dataset": getattr(ds, "name", None), "task": task, "seed": cfg.seed,
                            "n_train_requested": cfg.n_train,
-                           "candidates": cfg.candidates if task == "rank" else None,
-                           "retriever": cfg.retriever if task == "rank" and cfg.candidates == "retrieval" else None,
-                           "n_candidates": cfg.n_candidates if task == "rank" else None,
+                           "candidates": cfg.candidates if listed else None,
+                           "retriever": cfg.retriever if listed and cfg.candidates == "retrieval" else None,
+                           "n_candidates": cfg.n_candidates if listed else None,
+                           "negatives": cfg.negatives if task == "next_title" else None,
                            "max_len": cfg.max_len, "history_max": cfg.history_max}
     if template is not None:
         out["template"] = {"name": template.name, "version": getattr(template, "version", None),
@@ -340,6 +453,8 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
         info: dict[str, Any] = {"n": len(exs), "sha256": h.hexdigest()[:16], "users": len({e.user_id for e in exs})}
         if task == "yesno" and exs:
             info["positive_rate"] = float(np.mean([e.label for e in exs]))
+        if any(e.choices for e in exs) and task == "next_title":
+            info["titles_per_example"] = int(np.mean([len(e.choices) for e in exs]))
         if task == "rank" and exs:
             info["answer_position_histogram"] = np.bincount([e.label for e in exs],
                                                             minlength=cfg.n_candidates).tolist()

@@ -25,6 +25,8 @@ from llmrec.finetune.data import (
     answer_only_loss,
     build_examples,
     encode_example,
+    encode_group,
+    listwise_title_loss,
     manifest,
 )
 
@@ -223,6 +225,34 @@ def final_evaluation(evaluator: Evaluator, model: Any, examples: dict[str, list[
     return out
 
 
+def init_from_adapter(model: Any, cfg: FinetuneConfig) -> None:
+    """Copy `cfg.init_adapter`'s LoRA weights into the fresh LoRA layers of `model`. Refused unless its LoRA settings
+    (rank, alpha, target modules) are the recipe's and it was fitted to the base the recipe trains (a QLoRA adapter
+    corrects the nf4 weights it was trained on: on other weights it shifts every answer, FINDINGS.md)."""
+    from llmrec.config import ConfigError
+    from llmrec.llm.loading import adapter_base_quant, load_adapter_weights
+
+    src = Path(cfg.init_adapter)
+    saved = json.loads((src / "adapter_config.json").read_text())
+    mine = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
+    theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+              "target_modules": sorted(saved.get("target_modules") or [])}
+    diff = [f"{k}: {theirs[k]} there, {mine[k]} in the recipe" for k in mine if mine[k] != theirs[k]]
+    if diff:
+        raise ConfigError(f"init_adapter {src}: its LoRA settings differ from the recipe's lora block "
+                          f"({'; '.join(diff)})")
+    base = adapter_base_quant(src)
+    q = cfg.quant
+    same = (base is None and not q.load_in_4bit) or (
+        base is not None and q.load_in_4bit and (base.quant_type, base.double_quant) == (q.quant_type, q.double_quant))
+    if not same:
+        there = f"a {base.quant_type} 4-bit base" if base else "a full-precision base"
+        here = f"a {q.quant_type} 4-bit base" if q.load_in_4bit else "a full-precision base"
+        raise ConfigError(f"init_adapter {src}: it was fitted to {there}, the recipe trains {here}")
+    load_adapter_weights(model, src)
+    log.info("LoRA weights initialised from %s", src)
+
+
 def rescore_run(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -> dict[str, Any]:
     """Score a finished run's adapter (`<output_dir>/adapter`) again with the current evaluation, as `run_finetune`
     does after training (and the zero-shot pass with `eval_before`), on the examples its recipe builds; the training
@@ -296,6 +326,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant, tokenizer=tok)
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
     model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing, quant=cfg.quant)
+    if cfg.init_adapter is not None:
+        init_from_adapter(model, cfg)
     rss_loaded = peak_rss_mb()
     if tc.trim_memory:
         trim_heap()  # the 4-bit path loads full-precision weights first; give what it freed back
@@ -316,9 +348,11 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     if is_main_process():
         (out_dir / "data_manifest.json").write_text(json.dumps(man, indent=2) + "\n")
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    train_feats = [encode_example(e, tok, cfg.data.max_len, cfg.data.append_eos) for e in examples["train"]]
+    listwise = cfg.task == "next_title" and cfg.data.negatives > 0
+    train_feats = [(encode_group if listwise else encode_example)(e, tok, cfg.data.max_len, cfg.data.append_eos)
+                   for e in examples["train"]]
     valid_feats = [encode_example(e, tok, cfg.data.max_len, cfg.data.append_eos) for e in examples["valid"]]
-    lens = [len(f["input_ids"]) for f in train_feats]
+    lens = [len(r["input_ids"]) for f in train_feats for r in f.get("group", [f])]
     log.info("train examples: %d (tokens mean %.0f, max %d)", len(train_feats), np.mean(lens), max(lens))
 
     evaluator = Evaluator(cfg, model, tok)
@@ -347,13 +381,31 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         def __init__(self, *a: Any, **kw: Any):
             super().__init__(*a, **kw)
             self.model_accepts_loss_kwargs = True  # makes Trainer count num_items_in_batch and pass it here
+            self._listwise_parts: list[dict[str, float]] = []
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            # DDP averages gradients, and num_items_in_batch was summed over the processes: scale back
+            scale = (self.accelerator.num_processes
+                     if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
+            if "group_size" in inputs:  # listwise next_title groups
+                loss, parts = listwise_title_loss(
+                    model, inputs, tc.listwise_temperature, tc.listwise_lm_weight, num_items_in_batch,
+                    positions_as=tc.loss_positions, lm_scale=scale,
+                    list_scale=1.0 / self.args.gradient_accumulation_steps)
+                self._listwise_parts.append(parts)
+                return (loss, {}) if return_outputs else loss
             loss, logits = answer_only_loss(model, inputs, num_items_in_batch, positions_as=tc.loss_positions)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed
+            loss = loss * scale
             return (loss, {"logits": logits}) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *a: Any, **kw: Any) -> None:
+            if self._listwise_parts and "loss" in logs:  # the listwise terms' means since the last log line
+                for k in self._listwise_parts[0]:
+                    logs[f"listwise_{k}" if k != "listwise" else "listwise_loss"] = round(
+                        float(np.mean([p[k] for p in self._listwise_parts])), 4)
+                self._listwise_parts.clear()
+            super().log(logs, *a, **kw)
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                      metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -458,6 +510,9 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         "examples_per_s": round(float(result.metrics.get("train_samples_per_second", 0.0)), 3),
         "train_loss": float(result.metrics.get("train_loss", float("nan"))),
         "losses": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+        # listwise next_title: the listwise term and the share of groups whose true title scored highest, per log line
+        **({"listwise": [(h["step"], h["listwise_loss"], h["listwise_top1"]) for h in trainer.state.log_history
+                         if "listwise_loss" in h]} if listwise else {}),
         "batch_size": tc.batch_size,
         "grad_accum": tc.grad_accum,
         "peak_rss_mb": mem["peak_rss_mb"],
