@@ -67,6 +67,8 @@ RESULT_FILES = {
                            "the fusion weight chosen on validation",
     "title_likelihood_all_users_ml-100k": "the title-likelihood rerank (tuned) over all 943 test users: a tighter "
                                           "interval than the bench's 200",
+    "title_likelihood_listwise_ml-100k": "the next_title adapter continued with a listwise loss against 4 of "
+                                         "BERT+LSTM's top 20 (next_title_listwise recipe): no gain",
     "rank_ensemble_ml-100k": "does the tuned LLM add to an ensemble of the baselines? The same 20 candidates ordered "
                              "by fused baseline ranks, with and without the LLM's title scores (all 943 users)",
     "rank_ensemble_ml-100k_ensemble_candidates": "the same over the `ensemble` retriever's candidates (BERT+LSTM + "
