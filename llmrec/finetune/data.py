@@ -136,7 +136,7 @@ class _CandidateSampler:
 
             at = pos if split == "train" else None  # valid/test: exactly the split's history, as at evaluation
             got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later), self.retriever, pos=at)]
-            if later:  # how many of the top n - 1 were later items (data_manifest.json: later_items_in_top)
+            if later:  # how many of the top n - 1 were later items (logged by build_examples)
                 top = [i for i in got if i != target and i not in seen - later][: self.n - 1]
                 self.later_counts[0] += sum(i in later for i in top)
                 self.later_counts[1] += len(top)
@@ -194,8 +194,9 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
 
             ids = [target]
             if sampler is not None and cfg.negatives:  # the true title first, then the negatives (label 0)
-                # none of the user's later training items: at a training position ~38% of BERT+LSTM's top 19 on
-                # ML-100K are items the user rates later, which would teach the model to rank true items down
+                # none of the user's later training items: at a training position 38.6% of BERT+LSTM's top 19 on
+                # ML-100K are items the user rates later, which would teach the model to rank true items down (the
+                # rank task's training candidates still may hold them: its recorded runs were made so)
                 later = frozenset(ev.loc[(ev["split"] == "train") & (ev["pos"] > r.pos), "item_id"].astype(str))
                 later -= {target}
                 listed = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos),
