@@ -129,7 +129,7 @@ class _CandidateSampler:
         """`seen`: the history (never a candidate); `later`: other items to keep out too (the user's later training
         items: true next items of later positions, not negatives), replaced by the retriever's next ones."""
         ds = self.ds
-        seen = seen | later
+        history, seen = seen, seen | later
         others: list[str] = []
         if self.mode == "retrieval":
             from llmrec.retrieval import candidates_for
@@ -137,7 +137,7 @@ class _CandidateSampler:
             at = pos if split == "train" else None  # valid/test: exactly the split's history, as at evaluation
             got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later), self.retriever, pos=at)]
             if later:  # how many of the top n - 1 were later items (logged by build_examples)
-                top = [i for i in got if i != target and i not in seen - later][: self.n - 1]
+                top = [i for i in got if i != target and i not in history][: self.n - 1]
                 self.later_counts[0] += sum(i in later for i in top)
                 self.later_counts[1] += len(top)
             others = [i for i in got if i != target and i not in seen][: self.n - 1]
@@ -167,6 +167,11 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
     events = _user_events(ds)
     rng = np.random.default_rng(seed)
     budget = cfg.max_len - ANSWER_RESERVE[task]
+
+    def answer(item: str) -> str:  # next_title: quoted as prompts quote titles and the `generate` mode writes them
+        title = ds.titles[ds.item_index[item]] if hasattr(ds, "titles") else item
+        return " " + P.quote(title, template.options.title_max_chars)
+
     out = []
     for r in tqdm(targets.itertuples(index=False), total=len(targets), desc=desc, leave=False,
                   disable=len(targets) < 500):
@@ -188,10 +193,6 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
         else:
             rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
                           chat=cfg.chat, now=int(r.timestamp))
-            def answer(item: str) -> str:  # quoted as prompts quote titles and the `generate` mode writes them
-                title = ds.titles[ds.item_index[item]] if hasattr(ds, "titles") else item
-                return " " + P.quote(title, template.options.title_max_chars)
-
             ids = [target]
             if sampler is not None and cfg.negatives:  # the true title first, then the negatives (label 0)
                 # none of the user's later training items: at a training position 38.6% of BERT+LSTM's top 19 on
