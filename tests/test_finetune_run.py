@@ -311,7 +311,10 @@ def test_negatives_settings_are_checked():
 
 
 @pytest.mark.parametrize("candidates", ["candidates=popular", "candidates=retrieval"])
-def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset, tiny_dir, candidates):
+def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset, tiny_dir, candidates, caplog):
+    import logging
+    import re
+
     from transformers import AutoTokenizer
 
     from llmrec.finetune.data import build_examples
@@ -319,7 +322,11 @@ def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset
     cfg = tiny_recipe(tiny_dir, tiny_dir / "unused", task="rank",
                       extra=["task=next_title", "data.template=next_title", "data.negatives=3", f"data.{candidates}",
                              "data.retriever=itemcf", "data.n_candidates=5"])
-    ex = build_examples(tiny_dataset, "next_title", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
+    with caplog.at_level(logging.INFO, logger="llmrec.finetune.data"):
+        ex = build_examples(tiny_dataset, "next_title", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
+    if candidates.endswith("retrieval"):  # the retriever did list later items, which were replaced
+        share = re.search(r"negatives: ([\d.]+)% of the retriever's top 4", caplog.text)
+        assert share and float(share.group(1)) > 0, caplog.text
     inter = tiny_dataset.interactions
     for e in ex["train"]:
         assert e.choices[0] == e.answer and len(e.choices) == 4 and e.candidate_ids[0] == e.item_id
