@@ -69,6 +69,8 @@ RESULT_FILES = {
                                           "interval than the bench's 200",
     "title_likelihood_listwise_ml-100k": "the next_title adapter continued with a listwise loss against 4 of "
                                          "BERT+LSTM's top 20 (next_title_listwise recipe): no gain",
+    "later_items_ml-100k": "training candidates that are items the user rates later (true next items labelled "
+                           "wrong), before and with `data.exclude_later`",
     "rank_ensemble_ml-100k": "does the tuned LLM add to an ensemble of the baselines? The same 20 candidates ordered "
                              "by fused baseline ranks, with and without the LLM's title scores (all 943 users)",
     "rank_ensemble_ml-100k_ensemble_candidates": "the same over the `ensemble` retriever's candidates (BERT+LSTM + "

@@ -15,6 +15,7 @@ pytest.importorskip("bitsandbytes")
 from llm_fixtures import make_tiny_llm  # noqa: E402
 
 from llmrec.finetune import load_recipe, run_finetune  # noqa: E402
+from llmrec.finetune.data import later_item_share  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "finetune" / "recipes"
 
@@ -325,7 +326,7 @@ def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset
     with caplog.at_level(logging.INFO, logger="llmrec.finetune.data"):
         ex = build_examples(tiny_dataset, "next_title", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
     if candidates.endswith("retrieval"):  # the retriever did list later items, which were replaced
-        share = re.search(r"negatives: ([\d.]+)% of the retriever's top 4", caplog.text)
+        share = re.search(r"candidates: ([\d.]+)% of the retriever's top 4", caplog.text)
         assert share and float(share.group(1)) > 0, caplog.text
     inter = tiny_dataset.interactions
     for e in ex["train"]:
@@ -335,3 +336,42 @@ def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset
         train_items = set(inter[(inter["user_id"] == e.user_id) & (inter["split"] == "train")]["item_id"].astype(str))
         assert not set(e.candidate_ids[1:]) & train_items
     assert all(not e.choices for e in ex["test"])  # evaluation: the exact title, as without negatives
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_rank_training_candidates_leave_out_later_items(tiny_dataset, tiny_dir, exclude):
+    from transformers import AutoTokenizer
+
+    from llmrec.finetune.data import build_examples
+
+    cfg = tiny_recipe(tiny_dir, tiny_dir / "unused", task="rank", extra=[f"data.exclude_later={str(exclude).lower()}"])
+    ex = build_examples(tiny_dataset, "rank", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
+    inter = tiny_dataset.interactions
+    hits = 0
+    for e in ex["train"]:
+        u = inter[(inter["user_id"] == e.user_id) & (inter["split"] == "train")]
+        pos = int(u[u["item_id"] == e.item_id]["pos"].min())
+        hits += len(set(e.candidate_ids) & set(u[u["pos"] > pos]["item_id"].astype(str)) - {e.item_id})
+    # with the option the user's later training items are never distractors; without it (the runs recorded before
+    # it) popularity sampling draws some on this data
+    assert (hits == 0) if exclude else (hits > 0)
+    share = later_item_share(tiny_dataset, ex["train"])  # the same count through the library
+    assert share["candidates"] == 4 * len(ex["train"]) and share["share"] == hits / share["candidates"]
+
+
+def test_later_item_share_by_hand(tiny_dataset):
+    from llmrec.finetune.data import Example
+
+    inter = tiny_dataset.interactions
+    u = inter[(inter["user_id"] == inter["user_id"].iloc[0]) & (inter["split"] == "train")].sort_values("pos")
+    items = u["item_id"].astype(str).tolist()
+    user = str(u["user_id"].iloc[0])
+    other = next(str(i) for i in tiny_dataset.item_ids if str(i) not in set(items))
+    # target = the user's 2nd training item; others: 1st (earlier), 4th and 5th (later), one never rated
+    ex = [Example("p", "a", user_id=user, item_id=items[1], candidate_ids=[items[0], items[1], items[3], items[4],
+                                                                           other]),
+          Example("p", "a", user_id=user, item_id=items[4], candidate_ids=[items[4], items[0], other])]
+    got = later_item_share(tiny_dataset, ex)
+    assert got == {"share": 2 / 6, "examples_with_any": 0.5, "candidates": 6}
+    with pytest.raises(ValueError, match="not a training interaction"):
+        later_item_share(tiny_dataset, [Example("p", "a", user_id=user, item_id=other)])

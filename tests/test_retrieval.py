@@ -343,8 +343,11 @@ def test_rank_training_examples_list_retrieved_candidates(tiny_dataset, text_ret
             pos = int(ev.loc[ev["item_id"].astype(str) == e.item_id, "pos"].iloc[0])
             before = set(ev.loc[ev["pos"] < pos, "item_id"].astype(str))
             assert not before & set(e.candidate_ids)
-            got = candidates_for(ds, e.user_id, split, n, hyb, pos=pos if split == "train" else None)
-            want = [i for i, _ in got if i != e.item_id][: n - 1]
+            # train: nor any item the user rates later in the training split (`exclude_later`), the list read on
+            later = set(ev.loc[(ev["split"] == "train") & (ev["pos"] > pos), "item_id"].astype(str)) - {e.item_id}
+            later = later if split == "train" else set()
+            got = candidates_for(ds, e.user_id, split, n + len(later), hyb, pos=pos if split == "train" else None)
+            want = [i for i, _ in got if i != e.item_id and i not in later][: n - 1]
             assert sorted(set(e.candidate_ids) - {e.item_id}) == sorted(want), (split, e.user_id)
             positions.append(e.label)
     assert len(set(positions)) > 1  # the target's letter is shuffled, not always first (retrieval order)

@@ -181,8 +181,13 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
         hist = _history(ds, P, h["item_id"].tolist(), h["label"].tolist(), h["rating"].tolist(),
                         h["timestamp"].tolist())
         target = str(r.item_id)
+        # the user's later training items (train split only: valid/test candidates are exactly what is served)
+        later = frozenset()
+        if split == "train" and cfg.exclude_later and sampler is not None:
+            later = frozenset(ev.loc[(ev["split"] == "train") & (ev["pos"] > r.pos), "item_id"].astype(str)) - {target}
         if task == "rank":
-            cands = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos))
+            cands = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos),
+                            later)
             rp = P.render(template, history=hist, domain=ds.domain, candidates=P.items_from_dataset(ds, cands),
                           tokenizer=tokenizer, max_tokens=budget, chat=cfg.chat, now=int(r.timestamp))
             ids = [str(c) for c in (rp.candidate_ids or cands)]
@@ -195,11 +200,8 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
                           chat=cfg.chat, now=int(r.timestamp))
             ids = [target]
             if sampler is not None and cfg.negatives:  # the true title first, then the negatives (label 0)
-                # none of the user's later training items: at a training position 38.6% of BERT+LSTM's top 19 on
-                # ML-100K are items the user rates later, which would teach the model to rank true items down (the
-                # rank task's training candidates still may hold them: its recorded runs were made so)
-                later = frozenset(ev.loc[(ev["split"] == "train") & (ev["pos"] > r.pos), "item_id"].astype(str))
-                later -= {target}
+                # none of the user's later training items (`exclude_later`): at a training position 38.6% of
+                # BERT+LSTM's top 19 on ML-100K are items the user rates later, true items ranked down otherwise
                 listed = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos),
                                  later)
                 others = [str(c) for c in listed if str(c) != target]
@@ -246,8 +248,8 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
     held = sampler if task == "rank" else None  # next_title: negatives for training only (evaluation: exact titles)
     train_ex = _seq_examples(ds, task, train, cfg, tokenizer, template, P, "train", cfg.seed, "train examples",
                              sampler)
-    if listwise and sampler.later_counts[1]:
-        log.info("negatives: %.1f%% of the retriever's top %d at the training positions were items the user rates "
+    if sampler is not None and sampler.later_counts[1]:
+        log.info("candidates: %.1f%% of the retriever's top %d at the training positions were items the user rates "
                  "later in the training split (kept out, replaced by the next ones)",
                  100 * sampler.later_counts[0] / sampler.later_counts[1], cfg.n_candidates - 1)
     return {
@@ -433,6 +435,26 @@ def listwise_title_loss(model: Any, inputs: dict[str, Any], temperature: float, 
     parts = {"lm": float(lm.detach()), "listwise": float(lw.detach()),
              "top1": float((s.argmax(-1) == 0).float().mean())}
     return lm_weight * lm_scale * lm + list_scale * lw, parts
+
+
+def later_item_share(ds: Any, examples: list[Example]) -> dict[str, float]:
+    """How many of the training examples' other candidates (`candidate_ids` minus the target) are items the user
+    rates later in the training split: {"share": of all such candidates, "examples_with_any": share of examples with
+    at least one, "candidates": their count}. Those are true next items of later positions, labelled wrong."""
+    inter = ds.interactions
+    train = inter[inter["split"] == "train"]
+    pos = {(str(u), str(i)): int(p) for u, i, p in zip(train["user_id"], train["item_id"], train["pos"])}
+    hits = total = with_any = 0
+    for e in examples:
+        at = pos.get((e.user_id, e.item_id))
+        if at is None:
+            raise ValueError(f"example of user {e.user_id}, item {e.item_id} is not a training interaction")
+        n = sum(pos.get((e.user_id, c), -1) > at for c in e.candidate_ids if c != e.item_id)
+        hits += n
+        with_any += n > 0
+        total += sum(c != e.item_id for c in e.candidate_ids)
+    return {"share": hits / total if total else 0.0,
+            "examples_with_any": with_any / len(examples) if examples else 0.0, "candidates": total}
 
 
 def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Example]], template: Any = None) -> dict:
