@@ -381,9 +381,9 @@ def test_listwise_groups_and_loss_match_each_row_scored_alone(tiny_dir):
         scores.append(row_scores)
     s = torch.tensor(scores)
     ce = float(torch.nn.functional.cross_entropy(s / 0.5, torch.zeros(2, dtype=torch.long)))
-    assert abs(parts["lm"] - lm_sum / lm_n) < 1e-4 and abs(parts["listwise"] - ce) < 1e-4
+    assert abs(parts["listwise_lm"] - lm_sum / lm_n) < 1e-4 and abs(parts["listwise_loss"] - ce) < 1e-4
     assert abs(float(loss) - (2.0 * lm_sum / lm_n + ce)) < 1e-4
-    assert parts["top1"] == float((s.argmax(1) == 0).float().mean())
+    assert parts["listwise_top1"] == float((s.argmax(1) == 0).float().mean())
     with pytest.raises(ValueError, match="different numbers of titles"):
         short = encode_group(Example("p", ' "a"', choices=[' "a"', ' "b"']), tok, 64)
         AnswerOnlyCollator(tok.pad_token_id)([feats[0], short])
@@ -406,4 +406,4 @@ def test_listwise_steps_move_the_true_titles_up(tiny_dir):
         opt.step()
         opt.zero_grad()
         seen.append(parts)
-    assert seen[-1]["listwise"] < 0.5 * seen[0]["listwise"] and seen[-1]["top1"] == 1.0, seen
+    assert seen[-1]["listwise_loss"] < 0.5 * seen[0]["listwise_loss"] and seen[-1]["listwise_top1"] == 1.0, seen

@@ -405,8 +405,8 @@ def listwise_title_loss(model: Any, inputs: dict[str, Any], temperature: float, 
 
     s_g = each title's mean log-prob per token after the prompt (the likelihood mode's score). `lm_scale` /
     `list_scale` let the Trainer undo its distributed averaging and spread the listwise term over gradient
-    accumulation. Returns (loss, {"lm": ..., "listwise": ..., "top1": share of groups whose true title scores
-    highest}) from one forward pass over all rows."""
+    accumulation. Returns (loss, {"listwise_lm": ..., "listwise_loss": ..., "listwise_top1": share of groups whose
+    true title scores highest}: the Trainer's log keys) from one forward pass over all rows."""
     import torch
 
     labels, score_labels = inputs["labels"], inputs["score_labels"]
@@ -432,8 +432,8 @@ def listwise_title_loss(model: Any, inputs: dict[str, Any], temperature: float, 
     s = (sc_lp.sum(-1) / sc_on.sum(-1).clamp(min=1)).view(-1, g)
     target = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
     lw = torch.nn.functional.cross_entropy(s / temperature, target)
-    parts = {"lm": float(lm.detach()), "listwise": float(lw.detach()),
-             "top1": float((s.argmax(-1) == 0).float().mean())}
+    parts = {"listwise_lm": float(lm.detach()), "listwise_loss": float(lw.detach()),
+             "listwise_top1": float((s.argmax(-1) == 0).float().mean())}
     return lm_weight * lm_scale * lm + list_scale * lw, parts
 
 

@@ -402,8 +402,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         def log(self, logs: dict[str, float], *a: Any, **kw: Any) -> None:
             if self._listwise_parts and "loss" in logs:  # the listwise terms' means since the last log line
                 for k in self._listwise_parts[0]:
-                    logs[f"listwise_{k}" if k != "listwise" else "listwise_loss"] = round(
-                        float(np.mean([p[k] for p in self._listwise_parts])), 4)
+                    logs[k] = round(float(np.mean([p[k] for p in self._listwise_parts])), 4)
                 self._listwise_parts.clear()
             super().log(logs, *a, **kw)
 
