@@ -91,8 +91,18 @@ def goal_line(key: str, g: dict) -> str:
         f"- {key}: tuned LLM{' (' + g['tuned_name'] + ')' if g.get('tuned_name') not in (None, 'llm tuned') else ''}"
         f" {g['tuned_llm']:.4f} vs best other"
         f"{' (' + g['best_other_name'] + ')' if g.get('best_other_name') else ''} {g['best_other']:.4f} = "
-        f"{g['ratio']:.2f}x (goal {g['goal_ratio']}x): {verdict}{unc}"
+        f"{g['ratio']:.2f}x (goal {g['goal_ratio']}x): {verdict}{unc}{runner_up_note(g.get('runner_up'))}"
     )
+
+
+def runner_up_note(r: dict | None) -> str:
+    """The goal line's clause on the tuned row validation did not pick (llmrec.bench.runner_up), '' without one."""
+    if not r:
+        return ""
+    ci = r.get("ci")
+    unc = f", {100 * ci['level']:.0f}% {ci['lo']:.2f}-{ci['hi']:.2f}x" if ci else ""
+    return (f". Not picked: {r['name']} {r['ratio']:.2f}x on test{unc}; validation NDCG@10 {r['valid']:.4f} against "
+            f"the picked row's {r['valid_picked']:.4f}")
 
 
 def goal_interval(key: str, tuned: str, other: str, ranks: dict, curves: dict, labels: Any,
@@ -166,16 +176,35 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
     return fitted
 
 
+TUNED_RANK_ROWS = ("llm tuned", "llm tuned, title likelihood")  # the tuned rerank modes the headline picks from
+
+
+def _valid_ndcg(methods: dict, fusion: dict) -> dict[str, float]:
+    """Each tuned rerank row's validation NDCG@10 at its selected fusion weight."""
+    rows = [n for n in TUNED_RANK_ROWS if isinstance(methods.get(n, {}).get("ndcg@10"), float)]
+    return {n: fusion[n]["valid"][fusion[n]["selected"]]["ndcg@10"] for n in rows if n in fusion}
+
+
 def best_tuned_rank(methods: dict, fusion: dict) -> str:
     """The tuned LLM rerank row the headline compares: of `llm tuned` (verbalizer) and `llm tuned, title likelihood`,
     the one with the best *validation* NDCG@10 at its selected fusion weight (never chosen on the test users);
     `llm tuned` when there is no validation figure."""
-    rows = [n for n in ("llm tuned", "llm tuned, title likelihood") if isinstance(methods.get(n, {}).get("ndcg@10"),
-                                                                                  float)]
-    valid = {n: fusion[n]["valid"][fusion[n]["selected"]]["ndcg@10"] for n in rows if n in fusion}
+    valid = _valid_ndcg(methods, fusion)
     if not valid:
         return "llm tuned"
     return max(valid, key=lambda n: (valid[n], n == "llm tuned"))
+
+
+def runner_up(picked: str, other: str, methods: dict, fusion: dict, ranks: dict, seed: int = 0) -> dict | None:
+    """The tuned rerank row the headline did not pick, beside the one it did: its test NDCG@10 / the best other
+    method's (with the paired-bootstrap interval) and both rows' validation NDCG@10, so that a pick decided by a
+    small validation margin shows; None with fewer than two tuned rows."""
+    valid = _valid_ndcg(methods, fusion)
+    alt = next((n for n in valid if n != picked), None)
+    if alt is None or picked not in valid:
+        return None
+    return {"name": alt, "ratio": methods[alt]["ndcg@10"] / methods[other]["ndcg@10"], "valid": valid[alt],
+            "valid_picked": valid[picked], "ci": goal_interval("ndcg@10", alt, other, ranks, {}, None, seed)}
 
 
 def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, report: dict,
@@ -396,6 +425,9 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> Path:
                 "rows": "users" if key == "ndcg@10" else "Yes/No test rows",
                 "ci": goal_interval(key, tuned_name, other, ranks, curves, ex["label"].to_numpy(), cfg.seed),
             }
+            if key == "ndcg@10":
+                goals[key]["runner_up"] = runner_up(tuned_name, other, methods, report.get("fusion", {}), ranks,
+                                                    cfg.seed)
     if report.get("verbalizer_vs_generate"):
         sp = report["verbalizer_vs_generate"]["speedup"]
         goals["verbalizer_speedup"] = {

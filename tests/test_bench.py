@@ -293,6 +293,19 @@ def test_best_goals_and_verbalizer_sections(bench):
         assert ci["n"] == len(a) and (ci["lo"], ci["hi"]) == pytest.approx((ref["lo"], ref["hi"]), abs=1e-4)
         assert ci["ratio"] == pytest.approx(g["ratio"], rel=1e-4) and ci["lo"] <= ci["hi"]
         assert f"{ci['lo']:.2f}-{ci['hi']:.2f}x over the same {ci['n']}" in bench.md
+        if key == "ndcg@10":  # the tuned row validation did not pick, with its own test ratio and interval
+            alt = g["runner_up"]
+            assert alt["name"] in valid and alt["name"] != tuned
+            assert (alt["valid"], alt["valid_picked"]) == (valid[alt["name"]], valid[tuned])
+            assert alt["ratio"] == pytest.approx(methods[alt["name"]][key] / g["best_other"])
+            ref = paired_bootstrap_ratio(lambda r: ndcg_at_k(r, 10), np.array(d["ranks"][alt["name"]]), b,
+                                         seed=bench.cfg.seed)
+            assert (alt["ci"]["lo"], alt["ci"]["hi"]) == pytest.approx((ref["lo"], ref["hi"]), abs=1e-4)
+            assert (f". Not picked: {alt['name']} {alt['ratio']:.2f}x on test, 95% {alt['ci']['lo']:.2f}-"
+                    f"{alt['ci']['hi']:.2f}x; validation NDCG@10 {alt['valid']:.4f} against the picked row's "
+                    f"{valid[tuned]:.4f}") in bench.md
+        else:
+            assert "runner_up" not in g
     v = d["verbalizer_vs_generate"]
     assert v["users"] == min(bench.cfg.generate_users, RANK_USERS)
     assert v["verbalizer_s_per_user"] == methods["llm zero-shot"]["rank_s_per_user"]
