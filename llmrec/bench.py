@@ -203,7 +203,8 @@ def runner_up(picked: str, other: str, methods: dict, fusion: dict, ranks: dict,
     alt = next((n for n in valid if n != picked), None)
     if alt is None or picked not in valid:
         return None
-    return {"name": alt, "ratio": methods[alt]["ndcg@10"] / methods[other]["ndcg@10"], "valid": valid[alt],
+    base = methods[other]["ndcg@10"]
+    return {"name": alt, "ratio": methods[alt]["ndcg@10"] / base if base > 0 else float("inf"), "valid": valid[alt],
             "valid_picked": valid[picked], "ci": goal_interval("ndcg@10", alt, other, ranks, {}, None, seed)}
 
 
