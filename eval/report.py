@@ -69,6 +69,9 @@ RESULT_FILES = {
                            "the fusion weight chosen on validation",
     "title_likelihood_all_users_ml-100k": "the title-likelihood rerank (tuned) over all 943 test users: a tighter "
                                           "interval than the bench's 200",
+    "title_likelihood_seed1_ml-100k": "the title-likelihood rerank with the next_title recipe trained again "
+                                      "(`train.seed=1`): how much a retrain moves the bench's figure",
+    "title_likelihood_seed2_ml-100k": "the same, `train.seed=2`",
     "title_likelihood_listwise_ml-100k": "the next_title adapter continued with a listwise loss against 4 of "
                                          "BERT+LSTM's top 20 (next_title_listwise recipe): no gain",
     "later_items_ml-100k": "training candidates that are items the user rates later (true next items labelled "
