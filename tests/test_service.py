@@ -316,3 +316,18 @@ def test_no_llm_mode_is_labelled(tiny_dataset, tmp_path):
         assert "fallback" in c.get("/health").json()["backend_note"]
         r = c.get("/v1/users/u1/recommendations").json()
         assert r["degraded"] is True and r["backend"] == "collaborative"
+
+
+@pytest.mark.parametrize("secret", ["0123", "on", "~", "null", "k3y #2", "1_000"])
+def test_secrets_from_env_are_taken_verbatim(secret, tiny_dataset, tmp_path):
+    """LLMREC_SERVE_API_KEY / LLMREC_SERVE_USER_HASH_KEY are not YAML-parsed: `~`/`null` must not switch the API key
+    off, `0123` must not become `83`; the key the client sends (the variable as is) is the one the server checks.
+    Other variables keep YAML parsing."""
+    env = {"LLMREC_SERVE_API_KEY": secret, "LLMREC_SERVE_USER_HASH_KEY": secret, "LLMREC_SERVE_MAX_K": "20"}
+    cfg = load_service_config(None, [], environ=env)
+    assert cfg.api_key == secret and cfg.user_hash_key == secret and cfg.max_k == 20
+    assert load_service_config(None, ["api_key=cli"], environ=env).api_key == "cli"  # --set still wins
+    c, _ = make_client(tiny_dataset, tmp_path, api_key=cfg.api_key)
+    with c:
+        assert c.get("/v1/users/u1/recommendations").status_code == 401
+        assert c.get("/v1/users/u1/recommendations", headers={"Authorization": f"Bearer {secret}"}).status_code == 200

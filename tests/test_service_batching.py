@@ -141,3 +141,35 @@ def test_errors_reach_every_caller():
     with pytest.raises(ConnectionError):
         mb.score_choices(["a"], [" Yes", " No"])
     mb.close()
+
+
+def test_a_callers_malformed_choices_fail_that_caller_not_the_shared_batch():
+    """score_choices checks each caller's lists before they join a batch (as score_continuations does): a concurrent
+    well-formed call still gets its rows."""
+    from llmrec.llm.base import normalize_choices
+
+    class Strict(RecordingBackend):
+        def score_choices(self, prompts, choices):
+            per = normalize_choices(prompts, choices)  # as the real backends check
+            self.calls.append(len(prompts))
+            return np.zeros((len(prompts), len(per[0])))
+
+    inner = Strict()
+    mb = MicroBatchingBackend(inner, max_batch=64, max_wait_ms=300)
+    got: dict[str, object] = {}
+
+    def good():
+        try:
+            got["good"] = mb.score_choices(["a", "b"], [" Yes", " No"]).shape
+        except Exception as e:  # noqa: BLE001
+            got["good"] = e
+
+    t = threading.Thread(target=good)
+    t.start()
+    time.sleep(0.02)  # the good call is queued first; the bad one would join its batch
+    for bad in ([["A", "B"], ["A"]], [["A", "B"]]):  # ragged; one list for two prompts
+        with pytest.raises(ValueError, match="choices"):
+            mb.score_choices(["x", "y"], bad)
+    t.join()
+    mb.close()
+    assert got["good"] == (2, 2) and inner.calls == [2]

@@ -169,3 +169,33 @@ def test_merge_adapter_merges_once_on_the_adapters_own_base_and_again_when_it_ch
     random_lora_adapter(base, ad, r=4, target_modules=["q_proj", "v_proj"], std=0.5, seed=1)  # retrained in place
     launch.merge_adapter(str(base), str(ad), out=tmp_path / "merged")
     assert (out / "model.safetensors").stat().st_mtime_ns != first
+
+
+@pytest.mark.parametrize("mode", ["merged", "lora"])
+def test_launched_vllm_server_is_stopped_when_the_backend_cannot_be_built(monkeypatch, mode):
+    """A vLLM server the launcher started must not outlive a failure to build its client (tokenizer missing, ...),
+    in the merged mode as in the lora mode."""
+    import llmrec.llm.vllm_backend as vllm_backend
+
+    stopped: list[int] = []
+
+    class FakeServer:
+        def __init__(self, model, **kw):
+            self.url = "http://127.0.0.1:9/v1"
+
+        def start(self, timeout_s):
+            return self
+
+        def stop(self):
+            stopped.append(1)
+
+    def broken_backend(*a, **kw):
+        raise OSError("cannot load the tokenizer")
+
+    monkeypatch.setattr(launch, "VLLMServer", FakeServer)
+    monkeypatch.setattr(launch, "merge_adapter", lambda base, adapter: "/merged")
+    monkeypatch.setattr(vllm_backend, "VLLMBackend", broken_backend)
+    c = cfg(model="/m", adapters={"a": "/a"})
+    with pytest.raises(OSError, match="tokenizer"):
+        launch.build_backends(c, launch.BackendPlan("vllm-launch", "", "/m", mode))
+    assert stopped == [1]

@@ -49,9 +49,11 @@ class MicroBatchingBackend:
 
     # ------------------------------------------------------------------------------------------------ interface
     def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
+        """Grouped with other callers' calls of the same number of choices. Checked here (the backends' own check), so
+        a caller's malformed lists fail that caller, not a shared batch."""
         if not prompts:
             return np.zeros((0, len(choices) if choices and isinstance(choices[0], str) else 0))
-        per = [list(choices)] * len(prompts) if choices and isinstance(choices[0], str) else [list(c) for c in choices]
+        per = normalize_choices(prompts, choices)
         job = _Job(("score", len(per[0])), list(prompts), per)
         self._q.put(job)
         return job.future.result()

@@ -1,7 +1,8 @@
 """Typed service configuration: `serve/config.yaml` < env `LLMREC_SERVE_*` < CLI `--set key=value`.
 
 Env keys: `LLMREC_SERVE_PORT=8001`, nested with a double underscore: `LLMREC_SERVE_LLM__BACKEND=transformers`,
-`LLMREC_SERVE_LLM__ADAPTERS="{yesno: artifacts/adapters/yesno}"` (values are parsed as YAML scalars).
+`LLMREC_SERVE_LLM__ADAPTERS="{yesno: artifacts/adapters/yesno}"` (values are parsed as YAML scalars, except the
+secrets `LLMREC_SERVE_API_KEY` and `LLMREC_SERVE_USER_HASH_KEY`, taken verbatim as the client sends them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Literal
 from llmrec.config import ConfigError, apply_overrides, from_dict, load_yaml
 
 ENV_PREFIX = "LLMREC_SERVE_"
+# secrets set through the environment are taken verbatim: parsed as YAML, `null`/`~` would turn the API key off,
+# `0123` become `83`, `on` become `True`, `k #x` lose ` #x` (and `llmrec recommend` sends $LLMREC_SERVE_API_KEY as is)
+VERBATIM_ENV_KEYS = ("api_key", "user_hash_key")
 
 
 @dataclass
@@ -111,6 +115,10 @@ def load_service_config(
     path: str | Path | None = None, overrides: list[str] | None = None, environ: dict[str, str] | None = None
 ) -> ServiceConfig:
     data = load_yaml(path) if path else {}
-    data = apply_overrides(ServiceConfig, data, env_pairs(environ), f"environment ({ENV_PREFIX}*)")
+    pairs = env_pairs(environ)
+    verbatim = {k: v for k, _, v in (p.partition("=") for p in pairs) if k in VERBATIM_ENV_KEYS}
+    pairs = [p for p in pairs if p.partition("=")[0] not in VERBATIM_ENV_KEYS]
+    data = apply_overrides(ServiceConfig, data, pairs, f"environment ({ENV_PREFIX}*)")
+    data = {**data, **verbatim}
     data = apply_overrides(ServiceConfig, data, overrides)
     return from_dict(ServiceConfig, data, where=str(path) if path else "service config")

@@ -276,7 +276,11 @@ def build_backends(
         (name, path), = llm.adapters.items()
         merged = str(merge_adapter(model, path))
         server = VLLMServer(merged, served_name=name, **server_args).start(llm.vllm_startup_timeout_s)
-        be = VLLMBackend(url=server.url, model=name, tokenizer=merged, timeout=llm.timeout_s)
+        try:
+            be = VLLMBackend(url=server.url, model=name, tokenizer=merged, timeout=llm.timeout_s)
+        except BaseException:
+            server.stop()
+            raise
         return {None: be, name: be}, server, f"{Path(model).name}+{name} (merged)"
     server = VLLMServer(model, lora_modules=llm.adapters or None, **server_args).start(llm.vllm_startup_timeout_s)
     try:

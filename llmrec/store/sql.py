@@ -60,6 +60,10 @@ meta_t = sa.Table(
 )
 
 
+_WRITE_TRIES = 3  # add_event transactions retried after a concurrent insert of the user's version row
+_CONSISTENT_READ_TRIES = 5  # history_with_version reads retried while concurrent events change the version
+
+
 class StoreError(ValueError):
     """Bad input to the store (the message names the field)."""
 
@@ -191,13 +195,24 @@ class EventStore:
         return [_row_to_event(r) for r in reversed(rows)]
 
     def history_with_version(self, user_id: str, limit: int | None = None) -> tuple[list[Event], int | None]:
-        """History and version read in one transaction (consistent with each other)."""
+        """History and version, consistent with each other. Each statement reads its own snapshot (pysqlite runs
+        SELECTs outside a transaction, Postgres' READ COMMITTED snapshots per statement), so the version is read again
+        after the history and the read is retried when a concurrent event changed it in between (versions only grow,
+        so an unchanged version means no event of this user was committed between the reads)."""
         q = self._history_query(user_id, limit)
-        with self.engine.connect() as conn, conn.begin():
-            ver = conn.execute(
-                sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
-            ).scalar_one_or_none()
-            rows = conn.execute(q).fetchall() if ver is not None else []
+        vq = sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
+        rows: list[Any] = []
+        with self.engine.connect() as conn:
+            for _ in range(_CONSISTENT_READ_TRIES):
+                ver = conn.execute(vq).scalar_one_or_none()
+                if ver is None:
+                    return [], None
+                rows = conn.execute(q).fetchall()
+                if conn.execute(vq).scalar_one_or_none() == ver:
+                    break
+                conn.rollback()  # end the read transaction (a fresh snapshot where the database kept one)
+        # after the last try the history may hold events newer than `ver` (never older): a cache keyed by `ver`
+        # is then recomputed at the next version, never served stale
         return [_row_to_event(r) for r in reversed(rows)], ver
 
     def get_by_key(self, idempotency_key: str) -> Event | None:
@@ -252,22 +267,27 @@ class EventStore:
             "user_id": str(user_id), "item_id": str(item_id), "type": type, "value": value, "liked": liked,
             "timestamp": ts, "idempotency_key": idempotency_key, "request_hash": req_hash, "created_at": time.time(),
         }
-        try:
-            with self._lock(), self.engine.begin() as conn:
-                new_id = conn.execute(events_t.insert().values(**row)).inserted_primary_key[0]
-                upd = conn.execute(
-                    versions_t.update().where(versions_t.c.user_id == str(user_id))
-                    .values(version=versions_t.c.version + 1)
-                )
-                if upd.rowcount == 0:
-                    conn.execute(versions_t.insert().values(user_id=str(user_id), version=1))
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            prev = self._replay(idempotency_key, req_hash)  # a concurrent request with the same key won the race
-            if prev is None:
-                raise
-            return prev, False
+        for attempt in range(_WRITE_TRIES):
+            try:
+                with self._lock(), self.engine.begin() as conn:
+                    new_id = conn.execute(events_t.insert().values(**row)).inserted_primary_key[0]
+                    upd = conn.execute(
+                        versions_t.update().where(versions_t.c.user_id == str(user_id))
+                        .values(version=versions_t.c.version + 1)
+                    )
+                    if upd.rowcount == 0:
+                        conn.execute(versions_t.insert().values(user_id=str(user_id), version=1))
+                break
+            except IntegrityError:
+                if idempotency_key is not None:
+                    prev = self._replay(idempotency_key, req_hash)  # a concurrent request with this key won the race
+                    if prev is not None:
+                        return prev, False
+                if attempt == _WRITE_TRIES - 1:
+                    raise
+                # a concurrent first event of this user created its version row (databases without the SQLite write
+                # lock, e.g. Postgres): the transaction rolled back whole; retried, the update path applies
+                log.debug("add_event: version row created concurrently, retrying (attempt %d)", attempt + 1)
         ev = Event(user_id=str(user_id), item_id=str(item_id), type=type, timestamp=ts, value=value, liked=liked,
                    id=int(new_id), idempotency_key=idempotency_key)
         return ev, True
