@@ -20,10 +20,12 @@ def auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """Area under the ROC curve.
 
     AUC = P(s+ > s-) + 0.5 P(s+ = s-) = (sum of positive ranks - n+(n+ + 1)/2) / (n+ n-), with average ranks for ties
-    (Mann-Whitney U). NaN when only one class is present.
+    (Mann-Whitney U). NaN when only one class is present; a NaN score is an error (it would rank above every real one).
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
+    if np.isnan(s).any():
+        raise ValueError(f"auc: {int(np.isnan(s).sum())} of {len(s)} scores are NaN")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -181,12 +183,10 @@ def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:
     return float(np.mean(np.asarray(ranks) <= k))
 
 
-def recall_at_k(ranks: np.ndarray, k: int, n_relevant: np.ndarray | None = None) -> float:
-    """Recall@K = (1/|U|) sum_u |relevant_u in top K| / |relevant_u|. One target per user: equals HR@K."""
-    hits = (np.asarray(ranks) <= k).astype(float)
-    if n_relevant is not None:
-        hits = hits / np.asarray(n_relevant, dtype=float)
-    return float(np.mean(hits))
+def recall_at_k(ranks: np.ndarray, k: int) -> float:
+    """Recall@K = (1/|U|) sum_u |relevant_u in top K| / |relevant_u|. One target per user (leave-one-out): equals
+    HR@K."""
+    return float(np.mean(np.asarray(ranks) <= k))
 
 
 def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
@@ -235,8 +235,10 @@ def paired_bootstrap_ratio(
 
     Each of `n_boot` replicates draws n row indices with replacement (seeded), the same indices for both methods,
     and computes r* = metric(a[idx]) / metric(b[idx]); the interval is the ((1 - level) / 2, (1 + level) / 2)
-    quantiles of r* (NaN replicates, e.g. a one-class AUC resample, are dropped). Also returned: the point ratio,
-    `p_ge_1` = the share of replicates with r* >= 1 (how often method a comes out at least as good) and `n`.
+    quantiles of r* (non-finite replicates are dropped: NaN, e.g. a one-class AUC resample or 0/0, and inf, where
+    metric(b[idx]) = 0 < metric(a[idx]), which makes the interval and `p_ge_1` conservative for method a). Also
+    returned: the point ratio, `p_ge_1` = the share of the kept replicates with r* >= 1 (how often method a comes out
+    at least as good), `n` and `n_boot` = the replicates kept.
     For a per-user ranking metric pass the ranks (metric = lambda r: ndcg_at_k(r, 10)); for AUC pass
     np.column_stack([labels, scores]) (metric = lambda m: auc(m[:, 0], m[:, 1])).
     """

@@ -17,6 +17,12 @@ def test_auc_hand_computed():
     assert math.isnan(M.auc([1, 1], [0.1, 0.2]))
 
 
+def test_auc_refuses_nan_scores():
+    # a NaN would sort above every real score and count as a win for a positive
+    with pytest.raises(ValueError, match="1 of 3 scores are NaN"):
+        M.auc([1, 0, 0], [float("nan"), 0.5, 0.1])
+
+
 def test_auc_matches_pairwise_definition_on_random_data():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
