@@ -385,3 +385,45 @@ def test_fit_runs_on_its_own_thread_count_and_restores_the_process_one(tiny_data
             assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_mf_ranking_never_trains_on_a_leave_one_out_target(tiny_dataset):
+    """MF fits on the time-split Yes/No `train` rows, and many of those are a user's leave-one-out valid/test event
+    (a user whose last events come before `t_valid`). Its next-item ranking must not have been trained on them: the
+    test ranking is the same whatever the labels of those rows say, while its Yes/No head still fits every row."""
+    import copy
+
+    ds = tiny_dataset
+    inter = ds.interactions
+    held = set(zip(inter.loc[inter["split"] != "train", "user_id"], inter.loc[inter["split"] != "train", "item_id"]))
+    ys = ds.yesno
+    is_held = np.array([(u, i) in held for u, i in zip(ys["user_id"], ys["item_id"])])
+    assert (is_held & (ys["split"] == "train").to_numpy()).sum() > 0  # the case exists on this dataset
+    flipped = copy.copy(ds)
+    flipped.__dict__["yesno"] = ys.assign(label=np.where(is_held, 1 - ys["label"], ys["label"]).astype(np.int8))
+    users = ds.targets("test")["user_id"].tolist()
+    a = get_model("mf", **FAST["mf"]).fit(ds, progress=False)
+    b = get_model("mf", **FAST["mf"]).fit(flipped, progress=False)
+    for split in ("test", "valid"):
+        np.testing.assert_array_equal(a.score_items(users, split), b.score_items(users, split))
+    ex = yesno_subset(ds, "test")  # the Yes/No head does fit the flipped rows (they are before t_valid: no leak)
+    assert not np.array_equal(a.predict_proba(ex), b.predict_proba(ex))
+
+
+def test_mf_checkpoint_without_ranking_net_is_refused_and_refitted(tiny_dataset, fitted, tmp_path, monkeypatch):
+    """A checkpoint written before MF's ranking net left out the leave-one-out events is refused with a ValueError
+    naming the fix, and `load_or_fit` fits such a checkpoint again instead of ranking with it."""
+    import torch
+
+    from llmrec.baselines import checkpoint_dir, load_or_fit
+
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
+    ck = fitted["mf"].save(checkpoint_dir(tiny_dataset.name, "mf"))
+    state = torch.load(ck / "state.pt", weights_only=False)
+    torch.save({k: v for k, v in state.items() if not k.startswith("rank_")}, ck / "state.pt")
+    with pytest.raises(ValueError, match="refit it: llmrec baselines train --model mf"):
+        load_model("mf", tiny_dataset.name, path=str(ck), ds=tiny_dataset)
+    model, how = load_or_fit("mf", tiny_dataset)
+    assert how.startswith("fitted")
+    users = tiny_dataset.targets("test")["user_id"].tolist()
+    assert model.score_items(users).shape == (len(users), tiny_dataset.n_items)

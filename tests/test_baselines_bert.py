@@ -113,3 +113,14 @@ def test_bert_lstm_alone_as_the_retriever_ranks_as_bert_lstm(bert_model, tiny_da
     from test_baselines import assert_retriever_ranks_as
 
     assert_retriever_ranks_as(tiny_dataset, bert_model[0], "bert_lstm")
+
+
+def test_tuned_encoder_is_refused_for_both_tasks_at_once(tiny_dataset, tmp_path):
+    """One encoder tuned by both tasks would leak across the two splits: the Yes/No head would score with item vectors
+    tuned on the leave-one-out train sequences (they hold most time-split test events), and the next-item task would
+    start from an encoder tuned on Yes/No rows that hold leave-one-out test targets with their labels."""
+    from llmrec.baselines import get_model
+
+    m = get_model("bert_lstm", cache_dir=str(tmp_path), tune_layers=1, tasks=["yesno", "next"])
+    with pytest.raises(ValueError, match="tune_layers.*one task"):
+        m.fit(tiny_dataset, progress=False)

@@ -129,6 +129,13 @@ def test_shared_datasets_load(tmp_path):
         ("", "empty"),
         ("user_id,item_id,timestamp\n", "no rows"),
         ("user_id,item_id,timestamp\n1,i1,100\n1,zzz,101\n1,i2,102\n", "line 3: field 'item_id': 'zzz'"),
+        # a blank line still counts as a line of the file
+        ("user_id,item_id,timestamp\n1,i1,100\n\n1,i2,soon\n", "line 4: field 'timestamp'"),
+        ("user_id,item_id,timestamp\n1,i1,100\n\n1,zzz,101\n1,i2,102\n", "line 4: field 'item_id': 'zzz'"),
+        # numbers that are not finite or do not fit epoch seconds (1e30 was read as -2**63: first in time)
+        ("user_id,item_id,timestamp\n1,i1,100\n1,i2,inf\n", "line 3: field 'timestamp': 'inf'"),
+        ("user_id,item_id,timestamp\n1,i1,100\n1,i2,1e30\n", "line 3: field 'timestamp': '1e30'"),
+        ("user_id,item_id,timestamp,rating\n1,i1,100,4\n1,i2,101,inf\n", "line 3: field 'rating': 'inf'"),
     ],
 )
 def test_bad_input_names_file_line_field_and_writes_nothing(tmp_path, content, needle):

@@ -10,7 +10,8 @@ embedding, goes through an LSTM; then a fully connected head:
 - next item (`score_items`): FC(h_t) . t_i + b_i for every item i (full ranking), softmax cross-entropy over all items
   at every position of the leave-one-out `train` sequences, early stopping on valid NDCG@10. With `tune_layers > 0`
   the softmax runs over the batch's items plus `neg_samples` random items (encoding the catalogue at every step is
-  too slow on CPU); after training the catalogue is re-encoded once with the tuned encoder.
+  too slow on CPU); after training the catalogue is re-encoded once with the tuned encoder. A tuned encoder serves
+  one task per model (each task's training data holds the other's test events).
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ class BertLSTM(Baseline):
         unknown = set(c.tasks) - {"yesno", "next"}
         if unknown or not c.tasks:
             raise ValueError(f"bert_lstm.tasks: {sorted(unknown) or c.tasks} not in ['yesno', 'next']")
+        if c.tune_layers and len(set(c.tasks)) > 1:
+            # one tuned encoder would carry each task's training data into the other's evaluation: the Yes/No rows
+            # before t_valid hold leave-one-out test targets (with labels), the leave-one-out train sequences hold
+            # most Yes/No test events
+            raise ValueError("bert_lstm: tune_layers > 0 tunes the encoder shared by both tasks, which leaks each "
+                             "task's training data into the other's test; fit one task per model (tasks=[yesno] / "
+                             "tasks=[next])")
         enc = self._encoder()
         t0 = time.perf_counter()
         self.E = torch.as_tensor(enc.encode(self._texts(), progress=progress))
@@ -175,8 +183,6 @@ class BertLSTM(Baseline):
         if "yesno" in c.tasks:
             self._fit_yesno(ds, progress)
         if "next" in c.tasks:
-            if c.tune_layers and "yesno" in c.tasks:
-                log.info("bert_lstm: the next-item task tunes the encoder from the Yes/No-tuned weights")
             self._fit_next(ds, progress)
         self._refresh_table()
 

@@ -61,22 +61,34 @@ def package_dir(module: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # generic readers with line-numbered validation
 def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
-    """Read a delimited text file as strings (no quoting, no NA guessing). Line numbers: header = 1."""
+    """Read a delimited text file as strings (no quoting, no NA guessing). The index holds each row's line number - 2
+    (blank lines, before the header too, are skipped but counted; a quoted field spanning lines is not)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
+    lead, first = 0, ""  # blank lines before the header
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for first in f:
+            if first.strip():
+                break
+            lead += 1
     if sep is None:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            first = f.readline()
         sep = "\t" if "\t" in first else ","
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting, encoding="utf-8")
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting, encoding="utf-8",
+                         skip_blank_lines=False, skiprows=lead)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: cannot parse: {e}") from None
+    df.index = df.index + lead
+    blank = df.iloc[:, 0].fillna("").str.strip() == "" if len(df.columns) else pd.Series(True, index=df.index)
+    if blank.any():  # whitespace-only lines: dropped as pandas would, keeping the other rows' line numbers
+        empty = df[blank].fillna("").apply(lambda c: c.str.strip() == "").all(axis=1)
+        blank &= empty.reindex(df.index, fill_value=False)
+        df = df[~blank]
     if df.empty:
         raise DataError(f"{path}: file has a header but no rows")
     df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
@@ -89,14 +101,18 @@ def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
         raise DataError(f"{path}: line 1: missing column(s) {missing}; found {list(df.columns)}")
 
 
-def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, allow_empty: bool = False) -> pd.Series:
-    """Parse a string column as float; the first bad value raises with its file line number."""
+def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, allow_empty: bool = False,
+                limit: float = np.inf) -> pd.Series:
+    """Parse a string column as float; the first bad value (not a number, not finite, or |value| >= `limit`) raises
+    with its file line number (the row's index + `line_offset`)."""
     s = col.astype(str).str.strip()
     out = pd.to_numeric(s, errors="coerce")
-    bad = out.isna() & ~((s == "") & allow_empty)
+    bad = ~(out.abs() < limit) & ~((s == "") & allow_empty)  # NaN and inf compare False
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{path}: line {i + line_offset}: field {name!r}: {s.iloc[i]!r} is not a number")
+        what = "is not a number" if np.isnan(out.iloc[i]) else (
+            "is not finite" if np.isinf(out.iloc[i]) else f"is out of range (|value| >= {limit:g})")
+        raise DataError(f"{path}: line {int(s.index[i]) + line_offset}: field {name!r}: {s.iloc[i]!r} {what}")
     return out
 
 
@@ -109,7 +125,7 @@ def canonical_interactions(
     uid = df["user_id"].astype(str).str.strip()
     iid = df["item_id"].astype(str).str.strip()
     missing = (uid == "") | (iid == "")
-    ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, "timestamp", line_offset)
+    ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, "timestamp", line_offset, limit=2.0**62)
     if has_rating is None:
         has_rating = "rating" in df.columns
     rating = (
@@ -123,7 +139,7 @@ def canonical_interactions(
             "item_id": iid,
             "timestamp": ts.astype("int64"),
             "rating": rating.astype("float64"),
-            "order": np.arange(len(df), dtype=np.int64),
+            "order": df.index.to_numpy(np.int64),  # file order; + line_offset = the line (see _read_table)
         }
     )
     if missing.any():
@@ -335,7 +351,7 @@ def load_table(path: str | Path, items_path: str | Path | None = None, name: str
     if path.suffix == ".parquet":
         if not path.is_file():
             raise DataError(f"{path}: file not found")
-        df = pd.read_parquet(path).astype(str)
+        df = pd.read_parquet(path).astype(str).reset_index(drop=True)  # row i = position i (a saved index is not)
         if df.empty:
             raise DataError(f"{path}: file has no rows")
     else:
