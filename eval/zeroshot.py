@@ -4,6 +4,7 @@
         [--lastfm-title-adapter PATH]
         [--yesno-examples 300] [--rank-users 100] [--retriever hybrid] [--retrieval-weight 4] [--likelihood-weight 1]
         [--label _NAME]   # -> eval/results/zeroshot_NAME.{json,md} (default: zeroshot.{json,md})
+    python eval/zeroshot.py --refresh-baselines [--label _NAME]   # only the in-domain baseline rows recomputed
 
 Rows: for each target domain (Last.fm artists, MovieLens-100K, Amazon Gift Cards as a ranking smoke test), the base
 model zero-shot, an adapter tuned on the *other* domain (the transfer), the domain's own adapter (the in-domain
@@ -131,8 +132,78 @@ def in_domain_rows(ds, args, yn) -> list[dict]:
     return rows
 
 
+def render(table: list[dict], paired: list[dict], probe: dict, args: argparse.Namespace) -> str:
+    """The markdown of the result: the table, how its columns are computed, the paired AUC ratios, the probe."""
+    cols = ["domain", "method", "auc", "accuracy", "f1", "rho_counts", "ndcg@10", "hr@10", "yesno_n", "rank_users"]
+    return md_table(table, cols) + (
+        f"\nRanking columns: full ranking over all items minus the user's history; LLM rows rank the top 20 of "
+        f"`{args.retriever}` by letter log-prob + {args.retrieval_weight:g} x log(1 / retrieval rank), the rest "
+        "follow in retrieval order. Ranking rows of the LLM use the named adapter as it is (tuned on Yes/No). "
+        f"`title likelihood` rows: each candidate's quoted title scored by its mean log-prob per token as the answer "
+        f"to a `next_title` prompt without candidates, + {args.likelihood_weight:g} x log(1 / retrieval rank) (the "
+        "weight llmrec bench chose on MovieLens-100K validation; the target domain is not tuned on).\n"
+        "\nrho_counts: Spearman's rho between a row's P(Yes) and the counts figure (the user's like rate and other "
+        "users' like rate of the target, from before the row's time, combined with no fitting: "
+        "llmrec.data.stats.counts_only_p_yes, the figure the `yesno_estimate` prompt shows) on the same rows; "
+        "every row's per-example P(Yes) is in the JSON (`p_yes`, rows in `yesno_rows`).\n"
+        "\nGift Cards: 93% of labels are positive, so it is a ranking smoke test only (no AUC row).\n"
+        "\n## Paired AUC ratios (tuned LLM rows vs MF, BERT+LSTM and the counts figure, same rows)\n"
+        + md_table(paired, ["domain", "method", "vs", "auc_ratio", "low", "high", "p_ge_1", "n"]) +
+        "\nauc_ratio: the row's AUC / the reference's; low-high: 95% paired-bootstrap interval (2000 resamples); "
+        "p_ge_1: share of resamples where the LLM row is at least as good.\n"
+        "\n## Contamination probe (ML-100K, base model)\n" + md_table([probe], list(probe)) +
+        "\nA title-completion rate well above the shuffled control means the base model has seen these titles; "
+        "MovieLens figures then measure memory of popular titles as well as preference modelling.\n"
+    )
+
+
+BASELINE_METHODS = ("MF (in-domain)", "BERT+LSTM (in-domain)", "BPR (in-domain)")
+
+
+def refresh_baselines(label: str) -> None:
+    """Recompute only the in-domain baseline rows of an existing result (e.g. after a baseline's fix), with the
+    settings it records; every LLM row, the paired ratios' LLM side and the probe are kept as they are. The Yes/No
+    rows are checked to be the recorded ones, and the refresh is stated in the command and under the tables."""
+    import json
+    from datetime import UTC, datetime
+
+    from llmrec.bench_utils import RESULTS_DIR, git_commit, machine_info
+
+    path = RESULTS_DIR / f"zeroshot{label}.json"
+    old = json.loads(path.read_text())
+    args = argparse.Namespace(**old["args"])
+    table = [r for r in old["table"] if r["method"] not in BASELINE_METHODS]
+    for name in dict.fromkeys(r["domain"] for r in old["table"]):
+        ds = load_prepared(name, prepare_if_missing=True)
+        yn = None
+        if name in old["yesno_rows"]:
+            ex = yesno_subset(ds, "test", args.yesno_examples, args.seed)
+            rows = ex[["user_id", "item_id", "label"]].astype({"user_id": str, "item_id": str}).to_dict("records")
+            if rows != old["yesno_rows"][name]:
+                raise SystemExit(f"{path}: {name}'s Yes/No test rows are not the recorded ones (data changed?)")
+            yn = (ex, counts_only_p_yes(ds, ex))
+        fresh = in_domain_rows(ds, args, yn)
+        at = max(i for i, r in enumerate(table) if r["domain"] == name and not r["method"].startswith("counts"))
+        table[at + 1:at + 1] = fresh
+    paired = paired_auc_rows(table, old["yesno_rows"], args.seed)
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    refreshed = {"at": when, "commit": git_commit(), "machine": machine_info(), "methods": list(BASELINE_METHODS)}
+    note = (f"\nIn-domain baseline rows ({', '.join(BASELINE_METHODS)}) recomputed {when[:16]} at "
+            f"{refreshed['commit']} "
+            f"(`python eval/zeroshot.py --refresh-baselines`, after MF's ranking stopped training on leave-one-out "
+            f"targets); every other row from the run of {old['created'][:16]} at {old['commit']} on "
+            f"{old['machine']}.\n")
+    payload = {k: v for k, v in old.items() if k not in ("commit", "machine", "created", "command")}
+    payload.update(table=table, paired_auc=paired, baselines_refreshed=refreshed,
+                   llm_rows_from={k: old[k] for k in ("commit", "machine", "created")})
+    write_result(f"zeroshot{label}", payload, render(table, paired, old["contamination"], args) + note,
+                 command=f"{old['command']}; then {command_line()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--refresh-baselines", action="store_true",
+                    help="recompute only the in-domain baseline rows of the existing result (its recorded settings)")
     ap.add_argument("--ml-adapter", help="adapter tuned on MovieLens (yesno task)")
     ap.add_argument("--lastfm-adapter", help="adapter tuned on Last.fm (yesno task)")
     ap.add_argument("--ml-title-adapter",
@@ -155,6 +226,8 @@ def main() -> None:
                     help="title-likelihood rows: mean title log-prob + W x log(1 / retrieval rank)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.refresh_baselines:
+        return refresh_baselines(args.label)
     table = []
     yesno_rows: dict[str, list[dict]] = {}  # each domain's Yes/No test rows, in the order of every row's p_yes
     ml, lfm = "LLM + MovieLens", "LLM + Last.fm"
@@ -202,32 +275,11 @@ def main() -> None:
             table.append(counts_row(ds, yn))
     base = load_backend("transformers", dtype=args.dtype)
     probe = contamination_probe(base, load_prepared("ml-100k"), n=args.contamination_n, seed=args.seed)
-    cols = ["domain", "method", "auc", "accuracy", "f1", "rho_counts", "ndcg@10", "hr@10", "yesno_n", "rank_users"]
-    md = md_table(table, cols)
     paired = paired_auc_rows(table, yesno_rows, args.seed)
-    md += (
-        f"\nRanking columns: full ranking over all items minus the user's history; LLM rows rank the top 20 of "
-        f"`{args.retriever}` by letter log-prob + {args.retrieval_weight:g} x log(1 / retrieval rank), the rest "
-        "follow in retrieval order. Ranking rows of the LLM use the named adapter as it is (tuned on Yes/No). "
-        f"`title likelihood` rows: each candidate's quoted title scored by its mean log-prob per token as the answer "
-        f"to a `next_title` prompt without candidates, + {args.likelihood_weight:g} x log(1 / retrieval rank) (the "
-        "weight llmrec bench chose on MovieLens-100K validation; the target domain is not tuned on).\n"
-        "\nrho_counts: Spearman's rho between a row's P(Yes) and the counts figure (the user's like rate and other "
-        "users' like rate of the target, from before the row's time, combined with no fitting: "
-        "llmrec.data.stats.counts_only_p_yes, the figure the `yesno_estimate` prompt shows) on the same rows; "
-        "every row's per-example P(Yes) is in the JSON (`p_yes`, rows in `yesno_rows`).\n"
-        "\nGift Cards: 93% of labels are positive, so it is a ranking smoke test only (no AUC row).\n"
-        "\n## Paired AUC ratios (tuned LLM rows vs MF, BERT+LSTM and the counts figure, same rows)\n"
-        + md_table(paired, ["domain", "method", "vs", "auc_ratio", "low", "high", "p_ge_1", "n"]) +
-        "\nauc_ratio: the row's AUC / the reference's; low-high: 95% paired-bootstrap interval (2000 resamples); "
-        "p_ge_1: share of resamples where the LLM row is at least as good.\n"
-        "\n## Contamination probe (ML-100K, base model)\n" + md_table([probe], list(probe)) +
-        "\nA title-completion rate well above the shuffled control means the base model has seen these titles; "
-        "MovieLens figures then measure memory of popular titles as well as preference modelling.\n"
-    )
     write_result(f"zeroshot{args.label}", {"dataset": "lastfm, ml-100k, amazon-gift-cards", "table": table,
                               "yesno_rows": yesno_rows, "paired_auc": paired,
-                              "contamination": probe, "args": vars(args)}, md, command=command_line())
+                              "contamination": probe, "args": vars(args)}, render(table, paired, probe, args),
+                 command=command_line())
 
 
 if __name__ == "__main__":
