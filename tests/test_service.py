@@ -308,6 +308,13 @@ def test_config_env_and_overrides(tmp_path):
         load_service_config(p, ["rank_mode=letters"], environ={})
     with pytest.raises(ConfigError, match="listings: must be >= 1"):
         load_service_config(p, ["listings=0"], environ={})
+    for bad, msg in (("candidates=0", "candidates: must be >= 1"), ("batch_max_size=0", "batch_max_size: must be"),
+                     ("batch_max_wait_ms=-1", "batch_max_wait_ms: must be >= 0"),
+                     ("llm.timeout_s=0", r"llm.timeout_s: must be > 0 \(got 0"),
+                     ("llm.vllm_startup_timeout_s=-5", "llm.vllm_startup_timeout_s: must be > 0")):
+        with pytest.raises(ConfigError, match=msg):
+            load_service_config(p, [bad], environ={})
+    assert load_service_config(p, ["batch_max_wait_ms=0"], environ={}).batch_max_wait_ms == 0
 
 
 def test_no_llm_mode_is_labelled(tiny_dataset, tmp_path):

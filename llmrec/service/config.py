@@ -92,9 +92,15 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         for name in ("listings", "max_k", "max_history", "max_history_page", "max_score_items", "max_body_bytes",
-                     "cache_size"):
+                     "cache_size", "batch_max_size", "candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
+        if not self.batch_max_wait_ms >= 0:
+            raise ConfigError(f"batch_max_wait_ms: must be >= 0 (got {self.batch_max_wait_ms})")
+        for name, value in (("llm.timeout_s", self.llm.timeout_s),
+                            ("llm.vllm_startup_timeout_s", self.llm.vllm_startup_timeout_s)):
+            if not value > 0:
+                raise ConfigError(f"{name}: must be > 0 (got {value})")
         if not 1 <= self.default_k <= self.max_k:
             raise ConfigError(f"default_k: must be within 1..max_k ({self.max_k})")
         if self.llm.default_adapter is not None and self.llm.default_adapter not in self.llm.adapters:
