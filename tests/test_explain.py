@@ -167,3 +167,22 @@ def test_evidence_note_for_report_lines():
     assert evidence_note(ev) == (' [cites "Toy Story (1995)": Comedy, Children\'s]'
                                  ' [cites "Heat (1995)": no shared attribute]')
     assert evidence_note(None) == "" and evidence_note([]) == ""
+
+
+def test_a_long_title_quoted_as_prompts_cap_it_is_the_catalogue_title():
+    """A title longer than a prompt's `title_max_chars` (Amazon product titles often are) is quoted capped, with an
+    ellipsis, in the explain prompt's answer prefix and in the quotable liked titles; the post-check reads that form
+    as the item, not as an invented title, and the matcher maps it back (generate mode) too."""
+    from llmrec.prompts import quote
+
+    rec_long = "Deluxe Kitchen Widget Set " + "with many extra parts and accessories " * 4 + "(2020)"
+    liked_long = "Organic Green Tea Sampler " + "in assorted flavours for every season " * 4 + "(2019)"
+    assert len(rec_long) > 120 and len(liked_long) > 120
+    m = TitleMatcher(IDS + ["5", "6"], TITLES + [rec_long, liked_long])
+    text = f"{quote(rec_long)} suits this user because they liked {quote(liked_long)} and \"Toy Story (1995)\"."
+    chk = check_explanation(text, m, {"1", "6"}, {"5"}, set())
+    assert chk.hallucinated == [] and chk.ok and chk.named == ["5", "6", "1"]
+    assert m.exact(quote(rec_long)) == "5"
+    bad = check_explanation(f"{quote(rec_long)} suits this user because they liked {quote(liked_long)}.", m, {"1"},
+                            {"5"}, set())
+    assert bad.hallucinated == ["6"] and not bad.ok  # a capped title outside history + recommended still counts

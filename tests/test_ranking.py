@@ -1123,3 +1123,39 @@ def test_cli_recommend_in_process_table_and_json(parts, tmp_path, monkeypatch, c
     assert main(base) == 0
     table = capsys.readouterr().out
     assert body["items"][0]["title"] in table and "explanation" in table
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_recommend_refuses_a_k_below_one(parts, k):
+    """k <= 0 used to answer an empty list (0) or every candidate but the last (-1, a slice)."""
+    rec = make_rec(parts, ScriptedBackend())
+    with pytest.raises(ValueError, match=rf"k must be at least 1, got {k}"):
+        rec.recommend("u2", k=k, explain=False)
+    with pytest.raises(ValueError, match=rf"k must be at least 1, got {k}"):
+        rec.recommend_batch(["u2", "u5"], k=k, explain=True)
+
+
+def test_explanation_of_a_recommended_item_with_a_long_title_is_not_a_hallucination(parts, tiny_dataset):
+    """The explain prompt's answer prefix quotes the top item's title capped at `title_max_chars` (120); the post-check
+    used to report that capped title as invented and always fall back for such an item."""
+    import copy
+
+    probe = make_rec(parts, ScriptedBackend()).recommend("u2", k=4, explain=False)
+    top = probe.items[0].item_id
+    ds2 = copy.copy(tiny_dataset)
+    ds2.titles = tiny_dataset.titles.copy().astype(object)
+    long_title = title(tiny_dataset, top) + " special edition" + " with many extra scenes and commentary" * 3
+    assert len(long_title) > 120
+    ds2.titles[tiny_dataset.item_index[top]] = long_title
+    ds2.items = tiny_dataset.items.copy()
+    ds2.items.loc[ds2.items.index[tiny_dataset.item_index[top]], "title"] = long_title
+    h = make_rec(parts).dataset_history("u2")
+    named = title(tiny_dataset, [e.item_id for e in h if e.liked][-1])
+    backend = ScriptedBackend(gen=f' "{named}", so these dramas fit well.')
+    rec = Recommender(ds2, backend, parts.retriever, RankingConfig(n_candidates=8, max_prompt_tokens=512))
+    r = rec.recommend("u2", k=4, explain=True)
+    assert r.items[0].item_id == top and r.items[0].title == long_title
+    assert backend.generated[-1].endswith(f"Explanation: {quote(long_title)} suits this user because they liked")
+    assert r.hallucinated == [] and r.explanation_fallback is False
+    assert r.explanation == (f'{quote(long_title)} suits this user because they liked "{named}", so these dramas '
+                             "fit well.")

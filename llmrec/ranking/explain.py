@@ -7,6 +7,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from llmrec.prompts.text import TITLE_MAX_CHARS, quote
+
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _ARTICLE = re.compile(r"^(.*), (The|A|An|Les|La|Le|Il|Das|Der|Die)$")
 
@@ -26,13 +28,16 @@ def title_variants(title: str) -> set[str]:
 
 
 class TitleMatcher:
-    """Finds catalogue titles named in a text (word-bounded, case-insensitive, longest match first)."""
+    """Finds catalogue titles named in a text (word-bounded, case-insensitive, longest match first). A title also
+    reads in the form prompts quote it (`llmrec.prompts.quote` with `max_chars`: a long title capped with an
+    ellipsis), the form the model copies from a prompt."""
 
-    def __init__(self, item_ids: list[str], titles: list[str]):
+    def __init__(self, item_ids: list[str], titles: list[str], max_chars: int = TITLE_MAX_CHARS):
         self.by_variant: dict[str, str] = {}
         for iid, t in zip(item_ids, titles):
-            for v in title_variants(str(t)):
-                self.by_variant.setdefault(v, iid)
+            for v in title_variants(str(t)) | {quote(t, max_chars)[1:-1].lower()}:
+                if len(v) >= 4:
+                    self.by_variant.setdefault(v, iid)
         variants = sorted(self.by_variant, key=len, reverse=True)
         self._re = (
             re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in variants) + r")(?!\w)") if variants else None

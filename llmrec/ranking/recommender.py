@@ -236,7 +236,6 @@ class Recommender:
         self.retriever = retriever
         self.cfg = cfg or RankingConfig()
         self.adapter = adapter
-        self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles])
         self.title_twins = title_twins(list(ds.item_ids), list(ds.titles))  # id -> ids listed under the same title
         if self.cfg.attribute_fields is not None:
             missing = [f for f in self.cfg.attribute_fields if f not in ds.items.columns]
@@ -258,6 +257,9 @@ class Recommender:
         for task, t in self.templates.items():
             if t.task != task:
                 raise ValueError(f"RankingConfig.templates[{task!r}]: template {t.name!r} is a {t.task!r} template")
+        # titles as the explain prompt quotes them (capped) read as the items too
+        self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles],
+                                    self.templates["explain"].options.title_max_chars)
         # prompt text -> letter log-probs (verbalizer), ("likelihood", prompt, title) -> (log-prob sum, tokens); set to
         # a dict to score each prompt once across several retrieval_weight values (select_retrieval_weight)
         self.llm_cache: dict[Any, Any] | None = None
@@ -619,6 +621,8 @@ class Recommender:
     ) -> list[Recommendation]:
         """Recommendations for several users in batched backend calls. `histories[i]` (store events, dicts or
         HistEvents) overrides the dataset history of user i; None reads the prepared dataset (all events)."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         t0 = time.perf_counter()
         hs: list[list[HistEvent]] = []
         for n, u in enumerate(user_ids):
