@@ -82,6 +82,25 @@ def test_answer_only_loss_matches_full_logits(tiny_dir, side, positions_as):
         answer_only_loss(m, b, positions_as="slice")
 
 
+@pytest.mark.parametrize("positions_as", ["index", "int"])
+def test_answer_only_loss_when_the_prompt_is_cut_away(tiny_dir, positions_as):
+    """An answer that fills max_len leaves no prompt: its first token sits in column 0, which no position predicts.
+    The loss leaves it out (as the full-logits loss does) instead of reading it off the last position's logits
+    ("index") or failing on mismatched shapes ("int")."""
+    m, tok = load_causal_lm(tiny_dir, dtype="float32")
+    ex = [Example("some prompt words here", " Action Story Comedy Story"), Example("x", " Yes")]
+    n = len(tok(ex[0].answer, add_special_tokens=False)["input_ids"]) + 1
+    feats = [encode_example(e, tok, n) for e in ex]
+    assert feats[0]["labels"][0] != IGNORE_INDEX and len(feats[0]["input_ids"]) == n
+    b = AnswerOnlyCollator(tok.pad_token_id)(feats)
+    with torch.no_grad():
+        loss, _ = answer_only_loss(m, b, positions_as=positions_as)
+        logits = m(**{k: v for k, v in b.items() if k != "labels"}).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert abs(float(loss) - float(ref / b["labels"].ne(IGNORE_INDEX).sum())) < 1e-4
+
+
 def test_qlora_steps_lower_the_loss_and_only_lora_changes(tiny_dir):
     m, tok = qlora(tiny_dir)
     from bitsandbytes.nn import Linear4bit
@@ -136,6 +155,26 @@ def test_recipes_load_and_unknown_keys_fail(tmp_path):
         load_recipe(None, ["train.malloc_mmap_threshold_mb=-1"])
     with pytest.raises(ConfigError, match=r"data.retriever 'bm25' is not one of \['text', 'hybrid'"):
         load_recipe(RECIPES / "rank_smollm2_qlora.yaml", ["data.candidates=retrieval", "data.retriever=bm25"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr_scheduler=cosin", "train.lr_scheduler 'cosin' is not one of"),
+    ("train.lr_scheduler=not_a_schedule", "train.lr_scheduler 'not_a_schedule' is not one of"),
+    ("eval_dtype=fp16", "eval_dtype 'fp16' is not one of"),
+    ("dtype=bf16", "dtype 'bf16' is not one of"),
+    ("quant.compute_dtype=bf16", "quant.compute_dtype 'bf16' is not one of"),
+    ("train.logging_steps=0", "train.logging_steps must be >= 1"),
+    ("train.warmup_ratio=-0.1", r"train.warmup_ratio must be in \[0, 1\]"),
+])
+def test_values_a_run_meets_late_fail_at_load(override, key):
+    """Bad values read only after the run has written recipe.yaml / data_manifest.json / metrics.json (the
+    evaluation model's dtype, TrainingArguments' scheduler, logging steps, warmup) fail when the recipe loads, naming
+    the file and the key; "train" stays a valid eval_dtype and every scheduler transformers knows is accepted."""
+    from llmrec.finetune import load_recipe
+
+    with pytest.raises(ConfigError, match=r"yesno_smollm2_qlora.yaml: " + key):
+        load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", [override])
+    load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["eval_dtype=train", "train.lr_scheduler=cosine_with_min_lr"])
 
 
 def test_train_py_and_cli_share_the_code(tmp_path):

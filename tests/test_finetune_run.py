@@ -230,6 +230,41 @@ def test_a_prompt_budget_the_data_cannot_fit_fails_before_the_model_is_loaded(ti
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
 
 
+def test_a_missing_resume_folder_fails_before_the_output_folder_is_touched(tiny_dataset, tiny_dir, tmp_path):
+    """train.resume naming no folder fails first thing: a finished run's files in the output folder stay as they
+    were (not overwritten by the new recipe, manifest and a "running" metrics.json after the zero-shot pass)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"status": "done"}\n')
+    with pytest.raises(FileNotFoundError, match="train.resume: checkpoint folder .*nowhere does not exist"):
+        run_finetune(tiny_recipe(tiny_dir, out, extra=[f"train.resume={tmp_path / 'nowhere'}", "data.n_valid=0",
+                                                        "data.n_test=4"]), ds=tiny_dataset)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert (out / "metrics.json").read_text() == '{"status": "done"}\n'
+
+
+def test_each_launched_process_loads_onto_its_own_gpu(tiny_dataset, tiny_dir, tmp_path, monkeypatch):
+    """Under torchrun / accelerate launch (LOCAL_RANK set) with GPUs, the process's GPU is made current before the
+    model loads: a 4-bit load goes to torch.cuda.current_device(), 0 in every process until then."""
+    import torch
+
+    import llmrec.llm.loading as loading
+
+    calls = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+
+    def load(*a, **k):
+        calls.append(("load",))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loading, "load_causal_lm", load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_finetune(tiny_recipe(tiny_dir, tmp_path / "run"), ds=tiny_dataset)
+    assert calls == [("set_device", 1), ("load",)]
+
+
 def test_next_title_answers_are_titles_as_the_generate_mode_writes_them(tiny_dataset, tiny_dir):
     from transformers import AutoTokenizer
 

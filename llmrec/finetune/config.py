@@ -10,6 +10,8 @@ from llmrec.config import ConfigError, load_config
 from llmrec.llm.loading import LoraSettings, QuantSettings
 
 TASKS = ("yesno", "rank", "next_title")
+# transformers SchedulerType values of every version (others are checked against the installed one)
+_COMMON_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 @dataclass
@@ -134,6 +136,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: train.listwise_lm_weight must be >= 0, got {cfg.train.listwise_lm_weight}")
     if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"{path}: init_adapter {cfg.init_adapter} is not an adapter folder (no adapter_config.json)")
+    # values otherwise met only after the run has written recipe.yaml / data_manifest.json / metrics.json over the
+    # output folder's (the evaluation model, TrainingArguments; train.resume: checked by run_finetune first thing)
+    from llmrec.llm.loading import _DTYPES
+
+    for key, val, ok in (("dtype", cfg.dtype, _DTYPES), ("quant.compute_dtype", cfg.quant.compute_dtype, _DTYPES),
+                         ("eval_dtype", cfg.eval_dtype, ("train", *_DTYPES))):
+        if val not in ok:
+            raise ConfigError(f"{path}: {key} {val!r} is not one of {list(ok)}")
+    if cfg.train.lr_scheduler not in _COMMON_SCHEDULERS:  # transformers' full list costs a torch import: only here
+        from transformers.trainer_utils import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+        if cfg.train.lr_scheduler not in known:
+            raise ConfigError(f"{path}: train.lr_scheduler {cfg.train.lr_scheduler!r} is not one of {known}")
+    if not 0 <= cfg.train.warmup_ratio <= 1:
+        raise ConfigError(f"{path}: train.warmup_ratio must be in [0, 1], got {cfg.train.warmup_ratio}")
+    if cfg.train.logging_steps < 1:
+        raise ConfigError(f"{path}: train.logging_steps must be >= 1, got {cfg.train.logging_steps}")
     if cfg.train.malloc_mmap_threshold_mb < 0:
         raise ConfigError(f"{path}: train.malloc_mmap_threshold_mb must be >= 0 (0 = glibc's default), got "
                           f"{cfg.train.malloc_mmap_threshold_mb}")

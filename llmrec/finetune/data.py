@@ -360,7 +360,9 @@ def _window_logits(model: Any, inputs: dict[str, Any], answers: Any, positions_a
     if not bool(answers.any()):
         raise ValueError("a batch without answer tokens (every label is -100)")
     seq = answers.shape[1]
-    first = int(torch.argmax(answers.int(), dim=1)[answers.any(dim=1)].min())
+    # no position predicts column 0: an answer token there (a prompt cut away entirely) is left out of the loss, as
+    # transformers' shifted loss does; from column 1 on, the window never starts before the sequence
+    first = max(1, int(torch.argmax(answers.int(), dim=1)[answers.any(dim=1)].min()))
     keep = seq - first + 1
     # the kept positions as an index tensor, not the int `keep`: transformers then gathers them into a contiguous
     # copy, where with an int it slices the hidden states, and on the CPU the LM head's matmul over that slice of a

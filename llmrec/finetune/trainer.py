@@ -300,6 +300,16 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     from llmrec.llm.loading import apply_lora, load_causal_lm, load_tokenizer
     t_start = time.time()
     tc = cfg.train
+    # before anything is written over the output folder's files (not in load_recipe: a finished run's recipe.yaml
+    # stays loadable after its checkpoints are gone)
+    if tc.resume not in (None, "auto") and not Path(tc.resume).is_dir():
+        raise FileNotFoundError(f"train.resume: checkpoint folder {tc.resume} does not exist")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        # torchrun / accelerate launch: each process on its own GPU before anything is loaded. A 4-bit load goes to
+        # torch.cuda.current_device(), which is 0 in every process until set (accelerate then refuses, in every
+        # process but the first, a 4-bit model on another GPU than its own)
+        torch.cuda.set_device(int(local_rank))
     if tc.threads:
         torch.set_num_threads(tc.threads)
     mmap_set = False
@@ -465,9 +475,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     if tc.resume == "auto":
         resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     elif tc.resume:
-        resume = tc.resume
-        if not Path(resume).is_dir():
-            raise FileNotFoundError(f"train.resume: checkpoint folder {resume} does not exist")
+        resume = tc.resume  # an existing folder (checked at the start)
     if resume:
         log.info("resuming from %s", resume)
     from llmrec.bench_utils import reset_peak_rss, rss_file_mb, vm_hwm_mb
