@@ -160,9 +160,15 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, raw = pair.split("=", 1)
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r}: {'.'.join(parts[: i + 1])} is already set to a value by "
+                                  "another override, not a mapping")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return out
 
 

@@ -13,6 +13,8 @@ CORPUS = [
     "Movies the user liked:", "Movies the user disliked:", "Will the user enjoy the movie", "(genres:",
     "Answer Yes or No.", "A user's movies, oldest first.", "Candidate movies:", "Which candidate movie will the user",
     "choose next? Answer with one letter from A to T.", "(none)", "Horror Comedy Drama Action Story",
+    # every candidate letter " A".." T" one token, as in real tokenizers (only a choice's first token is scored)
+    *[" A B C D E F G H I J K L M N O P Q R S T"] * 3,
 ] * 20
 
 

@@ -96,6 +96,19 @@ def test_recommend_refuses_a_k_below_one(k, capsys):
     assert "--k" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["eval", "rank", "--dataset", "d", "--max-users", "-1"],
+                                  ["eval", "yesno", "--dataset", "d", "--max-examples", "-5"],
+                                  ["eval", "yesno", "--dataset", "d", "--valid-examples", "x"],
+                                  ["eval", "contamination", "--dataset", "d", "--n", "0"]])
+def test_eval_counts_refuse_negative_or_non_integer_values(argv, capsys):
+    from llmrec.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert argv[-2] in capsys.readouterr().err
+    assert build_parser().parse_args([*argv[:-1], "0" if argv[-2] != "--n" else "1"])
+
+
 def test_a_misspelt_key_gets_a_suggestion_and_a_foreign_one_none(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("name: run\nflga: true\nnmae: x\nlearning_rate: 1\n")
@@ -105,3 +118,16 @@ def test_a_misspelt_key_gets_a_suggestion_and_a_foreign_one_none(tmp_path):
     with pytest.raises(ConfigError, match=r"^override inner\.modules_: unknown key 'modules_' \(did you mean "
                                           r"'modules'\?\)"):
         load_config(Cfg, None, ["inner.modules_=[a]"])
+
+
+def test_a_malformed_or_conflicting_override_is_a_config_error_naming_it(capsys):
+    with pytest.raises(ConfigError, match=r"^override 'inner\.modules=\[a, b': the value is not valid YAML"):
+        load_config(Cfg, None, ["inner.modules=[a, b"])
+    with pytest.raises(ConfigError, match=r"^override 'inner\.r=2': inner is already set to a value"):
+        load_config(Cfg, None, ["inner=3", "inner.r=2"])
+    from llmrec.cli import main
+
+    # the CLI: a message and exit status 1, not a traceback (checked before any data is read)
+    for bad in (["a=[1,2"], ["min_user_events=1", "min_user_events.x=2"]):
+        assert main(["data", "prepare", "--dataset", "nowhere", "--set", *bad]) == 1
+        assert "llmrec: error: override" in capsys.readouterr().err

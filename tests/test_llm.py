@@ -56,6 +56,15 @@ def test_score_choices_per_prompt_lists(tiny_dir):
         be.score_choices(PROMPTS[:2], [[" A", " B"], [" A"]])
 
 
+def test_choices_sharing_a_first_token_are_refused(tiny_dir):
+    be = load_backend("transformers", model=tiny_dir, dtype="float32")
+    assert be.first_token_id(" Yes") == be.first_token_id(" Yesterday")  # the tiny tokenizer has no " Yesterday"
+    with pytest.raises(BackendError, match=r"' Yes' and ' Yesterday' start with the same token"):
+        be.score_choices(PROMPTS, [" Yes", " No", " Yesterday"])
+    with pytest.raises(BackendError, match=r"' A' and ' A' start with the same token"):
+        be.score_choices(PROMPTS[:2], [[" A", " B"], [" A", " A"]])
+
+
 def _continuation_reference(be, prompt: str, cont: str) -> tuple[float, int]:
     """Sum of log P(token) over `cont`'s tokens: one unpadded forward over prompt + continuation, no cache."""
     p = be.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -48,6 +48,14 @@ def test_prompt_prints_render_and_token_count(tiny_dataset, home, capsys):
     assert re.search(r"\d+ history items kept, [1-9]\d* dropped", capsys.readouterr().out)
 
 
+def test_prompt_tokenizer_must_be_a_local_folder(tiny_dataset, home, tmp_path, capsys):
+    args = ["prompt", "--dataset", str(tiny_dataset.root), "--user", "u2", "--template", "yesno", "--tokenizer"]
+    assert main(args + ["org/not-a-folder"]) == 1  # a hub name: refused, nothing fetched
+    assert "local tokenizer folder" in capsys.readouterr().err
+    assert main(args + [str(tmp_path)]) == 1  # a folder without a tokenizer
+    assert "cannot load a tokenizer" in capsys.readouterr().err
+
+
 def test_recommend_and_eval_refuse_bad_input_before_loading_a_model(tiny_dataset, home, tmp_path, monkeypatch, capsys):
     import json
 

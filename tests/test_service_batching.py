@@ -173,3 +173,25 @@ def test_a_callers_malformed_choices_fail_that_caller_not_the_shared_batch():
     t.join()
     mb.close()
     assert got["good"] == (2, 2) and inner.calls == [2]
+
+
+def test_a_callers_choices_sharing_a_first_token_fail_that_caller_only():
+    """The backends refuse choices whose first tokens collide; through the batcher that check runs per caller, so a
+    concurrent well-formed call still gets its rows."""
+    from llmrec.llm.base import BackendError
+
+    class Tokens(RecordingBackend):
+        def first_token_id(self, choice):
+            return hash(choice.split()[0][:3])  # " Yes" and " Yesterday" collide, as on a small vocabulary
+
+    inner = Tokens()
+    mb = MicroBatchingBackend(inner, max_batch=64, max_wait_ms=300)
+    got: dict[str, object] = {}
+    t = threading.Thread(target=lambda: got.update(good=mb.score_choices(["a", "b"], [" Yes", " No"]).shape))
+    t.start()
+    time.sleep(0.02)
+    with pytest.raises(BackendError, match="' Yes' and ' Yesterday' start with the same token"):
+        mb.score_choices(["x"], [" Yes", " No", " Yesterday"])
+    t.join()
+    mb.close()
+    assert got["good"] == (2, 2) and inner.calls == [2]

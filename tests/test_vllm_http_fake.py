@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
+from llmrec.llm.base import BackendError
 from llmrec.llm.vllm_backend import VLLMBackend, VLLMError
 
 
@@ -130,6 +131,9 @@ def test_errors_are_clear(fake_server):
         be.score_choices(["aaa"], [" A", " B"])
     with pytest.raises(ValueError, match="same"):
         be.score_choices(["a", "b"], [[" A", " B"], [" A"]])
+    # two choices with one first token (the fake tokenizer: one token per character) cannot be told apart
+    with pytest.raises(BackendError, match=r"' Apple' and ' Avocado' start with the same token"):
+        be.score_choices(["aaa", "b"], [[" B", " C"], [" Apple", " Avocado"]])
     with pytest.raises(VLLMError, match="not reachable"):
         VLLMBackend(url="http://127.0.0.1:9/v1", model="base", timeout=2)
 

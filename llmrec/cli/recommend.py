@@ -15,14 +15,21 @@ DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_count = _int_at_least(0)  # 0 = all
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -88,8 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--dataset")
     src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
     y.add_argument("--split", default="test")
-    y.add_argument("--max-examples", type=int, default=500, help="fixed seeded subset (0 = all)")
-    y.add_argument("--valid-examples", type=int, default=200,
+    y.add_argument("--max-examples", type=_count, default=500, help="fixed seeded subset (0 = all)")
+    y.add_argument("--valid-examples", type=_count, default=200,
                    help="--dataset with --split test: also score this many seeded validation rows and report "
                         "accuracy/F1 at the threshold of best validation accuracy (P(Yes) of a tuned model is not "
                         "calibrated, so 0.5 can say No to every row); 0 = at 0.5 only (default %(default)s)")
@@ -99,14 +106,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     y.set_defaults(func=cmd_eval_yesno)
     r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
     r.add_argument("--dataset", required=True)
-    r.add_argument("--max-users", type=int, default=200, help="fixed seeded subset of users (0 = all)")
+    r.add_argument("--max-users", type=_count, default=200, help="fixed seeded subset of users (0 = all)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out")
     _add_model_args(r)
     r.set_defaults(func=cmd_eval_rank)
     c = s.add_parser("contamination", help="does the base LLM complete catalogue titles from memory?")
     c.add_argument("--dataset", required=True)
-    c.add_argument("--n", type=int, default=100)
+    c.add_argument("--n", type=_positive_int, default=100)
     c.add_argument("--out")
     _add_model_args(c)
     c.set_defaults(func=cmd_eval_contamination)

@@ -82,13 +82,23 @@ def _tokenizer(spec: str):
         from llmrec.prompts import WhitespaceTokenizer
 
         return WhitespaceTokenizer()
+    from pathlib import Path
+
     from transformers import AutoTokenizer
+
+    from llmrec.llm import BackendError
 
     if spec == "default":
         from llmrec.llm import default_model_path
 
         spec = str(default_model_path())
-    return AutoTokenizer.from_pretrained(spec)
+    path = Path(spec).expanduser()
+    if not path.is_dir():  # never a hub name: nothing is downloaded
+        raise BackendError(f"--tokenizer {spec!r}: not 'default', 'whitespace' or an existing local tokenizer folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BackendError(f"--tokenizer {spec!r}: cannot load a tokenizer from that folder: {e}") from None
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:

@@ -96,6 +96,19 @@ def normalize_choices(prompts: list[str], choices: list[list[str]] | list[str]) 
     return per
 
 
+def check_first_tokens(choices: list[list[str]], ids: list[list[int]]) -> None:
+    """Raise `BackendError` when two choices of one prompt have the same first token id (`ids`, per prompt as
+    `choices`): only first tokens are scored, so such choices would get equal scores whatever the model says."""
+    for cs, row in {tuple(r): (c, r) for c, r in zip(choices, ids)}.values():
+        first: dict[int, str] = {}
+        for c, t in zip(cs, row):
+            if t in first:
+                raise BackendError(f"choices {first[t]!r} and {c!r} start with the same token (id {t}); only a "
+                                   "choice's first token is scored, so they cannot be told apart: use choices whose "
+                                   "first tokens differ")
+            first[t] = c
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     if not stop:

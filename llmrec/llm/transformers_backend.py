@@ -14,6 +14,7 @@ from llmrec.llm.base import (
     Backend,
     BackendError,
     OptionTrie,
+    check_first_tokens,
     cut_at_stop,
     normalize_choices,
     quote_token_sets,
@@ -298,7 +299,9 @@ class TransformersBackend(Backend):
         if not prompts:
             return np.zeros((0, 0))
         per = normalize_choices(prompts, choices)
-        ids = torch.tensor([[self.first_token_id(c) for c in cs] for cs in per], dtype=torch.long)
+        first = [[self.first_token_id(c) for c in cs] for cs in per]
+        check_first_tokens(per, first)
+        ids = torch.tensor(first, dtype=torch.long)
         sel = self.choice_logits(prompts, ids)
         return torch.log_softmax(sel, dim=-1).numpy().astype(np.float64)
 

@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.llm.base import Backend, BackendError, OptionTrie, constrained_greedy, normalize_choices
+from llmrec.llm.base import (
+    Backend,
+    BackendError,
+    OptionTrie,
+    check_first_tokens,
+    constrained_greedy,
+    normalize_choices,
+)
 from llmrec.llm.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -152,7 +159,7 @@ class VLLMBackend(Backend):
             elif self._tokenizer_path:
                 from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path, local_files_only=True)
             else:
                 raise VLLMError("no local tokenizer for the served model: pass tokenizer=<folder>")
         return self._tokenizer
@@ -209,6 +216,7 @@ class VLLMBackend(Backend):
             return np.zeros((0, len(choices) if choices and isinstance(choices[0], str) else 0))
         per = normalize_choices(prompts, choices)
         ids = [[self.first_token_id(c) for c in cs] for cs in per]
+        check_first_tokens(per, ids)
         n = len(ids[0])
         out = np.full((len(prompts), n), np.nan)
         groups: dict[tuple[int, ...], list[int]] = {}

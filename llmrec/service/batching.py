@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.llm.base import normalize_choices
+from llmrec.llm.base import check_first_tokens, normalize_choices
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class MicroBatchingBackend:
         if not prompts:
             return np.zeros((0, len(choices) if choices and isinstance(choices[0], str) else 0))
         per = normalize_choices(prompts, choices)
+        if hasattr(self.backend, "first_token_id"):
+            check_first_tokens(per, [[self.backend.first_token_id(c) for c in cs] for cs in per])
         job = _Job(("score", len(per[0])), list(prompts), per)
         self._q.put(job)
         return job.future.result()
