@@ -45,6 +45,10 @@ RESULT_FILES = {
     "finetune_memory_yesno_ml-100k_135m_tensors_b1": "the same at batch 1",
     "finetune_memory_yesno_ml-100k_1.1b_tensors_b1": "the same at the TinyLlama-1.1B shape, batch 1",
     "finetune_memory_yesno_ml-100k_3b_tensors_b1": "the same at the Llama-3.2-3B shape, batch 1",
+    "finetune_memory_rank_ml-100k": "QLoRA vs bf16 LoRA peak memory of the rank recipe at 135M, batch 4 (~430-token "
+                                    "prompts)",
+    "finetune_memory_rank_ml-100k_135m_tensors_b4": "the same with peak live tensor bytes (`train.tensor_memory`), "
+                                                    "gradient checkpointing",
     "memtrack_check": "live tensor bytes (`llmrec.memtrack`) against RSS, per case: what the count misses",
     "loss_positions": "training-step time, the answer window given to transformers as an index tensor vs an int",
     "finetune_yesno_ml-100k_1206b": "the Yes/No recipe as it is after that change (no zero-shot pass): time, AUC",
