@@ -18,7 +18,7 @@ CORPUS = [
 ] * 20
 
 
-def make_tiny_llm(root: Path, hidden: int = 64, intermediate: int = 128, vocab: int = 320, layers: int = 2,
+def make_tiny_llm(root: Path, hidden: int = 64, intermediate: int = 128, vocab: int = 352, layers: int = 2,
                   heads: int = 2, kv_heads: int = 2, seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -480,8 +480,9 @@ def test_bitsandbytes_hub_kernel_hint_is_replaced_by_one_accurate_line(caplog, m
 
 def test_choice_logits_in_float32_from_the_head_input(tiny_dir):
     """In bf16, choice logits come from a float32 product of the final hidden state and the head's rows (finer than
-    the model's bf16 logits, which tie), and stay within bf16 rounding of the model's own logits."""
-    be = load_backend("transformers", model=tiny_dir, dtype="bfloat16", batch_size=2)
+    the model's bf16 logits, which tie), and stay within bf16 rounding of the model's own logits. One prompt per
+    batch: the reference below is the unpadded forward (in bf16, left padding moves the hidden state a little)."""
+    be = load_backend("transformers", model=tiny_dir, dtype="bfloat16", batch_size=1)
     ids = torch.tensor([[be.first_token_id(" Yes"), be.first_token_id(" No")]] * len(PROMPTS))
     got = be.choice_logits(PROMPTS, ids)
     coarse = torch.gather(be.next_token_logits(PROMPTS), 1, ids)
