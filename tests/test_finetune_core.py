@@ -151,6 +151,8 @@ def test_recipes_load_and_unknown_keys_fail(tmp_path):
         load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["lora_rank=4"])
     with pytest.raises(ConfigError, match="task"):
         load_recipe(None, ["task=summarize"])
+    with pytest.raises(ConfigError, match=r"^recipe \(defaults \+ overrides\): data.n_candidates must be in 2..26"):
+        load_recipe(None, ["data.n_candidates=30"])  # no file: the message names the recipe, not "None"
     with pytest.raises(ConfigError, match=r"train.malloc_mmap_threshold_mb must be >= 0.*got -1"):
         load_recipe(None, ["train.malloc_mmap_threshold_mb=-1"])
     with pytest.raises(ConfigError, match=r"data.retriever 'bm25' is not one of \['text', 'hybrid'"):

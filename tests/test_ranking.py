@@ -1135,6 +1135,14 @@ def test_recommend_refuses_a_k_below_one(parts, k):
         rec.recommend_batch(["u2", "u5"], k=k, explain=True)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_recommend_batch_refuses_histories_not_one_per_user(parts, n):
+    """A shorter list raised a bare IndexError, a longer one was silently cut."""
+    rec = make_rec(parts, ScriptedBackend())
+    with pytest.raises(ValueError, match=rf"histories: {n} given for 2 users"):
+        rec.recommend_batch(["u2", "u5"], histories=[None] * n, k=3, explain=False)
+
+
 def test_explanation_of_a_recommended_item_with_a_long_title_is_not_a_hallucination(parts, tiny_dataset):
     """The explain prompt's answer prefix quotes the top item's title capped at `title_max_chars` (120); the post-check
     used to report that capped title as invented and always fall back for such an item."""

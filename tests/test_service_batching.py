@@ -195,3 +195,28 @@ def test_a_callers_choices_sharing_a_first_token_fail_that_caller_only():
     t.join()
     mb.close()
     assert got["good"] == (2, 2) and inner.calls == [2]
+
+
+def test_calls_after_close_and_malformed_backend_answers_fail_instead_of_hanging():
+    """A call after close() is refused at once, and a backend answer the batcher cannot split (here None) fails its
+    callers while the worker keeps serving the next batch."""
+
+    class Flaky(RecordingBackend):
+        def __init__(self):
+            super().__init__()
+            self.bad = True
+
+        def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop=None):
+            if self.bad:
+                self.bad = False
+                return None
+            return super().generate(prompts, max_new_tokens, temperature, stop)
+
+    mb = MicroBatchingBackend(Flaky(), max_batch=8, max_wait_ms=1)
+    with pytest.raises(TypeError):
+        mb.generate(["a"])
+    assert mb.generate(["b"]) == ["B"]  # the worker survived
+    mb.close()
+    mb._worker.join(timeout=5)
+    with pytest.raises(RuntimeError, match="micro-batcher closed"):
+        mb.generate(["c"])

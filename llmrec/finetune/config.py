@@ -113,6 +113,7 @@ class FinetuneConfig:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
     cfg = load_config(FinetuneConfig, path, overrides)
+    path = path if path is not None else "recipe (defaults + overrides)"  # what the messages below name
     if cfg.task not in TASKS:
         raise ConfigError(f"{path}: task {cfg.task!r} is not one of {list(TASKS)}")
     if cfg.data.n_candidates < 2 or cfg.data.n_candidates > 26:

@@ -623,6 +623,9 @@ class Recommender:
         HistEvents) overrides the dataset history of user i; None reads the prepared dataset (all events)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if histories is not None and len(histories) != len(user_ids):
+            raise ValueError(f"histories: {len(histories)} given for {len(user_ids)} users (one per user, None = the "
+                             "dataset's)")
         t0 = time.perf_counter()
         hs: list[list[HistEvent]] = []
         for n, u in enumerate(user_ids):

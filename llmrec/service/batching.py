@@ -41,6 +41,7 @@ class MicroBatchingBackend:
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._pending: list[_Job] = []
         self._stop = False
+        self._closing = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="llmrec-microbatch", daemon=True)
         self._worker.start()
 
@@ -57,8 +58,7 @@ class MicroBatchingBackend:
         if hasattr(self.backend, "first_token_id"):
             check_first_tokens(per, [[self.backend.first_token_id(c) for c in cs] for cs in per])
         job = _Job(("score", len(per[0])), list(prompts), per)
-        self._q.put(job)
-        return job.future.result()
+        return self._submit(job)
 
     def score_continuations(self, prompts: list[str], continuations: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Title likelihood: grouped with other callers' calls of the same number of continuations per prompt.
@@ -67,16 +67,14 @@ class MicroBatchingBackend:
         if not per:
             return np.zeros((0, 0)), np.zeros((0, 0))
         job = _Job(("cont", len(per[0])), list(prompts), per)
-        self._q.put(job)
-        return job.future.result()
+        return self._submit(job)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  stop: list[str] | None = None, **kw: Any) -> list[str]:
         key = ("gen", max_new_tokens, temperature, tuple(stop or ()), tuple(sorted(kw.items())))
         job = _Job(key, list(prompts), {"max_new_tokens": max_new_tokens, "temperature": temperature, "stop": stop,
                                         **kw})
-        self._q.put(job)
-        return job.future.result()
+        return self._submit(job)
 
     def generate_quoted(self, prompts: list[str], quotable: list[list[str]], max_new_tokens: int = 64,
                         stop: list[str] | None = None, frequency_penalty: float = 0.0,
@@ -88,20 +86,26 @@ class MicroBatchingBackend:
         job = _Job(("quoted", max_new_tokens, tuple(stop or ()), frequency_penalty, lead_quote), list(prompts),
                    {"rows": [list(q) for q in quotable], "max_new_tokens": max_new_tokens, "stop": stop,
                     "frequency_penalty": frequency_penalty, "lead_quote": lead_quote})
-        self._q.put(job)
-        return job.future.result()
+        return self._submit(job)
 
     def generate_from(self, prompts: list[str], options: list[list[str]], n: int, sep: str = "\n") -> list[list[int]]:
         """Constrained title generation: grouped with other callers' calls of the same `n` and `sep`."""
         if len(options) != len(prompts):
             raise ValueError(f"generate_from: {len(options)} option lists for {len(prompts)} prompts")
         job = _Job(("from", n, sep), list(prompts), {"rows": [list(o) for o in options], "n": n, "sep": sep})
-        self._q.put(job)
+        return self._submit(job)
+
+    def _submit(self, job: _Job) -> Any:
+        with self._closing:  # a job is queued before close()'s None (answered) or refused here, never left waiting
+            if self._stop:
+                raise RuntimeError("micro-batcher closed")
+            self._q.put(job)
         return job.future.result()
 
     def close(self) -> None:
-        self._stop = True
-        self._q.put(None)
+        with self._closing:
+            self._stop = True
+            self._q.put(None)
 
     # ------------------------------------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -128,7 +132,15 @@ class MicroBatchingBackend:
                 batch.append(job)
                 n += len(job.prompts)
             self._execute(batch)
-        for job in self._pending:
+        left = list(self._pending)  # calls queued before close() are answered, not left waiting
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                left.append(job)
+        for job in left:
             job.future.set_exception(RuntimeError("micro-batcher closed"))
 
     def _execute(self, batch: list[_Job]) -> None:
@@ -157,7 +169,10 @@ class MicroBatchingBackend:
         start = 0
         for j in batch:
             rows = slice(start, start + len(j.prompts))
-            j.future.set_result(tuple(a[rows] for a in out) if kind == "cont" else out[rows])
+            try:
+                j.future.set_result(tuple(a[rows] for a in out) if kind == "cont" else out[rows])
+            except Exception as e:  # noqa: BLE001 - a malformed backend answer fails its callers, not the worker
+                j.future.set_exception(e)
             start += len(j.prompts)
 
 
