@@ -212,3 +212,66 @@ def test_load_prepared_prepares_builtin_datasets_on_first_use(ml100k, tmp_path):
     events.write_text("user_id,item_id,timestamp\nu1,a,1\n")
     with pytest.raises(DataError, match=r"not prepared .*llmrec data prepare --dataset"):
         load_prepared(str(events), home=tmp_path)  # a user's file needs its own prepare (items, like rule, ...)
+
+
+@pytest.mark.parametrize("name", ["../models", "/abs/elsewhere", "a/b", "..", ".", ".hidden", "a\\b"])
+def test_prepare_refuses_a_name_outside_the_data_folder(tmp_path, name):
+    # the atomic replace renames the old folder away and deletes it: `name=../models` used to wipe $LLMREC_HOME/models
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "keep.txt").write_text("precious")
+    p = tmp_path / "ev.csv"
+    p.write_text("user_id,item_id,timestamp\n" + "".join(f"u,i{j},{j}\n" for j in range(5)))
+    with pytest.raises(DataError, match="PrepareConfig.name"):
+        prepare(str(p), PrepareConfig(name=name), home=tmp_path)
+    assert (tmp_path / "models" / "keep.txt").read_text() == "precious"
+    assert not (tmp_path / "data").exists()
+
+
+def test_stale_or_old_format_folder_is_refused_not_used(tmp_path):
+    p = tmp_path / "ev.csv"
+    p.write_text("user_id,item_id,timestamp\n" + "".join(f"u,i{j},{j}\n" for j in range(5)))
+    prepare(str(p), home=tmp_path)
+    ds = load_prepared("ev", home=tmp_path)
+    assert ds.manifest["format_version"] == 1 and list(ds.manifest["sources_sha256"]) == [str(p.resolve())]
+    mpath = tmp_path / "data" / "ev" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    # a folder written before format_version existed, with every key this version reads: still version 1
+    mpath.write_text(json.dumps({k: v for k, v in m.items() if k not in ("format_version", "sources_sha256")}))
+    load_prepared("ev", home=tmp_path)
+    # an older layout (no Yes/No cut-offs: stats.feature_time would silently let valid/test rows see the future)
+    mpath.write_text(json.dumps({k: v for k, v in m.items() if k not in ("format_version", "yesno_cutoffs")}))
+    with pytest.raises(DataError, match="format 0.*llmrec data prepare"):
+        load_prepared("ev", home=tmp_path)
+    mpath.write_text(json.dumps(m | {"format_version": 2}))
+    with pytest.raises(DataError, match="format 2"):
+        load_prepared("ev", home=tmp_path)
+    mpath.write_text(json.dumps(m))
+    load_prepared("ev", home=tmp_path)
+    p.write_text(p.read_text() + "u,i9,9\n")  # the source changed after prepare
+    with pytest.raises(DataError, match="changed since"):
+        load_prepared("ev", home=tmp_path)
+    prepare(str(p), home=tmp_path)
+    assert load_prepared("ev", home=tmp_path).manifest["stats"]["interactions"] == 6
+
+
+def test_reprepare_that_fails_mid_swap_restores_previous_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    p = tmp_path / "d.csv"
+    p.write_text("user_id,item_id,timestamp\n" + "".join(f"u,i{j},{j}\n" for j in range(5)))
+    prepare(str(p), home=tmp_path)
+    final = tmp_path / "data" / "d"
+    before = (final / "manifest.json").read_text()
+    real = Path.rename
+
+    def rename(self, target):
+        if Path(target) == final and self.name.startswith(".d.") and ".old." not in self.name:
+            raise OSError("disk went away")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="disk went away"):
+        prepare(str(p), home=tmp_path)
+    monkeypatch.undo()
+    assert (final / "manifest.json").read_text() == before
+    assert [x.name for x in (tmp_path / "data").iterdir()] == ["d"]

@@ -404,3 +404,16 @@ def test_yesno_estimate_line_is_the_counts_only_figure():
     assert "57% (likely)" in render_case("yesno_estimate", target_stats=(0, 0)).text
     assert "(very unlikely)" in render_case("yesno_estimate", target_stats=(40, 2)).text
     assert "(a toss-up)" in render_case("yesno_estimate", target_stats=(100, 42)).text
+
+
+def test_answer_prefix_may_use_history_placeholders():
+    """README: the answer prefix may use the same placeholders as the text (checked at load time); one that depends
+    on the kept history ({n_history}) used to raise KeyError at render time."""
+    t = parse_template({"name": "y", "version": 1, "task": "yesno", "text": "{history}\nWill the user enjoy {target}?",
+                        "answer_prefix": "Answer ({n_history} items):", "verbalizer": {"choices": [" Yes", " No"]}})
+    r = render(t, history=fixed_history(), domain="movie", target=TARGET, tokenizer=WhitespaceTokenizer())
+    assert r.answer_prefix == "Answer (6 items):" and r.text.endswith("\nAnswer (6 items):")
+    cut = render(t, history=fixed_history(), domain="movie", target=TARGET, tokenizer=WhitespaceTokenizer(),
+                 max_tokens=r.n_tokens - 6)
+    assert 0 < cut.n_dropped < 6 and cut.n_tokens <= r.n_tokens - 6
+    assert cut.answer_prefix == f"Answer ({cut.n_history} items):" and cut.text.endswith(cut.answer_prefix)

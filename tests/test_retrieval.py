@@ -18,6 +18,7 @@ from llmrec.retrieval import (
     rrf_fuse,
     training_candidates,
 )
+from llmrec.retrieval.text import top_unseen
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("faiss")
@@ -354,3 +355,11 @@ def test_rank_training_examples_list_retrieved_candidates(tiny_dataset, text_ret
     pop = build_examples(ds, "rank", DataSettings(n_train=12, n_valid=0, n_test=0, n_candidates=n, max_len=4000,
                                                   history_max=3), WhitespaceTokenizer())
     assert [e.candidate_ids for e in pop["train"]] != [e.candidate_ids for e in ex["train"]]
+
+
+def test_k_zero_returns_nothing(tiny_dataset, text_ret, itemcf):
+    """k=0 used to return one item (top_unseen appended before checking the count)."""
+    assert top_unseen(np.array([3.0, 2.0, 1.0]), ["a", "b", "c"], set(), 0) == []
+    hist = history_before(tiny_dataset, tiny_dataset.user_ids[0], "test")
+    assert text_ret.query(hist, k=0) == [] and itemcf.query(hist, k=0) == []
+    assert candidates_for(tiny_dataset, tiny_dataset.user_ids[0], "test", 0, text_ret) == []

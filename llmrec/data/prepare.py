@@ -53,6 +53,11 @@ from llmrec.data.loaders import BUILTIN, DataError, RawData, load_raw
 
 log = logging.getLogger(__name__)
 
+# the prepared-folder layout `PreparedDataset` reads; bump when files or manifest keys change meaning. A manifest
+# without the key is version 1 if it has every key version 1 reads (folders written before the key existed).
+FORMAT_VERSION = 1
+_V1_KEYS = {"name", "config", "seed", "label_rule", "yesno_cutoffs", "files_sha256", "content_hash"}
+
 
 @dataclass
 class PrepareConfig:
@@ -259,18 +264,38 @@ def _write_atomic(final: Path, write) -> None:
     """Write into a temporary sibling folder, then swap it in: a failure leaves the old folder untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    old = None
     try:
         write(tmp)
-        old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old.{os.getpid()}")
             final.rename(old)
         tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not final.exists():
+            old.rename(final)  # the swap failed half-way: put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_name(name: str) -> str:
+    """A prepared folder's name is one plain path component under `$LLMREC_HOME/data/`: no separators, not `.`/`..`,
+    not hidden (`.`-prefixed names are prepare's temporary folders). Anything else would make the atomic replace
+    swap out (and delete) a folder outside the data directory."""
+    n = str(name)
+    if not n or n.startswith(".") or "/" in n or "\\" in n:
+        raise DataError(
+            f"PrepareConfig.name: {name!r} is not a plain folder name (no '/' or '\\', not empty, not starting with "
+            "'.'); the prepared folder is $LLMREC_HOME/data/<name>"
+        )
+    return n
+
+
+def _source_hashes(sources: Sequence[str]) -> dict[str, str]:
+    """sha256 of each source file, keyed by its absolute path (a relative one would name another file elsewhere)."""
+    return {str(Path(s).resolve()): _sha256(Path(s)) for s in sources if Path(s).is_file()}
 
 
 def title_key(title: object) -> str:
@@ -340,10 +365,12 @@ def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = 
     cfg = cfg or PrepareConfig()
     t0 = time.perf_counter()
     domain = check_domain(cfg.domain) if cfg.domain is not None else None  # before any work: a bad key changes nothing
+    if cfg.name:
+        check_name(cfg.name)
     raw = load_raw(dataset, cfg.items_file)
     if domain:
         raw.domain = domain
-    name = cfg.name or raw.name
+    name = check_name(cfg.name or raw.name)
     df, items, dropped, rule = preprocess(raw, cfg)
     df = loo_split(df)
     yesno, cutoffs = yesno_examples(df, cfg, rule, items["item_id"].to_numpy())
@@ -361,9 +388,11 @@ def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = 
         negs.to_parquet(tmp / "negatives.parquet", index=False)
         hashes = {p.name: _sha256(p) for p in sorted(tmp.glob("*.parquet"))}
         manifest = {
+            "format_version": FORMAT_VERSION,
             "name": name,
             "source": dataset,
             "sources": raw.sources,
+            "sources_sha256": _source_hashes(raw.sources),
             "domain": raw.domain,
             "text_fields": raw.text_fields,
             "config": to_dict(cfg),
@@ -396,6 +425,7 @@ class PreparedDataset:
         if not mpath.is_file():
             raise DataError(f"{self.root}: not a prepared dataset (no manifest.json); run `llmrec data prepare` first")
         self.manifest: dict = json.loads(mpath.read_text())
+        self._check_manifest()
         self.name: str = self.manifest["name"]
         self.domain: str = self.manifest.get("domain", "item")
         self.text_fields: list[str] = list(self.manifest.get("text_fields", []))
@@ -404,6 +434,17 @@ class PreparedDataset:
         self.item_ids: np.ndarray = self.items["item_id"].to_numpy()
         self.item_index: dict[str, int] = {i: n for n, i in enumerate(self.item_ids)}
         self.titles: np.ndarray = self.items["title"].to_numpy()
+
+    def _check_manifest(self) -> None:
+        """Refuse a folder of another format, or one whose source files changed since it was prepared."""
+        m = self.manifest
+        again = f"; run `llmrec data prepare` again for {m.get('source', self.root.name)!r}"
+        fmt = m.get("format_version", 1 if _V1_KEYS <= m.keys() else 0)
+        if fmt != FORMAT_VERSION:
+            raise DataError(f"{self.root}: prepared folder of format {fmt}, this llmrec reads {FORMAT_VERSION}{again}")
+        for src, digest in (m.get("sources_sha256") or {}).items():
+            if Path(src).is_file() and _sha256(Path(src)) != digest:
+                raise DataError(f"{self.root}: source {src} changed since this folder was prepared{again}")
 
     @property
     def n_items(self) -> int:

@@ -244,15 +244,19 @@ def render(
         "estimate": estimate_text(target_stats, list(history)),  # over every given item, as user_stats
         "first_recommended": quote(recommended[0].title, o.title_max_chars) if recommended else "",
     }
-    prefix = t.answer_prefix.format_map(fixed)
 
-    def compose(n_keep: int) -> str:
+    def values_for(n_keep: int) -> tuple[dict[str, str], list[str], list[str]]:
         keep = range(len(hist) - n_keep, len(hist))
         liked = [hist_lines[i] for i in keep if hist[i].liked is not False]  # unknown reaction counts as liked
         disliked = [hist_lines[i] for i in keep if hist[i].liked is False]
         values = dict(fixed, n_history=str(n_keep), history="\n".join(hist_lines[i] for i in keep) or o.empty,
                       liked="\n".join(liked) or o.empty, disliked="\n".join(disliked) or o.empty,
                       user_stats=user_stats)
+        return values, liked, disliked
+
+    def compose(n_keep: int) -> str:
+        values, liked, disliked = values_for(n_keep)
+        prefix = t.answer_prefix.format_map(values)  # may use any placeholder of the text (README)
         present = {"candidates": bool(cands), "target": target is not None, "recommended": bool(rec_lines),
                    "history": n_keep > 0, "liked": bool(liked), "disliked": bool(disliked),
                    "target_stats": bool(fixed["target_stats"]), "user_stats": bool(values["user_stats"]),
@@ -290,6 +294,7 @@ def render(
                 hi = mid
         n_keep = lo
         text = compose(n_keep)
+    prefix = t.answer_prefix.format_map(values_for(n_keep)[0])
     return RenderedPrompt(
         text=text,
         n_tokens=count_tokens(tokenizer, text) if tokenizer is not None else None,

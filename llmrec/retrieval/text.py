@@ -43,7 +43,9 @@ def as_events(history: Iterable[Any]) -> list[tuple[str, bool | None]]:
 
 def top_unseen(scores: np.ndarray, ids: Sequence[Any], exclude: set[str], k: int) -> list[tuple[str, float]]:
     """The k best (item_id, score) of a [n_items] score vector, skipping `exclude`; ties keep catalogue order."""
-    out = []
+    out: list[tuple[str, float]] = []
+    if k <= 0:
+        return out
     for j in np.argsort(-scores, kind="stable"):
         if str(ids[j]) not in exclude:
             out.append((str(ids[j]), float(scores[j])))
