@@ -212,11 +212,17 @@ def test_calls_after_close_and_malformed_backend_answers_fail_instead_of_hanging
                 return None
             return super().generate(prompts, max_new_tokens, temperature, stop)
 
+    from concurrent.futures import ThreadPoolExecutor
+
     mb = MicroBatchingBackend(Flaky(), max_batch=8, max_wait_ms=1)
-    with pytest.raises(TypeError):
-        mb.generate(["a"])
-    assert mb.generate(["b"]) == ["B"]  # the worker survived
-    mb.close()
-    mb._worker.join(timeout=5)
-    with pytest.raises(RuntimeError, match="micro-batcher closed"):
-        mb.generate(["c"])
+    pool = ThreadPoolExecutor(1)  # each call bounded by a timeout: a hang fails the test instead of stalling it
+    try:
+        with pytest.raises(TypeError):
+            pool.submit(mb.generate, ["a"]).result(timeout=10)
+        assert pool.submit(mb.generate, ["b"]).result(timeout=10) == ["B"]  # the worker survived
+        mb.close()
+        mb._worker.join(timeout=5)
+        with pytest.raises(RuntimeError, match="micro-batcher closed"):
+            pool.submit(mb.generate, ["c"]).result(timeout=10)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -115,6 +115,12 @@ class _MFNetModel:
         self.net.load_state_dict(state["net"])
 
 
+def _user_rows(users: Any, user_index: dict[str, int]) -> np.ndarray:
+    """Each user's row in an MF net's P / bu; users without a training row get the zeroed row len(user_index)."""
+    n_u = len(user_index)
+    return np.array([user_index.get(str(x), n_u) for x in users], dtype=np.int64)
+
+
 class MatrixFactorization(_MFNetModel, Baseline):
     """Classic click model: P(like | u, i) = sigmoid(p_u . q_i + b_u + b_i + b), binary cross-entropy on the Yes/No
     `train` rows, early stopping on the `valid` rows' AUC. Users without a training row (cold) get p_u = 0, b_u = 0:
@@ -163,7 +169,7 @@ class MatrixFactorization(_MFNetModel, Baseline):
         user_index = {u: n for n, u in enumerate(sorted(tr["user_id"].astype(str).unique()))}
         n_u = len(user_index)
         net = _MFNet.make(n_u, ds.n_items, c.dim)
-        u = torch.as_tensor(np.array([user_index[str(x)] for x in tr["user_id"]], dtype=np.int64))
+        u = torch.as_tensor(_user_rows(tr["user_id"], user_index))
         i = torch.as_tensor(tr["item_id"].map(ds.item_index).to_numpy(np.int64).copy())
         lab = torch.as_tensor(tr["label"].to_numpy(np.float32))
         opt = torch.optim.Adam(net.parameters(), lr=c.lr)
@@ -199,10 +205,6 @@ class MatrixFactorization(_MFNetModel, Baseline):
                      "train_rows": len(tr), "users_with_training_rows": n_u})
         return net, user_index, info
 
-    def _uidx(self, users: Any) -> np.ndarray:
-        n_u = len(self.user_index)
-        return np.array([self.user_index.get(str(x), n_u) for x in users], dtype=np.int64)
-
     def predict_proba(self, examples: pd.DataFrame) -> np.ndarray:
         if self.ds is None:
             raise RuntimeError("mf: call fit(ds) or load(path) first")
@@ -211,8 +213,7 @@ class MatrixFactorization(_MFNetModel, Baseline):
     def _proba(self, net: Any, user_index: dict[str, int], examples: pd.DataFrame) -> np.ndarray:
         import torch
 
-        n_u = len(user_index)
-        u = torch.as_tensor(np.array([user_index.get(str(x), n_u) for x in examples["user_id"]], dtype=np.int64))
+        u = torch.as_tensor(_user_rows(examples["user_id"], user_index))
         i = torch.as_tensor(examples["item_id"].map(self.ds.item_index).to_numpy(np.int64).copy())
         net.eval()
         with torch.no_grad():
@@ -220,14 +221,13 @@ class MatrixFactorization(_MFNetModel, Baseline):
 
     def cold_share(self, examples: pd.DataFrame) -> float:
         """Share of `examples` whose user has no training row (scored by biases only)."""
-        return float(np.mean(self._uidx(examples["user_id"]) == len(self.user_index))) if len(examples) else 0.0
+        cold = _user_rows(examples["user_id"], self.user_index) == len(self.user_index)
+        return float(np.mean(cold)) if len(examples) else 0.0
 
     def _score(self, user_ids: list[str], split: str) -> np.ndarray:
         if self.rank_net is None or self.rank_user_index is None:
             raise RuntimeError("mf: call fit(ds) or load(path) first")
-        n_u = len(self.rank_user_index)
-        return self._net_scores(np.array([self.rank_user_index.get(str(x), n_u) for x in user_ids], dtype=np.int64),
-                                self.rank_net)
+        return self._net_scores(_user_rows(user_ids, self.rank_user_index), self.rank_net)
 
     def _state(self) -> dict[str, Any]:
         out = super()._state()
