@@ -99,14 +99,23 @@ def test_recommend_refuses_a_k_below_one(k, capsys):
 @pytest.mark.parametrize("argv", [["eval", "rank", "--dataset", "d", "--max-users", "-1"],
                                   ["eval", "yesno", "--dataset", "d", "--max-examples", "-5"],
                                   ["eval", "yesno", "--dataset", "d", "--valid-examples", "x"],
-                                  ["eval", "contamination", "--dataset", "d", "--n", "0"]])
-def test_eval_counts_refuse_negative_or_non_integer_values(argv, capsys):
+                                  ["eval", "contamination", "--dataset", "d", "--n", "0"],
+                                  ["data", "show", "--dataset", "d", "--user", "1", "--limit", "-3"],
+                                  ["retrieve", "--dataset", "d", "--k", "0"],
+                                  ["prompt", "--template", "t", "--dataset", "d", "--user", "1", "--history", "-1"],
+                                  ["prompt", "--template", "t", "--dataset", "d", "--user", "1", "--max-tokens", "0"],
+                                  ["baselines", "eval", "--dataset", "d", "--max-users", "0"],
+                                  ["serve", "--port", "-1"]])
+def test_cli_counts_refuse_negative_or_non_integer_values(argv, capsys):
+    """A count below what it can mean (`data show --limit -3` used to print all but the first 3 events) stops at
+    parsing with the option's name, before anything is loaded."""
     from llmrec.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert argv[-2] in capsys.readouterr().err
-    assert build_parser().parse_args([*argv[:-1], "0" if argv[-2] != "--n" else "1"])
+    smallest = "1" if argv[-2] in ("--n", "--k", "--max-tokens", "--max-users") else "0"
+    assert build_parser().parse_args([*argv[:-1], smallest])
 
 
 def test_a_misspelt_key_gets_a_suggestion_and_a_foreign_one_none(tmp_path):

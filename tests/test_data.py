@@ -174,6 +174,8 @@ def test_cli_prepare_and_show(tmp_path, monkeypatch, capsys):
     assert "272 events" in shown
     # each line: date, rating, reaction, split role, title and the item's fields (the year is already in the title)
     assert "dislike  test   Aristocats, The (1970)  (genres: Animation Children's)" in shown.splitlines()[-1]
+    assert main(["data", "show", "--dataset", "ml-100k", "--user", "1", "--limit", "0"]) == 0  # 0 = all
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 272
     assert main(["data", "prepare", "--dataset", "ml-100k", "--set", "bogus=1"]) == 1
     assert "bogus" in capsys.readouterr().err
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmrec.cli.args import positive_int
+
 MODEL_CHOICES = ["pop", "mf", "bpr", "bert_lstm", "sasrec"]
 
 
@@ -23,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pe.add_argument("--dataset", required=True)
     pe.add_argument("--model", nargs="*", choices=MODEL_CHOICES, help="default: every model with a checkpoint")
     pe.add_argument("--split", default="test", choices=["valid", "test"])
-    pe.add_argument("--max-users", type=int, help="seeded subset of users (default: all)")
-    pe.add_argument("--yesno-examples", type=int, help="seeded subset of Yes/No examples (default: all)")
+    pe.add_argument("--max-users", type=positive_int, help="seeded subset of users (default: all)")
+    pe.add_argument("--yesno-examples", type=positive_int, help="seeded subset of Yes/No examples (default: all)")
     pe.add_argument("--seed", type=int, default=0)
     pe.set_defaults(func=cmd_eval)
     p.set_defaults(func=lambda a: p.print_help() or 2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+from llmrec.cli.args import count
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare datasets and inspect them")
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ps = s.add_parser("show", help="print a user's history with titles")
     ps.add_argument("--dataset", required=True)
     ps.add_argument("--user", "--user-id", dest="user", required=True)
-    ps.add_argument("--limit", type=int, default=50)
+    ps.add_argument("--limit", type=count, default=50, help="most recent events shown (0 = all)")
     ps.set_defaults(func=cmd_show)
 
 
@@ -63,7 +65,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     print(f"user {args.user}: {len(h)} events in {ds.name} ({plural(ds.domain)}); split = leave-one-out role")
     fields = [f for f in ds.items.columns if f not in ("item_id", "title")]  # what prompts show after a title
-    for _, r in h.tail(args.limit).iterrows():
+    for _, r in (h.tail(args.limit) if args.limit else h).iterrows():
         when = datetime.fromtimestamp(int(r["timestamp"]), UTC).strftime("%Y-%m-%d")
         rating = "" if r["rating"] != r["rating"] else f"{r['rating']:g}"
         liked = "like" if r["label"] else "dislike"

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from llmrec.cli.args import count, positive_int
+
 # = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
 # agree, and with the service's defaults)
 RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid:bert_lstm", "itemcf", "sasrec",
@@ -14,22 +16,6 @@ RETRIEVER_CHOICES = ["text", "hybrid", "hybrid:itemcf", "hybrid:sasrec", "hybrid
 DEFAULT_RETRIEVER = "hybrid"
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_count = _int_at_least(0)  # 0 = all
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -56,11 +42,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
                    help="verbalizer / likelihood: rank by LLM score + W x log(1/retrieval rank); 0 = the LLM's order "
                         "alone (default %(default)s, as in the service)")
-    p.add_argument("--listings", type=_positive_int, default=1,
+    p.add_argument("--listings", type=positive_int, default=1,
                    help="verbalizer: list the candidates N times in cyclically shifted orders and average each one's "
                         "letter log-probs, cancelling the model's letter / position preference (N forward passes "
                         "per user; default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--template", action="append", default=[], type=_task_template, metavar="TASK=NAME",
                    help="prompt template per task, e.g. yesno=yesno_stats (default: the adapter's own, else the "
                         "task's name); repeatable")
@@ -80,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--user-id", "--user", dest="user_id", required=True)
-    p.add_argument("--k", type=_positive_int, default=10)
+    p.add_argument("--k", type=positive_int, default=10)
     p.add_argument("--explain", action="store_true")
     p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process")
     p.add_argument("--json", action="store_true",
@@ -95,8 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--dataset")
     src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
     y.add_argument("--split", default="test")
-    y.add_argument("--max-examples", type=_count, default=500, help="fixed seeded subset (0 = all)")
-    y.add_argument("--valid-examples", type=_count, default=200,
+    y.add_argument("--max-examples", type=count, default=500, help="fixed seeded subset (0 = all)")
+    y.add_argument("--valid-examples", type=count, default=200,
                    help="--dataset with --split test: also score this many seeded validation rows and report "
                         "accuracy/F1 at the threshold of best validation accuracy (P(Yes) of a tuned model is not "
                         "calibrated, so 0.5 can say No to every row); 0 = at 0.5 only (default %(default)s)")
@@ -106,14 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     y.set_defaults(func=cmd_eval_yesno)
     r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
     r.add_argument("--dataset", required=True)
-    r.add_argument("--max-users", type=_count, default=200, help="fixed seeded subset of users (0 = all)")
+    r.add_argument("--max-users", type=count, default=200, help="fixed seeded subset of users (0 = all)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out")
     _add_model_args(r)
     r.set_defaults(func=cmd_eval_rank)
     c = s.add_parser("contamination", help="does the base LLM complete catalogue titles from memory?")
     c.add_argument("--dataset", required=True)
-    c.add_argument("--n", type=_positive_int, default=100)
+    c.add_argument("--n", type=positive_int, default=100)
     c.add_argument("--out")
     _add_model_args(c)
     c.set_defaults(func=cmd_eval_contamination)

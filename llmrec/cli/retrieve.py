@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from llmrec.cli.args import int_at_least, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="top-K unseen items for a user from the text / hybrid retriever")
     p.add_argument("--dataset", required=True)
     p.add_argument("--user", "--user-id", dest="user", help="user id (history from the prepared dataset)")
     p.add_argument("--profile", help="free-text profile instead of a user history")
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--mode", choices=["text", "hybrid", "cf"], default=None,
                    help="text, hybrid (text + item-CF: what `llmrec recommend` and the service put in the prompt) "
                         "or cf (item-CF alone); default: hybrid for --user, text for --profile")
@@ -27,10 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--split", choices=["all", "test", "valid"], default="test",
                    help="history before the user's test/valid target (which is the yes/no target), or all events")
     q.add_argument("--item", help="target item id for yesno (default: the user's target of --split)")
-    q.add_argument("--k", type=int, default=20, help="number of candidates (rank/next_title)")
+    q.add_argument("--k", type=positive_int, default=20, help="number of candidates (rank/next_title)")
     q.add_argument("--no-candidates", action="store_true", help="next_title without a candidate list")
-    q.add_argument("--history", type=int, default=20, help="most recent history items offered to the template")
-    q.add_argument("--max-tokens", type=int, default=None, help="token budget (oldest history dropped first)")
+    q.add_argument("--history", type=int_at_least(0), default=20,
+                   help="most recent history items offered to the template")
+    q.add_argument("--max-tokens", type=positive_int, default=None, help="token budget (oldest history dropped first)")
     q.add_argument("--chat", action="store_true", help="chat-template form")
     q.add_argument("--tokenizer", default="default",
                    help="'default' (the embedded SmolLM2 tokenizer), 'whitespace', or a tokenizer folder")

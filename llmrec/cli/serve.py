@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmrec.cli.args import int_at_least
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start vLLM (if installed) and the recommendation service (FastAPI)")
@@ -11,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. port=8001 llm.backend=transformers (env: LLMREC_SERVE_*)")
     p.add_argument("--dataset", help="prepared dataset (shortcut for --set dataset=...)")
-    p.add_argument("--port", type=int, help="service port (shortcut for --set port=...)")
+    p.add_argument("--port", type=int_at_least(0), help="service port (shortcut for --set port=...)")
     p.add_argument("--vllm-url", help="use an existing OpenAI-compatible vLLM endpoint")
     p.add_argument("--no-llm", action="store_true", help="no LLM: collaborative fallback only (degraded: true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -25,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.dataset:
         overrides.append(f"dataset={args.dataset}")
-    if args.port:
+    if args.port is not None:
         overrides.append(f"port={args.port}")
     if args.vllm_url:
         overrides.append(f"llm.vllm_url={args.vllm_url}")

@@ -1,0 +1,25 @@
+"""Argument types shared by the sub-commands: counts that refuse what they cannot mean (argparse prints the error
+with the option's name and exits 2, before anything runs)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = int_at_least(1)
+count = int_at_least(0)  # where 0 means "all"
