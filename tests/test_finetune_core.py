@@ -42,6 +42,29 @@ def batch(tok, side="left"):
     return AnswerOnlyCollator(tok.pad_token_id, padding_side=side)([encode_example(e, tok, 64) for e in EXAMPLES])
 
 
+def test_encode_all_counts_the_prompts_it_cuts(tiny_dir, caplog):
+    """A prompt cut from the left loses its instruction: the split's encoding names how many were cut."""
+    from dataclasses import replace
+
+    from llmrec.finetune.data import encode_all
+
+    _, tok = load_causal_lm(tiny_dir, dtype="float32")
+    n = [len(tok(e.prompt + e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in EXAMPLES]
+    with caplog.at_level("WARNING", logger="llmrec.finetune.data"):
+        feats = encode_all(EXAMPLES, tok, max(n))
+    assert [len(f["input_ids"]) for f in feats] == n and not caplog.records
+    max_len = sorted(n)[-2]  # the longest example no longer fits (two, if the two longest tie)
+    with caplog.at_level("WARNING", logger="llmrec.finetune.data"):
+        encode_all(EXAMPLES, tok, max_len, split="valid")
+    cut = sum(x > max_len for x in n)
+    assert cut >= 1 and f"{cut} of 4 valid examples had their prompt cut" in caplog.text
+    caplog.clear()
+    group = [replace(EXAMPLES[0], choices=[" Yes", " No"])]
+    with caplog.at_level("WARNING", logger="llmrec.finetune.data"):
+        rows = encode_all(group, tok, n[0] - 1, group=True)[0]["group"]
+    assert len(rows) == 2 and "1 of 1 train examples" in caplog.text
+
+
 def test_answer_only_mask(tiny_dir):
     _, tok = load_causal_lm(tiny_dir, dtype="float32")
     ex = EXAMPLES[0]
@@ -56,6 +79,9 @@ def test_answer_only_mask(tiny_dir):
     short = encode_example(ex, tok, 6)
     assert len(short["input_ids"]) == 6 and short["input_ids"][-len(a_ids):] == a_ids
     assert short["labels"][: 6 - len(a_ids)] == [IGNORE_INDEX] * (6 - len(a_ids))
+    # an answer that cannot fit with one prompt token is refused, not cut (it would lose its EOS)
+    with pytest.raises(ValueError, match=r"is 2 tokens with EOS, not below max_len=2: raise data.max_len"):
+        encode_example(ex, tok, 2)
     b = batch(tok, "left")
     n_answer = [len(tok(e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in EXAMPLES]  # + EOS
     assert torch.equal(b["labels"].ne(IGNORE_INDEX).sum(1), torch.tensor(n_answer))
@@ -84,14 +110,13 @@ def test_answer_only_loss_matches_full_logits(tiny_dir, side, positions_as):
 
 @pytest.mark.parametrize("positions_as", ["index", "int"])
 def test_answer_only_loss_when_the_prompt_is_cut_away(tiny_dir, positions_as):
-    """An answer that fills max_len leaves no prompt: its first token sits in column 0, which no position predicts.
-    The loss leaves it out (as the full-logits loss does) instead of reading it off the last position's logits
-    ("index") or failing on mismatched shapes ("int")."""
+    """A row whose answer starts in column 0 (no prompt left: `encode_example` refuses to make one, a hand-built
+    feature can) has a first answer token that no position predicts. The loss leaves it out (as the full-logits loss
+    does) instead of reading it off the last position's logits ("index") or failing on mismatched shapes ("int")."""
     m, tok = load_causal_lm(tiny_dir, dtype="float32")
-    ex = [Example("some prompt words here", " Action Story Comedy Story"), Example("x", " Yes")]
-    n = len(tok(ex[0].answer, add_special_tokens=False)["input_ids"]) + 1
-    feats = [encode_example(e, tok, n) for e in ex]
-    assert feats[0]["labels"][0] != IGNORE_INDEX and len(feats[0]["input_ids"]) == n
+    ids = tok(" Action Story Comedy Story", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    feats = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)},
+             encode_example(Example("x", " Yes"), tok, len(ids))]
     b = AnswerOnlyCollator(tok.pad_token_id)(feats)
     with torch.no_grad():
         loss, _ = answer_only_loss(m, b, positions_as=positions_as)

@@ -276,19 +276,41 @@ def _with_pos(ds: Any, targets: pd.DataFrame) -> pd.DataFrame:
 def encode_example(ex: Example, tokenizer: Any, max_len: int, append_eos: bool = True) -> dict[str, list[int]]:
     """input_ids / attention_mask / labels with labels = -100 on every prompt token. The prompt and the answer are
     tokenized separately, so the first answer token is exactly the token the scorer reads; an over-long prompt is cut
-    from the left (the answer is always kept)."""
+    from the left (the answer is always kept; one that leaves no room for a prompt token is refused)."""
     p_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
     if append_eos and tokenizer.eos_token_id is not None:
         a_ids = a_ids + [tokenizer.eos_token_id]
     if not a_ids:
         raise ValueError(f"answer {ex.answer!r} encodes to no tokens")
-    a_ids = a_ids[:max_len]
+    if len(a_ids) >= max_len:  # cut, it would lose its end (EOS) and teach a truncated answer
+        raise ValueError(f"answer of user {ex.user_id} ({ex.answer[:60]!r}...) is {len(a_ids)} tokens with EOS, not "
+                         f"below max_len={max_len}: raise data.max_len")
     keep = max_len - len(a_ids)
     if len(p_ids) > keep:
-        p_ids = p_ids[len(p_ids) - keep :] if keep > 0 else []
+        p_ids = p_ids[len(p_ids) - keep :]
     ids = p_ids + a_ids
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(p_ids) + a_ids}
+
+
+def encode_all(examples: list[Example], tokenizer: Any, max_len: int, append_eos: bool = True, group: bool = False,
+               split: str = "train") -> list[dict]:
+    """`encode_example` (or `encode_group`) over a split; prompts cut from the left to fit `max_len` lose their
+    instruction, so they are counted and named in a warning."""
+    enc = encode_group if group else encode_example
+    eos = int(append_eos and tokenizer.eos_token_id is not None)
+    feats, cut = [], 0
+    for ex in examples:
+        feats.append(enc(ex, tokenizer, max_len, append_eos))
+        n_prompt = len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
+        answers = ex.choices if group else [ex.answer]
+        n_answer = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + eos
+        cut += n_prompt + n_answer > max_len
+    if cut:
+        log.warning("%d of %d %s examples had their prompt cut from the left to fit data.max_len=%d (the start of "
+                    "the prompt, the instruction, is lost): raise data.max_len or lower data.history_max", cut,
+                    len(examples), split, max_len)
+    return feats
 
 
 def encode_group(ex: Example, tokenizer: Any, max_len: int, append_eos: bool = True) -> dict[str, list[dict]]:

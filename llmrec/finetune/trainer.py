@@ -24,8 +24,7 @@ from llmrec.finetune.data import (
     Example,
     answer_only_loss,
     build_examples,
-    encode_example,
-    encode_group,
+    encode_all,
     listwise_title_loss,
     manifest,
 )
@@ -359,9 +358,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         (out_dir / "data_manifest.json").write_text(json.dumps(man, indent=2) + "\n")
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     listwise = cfg.task == "next_title" and cfg.data.negatives > 0
-    train_feats = [(encode_group if listwise else encode_example)(e, tok, cfg.data.max_len, cfg.data.append_eos)
-                   for e in examples["train"]]
-    valid_feats = [encode_example(e, tok, cfg.data.max_len, cfg.data.append_eos) for e in examples["valid"]]
+    train_feats = encode_all(examples["train"], tok, cfg.data.max_len, cfg.data.append_eos, group=listwise)
+    valid_feats = encode_all(examples["valid"], tok, cfg.data.max_len, cfg.data.append_eos, split="valid")
     lens = [len(r["input_ids"]) for f in train_feats for r in f.get("group", [f])]
     log.info("train examples: %d (tokens mean %.0f, max %d)", len(train_feats), np.mean(lens), max(lens))
 
