@@ -254,6 +254,17 @@ def test_stale_or_old_format_folder_is_refused_not_used(tmp_path):
         load_prepared("ev", home=tmp_path)
     prepare(str(p), home=tmp_path)
     assert load_prepared("ev", home=tmp_path).manifest["stats"]["interactions"] == 6
+    # the folder's own files: one edited or one lost after preparing
+    neg = tmp_path / "data" / "ev" / "negatives.parquet"
+    saved = neg.read_bytes()
+    neg.write_bytes(saved[:-8])
+    with pytest.raises(DataError, match=r"negatives.parquet changed since this folder was prepared; run `llmrec data"):
+        load_prepared("ev", home=tmp_path)
+    neg.unlink()
+    with pytest.raises(DataError, match=r"negatives.parquet is missing"):
+        load_prepared("ev", home=tmp_path)
+    neg.write_bytes(saved)
+    load_prepared("ev", home=tmp_path)
 
 
 def test_reprepare_that_fails_mid_swap_restores_previous_folder(tmp_path, monkeypatch):

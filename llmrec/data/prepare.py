@@ -436,7 +436,8 @@ class PreparedDataset:
         self.titles: np.ndarray = self.items["title"].to_numpy()
 
     def _check_manifest(self) -> None:
-        """Refuse a folder of another format, or one whose source files changed since it was prepared."""
+        """Refuse a folder of another format, one whose source files changed since it was prepared, or one whose own
+        files no longer match the hashes its manifest recorded."""
         m = self.manifest
         again = f"; run `llmrec data prepare` again for {m.get('source', self.root.name)!r}"
         fmt = m.get("format_version", 1 if _V1_KEYS <= m.keys() else 0)
@@ -445,6 +446,12 @@ class PreparedDataset:
         for src, digest in (m.get("sources_sha256") or {}).items():
             if Path(src).is_file() and _sha256(Path(src)) != digest:
                 raise DataError(f"{self.root}: source {src} changed since this folder was prepared{again}")
+        for fname, digest in m["files_sha256"].items():  # a file edited, truncated or lost after preparing
+            f = self.root / fname
+            if not f.is_file():
+                raise DataError(f"{self.root}: {fname} is missing (the manifest lists it){again}")
+            if _sha256(f) != digest:
+                raise DataError(f"{self.root}: {fname} changed since this folder was prepared{again}")
 
     @property
     def n_items(self) -> int:
