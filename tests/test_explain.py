@@ -186,3 +186,18 @@ def test_a_long_title_quoted_as_prompts_cap_it_is_the_catalogue_title():
     bad = check_explanation(f"{quote(rec_long)} suits this user because they liked {quote(liked_long)}.", m, {"1"},
                             {"5"}, set())
     assert bad.hallucinated == ["6"] and not bad.ok  # a capped title outside history + recommended still counts
+
+
+def test_titles_with_double_quotes_are_read_whole_in_either_written_form():
+    """Last.fm has artists like `"Weird Al" Yankovic` and `Royce da 5'9"`: quoted as prompts quote them (inner quotes
+    backslash-escaped) or written plainly, they are one named title, not invented quoted strings."""
+    ids, titles = ["a", "b", "c"], ['"Weird Al" Yankovic', "Royce da 5'9\"", "Queen"]
+    m = TitleMatcher(ids, titles)
+    for text in ['You liked "\\"Weird Al\\" Yankovic" and "Queen", so try "Royce da 5\'9\\"".',
+                 'You liked ""Weird Al" Yankovic" and "Queen", so try "Royce da 5\'9"".',
+                 'You liked "Weird Al" Yankovic and Queen, so try Royce da 5\'9".']:
+        chk = check_explanation(text, m, {"a", "c"}, {"b"}, set())
+        assert chk.named == ["a", "c", "b"] and chk.hallucinated == [] and chk.ok, (text, chk)
+    invented = check_explanation('You liked "\\"Weird Al\\" Yankovic" and "Weird Owl".', m, {"a"}, {"b"}, set())
+    assert invented.hallucinated == ["Weird Owl"] and not invented.ok
+    assert m.exact('"\\"Weird Al\\" Yankovic"') == "a" and m.exact("royce da 5'9\"") == "b"

@@ -38,10 +38,23 @@ class TitleMatcher:
             for v in title_variants(str(t)) | {quote(t, max_chars)[1:-1].lower()}:
                 if len(v) >= 4:
                     self.by_variant.setdefault(v, iid)
+                    if '"' in v:  # `"Weird Al" Yankovic`: also read with single quotes (see `unquote_titles`)
+                        self.by_variant.setdefault(_single_quoted(v), iid)
         variants = sorted(self.by_variant, key=len, reverse=True)
         self._re = (
             re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in variants) + r")(?!\w)") if variants else None
         )
+        quoting = [v for v in variants if '"' in v]
+        self._quoting_re = (
+            re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in quoting) + r")(?!\w)", re.IGNORECASE)
+            if quoting else None
+        )
+
+    def unquote_titles(self, text: str) -> str:
+        """`text` with the double quotes inside catalogue titles (`"Weird Al" Yankovic`, as written or as prompts
+        quote it, `\\"Weird Al\\" Yankovic`) turned to single quotes, so that a title's own quotes do not read as
+        the edges of a quoted span."""
+        return self._quoting_re.sub(lambda m: _single_quoted(m.group(1)), text) if self._quoting_re else text
 
     def find(self, text: str) -> list[str]:
         """Item ids named in `text`, in order of first mention, without repeats."""
@@ -54,8 +67,14 @@ class TitleMatcher:
 
     def exact(self, text: str) -> str | None:
         """The item whose title variant equals `text` (stripped, case-insensitive, quotes removed), if any."""
-        key = text.strip().strip("\"'“”").strip().lower()
-        return self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip())
+        for key in (text.strip().lower(), text.strip().strip("\"'“”").strip().lower()):
+            if found := self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip()):
+                return found
+        return None
+
+
+def _single_quoted(s: str) -> str:
+    return s.replace('\\"', "'").replace('"', "'")
 
 
 # a claim about the user's past: the verb, then what it governs up to the next claim, a sentence end or a clause
@@ -191,6 +210,7 @@ def check_explanation(
     """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
     title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title),
     not repetitive, and no recommended item presented as one the user already liked / watched / bought."""
+    text = matcher.unquote_titles(text)
     named = matcher.find(text)
     halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
     attr_low = {a.lower() for a in attributes}
