@@ -201,3 +201,16 @@ def test_titles_with_double_quotes_are_read_whole_in_either_written_form():
     invented = check_explanation('You liked "\\"Weird Al\\" Yankovic" and "Weird Owl".', m, {"a"}, {"b"}, set())
     assert invented.hallucinated == ["Weird Owl"] and not invented.ok
     assert m.exact('"\\"Weird Al\\" Yankovic"') == "a" and m.exact("royce da 5'9\"") == "b"
+
+
+def test_tidy_explanation_reads_escaped_quotes_inside_a_quoted_title():
+    """Prompts quote `Royce da 5'9"` as `"Royce da 5'9\\""`: its escaped quote neither leaves a quote open (which cut
+    the text back to the title) nor pairs with another quote."""
+    lead = "Because the user liked"
+    royce = '"Royce da 5\'9\\""'
+    assert tidy_explanation(lead, f' "Queen", {royce}, try this.') == f'{lead} "Queen", {royce}, try this.'
+    assert tidy_explanation(lead, f" {royce} and \"Queen\"") == f'{lead} {royce} and "Queen".'
+    assert tidy_explanation(lead, f' {royce}, and "Que') == f"{lead} {royce}."  # a quote left open is still cut
+    weird = '"\\"Weird Al\\" Yankovic"'
+    looped = tidy_explanation(lead, f' {weird}, "Queen" and {weird} and')
+    assert looped == f'{lead} {weird}, "Queen".'  # the repeat is found with the escaped quotes inside

@@ -85,7 +85,10 @@ _CLAIM = re.compile(
     r",\s*(?:so|they|you|which|this|these|it|we|he|she|then|try|consider)\b|\s(?:so|because|but|therefore)\s|$)",
     re.IGNORECASE,
 )
-_DANGLING = re.compile(r'"\s*(?:,|;|and\b)[^"]*$')  # an unfinished clause after the last quoted title
+# a quote mark that opens or closes a quoted span: prompts write a title's own quotes escaped (`"Royce da 5'9\\""`)
+_QUOTE = re.compile(r'(?<!\\)"')
+_QUOTED_SPAN = re.compile(r'(?<!\\)"((?:[^"\\]|\\.)+)"')
+_DANGLING = re.compile(r'(?<!\\)"\s*(?:,|;|and\b)[^"]*$')  # an unfinished clause after the last quoted title
 _QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
 
@@ -96,7 +99,7 @@ def _cut_at_repeated_quote(text: str) -> str:
     quote and the repeat, and end the sentence there."""
     seen: set[str] = set()
     prev_end = 0
-    for m in re.finditer(r'"([^"]+)"', text):
+    for m in _QUOTED_SPAN.finditer(text):
         q = m.group(1).strip().lower()
         if q in seen:
             head = text[: m.start()]
@@ -130,14 +133,18 @@ def _cut_at_loop(text: str, max_n: int = 8, repeats: int = 3) -> str:
     return text
 
 
+def _last_quote(text: str) -> int:
+    return max((m.start() for m in _QUOTE.finditer(text)), default=-1)
+
+
 def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
     """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
     e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and
     `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open, the
     text from a quoted title written a second time, and a phrase repeated in a loop)."""
     body = text.split("\n", 1)[0].strip() if text.strip() else ""
-    if body.count('"') % 2:  # a quoted title cut off by the token limit: drop the unfinished quote
-        body = body[: body.rfind('"')].rstrip(" ,;:-")
+    if len(_QUOTE.findall(body)) % 2:  # a quoted title cut off by the token limit: drop the unfinished quote
+        body = body[: _last_quote(body)].rstrip(" ,;:-")
     if not body:
         return ""
     full = _cut_at_repeated_quote(_cut_at_loop(f"{lead} {body}".strip()))
@@ -149,8 +156,8 @@ def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: in
     elif len(sentences) > 1 and out[-1] not in ".!?" and len(sentences[0]) >= 20:
         out = sentences[0]
     elif out[-1] not in '.!?"' and _DANGLING.search(out):  # cut off mid-list: '... "Heat (1995)" and liked the'
-        out = out[: out.rfind('"') + 1] + "."
-    if out.endswith('"') and out.count('"') % 2 == 0:  # the model stopped right after a title: end the sentence
+        out = out[: _last_quote(out) + 1] + "."
+    if _last_quote(out) == len(out) - 1 and len(_QUOTE.findall(out)) % 2 == 0:  # stopped right after a title
         out += "."
     return out
 
