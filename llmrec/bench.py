@@ -176,6 +176,13 @@ def run_baselines(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dic
     return fitted
 
 
+def explanation_users(ds: Any, n_examples: int, seed: int = 0) -> list[str]:
+    """The seeded users the report's explanations are generated for: 4 per example shown, drawn from the users with a
+    leave-one-out test target (their history is the test history), all of them when there are fewer."""
+    targets = ds.targets("test")["user_id"]
+    return targets.sample(n=min(n_examples * 4, len(targets)), random_state=seed).tolist()
+
+
 TUNED_RANK_ROWS = ("llm tuned", "llm tuned, title likelihood")  # the tuned rerank modes the headline picks from
 
 
@@ -301,11 +308,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                         "generate_mapping": dict(rec.generate_totals),
                     }
                 if cfg.explanations and (label == "llm tuned" or not a_rank):
-                    users = (
-                        ds.targets("test")["user_id"]
-                        .sample(n=min(cfg.explanations * 4, len(ds.user_ids)), random_state=cfg.seed)
-                        .tolist()
-                    )
+                    users = explanation_users(ds, cfg.explanations, cfg.seed)
                     hs = [rec.dataset_history(u, "test") for u in users]
                     recs = rec.recommend_batch(users, hs, k=5, explain=True)
                     report["explanations"] = {

@@ -2,7 +2,8 @@
 
 1. prepare ML-100K (and ML-1M) and print their statistics;
 2. fine-tune the embedded SmolLM2-135M briefly (QLoRA, Yes/No, rank and next-title recipes, small step budgets);
-3. benchmark every method side by side on the same split (`eval/results/bench_<dataset>.md`);
+3. benchmark every method side by side on the same split with demo budgets (`$LLMREC_HOME/demo/bench_<dataset>.md`;
+   `llmrec bench` writes the full run to `eval/results/`);
 4. start the recommendation service, ask for one user's recommendations with an explanation, post a feedback event,
    show the changed answer, stop the service.
 Each stage reuses what an earlier run built (prepared data, adapters, converted model).

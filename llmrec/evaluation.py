@@ -19,9 +19,16 @@ log = logging.getLogger(__name__)
 ScoreFn = Callable[[list[str]], np.ndarray]  # user ids -> [n_users, n_items] scores in dataset item order
 
 
-def history_indices(ds: PreparedDataset, user_ids: Sequence[str], split: Literal["valid", "test"]) -> list[np.ndarray]:
-    """Item indices each user has seen before the target of `split` (test: train+valid; valid: train)."""
-    keep = ("train", "valid") if split == "test" else ("train",)
+HISTORY_SPLITS = {"valid": ("train",), "test": ("train", "valid"), "all": ("train", "valid", "test")}
+
+
+def history_indices(ds: PreparedDataset, user_ids: Sequence[str],
+                    split: Literal["valid", "test", "all"]) -> list[np.ndarray]:
+    """Item indices each user has seen before the target of `split` (test: train+valid; valid: train; all: every
+    event, as when serving). Any other `split` is an error, not a silent fallback to one of these rules."""
+    if split not in HISTORY_SPLITS:
+        raise ValueError(f"history_indices: split must be one of {sorted(HISTORY_SPLITS)}, got {split!r}")
+    keep = HISTORY_SPLITS[split]
     df = ds.interactions[ds.interactions["split"].isin(keep)]
     by_user = df.groupby("user_id", sort=False)["item_id"].agg(list).to_dict()
     return [np.array([ds.item_index[i] for i in by_user.get(u, [])], dtype=np.int64) for u in user_ids]
@@ -57,6 +64,10 @@ def evaluate_ranking(
     per user is left in the result too (`ranks`, in `ranking_targets`' user order, the same for every method at the
     same seed, so two methods' ranks pair up for a paired bootstrap, llmrec.metrics.paired_bootstrap_ratio).
     """
+    if mode not in ("full", "sampled"):
+        raise ValueError(f"evaluate_ranking: mode must be 'full' or 'sampled', got {mode!r}")
+    if split not in ("valid", "test"):
+        raise ValueError(f"evaluate_ranking: split must be 'valid' or 'test', got {split!r}")
     targets = ranking_targets(ds, split, max_users, seed)
     users = targets["user_id"].tolist()
     t_idx = np.array([ds.item_index[i] for i in targets["item_id"]], dtype=np.int64)

@@ -159,13 +159,17 @@ def ranks_from_scores(
     """1-based pessimistic rank of `targets[u]` in row `scores[u]`, ignoring the item indices in `exclude[u]`.
 
     rank_u = 1 + |{j not excluded, j != t_u : s_uj >= s_ut}|. NaN scores count as -inf. A target that is itself
-    excluded is a caller bug and raises.
+    excluded is a caller bug and raises, and so is an `exclude` with another number of rows than `scores` (rows
+    left without their exclusions would rank history items).
     """
     s = np.array(scores, dtype=np.float64, copy=True)
     s[np.isnan(s)] = -np.inf
     t = np.asarray(targets, dtype=np.int64)
     rows = np.arange(len(t))
     if exclude is not None:
+        exclude = list(exclude)
+        if len(exclude) != len(t):
+            raise ValueError(f"ranks_from_scores: {len(exclude)} exclude lists for {len(t)} rows")
         for u, ex in enumerate(exclude):
             ex = np.asarray(ex, dtype=np.int64)
             if ex.size:

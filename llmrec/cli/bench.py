@@ -8,7 +8,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="every method on the same split -> eval/results/bench_<dataset>.{json,md,png}")
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--config", help="YAML with BenchConfig keys (e.g. eval/bench_fast.yaml)")
+    p.add_argument("--config", help="YAML file with BenchConfig keys (llmrec/bench.py documents each)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BenchConfig keys")
     p.set_defaults(func=cmd_bench)
     d = sub.add_parser("demo", help="set up data, train, fine-tune briefly, benchmark, serve, query, feedback")

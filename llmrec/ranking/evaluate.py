@@ -209,7 +209,8 @@ def contamination_probe(backend: Any, ds: Any, n: int = 100, seed: int = 0, max_
     and greedy-generate; a hit is a continuation that starts with the true second half. Control: the same items with
     their title words shuffled (fixed seed), so the completion cannot come from memory of the real title. Also the
     year, where the dataset has one: `The {domain} "<title>" was released in the year` -> the first 4-digit number
-    equals the true year, against the rate of always answering the most common year.
+    equals the true year, against the rate of always answering the most common year; scored over the picked items
+    whose year is a 4-digit number (`year_n` of them), so an item without a year cannot count as answered right.
     """
     rng = np.random.default_rng(seed)
     base_titles = [re.sub(r"\s*\(\d{4}\)\s*$", "", str(t)) for t in ds.titles]
@@ -246,11 +247,16 @@ def contamination_probe(backend: Any, ds: Any, n: int = 100, seed: int = 0, max_
         "shuffled_control_rate": run(shuffled),
     }
     if "year" in ds.items.columns:
-        years = [str(ds.items.iloc[j]["year"]) for j in pick]
-        prompts = [f'The {ds.domain} "{t}" was released in the year' for t in real]
-        outs = backend.generate(prompts, max_new_tokens=6)
-        got = [(re.findall(r"\d{4}", o) or [""])[0] for o in outs]
-        out["year_accuracy"] = float(np.mean([g == y for g, y in zip(got, years)]))
-        common = max(set(years), key=years.count)
-        out["year_majority_baseline"] = float(np.mean([y == common for y in years]))
+        # only the picked items with a 4-digit year: a missing year ("") would match an answer without a number
+        dated = [(t, str(ds.items.iloc[j]["year"]).strip()) for t, j in zip(real, pick)]
+        dated = [(t, y) for t, y in dated if re.fullmatch(r"\d{4}", y)]
+        out["year_n"] = len(dated)
+        if dated:
+            years = [y for _, y in dated]
+            prompts = [f'The {ds.domain} "{t}" was released in the year' for t, _ in dated]
+            outs = backend.generate(prompts, max_new_tokens=6)
+            got = [(re.findall(r"\d{4}", o) or [""])[0] for o in outs]
+            out["year_accuracy"] = float(np.mean([g == y for g, y in zip(got, years)]))
+            common = max(sorted(set(years)), key=years.count)
+            out["year_majority_baseline"] = float(np.mean([y == common for y in years]))
     return out

@@ -1,0 +1,91 @@
+"""Evaluation honesty: which history a split excludes, arguments that would silently change a metric, and the
+contamination probe's year check."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec.evaluation import evaluate_ranking, history_indices
+from llmrec.metrics import ranks_from_scores
+
+
+def _items_of(ds, user, splits):
+    df = ds.interactions
+    return sorted(ds.item_index[i] for i in df[(df["user_id"] == user) & df["split"].isin(splits)]["item_id"])
+
+
+def test_history_indices_all_is_every_event_and_unknown_split_is_refused(tiny_dataset):
+    users = tiny_dataset.targets("test")["user_id"].tolist()[:5]
+    for u, h in zip(users, history_indices(tiny_dataset, users, "valid")):
+        assert sorted(h.tolist()) == _items_of(tiny_dataset, u, ("train",))
+    for u, h in zip(users, history_indices(tiny_dataset, users, "test")):
+        assert sorted(h.tolist()) == _items_of(tiny_dataset, u, ("train", "valid"))
+    # "all" (serving: every event is history) must not fall back to the valid rule (train events only), which left
+    # the user's valid and test items unmasked for the retrievers that mask with this helper (llmrec.retrieval.hybrid)
+    for u, h in zip(users, history_indices(tiny_dataset, users, "all")):
+        assert sorted(h.tolist()) == _items_of(tiny_dataset, u, ("train", "valid", "test"))
+    with pytest.raises(ValueError, match="split"):
+        history_indices(tiny_dataset, users, "Test")
+
+
+def test_evaluate_ranking_refuses_an_unknown_mode(tiny_dataset):
+    def zeros(users):
+        return np.zeros((len(users), tiny_dataset.n_items))
+
+    with pytest.raises(ValueError, match="mode"):
+        evaluate_ranking(tiny_dataset, zeros, mode="Full")
+
+
+def test_ranks_from_scores_refuses_exclusions_for_another_number_of_rows():
+    scores = np.array([[0.9, 0.5, 0.1], [0.9, 0.5, 0.1]])
+    # one exclusion list for two rows: the second row's history would silently stay in the ranking
+    with pytest.raises(ValueError, match="exclude"):
+        ranks_from_scores(scores, np.array([1, 1]), [np.array([0])])
+    ok = ranks_from_scores(scores, np.array([1, 1]), [np.array([0]), np.array([], dtype=np.int64)])
+    assert ok.tolist() == [1, 2]
+
+
+class _SilentBackend:
+    """Generates nothing: every completion is empty (no title, no year)."""
+
+    def generate(self, prompts, max_new_tokens=64, **_):
+        return [""] * len(prompts)
+
+
+def test_contamination_probe_does_not_count_missing_years_as_correct():
+    from llmrec.ranking.evaluate import contamination_probe
+
+    titles = [f"Some Film {j}" for j in range(10)]
+    years = ["1995", "1996", "", "", "", "", "", "", "", ""]  # most items have no year in the metadata
+    ds = SimpleNamespace(titles=np.array(titles), domain="movie", items=pd.DataFrame({"title": titles, "year": years}))
+    out = contamination_probe(_SilentBackend(), ds, n=10, seed=0)
+    assert out["title_completion_rate"] == 0.0
+    # a model that names no year is right about no item: an empty answer must not match an empty year
+    assert out["year_accuracy"] == 0.0
+    assert out["year_n"] == 2
+    assert out["year_majority_baseline"] == 0.5  # the two dated items, each year once
+
+
+def test_bench_explanation_users_fit_the_users_with_a_target(tmp_path):
+    from llmrec.bench import explanation_users
+    from llmrec.data import PrepareConfig, load_prepared, prepare
+
+    # 3 users with a leave-one-out target and 5 with only two events (kept by min_user_events=2, no target)
+    rows = [(f"u{u}", f"i{j}", 1000 + 10 * u + j, 5) for u in range(3) for j in range(4)]
+    rows += [(f"v{u}", f"i{j}", 2000 + 10 * u + j, 5) for u in range(5) for j in range(2)]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
+    items = pd.DataFrame({"item_id": [f"i{j}" for j in range(4)], "title": [f"Film {j}" for j in range(4)]})
+    inter.to_csv(tmp_path / "x.csv", index=False)
+    items.to_csv(tmp_path / "x_items.csv", index=False)
+    prepare(str(tmp_path / "x.csv"), PrepareConfig(items_file=str(tmp_path / "x_items.csv"), name="x",
+                                                   min_user_events=2, n_sampled_negatives=1), home=tmp_path)
+    ds = load_prepared("x", home=tmp_path)
+    assert len(ds.user_ids) == 8 and len(ds.targets("test")) == 3
+    users = explanation_users(ds, 2, seed=0)  # asks for 2 * 4 = 8 users: only 3 have a target
+    assert sorted(users) == ["u0", "u1", "u2"]
+    assert explanation_users(ds, 2, seed=0) == users  # seeded
+    assert len(explanation_users(ds, 0, seed=0)) == 0
