@@ -192,6 +192,14 @@ def test_recipes_load_and_unknown_keys_fail(tmp_path):
     ("quant.compute_dtype=bf16", "quant.compute_dtype 'bf16' is not one of"),
     ("train.logging_steps=0", "train.logging_steps must be >= 1"),
     ("train.warmup_ratio=-0.1", r"train.warmup_ratio must be in \[0, 1\]"),
+    ("data.n_train=-5", "data.n_train must be >= 0"),
+    ("data.n_valid=-1", "data.n_valid must be >= 0"),
+    ("data.n_test=-1", "data.n_test must be >= 0"),
+    ("data.max_len=0", "data.max_len must be >= 1"),
+    ("train.eval_steps=-1", "train.eval_steps must be >= 0"),
+    ("train.save_steps=-1", "train.save_steps must be >= 0"),
+    ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
+    ("lora.r=0", "lora.r must be >= 1"),
 ])
 def test_values_a_run_meets_late_fail_at_load(override, key):
     """Bad values read only after the run has written recipe.yaml / data_manifest.json / metrics.json (the

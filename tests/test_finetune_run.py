@@ -72,7 +72,7 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
     # a QLoRA adapter says which 4-bit base it was fitted to; the backend serves it on that base dequantized, which
     # is what the run's own evaluation scored: the same test AUC, other P(Yes) than on the original weights
     assert json.loads((out / "adapter" / "llmrec_base.json").read_text()) == {
-        "load_in_4bit": True, "quant_type": "nf4", "double_quant": True}
+        "load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "dtype": "float32"}
     from llmrec.finetune.data import build_examples
     from llmrec.finetune.trainer import evaluate_examples
     from llmrec.llm.transformers_backend import TransformersBackend
@@ -410,3 +410,52 @@ def test_later_item_share_by_hand(tiny_dataset):
     assert got == {"share": 2 / 6, "examples_with_any": 0.5, "candidates": 6}
     with pytest.raises(ValueError, match="not a training interaction"):
         later_item_share(tiny_dataset, [Example("p", "a", user_id=user, item_id=other)])
+
+
+def test_resuming_checkpoints_of_another_recipe_is_refused_naming_the_keys(tiny_dataset, tiny_dir, tmp_path,
+                                                                          monkeypatch, caplog):
+    """train.resume: auto in a folder whose checkpoints a different recipe trained (other lr, LoRA rank) fails before
+    the model load, naming the keys, and the folder's files stay as they were; what only extends or reports a run
+    (max_steps, eval_before, ...) resumes. A fresh run (resume: null) over another recipe's files warns."""
+    import logging
+
+    import yaml
+
+    import llmrec.llm.loading as loading
+    from llmrec.config import ConfigError, to_dict
+
+    def no_load(*a, **k):
+        raise RuntimeError("model load reached")
+
+    monkeypatch.setattr(loading, "load_causal_lm", no_load)
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    first = tiny_recipe(tiny_dir, out)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(first), sort_keys=False))
+    before = (out / "recipe.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"checkpoint-2 was trained with another recipe") as err:
+        run_finetune(tiny_recipe(tiny_dir, out, extra=["train.lr=0.02", "lora.r=4"]), ds=tiny_dataset)
+    assert "train.lr: 0.01 -> 0.02" in str(err.value) and "lora.r: 8 -> 4" in str(err.value)
+    assert (out / "recipe.yaml").read_text() == before and not (out / "data_manifest.json").exists()
+    # the same recipe run longer, without the zero-shot pass: resumes (reaches the model load)
+    with pytest.raises(RuntimeError, match="model load reached"):
+        run_finetune(tiny_recipe(tiny_dir, out, steps=4, extra=["eval_before=false"]), ds=tiny_dataset)
+    caplog.set_level(logging.WARNING, logger="llmrec.finetune.trainer")
+    with pytest.raises(RuntimeError, match="model load reached"):
+        run_finetune(tiny_recipe(tiny_dir, out, extra=["train.lr=0.02", "train.resume=null"]), ds=tiny_dataset)
+    assert any("train.lr" in r.getMessage() and "another recipe" in r.getMessage() for r in caplog.records)
+
+
+def test_tensorboard_logs_go_to_each_run_s_own_folder(tiny_dataset, tiny_dir, tmp_path, monkeypatch):
+    """train.report_to: tensorboard writes to <output_dir>/runs of THIS run, also for a second run in the same
+    process (the logging folder is not left behind in the environment for the next run)."""
+    import os
+
+    pytest.importorskip("tensorboard")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    fast = ["train.report_to=tensorboard", "data.n_valid=0", "data.n_test=0", "eval_before=false", "eval_after=false",
+            "train.save_steps=0"]
+    for name in ("a", "b"):
+        run_finetune(tiny_recipe(tiny_dir, tmp_path / name, steps=1, extra=fast), ds=tiny_dataset)
+        assert list((tmp_path / name / "runs").rglob("events.out.tfevents*")), name
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ

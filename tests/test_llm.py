@@ -521,3 +521,50 @@ def test_choice_logits_fall_back_when_the_model_changes_its_logits_unannounced(t
         assert any("disagrees" in r.getMessage() for r in caplog.records)
     finally:
         h.remove()
+
+
+def test_qlora_merge_requantizes_the_base_from_the_dtype_it_was_trained_on(tiny_dir, tmp_path):
+    """The nf4 codes of a base depend on the weights quantized: an fp32 checkpoint read in bf16 first rounds them,
+    and some codes land a whole nf4 step away. An adapter trained on the 4-bit base read in fp32 is merged (here
+    written in bf16, `llmrec export`'s default) on the dequantized weights of THAT base: the merged weights are the
+    training base + the LoRA delta up to bf16 rounding, not up to an nf4 step."""
+    from llmrec.bench_utils import random_lora_adapter
+    from llmrec.llm.loading import load_dequantized_4bit, merge_and_save, write_adapter_base
+
+    pytest.importorskip("bitsandbytes")
+    q = QuantSettings(load_in_4bit=True, compute_dtype="float32")
+    random_lora_adapter(tiny_dir, tmp_path / "adapter", r=4, target_modules=["q_proj"], std=0.5)
+    write_adapter_base(tmp_path / "adapter", q, source_dtype="float32")
+    trained_on, _ = load_dequantized_4bit(tiny_dir, q, dtype="float32")
+    from peft import PeftModel
+
+    ref = PeftModel.from_pretrained(trained_on, str(tmp_path / "adapter")).merge_and_unload()
+    out = merge_and_save(tiny_dir, tmp_path / "adapter", tmp_path / "merged", dtype="bfloat16")
+    got, _ = load_causal_lm(out, dtype="float32")
+    for (name, w), (_, r) in zip(got.named_parameters(), ref.named_parameters()):
+        if name.endswith("proj.weight"):
+            err = (w.detach() - r.detach()).abs().max() / r.detach().abs().max()
+            assert err < 0.01, (name, float(err))  # bf16: 2^-8 relative; one nf4 step is ~10% of the range
+
+
+def test_backend_serves_a_qlora_adapter_on_the_base_quantized_from_its_recorded_dtype(tiny_dir, tmp_path):
+    """The transformers backend, as `llmrec export --merge`, re-quantizes an adapter's base from the dtype the
+    adapter records (`llmrec_base.json`), whatever dtype it computes in: its weights outside the LoRA targets are
+    exactly those of that base, not of the checkpoint read in the serving dtype first."""
+    from llmrec.bench_utils import random_lora_adapter
+    from llmrec.llm.loading import load_dequantized_4bit, write_adapter_base
+
+    pytest.importorskip("bitsandbytes")
+    q = QuantSettings(load_in_4bit=True, compute_dtype="float32")
+    random_lora_adapter(tiny_dir, tmp_path / "adapter", r=4, target_modules=["q_proj"], std=0.5)
+    write_adapter_base(tmp_path / "adapter", q, source_dtype="float32")
+    be = load_backend("transformers", model=tiny_dir, adapter=tmp_path / "adapter", dtype="bfloat16")
+    want, _ = load_dequantized_4bit(tiny_dir, q, dtype="bfloat16", source_dtype="float32")
+    other, _ = load_dequantized_4bit(tiny_dir, q, dtype="bfloat16", source_dtype="bfloat16")
+    got = {n.split("base_model.model.")[-1]: p for n, p in be.model.named_parameters()}
+    differs = 0
+    for name, w in want.named_parameters():
+        if name.endswith(("k_proj.weight", "down_proj.weight")):
+            assert torch.equal(got[name].detach(), w.detach()), name
+            differs += not torch.equal(w.detach(), dict(other.named_parameters())[name].detach())
+    assert differs  # the two bases differ here, so the check above tells them apart

@@ -155,6 +155,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: train.warmup_ratio must be in [0, 1], got {cfg.train.warmup_ratio}")
     if cfg.train.logging_steps < 1:
         raise ConfigError(f"{path}: train.logging_steps must be >= 1, got {cfg.train.logging_steps}")
+    # counts and sizes read deep in the run (a pandas sample, TrainingArguments), or, negative, silently ignored there
+    for key, val, low in (("data.n_train", cfg.data.n_train, 0), ("data.n_valid", cfg.data.n_valid, 0),
+                          ("data.n_test", cfg.data.n_test, 0), ("data.max_len", cfg.data.max_len, 1),
+                          ("data.history_max", cfg.data.history_max, 0), ("train.eval_steps", cfg.train.eval_steps, 0),
+                          ("train.save_steps", cfg.train.save_steps, 0),
+                          ("train.eval_batch_size", cfg.train.eval_batch_size, 1), ("lora.r", cfg.lora.r, 1)):
+        if val is not None and val < low:
+            raise ConfigError(f"{path}: {key} must be >= {low}, got {val}")
     if cfg.train.malloc_mmap_threshold_mb < 0:
         raise ConfigError(f"{path}: train.malloc_mmap_threshold_mb must be >= 0 (0 = glibc's default), got "
                           f"{cfg.train.malloc_mmap_threshold_mb}")

@@ -36,6 +36,44 @@ def output_dir_for(cfg: FinetuneConfig) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else llmrec_home() / "finetune" / f"{cfg.task}_{cfg.dataset}"
 
 
+# recipe keys that only extend, report or time a run: a checkpoint trained under other values resumes all the same
+RUN_ONLY_KEYS = frozenset({
+    "output_dir", "results_name", "eval_before", "eval_after", "eval_dtype", "data.n_valid", "data.n_test",
+    "train.max_steps", "train.epochs", "train.resume", "train.progress", "train.threads", "train.trim_memory",
+    "train.malloc_mmap_threshold_mb", "train.tensor_memory", "train.loss_positions", "train.eval_batch_size",
+    "train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.report_to"})
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, val in d.items():
+        if isinstance(val, dict) and val:
+            out.update(_flat(val, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = val
+    return out
+
+
+def recipe_changes(cfg: FinetuneConfig, recipe_file: Path) -> list[str]:
+    """The training keys (all but `RUN_ONLY_KEYS`) whose value in `cfg` differs from the recipe saved in
+    `recipe_file` (a run's recipe.yaml), as "key: saved -> now"; [] when that file does not exist."""
+    if not recipe_file.is_file():
+        return []
+    saved = _flat(yaml.safe_load(recipe_file.read_text()) or {})
+    now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # in the form recipe.yaml holds it
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*now, *saved])
+            if k not in RUN_ONLY_KEYS and saved.get(k) != now.get(k)]
+
+def _main_process_first() -> Any:
+    """accelerate's `main_process_first()` when several processes train (WORLD_SIZE > 1: it sets up the process
+    group the Trainer then uses), else nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
 # ------------------------------------------------------------------------------------------------ task metrics
 def evaluate_examples(backend: Any, task: str, examples: list[Example], max_new_tokens: int = 32,
                       scores: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -158,8 +196,9 @@ class Evaluator:
             from llmrec.llm.loading import apply_lora, load_causal_lm, load_dequantized_4bit
 
             if self.cfg.quant.load_in_4bit:
+                # quantized from the weights read in `dtype`, as the training base was
                 base, _ = load_dequantized_4bit(self.cfg.model, self.cfg.quant, dtype=self.cfg.eval_dtype,
-                                                tokenizer=self.tok)
+                                                tokenizer=self.tok, source_dtype=self.cfg.dtype)
             else:
                 base, _ = load_causal_lm(self.cfg.model, dtype=self.cfg.eval_dtype, tokenizer=self.tok)
             self.model = apply_lora(base, self.cfg.lora)
@@ -281,7 +320,7 @@ def rescore_run(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -
     load_adapter_weights(model, adapter)
     metrics.update(final_evaluation(evaluator, model, examples, cfg.eval_after, cfg.train.progress, out_dir))
     if cfg.quant.load_in_4bit and not (adapter / BASE_FILE).exists():
-        write_adapter_base(adapter, cfg.quant)
+        write_adapter_base(adapter, cfg.quant, cfg.dtype)
     metrics["eval_base"] = evaluator.base
     metrics["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
@@ -303,6 +342,27 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     # stays loadable after its checkpoints are gone)
     if tc.resume not in (None, "auto") and not Path(tc.resume).is_dir():
         raise FileNotFoundError(f"train.resume: checkpoint folder {tc.resume} does not exist")
+    out_dir = output_dir_for(cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    resume: str | None = None
+    if tc.resume == "auto":
+        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    elif tc.resume:
+        resume = tc.resume
+    # a checkpoint continues the run that wrote it (its folder's recipe.yaml): resuming it under other training
+    # settings would silently mix two recipes; a fresh run over another recipe's files replaces them (warned)
+    from llmrec.config import ConfigError
+
+    if resume:
+        changed = recipe_changes(cfg, Path(resume).resolve().parent.parent / "recipe.yaml")
+        if changed:
+            raise ConfigError(f"train.resume: checkpoint {resume} was trained with another recipe ("
+                              f"{'; '.join(changed)}); use another output_dir, or train.resume=null to start over")
+    else:
+        changed = recipe_changes(cfg, out_dir / "recipe.yaml")
+        if changed:
+            log.warning("output_dir %s holds a run of another recipe (%s): its files are replaced by this run's",
+                        out_dir, "; ".join(changed))
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and torch.cuda.is_available():
         # torchrun / accelerate launch: each process on its own GPU before anything is loaded. A 4-bit load goes to
@@ -320,17 +380,18 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             log.warning("train.malloc_mmap_threshold_mb=%d ignored: no glibc mallopt here",
                         tc.malloc_mmap_threshold_mb)
     set_seed(tc.seed)
-    out_dir = output_dir_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
     rss_start = peak_rss_mb()
 
-    ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
     # the examples first, from the tokenizer alone: a prompt budget the data cannot fit fails in seconds, not after
-    # the model load (minutes for a few-billion-parameter model)
+    # the model load (minutes for a few-billion-parameter model). Under torchrun / accelerate launch the main
+    # process goes first: what a first use writes (the prepared dataset, the converted embedded model, a retriever's
+    # fitted checkpoint) is written once, and the other ranks read it instead of writing the same files at once
     t0 = time.time()
-    tok = load_tokenizer(cfg.model)
-    examples = build_examples(ds, cfg.task, cfg.data, tok)
+    with _main_process_first():
+        ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
+        tok = load_tokenizer(cfg.model)
+        examples = build_examples(ds, cfg.task, cfg.data, tok)
     build_s = time.time() - t0
     model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant, tokenizer=tok)
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
@@ -429,8 +490,11 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             trim_heap()
 
+    # transformers' TensorBoard callback reads its folder from the environment when the Trainer is made: this run's
+    # folder, set for this run only (a value left behind would send the next run's logs in this process here)
+    tb_env = os.environ.get("TENSORBOARD_LOGGING_DIR")
     if tc.report_to == "tensorboard":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "runs"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "runs")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, math.ceil(len(train_feats) / (tc.batch_size * tc.grad_accum * world)))
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(steps_per_epoch * tc.epochs)
@@ -466,15 +530,16 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in the forward pass
     )
-    trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
-                          data_collator=AnswerOnlyCollator(tok.pad_token_id),
-                          callbacks=[TrimHeapCallback()] if tc.trim_memory else None)
-    resume: str | None = None
-    if tc.resume == "auto":
-        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    elif tc.resume:
-        resume = tc.resume  # an existing folder (checked at the start)
-    if resume:
+    try:
+        trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
+                              data_collator=AnswerOnlyCollator(tok.pad_token_id),
+                              callbacks=[TrimHeapCallback()] if tc.trim_memory else None)
+    finally:
+        if tb_env is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = tb_env
+    if resume:  # found (auto) or checked (a folder) at the start
         log.info("resuming from %s", resume)
     from llmrec.bench_utils import reset_peak_rss, rss_file_mb, vm_hwm_mb
 
@@ -553,7 +618,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             {"task": cfg.task, "template": template.name, "version": template.version, "hash": template.hash},
             indent=2) + "\n")
         if cfg.quant.load_in_4bit:  # merged / served on the dequantized 4-bit base it was fitted to
-            write_adapter_base(adapter_dir, cfg.quant)
+            write_adapter_base(adapter_dir, cfg.quant, cfg.dtype)
         metrics["adapter"] = str(adapter_dir)
     metrics["wall_s"] = round(time.time() - t_start, 1)
     metrics["output_dir"] = str(out_dir)

@@ -675,15 +675,33 @@ def load_adapter_weights(model: Any, adapter: str | Path) -> None:
 
 
 PROMPT_FILE = "llmrec_prompt.json"  # in an adapter folder: {task, template, version, hash} of its training prompt
-BASE_FILE = "llmrec_base.json"  # in an adapter folder trained on a 4-bit base: {quant_type, double_quant} of that base
+BASE_FILE = "llmrec_base.json"  # in an adapter folder trained on a 4-bit base: {quant_type, double_quant, dtype}
 
 
-def write_adapter_base(adapter_dir: str | Path, quant: QuantSettings) -> None:
-    """Record in `adapter_dir` that its LoRA weights were fitted to a 4-bit base quantized as `quant`."""
+def write_adapter_base(adapter_dir: str | Path, quant: QuantSettings, source_dtype: str | None = None) -> None:
+    """Record in `adapter_dir` that its LoRA weights were fitted to a 4-bit base quantized as `quant` from the
+    weights read in `source_dtype` (the recipe's `dtype`: an fp32 checkpoint read in bf16 is rounded before it is
+    quantized, and some nf4 codes differ from those of the fp32 weights)."""
     import json
 
-    (Path(adapter_dir) / BASE_FILE).write_text(json.dumps(
-        {"load_in_4bit": True, "quant_type": quant.quant_type, "double_quant": quant.double_quant}, indent=2) + "\n")
+    meta: dict[str, Any] = {"load_in_4bit": True, "quant_type": quant.quant_type, "double_quant": quant.double_quant}
+    if source_dtype is not None:
+        meta["dtype"] = resolve_dtype(source_dtype)
+    (Path(adapter_dir) / BASE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def adapter_base_dtype(adapter: str | Path | None) -> str | None:
+    """The dtype the 4-bit base of an adapter was read in before quantization (`llmrec_base.json`), else None (not
+    recorded: an adapter written before it was, or fitted to a full-precision base)."""
+    import json
+
+    f = Path(adapter).expanduser() / BASE_FILE if adapter else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text()).get("dtype")
+    except (OSError, ValueError) as e:
+        raise BackendError(f"{f}: unreadable ({e})") from None
 
 
 def adapter_base_quant(adapter: str | Path | None) -> QuantSettings | None:
@@ -707,9 +725,11 @@ def adapter_base_quant(adapter: str | Path | None) -> QuantSettings | None:
 
 
 def load_dequantized_4bit(model: str | Path | None, quant: QuantSettings, dtype: str = "bfloat16",
-                          tokenizer: Any = None) -> tuple[Any, Any]:
+                          tokenizer: Any = None, source_dtype: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer): `model` quantized to 4-bit as `quant` says (or a saved 4-bit copy), then every 4-bit
-    linear layer replaced by a plain one holding its dequantized weights in `dtype`. These are the weights a QLoRA
+    linear layer replaced by a plain one holding its dequantized weights in `dtype`. `source_dtype`: the dtype the
+    weights are read in before quantization (the one the adapter's training base was quantized from: the nf4 codes
+    of an fp32 checkpoint read in bf16 differ); default `dtype`. These are the weights a QLoRA
     adapter was fitted to, at full-precision speed: evaluate, merge and serve such an adapter on them, not on the
     original weights (on ML-100K Yes/No the SmolLM2 adapter scored on the original weights gives P(Yes) < 0.5 on
     every test row, accuracy 0.43; on its own dequantized base 0.68, AUC 0.7225 -> 0.729). Dequantized before any
@@ -718,7 +738,8 @@ def load_dequantized_4bit(model: str | Path | None, quant: QuantSettings, dtype:
     from dataclasses import replace
 
     dtype = "fast" if dtype == "auto" else dtype  # the dequantized weights need a definite dtype
-    m, tok = load_causal_lm(model, dtype=dtype, quant=replace(quant, load_in_4bit=True), tokenizer=tokenizer)
+    m, tok = load_causal_lm(model, dtype=source_dtype or dtype, quant=replace(quant, load_in_4bit=True),
+                            tokenizer=tokenizer)
     guard = getattr(m, "_llmrec_guard", None)
     if guard is not None:
         guard.remove()
@@ -746,7 +767,7 @@ def merge_and_save(model: str | Path | None, adapter: str | Path, out: str | Pat
         quant = QuantSettings(load_in_4bit=True, **_stored_quant(pre))
     if quant is not None:
         log.info("merging %s into the dequantized %s weights it was trained on", adapter, quant.quant_type)
-        base, tok = load_dequantized_4bit(model, quant, dtype=dtype)
+        base, tok = load_dequantized_4bit(model, quant, dtype=dtype, source_dtype=adapter_base_dtype(adapter))
     else:
         base, tok = load_causal_lm(model, dtype=dtype)
     peft_model = load_adapter(base, adapter)

@@ -22,6 +22,7 @@ from llmrec.llm.base import (
 )
 from llmrec.llm.loading import (
     QuantSettings,
+    adapter_base_dtype,
     adapter_base_quant,
     load_adapter,
     load_causal_lm,
@@ -69,7 +70,7 @@ class TransformersBackend(Backend):
         if trained_on is not None:  # a QLoRA adapter: its base's dequantized 4-bit weights, not the original ones
             log.info("adapter %s was trained on a %s 4-bit base: loading that base dequantized to %s", adapter,
                      trained_on.quant_type, dtype)
-            m, tok = load_dequantized_4bit(model, trained_on, dtype=dtype)
+            m, tok = load_dequantized_4bit(model, trained_on, dtype=dtype, source_dtype=adapter_base_dtype(adapter))
         else:
             m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
         if load_in_4bit:  # inference only: the forward guard is for training
