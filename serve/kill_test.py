@@ -69,7 +69,7 @@ def main() -> int:
     items = list(ds.item_ids)
     rng = random.Random(args.seed)
     plan = [{"user_id": str(rng.choice(users)), "item_id": str(rng.choice(items)),
-             "type": rng.choice(["view", "click", "purchase", "rating"]), "timestamp": 2_000_000_000 + n,
+             "type": rng.choice(["view", "click", "purchase", "rating"]), "timestamp": 1_700_000_000 + n,
              "idempotency_key": f"kill-{args.seed}-{n}"} for n in range(args.events)]
     for ev in plan:
         if ev["type"] == "rating":

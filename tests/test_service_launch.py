@@ -199,3 +199,16 @@ def test_launched_vllm_server_is_stopped_when_the_backend_cannot_be_built(monkey
     with pytest.raises(OSError, match="tokenizer"):
         launch.build_backends(c, launch.BackendPlan("vllm-launch", "", "/m", mode))
     assert stopped == [1]
+
+
+def test_merged_cache_folders_are_one_per_adapter_and_base(tmp_path, monkeypatch):
+    """Every fine-tuning run names its adapter folder `adapter`: the merge cache is keyed by the run and a hash of the
+    base and adapter paths, so two runs' adapters (or one adapter on two bases) neither share nor re-merge a folder."""
+    monkeypatch.setenv("LLMREC_HOME", str(tmp_path / "home"))
+    a, b = tmp_path / "yesno_run" / "adapter", tmp_path / "rank_run" / "adapter"
+    da, db = launch.merged_dir("/m/base", str(a)), launch.merged_dir("/m/base", str(b))
+    assert da.parent == db.parent == tmp_path / "home" / "models" / "merged"
+    assert da.name.startswith("yesno_run-") and db.name.startswith("rank_run-") and da != db
+    assert launch.merged_dir("/m/other", str(a)) != da
+    assert launch.merged_dir("/m/base", str(a)) == da  # stable: the cache is found again
+    assert launch.merged_dir("/m/base", str(tmp_path / "my-adapter")).name.startswith("my-adapter-")

@@ -126,7 +126,7 @@ def create_app(
                  svc.backend_note, _redact(store.url))
         yield
         svc.close()
-        for fn in on_shutdown or []:
+        for fn in [*(on_shutdown or []), store.close]:  # the store last: its pooled connections (SQLite files)
             try:
                 fn()
             except Exception as e:  # noqa: BLE001
@@ -220,7 +220,11 @@ def create_app(
         return JSONResponse(status_code=201 if created else 200, content=body)
 
     @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, responses=ERRORS, tags=["events"])
-    async def history(user_id: str = user_path, limit: int = Query(50, ge=1, le=cfg.max_history_page)) -> dict:
+    async def history(
+        user_id: str = user_path,
+        # the default within the bound: a max_history_page under 50 must not refuse requests that name no limit
+        limit: int = Query(min(50, cfg.max_history_page), ge=1, le=cfg.max_history_page),
+    ) -> dict:
         return await asyncio.to_thread(svc.history, user_id, limit)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, tags=["recommendations"])
@@ -230,7 +234,8 @@ def create_app(
     @app.get("/health", response_model=HealthResponse, tags=["ops"])
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok", "backend": svc.backend_name, "backend_note": svc.backend_note, "model": svc.model_name,
+            "status": "ok", "backend": svc.backend_name, "backend_note": svc.backend_note,
+            "degraded": svc.recommender is None, "model": svc.model_name,
             "adapters": svc.adapters, "dataset": catalogue.name, "store": _redact(store.url),
             "batching": cfg.batching, "fallback": cfg.fallback,
         }

@@ -7,6 +7,7 @@ secrets `LLMREC_SERVE_API_KEY` and `LLMREC_SERVE_USER_HASH_KEY`, taken verbatim 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,15 @@ class ServiceConfig:
                             ("llm.vllm_startup_timeout_s", self.llm.vllm_startup_timeout_s)):
             if not value > 0:
                 raise ConfigError(f"{name}: must be > 0 (got {value})")
+        for name, value in (("port", self.port), ("llm.vllm_port", self.llm.vllm_port)):
+            if not 1 <= value <= 65535:
+                raise ConfigError(f"{name}: must be within 1..65535 (got {value})")
+        if self.llm.max_model_len < 1:
+            raise ConfigError(f"llm.max_model_len: must be >= 1 (got {self.llm.max_model_len})")
+        if not math.isfinite(self.like_threshold):
+            raise ConfigError(f"like_threshold: must be a finite number (got {self.like_threshold})")
+        if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
+            raise ConfigError(f"retrieval_weight: must be a finite number >= 0 (got {self.retrieval_weight})")
         if not 1 <= self.default_k <= self.max_k:
             raise ConfigError(f"default_k: must be within 1..max_k ({self.max_k})")
         if self.llm.default_adapter is not None and self.llm.default_adapter not in self.llm.adapters:

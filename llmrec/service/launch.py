@@ -14,6 +14,7 @@ Backend choice (`llm.backend`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
@@ -130,13 +131,23 @@ class VLLMServer:
         self.stop()
 
 
+def merged_dir(base: str, adapter: str) -> Path:
+    """The cache folder of a merged adapter: `$LLMREC_HOME/models/merged/<run>-<hash of base and adapter paths>`.
+    Fine-tuning names every adapter folder `adapter`, so the run folder names it; the hash keeps two adapters (or
+    one adapter on two bases) from sharing, and re-merging, one folder."""
+    ad = Path(adapter).resolve()
+    key = hashlib.sha256(f"{Path(base).resolve()}\n{ad}".encode()).hexdigest()[:10]
+    name = ad.parent.name if ad.name == "adapter" and ad.parent.name else ad.name
+    return llmrec_home() / "models" / "merged" / f"{name}-{key}"
+
+
 def merge_adapter(base: str, adapter: str, out: Path | None = None) -> Path:
     """Merge a LoRA adapter into its base once (`llmrec.llm.loading.merge_and_save`: a QLoRA adapter into the
     dequantized 4-bit base it was trained on); returns the merged folder, cached until the base, the adapter's
     weights or its base record change."""
     from llmrec.llm.loading import BASE_FILE, merge_and_save
 
-    out = out or (llmrec_home() / "models" / "merged" / Path(adapter).name)
+    out = out or merged_dir(base, adapter)
     marker = out / ".merged-from"
     ad = Path(adapter)
     stamp = [str(Path(base).resolve()), str(ad.resolve())] + [
@@ -363,12 +374,19 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
 
         # /health reports the batching in effect (auto resolved)
         cfg = dataclasses.replace(cfg, batching=batching)
+        # at shutdown: the micro-batchers' worker threads, then the vLLM server (the app closes the store last)
+        closers = [be.close for be in {id(b): b for b in backends.values()}.values()
+                   if type(be).__name__ == "MicroBatchingBackend"]
         app = create_app(cfg, recommender=recommenders, store=store, catalogue=ds, backend_name=plan.kind,
                          backend_note=plan.note, model_name=model_name, ready_check=ready,
-                         on_shutdown=[server.stop] if server else None)
+                         on_shutdown=closers + ([server.stop] if server else []))
     except BaseException:
+        for be in backends.values():
+            if type(be).__name__ == "MicroBatchingBackend":
+                be.close()
         if server is not None:
             server.stop()
+        store.close()
         raise
     for be in backends.values():
         if type(be).__name__ == "MicroBatchingBackend":

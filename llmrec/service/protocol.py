@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
 ADAPTER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
+# an event timestamp may be at most this far ahead of the server's clock (client clock skew); later ones are refused:
+# histories are ordered by timestamp, so a future-dated event would stay the user's "latest" event for ever
+MAX_FUTURE_SKEW_S = 300
 
 
 class ErrorDetail(BaseModel):
@@ -56,12 +60,25 @@ class EventIn(BaseModel):
     user_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     item_id: str = Field(min_length=1, max_length=256)
     type: Literal["view", "click", "purchase", "rating"]
-    value: float | None = Field(None, ge=-1e9, le=1e9, allow_inf_nan=False)
-    timestamp: int | None = Field(None, ge=0, le=32_503_680_000, description="epoch seconds; default now")
+    # strict: JSON numbers only (a string "4" or `true` is refused, not coerced)
+    value: float | None = Field(None, ge=-1e9, le=1e9, allow_inf_nan=False, strict=True)
+    timestamp: int | None = Field(
+        None, ge=0, strict=True,
+        description=f"epoch seconds (an integer, at most {MAX_FUTURE_SKEW_S} s ahead of the server clock); "
+        "default now",
+    )
     idempotency_key: str | None = Field(
         None, min_length=1, max_length=128, pattern=ID_PATTERN,
         description="or the Idempotency-Key header; a retry with the same key returns the stored event (200)",
     )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, v: int | None) -> int | None:
+        now = int(time.time())
+        if v is not None and v > now + MAX_FUTURE_SKEW_S:
+            raise ValueError(f"{v} is in the future (server time {now}; at most {MAX_FUTURE_SKEW_S} s ahead allowed)")
+        return v
 
 
 class EventOut(BaseModel):
@@ -113,6 +130,8 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
     backend: str
     backend_note: str
+    degraded: bool = Field(description="true when no LLM backend is configured: every answer is the collaborative "
+                           "fallback (degraded: true)")
     model: str | None
     adapters: list[str]
     dataset: str
