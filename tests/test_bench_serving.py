@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
 import pytest
 
 
@@ -37,22 +44,15 @@ def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_datase
                    .split("\n")[0] for q in qs)
 
 
-def test_load_run_asks_for_explanations_when_told_and_counts_status(bench_serving):
-    """load_run sends explain=true|false, one request per user, and tallies status codes and degraded answers."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import parse_qs, urlparse
-
-    seen: list[tuple[str, str]] = []
+@contextlib.contextmanager
+def fake_service(respond):
+    """A local HTTP server answering GET /v1/users/<user>/recommendations?... with respond(user, query) ->
+    (status code, body bytes); yields its base URL."""
 
     class H(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             u = urlparse(self.path)
-            user = u.path.split("/")[3]
-            seen.append((user, parse_qs(u.query)["explain"][0]))
-            code = 404 if user == "missing" else 200
-            body = json.dumps({"degraded": user == "u2"}).encode()
+            code, body = respond(u.path.split("/")[3], parse_qs(u.query))
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -65,16 +65,53 @@ def test_load_run_asks_for_explanations_when_told_and_counts_status(bench_servin
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        bs = bench_serving
-        base = f"http://127.0.0.1:{srv.server_address[1]}"
-        r = bs.load_run(base, ["u1", "u2", "missing", "u3"], 2, 10.0, explain=True)
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+
+
+def test_load_run_asks_for_explanations_when_told_and_counts_status(bench_serving):
+    """load_run sends explain=true|false, one request per user, and tallies status codes and degraded answers."""
+    seen: list[tuple[str, str]] = []
+
+    def respond(user, query):
+        seen.append((user, query["explain"][0]))
+        return (404 if user == "missing" else 200), json.dumps({"degraded": user == "u2"}).encode()
+
+    with fake_service(respond) as base:
+        r = bench_serving.load_run(base, ["u1", "u2", "missing", "u3"], 2, 10.0, explain=True)
         assert sorted(seen) == [("missing", "true"), ("u1", "true"), ("u2", "true"), ("u3", "true")]
         assert r["status"] == {"200": 3, "404": 1} and r["degraded"] == 1 and r["requests"] == 4
         seen.clear()
-        bs.load_run(base, ["u1"], 1, 10.0)
+        bench_serving.load_run(base, ["u1"], 1, 10.0)
         assert seen == [("u1", "false")]
-    finally:
-        srv.shutdown()
+
+
+def test_percentile_is_nearest_rank(bench_serving):
+    vals = [float(v) for v in range(1, 101)]
+    assert bench_serving.percentile(vals, 0.95) == 95.0
+    assert bench_serving.percentile(vals, 0.50) == 50.0
+    assert bench_serving.percentile([3.0], 0.95) == 3.0
+    assert bench_serving.percentile([1.0, 2.0], 0.95) == 2.0
+    assert bench_serving.percentile([], 0.95) is None
+
+
+def test_load_run_counts_every_request_and_keeps_errors_out_of_latency(bench_serving):
+    """A 200 with an unreadable body must not kill the client thread (its remaining requests vanished from the
+    counts); failed requests are counted as errors, and the latency percentiles are those of the 200 answers."""
+
+    def respond(user, query):
+        if user.startswith("slow"):
+            time.sleep(0.3)
+        body = b"not json" if user == "garbled" else json.dumps({"degraded": False}).encode()
+        return (500 if "fail" in user else 200), body
+
+    with fake_service(respond) as base:
+        r = bench_serving.load_run(base, ["garbled", "u1", "u2", "u3", "slow-fail1", "slow-fail2"], 1, 10.0)
+    assert sum(r["status"].values()) == 6, r["status"]
+    assert r["status"]["200"] == 3 and r["status"]["500"] == 2
+    assert r["errors"] == 3
+    assert r["p95_ms"] < 250, r  # the slow failures are not in the latency of the answered requests
 
 
 def test_report_names_the_machine_of_each_part(tmp_path, monkeypatch, bench_serving):

@@ -338,3 +338,36 @@ def test_secrets_from_env_are_taken_verbatim(secret, tiny_dataset, tmp_path):
     with c:
         assert c.get("/v1/users/u1/recommendations").status_code == 401
         assert c.get("/v1/users/u1/recommendations", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+
+def _version(client, user):
+    return client.get(f"/v1/users/{user}/history", params={"limit": 1}).json()["history_version"]
+
+
+def test_event_timestamp_in_the_future_is_rejected_and_changes_nothing(client):
+    """A future-dated event would sort as the user's latest event for ever (histories are ordered by timestamp)."""
+    before = _version(client, "u1")
+    for ts in (int(time.time()) + 86_400, 30_000_000_000):
+        r = client.post("/v1/events", json={"user_id": "u1", "item_id": "i1", "type": "view", "timestamp": ts})
+        assert r.status_code == 422, r.text
+        e = err(r)
+        assert e["field"] == "body.timestamp" and "future" in e["message"] and str(ts) in e["message"]
+    assert _version(client, "u1") == before
+    ok = client.post("/v1/events", json={"user_id": "u1", "item_id": "i1", "type": "view",
+                                         "timestamp": int(time.time()) - 10})
+    assert ok.status_code == 201, ok.text
+
+
+@pytest.mark.parametrize("field,value", [("timestamp", "123"), ("timestamp", True), ("timestamp", 12.0),
+                                         ("value", True), ("value", "4")])
+def test_event_non_numeric_timestamp_or_value_is_rejected(client, field, value):
+    """JSON strings and booleans are not numbers: `"timestamp": true` must not be stored as 1970-01-01T00:00:01."""
+    before = _version(client, "u1")
+    body = {"user_id": "u1", "item_id": "i1", "type": "rating", "value": 4.0, field: value}
+    r = client.post("/v1/events", json=body)
+    assert r.status_code == 422, r.text
+    assert err(r)["field"] == f"body.{field}"
+    assert _version(client, "u1") == before
+    # integral JSON numbers stay valid for value
+    assert client.post("/v1/events", json={**body, field: 3} if field == "value" else
+                       {k: v for k, v in body.items() if k != field}).status_code == 201
