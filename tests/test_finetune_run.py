@@ -56,6 +56,9 @@ def test_yesno_run_writes_outputs_and_resumes(tiny_dataset, tiny_dir, tmp_path):
         assert t["trim_memory"] is True and t["rss_after_load_trimmed_mb"] <= t["rss_after_load_mb"] + 1.0
     assert t["malloc_mmap_threshold_mb"] == 0  # glibc's default unless the recipe sets it
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    # a checkpoint is an adapter too, and records the 4-bit base it was fitted to as the final adapter does
+    assert ((out / "checkpoints" / "checkpoint-2" / "llmrec_base.json").read_text()
+            == (out / "adapter" / "llmrec_base.json").read_text())
     for f in ("recipe.yaml", "data_manifest.json", "metrics.json", "adapter/adapter_config.json"):
         assert (out / f).is_file(), f
     man = json.loads((out / "data_manifest.json").read_text())

@@ -490,6 +490,20 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             trim_heap()
 
+    class AdapterBaseCallback(TrainerCallback):
+        """Each checkpoint of a 4-bit run records its base as the final adapter does (`llmrec_base.json`), so a
+        `checkpoint-N` folder served or merged as an adapter lands on the dequantized 4-bit base it was fitted to."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            from llmrec.llm.loading import write_adapter_base
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_adapter_base(folder, cfg.quant, cfg.dtype)
+
+    callbacks = [TrimHeapCallback()] if tc.trim_memory else []
+    if cfg.quant.load_in_4bit:
+        callbacks.append(AdapterBaseCallback())
     # transformers' TensorBoard callback reads its folder from the environment when the Trainer is made: this run's
     # folder, set for this run only (a value left behind would send the next run's logs in this process here)
     tb_env = os.environ.get("TENSORBOARD_LOGGING_DIR")
@@ -533,7 +547,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     try:
         trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
                               data_collator=AnswerOnlyCollator(tok.pad_token_id),
-                              callbacks=[TrimHeapCallback()] if tc.trim_memory else None)
+                              callbacks=callbacks or None)
     finally:
         if tb_env is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
