@@ -427,3 +427,74 @@ def test_mf_checkpoint_without_ranking_net_is_refused_and_refitted(tiny_dataset,
     assert how.startswith("fitted")
     users = tiny_dataset.targets("test")["user_id"].tolist()
     assert model.score_items(users).shape == (len(users), tiny_dataset.n_items)
+
+
+def _dense_dataset(root: Path, n_users: int = 6, n_items: int = 20):
+    """Every user has all but one item, so a uniform negative hits a positive most of the time."""
+    import pandas as pd
+
+    from llmrec.data import PrepareConfig, load_prepared, prepare
+
+    rows = [(f"u{u}", f"i{j}", 1000 * u + k) for u in range(n_users)
+            for k, j in enumerate(j for j in range(n_items) if j != u)]
+    # one user with every item in `train` but their valid/test targets i0x, i1x: the only negatives left
+    rows += [("full", f"i{j}", 9000 + j) for j in range(n_items)] + [("full", "i0x", 9999), ("full", "i1x", 10000)]
+    p = root / "dense.csv"
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(p, index=False)
+    items = root / "dense_items.csv"
+    ids = [f"i{j}" for j in range(n_items)] + ["i0x", "i1x"]
+    pd.DataFrame({"item_id": ids, "title": ids}).to_csv(items, index=False)
+    prepare(str(p), PrepareConfig(items_file=str(items), name="dense"), home=root)
+    return load_prepared("dense", home=root)
+
+
+def test_bpr_negatives_are_never_a_users_training_item(tmp_path, monkeypatch):
+    """BPR's negative for (u, i) must be an item u never had in `train`: after a few resampling rounds a dense user's
+    negative could still be one of their own positives, trained as 'ranked below' their own item."""
+    import llmrec.baselines.classic as classic
+
+    ds = _dense_dataset(tmp_path)
+    calls: list[tuple[str, np.ndarray]] = []
+    make = classic._MFNet.make
+
+    def spy(*a):
+        net = make(*a)
+        net.P.register_forward_hook(lambda m, inp, out: calls.append(("P", inp[0].numpy().copy())))
+        net.Q.register_forward_hook(lambda m, inp, out: calls.append(("Q", inp[0].numpy().copy())))
+        return net
+
+    monkeypatch.setattr(classic._MFNet, "make", staticmethod(spy))
+    model = get_model("bpr", epochs=3, dim=4, batch_size=16, eval_every=100)
+    model.fit(ds, progress=False)
+    tr = ds.interactions[ds.interactions["split"] == "train"]
+    seen = {(model.user_index[u], ds.item_index[i]) for u, i in zip(tr["user_id"], tr["item_id"])}
+    n = 0
+    for k in range(len(calls) - 2):
+        (a, u), (b, i), (c, j) = calls[k : k + 3]
+        if (a, b, c) == ("P", "Q", "Q"):
+            assert all((x, y) in seen for x, y in zip(u, i))
+            bad = [(x, y) for x, y in zip(u, j) if (x, y) in seen]
+            assert not bad, f"{len(bad)} of {len(j)} negatives are the user's own training items"
+            n += len(j)
+    assert n > 0
+
+
+def test_sasrec_bce_negative_is_never_the_target(tiny_dataset, monkeypatch):
+    """loss='bce' draws one negative per position; one equal to that position's target trains the target as both the
+    positive and the negative (1 in n_items positions on a uniform draw)."""
+    import llmrec.baselines.sasrec as sasrec
+
+    calls: list[np.ndarray] = []
+    make = sasrec._make_net
+
+    def spy(*a):
+        net = make(*a)
+        net.item.register_forward_hook(lambda m, inp, out: calls.append(inp[0].numpy().copy()))
+        return net
+
+    monkeypatch.setattr(sasrec, "_make_net", spy)
+    get_model("sasrec", loss="bce", epochs=3, hidden=16, max_len=16, eval_every=100).fit(tiny_dataset, progress=False)
+    pairs = [(a, b) for a, b in zip(calls, calls[1:]) if a.ndim == 1 and b.ndim == 1 and a.shape == b.shape]
+    assert pairs
+    hit = sum(int((a == b).sum()) for a, b in pairs)
+    assert hit == 0, f"{hit} bce negatives equal their position's target"

@@ -288,3 +288,56 @@ def test_reprepare_that_fails_mid_swap_restores_previous_folder(tmp_path, monkey
     monkeypatch.undo()
     assert (final / "manifest.json").read_text() == before
     assert [x.name for x in (tmp_path / "data").iterdir()] == ["d"]
+
+
+def test_unrated_event_is_not_labelled_a_dislike(tmp_path):
+    """An empty rating is allowed in a rated file, but under `rating_threshold` it is no verdict: the row is dropped
+    (counted as `missing_rating`) instead of entering the data as a dislike (NaN > 3 is False). A later rated
+    duplicate of the same (user, item) then is the event kept."""
+    rows = "".join(f"u{u},i{j},{100 * u + j},{'' if j == 2 else 5}\n" for u in range(3) for j in range(5))
+    rows += "u0,i2,50,4\n"  # u0 rated i2 later
+    p = tmp_path / "r.csv"
+    p.write_text("user_id,item_id,timestamp,rating\n" + rows)
+    rep = prepare(str(p), home=tmp_path)
+    ds = load_prepared("r", home=tmp_path)
+    assert ds.interactions["rating"].notna().all()
+    assert rep.stats["dropped"]["missing_rating"] == 3 and rep.stats["like_rate"] == 1.0
+    assert ds.interactions.query("user_id == 'u0' and item_id == 'i2'")["timestamp"].tolist() == [50]
+    # the implicit rule needs no rating: the same rows are all kept
+    rep = prepare(str(p), PrepareConfig(label_rule="implicit", name="r2"), home=tmp_path)
+    assert "missing_rating" not in rep.stats["dropped"] and rep.stats["interactions"] == 15
+
+
+def test_amazon_errors_name_the_file_line_and_json_field(tmp_path):
+    """Blank lines count as lines of a JSON-lines file, and the field named is the file's own (unixReviewTime,
+    overall), not the canonical column it becomes."""
+    from llmrec.data.loaders import load_amazon
+
+    ok = json.dumps({"reviewerID": "a", "asin": "x", "overall": 5, "unixReviewTime": 100})
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"asin": "x", "title": "X"}) + "\n")
+    rev = tmp_path / "rev.json"
+    cases = [
+        (ok + "\n\n\n" + ok + "\n" + ok.replace("100", '"soon"') + "\n", "line 5: field 'unixReviewTime': 'soon'"),
+        (ok + "\n\n" + ok.replace("5,", '"five",') + "\n", "line 3: field 'overall': 'five'"),
+        (ok + "\n\n" + json.dumps({"asin": "x"}) + "\n", "line 3: missing field 'reviewerID'"),
+    ]
+    for text, needle in cases:
+        rev.write_text(text)
+        with pytest.raises(DataError) as e:
+            load_amazon(rev, meta)
+        assert str(rev) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_lastfm_impossible_date_names_file_line_and_field(tmp_path):
+    """A tag assignment dated 2009-13-01 is bad input: a DataError naming the line, not a pandas cast error."""
+    from llmrec.data.loaders import load_lastfm
+
+    (tmp_path / "artists.dat").write_text("id\tname\turl\tpictureURL\n52\tMorcheeba\t\t\n")
+    (tmp_path / "tags.dat").write_text("tagID\ttagValue\n13\tchillout\n15\tdowntempo\n")
+    (tmp_path / "user_artists.dat").write_text("userID\tartistID\tweight\n2\t52\t13883\n")
+    (tmp_path / "user_taggedartists.dat").write_text(
+        "userID\tartistID\ttagID\tday\tmonth\tyear\n2\t52\t13\t1\t4\t2009\n2\t52\t15\t1\t13\t2009\n"
+    )
+    with pytest.raises(DataError, match=r"user_taggedartists\.dat: line 3: field 'month'.*'1-13-2009'"):
+        load_lastfm(tmp_path)

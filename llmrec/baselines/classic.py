@@ -261,9 +261,27 @@ class BPRConfig:
     time_budget_s: float | None = None
 
 
+def _bpr_negatives(u: np.ndarray, seen: set[int], n_items: int, rng: np.random.Generator) -> np.ndarray:
+    """One uniform negative per positive row of user `u[r]`: an item whose key `user * n_items + item` is not in
+    `seen`. Collisions are redrawn; a row still colliding after 20 rounds (a very dense user) gets one drawn from
+    that user's explicit complement. The caller leaves out users with no unseen item."""
+    neg = rng.integers(0, n_items, size=len(u))
+    for _ in range(20):
+        bad = np.flatnonzero(np.fromiter(((a * n_items + b) in seen for a, b in zip(u, neg)), bool, len(u)))
+        if not bad.size:
+            return neg
+        neg[bad] = rng.integers(0, n_items, size=bad.size)
+    for r in np.flatnonzero(np.fromiter(((a * n_items + b) in seen for a, b in zip(u, neg)), bool, len(u))):
+        free = [j for j in range(n_items) if u[r] * n_items + j not in seen]
+        if not free:
+            raise ValueError(f"bpr: user row {u[r]} has every item in `train`, so no negative exists for it")
+        neg[r] = free[int(rng.integers(0, len(free)))]
+    return neg
+
+
 class BPRMF(_MFNetModel, Baseline):
     """BPR-MF (Rendle et al. 2009) on implicit feedback: every `train` event (liked or not) is a positive, one uniform
-    negative per positive (an item the user never had in `train`, resampled on collision), loss
+    negative per positive (an item the user never had in `train`, redrawn until it is one), loss
     -log sigmoid(s_ui - s_uj) + L2. Score = p_u . q_i + b_i. Early stopping on valid full-ranking NDCG@10."""
 
     name = "bpr"
@@ -280,6 +298,12 @@ class BPRMF(_MFNetModel, Baseline):
         u = tr["user_id"].astype(str).map(self.user_index).to_numpy(np.int64)
         i = tr["item_id"].map(ds.item_index).to_numpy(np.int64)
         seen = set((u * ds.n_items + i).tolist())
+        full = np.bincount(u, minlength=n_u) >= ds.n_items  # users with no unseen item: no BPR pair exists
+        if full.any():
+            u, i = u[~full[u]], i[~full[u]]
+            self.fit_info["users_without_negatives"] = int(full.sum())
+        if not len(u):
+            raise ValueError(f"{ds.name}: no training event has an unseen item to contrast with; BPR cannot train")
         rng = np.random.default_rng(c.seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         stop = EarlyStopper(c.patience)
@@ -288,12 +312,7 @@ class BPRMF(_MFNetModel, Baseline):
         ut, it = torch.from_numpy(u.copy()), torch.from_numpy(i.copy())
         for ep in bar:
             self.net.train()
-            neg = rng.integers(0, ds.n_items, size=len(u))
-            for _ in range(3):  # resample collisions with the user's training items
-                bad = np.flatnonzero(np.fromiter(((a * ds.n_items + b) in seen for a, b in zip(u, neg)), bool, len(u)))
-                if not bad.size:
-                    break
-                neg[bad] = rng.integers(0, ds.n_items, size=bad.size)
+            neg = _bpr_negatives(u, seen, ds.n_items, rng)
             jt = torch.as_tensor(neg)
             perm = torch.as_tensor(rng.permutation(len(u)))
             tot = 0.0

@@ -8,7 +8,7 @@ Loss (default `ce`): softmax cross-entropy over *all* items at every non-padding
 Vasilev, RecSys 2023, whose full-ranking results are far better than the paper's binary cross-entropy with one
 sampled negative). `loss="sampled_ce"`: softmax over the positive and `n_negatives` uniform negatives shared by the
 batch ("SASRec+ N" in the same paper; ~3x cheaper per step on CPU, where the 3.7k-way softmax at every position
-dominates). `loss="bce"` gives the original objective (one uniform negative per position).
+dominates). `loss="bce"` gives the original objective (one uniform negative per position, never its target).
 Training sequences are the leave-one-out `train` events (last `max_len`); early stopping on valid full-ranking
 NDCG@10 of a seeded user subset; the best epoch is kept. At test time the input is the train+valid events.
 """
@@ -158,7 +158,8 @@ class SASRec(Baseline):
                     neg_s = (h @ self.net.item(neg + 1).T).masked_fill(neg[None] == yt[:, None], float("-inf"))
                     loss = F.cross_entropy(torch.cat([pos_s, neg_s], 1), torch.zeros_like(yt))
                 else:
-                    neg = torch.randint(0, ds.n_items, yt.shape, generator=gen)
+                    # uniform over the items other than the position's target (an offset of 1..n_items-1)
+                    neg = (yt + torch.randint(1, ds.n_items, yt.shape, generator=gen)) % ds.n_items
                     pos_s = (h * self.net.item(yt + 1)).sum(-1)
                     neg_s = (h * self.net.item(neg + 1)).sum(-1)
                     loss = F.binary_cross_entropy_with_logits(

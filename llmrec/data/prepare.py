@@ -20,9 +20,10 @@ Rules, all recorded in the manifest:
   `1 - valid_frac - test_frac` and `1 - test_frac` quantiles of all timestamps; an example is `train` if its time is
   before `t_valid`, `test` if at or after `t_test`, else `valid`. So every test example lies strictly after every
   training example, and no training history can hold a test event.
-- **labels**: `rating_threshold` (like = rating > threshold), `implicit` (observed = like; for Yes/No each positive
-  gets `neg_per_pos` sampled unobserved items with the same history, label No; saved), `weight_above_user_median`
-  (like = weight/rating above the user's median; e.g. Last.fm listen counts).
+- **labels**: `rating_threshold` (like = rating > threshold; events without a rating are dropped, `missing_rating`),
+  `implicit` (observed = like; for Yes/No each positive gets `neg_per_pos` sampled unobserved items with the same
+  history, label No; saved), `weight_above_user_median` (like = weight/rating above the user's median; e.g. Last.fm
+  listen counts).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def _kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int], str]:
-    """Clean interactions: unknown items, duplicates, k-core, short users; sort; label. Returns
-    (interactions, items, dropped-by-reason, label rule used)."""
+    """Clean interactions: unknown items, unrated events (rating_threshold), duplicates, k-core, short users; sort;
+    label. Returns (interactions, items, dropped-by-reason, label rule used)."""
     df = raw.interactions
     dropped = dict(raw.dropped)
     items = raw.items.copy()
@@ -130,6 +131,14 @@ def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataF
             )
         dropped["no_item_metadata"] = int(unknown.sum())
         df = df[~unknown.to_numpy()]
+    rule = raw.label_rule if cfg.label_rule == "auto" else cfg.label_rule
+    if rule == "rating_threshold":
+        if df["rating"].isna().all():
+            raise DataError(f"{raw.name}: label_rule 'rating_threshold' needs ratings; this dataset has none")
+        unrated = df["rating"].isna()  # an empty rating is no verdict: not a dislike (NaN > threshold is False)
+        if unrated.any():
+            dropped["missing_rating"] = int(unrated.sum())
+            df = df[~unrated.to_numpy()]
     # order: time, then file order; duplicates of (user, item) keep the earliest event
     df = df.sort_values(["user_id", "timestamp", "order"], kind="stable")
     dup = df.duplicated(["user_id", "item_id"], keep="first")
@@ -146,10 +155,7 @@ def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataF
     if df.empty:
         raise DataError(f"{raw.name}: no interactions left after preprocessing (dropped: {dropped})")
 
-    rule = raw.label_rule if cfg.label_rule == "auto" else cfg.label_rule
     if rule == "rating_threshold":
-        if df["rating"].isna().all():
-            raise DataError(f"{raw.name}: label_rule 'rating_threshold' needs ratings; this dataset has none")
         label = (df["rating"] > cfg.like_threshold).astype("int8")
     elif rule == "implicit":
         label = pd.Series(1, index=df.index, dtype="int8")
