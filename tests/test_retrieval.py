@@ -363,3 +363,57 @@ def test_k_zero_returns_nothing(tiny_dataset, text_ret, itemcf):
     hist = history_before(tiny_dataset, tiny_dataset.user_ids[0], "test")
     assert text_ret.query(hist, k=0) == [] and itemcf.query(hist, k=0) == []
     assert candidates_for(tiny_dataset, tiny_dataset.user_ids[0], "test", 0, text_ret) == []
+
+
+def test_model_key_changes_with_weights_of_the_same_size_and_module_configs(tmp_path):
+    """The embedding cache and index are keyed by `model_key`: it used to hash only the weight files' sizes and the
+    top-level json files, so a re-trained model (same architecture, same file size) or another pooling module
+    (`1_Pooling/config.json`) reused the old vectors."""
+    from llmrec.retrieval.encoder import model_key
+
+    m = tmp_path / "my-encoder"
+    (m / "1_Pooling").mkdir(parents=True)
+    (m / "config.json").write_text('{"hidden_size": 4}')
+    (m / "modules.json").write_text('[{"idx": 1, "path": "1_Pooling"}]')
+    (m / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (m / "vocab.txt").write_text("a\nb\n")
+    (m / "model.safetensors").write_bytes(b"\x01" * 256)
+    k0 = model_key(m)
+    assert model_key(m) == k0 and k0.startswith("my-encoder-")
+    (m / "model.safetensors").write_bytes(b"\x02" * 256)  # new weights, same size
+    k1 = model_key(m)
+    assert k1 != k0
+    (m / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    k2 = model_key(m)
+    assert k2 not in (k0, k1)
+    (m / "vocab.txt").write_text("a\nc\n")  # another tokenizer vocabulary
+    assert model_key(m) not in (k0, k1, k2)
+
+
+def test_default_retriever_is_rebuilt_when_the_catalogue_changes(tiny_dataset, monkeypatch, tmp_path):
+    """`default_retriever` memoised one retriever per dataset folder: a dataset re-prepared in the same folder with
+    the same number of items but other titles kept getting candidates from the old catalogue's texts."""
+    from llmrec.retrieval import candidates as cand_mod
+    from llmrec.retrieval import default_retriever
+
+    monkeypatch.setattr(cand_mod, "_RETRIEVERS", {})
+    built = []
+    enc = TextEncoder(cache_dir=tmp_path / "emb")
+
+    class Counting(TextRetriever):
+        def build(self, ds, progress=True):
+            built.append(ds)
+            return super().build(ds, progress)
+
+    monkeypatch.setattr("llmrec.retrieval.text.TextRetriever",
+                        lambda *a, **k: Counting(encoder=enc, cache_dir=tmp_path))
+    ds = tiny_dataset
+    r1 = default_retriever(ds)
+    assert default_retriever(ds) is r1 and default_retriever(copy.copy(ds)) is r1 and len(built) == 1
+    d2 = copy.copy(ds)
+    items = ds.items.copy()
+    items["title"] = list(reversed(items["title"].tolist()))  # same ids and count, other titles
+    d2.items = items
+    r2 = default_retriever(d2)
+    assert r2 is not r1 and r2.ds is d2 and len(built) == 2
+    assert not np.allclose(r2.vectors, r1.vectors)

@@ -37,6 +37,13 @@ PLACEHOLDERS = {
     "recommended", "n_candidates", "first_label", "last_label", "n_history", "target_stats", "user_stats",
     "estimate", "first_recommended",
 }
+# the placeholders of the per-line formats in `options` and of `verbalizer.label_format`
+LINE_PLACEHOLDERS = {
+    "history_line": {"item", "details"},
+    "candidate_line": {"label", "item"},
+    "recommended_line": {"item"},
+}
+LABEL_PLACEHOLDERS = {"label"}
 CONDITIONS = {"candidates", "target", "recommended", "history", "liked", "disliked", "target_stats", "user_stats",
               "estimate"}
 
@@ -149,7 +156,11 @@ def _validate(t: PromptTemplate, where: str) -> None:
             body = body[end + 1 :]
         _check_placeholders(body, f"{where}: text line {n}")
     _check_placeholders(t.answer_prefix, f"{where}: answer_prefix")
+    for key, known in LINE_PLACEHOLDERS.items():
+        _check_placeholders(getattr(t.options, key), f"{where}: options.{key}", known)
     v = t.verbalizer
+    if v is not None:
+        _check_placeholders(v.label_format, f"{where}: verbalizer.label_format", LABEL_PLACEHOLDERS)
     if t.task == "yesno" and (v is None or not v.choices or len(v.choices) != 2):
         raise ConfigError(f"{where}: a yesno template needs verbalizer.choices with 2 answers")
     if t.task == "rank":
@@ -165,14 +176,19 @@ def _validate(t: PromptTemplate, where: str) -> None:
         raise ConfigError(f"{where}: an explain template must show {{recommended}}")
 
 
-def _check_placeholders(text: str, where: str) -> None:
+def _check_placeholders(text: str, where: str, known: set[str] = PLACEHOLDERS) -> None:
+    """Every `{name}` of `text` must be one of `known`, written plainly: a conversion (`{history!r}`) or a format
+    spec (`{target:>80}`) would change the renderer's quoted text, so both are refused."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
     except ValueError as e:
         raise ConfigError(f"{where}: {e} (write literal braces as {{{{ and }}}})") from None
-    for f in names:
-        if f not in PLACEHOLDERS:
-            raise ConfigError(f"{where}: unknown placeholder {{{f}}}; known: {sorted(PLACEHOLDERS)}")
+    for f, spec, conv in parsed:
+        if f not in known:
+            raise ConfigError(f"{where}: unknown placeholder {{{f}}}; known: {sorted(known)}")
+        if spec or conv:
+            shown = f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+            raise ConfigError(f"{where}: placeholder {shown} may not carry a conversion or format spec; write {{{f}}}")
 
 
 def parse_template(data: dict[str, Any], where: str = "template") -> PromptTemplate:

@@ -9,11 +9,16 @@ import unicodedata
 TITLE_MAX_CHARS = 120
 FIELD_MAX_CHARS = 80
 _WS = re.compile(r"\s+")
+# chat / control-token markup that HF tokenizers turn into special tokens even inside plain text: `<|im_end|>`,
+# `<|start_header_id|>`, `</s>`, `<s>`, SmolLM2's `<issue_start>` ...; a space after `<` and before `>` breaks it
+_MARKUP_OPEN, _MARKUP_CLOSE = re.compile(r"<\|"), re.compile(r"\|>")
+_MARKUP_TAG = re.compile(r"<(/?[A-Za-z_][\w.-]*)>")
 
 
 def clean(text: object, max_chars: int = TITLE_MAX_CHARS) -> str:
-    """One line of plain text: control/format characters and line breaks become spaces, whitespace is collapsed,
-    the result is cut to `max_chars` characters (an ellipsis marks the cut)."""
+    """One line of plain text: control/format characters and line breaks become spaces, chat/control-token markup
+    (`<|...|>`, `<tag>`) is broken up by spaces so no tokenizer reads it as a special token, whitespace is
+    collapsed, the result is cut to `max_chars` characters (an ellipsis marks the cut)."""
     s = "" if text is None else str(text)
     if s != s or s == "nan":  # NaN from pandas
         s = ""
@@ -26,7 +31,8 @@ def clean(text: object, max_chars: int = TITLE_MAX_CHARS) -> str:
             continue
         else:
             out.append(ch)
-    s = _WS.sub(" ", "".join(out)).strip()
+    s = _MARKUP_TAG.sub(r"< \1 >", _MARKUP_CLOSE.sub("| >", _MARKUP_OPEN.sub("< |", "".join(out))))
+    s = _WS.sub(" ", s).strip()
     if max_chars and len(s) > max_chars:
         s = s[: max(1, max_chars - 1)].rstrip() + "…"
     return s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Any
 
 _PIECES = re.compile(r"\S+")
@@ -16,7 +17,8 @@ class WhitespaceTokenizer:
     chat_template = None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [hash(p) & 0xFFFF for p in _PIECES.findall(text)]
+        # crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED), ids must not change between runs
+        return [zlib.crc32(p.encode("utf-8")) & 0xFFFF for p in _PIECES.findall(text)]
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text)}

@@ -28,19 +28,35 @@ log = logging.getLogger(__name__)
 _RETRIEVERS: dict[tuple[str, str], Any] = {}
 
 
+def _same_data(a: Any, b: Any) -> bool:
+    """Whether two dataset objects hold the same catalogue and interactions (identity first: the usual case)."""
+    if a is b:
+        return True
+    try:
+        return bool(a.items.equals(b.items) and a.interactions.equals(b.interactions))
+    except AttributeError:
+        return False
+
+
 def default_retriever(ds: Any, kind: str = "text") -> Any:
-    """One shared retriever per (dataset folder, kind) in this process: `text` or `hybrid` (text + ItemCF)."""
-    key = (str(Path(ds.root).resolve()), kind)
+    """One shared retriever per (dataset folder, kind) in this process: `text` or `hybrid` (text + ItemCF). It is
+    rebuilt when the dataset given no longer holds the catalogue and interactions it was built on (a dataset
+    re-prepared in the same folder: same item count, other titles)."""
+    if kind not in ("text", "hybrid"):
+        raise ValueError(f"unknown retriever kind {kind!r}: use 'text' or 'hybrid'")
+    root = str(Path(ds.root).resolve())
+    for k in [k for k in _RETRIEVERS if k[0] == root]:
+        if not _same_data(_RETRIEVERS[k].ds, ds):
+            del _RETRIEVERS[k]
+    key = (root, kind)
     if key not in _RETRIEVERS:
         from llmrec.retrieval.hybrid import HybridRetriever
         from llmrec.retrieval.text import TextRetriever
 
-        text = _RETRIEVERS.get((key[0], "text")) or TextRetriever().build(ds, progress=False)
-        _RETRIEVERS[(key[0], "text")] = text
+        text = _RETRIEVERS.get((root, "text")) or TextRetriever().build(ds, progress=False)
+        _RETRIEVERS[(root, "text")] = text
         if kind == "hybrid":
             _RETRIEVERS[key] = HybridRetriever.default(ds, text)
-        elif kind != "text":
-            raise ValueError(f"unknown retriever kind {kind!r}: use 'text' or 'hybrid'")
     return _RETRIEVERS[key]
 
 

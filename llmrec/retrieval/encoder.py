@@ -37,14 +37,24 @@ def default_encoder_path() -> Path:
     )
 
 
-def model_key(path: Path) -> str:
-    """A stable cache key for a model folder: its name + a hash of its config and weight-file sizes."""
+def _file_sha(f: Path) -> str:
     h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        f = path / name
-        if f.is_file() and (name.endswith(".json") or name.endswith((".safetensors", ".bin"))):
-            h.update(name.encode())
-            h.update(f.read_bytes() if name.endswith(".json") else str(f.stat().st_size).encode())
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_key(path: Path) -> str:
+    """A stable cache key for a model folder: its name + a hash of the contents of every file that changes the
+    vectors (configs, weights, tokenizer files, module sub-folders such as `1_Pooling/`), so new weights of the
+    same size or another pooling module never reuse cached embeddings. README / dot files are left out."""
+    h = hashlib.sha256()
+    for f in sorted(f for f in path.rglob("*") if f.is_file()):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or f.name.lower().startswith("readme"):
+            continue
+        h.update(rel.as_posix().encode() + b"\x00" + _file_sha(f).encode())
     return f"{path.name if path.name != 'model' else path.parent.name}-{h.hexdigest()[:12]}"
 
 
