@@ -214,3 +214,20 @@ def test_tidy_explanation_reads_escaped_quotes_inside_a_quoted_title():
     weird = '"\\"Weird Al\\" Yankovic"'
     looped = tidy_explanation(lead, f' {weird}, "Queen" and {weird} and')
     assert looped == f'{lead} {weird}, "Queen".'  # the repeat is found with the escaped quotes inside
+
+
+def test_template_explanation_orders_tied_attributes_the_same_in_every_process():
+    """Tied shared attributes were ordered (and, past three, chosen) by set iteration order, which changes with
+    PYTHONHASHSEED: the same user's fallback text differed between service workers and runs. Ties now keep the order
+    the recommended items list them in."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from llmrec.ranking.explain import template_explanation as t; print(t('movie', ['A', 'B'], "
+            "[['Drama', 'Comedy', 'War', 'Crime'], ['War', 'Crime', 'Drama', 'Comedy']], ['L1', 'L2', 'L3', 'L4'], "
+            "[['War'], ['Comedy'], ['Drama'], ['Crime']]))")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(8)}
+    assert outs == {'Recommended "A", "B" because you liked "L2", "L3", "L4", and these movies share what you tend to '
+                    "enjoy: Drama, Comedy, War.\n"}

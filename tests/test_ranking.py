@@ -1167,3 +1167,96 @@ def test_explanation_of_a_recommended_item_with_a_long_title_is_not_a_hallucinat
     assert r.hallucinated == [] and r.explanation_fallback is False
     assert r.explanation == (f'{quote(long_title)} suits this user because they liked "{named}", so these dramas '
                              "fit well.")
+
+
+# ------------------------------------------------------------------------------------------------ ranking review
+def test_k_beyond_the_candidates_continues_in_retrieval_order_below_every_candidate(parts, tiny_dataset):
+    """The full ranking is defined past the LLM-ranked candidates (the rest by retrieval score): a k larger than
+    n_candidates used to answer n_candidates items only (the service allows k up to 100 against 20 candidates).
+    The extra items follow in retrieval order, never a history item or a repeat, with scores below every candidate's
+    (retrieval scores are not on the LLM's scale); a k beyond the catalogue answers every unseen item."""
+    rec = make_rec(parts, ScriptedBackend())
+    h = rec.dataset_history("u2")
+    seen = {e.item_id for e in h}
+    cands = [c for c, _ in rec.candidates(h)]
+    more = [c for c, _ in rec.candidates(h, k=20)]
+    r = rec.recommend("u2", k=20, explain=False)
+    ids = [i.item_id for i in r.items]
+    assert len(ids) == 20 and len(set(ids)) == 20 and not set(ids) & seen
+    assert ids[:8] == cands[::-1]  # scripted: the last letter first
+    assert ids[8:] == [c for c in more if c not in cands]
+    scores = [i.score for i in r.items]
+    assert all(a > b for a, b in zip(scores, scores[1:])) and all(np.isfinite(scores))
+    assert [i.rank for i in r.items] == list(range(1, 21))
+    unseen = [str(i) for i in tiny_dataset.item_ids if str(i) not in rec._with_twins(seen)]
+    r = rec.recommend("u2", k=500, explain=False)
+    assert sorted(i.item_id for i in r.items) == sorted(unseen)
+    batch = rec.recommend_batch(["u2", "u5"], k=12, explain=False)  # per user, in a batch
+    for b in batch:
+        one = rec.recommend(b.user_id, k=12, explain=False)
+        assert [i.item_id for i in b.items] == [i.item_id for i in one.items] and len(b.items) == 12
+
+
+def test_candidates_never_hold_a_history_item_or_a_repeat_whatever_the_retriever_returns(parts):
+    """A retriever (a plugged-in one, say) that ignores `exclude` or repeats an item: the history item was
+    recommended back and the repeated one listed twice (two letters, two rows in the answer)."""
+    rec = make_rec(parts, ScriptedBackend())
+    h = rec.dataset_history("u2")
+    good = [c for c, _ in rec.candidates(h)]
+    leaky = SimpleNamespace(query=lambda hist, k, exclude: [(h[-1].item_id, 9.0), (good[0], 8.0), (good[0], 7.5)]
+                            + [(c, 7.0 - j) for j, c in enumerate(good[1:])])
+    rec2 = Recommender(parts.ds, ScriptedBackend(), leaky, rec.cfg)
+    assert [c for c, _ in rec2.candidates(h)] == good
+    ids = [i.item_id for i in rec2.recommend("u2", k=8, explain=False).items]
+    assert sorted(ids) == sorted(good) and h[-1].item_id not in ids
+
+
+def test_too_many_candidates_for_the_rank_templates_letters_are_named_as_the_setting(parts, caplog):
+    """n_candidates above the `rank` template's 20 letters failed deep in prompt rendering, after retrieval, with a
+    message naming no setting; now a warning at construction (pointwise and likelihood runs keep the default mode
+    with more candidates) and, when ranking in verbalizer mode, an error naming n_candidates."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="llmrec.ranking.recommender"):
+        rec = make_rec(parts, ScriptedBackend(), n_candidates=25)
+    assert "n_candidates=25 exceeds the 20 labels" in caplog.text
+    with pytest.raises(ValueError, match=r"RankingConfig.n_candidates=25 exceeds the 20 labels"):
+        rec.recommend("u2", k=3, explain=False)
+    assert rec.backend.scored == []
+    rec = make_rec(parts, ScriptedBackend(), n_candidates=25, mode="generate")  # no letters: allowed
+    assert len(rec.recommend("u2", k=3, explain=False).items) == 3
+    with pytest.raises(ValueError, match=r"RankingConfig.n_candidates=25 exceeds the 20 labels"):
+        rec.recommend("u2", k=3, explain=False, mode="verbalizer")
+
+
+@pytest.mark.parametrize("written", ["as_is", "as_prompted", "listed"])
+def test_map_titles_reads_titles_with_their_own_quotes_and_list_characters(written):
+    """Last.fm titles `"Weird Al" Yankovic`, `Royce da 5'9"`, `The "K"`, `*NSYNC`: stripping every edge quote and a
+    leading `*` as a list marker left no title to match, so the line was dropped as unmapped."""
+    titles = ['"Weird Al" Yankovic', "Royce da 5'9\"", 'The "K"', "*NSYNC", "Sigur Rós", "Heat"]
+    retriever = SimpleNamespace(similar_texts=lambda line, texts: np.zeros(len(texts)))
+    rec = Recommender(_fake_ds(titles), ScriptedBackend(), retriever, RankingConfig(n_candidates=5))
+    cands = ["m0", "m1", "m2", "m3", "m4"]
+    form = {"as_is": str, "as_prompted": quote, "listed": lambda t: f"- {quote(t)}"}[written]
+    for j, t in enumerate(titles[:5]):
+        assert rec.map_titles(form(t), cands) == [f"m{j}"], form(t)
+    text = "\n".join(form(t) if written == "listed" else f"{n + 1}. {form(t)}" for n, t in enumerate(titles[:5][::-1]))
+    rec.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
+    assert rec.map_titles(text, cands) == cands[::-1]
+    assert rec.last_generate_stats == {"lines": 5, "mapped": 5, "unmapped": 0}
+
+
+def test_prompts_list_the_most_recent_catalogue_items_when_newer_ones_are_unknown(parts, tiny_dataset):
+    """An event-store history whose latest events are items outside the catalogue: the prompt listed the
+    `history_len` most recent events, then skipped the unknown ones, so it showed '(none)' and the LLM ranked for a
+    cold-start user; the explanation prompt likewise counted unseen likes toward `explain_min_liked`."""
+    known = [{"item_id": f"i{j}", "type": "rating", "value": 5, "timestamp": 1000 + j} for j in (0, 4, 8)]
+    new = [{"item_id": f"new{j}", "type": "rating", "value": 5, "timestamp": 2000 + j} for j in range(10)]
+    backend = ScriptedBackend(gen=" nice things.")
+    rec = make_rec(parts, backend)
+    r = rec.recommend("u2", k=3, explain=True, history=known + new)
+    prompt = backend.scored[-1].split("Candidate items:")[0]
+    assert all(f'"Action Story {j}" (liked)' in prompt for j in (0, 4, 8)), prompt
+    explain_prompt = backend.generated[-1].split("Recommended")[0]
+    assert all(f'"Action Story {j}"' in explain_prompt for j in (0, 4, 8))
+    assert len(r.items) == 3

@@ -261,7 +261,8 @@ def template_explanation(
     the liked items (oldest first in the inputs) that share the most of the recommended items' attributes (each
     attribute counted once per recommended item having it; ties: the more recent), else the most recent ones."""
     liked_counter = Counter(a for attrs in liked_attrs for a in attrs)
-    shared = Counter(a for attrs in rec_attrs for a in set(attrs) if a in liked_counter)
+    # each attribute once per recommended item, in the order they list them: ties rank the same in every process
+    shared = Counter(a for attrs in rec_attrs for a in dict.fromkeys(attrs) if a in liked_counter)
     top = [a for a, _ in (shared + liked_counter).most_common() if a in shared][:3]
     recs = ", ".join(f'"{t}"' for t in rec_titles[:3])
     overlap = [sum(shared[a] for a in set(attrs)) for attrs in liked_attrs]

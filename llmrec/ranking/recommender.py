@@ -24,7 +24,8 @@ items the prompt lists (`Backend.generate_quoted`); greedy with `explain_frequen
 a template fallback.
 
 Full ranking (evaluation): `score_matrix` puts the LLM-ordered candidates above every other item; the rest keep their
-retrieval score, so metrics stay full-ranking over the whole catalogue.
+retrieval score, so metrics stay full-ranking over the whole catalogue. `recommend` with k above the candidates
+continues likewise: the next unseen items in retrieval order, scored below every candidate.
 """
 
 from __future__ import annotations
@@ -186,6 +187,29 @@ def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[
     return out
 
 
+def _unwrap(s: str) -> str:
+    """`s` without one pair of enclosing double quotes (the prompts' quoting; the escapes inside are kept, as the
+    title matcher reads them): `"Say \\"Hi\\""` -> `Say \\"Hi\\"`. A closing quote escaped by a backslash is a
+    title's own."""
+    if len(s) >= 2 and s[0] in '"\u201c' and s[-1] in '"\u201d':
+        body = s[:-1]
+        if (len(body) - len(body.rstrip("\\"))) % 2 == 0:
+            return s[1:-1].strip()
+    return s
+
+
+def _line_forms(line: str) -> list[str]:
+    """The forms a generated line may name a title in, plainest last: as written (`*NSYNC`, `"Weird Al" Yankovic`
+    are titles), without a list marker ("1. ", "2) ", "- ", "* "; not a title's digits), without rendered details
+    (`"Title" (genres: ..)`), without the enclosing quotes, without any quote at its edges (an unbalanced one: a
+    line cut short). Each step applies to the previous form."""
+    forms = [line.strip()]
+    for step in (lambda x: _LIST_MARKER.sub("", x).strip(), lambda x: _DETAILS.sub("", x).strip(), _unwrap,
+                 lambda x: x.strip('"\u201c\u201d').strip()):
+        forms.append(step(forms[-1]))
+    return list(dict.fromkeys(f for f in forms if f))
+
+
 def cyclic_shift(ids: Sequence[str], s: int, k: int) -> list[str]:
     """Listing `s` of `k` of the candidates `ids`: their order rotated left by round(s * len(ids) / k) places, so the
     k listings put each candidate at k positions spread evenly over the list (listing 0 = `ids` as given)."""
@@ -257,6 +281,11 @@ class Recommender:
         for task, t in self.templates.items():
             if t.task != task:
                 raise ValueError(f"RankingConfig.templates[{task!r}]: template {t.name!r} is a {t.task!r} template")
+        if self.cfg.mode == "verbalizer":  # a warning only: pointwise / likelihood runs keep the default mode
+            try:
+                self._check_labels("verbalizer")
+            except ValueError as e:
+                log.warning("%s (ranking in verbalizer mode will fail)", e)
         # titles as the explain prompt quotes them (capped) read as the items too
         self.matcher = TitleMatcher(list(ds.item_ids), [str(t) for t in ds.titles],
                                     self.templates["explain"].options.title_max_chars)
@@ -269,6 +298,18 @@ class Recommender:
         self.last_generate_stats: dict[str, int] = {"lines": 0, "mapped": 0, "unmapped": 0}
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _check_labels(self, mode: str) -> None:
+        """verbalizer: every candidate needs a letter of the `rank` template (checked before any retrieval or LLM
+        work, with the setting named)."""
+        if mode != "verbalizer":
+            return
+        t = self.templates["rank"]
+        labels = t.verbalizer.labels if t.verbalizer and t.verbalizer.labels else ""
+        if self.cfg.n_candidates > len(labels):
+            raise ValueError(f"RankingConfig.n_candidates={self.cfg.n_candidates} exceeds the {len(labels)} labels "
+                             f"({labels!r}) of the rank template {t.name!r}: the verbalizer mode gives each candidate "
+                             f"a letter; use at most {len(labels)} candidates, or the likelihood / generate mode")
+
     @property
     def model_name(self) -> str:
         return str(getattr(self.backend, "model_name", "") or getattr(self.backend, "name", ""))
@@ -285,22 +326,23 @@ class Recommender:
         most recent earlier liked ones when those hold fewer than `explain_min_liked` likes. A harsh rater's last ten
         can all be dislikes, and the text may only cite liked titles the prompt lists."""
         n = self.cfg.history_len
-        window = history[-n:]
+        known = self._known(history)  # an item outside the catalogue has no text to show
+        window = known[-n:]
         need = self.cfg.explain_min_liked - sum(e.liked is True for e in window)
         if need <= 0:
             return window
-        earlier = [e for e in history[: max(0, len(history) - n)]
-                   if e.liked is True and e.item_id in self.ds.item_index]
+        earlier = [e for e in known[: max(0, len(known) - n)] if e.liked is True]
         return earlier[-need:] + window
 
     def _known(self, history: list[HistEvent]) -> list[HistEvent]:
         return [e for e in history if e.item_id in self.ds.item_index]
 
     def _prompt_history(self, history: list[HistEvent], events: list[HistEvent] | None = None):
-        """The prompt's history items: `events`, by default the `history_len` most recent of `history`."""
+        """The prompt's history items: `events`, by default the `history_len` most recent catalogue items of `history`
+        (an event-store item outside the catalogue has no text: it would take a place and be skipped)."""
         from llmrec.prompts import history_from_dataset
 
-        h = history[-self.cfg.history_len :] if events is None else events
+        h = self._known(history)[-self.cfg.history_len :] if events is None else events
         return history_from_dataset(
             self.ds,
             [e.item_id for e in h],
@@ -336,7 +378,13 @@ class Recommender:
         if self.cfg.exclude_seen_titles if exclude_seen_titles is None else exclude_seen_titles:
             seen = self._with_twins(seen)
         hist = [(e.item_id, e.liked is not False, e.timestamp) for e in self._known(history)]
-        return list(self.retriever.query(hist, k=k, exclude=seen))[:k]
+        out: list[tuple[str, float]] = []
+        taken = set(seen)
+        for i, s in self.retriever.query(hist, k=k, exclude=seen):  # a retriever's own slip: no seen item, no repeat
+            if i not in taken:
+                taken.add(i)
+                out.append((i, s))
+        return out[:k]
 
     def _with_twins(self, ids: Iterable[str]) -> set[str]:
         return with_title_twins(ids, self.title_twins)
@@ -407,6 +455,7 @@ class Recommender:
         k = self.cfg.listings
         if k < 1:
             raise ValueError(f"RankingConfig.listings must be >= 1, got {k}")
+        self._check_labels("verbalizer")
         cache = self.llm_cache if self.llm_cache is not None else {}
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
@@ -527,13 +576,13 @@ class Recommender:
             stats = self.last_generate_stats = {"lines": 0, "mapped": 0, "unmapped": 0}
         named: list[str] = []
         cand_titles = [str(self.ds.titles[self.ds.item_index[c]]) for c in candidate_ids]
-        for line in text.splitlines():
-            line = _LIST_MARKER.sub("", line.strip()).strip()  # "1. ", "2) ", "- ", "* "; not a title's digits
-            line = _DETAILS.sub("", line).strip().strip('"\u201c\u201d').strip()  # as rendered: "Title" (genres: ..)
-            if not line:
+        for raw in text.splitlines():
+            forms = _line_forms(raw)
+            if not forms:
                 continue
+            line = forms[-1]  # the plainest form, for the inexact matches
             stats["lines"] += 1
-            iid = self.matcher.exact(line)
+            iid = next((x for x in map(self.matcher.exact, forms) if x is not None), None)
             if iid is None:
                 found = self.matcher.find(line)
                 iid = found[0] if found else None
@@ -632,7 +681,7 @@ class Recommender:
             h = None if histories is None else histories[n]
             hs.append(self.dataset_history(u) if h is None else to_hist_events(h, self.cfg.like_threshold))
         cands = [self.candidates(h) for h in hs]
-        ranked = self.rank_candidates(hs, cands, mode)
+        ranked = [self._beyond_candidates(h, r, k) for h, r in zip(hs, self.rank_candidates(hs, cands, mode))]
         top = [[i for i, _ in r[:k]] for r in ranked]
         expl = self.explain(hs, top) if explain else [(None, False, []) for _ in top]
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
@@ -656,6 +705,19 @@ class Recommender:
                 )
             )
         return out
+
+    def _beyond_candidates(self, history: list[HistEvent], ranked: list[tuple[str, float]],
+                           k: int) -> list[tuple[str, float]]:
+        """`ranked` (the LLM-ordered candidates) continued up to `k` items by the retriever's order over the other
+        unseen items (the full ranking `score_matrix` evaluates), each scored below every candidate (min candidate
+        score - 1, - 2, ...: a retrieval score is not on the LLM's scale, and a client sorting by score keeps the
+        order)."""
+        if len(ranked) >= k:
+            return ranked
+        taken = {i for i, _ in ranked}
+        more = [i for i, _ in self.candidates(history, k=k + len(taken)) if i not in taken][: k - len(ranked)]
+        floor = min((s for _, s in ranked), default=0.0)
+        return list(ranked) + [(i, floor - 1.0 - j) for j, i in enumerate(more)]
 
     def recommend(
         self,
