@@ -109,6 +109,40 @@ def test_generate_greedy_and_stop(tiny_dir):
     assert be.generate(PROMPTS[:1], max_new_tokens=6, stop=[stop]) == [text[: text.index(stop)]]
 
 
+def test_stop_strings_match_the_generated_text_only(tiny_dir):
+    """A stop string is looked for in the generated text (as vLLM / OpenAI do), never across the end of the prompt:
+    e.g. stop "\\n\\n" after a prompt ending in "\\n" must not end decoding when the model writes its first "\\n"."""
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    full = be.generate(PROMPTS, max_new_tokens=8)
+    stops = [p[-1] + t[0] for p, t in zip(PROMPTS, full)]  # the prompt's last char + the first generated one
+    assert all(s not in t for s, t in zip(stops, full)), (stops, full)
+    for p, s, t in zip(PROMPTS, stops, full):
+        assert be.generate([p], max_new_tokens=8, stop=[s]) == [t]
+        assert be.generate_quoted([p], [[]], max_new_tokens=8, stop=[s]) == [t]
+    assert be.generate(PROMPTS, max_new_tokens=8, stop=stops[:1]) == full  # batched, rows of unequal lengths
+
+
+def test_empty_prompt_lists(tiny_dir):
+    """No prompts: empty results shaped like the non-empty ones ([0, n_choices] for one shared choice list, as the
+    vLLM backend answers), and no model call."""
+    be = load_backend("transformers", model=tiny_dir, dtype="float32")
+    assert be.score_choices([], [" Yes", " No"]).shape == (0, 2)
+    assert be.score_choices([], []).shape == (0, 0)
+    assert be.generate([]) == [] and be.generate_quoted([], []) == [] and be.generate_from([], [], n=2) == []
+    sums, counts = be.score_continuations([], [])
+    assert sums.shape == counts.shape == (0, 0)
+
+
+def test_max_new_tokens_below_one_is_refused(tiny_dir):
+    """The same ValueError on every backend and whatever the prompts (none included), not transformers' own."""
+    be = load_backend("transformers", model=tiny_dir, dtype="float32")
+    for prompts in ([], PROMPTS[:1]):
+        with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+            be.generate(prompts, max_new_tokens=0)
+        with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+            be.generate_quoted(prompts, [["Action Story"]] * len(prompts), max_new_tokens=-1)
+
+
 def test_missing_model_and_unknown_kind(tmp_path):
     with pytest.raises(BackendError, match="does not exist"):
         load_backend("transformers", model=tmp_path / "nope")

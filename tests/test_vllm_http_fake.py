@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
 from llmrec.llm.base import BackendError
 from llmrec.llm.vllm_backend import VLLMBackend, VLLMError
@@ -20,7 +21,10 @@ def fake_logit(prompt: str, tid: int) -> float:
     return float((len(prompt) * 7 + tid * 13) % 17) / 3.0
 
 
-def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
+def make_app(seen: list[dict], drop_token: int | None = None, fail: str | None = None) -> FastAPI:
+    """As vLLM: a text prompt gets the tokenizer's special tokens (here a BOS text "<s>") unless the request says
+    `add_special_tokens: false`. `fail`: "tokenize" (POST /tokenize answers 500), "short" (/completions leaves out
+    the last prompt's choice), "garbage" (/completions answers 200 with a body that is not JSON)."""
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -31,15 +35,21 @@ def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(req: Request):
         body = await req.json()
+        if fail == "tokenize":
+            return PlainTextResponse("tokenizer exploded", status_code=500)
         return {"tokens": [1000 + ord(c) for c in body["prompt"].strip()]}
 
     @app.post("/v1/completions")
     async def completions(req: Request):
         body = await req.json()
         seen.append(body)
+        if fail == "garbage":
+            return PlainTextResponse("<html>bad gateway</html>")
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         if body.get("allowed_token_ids"):
             prompts = [body["prompt"]]  # one prompt given as token ids
+        if body.get("add_special_tokens", True):
+            prompts = ["<s>" + p if isinstance(p, str) else p for p in prompts]
         choices = []
         for i, p in enumerate(prompts):
             if body.get("allowed_token_ids"):  # one greedy step among the allowed tokens (prompt: token ids)
@@ -60,6 +70,8 @@ def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
                 choices.append({"index": i, "text": "", "prompt_logprobs": lps})
             else:
                 choices.append({"index": i, "text": f"{body['model']}:{p[-3:]}"})
+        if fail == "short" and len(choices) > 1:
+            choices = choices[:-1]
         return {"choices": choices}
 
     return app
@@ -67,12 +79,12 @@ def make_app(seen: list[dict], drop_token: int | None = None) -> FastAPI:
 
 @pytest.fixture()
 def fake_server():
-    def start(drop_token=None):
+    def start(drop_token=None, fail=None):
         seen: list[dict] = []
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        srv = uvicorn.Server(uvicorn.Config(make_app(seen, drop_token), host="127.0.0.1", port=port,
+        srv = uvicorn.Server(uvicorn.Config(make_app(seen, drop_token, fail), host="127.0.0.1", port=port,
                                             log_level="warning"))
         th = threading.Thread(target=srv.run, daemon=True)
         th.start()
@@ -208,4 +220,69 @@ def test_title_likelihood_over_http(fake_server, tmp_path):
     be._lora_engine = True  # as for a server whose /v1/models lists LoRA modules (parent set)
     with pytest.raises(VLLMError, match="LoRA enabled"):
         be.score_continuations(prompts, conts)
+    be.close()
+
+
+def test_text_prompts_are_sent_without_special_tokens(fake_server):
+    """Training and the transformers backend encode prompts with add_special_tokens=False (no BOS); vLLM adds the
+    tokenizer's special tokens to a text prompt unless told not to, so every request with a text prompt says so
+    (token-id prompts are sent as they are)."""
+    url, seen = fake_server()
+    be = VLLMBackend(url=url, model="base")
+    be.score_choices(["aaa", "bb"], [" A", " B"])
+    be.generate(["xyz1"], max_new_tokens=2)
+    be.generate_quoted(["q"], [["Heat"]], max_new_tokens=2)
+    assert len(seen) == 3 and all(b["add_special_tokens"] is False for b in seen)
+    be.close()
+
+
+def test_http_failures_are_backend_errors(fake_server):
+    """A failing /tokenize, an unreachable server, a body that is not JSON, and an answer missing some prompts'
+    choices are each a VLLMError (a BackendError) naming the problem, never scores or texts made up for them."""
+    url, _ = fake_server(fail="tokenize")
+    be = VLLMBackend(url=url, model="base")
+    with pytest.raises(VLLMError, match=r"tokenize.*HTTP 500"):
+        be.score_choices(["aaa"], [" A", " B"])
+    be.close()
+
+    url, _ = fake_server()
+    be = VLLMBackend(url=url, model="base")
+    be.base_url, be.root_url = "http://127.0.0.1:9/v1", "http://127.0.0.1:9"  # the server went away
+    with pytest.raises(VLLMError, match="tokenize"):
+        be.score_choices(["aaa"], [" A", " B"])
+    with pytest.raises(VLLMError, match="request failed"):
+        be.generate(["aaa"])
+    be.close()
+
+    url, _ = fake_server(fail="garbage")
+    be = VLLMBackend(url=url, model="base")
+    with pytest.raises(VLLMError, match="not JSON"):
+        be.generate(["aaa"])
+    be.close()
+
+
+def test_an_answer_missing_rows_is_an_error(fake_server, tmp_path):
+    from llm_fixtures import make_tiny_llm
+
+    url, _ = fake_server(fail="short")
+    be = VLLMBackend(url=url, model="base", tokenizer=str(make_tiny_llm(tmp_path / "tiny")))
+    with pytest.raises(VLLMError, match="choices for 2 prompts"):
+        be.generate(["aaa", "bbb"])
+    with pytest.raises(VLLMError, match="choices for 2 prompts"):
+        be.score_choices(["aaa", "bbb"], [" A", " B"])
+    with pytest.raises(VLLMError, match="choices for 2 prompts"):
+        be.score_continuations(["Action Story"], [[" Yes", " No"]])
+    assert be.generate(["aaa"]) == ["base:aaa"]  # one prompt: nothing left out
+    be.close()
+
+
+def test_max_new_tokens_below_one_is_refused_before_any_request(fake_server):
+    url, seen = fake_server()
+    be = VLLMBackend(url=url, model="base")
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+            be.generate(["aaa"], max_new_tokens=n)
+        with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+            be.generate_quoted(["aaa"], [["Heat"]], max_new_tokens=n)
+    assert seen == []
     be.close()

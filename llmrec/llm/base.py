@@ -109,6 +109,12 @@ def check_first_tokens(choices: list[list[str]], ids: list[list[int]]) -> None:
             first[t] = c
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """`generate`'s budget must allow one token at least (every backend refuses 0 alike, before any request)."""
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     if not stop:

