@@ -140,3 +140,19 @@ def test_a_malformed_or_conflicting_override_is_a_config_error_naming_it(capsys)
     for bad in (["a=[1,2"], ["min_user_events=1", "min_user_events.x=2"]):
         assert main(["data", "prepare", "--dataset", "nowhere", "--set", *bad]) == 1
         assert "llmrec: error: override" in capsys.readouterr().err
+
+
+def test_cli_prints_a_refused_value_as_one_line_and_shows_the_traceback_with_v(monkeypatch, capsys):
+    """A ValueError from the library (a prompt over its token budget, too many candidates for the letters) is a
+    one-line `llmrec: error:` with exit 1, not a traceback; `-v` re-raises it for debugging."""
+    import llmrec.cli.data as cli_data
+    from llmrec.cli import main
+
+    def refuse(args):
+        raise ValueError("RankingConfig.n_candidates=25 exceeds the 20 labels")
+
+    monkeypatch.setattr(cli_data, "cmd_show", refuse)
+    assert main(["data", "show", "--dataset", "d", "--user", "1"]) == 1
+    assert capsys.readouterr().err.strip() == "llmrec: error: RankingConfig.n_candidates=25 exceeds the 20 labels"
+    with pytest.raises(ValueError, match="n_candidates=25"):
+        main(["-v", "data", "show", "--dataset", "d", "--user", "1"])

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, BackendError, FileNotFoundError, KeyError) as e:
+    except (DataError, ConfigError, BackendError, FileNotFoundError, KeyError, ValueError) as e:
+        # a refused input or setting: one line naming it (the library's ValueErrors say which); -v shows the traceback
+        if args.verbose:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"llmrec: error: {msg}", file=sys.stderr)
         return 1
