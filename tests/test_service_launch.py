@@ -212,3 +212,16 @@ def test_merged_cache_folders_are_one_per_adapter_and_base(tmp_path, monkeypatch
     assert launch.merged_dir("/m/other", str(a)) != da
     assert launch.merged_dir("/m/base", str(a)) == da  # stable: the cache is found again
     assert launch.merged_dir("/m/base", str(tmp_path / "my-adapter")).name.startswith("my-adapter-")
+
+
+def test_more_candidates_than_the_rank_letters_is_refused_at_start(tiny_dataset):
+    """The service ranks by letter on every request: candidates above the rank template's 20 letters is a config
+    error at start (naming the key), not a 500 on each request; in likelihood mode it is allowed."""
+    from tests.test_ranking import ScriptedBackend
+
+    c = cfg()
+    c.candidates = 25
+    with pytest.raises(ConfigError, match=r"candidates=25: RankingConfig.n_candidates=25 exceeds the 20 labels"):
+        launch.build_recommenders(c, tiny_dataset, {None: ScriptedBackend()})
+    c.rank_mode = "likelihood"
+    assert launch.build_recommenders(c, tiny_dataset, {None: ScriptedBackend()})[None].cfg.n_candidates == 25

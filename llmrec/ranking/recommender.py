@@ -283,7 +283,7 @@ class Recommender:
                 raise ValueError(f"RankingConfig.templates[{task!r}]: template {t.name!r} is a {t.task!r} template")
         if self.cfg.mode == "verbalizer":  # a warning only: pointwise / likelihood runs keep the default mode
             try:
-                self._check_labels("verbalizer")
+                self.check_labels("verbalizer")
             except ValueError as e:
                 log.warning("%s (ranking in verbalizer mode will fail)", e)
         # titles as the explain prompt quotes them (capped) read as the items too
@@ -298,7 +298,7 @@ class Recommender:
         self.last_generate_stats: dict[str, int] = {"lines": 0, "mapped": 0, "unmapped": 0}
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _check_labels(self, mode: str) -> None:
+    def check_labels(self, mode: str) -> None:
         """verbalizer: every candidate needs a letter of the `rank` template (checked before any retrieval or LLM
         work, with the setting named)."""
         if mode != "verbalizer":
@@ -455,7 +455,7 @@ class Recommender:
         k = self.cfg.listings
         if k < 1:
             raise ValueError(f"RankingConfig.listings must be >= 1, got {k}")
-        self._check_labels("verbalizer")
+        self.check_labels("verbalizer")
         cache = self.llm_cache if self.llm_cache is not None else {}
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):

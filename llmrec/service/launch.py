@@ -323,7 +323,11 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
             adapter = name if name is not None else cfg.llm.default_adapter
             # render with the prompt templates the adapter was trained on (its llmrec_prompt.json)
             tcfg = with_adapter_templates(rcfg, cfg.llm.adapters.get(adapter) if adapter else None)
-            made[id(be)] = Recommender(ds, be, retriever, tcfg, adapter=adapter)
+            rec = made[id(be)] = Recommender(ds, be, retriever, tcfg, adapter=adapter)
+            try:  # the service ranks in this mode on every request: refuse at start, not with a 500 on each one
+                rec.check_labels(cfg.rank_mode)
+            except ValueError as e:
+                raise ConfigError(f"candidates={cfg.candidates}: {e}") from None
         recs[name] = made[id(be)]
     return recs
 
