@@ -92,7 +92,8 @@ class PrepareReport:
     extra: dict = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -301,7 +302,7 @@ def check_name(name: str) -> str:
 
 def _source_hashes(sources: Sequence[str]) -> dict[str, str]:
     """sha256 of each source file, keyed by its absolute path (a relative one would name another file elsewhere)."""
-    return {str(Path(s).resolve()): _sha256(Path(s)) for s in sources if Path(s).is_file()}
+    return {str(Path(s).resolve()): file_sha256(Path(s)) for s in sources if Path(s).is_file()}
 
 
 def title_key(title: object) -> str:
@@ -392,7 +393,7 @@ def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = 
             raw.users.to_parquet(tmp / "users.parquet", index=False)
         pq.write_table(yesno, tmp / "yesno.parquet")
         negs.to_parquet(tmp / "negatives.parquet", index=False)
-        hashes = {p.name: _sha256(p) for p in sorted(tmp.glob("*.parquet"))}
+        hashes = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.parquet"))}
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -450,13 +451,13 @@ class PreparedDataset:
         if fmt != FORMAT_VERSION:
             raise DataError(f"{self.root}: prepared folder of format {fmt}, this llmrec reads {FORMAT_VERSION}{again}")
         for src, digest in (m.get("sources_sha256") or {}).items():
-            if Path(src).is_file() and _sha256(Path(src)) != digest:
+            if Path(src).is_file() and file_sha256(Path(src)) != digest:
                 raise DataError(f"{self.root}: source {src} changed since this folder was prepared{again}")
         for fname, digest in m["files_sha256"].items():  # a file edited, truncated or lost after preparing
             f = self.root / fname
             if not f.is_file():
                 raise DataError(f"{self.root}: {fname} is missing (the manifest lists it){again}")
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise DataError(f"{self.root}: {fname} changed since this folder was prepared{again}")
 
     @property

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.config import llmrec_home
+from llmrec.data.prepare import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ def default_encoder_path() -> Path:
     )
 
 
-def _file_sha(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_key(path: Path) -> str:
     """A stable cache key for a model folder: its name + a hash of the contents of every file that changes the
     vectors (configs, weights, tokenizer files, module sub-folders such as `1_Pooling/`), so new weights of the
@@ -54,7 +47,7 @@ def model_key(path: Path) -> str:
         rel = f.relative_to(path)
         if any(part.startswith(".") for part in rel.parts) or f.name.lower().startswith("readme"):
             continue
-        h.update(rel.as_posix().encode() + b"\x00" + _file_sha(f).encode())
+        h.update(rel.as_posix().encode() + b"\x00" + file_sha256(f).encode())
     return f"{path.name if path.name != 'model' else path.parent.name}-{h.hexdigest()[:12]}"
 
 
