@@ -225,3 +225,26 @@ def test_more_candidates_than_the_rank_letters_is_refused_at_start(tiny_dataset)
         launch.build_recommenders(c, tiny_dataset, {None: ScriptedBackend()})
     c.rank_mode = "likelihood"
     assert launch.build_recommenders(c, tiny_dataset, {None: ScriptedBackend()})[None].cfg.n_candidates == 25
+
+
+def test_a_server_that_exits_before_it_is_up_leaves_no_child_behind(tmp_path):
+    """A vLLM server whose process exits before /health answers (a bad flag, an engine crash) may have started
+    children in its session (EngineCore, workers): start() fails and kills them too."""
+    import os
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    srv = launch.VLLMServer("unused", port=9, log_path=tmp_path / "vllm.log")
+    srv.cmd = ["sh", "-c", f"sleep 300 & echo $! > {pidfile}; sleep 0.5; exit 3"]
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        srv.start(timeout_s=30)
+    child = int(pidfile.read_text())
+    for _ in range(50):  # killed and reaped (by init) within moments
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the server's child outlived the failed start")

@@ -96,15 +96,21 @@ class VLLMServer:
             for k, v in VLLM_CPU_ENV.items():
                 env.setdefault(k, v)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logf = self.log_path.open("ab")
         log.info("starting vLLM: %s (log: %s)", " ".join(self.cmd), self.log_path)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        with self.log_path.open("ab") as logf:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
             wait_until_up(f"http://{self.host}:{self.port}/health", self.proc, timeout_s, name="vLLM server",
                           log_path=self.log_path)
-        except TimeoutError:
+        except BaseException:  # timed out, exited early, interrupted: nothing of its session may outlive the failure
+            if self.proc.poll() is not None:  # the server itself is gone; children it started may not be
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             self.stop()
             raise
         self.start_s = time.perf_counter() - t0
