@@ -487,3 +487,14 @@ def test_whitespace_tokenizer_ids_are_the_same_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(outs) == 1
+
+
+def test_a_yesno_template_lists_the_positive_answer_first():
+    """Every scorer reads P(first choice) as P(like): a template listing " No" first would invert every score
+    silently, so it is refused at load; any positive first answer (another language, True/False) loads."""
+    base = {"name": "t", "version": 1, "task": "yesno", "text": "{history}\nWill the user enjoy {target}?"}
+    for good in ([" Yes", " No"], [" True", " False"], [" Oui", " Non"]):
+        parse_template(dict(base, verbalizer={"choices": good}))
+    for bad in ([" No", " Yes"], [" false", " true"], [" Non.", " Oui."]):
+        with pytest.raises(ConfigError, match=r"the first answer is the positive one"):
+            parse_template(dict(base, verbalizer={"choices": bad}))

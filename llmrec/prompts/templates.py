@@ -32,6 +32,7 @@ from typing import Any, Literal
 from llmrec.config import ConfigError, from_dict, load_yaml
 
 TASKS = ("yesno", "rank", "next_title", "explain")
+NEGATIVE_ANSWERS = {"no", "false", "n", "nope", "non", "nein"}  # a yesno template's first choice must not be one
 PLACEHOLDERS = {
     "domain", "domains", "Domain", "Domains", "history", "liked", "disliked", "target", "candidates",
     "recommended", "n_candidates", "first_label", "last_label", "n_history", "target_stats", "user_stats",
@@ -163,6 +164,10 @@ def _validate(t: PromptTemplate, where: str) -> None:
         _check_placeholders(v.label_format, f"{where}: verbalizer.label_format", LABEL_PLACEHOLDERS)
     if t.task == "yesno" and (v is None or not v.choices or len(v.choices) != 2):
         raise ConfigError(f"{where}: a yesno template needs verbalizer.choices with 2 answers")
+    if t.task == "yesno" and v.choices[0].strip(" .!").lower() in NEGATIVE_ANSWERS:
+        # every scorer reads P(first choice) as P(like): [" No", " Yes"] would invert every score silently
+        raise ConfigError(f"{where}: verbalizer.choices {v.choices!r}: the first answer is the positive one "
+                          "(scored as P(like)); list it first")
     if t.task == "rank":
         if v is None or not v.labels:
             raise ConfigError(f"{where}: a rank template needs verbalizer.labels (one character per candidate)")
