@@ -321,6 +321,8 @@ def test_amazon_errors_name_the_file_line_and_json_field(tmp_path):
         (ok + "\n\n\n" + ok + "\n" + ok.replace("100", '"soon"') + "\n", "line 5: field 'unixReviewTime': 'soon'"),
         (ok + "\n\n" + ok.replace("5,", '"five",') + "\n", "line 3: field 'overall': 'five'"),
         (ok + "\n\n" + json.dumps({"asin": "x"}) + "\n", "line 3: missing field 'reviewerID'"),
+        (ok + "\n" + ok.replace('"a"', "null") + "\n", "line 2: field 'reviewerID': None is not an id"),
+        (ok + "\n" + ok.replace('"x"', '" "') + "\n", "line 2: field 'asin': ' ' is not an id"),
     ]
     for text, needle in cases:
         rev.write_text(text)

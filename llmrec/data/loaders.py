@@ -329,6 +329,9 @@ def load_amazon(
         for k in ("reviewerID", "asin", "overall", "unixReviewTime"):
             if k not in r:
                 raise DataError(f"{rpath}: line {n}: missing field {k!r}")
+        for k in ("reviewerID", "asin"):  # null or empty would become the id "None" / ""
+            if not isinstance(r[k], str | int) or not str(r[k]).strip():
+                raise DataError(f"{rpath}: line {n}: field {k!r}: {r[k]!r} is not an id")
     rows = [r for _, r in numbered]
     df = pd.DataFrame(
         {
