@@ -329,6 +329,11 @@ def test_next_title_with_negatives_trains_listwise_and_can_start_from_an_adapter
         run_finetune(tiny_recipe(tiny_dir, tmp_path / "bad", task="rank",
                                  extra=[*extra, "lora.r=4", f"init_adapter={tmp_path / 'plain' / 'adapter'}"]),
                      ds=tiny_dataset)
+    with pytest.raises(ConfigError, match="read in float32, the recipe's dtype reads them in bfloat16"):
+        run_finetune(tiny_recipe(tiny_dir, tmp_path / "bad1", task="rank",
+                                 extra=[*extra, "dtype=bfloat16", "quant.compute_dtype=bfloat16",
+                                        f"init_adapter={tmp_path / 'plain' / 'adapter'}"]),
+                     ds=tiny_dataset)
     with pytest.raises(ConfigError, match="full-precision base, the recipe trains a nf4 4-bit base"):
         (tmp_path / "plain" / "adapter" / "llmrec_base.json").unlink()
         run_finetune(tiny_recipe(tiny_dir, tmp_path / "bad2", task="rank",

@@ -268,7 +268,7 @@ def init_from_adapter(model: Any, cfg: FinetuneConfig) -> None:
     (rank, alpha, target modules) are the recipe's and it was fitted to the base the recipe trains (a QLoRA adapter
     corrects the nf4 weights it was trained on: on other weights it shifts every answer, FINDINGS.md)."""
     from llmrec.config import ConfigError
-    from llmrec.llm.loading import adapter_base_quant, load_adapter_weights
+    from llmrec.llm.loading import adapter_base_dtype, adapter_base_quant, load_adapter_weights, resolve_dtype
 
     src = Path(cfg.init_adapter)
     saved = json.loads((src / "adapter_config.json").read_text())
@@ -287,6 +287,10 @@ def init_from_adapter(model: Any, cfg: FinetuneConfig) -> None:
         there = f"a {base.quant_type} 4-bit base" if base else "a full-precision base"
         here = f"a {q.quant_type} 4-bit base" if q.load_in_4bit else "a full-precision base"
         raise ConfigError(f"init_adapter {src}: it was fitted to {there}, the recipe trains {here}")
+    read_in = adapter_base_dtype(src)  # the nf4 codes depend on the dtype the weights were read in
+    if q.load_in_4bit and read_in is not None and read_in != resolve_dtype(cfg.dtype):
+        raise ConfigError(f"init_adapter {src}: its 4-bit base was quantized from weights read in {read_in}, the "
+                          f"recipe's dtype reads them in {resolve_dtype(cfg.dtype)} (other nf4 codes): set dtype")
     load_adapter_weights(model, src)
     log.info("LoRA weights initialised from %s", src)
 
