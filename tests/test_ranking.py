@@ -1260,3 +1260,15 @@ def test_prompts_list_the_most_recent_catalogue_items_when_newer_ones_are_unknow
     explain_prompt = backend.generated[-1].split("Recommended")[0]
     assert all(f'"Action Story {j}"' in explain_prompt for j in (0, 4, 8))
     assert len(r.items) == 3
+
+
+def test_non_finite_llm_scores_are_a_backend_error_not_a_ranking(parts):
+    """A backend that returns NaN (a bf16/fp16 overflow) gave a ranking in arbitrary order and a response no JSON
+    encoder writes; it is a BackendError, which the service answers with its labelled fallback."""
+    from llmrec.llm.base import BackendError
+
+    nan = ScriptedBackend(logits=lambda p, c: np.full(len(c), np.nan))
+    with pytest.raises(BackendError, match=r"non-finite candidate scores"):
+        make_rec(parts, nan).recommend("u2", k=3, explain=False)
+    ok = make_rec(parts, ScriptedBackend()).recommend("u2", k=3, explain=False)
+    assert len(ok.items) == 3 and all(np.isfinite(it.score) for it in ok.items)

@@ -42,6 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.data.prepare import PreparedDataset, title_twins, with_title_twins
+from llmrec.llm.base import BackendError
 from llmrec.prompts import liked_shown, quotable_titles, quote
 from llmrec.ranking.explain import (
     TitleMatcher,
@@ -682,6 +683,10 @@ class Recommender:
             hs.append(self.dataset_history(u) if h is None else to_hist_events(h, self.cfg.like_threshold))
         cands = [self.candidates(h) for h in hs]
         ranked = [self._beyond_candidates(h, r, k) for h, r in zip(hs, self.rank_candidates(hs, cands, mode))]
+        bad = sum(not np.isfinite(sc) for r in ranked for _, sc in r)
+        if bad:  # NaN sorts anywhere and is no JSON number: a backend fault (overflow), not a ranking
+            raise BackendError(f"the LLM backend returned {bad} non-finite candidate scores (NaN/inf) for "
+                               f"{len(user_ids)} user(s); no ranking can be read from them")
         top = [[i for i, _ in r[:k]] for r in ranked]
         expl = self.explain(hs, top) if explain else [(None, False, []) for _ in top]
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
