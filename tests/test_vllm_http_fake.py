@@ -119,6 +119,8 @@ def test_score_choices_over_http(fake_server):
     assert be.generate(["xyz1", "xyz2"], max_new_tokens=3) == ["base:yz1", "base:yz2"]
     assert be.with_adapter("yesno").generate(["q12"]) == ["yesno:q12"]
     assert (be.name, be.model_name, be.with_adapter("yesno").name) == ("vllm-http:base", "base", "vllm-http:yesno")
+    be.with_adapter("yesno").close()  # a view shares the client: closing it leaves the backend working
+    assert be.generate(["xyz3"], max_new_tokens=3) == ["base:yz3"]
     be.close()
     # a server started with --model PATH serves the path as the model id: answers name the model, not the path
     by_path = VLLMBackend(url=url, model="/models/smollm2-135m")

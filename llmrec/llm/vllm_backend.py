@@ -191,6 +191,7 @@ class VLLMBackend(Backend):
         clone.adapter = adapter
         clone.served_name = adapter or self.model
         clone.name = f"vllm-http:{Path(clone.served_name).name}"
+        clone._view = True  # shares the HTTP client and pool: closing it must not close them under the others
         return clone
 
     def first_token_id(self, choice: str) -> int:
@@ -475,11 +476,13 @@ class VLLMBackend(Backend):
         return texts
 
     def close(self) -> None:
-        """Release the HTTP pool, or stop the in-process engine (its EngineCore process) now rather than at
-        interpreter exit, where vLLM's shutdown logs to streams already closed."""
+        """Release the HTTP pool (not from a `with_adapter` view, which shares it), or stop the in-process engine
+        (its EngineCore process) now rather than at interpreter exit, where vLLM's shutdown logs to streams already
+        closed."""
         if self.url is not None:
-            self._pool.shutdown(wait=False)
-            self._http.close()
+            if not getattr(self, "_view", False):  # a `with_adapter` view: the backend it came from owns them
+                self._pool.shutdown(wait=False)
+                self._http.close()
             return
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
