@@ -602,3 +602,19 @@ def test_backend_serves_a_qlora_adapter_on_the_base_quantized_from_its_recorded_
             assert torch.equal(got[name].detach(), w.detach()), name
             differs += not torch.equal(w.detach(), dict(other.named_parameters())[name].detach())
     assert differs  # the two bases differ here, so the check above tells them apart
+
+
+def test_every_backend_call_gives_the_models_training_mode_back(tiny_dir):
+    """The trainer's evaluation scores the model it is training: scoring, continuation log-probs and generation put
+    it in eval mode for the call and give its training mode back."""
+    be = load_backend("transformers", model=tiny_dir, dtype="float32", batch_size=2)
+    calls = [lambda: be.score_choices(PROMPTS, [" Yes", " No"]),
+             lambda: be.score_continuations(PROMPTS[:2], [" Action Story", " Comedy Story"]),
+             lambda: be.generate(PROMPTS[:2], max_new_tokens=2)]
+    for call in calls:
+        be.model.train()
+        call()
+        assert be.model.training
+        be.model.eval()
+        call()
+        assert not be.model.training

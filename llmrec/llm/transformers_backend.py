@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -179,10 +180,20 @@ class TransformersBackend(Backend):
         view.name = f"{base}+{name}" if name else base
         return view
 
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Any:
+        """The model in eval mode for one call, its training mode given back after (a backend may score a model
+        that is being fine-tuned: the trainer's evaluation)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.model.train()
+
     def _forward_context(self) -> Any:
         """Make this view's adapter the active one for the duration of a call (caller holds the lock)."""
-        import contextlib
-
         if not self._adapters:
             return contextlib.nullcontext()
         if self._active is None:
@@ -244,32 +255,26 @@ class TransformersBackend(Backend):
         k = 0 if ids is None else int(ids.shape[1])
         out = torch.empty((len(prompts), k))
         rows: dict[int, Any] = {}
-        was_training = self.model.training
-        self.model.eval()
         seen: list[Any] = []
-        try:
-            with self._lock, self._forward_context(), torch.inference_mode():
-                # hooked under the lock: views share the model, and each call's hook sees its own forwards only
-                head = self._plain_head() if ids is not None else None
-                hook = None if head is None else head.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
-                try:
-                    for b in tqdm(self._batches(prompts), desc="score", leave=False, disable=not self.progress):
-                        enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
-                                        add_special_tokens=False).to(self.device)
-                        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                        seen.clear()
-                        logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
-                        if ids is not None:
-                            logits = self._choice_rows(logits, ids[b], head, seen)
-                        logits = logits.cpu()
-                        for j, i in enumerate(b):
-                            rows[i] = logits[j]
-                finally:
-                    if hook is not None:
-                        hook.remove()
-        finally:
-            if was_training:
-                self.model.train()
+        with self._lock, self._eval_mode(), self._forward_context(), torch.inference_mode():
+            # hooked under the lock: views share the model, and each call's hook sees its own forwards only
+            head = self._plain_head() if ids is not None else None
+            hook = None if head is None else head.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+            try:
+                for b in tqdm(self._batches(prompts), desc="score", leave=False, disable=not self.progress):
+                    enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(self.device)
+                    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                    seen.clear()
+                    logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
+                    if ids is not None:
+                        logits = self._choice_rows(logits, ids[b], head, seen)
+                    logits = logits.cpu()
+                    for j, i in enumerate(b):
+                        rows[i] = logits[j]
+            finally:
+                if hook is not None:
+                    hook.remove()
         if rows:
             out = torch.stack([rows[i] for i in range(len(prompts))])
         return out
@@ -320,8 +325,7 @@ class TransformersBackend(Backend):
         ids = [[self._continuation_ids(c) for c in cs] for cs in per]
         sums = np.zeros((len(prompts), k))
         counts = np.array([[len(t) for t in row] for row in ids], dtype=np.float64)
-        self.model.eval()
-        with self._lock, self._forward_context(), torch.inference_mode():
+        with self._lock, self._eval_mode(), self._forward_context(), torch.inference_mode():
             for b in tqdm(self._batches(prompts), desc="continuations", leave=False, disable=not self.progress):
                 enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(self.device)
@@ -372,8 +376,7 @@ class TransformersBackend(Backend):
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         out: dict[int, list[int]] = {}
-        self.model.eval()
-        with self._lock, self._forward_context(), torch.inference_mode():
+        with self._lock, self._eval_mode(), self._forward_context(), torch.inference_mode():
             for b in tqdm(self._batches(prompts), desc=desc, leave=False, disable=not self.progress):
                 enc = self._tok([prompts[i] for i in b], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(self.device)
