@@ -50,8 +50,7 @@ def main() -> None:
         "data_prepare",
         {"dataset": ",".join(args.datasets), "goal": "ml-1m under 60 s on 2 cores", "results": results},
         table,
-        command="python eval/data_prepare.py",
-    )
+    )  # the command recorded is this one, arguments included (`command_line()`)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ test item the retriever missed counts 0, as in the bench):
   smoothed like rate among other users' ratings, since the user's own count is the same for every candidate).
 Counts never see what the split hides: for the valid users only training events, for the test users training and
 validation events, each strictly before the user's target time; so no test interaction of any user reaches a
-prompt.
+prompt. The adapter's own training rows do: the Yes/No rows are split by a global time cut-off, not leave-one-out,
+and the recipe's 768 seeded training rows (data.n_train 768, seed 0, as in yesno_ml-100k_1206b and the
+bench_yesno_ml-100k run behind the recorded result) hold 14 (user, item) pairs that are leave-one-out test targets
+and 8 that are validation targets, with their labels; 4 of the 14 are targets of the 200 test users scored here,
+2 of the 8 of the 200 validation users that choose w.
+The example's run folder is made by `python finetune/bench.py run --task yesno` (or pass another yesno run's
+adapter, e.g. artifacts/finetune/yesno_ml-100k_1206b/adapter).
 """
 
 from __future__ import annotations

@@ -45,12 +45,13 @@ def recalls(ds: Any, model: Any, split: str, max_users: int | None) -> dict[str,
     return out
 
 
-def user_ranks(ds: Any, model: Any, split: str, batch: int = 256) -> np.ndarray:
-    """Per-user pessimistic ranks of the target (the same computation as evaluate_ranking), for paired tests."""
-    from llmrec.evaluation import history_indices
+def user_ranks(ds: Any, model: Any, split: str, max_users: int | None = None, batch: int = 256) -> np.ndarray:
+    """Per-user pessimistic ranks of the target (the same computation, users and order as evaluate_ranking at
+    `max_users`, seed 0: the users `recalls` reports on), for paired tests."""
+    from llmrec.evaluation import history_indices, ranking_targets
     from llmrec.metrics import ranks_from_scores
 
-    tg = ds.targets(split)
+    tg = ranking_targets(ds, split, max_users)
     users = tg["user_id"].tolist()
     t_idx = np.array([ds.item_index[i] for i in tg["item_id"]], dtype=np.int64)
     hist = history_indices(ds, users, split)
@@ -61,11 +62,12 @@ def user_ranks(ds: Any, model: Any, split: str, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-def paired(ds: Any, a: Any, b: Any, split: str, k: int = 20) -> dict[str, Any]:
-    """Users where a hits@k and b misses, the reverse, and an exact two-sided sign test on them."""
+def paired(ds: Any, a: Any, b: Any, split: str, k: int = 20, max_users: int | None = None) -> dict[str, Any]:
+    """Users where a hits@k and b misses, the reverse, and an exact two-sided sign test on them (over the users
+    `recalls` scores at the same `max_users`)."""
     from scipy.stats import binomtest
 
-    ha, hb = user_ranks(ds, a, split) <= k, user_ranks(ds, b, split) <= k
+    ha, hb = user_ranks(ds, a, split, max_users) <= k, user_ranks(ds, b, split, max_users) <= k
     only_a, only_b = int((ha & ~hb).sum()), int((hb & ~ha).sum())
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return {"k": k, "only_hybrid": only_a, "only_single": only_b, "both": int((ha & hb).sum()),
@@ -238,7 +240,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
     res["goal"] = {"hybrid": goal_h, "hybrid_recall@20": test[goal_h]["recall@20"], "best_single": best_single,
                    "best_single_recall@20": singles[best_single],
                    "met": bool(test[goal_h]["recall@20"] >= singles[best_single]),
-                   "paired": paired(ds, hybrids[goal_h][0], singles_m[best_single], "test")}
+                   "paired": paired(ds, hybrids[goal_h][0], singles_m[best_single], "test",
+                                    max_users=args.max_users)}
 
     # query latency: one user at a time, top-100, through the persisted faiss index
     rng = np.random.default_rng(0)

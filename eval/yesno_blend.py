@@ -69,6 +69,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run = Path(args.run)
+    if not run.is_dir():
+        raise SystemExit(f"{run}: no such fine-tuning run; make it with `python finetune/bench.py run --task yesno "
+                         f"--dataset {args.dataset}` (writes artifacts/finetune/bench_yesno_{args.dataset}, its "
+                         "scores included), or pass --run with an existing yesno run folder")
     for f in (run / "scores" / "test_after.csv", run / "scores" / "valid_after.csv"):
         if not f.is_file():
             raise SystemExit(f"{f}: missing (score the run: python finetune/bench.py rescore --task yesno ...)")

@@ -44,3 +44,14 @@ def test_blend_weights_follow_the_informative_signal(yb):
                              "noise": rng.normal(0, 1, 400)})
     m = yb.fit_blend(fit_rows, ["good", "noise"])
     assert m.coef_[0][0] > 1.0 > abs(m.coef_[0][1])
+
+
+def test_a_missing_run_says_how_to_make_it(yb, tmp_path, monkeypatch):
+    """The default --run (artifacts/finetune/bench_yesno_<dataset>) may not exist: the error names the command that
+    makes the run (with its scores), not only the rescoring of an existing one."""
+    import sys
+
+    missing = tmp_path / "bench_yesno_ml-100k"
+    monkeypatch.setattr(sys, "argv", ["yesno_blend.py", "--run", str(missing)])
+    with pytest.raises(SystemExit, match=r"python finetune/bench.py run --task yesno"):
+        yb.main()
