@@ -95,7 +95,9 @@ class EventOut(BaseModel):
 class EventAck(BaseModel):
     event: EventOut
     created: bool = Field(description="false when an idempotency key replayed a stored event")
-    history_version: int
+    history_version: int = Field(description="the user's history version read after this event was stored: a "
+                                 "history of this version or later includes the event (a concurrent event of the "
+                                 "same user may already be counted in it)")
 
 
 class HistoryResponse(BaseModel):
