@@ -283,18 +283,9 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file (gzip if `.gz`); a line that is not an object raises, naming it."""
-    out = []
-    for n, r in _read_jsonl_lines(path):
-        if not isinstance(r, dict):
-            raise DataError(f"{path}: line {n}: not a JSON object")
-        out.append(r)
-    return out
-
-
-def _read_jsonl_lines(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSON-lines file (gzip if `.gz`)."""
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines file (gzip if `.gz`); a line that is not valid
+    JSON or not an object raises, naming it."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -304,9 +295,12 @@ def _read_jsonl_lines(path: Path) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                rows.append((n, json.loads(line)))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {n}: not a JSON object")
+            rows.append((n, obj))
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
@@ -322,10 +316,8 @@ def load_amazon(
     base = shared_data_dir() / "amazon2018-gift-cards"
     rpath = Path(reviews) if reviews else base / "Gift_Cards_5.json.gz"
     mpath = Path(meta) if meta else base / "meta_Gift_Cards.json.gz"
-    numbered = _read_jsonl_lines(rpath)
+    numbered = _read_jsonl(rpath)
     for n, r in numbered:
-        if not isinstance(r, dict):
-            raise DataError(f"{rpath}: line {n}: not a JSON object")
         for k in ("reviewerID", "asin", "overall", "unixReviewTime"):
             if k not in r:
                 raise DataError(f"{rpath}: line {n}: missing field {k!r}")
@@ -344,7 +336,7 @@ def load_amazon(
     )
     inter, dropped = canonical_interactions(df, rpath, line_offset=0,
                                             source_fields={"timestamp": "unixReviewTime", "rating": "overall"})
-    metas = _read_jsonl(mpath)
+    metas = [m for _, m in _read_jsonl(mpath)]
 
     def _text(v) -> str:
         if isinstance(v, list):
