@@ -130,7 +130,7 @@ def main() -> None:
     name = f"explanations_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
     write_result(name, {"dataset": args.dataset, "rows": rows, "examples": examples,
                                                   "args": vars(args), "backend": backend.name}, md,
-                 command="python eval/explanations.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

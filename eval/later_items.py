@@ -55,7 +55,7 @@ def main() -> None:
         "(true next items of later positions); examples with any: the share of examples holding at least one. "
         "exclude_later=false is how the rank runs recorded before 2026-12-07 were built.\n")
     write_result(f"later_items_{args.dataset}", {"dataset": args.dataset, "rows": rows}, md,
-                 command="python eval/later_items.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def main() -> None:
         f"over {args.grid}. s_per_user: the P(Yes) pass on the test users.\n")
     write_result(f"pointwise_rank_{args.dataset}", {"dataset": args.dataset, "rows": rows, "selection": selection,
                                                     "args": vars(args)}, md,
-                 command="python eval/pointwise_rank.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def main() -> None:
         f"top1_listed_first {1 / args.candidates:.2f}, top1_retrieval_rank {(args.candidates + 1) / 2:g}, rho 0.\n")
     write_result(args.name or f"position_bias_{args.dataset}",
                  {"dataset": args.dataset, "rows": rows, "args": vars(args)}, md,
-                 command="python eval/position_bias.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

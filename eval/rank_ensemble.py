@@ -176,7 +176,7 @@ def main() -> None:
     write_result(args.name or f"rank_ensemble_{args.dataset}",
                  {"dataset": args.dataset, "rows": rows, "best_baseline": best, "features": names,
                   "args": vars(args)}, md,
-                 command="python eval/rank_ensemble.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main() -> None:
     name = (f"ranking_modes_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
             + args.label)
     write_result(name, {"dataset": args.dataset, "rows": rows, "args": vars(args), "backend": backend.name}, md,
-                 command="python eval/ranking_modes.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def main() -> None:
         f"fastest of {args.repeats} repeats (alternating order). The backend's default batch is 8.\n")
     write_result(f"score_batching_{args.dataset}", {"dataset": args.dataset, "rows": rows, "args": vars(args),
                                                      "backend": be.name}, md,
-                 command="python eval/score_batching.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

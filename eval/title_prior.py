@@ -114,7 +114,7 @@ def main() -> None:
         f"Adapter: {args.adapter}.\n")
     write_result(args.name or f"title_prior_{args.dataset}",
                  {"dataset": args.dataset, "rows": rows, "selection": selection, "args": vars(args)}, md,
-                 command="python eval/title_prior.py " + " ".join(command_line().split()[1:]))
+                 command=command_line())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(os.environ.get("LLMREC_RESULTS", Path(__file__).resolve().parent.parent / "eval" / "results"))
+
+# the checkout this module runs from (where the eval/, finetune/ and serve/ scripts live)
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
@@ -150,14 +154,23 @@ def vm_hwm_mb() -> float | None:
     return _proc_status_mb("VmHWM")
 
 
-def command_line() -> str:
-    """The command as typed: `script.py args`, or `python -m pkg args` for a `python -m` run (whose argv[0] is the
-    package's `__main__.py`)."""
-    head = Path(sys.argv[0]).name
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as it can be typed again, quoted for a POSIX shell (`shlex.join`): `python eval/x.py args` for a
+    script (its path from the repository root when it lies in this checkout), `python -m pkg args` for a `python -m`
+    run (whose argv[0] is the package's `__main__.py`), the bare name for a console script (`llmrec args`)."""
+    argv = list(sys.argv if argv is None else argv)
+    head = Path(argv[0])
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if head == "__main__.py" and spec is not None and spec.name:
-        head = "python -m " + spec.name.removesuffix(".__main__")
-    return " ".join([head] + sys.argv[1:])
+    if head.name == "__main__.py" and spec is not None and spec.name:
+        words = ["python", "-m", spec.name.removesuffix(".__main__")]
+    elif head.suffix == ".py":
+        try:
+            words = ["python", str(head.resolve().relative_to(REPO_ROOT))]
+        except ValueError:
+            words = ["python", argv[0]]
+    else:
+        words = [head.name]
+    return shlex.join(words + argv[1:])
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

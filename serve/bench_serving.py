@@ -642,7 +642,9 @@ def main() -> int:
     ap.add_argument("--note", default="", help="how the machine was during this part (e.g. quiet); stored with it")
     args = ap.parse_args()
     res = load_results()
-    cmd = "python serve/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    from llmrec.bench_utils import command_line
+
+    cmd = command_line()
     if args.part == "engines":
         res["engines"] = {**run_engines(args), "command": cmd, "note": args.note, "machine": machine_info()}
     elif args.part == "generation":

@@ -164,4 +164,20 @@ def test_command_line_names_a_python_m_run_by_its_package(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/x/llmrec/cli/__main__.py", "bench", "--dataset", "ml-100k"])
     assert command_line() == "python -m llmrec.cli bench --dataset ml-100k"
     monkeypatch.setattr(sys, "argv", ["/x/eval/ranking_modes.py", "--users", "5"])
-    assert command_line() == "ranking_modes.py --users 5"
+    assert command_line() == "python /x/eval/ranking_modes.py --users 5"  # outside this checkout: as typed
+
+
+def test_command_line_can_be_typed_again(monkeypatch):
+    """A script in the checkout is named by its path from the repository root, and arguments with spaces or shell
+    characters are quoted, so that the recorded command runs as it ran."""
+    import shlex
+    import sys
+
+    from llmrec.bench_utils import REPO_ROOT, command_line
+
+    argv = [str(REPO_ROOT / "eval" / "ranking_modes.py"), "--note", "quiet machine, 2 cores", "rank_modes=[a, b]"]
+    monkeypatch.setattr(sys, "argv", argv)
+    line = command_line()
+    assert line == "python eval/ranking_modes.py --note 'quiet machine, 2 cores' 'rank_modes=[a, b]'"
+    assert shlex.split(line)[2:] == argv[1:]
+    assert command_line(["/venv/bin/llmrec", "bench", "--set", "x=1"]) == "llmrec bench --set x=1"
