@@ -35,6 +35,7 @@ from llmrec.bench_utils import command_line, md_table, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import ItemFeedbackStats, counts_estimate
 from llmrec.evaluation import ranking_targets
+from llmrec.finetune.data import yesno_training_pairs
 from llmrec.llm import load_backend
 from llmrec.metrics import logit, ranking_metrics
 from llmrec.ranking import RankingConfig, Recommender
@@ -75,6 +76,8 @@ def main() -> None:
     backend = load_backend("transformers", adapter=args.adapter, dtype=args.dtype)
     cfg = with_adapter_templates(RankingConfig(n_candidates=args.candidates), args.adapter)
     rec = Recommender(ds, backend, build_retriever(ds, args.retriever), cfg)
+    # the Yes/No rows are split by time, so the adapter may have trained on some users' next-item targets
+    trained = yesno_training_pairs(ds, args.adapter)
     data: dict[str, dict] = {}
     for split in ("valid", "test"):
         tg = ranking_targets(ds, split, args.users, args.seed)
@@ -94,7 +97,10 @@ def main() -> None:
             "P(Yes)": [logit(flat[a:b]) for a, b in zip(cuts[:-1], cuts[1:])],
             "counts figure": [logit([counts_estimate(f.n, f.liked, 0, 0) for f in fs]) for fs in fb],
         }
-        log.info("%s: %d users, %.2f s/user", split, len(tg), data[split]["s_per_user"])
+        pairs = zip(tg["user_id"].astype(str), tg["item_id"].astype(str), strict=True)
+        data[split]["targets_trained_on"] = None if trained is None else sum(p in trained for p in pairs)
+        log.info("%s: %d users, %.2f s/user; targets among the adapter's Yes/No training rows: %s", split, len(tg),
+                 data[split]["s_per_user"], data[split]["targets_trained_on"])
 
     def metrics(split: str, scorer: str, w: float) -> dict:
         d = data[split]
@@ -117,8 +123,12 @@ def main() -> None:
         f"\n{args.users} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
         f"`{args.retriever}`; P(Yes) from adapter {args.adapter} (template `{rec.templates['yesno'].name}`), "
         f"{args.candidates} Yes/No prompts per user; w: the fusion weight, chosen on {args.users} validation users "
-        f"over {args.grid}. s_per_user: the P(Yes) pass on the test users.\n")
+        f"over {args.grid}. s_per_user: the P(Yes) pass on the test users. Test targets among the adapter's Yes/No "
+        f"training rows (the Yes/No split is by time; `data.exclude_eval_targets` leaves them out): "
+        f"{'unknown (no data_manifest.json beside the adapter)' if trained is None else test['targets_trained_on']}"
+        f" of {len(test['targets'])}.\n")
     write_result(f"pointwise_rank_{args.dataset}", {"dataset": args.dataset, "rows": rows, "selection": selection,
+                                                    "test_targets_trained_on": test["targets_trained_on"],
                                                     "args": vars(args)}, md,
                  command=command_line())
 

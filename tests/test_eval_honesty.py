@@ -3,6 +3,7 @@ contamination probe's year check."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -89,3 +90,40 @@ def test_bench_explanation_users_fit_the_users_with_a_target(tmp_path):
     assert sorted(users) == ["u0", "u1", "u2"]
     assert explanation_users(ds, 2, seed=0) == users  # seeded
     assert len(explanation_users(ds, 0, seed=0)) == 0
+
+
+def test_yesno_training_rows_can_leave_out_next_item_targets(tiny_dataset, tmp_path):
+    """The Yes/No rows are split by time, so a user's leave-one-out next-item target can be a Yes/No *training* row.
+    The manifest counts them; `exclude_eval_targets` drops exactly those and keeps every other sampled row."""
+    from llmrec.finetune.config import DataSettings
+    from llmrec.finetune.data import build_examples, manifest, yesno_training_pairs
+    from llmrec.prompts import WhitespaceTokenizer
+
+    t = tiny_dataset.interactions
+    targets = set(zip(t.loc[t["split"].isin(["valid", "test"]), "user_id"].astype(str),
+                      t.loc[t["split"].isin(["valid", "test"]), "item_id"].astype(str)))
+
+    def build(exclude):
+        cfg = DataSettings(n_train=None, n_valid=0, n_test=0, max_len=400, exclude_eval_targets=exclude)
+        ex = build_examples(tiny_dataset, "yesno", cfg, WhitespaceTokenizer())
+        return ex, manifest(tiny_dataset, "yesno", cfg, ex)
+
+    kept, man = build(False)
+    seen = [(e.user_id, e.item_id) for e in kept["train"]]
+    n_held = sum(p in targets for p in seen)
+    assert n_held > 0, "the tiny dataset's time split should put some next-item targets among the Yes/No train rows"
+    assert man["train"]["loo_targets"] == n_held and man["exclude_eval_targets"] is False
+    dropped, man2 = build(True)
+    assert [(e.user_id, e.item_id) for e in dropped["train"]] == [p for p in seen if p not in targets]
+    assert man2["train"]["loo_targets"] == 0 and man2["train"]["n"] == len(seen) - n_held
+    # an evaluation that reuses the adapter for next-item ranking rebuilds those rows from the run's manifest
+    (tmp_path / "adapter").mkdir()
+    for m, ex in ((man, kept), (man2, dropped)):
+        (tmp_path / "data_manifest.json").write_text(json.dumps(m))
+        want = {(e.user_id, e.item_id) for e in ex["train"]}
+        assert yesno_training_pairs(tiny_dataset, tmp_path / "adapter") == want
+    (tmp_path / "data_manifest.json").write_text(json.dumps({**man2, "exclude_eval_targets": False}))
+    with pytest.raises(ValueError, match="training rows recorded"):
+        yesno_training_pairs(tiny_dataset, tmp_path / "adapter")
+    (tmp_path / "data_manifest.json").unlink()
+    assert yesno_training_pairs(tiny_dataset, tmp_path / "adapter") is None

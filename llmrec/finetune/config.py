@@ -41,6 +41,11 @@ class DataSettings:
     # in the training split: it is a true next item of a later position (ML-100K rank recipe: 14.9% of the popularity-
     # sampled distractors, 37.4% of BERT+LSTM's top 19; false: as the runs recorded before 2026-12-07)
     exclude_later: bool = True
+    # yesno: drop the sampled training rows whose (user, item) is a leave-one-out valid/test target of the next-item
+    # task. The Yes/No split is by time, so its own test rows are never trained on, but 642 of ML-100K's 79,248 train
+    # rows hold a next-item test target (652 a valid one; the recipe's 768 rows: 14): set it when the adapter will also
+    # rank next items (eval/pointwise_rank.py). The manifest counts such rows either way (`loo_targets`).
+    exclude_eval_targets: bool = False
     chat: bool = False
 
 

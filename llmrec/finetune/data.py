@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -228,6 +229,11 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
             return ys.iloc[:0] if n == 0 else yesno_subset(ds, split, n, cfg.seed)
 
         train = yesno_subset(ds, "train", cfg.n_train or None, cfg.seed)  # the rows baselines' few-shot caps draw
+        if cfg.exclude_eval_targets:
+            held = _loo_target_mask(ds, train)
+            log.info("exclude_eval_targets: %d of %d training rows are next-item valid/test targets (dropped)",
+                     int(held.sum()), len(train))
+            train = train[~held]
         return {
             "train": _yesno_examples(ds, train, cfg, tokenizer, template, P, "train examples"),
             "valid": _yesno_examples(ds, sub("valid", cfg.n_valid), cfg, tokenizer,
@@ -481,6 +487,38 @@ def later_item_share(ds: Any, examples: list[Example]) -> dict[str, float]:
             "examples_with_any": with_any / len(examples) if examples else 0.0, "candidates": total}
 
 
+def _loo_target_mask(ds: Any, rows: pd.DataFrame) -> np.ndarray:
+    """Which `rows` (user_id, item_id) are a leave-one-out valid or test target of the next-item task."""
+    t = ds.interactions
+    t = t[t["split"].isin(["valid", "test"])]
+    targets = set(zip(t["user_id"].astype(str), t["item_id"].astype(str), strict=True))
+    return np.array([(str(u), str(i)) in targets for u, i in zip(rows["user_id"], rows["item_id"], strict=True)],
+                    dtype=bool)
+
+
+def yesno_training_pairs(ds: Any, adapter: str | Path) -> set[tuple[str, str]] | None:
+    """The (user_id, item_id) of the Yes/No rows a finetune run trained `adapter` on, rebuilt from its run's
+    `data_manifest.json` (next to the adapter folder or in it): the same seeded draw `build_examples` made. None when
+    there is no manifest or it is not a yesno run of this dataset; ValueError when the draw does not give the
+    manifest's row count (another dataset build)."""
+    from llmrec.evaluation import yesno_subset
+
+    adapter = Path(adapter)
+    found = [d / "data_manifest.json" for d in (adapter, adapter.parent) if (d / "data_manifest.json").is_file()]
+    if not found:
+        return None
+    man = json.loads(found[0].read_text())
+    if man.get("task") != "yesno" or man.get("dataset") != getattr(ds, "name", None):
+        return None
+    rows = yesno_subset(ds, "train", man.get("n_train_requested") or None, man["seed"])
+    if man.get("exclude_eval_targets"):
+        rows = rows[~_loo_target_mask(ds, rows)]
+    if len(rows) != man["train"]["n"]:
+        raise ValueError(f"{found[0]}: {man['train']['n']} training rows recorded, the seeded draw on this dataset "
+                         f"gives {len(rows)}")
+    return set(zip(rows["user_id"].astype(str), rows["item_id"].astype(str), strict=True))
+
+
 def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Example]], template: Any = None) -> dict:
     """What the model was trained and evaluated on: sizes, seed, label balance, template, and a content hash."""
     listed = task == "rank" or (task == "next_title" and cfg.negatives > 0)
@@ -490,7 +528,8 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
                            "retriever": cfg.retriever if listed and cfg.candidates == "retrieval" else None,
                            "n_candidates": cfg.n_candidates if listed else None,
                            "negatives": cfg.negatives if task == "next_title" else None,
-                           "max_len": cfg.max_len, "history_max": cfg.history_max}
+                           "max_len": cfg.max_len, "history_max": cfg.history_max,
+                           "exclude_eval_targets": cfg.exclude_eval_targets if task == "yesno" else None}
     if template is not None:
         out["template"] = {"name": template.name, "version": getattr(template, "version", None),
                            "hash": getattr(template, "hash", None)}
@@ -501,6 +540,9 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
         info: dict[str, Any] = {"n": len(exs), "sha256": h.hexdigest()[:16], "users": len({e.user_id for e in exs})}
         if task == "yesno" and exs:
             info["positive_rate"] = float(np.mean([e.label for e in exs]))
+            # rows that are a next-item valid/test target: what an adapter reused for next-item ranking has seen
+            pairs = pd.DataFrame({"user_id": [e.user_id for e in exs], "item_id": [e.item_id for e in exs]})
+            info["loo_targets"] = int(_loo_target_mask(ds, pairs).sum())
         if any(e.choices for e in exs) and task == "next_title":
             info["titles_per_example"] = int(np.mean([len(e.choices) for e in exs]))
         if task == "rank" and exs:
