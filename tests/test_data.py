@@ -343,3 +343,33 @@ def test_lastfm_impossible_date_names_file_line_and_field(tmp_path):
     )
     with pytest.raises(DataError, match=r"user_taggedartists\.dat: line 3: field 'month'.*'1-13-2009'"):
         load_lastfm(tmp_path)
+
+
+def _raw(events: list[tuple[str, str]]):
+    import pandas as pd
+
+    from llmrec.data.loaders import RawData
+
+    df = pd.DataFrame(events, columns=["user_id", "item_id"])
+    df = df.assign(timestamp=range(len(df)), rating=5.0, order=range(len(df)))
+    items = pd.DataFrame({"item_id": sorted(set(df["item_id"]))}).assign(title=lambda d: "T " + d["item_id"])
+    return RawData(name="raw", interactions=df, items=items)
+
+
+@pytest.mark.parametrize("kcore,min_events", [(2, 3), (2, 2), (3, 3), (0, 3)])
+def test_kcore_and_min_user_events_hold_together(kcore, min_events):
+    """After preprocessing every user has >= max(kcore, min_user_events) events and every item >= kcore, both at
+    once: u3 (2 events) is too short for min_user_events=3, and dropping it leaves item c with one event, so a k-core
+    computed before the users' minimum would keep an item below k."""
+    from llmrec.data.prepare import PrepareConfig, preprocess
+
+    ev = [("u1", "a"), ("u1", "b"), ("u1", "d"), ("u2", "a"), ("u2", "b"), ("u2", "d"), ("u2", "c"),
+          ("u3", "c"), ("u3", "a"), ("u4", "a"), ("u4", "b"), ("u4", "d")]
+    df, items, dropped, _ = preprocess(_raw(ev), PrepareConfig(kcore=kcore, min_user_events=min_events))
+    assert df["user_id"].value_counts().min() >= max(kcore, min_events)
+    if kcore:
+        assert df["item_id"].value_counts().min() >= kcore
+    assert set(items["item_id"]) == set(df["item_id"])
+    assert sum(dropped.values()) == len(ev) - len(df)
+    if (kcore, min_events) == (2, 3):
+        assert "c" not in set(df["item_id"]) and "u3" not in set(df["user_id"])

@@ -273,6 +273,8 @@ def test_training_candidates_insert_target(tiny_dataset, text_ret):
     hit = retrieved[4]
     ids3, ins3 = training_candidates(ds, u, hit, 20, text_ret, "test")
     assert not ins3 and ids3 == retrieved
+    with pytest.raises(ValueError, match="k=0"):  # k=0 gave a list of the target alone, one letter to choose from
+        training_candidates(ds, u, missing, 0, text_ret, "test")
     shuffled, _ = training_candidates(ds, u, hit, 20, text_ret, "test", shuffle=True, seed=1)
     assert sorted(shuffled) == sorted(retrieved) and shuffled != retrieved
 

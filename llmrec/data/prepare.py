@@ -101,11 +101,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
+def _kcore(df: pd.DataFrame, k: int, k_user: int | None = None) -> pd.DataFrame:
+    """Users with >= k_user (default k) and items with >= k events, iterated until both hold at once."""
+    k_user = k if k_user is None else k_user
     while True:
         uc = df["user_id"].map(df["user_id"].value_counts())
         ic = df["item_id"].map(df["item_id"].value_counts())
-        keep = (uc >= k) & (ic >= k)
+        keep = (uc >= k_user) & (ic >= k)
         if keep.all():
             return df
         df = df[keep]
@@ -147,7 +149,8 @@ def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataF
     df = df[~dup.to_numpy()]
     if cfg.kcore > 0:
         n = len(df)
-        df = _kcore(df, cfg.kcore)
+        # the users' minimum inside the fixed point: dropping short users afterwards could leave items below k
+        df = _kcore(df, cfg.kcore, max(cfg.kcore, cfg.min_user_events))
         dropped["kcore"] = n - len(df)
     ucount = df["user_id"].map(df["user_id"].value_counts())
     short = ucount < cfg.min_user_events

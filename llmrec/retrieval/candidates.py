@@ -88,6 +88,8 @@ def training_candidates(ds: Any, user_id: str, target: str, k: int = 20, retriev
                         pos: int | None = None, insert_target: bool = True, shuffle: bool = False, seed: int = 0,
                         rng: np.random.Generator | None = None) -> tuple[list[str], bool]:
     """(candidate ids, inserted): retrieved candidates for a training example; see the module docstring."""
+    if k < 1:
+        raise ValueError(f"k: a training example needs at least one candidate (the target), got k={k}")
     rng = rng if rng is not None else np.random.default_rng(seed)
     ids = [i for i, _ in candidates_for(ds, user_id, split, k, retriever, pos)]
     inserted = False
