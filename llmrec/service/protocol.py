@@ -95,9 +95,9 @@ class EventOut(BaseModel):
 class EventAck(BaseModel):
     event: EventOut
     created: bool = Field(description="false when an idempotency key replayed a stored event")
-    history_version: int = Field(description="the user's history version read after this event was stored: a "
-                                 "history of this version or later includes the event (a concurrent event of the "
-                                 "same user may already be counted in it)")
+    history_version: int = Field(description="the user's history version this event produced (each new event its "
+                                 "own): a history of this version or later includes the event; a replayed event "
+                                 "(created: false) gives the current version")
 
 
 class HistoryResponse(BaseModel):

@@ -250,7 +250,7 @@ class RecommendationService:
             raise ServiceError(422, "validation_error",
                                "body.idempotency_key: differs from the Idempotency-Key header", "body.idempotency_key")
         try:
-            stored, created = self.store.add_event(
+            stored, created, version = self.store.add_event_versioned(
                 ev.user_id, ev.item_id, ev.type, value=ev.value, timestamp=ev.timestamp, idempotency_key=key
             )
         except IdempotencyConflict as e:
@@ -259,7 +259,6 @@ class RecommendationService:
             field = str(e).split(":", 1)[0]
             raise ServiceError(422, "validation_error", f"body.{e}", f"body.{field}") from None
         self.metrics.events.labels(created=str(created).lower()).inc()
-        version = self.store.version(ev.user_id) or 0
         log.info("event %s type=%s created=%s", self.hash_user(ev.user_id), ev.type, created)
         return {"event": stored.to_dict(), "created": created, "history_version": version}, created
 

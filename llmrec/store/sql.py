@@ -247,6 +247,22 @@ class EventStore:
 
         Returns (event, created). With an `idempotency_key` that was already used for the same event, the stored event
         is returned with created=False; for a different event, `IdempotencyConflict` is raised."""
+        ev, created, _ = self.add_event_versioned(user_id, item_id, type, value, timestamp, idempotency_key, liked)
+        return ev, created
+
+    def add_event_versioned(
+        self,
+        user_id: str,
+        item_id: str,
+        type: str,
+        value: float | None = None,
+        timestamp: int | None = None,
+        idempotency_key: str | None = None,
+        liked: bool | None = None,
+    ) -> tuple[Event, bool, int]:
+        """`add_event`, and the user's history version this event produced, read inside its own transaction (so a
+        concurrent event of the same user is never counted in it; each created event gets its own version). A
+        replayed event (created=False) returns the user's current version, which includes it."""
         if type not in EVENT_TYPES:
             raise StoreError(f"type: {type!r} is not one of {list(EVENT_TYPES)}")
         if not user_id or not item_id:
@@ -262,7 +278,7 @@ class EventStore:
         if idempotency_key is not None:
             prev = self._replay(idempotency_key, req_hash)
             if prev is not None:
-                return prev, False
+                return prev, False, self.version(user_id) or 0
         row = {
             "user_id": str(user_id), "item_id": str(item_id), "type": type, "value": value, "liked": liked,
             "timestamp": ts, "idempotency_key": idempotency_key, "request_hash": req_hash, "created_at": time.time(),
@@ -277,12 +293,17 @@ class EventStore:
                     )
                     if upd.rowcount == 0:
                         conn.execute(versions_t.insert().values(user_id=str(user_id), version=1))
+                    # the version row is this transaction's until it commits (SQLite's write lock; elsewhere the
+                    # update's row lock), so this is the version the event produced
+                    version = int(conn.execute(
+                        sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
+                    ).scalar_one())
                 break
             except IntegrityError:
                 if idempotency_key is not None:
                     prev = self._replay(idempotency_key, req_hash)  # a concurrent request with this key won the race
                     if prev is not None:
-                        return prev, False
+                        return prev, False, self.version(user_id) or 0
                 if attempt == _WRITE_TRIES - 1:
                     raise
                 # a concurrent first event of this user created its version row (databases without the SQLite write
@@ -290,7 +311,7 @@ class EventStore:
                 log.debug("add_event: version row created concurrently, retrying (attempt %d)", attempt + 1)
         ev = Event(user_id=str(user_id), item_id=str(item_id), type=type, timestamp=ts, value=value, liked=liked,
                    id=int(new_id), idempotency_key=idempotency_key)
-        return ev, True
+        return ev, True, version
 
     def _replay(self, key: str, req_hash: str) -> Event | None:
         with self.engine.connect() as conn:
