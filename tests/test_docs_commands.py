@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -149,14 +148,12 @@ def _script(name: str) -> Path:
     return path
 
 
-def _parse_script(path: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+def _parse_script(path: Path, args: list[str], monkeypatch: pytest.MonkeyPatch, load_script) -> argparse.Namespace:
     source = path.read_text()
     if "ArgumentParser" not in source:
         assert args == [], f"{path.name} takes no arguments, got {args}"
         return argparse.Namespace()
-    spec = importlib.util.spec_from_file_location(f"_docs_cmd_{path.parent.name}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(str(path.relative_to(ROOT)))
     # every way a script can parse stops there (a script that parsed by another and ran would train or write)
     for name in ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args"):
         monkeypatch.setattr(argparse.ArgumentParser, name, _stop_after(getattr(argparse.ArgumentParser, name)))
@@ -202,7 +199,7 @@ def _check_llmrec(args: list[str]) -> None:
         raise AssertionError(f"{args}: {e}") from None
 
 
-def _check(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def _check(argv: list[str], monkeypatch: pytest.MonkeyPatch, load_script) -> None:
     head, *rest = argv
     if head == "make":
         targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
@@ -216,7 +213,7 @@ def _check(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         _check_llmrec(["finetune", *rest[1:]])
     elif head == "python" or head.endswith(".py"):
         script, args = (_script(rest[0]), rest[1:]) if head == "python" else (_script(head), rest)
-        ns = _parse_script(script, args, monkeypatch)
+        ns = _parse_script(script, args, monkeypatch, load_script)
         if script == ROOT / "finetune" / "bench.py" and ns.overrides:  # recipe overrides, as `llmrec finetune` takes
             from llmrec.config import ConfigError, apply_overrides
             from llmrec.finetune.config import FinetuneConfig
@@ -229,7 +226,7 @@ def _check(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"not a command these tests know: {argv}")
 
 
-def _run(where: str, cmd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _run(where: str, cmd: str, monkeypatch: pytest.MonkeyPatch, load_script) -> None:
     variants = _normalise(cmd)
     if variants is None:
         pytest.skip(f"prose, not a command: {cmd!r}")
@@ -237,7 +234,7 @@ def _run(where: str, cmd: str, monkeypatch: pytest.MonkeyPatch) -> None:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                _check(argv, monkeypatch)
+                _check(argv, monkeypatch, load_script)
         except SystemExit:  # argparse refused it
             if where.endswith("(inline)") and "arguments are required" in err.getvalue():
                 continue  # prose naming a command and some of its options, not a whole invocation
@@ -268,16 +265,16 @@ def test_extraction_finds_the_readme_commands():
     "python eval/nonexistent.py",
     "make no-such-target",
 ])
-def test_a_stale_command_fails(bad, monkeypatch):
+def test_a_stale_command_fails(bad, monkeypatch, load_script):
     with pytest.raises(AssertionError):
-        _run("test", bad, monkeypatch)
+        _run("test", bad, monkeypatch, load_script)
 
 
 @pytest.mark.parametrize("where,cmd", doc_commands(), ids=lambda v: " ".join(str(v).split())[:90])
-def test_documented_command_parses(where, cmd, monkeypatch):
-    _run(where, cmd, monkeypatch)
+def test_documented_command_parses(where, cmd, monkeypatch, load_script):
+    _run(where, cmd, monkeypatch, load_script)
 
 
 @pytest.mark.parametrize("where,cmd", result_commands(), ids=lambda v: " ".join(str(v).split())[:90])
-def test_recorded_command_parses(where, cmd, monkeypatch):
-    _run(where, cmd, monkeypatch)
+def test_recorded_command_parses(where, cmd, monkeypatch, load_script):
+    _run(where, cmd, monkeypatch, load_script)
