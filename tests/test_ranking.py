@@ -291,7 +291,7 @@ def test_likelihood_mode_ranks_by_mean_title_logprob_without_a_candidate_list(pa
     for (prompt, conts), c in zip(be.continued, cands):
         assert conts == [" " + quote(title(parts.ds, i)) for i, _ in c]  # titles as prompts quote them
         assert "Choose among" not in prompt and prompt.rstrip().endswith("Title:")
-        assert not any(f"- {t}" in prompt for t in conts)  # no candidate listed in the prompt
+        assert not any(f"-{t}" in prompt for t in conts)  # no candidate listed in the prompt (`- "Title"` lines)
     by_sum = make_rec(parts, LikelihoodBackend(), mode="likelihood", likelihood_norm="sum").rank_candidates(hs, cands)
     for c, r in zip(cands, by_sum):
         assert [i for i, _ in r] == sorted((i for i, _ in c), key=lambda i: -number(title(parts.ds, i)))
@@ -503,6 +503,7 @@ def test_yesno_stats_template_renders_each_rows_feedback(parts, tiny_dataset):
 
     backend.scored.clear()
     make_rec(parts, backend, templates={"yesno": "yesno_estimate"}).yesno_examples_probs(ex)
+    assert len(backend.scored) == 6
     for text, fb, labels in zip(backend.scored, yesno_row_feedback(tiny_dataset, ex), ex["hist_labels"]):
         p = counts_estimate(fb.n, fb.liked, len(labels), int(sum(labels)))
         assert target_stats_text(fb, tiny_dataset.domain) in text

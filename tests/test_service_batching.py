@@ -45,6 +45,7 @@ def test_concurrent_calls_are_merged_and_rows_returned_in_order():
         t.start()
     for t in threads:
         t.join()
+    assert sorted(results) == list(range(1, 9))  # every caller got an answer (a thread that raised leaves no entry)
     for i, out in results.items():
         expect = RecordingBackend().score_choices(["x" * i, "y" * (i + 100)], [" Yes", " No"])
         np.testing.assert_allclose(out, expect)
@@ -116,6 +117,7 @@ def test_title_likelihood_calls_are_merged_and_each_caller_gets_its_rows():
         t.start()
     for t in threads:
         t.join()
+    assert sorted(got) == list(range(1, 7))  # every caller got an answer (a thread that raised leaves no entry)
     for i, (sums, counts) in got.items():
         np.testing.assert_array_equal(sums, [[i * 100 + 1, i * 100 + 2], [(i + 10) * 100 + 3, (i + 10) * 100 + i]])
         np.testing.assert_array_equal(counts, np.full((2, 2), 2.0))
@@ -135,12 +137,27 @@ def test_title_likelihood_calls_are_merged_and_each_caller_gets_its_rows():
 def test_errors_reach_every_caller():
     class Broken(RecordingBackend):
         def score_choices(self, prompts, choices):
+            self.calls.append(len(prompts))
             raise ConnectionError("down")
 
-    mb = MicroBatchingBackend(Broken(), max_wait_ms=1)
-    with pytest.raises(ConnectionError):
-        mb.score_choices(["a"], [" Yes", " No"])
+    inner = Broken()
+    mb = MicroBatchingBackend(inner, max_batch=64, max_wait_ms=200)
+    errors: dict[int, Exception] = {}
+
+    def call(i):
+        try:
+            mb.score_choices([f"p{i}"], [" Yes", " No"])
+        except Exception as e:  # noqa: BLE001
+            errors[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(4)]  # a caller left waiting
+    for t in threads:  # fails the test instead of hanging it
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
     mb.close()
+    assert sorted(errors) == [0, 1, 2, 3] and all(isinstance(e, ConnectionError) for e in errors.values()), errors
+    assert sum(inner.calls) == 4 and max(inner.calls) > 1  # one failed batch answered several callers
 
 
 def test_a_callers_malformed_choices_fail_that_caller_not_the_shared_batch():

@@ -83,6 +83,31 @@ def test_finetune_examples_and_recommender_use_the_stats_template(tiny_dataset):
     plain = build_examples(tiny_dataset, "yesno", DataSettings(n_train=8, n_valid=4, n_test=4, max_len=400),
                            WhitespaceTokenizer())
     assert not any("Other users so far" in e.prompt for e in plain["train"] + plain["test"])
+    # scoring the same test rows with a yesno_stats Recommender shows each row the line its training-side prompt has
+    from types import SimpleNamespace
+
+    from llmrec.evaluation import yesno_subset
+    from llmrec.ranking import RankingConfig, Recommender
+
+    class Recording:
+        name, tokenizer = "recording", None
+
+        def __init__(self):
+            self.prompts = []
+
+        def score_choices(self, prompts, choices):
+            self.prompts += prompts
+            return np.log(np.full((len(prompts), len(choices)), 1.0 / len(choices)))
+
+    be = Recording()
+    rec = Recommender(tiny_dataset, be, SimpleNamespace(), RankingConfig(templates={"yesno": "yesno_stats"}))
+    rec.yesno_examples_probs(yesno_subset(tiny_dataset, "test", cfg.n_test, cfg.seed))
+
+    def line(text):
+        return [ln for ln in text.splitlines() if ln.startswith("Other users so far:")]
+
+    assert [line(p) for p in be.prompts] == [line(e.prompt) for e in ex["test"]]
+    assert all(len(line(p)) == 1 for p in be.prompts)
 
 
 def test_estimate_prompt_shows_the_counts_only_figure(tiny_dataset):

@@ -73,16 +73,22 @@ def test_idempotency_key_replay_and_conflict(store):
 
 
 def test_concurrent_same_key_stored_once(store):
-    results = []
+    results, errors = [], []
+    barrier = threading.Barrier(8)
 
     def post():
-        results.append(store.add_event("u3", "i7", "view", timestamp=5, idempotency_key="race"))
+        barrier.wait()  # all eight race for the key at once
+        try:
+            results.append(store.add_event("u3", "i7", "view", timestamp=5, idempotency_key="race"))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
 
     threads = [threading.Thread(target=post) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors and len(results) == 8  # every request answered: the losers get the stored event back
     assert sum(created for _, created in results) == 1
     assert len({ev.id for ev, _ in results}) == 1
     assert len([e for e in store.events_with_keys() if e.idempotency_key == "race"]) == 1

@@ -115,7 +115,10 @@ def test_score_choices_over_http(fake_server):
     assert sorted(seen[0]["logprob_token_ids"]) == sorted(ids)
     # per-prompt choice lists (same length, different letters) and a shared first token
     per = be.score_choices(["aaa", "bbbbb"], [[" A", " B"], [" C", " A"]])
-    assert per.shape == (2, 2) and np.allclose(np.exp(per).sum(axis=1), 1)
+    assert per.shape == (2, 2)
+    for row, p, letters_p in zip(per, ["aaa", "bbbbb"], ["AB", "CA"]):  # each row in its own list's order
+        x = np.array([fake_logit(p, 1000 + ord(c)) for c in letters_p])
+        np.testing.assert_allclose(row, x - np.log(np.exp(x).sum()), atol=1e-9)
     assert be.generate(["xyz1", "xyz2"], max_new_tokens=3) == ["base:yz1", "base:yz2"]
     assert be.with_adapter("yesno").generate(["q12"]) == ["yesno:q12"]
     assert (be.name, be.model_name, be.with_adapter("yesno").name) == ("vllm-http:base", "base", "vllm-http:yesno")
