@@ -53,7 +53,7 @@ def test_mf_yesno_learns_planted_likes(tiny_dataset, fitted):
 def test_next_item_models_have_no_yesno(fitted, tiny_dataset):
     ex = yesno_subset(tiny_dataset, "test")
     for name in ("pop", "bpr", "sasrec"):
-        with pytest.raises(NotImplementedError):
+        with pytest.raises(NotImplementedError, match="next-item model: it has no Yes/No prediction"):
             fitted[name].predict_proba(ex)
 
 
@@ -74,15 +74,17 @@ def test_scores_exclude_history_not_target(tiny_dataset, fitted, name):
 
 
 def test_pop_counts_only_allowed_events(tiny_dataset, fitted):
+    """valid scores count the train events, test scores the train + valid events: never a test target."""
     ds = tiny_dataset
     inter = ds.interactions
     u = ds.targets("test")["user_id"].iloc[0]
-    s = fitted["pop"].score_items([u], "valid")[0]
-    counts = inter[inter["split"] == "train"]["item_id"].map(ds.item_index).value_counts()
-    fin = np.isfinite(s)
-    expect = np.zeros(ds.n_items)
-    expect[counts.index.to_numpy()] = counts.to_numpy()
-    np.testing.assert_array_equal(s[fin], expect[fin])
+    for split, allowed in (("valid", ["train"]), ("test", ["train", "valid"])):
+        s = fitted["pop"].score_items([u], split)[0]
+        counts = inter[inter["split"].isin(allowed)]["item_id"].map(ds.item_index).value_counts()
+        fin = np.isfinite(s)
+        expect = np.zeros(ds.n_items)
+        expect[counts.index.to_numpy()] = counts.to_numpy()
+        np.testing.assert_array_equal(s[fin], expect[fin])
 
 
 def test_history_splits_never_hold_the_target(tiny_dataset, fitted):

@@ -278,6 +278,7 @@ def test_next_title_answers_are_titles_as_the_generate_mode_writes_them(tiny_dat
                       extra=["task=next_title", "data.template=next_title"])
     ex = build_examples(tiny_dataset, "next_title", cfg.data, AutoTokenizer.from_pretrained(tiny_dir))
     cap = load_template("next_title").options.title_max_chars
+    assert len(ex["train"]) == 16 and len(ex["test"]) == 8
     for e in ex["train"] + ex["test"]:
         title = tiny_dataset.titles[tiny_dataset.item_index[e.item_id]]
         # the Recommender's constrained `generate` options are exactly " " + quote(title, cap)
@@ -372,6 +373,7 @@ def test_negatives_are_other_items_the_user_never_rates_in_training(tiny_dataset
         share = re.search(r"candidates: ([\d.]+)% of the retriever's top 4", caplog.text)
         assert share and float(share.group(1)) > 0, caplog.text
     inter = tiny_dataset.interactions
+    assert len(ex["train"]) == 16 and len(ex["test"]) == 8
     for e in ex["train"]:
         assert e.choices[0] == e.answer and len(e.choices) == 4 and e.candidate_ids[0] == e.item_id
         assert len(set(e.candidate_ids)) == 4  # three other items, none of them the target

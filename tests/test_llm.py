@@ -48,7 +48,10 @@ def test_score_choices_per_prompt_lists(tiny_dir):
     choices = [[" A", " B", " C"], [" C", " B", " A"], [" A", " B", " C"]]
     got = be.score_choices(PROMPTS, choices)
     assert got.shape == (3, 3)
-    np.testing.assert_allclose(got[1], got[1])  # finite
+    assert np.isfinite(got).all()
+    # each row is its prompt scored alone on its own list (the lists are not mixed up between rows)
+    for i, (p, c) in enumerate(zip(PROMPTS, choices)):
+        np.testing.assert_allclose(got[i], be.score_choices([p], [c])[0], atol=1e-5)
     # the same prompt with reversed choices gives the reversed scores
     rev = be.score_choices([PROMPTS[1]], [[" A", " B", " C"]])
     np.testing.assert_allclose(got[1][::-1], rev[0], atol=1e-5)

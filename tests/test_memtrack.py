@@ -1,5 +1,6 @@
 """`llmrec.memtrack`: live tensor bytes counted by hand-computable cases, a 4-bit model's quantization state
-included, and a training run that records them."""
+included. The training run that records them is tested in test_finetune_run.py
+(test_tensor_memory_of_a_4bit_run_and_its_results_file)."""
 
 from __future__ import annotations
 

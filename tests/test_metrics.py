@@ -11,7 +11,7 @@ from llmrec import metrics as M
 def test_auc_hand_computed():
     # positives 0.8, 0.4; negatives 0.5, 0.1 -> pairs (0.8>0.5, 0.8>0.1, 0.4<0.5, 0.4>0.1) = 3/4
     assert M.auc([1, 0, 1, 0], [0.8, 0.5, 0.4, 0.1]) == pytest.approx(0.75)
-    # a tie between a positive and a negative counts one half: pairs (1, 0.5) -> 0.75
+    # a tie between a positive and a negative counts one half: pairs (0.9>0.5, 0.9>0.1, 0.5=0.5, 0.5>0.1) = 3.5/4
     assert M.auc([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
     assert M.auc([1, 1, 0], [0.1, 0.2, 0.3]) == 0.0
     assert math.isnan(M.auc([1, 1], [0.1, 0.2]))
@@ -45,6 +45,9 @@ def test_classification_counts():
     assert M.f1([1, 0], [0, 0]) == 0.0
     out = M.classification_metrics(y, [0.9, 0.2, 0.7, 0.6, 0.1])
     assert out["accuracy"] == pytest.approx(3 / 5) and out["n"] == 5
+    # a probability equal to the threshold is a Yes (p >= t): TP 1, TN 1 -> every metric 1
+    at = M.classification_metrics([1, 0], [0.5, 0.49])
+    assert (at["accuracy"], at["precision"], at["recall"], at["f1"]) == (1.0, 1.0, 1.0, 1.0)
 
 
 def test_ranks_pessimistic_ties_and_exclusion():
@@ -104,6 +107,8 @@ def test_random_order_metrics_hand_computed():
     assert m["ndcg@10"] == pytest.approx((1.0 + 1.0 / math.log2(3)) / 2)
     m = M.random_order_metrics(20)  # half the ranks are in the top 10
     assert m["hr@10"] == 0.5 and m["ndcg@10"] == pytest.approx(0.2272, abs=1e-4)
+    # (1 + 1/2 + ... + 1/10) / 20 = 2.928968 / 20
+    assert m["mrr@10"] == pytest.approx(0.1464484, abs=1e-6)
     # the average over every rank of the exact per-rank metrics
     ranks = np.arange(1, 21)
     assert m["ndcg@10"] == pytest.approx(M.ndcg_at_k(ranks, 10))
