@@ -179,3 +179,12 @@ def test_paired_auc_ratio_is_the_paired_bootstrap_of_auc():
                                     np.column_stack([y, b]), n_boot=200, seed=3)
     assert got == want
     assert got["ratio"] == pytest.approx(M.auc(y, a) / M.auc(y, b)) and got["ratio"] > 1
+
+
+def test_ranks_from_scores_counts_nan_as_minus_infinity():
+    """A NaN score (a model that failed on an item) ranks below every real score, pessimistic ties included: by
+    hand, row 0's target scores 0.5 with one item above it (0.9) and one NaN -> rank 2; row 1's target is NaN, so
+    every other item (two real, one NaN tie) ranks at or above it -> rank 4."""
+    scores = np.array([[0.9, np.nan, 0.5, 0.1], [0.3, np.nan, 0.2, np.nan]])
+    assert M.ranks_from_scores(scores, np.array([2, 1])).tolist() == [2, 4]
+    assert np.isnan(scores[0, 1])  # the caller's array is left as it was
