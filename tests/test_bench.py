@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -414,7 +415,7 @@ def test_cli_bench_with_set_overrides(tiny_dataset, tiny_home, tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["llmrec", *argv])
     assert main(argv) == 0
     d = json.loads((tmp_path / "out" / "bench_tiny.json").read_text())
-    assert d["command"] == "llmrec " + " ".join(argv)
+    assert d["command"] == shlex.join(["llmrec", *argv])  # quoted as it can be typed again ('baselines=[pop,mf]')
     assert list(d["methods"]) == ["pop", "mf"]
     assert d["config"]["llm"] is False and d["config"]["seed"] == 3
     assert d["config"]["baseline_overrides"] == {"mf": {"epochs": 2, "dim": 4}}
