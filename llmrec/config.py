@@ -104,8 +104,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if tp is Path:
+        if isinstance(value, dict | list) or not str(value).strip():  # Path("") is "." (the current folder)
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
         return Path(str(value)).expanduser()
     return value
+
+
+def _key(where: str, key: str) -> str:
+    """Where nested key `key` is: `file.yaml: a.b` below a config file (not `file.yaml.a.b`), else `where.key`."""
+    return f"{where}: {key}" if where.endswith((".yaml", ".yml", ".json")) else f"{where}.{key}"
 
 
 def _did_you_mean(keys: list[str], known: typing.Iterable[str]) -> str:
@@ -129,19 +136,53 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}{_did_you_mean(unknown, fields)}; known keys: "
                           f"{sorted(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], _key(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # a __post_init__ check names the key ("port: ..."): say where its value came from
+        key = str(e).split(":", 1)[0]
+        label = getattr(data, "override_labels", {}).get(key)
+        if label:  # set by a key=value override (`apply_overrides`), not by the file
+            raise ConfigError(f"{label} {e}") from None
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden below it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {first[key]})", key_node.start_mark)
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "config file not found"))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -211,7 +252,21 @@ def apply_overrides(cls: type, data: dict[str, Any], pairs: list[str] | None,
     (`check_overrides`)."""
     over = parse_overrides(pairs)
     check_overrides(cls, over, label)
-    return deep_merge(data, over)
+    out = _Overridden(deep_merge(data, over))
+    out.override_labels = {**getattr(data, "override_labels", {}), **{k: label for k in _dotted(over)}}
+    return out
+
+
+class _Overridden(dict):
+    """A config mapping that remembers which dotted keys `key=value` overrides set (`override_labels`: key -> label),
+    so that a check made when the dataclass is built names the override rather than the config file."""
+
+    override_labels: dict[str, str]
+
+
+def _dotted(d: dict[str, Any], prefix: str = "") -> list[str]:
+    return [k for key, v in d.items()
+            for k in ([f"{prefix}{key}"] + (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else []))]
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -48,6 +48,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     data = apply_overrides(PrepareConfig, load_yaml(args.config) if args.config else {}, args.set, "--set")
     if args.items:
+        if data.get("items_file") not in (None, args.items):  # two item files: neither silently wins
+            raise ValueError(f"--items {args.items} and items_file={data['items_file']} (from "
+                             f"{args.config or '--set'}) name different item files; give one")
         data["items_file"] = args.items
     cfg = from_dict(PrepareConfig, data, where=args.config or "--set")
     rep = prepare(args.dataset, cfg)

@@ -13,6 +13,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,27 +63,42 @@ def package_dir(module: str) -> Path:
 # generic readers with line-numbered validation
 def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     """Read a delimited text file as strings (no quoting, no NA guessing). The index holds each row's line number - 2
-    (blank lines, before the header too, are skipped but counted; a quoted field spanning lines is not)."""
+    (blank lines, before the header too, are skipped but counted; a quoted field spanning lines is not). Refused, with
+    the line: text that is not UTF-8, a repeated column name, a row with more fields than the header (a row with
+    fewer reads the missing ones as empty)."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "file not found"))
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     lead, first = 0, ""  # blank lines before the header
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for first in f:
-            if first.strip():
-                break
-            lead += 1
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for first in f:
+                if first.strip():
+                    break
+                lead += 1
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     if sep is None:
         sep = "\t" if "\t" in first else ","
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    header = [c.strip().lstrip("\ufeff").strip() for c in next(csv.reader([first], delimiter=sep, quoting=quoting))]
+    _check_header(header, path, lead + 1)  # before pandas renames a repeated name (`item_id.1`)
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting, encoding="utf-8",
                          skip_blank_lines=False, skiprows=lead)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except pd.errors.ParserError as e:
-        raise DataError(f"{path}: cannot parse: {e}") from None
+        msg = str(e).replace("Error tokenizing data. C error: ", "")
+        m = re.search(r"EOF inside string starting at row (\d+)", msg)
+        if m:  # pandas counts rows from 0 here (blank lines included): the file's line is one more
+            msg = f"line {int(m.group(1)) + 1}: a quoted field is never closed (a stray '\"'?)"
+        raise DataError(f"{path}: cannot parse: {msg}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: line {_first_non_utf8_line(path)}: not UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     df.index = df.index + lead
     blank = df.iloc[:, 0].fillna("").str.strip() == "" if len(df.columns) else pd.Series(True, index=df.index)
     if blank.any():  # whitespace-only lines: dropped as pandas would, keeping the other rows' line numbers
@@ -95,16 +111,55 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     return df
 
 
+def _first_non_utf8_line(path: Path) -> int:
+    """1-based number of the first line of `path` that is not valid UTF-8 (0 if none is)."""
+    with path.open("rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return 0
+
+
+def _check_header(columns: list[str], path: Path, line: int | None = 1) -> None:
+    """A column name given twice would be renamed by pandas (`item_id.1`) and its values read as another field's (or
+    the field meant dropped): refused, naming the header's line (`None`: a Parquet schema has no line)."""
+    seen: set[str] = set()
+    dup = [c for c in columns if c and (c in seen or seen.add(c))]
+    if dup:
+        where = "" if line is None else f" line {line}:"
+        raise DataError(f"{path}:{where} duplicate column name(s) {sorted(set(dup))} in {list(columns)}")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """A Parquet file as strings, row i at index i; nulls become "" (an empty field, as in a CSV file)."""
+    if not path.is_file():
+        raise DataError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "file not found"))
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    _check_header([str(c).strip() for c in df.columns], path, None)
+    df = df.reset_index(drop=True)  # row i = position i (a saved index is not)
+    df = df.astype(object).where(df.notna(), "").astype(str)
+    df.columns = [str(c).strip() for c in df.columns]
+    if df.empty:
+        raise DataError(f"{path}: file has no rows")
+    return df
+
+
 def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: line 1: missing column(s) {missing}; found {list(df.columns)}")
+        where = "" if path.suffix == ".parquet" else " line 1:"  # a Parquet file has a schema, not a header line
+        raise DataError(f"{path}:{where} missing column(s) {missing}; found {list(df.columns)}")
 
 
 def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, allow_empty: bool = False,
-                limit: float = np.inf) -> pd.Series:
+                limit: float = np.inf, unit: str = "line") -> pd.Series:
     """Parse a string column as float; the first bad value (not a number, not finite, or |value| >= `limit`) raises
-    with its file line number (the row's index + `line_offset`)."""
+    with its file line number (the row's index + `line_offset`; `unit` "row" for a Parquet file)."""
     s = col.astype(str).str.strip()
     out = pd.to_numeric(s, errors="coerce")
     bad = ~(out.abs() < limit) & ~((s == "") & allow_empty)  # NaN and inf compare False
@@ -112,16 +167,17 @@ def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, all
         i = int(np.flatnonzero(bad.to_numpy())[0])
         what = "is not a number" if np.isnan(out.iloc[i]) else (
             "is not finite" if np.isinf(out.iloc[i]) else f"is out of range (|value| >= {limit:g})")
-        raise DataError(f"{path}: line {int(s.index[i]) + line_offset}: field {name!r}: {s.iloc[i]!r} {what}")
+        raise DataError(f"{path}: {unit} {int(s.index[i]) + line_offset}: field {name!r}: {s.iloc[i]!r} {what}")
     return out
 
 
 def canonical_interactions(
     df: pd.DataFrame, path: Path, line_offset: int = 2, has_rating: bool | None = None,
-    source_fields: dict[str, str] | None = None,
+    source_fields: dict[str, str] | None = None, unit: str = "line",
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Validate and type the interaction columns. Rows with an empty user or item id are dropped (counted).
-    `source_fields` maps a canonical column to the file's own name for it, used in error messages."""
+    `source_fields` maps a canonical column to the file's own name for it, used in error messages; errors name the
+    `unit` (line, or row for a Parquet file) index + `line_offset`."""
     _require(df, ["user_id", "item_id", "timestamp"], path)
     src = source_fields or {}
     dropped: dict[str, int] = {}
@@ -129,12 +185,12 @@ def canonical_interactions(
     iid = df["item_id"].astype(str).str.strip()
     missing = (uid == "") | (iid == "")
     ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, src.get("timestamp", "timestamp"), line_offset,
-                     limit=2.0**62)
+                     limit=2.0**62, unit=unit)
     if has_rating is None:
         has_rating = "rating" in df.columns
     rating = (
         _to_numeric(df["rating"].where(~missing, "0"), path, src.get("rating", "rating"), line_offset,
-                    allow_empty=True)
+                    allow_empty=True, unit=unit)
         if has_rating
         else pd.Series(np.nan, index=df.index)
     )
@@ -156,7 +212,8 @@ def canonical_interactions(
 def _atomic(path: Path) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header `name:type`, quoting off."""
     df = _read_table(path, sep="\t")
-    df.columns = [c.split(":")[0] for c in df.columns]
+    df.columns = [c.split(":")[0].strip() for c in df.columns]
+    _check_header(list(df.columns), path)  # `item_id:token` and `item_id:float` are one column twice
     return df
 
 
@@ -369,29 +426,42 @@ def load_table(path: str | Path, items_path: str | Path | None = None, name: str
     """A CSV/TSV/Parquet of `user_id,item_id,timestamp[,rating]` plus an optional item file with `item_id`, `title`
     and any text columns. Every interaction's item must exist in the item file."""
     path = Path(path)
-    if path.suffix == ".parquet":
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        df = pd.read_parquet(path).astype(str).reset_index(drop=True)  # row i = position i (a saved index is not)
-        if df.empty:
-            raise DataError(f"{path}: file has no rows")
-    else:
-        df = _read_table(path)
-    inter, dropped = canonical_interactions(df, path)
+    parquet = path.suffix == ".parquet"
+    df = _read_parquet(path) if parquet else _read_table(path)
+    # a Parquet file has rows, not lines: errors name row i + 1 (1-based, no header)
+    inter, dropped = canonical_interactions(df, path, **({"line_offset": 1, "unit": "row"} if parquet else {}))
+    inter_loc = (1, "row") if parquet else (2, "line")
     if items_path:
         ipath = Path(items_path)
-        items = pd.read_parquet(ipath).astype(str) if ipath.suffix == ".parquet" else _read_table(ipath)
+        items = _read_parquet(ipath) if ipath.suffix == ".parquet" else _read_table(ipath)
+        off, unit = (1, "row") if ipath.suffix == ".parquet" else (2, "line")
         _require(items, ["item_id"], ipath)
         items["item_id"] = items["item_id"].str.strip()
         if "title" not in items.columns:
             items["title"] = items["item_id"]
+        # prompts name items by title: an empty one would read `""` (a row without an id matches no event: left)
+        untitled = (items["title"].str.strip() == "") & (items["item_id"] != "")
+        if untitled.any():
+            i = int(np.flatnonzero(untitled.to_numpy())[0])
+            raise DataError(f"{ipath}: {unit} {int(items.index[i]) + off}: field 'title' is empty (item "
+                            f"{items['item_id'].iloc[i]!r}; {int(untitled.sum())} such rows)")
+        # the same item_id twice with different fields: which title / attributes hold is not for us to guess
+        rows = items.drop_duplicates()
+        clash = rows["item_id"].duplicated(keep="first")
+        if clash.any():
+            j = int(np.flatnonzero(clash.to_numpy())[0])
+            iid = rows["item_id"].iloc[j]
+            first = int(rows.index[np.flatnonzero((rows["item_id"] == iid).to_numpy())[0]])
+            raise DataError(f"{ipath}: {unit} {int(rows.index[j]) + off}: field 'item_id': {iid!r} already has a "
+                            f"different row at {unit} {first + off} ({int(clash.sum())} such rows)")
+        items = rows
         known = set(items["item_id"])
         unknown = ~inter["item_id"].isin(known)
         if unknown.any():
             i = int(np.flatnonzero(unknown.to_numpy())[0])
             raise DataError(
-                f"{path}: line {int(inter['order'].iloc[i]) + 2}: field 'item_id': {inter['item_id'].iloc[i]!r} "
-                f"is not in the item file {ipath} ({int(unknown.sum())} such rows)"
+                f"{path}: {inter_loc[1]} {int(inter['order'].iloc[i]) + inter_loc[0]}: field 'item_id': "
+                f"{inter['item_id'].iloc[i]!r} is not in the item file {ipath} ({int(unknown.sum())} such rows)"
             )
         text_fields = [c for c in items.columns if c not in ("item_id", "title")]
         sources = [str(path), str(ipath)]
@@ -420,9 +490,13 @@ BUILTIN = {
 
 def load_raw(dataset: str, items: str | None = None) -> RawData:
     """Dispatch by built-in name, RecBole atomic folder, or interaction file path."""
+    p = Path(dataset)
+    if items and (dataset in BUILTIN or p.is_dir()):  # it would be ignored: these bring their own item metadata
+        kind = "a built-in dataset" if dataset in BUILTIN else "a RecBole folder (its items are <name>.item)"
+        raise DataError(f"--items / items_file {items}: only for a CSV/TSV/Parquet interaction file; {dataset!r} is "
+                        f"{kind}")
     if dataset in BUILTIN:
         return BUILTIN[dataset]()
-    p = Path(dataset)
     if p.is_dir():
         return load_recbole_atomic(p)
     if p.suffix in (".csv", ".tsv", ".txt", ".parquet"):

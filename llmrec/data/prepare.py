@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -370,12 +371,30 @@ def check_domain(domain: str) -> str:
     return d
 
 
+def check_config(cfg: PrepareConfig) -> None:
+    """Values of the right type that still cannot mean anything (a negative count, a split share outside (0, 1), a
+    NaN threshold that would label every event a dislike): refused, naming the key, before any data is read."""
+    for key, low in (("kcore", 0), ("min_user_events", 0), ("history_len", 1), ("min_history", 0),
+                     ("neg_per_pos", 0), ("n_sampled_negatives", 0)):
+        if getattr(cfg, key) < low:
+            raise DataError(f"PrepareConfig.{key}: must be >= {low}, got {getattr(cfg, key)}")
+    for key in ("valid_frac", "test_frac"):
+        if not 0 < getattr(cfg, key) < 1:
+            raise DataError(f"PrepareConfig.{key}: must be between 0 and 1 (exclusive), got {getattr(cfg, key)}")
+    if not cfg.valid_frac + cfg.test_frac < 1:
+        raise DataError(f"PrepareConfig.valid_frac + test_frac: must be below 1 (some events must be before the "
+                        f"cut-offs for training), got {cfg.valid_frac} + {cfg.test_frac}")
+    if not math.isfinite(cfg.like_threshold):
+        raise DataError(f"PrepareConfig.like_threshold: must be a finite number, got {cfg.like_threshold}")
+
+
 def prepare(dataset: str, cfg: PrepareConfig | None = None, home: Path | None = None) -> PrepareReport:
     """Load `dataset` (built-in name, RecBole folder or file path), preprocess, split, write the prepared folder."""
     cfg = cfg or PrepareConfig()
     t0 = time.perf_counter()
-    domain = check_domain(cfg.domain) if cfg.domain is not None else None  # before any work: a bad key changes nothing
-    if cfg.name:
+    check_config(cfg)  # before any work: a bad key changes nothing
+    domain = check_domain(cfg.domain) if cfg.domain is not None else None
+    if cfg.name is not None:  # "" too: refused, not taken as "no name given"
         check_name(cfg.name)
     raw = load_raw(dataset, cfg.items_file)
     if domain:

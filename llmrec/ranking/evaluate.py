@@ -26,24 +26,42 @@ class TallrecFormatError(DataError):
 
 
 def load_tallrec(path: str | Path) -> list[dict[str, str]]:
-    """A TALLRec JSON file: a list of {instruction, input, output: "Yes."|"No."}. Errors name the entry and field."""
+    """A TALLRec JSON file: a list of {instruction, input, output: "Yes."|"No."}. Errors name the entry and field
+    (the line and column for invalid JSON). `output` is Yes or No, any case, with or without the final period."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise TallrecFormatError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise TallrecFormatError(f"{path}: is a folder, not a file") from None
+    except OSError as e:
+        raise TallrecFormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise TallrecFormatError(f"{path}: line {line}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise TallrecFormatError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        if not e.doc.strip():
+            raise TallrecFormatError(f"{path}: file is empty") from None
+        raise TallrecFormatError(f"{path}: line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list) or not data:
-        raise TallrecFormatError(f"{path}: expected a non-empty JSON list of examples")
+        raise TallrecFormatError(f"{path}: expected a non-empty JSON list of examples, got "
+                                 f"{'an empty list' if isinstance(data, list) else type(data).__name__}")
     for n, ex in enumerate(data):
+        if not isinstance(ex, dict):
+            raise TallrecFormatError(f"{path}: entry {n}: expected an object with instruction, input and output, got "
+                                     f"{type(ex).__name__}")
         for k in ("instruction", "input", "output"):
-            if not isinstance(ex, dict) or not isinstance(ex.get(k), str):
+            if not isinstance(ex.get(k), str):
                 raise TallrecFormatError(f"{path}: entry {n}: field {k!r} missing or not a string")
-        if not re.match(r"^\s*(yes|no)\b", ex["output"], re.I):
+        if not re.fullmatch(r"\s*(yes|no)\.?\s*", ex["output"], re.I):  # "Yes, but no." is no label
             raise TallrecFormatError(
                 f"{path}: entry {n}: field 'output' must be 'Yes.' or 'No.', got {ex['output']!r}"
             )
+    n_yes = sum(ex["output"].strip().lower().startswith("yes") for ex in data)
+    if n_yes in (0, len(data)):
+        log.warning("%s: every one of the %d examples is %r: AUC is undefined (NaN) on one class", path, len(data),
+                    "Yes." if n_yes else "No.")
     return data
 
 
