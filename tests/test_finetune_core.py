@@ -3,6 +3,7 @@ the answer tokens only, recipes reject unknown keys."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -200,16 +201,26 @@ def test_recipes_load_and_unknown_keys_fail(tmp_path):
     ("train.save_steps=-1", "train.save_steps must be >= 0"),
     ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
     ("lora.r=0", "lora.r must be >= 1"),
+    ("train.epochs=-1", r"train.epochs must be > 0 \(or train.max_steps > 0\)"),
+    ("quant.quant_type=int3", r"quant.quant_type 'int3' is not one of \['nf4', 'fp4'\]"),
 ])
-def test_values_a_run_meets_late_fail_at_load(override, key):
+def test_values_a_run_meets_late_fail_at_load(override, key, tmp_path):
     """Bad values read only after the run has written recipe.yaml / data_manifest.json / metrics.json (the
     evaluation model's dtype, TrainingArguments' scheduler, logging steps, warmup) fail when the recipe loads, naming
     the file and the key; "train" stays a valid eval_dtype and every scheduler transformers knows is accepted."""
     from llmrec.finetune import load_recipe
 
-    with pytest.raises(ConfigError, match=r"yesno_smollm2_qlora.yaml: " + key):
+    with pytest.raises(ConfigError, match=r"yesno_smollm2_qlora.yaml \+ overrides: " + key):
         load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", [override])
-    load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["eval_dtype=train", "train.lr_scheduler=cosine_with_min_lr"])
+    load_recipe(RECIPES / "yesno_smollm2_qlora.yaml", ["eval_dtype=train", "train.lr_scheduler=cosine_with_min_lr",
+                                                       "train.epochs=0", "train.max_steps=4"])
+    # the same value written in a file, no override: the message names the file alone
+    k, _, v = override.partition("=")
+    section, _, leaf = k.rpartition(".")
+    own = tmp_path / "own.yaml"
+    own.write_text(f"{section}:\n  {leaf}: {v}\n" if section else f"{leaf}: {v}\n")
+    with pytest.raises(ConfigError, match=r"own.yaml: " + key):
+        load_recipe(own)
 
 
 def test_train_py_and_cli_share_the_code(tmp_path):
@@ -225,6 +236,15 @@ def test_train_py_and_cli_share_the_code(tmp_path):
     bad = subprocess.run([sys.executable, str(root / "finetune" / "train.py"), "--dry-run", "trian.lr=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "override trian: unknown key 'trian'" in bad.stderr
+    # a data error met when the run starts is one line too, as `llmrec finetune` prints it (was a traceback)
+    missing = subprocess.run([sys.executable, str(root / "finetune" / "train.py"), "--config",
+                              str(RECIPES / "rank_smollm2_qlora.yaml"), f"dataset={tmp_path / 'no.csv'}",
+                              f"output_dir={tmp_path / 'out'}"],
+                             capture_output=True, text=True, timeout=120, env={**os.environ,
+                                                                               "LLMREC_HOME": str(tmp_path / "h")})
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    line = next(x for x in missing.stderr.splitlines() if x.startswith("llmrec: error: "))
+    assert "no.csv" in line
 
 
 

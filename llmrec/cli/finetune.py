@@ -93,18 +93,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main_finetune(argv: list[str] | None = None) -> int:
-    """Entry point of finetune/train.py (same code path as `llmrec finetune`)."""
-    import logging
+    """Entry point of finetune/train.py: `llmrec finetune` itself (same arguments, same one-line errors)."""
     import sys
 
-    from llmrec.config import ConfigError
+    from llmrec.cli import main
 
-    p = argparse.ArgumentParser(prog="finetune/train.py", description="LoRA / QLoRA fine-tuning from a recipe")
-    add_finetune_args(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_finetune(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 1
+    return main(["finetune", *(sys.argv[1:] if argv is None else argv)])

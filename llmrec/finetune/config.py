@@ -118,7 +118,8 @@ class FinetuneConfig:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
     cfg = load_config(FinetuneConfig, path, overrides)
-    path = path if path is not None else "recipe (defaults + overrides)"  # what the messages below name
+    # what the messages below name: a value may come from the file or from a key=value override
+    path = "recipe (defaults + overrides)" if path is None else f"{path} + overrides" if overrides else path
     if cfg.task not in TASKS:
         raise ConfigError(f"{path}: task {cfg.task!r} is not one of {list(TASKS)}")
     if cfg.data.n_candidates < 2 or cfg.data.n_candidates > 26:
@@ -158,6 +159,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: train.lr_scheduler {cfg.train.lr_scheduler!r} is not one of {known}")
     if not 0 <= cfg.train.warmup_ratio <= 1:
         raise ConfigError(f"{path}: train.warmup_ratio must be in [0, 1], got {cfg.train.warmup_ratio}")
+    if cfg.train.max_steps <= 0 and not cfg.train.epochs > 0:
+        raise ConfigError(f"{path}: train.epochs must be > 0 (or train.max_steps > 0), got {cfg.train.epochs}")
+    if cfg.quant.quant_type not in ("nf4", "fp4"):  # else only met when the model loads
+        raise ConfigError(f"{path}: quant.quant_type {cfg.quant.quant_type!r} is not one of ['nf4', 'fp4']")
     if cfg.train.logging_steps < 1:
         raise ConfigError(f"{path}: train.logging_steps must be >= 1, got {cfg.train.logging_steps}")
     # counts and sizes read deep in the run (a pandas sample, TrainingArguments), or, negative, silently ignored there
