@@ -83,6 +83,10 @@ def test_service_config_errors_name_the_environment_variable_or_the_override():
         load_service_config(None, [], environ={"LLMREC_SERVE_LLM__MODLE": "x"})
     with pytest.raises(ConfigError, match=r"^override max_k: expected int"):
         load_service_config(None, ["max_k=many"], environ={})
+    with pytest.raises(ConfigError, match=r"^environment \(LLMREC_SERVE_\*\) port: must be within 1..65535"):
+        load_service_config(None, [], environ={"LLMREC_SERVE_PORT": "0"})  # names the variable's source
+    with pytest.raises(ConfigError, match=r"^override port: must be within"):
+        load_service_config(None, ["port=0"], environ={"LLMREC_SERVE_PORT": "8000"})
     cfg = load_service_config(None, ["max_k=7"], environ={"LLMREC_SERVE_MAX_K": "9", "LLMREC_SERVE_DEFAULT_K": "5"})
     assert cfg.max_k == 7 and cfg.default_k == 5  # CLI overrides win over the environment
 

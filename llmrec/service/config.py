@@ -134,7 +134,9 @@ def load_service_config(
     pairs = env_pairs(environ)
     verbatim = {k: v for k, _, v in (p.partition("=") for p in pairs) if k in VERBATIM_ENV_KEYS}
     pairs = [p for p in pairs if p.partition("=")[0] not in VERBATIM_ENV_KEYS]
-    data = apply_overrides(ServiceConfig, data, pairs, f"environment ({ENV_PREFIX}*)")
-    data = {**data, **verbatim}
-    data = apply_overrides(ServiceConfig, data, overrides)
+    label = f"environment ({ENV_PREFIX}*)"
+    env = apply_overrides(ServiceConfig, data, pairs, label)
+    data = apply_overrides(ServiceConfig, {**env, **verbatim}, overrides)
+    # a value refused when the config is built names where it came from: the file, the environment or --set
+    data.override_labels = {**env.override_labels, **dict.fromkeys(verbatim, label), **data.override_labels}
     return from_dict(ServiceConfig, data, where=str(path) if path else "service config")
