@@ -101,7 +101,8 @@ def main() -> None:
             "Next item: full ranking over all items minus the user's train+valid history, leave-one-out test target, "
             f"all {len(ds.targets('test'))} users; pessimistic ties.",
             "Yes/No (auc/accuracy/f1, threshold 0.5): all test rows of the global time split; only MF and BERT+LSTM "
-            "predict Yes/No. MF's ranking row ranks by p_u.q_i + b_i of the Yes/No-trained click model.",
+            "predict Yes/No. MF's ranking row ranks by p_u.q_i + b_i of a second click model fitted the same way "
+            "without the users' leave-one-out valid/test targets (the Yes/No train rows hold them, with labels).",
             "Timings: 2 shared CPU cores, 1 torch thread per model, other jobs running at the same time: noisy.",
         ]
         mf = details.get("mf", {}).get("extra_metrics", {})
