@@ -78,6 +78,18 @@ def doc_commands() -> list[tuple[str, str]]:
     return found
 
 
+def _split_outside_quotes(cmd: str) -> list[str]:
+    """`A; B` -> [A, B], where the `;` is not inside a single-quoted argument (a note may hold one)."""
+    parts, start, quoted = [], 0, False
+    for i, c in enumerate(cmd):
+        if c == "'":
+            quoted = not quoted
+        elif c == ";" and not quoted:
+            parts.append(cmd[start:i])
+            start = i + 1
+    return [*parts, cmd[start:]]
+
+
 def result_commands() -> list[tuple[str, str]]:
     found = []
     for path in sorted((ROOT / "eval" / "results").rglob("*.json")):
@@ -96,7 +108,7 @@ def result_commands() -> list[tuple[str, str]]:
                 if shorter == cmd:
                     break
                 cmd = shorter
-            for part in re.split(r";\s+", cmd):
+            for part in _split_outside_quotes(cmd):
                 m = re.search(r"(?:^|\s)((?:llmrec|python|\w+\.py)(?:\s.*)?)$", part)
                 if m:
                     found.append((str(path.relative_to(ROOT)), m.group(1).strip()))
@@ -252,6 +264,7 @@ def test_extraction_finds_the_readme_commands():
         ["llmrec", "x", "--a", "1", "--m", "pop"], ["llmrec", "x", "--a", "1", "--m", "mf"]]
     assert _normalise("llmrec bench --set rank_modes=[likelihood]") == [["llmrec", "bench", "--set",
                                                                          "rank_modes=[likelihood]"]]
+    assert _split_outside_quotes("a --note 'x; y'; then b") == ["a --note 'x; y'", " then b"]
 
 
 @pytest.mark.parametrize("bad", [
