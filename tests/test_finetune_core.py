@@ -245,6 +245,7 @@ def test_train_py_and_cli_share_the_code(tmp_path):
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
     line = next(x for x in missing.stderr.splitlines() if x.startswith("llmrec: error: "))
     assert "no.csv" in line
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 

@@ -384,7 +384,6 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             log.warning("train.malloc_mmap_threshold_mb=%d ignored: no glibc mallopt here",
                         tc.malloc_mmap_threshold_mb)
     set_seed(tc.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rss_start = peak_rss_mb()
 
     # the examples first, from the tokenizer alone: a prompt budget the data cannot fit fails in seconds, not after
@@ -397,6 +396,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         tok = load_tokenizer(cfg.model)
         examples = build_examples(ds, cfg.task, cfg.data, tok)
     build_s = time.time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the data: a dataset refused leaves no folder behind
     model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant, tokenizer=tok)
     # LoRA (and prepare_model_for_kbit_training for 4-bit) strictly before the first forward pass
     model = apply_lora(model, cfg.lora, gradient_checkpointing=tc.gradient_checkpointing, quant=cfg.quant)
