@@ -373,3 +373,22 @@ def test_kcore_and_min_user_events_hold_together(kcore, min_events):
     assert sum(dropped.values()) == len(ev) - len(df)
     if (kcore, min_events) == (2, 3):
         assert "c" not in set(df["item_id"]) and "u3" not in set(df["user_id"])
+
+
+def test_fractional_timestamps_are_cut_with_a_warning(tmp_path, caplog):
+    """Seconds are the unit downstream: a fractional timestamp is cut to whole seconds, and the log says so (where
+    first, how many), instead of silently."""
+    import logging
+
+    from llmrec.data.loaders import load_table
+
+    (tmp_path / "ev.csv").write_text("user_id,item_id,timestamp\nu1,a,100\nu1,b,100.75\nu2,a,101.5\n")
+    with caplog.at_level(logging.WARNING, logger="llmrec.data.loaders"):
+        raw = load_table(tmp_path / "ev.csv")
+    assert raw.interactions["timestamp"].tolist() == [100, 100, 101]
+    assert "2 timestamps have a fractional part (first: line 3, 100.75)" in caplog.text
+    caplog.clear()
+    (tmp_path / "whole.csv").write_text("user_id,item_id,timestamp\nu1,a,100\nu1,b,100.0\n")
+    with caplog.at_level(logging.WARNING, logger="llmrec.data.loaders"):
+        load_table(tmp_path / "whole.csv")
+    assert "fractional" not in caplog.text

@@ -194,6 +194,11 @@ def canonical_interactions(
         if has_rating
         else pd.Series(np.nan, index=df.index)
     )
+    frac = (ts != np.floor(ts)) & ~missing
+    if frac.any():  # seconds are the unit everywhere downstream (splits, prompts' dates, the event store)
+        log.warning("%s: %d timestamps have a fractional part (first: %s %d, %s); cut to whole seconds, ties keep "
+                    "the file's order", path, int(frac.sum()), unit,
+                    int(ts.index[np.flatnonzero(frac.to_numpy())[0]]) + line_offset, ts[frac].iloc[0])
     out = pd.DataFrame(
         {
             "user_id": uid,
