@@ -259,6 +259,15 @@ def test_empty_path_value_is_refused(home, capsys):
     assert msg == "llmrec: error: override output_dir: expected a path, got ''"
 
 
+def test_finetune_dry_run_refuses_a_dataset_a_run_would_refuse(home, capsys):
+    recipe = Path(__file__).resolve().parent.parent / "finetune" / "recipes" / "yesno_smollm2_qlora.yaml"
+    msg = _refused(capsys, ["finetune", "--config", str(recipe), "--dry-run", "dataset=nope"])
+    assert "dataset 'nope' is not prepared under" in msg and "llmrec data prepare --dataset nope" in msg
+    # a built-in dataset is prepared on first use: accepted, and the dry run prepares nothing
+    assert main(["finetune", "--config", str(recipe), "--dry-run", "dataset=lastfm"]) == 0
+    _nothing_written(home)
+
+
 def test_serve_config_value_checks_name_the_file_or_the_override(home, capsys, tmp_path):
     (tmp_path / "s.yaml").write_text("port: 70000\n")
     msg = _refused(capsys, ["serve", "--config", "s.yaml", "--print-config"])

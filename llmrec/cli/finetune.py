@@ -48,6 +48,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.config, list(args.set or []) + list(args.overrides or []))
     if args.dry_run:
+        from llmrec.data.prepare import check_dataset
+
+        check_dataset(cfg.dataset)  # a run would refuse it: so does the dry run
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     m = rescore_run(cfg) if args.eval_only else run_finetune(cfg)

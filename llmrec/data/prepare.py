@@ -546,17 +546,24 @@ def dataset_dir(name: str, home: Path | None = None) -> Path:
     return (home or llmrec_home()) / "data" / name
 
 
+def check_dataset(name: str, home: Path | None = None, prepare_if_missing: bool | None = None) -> Path:
+    """The prepared folder `load_prepared` would open (it may not exist yet for a built-in dataset, which is prepared
+    on first use); DataError, touching nothing, for a name that is neither prepared nor preparable."""
+    p = Path(name)
+    root = p if (p / "manifest.json").is_file() else dataset_dir(name, home)
+    if not (root / "manifest.json").is_file() and not (
+            name in BUILTIN if prepare_if_missing is None else prepare_if_missing):
+        raise DataError(f"dataset {name!r} is not prepared under {root.parent}; run `llmrec data prepare --dataset "
+                        f"{name}`")
+    return root
+
+
 def load_prepared(name: str, home: Path | None = None, prepare_if_missing: bool | None = None) -> PreparedDataset:
     """Open a prepared dataset by name (or folder path). When it is not prepared yet: `prepare_if_missing=None`
     (default) prepares a built-in dataset (`BUILTIN`: ml-100k, ml-1m, lastfm, amazon-gift-cards) with its defaults, as
     `llmrec data prepare --dataset NAME` would, and refuses any other name; True prepares any name; False never."""
-    p = Path(name)
-    root = p if (p / "manifest.json").is_file() else dataset_dir(name, home)
+    root = check_dataset(name, home, prepare_if_missing)
     if not (root / "manifest.json").is_file():
-        if not (name in BUILTIN if prepare_if_missing is None else prepare_if_missing):
-            raise DataError(
-                f"dataset {name!r} is not prepared under {root.parent}; run `llmrec data prepare --dataset {name}`"
-            )
         log.info("dataset %r is not prepared under %s: preparing it with the defaults (first use)", name, root.parent)
         prepare(name, home=home)
     return PreparedDataset(root)
