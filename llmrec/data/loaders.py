@@ -66,8 +66,7 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     (blank lines, before the header too, are skipped but counted; a quoted field spanning lines is not). Refused, with
     the line: text that is not UTF-8, a repeated column name, a row with more fields than the header (a row with
     fewer reads the missing ones as empty)."""
-    if not path.is_file():
-        raise DataError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "file not found"))
+    _require_file(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     lead, first = 0, ""  # blank lines before the header
@@ -111,6 +110,21 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     return df
 
 
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "file not found"))
+
+
+def _location(path: Path) -> tuple[int, str]:
+    """(offset, unit) that turn a table row's index into what errors name: a Parquet file has rows, not lines (row
+    i + 1, no header); a text file's index is its line - 2 (see _read_table)."""
+    return (1, "row") if path.suffix == ".parquet" else (2, "line")
+
+
+def _read_any(path: Path) -> pd.DataFrame:
+    return _read_parquet(path) if path.suffix == ".parquet" else _read_table(path)
+
+
 def _first_non_utf8_line(path: Path) -> int:
     """1-based number of the first line of `path` that is not valid UTF-8 (0 if none is)."""
     with path.open("rb") as f:
@@ -134,8 +148,7 @@ def _check_header(columns: list[str], path: Path, line: int | None = 1) -> None:
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     """A Parquet file as strings, row i at index i; nulls become "" (an empty field, as in a CSV file)."""
-    if not path.is_file():
-        raise DataError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "file not found"))
+    _require_file(path)
     try:
         df = pd.read_parquet(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -348,8 +361,7 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSON-lines file (gzip if `.gz`); a line that is not valid
     JSON or not an object raises, naming it."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    _require_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -431,15 +443,12 @@ def load_table(path: str | Path, items_path: str | Path | None = None, name: str
     """A CSV/TSV/Parquet of `user_id,item_id,timestamp[,rating]` plus an optional item file with `item_id`, `title`
     and any text columns. Every interaction's item must exist in the item file."""
     path = Path(path)
-    parquet = path.suffix == ".parquet"
-    df = _read_parquet(path) if parquet else _read_table(path)
-    # a Parquet file has rows, not lines: errors name row i + 1 (1-based, no header)
-    inter, dropped = canonical_interactions(df, path, **({"line_offset": 1, "unit": "row"} if parquet else {}))
-    inter_loc = (1, "row") if parquet else (2, "line")
+    inter_off, inter_unit = _location(path)
+    inter, dropped = canonical_interactions(_read_any(path), path, line_offset=inter_off, unit=inter_unit)
     if items_path:
         ipath = Path(items_path)
-        items = _read_parquet(ipath) if ipath.suffix == ".parquet" else _read_table(ipath)
-        off, unit = (1, "row") if ipath.suffix == ".parquet" else (2, "line")
+        items = _read_any(ipath)
+        off, unit = _location(ipath)
         _require(items, ["item_id"], ipath)
         items["item_id"] = items["item_id"].str.strip()
         if "title" not in items.columns:
@@ -465,7 +474,7 @@ def load_table(path: str | Path, items_path: str | Path | None = None, name: str
         if unknown.any():
             i = int(np.flatnonzero(unknown.to_numpy())[0])
             raise DataError(
-                f"{path}: {inter_loc[1]} {int(inter['order'].iloc[i]) + inter_loc[0]}: field 'item_id': "
+                f"{path}: {inter_unit} {int(inter['order'].iloc[i]) + inter_off}: field 'item_id': "
                 f"{inter['item_id'].iloc[i]!r} is not in the item file {ipath} ({int(unknown.sum())} such rows)"
             )
         text_fields = [c for c in items.columns if c not in ("item_id", "title")]
