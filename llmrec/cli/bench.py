@@ -6,7 +6,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="every method on the same split -> eval/results/bench_<dataset>.{json,md,png}")
+    p = sub.add_parser("bench", help="every method on the same split -> eval/results/bench_<dataset>.{json,md}, "
+                                     "bench_<dataset>_{metrics,roc,latency}.png and ranking_<dataset>.{json,md}")
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--config", help="YAML file with BenchConfig keys (llmrec/bench.py documents each)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BenchConfig keys")

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="data_command", metavar="ACTION")
     pp = s.add_parser("prepare", help="load, clean, split and save a dataset; print its statistics")
     pp.add_argument("--dataset", required=True, help="ml-100k | ml-1m | lastfm | amazon-gift-cards | folder | file")
-    pp.add_argument("--items", help="item metadata file for a CSV/Parquet interaction file")
+    pp.add_argument("--items", help="item metadata file for a CSV/TSV/Parquet interaction file")
     pp.add_argument("--config", help="YAML file with PrepareConfig keys")
     pp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override PrepareConfig keys")
     pp.set_defaults(func=cmd_prepare)
