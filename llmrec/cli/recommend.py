@@ -18,10 +18,16 @@ DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
 
 
+# `llmrec recommend` flags that only shape in-process ranking (--url asks a service that has its own config)
+IN_PROCESS_ONLY = ("dataset", "backend", "model", "vllm_url", "dtype", "load_in_4bit", "merge_adapter", "retriever",
+                   "mode", "retrieval_weight", "listings", "batch_size", "template")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained)")
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained); `recommend --url`: the name of an "
+                                      "adapter in the service's registry (llm.adapters), never a path")
     p.add_argument("--vllm-url", help="OpenAI-compatible endpoint for --backend vllm (else an in-process engine)")
     p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
     p.add_argument("--load-in-4bit", action="store_true",
@@ -68,11 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user-id", "--user", dest="user_id", required=True)
     p.add_argument("--k", type=positive_int, default=10)
     p.add_argument("--explain", action="store_true")
-    p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process")
+    p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process (then only --user-id, "
+                                  "--k, --explain, --adapter and --json apply; bearer key: $LLMREC_SERVE_API_KEY)")
     p.add_argument("--json", action="store_true",
-                   help="print the answer as JSON (the service's response shape) instead of a table")
+                   help="print the answer as JSON (the service's response shape; in-process without its cached and "
+                        "history_version fields) instead of a table")
     _add_model_args(p)
-    p.set_defaults(func=cmd_recommend)
+    # with --url the service ranks with its own config: these in-process flags would be silently ignored
+    in_process = [a for a in p._actions if a.dest in IN_PROCESS_ONLY]
+    p.set_defaults(func=cmd_recommend, url_ignores={a.dest: (a.option_strings[0], a.default) for a in in_process})
 
     e = sub.add_parser("eval", help="evaluate the LLM recommender (yes/no, rank, contamination)")
     s = e.add_subparsers(dest="eval_command", metavar="TASK")
@@ -141,6 +151,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from llmrec.service.client import ServiceClientError, fetch_recommendations, format_recommendations
 
     if args.url:
+        ignored = [flag for dest, (flag, default) in getattr(args, "url_ignores", {}).items()
+                   if getattr(args, dest, default) != default]
+        if ignored:
+            print(f"llmrec: error: {', '.join(ignored)}: not used with --url (the service ranks with its own config: "
+                  "serve/config.yaml, `llmrec serve --set ...`); drop them or rank in-process without --url",
+                  file=sys.stderr)
+            return 2
         try:
             rec_json = fetch_recommendations(args.url, args.user_id, args.k, args.explain, args.adapter)
         except ServiceClientError as e:

@@ -37,9 +37,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
+        from llmrec.service.app import _redact
+
         d = to_dict(cfg)
-        if d.get("api_key"):
-            d["api_key"] = "***"
+        for secret in ("api_key", "user_hash_key"):  # the HMAC key would let a log reader undo the user-id hashes
+            if d.get(secret):
+                d[secret] = "***"
+        if d.get("store_url"):
+            d["store_url"] = _redact(d["store_url"])  # a database password
         print(yaml.safe_dump(d, sort_keys=False))
         return 0
     from llmrec.service.launch import serve

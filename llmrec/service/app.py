@@ -15,6 +15,7 @@ from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from llmrec.service.config import ServiceConfig
 from llmrec.service.metrics import ServiceMetrics
@@ -165,6 +166,9 @@ def create_app(
         return error_json(500, "internal_error", "internal error (logged)")
 
     # ------------------------------------------------------------------------------------------------ middleware
+    # added before `_observe`, so it runs inside it: a 413 is counted in llmrec_requests_total like any answer
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable) -> Response:
         t0 = time.perf_counter()
@@ -187,15 +191,20 @@ def create_app(
         _record(request, resp.status_code, t0)
         return resp
 
+    def _template(scope: dict) -> str:
+        """The route template of a request, never the raw path (it holds user ids); also for answers given before
+        routing (401 from the API key check, 413 from the body limit)."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in app.router.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
+
     def _record(request: Request, status: int, t0: float) -> None:
-        route = request.scope.get("route")
-        tmpl = getattr(route, "path", None) or "unmatched"  # the template, never the raw path (it holds user ids)
+        tmpl = _template(request.scope)
         dt = time.perf_counter() - t0
         metrics.requests.labels(route=tmpl, method=request.method, status=str(status)).inc()
         metrics.latency.labels(route=tmpl).observe(dt)
         log.debug("%s %s %d %.1fms", request.method, tmpl, status, dt * 1000)
-
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
 
     # ------------------------------------------------------------------------------------------------ routes
     user_path = Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="user id")

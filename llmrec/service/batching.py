@@ -12,6 +12,7 @@ is to let each request call the backend directly: vLLM's continuous batching mer
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,6 +26,12 @@ from llmrec.llm.base import check_first_tokens, normalize_choices
 log = logging.getLogger(__name__)
 
 
+MAX_WAIT_MS = 60_000.0  # longest a call may wait for others to join its batch (ServiceConfig.batch_max_wait_ms)
+# errors a batch can get from one caller's input (a prompt or option list the backend refuses): such a batch is run
+# again one caller at a time, so only that caller fails; any other error (backend down, timeout) reaches every caller
+INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
 class _Job:
     __slots__ = ("key", "prompts", "payload", "future")
 
@@ -34,6 +41,12 @@ class _Job:
 
 class MicroBatchingBackend:
     def __init__(self, backend: Any, max_batch: int = 16, max_wait_ms: float = 10.0, metrics: Any | None = None):
+        # checked here, not in the worker: an infinite or huge wait overflowed queue.get's timeout there, killed the
+        # worker thread and left every later call waiting for ever
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"max_batch: must be an integer >= 1 (got {max_batch!r})")
+        if not (math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= MAX_WAIT_MS):
+            raise ValueError(f"max_wait_ms: must be within 0..{MAX_WAIT_MS:g} (got {max_wait_ms!r})")
         self.backend = backend
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -149,20 +162,15 @@ class MicroBatchingBackend:
         if self.metrics is not None:
             self.metrics.batch_size.labels(op=kind).observe(len(prompts))
         try:
-            if kind == "score":
-                choices = [c for j in batch for c in j.payload]
-                same = all(c == choices[0] for c in choices)
-                out: Any = self.backend.score_choices(prompts, choices[0] if same else choices)
-            elif kind == "cont":  # (sums, counts): each caller gets its rows of both arrays
-                out = self.backend.score_continuations(prompts, [c for j in batch for c in j.payload])
-            elif kind in ("quoted", "from"):  # per-prompt lists travel with their prompts; the settings are shared
-                rows = [r for j in batch for r in j.payload["rows"]]
-                kw = {k: v for k, v in batch[0].payload.items() if k != "rows"}
-                fn = self.backend.generate_quoted if kind == "quoted" else self.backend.generate_from
-                out = fn(prompts, rows, **kw)
-            else:
-                out = self.backend.generate(prompts, **batch[0].payload)
+            out = self._call(kind, batch, prompts)
         except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+            if len(batch) > 1 and isinstance(e, INPUT_ERRORS):
+                # one caller's input may have failed the whole batch: each caller alone, so only that one fails
+                log.warning("micro-batch of %d calls failed (%s: %s); running them one by one", len(batch),
+                            type(e).__name__, str(e)[:200])
+                for j in batch:
+                    self._execute([j])
+                return
             for j in batch:
                 j.future.set_exception(e)
             return
@@ -174,6 +182,29 @@ class MicroBatchingBackend:
             except Exception as e:  # noqa: BLE001 - a malformed backend answer fails its callers, not the worker
                 j.future.set_exception(e)
             start += len(j.prompts)
+
+    def _call(self, kind: str, batch: list[_Job], prompts: list[str]) -> Any:
+        """One backend call for the whole batch; its answer is checked to hold one row per prompt (a short answer would
+        hand the later callers the wrong rows, or none, without an error)."""
+        if kind == "score":
+            choices = [c for j in batch for c in j.payload]
+            same = all(c == choices[0] for c in choices)
+            out: Any = self.backend.score_choices(prompts, choices[0] if same else choices)
+        elif kind == "cont":  # (sums, counts): each caller gets its rows of both arrays
+            out = self.backend.score_continuations(prompts, [c for j in batch for c in j.payload])
+        elif kind in ("quoted", "from"):  # per-prompt lists travel with their prompts; the settings are shared
+            rows = [r for j in batch for r in j.payload["rows"]]
+            kw = {k: v for k, v in batch[0].payload.items() if k != "rows"}
+            fn = self.backend.generate_quoted if kind == "quoted" else self.backend.generate_from
+            out = fn(prompts, rows, **kw)
+        else:
+            out = self.backend.generate(prompts, **batch[0].payload)
+        parts = out if kind == "cont" and isinstance(out, tuple) else (out,)
+        for part in parts:
+            n = len(part) if hasattr(part, "__len__") else None
+            if n is not None and n != len(prompts):
+                raise RuntimeError(f"backend {kind} answered {n} rows for {len(prompts)} prompts")
+        return out
 
 
 class LockedBackend:

@@ -96,8 +96,10 @@ class ServiceConfig:
                      "cache_size", "batch_max_size", "candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        if not self.batch_max_wait_ms >= 0:
-            raise ConfigError(f"batch_max_wait_ms: must be >= 0 (got {self.batch_max_wait_ms})")
+        # finite and bounded: an infinite (YAML .inf) or huge wait overflowed the micro-batcher's queue timeout, which
+        # killed its worker thread and left every request waiting until llm.timeout_s
+        if not 0 <= self.batch_max_wait_ms <= 60_000:
+            raise ConfigError(f"batch_max_wait_ms: must be >= 0 and at most 60000 (got {self.batch_max_wait_ms})")
         for name, value in (("llm.timeout_s", self.llm.timeout_s),
                             ("llm.vllm_startup_timeout_s", self.llm.vllm_startup_timeout_s)):
             if not value > 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -110,7 +110,8 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
-    item_ids: list[str] = Field(min_length=1)
+    # each id bounded as EventIn.item_id is (an unknown id is echoed in the 422's message)
+    item_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1)
     adapter: str | None = Field(None, pattern=ADAPTER_PATTERN)
 
 

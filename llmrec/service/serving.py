@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -35,6 +36,17 @@ class ServiceError(Exception):
     def __init__(self, code: int, type_: str, message: str, field: str | None = None):
         super().__init__(message)
         self.code, self.type, self.message, self.field = code, type_, message, field
+
+
+class NonFiniteScores(ValueError):
+    """The LLM backend answered NaN / infinite scores (e.g. a half-precision overflow): no ranking can be read from
+    them, so the answer is treated as a backend failure (fallback or 503), never sent (as `null`) nor cached."""
+
+
+def _check_finite(scores: list[float], what: str) -> None:
+    bad = sum(not math.isfinite(x) for x in scores)
+    if bad:
+        raise NonFiniteScores(f"{bad} of {len(scores)} {what} are not finite numbers")
 
 
 class UserHasher:
@@ -216,7 +228,9 @@ class RecommendationService:
                     "backend": getattr(rec, "backend", None) or self.backend_name,
                     "degraded": False,
                 }
+                _check_finite([it["score"] for it in out["items"]], "item scores")
             except Exception as e:  # noqa: BLE001 - any backend failure degrades the same way
+                out = None
                 reason = "timeout" if isinstance(e, asyncio.TimeoutError | TimeoutError) else type(e).__name__
                 self.metrics.fallbacks.labels(reason=reason).inc()
                 log.warning("recommend %s: LLM backend failed (%s: %s)", uh, reason, str(e)[:200])
@@ -292,7 +306,10 @@ class RecommendationService:
         kw: dict[str, Any] = {"history": history, **extra}
         tb = time.perf_counter()
         try:
-            probs = await self._call(recommender.score_yesno, user_id, list(item_ids), **kw)
+            probs = [float(p) for p in await self._call(recommender.score_yesno, user_id, list(item_ids), **kw)]
+            if len(probs) != len(item_ids):
+                raise ValueError(f"{len(probs)} scores for {len(item_ids)} items")
+            _check_finite(probs, "P(Yes) values")
         except Exception as e:  # noqa: BLE001
             reason = "timeout" if isinstance(e, asyncio.TimeoutError | TimeoutError) else type(e).__name__
             self.metrics.fallbacks.labels(reason=reason).inc()
@@ -301,7 +318,7 @@ class RecommendationService:
         self.metrics.backend_latency.labels(op="score").observe(time.perf_counter() - tb)
         return {
             "user_id": user_id,
-            "scores": [{"item_id": i, "p_yes": float(p)} for i, p in zip(item_ids, probs)],
+            "scores": [{"item_id": i, "p_yes": p} for i, p in zip(item_ids, probs)],
             "model": self.model_name, "adapter": adapter, "backend": self.backend_name,
             "latency_ms": (time.perf_counter() - t0) * 1000,
         }

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 import threading
 import time
 from pathlib import Path
@@ -98,6 +100,31 @@ def _row_to_event(r: Any) -> Event:
     )
 
 
+def _check_value(value: Any) -> float | None:
+    """A finite float (an int or numpy number is converted, so a retry sending 4 or 4.0 hashes the same); NaN / inf,
+    booleans and strings are refused (SQLite would store NaN as NULL: a rating without a value)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise StoreError(f"value: must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise StoreError(f"value: must be a finite number, got {value!r}")
+    return v
+
+
+def _check_timestamp(timestamp: Any) -> int | None:
+    """Integer epoch seconds >= 0 (numpy integers accepted); booleans, fractions and negatives are refused rather than
+    truncated or stored as 1970."""
+    if timestamp is None:
+        return None
+    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Integral):
+        raise StoreError(f"timestamp: must be integer epoch seconds, got {timestamp!r}")
+    if int(timestamp) < 0:
+        raise StoreError(f"timestamp: must be >= 0, got {timestamp!r}")
+    return int(timestamp)
+
+
 class EventStore:
     """Durable user-event history with per-user versions. Thread-safe; one instance per process."""
 
@@ -126,8 +153,16 @@ class EventStore:
         store = cls(url or default_url(ds.name), like_threshold=like_threshold)
         loaded = store.get_meta("dataset")
         if loaded is None:
-            store.load_interactions(ds.interactions, dataset=ds.name)
-        elif loaded != ds.name:
+            try:
+                store.load_interactions(ds.interactions, dataset=ds.name)
+            except IntegrityError:
+                # another process (a replica started at the same time) loaded it first: its transaction committed,
+                # ours rolled back whole (no duplicate rows); use what it loaded
+                loaded = store.get_meta("dataset")
+                if loaded is None:
+                    raise
+                log.info("event store %s: initialised concurrently by another process", store.url)
+        if loaded is not None and loaded != ds.name:
             raise StoreError(f"{store.url}: store was initialised from dataset {loaded!r}, not {ds.name!r}")
         return store
 
@@ -269,7 +304,9 @@ class EventStore:
             raise StoreError(f"{'user_id' if not user_id else 'item_id'}: must not be empty")
         if type == "rating" and value is None:
             raise StoreError("value: a rating event needs a value")
-        ts = int(time.time()) if timestamp is None else int(timestamp)
+        value = _check_value(value)
+        timestamp = _check_timestamp(timestamp)
+        ts = int(time.time()) if timestamp is None else timestamp
         if liked is None:
             liked = derive_liked(type, value, self.like_threshold)
         req_hash = hashlib.sha256(
