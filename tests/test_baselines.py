@@ -262,9 +262,9 @@ def test_ensemble_retriever_fuses_full_rankings_by_weighted_rrf(tiny_dataset, fi
     seen[seen_idx] = True
     hist = history_before(ds, users[0], "test")
 
-    def ranks(s: np.ndarray) -> np.ndarray:  # 1 = best unseen item; by hand, one item at a time
+    def ranks(s: np.ndarray) -> np.ndarray:  # 1 = best unseen item; by hand, one item at a time; ties: mean rank
         s = np.where(seen, -np.inf, np.asarray(s, dtype=np.float64))
-        return np.array([1 + (s > s[j]).sum() + (s[:j] == s[j]).sum() for j in range(len(s))])
+        return np.array([1 + (s > s[j]).sum() + ((s == s[j]).sum() - 1) / 2 for j in range(len(s))])
 
     want = 1.0 / (60 + ranks(sas.score_history(hist))) + 2.0 / (60 + ranks(cf.score_history(hist)))
     np.testing.assert_allclose(got[0][~seen], want[~seen])

@@ -101,9 +101,14 @@ def test_implicit_label_rule_samples_saved_negatives(tmp_path):
     assert ds.manifest["label_rule"] == "implicit"
     y = ds.yesno
     assert set(y["label"]) == {0, 1} and (y["label"] == 1).sum() == (y["label"] == 0).sum()
-    seen = ds.interactions.groupby("user_id")["item_id"].agg(set)
+    # a negative is an item the user had not met by the end of its row's split period (train: before t_valid, valid:
+    # before t_test, test: ever): an item met only later may be a training row's No (tests/test_leak_audit.py)
+    cut = ds.manifest["yesno_cutoffs"]
+    bound = {"train": cut["t_valid"], "valid": cut["t_test"], "test": float("inf")}
+    inter = ds.interactions
     negs = y[y["label"] == 0]
-    assert all(i not in seen[u] for u, i in zip(negs["user_id"], negs["item_id"]))
+    for u, i, s in zip(negs["user_id"], negs["item_id"], negs["split"]):
+        assert i not in set(inter[(inter["user_id"] == u) & (inter["timestamp"] < bound[s])]["item_id"])
 
 
 def test_shared_datasets_load(tmp_path):

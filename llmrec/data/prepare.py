@@ -21,9 +21,11 @@ Rules, all recorded in the manifest:
   before `t_valid`, `test` if at or after `t_test`, else `valid`. So every test example lies strictly after every
   training example, and no training history can hold a test event.
 - **labels**: `rating_threshold` (like = rating > threshold; events without a rating are dropped, `missing_rating`),
-  `implicit` (observed = like; for Yes/No each positive gets `neg_per_pos` sampled unobserved items with the same
-  history, label No; saved), `weight_above_user_median` (like = weight/rating above the user's median; e.g. Last.fm
-  listen counts).
+  `implicit` (observed = like; for Yes/No each positive gets `neg_per_pos` sampled items with the same history,
+  label No, saved: items the user had not interacted with by the end of the row's split period - before `t_valid`
+  for a train row, before `t_test` for a valid row, ever for a test row - so no later event decides a training row's
+  label), `weight_above_user_median` (like = weight/rating above the user's median over all their events, later
+  ones included; e.g. Last.fm listen counts, which are all-time totals anyway).
 """
 
 from __future__ import annotations
@@ -207,20 +209,26 @@ def yesno_examples(df: pd.DataFrame, cfg: PrepareConfig, rule: str, n_items_all:
     target_item = item[idx]
     target_label = label[idx].astype(np.int8)
     if rule == "implicit" and cfg.neg_per_pos > 0:
-        # each positive gets neg_per_pos items the user never interacted with, same history and time (saved, seeded)
+        # each positive gets neg_per_pos items the user had not interacted with by the end of the row's split period
+        # (train: before t_valid, valid: before t_test, test: ever), same history and time (saved, seeded). Items the
+        # user meets only later are fair negatives of an earlier split: excluding them would let the valid/test period
+        # decide which items a training row may label No (never the user's later targets)
         catalogue = n_items_all
-        seen = df.groupby("user_id", sort=False)["item_id"].agg(set).to_dict()
-        # users who have seen the whole catalogue get no negatives
-        can = np.array([len(seen[u]) < len(catalogue) for u in user[idx]], dtype=bool)
+        seen_ever = df.groupby("user_id", sort=False)["item_id"].agg(set).to_dict()
+        seen_by = {s: df[ts < bound].groupby("user_id", sort=False)["item_id"].agg(set).to_dict()
+                   for s, bound in (("train", t_valid), ("valid", t_test))}
+        row_seen = [seen_ever[u] if s == "test" else seen_by[s].get(u, set()) for u, s in zip(user[idx], split)]
+        # users who have met the whole catalogue (by then) get no negatives
+        can = np.array([len(s) < len(catalogue) for s in row_seen], dtype=bool)
         reps = np.repeat(np.flatnonzero(can), cfg.neg_per_pos)
         neg_items = catalogue[rng.integers(0, len(catalogue), size=len(reps))]
         for j in range(len(reps)):  # resample the (few) collisions with the user's own items
-            u = user[idx[reps[j]]]
+            seen_u = row_seen[reps[j]]
             tries = 0
-            while neg_items[j] in seen[u]:
+            while neg_items[j] in seen_u:
                 tries += 1
                 if tries > 50:  # dense user: draw from the explicit complement
-                    neg_items[j] = rng.choice(np.array(sorted(set(catalogue) - seen[u]), dtype=object))
+                    neg_items[j] = rng.choice(np.array(sorted(set(catalogue) - seen_u), dtype=object))
                     break
                 neg_items[j] = catalogue[rng.integers(0, len(catalogue))]
         idx = np.concatenate([idx, idx[reps]])

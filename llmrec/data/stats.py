@@ -4,7 +4,13 @@ prompt shows next to the target ("61% of 148 earlier ratings were likes").
 Which time a row may see (`feature_time`): a training row sees everything strictly before its own timestamp; a
 validation or test row sees only what was known at its split's cut-off (`manifest["yesno_cutoffs"]`: `t_valid`,
 `t_test`), the moment a model would be frozen. So no valid/test interaction ever reaches a training prompt, and no
-test-period interaction (of this or any other user) reaches a test prompt's feature.
+other user's test-period interaction reaches a test prompt's feature.
+
+The user's own side is the row's history (`hist_*`: the <= 10 events before the row, TALLRec's protocol) and the
+prompt's like count (`{user_stats}`) summarises the same events: for a valid/test row those are mostly events of its
+own split period (96% of the history events of ML-100K's test rows are at or after `t_test`), each earlier in the
+user's sequence (time, then file order) than the row, never the row itself. They are the user's feedback before the
+question, as a frozen model would read it from the event store; the history lines list the same likes one by one.
 """
 
 from __future__ import annotations

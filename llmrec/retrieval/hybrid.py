@@ -22,12 +22,25 @@ def row_ranks(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def tied_row_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of each column within its row by descending score, tied columns sharing their mean rank (NaN
+    ranks last, as -inf: the metrics read it so). Unlike `row_ranks` no column order decides between equal scores."""
+    from scipy.stats import rankdata
+
+    s = np.array(scores, dtype=np.float64, copy=True)
+    s[np.isnan(s)] = -np.inf
+    return rankdata(-s, method="average", axis=1) if s.size else np.zeros(s.shape)
+
+
 def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = None, rrf_k: float = 60.0,
              exclude: list[np.ndarray] | None = None, depth: int | None = None) -> np.ndarray:
     """Fuse [n_users, n_items] score matrices by reciprocal rank fusion. Items in `exclude[u]` (indices) are
     ranked last in every input (so ranks count unseen items only) and get a fused score of -inf. With `depth`,
     only each input's top-`depth` items count (as in `HybridRetriever.query`); the deeper ranks only break ties
-    (weight 1e-6), so the full ranking stays defined."""
+    (weight 1e-6), so the full ranking stays defined. Items an input scores alike share their mean rank there
+    (`tied_row_ranks`): a model that cannot tell them apart gives them equal votes, and a model that scores every
+    item alike leaves the fused scores tied (which the metrics count against the target), where ranks in catalogue
+    order would have ranked the first items of the catalogue top."""
     weights = list(weights) if weights is not None else [1.0] * len(score_mats)
     out = np.zeros(score_mats[0].shape, dtype=np.float64)
     for w, s in zip(weights, score_mats):
@@ -35,7 +48,7 @@ def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = Non
         if exclude is not None:
             for u, ex in enumerate(exclude):
                 s[u, ex] = -np.inf
-        ranks = row_ranks(s).astype(np.float64)
+        ranks = tied_row_ranks(s)
         contrib = w / (rrf_k + ranks)
         out += contrib if depth is None else np.where(ranks <= depth, contrib, 1e-6 * contrib)
     if exclude is not None:
