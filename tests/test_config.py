@@ -160,3 +160,20 @@ def test_cli_prints_a_refused_value_as_one_line_and_shows_the_traceback_with_v(m
     assert capsys.readouterr().err.strip() == "llmrec: error: RankingConfig.n_candidates=25 exceeds the 20 labels"
     with pytest.raises(ValueError, match="n_candidates=25"):
         main(["-v", "data", "show", "--dataset", "d", "--user", "1"])
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`llmrec ... | head`: the reader closes the pipe; the command stops without a traceback or an
+    'Exception ignored' report at exit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLMREC_HOME": str(tmp_path)}
+    p = subprocess.Popen([sys.executable, "-m", "llmrec", "serve", "--print-config"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before the command has written anything: every write of it meets a closed pipe
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert p.returncode == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # one module per command group; a module registers one or more sub-commands
@@ -37,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.llm.base import BackendError
 
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # the reader went away (`llmrec ... | head`): stop quietly as a Unix tool does; stdout goes to devnull so the
+        # interpreter's own flush at exit does not report it again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (DataError, ConfigError, BackendError, FileNotFoundError, KeyError, ValueError) as e:
         # a refused input or setting: one line naming it (the library's ValueErrors say which); -v shows the traceback
         if args.verbose:
