@@ -469,3 +469,25 @@ def test_tensorboard_logs_go_to_each_run_s_own_folder(tiny_dataset, tiny_dir, tm
         run_finetune(tiny_recipe(tiny_dir, tmp_path / name, steps=1, extra=fast), ds=tiny_dataset)
         assert list((tmp_path / name / "runs").rglob("events.out.tfevents*")), name
     assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+
+
+@pytest.mark.parametrize("task", ["yesno", "rank"])
+def test_eval_rows_are_drawn_apart_from_the_training_seed(tiny_dataset, tiny_dir, task):
+    """data.seed picks the training rows; data.eval_seed the valid/test subsets (and their rank candidates), so runs
+    of several training seeds are scored on the same rows."""
+    from transformers import AutoTokenizer
+
+    from llmrec.finetune.data import build_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+
+    def rows(*extra: str) -> dict[str, list[tuple]]:
+        cfg = tiny_recipe(tiny_dir, tiny_dir / "unused", task=task, extra=["data.n_valid=4", "data.n_test=4", *extra])
+        ex = build_examples(tiny_dataset, task, cfg.data, tok)
+        return {k: [(e.user_id, e.item_id, e.prompt, e.answer) for e in v] for k, v in ex.items()}
+
+    base, seed1, eval1 = rows(), rows("data.seed=1"), rows("data.eval_seed=1")
+    assert seed1["train"] != base["train"]  # another training draw ...
+    assert seed1["valid"] == base["valid"] and seed1["test"] == base["test"]  # ... scored on the same rows
+    assert eval1["train"] == base["train"]
+    assert eval1["valid"] != base["valid"] and eval1["test"] != base["test"]

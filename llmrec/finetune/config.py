@@ -20,6 +20,9 @@ class DataSettings:
 
     n_train: int | None = 256  # few-shot size (TALLRec: 16, 64, 256, ...); sampled with `seed`
     seed: int = 0
+    # draws the n_valid / n_test subsets (and their rank candidates), apart from `seed`: runs with other training rows
+    # (seed) are scored on the same validation and test rows
+    eval_seed: int = 0
     template: str | None = None  # prompt template name; default = the task name
     max_len: int = 448  # token budget of prompt + answer (the prompt's history is trimmed to fit)
     history_max: int = 10

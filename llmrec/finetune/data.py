@@ -216,7 +216,8 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
 def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
                    retriever: Any = None) -> dict[str, list[Example]]:
     """{"train", "valid", "test"} example lists for `task` (train: n_train sampled with cfg.seed; valid/test: fixed
-    seeded subsets of n_valid / n_test, the same rows as `llmrec.evaluation.yesno_subset` for yesno). `retriever`:
+    subsets of n_valid / n_test drawn with cfg.eval_seed, the same rows as `llmrec.evaluation.yesno_subset` for
+    yesno). `retriever`:
     for rank with `candidates: retrieval`, a built retriever instead of building `cfg.retriever`."""
     from llmrec.evaluation import yesno_subset
 
@@ -226,7 +227,7 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
         ys = ds.yesno
 
         def sub(split: str, n: int | None) -> pd.DataFrame:
-            return ys.iloc[:0] if n == 0 else yesno_subset(ds, split, n, cfg.seed)
+            return ys.iloc[:0] if n == 0 else yesno_subset(ds, split, n, cfg.eval_seed)
 
         train = yesno_subset(ds, "train", cfg.n_train or None, cfg.seed)  # the rows baselines' few-shot caps draw
         if cfg.exclude_eval_targets:
@@ -246,8 +247,8 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
     inter = ds.interactions
     pool = inter[(inter["split"] == "train") & (inter["pos"] >= 1)]
     train = sample_rows(pool, cfg.n_train, cfg.seed)
-    valid = _subset(ds.targets("valid"), cfg.n_valid, cfg.seed)
-    test = _subset(ds.targets("test"), cfg.n_test, cfg.seed)
+    valid = _subset(ds.targets("valid"), cfg.n_valid, cfg.eval_seed)
+    test = _subset(ds.targets("test"), cfg.n_test, cfg.eval_seed)
     listwise = task == "next_title" and cfg.negatives > 0
     sampler = _CandidateSampler(ds, cfg.candidates, cfg.n_candidates, retriever, cfg.retriever) if (
         task == "rank" or listwise) else None
@@ -260,9 +261,9 @@ def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
                  100 * sampler.later_counts[0] / sampler.later_counts[1], cfg.n_candidates - 1)
     return {
         "train": train_ex,
-        "valid": _seq_examples(ds, task, _with_pos(ds, valid), cfg, tokenizer, template, P, "valid", cfg.seed + 1,
+        "valid": _seq_examples(ds, task, _with_pos(ds, valid), cfg, tokenizer, template, P, "valid", cfg.eval_seed + 1,
                                "valid examples", held),
-        "test": _seq_examples(ds, task, _with_pos(ds, test), cfg, tokenizer, template, P, "test", cfg.seed + 2,
+        "test": _seq_examples(ds, task, _with_pos(ds, test), cfg, tokenizer, template, P, "test", cfg.eval_seed + 2,
                               "test examples", held),
     }
 
@@ -523,6 +524,7 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
     """What the model was trained and evaluated on: sizes, seed, label balance, template, and a content hash."""
     listed = task == "rank" or (task == "next_title" and cfg.negatives > 0)
     out: dict[str, Any] = {"dataset": getattr(ds, "name", None), "task": task, "seed": cfg.seed,
+                           "eval_seed": cfg.eval_seed,
                            "n_train_requested": cfg.n_train,
                            "candidates": cfg.candidates if listed else None,
                            "retriever": cfg.retriever if listed and cfg.candidates == "retrieval" else None,
