@@ -354,8 +354,8 @@ def start_service(overrides: list[str], port: int, log_path: Path, timeout: floa
     cli = "import sys; from llmrec.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", cli, "serve", "--config", str(ROOT / "serve" / "config.yaml"), "--port", str(port),
            "--set", *overrides]
-    proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=ROOT)
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout, name="service", log_path=log_path)
     except TimeoutError:

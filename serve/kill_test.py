@@ -41,7 +41,8 @@ def start_service(dataset: str, db: Path, port: int, log_path: Path) -> subproce
     cli = "import sys; from llmrec.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", cli, "serve", "--no-llm", "--dataset", dataset, "--port", str(port),
            "--set", f"store_url=sqlite:///{db}"]
-    proc = subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", proc, 180, interval_s=0.3, name="service", log_path=log_path)
     except TimeoutError:
