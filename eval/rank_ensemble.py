@@ -53,6 +53,12 @@ def target_ranks(feats: np.ndarray, w: np.ndarray, target: np.ndarray, missing_r
     return ranks
 
 
+def ratio_cell(r: dict) -> str:
+    """A paired-bootstrap ratio as a table cell: point (95% interval, share of resamples strictly ahead, share at
+    least as good). Two rows with the same ranks are ahead in 0% of resamples and at least as good in 100%."""
+    return f"{r['ratio']:.3f} ({r['lo']:.2f}-{r['hi']:.2f}, ahead {r['p_gt_1']:.0%}, >= {r['p_ge_1']:.0%})"
+
+
 def choose_weights(feats: np.ndarray, target: np.ndarray, free: list[int], fixed: dict[int, float],
                    grid: list[float], missing_rank: int) -> tuple[np.ndarray, float]:
     """The weights of best NDCG@10 over `grid` for the `free` features (others: `fixed`, else 0); ties: the smaller
@@ -151,8 +157,7 @@ def main() -> None:
     ndcg = lambda rk: ndcg_at_k(rk, 10)  # noqa: E731
 
     def ratio(a: np.ndarray, b: np.ndarray) -> str:
-        r = paired_bootstrap_ratio(ndcg, a, b, seed=args.seed)
-        return f"{r['ratio']:.3f} ({r['lo']:.2f}-{r['hi']:.2f}, ahead {r['p_ge_1']:.0%})"
+        return ratio_cell(paired_bootstrap_ratio(ndcg, a, b, seed=args.seed))
 
     rows = [{"method": f"{m} alone, full ranking", **{k: r[k] for k in KEYS}} for m, r in full.items()]
     for name, (w, v) in cases.items():
@@ -172,7 +177,8 @@ def main() -> None:
         f"and the LLM's title mean log-prob per token (adapter: {args.adapter or 'none, the base model'}). "
         f"vs_best_{best} (the best full ranking above, the retriever's included, on these users) / "
         f"vs_baselines_ensemble: NDCG@10 ratio, 95% paired "
-        f"bootstrap interval and the share of resamples at least as good.\n")
+        f"bootstrap interval, the share of resamples where the row is ahead (ratio > 1) and where it is at least as "
+        f"good (>= 1).\n")
     write_result(args.name or f"rank_ensemble_{args.dataset}",
                  {"dataset": args.dataset, "rows": rows, "best_baseline": best, "features": names,
                   "args": vars(args)}, md,

@@ -116,6 +116,14 @@ def _src(d: dict, name: str) -> str:
     )
 
 
+def share_of_resamples(ci: dict) -> str:
+    """How often the tuned LLM won the paired-bootstrap resamples: "ahead" only from `p_gt_1` (ratio > 1); runs
+    recorded before it was kept have `p_ge_1` alone (ratio >= 1, a tie counts), which is said as such."""
+    if ci.get("p_gt_1") is not None:
+        return f"tuned LLM ahead in {100 * ci['p_gt_1']:.0f}% of resamples"
+    return f"tuned LLM at least as good in {100 * ci['p_ge_1']:.0f}% of resamples"
+
+
 def section(results: Path = RESULTS) -> str:
     """The bench's full tables, then one line per other result file (name linked to its markdown, what it measures,
     when)."""
@@ -135,8 +143,7 @@ def section(results: Path = RESULTS) -> str:
             else:
                 ci = v.get("ci")  # paired bootstrap over the same users / rows (runs since 2026-12-05)
                 unc = (f"; {100 * ci['level']:.0f}% interval {ci['lo']:.2f}-{ci['hi']:.2f}x (paired bootstrap, "
-                       f"{ci['n']} {v.get('rows', 'rows')}; tuned LLM ahead in {100 * ci['p_ge_1']:.0f}% of "
-                       "resamples)" if ci else "")
+                       f"{ci['n']} {v.get('rows', 'rows')}; {share_of_resamples(ci)})" if ci else "")
                 other = f" ({v['best_other_name']})" if v.get("best_other_name") else ""
                 mode = f" ({v['tuned_name']})" if v.get("tuned_name") not in (None, "llm tuned") else ""
                 parts.append(f"- goal {g}: tuned LLM{mode} {v['tuned_llm']:.4f} vs best other{other} "
@@ -200,7 +207,10 @@ def glance(results: Path = RESULTS, dataset: str = "ml-100k") -> str:
     e = results / f"explanations_{dataset}.json"
     if e.is_file():
         ed = json.loads(e.read_text())
-        row = next((r for r in ed["rows"] if r["explanations"] == DEFAULT_EXPLANATIONS), ed["rows"][-1])
+        row = next((r for r in ed["rows"] if r["explanations"] == DEFAULT_EXPLANATIONS), None)
+        if row is None:  # another row's figures under "the default mode" would be a wrong headline, not an old one
+            raise ValueError(f"{e}: no row {DEFAULT_EXPLANATIONS!r} (the default mode the headline quotes); rows: "
+                             f"{[r['explanations'] for r in ed['rows']]}")
         out += (f"- explanations ({row['n']} users, the default mode): template fallback "
                 f"{100 * row['fallback_rate']:.0f}%, hallucinated titles {100 * row['hallucination_rate']:.0f}%, "
                 f"{row['mean_words']:.0f} words, {row['s_per_user']:.2f} s/user.\n")

@@ -242,7 +242,8 @@ def paired_bootstrap_ratio(
     quantiles of r* (non-finite replicates are dropped: NaN, e.g. a one-class AUC resample or 0/0, and inf, where
     metric(b[idx]) = 0 < metric(a[idx]), which makes the interval and `p_ge_1` conservative for method a). Also
     returned: the point ratio, `p_ge_1` = the share of the kept replicates with r* >= 1 (how often method a comes out
-    at least as good), `n` and `n_boot` = the replicates kept.
+    at least as good: a tie counts), `p_gt_1` = the share with r* > 1 (how often method a comes out *ahead*; two
+    methods with the same per-row results get p_ge_1 = 1 but p_gt_1 = 0), `n` and `n_boot` = the replicates kept.
     For a per-user ranking metric pass the ranks (metric = lambda r: ndcg_at_k(r, 10)); for AUC pass
     np.column_stack([labels, scores]) (metric = lambda m: auc(m[:, 0], m[:, 1])).
     """
@@ -260,7 +261,8 @@ def paired_bootstrap_ratio(
     reps = reps[np.isfinite(reps)]
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if reps.size else (np.nan, np.nan)
     return {"ratio": float(point), "lo": float(lo), "hi": float(hi), "level": level,
-            "p_ge_1": float(np.mean(reps >= 1.0)) if reps.size else float("nan"), "n": n, "n_boot": int(reps.size)}
+            "p_ge_1": float(np.mean(reps >= 1.0)) if reps.size else float("nan"),
+            "p_gt_1": float(np.mean(reps > 1.0)) if reps.size else float("nan"), "n": n, "n_boot": int(reps.size)}
 
 
 def paired_auc_ratio(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float],
