@@ -132,7 +132,9 @@ class OptionTrie:
     """The token sequences of a prompt's options (each option's text + separator, tokenized on its own), walked as
     the model writes them: which tokens may come next and which options are complete. Used as a
     `prefix_allowed_tokens_fn` by constrained generation: after `n` options (or when none is left) only `eos_id`
-    may follow. An option whose tokens are a prefix of another's completes first (the longer one stays reachable)."""
+    may follow. An option whose tokens are a prefix of another's completes first (the longer one stays reachable).
+    Options with identical tokens (two catalogue ids under one title) share an end node: the first written is the
+    first of them, writing the same tokens again is the next one (each can be written once)."""
 
     def __init__(self, seqs: list[list[int]], n: int, eos_id: int):
         if not seqs or any(not s for s in seqs):
@@ -140,15 +142,15 @@ class OptionTrie:
         self.n = min(n, len(seqs))
         self.eos_id = int(eos_id)
         self.lengths = [len(s) for s in seqs]
-        self.root: dict[str, Any] = {"next": {}, "end": None, "opts": set()}
+        # a node's "end": the options whose tokens end there, in option order (several: identical token sequences)
+        self.root: dict[str, Any] = {"next": {}, "end": [], "opts": set()}
         for i, seq in enumerate(seqs):
             node = self.root
             node["opts"].add(i)
             for t in seq:
-                node = node["next"].setdefault(int(t), {"next": {}, "end": None, "opts": set()})
+                node = node["next"].setdefault(int(t), {"next": {}, "end": [], "opts": set()})
                 node["opts"].add(i)
-            if node["end"] is None:  # two options with identical tokens: the first one counts
-                node["end"] = i
+            node["end"].append(i)
 
     def max_new_tokens(self) -> int:
         """Enough tokens to write the `n` longest options and the end token."""
@@ -163,8 +165,9 @@ class OptionTrie:
             if len(chosen) >= self.n or t not in node["next"]:  # finished (end token, padding) or off the trie
                 return chosen, [self.eos_id]
             node = node["next"][t]
-            if node["end"] is not None and node["end"] not in chosen:
-                chosen.append(node["end"])
+            done = next((i for i in node["end"] if i not in chosen), None)
+            if done is not None:
+                chosen.append(done)
                 node = self.root
         if len(chosen) >= self.n:
             return chosen, [self.eos_id]
@@ -236,8 +239,9 @@ def quoted_state(trie: OptionTrie, generated: list[int], open_ids: set[int]) -> 
             node = None
             continue
         node = nxt
-        if node["end"] is not None and node["end"] not in used:
-            used.add(node["end"])
+        done = next((i for i in node["end"] if i not in used), None)
+        if done is not None:
+            used.add(done)
             node = None
     if node is None:
         return None, used

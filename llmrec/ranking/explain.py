@@ -34,7 +34,10 @@ class TitleMatcher:
 
     def __init__(self, item_ids: list[str], titles: list[str], max_chars: int = TITLE_MAX_CHARS):
         self.by_variant: dict[str, str] = {}
+        self._lowercase_titles: set[str] = set()  # ids whose catalogue title has no capital letter ("e.e.")
         for iid, t in zip(item_ids, titles):
+            if str(t) == str(t).lower():
+                self._lowercase_titles.add(iid)
             for v in title_variants(str(t)) | {quote(t, max_chars)[1:-1].lower()}:
                 if len(v) >= 4:
                     self.by_variant.setdefault(v, iid)
@@ -56,18 +59,31 @@ class TitleMatcher:
         the edges of a quoted span."""
         return self._quoting_re.sub(lambda m: _single_quoted(m.group(1)), text) if self._quoting_re else text
 
-    def find(self, text: str) -> list[str]:
-        """Item ids named in `text`, in order of first mention, without repeats."""
+    def find(self, text: str, strict: bool = False) -> list[str]:
+        """Item ids named in `text`, in order of first mention, without repeats. `strict` (reading free text such
+        as an explanation, not a line meant to be a title): a match written all in lower case and without a digit
+        ("a boy and his mother", "the game") is a word, not a title, unless the catalogue title itself has no
+        capital letter; "Mother", "Heat (1995)", "heat (1995)" are titles. Many titles are common words (ML-100K:
+        Mother, Heat, Kids, Women, Game, Trust, Fresh, Safe, ...)."""
         if not self._re:
             return []
+        low = text.lower()
+        same_length = len(low) == len(text)  # positions of `low` are positions of `text` (not for every letter)
         seen: dict[str, None] = {}
-        for m in self._re.finditer(text.lower()):
-            seen.setdefault(self.by_variant[m.group(1)], None)
+        for m in self._re.finditer(low):
+            iid = self.by_variant[m.group(1)]
+            if strict and same_length and iid not in self._lowercase_titles:
+                written = text[m.start(1):m.end(1)]
+                if written == written.lower() and not any(c.isdigit() for c in written):
+                    continue
+            seen.setdefault(iid, None)
         return list(seen)
 
     def exact(self, text: str) -> str | None:
-        """The item whose title variant equals `text` (stripped, case-insensitive, quotes removed), if any."""
-        for key in (text.strip().lower(), text.strip().strip("\"'“”").strip().lower()):
+        """The item whose title variant equals `text` (stripped, case-insensitive, quotes removed, then a sentence's
+        final punctuation too), if any."""
+        plain = text.strip().strip("\"'“”").strip().lower()
+        for key in (text.strip().lower(), plain, plain.rstrip(".,;:!?").strip()):
             if found := self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip()):
                 return found
         return None
@@ -216,22 +232,30 @@ def check_explanation(
 ) -> ExplanationCheck:
     """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
     title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title),
-    not repetitive, and no recommended item presented as one the user already liked / watched / bought."""
+    not repetitive, and no recommended item presented as one the user already liked / watched / bought.
+
+    Titles are read with `TitleMatcher.find(strict=True)` (a title that is a common word counts when written as a
+    title, not as the lower-case word); a quoted span must be a whole catalogue title (`TitleMatcher.exact`): one
+    that only contains a title ("Toy Story 3" around "Toy Story") is invented."""
     text = matcher.unquote_titles(text)
-    named = matcher.find(text)
+    named = matcher.find(text, strict=True)
     halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
     attr_low = {a.lower() for a in attributes}
     quoted = [q.strip() for q in _QUOTED.findall(text)]
-    for q in quoted:
-        if not matcher.find(q) and q.lower() not in attr_low and q not in halluc:
-            halluc.append(q)
     mentions = [matcher.exact(q) for q in quoted]
+    for q, i in zip(quoted, mentions):
+        if i is None and q.lower() not in attr_low and q not in halluc:
+            halluc.append(q)
+        elif i is not None and i not in named:  # quoted in lower case: still a title
+            named.append(i)
+            if i not in history_ids and i not in recommended_ids:
+                halluc.append(i)
     ids = [m for m in mentions if m]
     repetitive = len(ids) != len(set(ids))
     grounded = any(i in history_ids for i in named) or mentions_attribute(text, attributes)
     misattributed: list[str] = []
     for m in _CLAIM.finditer(text):
-        for i in matcher.find(m.group(1)):
+        for i in matcher.find(m.group(1), strict=True):
             if i not in history_ids and i in recommended_ids and i not in misattributed:
                 misattributed.append(i)
     ok = bool(text.strip()) and grounded and not halluc and not repetitive and not misattributed

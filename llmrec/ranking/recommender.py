@@ -410,7 +410,7 @@ class Recommender:
         if not text:
             return []
         hist = {e.item_id for e in history}
-        named = self.matcher.find(text)
+        named = self.matcher.find(text, strict=True)  # as the post-check reads it: "his mother" cites no film
         recs = self._with_twins(rec_ids)
         about = [i for i in named if i in recs and i not in hist] or list(rec_ids[:1])
         about_attrs = {a for i in about if i in self.ds.item_index for a in self._attrs(i)}
