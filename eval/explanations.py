@@ -42,7 +42,7 @@ def relevant_citations(rec: Recommender, hs: list, recs: list, top: int = 3,
         if generated_only and r.explanation_fallback:
             continue
         hist = {e.item_id for e in h}
-        cited = [i for i in rec.matcher.find(r.explanation or "") if i in hist]
+        cited = [i for i in rec.matcher.find(r.explanation or "", strict=True) if i in hist]  # as the check reads it
         named += len(cited)
         shared += len(rec.sharing_attributes(cited, [i.item_id for i in r.items[:top]]))
     return shared / named if named else None
