@@ -440,10 +440,13 @@ FEW_SHOT_KW = {"mf": {}, "bert_lstm": {"tasks": ["yesno"]}}  # baselines refitte
 
 
 def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int,
-                   few_shot: tuple[int, int] | None = None, probs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Each baseline's test metrics on the recipe's test subset (its checkpoint, else fitted with defaults on every
-    training row), the counts-only reference, and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW
-    refitted on exactly the LLM's n_train training rows, early-stopped on its n_valid validation rows (same seed).
+                   few_shot: tuple[int, int] | None = None, probs: dict[str, Any] | None = None,
+                   train_seed: int | None = None) -> dict[str, Any]:
+    """Each baseline's test metrics on the recipe's test subset (`n_test` rows drawn with `seed`, the run's
+    `data.eval_seed`; its checkpoint, else fitted with defaults on every training row), the counts-only reference,
+    and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW refitted on exactly the LLM's n_train
+    training rows (drawn with `train_seed`, the run's `data.seed`; default `seed`), early-stopped on n_valid
+    validation rows drawn with that seed too (the LLM's own when the two seeds are equal).
     `probs`, when given, gets each method's P(Yes) per test row as a DataFrame (user_id, item_id, label, p_yes)."""
     import pandas as pd
 
@@ -473,7 +476,8 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     for name in [n for n in names if n in FEW_SHOT_KW] if few_shot else []:
         n_tr, n_va = few_shot
         t0 = time.time()
-        model = get_model(name, max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, **FEW_SHOT_KW[name])
+        model = get_model(name, max_train_examples=n_tr, max_valid_examples=n_va,
+                          seed=seed if train_seed is None else train_seed, **FEW_SHOT_KW[name])
         model.fit(ds)
         out[f"{name}, same {n_tr} training rows"] = {
             **evaluate_yesno(keep(f"{name}, same {n_tr} training rows", model.predict_proba(ex)), ex),
@@ -599,12 +603,15 @@ def cmd_report(a: argparse.Namespace) -> None:
     prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
     mem = memory_summary(a.task, a.dataset) or prev.get("memory") or {}
     n_test = manifest["test"]["n"]
-    seed = manifest["seed"]
+    # the valid/test subsets are drawn with data.eval_seed (a manifest from before it: with data.seed), the training
+    # rows with data.seed: the baselines are scored on the LLM's own test rows whatever its training seed
+    train_seed = manifest["seed"]
+    seed = manifest.get("eval_seed", train_seed)
     few = (manifest["train"]["n"], manifest["valid"]["n"]) if a.few_shot else None
     names = [n for n in (DEFAULT_BASELINES[a.task] if a.baselines is None else a.baselines).split(",") if n]
     base_probs: dict[str, Any] = {}
     if a.task == "yesno":
-        baselines = baseline_yesno(names, a.dataset, n_test, seed, few, base_probs) if names else {}
+        baselines = baseline_yesno(names, a.dataset, n_test, seed, few, base_probs, train_seed) if names else {}
     else:  # the same candidate sets as the LLM's test prompts
         baselines = baseline_rank(names, run_dir(a.task, a.dataset))
     payload = {

@@ -64,6 +64,29 @@ def recipe_changes(cfg: FinetuneConfig, recipe_file: Path) -> list[str]:
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*now, *saved])
             if k not in RUN_ONLY_KEYS and saved.get(k) != now.get(k)]
 
+
+def stale_checkpoints(ckpt_dir: Path, resume: str | None) -> list[Path]:
+    """The `checkpoint-N` folders in `ckpt_dir` that the run about to train there does not continue: all of them for a
+    run started over (or resumed from a checkpoint elsewhere), those after the resumed step for a run resumed from one
+    of its own. Left in place, a later `train.resume: auto` would pick the highest-numbered one, an earlier run's
+    (the recipe check cannot tell: recipe.yaml is this run's by then), and the Trainer's `save_total_limit` rotation
+    would delete this run's own newer, lower-numbered checkpoints first."""
+    import re
+
+    if not ckpt_dir.is_dir():
+        return []
+    found = {}
+    for d in ckpt_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found[d] = int(m.group(1))
+    after = -1
+    if resume and Path(resume).resolve().parent == ckpt_dir.resolve():
+        m = re.fullmatch(r"checkpoint-(\d+)", Path(resume).name)
+        after = int(m.group(1)) if m else max(found.values(), default=0)
+    return sorted((d for d, n in found.items() if n > after), key=found.get)
+
+
 def _main_process_first() -> Any:
     """accelerate's `main_process_first()` when several processes train (WORLD_SIZE > 1: it sets up the process
     group the Trainer then uses), else nothing."""
@@ -420,6 +443,15 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     man["dataset"] = cfg.dataset
     man["build_seconds"] = round(build_s, 1)
     if is_main_process():
+        stale = stale_checkpoints(ckpt_dir, resume)
+        if stale:
+            import shutil
+
+            log.warning("removing %d checkpoint(s) of an earlier run from %s (%s): this run %s", len(stale),
+                        ckpt_dir, ", ".join(d.name for d in stale),
+                        f"continues from {Path(resume).name}" if resume else "starts over (train.resume: null)")
+            for d in stale:
+                shutil.rmtree(d)
         (out_dir / "data_manifest.json").write_text(json.dumps(man, indent=2) + "\n")
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     listwise = cfg.task == "next_title" and cfg.data.negatives > 0
@@ -462,10 +494,16 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
             scale = (self.accelerator.num_processes
                      if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
             if "group_size" in inputs:  # listwise next_title groups
+                # the micro-batches this optimizer step accumulates: fewer than grad_accum in an epoch's last window
+                # (the LM term is normalised by that window's tokens; the listwise mean by its micro-batches)
+                n_micro = (getattr(self, "current_gradient_accumulation_steps", None)
+                           or self.args.gradient_accumulation_steps)
                 loss, parts = listwise_title_loss(
                     model, inputs, tc.listwise_temperature, tc.listwise_lm_weight, num_items_in_batch,
-                    positions_as=tc.loss_positions, lm_scale=scale,
-                    list_scale=1.0 / self.args.gradient_accumulation_steps)
+                    positions_as=tc.loss_positions, lm_scale=scale, list_scale=1.0 / n_micro)
+                # logged per optimizer step: a micro-batch's LM part is its share of the window's token-normalised
+                # loss (and of the processes' when tokens are counted over all of them)
+                parts["listwise_lm"] *= n_micro * scale
                 self._listwise_parts.append(parts)
                 return (loss, {}) if return_outputs else loss
             loss, logits = answer_only_loss(model, inputs, num_items_in_batch, positions_as=tc.loss_positions)
@@ -548,6 +586,14 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in the forward pass
     )
+    # without bf16/fp16 set, transformers takes the mixed precision from ACCELERATE_MIXED_PRECISION, which
+    # `accelerate launch` exports from its config (finetune/accelerate/multi_gpu.yaml: bf16): the recipe decides
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    want = "bf16" if args.bf16 else "no"
+    if launcher not in (None, want):
+        log.warning("the launcher's mixed precision %r is ignored: the recipe's train.bf16_autocast resolves to %s",
+                    launcher, "bf16" if args.bf16 else "off")
+    args.mixed_precision = want
     try:
         trainer = TaskTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=valid_feats or None,
                               data_collator=AnswerOnlyCollator(tok.pad_token_id),
