@@ -445,8 +445,8 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
     """Each baseline's test metrics on the recipe's test subset (`n_test` rows drawn with `seed`, the run's
     `data.eval_seed`; its checkpoint, else fitted with defaults on every training row), the counts-only reference,
     and with `few_shot` = (n_train, n_valid) the baselines of FEW_SHOT_KW refitted on exactly the LLM's n_train
-    training rows (drawn with `train_seed`, the run's `data.seed`; default `seed`), early-stopped on n_valid
-    validation rows drawn with that seed too (the LLM's own when the two seeds are equal).
+    training rows (drawn with `train_seed`, the run's `data.seed`; default `seed`), early-stopped on the LLM's n_valid
+    validation rows (drawn with `seed`, as its test rows).
     `probs`, when given, gets each method's P(Yes) per test row as a DataFrame (user_id, item_id, label, p_yes)."""
     import pandas as pd
 
@@ -477,7 +477,7 @@ def baseline_yesno(names: list[str], dataset: str, n_test: int | None, seed: int
         n_tr, n_va = few_shot
         t0 = time.time()
         model = get_model(name, max_train_examples=n_tr, max_valid_examples=n_va,
-                          seed=seed if train_seed is None else train_seed, **FEW_SHOT_KW[name])
+                          seed=seed if train_seed is None else train_seed, valid_seed=seed, **FEW_SHOT_KW[name])
         model.fit(ds)
         out[f"{name}, same {n_tr} training rows"] = {
             **evaluate_yesno(keep(f"{name}, same {n_tr} training rows", model.predict_proba(ex)), ex),

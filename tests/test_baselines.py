@@ -349,18 +349,21 @@ def test_few_shot_caps_draw_the_fine_tuning_rows_and_mf_fits_on_them_only(tiny_d
     from llmrec.finetune.data import build_examples
     from llmrec.prompts import WhitespaceTokenizer
 
-    n_tr, n_va, seed = 24, 10, 3
+    n_tr, n_va, seed, eval_seed = 24, 10, 3, 0  # the recipe's data.seed and data.eval_seed (its default)
     ex = build_examples(tiny_dataset, "yesno", DataSettings(n_train=n_tr, n_valid=n_va, n_test=4, seed=seed,
                                                             max_len=400), WhitespaceTokenizer())
-    tr, va = yesno_train_valid(tiny_dataset, n_tr, n_va, seed)
+    tr, va = yesno_train_valid(tiny_dataset, n_tr, n_va, seed, valid_seed=eval_seed)
     assert len(tr) == n_tr and len(va) == n_va
     assert [(e.user_id, e.item_id) for e in ex["train"]] == list(zip(tr["user_id"], tr["item_id"]))
     assert [(e.user_id, e.item_id) for e in ex["valid"]] == list(zip(va["user_id"], va["item_id"]))
     all_train = tiny_dataset.yesno[tiny_dataset.yesno["split"] == "train"]
     assert len(all_train) > n_tr  # the cap is a real cut on this dataset
-    m = get_model("mf", max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, **FAST["mf"])
+    m = get_model("mf", max_train_examples=n_tr, max_valid_examples=n_va, seed=seed, valid_seed=eval_seed,
+                  **FAST["mf"])
     m.fit(tiny_dataset, progress=False)
     assert set(m.user_index) == set(tr["user_id"].astype(str))
+    assert yesno_train_valid(tiny_dataset, n_tr, n_va, seed)[1].equals(yesno_train_valid(  # valid_seed None: seed
+        tiny_dataset, n_tr, n_va, seed, valid_seed=seed)[1])
 
 
 def test_fit_runs_on_its_own_thread_count_and_restores_the_process_one(tiny_dataset):

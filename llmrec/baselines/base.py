@@ -247,14 +247,16 @@ class Baseline:
 
 
 def yesno_train_valid(
-    ds: Any, max_train: int | None, max_valid: int | None, seed: int
+    ds: Any, max_train: int | None, max_valid: int | None, seed: int, valid_seed: int | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The Yes/No `train` and `valid` rows a baseline fits on, each capped to a seeded sample
-    (`llmrec.evaluation.yesno_subset`). Fine-tuning draws its `data.n_train` / `data.n_valid` rows the same way, so
-    with the recipe's sizes and seed a baseline fits on exactly the LLM's few-shot rows."""
+    (`llmrec.evaluation.yesno_subset`; the valid rows with `valid_seed`, default `seed`). Fine-tuning draws its
+    `data.n_train` rows the same way with `data.seed` and its `data.n_valid` rows with `data.eval_seed`, so with the
+    recipe's sizes and seeds a baseline fits on exactly the LLM's few-shot rows."""
     from llmrec.evaluation import yesno_subset
 
-    return yesno_subset(ds, "train", max_train or None, seed), yesno_subset(ds, "valid", max_valid or None, seed)
+    vs = seed if valid_seed is None else valid_seed
+    return yesno_subset(ds, "train", max_train or None, seed), yesno_subset(ds, "valid", max_valid or None, vs)
 
 
 def yesno_arrays(ds: Any, examples: pd.DataFrame, hist_len: int = 10) -> dict[str, np.ndarray]:

@@ -54,6 +54,7 @@ class BertLSTMConfig:
     valid_users: int = 1000
     max_train_examples: int | None = None  # seeded cap on the Yes/No training rows (large datasets)
     max_valid_examples: int | None = 20000  # seeded cap on the Yes/No valid rows used for early stopping
+    valid_seed: int | None = None  # seed of that cap (None: `seed`; a recipe's data.eval_seed to match its rows)
     neg_samples: int = 512
     seed: int = 0
     threads: int | None = 1
@@ -212,7 +213,7 @@ class BertLSTM(Baseline):
         from llmrec.metrics import auc
 
         c = self.cfg
-        tr, va = yesno_train_valid(ds, c.max_train_examples, c.max_valid_examples, c.seed)
+        tr, va = yesno_train_valid(ds, c.max_train_examples, c.max_valid_examples, c.seed, c.valid_seed)
         if tr.empty:
             raise ValueError(f"{ds.name}: no Yes/No training rows")
         a = yesno_arrays(ds, tr, c.hist_len)

@@ -61,6 +61,7 @@ class MFConfig:
     time_budget_s: float | None = None
     max_train_examples: int | None = None  # seeded cap on the Yes/No training rows (few-shot comparisons)
     max_valid_examples: int | None = None  # seeded cap on the Yes/No valid rows used for early stopping
+    valid_seed: int | None = None  # seed of that cap (None: `seed`; a recipe's data.eval_seed to match its rows)
 
 
 class _MFNet:
@@ -138,7 +139,7 @@ class MatrixFactorization(_MFNetModel, Baseline):
 
     def _fit(self, ds: Any, progress: bool = True) -> None:
         c: MFConfig = self.cfg
-        tr, va = yesno_train_valid(ds, c.max_train_examples, c.max_valid_examples, c.seed)
+        tr, va = yesno_train_valid(ds, c.max_train_examples, c.max_valid_examples, c.seed, c.valid_seed)
         if tr.empty:
             raise ValueError(f"{ds.name}: no Yes/No training rows")
         self.net, self.user_index, info = self._train(ds, tr, va, progress, "mf")
