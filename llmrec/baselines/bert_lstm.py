@@ -368,8 +368,10 @@ class BertLSTM(Baseline):
         collaborative side of a retriever for users outside the training data (the event store)."""
         if self.ds is None:
             raise RuntimeError(f"{self.name}: call fit(ds) or load(path) first")
-        rows = [(h[0], len(h) < 2 or h[1] is not False) if isinstance(h, (tuple, list)) else (h, True)
-                for h in history]  # liked unknown (None): counted as liked, as a plain view or click
+        # liked unknown (None): counted as liked, as a plain view or click; any false flag (False, numpy False, 0 as
+        # stored in `interactions.label`) is a dislike, as `_score` reads it
+        rows = [(h[0], len(h) < 2 or h[1] is None or bool(h[1])) if isinstance(h, (tuple, list)) else (h, True)
+                for h in history]
         rows = [(self.ds.item_index[str(i)], lab) for i, lab in rows if str(i) in self.ds.item_index]
         items = np.array([i for i, _ in rows], dtype=np.int64)
         labs = np.array([int(lab) for _, lab in rows], dtype=np.int64)
