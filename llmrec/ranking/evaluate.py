@@ -220,18 +220,36 @@ def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None =
     }
 
 
+_ARTICLES = ("The", "A", "An", "La", "Le", "Les", "L'", "Il", "Lo", "Das", "Der", "Die", "El", "Los", "Las")
+_INVERTED = re.compile(r"^(.+), (" + "|".join(re.escape(a) for a in _ARTICLES) + r")$")
+
+
+def natural_title(title: str) -> str:
+    """A catalogue title as it is written elsewhere: the year dropped, a trailing alternate title in parentheses
+    dropped, and MovieLens' inverted article moved to the front ("Usual Suspects, The (1995)" -> "The Usual
+    Suspects", "Appartement, L'" -> "L'Appartement"). A model has read the film's name, not the catalogue's form."""
+    t = re.sub(r"\s*\(\d{4}\)\s*$", "", str(title)).strip()
+    t = re.sub(r"\s+\([^()]*\)$", "", t) if not t.startswith("(") else t  # "X (Alternate Title, The)" -> "X"
+    m = _INVERTED.match(t)
+    if m:
+        t = m.group(2) + ("" if m.group(2).endswith("'") else " ") + m.group(1)
+    return t
+
+
 def contamination_probe(backend: Any, ds: Any, n: int = 100, seed: int = 0, max_new_tokens: int = 12) -> dict:
     """Does the base LLM complete catalogue titles from their first half more often than shuffled controls?
 
-    For n seeded items with >= 2-word titles (year removed): prompt `The {domain} titled "<first half of the words>`
-    and greedy-generate; a hit is a continuation that starts with the true second half. Control: the same items with
-    their title words shuffled (fixed seed), so the completion cannot come from memory of the real title. Also the
-    year, where the dataset has one: `The {domain} "<title>" was released in the year` -> the first 4-digit number
-    equals the true year, against the rate of always answering the most common year; scored over the picked items
-    whose year is a 4-digit number (`year_n` of them), so an item without a year cannot count as answered right.
+    For n seeded items with >= 2-word titles (as `natural_title` writes them: year removed, "Usual Suspects, The"
+    read as "The Usual Suspects", which is how a model has seen it): prompt
+    `The {domain} titled "<first half of the words>` and greedy-generate; a hit is a continuation that starts with
+    the true second half. Control: the same items with their title words shuffled (fixed seed), so the completion
+    cannot come from memory of the real title. Also the year, where the dataset has one:
+    `The {domain} "<title>" was released in the year` -> the first 4-digit number equals the true year, against the
+    rate of always answering the most common year; scored over the picked items whose year is a 4-digit number
+    (`year_n` of them), so an item without a year cannot count as answered right.
     """
     rng = np.random.default_rng(seed)
-    base_titles = [re.sub(r"\s*\(\d{4}\)\s*$", "", str(t)) for t in ds.titles]
+    base_titles = [natural_title(t) for t in ds.titles]
     pool = [j for j, t in enumerate(base_titles) if len(t.split()) >= 2]
     pick = rng.choice(pool, size=min(n, len(pool)), replace=False)
 

@@ -56,8 +56,9 @@ def text_hash(text: str) -> str:
 
 
 class EmbeddingCache:
-    """Vectors by sha256(text) for one model, in `<dir>/<model_key>/{hashes,vectors}.npy`. Writes are atomic
-    (temporary file + rename); a lost concurrent write only means re-encoding next time."""
+    """Vectors by sha256(text) for one model, in `<dir>/<model_key>/cache.npz` (hashes and vectors in one file, so
+    a reader never pairs one writer's hashes with another's vectors). Writes are atomic (temporary file + rename);
+    a lost concurrent write only means re-encoding next time."""
 
     def __init__(self, root: Path, key: str):
         self.dir = Path(root) / key
@@ -66,13 +67,14 @@ class EmbeddingCache:
     def load(self) -> dict[str, np.ndarray]:
         if self._map is None:
             self._map = {}
-            hp, vp = self.dir / "hashes.npy", self.dir / "vectors.npy"
-            if hp.is_file() and vp.is_file():
+            path = self.dir / "cache.npz"
+            if path.is_file():
                 try:
-                    hs, vs = np.load(hp), np.load(vp)
+                    with np.load(path) as z:
+                        hs, vs = z["hashes"], z["vectors"]
                     if len(hs) == len(vs):
                         self._map = {h.decode() if isinstance(h, bytes) else str(h): v for h, v in zip(hs, vs)}
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, KeyError, EOFError) as e:
                     log.warning("embedding cache %s unreadable (%s): re-encoding", self.dir, e)
         return self._map
 
@@ -86,12 +88,10 @@ class EmbeddingCache:
             m[h] = np.asarray(v, dtype=np.float32)
         self.dir.mkdir(parents=True, exist_ok=True)
         keys = list(m)
-        arrays = (("vectors.npy", np.stack([m[k] for k in keys])), ("hashes.npy", np.array(keys, dtype="S64")))
-        for name, arr in arrays:
-            tmp = self.dir / f".{name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, self.dir / name)
+        tmp = self.dir / f".cache.npz.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:  # one file, one rename: hashes and vectors always come from the same writer
+            np.savez(f, hashes=np.array(keys, dtype="S64"), vectors=np.stack([m[k] for k in keys]))
+        os.replace(tmp, self.dir / "cache.npz")
 
 
 class TextEncoder:

@@ -1,0 +1,211 @@
+"""Audit of retrieval (text scoring, embedding cache, cold start / unknown items / large k / ties) and of the
+contamination probe. A fake encoder keeps these tests free of the sentence-transformer model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec.retrieval.encoder import EmbeddingCache, text_hash
+
+pytest.importorskip("faiss")
+
+
+class FakeEncoder:
+    """Deterministic unit vectors per text (sha256-seeded), the interface TextRetriever uses."""
+
+    key = "fake-encoder"
+
+    def __init__(self, dim: int = 8, same: bool = False):
+        self.dim, self.same = dim, same
+        self.last_stats: dict[str, float] = {}
+
+    def encode_uncached(self, texts, progress=False):
+        out = []
+        for t in texts:
+            seed = 0 if self.same else int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).normal(size=self.dim)
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def encode(self, texts, progress=False):
+        self.last_stats = {"n": len(texts), "encoded": len(texts), "seconds": 0.0}
+        return self.encode_uncached(list(texts))
+
+
+def _retriever(ds, tmp_path, **kw):
+    from llmrec.retrieval import TextRetriever
+
+    enc = FakeEncoder(same=kw.pop("same", False))
+    return TextRetriever(encoder=enc, cache_dir=tmp_path, **kw).build(ds, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ embedding cache
+def test_embedding_cache_interleaved_writers_never_pair_wrong_vectors(tmp_path, monkeypatch):
+    """Two processes writing the same cache folder: whatever interleaving, a later reader must never get one text's
+    vector under another text's hash (hashes and vectors were two files replaced one after the other, so writer A's
+    hashes could land on writer B's vectors of the same length: a silently wrong, stale cache)."""
+    a, b = EmbeddingCache(tmp_path, "m"), EmbeddingCache(tmp_path, "m")
+    ta, tb = ["alpha", "beta"], ["gamma", "delta"]
+    va = np.eye(4, dtype=np.float32)[:2]
+    vb = np.eye(4, dtype=np.float32)[2:]
+    real_replace = os.replace
+    state = {"fired": False}
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if not state["fired"]:  # right after A's first file lands, B writes its whole cache
+            state["fired"] = True
+            b.put([text_hash(t) for t in tb], vb)
+
+    monkeypatch.setattr(os, "replace", replace)
+    a.put([text_hash(t) for t in ta], va)
+    monkeypatch.setattr(os, "replace", real_replace)
+    fresh = EmbeddingCache(tmp_path, "m")
+    truth = {text_hash(t): v for t, v in zip(ta + tb, list(va) + list(vb))}
+    got = fresh.get(list(truth))
+    assert any(g is not None for g in got)
+    for v, g in zip(truth.values(), got):
+        assert g is None or np.array_equal(g, v), "a cached vector is paired with another text's hash"
+
+
+def test_embedding_cache_round_trip(tmp_path):
+    c = EmbeddingCache(tmp_path, "m")
+    c.put([text_hash("x"), text_hash("y")], np.eye(3, dtype=np.float32)[:2])
+    c.put([text_hash("z")], np.eye(3, dtype=np.float32)[2:])
+    got = EmbeddingCache(tmp_path, "m").get([text_hash("x"), text_hash("z"), text_hash("w")])
+    assert np.array_equal(got[0], [1, 0, 0]) and np.array_equal(got[1], [0, 0, 1]) and got[2] is None
+    assert EmbeddingCache(tmp_path, "other").get([text_hash("x")]) == [None]
+
+
+def test_model_key_changes_with_any_weight_or_module_file(tmp_path):
+    from llmrec.retrieval.encoder import model_key
+
+    (tmp_path / "m" / "1_Pooling").mkdir(parents=True)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w1")
+    (tmp_path / "m" / "1_Pooling" / "config.json").write_text("{}")
+    k0 = model_key(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w2")  # same size, new weights
+    k1 = model_key(tmp_path / "m")
+    (tmp_path / "m" / "1_Pooling" / "config.json").write_text("{ }")
+    k2 = model_key(tmp_path / "m")
+    (tmp_path / "m" / "README.md").write_text("docs")
+    assert len({k0, k1, k2}) == 3 and model_key(tmp_path / "m") == k2
+
+
+# ------------------------------------------------------------------------------------------------ text scoring
+def test_knn_score_is_the_documented_kernel_sum(tiny_dataset, tmp_path):
+    ret = _retriever(tiny_dataset, tmp_path, knn_neighbors=1000, recency_half_life=2.0, disliked_weight=0.3)
+    ids = list(tiny_dataset.item_ids)
+    hist = [(ids[0], True), (ids[1], False), (ids[2], None)]
+    s = ret.knn_scores(hist)
+    e = ret.vectors.astype(np.float64)
+    w = np.array([0.5 ** (2 / 2), 0.3 * 0.5 ** (1 / 2), 1.0])
+    want = np.zeros(len(ids))
+    for h, wh in zip(range(3), w):
+        k = np.exp((e[h] @ e.T - 1) / ret.knn_tau)
+        k[h] = 0.0  # an item is not its own neighbour
+        want += wh * k
+    j = np.arange(3, len(ids))  # unseen items
+    assert np.allclose(s[j], want[j], rtol=1e-4, atol=1e-8)
+
+
+def test_cold_start_unknown_items_large_k_and_ties(tiny_dataset, tmp_path):
+    ds = tiny_dataset
+    for scoring in ("knn", "mean"):
+        ret = _retriever(ds, tmp_path / scoring, scoring=scoring)
+        pop = ret.query([], k=5)
+        assert [i for i, _ in pop] == [i for i, _ in ret.popular(5)]
+        # history items outside the catalogue (event store): ignored, as if absent, and never returned
+        assert ret.query([("nope", True)], k=5) == pop
+        h = [(ds.item_ids[0], True), ("nope", True)]
+        assert ret.query(h, k=5) == ret.query(h[:1], k=5)
+        # k above the unseen catalogue: every unseen item once
+        allq = ret.query(h, k=10 * ds.n_items)
+        got = [i for i, _ in allq]
+        assert len(got) == len(set(got)) == ds.n_items - 1 and ds.item_ids[0] not in got
+    # every item alike: ties keep one order, the same at every call
+    flat = _retriever(ds, tmp_path / "same", same=True)
+    q1 = flat.query([(ds.item_ids[3], True)], k=10)
+    assert q1 == flat.query([(ds.item_ids[3], True)], k=10)
+
+
+def test_candidates_exclude_title_twins_and_unknown_history(tiny_dataset, tmp_path):
+    """Recommender.candidates: no seen item, no seen item's title twin, unknown history items skipped."""
+    from llmrec.ranking.recommender import Recommender
+
+    ds = tiny_dataset
+    ret = _retriever(ds, tmp_path)
+    rec = Recommender.__new__(Recommender)
+    a, b, c = ds.item_ids[0], ds.item_ids[1], ds.item_ids[2]
+    rec.ds, rec.retriever = ds, ret
+    rec.cfg = SimpleNamespace(n_candidates=ds.n_items, exclude_seen_titles=True)
+    rec.title_twins = {a: (b,), b: (a,)}
+    ev = [SimpleNamespace(item_id=a, liked=True, timestamp=1), SimpleNamespace(item_id="zz", liked=None, timestamp=2)]
+    got = [i for i, _ in rec.candidates(ev)]
+    assert a not in got and b not in got and "zz" not in got and c in got
+    assert len(got) == len(set(got)) == ds.n_items - 2
+    got2 = [i for i, _ in rec.candidates(ev, exclude_seen_titles=False)]
+    assert b in got2 and len(got2) == ds.n_items - 1
+
+
+# ------------------------------------------------------------------------------------------------ contamination
+_NATURAL = ["The Usual Suspects Again", "The Lion King Returns", "Toy Story Forever", "A Quiet Harvest Moon",
+            "Les Misfits Rouges Noirs", "Crimson Tide Rising", "Velvet Goldmine Echo", "The Paper Kite Flies"]
+_CATALOGUE = ["Usual Suspects Again, The (1995)", "Lion King Returns, The (1994)", "Toy Story Forever (1995)",
+              "Quiet Harvest Moon, A (1993)", "Misfits Rouges Noirs, Les (1990)", "Crimson Tide Rising (1995)",
+              "Velvet Goldmine Echo (1998)", "Paper Kite Flies, The (Cerf-volant, Le) (1994)"]
+_YEARS = ["1995", "1994", "1995", "1993", "1990", "1995", "1998", "1994"]
+
+
+class _MemorisingBackend:
+    """A base model that has memorised the films under their real names (not MovieLens' "Title, The" form): it
+    completes a title from its first words and knows each film's year."""
+
+    def generate(self, prompts, max_new_tokens=64, **_):
+        out = []
+        for p in prompts:
+            ans = ""
+            if "titled \"" in p:
+                prefix = p.split('titled "', 1)[1]
+                for t in _NATURAL:
+                    if t.startswith(prefix + " "):
+                        ans = " " + t[len(prefix) + 1:] + '" is a film'
+                        break
+            elif "was released" in p:
+                title = p.split('"')[1]
+                ans = f" {_YEARS[_NATURAL.index(title)]}." if title in _NATURAL else " unknown"
+            out.append(ans)
+        return out
+
+
+def test_contamination_probe_reads_movielens_inverted_titles():
+    """ML-100K lists 354 of its multi-word titles as "Usual Suspects, The": a prompt of the first half of that form
+    ('titled "Usual') can never be completed with "Suspects, The", so a quarter of the probe could not count as
+    memorised however well the model knew the film. The probe must ask for the title as it is written."""
+    from llmrec.ranking.evaluate import contamination_probe
+
+    ds = SimpleNamespace(titles=np.array(_CATALOGUE), domain="movie",
+                         items=pd.DataFrame({"title": _CATALOGUE, "year": _YEARS}))
+    out = contamination_probe(_MemorisingBackend(), ds, n=len(_CATALOGUE), seed=0)
+    assert out["n"] == len(_CATALOGUE)
+    assert out["title_completion_rate"] == 1.0
+    assert out["shuffled_control_rate"] == 0.0
+    assert out["year_n"] == len(_CATALOGUE) and out["year_accuracy"] == 1.0
+
+
+def test_natural_title():
+    from llmrec.ranking.evaluate import natural_title
+
+    assert natural_title("Usual Suspects, The (1995)") == "The Usual Suspects"
+    assert natural_title("Appartement, L' (1996)") == "L'Appartement"
+    assert natural_title("Double vie de Véronique, La (Double Life of Veronique, The) (1991)") == \
+        "La Double vie de Véronique"
+    assert natural_title("Toy Story (1995)") == "Toy Story"
+    assert natural_title("Sex, Lies, and Videotape (1989)") == "Sex, Lies, and Videotape"
+    assert natural_title("Nirvana") == "Nirvana"
