@@ -5,6 +5,7 @@
         [--yesno-examples 300] [--rank-users 100] [--retriever hybrid] [--retrieval-weight 4] [--likelihood-weight 1]
         [--label _NAME]   # -> eval/results/zeroshot_NAME.{json,md} (default: zeroshot.{json,md})
     python eval/zeroshot.py --refresh-baselines [--label _NAME]   # only the in-domain baseline rows recomputed
+    python eval/zeroshot.py --refresh-contamination [--label _NAME]   # only the contamination probe recomputed
 
 Rows: for each target domain (Last.fm artists, MovieLens-100K, Amazon Gift Cards as a ranking smoke test), the base
 model zero-shot, an adapter tuned on the *other* domain (the transfer), the domain's own adapter (the in-domain
@@ -24,7 +25,9 @@ MovieLens-100K's validation split, so the other domains are not tuned on).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -160,18 +163,54 @@ def render(table: list[dict], paired: list[dict], probe: dict, args: argparse.Na
 BASELINE_METHODS = ("MF (in-domain)", "BERT+LSTM (in-domain)", "BPR (in-domain)")
 
 
+def _refreshed_result(label: str) -> tuple[Path, dict, argparse.Namespace]:
+    from llmrec.bench_utils import RESULTS_DIR
+
+    path = RESULTS_DIR / f"zeroshot{label}.json"
+    old = json.loads(path.read_text())
+    return path, old, argparse.Namespace(**old["args"])
+
+
+def _write_refreshed(label: str, old: dict, changed: dict, key: str) -> None:
+    """Write `old` with `changed` (table / paired_auc / contamination) and the refresh recorded under `key`; the
+    markdown says, under the tables, what each refresh recomputed and where every other figure comes from."""
+    from datetime import UTC, datetime
+
+    from llmrec.bench_utils import git_commit, machine_info
+
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    payload = {k: v for k, v in old.items() if k not in ("commit", "machine", "created", "command")}
+    payload.update(changed)
+    payload[key] = {"at": when, "commit": git_commit(), "machine": machine_info(), **REFRESHES[key][1]}
+    payload["llm_rows_from"] = old.get("llm_rows_from") or {k: old[k] for k in ("commit", "machine", "created")}
+    src = payload["llm_rows_from"]
+    notes = "".join(f"\n{REFRESHES[k][0]} recomputed {payload[k]['at'][:16]} at {payload[k]['commit']} "
+                    f"(`python eval/zeroshot.py --refresh-{k.split('_')[0]}`, {REFRESHES[k][2]}).\n"
+                    for k in REFRESHES if k in payload)
+    notes += (f"\nEvery other figure is from the run of {src['created'][:16]} at {src['commit']} on "
+              f"{src['machine']}.\n")
+    write_result(f"zeroshot{label}", payload,
+                 render(payload["table"], payload["paired_auc"], payload["contamination"],
+                        argparse.Namespace(**old["args"])) + notes,
+                 command=f"{old['command']}; then {command_line()}")
+
+
+# what each refresh recomputes: (what the note calls it, fields recorded with it, why it was run)
+REFRESHES = {
+    "baselines_refreshed": (f"In-domain baseline rows ({', '.join(BASELINE_METHODS)})",
+                            {"methods": list(BASELINE_METHODS)},
+                            "after MF's ranking stopped training on leave-one-out targets"),
+    "contamination_refreshed": ("The contamination probe", {},
+                                "after its titles were put in their natural form: 'Usual Suspects, The (1995)' "
+                                "is prompted as 'The Usual Suspects'"),
+}
+
+
 def refresh_baselines(label: str) -> None:
     """Recompute only the in-domain baseline rows of an existing result (e.g. after a baseline's fix), with the
     settings it records; every LLM row, the paired ratios' LLM side and the probe are kept as they are. The Yes/No
     rows are checked to be the recorded ones, and the refresh is stated in the command and under the tables."""
-    import json
-    from datetime import UTC, datetime
-
-    from llmrec.bench_utils import RESULTS_DIR, git_commit, machine_info
-
-    path = RESULTS_DIR / f"zeroshot{label}.json"
-    old = json.loads(path.read_text())
-    args = argparse.Namespace(**old["args"])
+    path, old, args = _refreshed_result(label)
     table = [r for r in old["table"] if r["method"] not in BASELINE_METHODS]
     for name in dict.fromkeys(r["domain"] for r in old["table"]):
         ds = load_prepared(name, prepare_if_missing=True)
@@ -186,24 +225,24 @@ def refresh_baselines(label: str) -> None:
         at = max(i for i, r in enumerate(table) if r["domain"] == name and not r["method"].startswith("counts"))
         table[at + 1:at + 1] = fresh
     paired = paired_auc_rows(table, old["yesno_rows"], args.seed)
-    when = datetime.now(UTC).isoformat(timespec="seconds")
-    refreshed = {"at": when, "commit": git_commit(), "machine": machine_info(), "methods": list(BASELINE_METHODS)}
-    note = (f"\nIn-domain baseline rows ({', '.join(BASELINE_METHODS)}) recomputed {when[:16]} at "
-            f"{refreshed['commit']} "
-            f"(`python eval/zeroshot.py --refresh-baselines`, after MF's ranking stopped training on leave-one-out "
-            f"targets); every other row from the run of {old['created'][:16]} at {old['commit']} on "
-            f"{old['machine']}.\n")
-    payload = {k: v for k, v in old.items() if k not in ("commit", "machine", "created", "command")}
-    payload.update(table=table, paired_auc=paired, baselines_refreshed=refreshed,
-                   llm_rows_from={k: old[k] for k in ("commit", "machine", "created")})
-    write_result(f"zeroshot{label}", payload, render(table, paired, old["contamination"], args) + note,
-                 command=f"{old['command']}; then {command_line()}")
+    _write_refreshed(label, old, {"table": table, "paired_auc": paired}, "baselines_refreshed")
+
+
+def refresh_contamination(label: str) -> None:
+    """Recompute only the contamination probe of an existing result (the base model, its recorded n, seed and
+    dtype); every table row is kept, and the refresh is stated in the command and under the tables."""
+    _, old, args = _refreshed_result(label)
+    base = load_backend("transformers", dtype=args.dtype)
+    probe = contamination_probe(base, load_prepared("ml-100k"), n=args.contamination_n, seed=args.seed)
+    _write_refreshed(label, old, {"contamination": probe}, "contamination_refreshed")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refresh-baselines", action="store_true",
                     help="recompute only the in-domain baseline rows of the existing result (its recorded settings)")
+    ap.add_argument("--refresh-contamination", action="store_true",
+                    help="recompute only the contamination probe of the existing result (its recorded settings)")
     ap.add_argument("--ml-adapter", help="adapter tuned on MovieLens (yesno task)")
     ap.add_argument("--lastfm-adapter", help="adapter tuned on Last.fm (yesno task)")
     ap.add_argument("--ml-title-adapter",
@@ -228,6 +267,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.refresh_baselines:
         return refresh_baselines(args.label)
+    if args.refresh_contamination:
+        return refresh_contamination(args.label)
     table = []
     yesno_rows: dict[str, list[dict]] = {}  # each domain's Yes/No test rows, in the order of every row's p_yes
     ml, lfm = "LLM + MovieLens", "LLM + Last.fm"

@@ -77,10 +77,29 @@ def test_refresh_baselines_replaces_only_the_baseline_rows(zs, tmp_path, monkeyp
         ("LLM + A adapter (in-domain)", "MF (in-domain)"),
         ("LLM + A adapter (in-domain)", "counts figure alone (no model)")]
     md = (tmp_path / "zeroshot.md").read_text()
-    assert "every other row from the run of 2026-01-02T03:04 at abc on old box" in md
+    assert "Every other figure is from the run of 2026-01-02T03:04 at abc on old box" in md
+    assert "--refresh-baselines" in md and "--refresh-contamination" not in md
 
     monkeypatch.setattr(zs, "yesno_subset", lambda ds, *a: pd.DataFrame(yn_rows[::-1]))
     before = (tmp_path / "zeroshot.json").read_text()
     with pytest.raises(SystemExit, match="Yes/No test rows are not the recorded ones"):
         zs.refresh_baselines("")
     assert (tmp_path / "zeroshot.json").read_text() == before
+
+    # then only the probe: the recorded settings, every table row kept, both refreshes said, the LLM rows' source kept
+    calls = []
+    monkeypatch.setattr(zs, "load_backend", lambda kind, **kw: calls.append((kind, kw)) or "base")
+    monkeypatch.setattr(zs, "contamination_probe",
+                        lambda be, ds, n, seed: calls.append((be, ds.name, n, seed)) or {"rate": 0.25, "n": n})
+    old_args = json.loads(before)["args"]
+    json_args = {**old_args, "contamination_n": 7, "dtype": "float32"}
+    (tmp_path / "zeroshot.json").write_text(json.dumps({**json.loads(before), "args": json_args}))
+    zs.refresh_contamination("")
+    after = json.loads((tmp_path / "zeroshot.json").read_text())
+    assert calls == [("transformers", {"dtype": "float32"}), ("base", "ml-100k", 7, 0)]
+    assert after["contamination"] == {"rate": 0.25, "n": 7}
+    assert after["table"] == json.loads(before)["table"] and after["paired_auc"] == json.loads(before)["paired_auc"]
+    assert after["llm_rows_from"]["commit"] == "abc" and "baselines_refreshed" in after
+    assert after["command"].count("; then ") == 2
+    md = (tmp_path / "zeroshot.md").read_text()
+    assert "--refresh-baselines" in md and "--refresh-contamination" in md and "at abc on old box" in md
