@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-double-quant", action="store_true", help="with --quantize-4bit: no double quantization")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="dtype of the written weights (with --quantize-4bit: of those left unquantized)")
+                   help="dtype of the written weights (with --quantize-4bit: of those left unquantized; default "
+                        "%(default)s)")
     e.set_defaults(func=cmd_export)
 
 

@@ -29,7 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained); `recommend --url`: the name of an "
                                       "adapter in the service's registry (llm.adapters), never a path")
     p.add_argument("--vllm-url", help="OpenAI-compatible endpoint for --backend vllm (else an in-process engine)")
-    p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"])
+    p.add_argument("--dtype", default="fast", choices=["fast", "bfloat16", "float32"],
+                   help="fast (default): bfloat16 where the hardware computes it natively (GPU, AVX512-BF16/AMX "
+                        "CPU), else float32")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="transformers backend: nf4 4-bit base (the base a QLoRA adapter was trained on; less memory)")
     p.add_argument("--no-merge-adapter", dest="merge_adapter", action="store_false",
@@ -52,7 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="verbalizer: list the candidates N times in cyclically shifted orders and average each one's "
                         "letter log-probs, cancelling the model's letter / position preference (N forward passes "
                         "per user; default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default %(default)s)")
     p.add_argument("--template", action="append", default=[], type=_task_template, metavar="TASK=NAME",
                    help="prompt template per task, e.g. yesno=yesno_stats (default: the adapter's own, else the "
                         "task's name); repeatable")
@@ -72,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--user-id", "--user", dest="user_id", required=True)
-    p.add_argument("--k", type=positive_int, default=10)
+    p.add_argument("--k", type=positive_int, default=10, help="items to return (default %(default)s)")
     p.add_argument("--explain", action="store_true")
     p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process (then only --user-id, "
                                   "--k, --explain, --adapter and --json apply; bearer key: $LLMREC_SERVE_API_KEY)")
@@ -90,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = y.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset")
     src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
-    y.add_argument("--split", default="test")
+    y.add_argument("--split", default="test", help="--dataset: the Yes/No split to score (default %(default)s)")
     y.add_argument("--max-examples", type=count, default=500, help="fixed seeded subset (0 = all)")
     y.add_argument("--valid-examples", type=count, default=200,
                    help="--dataset with --split test: also score this many seeded validation rows and report "
@@ -104,13 +106,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--dataset", required=True)
     r.add_argument("--max-users", type=count, default=200, help="fixed seeded subset of users (0 = all)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out")
+    r.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(r)
     r.set_defaults(func=cmd_eval_rank)
     c = s.add_parser("contamination", help="does the base LLM complete catalogue titles from memory?")
     c.add_argument("--dataset", required=True)
-    c.add_argument("--n", type=positive_int, default=100)
-    c.add_argument("--out")
+    c.add_argument("--n", type=positive_int, default=100,
+                   help="seeded catalogue items probed (and as many shuffled controls; default %(default)s)")
+    c.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(c)
     c.set_defaults(func=cmd_eval_contamination)
 
@@ -185,10 +188,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def _print_metrics(title: str, m: dict, keys: list[str]) -> None:
     print(title)
+    w = max([18] + [len(k) for k in keys if k in m])  # contamination's keys are longer than 18
     for k in keys:
         if k in m:
             v = m[k]
-            print(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
+            print(f"  {k:<{w}} {v:.4f}" if isinstance(v, float) else f"  {k:<{w}} {v}")
 
 
 def cmd_eval_yesno(args: argparse.Namespace) -> int:

@@ -227,8 +227,9 @@ def plan_backend(cfg: ServiceConfig) -> BackendPlan:
     if llm.backend == "vllm":
         raise ConfigError("llm.backend: vllm requested but vllm is not installed (make setup-vllm, then set "
                           "llm.vllm_python: .venv-vllm/bin/python) and no llm.vllm_url is given")
-    return BackendPlan("transformers", "vLLM is not installed: serving on the in-process transformers backend",
-                       llm.model, _adapter_mode(llm))
+    why = "llm.backend: transformers" if llm.backend == "transformers" else "vLLM is not installed"
+    note = f"{why}: serving on the in-process transformers backend"
+    return BackendPlan("transformers", note, llm.model, _adapter_mode(llm))
 
 
 
