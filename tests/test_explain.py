@@ -231,3 +231,15 @@ def test_template_explanation_orders_tied_attributes_the_same_in_every_process()
                            capture_output=True, text=True, check=True).stdout for seed in range(8)}
     assert outs == {'Recommended "A", "B" because you liked "L2", "L3", "L4", and these movies share what you tend to '
                     "enjoy: Drama, Comedy, War.\n"}
+
+
+def test_a_genre_column_is_split_at_spaces_only_when_it_reads_as_lists():
+    """MovieLens writes several genres per item at spaces; a books file writes one multi-word genre per item, and
+    brands are names: those stay whole (they were cut into "Science" + "Fiction", "Cold" + "Stone" + "Creamery")."""
+    from llmrec.ranking.explain import reads_as_space_lists
+
+    assert reads_as_space_lists(["Action", "Comedy", "Action Comedy", "Drama", "Comedy Drama Sci-Fi", "Sci-Fi"])
+    assert not reads_as_space_lists(["Science Fiction", "Fantasy", "Classics"])
+    assert not reads_as_space_lists(["Amazon", "Cold Stone Creamery", "Regal Entertainment", "Starbucks"])
+    assert not reads_as_space_lists(["Action|Comedy", "Action Comedy", "Action"])  # separators: split there only
+    assert not reads_as_space_lists(["Action", "Drama", None, ""])  # nothing would be cut

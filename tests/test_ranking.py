@@ -1100,9 +1100,11 @@ def test_author_is_a_whole_attribute_and_a_missing_value_none(tmp_path):
     assert only._attrs("m0") == ["Frank Herbert"]
     with pytest.raises(ValueError, match=r"attribute_fields: \['writer'\] not among fake's item columns"):
         Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig(attribute_fields=["writer"]))
-    ds.items["genres"] = ["Science Fiction", "Science Fiction", "Fantasy Classics", "Classics"]  # ML-100K's style
+    ds.items["genres"] = ["Fantasy", "Classics", "Fantasy Classics", "Classics"]  # ML-100K's style: lists at spaces
     assert Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig())._attrs("m2")[:2] == [
         "Fantasy", "Classics"]
+    ds.items["genres"] = ["Science Fiction", "Science Fiction", "Fantasy", "Classics"]  # one multi-word genre each
+    assert Recommender(ds, ScriptedBackend(), SimpleNamespace(), RankingConfig())._attrs("m0")[0] == "Science Fiction"
 
 
 def test_cli_recommend_in_process_table_and_json(parts, tmp_path, monkeypatch, capsys):

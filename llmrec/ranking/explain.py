@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmrec.prompts.text import TITLE_MAX_CHARS, quote
 
@@ -271,6 +273,17 @@ def split_values(v: str) -> list[str]:
     """Attribute values of one field: split at , | ; and before each capitalised word of a space-separated list
     ("Action Adventure Sci-Fi" -> Action, Adventure, Sci-Fi); lower-case multi-word values stay whole."""
     return [x.strip() for x in re.split(r"[,|;]| (?=[A-Z][A-Za-z'-]*(?:[ ,|;]|$))", str(v)) if x.strip()]
+
+
+def reads_as_space_lists(values: Iterable[Any]) -> bool:
+    """Whether a genre-like column with no , | ; anywhere lists several values per item at spaces, MovieLens-style
+    ("Action Adventure Sci-Fi"), rather than one multi-word value per item ("Science Fiction"): at least half of the
+    parts `split_values` would cut its multi-word values into are some other item's whole value."""
+    vals = {str(v).strip() for v in values if isinstance(v, str) and str(v).strip()}
+    if any(re.search(r"[,|;]", v) for v in vals):
+        return False
+    parts = {p for v in vals if len(split_values(v)) > 1 for p in split_values(v)}
+    return bool(parts) and 2 * len(parts & vals) >= len(parts)
 
 
 def template_explanation(

@@ -48,6 +48,7 @@ from llmrec.ranking.explain import (
     TitleMatcher,
     check_explanation,
     drop_empty_tail,
+    reads_as_space_lists,
     split_list,
     split_values,
     template_explanation,
@@ -270,8 +271,8 @@ class Recommender:
             self._attr_fields = list(self.cfg.attribute_fields)
         else:
             self._attr_fields = attribute_fields(ds.items)
-        self._space_lists = {f for f in self._attr_fields if f in ATTRIBUTE_FIELDS
-                             and not ds.items[f].astype(str).str.contains(r"[,|;]").any()}
+        self._space_lists = {f for f in self._attr_fields
+                             if f in ATTRIBUTE_FIELDS and reads_as_space_lists(ds.items[f])}
         from llmrec.prompts import load_template
         from llmrec.prompts.templates import TASKS
 
@@ -393,7 +394,8 @@ class Recommender:
     def _attrs(self, item_id: str) -> list[str]:
         row = self.ds.items.iloc[self.ds.item_index[item_id]]
         # values are split at , | ; ("Science Fiction, Classics"; "Frank Herbert" stays whole), a genre-like column
-        # with no such separator anywhere at spaces before capitalised words (ML-100K: "Action Adventure Sci-Fi")
+        # with no such separator at spaces before capitalised words when it reads as lists (`reads_as_space_lists`;
+        # ML-100K: "Action Adventure Sci-Fi")
         vals = [(f, row[f]) for f in self._attr_fields if isinstance(row[f], str)]  # a missing value is no attribute
         return [a for f, v in vals for a in (split_values(v) if f in self._space_lists else split_list(v))]
 
