@@ -233,6 +233,9 @@ def test_train_py_and_cli_share_the_code(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "lr: 0.001" in out.stdout and "task: rank" in out.stdout
+    # the folder the run would write (output_dir: null resolves under $LLMREC_HOME), as a YAML comment
+    assert out.stdout.rstrip().splitlines()[-1].replace("\\", "/").endswith("finetune/rank_ml-100k")
+    assert out.stdout.rstrip().splitlines()[-1].startswith("# output: ")
     bad = subprocess.run([sys.executable, str(root / "finetune" / "train.py"), "--dry-run", "trian.lr=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "override trian: unknown key 'trian'" in bad.stderr

@@ -50,9 +50,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, list(args.set or []) + list(args.overrides or []))
     if args.dry_run:
         from llmrec.data.prepare import check_dataset
+        from llmrec.finetune.trainer import output_dir_for
 
         check_dataset(cfg.dataset)  # a run would refuse it: so does the dry run
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False) + f"# output: {output_dir_for(cfg)}")
         return 0
     m = rescore_run(cfg) if args.eval_only else run_finetune(cfg)
     if not is_main_process():  # under torchrun / accelerate launch only rank 0 reports
