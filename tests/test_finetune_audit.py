@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -43,27 +44,36 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_dataset, tiny_dir, tmp_path, monkeypatch):
-    """Killed right after checkpoint-3 (mid-epoch: 16 examples, batch 2 x accumulation 2 = 4 steps an epoch) and run
-    again, the run continues from the checkpoint (optimizer, scheduler, RNG with LoRA dropout on, the epoch's data
-    order and the next epoch's) and ends with the adapter and the losses of the run that was never stopped."""
+@contextlib.contextmanager
+def die_after_checkpoint(monkeypatch, step: int):
+    """Inside: the Trainer saves checkpoint-`step`, then the run dies (Interrupted), as a kill right after a save."""
     from transformers import Trainer
-
-    extra = ["train.batch_size=2", "train.grad_accum=2", "train.max_steps=6", "train.save_steps=3",
-             "train.save_total_limit=5", "train.lr=0.01", "train.warmup_ratio=0.34", "lora.dropout=0.1"]
-    ref = run_finetune(recipe(tiny_dir, tmp_path / "ref", extra=extra), ds=tiny_dataset)
 
     orig = Trainer._save_checkpoint
 
     def save_then_die(self, *a, **k):
         orig(self, *a, **k)
-        if self.state.global_step == 3:
+        if self.state.global_step == step:
             raise Interrupted
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "_save_checkpoint", orig)
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_dataset, tiny_dir, tmp_path, monkeypatch):
+    """Killed right after checkpoint-3 (mid-epoch: 16 examples, batch 2 x accumulation 2 = 4 steps an epoch) and run
+    again, the run continues from the checkpoint (optimizer, scheduler, RNG with LoRA dropout on, the epoch's data
+    order and the next epoch's) and ends with the adapter and the losses of the run that was never stopped."""
+
+    extra = ["train.batch_size=2", "train.grad_accum=2", "train.max_steps=6", "train.save_steps=3",
+             "train.save_total_limit=5", "train.lr=0.01", "train.warmup_ratio=0.34", "lora.dropout=0.1"]
+    ref = run_finetune(recipe(tiny_dir, tmp_path / "ref", extra=extra), ds=tiny_dataset)
+
+    with die_after_checkpoint(monkeypatch, 3), pytest.raises(Interrupted):
         run_finetune(recipe(tiny_dir, tmp_path / "cut", extra=extra), ds=tiny_dataset)
-    monkeypatch.setattr(Trainer, "_save_checkpoint", orig)
     got = run_finetune(recipe(tiny_dir, tmp_path / "cut", extra=extra), ds=tiny_dataset)
     assert got["train"]["resumed_from"].endswith("checkpoint-3") and got["train"]["steps"] == 6
     a, b = adapter_weights(tmp_path / "ref" / "adapter"), adapter_weights(tmp_path / "cut" / "adapter")
@@ -175,7 +185,6 @@ def test_a_fresh_run_never_resumes_from_checkpoints_an_earlier_run_left(tiny_dat
     run again with resume: auto, continues from ITS OWN last checkpoint, not from the earlier run's higher-numbered
     one (which the recipe check cannot tell apart: recipe.yaml is the new run's by then), and ends with the adapter
     of an uninterrupted run."""
-    from transformers import Trainer
 
     base = ["train.batch_size=4", "train.grad_accum=1", "train.max_steps=4", "train.save_steps=2",
             "train.save_total_limit=2"]
@@ -184,17 +193,8 @@ def test_a_fresh_run_never_resumes_from_checkpoints_an_earlier_run_left(tiny_dat
     new = [*base, "train.lr=0.02"]
     ref = run_finetune(recipe(tiny_dir, tmp_path / "ref", extra=new), ds=tiny_dataset)
 
-    orig = Trainer._save_checkpoint
-
-    def save_then_die(self, *a, **k):
-        orig(self, *a, **k)
-        if self.state.global_step == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    with die_after_checkpoint(monkeypatch, 2), pytest.raises(Interrupted):
         run_finetune(recipe(tiny_dir, tmp_path / "run", extra=[*new, "train.resume=null"]), ds=tiny_dataset)
-    monkeypatch.setattr(Trainer, "_save_checkpoint", orig)
     got = run_finetune(recipe(tiny_dir, tmp_path / "run", extra=new), ds=tiny_dataset)
     assert got["train"]["resumed_from"].endswith("checkpoint-2")
     for (s1, x), (s2, y) in zip(ref["train"]["losses"], got["train"]["losses"], strict=True):

@@ -165,15 +165,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _conversion_current(out: Path, gguf: Path | None) -> bool:
-    """Whether `out` holds a conversion of `gguf` as it is now (its stamp's size and mtime, else its hash, match).
-    A folder converted before stamps were written is taken as current (and stamped under the lock)."""
+    """Whether `out` holds a conversion of `gguf` as it is now (its stamp's size and mtime, else its hash, match);
+    with no package to compare with, any conversion. A folder converted before stamps were written is not (yet):
+    `default_model_path` stamps it under the lock and keeps it."""
     if not (out / "config.json").is_file():
         return False
+    if gguf is None:
+        return True
     import json
 
     stamp = _read_stamp(out)
-    if stamp is None or gguf is None:  # no stamp (an older conversion), or no package to compare with: keep it
-        return True
+    if stamp is None:
+        return False
     now = _gguf_identity(gguf, stamp)
     if now["sha256"] != stamp.get("sha256"):
         return False
@@ -197,7 +200,7 @@ def default_model_path(home: str | Path | None = None) -> Path:
     out = root / "models" / DEFAULT_MODEL_DIRNAME
     pkg = _package_dir(DEFAULT_MODEL_PACKAGE)
     gguf = pkg / DEFAULT_GGUF if pkg is not None and (pkg / DEFAULT_GGUF).is_file() else None
-    if _conversion_current(out, gguf) and (gguf is None or _read_stamp(out) is not None):
+    if _conversion_current(out, gguf):
         return out
     with _file_lock(root / "models" / f".{DEFAULT_MODEL_DIRNAME}.lock"):
         if (out / "config.json").is_file() and _read_stamp(out) is None:
