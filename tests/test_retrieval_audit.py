@@ -4,6 +4,7 @@ contamination probe. A fake encoder keeps these tests free of the sentence-trans
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from types import SimpleNamespace
 
@@ -209,3 +210,25 @@ def test_natural_title():
     assert natural_title("Toy Story (1995)") == "Toy Story"
     assert natural_title("Sex, Lies, and Videotape (1989)") == "Sex, Lies, and Videotape"
     assert natural_title("Nirvana") == "Nirvana"
+
+
+def test_saved_index_and_its_meta_cannot_disagree(tmp_path):
+    """Two builds saving into one folder (a re-prepared dataset, another nprobe) must never leave a meta.json that
+    describes one index beside the vectors of the other: the index file is named by its meta's digest."""
+    from llmrec.retrieval.index import build_index, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(np.float32)
+    meta_a, meta_b = {"texts_sha": "a", "n_items": 5, "kind": "flat"}, {"texts_sha": "b", "n_items": 7, "kind": "flat"}
+    save_index(build_index(a), tmp_path, meta_a)
+    assert load_index(tmp_path, meta_a).ntotal == 5
+    save_index(build_index(b), tmp_path, meta_b)
+    assert load_index(tmp_path, meta_a) is None
+    assert load_index(tmp_path, meta_b).ntotal == 7
+    assert len(list(tmp_path.glob("*.faiss"))) == 1
+    # a folder from before index files were named by their meta: rebuilt, never trusted
+    import faiss
+
+    faiss.write_index(build_index(a), str(tmp_path / "index.faiss"))
+    (tmp_path / "meta.json").write_text(json.dumps(meta_a))
+    assert load_index(tmp_path, meta_a) is None

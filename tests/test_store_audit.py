@@ -61,3 +61,55 @@ def test_two_processes_initialising_one_store_at_once(tiny_dataset, tmp_path, mo
     assert second.count() == n and first.version("u1") == second.version("u1") == 14
     second.close()
     first.close()
+
+
+def test_a_replica_waits_for_another_process_bulk_loading_the_store(tiny_dataset, tmp_path, monkeypatch):
+    """A second replica started while the first is still bulk-loading a large dataset waited the busy timeout (10 s)
+    for the write lock and then crashed start-up with 'database is locked'; it now waits for the first load's commit
+    and uses that store."""
+    import sqlite3
+    import threading
+    import time
+
+    import llmrec.store.sql as sql
+
+    monkeypatch.setattr(sql, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    db = tmp_path / "slow.db"
+    url = f"sqlite:///{db}"
+    first = EventStore(url)  # the tables exist; the first load is under way in another process (below)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+
+    def finish_load():
+        time.sleep(0.6)
+        first_df = tiny_dataset.interactions
+        holder.execute("ROLLBACK")
+        first.load_interactions(first_df, dataset=tiny_dataset.name)
+
+    t = threading.Thread(target=finish_load)
+    t.start()
+    t0 = time.monotonic()
+    second = EventStore.from_dataset(tiny_dataset, url=url)
+    t.join()
+    assert time.monotonic() - t0 >= 0.5
+    assert second.get_meta("dataset") == tiny_dataset.name and second.count() == len(tiny_dataset.interactions)
+    second.close()
+    first.close()
+    holder.close()
+
+
+def test_a_store_never_loaded_gives_up_with_a_clear_error(tiny_dataset, tmp_path, monkeypatch):
+    import sqlite3
+
+    import llmrec.store.sql as sql
+
+    monkeypatch.setattr(sql, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(sql, "INIT_WAIT_S", 0.3)
+    db = tmp_path / "stuck.db"
+    EventStore(f"sqlite:///{db}").close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match="write lock"):
+        EventStore.from_dataset(tiny_dataset, url=f"sqlite:///{db}")
+    holder.execute("ROLLBACK")
+    holder.close()

@@ -3,6 +3,7 @@ catalogues; saved next to a small meta.json that says what they were built from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,28 +40,45 @@ def build_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int | None
     return index
 
 
+def _index_file(meta: dict) -> str:
+    """The index's file name, named by a digest of its meta: a meta.json can only ever point at the index it
+    describes, even when two processes save different indexes into one folder at once."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"index-{digest}.faiss"
+
+
 def save_index(index: Any, folder: Path, meta: dict) -> None:
+    """Write the index under a name derived from `meta`, then meta.json (each by an atomic rename); older index
+    files of the folder are removed."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     folder.mkdir(parents=True, exist_ok=True)
+    name = _index_file(meta)
     tmp = folder / f".index.{os.getpid()}.tmp"
     faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / "index.faiss")
-    (folder / f".meta.{os.getpid()}.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(folder / f".meta.{os.getpid()}.tmp", folder / "meta.json")
+    os.replace(tmp, folder / name)
+    mtmp = folder / f".meta.{os.getpid()}.tmp"
+    mtmp.write_text(json.dumps({**meta, "index_file": name}, indent=2))
+    os.replace(mtmp, folder / "meta.json")
+    for old in folder.glob("index*.faiss"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load_index(folder: Path, expect: dict) -> Any | None:
     """The saved index when its meta.json matches `expect` (same texts, model, kind), else None."""
-    mp, ip = folder / "meta.json", folder / "index.faiss"
-    if not (mp.is_file() and ip.is_file()):
+    mp = folder / "meta.json"
+    if not mp.is_file():
         return None
     try:
         meta = json.loads(mp.read_text())
     except (OSError, ValueError):
         return None
-    if any(meta.get(k) != v for k, v in expect.items()):
+    if any(meta.get(k) != v for k, v in expect.items()) or meta.get("index_file") != _index_file(expect):
+        return None  # another build's index, or a folder written before index files were named by their meta
+    ip = folder / meta["index_file"]
+    if not ip.is_file():
         return None
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
@@ -69,6 +87,9 @@ def load_index(folder: Path, expect: dict) -> Any | None:
         index = faiss.read_index(str(ip))
     except RuntimeError as e:
         log.warning("index %s unreadable (%s): rebuilding", ip, e)
+        return None
+    if "n_items" in expect and index.ntotal != int(expect["n_items"]):
+        log.warning("index %s holds %d vectors, not %d: rebuilding", ip, index.ntotal, expect["n_items"])
         return None
     if "nprobe" in meta and hasattr(index, "nprobe"):
         index.nprobe = int(meta["nprobe"])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from llmrec.config import llmrec_home
 from llmrec.store.events import EVENT_TYPES, Event, derive_liked
@@ -79,11 +79,15 @@ def default_url(dataset: str) -> str:
     return f"sqlite:///{path}"
 
 
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # a write waits this long for another connection's write to end
+INIT_WAIT_S = 900.0  # a replica waits this long for another process's first bulk load of the store
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_MS)}")
     cur.close()
 
 
@@ -162,6 +166,12 @@ class EventStore:
                 if loaded is None:
                     raise
                 log.info("event store %s: initialised concurrently by another process", store.url)
+            except OperationalError as e:
+                # SQLite: another process holds the write lock longer than the busy timeout, i.e. it is bulk-loading
+                # a large dataset (ML-1M: a million rows); wait for its commit instead of failing start-up
+                if not (store.is_sqlite and "locked" in str(e).lower()):
+                    raise
+                loaded = store._wait_for_meta("dataset", INIT_WAIT_S)
         if loaded is not None and loaded != ds.name:
             raise StoreError(f"{store.url}: store was initialised from dataset {loaded!r}, not {ds.name!r}")
         return store
@@ -193,6 +203,23 @@ class EventStore:
         log.info("event store %s: loaded %d interactions of %s in %.1fs", self.url, len(df), dataset,
                  time.perf_counter() - t0)
         return len(df)
+
+    def _wait_for_meta(self, key: str, timeout_s: float) -> str:
+        """Poll the meta row `key` until another process's load commits it; StoreError after `timeout_s`."""
+        log.info("event store %s: another process is loading it; waiting (at most %.0f s)", self.url, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                value = self.get_meta(key)
+            except OperationalError:
+                value = None
+            if value is not None:
+                log.info("event store %s: initialised by another process", self.url)
+                return value
+            if time.monotonic() > deadline:
+                raise StoreError(f"{self.url}: another process has held the write lock for over {timeout_s:.0f} s "
+                                 "without finishing the store's first load; is a stuck process holding it?")
+            time.sleep(0.5)
 
     def _lock(self) -> Any:
         return self._write_lock if self._write_lock is not None else _NullLock()
