@@ -14,11 +14,14 @@ Backend choice (`llm.backend`):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib.util
 import logging
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrec.config import ConfigError, llmrec_home
+from llmrec.llm.base import BackendError
 from llmrec.llm.loading import resolve_dtype
 from llmrec.llm.vllm_backend import VLLM_CPU_ENV
 from llmrec.service.config import ServiceConfig
@@ -53,6 +57,34 @@ def python_has_vllm(python: str | None) -> bool:
         return r.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether `host:port` cannot be bound because something holds it (bound as uvicorn and vLLM bind: with
+    SO_REUSEADDR, so a port in TIME_WAIT counts as free). Other bind errors (an address that is not this machine's)
+    are left to the server to report."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _vllm_python_desc(python: str | None) -> str:
+    """The interpreter `python_has_vllm` looked in, resolved: a relative llm.vllm_python is relative to the folder
+    the service was started from, not to its config file."""
+    if python is None or Path(python).absolute() == Path(sys.executable).absolute():
+        return f"this interpreter, {sys.executable}"
+    where = Path(python).absolute()
+    return f"llm.vllm_python: {where}" + ("" if where.exists() else ", which does not exist")
 
 
 def _die_with_parent() -> None:
@@ -87,16 +119,25 @@ class VLLMServer:
         self.log_path = log_path or (llmrec_home() / "logs" / f"vllm-{port}.log")
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None
+        self._stopped = False
 
     def start(self, timeout_s: float = 600.0) -> VLLMServer:
+        """Launch the server and wait for its /health (at most `timeout_s`). `BackendError` when the port is taken
+        (before anything is launched), when the server exits before it is up, or after `timeout_s`; each names the
+        log file. Whatever of the server's session was started is ended on any failure, Ctrl-C included."""
         from llmrec.service.client import wait_until_up
 
+        if port_in_use(self.host, self.port):
+            # a server already there would answer /health for this one, which would then die on the bind
+            raise BackendError(f"vLLM server: {self.host}:{self.port} is already in use (another vLLM server, or "
+                               "another replica's?): give each replica its own llm.vllm_port, or use the server "
+                               "that is there with llm.vllm_url")
         env = dict(os.environ)
         if not _has_cuda():
             for k, v in VLLM_CPU_ENV.items():
                 env.setdefault(k, v)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("starting vLLM: %s (log: %s)", " ".join(self.cmd), self.log_path)
+        log.info("starting vLLM: %s (log: %s)", shlex.join(self.cmd), self.log_path)
         t0 = time.perf_counter()
         with self.log_path.open("ab") as logf:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
@@ -105,12 +146,10 @@ class VLLMServer:
         try:
             wait_until_up(f"http://{self.host}:{self.port}/health", self.proc, timeout_s, name="vLLM server",
                           log_path=self.log_path)
-        except BaseException:  # timed out, exited early, interrupted: nothing of its session may outlive the failure
-            if self.proc.poll() is not None:  # the server itself is gone; children it started may not be
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        except (RuntimeError, TimeoutError) as e:  # exited early (the log's tail), or timed out (the log's path)
+            self.stop()
+            raise BackendError(str(e)) from None
+        except BaseException:  # interrupted: nothing of its session may outlive the failure
             self.stop()
             raise
         self.start_s = time.perf_counter() - t0
@@ -118,16 +157,27 @@ class VLLMServer:
         return self
 
     def stop(self, grace_s: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the server's session (the server, its EngineCore and workers), up to `grace_s` for the server
+        to exit, then SIGKILL to whatever of the session is left: children that outlived it, also when the server
+        itself had already died (a crash leaves its engine processes behind)."""
+        if self.proc is None or self._stopped:
             return
+        self._stopped = True
+        pid = self.proc.pid
+        if self.proc.poll() is None:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                self.proc.wait(timeout=grace_s)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # own session: the server, its EngineCore and workers
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole session had ended
+        try:
             self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        except subprocess.TimeoutExpired:
+            log.warning("vLLM server (pid %d) did not exit after SIGKILL", pid)
         log.info("vLLM server stopped")
 
     def __enter__(self) -> VLLMServer:
@@ -182,6 +232,12 @@ LIKELIHOOD_LORA = ("rank_mode: likelihood reads prompt log-probs, which crash a 
                    "verbalizer, or the transformers backend")
 
 
+# vLLM flags the launcher sets from the config: the same flag in llm.vllm_extra_args would win (argparse keeps the
+# last) and leave the launcher waiting on another port, or asking for a model name the server does not serve
+LAUNCHER_FLAGS = {"--model": "llm.model", "--host": "llm.vllm_host", "--port": "llm.vllm_port",
+                  "--served-model-name": "llm.adapters", "--lora-modules": "llm.adapters"}
+
+
 def _adapter_mode(llm: Any) -> str:
     """merged | lora | none: `auto` merges exactly one adapter on a CPU machine (LoRA layers cost ~10x on vLLM-CPU,
     1.3x on transformers), keeps LoRA for several adapters or on a GPU."""
@@ -219,6 +275,14 @@ def plan_backend(cfg: ServiceConfig) -> BackendPlan:
         return BackendPlan("vllm-http", f"vLLM endpoint {llm.vllm_url}", llm.model,
                            served={n: n for n in llm.adapters})
     if llm.backend in ("auto", "vllm") and python_has_vllm(llm.vllm_python):
+        for arg in llm.vllm_extra_args:  # appended after the launcher's own flags, where vLLM keeps the last one
+            flag = str(arg).split("=", 1)[0].replace("_", "-")  # vLLM reads --served_model_name too
+            if flag in LAUNCHER_FLAGS:
+                raise ConfigError(f"llm.vllm_extra_args: {flag} is set by the launcher (from {LAUNCHER_FLAGS[flag]}); "
+                                  "set that key instead")
+        if llm.vllm_port == cfg.port:  # the launched server would take it first; the service would then fail to bind
+            raise ConfigError(f"llm.vllm_port: {llm.vllm_port} is also the service's port (port); give the launched "
+                              "vLLM server and each service replica ports of their own")
         mode = _adapter_mode(llm)
         if mode == "lora" and cfg.rank_mode == "likelihood":
             raise ConfigError(LIKELIHOOD_LORA)
@@ -226,8 +290,10 @@ def plan_backend(cfg: ServiceConfig) -> BackendPlan:
                            f"(adapters: {mode})", llm.model, mode, {n: n for n in llm.adapters})
     if llm.backend == "vllm":
         raise ConfigError("llm.backend: vllm requested but vllm is not installed (make setup-vllm, then set "
-                          "llm.vllm_python: .venv-vllm/bin/python) and no llm.vllm_url is given")
-    why = "llm.backend: transformers" if llm.backend == "transformers" else "vLLM is not installed"
+                          "llm.vllm_python: .venv-vllm/bin/python) and no llm.vllm_url is given; looked in "
+                          f"{_vllm_python_desc(llm.vllm_python)}")
+    why = ("llm.backend: transformers" if llm.backend == "transformers"
+           else f"vLLM is not installed ({_vllm_python_desc(llm.vllm_python)})")
     note = f"{why}: serving on the in-process transformers backend"
     return BackendPlan("transformers", note, llm.model, _adapter_mode(llm))
 
@@ -345,10 +411,10 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     from llmrec.store import EventStore
 
     t0 = time.perf_counter()
+    plan = plan_backend(cfg)  # first: a refused llm setting must not have created (or filled) the event store
+    log.info("backend: %s", plan.note)
     ds = load_prepared(cfg.dataset)
     store = EventStore.from_dataset(ds, url=cfg.store_url, like_threshold=cfg.like_threshold)
-    plan = plan_backend(cfg)
-    log.info("backend: %s", plan.note)
     backends, server, model_name = build_backends(cfg, plan)
     batching = resolved_batching(cfg, plan) if backends else "none"
     try:
@@ -406,13 +472,36 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     return Runtime(app=app, plan=plan, backend=backends.get(None), server=server)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM as an exception, so that the clean-up of whatever is under way runs (the vLLM server's whole session
+    is ended), as it does for Ctrl-C; further SIGTERMs are ignored so that they cannot cut that clean-up short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log.info("SIGTERM: stopping")
+    raise SystemExit(128 + signum)
+
+
 def serve(cfg: ServiceConfig) -> None:
+    import threading
+
     import uvicorn
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call otherwise
-    rt = build_runtime(cfg)
+    # the default SIGTERM action kills this process at once: during the start (a vLLM start takes a minute) nothing
+    # would stop the server's engine processes. uvicorn handles SIGTERM itself while it serves, then restores this
+    # handler and raises the signal again, which ends here too (after its graceful shutdown).
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        # access_log off: uvicorn's access log prints raw paths, which contain user ids
-        uvicorn.run(rt.app, host=cfg.host, port=cfg.port, access_log=False, log_level="info")
+        if port_in_use(cfg.host, cfg.port):  # found before the start, not by uvicorn minutes later
+            raise ConfigError(f"port: {cfg.host}:{cfg.port} is already in use (another service, or another replica?):"
+                              " give each replica its own port (--port)")
+        rt = build_runtime(cfg)
+        try:
+            # access_log off: uvicorn's access log prints raw paths, which contain user ids
+            uvicorn.run(rt.app, host=cfg.host, port=cfg.port, access_log=False, log_level="info")
+        finally:
+            rt.close()
     finally:
-        rt.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
