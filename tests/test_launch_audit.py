@@ -463,3 +463,17 @@ def test_a_refused_backend_config_changes_nothing(tmp_path, tiny_dataset, tiny_h
     with pytest.raises(ConfigError, match="vllm is not installed"):
         launch.build_runtime(cfg)
     assert not db.exists()
+
+
+def test_ctrl_c_while_serving_ends_without_a_traceback(monkeypatch, capsys):
+    """uvicorn re-raises SIGINT after its graceful shutdown: `llmrec serve` used to end on a KeyboardInterrupt
+    traceback; it now says it stopped and exits 130 (the shell's code for SIGINT)."""
+    import llmrec.service.launch as launch
+    from llmrec.cli import main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "serve", interrupted)
+    assert main(["serve", "--no-llm"]) == 130
+    assert "interrupted" in capsys.readouterr().err

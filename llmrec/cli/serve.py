@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from llmrec.cli.args import int_at_least
 
@@ -49,5 +50,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from llmrec.service.launch import serve
 
-    serve(cfg)
+    try:
+        serve(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and the vLLM server is stopped; no traceback
+        print("llmrec serve: interrupted, stopped", file=sys.stderr)
+        return 130
     return 0
