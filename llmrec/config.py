@@ -44,6 +44,10 @@ def shared_data_dir() -> Path:
     return here.parent / "shared" / "data"
 
 
+_QUOTE_HINT = {bool: " (YAML reads yes/no/on/off/true/false as booleans: quote the value, e.g. 'yes')",
+               type(None): " (YAML reads an empty value, null or ~ as null: give a value)"}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -100,12 +104,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return out
     if tp is str:
-        if isinstance(value, dict | list):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        # YAML reads `key:` / `null` as None and yes/no/on/off as booleans: str() made them 'None' / 'True'
+        if isinstance(value, dict | list | bool) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}" + _QUOTE_HINT.get(type(value), ""))
         return str(value)
     if tp is Path:
-        if isinstance(value, dict | list) or not str(value).strip():  # Path("") is "." (the current folder)
-            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        # Path("") is "." (the current folder), Path(str(None)) a file named 'None'
+        if isinstance(value, dict | list | bool) or value is None or not str(value).strip():
+            raise ConfigError(f"{where}: expected a path, got {value!r}" + _QUOTE_HINT.get(type(value), ""))
         return Path(str(value)).expanduser()
     return value
 

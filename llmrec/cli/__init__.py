@@ -21,7 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"llmrec.cli.{name}").register(sub)
+    _describe(p)
     return p
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Give every sub-command the line `llmrec --help` lists it with as the description of its own `--help`
+    (`add_parser(help=...)` alone shows it only in the parent's list), unless it has a description of its own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = helps[name]
+                _describe(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from llmrec.cli.args import UsageError
     from llmrec.config import ConfigError
     from llmrec.data.loaders import DataError
     from llmrec.llm.base import BackendError
@@ -41,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
         return rc
+    except UsageError as e:  # flags that do not go together: status 2, as argparse's own usage errors
+        prog = " ".join(w for w in (parser.prog, args.command, getattr(args, f"{args.command}_command", None)) if w)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise
     except BrokenPipeError:
         # the reader went away (`llmrec ... | head`): stop quietly as a Unix tool does; stdout goes to devnull so the
         # interpreter's own flush at exit does not report it again

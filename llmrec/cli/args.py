@@ -1,5 +1,6 @@
 """Argument types shared by the sub-commands: counts that refuse what they cannot mean (argparse prints the error
-with the option's name and exits 2, before anything runs)."""
+with the option's name and exits 2, before anything runs), and `UsageError` for flags that parse one by one but not
+together."""
 
 from __future__ import annotations
 
@@ -23,3 +24,13 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 count = int_at_least(0)  # where 0 means "all"
+
+
+class UsageError(SystemExit):
+    """Flags that cannot go together (or a missing one that argparse cannot express): `llmrec` prints the message
+    and exits with status 2, as argparse does for its own usage errors, before anything is loaded. A SystemExit, so
+    that it ends the command wherever it is raised; `str(e)` is the message, `e.code` is 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2

@@ -15,29 +15,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="baselines_command", metavar="ACTION")
     pt = s.add_parser("train", help="fit one baseline and save its checkpoint")
     pt.add_argument("--dataset", required=True, help="prepared dataset name (llmrec data prepare)")
-    pt.add_argument("--model", required=True, choices=MODEL_CHOICES)
+    pt.add_argument("--model", required=True, choices=MODEL_CHOICES, help="the baseline to fit")
     pt.add_argument("--config", help="YAML file with the model's config keys")
     pt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     pt.add_argument("--out", help="checkpoint folder (default: $LLMREC_HOME/models/baselines/<dataset>/<model>)")
-    pt.add_argument("--no-progress", action="store_true")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bars")
     pt.set_defaults(func=cmd_train)
     pe = s.add_parser("eval", help="evaluate saved checkpoints: full ranking (test) and Yes/No where it applies")
-    pe.add_argument("--dataset", required=True)
+    pe.add_argument("--dataset", required=True, help="prepared dataset name (llmrec data prepare)")
     pe.add_argument("--model", nargs="*", choices=MODEL_CHOICES, help="default: every model with a checkpoint")
-    pe.add_argument("--split", default="test", choices=["valid", "test"])
+    pe.add_argument("--split", default="test", choices=["valid", "test"],
+                    help="leave-one-out targets to rank (default %(default)s)")
     pe.add_argument("--max-users", type=positive_int, help="seeded subset of users (default: all)")
     pe.add_argument("--yesno-examples", type=positive_int, help="seeded subset of Yes/No examples (default: all)")
-    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--seed", type=int, default=0, help="seed of the subsets (default %(default)s)")
     pe.set_defaults(func=cmd_eval)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llmrec.baselines import checkpoint_dir, get_model
-    from llmrec.config import deep_merge, load_yaml, parse_overrides
+    from llmrec.baselines import checkpoint_dir, get_model, model_class
+    from llmrec.config import apply_overrides, from_dict, load_yaml
     from llmrec.data import load_prepared
 
-    cfg = deep_merge(load_yaml(args.config) if args.config else {}, parse_overrides(args.set))
+    # checked before any data is read, an error naming the file or the --set override (the model's own check says
+    # `baselines.<model>`, which is neither)
+    config_cls = model_class(args.model).config_cls
+    cfg = apply_overrides(config_cls, load_yaml(args.config) if args.config else {}, args.set, "--set")
+    from_dict(config_cls, cfg, where=args.config or "--set")
     ds = load_prepared(args.dataset)
     model = get_model(args.model, **cfg)
     out = args.out or checkpoint_dir(ds.name, args.model)

@@ -70,22 +70,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmrec.llm.loading import QuantSettings, merge_and_save, save_quantized
+    from llmrec.cli.args import UsageError
 
     if args.merge == args.quantize_4bit:
-        raise SystemExit("llmrec export: give exactly one of --merge (with --adapter) or --quantize-4bit (the adapter "
-                         "folder itself is already loadable by PEFT and by vLLM's LoRA loader)")
+        raise UsageError("give exactly one of --merge (with --adapter) or --quantize-4bit (the adapter folder itself "
+                         "is already loadable by PEFT and by vLLM's LoRA loader)")
+    if args.merge and not args.adapter:
+        raise UsageError("--merge needs --adapter")
+    from llmrec.llm.loading import QuantSettings, merge_and_save, save_quantized
+
     if args.quantize_4bit:
         if args.adapter:
-            raise SystemExit("llmrec export --quantize-4bit quantizes a base model (--model); --adapter goes with "
-                             "--merge")
+            raise UsageError("--quantize-4bit quantizes a base model (--model); --adapter goes with --merge")
         q = QuantSettings(load_in_4bit=True, quant_type=args.quant_type, double_quant=not args.no_double_quant,
                           compute_dtype=args.dtype)
         out = save_quantized(args.model, args.out, quant=q, dtype=args.dtype)
         print(f"4-bit model written to {out} (load it with quant.load_in_4bit=true / --load-in-4bit)")
         return 0
-    if not args.adapter:
-        raise SystemExit("llmrec export --merge needs --adapter")
     model = args.model
     if model is None:
         cfg_path = Path(args.adapter) / "adapter_config.json"

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmrec.cli.args import count, positive_int
+from llmrec.cli.args import UsageError, count, positive_int
 
 # = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
 # agree, and with the service's defaults)
@@ -24,7 +24,8 @@ IN_PROCESS_ONLY = ("dataset", "backend", "model", "vllm_url", "dtype", "load_in_
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                   help="transformers (in-process, the default) or vllm (--vllm-url, else an in-process engine)")
     p.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT save_pretrained); `recommend --url`: the name of an "
                                       "adapter in the service's registry (llm.adapters), never a path")
@@ -72,10 +73,13 @@ def _task_template(text: str) -> tuple[str, str]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
-    p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--user-id", "--user", dest="user_id", required=True)
+    p.add_argument("--dataset", default="ml-100k",
+                   help="prepared dataset name or folder: its users, catalogue and histories (default %(default)s)")
+    p.add_argument("--user-id", "--user", dest="user_id", required=True,
+                   help="the user to recommend for (an id of --dataset, or of the service's event store with --url)")
     p.add_argument("--k", type=positive_int, default=10, help="items to return (default %(default)s)")
-    p.add_argument("--explain", action="store_true")
+    p.add_argument("--explain", action="store_true",
+                   help="add an explanation of the top item, citing the history items it is grounded in")
     p.add_argument("--url", help="ask a running llmrec service instead of ranking in-process (then only --user-id, "
                                   "--k, --explain, --adapter and --json apply; bearer key: $LLMREC_SERVE_API_KEY)")
     p.add_argument("--json", action="store_true",
@@ -90,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = e.add_subparsers(dest="eval_command", metavar="TASK")
     y = s.add_parser("yesno", help="AUC/accuracy/F1 of P(Yes) on a prepared split or a TALLRec JSON file")
     src = y.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset")
+    src.add_argument("--dataset", help="prepared dataset: score its time-split Yes/No rows")
     src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
     y.add_argument("--split", default="test", help="--dataset: the Yes/No split to score (default %(default)s)")
     y.add_argument("--max-examples", type=count, default=500, help="fixed seeded subset (0 = all)")
@@ -98,19 +102,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--dataset with --split test: also score this many seeded validation rows and report "
                         "accuracy/F1 at the threshold of best validation accuracy (P(Yes) of a tuned model is not "
                         "calibrated, so 0.5 can say No to every row); 0 = at 0.5 only (default %(default)s)")
-    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--seed", type=int, default=0, help="seed of the row subsets (default %(default)s)")
     y.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(y)
     y.set_defaults(func=cmd_eval_yesno)
     r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
-    r.add_argument("--dataset", required=True)
+    r.add_argument("--dataset", required=True, help="prepared dataset name or folder")
     r.add_argument("--max-users", type=count, default=200, help="fixed seeded subset of users (0 = all)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the user subset (default %(default)s)")
     r.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(r)
     r.set_defaults(func=cmd_eval_rank)
     c = s.add_parser("contamination", help="does the base LLM complete catalogue titles from memory?")
-    c.add_argument("--dataset", required=True)
+    c.add_argument("--dataset", required=True, help="prepared dataset whose catalogue titles are probed")
     c.add_argument("--n", type=positive_int, default=100,
                    help="seeded catalogue items probed (and as many shuffled controls; default %(default)s)")
     c.add_argument("--out", help="write the metrics as JSON here")
@@ -118,14 +122,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_eval_contamination)
 
 
+def _check_model_args(args: argparse.Namespace) -> None:
+    """Model flags that cannot go together: a usage error before any data or model is read."""
+    if args.backend == "vllm" and args.load_in_4bit:
+        raise UsageError("--load-in-4bit is for --backend transformers (vLLM quantizes with its own options)")
+
+
 def _backend(args: argparse.Namespace):
     from llmrec.llm import load_backend
 
+    _check_model_args(args)
     kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size, "load_in_4bit": args.load_in_4bit,
                 "merge_adapter": getattr(args, "merge_adapter", True)}
     if args.backend == "vllm":
-        if args.load_in_4bit:
-            raise SystemExit("--load-in-4bit is for --backend transformers (vLLM quantizes with its own options)")
         kw = {"url": args.vllm_url, "dtype": args.dtype} if args.vllm_url else {"dtype": args.dtype}
     return load_backend(args.backend, model=args.model, adapter=args.adapter, **kw)
 
@@ -168,6 +177,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps(rec_json, indent=2) if args.json else format_recommendations(rec_json))
         return 0
+    _check_model_args(args)
     rec = _recommender(args, args.dataset, user_id=args.user_id)
     r = rec.recommend(args.user_id, k=args.k, explain=args.explain)
     payload = {
@@ -198,6 +208,7 @@ def _print_metrics(title: str, m: dict, keys: list[str]) -> None:
 def cmd_eval_yesno(args: argparse.Namespace) -> int:
     from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec, load_tallrec
 
+    _check_model_args(args)
     if args.file:
         data = load_tallrec(args.file)  # a malformed file fails here, before the model is loaded
         backend = _backend(args)
@@ -228,6 +239,7 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
 def cmd_eval_rank(args: argparse.Namespace) -> int:
     from llmrec.ranking.evaluate import eval_rank
 
+    _check_model_args(args)
     rec = _recommender(args, args.dataset)
     m = eval_rank(rec, rec.ds, args.max_users or None, args.seed, args.mode)
     m.update(retriever=args.retriever, n_candidates=rec.cfg.n_candidates, mode=args.mode,
@@ -248,6 +260,7 @@ def cmd_eval_contamination(args: argparse.Namespace) -> int:
     from llmrec.data import load_prepared
     from llmrec.ranking.evaluate import contamination_probe
 
+    _check_model_args(args)
     m = contamination_probe(_backend(args), load_prepared(args.dataset, prepare_if_missing=True), args.n)
     _print_metrics(f"contamination probe on {args.dataset}", m, list(m))
     _write(args.out, m)

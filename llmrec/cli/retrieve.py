@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import argparse
 
-from llmrec.cli.args import int_at_least, positive_int
+from llmrec.cli.args import UsageError, int_at_least, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="top-K unseen items for a user from the text / hybrid retriever")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--user", "--user-id", dest="user", help="user id (history from the prepared dataset)")
-    p.add_argument("--profile", help="free-text profile instead of a user history")
-    p.add_argument("--k", type=positive_int, default=20)
+    p.add_argument("--dataset", required=True, help="prepared dataset name or folder (llmrec data prepare)")
+    who = p.add_mutually_exclusive_group()  # one of them is required: cmd_retrieve says so (a parse alone passes)
+    who.add_argument("--user", "--user-id", dest="user", help="user id (history from the prepared dataset)")
+    who.add_argument("--profile", help="free-text profile instead of a user history (--mode text)")
+    p.add_argument("--k", type=positive_int, default=20, help="candidates to list (default %(default)s)")
     p.add_argument("--mode", choices=["text", "hybrid", "cf"], default=None,
                    help="text, hybrid (text + item-CF: what `llmrec recommend` and the service put in the prompt) "
                         "or cf (item-CF alone); default: hybrid for --user, text for --profile")
     p.add_argument("--split", choices=["all", "test", "valid"], default="all",
                    help="history allowed: all events, or those before the user's test/valid target")
     p.add_argument("--model", help="sentence-transformers folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--index", choices=["flat", "ivf"], default="flat")
+    p.add_argument("--index", choices=["flat", "ivf"], default="flat",
+                   help="faiss index of the item texts: flat (exact, the default) or ivf (approximate)")
     p.set_defaults(func=cmd_retrieve)
 
     q = sub.add_parser("prompt", help="render a prompt template for a user and print it with its token count")
     q.add_argument("--template", required=True, help="template name (prompts/<name>.yaml) or a YAML path")
-    q.add_argument("--dataset", required=True)
-    q.add_argument("--user", "--user-id", dest="user", required=True)
+    q.add_argument("--dataset", required=True, help="prepared dataset name or folder (llmrec data prepare)")
+    q.add_argument("--user", "--user-id", dest="user", required=True, help="user id whose history is rendered")
     q.add_argument("--split", choices=["all", "test", "valid"], default="test",
                    help="history before the user's test/valid target (which is the yes/no target), or all events")
     q.add_argument("--item", help="target item id for yesno (default: the user's target of --split)")
@@ -48,18 +50,18 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from llmrec.data import load_prepared
     from llmrec.retrieval import HybridRetriever, ItemCF, TextRetriever
 
+    if args.user is None and args.profile is None:
+        raise UsageError("give --user (a user's history) or --profile (a free-text profile)")
+    args.mode = args.mode or ("text" if args.profile is not None else "hybrid")
+    if args.profile is not None and args.mode != "text":  # before the dataset is read and the text index built
+        raise UsageError(f"--profile works with --mode text only (got --mode {args.mode}): item-CF needs a history")
     ds = load_prepared(args.dataset)
-    if not args.user and not args.profile:
-        raise SystemExit("llmrec retrieve: give --user or --profile")
     if args.user and not ds.has_user(args.user):
         raise KeyError(f"unknown user {args.user!r} in dataset {ds.name}")
-    args.mode = args.mode or ("text" if args.profile else "hybrid")
     text = None
-    if args.mode != "cf" or args.profile:
+    if args.mode != "cf":
         text = TextRetriever(args.model, index=args.index).build(ds, progress=False)
-    if args.profile:
-        if args.mode != "text":
-            raise SystemExit("llmrec retrieve: --profile works with --mode text")
+    if args.profile is not None:
         res = text.query_text(args.profile, k=args.k)
         print(f"== {ds.name}: top {args.k} for the profile {args.profile!r}")
     else:
