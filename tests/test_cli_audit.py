@@ -460,3 +460,25 @@ def test_demo_service_uses_a_fresh_store_of_its_own(fake_service, tmp_path):
     cmd = fake_service.launched[-1]
     assert f"store_url=sqlite:///{store}" in cmd
     assert not store.exists() and not Path(f"{store}-wal").exists()  # removed before the service started
+
+
+def test_a_bare_key_error_says_where_it_came_from(monkeypatch, capsys):
+    """`main` turns KeyError into one line; a failed dict lookup (a bug) printed only `llmrec: error: items`. It now
+    names the exception and the line it came from; worded refusals ("unknown user ...") stay as they are."""
+    import llmrec.cli.serve as serve_cli
+    from llmrec.cli import main
+
+    def lookup(args):
+        return {}["items"]
+
+    monkeypatch.setattr(serve_cli, "cmd_serve", lookup)
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmrec: error: items (KeyError at test_cli_audit.py:") and "-v" in err, err
+
+    def refusal(args):
+        raise KeyError("unknown user 'x' in dataset tiny")
+
+    monkeypatch.setattr(serve_cli, "cmd_serve", refusal)
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err.strip() == "llmrec: error: unknown user 'x' in dataset tiny"

@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 # one module per command group; a module registers one or more sub-commands
 COMMAND_MODULES = ["data", "serve", "recommend", "bench", "finetune", "retrieve", "baselines"]
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, KeyError) and not (isinstance(msg, str) and " " in msg):
+            # a bare key ('items'): a failed lookup, not one of the library's worded refusals ("unknown user ..."); it
+            # must say where it came from, or a bug reads like a refused input
+            import traceback
+
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            msg = f"{msg} ({type(e).__name__} at {Path(last.filename).name}:{last.lineno}; -v shows the traceback)"
         print(f"llmrec: error: {msg}", file=sys.stderr)
         return 1
 
