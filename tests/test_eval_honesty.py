@@ -127,3 +127,34 @@ def test_yesno_training_rows_can_leave_out_next_item_targets(tiny_dataset, tmp_p
         yesno_training_pairs(tiny_dataset, tmp_path / "adapter")
     (tmp_path / "data_manifest.json").unlink()
     assert yesno_training_pairs(tiny_dataset, tmp_path / "adapter") is None
+
+
+def test_history_cut_to_fit_the_training_budget_is_counted_and_warned(tiny_dataset, caplog):
+    """The rank recipe's data.max_len (448) left ~6 of 10 history items out of every ML-100K training prompt, while
+    the Recommender scores and serves the same template with up to 1024 tokens and all 10: the adapter trained on
+    shorter histories than it is used on, silently. Each example now records the items its budget cut, the manifest
+    counts them, and the trainer warns."""
+    import logging
+
+    from llmrec.finetune.config import DataSettings
+    from llmrec.finetune.data import build_examples, manifest, warn_history_cut
+    from llmrec.prompts import WhitespaceTokenizer
+
+    tok = WhitespaceTokenizer()
+    roomy = DataSettings(n_train=12, n_valid=0, n_test=0, max_len=4000, history_max=10, n_candidates=5)
+    full = build_examples(tiny_dataset, "rank", roomy, tok)
+    assert all(e.history_cut == 0 for e in full["train"])
+    assert "history_cut_to_fit" not in manifest(tiny_dataset, "rank", roomy, full)["train"]
+    # a budget a few tokens short of the longest prompt: that prompt (at least) loses its oldest items
+    need = max(len(tok(e.prompt)["input_ids"]) for e in full["train"]) + 4
+    tight = DataSettings(n_train=12, n_valid=0, n_test=0, max_len=need - 6, history_max=10, n_candidates=5)
+    cut = build_examples(tiny_dataset, "rank", tight, tok)
+    n_cut = [e.history_cut for e in cut["train"]]
+    assert any(n_cut) and all(c >= 0 for c in n_cut)
+    for e_full, e_cut in zip(full["train"], cut["train"]):  # what was cut is the oldest history, nothing else
+        assert e_cut.prompt.count("\n") == e_full.prompt.count("\n") - e_cut.history_cut
+    man = manifest(tiny_dataset, "rank", tight, cut)["train"]["history_cut_to_fit"]
+    assert man["examples"] == sum(c > 0 for c in n_cut)
+    with caplog.at_level(logging.WARNING, logger="llmrec.finetune.data"):
+        warn_history_cut(cut, tight)
+    assert "dropped history to fit data.max_len" in caplog.text

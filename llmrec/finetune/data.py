@@ -46,6 +46,17 @@ class Example:
     user_id: str = ""
     item_id: str = ""
     candidate_ids: list[str] = field(default_factory=list)
+    # history items the token budget (data.max_len) left out, beyond the template's own max_history: the Recommender
+    # renders the same template with RankingConfig.max_prompt_tokens (1024), so a cut here trains on shorter
+    # histories than are served
+    history_cut: int = 0
+
+
+def _budget_cut(template: Any, n_history: int, rp: Any) -> int:
+    """History items `rp` dropped to fit its token budget (the template's max_history cap not counted)."""
+    cap = template.options.max_history
+    listed = n_history if cap is None else min(n_history, cap)
+    return max(0, listed - rp.n_history)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -100,7 +111,7 @@ def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: A
             raise ValueError(f"template {template.name!r}: a yes/no template needs 2 choices, got {rp.choices}")
         lab = int(r.label)
         out.append(Example(rp.text, rp.choices[0] if lab else rp.choices[1], list(rp.choices), lab,
-                           str(r.user_id), str(r.item_id)))
+                           str(r.user_id), str(r.item_id), history_cut=_budget_cut(template, len(hist), rp)))
     return out
 
 
@@ -195,7 +206,8 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
             if len(rp.choices) != len(ids):
                 raise ValueError(f"template {template.name!r}: {len(rp.choices)} choices for {len(ids)} candidates")
             k = ids.index(target)
-            out.append(Example(rp.text, rp.choices[k], list(rp.choices), k, str(r.user_id), target, ids))
+            out.append(Example(rp.text, rp.choices[k], list(rp.choices), k, str(r.user_id), target, ids,
+                               history_cut=_budget_cut(template, len(hist), rp)))
         else:
             rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
                           chat=cfg.chat, now=int(r.timestamp))
@@ -209,8 +221,21 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
                 ids += [str(c) for c in rng.choice(others, size=min(cfg.negatives, len(others)), replace=False)]
             choices = [answer(i) for i in ids] if len(ids) > 1 else []
             out.append(Example(rp.text, answer(target), choices, 0, str(r.user_id), target,
-                               ids if len(ids) > 1 else []))
+                               ids if len(ids) > 1 else [], history_cut=_budget_cut(template, len(hist), rp)))
     return out
+
+
+def warn_history_cut(examples: dict[str, list[Example]], cfg: DataSettings) -> None:
+    """A warning per split whose prompts lost history items to data.max_len: the Recommender serves the same
+    template with up to RankingConfig.max_prompt_tokens (1024) tokens, so such a run trains on shorter histories
+    than it is scored and served on."""
+    for split, exs in examples.items():
+        cut = [e.history_cut for e in exs if e.history_cut]
+        if cut:
+            log.warning("%d of %d %s prompts dropped history to fit data.max_len=%d (%.1f of up to %d items on "
+                        "average): the Recommender serves this template with up to 1024 tokens and the full "
+                        "history; raise data.max_len to train on the prompts it serves", len(cut), len(exs), split,
+                        cfg.max_len, float(np.mean(cut)), cfg.history_max)
 
 
 def build_examples(ds: Any, task: str, cfg: DataSettings, tokenizer: Any,
@@ -547,6 +572,9 @@ def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Exa
             info["loo_targets"] = int(_loo_target_mask(ds, pairs).sum())
         if any(e.choices for e in exs) and task == "next_title":
             info["titles_per_example"] = int(np.mean([len(e.choices) for e in exs]))
+        cut = [e.history_cut for e in exs if e.history_cut]
+        if cut:  # prompts trained on a shorter history than the Recommender serves (see Example.history_cut)
+            info["history_cut_to_fit"] = {"examples": len(cut), "mean_items": round(float(np.mean(cut)), 2)}
         if task == "rank" and exs:
             info["answer_position_histogram"] = np.bincount([e.label for e in exs],
                                                             minlength=cfg.n_candidates).tolist()

@@ -27,6 +27,7 @@ from llmrec.finetune.data import (
     encode_all,
     listwise_title_loss,
     manifest,
+    warn_history_cut,
 )
 
 log = logging.getLogger(__name__)
@@ -418,6 +419,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         ds = ds if ds is not None else load_prepared(cfg.dataset, home=home)
         tok = load_tokenizer(cfg.model)
         examples = build_examples(ds, cfg.task, cfg.data, tok)
+    warn_history_cut(examples, cfg.data)
     build_s = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)  # after the data: a dataset refused leaves no folder behind
     model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, quant=cfg.quant, tokenizer=tok)
