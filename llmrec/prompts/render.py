@@ -41,7 +41,7 @@ class RenderedPrompt:
     choices: list[str]  # verbalizer strings whose FIRST token is scored
     n_history: int  # history items kept after the budget
     candidate_ids: list[str]  # in label order (rank), or the candidates as given
-    n_dropped: int = 0  # oldest history items dropped to fit the budget
+    n_dropped: int = 0  # oldest history items left out: by `options.max_history`, then to fit the budget
     template: str = ""
     version: int = 0
     answer_prefix: str = ""  # the template's answer prefix as filled (the text ends with it)
@@ -176,6 +176,35 @@ def _labels(t: PromptTemplate, n: int) -> list[str]:
     return list(labels[:n])
 
 
+_BRACKETS = set("<>[]|｜{}")
+
+
+def _markup_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's added tokens that look like markup (`[INST]`, `<｜User｜>`, `<think>`, ...), longest first. HF
+    tokenizers match added tokens in plain text, so item text holding one would become that control token; `clean`
+    breaks up the `<|...|>` and `<tag>` forms, not every model's (Mistral's `[INST]`, DeepSeek's full-width bars)."""
+    if tokenizer is None:
+        return []
+    found = {str(x) for x in (getattr(tokenizer, "all_special_tokens", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(added, dict):
+        found |= {str(getattr(a, "content", a)) for a in added.values()}
+    # bracketed tokens only: an added "..." or "--" is not markup, and a title's "..." must render as it always did
+    marks = [m for m in found if len(m.strip()) >= 2 and any(c in _BRACKETS for c in m)]
+    return sorted(marks, key=len, reverse=True)
+
+
+def _break_markup(text: str, marks: list[str]) -> str:
+    """`text` with every occurrence of `marks` broken by a space after its first character (`[ INST]`)."""
+    for _ in range(4):  # a break is not expected to form another mark; bounded all the same
+        hits = [m for m in marks if m in text]
+        if not hits:
+            break
+        for m in hits:
+            text = text.replace(m, m[0] + " " + m[1:])
+    return text
+
+
 def _chat(tokenizer: Any, t: PromptTemplate, body: str) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"template {t.name!r}: chat=True needs a tokenizer with a chat template")
@@ -222,27 +251,32 @@ def render(
     if o.max_history is not None and len(hist) > o.max_history:
         hist = hist[len(hist) - o.max_history :]
     cands = list(candidates or [])
+    marks = _markup_tokens(tokenizer)
+
+    def shown(item: Item, candidate: bool = False) -> str:  # item text, with the tokenizer's own markup broken up
+        return _break_markup(item_text(item, t, candidate), marks)
+
     labels = _labels(t, len(cands)) if t.task == "rank" or (t.verbalizer and t.verbalizer.labels and cands) else []
     if labels:
-        cand_lines = [o.candidate_line.format(label=lab, item=item_text(c, t, True)) for lab, c in zip(labels, cands)]
+        cand_lines = [o.candidate_line.format(label=lab, item=shown(c, True)) for lab, c in zip(labels, cands)]
         fmt = t.verbalizer.label_format if t.verbalizer else " {label}"
         choices = [fmt.format(label=lab) for lab in labels]
     else:
-        cand_lines = [o.candidate_line.format(label=str(n + 1), item=item_text(c, t, True))
-                      for n, c in enumerate(cands)]
+        cand_lines = [o.candidate_line.format(label=str(n + 1), item=shown(c, True)) for n, c in enumerate(cands)]
         choices = list(t.verbalizer.choices) if t.verbalizer and t.verbalizer.choices else []
-    rec_lines = [o.recommended_line.format(item=item_text(r, t, True)) for r in recommended or []]
-    hist_lines = [o.history_line.format(item=item_text(h.item, t), details=_details(h, t, now)) for h in hist]
+    rec_lines = [o.recommended_line.format(item=shown(r, True)) for r in recommended or []]
+    hist_lines = [o.history_line.format(item=shown(h.item), details=_details(h, t, now)) for h in hist]
     fixed = {
         "domain": dom, "domains": plural(dom), "Domain": dom[:1].upper() + dom[1:],
         "Domains": plural(dom)[:1].upper() + plural(dom)[1:],
-        "target": item_text(target, t) if target is not None else "",
+        "target": shown(target) if target is not None else "",
         "candidates": "\n".join(cand_lines), "recommended": "\n".join(rec_lines),
         "n_candidates": str(len(cands)), "first_label": labels[0] if labels else "",
         "last_label": labels[-1] if labels else "",
         "target_stats": target_stats_text(target_stats, dom),
         "estimate": estimate_text(target_stats, list(history)),  # over every given item, as user_stats
-        "first_recommended": quote(recommended[0].title, o.title_max_chars) if recommended else "",
+        "first_recommended": _break_markup(quote(recommended[0].title, o.title_max_chars), marks) if recommended
+        else "",
     }
 
     def values_for(n_keep: int) -> tuple[dict[str, str], list[str], list[str]]:

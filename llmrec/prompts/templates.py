@@ -114,7 +114,9 @@ class PromptTemplate:
 
 def _non_default(obj: Any) -> dict[str, Any] | None:
     """A dataclass as a dict of the fields that differ from their defaults (so adding a new option with a default
-    does not change existing hashes; a changed code default is caught by the golden renders instead)."""
+    does not change existing hashes; a changed code default is caught by the golden renders where their inputs show
+    it, and by `tests/test_prompts_audit.py::test_option_defaults_are_pinned` for every default: the golden inputs'
+    titles are too short to show `title_max_chars`, for one)."""
     if obj is None:
         return None
     out = {}
@@ -140,6 +142,37 @@ def template_hash(t: PromptTemplate) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+# the placeholders a line format must show: without `{item}` a list line would show no item, without `{label}` (when
+# the template labels its candidates) the answer letters would be missing from the prompt
+REQUIRED_LINE_PLACEHOLDERS = {"history_line": {"item"}, "candidate_line": {"item"}, "recommended_line": {"item"}}
+
+
+def _placeholder_names(text: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+
+
+def _validate_options(t: PromptTemplate, where: str) -> None:
+    o = t.options
+    for key in ("title_max_chars", "field_max_chars"):  # 0 or less would disable the cap or cut every title to "…"
+        if getattr(o, key) < 2:
+            raise ConfigError(f"{where}: options.{key} must be at least 2 (one character and the ellipsis), got "
+                              f"{getattr(o, key)}")
+    if o.max_history is not None and o.max_history < 0:  # -1 used to list no history at all, silently
+        raise ConfigError(f"{where}: options.max_history must be null or >= 0, got {o.max_history}")
+    if o.rating_scale is not None and not o.rating_scale > 0:
+        raise ConfigError(f"{where}: options.rating_scale must be null or > 0, got {o.rating_scale}")
+    labelled = bool(t.verbalizer and t.verbalizer.labels)
+    for key, needed in REQUIRED_LINE_PLACEHOLDERS.items():
+        need = needed | ({"label"} if key == "candidate_line" and labelled else set())
+        missing = need - _placeholder_names(getattr(o, key))
+        if missing:
+            raise ConfigError(f"{where}: options.{key} {getattr(o, key)!r} must show "
+                              + " and ".join(f"{{{m}}}" for m in sorted(missing)))
+    if labelled and "label" not in _placeholder_names(t.verbalizer.label_format):
+        # every candidate's answer would be the same string
+        raise ConfigError(f"{where}: verbalizer.label_format {t.verbalizer.label_format!r} must show {{label}}")
+
+
 def _validate(t: PromptTemplate, where: str) -> None:
     if t.task not in TASKS:
         raise ConfigError(f"{where}: task {t.task!r} is not one of {list(TASKS)}")
@@ -162,6 +195,7 @@ def _validate(t: PromptTemplate, where: str) -> None:
     v = t.verbalizer
     if v is not None:
         _check_placeholders(v.label_format, f"{where}: verbalizer.label_format", LABEL_PLACEHOLDERS)
+    _validate_options(t, where)
     if t.task == "yesno" and (v is None or not v.choices or len(v.choices) != 2):
         raise ConfigError(f"{where}: a yesno template needs verbalizer.choices with 2 answers")
     if t.task == "yesno" and v.choices[0].strip(" .!").lower() in NEGATIVE_ANSWERS:
@@ -225,7 +259,19 @@ def list_templates() -> list[str]:
 
 def read_lock(path: Path | None = None) -> dict[str, dict[str, Any]]:
     p = path or prompts_dir() / "versions.lock"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        lock = json.loads(p.read_text())
+    except json.JSONDecodeError as e:  # e.g. merge-conflict markers after two branches bumped templates
+        raise ConfigError(f"{p}: line {e.lineno}: not valid JSON ({e.msg}); resolve it (or restore it from git), "
+                          "then run `python -m llmrec.prompts`") from None
+    bad = [k for k, v in lock.items() if not (isinstance(v, dict) and {"version", "hash"} <= set(v))] \
+        if isinstance(lock, dict) else ["(top level)"]
+    if bad:
+        raise ConfigError(f"{p}: entries {bad} need a version and a hash; resolve it (or restore it from git), then "
+                          "run `python -m llmrec.prompts`")
+    return lock
 
 
 def lock_problems(lock: dict[str, dict[str, Any]], templates: list[PromptTemplate]) -> list[str]:
