@@ -3,25 +3,61 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 
 from llmrec.cli.args import count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare datasets and inspect them")
+    p.set_defaults(func=lambda _args: _usage(p))  # `llmrec data` alone: this group's help, not the top level's
     s = p.add_subparsers(dest="data_command", metavar="ACTION")
-    pp = s.add_parser("prepare", help="load, clean, split and save a dataset; print its statistics")
-    pp.add_argument("--dataset", required=True, help="ml-100k | ml-1m | lastfm | amazon-gift-cards | folder | file")
-    pp.add_argument("--items", help="item metadata file for a CSV/TSV/Parquet interaction file")
-    pp.add_argument("--config", help="YAML file with PrepareConfig keys")
-    pp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override PrepareConfig keys")
+    pp = s.add_parser(
+        "prepare", help="load, clean, split and save a dataset; print its statistics",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="PrepareConfig keys (--set KEY=VALUE, or in the --config file) and their defaults:\n" + PREPARE_KEYS)
+    pp.add_argument("--dataset", required=True,
+                    help="ml-100k | ml-1m | lastfm | amazon-gift-cards | a RecBole atomic folder | an interaction "
+                         "file (.csv, .tsv, .txt, .parquet: user_id,item_id,timestamp[,rating])")
+    pp.add_argument("--items", help="item metadata file (item_id,title[,attributes...]) for a CSV/TSV/Parquet "
+                                    "interaction file")
+    pp.add_argument("--config", help="YAML file with PrepareConfig keys (below)")
+    pp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override PrepareConfig keys (below), e.g. --set name=books domain=book like_threshold=3")
     pp.set_defaults(func=cmd_prepare)
     ps = s.add_parser("show", help="print a user's history with titles")
     ps.add_argument("--dataset", required=True)
     ps.add_argument("--user", "--user-id", dest="user", required=True)
     ps.add_argument("--limit", type=count, default=50, help="most recent events shown (0 = all)")
     ps.set_defaults(func=cmd_show)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+# PrepareConfig's keys and defaults as `--help` lists them: written out, since importing llmrec.data (pandas) here
+# would slow every `llmrec` command; tests/test_data_audit3.py holds this list to the dataclass
+PREPARE_KEYS = """\
+  kcore=0                 keep users and items with >= kcore events (0 = off)
+  min_user_events=3       drop users with fewer events (they have no leave-one-out target)
+  label_rule=auto         auto | rating_threshold | implicit | weight_above_user_median
+  like_threshold=3.0      rating_threshold: like = rating > like_threshold
+  history_len=10          Yes/No examples: the preceding <= history_len events
+  min_history=1           Yes/No examples need at least this many earlier events
+  valid_frac=0.1          share of events (by time) after the validation cut-off
+  test_frac=0.1           ... and after the test cut-off
+  neg_per_pos=1           implicit: sampled No examples per observed event
+  n_sampled_negatives=99  fixed negatives per user, for *sampled* metrics only
+  seed=42
+  items_file=             item file (same as --items)
+  name=                   the prepared folder $LLMREC_HOME/data/<name> (default: the dataset's name)
+  domain=                 the noun prompts use for an item (book, song; default: the loader's, or item)"""
+
+DESCRIPTION = """\
+Load, clean, split (by time) and save a dataset under $LLMREC_HOME/data/<name>/, then
+print its statistics. A bad row is refused with its file, line and field, and nothing
+is written: a previously prepared folder of that name stays as it was."""
 
 
 def format_stats(name: str, st: dict, seconds: float | None = None) -> str:
@@ -61,6 +97,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from llmrec.data import load_prepared
+    from llmrec.data.prepare import format_day
 
     ds = load_prepared(args.dataset)
     h = ds.history(args.user, before="all")
@@ -69,7 +106,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"user {args.user}: {len(h)} events in {ds.name} ({plural(ds.domain)}); split = leave-one-out role")
     fields = [f for f in ds.items.columns if f not in ("item_id", "title")]  # what prompts show after a title
     for _, r in (h.tail(args.limit) if args.limit else h).iterrows():
-        when = datetime.fromtimestamp(int(r["timestamp"]), UTC).strftime("%Y-%m-%d")
+        when = format_day(int(r["timestamp"]))
         rating = "" if r["rating"] != r["rating"] else f"{r['rating']:g}"
         liked = "like" if r["label"] else "dislike"
         item = ds.items.iloc[ds.item_index[r["item_id"]]]

@@ -25,6 +25,7 @@ from llmrec.config import shared_data_dir
 log = logging.getLogger(__name__)
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
+MS_LIKE = 1e11  # Unix seconds of the year 5138: a timestamp this large is in milliseconds (or finer)
 
 
 class DataError(ValueError):
@@ -89,15 +90,24 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except pd.errors.ParserError as e:
-        msg = str(e).replace("Error tokenizing data. C error: ", "")
+        msg = str(e).replace("Error tokenizing data. C error: ", "").strip()
         m = re.search(r"EOF inside string starting at row (\d+)", msg)
         if m:  # pandas counts rows from 0 here (blank lines included): the file's line is one more
             msg = f"line {int(m.group(1)) + 1}: a quoted field is never closed (a stray '\"'?)"
+        m = re.fullmatch(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
+        if m:  # pandas counts the file's lines here (blank ones included)
+            msg = _too_many_fields(int(m.group(2)), int(m.group(3)), int(m.group(1)), sep)
         raise DataError(f"{path}: cannot parse: {msg}") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: line {_first_non_utf8_line(path)}: not UTF-8 text") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(df.index, pd.RangeIndex):
+        # the first row had more fields than the header (a trailing delimiter on every line, say): pandas took the
+        # extra leading field(s) as the row's index and shifted every value one column right
+        found = _first_long_row(path, sep, quoting, len(header))
+        raise DataError(f"{path}: cannot parse: " + (_too_many_fields(*found, len(header), sep) if found else
+                                                    f"a row has more fields than the header's {len(header)}"))
     df.index = df.index + lead
     blank = df.iloc[:, 0].fillna("").str.strip() == "" if len(df.columns) else pd.Series(True, index=df.index)
     if blank.any():  # whitespace-only lines: dropped as pandas would, keeping the other rows' line numbers
@@ -110,24 +120,51 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     return df
 
 
+def _too_many_fields(line: int, got: int, want: int, sep: str) -> str:
+    return (f"line {line}: {got} fields, the header has {want} (a trailing {sep!r}, or a {sep!r} inside an unquoted "
+            "field?)")
+
+
+def _first_long_row(path: Path, sep: str, quoting: int, ncols: int) -> tuple[int, int] | None:
+    """(line, number of fields) of the first row below the header with more than `ncols` fields; None if none has
+    (read again with the csv module: only on the way to an error)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f, delimiter=sep, quoting=quoting)
+            header = False
+            for row in reader:
+                if not header:
+                    header = any(c.strip() for c in row)
+                elif len(row) > ncols:
+                    return reader.line_num, len(row)
+    except csv.Error:
+        return None
+    return None
+
+
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: " + ("is a folder, not a file" if path.is_dir() else "file not found"))
 
 
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
 def _location(path: Path) -> tuple[int, str]:
     """(offset, unit) that turn a table row's index into what errors name: a Parquet file has rows, not lines (row
     i + 1, no header); a text file's index is its line - 2 (see _read_table)."""
-    return (1, "row") if path.suffix == ".parquet" else (2, "line")
+    return (1, "row") if _is_parquet(path) else (2, "line")
 
 
 def _read_any(path: Path) -> pd.DataFrame:
-    return _read_parquet(path) if path.suffix == ".parquet" else _read_table(path)
+    return _read_parquet(path) if _is_parquet(path) else _read_table(path)
 
 
-def _first_non_utf8_line(path: Path) -> int:
-    """1-based number of the first line of `path` that is not valid UTF-8 (0 if none is)."""
-    with path.open("rb") as f:
+def _first_non_utf8_line(path: Path, opener=open) -> int:
+    """1-based number of the first line of `path` that is not valid UTF-8 (0 if none is); `opener` gzip.open for a
+    .gz file."""
+    with opener(path, "rb") as f:
         for n, line in enumerate(f, start=1):
             try:
                 line.decode("utf-8")
@@ -165,8 +202,27 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        where = "" if path.suffix == ".parquet" else " line 1:"  # a Parquet file has a schema, not a header line
-        raise DataError(f"{path}:{where} missing column(s) {missing}; found {list(df.columns)}")
+        where = "" if _is_parquet(path) else " line 1:"  # a Parquet file has a schema, not a header line
+        hint = ""
+        if len(df.columns) == 1:  # `user_id;item_id;timestamp` read as one column
+            seps = [d for d in (";", "|", ",", "\t", " ") if d in str(df.columns[0]).strip()]
+            if seps:
+                hint = (f" (the header is one field holding {seps[0]!r}: fields must be separated by ',' or a tab; "
+                        f"a RecBole atomic file by a tab)")
+        raise DataError(f"{path}:{where} missing column(s) {missing}; found {list(df.columns)}{hint}")
+
+
+def _case_mismatch(df: pd.DataFrame, cols: list[str], path: Path) -> None:
+    """`Rating` or `Timestamp` for `rating` / `timestamp`: column names are case-sensitive, and an optional column
+    under another spelling would be silently ignored (no `rating`: every event a like). Refused, naming both."""
+    for c in cols:
+        if c in df.columns:
+            continue
+        near = [str(k) for k in df.columns if str(k).strip().lower() == c]
+        if near:
+            where = "" if _is_parquet(path) else " line 1:"
+            raise DataError(f"{path}:{where} column {near[0]!r}: rename it {c!r} (column names are case-sensitive; "
+                            f"found {list(df.columns)})")
 
 
 def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, allow_empty: bool = False,
@@ -180,6 +236,8 @@ def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, all
         i = int(np.flatnonzero(bad.to_numpy())[0])
         what = "is not a number" if np.isnan(out.iloc[i]) else (
             "is not finite" if np.isinf(out.iloc[i]) else f"is out of range (|value| >= {limit:g})")
+        if s.iloc[i].split(":")[0].strip().lower() in (name.lower(), str(col.name).lower()):
+            what += " (the header line repeated, e.g. two files joined?)"
         raise DataError(f"{path}: {unit} {int(s.index[i]) + line_offset}: field {name!r}: {s.iloc[i]!r} {what}")
     return out
 
@@ -191,12 +249,26 @@ def canonical_interactions(
     """Validate and type the interaction columns. Rows with an empty user or item id are dropped (counted).
     `source_fields` maps a canonical column to the file's own name for it, used in error messages; errors name the
     `unit` (line, or row for a Parquet file) index + `line_offset`."""
+    _case_mismatch(df, INTERACTION_COLUMNS, path)
     _require(df, ["user_id", "item_id", "timestamp"], path)
     src = source_fields or {}
     dropped: dict[str, int] = {}
     uid = df["user_id"].astype(str).str.strip()
     iid = df["item_id"].astype(str).str.strip()
     missing = (uid == "") | (iid == "")
+    if missing.any():
+        tsv = df["timestamp"].astype(str).str.strip()
+        # a row in another delimiter (`u1<TAB>i1<TAB>5` in a CSV): all of it in one id, every other field empty
+        one = missing & (tsv == "") & ((uid + iid).str.contains(r"[\t,;|]", regex=True))
+        if one.any() or missing.all():
+            i = int(np.flatnonzero((one if one.any() else missing).to_numpy())[0])
+            f = "item_id" if iid.iloc[i] == "" else "user_id"
+            got = (uid.iloc[i] + iid.iloc[i])
+            what = (f"is empty and the row's only value is {got!r}: is this row separated by another delimiter than "
+                    "the header?" if one.any() else f"is empty in every row ({int(missing.sum())})")
+            raise DataError(f"{path}: {unit} {int(df.index[i]) + line_offset}: field {f!r} {what}")
+        log.warning("%s: %d rows with an empty user_id or item_id dropped (first: %s %d)", path, int(missing.sum()),
+                    unit, int(df.index[np.flatnonzero(missing.to_numpy())[0]]) + line_offset)
     ts = _to_numeric(df["timestamp"].where(~missing, "0"), path, src.get("timestamp", "timestamp"), line_offset,
                      limit=2.0**62, unit=unit)
     if has_rating is None:
@@ -212,6 +284,13 @@ def canonical_interactions(
         log.warning("%s: %d timestamps have a fractional part (first: %s %d, %s); cut to whole seconds, ties keep "
                     "the file's order", path, int(frac.sum()), unit,
                     int(ts.index[np.flatnonzero(frac.to_numpy())[0]]) + line_offset, ts[frac].iloc[0])
+    big = (ts.abs() >= MS_LIKE) & ~missing
+    if big.any():  # still ordered right, but prompts' dates and "3 days ago" read them as seconds
+        j = int(np.flatnonzero(big.to_numpy())[0])
+        log.warning("%s: %s %d: field %r: %d timestamps of %s or more read as Unix seconds are past the year 5000 "
+                    "(milliseconds? divide by 1000): the order and splits hold, but dates and ages shown in prompts "
+                    "will be wrong", path, unit, int(ts.index[j]) + line_offset, src.get("timestamp", "timestamp"),
+                    int(big.sum()), f"{MS_LIKE:.0e}")
     out = pd.DataFrame(
         {
             "user_id": uid,
@@ -362,19 +441,26 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSON-lines file (gzip if `.gz`); a line that is not valid
     JSON or not an object raises, naming it."""
     _require_file(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {n}: not a JSON object")
-            rows.append((n, obj))
+    n = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: invalid JSON: {e.msg}") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}: line {n}: not a JSON object")
+                rows.append((n, obj))
+    except UnicodeDecodeError:  # text is decoded in blocks: the line is found again byte-wise
+        raise DataError(f"{path}: line {_first_non_utf8_line(path, opener)}: not UTF-8 text") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off .gz ends in EOFError
+        what = "the gzip file" if opener is gzip.open else "the file"
+        raise DataError(f"{path}: cannot read {what} after line {n}: {getattr(e, 'strerror', None) or e}") from None
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
@@ -449,6 +535,7 @@ def load_table(path: str | Path, items_path: str | Path | None = None, name: str
         ipath = Path(items_path)
         items = _read_any(ipath)
         off, unit = _location(ipath)
+        _case_mismatch(items, ["item_id", "title"], ipath)  # `Title` would leave every item titled by its id
         _require(items, ["item_id"], ipath)
         items["item_id"] = items["item_id"].str.strip()
         if "title" not in items.columns:
@@ -513,10 +600,11 @@ def load_raw(dataset: str, items: str | None = None) -> RawData:
         return BUILTIN[dataset]()
     if p.is_dir():
         return load_recbole_atomic(p)
-    if p.suffix in (".csv", ".tsv", ".txt", ".parquet"):
+    if p.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet"):
         return load_table(p, items)
     if p.exists():
-        raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .csv, .tsv, .parquet or a RecBole folder)")
+        raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .csv, .tsv, .txt, .parquet or a RecBole "
+                        "folder)")
     raise DataError(
         f"unknown dataset {dataset!r}: use one of {sorted(BUILTIN)}, a RecBole atomic folder or a file path"
     )

@@ -160,7 +160,13 @@ def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataF
     dropped["user_below_min_events"] = int(short.sum())
     df = df[~short.to_numpy()].reset_index(drop=True)
     if df.empty:
-        raise DataError(f"{raw.name}: no interactions left after preprocessing (dropped: {dropped})")
+        src = raw.sources[0] if raw.sources else raw.name
+        hint = (f"; every user needs at least min_user_events={cfg.min_user_events} events (users with fewer have no "
+                "leave-one-out target)" if dropped.get("user_below_min_events") else
+                f"; kcore={cfg.kcore} keeps only users and items with at least that many events"
+                if dropped.get("kcore") else "")
+        shown = {k: v for k, v in dropped.items() if v}
+        raise DataError(f"{src}: no interactions left after preprocessing (dropped: {shown}){hint}")
 
     if rule == "rating_threshold":
         label = (df["rating"] > cfg.like_threshold).astype("int8")
@@ -286,8 +292,8 @@ def _write_atomic(final: Path, write) -> None:
     old = None
     try:
         write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        if final.exists():  # a unique name: one left by a killed run (same pid in a container) must not block this
+            old = final.with_name(f".{final.name}.old.{os.getpid()}.{os.urandom(4).hex()}")
             final.rename(old)
         tmp.rename(final)
     except BaseException:
@@ -338,6 +344,15 @@ def with_title_twins(ids: Iterable[str], twins: dict[str, tuple[str, ...]]) -> s
     return ids | {t for i in ids for t in twins.get(i, ())}
 
 
+def format_day(ts: int) -> str:
+    """`YYYY-MM-DD` (UTC) of Unix seconds `ts`; the number itself where no calendar date is (milliseconds or any
+    other large count: timestamps need only order the events)."""
+    try:
+        return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%d")
+    except (ValueError, OverflowError, OSError):
+        return str(int(ts))
+
+
 def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, dropped: dict[str, int]) -> dict:
     n_u, n_i, n = df["user_id"].nunique(), len(items), len(df)
     twins = title_twins(items["item_id"].tolist(), items["title"].tolist())
@@ -349,8 +364,8 @@ def compute_stats(df: pd.DataFrame, items: pd.DataFrame, yesno: pa.Table, droppe
         "items": int(n_i),
         "interactions": int(n),
         "density": float(n / (n_u * n_i)),
-        "time_start": datetime.fromtimestamp(int(df["timestamp"].min()), UTC).strftime("%Y-%m-%d"),
-        "time_end": datetime.fromtimestamp(int(df["timestamp"].max()), UTC).strftime("%Y-%m-%d"),
+        "time_start": format_day(int(df["timestamp"].min())),
+        "time_end": format_day(int(df["timestamp"].max())),
         "like_rate": float(df["label"].mean()),
         # items whose title another item shares (kept apart: ids are the data's; recommendations skip a seen
         # title's twins, RankingConfig.exclude_seen_titles)
