@@ -98,3 +98,32 @@ def test_retrievers_built_on_a_constant_model_earn_nothing(tiny_dataset):
     for ret in (ModelRetriever(_Constant(ds)), EnsembleRetriever([_Constant(ds), _Constant(ds)], [1.0, 2.0])):
         m = evaluate_ranking(ds, lambda users, r=ret: r.score_items(list(users), "test"), "test", ks=(10, 20))
         assert m["hr@20"] == 0.0, type(ret).__name__
+
+
+def test_weight_above_user_median_labels_ignore_later_weights(tmp_path):
+    """`label_rule: weight_above_user_median` took each user's median over ALL their events, so a weight in the
+    valid/test period decided whether a training-period event was a like. The median is now taken over the user's
+    events before the Yes/No cut-off t_valid: changing later weights leaves every training-period label as it was."""
+    from llmrec.data import PrepareConfig, load_prepared, prepare
+
+    items = "item_id,title\n" + "".join(f"i{j},Item {j}\n" for j in range(12))
+    rows = [(u, f"i{j}", 100 * j + k, 10 + j) for k, u in enumerate(("u1", "u2", "u3")) for j in range(12)]
+
+    def labels(late_weight: float) -> pd.DataFrame:
+        home = tmp_path / f"h{late_weight}"
+        home.mkdir()
+        ev = "user_id,item_id,timestamp,rating\n" + "".join(
+            f"{u},{i},{t},{late_weight if t >= 1000 else w}\n" for u, i, t, w in rows)
+        (home / "events.csv").write_text(ev)
+        (home / "items.csv").write_text(items)
+        cfg = PrepareConfig(items_file=str(home / "items.csv"), name="w", label_rule="weight_above_user_median",
+                            min_history=1)
+        prepare(str(home / "events.csv"), cfg, home=home)
+        ds = load_prepared("w", home=home)
+        t_valid = ds.manifest["yesno_cutoffs"]["t_valid"]
+        df = ds.interactions
+        return df[df["timestamp"] < t_valid].sort_values(["user_id", "timestamp"])[["user_id", "item_id", "label"]]
+
+    low, high = labels(0.0), labels(1e6)
+    assert len(low) and low["label"].nunique() == 2
+    pd.testing.assert_frame_equal(low.reset_index(drop=True), high.reset_index(drop=True))

@@ -24,8 +24,9 @@ Rules, all recorded in the manifest:
   `implicit` (observed = like; for Yes/No each positive gets `neg_per_pos` sampled items with the same history,
   label No, saved: items the user had not interacted with by the end of the row's split period - before `t_valid`
   for a train row, before `t_test` for a valid row, ever for a test row - so no later event decides a training row's
-  label), `weight_above_user_median` (like = weight/rating above the user's median over all their events, later
-  ones included; e.g. Last.fm listen counts, which are all-time totals anyway).
+  label), `weight_above_user_median` (like = weight/rating above the user's median over their events before
+  `t_valid`, so no later weight decides a training label; a user with none: before `t_test`, else all their events;
+  e.g. Last.fm listen counts, which are all-time totals anyway).
 """
 
 from __future__ import annotations
@@ -173,7 +174,16 @@ def preprocess(raw: RawData, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataF
     elif rule == "implicit":
         label = pd.Series(1, index=df.index, dtype="int8")
     elif rule == "weight_above_user_median":
-        med = df.groupby("user_id")["rating"].transform("median")
+        # the user's median over what was known at the Yes/No cut-off t_valid, so no valid/test-period weight decides
+        # a training row's label; a user with no event before t_valid: before t_test; none before that: all events
+        t_valid, t_test = time_cutoffs(df["timestamp"].to_numpy(), cfg)
+        ts, by = df["timestamp"], df["user_id"]
+
+        def median_before(bound: int | None) -> pd.Series:
+            w = df["rating"] if bound is None else df["rating"].where(ts < bound)
+            return w.groupby(by).transform("median")
+
+        med = median_before(t_valid).fillna(median_before(t_test)).fillna(median_before(None))
         label = (df["rating"] > med).astype("int8")  # NaN weight -> not a like
     else:
         raise DataError(f"unknown label_rule {rule!r}")
@@ -195,14 +205,21 @@ def loo_split(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(pos=pos.astype(np.int32), split=split)
 
 
-def yesno_examples(df: pd.DataFrame, cfg: PrepareConfig, rule: str, n_items_all: np.ndarray) -> pa.Table:
-    """TALLRec Yes/No examples with a global time cut-off (see module docstring). Vectorised with list offsets."""
-    rng = np.random.default_rng(cfg.seed)
-    ts = df["timestamp"].to_numpy()
+def time_cutoffs(ts: np.ndarray, cfg: PrepareConfig) -> tuple[int, int]:
+    """The Yes/No split's global cut-offs (t_valid, t_test): the `1 - valid_frac - test_frac` and `1 - test_frac`
+    quantiles of all timestamps, rounded up; t_test > t_valid."""
     t_valid, t_test = np.quantile(ts, [1 - cfg.valid_frac - cfg.test_frac, 1 - cfg.test_frac])
     t_valid, t_test = int(np.ceil(t_valid)), int(np.ceil(t_test))
     if not t_valid < t_test:
         t_test = t_valid + 1
+    return t_valid, t_test
+
+
+def yesno_examples(df: pd.DataFrame, cfg: PrepareConfig, rule: str, n_items_all: np.ndarray) -> pa.Table:
+    """TALLRec Yes/No examples with a global time cut-off (see module docstring). Vectorised with list offsets."""
+    rng = np.random.default_rng(cfg.seed)
+    ts = df["timestamp"].to_numpy()
+    t_valid, t_test = time_cutoffs(ts, cfg)
     pos = df["pos"].to_numpy()
     idx = np.flatnonzero(pos >= cfg.min_history)
     start = idx - np.minimum(pos[idx], cfg.history_len)
