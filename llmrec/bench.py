@@ -59,7 +59,7 @@ class BenchConfig:
     # LLM + retrieval-rank fusion weights tried on the validation split (same number of users as rank_users);
     # the best one ranks the test users. [] = the LLM's order alone.
     fusion_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
-    generate_users: int = 10  # users timed in `generate` mode against the verbalizer (generation is slow on CPU)
+    generate_users: int = 10  # users timed in `generate` mode against the verbalizer (slow on CPU); 0 = not timed
     dtype: str = "fast"
     explanations: int = 5  # example explanations in the report
     results_dir: str | None = None
@@ -324,7 +324,7 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                                                                   "likelihood")
             elif task == "rank":
                 row.update(rank_rows(rec, label, adapter, "verbalizer"))
-                if label == "llm zero-shot":
+                if label == "llm zero-shot" and cfg.generate_users > 0:  # 0: no timing (eval_rank's 0 = all users)
                     n_gen = min(cfg.generate_users, max_users or cfg.generate_users)
                     report["verbalizer_vs_generate"] = {
                         **time_verbalizer_vs_generate(rec, ds, n_gen, cfg.seed),

@@ -10,6 +10,7 @@ import math
 import re
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -432,3 +433,21 @@ def test_cli_bench_with_set_overrides(tiny_dataset, tiny_home, tmp_path, monkeyp
         assert d["methods"]["pop"][k] == sub[k]
     out = capsys.readouterr().out
     assert "| pop |" in out and "| mf |" in out and "bench_tiny_metrics.png" in out
+
+
+def test_generate_users_0_skips_the_generate_timing(bench, tiny_home, tmp_path, monkeypatch):
+    """`generate_users=0` reached eval_rank as max_users=0, whose 0 means every user: generation over the whole
+    split (hours on CPU). It now skips the verbalizer-vs-generate timing."""
+    import llmrec.bench as B
+
+    def must_not_run(*a, **k):
+        raise AssertionError("generate timed with generate_users=0")
+
+    monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
+    monkeypatch.setattr(B, "time_verbalizer_vs_generate", must_not_run)
+    monkeypatch.setattr(B, "RESULTS_DIR", tmp_path / "global_results")
+    cfg = replace(bench.cfg, baselines=["pop"], rank_modes=["verbalizer"], adapter_rank=None, generate_users=0,
+                  explanations=0, fusion_grid=[], yesno_examples=10, yesno_valid_examples=0,
+                  results_dir=str(tmp_path / "out"))
+    d = json.loads(B.run_bench(cfg, command="test").read_text())
+    assert "verbalizer_vs_generate" not in d and "llm zero-shot" in d["methods"]
