@@ -475,3 +475,27 @@ def test_training_and_scoring_render_the_same_yesno_prompt(tiny_dataset, tok, na
         assert max(n_real(tok, p) for p in backend.scored) <= budget
         scored[budget] = backend.scored
     assert scored[tight] != scored[1024]  # the tight budget did drop history
+
+
+def test_a_time_context_template_renders_alike_for_training_and_scoring(tiny_dataset, tok):
+    """Fine-tuning examples passed `now` = the target's time ("rated 4/5, 3 weeks ago"), the Recommender passed no
+    `now` (no "ago" at all): a `time_context` template trained on one prompt and was scored on another. Both now
+    count back from the history's most recent event (render's default)."""
+    import dataclasses
+
+    import llmrec.prompts as P
+    from llmrec.finetune.config import DataSettings
+    from llmrec.finetune.data import ANSWER_RESERVE, _yesno_examples
+    from llmrec.ranking import RankingConfig, Recommender
+
+    ds = tiny_dataset
+    rows = ds.yesno.head(12)
+    base = load_template("yesno")
+    t = dataclasses.replace(base, options=dataclasses.replace(base.options, time_context=True))
+    train = _yesno_examples(ds, rows, DataSettings(max_len=1024 + ANSWER_RESERVE["yesno"]), tok, t, P, "audit")
+    backend = RecordingBackend(tok)
+    rec = Recommender(ds, backend, SimpleNamespace(), RankingConfig(max_prompt_tokens=1024))
+    rec.templates["yesno"] = t
+    rec.yesno_examples_probs(rows)
+    assert backend.scored == [e.prompt for e in train]
+    assert all(" ago" in p or "just now" in p for p in backend.scored)

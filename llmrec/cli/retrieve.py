@@ -119,7 +119,6 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     hist = history_from_dataset(ds, h["item_id"].tolist(), h["label"].tolist(), h["rating"].tolist(),
                                 h["timestamp"].tolist())
     tgt_rows = ds.targets(args.split).query("user_id == @args.user") if args.split != "all" else None
-    now = int(tgt_rows["timestamp"].iloc[0]) if tgt_rows is not None and len(tgt_rows) else None
     kw: dict = {}
     if t.task == "yesno":
         item = args.item or (str(tgt_rows["item_id"].iloc[0]) if tgt_rows is not None and len(tgt_rows) else None)
@@ -142,8 +141,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         elif not (t.task == "next_title" and args.no_candidates):
             kw["candidates"] = items_from_dataset(ds, cands)
     tok = _tokenizer(args.tokenizer)
-    r = render(t, history=hist, domain=ds.domain, tokenizer=tok, max_tokens=args.max_tokens, chat=args.chat, now=now,
-               **kw)
+    r = render(t, history=hist, domain=ds.domain, tokenizer=tok, max_tokens=args.max_tokens, chat=args.chat, **kw)
     print(r.text)
     print(f"\n== template {t.name} v{t.version}: {r.n_tokens} tokens ({args.tokenizer} tokenizer), "
           f"{r.n_history} history items kept, {r.n_dropped} dropped, choices {r.choices}")

@@ -106,7 +106,7 @@ def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: A
         hist = _history(ds, P, r.hist_items[-h:], r.hist_labels[-h:], r.hist_ratings[-h:], r.hist_timestamps[-h:])
         target = P.items_from_dataset(ds, [r.item_id])[0]
         rp = P.render(template, history=hist, domain=ds.domain, target=target, tokenizer=tokenizer,
-                      max_tokens=budget, chat=cfg.chat, now=int(r.timestamp), target_stats=feedback[k])
+                      max_tokens=budget, chat=cfg.chat, target_stats=feedback[k])
         if len(rp.choices) != 2:
             raise ValueError(f"template {template.name!r}: a yes/no template needs 2 choices, got {rp.choices}")
         lab = int(r.label)
@@ -201,7 +201,7 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
             cands = sampler(rng, target, set(before["item_id"].astype(str)), str(r.user_id), split, int(r.pos),
                             later)
             rp = P.render(template, history=hist, domain=ds.domain, candidates=P.items_from_dataset(ds, cands),
-                          tokenizer=tokenizer, max_tokens=budget, chat=cfg.chat, now=int(r.timestamp))
+                          tokenizer=tokenizer, max_tokens=budget, chat=cfg.chat)
             ids = [str(c) for c in (rp.candidate_ids or cands)]
             if len(rp.choices) != len(ids):
                 raise ValueError(f"template {template.name!r}: {len(rp.choices)} choices for {len(ids)} candidates")
@@ -210,7 +210,7 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
                                history_cut=_budget_cut(template, len(hist), rp)))
         else:
             rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
-                          chat=cfg.chat, now=int(r.timestamp))
+                          chat=cfg.chat)
             ids = [target]
             if sampler is not None and cfg.negatives:  # the true title first, then the negatives (label 0)
                 # none of the user's later training items (`exclude_later`): at a training position 38.6% of

@@ -236,7 +236,8 @@ def render(
 
     `target_stats` (an `ItemFeedback` or an (n, liked) pair, computed by the caller from data before the target's
     time) fills `{target_stats}` and, with the user's reactions, `{estimate}`; `{user_stats}` counts the likes among
-    all the history items given (the most recent `options.max_history` of them are listed)."""
+    all the history items given (the most recent `options.max_history` of them are listed). `now` (epoch seconds)
+    is what `time_context` templates count "ago" from; by default the given history's most recent event."""
     t = load_template(template) if isinstance(template, str) else template
     o = t.options
     if t.task == "yesno" and target is None:
@@ -246,6 +247,10 @@ def render(
     if t.task == "explain" and not recommended:
         raise ValueError(f"template {t.name!r} (explain) needs recommended items")
     hist = list(history)
+    if now is None and o.time_context:
+        # "3 weeks ago" counts back from the user's most recent event: the same for fine-tuning examples and for the
+        # Recommender (which knows no target time), and never from a time the prompt's history does not contain
+        now = max((h.timestamp for h in hist if h.timestamp is not None), default=None)
     dom = clean(domain, 40) or "item"
     user_stats = user_stats_text(hist, plural(dom))  # over every given item, before the cap and the budget
     if o.max_history is not None and len(hist) > o.max_history:
