@@ -477,3 +477,19 @@ def test_ctrl_c_while_serving_ends_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(launch, "serve", interrupted)
     assert main(["serve", "--no-llm"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_gpu_is_seen_by_its_driver_when_the_services_torch_is_a_cpu_build(monkeypatch):
+    """The service's .venv can hold CPU torch while .venv-vllm has CUDA: `_has_cuda` asked only this interpreter's
+    torch, so on a GPU machine the launcher set vLLM's CPU variables and merged adapters as on a CPU. The driver's
+    device node now counts too."""
+    import torch
+
+    import llmrec.service.launch as launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: True if str(self) == "/dev/nvidiactl" else real_exists(self))
+    assert launch._has_cuda() is True
+    monkeypatch.setattr(Path, "exists", lambda self: False if str(self) == "/dev/nvidiactl" else real_exists(self))
+    assert launch._has_cuda() is False

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def _has_cuda() -> bool:
+    """Whether this machine has an NVIDIA GPU: this interpreter's torch sees one, or the driver's device node exists
+    (the vLLM interpreter, e.g. `.venv-vllm`, can have CUDA where the service's own torch is a CPU build)."""
+    if Path("/dev/nvidiactl").exists():
+        return True
     try:
         import torch
 
