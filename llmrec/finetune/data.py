@@ -102,8 +102,9 @@ def _yesno_examples(ds: Any, rows: pd.DataFrame, cfg: DataSettings, tokenizer: A
         feedback = yesno_row_feedback(ds, rows)
     for k, r in enumerate(tqdm(rows.itertuples(index=False), total=len(rows), desc=desc, leave=False,
                                disable=len(rows) < 500)):
-        h = cfg.history_max
-        hist = _history(ds, P, r.hist_items[-h:], r.hist_labels[-h:], r.hist_ratings[-h:], r.hist_timestamps[-h:])
+        # the row's last history_max events; `[-0:]` would be all of them (history_max 0: no history, as rank's tail)
+        s = max(0, len(r.hist_items) - cfg.history_max)
+        hist = _history(ds, P, r.hist_items[s:], r.hist_labels[s:], r.hist_ratings[s:], r.hist_timestamps[s:])
         target = P.items_from_dataset(ds, [r.item_id])[0]
         rp = P.render(template, history=hist, domain=ds.domain, target=target, tokenizer=tokenizer,
                       max_tokens=budget, chat=cfg.chat, target_stats=feedback[k])

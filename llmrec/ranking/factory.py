@@ -92,38 +92,146 @@ def build_retriever(ds: Any, kind: str = "text", model_path: str | None = None, 
     return HybridRetriever(text, model(cf_name), weights=HYBRID_WEIGHTS.get(cf_name, (0.5, 1.0)))
 
 
+def adapter_recipe(adapter: str | Path | None) -> dict[str, Any]:
+    """The `data` block of the finetune run an adapter folder comes from (`<run>/recipe.yaml` beside `<run>/adapter`,
+    as `llmrec finetune` writes them), with the run's `task` added; {} when there is none (a merged model, an
+    adapter from elsewhere)."""
+    if not adapter:
+        return {}
+    p = Path(adapter)
+    r = p.parent / "recipe.yaml"
+    if p.name != "adapter" or not r.is_file():
+        return {}
+    import yaml
+
+    d = yaml.safe_load(r.read_text()) or {}
+    if not isinstance(d, dict):
+        return {}
+    data = d.get("data") or {}
+    return {**(data if isinstance(data, dict) else {}), "task": d.get("task")}
+
+
+def _template_trained(where: Path, name: str, want_hash: str | None, version: Any, recipe_template: Any) -> str:
+    """What the Recommender should load for the template recorded as `name` (hash `want_hash`) in `where`: `name`
+    when prompts/<name>.yaml is still that template; the run's `data.template` file when the recipe named one by
+    path (llmrec_prompt.json records only the name inside it); otherwise `name`, with a warning: the adapter is then
+    served prompts it was not trained on."""
+    if not want_hash:  # written before hashes were recorded: nothing to compare
+        return name
+    import llmrec.prompts as prompts_api
+    from llmrec.finetune.data import resolve_template
+    from llmrec.prompts import load_template
+
+    tried: list[str] = []
+    for ref in dict.fromkeys([name, *([str(recipe_template)] if recipe_template else [])]):
+        try:
+            t = resolve_template(prompts_api, ref)
+        except (OSError, ValueError) as e:  # a file gone, or no longer a valid template (ConfigError)
+            tried.append(f"{ref!r}: {e}")
+            continue
+        if t.hash == want_hash:
+            return name if ref == name else str(t.path)
+        tried.append(f"{ref!r} is v{t.version}, hash {t.hash[:12]}")
+    try:
+        load_template(name)
+    except (OSError, ValueError):
+        return name  # the Recommender refuses it with the message naming the missing template
+    log.warning("%s was trained on prompt template %r v%s (hash %s), which is no longer what it names (%s): it will "
+                "be served prompts it was not trained on; retrain it, or restore that template under another name "
+                "and pass it in RankingConfig.templates", where, name, version, want_hash[:12], "; ".join(tried))
+    return name
+
+
 def adapter_templates(adapter: str | Path | None) -> dict[str, str]:
-    """{task: template name} an adapter (or a model merged from one) was trained with: `llmrec_prompt.json` in its
-    folder (written by `llmrec finetune`), else the run's `recipe.yaml` next to it; {} when neither exists (a base
-    model or an adapter from elsewhere: the task's own template is used)."""
+    """{task: template name or file} an adapter (or a model merged from one) was trained with: `llmrec_prompt.json`
+    in its folder (written by `llmrec finetune`; its recorded hash is checked against the template now under that
+    name, and a recipe that named its template by path gets that file), else the run's `recipe.yaml` next to it; {}
+    when neither exists (a base model or an adapter from elsewhere: the task's own template is used)."""
     from llmrec.llm.loading import PROMPT_FILE
 
     if not adapter:
         return {}
     p = Path(adapter)
     f = p / PROMPT_FILE
+    recipe = adapter_recipe(p)
     if f.is_file():
         d = json.loads(f.read_text())
-        return {str(d["task"]): str(d["template"])} if d.get("template") and d.get("task") else {}
-    r = p.parent / "recipe.yaml"
-    if p.name == "adapter" and r.is_file():
-        import yaml
+        if not (d.get("template") and d.get("task")):
+            return {}
+        task, name = str(d["task"]), str(d["template"])
+        from_recipe = recipe.get("template") if recipe.get("task") == task else None
+        return {task: _template_trained(f, name, d.get("hash"), d.get("version"), from_recipe)}
+    task, tmpl = recipe.get("task"), recipe.get("template")
+    if not (task and tmpl):
+        return {}
+    if Path(str(tmpl)).suffix in (".yaml", ".yml"):  # a file, maybe relative to the repository (resolve_template)
+        import llmrec.prompts as prompts_api
+        from llmrec.finetune.data import resolve_template
 
-        d = yaml.safe_load(r.read_text()) or {}
-        task, tmpl = d.get("task"), (d.get("data") or {}).get("template")
-        return {str(task): str(tmpl)} if task and tmpl else {}
-    return {}
+        try:
+            return {str(task): str(resolve_template(prompts_api, str(tmpl)).path)}
+        except (OSError, ValueError):
+            pass  # the Recommender refuses it, naming the file
+    return {str(task): str(tmpl)}
 
 
-def with_adapter_templates(cfg: RankingConfig | None, adapter: str | Path | None) -> RankingConfig:
-    """`cfg` (or the default) with the templates the adapter was trained on; explicit `cfg.templates` win."""
+def _recipe_settings(cfg: RankingConfig, adapter: str | Path | None) -> dict[str, Any]:
+    """RankingConfig changes that make the Recommender render what `adapter`'s run trained on: `history_len` from
+    `data.history_max` and `chat` from `data.chat`, where `cfg` holds the default (an explicit value is kept, with a
+    warning); a rank run's `data.n_candidates` other than `cfg.n_candidates` (its letter set) is warned about."""
+    recipe = adapter_recipe(adapter)
+    if not recipe:
+        return {}
+    default = RankingConfig()
+    task = recipe.get("task")
+    out: dict[str, Any] = {}
+    h = recipe.get("history_max")
+    if isinstance(h, int) and not isinstance(h, bool) and h != cfg.history_len:
+        # a Yes/No row holds at most the prepared history (10 events by default): a larger history_max trained on it
+        longer = h > cfg.history_len
+        if cfg.history_len == default.history_len and h >= 1 and not (task == "yesno" and longer):
+            out["history_len"] = h
+        elif not (task == "yesno" and longer):
+            log.warning("%s was trained with data.history_max=%d but is served history_len=%d history items",
+                        adapter, h, cfg.history_len)
+    chat = recipe.get("chat")
+    if isinstance(chat, bool) and chat != cfg.chat:
+        if cfg.chat == default.chat:
+            out["chat"] = chat
+        else:
+            log.warning("%s was trained with data.chat=%s but is served chat=%s prompts", adapter, chat, cfg.chat)
+    n = recipe.get("n_candidates")
+    if task == "rank" and isinstance(n, int) and n != cfg.n_candidates:
+        log.warning("%s was trained on %d candidates (data.n_candidates) but is served %d: the letters after the "
+                    "first %d were never an answer in training", adapter, n, cfg.n_candidates,
+                    min(n, cfg.n_candidates))
+    if out:
+        log.info("adapter %s: serving with %s, as its run trained", adapter, out)
+    return out
+
+
+def with_adapter_templates(cfg: RankingConfig | None, adapter: str | Path | None,
+                           model: str | Path | None = None) -> RankingConfig:
+    """`cfg` (or the default) with the templates the adapter was trained on (`model`: a model folder merged from one,
+    e.g. by `llmrec export --merge`; the adapter's win), and the run's history length and chat form where `cfg` keeps
+    the defaults (`_recipe_settings`); explicit `cfg.templates` win."""
     from dataclasses import replace
 
     cfg = cfg or RankingConfig()
-    got = adapter_templates(adapter)
+    got = {**adapter_templates(model), **adapter_templates(adapter)}
     if got:
-        log.info("adapter %s was trained on prompt template(s) %s", adapter, got)
-    return replace(cfg, templates={**got, **cfg.templates})
+        log.info("adapter %s was trained on prompt template(s) %s", adapter or model, got)
+    return replace(cfg, templates={**got, **cfg.templates}, **_recipe_settings(cfg, adapter))
+
+
+def backend_model_path(backend: Any) -> str | None:
+    """The folder a backend's model was loaded from, where it tells: a vLLM backend's `model`, or a transformers
+    model's `name_or_path` (what `from_pretrained` was given)."""
+    m = getattr(backend, "model", None)
+    if isinstance(m, str | Path):
+        return str(m)
+    p = getattr(m, "name_or_path", None)
+    return str(p) if isinstance(p, str | Path) and str(p) else None
 
 
 def build_recommender(
@@ -144,5 +252,6 @@ def build_recommender(
 
         backend = load_backend(backend, model=model, adapter=adapter, **(backend_kw or {}))
     ret = build_retriever(ds, retriever) if isinstance(retriever, str) else retriever
-    cfg = with_adapter_templates(cfg, adapter)
+    # a merged model (no adapter) carries its adapter's llmrec_prompt.json; a backend built elsewhere names its folder
+    cfg = with_adapter_templates(cfg, adapter, model=model if model is not None else backend_model_path(backend))
     return Recommender(ds, backend, ret, cfg, adapter=Path(adapter).name if adapter else None)
