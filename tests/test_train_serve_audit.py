@@ -368,8 +368,6 @@ def test_generate_mode_prompt_is_the_next_title_training_prompt(tiny_dataset):
     assert seen == [e.prompt]
 
 
-@pytest.mark.xfail(strict=True, reason="llmrec/ranking/recommender.py: `_known(history)[-history_len:]` with "
-                   "history_len 0 is the whole history")
 def test_recommender_history_len_zero_lists_no_history(tiny_dataset):
     from llmrec.prompts.tokens import WhitespaceTokenizer
     from llmrec.ranking import RankingConfig, Recommender
@@ -379,8 +377,6 @@ def test_recommender_history_len_zero_lists_no_history(tiny_dataset):
     assert rec._render("next_title", h).n_history == 0
 
 
-@pytest.mark.xfail(strict=True, reason="llmrec/llm/transformers_backend.py: load_in_4bit quantizes with the default "
-                   "QuantSettings and the serving dtype, not the adapter's llmrec_base.json")
 def test_4bit_serving_quantizes_as_the_adapter_was_trained(tmp_path, monkeypatch):
     import llmrec.llm.transformers_backend as tb
     from llmrec.llm.loading import QuantSettings, write_adapter_base
@@ -404,8 +400,6 @@ def test_4bit_serving_quantizes_as_the_adapter_was_trained(tmp_path, monkeypatch
     assert got["quant"].quant_type == "fp4" and got["quant"].double_quant is False and got["dtype"] == "float32"
 
 
-@pytest.mark.xfail(strict=True, reason="llmrec/service (launch.build_recommenders / EventStore.from_dataset): "
-                   "like_threshold comes from the service config (3.0), not the dataset's like rule")
 def test_service_marks_new_ratings_by_the_dataset_like_rule(tmp_path):
     """A dataset prepared with like_threshold=4 trains adapters on "rated 4 = disliked"; the service marks a new
     4/5 rating (event store, `to_hist_events`) by its own like_threshold (3.0): liked."""

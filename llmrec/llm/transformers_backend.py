@@ -68,11 +68,21 @@ class TransformersBackend(Backend):
         if threads:
             torch.set_num_threads(int(threads))
         quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype if dtype != "auto" else "fast")
-        trained_on = adapter_base_quant(adapter) if adapter and not load_in_4bit else None
-        if trained_on is not None:  # a QLoRA adapter: its base's dequantized 4-bit weights, not the original ones
+        trained_on = adapter_base_quant(adapter) if adapter else None
+        if trained_on is not None and not load_in_4bit:  # QLoRA adapter: its base's dequantized 4-bit weights
             log.info("adapter %s was trained on a %s 4-bit base: loading that base dequantized to %s", adapter,
                      trained_on.quant_type, dtype)
             m, tok = load_dequantized_4bit(model, trained_on, dtype=dtype, source_dtype=adapter_base_dtype(adapter))
+        elif trained_on is not None:
+            # served 4-bit: quantized as the adapter's base was (type, double quantization) from the dtype it was read
+            # in, so the 4-bit codes are the ones the LoRA was fitted to; computing in the serving dtype
+            from dataclasses import replace
+
+            quant = replace(trained_on, load_in_4bit=True, compute_dtype=quant.compute_dtype)
+            src = adapter_base_dtype(adapter) or dtype
+            log.info("adapter %s was trained on a %s 4-bit base read in %s: quantizing the same way", adapter,
+                     trained_on.quant_type, src)
+            m, tok = load_causal_lm(model, dtype=src, quant=quant)
         else:
             m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
         if load_in_4bit:  # inference only: the forward guard is for training

@@ -35,7 +35,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -110,7 +110,9 @@ class RankingConfig:
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
     min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
-    like_threshold: float = 3.0  # rating events: liked = value > like_threshold
+    # rating events given as histories (event store, API): liked = value > like_threshold; None = the dataset's own
+    # rule (its manifest's like_threshold, as its prepared labels and so the adapters' training prompts), else 3
+    like_threshold: float | None = None
     # candidates skip items listed under the title of an item the user has seen (catalogue duplicates: ML-100K has 18
     # films under two ids). Evaluation (`score_matrix`) keeps the leave-one-out protocol of every baseline: by id only
     exclude_seen_titles: bool = True
@@ -171,6 +173,15 @@ class HistEvent:
     liked: bool | None
     rating: float | None = None
     timestamp: int | None = None
+
+
+def like_threshold_of(ds: Any, value: float | None = None) -> float:
+    """`value`, or the rating above which `ds`'s prepared labels are likes (its manifest's like_threshold, recorded for
+    the rating_threshold rule), or 3.0: what a new rating event must exceed to read as the training data read it."""
+    if value is not None:
+        return float(value)
+    got = (getattr(ds, "manifest", None) or {}).get("like_threshold")
+    return 3.0 if got is None else float(got)
 
 
 def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[HistEvent]:
@@ -261,6 +272,8 @@ class Recommender:
         self.backend = backend
         self.retriever = retriever
         self.cfg = cfg or RankingConfig()
+        if self.cfg.like_threshold is None:
+            self.cfg = replace(self.cfg, like_threshold=like_threshold_of(ds))
         self.adapter = adapter
         self.title_twins = title_twins(list(ds.item_ids), list(ds.titles))  # id -> ids listed under the same title
         if self.cfg.attribute_fields is not None:
@@ -329,7 +342,7 @@ class Recommender:
         can all be dislikes, and the text may only cite liked titles the prompt lists."""
         n = self.cfg.history_len
         known = self._known(history)  # an item outside the catalogue has no text to show
-        window = known[-n:]
+        window = known[max(0, len(known) - n):]  # [-0:] would be the whole history
         need = self.cfg.explain_min_liked - sum(e.liked is True for e in window)
         if need <= 0:
             return window
@@ -344,7 +357,11 @@ class Recommender:
         (an event-store item outside the catalogue has no text: it would take a place and be skipped)."""
         from llmrec.prompts import history_from_dataset
 
-        h = self._known(history)[-self.cfg.history_len :] if events is None else events
+        if events is None:
+            known = self._known(history)
+            h = known[max(0, len(known) - self.cfg.history_len):]  # [-0:] would be the whole history
+        else:
+            h = events
         return history_from_dataset(
             self.ds,
             [e.item_id for e in h],

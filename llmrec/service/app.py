@@ -113,9 +113,11 @@ def create_app(
 
         catalogue = load_prepared(cfg.dataset)
     if store is None:
+        from llmrec.ranking.recommender import like_threshold_of
         from llmrec.store import EventStore
 
-        store = EventStore.from_dataset(catalogue, url=cfg.store_url, like_threshold=cfg.like_threshold)
+        store = EventStore.from_dataset(catalogue, url=cfg.store_url,
+                                        like_threshold=like_threshold_of(catalogue, cfg.like_threshold))
     metrics = ServiceMetrics()
     svc = RecommendationService(cfg, store, catalogue, recommender, metrics, backend_name, backend_note, model_name)
     if recommender is None and not backend_note:

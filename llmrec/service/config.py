@@ -72,7 +72,9 @@ class ServiceConfig:
     batch_max_size: int = 16
     batch_max_wait_ms: float = 10.0
     candidates: int = 20  # candidates the recommender ranks (passed as `n_candidates` when it accepts it)
-    like_threshold: float = 3.0  # rating events above it count as likes
+    # rating events above it count as likes; null = the dataset's own rule (its manifest's like_threshold, as its
+    # prepared labels and the adapters' training prompts read ratings), else 3
+    like_threshold: float | None = None
     # never recommend an item listed under the title of one the user has seen (catalogue duplicates, e.g. ML-100K's
     # 18 films with two ids each); false: seen items are excluded by id only
     exclude_seen_titles: bool = True
@@ -109,7 +111,7 @@ class ServiceConfig:
                 raise ConfigError(f"{name}: must be within 1..65535 (got {value})")
         if self.llm.max_model_len < 1:
             raise ConfigError(f"llm.max_model_len: must be >= 1 (got {self.llm.max_model_len})")
-        if not math.isfinite(self.like_threshold):
+        if self.like_threshold is not None and not math.isfinite(self.like_threshold):
             raise ConfigError(f"like_threshold: must be a finite number (got {self.like_threshold})")
         if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
             raise ConfigError(f"retrieval_weight: must be a finite number >= 0 (got {self.retrieval_weight})")

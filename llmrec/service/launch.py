@@ -418,7 +418,9 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     plan = plan_backend(cfg)  # first: a refused llm setting must not have created (or filled) the event store
     log.info("backend: %s", plan.note)
     ds = load_prepared(cfg.dataset)
-    store = EventStore.from_dataset(ds, url=cfg.store_url, like_threshold=cfg.like_threshold)
+    from llmrec.ranking.recommender import like_threshold_of
+
+    store = EventStore.from_dataset(ds, url=cfg.store_url, like_threshold=like_threshold_of(ds, cfg.like_threshold))
     backends, server, model_name = build_backends(cfg, plan)
     batching = resolved_batching(cfg, plan) if backends else "none"
     try:
