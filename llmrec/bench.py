@@ -318,7 +318,8 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
                 continue
             backend = load_backend(cfg.backend, model=cfg.model, adapter=adapter, dtype=cfg.dtype)
             name = Path(adapter).parent.name if adapter else None
-            rec = Recommender(ds, backend, retriever, with_adapter_templates(replace(rcfg), adapter), adapter=name)
+            rec = Recommender(ds, backend, retriever, with_adapter_templates(replace(rcfg), adapter, model=cfg.model),
+                              adapter=name)
             if task == "likelihood":
                 methods[f"{label}, title likelihood"] = rank_rows(rec, f"{label}, title likelihood", adapter,
                                                                   "likelihood")

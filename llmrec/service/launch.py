@@ -399,7 +399,8 @@ def build_recommenders(cfg: ServiceConfig, ds: Any, backends: dict[str | None, A
         if id(be) not in made:
             adapter = name if name is not None else cfg.llm.default_adapter
             # render with the prompt templates the adapter was trained on (its llmrec_prompt.json)
-            tcfg = with_adapter_templates(rcfg, cfg.llm.adapters.get(adapter) if adapter else None)
+            tcfg = with_adapter_templates(rcfg, cfg.llm.adapters.get(adapter) if adapter else None,
+                                          model=cfg.llm.model)  # a merged model carries its adapter's templates
             rec = made[id(be)] = Recommender(ds, be, retriever, tcfg, adapter=adapter)
             try:  # the service ranks in this mode on every request: refuse at start, not with a 500 on each one
                 rec.check_labels(cfg.rank_mode)
