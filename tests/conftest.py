@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pandas as pd
@@ -78,3 +82,30 @@ def load_script():
         return mod
 
     return load
+
+
+@contextlib.contextmanager
+def fake_service(respond):
+    """A local HTTP server (shared by the serving tests) answering GET /v1/users/<user>/recommendations?... with
+    respond(user, query) -> (status code, body bytes); yields its base URL."""
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            u = urlparse(self.path)
+            code, body = respond(u.path.split("/")[3], parse_qs(u.query))
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
 
 import pytest
+from conftest import fake_service
 
 
 @pytest.fixture(scope="module")
@@ -44,32 +41,6 @@ def test_explain_prompts_are_the_explain_template_for_distinct_users(tiny_datase
         disliked += sum(ln.endswith("(disliked)") for ln in lines)
         assert qs and qs == liked, (qs, lines)
     assert disliked  # the prompts do list disliked items, and those are never quotable
-
-
-@contextlib.contextmanager
-def fake_service(respond):
-    """A local HTTP server answering GET /v1/users/<user>/recommendations?... with respond(user, query) ->
-    (status code, body bytes); yields its base URL."""
-
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            u = urlparse(self.path)
-            code, body = respond(u.path.split("/")[3], parse_qs(u.query))
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
 
 
 def test_load_run_asks_for_explanations_when_told_and_counts_status(bench_serving):

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import fake_service
 
 from llmrec.cli import main
 from llmrec.config import ConfigError
@@ -351,28 +352,10 @@ def kill_test(load_script):
 
 
 @contextlib.contextmanager
-def fake_service(respond):
+def status_service(respond):
     """GET /v1/users/<user>/recommendations answered by respond(user) -> status code (after any sleep it does)."""
-
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            code = respond(self.path.split("/")[3])
-            body = json.dumps({"degraded": False}).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with fake_service(lambda user, query: (respond(user), json.dumps({"degraded": False}).encode())) as base:
+        yield base
 
 
 def test_load_run_throughput_counts_answered_requests_only(bench_serving):
@@ -387,11 +370,11 @@ def test_load_run_throughput_counts_answered_requests_only(bench_serving):
         return 500
 
     users = [f"ok{i}" for i in range(4)] + [f"fail{i}" for i in range(4)]
-    with fake_service(respond) as base:
+    with status_service(respond) as base:
         r = bench_serving.load_run(base, users, 1, 10.0)
     assert r["status"] == {"200": 4, "500": 4} and r["errors"] == 4
     assert r["requests_per_s"] == pytest.approx(4 / r["wall_s"]), r
-    with fake_service(lambda user: 200) as base:
+    with status_service(lambda user: 200) as base:
         r = bench_serving.load_run(base, users, 2, 10.0)
     assert r["requests_per_s"] == pytest.approx(8 / r["wall_s"])
 
