@@ -200,6 +200,14 @@ def _recipe_settings(cfg: RankingConfig, adapter: str | Path | None) -> dict[str
             out["chat"] = chat
         else:
             log.warning("%s was trained with data.chat=%s but is served chat=%s prompts", adapter, chat, cfg.chat)
+    if task == "next_title" and cfg.mode == "generate":
+        # the recipe trains the next title after the history alone: generate renders it so (constrained decoding
+        # still writes only candidates); free text needs the list to know what it may write
+        if cfg.generate_constrained and cfg.generate_list_candidates == default.generate_list_candidates:
+            out["generate_list_candidates"] = False
+        elif cfg.generate_list_candidates:
+            log.warning("%s was trained on next_title prompts without a candidate list but is served generate-mode "
+                        "prompts with one (generate_constrained: false needs the list)", adapter)
     n = recipe.get("n_candidates")
     if task == "rank" and isinstance(n, int) and n != cfg.n_candidates:
         log.warning("%s was trained on %d candidates (data.n_candidates) but is served %d: the letters after the "

@@ -107,6 +107,9 @@ class RankingConfig:
     # title's prior is computed once per Recommender. 0 = the plain likelihood.
     likelihood_prior_weight: float = 0.0
     generate_constrained: bool = True  # generate: decode only along candidate titles (every line maps)
+    # generate: list the candidates in the next_title prompt. false renders it without them, as the next_title
+    # recipe trains it (constrained decoding still writes only candidates); a next_title adapter's run sets false
+    generate_list_candidates: bool = True
     generate_titles: int = 10  # generate, constrained: titles written per user (the ranked head; NDCG@10 needs 10)
     generate_max_new_tokens: int = 64  # generate, unconstrained: titles, one per line (stops at a blank line)
     min_title_similarity: float = 0.75  # generate mode: embedding match threshold for an inexact title
@@ -560,8 +563,11 @@ class Recommender:
         todo = [u for u, c in enumerate(cands) if c]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
+            listed = self.cfg.generate_list_candidates or not self.cfg.generate_constrained  # free text needs the list
             rendered = [
-                self._render("next_title", histories[u], candidates=self._items([c for c, _ in cands[u]])) for u in idx
+                self._render("next_title", histories[u], **(
+                    {"candidates": self._items([c for c, _ in cands[u]])} if listed else {}))
+                for u in idx
             ]
             if self.cfg.generate_constrained:
                 cand_ids = [[c for c, _ in cands[u]] for u in idx]
