@@ -22,7 +22,7 @@ import argparse
 import logging
 import time
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
@@ -58,7 +58,7 @@ def subject_citations(recs: list) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
-    ap.add_argument("--users", type=int, default=40)
+    ap.add_argument("--users", type=positive_int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="hybrid:sasrec")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import ItemFeedbackStats, counts_estimate
 from llmrec.evaluation import ranking_targets
@@ -63,10 +63,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--adapter", required=True, help="the tuned Yes/No adapter (its template is read from it)")
-    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--users", type=positive_int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="bert_lstm")
-    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--dtype", default="fast")
     args = ap.parse_args()
@@ -93,7 +93,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         cuts = np.cumsum([0] + [len(ids) for ids in cands])
         data[split] = {
-            "cands": cands, "targets": tg["item_id"].astype(str).tolist(), "s_per_user": seconds / max(1, len(tg)),
+            "cands": cands, "targets": tg["item_id"].astype(str).tolist(), "users": tg["user_id"].astype(str).tolist(),
+            "s_per_user": seconds / max(1, len(tg)),
             "P(Yes)": [logit(flat[a:b]) for a, b in zip(cuts[:-1], cuts[1:])],
             "counts figure": [logit([counts_estimate(f.n, f.liked, 0, 0) for f in fs]) for fs in fb],
         }
@@ -120,15 +121,18 @@ def main() -> None:
                      "valid_ndcg@10": valid[best], "s_per_user": s})
     cols = ["method", "w", "ndcg@10", "hr@10", "mrr@10", "valid_ndcg@10", "s_per_user", "n_users"]
     md = md_table(rows, cols) + (
-        f"\n{args.users} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
+        f"\n{len(test['targets'])} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
         f"`{args.retriever}`; P(Yes) from adapter {args.adapter} (template `{rec.templates['yesno'].name}`), "
-        f"{args.candidates} Yes/No prompts per user; w: the fusion weight, chosen on {args.users} validation users "
+        f"{args.candidates} Yes/No prompts per user; w: the fusion weight, chosen on "
+        f"{len(data['valid']['targets'])} validation users "
         f"over {args.grid}. s_per_user: the P(Yes) pass on the test users. Test targets among the adapter's Yes/No "
         f"training rows (the Yes/No split is by time; `data.exclude_eval_targets` leaves them out): "
         f"{'unknown (no data_manifest.json beside the adapter)' if trained is None else test['targets_trained_on']}"
         f" of {len(test['targets'])}.\n")
     write_result(f"pointwise_rank_{args.dataset}", {"dataset": args.dataset, "rows": rows, "selection": selection,
                                                     "test_targets_trained_on": test["targets_trained_on"],
+                                                    "test_user_ids": test["users"],
+                                                    "valid_user_ids": data["valid"]["users"],
                                                     "args": vars(args)}, md,
                  command=command_line())
 

@@ -30,7 +30,7 @@ import logging
 
 import numpy as np
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.evaluation import ranking_targets
 from llmrec.llm import load_backend
@@ -88,13 +88,14 @@ def calibrate(ranked: list[tuple[str, float]], listed: list[str], prior: np.ndar
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
-    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--users", type=positive_int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="bert_lstm")
-    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--adapter", default=None, help="tuned rank adapter (a second model row)")
     ap.add_argument("--dtype", default="fast")
-    ap.add_argument("--listings", type=int, default=4, help="cyclic listings averaged in the fourth row per model")
+    ap.add_argument("--listings", type=positive_int, default=4,
+                    help="cyclic listings averaged in the fourth row per model")
     ap.add_argument("--name", default=None, help="result name (default position_bias_<dataset>)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -134,12 +135,13 @@ def main() -> None:
     cols = ["model", "candidates listed in", "ndcg@10", "hr@10", "top1_listed_first", "top1_retrieval_rank",
             "rho_listed", "rho_retrieval", "users"]
     md = md_table(rows, cols) + (
-        f"\n{args.users} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
+        f"\n{len(users)} test users (seed {args.seed}, the bench's), {args.candidates} candidates from "
         f"`{args.retriever}`, verbalizer, LLM order alone; adapter: {args.adapter or 'none'}; averaged rows: "
         f"{args.listings} listings, shifted by {args.candidates / args.listings:g} places each. Chance: "
         f"top1_listed_first {1 / args.candidates:.2f}, top1_retrieval_rank {(args.candidates + 1) / 2:g}, rho 0.\n")
     write_result(args.name or f"position_bias_{args.dataset}",
-                 {"dataset": args.dataset, "rows": rows, "args": vars(args)}, md,
+                 {"dataset": args.dataset, "rows": rows, "test_user_ids": users, "valid_user_ids": valid_users,
+                  "args": vars(args)}, md,
                  command=command_line())
 
 

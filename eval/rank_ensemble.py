@@ -28,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.evaluation import evaluate_ranking, ranking_targets
 from llmrec.metrics import ndcg_at_k, paired_bootstrap_ratio, ranking_metrics
@@ -111,12 +111,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--adapter", default=None, help="a next_title adapter (default: the base model, zero-shot)")
-    ap.add_argument("--users", type=int, default=0, help="test users (0: all)")
-    ap.add_argument("--valid-users", type=int, default=0, help="validation users for the weights (0: all)")
+    ap.add_argument("--users", type=count_or_all, default=0, help="test users (0: all)")
+    ap.add_argument("--valid-users", type=count_or_all, default=0, help="validation users for the weights (0: all)")
     ap.add_argument("--retriever", default="bert_lstm")
     ap.add_argument("--baselines", nargs="+", default=["sasrec", "bpr", "mf", "pop"],
                     help="models whose order of the candidates is a feature (checkpoints, else fitted and saved)")
-    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--name", default=None, help="result name (default: rank_ensemble_<dataset>)")
     ap.add_argument("--seed", type=int, default=0)
@@ -135,8 +135,8 @@ def main() -> None:
     rec = Recommender(ds, backend, retriever, cfg)
     users, valid_users = args.users or None, args.valid_users or None
     miss = ds.n_items  # a target outside the candidates: below every candidate, 0 in every @10 metric
-    fv, tv, _ = features(rec, ds, models, "valid", valid_users, args.seed, llm=True)
-    ft, tt, _ = features(rec, ds, models, "test", users, args.seed, llm=True)
+    fv, tv, valid_uids = features(rec, ds, models, "valid", valid_users, args.seed, llm=True)
+    ft, tt, test_uids = features(rec, ds, models, "test", users, args.seed, llm=True)
     names = [f"{args.retriever} (retriever)", *models, "llm"]
     llm = len(names) - 1  # the last feature; 0 is the retriever's order, 1 .. llm - 1 the other baselines'
     cases = {
@@ -181,6 +181,7 @@ def main() -> None:
         f"good (>= 1).\n")
     write_result(args.name or f"rank_ensemble_{args.dataset}",
                  {"dataset": args.dataset, "rows": rows, "best_baseline": best, "features": names,
+                  "test_user_ids": [str(u) for u in test_uids], "valid_user_ids": [str(u) for u in valid_uids],
                   "args": vars(args)}, md,
                  command=command_line())
 

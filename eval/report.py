@@ -98,6 +98,18 @@ RESULT_FILES = {
 }
 
 
+def _load(path: Path) -> dict:
+    """A result file's JSON object; a file cut short or not an object stops the report, naming the file (a README
+    regenerated past it would quote the rest and silently lose this one's figures)."""
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a result file holds a JSON object, got {type(d).__name__}")
+    return d
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
@@ -129,7 +141,7 @@ def section(results: Path = RESULTS) -> str:
     when)."""
     parts = []
     for p in sorted(results.glob("bench_*.json")):
-        d = json.loads(p.read_text())
+        d = _load(p)
         rows = [{"method": n, **r} for n, r in d["methods"].items()]
         head = f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
         cols = ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1"]
@@ -158,7 +170,7 @@ def section(results: Path = RESULTS) -> str:
                      "that names the command, commit and machine that made it.\n")
         rows = []
         for name, what in others:
-            d = json.loads((results / f"{name}.json").read_text())
+            d = _load(results / f"{name}.json")
             rows.append({"result": f"[{name}](eval/results/{name}.md)", "what it measures": what,
                          "measured": str(d.get("created") or "")[:10] or d.get("commit")})
         parts.append(_table(rows, ["result", "what it measures", "measured"]))
@@ -171,7 +183,7 @@ def glance(results: Path = RESULTS, dataset: str = "ml-100k") -> str:
     p = results / f"bench_{dataset}.json"
     if not p.is_file():
         return f"_No benchmark yet: `make bench` writes `eval/results/bench_{dataset}.json`._\n"
-    d = json.loads(p.read_text())
+    d = _load(p)
     m = d["methods"]
     kind = str((d.get("config") or {}).get("retriever", ""))
     keys = {k: f"retrieval ({kind})" if k == "retrieval" else k for k in GLANCE_METHODS}
@@ -206,7 +218,7 @@ def glance(results: Path = RESULTS, dataset: str = "ml-100k") -> str:
     srcs = [f"`eval/results/bench_{dataset}.json` (`{d.get('command')}`, commit {d.get('commit')})"]
     e = results / f"explanations_{dataset}.json"
     if e.is_file():
-        ed = json.loads(e.read_text())
+        ed = _load(e)
         row = next((r for r in ed["rows"] if r["explanations"] == DEFAULT_EXPLANATIONS), None)
         if row is None:  # another row's figures under "the default mode" would be a wrong headline, not an old one
             raise ValueError(f"{e}: no row {DEFAULT_EXPLANATIONS!r} (the default mode the headline quotes); rows: "

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmrec.bench_utils import md_table, peak_rss_mb, write_result  # noqa: E402
+from llmrec.bench_utils import md_table, peak_rss_mb, positive_int, write_result  # noqa: E402
 
 log = logging.getLogger("eval.retrieval")
 KS = (20, 50, 100)
@@ -324,7 +324,7 @@ def table(r: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"])
-    p.add_argument("--max-users", type=int, default=None, help="seeded user subset (default: all)")
+    p.add_argument("--max-users", type=positive_int, default=None, help="seeded user subset (default: all)")
     p.add_argument("--latency-users", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-bpr", action="store_true")

@@ -25,8 +25,9 @@ from functools import partial
 
 import numpy as np
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
 from llmrec.data import load_prepared
+from llmrec.evaluation import ranking_targets
 from llmrec.llm import load_backend
 from llmrec.metrics import ndcg_at_k, paired_bootstrap_ratio
 from llmrec.ranking import RankingConfig, Recommender
@@ -52,13 +53,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--adapter", default=None, help="a next_title adapter (its rows follow the base model's)")
-    ap.add_argument("--users", type=int, default=200, help="test users (0: all)")
-    ap.add_argument("--valid-users", type=int, default=None, help="users for the choices (default: --users)")
+    ap.add_argument("--users", type=count_or_all, default=200, help="test users (0: all)")
+    ap.add_argument("--valid-users", type=count_or_all, default=None,
+                    help="users for the choices (0: all; default: --users)")
     ap.add_argument("--models", nargs="+", choices=["zero-shot", "tuned"], default=["zero-shot", "tuned"])
     ap.add_argument("--name", default=None, help="result name (default: title_prior_<dataset>)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="bert_lstm")
-    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--prior-grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0], help="w (the bench's)")
     ap.add_argument("--dtype", default="fast")
@@ -113,7 +115,10 @@ def main() -> None:
         f"NDCG@10 ratio to the a = 0 row / to the retrieval order, 95% paired-bootstrap interval over the same users. "
         f"Adapter: {args.adapter}.\n")
     write_result(args.name or f"title_prior_{args.dataset}",
-                 {"dataset": args.dataset, "rows": rows, "selection": selection, "args": vars(args)}, md,
+                 {"dataset": args.dataset, "rows": rows, "selection": selection,
+                  **{f"{split}_user_ids": ranking_targets(ds, split, n, args.seed)["user_id"].astype(str).tolist()
+                     for split, n in (("test", users), ("valid", n_valid))},
+                  "args": vars(args)}, md,
                  command=command_line())
 
 

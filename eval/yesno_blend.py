@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import yesno_subset
@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--run", default="artifacts/finetune/bench_yesno_ml-100k",
                     help="a finished yesno fine-tuning run (with scores/test_after.csv and scores/valid_after.csv)")
     ap.add_argument("--dataset", default="ml-100k")
-    ap.add_argument("--valid-examples", type=int, default=2000, help="validation rows the non-LLM blends fit on")
+    ap.add_argument("--valid-examples", type=positive_int, default=2000,
+                    help="validation rows the non-LLM blends fit on")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
@@ -251,9 +251,9 @@ def main() -> None:
     ap.add_argument("--lastfm-title-adapter",
                     help="adapter tuned on Last.fm (next_title task): title-likelihood rows (in-domain on Last.fm, "
                          "reverse transfer on MovieLens)")
-    ap.add_argument("--yesno-examples", type=int, default=300)
-    ap.add_argument("--rank-users", type=int, default=100)
-    ap.add_argument("--contamination-n", type=int, default=100)
+    ap.add_argument("--yesno-examples", type=positive_int, default=300)
+    ap.add_argument("--rank-users", type=positive_int, default=100)
+    ap.add_argument("--contamination-n", type=positive_int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--retriever", default=DEFAULT_RETRIEVER, choices=RETRIEVERS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -171,6 +172,29 @@ def command_line(argv: list[str] | None = None) -> str:
     else:
         words = [head.name]
     return shlex.join(words + argv[1:])
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (users, examples, candidates): 0 or a negative number is a
+    usage error, not an empty (or, by a stray `or None`, a whole-catalogue) run."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def count_or_all(text: str) -> int:
+    """argparse type of a count where 0 says "all" (documented as such in the option's help); negative is refused."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, got {n}")
+    return n
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

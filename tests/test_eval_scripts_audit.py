@@ -1,0 +1,112 @@
+"""Audit of the eval/ scripts' honesty: counts on the command line, the report's loudness on a bad result file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+
+from llmrec.bench_utils import count_or_all, positive_int
+
+
+class Loaded(Exception):
+    """Raised in place of loading a dataset: the script got past its argument checks."""
+
+
+def _refuse_load(*_a, **_k):
+    raise Loaded
+
+
+# (script, argv): a count of 0 would score no user / row at all (or a negative one crashes deep in pandas), so each
+# must be refused as a usage error (exit 2) before anything is loaded; where 0 says "all", a negative count
+@pytest.mark.parametrize("script, argv", [
+    ("eval/pointwise_rank.py", ["--adapter", "x", "--users", "0"]),
+    ("eval/pointwise_rank.py", ["--adapter", "x", "--users", "-3"]),
+    ("eval/position_bias.py", ["--users", "0"]),
+    ("eval/position_bias.py", ["--listings", "0"]),
+    ("eval/zeroshot.py", ["--rank-users", "0"]),
+    ("eval/zeroshot.py", ["--yesno-examples", "-1"]),
+    ("eval/rank_ensemble.py", ["--users", "-5"]),
+    ("eval/rank_ensemble.py", ["--valid-users", "-1"]),
+    ("eval/title_prior.py", ["--users", "-1"]),
+    ("eval/title_prior.py", ["--valid-users", "-2"]),
+    ("eval/yesno_blend.py", ["--valid-examples", "0"]),
+    ("eval/ranking_modes.py", ["--users", "0"]),
+    ("eval/explanations.py", ["--users", "0"]),
+])
+def test_a_count_of_zero_or_less_is_a_usage_error(load_script, monkeypatch, script, argv, tmp_path):
+    mod = load_script(script)
+    for name in ("load_prepared", "load_backend"):
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, _refuse_load)
+    monkeypatch.setenv("LLMREC_RESULTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2
+
+
+def test_count_types():
+    assert positive_int("3") == 3 and count_or_all("0") == 0
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        count_or_all("-1")
+
+
+def test_report_names_a_malformed_result_file(load_script, tmp_path):
+    report = load_script("eval/report.py")
+    (tmp_path / "zeroshot.json").write_text('{"created": "2026-12-06", ')  # cut short
+    with pytest.raises(ValueError, match="zeroshot.json"):
+        report.section(tmp_path)
+    (tmp_path / "zeroshot.json").write_text(json.dumps({"created": "2026-12-06", "commit": "abc"}))
+    (tmp_path / "bench_ml-100k.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="bench_ml-100k.json"):
+        report.glance(tmp_path)
+
+
+def test_rank_ensemble_records_its_user_subsets_and_its_table_matches_the_json(load_script, monkeypatch, tmp_path):
+    """The JSON names the exact (seeded) test and validation users it scored, carries the header, and every figure of
+    its markdown table is the JSON's; weights come from the validation features only."""
+    import types
+
+    import numpy as np
+
+    import llmrec.llm
+
+    ens = load_script("eval/rank_ensemble.py")
+    ens.write_result.__globals__["RESULTS_DIR"] = tmp_path
+    rng = np.random.default_rng(0)
+    uids = {"valid": ["7", "8", "9", "10"], "test": ["1", "2", "3", "4", "5", "6"]}
+    calls = []
+
+    def features(rec, ds, models, split, users, seed, llm):
+        calls.append(split)
+        n = len(uids[split])
+        return rng.normal(size=(n, 5, 2 + len(models))), np.array([0, 1, -1, 3, 2, 4][:n]), uids[split]
+
+    model = types.SimpleNamespace(score_items=None)
+    monkeypatch.setattr(ens, "features", features)
+    monkeypatch.setattr(ens, "load_prepared", lambda *a, **k: types.SimpleNamespace(n_items=50))
+    monkeypatch.setattr(ens, "build_retriever", lambda *a, **k: model)
+    monkeypatch.setattr(ens, "collaborative_model", lambda *a, **k: model)
+    monkeypatch.setattr(ens, "Recommender", lambda *a, **k: None)
+    monkeypatch.setattr(ens, "with_adapter_templates", lambda cfg, a: cfg)
+    monkeypatch.setattr(llmrec.llm, "load_backend", lambda *a, **k: None)
+    monkeypatch.setattr(ens, "evaluate_ranking", lambda *a, **k: {"ndcg@10": 0.25, "hr@10": 0.5, "mrr@10": 0.2,
+                                                                  "n_users": 6, "ranks": [1, 3, 50, 2, 11, 4]})
+    monkeypatch.setattr(sys, "argv", ["eval/rank_ensemble.py", "--baselines", "sasrec", "--grid", "0", "1",
+                                      "--users", "6", "--name", "ens_audit"])
+    ens.main()
+    assert calls == ["valid", "test"]
+    d = json.loads((tmp_path / "ens_audit.json").read_text())
+    assert {"dataset", "commit", "machine", "command", "created"} <= set(d)
+    assert d["test_user_ids"] == uids["test"] and d["valid_user_ids"] == uids["valid"]
+    md = (tmp_path / "ens_audit.md").read_text()
+    for row in d["rows"]:
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {row['method']} |"))
+        for k in ("ndcg@10", "hr@10", "mrr@10"):
+            assert f"{row[k]:.4f}" in line
