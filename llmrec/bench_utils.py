@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -13,6 +12,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+# argparse types of the eval scripts' counts: the CLI's own (0 or less refused; `count_or_all`: 0 = all)
+from llmrec.cli.args import count as count_or_all  # noqa: F401
+from llmrec.cli.args import positive_int  # noqa: F401
 
 RESULTS_DIR = Path(os.environ.get("LLMREC_RESULTS", Path(__file__).resolve().parent.parent / "eval" / "results"))
 
@@ -172,29 +175,6 @@ def command_line(argv: list[str] | None = None) -> str:
     else:
         words = [head.name]
     return shlex.join(words + argv[1:])
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (users, examples, candidates): 0 or a negative number is a
-    usage error, not an empty (or, by a stray `or None`, a whole-catalogue) run."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def count_or_all(text: str) -> int:
-    """argparse type of a count where 0 says "all" (documented as such in the option's help); negative is refused."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, got {n}")
-    return n
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
