@@ -305,7 +305,7 @@ def test_tensor_parallel_and_other_vllm_flags_pass_through_unchanged(tmp_path, m
     srv = launch.VLLMServer("/models/my model", port=8011, lora_modules={"a": "/ad apters/a"}, extra_args=extra,
                             python="/py")
     assert srv.cmd[srv.cmd.index("--model") + 1] == "/models/my model"
-    assert srv.cmd[srv.cmd.index("--lora-modules") + 1] == "a=/ad apters/a"
+    assert json.loads(srv.cmd[srv.cmd.index("--lora-modules") + 1]) == {"name": "a", "path": "/ad apters/a"}
     assert srv.cmd[-4:] == extra
 
 
@@ -476,3 +476,15 @@ def test_a_gpu_is_seen_by_its_driver_when_the_services_torch_is_a_cpu_build(monk
     assert launch._has_cuda() is True
     monkeypatch.setattr(Path, "exists", lambda self: False if str(self) == "/dev/nvidiactl" else real_exists(self))
     assert launch._has_cuda() is False
+
+
+def test_an_adapter_path_with_a_comma_or_equals_sign_reaches_vllm_whole():
+    """`--lora-modules name=path` is read by vLLM as JSON when the item holds a comma (a path like
+    /runs/lr=1e-4,r=8/adapter failed to parse): the launcher passes vLLM's JSON form."""
+    import llmrec.service.launch as launch
+
+    path = "/runs/lr=1e-4,r=8/adapter"
+    srv = launch.VLLMServer("/m", port=8011, lora_modules={"tuned": path, "b": "/x"}, python="/py")
+    i = srv.cmd.index("--lora-modules")
+    got = [json.loads(a) for a in srv.cmd[i + 1 : i + 3]]
+    assert got == [{"name": "tuned", "path": path}, {"name": "b", "path": "/x"}]

