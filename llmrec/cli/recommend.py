@@ -131,7 +131,6 @@ def _check_model_args(args: argparse.Namespace) -> None:
 def _backend(args: argparse.Namespace):
     from llmrec.llm import load_backend
 
-    _check_model_args(args)
     kw: dict = {"dtype": args.dtype, "batch_size": args.batch_size, "load_in_4bit": args.load_in_4bit,
                 "merge_adapter": getattr(args, "merge_adapter", True)}
     if args.backend == "vllm":

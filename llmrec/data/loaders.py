@@ -199,10 +199,15 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     return df
 
 
+def _header_where(path: Path) -> str:
+    """Where a column error is: the header line of a text file; nothing for a Parquet file (a schema, no lines)."""
+    return "" if _is_parquet(path) else " line 1:"
+
+
 def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        where = "" if _is_parquet(path) else " line 1:"  # a Parquet file has a schema, not a header line
+        where = _header_where(path)
         hint = ""
         if len(df.columns) == 1:  # `user_id;item_id;timestamp` read as one column
             seps = [d for d in (";", "|", ",", "\t", " ") if d in str(df.columns[0]).strip()]
@@ -220,9 +225,8 @@ def _case_mismatch(df: pd.DataFrame, cols: list[str], path: Path) -> None:
             continue
         near = [str(k) for k in df.columns if str(k).strip().lower() == c]
         if near:
-            where = "" if _is_parquet(path) else " line 1:"
-            raise DataError(f"{path}:{where} column {near[0]!r}: rename it {c!r} (column names are case-sensitive; "
-                            f"found {list(df.columns)})")
+            raise DataError(f"{path}:{_header_where(path)} column {near[0]!r}: rename it {c!r} (column names are "
+                            f"case-sensitive; found {list(df.columns)})")
 
 
 def _to_numeric(col: pd.Series, path: Path, name: str, line_offset: int = 2, allow_empty: bool = False,
