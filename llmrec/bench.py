@@ -44,7 +44,9 @@ class BenchConfig:
     llm: bool = True
     backend: str = "transformers"
     model: str | None = None  # default: the embedded SmolLM2-135M-Instruct
-    adapter_yesno: str | None = None  # LoRA adapter tuned on the yesno task (default: finetune output if present)
+    # LoRA adapters; default: $LLMREC_HOME/finetune/<task>_<dataset> (`llmrec finetune`), else bench_<task>_<dataset>
+    # (`llmrec bench --train` trains the shipped recipes there)
+    adapter_yesno: str | None = None  # LoRA adapter tuned on the yesno task
     adapter_rank: str | None = None  # LoRA adapter tuned on the rank task (verbalizer mode)
     adapter_title: str | None = None  # LoRA adapter tuned on the next_title task (likelihood mode)
     # LLM rerank modes scored, each zero-shot and tuned: verbalizer (letters, adapter_rank) and likelihood (titles'
@@ -66,15 +68,15 @@ class BenchConfig:
 
 
 def _finetune_default(task: str, dataset: str) -> str | None:
+    """The adapter a bench without `adapter_<task>` uses: the recipe's default output (`llmrec finetune`,
+    `make finetune`), else `llmrec bench --train`'s; never another folder that merely matches the names (a demo's
+    32-step adapter, a memory benchmark's 2-step one)."""
     from llmrec.config import llmrec_home
 
     root = llmrec_home() / "finetune"
     for name in (f"{task}_{dataset}", f"bench_{task}_{dataset}"):
         if (root / name / "adapter").is_dir():
             return str(root / name / "adapter")
-    for cand in sorted(root.glob(f"*{task}*{dataset}*/adapter")):
-        if "_mem_" not in cand.parent.name:  # memory-benchmark runs train 2 steps: never a default
-            return str(cand)
     return None
 
 
@@ -283,8 +285,8 @@ def run_llm(ds: Any, cfg: BenchConfig, ex: Any, methods: dict, curves: dict, rep
     if ay or ar or at:
         variants.append(("llm tuned", ay, ar, at))
     else:
-        report["notes"].append("no tuned adapter found: run `make finetune` (or pass adapter_yesno/adapter_rank/"
-                               "adapter_title)")
+        report["notes"].append("no tuned adapter found: run `llmrec bench --train` (= `make bench`: trains the "
+                               "shipped recipes first) or pass adapter_yesno/adapter_rank/adapter_title")
 
     def rank_rows(rec: Any, label: str, adapter: str | None, mode: str) -> dict[str, Any]:
         """The `label` row (fusion weight chosen on valid, test users) and its `, LLM order only` row."""

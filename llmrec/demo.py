@@ -69,39 +69,22 @@ def finetune_stage(dataset: str, budget: dict, home: Path | None = None,
     """Run the three default recipes with the demo step budget unless their adapters already exist, trained with the
     same recipe (its recipe.yaml; else trained again). The tuned-vs-zero-shot comparison is the bench's job, so the
     recipe's own test passes are switched off here."""
-    from llmrec.finetune import load_recipe
-    from llmrec.finetune.trainer import recipe_changes
+    from llmrec.finetune.runs import RecipeRunError, train_recipes
 
     home = home or llmrec_home().resolve()
-    out = {}
-    for task in ("yesno", "rank", "next_title"):
-        out_dir = home / "finetune" / f"demo_{task}_{dataset}_{budget['steps']}steps"
-        adapter = out_dir / "adapter"
-        recipe = f"finetune/recipes/{task}_smollm2_qlora.yaml"
-        overrides = [
-            f"dataset={dataset}",
-            f"output_dir={out_dir}",
-            f"train.max_steps={budget['steps']}",
-            f"data.n_train={budget['n_train']}",
-            "data.n_valid=0",
-            "data.n_test=0",
-            "eval_before=false",
-            "eval_after=false",
-        ]
-        if (adapter / "adapter_config.json").is_file():
-            changed = recipe_changes(load_recipe(ROOT / recipe, overrides), out_dir / "recipe.yaml")
-            if not changed:
-                print(f"reusing {adapter} (trained with this recipe by an earlier run; delete {out_dir} to train it "
-                      "again)")
-                out[task] = str(adapter)
-                continue
-            print(f"{adapter} was trained with another recipe ({'; '.join(changed)}): training it again")
-            overrides.append("train.resume=null")  # its checkpoints are the other recipe's
-        _run([sys.executable, "finetune/train.py", "--config", recipe, *overrides], env)
-        if not (adapter / "adapter_config.json").is_file():
-            raise DemoError(f"{recipe}: the run ended without writing {adapter}")
-        out[task] = str(adapter)
-    return out
+    overrides = [
+        f"train.max_steps={budget['steps']}",
+        f"data.n_train={budget['n_train']}",
+        "data.n_valid=0",
+        "data.n_test=0",
+        "eval_before=false",
+        "eval_after=false",
+    ]
+    try:
+        return train_recipes(dataset, lambda task: home / "finetune" / f"demo_{task}_{dataset}_{budget['steps']}steps",
+                             overrides, env, run=_run)
+    except RecipeRunError as e:
+        raise DemoError(str(e)) from None
 
 
 def _newest_mtime(folder: Path) -> float:
