@@ -200,7 +200,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """`["a.b=1", "c=x"]` -> nested dict; values are parsed as YAML scalars (so `1`, `true`, `[1,2]` work)."""
+    return _parse_overrides(pairs)[0]
+
+
+def _parse_overrides(pairs: list[str] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """`parse_overrides`, plus each dotted key's value as typed (the last one given)."""
     out: dict[str, Any] = {}
+    raws: dict[str, str] = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r}: expected key=value")
@@ -216,7 +222,32 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
             node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
-    return out
+        raws[".".join(parts)] = raw
+    return out, raws
+
+
+def _wants_text(tp: Any) -> bool:
+    """A str or Path key (optional or not): its override is the text as typed."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(args) and all(a in (str, Path) for a in args)
+    return tp in (str, Path)
+
+
+def _keep_typed_text(cls: type, over: dict[str, Any], raws: dict[str, str], prefix: str = "") -> None:
+    """In place: an override of a str / Path key whose text YAML read as a number or a date keeps the text as typed
+    (`007` is 7, `0123` is 83 in octal, `12:30` is 750 in base 60, `1_000` is 1000: a folder or a name changed under
+    the user's hands); true/false/null stay refused with their quoting hint by the type check."""
+    hints = typing.get_type_hints(cls)
+    for k, v in over.items():
+        if k not in hints:
+            continue  # check_overrides names it
+        sub = _dataclass_of(hints[k])
+        if sub is not None and isinstance(v, dict):
+            _keep_typed_text(sub, v, raws, f"{prefix}{k}.")
+        elif (_wants_text(hints[k]) and not isinstance(v, str | bool | dict | list) and v is not None
+              and f"{prefix}{k}" in raws):
+            over[k] = raws[f"{prefix}{k}"].strip()
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +287,8 @@ def apply_overrides(cls: type, data: dict[str, Any], pairs: list[str] | None,
                     label: str = "override") -> dict[str, Any]:
     """`data` (e.g. a config file's mapping) with `key=value` `pairs` merged in, the pairs checked first
     (`check_overrides`)."""
-    over = parse_overrides(pairs)
+    over, raws = _parse_overrides(pairs)
+    _keep_typed_text(cls, over, raws)
     check_overrides(cls, over, label)
     out = _Overridden(deep_merge(data, over))
     out.override_labels = {**getattr(data, "override_labels", {}), **{k: label for k in _dotted(over)}}

@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,42 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     p.wait(timeout=60)
     assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
     assert p.returncode == 1
+
+
+@dataclass
+class Named:
+    out: Path | None = None
+    tag: str = "x"
+    count: int = 0
+    ratio: float = 0.5
+    sub: Inner = field(default_factory=Inner)
+
+
+@pytest.mark.parametrize("typed", ["007", "0123", "12:30", "1_000", "0x1F", "1.10", "2024-01-01", "1e3"])
+def test_a_name_or_folder_override_keeps_the_text_as_typed(typed, tmp_path):
+    """YAML reads `007` as 7, `0123` as 83 (octal), `12:30` as 750 (base 60), `1.10` as 1.1: `--set output_dir=0123`
+    wrote the run into a folder named 83. Str and Path keys keep the text; numeric keys still get the number."""
+
+    cfg = load_config(Named, None, [f"out={typed}", f"tag= {typed}"])
+    assert cfg.out == Path(typed) and cfg.tag == typed
+    p = tmp_path / "c.yaml"
+    p.write_text("tag: file\n")
+    assert load_config(Named, p, [f"tag={typed}"]).tag == typed
+    assert load_config(Named, None, ["count=007", "ratio=1.10"]) == Named(count=7, ratio=1.1)
+    with pytest.raises(ConfigError, match="expected a string"):  # booleans and null stay refused, with the hint
+        load_config(Named, None, ["tag=yes"])
+
+
+def test_service_environment_and_bench_dataset_keep_typed_text(monkeypatch, capsys):
+    from llmrec.cli import main
+    from llmrec.service.config import load_service_config
+
+    cfg = load_service_config(None, ["dataset=0123"], environ={"LLMREC_SERVE_HOST": "0123"})
+    assert cfg.dataset == "0123" and cfg.host == "0123"
+    import llmrec.bench
+
+    seen = []
+    monkeypatch.setattr(llmrec.bench, "run_bench", lambda cfg, command=None: seen.append(cfg) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the config reached the bench: no "different datasets" refusal
+        main(["bench", "--dataset", "0123", "--set", "dataset=0123"])
+    assert seen[0].dataset == "0123"

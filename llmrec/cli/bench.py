@@ -32,12 +32,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmrec.bench import BenchConfig, run_bench
     from llmrec.bench_utils import command_line
     from llmrec.cli.args import UsageError
-    from llmrec.config import load_config, parse_overrides
+    from llmrec.config import load_config
 
     overrides = list(args.set)
     if args.dataset is not None:  # only when given: a default here would override the --config file's dataset
-        other = parse_overrides(overrides).get("dataset", args.dataset)
-        if str(other) != args.dataset:
+        given = [p.split("=", 1)[1].strip() for p in overrides if "=" in p and p.split("=", 1)[0].strip() == "dataset"]
+        other = given[-1] if given else args.dataset  # as typed: YAML reads `--set dataset=0123` as 83
+        if other != args.dataset:
             raise UsageError(f"--dataset {args.dataset} and --set dataset={other} name different datasets; give one")
         overrides.insert(0, f"dataset={args.dataset}")
     cfg = load_config(BenchConfig, args.config, overrides)
