@@ -16,14 +16,34 @@ from typing import Any
 import numpy as np
 
 
+def _binary_labels(labels: Sequence[int], n: int, where: str, of: str = "scores") -> np.ndarray:
+    """`labels` as a bool array, refusing another length than `n` (the scores / predictions) and any value other
+    than 0 / 1 (cast to bool, a 2, a -1 or a 0.5 would all have counted as a positive)."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{where}: {y.size} labels for {n} {of}")
+    if y.dtype == bool:
+        return y
+    try:
+        f = y.astype(np.float64)
+    except (TypeError, ValueError):
+        f = np.full(len(y), np.nan)
+    bad = np.flatnonzero((f != 0) & (f != 1))
+    if bad.size:
+        raise ValueError(f"{where}: labels must be 0 or 1; row {int(bad[0])} is {y[bad[0]]!r} ({bad.size} of "
+                         f"{len(y)} rows)")
+    return f == 1
+
+
 def auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """Area under the ROC curve.
 
     AUC = P(s+ > s-) + 0.5 P(s+ = s-) = (sum of positive ranks - n+(n+ + 1)/2) / (n+ n-), with average ranks for ties
-    (Mann-Whitney U). NaN when only one class is present; a NaN score is an error (it would rank above every real one).
+    (Mann-Whitney U). NaN when only one class is present; a NaN score is an error (it would rank above every real one),
+    and so are labels other than 0 / 1 and another number of labels than scores.
     """
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = _binary_labels(labels, len(s), "auc")
     if np.isnan(s).any():
         raise ValueError(f"auc: {int(np.isnan(s).sum())} of {len(s)} scores are NaN")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
@@ -41,9 +61,11 @@ def stratified_auc(labels: Sequence[int], scores: Sequence[float], strata: Seque
     score tells apart among rows the reference rates alike. Strata holding one class compare no pair and drop out;
     NaN when none holds both.
     """
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = _binary_labels(labels, len(s), "stratified_auc")
     g = np.asarray(strata)
+    if len(g) != len(s):
+        raise ValueError(f"stratified_auc: {len(g)} strata for {len(s)} scores")
     num = den = 0.0
     for key in np.unique(g):
         m = g == key
@@ -80,9 +102,10 @@ def _average_ranks(s: np.ndarray) -> np.ndarray:
 
 
 def confusion(labels: Sequence[int], preds: Sequence[int]) -> tuple[int, int, int, int]:
-    """(TP, FP, TN, FN) of binary predictions."""
-    y = np.asarray(labels).astype(bool)
-    p = np.asarray(preds).astype(bool)
+    """(TP, FP, TN, FN) of binary predictions (labels other than 0 / 1, or another number of them than of
+    predictions, are an error)."""
+    p = np.asarray(preds).astype(bool).reshape(-1)
+    y = _binary_labels(labels, len(p), "confusion", "predictions")
     return int((y & p).sum()), int((~y & p).sum()), int((~y & ~p).sum()), int((y & ~p).sum())
 
 

@@ -188,3 +188,25 @@ def test_ranks_from_scores_counts_nan_as_minus_infinity():
     scores = np.array([[0.9, np.nan, 0.5, 0.1], [0.3, np.nan, 0.2, np.nan]])
     assert M.ranks_from_scores(scores, np.array([2, 1])).tolist() == [2, 4]
     assert np.isnan(scores[0, 1])  # the caller's array is left as it was
+
+
+def test_binary_metrics_refuse_labels_that_are_not_0_or_1_and_mismatched_lengths():
+    """Cast to bool, a label 2, -1 or 0.5 counted as a positive: by hand, labels [2, 0, 1] with scores [0.1, 0.2,
+    0.3] gave AUC 0.5 (as if [1, 0, 1]) instead of an error. Labels and scores of different lengths failed inside
+    numpy's indexing; they now name the counts."""
+    for bad in ([2, 0, 1], [-1, 0, 1], [0.5, 0, 1], ["yes", "no", "yes"], [float("nan"), 0, 1]):
+        with pytest.raises(ValueError, match="labels must be 0 or 1; row 0"):
+            M.auc(bad, [0.1, 0.2, 0.3])
+        with pytest.raises(ValueError, match="labels must be 0 or 1; row 0"):
+            M.confusion(bad, [1, 0, 1])
+    with pytest.raises(ValueError, match="labels must be 0 or 1; row 0"):
+        M.stratified_auc([2, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="auc: 3 labels for 2 scores"):
+        M.auc([1, 0, 1], [0.5, 0.2])
+    with pytest.raises(ValueError, match="confusion: 2 labels for 3 predictions"):
+        M.confusion([1, 0], [1, 0, 1])
+    with pytest.raises(ValueError, match="3 strata for 4 scores"):
+        M.stratified_auc([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], [0, 0, 0])
+    # 0 / 1 as ints, floats, bools or numeric text all read the same
+    for ok in ([1, 0, 1, 0], [1.0, 0.0, 1.0, 0.0], [True, False, True, False], np.array([1, 0, 1, 0], np.int8)):
+        assert M.auc(ok, [0.8, 0.5, 0.4, 0.1]) == pytest.approx(0.75)
