@@ -183,12 +183,20 @@ def ranks_from_scores(
 
     rank_u = 1 + |{j not excluded, j != t_u : s_uj >= s_ut}|. NaN scores count as -inf. A target that is itself
     excluded is a caller bug and raises, and so is an `exclude` with another number of rows than `scores` (rows
-    left without their exclusions would rank history items).
+    left without their exclusions would rank history items), and an item index outside 0..n_items-1 (numpy would
+    wrap a negative one around to another item).
     """
     s = np.array(scores, dtype=np.float64, copy=True)
     s[np.isnan(s)] = -np.inf
     t = np.asarray(targets, dtype=np.int64)
+    if s.ndim != 2 or len(t) != s.shape[0]:
+        raise ValueError(f"ranks_from_scores: {len(t)} targets for scores of shape {s.shape}")
+    n_items = s.shape[1]
     rows = np.arange(len(t))
+    # a negative index would wrap around to another item (numpy), silently ranking or excluding the wrong one
+    out = np.flatnonzero((t < 0) | (t >= n_items))
+    if out.size:
+        raise ValueError(f"row {int(out[0])}: target item index {int(t[out[0]])} is outside 0..{n_items - 1}")
     if exclude is not None:
         exclude = list(exclude)
         if len(exclude) != len(t):
@@ -196,6 +204,9 @@ def ranks_from_scores(
         for u, ex in enumerate(exclude):
             ex = np.asarray(ex, dtype=np.int64)
             if ex.size:
+                if ex.min() < 0 or ex.max() >= n_items:
+                    bad = int(ex[(ex < 0) | (ex >= n_items)][0])
+                    raise ValueError(f"row {u}: excluded item index {bad} is outside 0..{n_items - 1}")
                 if np.any(ex == t[u]):
                     raise ValueError(f"row {u}: the target item {t[u]} is in the excluded (history) items")
                 s[u, ex] = np.nan

@@ -210,3 +210,20 @@ def test_binary_metrics_refuse_labels_that_are_not_0_or_1_and_mismatched_lengths
     # 0 / 1 as ints, floats, bools or numeric text all read the same
     for ok in ([1, 0, 1, 0], [1.0, 0.0, 1.0, 0.0], [True, False, True, False], np.array([1, 0, 1, 0], np.int8)):
         assert M.auc(ok, [0.8, 0.5, 0.4, 0.1]) == pytest.approx(0.75)
+
+
+def test_ranks_from_scores_refuses_item_indices_outside_the_catalogue():
+    """numpy wraps a negative index around: target -1 was ranked as the last item (rank 1 here, by hand: 0.9 is the
+    highest score) and an excluded -1 removed the last item, both without a word."""
+    scores = np.array([[0.1, 0.5, 0.9]])
+    with pytest.raises(ValueError, match=r"row 0: target item index -1 is outside 0..2"):
+        M.ranks_from_scores(scores, np.array([-1]))
+    with pytest.raises(ValueError, match=r"row 0: target item index 3 is outside 0..2"):
+        M.ranks_from_scores(scores, np.array([3]))
+    with pytest.raises(ValueError, match=r"row 0: excluded item index -1 is outside 0..2"):
+        M.ranks_from_scores(scores, np.array([0]), [np.array([-1])])
+    with pytest.raises(ValueError, match=r"row 0: excluded item index 5 is outside 0..2"):
+        M.ranks_from_scores(scores, np.array([0]), [np.array([1, 5])])
+    with pytest.raises(ValueError, match=r"2 targets for scores of shape \(1, 3\)"):
+        M.ranks_from_scores(scores, np.array([0, 1]))
+    assert M.ranks_from_scores(scores, np.array([0]), [np.array([2])]).tolist() == [2]
