@@ -278,3 +278,15 @@ def test_bert_lstm_training_sequences_never_hold_a_valid_or_test_target(bert_nex
     for u, (items, _) in bert_next.histories("valid").items():
         train = [tiny_dataset.item_index[i] for i in tiny_dataset.history(u, before="valid")["item_id"]]
         np.testing.assert_array_equal(items, train)
+
+
+@pytest.mark.parametrize("name", ["pop", "mf", "bpr", "sasrec"])
+def test_score_items_names_an_unknown_user_or_split(models, tiny_dataset, name):
+    """BPR's user lookup failed with a bare KeyError('nobody') and Popularity's count lookup with KeyError('bogus');
+    every model now says which user or split is wrong before scoring anything."""
+    m = models[name]
+    known = tiny_dataset.targets("test")["user_id"].iloc[0]
+    with pytest.raises(KeyError, match=rf"{name}: 1 unknown user\(s\) in dataset tiny, e.g. 'nobody'"):
+        m.score_items([known, "nobody"], "test")
+    with pytest.raises(ValueError, match=rf"{name}: split must be one of \['all', 'test', 'valid'\], got 'bogus'"):
+        m.score_items([known], "bogus")

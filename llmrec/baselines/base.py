@@ -173,7 +173,13 @@ class Baseline:
         """[n_users, n_items] scores (dataset item order); each user's history for `split` is `-inf`."""
         if self.ds is None:
             raise RuntimeError(f"{self.name}: call fit(ds) or load(path) first")
+        if split not in SPLIT_HISTORY:
+            raise ValueError(f"{self.name}: split must be one of {sorted(SPLIT_HISTORY)}, got {split!r}")
         user_ids = [str(u) for u in user_ids]
+        unknown = [u for u in user_ids if not self.ds.has_user(u)]
+        if unknown:  # before `_score`: a model's own user lookup failed with a bare KeyError('<user>')
+            raise KeyError(f"{self.name}: {len(unknown)} unknown user(s) in dataset {self.ds.name}, e.g. "
+                           f"{unknown[0]!r}")
         if not user_ids:
             return np.zeros((0, self.ds.n_items))
         return self.mask_history(self._score(user_ids, split), user_ids, split)
