@@ -290,3 +290,19 @@ def test_score_items_names_an_unknown_user_or_split(models, tiny_dataset, name):
         m.score_items([known, "nobody"], "test")
     with pytest.raises(ValueError, match=rf"{name}: split must be one of \['all', 'test', 'valid'\], got 'bogus'"):
         m.score_items([known], "bogus")
+
+
+def test_mf_early_stops_on_the_training_loss_when_the_valid_rows_hold_one_class(tiny_dataset, caplog):
+    """One valid row (a few-shot cap) has one class: its AUC is NaN, which no later epoch beats, so MF kept its first
+    epoch whatever the later ones learned (best_epoch 1, valid_auc NaN). It now early-stops on the training loss,
+    says so in the log and in fit_info, and keeps the epoch with the lowest loss (the last, on this data)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="llmrec.baselines.base"):
+        m = get_model("mf", **{**MF, "epochs": 6, "patience": 2, "max_valid_examples": 1}).fit(tiny_dataset,
+                                                                                             progress=False)
+    assert "valid Yes/No rows all have label" in caplog.text
+    for prefix in ("", "rank_"):
+        assert m.fit_info[f"{prefix}valid_auc"] is None
+        assert m.fit_info[f"{prefix}early_stopping"].startswith("training loss: the 1 valid Yes/No rows all have")
+        assert m.fit_info[f"{prefix}best_epoch"] == m.fit_info[f"{prefix}epochs"] == 6

@@ -124,3 +124,20 @@ def test_tuned_encoder_is_refused_for_both_tasks_at_once(tiny_dataset, tmp_path)
     m = get_model("bert_lstm", cache_dir=str(tmp_path), tune_layers=1, tasks=["yesno", "next"])
     with pytest.raises(ValueError, match="tune_layers.*one task"):
         m.fit(tiny_dataset, progress=False)
+
+
+def test_yesno_head_early_stops_on_the_training_loss_when_the_valid_rows_hold_one_class(tiny_dataset, tmp_path):
+    """One valid row has one class: its NaN AUC never beat the first epoch's, so the first epoch was kept (see the
+    MF test in test_baselines_audit). The Yes/No head now early-stops on the training loss and records it."""
+    from llmrec.baselines import get_model
+    from llmrec.baselines.text import default_bert_path
+
+    try:
+        default_bert_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    m = get_model("bert_lstm", cache_dir=str(tmp_path), tasks=["yesno"], epochs_yesno=4, patience=2, lr=0.005,
+                  batch_size=64, proj=16, hidden=16, max_valid_examples=1).fit(tiny_dataset, progress=False)
+    assert m.fit_info["yesno_valid_auc"] is None
+    assert m.fit_info["yesno_early_stopping"].startswith("training loss: the 1 valid Yes/No rows all have label")
+    assert m.fit_info["yesno_best_epoch"] == m.fit_info["yesno_epochs"] == 4

@@ -265,6 +265,20 @@ def yesno_train_valid(
     return yesno_subset(ds, "train", max_train or None, seed), yesno_subset(ds, "valid", max_valid or None, vs)
 
 
+def yesno_stopping_rule(va: pd.DataFrame, model: str) -> str | None:
+    """What a Yes/No fit early-stops on: None = the valid rows' AUC; else why it falls back to the training loss (no
+    valid rows, or valid rows of one class: their AUC is NaN, which never beats the first epoch's NaN, so the first
+    epoch was kept whatever the later ones learned). The fallback is logged and goes into `fit_info`."""
+    if not len(va):
+        return "no valid Yes/No rows"
+    classes = sorted(int(v) for v in va["label"].unique())
+    if len(classes) > 1:
+        return None
+    why = f"the {len(va)} valid Yes/No rows all have label {classes[0]} (AUC undefined)"
+    log.warning("%s: %s; early stopping on the training loss instead", model, why)
+    return why
+
+
 def yesno_arrays(ds: Any, examples: pd.DataFrame, hist_len: int = 10) -> dict[str, np.ndarray]:
     """Index arrays of Yes/No examples: user ids, target item index, padded history items (index+1, 0 = pad,
     left-padded so the most recent event is last) and history likes (1 like, 2 dislike, 0 pad)."""

@@ -25,7 +25,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_arrays, yesno_train_valid
+from llmrec.baselines.base import (
+    Baseline,
+    EarlyStopper,
+    TimeBudget,
+    yesno_arrays,
+    yesno_stopping_rule,
+    yesno_train_valid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +233,7 @@ class BertLSTM(Baseline):
         gen = torch.Generator().manual_seed(c.seed)
         t0 = time.perf_counter()
         budget = TimeBudget(c.time_budget_s)
+        fallback = yesno_stopping_rule(va, "bert_lstm yes/no")
         bar = tqdm(range(c.epochs_yesno), desc="bert_lstm yes/no", disable=not progress)
         for ep in bar:
             net.train()
@@ -240,7 +248,7 @@ class BertLSTM(Baseline):
                 opt.step()
                 tot += float(loss.detach()) * len(k)
             self._refresh_table()
-            v_auc = auc(va["label"].to_numpy(), self.predict_proba(va)) if len(va) else -tot
+            v_auc = -tot if fallback else auc(va["label"].to_numpy(), self.predict_proba(va))
             bar.set_postfix(loss=f"{tot / len(it):.4f}", valid_auc=f"{v_auc:.4f}")
             if stop.step(v_auc, self._snapshot(net), ep):
                 break
@@ -250,8 +258,10 @@ class BertLSTM(Baseline):
         self._restore(net, stop.best_state)
         self._refresh_table()
         self.fit_info.update({"yesno_epochs": ep + 1, "yesno_best_epoch": stop.best_epoch + 1,
-                              "yesno_valid_auc": stop.best, "yesno_train_rows": len(tr),
+                              "yesno_valid_auc": None if fallback else stop.best, "yesno_train_rows": len(tr),
                               "yesno_train_s": time.perf_counter() - t0})
+        if fallback:
+            self.fit_info["yesno_early_stopping"] = f"training loss: {fallback}"
 
     def _fit_next(self, ds: Any, progress: bool) -> None:
         import torch

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_train_valid
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_stopping_rule, yesno_train_valid
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class MatrixFactorization(_MFNetModel, Baseline):
         stop = EarlyStopper(c.patience)
         gen = torch.Generator().manual_seed(c.seed)
         budget = TimeBudget(c.time_budget_s)
+        fallback = yesno_stopping_rule(va, desc)
         bar = tqdm(range(c.epochs), desc=desc, disable=not progress)
         for ep in bar:
             net.train()
@@ -194,7 +195,7 @@ class MatrixFactorization(_MFNetModel, Baseline):
                     net.P.weight[n_u].zero_()
                     net.bu.weight[n_u].zero_()
                 tot += float(loss.detach()) * len(j)
-            v_auc = auc(va["label"].to_numpy(), self._proba(net, user_index, va)) if len(va) else -float(tot)
+            v_auc = -float(tot) if fallback else auc(va["label"].to_numpy(), self._proba(net, user_index, va))
             bar.set_postfix(loss=f"{tot / len(u):.4f}", valid_auc=f"{v_auc:.4f}")
             if stop.step(v_auc, net.state_dict(), ep):
                 break
@@ -202,8 +203,11 @@ class MatrixFactorization(_MFNetModel, Baseline):
                 info["stopped_by_time_budget"] = True
                 break
         net.load_state_dict(stop.best_state)
-        info.update({"epochs": ep + 1, "best_epoch": stop.best_epoch + 1, "valid_auc": stop.best,
-                     "train_rows": len(tr), "users_with_training_rows": n_u})
+        info.update({"epochs": ep + 1, "best_epoch": stop.best_epoch + 1,
+                     "valid_auc": None if fallback else stop.best, "train_rows": len(tr),
+                     "users_with_training_rows": n_u})
+        if fallback:
+            info["early_stopping"] = f"training loss: {fallback}"
         return net, user_index, info
 
     def predict_proba(self, examples: pd.DataFrame) -> np.ndarray:
