@@ -306,3 +306,30 @@ def test_mf_early_stops_on_the_training_loss_when_the_valid_rows_hold_one_class(
         assert m.fit_info[f"{prefix}valid_auc"] is None
         assert m.fit_info[f"{prefix}early_stopping"].startswith("training loss: the 1 valid Yes/No rows all have")
         assert m.fit_info[f"{prefix}best_epoch"] == m.fit_info[f"{prefix}epochs"] == 6
+
+
+@pytest.mark.parametrize(("name", "cfg", "msg"), [
+    ("mf", {"epochs": 0}, "epochs: must be > 0, got 0"),  # failed in load_state_dict(None)
+    ("bpr", {"epochs": 0}, "epochs: must be > 0, got 0"),  # UnboundLocalError 'ep'
+    ("sasrec", {"epochs": 0}, "epochs: must be > 0, got 0"),
+    ("mf", {"batch_size": 0}, "batch_size: must be > 0, got 0"),  # range() arg 3 must not be zero
+    ("mf", {"dim": -1}, "dim: must be > 0, got -1"),  # torch: negative dimension
+    ("mf", {"l2": -0.1}, "l2: must be >= 0, got -0.1"),
+    ("sasrec", {"hidden": 16, "heads": 3}, "heads: hidden=16 does not split into 3 heads"),  # a torch view error
+    ("sasrec", {"dropout": 1.0}, r"dropout: must be in \[0, 1\), got 1.0"),
+    ("bert_lstm", {"seq_len": 0}, "seq_len: must be > 0, got 0"),
+    ("bert_lstm", {"tune_layers": -1}, "tune_layers: must be >= 0, got -1"),
+])
+def test_baseline_configs_refuse_values_that_cannot_mean_anything(name, cfg, msg):
+    """Each failed deep inside the fit (in torch, numpy or Python) instead of naming the key."""
+    from llmrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"baselines\.{name}: {msg}"):
+        get_model(name, **cfg)
+
+
+def test_baseline_configs_keep_their_documented_zero_and_none_values():
+    for name, cfg in (("mf", {"threads": 0, "time_budget_s": 0, "max_train_examples": 0, "patience": 0}),
+                      ("bpr", {"valid_users": 0, "threads": None}), ("sasrec", {"dropout": 0.0, "weight_decay": 0}),
+                      ("bert_lstm", {"max_valid_examples": None, "tune_layers": 0})):
+        assert get_model(name, **cfg).cfg is not None

@@ -25,11 +25,24 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from llmrec.config import llmrec_home, to_dict
+from llmrec.config import ConfigError, llmrec_home, to_dict
 
 log = logging.getLogger(__name__)
 
 SPLIT_HISTORY = {"valid": ("train",), "test": ("train", "valid"), "all": ("train", "valid", "test")}
+
+
+def check_values(cfg: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                 fraction: Sequence[str] = ()) -> None:
+    """A baseline config's numbers that cannot mean anything raise `ConfigError` naming the key: `positive` keys must
+    be > 0, `non_negative` ones >= 0 (None passes: no cap / no budget), `fraction` ones in [0, 1). Without this an
+    epochs=0 failed in `load_state_dict(None)`, a batch_size=0 in `range()`, a dim=-1 in torch."""
+    for keys, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for k in keys:
+            v = getattr(cfg, k)
+            if v is not None and not ok(v):
+                raise ConfigError(f"{k}: must be {want}, got {v!r}")
 
 
 def checkpoint_dir(dataset: str, model: str, home: Path | None = None) -> Path:

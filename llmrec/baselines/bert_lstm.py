@@ -29,6 +29,7 @@ from llmrec.baselines.base import (
     Baseline,
     EarlyStopper,
     TimeBudget,
+    check_values,
     yesno_arrays,
     yesno_stopping_rule,
     yesno_train_valid,
@@ -67,6 +68,14 @@ class BertLSTMConfig:
     threads: int | None = 1
     time_budget_s: float | None = None  # per task
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_values(self, positive=("max_text_len", "proj", "hidden", "like_dim", "hist_len", "seq_len", "lr",
+                                     "bert_lr", "batch_size", "seq_batch_size", "epochs_yesno", "epochs_next",
+                                     "eval_every_next", "neg_samples"),
+                     non_negative=("tune_layers", "patience", "valid_users", "max_train_examples",
+                                   "max_valid_examples", "threads", "time_budget_s"),
+                     fraction=("dropout",))
 
 
 def _make_net(d_text: int, n_items: int, c: BertLSTMConfig, task: str) -> Any:

@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, yesno_stopping_rule, yesno_train_valid
+from llmrec.baselines.base import (
+    Baseline,
+    EarlyStopper,
+    TimeBudget,
+    check_values,
+    yesno_stopping_rule,
+    yesno_train_valid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,11 @@ class MFConfig:
     max_train_examples: int | None = None  # seeded cap on the Yes/No training rows (few-shot comparisons)
     max_valid_examples: int | None = None  # seeded cap on the Yes/No valid rows used for early stopping
     valid_seed: int | None = None  # seed of that cap (None: `seed`; a recipe's data.eval_seed to match its rows)
+
+    def __post_init__(self) -> None:
+        check_values(self, positive=("dim", "lr", "epochs", "batch_size"),
+                     non_negative=("l2", "patience", "threads", "time_budget_s", "max_train_examples",
+                                   "max_valid_examples"))
 
 
 class _MFNet:
@@ -264,6 +276,10 @@ class BPRConfig:
     seed: int = 0
     threads: int | None = 1  # 2 threads on 2 busy shared cores was 70x slower (OpenMP spinning)
     time_budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        check_values(self, positive=("dim", "lr", "epochs", "batch_size", "eval_every"),
+                     non_negative=("l2", "patience", "valid_users", "threads", "time_budget_s"))
 
 
 def _bpr_negatives(u: np.ndarray, seen: set[int], n_items: int, rng: np.random.Generator) -> np.ndarray:

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget
+from llmrec.baselines.base import Baseline, EarlyStopper, TimeBudget, check_values
+from llmrec.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ class SASRecConfig:
     threads: int | None = 1  # 1 thread was much faster than 2 on 2 busy shared cores
     time_budget_s: float | None = None  # stop training after this many seconds (recorded in fit_info)
     score_batch: int = 256
+
+    def __post_init__(self) -> None:
+        check_values(self, positive=("hidden", "blocks", "heads", "max_len", "n_negatives", "lr", "batch_size",
+                                     "epochs", "eval_every", "score_batch"),
+                     non_negative=("weight_decay", "patience", "valid_users", "threads", "time_budget_s"),
+                     fraction=("dropout",))
+        if self.hidden % self.heads:
+            raise ConfigError(f"heads: hidden={self.hidden} does not split into {self.heads} heads")
 
 
 def _make_net(n_items: int, c: SASRecConfig) -> Any:
