@@ -59,7 +59,7 @@ class Popularity(Baseline):
 class MFConfig:
     dim: int = 32
     lr: float = 0.005
-    l2: float = 1e-4  # L2 on the embeddings and biases of each batch (times batch mean)
+    l2: float = 1e-4  # l2 * batch mean of |p_u|^2 + |q_i|^2 (the embeddings only: the biases are not regularised)
     epochs: int = 30
     batch_size: int = 4096
     patience: int = 3  # epochs without a better valid AUC
@@ -303,7 +303,8 @@ def _bpr_negatives(u: np.ndarray, seen: set[int], n_items: int, rng: np.random.G
 class BPRMF(_MFNetModel, Baseline):
     """BPR-MF (Rendle et al. 2009) on implicit feedback: every `train` event (liked or not) is a positive, one uniform
     negative per positive (an item the user never had in `train`, redrawn until it is one), loss
-    -log sigmoid(s_ui - s_uj) + L2. Score = p_u . q_i + b_i. Early stopping on valid full-ranking NDCG@10."""
+    -log sigmoid(s_ui - s_uj) + l2 * batch mean of |p_u|^2 + |q_i|^2 + |q_j|^2 (the item biases are not regularised).
+    Score = p_u . q_i + b_i. Early stopping on valid full-ranking NDCG@10."""
 
     name = "bpr"
     config_cls = BPRConfig
