@@ -109,5 +109,11 @@ def yesno_subset(
 
 
 def evaluate_yesno(probs: Sequence[float], examples: pd.DataFrame, threshold: float = 0.5) -> dict:
-    """AUC / accuracy / precision / recall / F1 of P(Yes) against the examples' labels."""
-    return classification_metrics(examples["label"].to_numpy(), np.asarray(probs), threshold)
+    """AUC / accuracy / precision / recall / F1 of P(Yes) against the examples' labels. With labels of one class
+    (a small subset) the AUC is NaN: that is logged as a warning rather than left to surface as a NaN in a table."""
+    labels = examples["label"].to_numpy()
+    out = classification_metrics(labels, np.asarray(probs), threshold)
+    if len(labels) and len(np.unique(labels)) < 2:
+        log.warning("evaluate_yesno: the %d examples all have label %s; AUC is undefined (NaN)", len(labels),
+                    labels[0])
+    return out

@@ -158,3 +158,22 @@ def test_history_cut_to_fit_the_training_budget_is_counted_and_warned(tiny_datas
     with caplog.at_level(logging.WARNING, logger="llmrec.finetune.data"):
         warn_history_cut(cut, tight)
     assert "dropped history to fit data.max_len" in caplog.text
+
+
+def test_yesno_auc_of_one_class_is_nan_and_says_so(tiny_dataset, caplog):
+    """A subset whose rows share one label has no AUC: NaN, with a warning naming why (it was silent)."""
+    import logging
+    import math
+
+    from llmrec.evaluation import evaluate_yesno, yesno_subset
+
+    ex = yesno_subset(tiny_dataset, "test")
+    pos = ex[ex["label"] == 1].head(5)
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation"):
+        out = evaluate_yesno([0.9, 0.8, 0.7, 0.6, 0.4], pos)
+    assert math.isnan(out["auc"]) and out["accuracy"] == pytest.approx(4 / 5)
+    assert "the 5 examples all have label 1; AUC is undefined" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation"):
+        both = evaluate_yesno([0.9, 0.1], ex.drop_duplicates("label").sort_values("label", ascending=False))
+    assert both["auc"] == 1.0 and "undefined" not in caplog.text
