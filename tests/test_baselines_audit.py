@@ -333,3 +333,24 @@ def test_baseline_configs_keep_their_documented_zero_and_none_values():
                       ("bpr", {"valid_users": 0, "threads": None}), ("sasrec", {"dropout": 0.0, "weight_decay": 0}),
                       ("bert_lstm", {"max_valid_examples": None, "tune_layers": 0})):
         assert get_model(name, **cfg).cfg is not None
+
+
+def test_popularity_serving_counts_every_event(models, tiny_dataset, tmp_path):
+    """split="all" (serving: the user's every event is history, none is held out) scored with the train+valid
+    counts, leaving out every user's last event; it now counts all events, also from a checkpoint saved before."""
+    import torch
+
+    inter = tiny_dataset.interactions
+    want = np.bincount(inter["item_id"].map(tiny_dataset.item_index), minlength=tiny_dataset.n_items)
+    u = tiny_dataset.targets("test")["user_id"].iloc[0]
+    s = models["pop"].score_items([u], "all")[0]
+    fin = np.isfinite(s)
+    assert fin.sum() == tiny_dataset.n_items - len(tiny_dataset.history(u, before="all"))
+    np.testing.assert_array_equal(s[fin], want[fin])
+    path = models["pop"].save(tmp_path / "pop")
+    state = torch.load(path / "state.pt", weights_only=False)
+    del state["counts"]["all"]
+    torch.save(state, path / "state.pt")
+    old = get_model("pop").load(path, ds=tiny_dataset)
+    np.testing.assert_array_equal(old.score_items([u], "all"), models["pop"].score_items([u], "all"))
+    np.testing.assert_array_equal(old.score_items([u], "test"), models["pop"].score_items([u], "test"))

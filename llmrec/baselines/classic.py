@@ -11,6 +11,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from llmrec.baselines.base import (
+    SPLIT_HISTORY,
     Baseline,
     EarlyStopper,
     TimeBudget,
@@ -30,28 +31,33 @@ class PopConfig:
 
 class Popularity(Baseline):
     """Score = number of interactions of the item among the events available before the target: `train` events for
-    the valid split, `train`+`valid` events for the test split (all users). Same ranking for every user, minus
-    their own history."""
+    the valid split, `train`+`valid` events for the test split, every event for `all` (serving: no target is held
+    out) (all users). Same ranking for every user, minus their own history."""
 
     name = "pop"
     config_cls = PopConfig
 
     def _fit(self, ds: Any, progress: bool = True) -> None:
-        inter = ds.interactions
         self.counts: dict[str, np.ndarray] = {}
-        for split, keep in (("valid", ("train",)), ("test", ("train", "valid"))):
-            idx = inter.loc[inter["split"].isin(keep), "item_id"].map(ds.item_index).to_numpy(np.int64)
-            self.counts[split] = np.bincount(idx, minlength=ds.n_items).astype(np.float64)
+        for split in ("valid", "test", "all"):
+            self.counts[split] = self._count(ds, split)
+
+    @staticmethod
+    def _count(ds: Any, split: str) -> np.ndarray:
+        inter = ds.interactions
+        idx = inter.loc[inter["split"].isin(SPLIT_HISTORY[split]), "item_id"].map(ds.item_index).to_numpy(np.int64)
+        return np.bincount(idx, minlength=ds.n_items).astype(np.float64)
 
     def _score(self, user_ids: list[str], split: str) -> np.ndarray:
-        c = self.counts["test" if split == "all" else split]
-        return np.tile(c, (len(user_ids), 1))
+        return np.tile(self.counts[split], (len(user_ids), 1))
 
     def _state(self) -> dict[str, Any]:
         return {"counts": self.counts}
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        self.counts = state["counts"]
+        self.counts = dict(state["counts"])
+        if "all" not in self.counts:  # a checkpoint from before `all` was counted (it served the test counts)
+            self.counts["all"] = self._count(self.ds, "all")
 
 
 # ------------------------------------------------------------------------------------------- MF (BCE, Yes/No)
