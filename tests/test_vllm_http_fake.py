@@ -24,7 +24,8 @@ def fake_logit(prompt: str, tid: int) -> float:
 def make_app(seen: list[dict], drop_token: int | None = None, fail: str | None = None) -> FastAPI:
     """As vLLM: a text prompt gets the tokenizer's special tokens (here a BOS text "<s>") unless the request says
     `add_special_tokens: false`. `fail`: "tokenize" (POST /tokenize answers 500), "short" (/completions leaves out
-    the last prompt's choice), "garbage" (/completions answers 200 with a body that is not JSON)."""
+    the last prompt's choice), "garbage" (/completions answers 200 with a body that is not JSON), "ignore_allowed"
+    (a constrained step samples outside `allowed_token_ids`), "text_tokens" (a step's token as text, not an id)."""
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -55,7 +56,10 @@ def make_app(seen: list[dict], drop_token: int | None = None, fail: str | None =
             if body.get("allowed_token_ids"):  # one greedy step among the allowed tokens (prompt: token ids)
                 assert isinstance(p, int) or all(isinstance(t, int) for t in p)
                 pick = max(body["allowed_token_ids"], key=lambda t, key=str(p): fake_logit(key, t))
-                choices.append({"index": i, "text": "?", "logprobs": {"tokens": [f"token_id:{pick}"]}})
+                if fail == "ignore_allowed":  # an endpoint without allowed_token_ids: any token of the vocabulary
+                    pick = max(body["allowed_token_ids"]) + 1
+                tok = "?" if fail == "text_tokens" else f"token_id:{pick}"  # without return_tokens_as_token_ids
+                choices.append({"index": i, "text": "?", "logprobs": {"tokens": [tok]}})
             elif body.get("logprob_token_ids"):
                 ids = body["logprob_token_ids"]
                 logits = np.array([fake_logit(p, t) for t in ids] + [5.0])  # + the rest of the vocabulary
@@ -291,3 +295,19 @@ def test_max_new_tokens_below_one_is_refused_before_any_request(fake_server):
             be.generate_quoted(["aaa"], [["Heat"]], max_new_tokens=n)
     assert seen == []
     be.close()
+
+
+def test_constrained_steps_on_an_endpoint_without_vllm_semantics_are_errors(fake_server, tmp_path):
+    """generate_from reads each step's token id back: an endpoint that ignores allowed_token_ids (its token ended the
+    option walk, silently giving fewer or no picks) or answers the token as text (an IndexError) is a VLLMError that
+    says so."""
+    from llm_fixtures import make_tiny_llm
+
+    tok_dir = make_tiny_llm(tmp_path / "tiny")
+    options = [[" Action Story", " Comedy Story", " Drama Story"]]
+    for fail, msg in (("ignore_allowed", "ignores allowed_token_ids"), ("text_tokens", "token_id:<id>")):
+        url, _ = fake_server(fail=fail)
+        be = VLLMBackend(url=url, model="base", tokenizer=str(tok_dir))
+        with pytest.raises(VLLMError, match=msg):
+            be.generate_from(["Action Story 1. Answer:"], options, n=2)
+        be.close()

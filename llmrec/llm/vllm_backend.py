@@ -73,6 +73,26 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def _step_token(body: dict[str, Any], allowed: list[int]) -> int:
+    """The token id a one-token constrained step sampled (`logprobs.tokens[0]`, `token_id:<id>` with
+    `return_tokens_as_token_ids`); VLLMError when the answer has none or it is not one of `allowed` (an endpoint that
+    ignores `allowed_token_ids`: its token would silently end the option walk with fewer picks)."""
+    try:
+        tok = body["choices"][0]["logprobs"]["tokens"][0]
+        tid = int(tok.split("token_id:", 1)[1]) if isinstance(tok, str) and tok.startswith("token_id:") else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        tid = None
+    if tid is None:
+        raise VLLMError("vLLM /completions answered a constrained step without the sampled token as `token_id:<id>` "
+                        "in choices[0].logprobs.tokens (needs a vLLM server: logprobs + return_tokens_as_token_ids): "
+                        f"{str(body)[:200]}")
+    if tid not in allowed:
+        raise VLLMError(f"vLLM /completions sampled token {tid}, not one of the {len(allowed)} allowed_token_ids "
+                        f"{allowed[:8]}{' ...' if len(allowed) > 8 else ''}: the endpoint ignores allowed_token_ids "
+                        "(needs a vLLM server), so constrained generation cannot run on it")
+    return tid
+
+
 class VLLMBackend(Backend):
     """`url` given: talk to a running vLLM OpenAI-compatible server (`model` = served model name, or an adapter name
     registered with `--lora-modules`). `url` None: start an in-process `vllm.LLM` on `model` (a local folder); an
@@ -418,8 +438,7 @@ class VLLMBackend(Backend):
                     body = self._post({"model": self.served_name, "prompt": ids[rows[k]] + gen[rows[k]],
                                        "max_tokens": 1, "temperature": 0.0, "allowed_token_ids": allowed[k],
                                        "logprobs": 1, "return_tokens_as_token_ids": True})
-                    tok = body["choices"][0]["logprobs"]["tokens"][0]
-                    return int(tok.split(":", 1)[1])
+                    return _step_token(body, allowed[k])
 
                 return list(self._pool.map(one, range(len(rows))))
 
