@@ -148,6 +148,11 @@ def test_errors_are_clear(fake_server):
     with pytest.raises(VLLMError, match="not served"):
         VLLMBackend(url=url, model="missing")
     be = VLLMBackend(url=url, model="base")
+    # an adapter the server does not list: refused when the view is made (as the service builds its views at
+    # startup), not a 404 on every request later
+    with pytest.raises(VLLMError, match=r"adapter 'nope' is not served.*served: \['base', 'yesno'"):
+        be.with_adapter("nope")
+    assert be.with_adapter(None).served_name == "base" and be.with_adapter("base").served_name == "base"
     with pytest.raises(VLLMError, match="no logprob for token ids"):
         be.score_choices(["aaa"], [" A", " B"])
     with pytest.raises(ValueError, match="same"):

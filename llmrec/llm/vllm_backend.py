@@ -203,9 +203,15 @@ class VLLMBackend(Backend):
                             f"{r.text[:200]!r}") from None
 
     def with_adapter(self, adapter: str | None) -> VLLMBackend:
-        """A view of this HTTP backend that sends requests to another served name (an adapter or the base)."""
+        """A view of this HTTP backend that sends requests to another served name (an adapter or the base); VLLMError
+        when the server does not list `adapter` (as the constructor checks its `model` / `adapter`)."""
         if self.url is None:
             raise VLLMError("with_adapter is for the HTTP backend; pass adapter= to an in-process backend")
+        if adapter is not None and adapter != self.model:  # asked now (an adapter may be loaded after start)
+            ids = [m.get("id") for m in self._models() if isinstance(m, dict)]
+            if adapter not in ids:
+                raise VLLMError(f"adapter {adapter!r} is not served at {self.base_url}; served: {ids} (start vLLM "
+                                "with --enable-lora --lora-modules naming it)")
         clone = object.__new__(VLLMBackend)
         clone.__dict__.update(self.__dict__)
         clone.adapter = adapter
