@@ -25,11 +25,16 @@ def make_app(seen: list[dict], drop_token: int | None = None, fail: str | None =
     """As vLLM: a text prompt gets the tokenizer's special tokens (here a BOS text "<s>") unless the request says
     `add_special_tokens: false`. `fail`: "tokenize" (POST /tokenize answers 500), "short" (/completions leaves out
     the last prompt's choice), "garbage" (/completions answers 200 with a body that is not JSON), "ignore_allowed"
-    (a constrained step samples outside `allowed_token_ids`), "text_tokens" (a step's token as text, not an id)."""
+    (a constrained step samples outside `allowed_token_ids`), "text_tokens" (a step's token as text, not an id),
+    "no_models" / "bad_models" (GET /models lists nothing / entries without an id)."""
     app = FastAPI()
 
     @app.get("/v1/models")
     def models():
+        if fail == "no_models":  # a server still loading, or a proxy in front of none
+            return {"object": "list", "data": []}
+        if fail == "bad_models":
+            return {"object": "list", "data": [{"name": "base"}]}
         return {"data": [{"id": "base", "root": "/nonexistent/base"}, {"id": "yesno", "root": "/nonexistent/a"},
                          {"id": "/models/smollm2-135m", "root": "/nonexistent/m"}]}
 
@@ -316,3 +321,13 @@ def test_constrained_steps_on_an_endpoint_without_vllm_semantics_are_errors(fake
         with pytest.raises(VLLMError, match=msg):
             be.generate_from(["Action Story 1. Answer:"], options, n=2)
         be.close()
+
+
+def test_a_server_listing_no_usable_model_is_a_clear_error(fake_server):
+    """With `model` left out the first served model is used: an empty list was an IndexError, an entry without an
+    'id' a KeyError; both are a VLLMError quoting the answer."""
+    for fail in ("no_models", "bad_models"):
+        url, _ = fake_server(fail=fail)
+        for model in (None, "base"):
+            with pytest.raises(VLLMError, match="GET /models answered no model list"):
+                VLLMBackend(url=url, model=model)

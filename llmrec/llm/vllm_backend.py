@@ -197,10 +197,13 @@ class VLLMBackend(Backend):
         if r.status_code != 200:
             raise VLLMError(f"vLLM server at {self.base_url}: GET /models -> HTTP {r.status_code}: {r.text[:200]}")
         try:
-            return list(r.json()["data"])
+            served = list(r.json()["data"])
         except (ValueError, KeyError, TypeError):
-            raise VLLMError(f"vLLM server at {self.base_url}: GET /models answered no model list: "
-                            f"{r.text[:200]!r}") from None
+            served = None
+        if not served or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in served):
+            raise VLLMError(f"vLLM server at {self.base_url}: GET /models answered no model list (each model an "
+                            f"object with an 'id'): {r.text[:200]!r}")
+        return served
 
     def with_adapter(self, adapter: str | None) -> VLLMBackend:
         """A view of this HTTP backend that sends requests to another served name (an adapter or the base); VLLMError
