@@ -118,3 +118,28 @@ def test_in_process_scores_and_generates_like_the_transformers_backend(fake_vllm
     assert be.generate(PROMPTS, max_new_tokens=5) == ref.generate(PROMPTS, max_new_tokens=5)
     assert be.generate_from(PROMPTS, [[" Yes", " No"], [" A", " B", " C"], [" liked movie", " gift card"]], n=1) \
         == ref.generate_from(PROMPTS, [[" Yes", " No"], [" A", " B", " C"], [" liked movie", " gift card"]], n=1)
+
+
+def test_an_adapter_vllm_cannot_apply_as_trained_is_refused_before_the_engine_starts(fake_vllm, tiny_dir, tmp_path,
+                                                                                      monkeypatch):
+    """A folder that is no PEFT adapter failed inside vLLM after the engine start; a QLoRA adapter (trained on a 4-bit
+    base, `llmrec_base.json`) ran silently on the original weights, not the dequantized ones it was fitted to and the
+    transformers backend loads for it. Both are refused, naming the folder, before `vllm.LLM` is built."""
+    import json
+
+    from llmrec.llm.loading import BASE_FILE
+    from llmrec.llm.vllm_backend import VLLMError
+
+    started: list = []
+    monkeypatch.setattr(fake_vllm, "LLM", lambda **kw: started.append(kw))
+    empty = tmp_path / "not-an-adapter"
+    empty.mkdir()
+    with pytest.raises(VLLMError, match=f"adapter path {empty} has no adapter_config.json"):
+        VLLMBackend(model=str(tiny_dir), adapter=str(empty))
+    qlora = tmp_path / "qlora"
+    qlora.mkdir()
+    (qlora / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (qlora / BASE_FILE).write_text(json.dumps({"load_in_4bit": True, "quant_type": "nf4", "double_quant": True}))
+    with pytest.raises(VLLMError, match=r"trained on a nf4 4-bit base.*llmrec export --merge"):
+        VLLMBackend(model=str(tiny_dir), adapter=str(qlora))
+    assert started == []

@@ -41,7 +41,7 @@ from llmrec.llm.base import (
     constrained_greedy,
     normalize_choices,
 )
-from llmrec.llm.loading import resolve_dtype
+from llmrec.llm.loading import BASE_FILE, adapter_base_quant, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,22 @@ def vllm_available() -> bool:
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def check_inprocess_adapter(adapter: str | Path) -> None:
+    """VLLMError unless `adapter` is a PEFT folder vLLM can apply as it was trained: vLLM puts LoRA layers on the
+    original base weights, but an adapter trained on a 4-bit base (`llmrec_base.json`: QLoRA, llmrec's recipes) was
+    fitted to that base's dequantized weights, which the transformers backend loads for it (on ML-100K Yes/No the
+    SmolLM2 adapter on the original weights gave P(Yes) < 0.5 on every test row: `load_dequantized_4bit`)."""
+    p = Path(adapter).expanduser()
+    if not (p / "adapter_config.json").is_file():
+        raise VLLMError(f"adapter path {p} has no adapter_config.json (expected a PEFT save_pretrained folder)")
+    quant = adapter_base_quant(p)
+    if quant is not None:
+        raise VLLMError(f"adapter {p} was trained on a {quant.quant_type} 4-bit base ({BASE_FILE}): vLLM would "
+                        "apply it to the original weights, not the dequantized ones it was fitted to, and score "
+                        "otherwise than the transformers backend; merge it into its base (`llmrec export --merge`) "
+                        "and pass the merged folder as the model, or use the transformers backend")
 
 
 def _step_token(body: dict[str, Any], allowed: list[int]) -> int:
@@ -151,6 +167,8 @@ class VLLMBackend(Backend):
                 from llmrec.llm import default_model_path
 
                 model = str(default_model_path())
+            if adapter:
+                check_inprocess_adapter(adapter)  # before the engine start (minutes) that would fail on it later
             for k, v in VLLM_CPU_ENV.items():
                 os.environ.setdefault(k, v)
             from vllm import LLM
