@@ -243,3 +243,15 @@ def test_a_genre_column_is_split_at_spaces_only_when_it_reads_as_lists():
     assert not reads_as_space_lists(["Amazon", "Cold Stone Creamery", "Regal Entertainment", "Starbucks"])
     assert not reads_as_space_lists(["Action|Comedy", "Action Comedy", "Action"])  # separators: split there only
     assert not reads_as_space_lists(["Action", "Drama", None, ""])  # nothing would be cut
+
+
+def test_a_letter_that_lower_cases_to_two_keeps_common_word_titles_words():
+    """A text with a letter whose lower case is two characters ("İ") turned the strict reading off for the whole text:
+    "the game" and "heat" then read as the titles "Game, The" and "Heat", hallucinated ones, and the check failed."""
+    m = TitleMatcher(IDS + ["5"], TITLES + ["Game, The (1997)"])
+    for text in ('"Toy Story (1995)" suits them: they liked İstanbul, the game and the heat.',
+                 '"Toy Story (1995)" suits them: they liked the game and the heat.'):
+        chk = check_explanation(text, m, {"2"}, {"1"}, {"Comedy"})
+        assert chk.named == ["1"] and chk.hallucinated == [], (text, chk)
+    assert m.find("İstanbul, then The Game and Heat", strict=True) == ["5", "3"]  # written as titles: titles
+    assert m.find("İİ heat", strict=False) == ["3"]

@@ -70,12 +70,16 @@ class TitleMatcher:
         if not self._re:
             return []
         low = text.lower()
-        same_length = len(low) == len(text)  # positions of `low` are positions of `text` (not for every letter)
+        back: list[int] | None = None  # position in `text` of each character of `low`, where they differ
+        if len(low) != len(text):  # a letter lower-cases to several ("İ" -> "i̇"): lower-case letter by letter
+            low = "".join(c.lower() for c in text)
+            back = [i for i, c in enumerate(text) for _ in c.lower()]
         seen: dict[str, None] = {}
         for m in self._re.finditer(low):
             iid = self.by_variant[m.group(1)]
-            if strict and same_length and iid not in self._lowercase_titles:
-                written = text[m.start(1):m.end(1)]
+            if strict and iid not in self._lowercase_titles:
+                a, b = m.span(1)
+                written = text[a:b] if back is None else text[back[a]:back[b - 1] + 1]
                 if written == written.lower() and not any(c.isdigit() for c in written):
                     continue
             seen.setdefault(iid, None)
