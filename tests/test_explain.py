@@ -255,3 +255,17 @@ def test_a_letter_that_lower_cases_to_two_keeps_common_word_titles_words():
         assert chk.named == ["1"] and chk.hallucinated == [], (text, chk)
     assert m.find("İstanbul, then The Game and Heat", strict=True) == ["5", "3"]  # written as titles: titles
     assert m.find("İİ heat", strict=False) == ["3"]
+
+
+def test_drop_empty_tail_reads_a_quoted_title_with_its_own_escaped_quotes_as_one_span():
+    """Prompts (and so the quote constraint) write `Royce da 5'9"` as `"Royce da 5'9\\""`: its escaped quote was
+    counted as a span's edge, the count came out odd and the filler after the title was kept."""
+    m = TitleMatcher(["a", "b", "c", "d"], ['"Weird Al" Yankovic', "Royce da 5'9\"", "Queen", "Babe"])
+    head = '"Babe" suits this user because they liked "Royce da 5\'9\\""'
+    assert drop_empty_tail(head + " and liked the artist name.", m, set()) == head + "."
+    weird = '"Babe" suits this user because they liked "\\"Weird Al\\" Yankovic"'
+    assert drop_empty_tail(weird + " and liked the artist name.", m, set()) == weird + "."
+    # the recommended title alone, with its own quotes: no second span, nothing cut
+    lone = '"\\"Weird Al\\" Yankovic" suits this user because they liked the artist name.'
+    assert drop_empty_tail(lone, m, set()) == lone
+    assert drop_empty_tail(head + " and Queen.", m, set()) == head + " and Queen."

@@ -195,7 +195,9 @@ def drop_empty_tail(text: str, matcher: TitleMatcher, attributes: set[str]) -> s
     prefix opens with), and a reaction mark copied from the prompt's history lines after a title (`"Heat (1995)"
     (disliked)`, false for the titles the quote constraint allows) is removed first."""
     text = _REACTION_MARK.sub('"', text)
-    quotes = [m.start() for m in re.finditer('"', text)]
+    # the quote marks that open or close a span: not a title's own quotes, escaped as prompts write them ("Royce da
+    # 5'9\\"": one span, two marks; counting its inner quote made the count odd and kept the filler)
+    quotes = [m.start() for m in _QUOTE.finditer(text)]
     if len(quotes) < 4 or len(quotes) % 2:
         return text
     end = quotes[-1] + 1
