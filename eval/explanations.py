@@ -90,8 +90,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out = rec.explain(hs, top)
         dt = (time.perf_counter() - t0) / max(1, len(users))
-        for r, h, t, (text, fb, hall) in zip(recs, hs, top, out):
-            r.explanation, r.explanation_fallback, r.hallucinated = text, fb, hall
+        for r, h, t, (text, fb, hall, grounded) in zip(recs, hs, top, out):
+            r.explanation, r.explanation_fallback, r.hallucinated, r.explanation_grounded = text, fb, hall, grounded
             r.evidence = rec.explanation_evidence(h, text, t)
         m = explanation_metrics(recs)
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
@@ -111,7 +111,10 @@ def main() -> None:
     md = md_table(rows, cols)
     md += (f"\n{len(users)} test users (seed {args.seed}), top 3 of k=5 explained, backend {backend.name}, "
            f"retriever `{args.retriever}`. fallback = the generated text failed the post-check and the template "
-           "explanation was shown instead (grounding_rate = 1 - fallback_rate). relevant_citations: of the history "
+           "explanation was shown instead (the check: no invented or repeated title, no recommended item claimed as "
+           "already liked, no genre claim that no item the text is about has, grounded); grounding_rate: the "
+           "generated texts (before fallback) that name a history item or a liked attribute they do not "
+           "contradict; hallucination_rate: those naming an invented title. relevant_citations: of the history "
            "items the shown texts name (template fallbacks included), the share that shares an attribute value with "
            "one of the three recommended items; top1_citations: of those the generated texts name (fallbacks left "
            "out), the share that shares one with the top item; subject_citations: with the recommended item the "

@@ -269,3 +269,92 @@ def test_drop_empty_tail_reads_a_quoted_title_with_its_own_escaped_quotes_as_one
     lone = '"\\"Weird Al\\" Yankovic" suits this user because they liked the artist name.'
     assert drop_empty_tail(lone, m, set()) == lone
     assert drop_empty_tail(head + " and Queen.", m, set()) == head + " and Queen."
+
+
+# attribute claims, sentences inside titles, years and remakes ------------------------------------------------------
+GENRES = {"1": ["Animation", "Children's", "Comedy"], "2": ["Action", "Sci-Fi"], "3": ["Action", "Crime"],
+          "4": ["Horror", "Sci-Fi"], "5": ["Comedy"], "6": ["War"], "7": ["Romance"], "8": ["Comedy", "Romance"]}
+IDS2 = [*IDS, "5", "6", "7", "8"]
+TITLES2 = [*TITLES, "Kolya (1996)", "Star Wars (1977)", "Sabrina (1954)", "Sabrina (1995)"]
+VOCAB = {g for gs in GENRES.values() for g in gs}
+
+
+def _check(text, history, recommended, liked_attrs, explained=None):
+    m = TitleMatcher(IDS2, TITLES2)
+    return check_explanation(text, m, history, recommended, liked_attrs, VOCAB, lambda i: GENRES.get(i, []),
+                             explained)
+
+
+def test_an_attribute_no_item_the_text_is_about_has_fails_the_check():
+    """'"Kolya (1996)" ... it is an action comedy' passed: any liked genre word anywhere grounded the text, and no
+    attribute claim was ever checked. Kolya is a comedy only; the cited Toy Story is no action film either."""
+    bad = _check('"Kolya (1996)" suits this user because they liked "Toy Story (1995)"; it is an action comedy.',
+                 {"1"}, {"5"}, {"Comedy", "Action"})
+    assert not bad.ok and bad.unsupported_attributes == ["action"]
+    assert bad.grounded  # it names a history item: grounded, but the claim is false
+    good = _check('"Kolya (1996)" suits this user because they liked "Toy Story (1995)"; it is a comedy.',
+                  {"1"}, {"5"}, {"Comedy"})
+    assert good.ok and good.unsupported_attributes == []
+    # a genre of a cited history item is about that item
+    cited = _check('"Kolya (1996)" suits this user because they liked "Heat (1995)", a crime film.',
+                   {"3"}, {"5"}, {"Crime"})
+    assert cited.ok, cited
+    # in a claim about the user's past, a genre they liked is true of them
+    past = _check('"Kolya (1996)" suits this user because they liked horror films and "Toy Story (1995)".',
+                  {"1", "4"}, {"5"}, {"Horror", "Comedy"})
+    assert past.ok, past
+    never = _check('"Kolya (1996)" suits this user because they liked westerns and "Toy Story (1995)".',
+                   {"1"}, {"5"}, {"Comedy"})
+    assert never.ok  # "Western" is no value of this catalogue's genres: not a checked claim
+    outside = _check('"Kolya (1996)" is a romance, and they liked "Toy Story (1995)".', {"1"}, {"5"}, {"Romance"})
+    assert not outside.ok and outside.unsupported_attributes == ["romance"]  # not claimed of the past: Kolya's
+
+
+def test_attribute_words_inside_titles_are_no_claims_and_no_grounding():
+    star = _check('"Kolya (1996)" suits this user because they liked "Star Wars (1977)".', {"6"}, {"5"}, {"War"})
+    assert star.ok and star.unsupported_attributes == []
+    only_title = _check("Kolya (1996) is fun, like Star Wars.", set(), {"5"}, {"War"})
+    assert not only_title.grounded  # "Wars" is the title's word, not the liked genre
+
+
+def test_a_quoted_genre_is_checked_as_a_claim_not_read_as_an_invented_title():
+    m = _check('"Kolya (1996)" suits this user because they liked "Toy Story (1995)" and "Comedy".', {"1"}, {"5"},
+               {"Comedy"})
+    assert m.ok and m.hallucinated == []
+    bad = _check('"Kolya (1996)" is a "Horror" film they will like, as "Toy Story (1995)".', {"1"}, {"5"}, {"Comedy"})
+    assert not bad.ok and bad.unsupported_attributes == ["horror"] and bad.hallucinated == []
+
+
+def test_without_a_vocabulary_attributes_only_ground():
+    m = TitleMatcher(IDS2, TITLES2)
+    chk = check_explanation("Kolya (1996) is an action comedy.", m, set(), {"5"}, {"Action"})
+    assert chk.ok and chk.grounded and chk.unsupported_attributes == []
+
+
+def test_sentences_are_not_cut_inside_a_quoted_title_or_after_an_abbreviation():
+    """A generated 'because they liked "Mrs. Doubtfire (1993)"' was cut after "Mrs." (sentence end, then a capital):
+    the published example ended in an open quote."""
+    from llmrec.ranking.explain import split_sentences
+
+    assert split_sentences('They liked "Mrs. Doubtfire (1993)" and "L.A. Confidential (1997)". It fits.') == [
+        'They liked "Mrs. Doubtfire (1993)" and "L.A. Confidential (1997)".', "It fits."]
+    assert split_sentences("They liked Dr. Strangelove. It fits. More.") == [
+        "They liked Dr. Strangelove.", "It fits.", "More."]
+    out = tidy_explanation('"Clueless (1995)" suits this user because they liked',
+                           '"Mrs. Doubtfire (1993)" and "Heat (1995)". They also liked "Alien (1979)". Third.')
+    assert out == ('"Clueless (1995)" suits this user because they liked "Mrs. Doubtfire (1993)" and "Heat (1995)". '
+                   'They also liked "Alien (1979)".')
+
+
+def test_a_year_is_part_of_the_title_and_remakes_share_a_year_less_one():
+    m = TitleMatcher(IDS2, TITLES2)
+    assert m.exact("Toy Story (2010)") is None and m.exact("Toy Story (1995)") == "1" and m.exact("toy story") == "1"
+    artists = TitleMatcher(["a1"], ["Royksopp"])  # a catalogue without years: a year added is still the artist
+    assert artists.exact("Royksopp (2010)") == "a1"
+    assert m.alternatives("7") == {"7", "8"} and m.alternatives("1") == {"1"}
+    # "Sabrina" reads as the 1954 film (first listed); the user has the remake: a history item, not an invented one
+    chk = _check('"Kolya (1996)" suits this user because they liked "Sabrina".', {"8"}, {"5"}, {"Comedy"})
+    assert chk.ok and chk.hallucinated == [], chk
+    invented = _check('"Kolya (1996)" suits this user because they liked "Toy Story (2010)".', {"1"}, {"5"},
+                      {"Comedy"})
+    assert not invented.ok and invented.hallucinated == ["Toy Story (2010)"]

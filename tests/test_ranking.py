@@ -646,6 +646,27 @@ def test_explanation_fallback_when_post_check_fails(parts, tiny_dataset, case):
     assert all(f'- "{i.title}"' in explain_prompt.split("Recommended items:")[1] for i in r.items[:3])
 
 
+def test_a_genre_claim_no_explained_or_cited_item_has_falls_back(parts, tiny_dataset):
+    """The check read genre words as grounding only ("these horror films" passed for dramas); a genre the text
+    claims must belong to a recommended item it explains or a history item it cites. The generated text was
+    grounded (it cites a liked title), so the metric records that, and the fallback is shown."""
+    rec = make_rec(parts, ScriptedBackend())
+    h = rec.dataset_history("u2")
+    liked = [e.item_id for e in h if e.liked]
+    named = title(tiny_dataset, liked[-1])
+    top3 = [i.item_id for i in rec.recommend("u2", k=4, explain=False).items[:3]]
+    genres = {g for i in [*top3, liked[-1]] for g in rec._attrs(i)}
+    foreign = next(g for g in ["Horror", "Comedy", "Action", "Drama"] if g not in genres)
+    backend = ScriptedBackend(gen=f' {foreign.lower()} films such as "{named}".')
+    r = make_rec(parts, backend).recommend("u2", k=4, explain=True)
+    assert r.explanation_fallback is True and r.explanation_grounded is True, (r.explanation, genres)
+    # (a claim in the filler after the last cited title is cut with it: `drop_empty_tail`)
+    ok = ScriptedBackend(gen=f' {sorted(genres)[0].lower()} films such as "{named}".')
+    r2 = make_rec(parts, ok).recommend("u2", k=4, explain=True)
+    assert r2.explanation_fallback is False and r2.explanation_grounded is True, r2.explanation
+    assert make_rec(parts, ok).attribute_vocabulary() == {"Action", "Comedy", "Drama", "Horror"}
+
+
 def test_grounded_explanation_is_kept(parts, tiny_dataset):
     h = make_rec(parts).dataset_history("u2")
     liked = [e.item_id for e in h if e.liked]
@@ -805,15 +826,18 @@ def test_explanation_metrics_hand_computed():
     from llmrec.ranking.evaluate import explanation_metrics
 
     recs = [
-        Recommendation("a", [], "the cat sat on the mat", False, []),
-        Recommendation("b", [], "The CAT sat", True, ["The Midnight Llama"]),
-        Recommendation("c", [], "because you liked it", False, []),
-        Recommendation("d", [], None, True, ["i9", "i10"]),
+        Recommendation("a", [], "the cat sat on the mat", False, [], explanation_grounded=True),
+        # generated text grounded (named a liked title) but with an invented one: fell back
+        Recommendation("b", [], "The CAT sat", True, ["The Midnight Llama"], explanation_grounded=True),
+        Recommendation("c", [], "because you liked it", False, [], explanation_grounded=True),
+        Recommendation("d", [], None, True, ["i9", "i10"], explanation_grounded=False),
     ]
     m = explanation_metrics(recs)
     # bigrams: a 5 (all new), b 2 (both seen in a), c 3 (new), d 0 -> 8 distinct / 10
     assert m["n"] == 4
-    assert m["grounding_rate"] == pytest.approx(2 / 4)
+    # grounding is the generated texts' (3 of 4), not the pass rate (2 of 4): the template shown for b is not
+    # counted, b's own text is
+    assert m["grounding_rate"] == pytest.approx(3 / 4)
     assert m["fallback_rate"] == pytest.approx(2 / 4)
     assert m["hallucination_rate"] == pytest.approx(2 / 4)
     assert m["mean_words"] == pytest.approx((6 + 3 + 4 + 0) / 4)

@@ -198,12 +198,20 @@ def select_retrieval_weight(rec: Any, ds: Any, grid: Sequence[float], max_users:
 
 
 def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None = None) -> dict:
-    """grounding rate (the generated text passed the check: names >= 1 history item or liked attribute, no invented
-    titles), hallucination rate (share with >= 1 invented title), fallback rate, mean length in words, distinct-2
-    (distinct word bigrams / all bigrams across users), and names_recommended: of the generated texts shown (not
-    template fallbacks, which always list them), the share that names one of the top-3 recommended items by its
-    title quoted as prompts quote it (`llmrec.prompts.quote`: inner quotes escaped, long titles capped); an
-    explanation that talks only about the history does not say why *these* items."""
+    """Over the users' explanations (n = users):
+
+    - grounding_rate: the share whose *generated* text (before any fallback) names >= 1 history item or an attribute
+      of the user's liked items it does not contradict (`Recommendation.explanation_grounded`; a template fallback,
+      grounded by construction, does not count as grounded generation);
+    - hallucination_rate: the share whose generated text named >= 1 invented title (the check then fell back);
+    - fallback_rate: the share whose generated text failed the check (`check_explanation`: ungrounded, an invented
+      or repeated title, a recommended item claimed as already liked, an attribute claim no item it is about
+      supports), so the template explanation was shown; 1 - fallback_rate = the pass rate;
+    - mean_words (of the texts shown), distinct_2 (distinct word bigrams / all bigrams across users);
+    - names_recommended: of the generated texts shown (not template fallbacks, which always list them), the share
+      that names one of the top-3 recommended items by its title quoted as prompts quote it
+      (`llmrec.prompts.quote`: inner quotes escaped, long titles capped); an explanation that talks only about the
+      history does not say why *these* items."""
     texts = [r.explanation or "" for r in recs]
     n = max(1, len(recs))
     gen = [r for r in recs if not r.explanation_fallback and r.explanation]
@@ -211,7 +219,7 @@ def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None =
     bigrams = [tuple(t.lower().split()[i : i + 2]) for t in texts for i in range(max(0, len(t.split()) - 1))]
     return {
         "n": len(recs),
-        "grounding_rate": sum(not r.explanation_fallback for r in recs) / n,
+        "grounding_rate": sum(bool(getattr(r, "explanation_grounded", None)) for r in recs) / n,
         "hallucination_rate": sum(bool(r.hallucinated) for r in recs) / n,
         "fallback_rate": sum(r.explanation_fallback for r in recs) / n,
         "mean_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,12 @@ class TitleMatcher:
                     self.by_variant.setdefault(v, iid)
                     if '"' in v:  # `"Weird Al" Yankovic`: also read with single quotes (see `unquote_titles`)
                         self.by_variant.setdefault(_single_quoted(v), iid)
+        # the ids each year-less / article-moved form stands for: "Sabrina" is the 1954 film and the 1995 remake
+        self._ids_of: dict[str, set[str]] = {}
+        for iid, t in zip(item_ids, titles):
+            for v in title_variants(str(t)):
+                self._ids_of.setdefault(v, set()).add(iid)
+        self._dated = {_YEAR.sub("", v).strip() for v in self.by_variant if _YEAR.search(v)}  # forms with a year
         variants = sorted(self.by_variant, key=len, reverse=True)
         self._re = (
             re.compile(r"(?<!\w)(" + "|".join(re.escape(v) for v in variants) + r")(?!\w)") if variants else None
@@ -87,12 +93,29 @@ class TitleMatcher:
 
     def exact(self, text: str) -> str | None:
         """The item whose title variant equals `text` (stripped, case-insensitive, quotes removed, then a sentence's
-        final punctuation too), if any."""
+        final punctuation too), if any. A year is part of the title: "Toy Story (2010)" is no catalogue title when
+        the catalogue has "Toy Story (1995)" only (a year-less text matches the year-less form)."""
         plain = text.strip().strip("\"'“”").strip().lower()
         for key in (text.strip().lower(), plain, plain.rstrip(".,;:!?").strip()):
-            if found := self.by_variant.get(key) or self.by_variant.get(_YEAR.sub("", key).strip()):
+            if found := self.by_variant.get(key):
+                return found
+            if _YEAR.search(key) is None:
+                continue
+            # a year the catalogue form lacks (an artist written "Foo (2010)"): the year-less form, when that is a
+            # title no catalogue item writes with a year
+            base = _YEAR.sub("", key).strip()
+            if (found := self.by_variant.get(base)) and base not in self._dated:
                 return found
         return None
+
+    def alternatives(self, item_id: str) -> set[str]:
+        """The ids whose titles share a year-less form with `item_id`'s ("Sabrina (1954)", "Sabrina (1995)"): a text
+        naming "Sabrina" may mean any of them."""
+        out = {item_id}
+        for ids in self._ids_of.values():
+            if item_id in ids:
+                out |= ids
+        return out
 
 
 def _single_quoted(s: str) -> str:
@@ -113,6 +136,23 @@ _QUOTED_SPAN = re.compile(r'(?<!\\)"((?:[^"\\]|\\.)+)"')
 _DANGLING = re.compile(r'(?<!\\)"\s*(?:,|;|and\b)[^"]*$')  # an unfinished clause after the last quoted title
 _QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
+# words that end with a full stop without ending a sentence ("Mrs. Doubtfire", "Dr. Strangelove", "St. Elmo's Fire")
+_ABBREVIATION = re.compile(r"(?:^|\s|\")(?:Mr|Mrs|Ms|Dr|St|Mt|Jr|Sr|Prof|Gen|Lt|Col|Sgt|Capt|Rev|vs|No|Vol|Pt|Ft)\.$")
+
+
+def split_sentences(text: str) -> list[str]:
+    """`text` cut into sentences at a '.', '!' or '?' followed by a space and a capital or a quote, except inside a
+    quoted span (a title such as "L.A. Confidential" or "Mrs. Doubtfire") and after a common abbreviation."""
+    out: list[str] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        head = text[start : m.start()]
+        if len(_QUOTE.findall(text[: m.start()])) % 2 or _ABBREVIATION.search(head):
+            continue
+        out.append(head)
+        start = m.end()
+    out.append(text[start:])
+    return out
 
 
 def _cut_at_repeated_quote(text: str) -> str:
@@ -170,7 +210,7 @@ def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: in
     if not body:
         return ""
     full = _cut_at_repeated_quote(_cut_at_loop(f"{lead} {body}".strip()))
-    sentences = _SENTENCE_END.split(full)
+    sentences = split_sentences(full)
     out = " ".join(sentences[:max_sentences])
     words = out.split()
     if len(words) > max_words:
@@ -209,18 +249,38 @@ def drop_empty_tail(text: str, matcher: TitleMatcher, attributes: set[str]) -> s
     return text[:end] + "."
 
 
+def _attribute_re(value: str) -> re.Pattern[str] | None:
+    """A whole-word, case-insensitive pattern for an attribute value, singular or plural ("drama" / "dramas",
+    "comedy" / "comedies"); None below 3 characters."""
+    a = value.lower()
+    if len(a) < 3:
+        return None
+    stem = re.escape(a[:-1]) + r"(?:y|ies)" if a.endswith("y") else re.escape(a) + r"(?:s|es)?"
+    return re.compile(r"(?<!\w)" + stem + r"(?!\w)")
+
+
 def mentions_attribute(text: str, attributes: set[str]) -> bool:
     """Whether `text` names one of the attribute values (3+ characters, whole words, case-insensitive), singular or
     plural ("drama" / "dramas", "comedy" / "comedies")."""
     low = text.lower()
-    for a in attributes:
-        a = a.lower()
-        if len(a) < 3:
-            continue
-        stem = re.escape(a[:-1]) + r"(?:y|ies)" if a.endswith("y") else re.escape(a) + r"(?:s|es)?"
-        if re.search(r"(?<!\w)" + stem + r"(?!\w)", low):
-            return True
-    return False
+    return any(r.search(low) for a in attributes if (r := _attribute_re(a)))
+
+
+def attribute_mentions(text: str, values: Iterable[str]) -> list[tuple[str, int]]:
+    """(value lower-cased, position) for each mention in `text` of one of `values` (as `mentions_attribute` reads
+    them), in text order."""
+    low = text.lower()
+    out = [(a.lower(), m.start()) for a in set(values) if (r := _attribute_re(a)) for m in r.finditer(low)]
+    return sorted(out, key=lambda x: x[1])
+
+
+def mask_titles(text: str, matcher: TitleMatcher) -> str:
+    """`text` lower-cased with its quoted spans and the catalogue titles it names blanked out (same length): an
+    attribute word inside a title ("Star Wars", "Action Jackson") is part of the title, not a claim."""
+    out = _QUOTED.sub(lambda m: " " * len(m.group(0)), text).lower()
+    if matcher._re is not None and len(out) == len(text):
+        out = matcher._re.sub(lambda m: " " * len(m.group(0)), out)
+    return out
 
 
 @dataclass
@@ -233,41 +293,80 @@ class ExplanationCheck:
     ok: bool = False
     misattributed: list[str] = field(default_factory=list)  # recommended, not history items the text says the user
     # already liked / watched / bought (a false claim about the user's past)
+    # attribute values of the closed vocabulary (genres) the text names that belong to no item it is about: not to
+    # the recommended items it explains, not to the history items it names, and (for a claim about the user's past,
+    # "they liked comedies") not to what the user liked ("Kolya is an action comedy": Kolya is a comedy only)
+    unsupported_attributes: list[str] = field(default_factory=list)
 
 
 def check_explanation(
-    text: str, matcher: TitleMatcher, history_ids: set[str], recommended_ids: set[str], attributes: set[str]
+    text: str,
+    matcher: TitleMatcher,
+    history_ids: set[str],
+    recommended_ids: set[str],
+    attributes: set[str],
+    vocabulary: set[str] | frozenset[str] = frozenset(),
+    item_attributes: Callable[[str], Iterable[str]] | None = None,
+    explained_ids: Iterable[str] | None = None,
 ) -> ExplanationCheck:
     """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
     title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title),
-    not repetitive, and no recommended item presented as one the user already liked / watched / bought.
+    not repetitive, no recommended item presented as one the user already liked / watched / bought, and no
+    unsupported attribute claim.
 
     Titles are read with `TitleMatcher.find(strict=True)` (a title that is a common word counts when written as a
     title, not as the lower-case word); a quoted span must be a whole catalogue title (`TitleMatcher.exact`): one
-    that only contains a title ("Toy Story 3" around "Toy Story") is invented."""
+    that only contains a title ("Toy Story 3" around "Toy Story") is invented. A year-less title shared by several
+    items ("Sabrina") is a history item when the user has any of them.
+
+    Attribute claims (with `vocabulary`, the closed set of attribute values checked, e.g. the genres, and
+    `item_attributes(item_id)`): each vocabulary value the text names outside titles must be an attribute of an item
+    the text is about, one of `explained_ids` (default: `recommended_ids`) or a history item it names; one named
+    inside a claim about the user's past ("they liked comedies") may also be one of `attributes` (the user's liked
+    items'). Attribute values outside the vocabulary (open tag sets: "love", "seen live") only ground the text."""
     text = matcher.unquote_titles(text)
     named = matcher.find(text, strict=True)
-    halluc = [i for i in named if i not in history_ids and i not in recommended_ids]
+
+    def history_of(i: str) -> set[str]:  # the history items a title names (a shared year-less title: any of them)
+        return matcher.alternatives(i) & history_ids
+
+    halluc = [i for i in named if not history_of(i) and i not in recommended_ids]
     attr_low = {a.lower() for a in attributes}
+    vocab_low = {a.lower() for a in vocabulary}
     quoted = [q.strip() for q in _QUOTED.findall(text)]
     mentions = [matcher.exact(q) for q in quoted]
     for q, i in zip(quoted, mentions):
-        if i is None and q.lower() not in attr_low and q not in halluc:
+        if i is None and q.lower() not in attr_low and q.lower() not in vocab_low and q not in halluc:
             halluc.append(q)
         elif i is not None and i not in named:  # quoted in lower case: still a title
             named.append(i)
-            if i not in history_ids and i not in recommended_ids:
+            if not history_of(i) and i not in recommended_ids:
                 halluc.append(i)
     ids = [m for m in mentions if m]
     repetitive = len(ids) != len(set(ids))
-    grounded = any(i in history_ids for i in named) or mentions_attribute(text, attributes)
+    masked = mask_titles(text, matcher)
+    unsupported: list[str] = []
+    if vocab_low and item_attributes is not None:
+        about = set(recommended_ids if explained_ids is None else explained_ids)
+        about |= {h for i in named for h in history_of(i)}
+        support = {a.lower() for i in about for a in item_attributes(i)}
+        past = [m.span(1) for m in _CLAIM.finditer(masked)]
+        found = attribute_mentions(masked, vocab_low)
+        found += [(q.lower(), -1) for q, i in zip(quoted, mentions) if i is None and q.lower() in vocab_low]
+        for a, pos in found:
+            claimed_past = pos >= 0 and any(s <= pos < e for s, e in past)
+            if a not in support and not (claimed_past and a in attr_low) and a not in unsupported:
+                unsupported.append(a)
+    grounded = any(history_of(i) for i in named) or any(
+        a not in unsupported for a, _ in attribute_mentions(masked, attr_low))
     misattributed: list[str] = []
     for m in _CLAIM.finditer(text):
         for i in matcher.find(m.group(1), strict=True):
-            if i not in history_ids and i in recommended_ids and i not in misattributed:
+            if not history_of(i) and i in recommended_ids and i not in misattributed:
                 misattributed.append(i)
-    ok = bool(text.strip()) and grounded and not halluc and not repetitive and not misattributed
-    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed)
+    ok = (bool(text.strip()) and grounded and not halluc and not repetitive and not misattributed
+          and not unsupported)
+    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed, unsupported)
 
 
 def split_list(v: str) -> list[str]:

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -166,6 +166,19 @@ class Recommendation:
     # the history items the explanation cites, each with the attribute values (genre, tag, ...) it shares with the
     # recommended items the text names: {"item_id", "title", "shared": [...]}, in the order the text cites them
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    # whether the *generated* text (before any fallback) named a history item or a liked attribute it could support
+    # (`ExplanationCheck.grounded`); None without a generated text
+    explanation_grounded: bool | None = None
+
+
+class Explanation(NamedTuple):
+    """One user's explanation: the text shown, whether it is the template fallback, the hallucinated titles of the
+    generated text that failed the check, and whether that generated text was grounded (None: nothing generated)."""
+
+    text: str | None
+    fallback: bool
+    hallucinated: list[str]
+    grounded: bool | None = None
 
 
 @dataclass
@@ -631,10 +644,12 @@ class Recommender:
         return named
 
     # ----------------------------------------------------------------------------------------------- explain
-    def explain(self, histories: list[list[HistEvent]], recs: list[list[str]]) -> list[tuple[str, bool, list[str]]]:
-        """Generated explanations with the post-check; (text, used_fallback, hallucinated ids) per user."""
+    def explain(self, histories: list[list[HistEvent]], recs: list[list[str]]) -> list[Explanation]:
+        """Generated explanations with the post-check (`check_explanation`, attribute claims read against
+        `attribute_vocabulary`); one `Explanation` per user."""
         todo = [u for u, r in enumerate(recs) if r]
-        res: list[tuple[str, bool, list[str]]] = [("", False, []) for _ in recs]
+        res: list[Explanation] = [Explanation("", False, []) for _ in recs]
+        vocab = self.attribute_vocabulary()
         tmpl = self.templates["explain"]
         for b in range(0, len(todo), self.cfg.batch_size):
             idx = todo[b : b + self.cfg.batch_size]
@@ -670,9 +685,9 @@ class Recommender:
                 text = drop_empty_tail(text, self.matcher, attrs | {a for i in recs[u][:3] for a in self._attrs(i)})
                 # a title names every id listed under it (the matcher returns one of them)
                 chk = check_explanation(text, self.matcher, self._with_twins(hist_ids), self._with_twins(recs[u]),
-                                        attrs)
+                                        attrs, vocab, self._item_attrs, self._with_twins(recs[u][:3]))
                 if chk.ok:
-                    res[u] = (text, False, [])
+                    res[u] = Explanation(text, False, [], chk.grounded)
                 else:
                     rec3 = recs[u][:3]
                     fb = template_explanation(
@@ -682,8 +697,26 @@ class Recommender:
                         [str(self.ds.titles[self.ds.item_index[i]]) for i in liked[-10:]],
                         [self._attrs(i) for i in liked[-10:]],
                     )
-                    res[u] = (fb, True, chk.hallucinated)
+                    res[u] = Explanation(fb, True, chk.hallucinated, chk.grounded)
         return res
+
+    def _item_attrs(self, item_id: str) -> list[str]:
+        return self._attrs(item_id) if item_id in self.ds.item_index else []
+
+    def attribute_vocabulary(self, max_values: int = 200) -> set[str]:
+        """The attribute values an explanation's attribute claims are checked against: those of the attribute fields
+        with a closed vocabulary (at most `max_values` distinct values, e.g. ML-100K's 19 genres); an open tag set
+        (Last.fm's thousands of tags, "love", "seen live") is read as free words and left unchecked."""
+        if getattr(self, "_vocab", None) is None:
+            vocab: set[str] = set()
+            for f in self._attr_fields:
+                col = self.ds.items[f]
+                vals = {a for v in col if isinstance(v, str)
+                        for a in (split_values(v) if f in self._space_lists else split_list(v))}
+                if len(vals) <= max_values:
+                    vocab |= vals
+            self._vocab = vocab
+        return self._vocab
 
     # ----------------------------------------------------------------------------------------------- public
     def recommend_batch(
@@ -713,10 +746,10 @@ class Recommender:
             raise BackendError(f"the LLM backend returned {bad} non-finite candidate scores (NaN/inf) for "
                                f"{len(user_ids)} user(s); no ranking can be read from them")
         top = [[i for i, _ in r[:k]] for r in ranked]
-        expl = self.explain(hs, top) if explain else [(None, False, []) for _ in top]
+        expl = self.explain(hs, top) if explain else [Explanation(None, False, []) for _ in top]
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
         out = []
-        for u, h, r, t, (text, fb, hall) in zip(user_ids, hs, ranked, top, expl):
+        for u, h, r, t, (text, fb, hall, grounded) in zip(user_ids, hs, ranked, top, expl):
             items = [
                 RecItem(i, str(self.ds.titles[self.ds.item_index[i]]), s, n + 1) for n, (i, s) in enumerate(r[:k])
             ]
@@ -732,6 +765,7 @@ class Recommender:
                     getattr(self.backend, "name", ""),
                     {"seconds_per_user": dt},
                     self.explanation_evidence(h, text, t) if explain else [],
+                    grounded,
                 )
             )
         return out
