@@ -80,3 +80,15 @@ def test_health_flags_the_no_llm_degraded_mode(tiny_dataset, tmp_path):
     c, _ = make_client(tiny_dataset, tmp_path / "llm")
     with c:
         assert c.get("/health").json()["degraded"] is False
+
+
+def test_405_lists_the_allowed_methods(tiny_dataset, tmp_path):
+    """The error handler rebuilt every HTTP error as JSON and dropped its headers: a 405 came without the `Allow`
+    header RFC 9110 requires, so a client could not tell which method the route takes."""
+    c, _ = make_client(tiny_dataset, tmp_path)
+    with c:
+        r = c.put("/v1/events", json={})
+        assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
+        assert r.headers.get("allow") == "POST"
+        r = c.delete("/v1/users/u1/history")
+        assert r.status_code == 405 and r.headers.get("allow") == "GET"

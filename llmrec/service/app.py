@@ -160,7 +160,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(e.status_code, "http_error")
-        return error_json(e.status_code, kind, str(e.detail))
+        resp = error_json(e.status_code, kind, str(e.detail))
+        resp.headers.update(e.headers or {})  # e.g. a 405's Allow (RFC 9110: a 405 must list the allowed methods)
+        return resp
 
     @app.exception_handler(Exception)
     async def _unexpected(_r: Request, e: Exception) -> JSONResponse:
