@@ -92,3 +92,12 @@ def test_405_lists_the_allowed_methods(tiny_dataset, tmp_path):
         assert r.headers.get("allow") == "POST"
         r = c.delete("/v1/users/u1/history")
         assert r.status_code == 405 and r.headers.get("allow") == "GET"
+
+
+def test_no_llm_and_no_fallback_is_refused_at_config_load():
+    """`llm.backend: none` with `fallback: none` started a service that answered every recommendation with 503 while
+    /health said ok and /ready said ready; refused at load, naming both keys."""
+    with pytest.raises(ConfigError, match="fallback: none with llm.backend: none"):
+        load_service_config(None, ["llm.backend=none", "fallback=none"], environ={})
+    assert load_service_config(None, ["llm.backend=none"], environ={}).fallback == "collaborative"
+    assert load_service_config(None, ["fallback=none"], environ={}).llm.backend == "auto"

@@ -117,6 +117,10 @@ class ServiceConfig:
             raise ConfigError(f"retrieval_weight: must be a finite number >= 0 (got {self.retrieval_weight})")
         if not 1 <= self.default_k <= self.max_k:
             raise ConfigError(f"default_k: must be within 1..max_k ({self.max_k})")
+        if self.llm.backend == "none" and self.fallback == "none":
+            # nothing could answer: every recommendation would be a 503 while /health and /ready said ok
+            raise ConfigError("fallback: none with llm.backend: none leaves nothing to answer recommendations; keep "
+                              "fallback: collaborative (answers labelled degraded: true) or configure an LLM backend")
         if self.llm.default_adapter is not None and self.llm.default_adapter not in self.llm.adapters:
             raise ConfigError(f"llm.default_adapter: {self.llm.default_adapter!r} is not in llm.adapters")
         for name in self.llm.adapters:
