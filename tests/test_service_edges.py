@@ -101,3 +101,21 @@ def test_no_llm_and_no_fallback_is_refused_at_config_load():
         load_service_config(None, ["llm.backend=none", "fallback=none"], environ={})
     assert load_service_config(None, ["llm.backend=none"], environ={}).fallback == "collaborative"
     assert load_service_config(None, ["fallback=none"], environ={}).llm.backend == "auto"
+
+
+@pytest.mark.parametrize("key,msg", [("", "api_key: empty"), (" s3cret", "surrounding spaces"),
+                                     ("s3cret\n", "holds '\\\\n'"), ("clé", "holds 'é'")])
+def test_api_key_that_turns_auth_off_or_can_never_match_is_refused(key, msg):
+    """An empty LLMREC_SERVE_API_KEY (e.g. a secret that failed to render) turned the key check off without a word;
+    a key with surrounding spaces or non-ASCII characters could never be sent (HTTP strips the spaces, clients send
+    ASCII headers), so every /v1 call got 401. Refused at load."""
+    with pytest.raises(ConfigError, match=msg):
+        load_service_config(None, [], environ={"LLMREC_SERVE_API_KEY": key})
+
+
+def test_api_key_checks_keep_valid_keys():
+    assert load_service_config(None, [], environ={"LLMREC_SERVE_API_KEY": "a b~!0"}).api_key == "a b~!0"
+    assert load_service_config(None, ["api_key=s3cret"], environ={}).api_key == "s3cret"
+    assert load_service_config(None, [], environ={}).api_key is None
+    with pytest.raises(ConfigError, match="api_key: holds 'é'"):
+        load_service_config(None, ["api_key=clé"], environ={})

@@ -117,6 +117,16 @@ class ServiceConfig:
             raise ConfigError(f"retrieval_weight: must be a finite number >= 0 (got {self.retrieval_weight})")
         if not 1 <= self.default_k <= self.max_k:
             raise ConfigError(f"default_k: must be within 1..max_k ({self.max_k})")
+        if self.api_key is not None:
+            # checked here: an empty key silently turned the check off (`if api_key`), and a key no client can send
+            # (HTTP strips a header value's surrounding spaces; clients send headers as ASCII) answered every call 401
+            if not self.api_key:
+                raise ConfigError("api_key: empty; leave it unset (null) for no key check, or give a key")
+            bad = next((c for c in self.api_key if not " " <= c <= "~"), None)
+            if bad is not None or self.api_key != self.api_key.strip():
+                what = f"holds {bad!r}" if bad is not None else "starts or ends with a space"
+                raise ConfigError(f"api_key: {what}; a bearer key must be printable ASCII without surrounding spaces "
+                                  "(clients could never send it)")
         if self.llm.backend == "none" and self.fallback == "none":
             # nothing could answer: every recommendation would be a 503 while /health and /ready said ok
             raise ConfigError("fallback: none with llm.backend: none leaves nothing to answer recommendations; keep "
