@@ -113,3 +113,12 @@ def test_a_store_never_loaded_gives_up_with_a_clear_error(tiny_dataset, tmp_path
         EventStore.from_dataset(tiny_dataset, url=f"sqlite:///{db}")
     holder.execute("ROLLBACK")
     holder.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:ev?mode=memory&uri=true"])
+def test_an_in_memory_sqlite_store_is_refused(url):
+    """`store_url: sqlite://` was accepted: SQLAlchemy gives each thread its own in-memory database, so the tables
+    made at start existed only in the starting thread (every request, run in a worker thread, failed with 'no such
+    table': a 500), and every acknowledged event would be lost at exit."""
+    with pytest.raises(StoreError, match="^store_url: .*in-memory"):
+        EventStore(url)

@@ -138,9 +138,14 @@ class EventStore:
         self.is_sqlite = url.startswith("sqlite")
         kw: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
-            db = sa.engine.make_url(url).database
-            if db and db != ":memory:":
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            parsed = sa.engine.make_url(url)
+            db = parsed.database
+            if not db or db == ":memory:" or parsed.query.get("mode") == "memory":
+                # SQLAlchemy gives each thread its own in-memory database (the service's reads and writes run in
+                # worker threads: "no such table" on every request), and every event is gone at exit
+                raise StoreError(f"store_url: {url!r} is an in-memory SQLite database, neither shared between threads "
+                                 "nor durable; give a file (sqlite:////path/events.db) or a server URL")
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
             kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = sa.create_engine(url, **kw)
         if self.is_sqlite:
