@@ -119,3 +119,34 @@ def test_api_key_checks_keep_valid_keys():
     assert load_service_config(None, [], environ={}).api_key is None
     with pytest.raises(ConfigError, match="api_key: holds 'é'"):
         load_service_config(None, ["api_key=clé"], environ={})
+
+
+def test_a_store_that_is_locked_or_down_gives_503_and_changes_nothing(tiny_dataset, tmp_path, caplog):
+    """An event store error (SQLite locked past its busy timeout by another process, disk full, database unreachable)
+    was a 500 'internal error', which reads as a bug and is not retried; it is a 503 with Retry-After, nothing
+    committed, and the log names the cause without the SQL statement's parameters (user ids)."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    c, _ = make_client(tiny_dataset, tmp_path)
+    store = c.app.state.service.store
+
+    def locked(*a, **k):
+        raise OperationalError("INSERT INTO events ...", ("secretuser7", "i1"), sqlite3.OperationalError(
+            "database is locked"))
+
+    with c:
+        before = c.get("/v1/users/u1/history", params={"limit": 1}).json()["history_version"]
+        real_add, real_hist = store.add_event_versioned, store.history_with_version
+        store.add_event_versioned = locked
+        store.history_with_version = locked
+        r = c.post("/v1/events", json={"user_id": "secretuser7", "item_id": "i1", "type": "view"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "store_unavailable" and r.headers.get("retry-after") == "1"
+        assert c.get("/v1/users/u1/recommendations").status_code == 503
+        assert c.get("/v1/users/u1/history").status_code == 503
+        store.add_event_versioned, store.history_with_version = real_add, real_hist
+        assert c.get("/v1/users/u1/history", params={"limit": 1}).json()["history_version"] == before
+    logs = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("llmrec"))
+    assert "database is locked" in logs and "secretuser7" not in logs

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -162,6 +163,16 @@ def create_app(
         kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(e.status_code, "http_error")
         resp = error_json(e.status_code, kind, str(e.detail))
         resp.headers.update(e.headers or {})  # e.g. a 405's Allow (RFC 9110: a 405 must list the allowed methods)
+        return resp
+
+    @app.exception_handler(OperationalError)
+    async def _store_unavailable(_r: Request, e: OperationalError) -> JSONResponse:
+        # the database is locked past its busy timeout, full, or unreachable: nothing was committed, a retry may work
+        # (503, not a 500 that reads as a bug); logged without the statement and its parameters (user ids)
+        orig = getattr(e, "orig", None) or e
+        log.warning("event store unavailable: %s: %s", type(orig).__name__, str(orig).splitlines()[0][:200])
+        resp = error_json(503, "store_unavailable", "the event store is unavailable; nothing was changed, retry later")
+        resp.headers["Retry-After"] = "1"
         return resp
 
     @app.exception_handler(Exception)
