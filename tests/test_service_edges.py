@@ -150,3 +150,17 @@ def test_a_store_that_is_locked_or_down_gives_503_and_changes_nothing(tiny_datas
         assert c.get("/v1/users/u1/history", params={"limit": 1}).json()["history_version"] == before
     logs = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("llmrec"))
     assert "database is locked" in logs and "secretuser7" not in logs
+
+
+def test_api_key_is_checked_when_the_app_is_mounted_under_a_prefix(tiny_dataset, tmp_path):
+    """The key check looked at the raw path (`/api/v1/...` when the app is mounted under /api or run with uvicorn
+    --root-path /api), saw no `/v1/` prefix and let the request through without a key, while the route matched."""
+    from fastapi.testclient import TestClient
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    c, _ = make_client(tiny_dataset, tmp_path, api_key="s3cret")
+    outer = TestClient(Starlette(routes=[Mount("/api", app=c.app)]))
+    assert outer.get("/api/v1/users/u1/history").status_code == 401
+    assert outer.get("/api/v1/users/u1/history", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert outer.get("/api/health").status_code == 200

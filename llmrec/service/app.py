@@ -187,7 +187,10 @@ def create_app(
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable) -> Response:
         t0 = time.perf_counter()
-        path = request.url.path
+        # the path the routes match (without a root_path: the app mounted under a prefix, or behind uvicorn
+        # --root-path, has scope["path"] = prefix + route path, which must not skip the key check)
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
         if cfg.api_key and path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
