@@ -448,6 +448,28 @@ def test_a_refused_backend_config_changes_nothing(tmp_path, tiny_dataset, tiny_h
     assert not db.exists()
 
 
+def test_a_vllm_start_that_fails_closes_the_event_store(tmp_path, tiny_dataset, tiny_home, monkeypatch):
+    """`build_backends` ran before the `try` that closes the event store on a failed start: when the vLLM server did
+    not start (or the model did not load), a library caller of `build_runtime` was left with the store's connection
+    pool open. The store must be closed, and the start's own error must reach the caller."""
+    from llmrec.store import EventStore
+
+    monkeypatch.setenv("LLMREC_HOME", str(tiny_home))
+    monkeypatch.setattr(launch, "plan_backend", lambda cfg: launch.BackendPlan("vllm-launch", "fake", "/m"))
+
+    def failed_start(cfg, plan):
+        raise RuntimeError("vLLM server exited with code 1")
+
+    monkeypatch.setattr(launch, "build_backends", failed_start)
+    closed: list[EventStore] = []
+    real_close = EventStore.close
+    monkeypatch.setattr(EventStore, "close", lambda self: closed.append(self) or real_close(self))
+    cfg = ServiceConfig(dataset="tiny", store_url=f"sqlite:///{tmp_path / 'events.db'}")
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        launch.build_runtime(cfg)
+    assert len(closed) == 1
+
+
 def test_ctrl_c_while_serving_ends_without_a_traceback(monkeypatch, capsys):
     """uvicorn re-raises SIGINT after its graceful shutdown: `llmrec serve` used to end on a KeyboardInterrupt
     traceback; it now says it stopped and exits 130 (the shell's code for SIGINT)."""

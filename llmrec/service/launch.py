@@ -425,9 +425,11 @@ def build_runtime(cfg: ServiceConfig) -> Runtime:
     from llmrec.ranking.recommender import like_threshold_of
 
     store = EventStore.from_dataset(ds, url=cfg.store_url, like_threshold=like_threshold_of(ds, cfg.like_threshold))
-    backends, server, model_name = build_backends(cfg, plan)
-    batching = resolved_batching(cfg, plan) if backends else "none"
-    try:
+    backends: dict[str | None, Any] = {}
+    server: Any = None
+    try:  # from here on a failure (a vLLM server that does not start, a model that does not load) closes the store
+        backends, server, model_name = build_backends(cfg, plan)
+        batching = resolved_batching(cfg, plan) if backends else "none"
         recommenders = None
         if backends:
             from llmrec.service.batching import LockedBackend, MicroBatchingBackend
