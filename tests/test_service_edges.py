@@ -164,3 +164,23 @@ def test_api_key_is_checked_when_the_app_is_mounted_under_a_prefix(tiny_dataset,
     assert outer.get("/api/v1/users/u1/history").status_code == 401
     assert outer.get("/api/v1/users/u1/history", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert outer.get("/api/health").status_code == 200
+
+
+def test_head_on_health_and_ready_answers_like_get_without_a_body(tiny_dataset, tmp_path):
+    """`HEAD /health` and `HEAD /ready` answered 405: probes (load balancers, uptime checks) that send HEAD saw the
+    service as down. They answer with the GET's status and no body; /ready's 503 when not ready, too."""
+    c, _ = make_client(tiny_dataset, tmp_path)
+    with c:
+        for path in ("/health", "/ready"):
+            r = c.head(path)
+            assert r.status_code == 200 and r.content == b"", (path, r.status_code, r.text)
+        assert c.post("/health").headers.get("allow") == "GET, HEAD"
+        assert set(c.get("/openapi.json").json()["paths"]["/health"]) == {"get"}
+
+        def down(user_id):
+            raise RuntimeError("store down")
+
+        c.app.state.service.store.version = down
+        assert c.get("/ready").status_code == 503
+        r = c.head("/ready")
+        assert r.status_code == 503 and r.content == b""

@@ -163,6 +163,11 @@ def create_app(
         kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(e.status_code, "http_error")
         resp = error_json(e.status_code, kind, str(e.detail))
         resp.headers.update(e.headers or {})  # e.g. a 405's Allow (RFC 9110: a 405 must list the allowed methods)
+        if e.status_code == 405:  # all the methods of the path (it may have one route per method: GET and HEAD)
+            allowed = {m for r in app.router.routes if r.matches(_r.scope)[0] != Match.NONE
+                       for m in getattr(r, "methods", None) or ()}
+            if allowed:
+                resp.headers["Allow"] = ", ".join(sorted(allowed))
         return resp
 
     @app.exception_handler(OperationalError)
@@ -258,8 +263,7 @@ def create_app(
     async def score(req: ScoreRequest) -> dict[str, Any]:
         return await svc.score(req.user_id, req.item_ids, req.adapter)
 
-    @app.get("/health", response_model=HealthResponse, tags=["ops"])
-    async def health() -> dict[str, Any]:
+    def _health() -> dict[str, Any]:
         return {
             "status": "ok", "backend": svc.backend_name, "backend_note": svc.backend_note,
             "degraded": svc.recommender is None, "model": svc.model_name,
@@ -267,8 +271,7 @@ def create_app(
             "batching": cfg.batching, "fallback": cfg.fallback,
         }
 
-    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, tags=["ops"])
-    async def ready() -> Response:
+    async def _ready() -> JSONResponse:
         checks: dict[str, str] = {}
         try:
             await asyncio.to_thread(store.version, "__ready_probe__")
@@ -282,6 +285,28 @@ def create_app(
                 checks["backend"] = f"error: {type(e).__name__}"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(status_code=200 if ok else 503, content={"ready": ok, "checks": checks})
+
+    def _head(resp: Response) -> Response:
+        """The answer to a HEAD: the GET's status and headers (its Content-Length included), no body."""
+        return Response(status_code=resp.status_code, headers=dict(resp.headers))
+
+    @app.get("/health", response_model=HealthResponse, tags=["ops"])
+    async def health() -> dict[str, Any]:
+        return _health()
+
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, tags=["ops"])
+    async def ready() -> Response:
+        return await _ready()
+
+    # probes (load balancers, uptime checks) that send HEAD; separate routes, out of the OpenAPI schema (one route
+    # for GET and HEAD would give both operations the same operationId)
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        return _head(JSONResponse(_health()))
+
+    @app.head("/ready", include_in_schema=False)
+    async def ready_head() -> Response:
+        return _head(await _ready())
 
     @app.get("/metrics", tags=["ops"])
     async def prom() -> Response:
