@@ -184,3 +184,24 @@ def test_head_on_health_and_ready_answers_like_get_without_a_body(tiny_dataset, 
         assert c.get("/ready").status_code == 503
         r = c.head("/ready")
         assert r.status_code == 503 and r.content == b""
+
+
+def test_a_configured_adapter_the_backend_did_not_load_is_a_503_naming_it(tiny_dataset, tmp_path):
+    """An adapter of the registry (llm.adapters) that the backend has not loaded got 422 `validation_error`: a client
+    error for a server fault (the request named a valid adapter). It is a 503 naming the adapter and the field."""
+    c, rec = make_client(tiny_dataset, tmp_path)  # the registry has `yesno`; the fake's score_yesno takes no adapter
+    with c:
+        r = c.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"], "adapter": "yesno"})
+        assert r.status_code == 503, r.text
+        e = r.json()["error"]
+        assert e["type"] == "adapter_unavailable" and e["field"] == "body.adapter" and "'yesno'" in e["message"]
+        assert c.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]}).status_code == 200
+
+        def no_adapter_recommend(user_id, k=10, explain=True, history=None):
+            return GenreRecommender.recommend(rec, user_id, k, explain, history)
+
+        rec.recommend = no_adapter_recommend
+        r = c.get("/v1/users/u1/recommendations", params={"adapter": "yesno"})
+        assert r.status_code == 503, r.text
+        e = r.json()["error"]
+        assert e["type"] == "adapter_unavailable" and e["field"] == "query.adapter" and "'yesno'" in e["message"]

@@ -177,13 +177,19 @@ class RecommendationService:
         if not 1 <= k <= self.cfg.max_k:
             raise ServiceError(422, "validation_error", f"query.k: must be within 1..{self.cfg.max_k}", "query.k")
 
-    def _pick(self, adapter: str | None, method: str) -> tuple[Any, dict[str, Any]]:
-        """The recommender for `adapter` and the extra kwargs its `method` needs."""
+    def _pick(self, adapter: str | None, method: str, field: str) -> tuple[Any, dict[str, Any]]:
+        """The recommender for `adapter` and the extra kwargs its `method` needs. An adapter of the registry that the
+        backend did not load is the server's fault, not the request's: 503 naming the adapter (and `field`)."""
         if adapter in self.recommenders:
             return self.recommenders[adapter], {}
         rec = self.recommender
         if adapter is not None and not _accepts(getattr(rec, method), "adapter"):
-            raise ServiceError(422, "validation_error", f"adapter {adapter!r} is configured but not loaded", "adapter")
+            log.error("adapter %r is in llm.adapters but the LLM backend has not loaded it", adapter)
+            raise ServiceError(
+                503, "adapter_unavailable",
+                f"{field}: adapter {adapter!r} is configured (llm.adapters) but not loaded by the LLM backend; "
+                f"a server fault, not a bad request", field,
+            )
         return rec, ({"adapter": adapter} if _accepts(getattr(rec, method), "adapter") else {})
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -208,7 +214,7 @@ class RecommendationService:
         uh = self.hash_user(user_id)
         out: dict[str, Any] | None = None
         if self.recommender is not None:
-            recommender, extra = self._pick(adapter, "recommend")
+            recommender, extra = self._pick(adapter, "recommend", "query.adapter")
             kw: dict[str, Any] = {"k": k, "explain": explain, "history": history, **extra}
             tb = time.perf_counter()
             try:
@@ -302,7 +308,7 @@ class RecommendationService:
             raise ServiceError(404, "not_found", "unknown user: no events stored for this user_id", "body.user_id")
         if self.recommender is None:
             raise ServiceError(503, "backend_unavailable", "no LLM backend is configured (llm.backend: none)")
-        recommender, extra = self._pick(adapter, "score_yesno")
+        recommender, extra = self._pick(adapter, "score_yesno", "body.adapter")
         kw: dict[str, Any] = {"history": history, **extra}
         tb = time.perf_counter()
         try:
