@@ -205,3 +205,49 @@ def test_a_configured_adapter_the_backend_did_not_load_is_a_503_naming_it(tiny_d
         assert r.status_code == 503, r.text
         e = r.json()["error"]
         assert e["type"] == "adapter_unavailable" and e["field"] == "query.adapter" and "'yesno'" in e["message"]
+
+
+def test_an_unexpected_error_is_logged_with_its_type_and_frames_but_not_its_message(tiny_dataset, tmp_path, caplog):
+    """The catch-all handlers logged the whole traceback, exception messages included (a KeyError of a user id, a
+    driver error quoting a query's parameters): user ids never appear in logs. Logged: the type, where it was raised
+    and the frames of the exception and its causes; no message."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    c, _ = make_client(tiny_dataset, tmp_path)
+    store = c.app.state.service.store
+
+    def broken(user_id, limit=None):
+        try:
+            raise LookupError(f"no row for {user_id}")
+        except LookupError as e:
+            raise KeyError(user_id) from e
+
+    caplog.set_level(logging.DEBUG)
+    with c:
+        store.history_with_version = broken
+        r = c.get("/v1/users/secretuser9/history")
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    fmt = logging.Formatter("%(message)s")
+    logs = "\n".join(fmt.format(r) for r in caplog.records if r.name.startswith("llmrec"))
+    assert "secretuser9" not in logs, logs
+    assert "KeyError at " in logs and "in broken" in logs and "LookupError (message withheld)" in logs, logs
+    assert "direct cause" in logs
+
+    # an error outside the routes (in the request middleware itself) goes to the app's catch-all handler
+    c, _ = make_client(tiny_dataset, tmp_path / "mw")
+    metrics = c.app.state.metrics
+
+    class Boom:
+        user = "secretuser8"
+
+        def labels(self, **kw):
+            raise ValueError(f"user {self.user}")
+
+    caplog.clear()
+    with TestClient(c.app, raise_server_exceptions=False) as c2:
+        metrics.latency = Boom()
+        assert c2.get("/health").status_code == 500
+    logs = "\n".join(fmt.format(r) for r in caplog.records if r.name.startswith("llmrec"))
+    assert "secretuser8" not in logs and "ValueError at " in logs and "in labels" in logs, logs

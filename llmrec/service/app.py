@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -182,7 +183,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_r: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error: %s", type(e).__name__)
+        _log_unexpected("unexpected error", e)
         return error_json(500, "internal_error", "internal error (logged)")
 
     # ------------------------------------------------------------------------------------------------ middleware
@@ -209,7 +210,7 @@ def create_app(
         try:
             resp = await call_next(request)
         except Exception as e:  # noqa: BLE001
-            log.exception("unhandled error: %s", type(e).__name__)
+            _log_unexpected("unhandled error", e)
             resp = error_json(500, "internal_error", "internal error (logged)")
         _record(request, resp.status_code, t0)
         return resp
@@ -313,6 +314,42 @@ def create_app(
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _scrubbed_traceback(e: BaseException) -> tuple[str, str]:
+    """`e`'s type and where it was raised (`file:line in function`), and its traceback frames and those of its causes,
+    without any exception's message: messages may hold user ids (a KeyError of the id, a driver error quoting a
+    query's parameters), which never appear in logs."""
+    chain: list[tuple[BaseException, str]] = []  # newest first, each with how the exception after it relates to it
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    link = ""
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append((cur, link))
+        if cur.__cause__ is not None:
+            cur, link = cur.__cause__, "\nThe above exception was the direct cause of the following exception:\n\n"
+        elif cur.__context__ is not None and not cur.__suppress_context__:
+            cur, link = cur.__context__, "\nDuring handling of the above exception, another exception occurred:\n\n"
+        else:
+            cur = None
+    parts: list[str] = []
+    for exc, link in reversed(chain):  # oldest first, as Python prints a chain
+        frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+        parts.append(f"Traceback (most recent call last):\n{frames}{_qualname(exc)} (message withheld)\n{link}")
+    last = traceback.extract_tb(e.__traceback__)
+    where = f"{last[-1].filename}:{last[-1].lineno} in {last[-1].name}" if last else "unknown location"
+    return where, "".join(parts)
+
+
+def _qualname(e: BaseException) -> str:
+    t = type(e)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _log_unexpected(what: str, e: BaseException) -> None:
+    where, tb = _scrubbed_traceback(e)
+    log.error("%s: %s at %s (message withheld: it may hold user ids)\n%s", what, _qualname(e), where, tb.rstrip())
 
 
 def _redact(url: str) -> str:
