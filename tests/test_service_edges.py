@@ -218,7 +218,7 @@ def test_an_unexpected_error_is_logged_with_its_type_and_frames_but_not_its_mess
     c, _ = make_client(tiny_dataset, tmp_path)
     store = c.app.state.service.store
 
-    def broken(user_id, limit=None):
+    def broken(user_id, limit=None, **kw):
         try:
             raise LookupError(f"no row for {user_id}")
         except LookupError as e:
@@ -251,3 +251,41 @@ def test_an_unexpected_error_is_logged_with_its_type_and_frames_but_not_its_mess
         assert c2.get("/health").status_code == 500
     logs = "\n".join(fmt.format(r) for r in caplog.records if r.name.startswith("llmrec"))
     assert "secretuser8" not in logs and "ValueError at " in logs and "in labels" in logs, logs
+
+
+def test_history_pages_back_to_the_oldest_event_with_a_before_cursor(tiny_dataset, tmp_path):
+    """`GET /v1/users/{id}/history` had only `limit` (at most max_history_page): a user with more events than that
+    (ML-1M users have up to ~2,300) could never read the older ones. `next_before` and `before=<timestamp>:<id>` page
+    back in the store's order (timestamp, then insertion), ties included, without gaps or repeats, and a page stays
+    in place when newer events arrive."""
+    c, _ = make_client(tiny_dataset, tmp_path, max_history_page=5)
+    with c:
+        for i in range(7):  # same timestamp: the order between them is the insertion order
+            assert c.post("/v1/events", json={"user_id": "pager", "item_id": f"i{i}", "type": "click",
+                                              "timestamp": 1000}).status_code == 201
+        want = list(tiny_dataset.history("u2", before="all")["item_id"])
+        for user, expected in (("u2", want), ("pager", [f"i{i}" for i in range(7)])):
+            pages, before = [], None
+            while True:
+                params = {"limit": 3} if before is None else {"limit": 3, "before": before}
+                r = c.get(f"/v1/users/{user}/history", params=params)
+                assert r.status_code == 200, r.text
+                page = r.json()
+                assert page["events"]  # never an empty last page
+                pages.insert(0, [e["item_id"] for e in page["events"]])
+                before = page["next_before"]
+                if before is None:
+                    break
+                if len(pages) == 1:  # a newer event arriving between two pages does not shift the next page
+                    assert c.post("/v1/events", json={"user_id": user, "item_id": "i9", "type": "view"}
+                                  ).status_code == 201
+            assert [i for p in pages for i in p] == expected, (user, pages)
+        # a page that ends exactly on the oldest event says so (no empty page after it)
+        r = c.get("/v1/users/pager/history", params={"limit": 5, "before": "1000:999999"}).json()
+        assert [e["item_id"] for e in r["events"]] == [f"i{i}" for i in range(2, 7)] and r["next_before"]
+        r = c.get("/v1/users/pager/history", params={"limit": 2, "before": r["next_before"]}).json()
+        assert [e["item_id"] for e in r["events"]] == ["i0", "i1"] and r["next_before"] is None
+        for bad in ("abc", "10", "1:2:3", "-1:5", "1:" + "9" * 19):
+            r = c.get("/v1/users/u2/history", params={"before": bad})
+            assert r.status_code == 422 and r.json()["error"]["field"] == "query.before", (bad, r.text)
+        assert c.get("/v1/users/nobody/history", params={"before": "1:1"}).status_code == 404

@@ -23,6 +23,7 @@ from llmrec.service.config import ServiceConfig
 from llmrec.service.metrics import ServiceMetrics
 from llmrec.service.protocol import (
     ADAPTER_PATTERN,
+    CURSOR_PATTERN,
     ID_PATTERN,
     ErrorResponse,
     EventAck,
@@ -257,8 +258,11 @@ def create_app(
         user_id: str = user_path,
         # the default within the bound: a max_history_page under 50 must not refuse requests that name no limit
         limit: int = Query(min(50, cfg.max_history_page), ge=1, le=cfg.max_history_page),
+        before: str | None = Query(
+            None, pattern=CURSOR_PATTERN, description="page to older events: the `next_before` of the previous page "
+            "(`<timestamp>:<id>` of an event); the events before it in the store's order (timestamp, then id)"),
     ) -> dict:
-        return await asyncio.to_thread(svc.history, user_id, limit)
+        return await asyncio.to_thread(svc.history, user_id, limit, before)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, tags=["recommendations"])
     async def score(req: ScoreRequest) -> dict[str, Any]:

@@ -12,6 +12,8 @@ ADAPTER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
 # an event timestamp may be at most this far ahead of the server's clock (client clock skew); later ones are refused:
 # histories are ordered by timestamp, so a future-dated event would stay the user's "latest" event for ever
 MAX_FUTURE_SKEW_S = 300
+# a history page cursor: `<timestamp>:<id>` of an event (the store orders histories by timestamp, then insertion id)
+CURSOR_PATTERN = r"^[0-9]{1,18}:[0-9]{1,18}$"
 
 
 class ErrorDetail(BaseModel):
@@ -103,7 +105,10 @@ class EventAck(BaseModel):
 class HistoryResponse(BaseModel):
     user_id: str
     history_version: int
-    events: list[EventOut]
+    events: list[EventOut] = Field(description="oldest first")
+    next_before: str | None = Field(
+        None, description="when older events exist: the cursor (`<timestamp>:<id>` of the oldest event of this page) "
+        "to pass as `before` for the page before this one; null on the oldest page")
 
 
 class ScoreRequest(BaseModel):

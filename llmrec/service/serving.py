@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ import numpy as np
 from llmrec.data import title_twins, with_title_twins
 from llmrec.service.config import ServiceConfig
 from llmrec.service.metrics import ServiceMetrics
+from llmrec.service.protocol import CURSOR_PATTERN
 from llmrec.store import Event, EventStore, IdempotencyConflict, StoreError
 
 log = logging.getLogger(__name__)
@@ -282,15 +284,29 @@ class RecommendationService:
         log.info("event %s type=%s created=%s", self.hash_user(ev.user_id), ev.type, created)
         return {"event": stored.to_dict(), "created": created, "history_version": version}, created
 
-    def history(self, user_id: str, limit: int) -> dict[str, Any]:
+    def history(self, user_id: str, limit: int, before: str | None = None) -> dict[str, Any]:
+        """The `limit` most recent events (oldest first), or those before the cursor `before` (`<timestamp>:<id>`,
+        the previous page's `next_before`), and `next_before` when older events remain."""
         if not 1 <= limit <= self.cfg.max_history_page:
             raise ServiceError(
                 422, "validation_error", f"query.limit: must be within 1..{self.cfg.max_history_page}", "query.limit"
             )
-        events, version = self.store.history_with_version(user_id, limit)
+        cursor = None
+        if before is not None:
+            if not re.fullmatch(CURSOR_PATTERN, before):
+                raise ServiceError(422, "validation_error", f"query.before: {before[:40]!r} is not a cursor "
+                                   "'<timestamp>:<id>' (a history page's next_before)", "query.before")
+            ts, eid = before.split(":")
+            cursor = (int(ts), int(eid))
+        # one more than the page: tells whether older events remain (no empty last page)
+        events, version = self.store.history_with_version(user_id, limit + 1, before=cursor)
         if version is None:
             raise ServiceError(404, "not_found", "unknown user: no events stored for this user_id", "path.user_id")
-        return {"user_id": user_id, "history_version": version, "events": [e.to_dict() for e in events]}
+        more = len(events) > limit
+        events = events[len(events) - limit:] if more else events  # oldest first: the extra one is the first
+        next_before = f"{events[0].timestamp}:{events[0].id}" if more else None
+        return {"user_id": user_id, "history_version": version, "events": [e.to_dict() for e in events],
+                "next_before": next_before}
 
     async def score(self, user_id: str, item_ids: list[str], adapter: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -245,28 +245,33 @@ class EventStore:
         return self.version(user_id) is not None
 
     @staticmethod
-    def _history_query(user_id: str, limit: int | None) -> Any:
-        """The user's events, most recent first (ties: the later insert), at most `limit`."""
-        q = (
-            sa.select(events_t)
-            .where(events_t.c.user_id == str(user_id))
-            .order_by(events_t.c.timestamp.desc(), events_t.c.id.desc())
-        )
+    def _history_query(user_id: str, limit: int | None, before: tuple[int, int] | None = None) -> Any:
+        """The user's events, most recent first (ties: the later insert), at most `limit`; with `before` = (timestamp,
+        id) of an event, only the events that come before it in that order (keyset paging on the (user_id, timestamp,
+        id) index: a page stays in place when newer events arrive)."""
+        q = sa.select(events_t).where(events_t.c.user_id == str(user_id))
+        if before is not None:
+            ts, eid = (int(x) for x in before)
+            q = q.where(sa.or_(events_t.c.timestamp < ts, sa.and_(events_t.c.timestamp == ts, events_t.c.id < eid)))
+        q = q.order_by(events_t.c.timestamp.desc(), events_t.c.id.desc())
         return q if limit is None else q.limit(int(limit))
 
-    def history(self, user_id: str, limit: int | None = None) -> list[Event]:
-        """The user's most recent `limit` events (all if None), oldest first."""
-        q = self._history_query(user_id, limit)
+    def history(self, user_id: str, limit: int | None = None, *, before: tuple[int, int] | None = None) -> list[Event]:
+        """The user's most recent `limit` events (all if None), oldest first; with `before` = (timestamp, id), the most
+        recent ones older than that event (the store's order: timestamp, then insertion)."""
+        q = self._history_query(user_id, limit, before)
         with self.engine.connect() as conn:
             rows = conn.execute(q).fetchall()
         return [_row_to_event(r) for r in reversed(rows)]
 
-    def history_with_version(self, user_id: str, limit: int | None = None) -> tuple[list[Event], int | None]:
-        """History and version, consistent with each other. Each statement reads its own snapshot (pysqlite runs
-        SELECTs outside a transaction, Postgres' READ COMMITTED snapshots per statement), so the version is read again
-        after the history and the read is retried when a concurrent event changed it in between (versions only grow,
-        so an unchanged version means no event of this user was committed between the reads)."""
-        q = self._history_query(user_id, limit)
+    def history_with_version(
+        self, user_id: str, limit: int | None = None, *, before: tuple[int, int] | None = None
+    ) -> tuple[list[Event], int | None]:
+        """History (as `history`) and version, consistent with each other. Each statement reads its own snapshot
+        (pysqlite runs SELECTs outside a transaction, Postgres' READ COMMITTED snapshots per statement), so the version
+        is read again after the history and the read is retried when a concurrent event changed it in between
+        (versions only grow, so an unchanged version means no event of this user was committed between the reads)."""
+        q = self._history_query(user_id, limit, before)
         vq = sa.select(versions_t.c.version).where(versions_t.c.user_id == str(user_id))
         rows: list[Any] = []
         with self.engine.connect() as conn:
