@@ -289,3 +289,39 @@ def test_history_pages_back_to_the_oldest_event_with_a_before_cursor(tiny_datase
             r = c.get("/v1/users/u2/history", params={"before": bad})
             assert r.status_code == 422 and r.json()["error"]["field"] == "query.before", (bad, r.text)
         assert c.get("/v1/users/nobody/history", params={"before": "1:1"}).status_code == 404
+
+
+def test_a_rating_outside_the_datasets_scale_is_refused_naming_the_range(tiny_dataset, tmp_path):
+    """Rating values were unbounded (1e9 or -5 was stored, read as a like or a dislike, and written into the user's
+    prompts). A rating outside the dataset's scale (its lowest..highest rating when its labels come from ratings;
+    `rating_range` when set) is a 422 naming body.value and the range, and changes nothing."""
+    assert tiny_dataset.manifest["label_rule"] == "rating_threshold"
+    c, _ = make_client(tiny_dataset, tmp_path)
+    ev = {"user_id": "u1", "item_id": "i1", "type": "rating"}
+    with c:
+        before = c.get("/v1/users/u1/history", params={"limit": 1}).json()["history_version"]
+        for bad in (1e9, -5, 0.5, 5.01):
+            r = c.post("/v1/events", json={**ev, "value": bad})
+            assert r.status_code == 422, (bad, r.text)
+            e = r.json()["error"]
+            assert e["field"] == "body.value" and "1..5" in e["message"], e
+        r = c.post("/v1/events", content=b'{"user_id": "u1", "item_id": "i1", "type": "rating", "value": NaN}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "body.value", r.text
+        assert c.get("/v1/users/u1/history", params={"limit": 1}).json()["history_version"] == before
+        for ok in (1, 3.5, 5):
+            assert c.post("/v1/events", json={**ev, "value": ok}).status_code == 201
+        # a view's value is a weight, not a rating: not bounded by the scale
+        assert c.post("/v1/events", json={**ev, "type": "view", "value": 120}).status_code == 201
+    c, _ = make_client(tiny_dataset, tmp_path / "configured", rating_range=[0, 10])
+    with c:
+        assert c.post("/v1/events", json={**ev, "value": 10}).status_code == 201
+        r = c.post("/v1/events", json={**ev, "value": 11})
+        assert r.status_code == 422 and "0..10" in r.json()["error"]["message"]
+
+
+def test_rating_range_must_be_two_finite_ordered_numbers():
+    for bad in ("[5, 1]", "[1]", "[1, .inf]", "[1, 1]"):
+        with pytest.raises(ConfigError, match="rating_range: must be"):
+            load_service_config(None, [f"rating_range={bad}"], environ={})
+    assert load_service_config(None, ["rating_range=[1, 5]"], environ={}).rating_range == [1.0, 5.0]

@@ -75,6 +75,10 @@ class ServiceConfig:
     # rating events above it count as likes; null = the dataset's own rule (its manifest's like_threshold, as its
     # prepared labels and the adapters' training prompts read ratings), else 3
     like_threshold: float | None = None
+    # [low, high]: the values a rating event may have (422 outside); null = the dataset's own scale when its labels
+    # come from ratings (label_rule rating_threshold: the lowest and highest rating it holds, 1..5 for MovieLens),
+    # else any finite number (e.g. a play count)
+    rating_range: list[float] | None = None
     # never recommend an item listed under the title of one the user has seen (catalogue duplicates, e.g. ML-100K's
     # 18 films with two ids each); false: seen items are excluded by id only
     exclude_seen_titles: bool = True
@@ -113,6 +117,11 @@ class ServiceConfig:
             raise ConfigError(f"llm.max_model_len: must be >= 1 (got {self.llm.max_model_len})")
         if self.like_threshold is not None and not math.isfinite(self.like_threshold):
             raise ConfigError(f"like_threshold: must be a finite number (got {self.like_threshold})")
+        if self.rating_range is not None:
+            r = self.rating_range
+            if (len(r) != 2 or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                                       for x in r) or not r[0] < r[1]):
+                raise ConfigError(f"rating_range: must be [low, high], two finite numbers with low < high (got {r!r})")
         if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
             raise ConfigError(f"retrieval_weight: must be a finite number >= 0 (got {self.retrieval_weight})")
         if not 1 <= self.default_k <= self.max_k:

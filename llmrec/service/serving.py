@@ -126,6 +126,23 @@ class CollaborativeFallback:
         ]
 
 
+def rating_range_of(ds: Any, configured: list[float] | None = None) -> tuple[float, float] | None:
+    """The values a rating event may have: `configured`, else the scale of a dataset whose labels come from its
+    ratings (manifest label_rule `rating_threshold`: its lowest and highest rating), else None (any finite value;
+    e.g. a play count, whose top has no bound)."""
+    if configured is not None:
+        return float(configured[0]), float(configured[1])
+    manifest = getattr(ds, "manifest", None) or {}
+    inter = getattr(ds, "interactions", None)
+    if manifest.get("label_rule") != "rating_threshold" or inter is None or "rating" not in inter:
+        return None
+    ratings = inter["rating"].dropna()
+    if ratings.empty:
+        return None
+    lo, hi = float(ratings.min()), float(ratings.max())
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and lo < hi else None
+
+
 def _accepts(fn: Any, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -164,6 +181,7 @@ class RecommendationService:
                          else None)
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="llmrec-llm")
         self.adapters = sorted(cfg.llm.adapters)
+        self.rating_range = rating_range_of(catalogue, cfg.rating_range)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def check_adapter(self, adapter: str | None, field: str) -> str | None:
@@ -267,6 +285,11 @@ class RecommendationService:
             raise ServiceError(422, "validation_error", f"body.item_id: unknown item {ev.item_id!r}", "body.item_id")
         if ev.type == "rating" and ev.value is None:
             raise ServiceError(422, "validation_error", "body.value: a rating event needs a value", "body.value")
+        if ev.type == "rating" and self.rating_range is not None:
+            lo, hi = self.rating_range
+            if not (math.isfinite(ev.value) and lo <= ev.value <= hi):
+                raise ServiceError(422, "validation_error", f"body.value: rating {ev.value!r} is outside the rating "
+                                   f"scale {lo:g}..{hi:g} (rating_range)", "body.value")
         key = ev.idempotency_key or header_key
         if ev.idempotency_key and header_key and ev.idempotency_key != header_key:
             raise ServiceError(422, "validation_error",
