@@ -84,6 +84,25 @@ def test_embedding_cache_round_trip(tmp_path):
     assert EmbeddingCache(tmp_path, "other").get([text_hash("x")]) == [None]
 
 
+def test_embedding_cache_truncated_or_foreign_file_is_re_encoded(tmp_path, caplog):
+    """A cache.npz cut short (a copy interrupted, a disk that filled) raised zipfile.BadZipFile out of every build
+    that touched the cache, instead of being re-encoded and rewritten; vectors of the wrong rank likewise."""
+    c = EmbeddingCache(tmp_path, "m")
+    c.put([text_hash("x"), text_hash("y")], np.eye(3, dtype=np.float32)[:2])
+    path = tmp_path / "m" / "cache.npz"
+    whole = path.read_bytes()
+    bad = {"truncated": whole[: len(whole) // 2], "garbage": b"PK\x03\x04 not a zip"}
+    for what, data in bad.items():
+        path.write_bytes(data)
+        assert EmbeddingCache(tmp_path, "m").get([text_hash("x")]) == [None], what
+    assert "unreadable" in caplog.text and str(path) in caplog.text
+    np.savez(path, hashes=np.array([text_hash("x")], dtype="S64"), vectors=np.ones(3, dtype=np.float32))
+    assert EmbeddingCache(tmp_path, "m").get([text_hash("x")]) == [None]  # 1-D vectors: not a cache of this format
+    fresh = EmbeddingCache(tmp_path, "m")  # the next write replaces the broken file with a readable one
+    fresh.put([text_hash("z")], np.eye(3, dtype=np.float32)[2:])
+    assert np.array_equal(EmbeddingCache(tmp_path, "m").get([text_hash("z")])[0], [0, 0, 1])
+
+
 def test_model_key_changes_with_any_weight_or_module_file(tmp_path):
     from llmrec.retrieval.encoder import model_key
 

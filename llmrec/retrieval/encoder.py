@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,12 @@ class EmbeddingCache:
                 try:
                     with np.load(path) as z:
                         hs, vs = z["hashes"], z["vectors"]
-                    if len(hs) == len(vs):
-                        self._map = {h.decode() if isinstance(h, bytes) else str(h): v for h, v in zip(hs, vs)}
-                except (OSError, ValueError, KeyError, EOFError) as e:
-                    log.warning("embedding cache %s unreadable (%s): re-encoding", self.dir, e)
+                    if vs.ndim != 2 or len(hs) != len(vs):
+                        raise ValueError(f"{len(hs)} hashes but vectors of shape {vs.shape}")
+                    self._map = {h.decode() if isinstance(h, bytes) else str(h): v for h, v in zip(hs, vs)}
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                    # a truncated or foreign file (a copy cut short, a disk that filled): it is rewritten by put()
+                    log.warning("embedding cache %s unreadable (%s): re-encoding", path, e)
         return self._map
 
     def get(self, hashes: list[str]) -> list[np.ndarray | None]:
