@@ -75,6 +75,59 @@ def test_embedding_cache_interleaved_writers_never_pair_wrong_vectors(tmp_path, 
         assert g is None or np.array_equal(g, v), "a cached vector is paired with another text's hash"
 
 
+def test_cache_and_index_writers_of_one_process_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Temporary files were named by the process id alone: two writers of one process (threads of the service, a
+    re-entrant build) wrote into the same `.cache.npz.<pid>.tmp`, so one writer's rename carried the other's half
+    file and the second rename raised FileNotFoundError; a failed write also left its temporary file behind."""
+    from llmrec.retrieval.index import build_index, load_index, save_index
+
+    a, b = EmbeddingCache(tmp_path, "m"), EmbeddingCache(tmp_path, "m")
+    real_savez = np.savez
+    state = {"nested": False}
+
+    def savez(f, **arrays):
+        if not state["nested"]:  # writer B runs its whole write while A is half-way through its file
+            state["nested"] = True
+            f.write(b"PK\x03\x04half")
+            b.put([text_hash("b")], np.eye(2, dtype=np.float32)[1:])
+            f.seek(0)
+            f.truncate()
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    a.put([text_hash("a")], np.eye(2, dtype=np.float32)[:1])
+    monkeypatch.setattr(np, "savez", real_savez)
+    got = EmbeddingCache(tmp_path, "m").get([text_hash("a"), text_hash("b")])
+    assert np.array_equal(got[0], [1, 0]) and (got[1] is None or np.array_equal(got[1], [0, 1]))
+    assert not list((tmp_path / "m").glob(".*"))  # no temporary file left
+
+    def full(f, **arrays):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(OSError, match="No space"):
+        EmbeddingCache(tmp_path, "m").put([text_hash("c")], np.eye(2, dtype=np.float32)[:1])
+    monkeypatch.setattr(np, "savez", real_savez)
+    assert not list((tmp_path / "m").glob(".*")) and np.array_equal(
+        EmbeddingCache(tmp_path, "m").get([text_hash("a")])[0], [1, 0])  # the old cache is intact
+    # the index: a failed write leaves the folder as it was, without a temporary file
+    import faiss
+
+    meta = {"texts_sha": "a", "n_items": 4, "kind": "flat"}
+    save_index(build_index(np.eye(4, dtype=np.float32)), tmp_path / "ix", meta)
+    real_write = faiss.write_index
+
+    def broken(index, path):
+        real_write(index, path)
+        raise RuntimeError("write failed")
+
+    monkeypatch.setattr(faiss, "write_index", broken)
+    with pytest.raises(RuntimeError, match="write failed"):
+        save_index(build_index(np.eye(4, dtype=np.float32)), tmp_path / "ix", {**meta, "texts_sha": "b"})
+    monkeypatch.setattr(faiss, "write_index", real_write)
+    assert not list((tmp_path / "ix").glob(".*")) and load_index(tmp_path / "ix", meta).ntotal == 4
+
+
 def test_embedding_cache_round_trip(tmp_path):
     c = EmbeddingCache(tmp_path, "m")
     c.put([text_hash("x"), text_hash("y")], np.eye(3, dtype=np.float32)[:2])

@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from llmrec.config import llmrec_home
 from llmrec.data.prepare import file_sha256
+from llmrec.retrieval.index import replace_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,12 @@ class EmbeddingCache:
             m[h] = np.asarray(v, dtype=np.float32)
         self.dir.mkdir(parents=True, exist_ok=True)
         keys = list(m)
-        tmp = self.dir / f".cache.npz.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:  # one file, one rename: hashes and vectors always come from the same writer
-            np.savez(f, hashes=np.array(keys, dtype="S64"), vectors=np.stack([m[k] for k in keys]))
-        os.replace(tmp, self.dir / "cache.npz")
+
+        def write(tmp: Path) -> None:  # one file, one rename: hashes and vectors always come from the same writer
+            with open(tmp, "wb") as f:
+                np.savez(f, hashes=np.array(keys, dtype="S64"), vectors=np.stack([m[k] for k in keys]))
+
+        replace_atomic(self.dir / "cache.npz", write)  # a temporary name of its own: threads of one process too
 
 
 class TextEncoder:

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +49,18 @@ def _index_file(meta: dict) -> str:
     return f"index-{digest}.faiss"
 
 
+def replace_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a temporary file of `final`'s folder under a name no other writer uses (thread or process),
+    then rename it onto `final`; on any failure the temporary file is removed and `final` is left as it was."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_index(index: Any, folder: Path, meta: dict) -> None:
     """Write the index under a name derived from `meta`, then meta.json (each by an atomic rename); older index
     files of the folder are removed."""
@@ -55,12 +69,9 @@ def save_index(index: Any, folder: Path, meta: dict) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     name = _index_file(meta)
-    tmp = folder / f".index.{os.getpid()}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / name)
-    mtmp = folder / f".meta.{os.getpid()}.tmp"
-    mtmp.write_text(json.dumps({**meta, "index_file": name}, indent=2))
-    os.replace(mtmp, folder / "meta.json")
+    replace_atomic(folder / name, lambda tmp: faiss.write_index(index, str(tmp)))
+    text = json.dumps({**meta, "index_file": name}, indent=2)
+    replace_atomic(folder / "meta.json", lambda tmp: tmp.write_text(text))
     for old in folder.glob("index*.faiss"):
         if old.name != name:
             old.unlink(missing_ok=True)
