@@ -304,3 +304,15 @@ def test_saved_index_and_its_meta_cannot_disagree(tmp_path):
     faiss.write_index(build_index(a), str(tmp_path / "index.faiss"))
     (tmp_path / "meta.json").write_text(json.dumps(meta_a))
     assert load_index(tmp_path, meta_a) is None
+
+
+def test_an_index_meta_that_is_not_a_json_object_means_rebuild(tmp_path):
+    """A meta.json holding valid JSON that is not an object (`[]`, `null`: a file overwritten by hand or by another
+    tool) raised AttributeError out of every retriever build instead of rebuilding the index."""
+    from llmrec.retrieval.index import build_index, load_index, save_index
+
+    meta = {"texts_sha": "a", "n_items": 3, "kind": "flat"}
+    save_index(build_index(np.eye(3, dtype=np.float32)), tmp_path, meta)
+    for text in ("[1, 2]", "null", '"index"'):
+        (tmp_path / "meta.json").write_text(text)
+        assert load_index(tmp_path, meta) is None, text

@@ -86,6 +86,9 @@ def load_index(folder: Path, expect: dict) -> Any | None:
         meta = json.loads(mp.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(meta, dict):
+        log.warning("%s is not a JSON object: rebuilding the index", mp)
+        return None
     if any(meta.get(k) != v for k, v in expect.items()) or meta.get("index_file") != _index_file(expect):
         return None  # another build's index, or a folder written before index files were named by their meta
     ip = folder / meta["index_file"]
