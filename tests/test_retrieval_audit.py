@@ -316,3 +316,19 @@ def test_an_index_meta_that_is_not_a_json_object_means_rebuild(tmp_path):
     for text in ("[1, 2]", "null", '"index"'):
         (tmp_path / "meta.json").write_text(text)
         assert load_index(tmp_path, meta) is None, text
+
+
+def test_split_histories_refuse_train_which_has_no_cut_off(tiny_dataset, tmp_path):
+    """`split_history` (behind TextRetriever / ItemCF `score_items`) took split="train" as every event: the user's
+    valid and test targets were scored as history, where the baselines, `history_indices` and `history_before`
+    refuse that split and the error message listed only 'valid', 'test' or 'all'."""
+    from llmrec.retrieval import ItemCF
+    from llmrec.retrieval.text import split_history
+
+    ds = tiny_dataset
+    u = ds.user_ids[0]
+    assert len(split_history(ds, u, "all")) == len(split_history(ds, u, "test")) + 1
+    ret, cf = _retriever(ds, tmp_path), ItemCF().fit(ds)
+    for score in (ret.score_items, cf.score_items):
+        with pytest.raises(ValueError, match="split must be 'valid', 'test' or 'all', got 'train'"):
+            score([u], "train")

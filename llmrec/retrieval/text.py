@@ -62,8 +62,9 @@ def split_history(ds: Any, user_id: str, split: str) -> list[tuple[str, bool | N
     """The user's events allowed before the target of `split` (test: train+valid, valid: train, all: every
     event), oldest first. Built once per (dataset, split) from `ds.interactions` with the same rule as
     `ds.history`."""
-    if split not in ("test", "valid", "all", "train"):
-        raise ValueError(f"split must be 'valid', 'test' or 'all', got {split!r}")
+    if split not in ("test", "valid", "all"):  # "train" has no single cut-off: a training target needs its position
+        raise ValueError(f"split must be 'valid', 'test' or 'all', got {split!r} (a training position's history: "
+                         "llmrec.retrieval.history_before(ds, user, pos=...))")
     key = (id(ds.interactions), split)
     hit = _SPLIT_CACHE.get(key)
     table = hit[1] if hit is not None and hit[0] is ds.interactions else None
