@@ -332,3 +332,43 @@ def test_split_histories_refuse_train_which_has_no_cut_off(tiny_dataset, tmp_pat
     for score in (ret.score_items, cf.score_items):
         with pytest.raises(ValueError, match="split must be 'valid', 'test' or 'all', got 'train'"):
             score([u], "train")
+
+
+def test_fusion_refuses_settings_that_silently_drop_or_misalign_a_ranking(tiny_dataset, tmp_path):
+    """rrf_fuse zipped weights with rankings (one weight too few dropped a ranking without a word), broadcast a
+    [1, n_items] matrix over n users, and HybridRetriever / EnsembleRetriever accepted a collaborative model built on
+    another catalogue (its scores were then read against the text retriever's item order)."""
+    import copy
+
+    from llmrec.retrieval import EnsembleRetriever, HybridRetriever, ItemCF, rrf_fuse
+
+    a, b = np.array([[3.0, 2.0, 1.0]] * 2), np.array([[1.0, 2.0, 3.0]] * 2)
+    assert np.allclose(rrf_fuse([a, b], [1.0, 1.0])[0], [1 / 61 + 1 / 63, 2 / 62, 1 / 63 + 1 / 61])
+    with pytest.raises(ValueError, match="1 weights for 2 rankings"):
+        rrf_fuse([a, b], [1.0])
+    with pytest.raises(ValueError, match=r"matrix 1 has shape \(1, 3\)"):
+        rrf_fuse([a, b[:1]])
+    with pytest.raises(ValueError, match="exclude lists 1 users"):
+        rrf_fuse([a, b], exclude=[np.array([0])])
+    for bad in ({"rrf_k": -1.0}, {"weights": [1.0, float("nan")]}, {"depth": 0}):
+        with pytest.raises(ValueError, match="rrf_fuse"):
+            rrf_fuse([a, b], **bad)
+    with pytest.raises(ValueError, match="no score matrices"):
+        rrf_fuse([])
+
+    ds = tiny_dataset
+    text, cf = _retriever(ds, tmp_path), ItemCF().fit(ds)
+    with pytest.raises(ValueError, match=r"1 weights for 2 rankings"):
+        HybridRetriever(text, cf, weights=(1.0,))
+    with pytest.raises(ValueError, match="depth"):
+        HybridRetriever(text, cf, depth=0)
+    other = copy.copy(ds)
+    other.items = ds.items.iloc[::-1].reset_index(drop=True)  # same items, another order
+    other.item_ids = other.items["item_id"].to_numpy()
+    other.item_index = {i: n for n, i in enumerate(other.item_ids)}
+    moved = ItemCF().fit(other)
+    with pytest.raises(ValueError, match="catalogues differ"):
+        HybridRetriever(text, moved)
+    with pytest.raises(ValueError, match="catalogues differ"):
+        EnsembleRetriever([cf, moved])
+    HybridRetriever(text, ItemCF().fit(copy.copy(ds)))  # another object of the same catalogue is fine

@@ -32,6 +32,34 @@ def tied_row_ranks(scores: np.ndarray) -> np.ndarray:
     return rankdata(-s, method="average", axis=1) if s.size else np.zeros(s.shape)
 
 
+def check_rrf(weights: Sequence[float], n_inputs: int, rrf_k: float, depth: int | None = None,
+              who: str = "rrf_fuse") -> None:
+    """Refuse fusion settings that would silently drop an input (a weight count other than the inputs': `zip`
+    stopped at the shorter) or break the formula (rrf_k < 0, a non-finite or negative weight, depth < 1)."""
+    if len(weights) != n_inputs:
+        raise ValueError(f"{who}: {len(weights)} weights for {n_inputs} rankings (weights={tuple(weights)}); give one "
+                         "weight per ranking")
+    bad = [w for w in weights if not (np.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"{who}: weights must be finite and >= 0, got {tuple(weights)}")
+    if not (np.isfinite(rrf_k) and rrf_k >= 0):
+        raise ValueError(f"{who}: rrf_k must be finite and >= 0, got {rrf_k}")
+    if depth is not None and (isinstance(depth, bool) or int(depth) != depth or depth < 1):
+        raise ValueError(f"{who}: depth must be None (every item) or an integer >= 1, got {depth!r}")
+
+
+def check_same_catalogue(models: Sequence[Any], who: str) -> None:
+    """Every model that tells its dataset (`.ds`) must rank the same catalogue, in the same item order: fused scores
+    and list positions are read by item index, so another catalogue would pair scores with the wrong items."""
+    known = [(m, m.ds) for m in models if getattr(m, "ds", None) is not None]
+    for m, ds in known[1:]:
+        ref_m, ref = known[0]
+        if ds is not ref and not np.array_equal(np.asarray(ds.item_ids), np.asarray(ref.item_ids)):
+            raise ValueError(f"{who}: {type(m).__name__} was built on {getattr(ds, 'name', '?')} ({ds.n_items} items) "
+                             f"but {type(ref_m).__name__} on {getattr(ref, 'name', '?')} ({ref.n_items} items): "
+                             "their catalogues differ")
+
+
 def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = None, rrf_k: float = 60.0,
              exclude: list[np.ndarray] | None = None, depth: int | None = None) -> np.ndarray:
     """Fuse [n_users, n_items] score matrices by reciprocal rank fusion. Items in `exclude[u]` (indices) are
@@ -41,8 +69,18 @@ def rrf_fuse(score_mats: list[np.ndarray], weights: Sequence[float] | None = Non
     (`tied_row_ranks`): a model that cannot tell them apart gives them equal votes, and a model that scores every
     item alike leaves the fused scores tied (which the metrics count against the target), where ranks in catalogue
     order would have ranked the first items of the catalogue top."""
+    if not len(score_mats):
+        raise ValueError("rrf_fuse: no score matrices to fuse")
     weights = list(weights) if weights is not None else [1.0] * len(score_mats)
-    out = np.zeros(score_mats[0].shape, dtype=np.float64)
+    check_rrf(weights, len(score_mats), rrf_k, depth)
+    shape = np.shape(score_mats[0])
+    for m, s in enumerate(score_mats):
+        if len(np.shape(s)) != 2 or np.shape(s) != shape:
+            raise ValueError(f"rrf_fuse: score matrix {m} has shape {np.shape(s)}, matrix 0 {shape}: every input must "
+                             "be [n_users, n_items] for the same users and items")
+    if exclude is not None and len(exclude) != shape[0]:
+        raise ValueError(f"rrf_fuse: exclude lists {len(exclude)} users, the score matrices {shape[0]}")
+    out = np.zeros(shape, dtype=np.float64)
     for w, s in zip(weights, score_mats):
         s = np.array(s, dtype=np.float64, copy=True)
         if exclude is not None:
@@ -72,6 +110,8 @@ class HybridRetriever:
 
     def __init__(self, text: TextRetriever, cf_model: Any, rrf_k: float = 60.0, weights: Sequence[float] = (0.5, 1.0),
                  depth: int | None = 200):
+        check_rrf(tuple(weights), 2, rrf_k, depth, who="HybridRetriever (weights = (text, collaborative))")
+        check_same_catalogue([text, cf_model], "HybridRetriever")
         self.text = text
         self.cf = cf_model
         self.rrf_k = rrf_k
@@ -205,7 +245,9 @@ class EnsembleRetriever(ModelRetriever):
         self.models = list(models)
         self.weights = tuple(weights) if weights is not None else (1.0,) * len(self.models)
         if len(self.weights) != len(self.models):
-            raise ValueError(f"{len(self.models)} models but {len(self.weights)} weights")
+            raise ValueError(f"EnsembleRetriever: {len(self.models)} models but {len(self.weights)} weights")
+        check_rrf(self.weights, len(self.models), rrf_k, who="EnsembleRetriever")
+        check_same_catalogue(self.models, "EnsembleRetriever")
         self.rrf_k = rrf_k
 
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None, *,
