@@ -372,3 +372,20 @@ def test_fusion_refuses_settings_that_silently_drop_or_misalign_a_ranking(tiny_d
     with pytest.raises(ValueError, match="catalogues differ"):
         EnsembleRetriever([cf, moved])
     HybridRetriever(text, ItemCF().fit(copy.copy(ds)))  # another object of the same catalogue is fine
+
+
+def test_text_encoder_names_a_folder_that_is_not_a_model(tmp_path):
+    """A model_path that exists but holds no model (an empty or wrong folder, a file) was accepted and failed only
+    at the first encode, with sentence-transformers' 'Should have a `model_type` key in its config.json'."""
+    from llmrec.retrieval import TextEncoder
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    for p in (tmp_path / "empty", tmp_path / "weights.bin"):
+        with pytest.raises(FileNotFoundError, match="not a sentence-transformers model folder.*modules.json"):
+            TextEncoder(p, cache_dir=tmp_path / "emb")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TextEncoder(tmp_path / "missing", cache_dir=tmp_path / "emb")
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "modules.json").write_text("[]")
+    assert TextEncoder(tmp_path / "ok", cache_dir=tmp_path / "emb").key.startswith("ok-")  # nothing loaded yet

@@ -107,6 +107,11 @@ class TextEncoder:
         self.path = Path(model_path) if model_path is not None else default_encoder_path()
         if not self.path.exists():
             raise FileNotFoundError(f"sentence-transformers model folder {self.path} does not exist")
+        if not self.path.is_dir() or not any((self.path / f).is_file() for f in ("modules.json", "config.json")):
+            # caught here, not at the first encode (where sentence-transformers asks for a `model_type` in a
+            # config.json that is not there)
+            raise FileNotFoundError(f"{self.path} is not a sentence-transformers model folder: it has neither "
+                                    "modules.json nor config.json")
         self.key = model_key(self.path)
         self.batch_size = batch_size
         self.device = device
