@@ -389,3 +389,26 @@ def test_text_encoder_names_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "modules.json").write_text("[]")
     assert TextEncoder(tmp_path / "ok", cache_dir=tmp_path / "emb").key.startswith("ok-")  # nothing loaded yet
+
+
+def test_a_negative_or_fractional_k_is_refused_not_sliced_from_the_end(tiny_dataset, tmp_path):
+    """k=-1 sliced lists from the end: `candidates_for(..., k=-1)` with a hybrid retriever returned every fused
+    candidate but the last two (33 items here) and the "mean" text search all but one of its hits; k=0 stays an
+    empty list."""
+    from llmrec.retrieval import HybridRetriever, ItemCF, ModelRetriever, candidates_for
+
+    ds = tiny_dataset
+    u, first = ds.user_ids[0], ds.item_ids[0]
+    knn, mean = _retriever(ds, tmp_path / "knn"), _retriever(ds, tmp_path / "mean", scoring="mean")
+    cf = ItemCF().fit(ds)
+    rets = [knn, mean, cf, HybridRetriever(knn, cf), ModelRetriever(cf)]
+    for ret in rets:
+        for bad in (-1, -5, 2.5, True):
+            with pytest.raises(ValueError, match="integer >= 0"):
+                ret.query([(first, True)], k=bad)
+        assert ret.query([(first, True)], k=0) == []
+        assert len(ret.query([(first, True)], k=np.int64(4))) == 4
+    for ret in (knn, rets[3]):
+        with pytest.raises(ValueError, match="candidates_for.*got -1"):
+            candidates_for(ds, u, "test", -1, ret)
+        assert candidates_for(ds, u, "test", 0, ret) == []

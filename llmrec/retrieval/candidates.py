@@ -76,6 +76,9 @@ def history_before(ds: Any, user_id: str, split: str = "test", pos: int | None =
 def candidates_for(ds: Any, user_id: str, split: str = "test", k: int = 20, retriever: Any = None,
                    pos: int | None = None) -> list[tuple[str, float]]:
     """Top-k unseen (item_id, score) for the user's target of `split` (or at position `pos`), best first."""
+    from llmrec.retrieval.text import check_k
+
+    k = check_k(k, "candidates_for")
     ret = retriever if retriever is not None else default_retriever(ds)
     hist = history_before(ds, user_id, split, pos)
     seen = {i for i, _, _ in hist}

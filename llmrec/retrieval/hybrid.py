@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.retrieval.text import HistoryLike, TextRetriever, as_events, top_unseen
+from llmrec.retrieval.text import HistoryLike, TextRetriever, as_events, check_k, top_unseen
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class HybridRetriever:
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None, *,
               user_id: str | None = None, split: str = "test") -> list[tuple[str, float]]:
         """Top-k unseen items: RRF of the top-`depth` text and collaborative lists."""
+        k = check_k(k, "HybridRetriever.query")
         events = as_events(history)
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
         depth = max(self.depth or self.ds.n_items, k)

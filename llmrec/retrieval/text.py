@@ -41,8 +41,17 @@ def as_events(history: Iterable[Any]) -> list[tuple[str, bool | None]]:
     return out
 
 
+def check_k(k: Any, who: str = "k") -> int:
+    """`k` as an int >= 0 (0: an empty list), else ValueError naming it: a negative k sliced lists from the end
+    (`[:k]`: every candidate but the last |k|), and a float failed deep inside with a slicing TypeError."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise ValueError(f"{who}: the number of items wanted must be an integer >= 0, got {k!r}")
+    return int(k)
+
+
 def top_unseen(scores: np.ndarray, ids: Sequence[Any], exclude: set[str], k: int) -> list[tuple[str, float]]:
     """The k best (item_id, score) of a [n_items] score vector, skipping `exclude`; ties keep catalogue order."""
+    k = check_k(k, "top_unseen")
     out: list[tuple[str, float]] = []
     if k <= 0:
         return out
@@ -239,6 +248,7 @@ class TextRetriever:
 
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None) -> list[tuple[str, float]]:
         """Top-k unseen items for a history. `exclude` defaults to the history's own items."""
+        k = check_k(k, "TextRetriever.query")
         events = as_events(history)
         exclude = set(exclude) if exclude is not None else {i for i, _ in events}
         if self.scoring == "knn":
@@ -249,6 +259,7 @@ class TextRetriever:
 
     def query_text(self, profile: str, k: int = 20, exclude: set[str] | None = None) -> list[tuple[str, float]]:
         """Top-k items for a free-text profile ("likes slow Scandinavian crime dramas")."""
+        k = check_k(k, "TextRetriever.query_text")
         return self.search(self.text_vector(profile), k, exclude)
 
     def score_items(self, user_ids: Sequence[str], split: str = "test") -> np.ndarray:
