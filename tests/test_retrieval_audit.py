@@ -412,3 +412,29 @@ def test_a_negative_or_fractional_k_is_refused_not_sliced_from_the_end(tiny_data
         with pytest.raises(ValueError, match="candidates_for.*got -1"):
             candidates_for(ds, u, "test", -1, ret)
         assert candidates_for(ds, u, "test", 0, ret) == []
+
+
+def test_rrf_depth_counts_only_each_rankings_top_and_deeper_ranks_only_break_ties():
+    """`depth` (HybridRetriever.score_items, the published hybrid figures) had no test: by hand, with rrf_k=0."""
+    from llmrec.retrieval import rrf_fuse
+
+    a = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    b = a[:, ::-1].copy()
+    got = rrf_fuse([a, b], [1.0, 2.0], rrf_k=0.0, depth=2)[0]
+    ra, rb = np.arange(1, 6), np.arange(5, 0, -1)
+    want = [(1 / x if x <= 2 else 1e-6 / x) + (2 / y if y <= 2 else 2e-6 / y) for x, y in zip(ra, rb)]
+    assert np.allclose(got, want, rtol=1e-12, atol=0)
+    assert got.argsort()[::-1].tolist() == [4, 0, 3, 1, 2]  # item 2 is in neither top 2: last
+    full = rrf_fuse([a, b], [1.0, 2.0], rrf_k=0.0)[0]
+    assert np.allclose(full, [1 / x + 2 / y for x, y in zip(ra, rb)])
+
+
+def test_tied_text_scores_fall_back_to_training_popularity_then_catalogue_order(tiny_dataset, tmp_path):
+    """Every item embedded alike: the knn scores tie, and the order is the documented tie-break (training popularity,
+    then catalogue order), not merely the same at every call."""
+    ds = tiny_dataset
+    flat = _retriever(ds, tmp_path, same=True)
+    seen = ds.item_ids[3]
+    got = [i for i, _ in flat.query([(seen, True)], k=10)]
+    order = sorted((j for j in range(ds.n_items) if ds.item_ids[j] != seen), key=lambda j: (-flat._pop[j], j))
+    assert got == [str(ds.item_ids[j]) for j in order[:10]]
