@@ -438,3 +438,24 @@ def test_tied_text_scores_fall_back_to_training_popularity_then_catalogue_order(
     got = [i for i, _ in flat.query([(seen, True)], k=10)]
     order = sorted((j for j in range(ds.n_items) if ds.item_ids[j] != seen), key=lambda j: (-flat._pop[j], j))
     assert got == [str(ds.item_ids[j]) for j in order[:10]]
+
+
+def test_cold_start_list_stops_after_k_items(tiny_dataset, tmp_path):
+    """`popular` (every cold-start query) tested each item of the catalogue against `exclude` and built the whole
+    list before keeping k: a Python loop over the catalogue per query. Same list, k + |excluded met| look-ups now."""
+    ds = tiny_dataset
+    ret = _retriever(ds, tmp_path)
+
+    class Counting(set):
+        calls = 0
+
+        def __contains__(self, x):
+            Counting.calls += 1
+            return super().__contains__(x)
+
+    order = sorted(range(ds.n_items), key=lambda j: (-ret._pop[j], j))
+    ex = Counting({str(ds.item_ids[order[0]])})
+    got = ret.popular(5, ex)
+    assert [i for i, _ in got] == [str(ds.item_ids[j]) for j in order[1:6]]
+    assert np.allclose([s for _, s in got], ret._pop[order[1:6]] / ret._pop.max())
+    assert Counting.calls <= 6 < ds.n_items

@@ -240,11 +240,10 @@ class TextRetriever:
             want = min(n, want * 2)
 
     def popular(self, k: int, exclude: set[str] | None = None) -> list[tuple[str, float]]:
+        """The k most popular training items outside `exclude` (cold start), scored pop / max pop; ties keep catalogue
+        order. Stops after k items (it used to test every item of the catalogue against `exclude` per query)."""
         self._need()
-        exclude = exclude or set()
-        order = np.argsort(-self._pop, kind="stable")
-        top = self._pop.max() or 1.0
-        return [(self._ids[j], float(self._pop[j] / top)) for j in order if self._ids[j] not in exclude][:k]
+        return top_unseen(self._pop / (self._pop.max() or 1.0), self._ids, exclude or set(), k)
 
     def query(self, history: HistoryLike, k: int = 20, exclude: set[str] | None = None) -> list[tuple[str, float]]:
         """Top-k unseen items for a history. `exclude` defaults to the history's own items."""
