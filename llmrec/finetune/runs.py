@@ -37,23 +37,15 @@ def run_step(cmd: list[str], env: dict[str, str] | None = None) -> None:
 def changes_from(out_dir: Path, task: str, overrides: list[str]) -> list[str] | None:
     """None when `out_dir` holds no adapter; else the keys ("key: saved -> now") in which the run saved there differs
     from `recipe_file(task)` with `overrides`: its training keys and how long it trained ([] = the same run)."""
-    import yaml
-
-    from llmrec.config import to_dict
     from llmrec.finetune import load_recipe
-    from llmrec.finetune.trainer import _flat, recipe_changes
+    from llmrec.finetune.trainer import recipe_changes
 
     if not (out_dir / "adapter" / "adapter_config.json").is_file():
         return None
-    cfg = load_recipe(ROOT / recipe_file(task), overrides)
-    saved_file = out_dir / "recipe.yaml"
-    if not saved_file.is_file():
-        return [f"{saved_file}: missing"]
-    changed = recipe_changes(cfg, saved_file)
-    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
-    now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
-    changed += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in LENGTH_KEYS if saved.get(k) != now.get(k)]
-    return changed
+    saved = out_dir / "recipe.yaml"
+    if not saved.is_file():
+        return [f"{saved}: missing"]
+    return recipe_changes(load_recipe(ROOT / recipe_file(task), overrides), saved, also=LENGTH_KEYS)
 
 
 def train_recipes(dataset: str, folder: Callable[[str], Path], overrides: list[str],

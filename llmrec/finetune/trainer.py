@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,17 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def recipe_changes(cfg: FinetuneConfig, recipe_file: Path) -> list[str]:
-    """The training keys (all but `RUN_ONLY_KEYS`) whose value in `cfg` differs from the recipe saved in
-    `recipe_file` (a run's recipe.yaml), as "key: saved -> now"; [] when that file does not exist."""
+def recipe_changes(cfg: FinetuneConfig, recipe_file: Path, also: Iterable[str] = ()) -> list[str]:
+    """The training keys (all but `RUN_ONLY_KEYS`, plus the run-only keys in `also`) whose value in `cfg` differs from
+    the recipe saved in `recipe_file` (a run's recipe.yaml), as "key: saved -> now"; [] when that file does not
+    exist."""
     if not recipe_file.is_file():
         return []
     saved = _flat(yaml.safe_load(recipe_file.read_text()) or {})
     now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # in the form recipe.yaml holds it
+    skip = RUN_ONLY_KEYS - set(also)
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*now, *saved])
-            if k not in RUN_ONLY_KEYS and saved.get(k) != now.get(k)]
+            if k not in skip and saved.get(k) != now.get(k)]
 
 
 def stale_checkpoints(ckpt_dir: Path, resume: str | None) -> list[Path]:

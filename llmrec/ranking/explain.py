@@ -45,11 +45,16 @@ class TitleMatcher:
                     self.by_variant.setdefault(v, iid)
                     if '"' in v:  # `"Weird Al" Yankovic`: also read with single quotes (see `unquote_titles`)
                         self.by_variant.setdefault(_single_quoted(v), iid)
-        # the ids each year-less / article-moved form stands for: "Sabrina" is the 1954 film and the 1995 remake
-        self._ids_of: dict[str, set[str]] = {}
+        # the ids a year-less / article-moved form stands for ("Sabrina": the 1954 film and the 1995 remake), per id
+        ids_of: dict[str, set[str]] = {}
         for iid, t in zip(item_ids, titles):
             for v in title_variants(str(t)):
-                self._ids_of.setdefault(v, set()).add(iid)
+                ids_of.setdefault(v, set()).add(iid)
+        self._alternatives: dict[str, set[str]] = {}
+        for ids in ids_of.values():
+            if len(ids) > 1:
+                for iid in ids:
+                    self._alternatives.setdefault(iid, set()).update(ids)
         self._dated = {_YEAR.sub("", v).strip() for v in self.by_variant if _YEAR.search(v)}  # forms with a year
         variants = sorted(self.by_variant, key=len, reverse=True)
         self._re = (
@@ -111,11 +116,7 @@ class TitleMatcher:
     def alternatives(self, item_id: str) -> set[str]:
         """The ids whose titles share a year-less form with `item_id`'s ("Sabrina (1954)", "Sabrina (1995)"): a text
         naming "Sabrina" may mean any of them."""
-        out = {item_id}
-        for ids in self._ids_of.values():
-            if item_id in ids:
-                out |= ids
-        return out
+        return {item_id} | self._alternatives.get(item_id, set())
 
 
 def _single_quoted(s: str) -> str:
