@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.config import llmrec_home
+from llmrec.data.prepare import replace_atomic
 from llmrec.retrieval.encoder import model_key
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,10 @@ class BertEncoder:
                 return v
         v = self.encode_uncached(texts, progress).astype(np.float32)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, v)
-        os.replace(tmp, p)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, v)
+
+        replace_atomic(p, write)  # a temporary name of its own per writer (threads of one process too)
         return v

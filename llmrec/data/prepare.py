@@ -39,8 +39,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -300,6 +301,18 @@ def sampled_negatives(df: pd.DataFrame, item_ids: np.ndarray, n: int, seed: int)
             negs = [i for i in item_ids if i not in s][:n]
         rows.append((u, negs))
     return pd.DataFrame(rows, columns=["user_id", "negatives"])
+
+
+def replace_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a temporary file of `final`'s folder under a name no other writer uses (thread or process),
+    then rename it onto `final`; on any failure the temporary file is removed and `final` is left as it was."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_atomic(final: Path, write) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.config import llmrec_home
-from llmrec.data.prepare import file_sha256
-from llmrec.retrieval.index import replace_atomic
+from llmrec.data.prepare import file_sha256, replace_atomic
 
 log = logging.getLogger(__name__)
 

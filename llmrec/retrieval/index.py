@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from llmrec.data.prepare import replace_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +46,6 @@ def _index_file(meta: dict) -> str:
     describes, even when two processes save different indexes into one folder at once."""
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"index-{digest}.faiss"
-
-
-def replace_atomic(final: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` into a temporary file of `final`'s folder under a name no other writer uses (thread or process),
-    then rename it onto `final`; on any failure the temporary file is removed and `final` is left as it was."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_index(index: Any, folder: Path, meta: dict) -> None:
