@@ -243,3 +243,48 @@ def test_calls_after_close_and_malformed_backend_answers_fail_instead_of_hanging
             pool.submit(mb.generate, ["c"]).result(timeout=10)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_calls_set_aside_for_another_kind_are_merged_in_one_later_round():
+    """Calls of kind B that arrive while a kind-A batch is gathering are set aside; the next round takes all of them
+    together (they used to be answered one round each, so N set-aside calls cost N backend calls)."""
+    inner = RecordingBackend()
+    gate = threading.Event()
+    first_call = threading.Event()
+    seen: list[tuple[str, int]] = []
+    real_score = inner.score_choices
+
+    def score_choices(prompts, choices):
+        seen.append(("score", len(prompts)))
+        first_call.set()
+        gate.wait(10)  # hold the worker so the calls below queue up behind this batch
+        return real_score(prompts, choices)
+
+    def generate(prompts, max_new_tokens=64, temperature=0.0, stop=None):
+        seen.append(("gen", len(prompts)))
+        return [p.upper() for p in prompts]
+
+    inner.score_choices, inner.generate = score_choices, generate
+    mb = MicroBatchingBackend(inner, max_batch=64, max_wait_ms=100)
+    out: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda: out.__setitem__("a", mb.score_choices(["a"], [" Yes", " No"])))]
+    threads[0].start()
+    assert first_call.wait(10)
+    # queued while the worker is busy: one score call, then three generate calls, which the next round (gathering
+    # score calls behind "b") sets aside
+    threads.append(threading.Thread(target=lambda: out.__setitem__("b", mb.score_choices(["b"], [" Yes", " No"]))))
+    threads[-1].start()
+    time.sleep(0.2)
+    for i in range(3):
+        t = threading.Thread(target=lambda i=i: out.__setitem__(f"g{i}", mb.generate([f"p{i}"], max_new_tokens=4)))
+        threads.append(t)
+        t.start()
+        time.sleep(0.05)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert out["g0"] == ["P0"] and out["g1"] == ["P1"] and out["g2"] == ["P2"]
+    assert np.asarray(out["b"]).shape == (1, 2)
+    gens = [n for kind, n in seen if kind == "gen"]
+    assert gens == [3], f"the three set-aside generate calls took {len(gens)} backend calls: {seen}"
+    mb.close()

@@ -127,6 +127,16 @@ class MicroBatchingBackend:
             if first is None:
                 break
             batch, n = [first], len(first.prompts)
+            # calls of this kind set aside during an earlier round (they came while another kind was gathering) join
+            # this batch first, in arrival order: left in `_pending`, each would have waited for a round of its own
+            keep: list[_Job] = []
+            for job in self._pending:
+                if job.key == first.key and n < self.max_batch:
+                    batch.append(job)
+                    n += len(job.prompts)
+                else:
+                    keep.append(job)
+            self._pending = keep
             deadline = time.monotonic() + self.max_wait
             while n < self.max_batch:
                 left = deadline - time.monotonic()
