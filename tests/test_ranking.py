@@ -664,7 +664,10 @@ def test_a_genre_claim_no_explained_or_cited_item_has_falls_back(parts, tiny_dat
     ok = ScriptedBackend(gen=f' {sorted(genres)[0].lower()} films such as "{named}".')
     r2 = make_rec(parts, ok).recommend("u2", k=4, explain=True)
     assert r2.explanation_fallback is False and r2.explanation_grounded is True, r2.explanation
-    assert make_rec(parts, ok).attribute_vocabulary() == {"Action", "Comedy", "Drama", "Horror"}
+    rec3 = make_rec(parts, ok)
+    assert rec3.attribute_vocabulary() == {"Action", "Comedy", "Drama", "Horror"}
+    # the answer is kept per max_values: a tighter bound after the default one is not served the default's answer
+    assert rec3.attribute_vocabulary(max_values=3) == set()
 
 
 def test_grounded_explanation_is_kept(parts, tiny_dataset):

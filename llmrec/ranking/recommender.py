@@ -302,6 +302,7 @@ class Recommender:
             self._attr_fields = attribute_fields(ds.items)
         self._space_lists = {f for f in self._attr_fields
                              if f in ATTRIBUTE_FIELDS and reads_as_space_lists(ds.items[f])}
+        self._vocab: dict[int, set[str]] = {}  # attribute_vocabulary's answer per max_values, built on first use
         from llmrec.prompts import load_template
         from llmrec.prompts.templates import TASKS
 
@@ -707,7 +708,7 @@ class Recommender:
         """The attribute values an explanation's attribute claims are checked against: those of the attribute fields
         with a closed vocabulary (at most `max_values` distinct values, e.g. ML-100K's 19 genres); an open tag set
         (Last.fm's thousands of tags, "love", "seen live") is read as free words and left unchecked."""
-        if getattr(self, "_vocab", None) is None:
+        if max_values not in self._vocab:
             vocab: set[str] = set()
             for f in self._attr_fields:
                 col = self.ds.items[f]
@@ -715,8 +716,8 @@ class Recommender:
                         for a in (split_values(v) if f in self._space_lists else split_list(v))}
                 if len(vals) <= max_values:
                     vocab |= vals
-            self._vocab = vocab
-        return self._vocab
+            self._vocab[max_values] = vocab
+        return self._vocab[max_values]
 
     # ----------------------------------------------------------------------------------------------- public
     def recommend_batch(
