@@ -99,6 +99,33 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class CatchAll:
+    """Pure ASGI middleware, the outermost of the app's own: an exception that escapes everything inside (the
+    `_observe` middleware itself) is logged without its message and answered 500 here. Past this point Starlette's
+    ServerErrorMiddleware answers it too, but then re-raises it to the server, whose "Exception in ASGI application"
+    log prints the message, which may hold a user id."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(msg: dict) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # noqa: BLE001
+            _log_unexpected("unhandled error", e)
+            if not started:  # else the client sees the connection end mid-answer, as it would anyway
+                await error_json(500, "internal_error", "internal error (logged)")(scope, receive, send)
+
+
 def create_app(
     config: ServiceConfig,
     recommender: Any | None = None,
@@ -215,6 +242,8 @@ def create_app(
             resp = error_json(500, "internal_error", "internal error (logged)")
         _record(request, resp.status_code, t0)
         return resp
+
+    app.add_middleware(CatchAll)  # added last: the outermost of the app's middleware, around `_observe`
 
     def _template(scope: dict) -> str:
         """The route template of a request, never the raw path (it holds user ids); also for answers given before
