@@ -65,7 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    ap.add_argument("--set", nargs="*", default=[], metavar="MODEL.KEY=VALUE", help="model config overrides")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="MODEL.KEY=VALUE",
+                    help="model config overrides (repeatable)")
     ap.add_argument("--reuse", action="store_true", help="load a checkpoint with the same config instead of training")
     ap.add_argument("--results-dir", help="default: eval/results")
     ap.add_argument("--name", help="result name (default: baselines_<dataset>)")

@@ -643,7 +643,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--append", action="store_true", help="service / generation: keep the earlier runs' rows")
     ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="service: extra config overrides (e.g. exclude_seen_titles=false), named in the row")
     ap.add_argument("--retriever", default=_service_default("retriever"),
                     help="service: candidate retriever (default: the service's own default)")

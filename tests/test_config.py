@@ -217,3 +217,48 @@ def test_service_environment_and_bench_dataset_keep_typed_text(monkeypatch, caps
     with pytest.raises(ZeroDivisionError):  # the config reached the bench: no "different datasets" refusal
         main(["bench", "--dataset", "0123", "--set", "dataset=0123"])
     assert seen[0].dataset == "0123"
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["data", "prepare", "--dataset", "d"],
+                                  ["baselines", "train", "--dataset", "d", "--model", "mf"], ["bench"],
+                                  ["finetune"]])
+def test_set_given_twice_keeps_both_overrides(argv):
+    """`--set port=8001 --set host=0.0.0.0` kept only the last --set's pairs (argparse's `store`): port 8001 was
+    dropped without a word. Every --set now adds to the ones before it."""
+    from llmrec.cli import build_parser
+
+    args = build_parser().parse_args([*argv, "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+    assert build_parser().parse_args(argv).set == []  # the default list is not shared between parses
+
+
+def test_serve_set_given_twice_reaches_the_config(capsys):
+    from llmrec.cli import main
+
+    assert main(["serve", "--print-config", "--set", "port=8001", "--set", "host=0.0.0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "\nport: 8001\n" in out and "\nhost: 0.0.0.0\n" in out
+
+
+@pytest.mark.parametrize("script, argv", [("eval/baselines.py", ["--dataset", "d"]),
+                                          ("serve/bench_serving.py", ["report"])])
+def test_scripts_set_given_twice_keeps_both_overrides(load_script, monkeypatch, script, argv):
+    import argparse
+    import sys
+
+    mod = load_script(script)
+    seen = {}
+    parse = argparse.ArgumentParser.parse_args
+
+    class Parsed(Exception):
+        pass
+
+    def stop_after_parse(self, *a, **k):
+        seen["args"] = parse(self, *a, **k)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop_after_parse)
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--set", "a.x=1", "--set", "b.y=2"])
+    with pytest.raises(Parsed):
+        mod.main()
+    assert seen["args"].set == ["a.x=1", "b.y=2"]

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--dataset", required=True, help="prepared dataset name (llmrec data prepare)")
     pt.add_argument("--model", required=True, choices=MODEL_CHOICES, help="the baseline to fit")
     pt.add_argument("--config", help="YAML file with the model's config keys")
-    pt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    pt.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config keys")
     pt.add_argument("--out", help="checkpoint folder (default: $LLMREC_HOME/models/baselines/<dataset>/<model>)")
     pt.add_argument("--no-progress", action="store_true", help="no progress bars")
     pt.set_defaults(func=cmd_train)

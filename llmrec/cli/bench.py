@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "bench_<dataset>_{metrics,roc,latency}.png and ranking_<dataset>.{json,md}")
     p.add_argument("--dataset", help="prepared dataset name (default: the --config file's dataset, else ml-100k)")
     p.add_argument("--config", help="YAML file with BenchConfig keys (llmrec/bench.py documents each)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BenchConfig keys")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override BenchConfig keys (repeatable)")
     p.add_argument("--train", action="store_true",
                    help="first train the shipped recipes finetune/recipes/<task>_smollm2_qlora.yaml of the adapters "
                         "the config does not name (yesno, rank, next_title) into "

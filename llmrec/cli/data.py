@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--items", help="item metadata file (item_id,title[,attributes...]) for a CSV/TSV/Parquet "
                                     "interaction file")
     pp.add_argument("--config", help="YAML file with PrepareConfig keys (below)")
-    pp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    pp.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="override PrepareConfig keys (below), e.g. --set name=books domain=book like_threshold=3")
     pp.set_defaults(func=cmd_prepare)
     ps = s.add_parser("show", help="print a user's history with titles")

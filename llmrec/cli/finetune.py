@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="recipe YAML (FinetuneConfig keys)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. train.lr=1e-4")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override keys, e.g. train.lr=1e-4 (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides (same as --set)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--eval-only", action="store_true",

@@ -11,7 +11,7 @@ from llmrec.cli.args import int_at_least
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start vLLM (if installed) and the recommendation service (FastAPI)")
     p.add_argument("--config", help="YAML file with ServiceConfig keys (e.g. serve/config.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. port=8001 llm.backend=transformers (env: LLMREC_SERVE_*)")
     p.add_argument("--dataset", help="prepared dataset (shortcut for --set dataset=...)")
     p.add_argument("--port", type=int_at_least(0), help="service port (shortcut for --set port=...)")
