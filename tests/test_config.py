@@ -262,3 +262,23 @@ def test_scripts_set_given_twice_keeps_both_overrides(load_script, monkeypatch, 
     with pytest.raises(Parsed):
         mod.main()
     assert seen["args"].set == ["a.x=1", "b.y=2"]
+
+
+def test_baselines_eval_model_given_twice_evaluates_both(monkeypatch, capsys):
+    """`--model mf --model bpr` evaluated bpr alone; each model once, in the order given."""
+    import llmrec.baselines
+    import llmrec.baselines.evaluate
+    import llmrec.data
+    from llmrec.cli import main
+
+    class DS:
+        name, n_items = "d", 3
+
+    evaluated = []
+    monkeypatch.setattr(llmrec.data, "load_prepared", lambda *a, **k: DS())
+    monkeypatch.setattr(llmrec.baselines, "load_model", lambda name, *a, **k: name)
+    monkeypatch.setattr(llmrec.baselines.evaluate, "evaluate_model",
+                        lambda model, *a, **k: evaluated.append(model) or {"ndcg@10": 0.5})
+    assert main(["baselines", "eval", "--dataset", "d", "--model", "mf", "--model", "bpr", "mf"]) == 0
+    assert evaluated == ["mf", "bpr"]
+    assert capsys.readouterr().out.count("| mf ") == 1

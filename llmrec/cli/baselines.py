@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.set_defaults(func=cmd_train)
     pe = s.add_parser("eval", help="evaluate saved checkpoints: full ranking (test) and Yes/No where it applies")
     pe.add_argument("--dataset", required=True, help="prepared dataset name (llmrec data prepare)")
-    pe.add_argument("--model", nargs="*", choices=MODEL_CHOICES, help="default: every model with a checkpoint")
+    pe.add_argument("--model", nargs="*", action="extend", choices=MODEL_CHOICES,
+                    help="default: every model with a checkpoint (repeatable)")
     pe.add_argument("--split", default="test", choices=["valid", "test"],
                     help="leave-one-out targets to rank (default %(default)s)")
     pe.add_argument("--max-users", type=positive_int, help="seeded subset of users (default: all)")
@@ -60,7 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmrec.data import load_prepared
 
     ds = load_prepared(args.dataset)
-    names = args.model or [m for m in MODEL_CHOICES if (checkpoint_dir(ds.name, m) / "meta.json").is_file()]
+    names = list(dict.fromkeys(args.model or [])) or [m for m in MODEL_CHOICES
+                                                      if (checkpoint_dir(ds.name, m) / "meta.json").is_file()]
     if not names:
         raise FileNotFoundError(
             f"no baseline checkpoint for {ds.name} under {checkpoint_dir(ds.name, 'x').parent}; "
