@@ -342,3 +342,36 @@ def test_eval_yesno_file_refused_before_a_model_loads(home, capsys, tmp_path, mo
     p = _tallrec(tmp_path, [_row(), _row("Maybe.")])
     msg = _refused(capsys, ["eval", "yesno", "--file", p])
     assert "t.json: entry 1: field 'output'" in msg
+
+
+def test_eval_yesno_refuses_a_split_with_no_rows_before_a_model_loads(home, capsys, monkeypatch):
+    """`--split nosuch` scored 0 rows and printed AUC nan with exit status 0; a split outside train/valid/test is now
+    a usage error, and a split the dataset has no rows of is refused, both before any model loads."""
+    import llmrec.cli.recommend as rec
+
+    monkeypatch.setattr(rec, "_recommender", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "yesno", "--dataset", "mine", "--split", "nosuch"])
+    assert e.value.code == 2 and "--split" in capsys.readouterr().err
+    import llmrec.data
+
+    class NoValidRows:  # e.g. a small dataset whose Yes/No cut-offs left no valid row
+        name, yesno = "mine", pd.DataFrame({"split": ["train", "test"], "label": [1, 0]})
+
+    monkeypatch.setattr(llmrec.data, "load_prepared", lambda *a, **k: NoValidRows())
+    msg = _refused(capsys, ["eval", "yesno", "--dataset", "mine", "--split", "valid"])
+    assert "dataset mine has no Yes/No rows in split 'valid'" in msg
+
+
+@pytest.mark.parametrize("flags", [["--max-examples", "10"], ["--split", "valid"], ["--seed", "3"],
+                                   ["--valid-examples", "0"], ["--template", "yesno=yesno_stats"]])
+def test_eval_yesno_file_refuses_the_flags_it_would_ignore(home, capsys, tmp_path, monkeypatch, flags):
+    """With --file every row of the file is scored: `--max-examples 10` scored them all without a word."""
+    import llmrec.cli.recommend as rec
+
+    monkeypatch.setattr(rec, "_backend", lambda args: pytest.fail("a model was loaded"))
+    p = _tallrec(tmp_path, [_row(), _row("No.")])
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "yesno", "--file", p, *flags])
+    assert e.value.code == 2
+    assert f"{flags[0]}: not used with --file" in capsys.readouterr().err

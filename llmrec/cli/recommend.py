@@ -18,6 +18,8 @@ DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
 
 
+# `llmrec eval yesno` flags that only apply to --dataset rows (with --file, every row of the file is scored)
+FILE_IGNORES = ("split", "max_examples", "valid_examples", "seed", "template")
 # `llmrec recommend` flags that only shape in-process ranking (--url asks a service that has its own config)
 IN_PROCESS_ONLY = ("dataset", "backend", "model", "vllm_url", "dtype", "load_in_4bit", "merge_adapter", "retriever",
                    "mode", "retrieval_weight", "listings", "batch_size", "template")
@@ -96,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = y.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="prepared dataset: score its time-split Yes/No rows")
     src.add_argument("--file", help="TALLRec-format JSON: [{instruction, input, output}]")
-    y.add_argument("--split", default="test", help="--dataset: the Yes/No split to score (default %(default)s)")
+    y.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                   help="--dataset: the Yes/No split to score (default %(default)s)")
     y.add_argument("--max-examples", type=count, default=500, help="fixed seeded subset (0 = all)")
     y.add_argument("--valid-examples", type=count, default=200,
                    help="--dataset with --split test: also score this many seeded validation rows and report "
@@ -105,7 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--seed", type=int, default=0, help="seed of the row subsets (default %(default)s)")
     y.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(y)
-    y.set_defaults(func=cmd_eval_yesno)
+    # with --file the rows are the file's, in its own TALLRec prompt: these flags would be silently ignored
+    y.set_defaults(func=cmd_eval_yesno, file_ignores={a.dest: (a.option_strings[0], a.default) for a in y._actions
+                                                       if a.dest in FILE_IGNORES})
     r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
     r.add_argument("--dataset", required=True, help="prepared dataset name or folder")
     r.add_argument("--max-users", type=count, default=200, help="fixed seeded subset of users (0 = all)")
@@ -138,13 +143,14 @@ def _backend(args: argparse.Namespace):
     return load_backend(args.backend, model=args.model, adapter=args.adapter, **kw)
 
 
-def _recommender(args: argparse.Namespace, dataset: str, user_id: str | None = None):
-    """The Recommender the flags describe; with `user_id`, an unknown user fails before any model is loaded."""
+def _recommender(args: argparse.Namespace, dataset: str, user_id: str | None = None, ds=None):  # noqa: ANN001
+    """The Recommender the flags describe (over `ds` when given, else the prepared `dataset`); with `user_id`, an
+    unknown user fails before any model is loaded."""
     from llmrec.data import load_prepared
     from llmrec.ranking import RankingConfig
     from llmrec.ranking.factory import build_recommender
 
-    ds = load_prepared(dataset, prepare_if_missing=True)
+    ds = ds if ds is not None else load_prepared(dataset, prepare_if_missing=True)
     if user_id is not None and not ds.has_user(user_id):
         raise KeyError(f"unknown user {user_id!r} in dataset {ds.name}")
     cfg = RankingConfig(mode=args.mode, batch_size=args.batch_size,
@@ -209,12 +215,22 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
 
     _check_model_args(args)
     if args.file:
+        ignored = [flag for dest, (flag, default) in getattr(args, "file_ignores", {}).items()
+                   if getattr(args, dest, default) != default]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)}: not used with --file (every row of the file is scored with its "
+                             "own TALLRec prompt); drop them, or score a prepared dataset with --dataset")
         data = load_tallrec(args.file)  # a malformed file fails here, before the model is loaded
         backend = _backend(args)
         m = eval_yesno_tallrec(backend, args.file, args.batch_size, data=data)
         title = f"yes/no on {args.file}"
     else:
-        rec = _recommender(args, args.dataset)
+        from llmrec.data import load_prepared
+
+        ds = load_prepared(args.dataset, prepare_if_missing=True)
+        if not (ds.yesno["split"] == args.split).any():  # before the model loads: no row would give AUC nan, exit 0
+            raise ValueError(f"dataset {ds.name} has no Yes/No rows in split {args.split!r}")
+        rec = _recommender(args, args.dataset, ds=ds)
         backend = rec.backend
         m = eval_yesno_dataset(rec, rec.ds, args.split, args.max_examples or None, args.seed,
                                valid_examples=args.valid_examples)
