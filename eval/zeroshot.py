@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from llmrec.bench_utils import command_line, md_table, positive_int, write_result
+from llmrec.cli.args import nonneg_float
 from llmrec.data import load_prepared
 from llmrec.data.stats import counts_only_p_yes
 from llmrec.evaluation import evaluate_ranking, evaluate_yesno, yesno_subset
@@ -258,10 +259,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--retriever", default=DEFAULT_RETRIEVER, choices=RETRIEVERS,
                     help="candidates the LLM rows rank (default: the product's)")
-    ap.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
+    ap.add_argument("--retrieval-weight", type=nonneg_float, default=DEFAULT_RETRIEVAL_WEIGHT,
                     help="LLM letter log-prob + W x log(1 / retrieval rank); 0 = the LLM's order alone")
     ap.add_argument("--label", default="", help="suffix of the result name, e.g. _1206")
-    ap.add_argument("--likelihood-weight", type=float, default=1.0,
+    ap.add_argument("--likelihood-weight", type=nonneg_float, default=1.0,
                     help="title-likelihood rows: mean title log-prob + W x log(1 / retrieval rank)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

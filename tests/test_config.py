@@ -282,3 +282,18 @@ def test_baselines_eval_model_given_twice_evaluates_both(monkeypatch, capsys):
     assert main(["baselines", "eval", "--dataset", "d", "--model", "mf", "--model", "bpr", "mf"]) == 0
     assert evaluated == ["mf", "bpr"]
     assert capsys.readouterr().out.count("| mf ") == 1
+
+
+@pytest.mark.parametrize("cmd", [["recommend", "--user-id", "1"], ["eval", "rank", "--dataset", "d"],
+                                 ["eval", "yesno", "--dataset", "d"]])
+@pytest.mark.parametrize("weight", ["-1", "nan", "inf", "x"])
+def test_retrieval_weight_must_be_a_finite_number_at_least_zero(cmd, weight, capsys):
+    """The service refuses a negative or non-finite retrieval_weight; `llmrec recommend` took -1 (the retrieval
+    order counted against a candidate) and nan (refused only after the model had loaded)."""
+    from llmrec.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*cmd, "--retrieval-weight", weight])
+    assert e.value.code == 2 and "--retrieval-weight" in capsys.readouterr().err
+    assert build_parser().parse_args([*cmd, "--retrieval-weight", "0"]).retrieval_weight == 0.0
+    assert build_parser().parse_args([*cmd, "--retrieval-weight", "2.5"]).retrieval_weight == 2.5

@@ -35,6 +35,8 @@ def _refuse_load(*_a, **_k):
     ("eval/yesno_blend.py", ["--valid-examples", "0"]),
     ("eval/ranking_modes.py", ["--users", "0"]),
     ("eval/explanations.py", ["--users", "0"]),
+    ("eval/zeroshot.py", ["--retrieval-weight", "-1"]),
+    ("eval/zeroshot.py", ["--likelihood-weight", "nan"]),
 ])
 def test_a_count_of_zero_or_less_is_a_usage_error(load_script, monkeypatch, script, argv, tmp_path):
     mod = load_script(script)

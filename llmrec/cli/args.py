@@ -5,6 +5,7 @@ together."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -24,6 +25,21 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 count = int_at_least(0)  # where 0 means "all"
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0 (a weight): `nan` or a negative one would be refused only after a model had loaded, or
+    not at all (a negative retrieval weight silently inverts the retrieval order's say)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+nonneg_float.__name__ = "number >= 0"
 
 
 class UsageError(SystemExit):

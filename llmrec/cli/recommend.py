@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmrec.cli.args import UsageError, count, positive_int
+from llmrec.cli.args import UsageError, count, nonneg_float, positive_int
 
 # = llmrec.ranking.factory.RETRIEVERS / DEFAULT_* (kept literal so the CLI starts without pandas; a test checks they
 # agree, and with the service's defaults)
@@ -50,7 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="verbalizer: candidate letters' log-probs, one forward pass (default); likelihood: each "
                         "candidate title's mean log-prob as the answer to the next_title prompt (an adapter tuned "
                         "with finetune/recipes/next_title_smollm2_qlora.yaml); generate: the model writes titles")
-    p.add_argument("--retrieval-weight", type=float, default=DEFAULT_RETRIEVAL_WEIGHT,
+    p.add_argument("--retrieval-weight", type=nonneg_float, default=DEFAULT_RETRIEVAL_WEIGHT,
                    help="verbalizer / likelihood: rank by LLM score + W x log(1/retrieval rank); 0 = the LLM's order "
                         "alone (default %(default)s, as in the service)")
     p.add_argument("--listings", type=positive_int, default=1,
