@@ -310,8 +310,12 @@ def test_config_env_and_overrides(tmp_path):
         load_service_config(p, ["listings=0"], environ={})
     for bad, msg in (("candidates=0", "candidates: must be >= 1"), ("batch_max_size=0", "batch_max_size: must be"),
                      ("batch_max_wait_ms=-1", "batch_max_wait_ms: must be >= 0"),
-                     ("llm.timeout_s=0", r"llm.timeout_s: must be > 0 \(got 0"),
-                     ("llm.vllm_startup_timeout_s=-5", "llm.vllm_startup_timeout_s: must be > 0")):
+                     ("llm.timeout_s=0", r"llm.timeout_s: must be a finite number > 0 \(got 0"),
+                     ("llm.vllm_startup_timeout_s=-5", "llm.vllm_startup_timeout_s: must be a finite number > 0"),
+                     # .inf: every vLLM call failed as "not reachable", and the start-up wait had no end
+                     ("llm.timeout_s=.inf", r"llm.timeout_s: must be a finite number > 0 \(got inf"),
+                     ("llm.vllm_startup_timeout_s=.nan", "llm.vllm_startup_timeout_s: must be a finite number"),
+                     ("llm.vllm_startup_timeout_s=1e400", "llm.vllm_startup_timeout_s: must be a finite number")):
         with pytest.raises(ConfigError, match=msg):
             load_service_config(p, [bad], environ={})
     assert load_service_config(p, ["batch_max_wait_ms=0"], environ={}).batch_max_wait_ms == 0

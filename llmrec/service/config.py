@@ -106,10 +106,12 @@ class ServiceConfig:
         # killed its worker thread and left every request waiting until llm.timeout_s
         if not 0 <= self.batch_max_wait_ms <= 60_000:
             raise ConfigError(f"batch_max_wait_ms: must be >= 0 and at most 60000 (got {self.batch_max_wait_ms})")
+        # finite: an infinite (YAML .inf) timeout made every vLLM call fail ("not reachable: timestamp out of range")
+        # and an infinite start-up wait never gave up on a server that does not answer
         for name, value in (("llm.timeout_s", self.llm.timeout_s),
                             ("llm.vllm_startup_timeout_s", self.llm.vllm_startup_timeout_s)):
-            if not value > 0:
-                raise ConfigError(f"{name}: must be > 0 (got {value})")
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}: must be a finite number > 0 (got {value})")
         for name, value in (("port", self.port), ("llm.vllm_port", self.llm.vllm_port)):
             if not 1 <= value <= 65535:
                 raise ConfigError(f"{name}: must be within 1..65535 (got {value})")
