@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmrec.cli.args import count, positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -307,8 +309,7 @@ def run_generation(args: argparse.Namespace) -> dict:
     dt = resolve_dtype(args.dtype)
     model = str(default_model_path())
     prompts, source = yesno_prompts(args.n_gen)
-    lengths = [int(x) for x in args.gen_lengths.split(",")]
-    batches = [int(x) for x in args.hf_batches.split(",")]
+    lengths, batches = args.gen_lengths, args.hf_batches
     rows: list[dict] = []
     be = load_backend("transformers", model=model, dtype=dt, batch_size=max(batches))
     hf_forced_generate(be, prompts[:2], 4, 2)  # warm-up
@@ -455,9 +456,12 @@ def run_service(args: argparse.Namespace, cmd: str = "") -> dict:
     all_users = [str(u) for u in ds.user_ids]
     out: dict[str, Any] = load_results().get("service", {}) if args.append else {}
     offset = 0
-    for spec in args.backends.split(","):
-        kind, _, batching = spec.partition(":")
-        batching = batching or "none"
+    need = service_users_needed(args)
+    if need > len(all_users):  # checked before any service starts: a level past the last user sent no request
+        raise SystemExit(f"bench_serving.py service: {len(args.backends)} backend(s) x concurrency {args.concurrency} "
+                         f"with --requests {args.requests} ask for {need} distinct users; {args.dataset} has "
+                         f"{len(all_users)}: lower --requests or --concurrency, or run fewer --backends at once")
+    for kind, batching in args.backends:
         port = free_port()
         tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-svc-"))
         over = [f"dataset={args.dataset}", f"store_url=sqlite:///{tmp / 'events.db'}", f"batching={batching}",
@@ -477,7 +481,7 @@ def run_service(args: argparse.Namespace, cmd: str = "") -> dict:
 
             health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
             runs = []
-            for c in [int(x) for x in args.concurrency.split(",")]:
+            for c in args.concurrency:
                 n = max(args.requests, 2 * c)  # at least two requests per client thread
                 users = all_users[offset:offset + n]  # distinct users: no cache hits
                 offset += n
@@ -621,26 +625,71 @@ def write(res: dict) -> None:
     write_result("serving", payload, "\n".join(md))
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type of a comma list of integers >= 1 (`1,8,16`): `0` gave a level with no client thread (every
+    request counted as an error), `a` a traceback after the service had started."""
+    out = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of integers >= 1, e.g. 1,8,16")
+    return out
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of a timeout: a finite number of seconds > 0 (the run stays bounded)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return v
+
+
+BACKEND_KINDS, BATCHING = ("vllm", "transformers", "none"), ("none", "micro", "auto")
+
+
+def backend_specs(text: str) -> list[tuple[str, str]]:
+    """argparse type of --backends: `kind[:batching],...` -> [(kind, batching)] (batching default none)."""
+    out = []
+    for spec in (x.strip() for x in text.split(",")):
+        kind, _, batching = spec.partition(":")
+        if kind not in BACKEND_KINDS or (batching or "none") not in BATCHING:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected kind[:batching] with kind one of "
+                                             f"{'|'.join(BACKEND_KINDS)} and batching one of {'|'.join(BATCHING)}")
+        out.append((kind, batching or "none"))
+    return out
+
+
+def service_users_needed(args: argparse.Namespace) -> int:
+    """Distinct users the service part asks for: every backend's levels, max(--requests, 2 x concurrency) each."""
+    return len(args.backends) * sum(max(args.requests, 2 * c) for c in args.concurrency)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["engines", "generation", "service", "report"])
-    ap.add_argument("--n-score", type=int, default=64)
-    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--n-score", type=positive_int, default=64)
+    ap.add_argument("--n-gen", type=positive_int, default=32)
     ap.add_argument("--dtype", default="fast", help="engines / generation: both engines in this dtype")
-    ap.add_argument("--n-lora", type=int, default=16, help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
-    ap.add_argument("--gen-tokens", type=int, default=32)
-    ap.add_argument("--gen-lengths", default="32,128", help="generation: forced new tokens per prompt, comma list")
-    ap.add_argument("--hf-batches", default="16,64", help="generation: transformers static batch sizes, comma list")
-    ap.add_argument("--n-explain", type=int, default=64,
+    ap.add_argument("--n-lora", type=positive_int, default=16,
+                    help="prompts for the LoRA vs merged rows (LoRA is slow on CPU)")
+    ap.add_argument("--gen-tokens", type=positive_int, default=32)
+    ap.add_argument("--gen-lengths", type=positive_ints, default="32,128",
+                    help="generation: forced new tokens per prompt, comma list")
+    ap.add_argument("--hf-batches", type=positive_ints, default="16,64",
+                    help="generation: transformers static batch sizes, comma list")
+    ap.add_argument("--n-explain", type=count, default=64,
                     help="explanation prompts (natural stop) per engine; 0 skips that workload")
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--dataset", default="ml-100k")
-    ap.add_argument("--backends", default="vllm,transformers",
+    ap.add_argument("--backends", type=backend_specs, default="vllm,transformers",
                     help="comma list of kind[:batching], kind in vllm|transformers|none, batching none|micro")
-    ap.add_argument("--concurrency", default="1,8,16")
-    ap.add_argument("--requests", type=int, default=8,
+    ap.add_argument("--concurrency", type=positive_ints, default="1,8,16",
+                    help="service: client threads of each level, comma list")
+    ap.add_argument("--requests", type=positive_int, default=8,
                     help="requests per concurrency level (at least 2 x concurrency)")
-    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--timeout", type=positive_seconds, default=300.0,
+                    help="service: llm.timeout_s of the service; each request waits at most this + 30 s")
     ap.add_argument("--append", action="store_true", help="service / generation: keep the earlier runs' rows")
     ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")
     ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",

@@ -169,11 +169,56 @@ def test_service_part_passes_set_overrides_to_the_service_and_names_them_in_the_
 
     monkeypatch.setitem(sys.modules, "httpx", types.SimpleNamespace(get=lambda *a, **k: Resp()))
     monkeypatch.setattr("llmrec.data.load_prepared", lambda name: tiny_dataset)
-    args = argparse.Namespace(dataset="tiny", append=False, backends="transformers:micro", timeout=5.0,
-                              retriever=bs._service_default("retriever"), explain=False, concurrency="1,2",
+    args = argparse.Namespace(dataset="tiny", append=False, backends=[("transformers", "micro")], timeout=5.0,
+                              retriever=bs._service_default("retriever"), explain=False, concurrency=[1, 2],
                               requests=2, note="n", set=["llm.dtype=float32", "candidates=10"])
     out = bs.run_service(args)
     assert list(out) == ["transformers, batching=micro, llm.dtype=float32, candidates=10"]
     assert started[0][-2:] == ["llm.dtype=float32", "candidates=10"] and "batching=micro" in started[0]
     users = [u for r in out[next(iter(out))]["runs"] for u in r["users"]]
     assert len(users) == len(set(users)) == 2 + 4  # distinct users across concurrency levels (no cache hits)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--concurrency", "0,8"], "--concurrency"),  # a level with no client thread: every request an "error"
+    (["--concurrency", "1,a"], "--concurrency"),  # was a ValueError traceback after the service had started
+    (["--requests", "0"], "--requests"),
+    (["--timeout", "inf"], "--timeout"),  # the load test must stay bounded
+    (["--timeout", "0"], "--timeout"),
+    (["--backends", "vlm"], "--backends"),  # was found only when the service refused llm.backend=vlm at its start
+    (["--backends", "transformers:batched"], "--backends"),
+    (["--gen-lengths", "32,-1"], "--gen-lengths"),
+    (["--n-explain", "-1"], "--n-explain"),
+])
+def test_bad_load_test_arguments_are_usage_errors_before_anything_starts(bench_serving, monkeypatch, capsys, argv,
+                                                                         flag):
+    import sys
+
+    monkeypatch.setattr(bench_serving, "start_service", lambda *a, **k: pytest.fail("a service was started"))
+    monkeypatch.setattr(sys, "argv", ["bench_serving.py", "service", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench_serving.main()
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_service_part_refuses_more_requests_than_distinct_users_before_starting(tiny_dataset, monkeypatch,
+                                                                                bench_serving):
+    """Levels past the dataset's last user sent no request (0-request rows in the result); now refused up front."""
+    import argparse
+
+    bs = bench_serving
+    monkeypatch.setattr(bs, "start_service", lambda *a, **k: pytest.fail("a service was started"))
+    monkeypatch.setattr("llmrec.data.load_prepared", lambda name: tiny_dataset)
+    n_users = len(tiny_dataset.user_ids)
+    args = argparse.Namespace(dataset="tiny", append=False, backends=[("transformers", "micro"), ("none", "none")],
+                              timeout=5.0, retriever="hybrid", explain=False, concurrency=[1],
+                              requests=n_users // 2 + 1, note="", set=[])
+    assert bs.service_users_needed(args) == 2 * (n_users // 2 + 1) > n_users
+    with pytest.raises(SystemExit, match=f"ask for {2 * (n_users // 2 + 1)} distinct users; tiny has {n_users}"):
+        bs.run_service(args)
+
+
+def test_list_arguments_parse(bench_serving):
+    assert bench_serving.positive_ints("1, 8,16") == [1, 8, 16]
+    assert bench_serving.backend_specs("vllm,transformers:micro") == [("vllm", "none"), ("transformers", "micro")]
+    assert bench_serving.positive_seconds("2.5") == 2.5
