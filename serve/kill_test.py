@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from llmrec.cli.args import positive_int
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -61,12 +63,25 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
-    ap.add_argument("--events", type=int, default=4000, help="upper bound on events sent before the kill")
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--kill-after", type=float, default=2.0, help="seconds of streaming before SIGKILL")
+    # checked here: --workers 0 or --events 0 sent nothing (the run then failed as a kill that missed the stream), a
+    # negative --kill-after was a traceback, both after the service had been started
+    ap.add_argument("--events", type=positive_int, default=4000, help="upper bound on events sent before the kill")
+    ap.add_argument("--workers", type=positive_int, default=4)
+    ap.add_argument("--kill-after", type=positive_seconds, default=2.0, help="seconds of streaming before SIGKILL")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="do not write eval/results/serving_kill.*")
     args = ap.parse_args()

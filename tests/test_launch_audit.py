@@ -510,3 +510,15 @@ def test_an_adapter_path_with_a_comma_or_equals_sign_reaches_vllm_whole():
     i = srv.cmd.index("--lora-modules")
     got = [json.loads(a) for a in srv.cmd[i + 1 : i + 3]]
     assert got == [{"name": "tuned", "path": path}, {"name": "b", "path": "/x"}]
+
+
+@pytest.mark.parametrize("argv", [["--workers", "0"], ["--events", "0"], ["--kill-after", "-1"],
+                                  ["--kill-after", "nan"]])
+def test_kill_test_refuses_a_run_that_could_test_nothing_before_starting_the_service(kill_test, monkeypatch,
+                                                                                     capsys, argv):
+    monkeypatch.setattr(kill_test, "start_service", lambda *a, **k: pytest.fail("a service was started"))
+    monkeypatch.setattr("llmrec.data.load_prepared", lambda *a, **k: pytest.fail("the dataset was read"))
+    monkeypatch.setattr(sys, "argv", ["kill_test.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        kill_test.main()
+    assert e.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
