@@ -80,7 +80,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        # keys and values to their annotated types, as for lists: `adapters: {a: null}` served the base model under
+        # the adapter's name, `{7: x}` failed with "argument of type 'int' is not iterable"
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        return {_coerce(k, kt, f"{where} (key {k!r})"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

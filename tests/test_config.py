@@ -297,3 +297,16 @@ def test_retrieval_weight_must_be_a_finite_number_at_least_zero(cmd, weight, cap
     assert e.value.code == 2 and "--retrieval-weight" in capsys.readouterr().err
     assert build_parser().parse_args([*cmd, "--retrieval-weight", "0"]).retrieval_weight == 0.0
     assert build_parser().parse_args([*cmd, "--retrieval-weight", "2.5"]).retrieval_weight == 2.5
+
+
+def test_mapping_keys_and_values_are_coerced_to_their_types():
+    """`llm.adapters: {a: null}` was kept as None (the service then served the base model under the adapter's
+    name), and `{7: x}` failed with "argument of type 'int' is not iterable" (no key named)."""
+    from llmrec.service.config import load_service_config
+
+    with pytest.raises(ConfigError, match=r"override llm.adapters.a: expected a string, got None"):
+        load_service_config(None, ["llm.adapters={a: null}"], environ={})
+    with pytest.raises(ConfigError, match=r"llm.adapters.a: expected a string, got True"):
+        load_service_config(None, ["llm.adapters={a: yes}"], environ={})
+    cfg = load_service_config(None, ["llm.adapters={7: x, b: 12}", "llm.default_adapter=7"], environ={})
+    assert cfg.llm.adapters == {"7": "x", "b": "12"} and cfg.llm.default_adapter == "7"
