@@ -522,3 +522,18 @@ def test_kill_test_refuses_a_run_that_could_test_nothing_before_starting_the_ser
     with pytest.raises(SystemExit) as e:
         kill_test.main()
     assert e.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_an_unknown_llm_dtype_is_refused_with_the_config(tmp_path):
+    """`llm.dtype: foo` was accepted by the config and refused only when the model loaded, after the event store had
+    been created and filled with the whole dataset."""
+    import typing
+
+    from llmrec.llm.loading import _DTYPES
+    from llmrec.service.config import load_service_config
+
+    assert set(typing.get_args(typing.get_type_hints(LLMConfig)["dtype"])) == set(_DTYPES)
+    with pytest.raises(ConfigError, match=r"override llm.dtype: 'foo' is not one of \['fast'"):
+        load_service_config(None, ["llm.dtype=foo", f"store_url=sqlite:///{tmp_path / 'e.db'}"], environ={})
+    assert load_service_config(None, ["llm.dtype=float32"], environ={}).llm.dtype == "float32"
+    assert not (tmp_path / "e.db").exists()

@@ -42,7 +42,9 @@ class LLMConfig:
     # model (fast on CPU); lora = base + --lora-modules (several adapters; ~10x slower on CPU); auto = merged when
     # on CPU with exactly one adapter, else lora
     adapter_mode: Literal["auto", "merged", "lora"] = "auto"
-    dtype: str = "fast"
+    # = llmrec.llm.loading's dtypes (a test checks they agree): checked with the config, not after the event store
+    # has been filled and the model is being loaded
+    dtype: Literal["fast", "bfloat16", "float32", "float16", "auto"] = "fast"
     # transformers backend: nf4 4-bit base (bitsandbytes), the base a QLoRA adapter was trained on; a quarter of the
     # weights' memory. Picks the transformers backend under `auto`; vLLM has its own options (vllm_extra_args)
     load_in_4bit: bool = False
