@@ -285,14 +285,16 @@ def test_a_service_port_equal_to_the_vllm_port_is_a_config_error(monkeypatch):
 @pytest.mark.parametrize("extra, key", [(["--port", "9000"], "llm.vllm_port"), (["--port=9000"], "llm.vllm_port"),
                                         (["--host", "0.0.0.0"], "llm.vllm_host"), (["--model", "/m2"], "llm.model"),
                                         (["--served-model-name", "x"], "llm.adapters"),
-                                        (["--lora-modules", "a=/a"], "llm.adapters")])
+                                        (["--lora-modules", "a=/a"], "llm.adapters"),
+                                        (["--dtype", "float16"], "llm.dtype"),
+                                        (["--max_model_len=4096"], "llm.max_model_len")])
 def test_extra_args_that_would_undo_the_launchers_own_flags_are_refused(monkeypatch, extra, key):
     """llm.vllm_extra_args are appended after the launcher's flags, and vLLM's argparse keeps the last one: with
     `--port 9000` the server listened elsewhere while the launcher waited on llm.vllm_port for the whole start-up
     timeout (600 s); `--served-model-name` / `--model` made every request name a model the server does not serve."""
     monkeypatch.setattr(launch, "python_has_vllm", lambda python: True)
-    with pytest.raises(ConfigError, match=rf"llm.vllm_extra_args: {extra[0].split('=')[0]} is set by the launcher "
-                                          rf"\(from {key}\)"):
+    flag = extra[0].split("=")[0].replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"llm.vllm_extra_args: {flag} is set by the launcher \(from {key}\)"):
         launch.plan_backend(ServiceConfig(llm=LLMConfig(vllm_extra_args=extra)))
 
 

@@ -240,9 +240,11 @@ LIKELIHOOD_LORA = ("rank_mode: likelihood reads prompt log-probs, which crash a 
 
 
 # vLLM flags the launcher sets from the config: the same flag in llm.vllm_extra_args would win (argparse keeps the
-# last) and leave the launcher waiting on another port, or asking for a model name the server does not serve
+# last) and leave the launcher waiting on another port, or asking for a model name the server does not serve, or
+# serve another dtype / context length than the config (and --print-config) says
 LAUNCHER_FLAGS = {"--model": "llm.model", "--host": "llm.vllm_host", "--port": "llm.vllm_port",
-                  "--served-model-name": "llm.adapters", "--lora-modules": "llm.adapters"}
+                  "--served-model-name": "llm.adapters", "--lora-modules": "llm.adapters", "--dtype": "llm.dtype",
+                  "--max-model-len": "llm.max_model_len"}
 
 
 def _adapter_mode(llm: Any) -> str:
