@@ -22,13 +22,13 @@ import argparse
 import logging
 import time
 
-from llmrec.bench_utils import command_line, md_table, positive_int, write_result
+from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import explanation_metrics
 from llmrec.ranking.explain import evidence_note
-from llmrec.ranking.factory import build_retriever, with_adapter_templates
+from llmrec.ranking.factory import RETRIEVERS, build_retriever, with_adapter_templates
 
 log = logging.getLogger("explanations")
 
@@ -60,11 +60,11 @@ def main() -> None:
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--users", type=positive_int, default=40)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retriever", default="hybrid:sasrec")
+    ap.add_argument("--retriever", default="hybrid:sasrec", choices=RETRIEVERS)
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--dtype", default="fast")
-    ap.add_argument("--examples", type=int, default=5)
+    ap.add_argument("--examples", type=count_or_all, default=5, help="example texts kept per mode (0: none)")
     ap.add_argument("--frequency-penalty", type=float, default=[], nargs="*",
                     help="extra rows: the default mode (quoted, sharing an attribute) with these penalties")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ from llmrec.finetune.data import yesno_training_pairs
 from llmrec.llm import load_backend
 from llmrec.metrics import logit, ranking_metrics
 from llmrec.ranking import RankingConfig, Recommender
-from llmrec.ranking.factory import build_retriever, with_adapter_templates
+from llmrec.ranking.factory import RETRIEVERS, build_retriever, with_adapter_templates
 from llmrec.ranking.recommender import fuse_with_retrieval
 
 log = logging.getLogger("pointwise_rank")
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--adapter", required=True, help="the tuned Yes/No adapter (its template is read from it)")
     ap.add_argument("--users", type=positive_int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retriever", default="bert_lstm")
+    ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
     ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--dtype", default="fast")

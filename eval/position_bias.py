@@ -36,7 +36,7 @@ from llmrec.evaluation import ranking_targets
 from llmrec.llm import load_backend
 from llmrec.metrics import spearman
 from llmrec.ranking import RankingConfig, Recommender
-from llmrec.ranking.factory import build_retriever, with_adapter_templates
+from llmrec.ranking.factory import RETRIEVERS, build_retriever, with_adapter_templates
 
 log = logging.getLogger("position_bias")
 
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--users", type=positive_int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retriever", default="bert_lstm")
+    ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
     ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--adapter", default=None, help="tuned rank adapter (a second model row)")
     ap.add_argument("--dtype", default="fast")

@@ -33,7 +33,7 @@ from llmrec.data import load_prepared
 from llmrec.evaluation import evaluate_ranking, ranking_targets
 from llmrec.metrics import ndcg_at_k, paired_bootstrap_ratio, ranking_metrics
 from llmrec.ranking import RankingConfig, Recommender
-from llmrec.ranking.factory import build_retriever, collaborative_model, with_adapter_templates
+from llmrec.ranking.factory import RETRIEVERS, build_retriever, collaborative_model, with_adapter_templates
 from llmrec.retrieval.hybrid import row_ranks
 
 log = logging.getLogger("rank_ensemble")
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="a next_title adapter (default: the base model, zero-shot)")
     ap.add_argument("--users", type=count_or_all, default=0, help="test users (0: all)")
     ap.add_argument("--valid-users", type=count_or_all, default=0, help="validation users for the weights (0: all)")
-    ap.add_argument("--retriever", default="bert_lstm")
+    ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
     ap.add_argument("--baselines", nargs="+", default=["sasrec", "bpr", "mf", "pop"],
                     help="models whose order of the candidates is a feature (checkpoints, else fitted and saved)")
     ap.add_argument("--candidates", type=positive_int, default=20)

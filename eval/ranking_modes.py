@@ -27,7 +27,7 @@ from llmrec.data import load_prepared
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import eval_rank
-from llmrec.ranking.factory import build_retriever, with_adapter_templates
+from llmrec.ranking.factory import RETRIEVERS, build_retriever, with_adapter_templates
 
 log = logging.getLogger("ranking_modes")
 KEYS = ("ndcg@10", "recall@10", "mrr@10")
@@ -49,16 +49,16 @@ def main() -> None:
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--users", type=positive_int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retriever", default="hybrid:sasrec")
+    ap.add_argument("--retriever", default="hybrid:sasrec", choices=RETRIEVERS)
     ap.add_argument("--candidates", type=positive_int, default=20)
-    ap.add_argument("--titles", type=int, default=10, help="constrained generate: titles written per user")
+    ap.add_argument("--titles", type=positive_int, default=10, help="constrained generate: titles written per user")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--model", default=None, help="a local HF model folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--model-note", default="", help="what the model is (printed under the table)")
     ap.add_argument("--label", default="", help="suffix of the result name, e.g. _gpu")
     ap.add_argument("--dtype", default="fast")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--skip-free", action="store_true", help="leave out free-text generate")
     ap.add_argument("--skip-likelihood", action="store_true",
                     help="leave out title likelihood (e.g. vLLM with a LoRA adapter, where it is refused)")

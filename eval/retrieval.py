@@ -325,8 +325,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"])
     p.add_argument("--max-users", type=positive_int, default=None, help="seeded user subset (default: all)")
-    p.add_argument("--latency-users", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latency-users", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--no-bpr", action="store_true")
     p.add_argument("--models", nargs="*", default=["sasrec", "bert_lstm"],
                    help="sequential baselines scored alone and as a hybrid's collaborative side (checkpoint, else "

@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 
-from llmrec.bench_utils import command_line, md_table, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, write_result
 from llmrec.data import load_prepared
 from llmrec.evaluation import yesno_subset
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import eval_rank
-from llmrec.ranking.factory import build_retriever
+from llmrec.ranking.factory import RETRIEVERS, build_retriever
 
 log = logging.getLogger("score_batching")
 
@@ -70,17 +70,20 @@ def time_batches(be, prompts: list[str], choices: list, sizes: list[int], repeat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
-    ap.add_argument("--users", type=int, default=48)
-    ap.add_argument("--yesno-rows", type=int, default=160)
+    ap.add_argument("--users", type=positive_int, default=48)
+    ap.add_argument("--yesno-rows", type=positive_int, default=160)
     ap.add_argument("--yesno-template", default="yesno_estimate")
-    ap.add_argument("--retriever", default="hybrid")
+    ap.add_argument("--retriever", default="hybrid", choices=RETRIEVERS)
     ap.add_argument("--batch-sizes", default="1,4,8,16")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=2)
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sizes = sorted({int(x) for x in args.batch_sizes.split(",")} | {1})
+    try:
+        sizes = sorted({positive_int(x.strip()) for x in args.batch_sizes.split(",")} | {1})
+    except argparse.ArgumentTypeError as e:  # before the model loads: a 0 or a word failed deep in the timing loop
+        ap.error(f"argument --batch-sizes: {e} (a comma list of integers >= 1)")
 
     ds = load_prepared(args.dataset, prepare_if_missing=True)
     be = load_backend("transformers", dtype=args.dtype)

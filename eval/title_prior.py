@@ -32,7 +32,7 @@ from llmrec.llm import load_backend
 from llmrec.metrics import ndcg_at_k, paired_bootstrap_ratio
 from llmrec.ranking import RankingConfig, Recommender
 from llmrec.ranking.evaluate import eval_rank
-from llmrec.ranking.factory import build_retriever, with_adapter_templates
+from llmrec.ranking.factory import RETRIEVERS, build_retriever, with_adapter_templates
 
 log = logging.getLogger("title_prior")
 KEYS = ("ndcg@10", "hr@10", "mrr@10", "n_users")
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=["zero-shot", "tuned"], default=["zero-shot", "tuned"])
     ap.add_argument("--name", default=None, help="result name (default: title_prior_<dataset>)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retriever", default="bert_lstm")
+    ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
     ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--prior-grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0], help="w (the bench's)")

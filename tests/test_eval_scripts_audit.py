@@ -37,6 +37,22 @@ def _refuse_load(*_a, **_k):
     ("eval/explanations.py", ["--users", "0"]),
     ("eval/zeroshot.py", ["--retrieval-weight", "-1"]),
     ("eval/zeroshot.py", ["--likelihood-weight", "nan"]),
+    # an unknown retriever was refused only after the dataset (explanations: and the model) had loaded
+    ("eval/explanations.py", ["--retriever", "hybird"]),
+    ("eval/pointwise_rank.py", ["--adapter", "x", "--retriever", "bm25"]),
+    ("eval/position_bias.py", ["--retriever", "x"]),
+    ("eval/rank_ensemble.py", ["--retriever", "x"]),
+    ("eval/ranking_modes.py", ["--retriever", "x"]),
+    ("eval/score_batching.py", ["--retriever", "x"]),
+    ("eval/title_prior.py", ["--retriever", "x"]),
+    ("eval/ranking_modes.py", ["--titles", "0"]),
+    ("eval/ranking_modes.py", ["--batch-size", "0"]),
+    ("eval/explanations.py", ["--examples", "-1"]),
+    ("eval/score_batching.py", ["--users", "0"]),
+    ("eval/score_batching.py", ["--repeats", "0"]),
+    ("eval/score_batching.py", ["--batch-sizes", "4,0"]),
+    ("eval/retrieval.py", ["--batch-size", "0"]),
+    ("eval/retrieval.py", ["--latency-users", "-1"]),
 ])
 def test_a_count_of_zero_or_less_is_a_usage_error(load_script, monkeypatch, script, argv, tmp_path):
     mod = load_script(script)
