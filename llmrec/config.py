@@ -215,7 +215,14 @@ def _parse_overrides(pairs: list[str] | None) -> tuple[dict[str, Any], dict[str,
             raise ConfigError(f"override {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
         node = out
-        parts = key.strip().split(".")
+        parts = [p.strip() for p in key.split(".")]  # `llm. backend` is llm.backend, not the key ' backend'
+        if not all(parts):
+            raise ConfigError(f"override {pair!r}: empty key part in {key.strip()!r}")
+        dotted = ".".join(parts)
+        below = sorted(k for k in raws if k.startswith(dotted + "."))
+        if below:  # `--set a.b=1 --set a=x` dropped a.b without a word
+            raise ConfigError(f"override {pair!r}: {dotted} replaces what override {below[0]}={raws[below[0]]} set "
+                              f"inside it; give one of them")
         for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
@@ -225,7 +232,7 @@ def _parse_overrides(pairs: list[str] | None) -> tuple[dict[str, Any], dict[str,
             node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
-        raws[".".join(parts)] = raw
+        raws[dotted] = raw
     return out, raws
 
 

@@ -139,6 +139,13 @@ def test_a_malformed_or_conflicting_override_is_a_config_error_naming_it(capsys)
         load_config(Cfg, None, ["inner.modules=[a, b"])
     with pytest.raises(ConfigError, match=r"^override 'inner\.r=2': inner is already set to a value"):
         load_config(Cfg, None, ["inner=3", "inner.r=2"])
+    # the other order dropped inner.r without a word
+    with pytest.raises(ConfigError, match=r"^override 'inner=3': inner replaces what override inner\.r=2 set"):
+        load_config(Cfg, None, ["inner.r=2", "inner=3"])
+    with pytest.raises(ConfigError, match=r"empty key part in 'inner\.\.r'"):
+        load_config(Cfg, None, ["inner..r=2"])
+    # spaces around a dotted part are not part of the key
+    assert load_config(Cfg, None, ["inner. r=2"]).inner.r == 2
     from llmrec.cli import main
 
     # the CLI: a message and exit status 1, not a traceback (checked before any data is read)
