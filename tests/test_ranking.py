@@ -1302,3 +1302,21 @@ def test_non_finite_llm_scores_are_a_backend_error_not_a_ranking(parts):
         make_rec(parts, nan).recommend("u2", k=3, explain=False)
     ok = make_rec(parts, ScriptedBackend()).recommend("u2", k=3, explain=False)
     assert len(ok.items) == 3 and all(np.isfinite(it.score) for it in ok.items)
+
+
+@pytest.mark.parametrize("mode", ["verbalizer", "likelihood"])
+def test_non_finite_llm_scores_are_refused_by_evaluation_too(parts, mode):
+    """`score_matrix` (what `eval rank` and the bench measure) ranked NaN LLM scores silently: every candidate tied at
+    NaN kept its retrieval order, so a broken backend was reported as the LLM's metrics (those of retrieval alone)."""
+    from llmrec.llm.base import BackendError
+
+    class NanBackend(ScriptedBackend):
+        def score_continuations(self, prompts, continuations):
+            return np.full((len(prompts), len(continuations[0])), np.nan), np.ones((len(prompts),
+                                                                                    len(continuations[0])))
+
+    nan = NanBackend(logits=lambda p, c: np.full(len(c), np.nan))
+    with pytest.raises(BackendError, match=r"non-finite candidate scores"):
+        make_rec(parts, nan, mode=mode).score_matrix(["u2", "u5"])
+    m = make_rec(parts, ScriptedBackend(), mode="verbalizer").score_matrix(["u2", "u5"])
+    assert m.shape == (2, parts.ds.n_items) and np.isfinite(m).all()

@@ -477,15 +477,23 @@ class Recommender:
     def rank_candidates(
         self, histories: list[list[HistEvent]], cands: list[list[tuple[str, float]]], mode: str | None = None
     ) -> list[list[tuple[str, float]]]:
-        """Order each user's candidates with the LLM. Returns (item_id, score) best first."""
+        """Order each user's candidates with the LLM. Returns (item_id, score) best first. A non-finite score (NaN or
+        inf: a backend fault such as an overflow) is a `BackendError`: NaN sorts anywhere, so the order would be
+        arbitrary (retrieval order for all-NaN scores), for recommendations and evaluation (`score_matrix`) alike."""
         mode = mode or self.cfg.mode
         if mode == "verbalizer":
-            return self._rank_verbalizer(histories, cands)
-        if mode == "likelihood":
-            return self._rank_likelihood(histories, cands)
-        if mode == "generate":
-            return self._rank_generate(histories, cands)
-        raise ValueError(f"unknown ranking mode {mode!r}: use 'verbalizer', 'likelihood' or 'generate'")
+            ranked = self._rank_verbalizer(histories, cands)
+        elif mode == "likelihood":
+            ranked = self._rank_likelihood(histories, cands)
+        elif mode == "generate":
+            ranked = self._rank_generate(histories, cands)
+        else:
+            raise ValueError(f"unknown ranking mode {mode!r}: use 'verbalizer', 'likelihood' or 'generate'")
+        bad = sum(not np.isfinite(sc) for r in ranked for _, sc in r)
+        if bad:  # NaN sorts anywhere and is no JSON number: a backend fault (overflow), not a ranking
+            raise BackendError(f"the LLM backend returned {bad} non-finite candidate scores (NaN/inf) for "
+                               f"{len(histories)} user(s); no ranking can be read from them")
+        return ranked
 
     def _rank_verbalizer(self, histories, cands):
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
@@ -742,10 +750,6 @@ class Recommender:
             hs.append(self.dataset_history(u) if h is None else to_hist_events(h, self.cfg.like_threshold))
         cands = [self.candidates(h) for h in hs]
         ranked = [self._beyond_candidates(h, r, k) for h, r in zip(hs, self.rank_candidates(hs, cands, mode))]
-        bad = sum(not np.isfinite(sc) for r in ranked for _, sc in r)
-        if bad:  # NaN sorts anywhere and is no JSON number: a backend fault (overflow), not a ranking
-            raise BackendError(f"the LLM backend returned {bad} non-finite candidate scores (NaN/inf) for "
-                               f"{len(user_ids)} user(s); no ranking can be read from them")
         top = [[i for i, _ in r[:k]] for r in ranked]
         expl = self.explain(hs, top) if explain else [Explanation(None, False, []) for _ in top]
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
