@@ -1320,3 +1320,30 @@ def test_non_finite_llm_scores_are_refused_by_evaluation_too(parts, mode):
         make_rec(parts, nan, mode=mode).score_matrix(["u2", "u5"])
     m = make_rec(parts, ScriptedBackend(), mode="verbalizer").score_matrix(["u2", "u5"])
     assert m.shape == (2, parts.ds.n_items) and np.isfinite(m).all()
+
+
+def test_an_event_history_lists_each_item_once_with_the_users_latest_reaction(parts):
+    """A store history holds an event per view, click, purchase or rating: the prompt listed "Action Story 4" three
+    times and "Action Story 0" twice, once (liked) and once (disliked); the explanation then cited "Action Story 0" as
+    a title the user liked although their latest rating of it was 1/5 (the quote constraint allowed it)."""
+    backend = ScriptedBackend(gen=' "Action Story 0" and more.')
+    rec = make_rec(parts, backend)
+    h = [{"item_id": "i0", "type": "rating", "value": 5, "timestamp": 1},
+         {"item_id": "i8", "type": "rating", "value": 5, "timestamp": 2},
+         {"item_id": "i4", "type": "view", "timestamp": 3},
+         {"item_id": "i4", "type": "purchase", "liked": True, "timestamp": 4},
+         {"item_id": "i8", "type": "view", "timestamp": 5},
+         {"item_id": "i0", "type": "rating", "value": 1, "timestamp": 6}]
+    r = rec.recommend("x", k=3, explain=True, history=h)
+    for prompt in (backend.scored[-1], backend.generated[-1]):
+        lines = [x for x in prompt.splitlines() if x.startswith('- "Action Story ') and "(" in x]
+        assert lines[:3] == ['- "Action Story 4" (liked)', '- "Action Story 8" (liked)',
+                             '- "Action Story 0" (disliked)'], prompt
+    quotable = [q.strip('"') for q in backend.quotable[-1]]  # what the explanation may cite as liked
+    assert "Action Story 0" not in quotable and {"Action Story 4", "Action Story 8"} <= set(quotable), quotable
+    assert len(r.items) == 3
+    from llmrec.ranking.recommender import latest_per_item
+
+    assert [(e.item_id, e.liked, e.rating, e.timestamp) for e in latest_per_item(to_hist_events(h))] == [
+        ("i4", True, None, 4), ("i8", True, 5, 5), ("i0", False, 1, 6)]
+    assert rec.score_yesno("x", ["i12"], history=h) == rec.score_yesno("x", ["i12"], history=[h[2], h[3], h[1], h[5]])

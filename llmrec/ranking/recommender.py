@@ -216,6 +216,21 @@ def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[
     return out
 
 
+def latest_per_item(history: Iterable[HistEvent]) -> list[HistEvent]:
+    """One event per item, where its most recent event is (oldest first still): an event stream lists an item again
+    for every view, click, purchase or new rating of it. Its reaction and rating are those of its most recent event
+    that has one (a later view keeps an earlier like; a new rating replaces the old one), its timestamp the latest."""
+    last: dict[str, HistEvent] = {}
+    for e in history:
+        prev = last.pop(e.item_id, None)
+        if prev is not None:
+            e = HistEvent(e.item_id, prev.liked if e.liked is None else e.liked,
+                          prev.rating if e.rating is None else e.rating,
+                          prev.timestamp if e.timestamp is None else e.timestamp)
+        last[e.item_id] = e  # re-inserted: the item now sits at its latest event
+    return list(last.values())
+
+
 def _unwrap(s: str) -> str:
     """`s` without one pair of enclosing double quotes (the prompts' quoting; the escapes inside are kept, as the
     title matcher reads them): `"Say \\"Hi\\""` -> `Say \\"Hi\\"`. A closing quote escaped by a backslash is a
@@ -747,7 +762,10 @@ class Recommender:
         hs: list[list[HistEvent]] = []
         for n, u in enumerate(user_ids):
             h = None if histories is None else histories[n]
-            hs.append(self.dataset_history(u) if h is None else to_hist_events(h, self.cfg.like_threshold))
+            # an event history lists an item once per event; the prompts, the retriever and the explanation's
+            # post-check read one event per item with the user's latest reaction to it
+            hs.append(self.dataset_history(u) if h is None
+                      else latest_per_item(to_hist_events(h, self.cfg.like_threshold)))
         cands = [self.candidates(h) for h in hs]
         ranked = [self._beyond_candidates(h, r, k) for h, r in zip(hs, self.rank_candidates(hs, cands, mode))]
         top = [[i for i, _ in r[:k]] for r in ranked]
@@ -833,7 +851,8 @@ class Recommender:
         return probs
 
     def score_yesno(self, user_id: str, item_ids: Sequence[str], history: Iterable[Any] | None = None) -> list[float]:
-        h = self.dataset_history(user_id) if history is None else to_hist_events(history, self.cfg.like_threshold)
+        h = (self.dataset_history(user_id) if history is None
+             else latest_per_item(to_hist_events(history, self.cfg.like_threshold)))
         unknown = [i for i in item_ids if i not in self.ds.item_index]
         if unknown:
             raise KeyError(f"unknown item id(s) {unknown[:5]}")
