@@ -358,3 +358,15 @@ def test_a_year_is_part_of_the_title_and_remakes_share_a_year_less_one():
     invented = _check('"Kolya (1996)" suits this user because they liked "Toy Story (2010)".', {"1"}, {"5"},
                       {"Comedy"})
     assert not invented.ok and invented.hallucinated == ["Toy Story (2010)"]
+
+
+def test_the_word_cap_never_leaves_half_a_quoted_title():
+    """A text cut at `max_words` inside a quoted title was shown as '... very "Good, the ...': half a title, its quote
+    left open (and the post-check passed it)."""
+    lead = '"Heat (1995)" suits this user because they liked'
+    body = ' "Toy Story (1995)" since ' + " ".join(["very"] * 46) + ' "Good, the Bad and the Ugly, The (1966)" too'
+    out = tidy_explanation(lead, body)
+    assert out.endswith("very very ...") and "Good, the" not in out and out.count('"') % 2 == 0, out
+    assert len(out.split()) <= 61
+    whole = tidy_explanation(lead, body, max_words=80)  # under the cap: the title is kept whole
+    assert whole.endswith('"Good, the Bad and the Ugly, The (1966)" too')

@@ -203,8 +203,9 @@ def _last_quote(text: str) -> int:
 def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
     """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
     e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and
-    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open, the
-    text from a quoted title written a second time, and a phrase repeated in a loop)."""
+    `max_words` words (an unfinished last sentence is cut off when a finished one exists; so is a quote left open, by
+    the token limit or by the word cap, the text from a quoted title written a second time, and a phrase repeated in a
+    loop)."""
     body = text.split("\n", 1)[0].strip() if text.strip() else ""
     if len(_QUOTE.findall(body)) % 2:  # a quoted title cut off by the token limit: drop the unfinished quote
         body = body[: _last_quote(body)].rstrip(" ,;:-")
@@ -215,7 +216,10 @@ def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: in
     out = " ".join(sentences[:max_sentences])
     words = out.split()
     if len(words) > max_words:
-        out = " ".join(words[:max_words]) + " ..."
+        out = " ".join(words[:max_words])
+        if len(_QUOTE.findall(out)) % 2:  # the cut fell inside a quoted title: drop the part of it left
+            out = out[: _last_quote(out)].rstrip(" ,;:-")
+        out += " ..."
     elif len(sentences) > 1 and out[-1] not in ".!?" and len(sentences[0]) >= 20:
         out = sentences[0]
     elif out[-1] not in '.!?"' and _DANGLING.search(out):  # cut off mid-list: '... "Heat (1995)" and liked the'
