@@ -1347,3 +1347,19 @@ def test_an_event_history_lists_each_item_once_with_the_users_latest_reaction(pa
     assert [(e.item_id, e.liked, e.rating, e.timestamp) for e in latest_per_item(to_hist_events(h))] == [
         ("i4", True, None, 4), ("i8", True, 5, 5), ("i0", False, 1, 6)]
     assert rec.score_yesno("x", ["i12"], history=h) == rec.score_yesno("x", ["i12"], history=[h[2], h[3], h[1], h[5]])
+
+
+def test_a_user_who_has_seen_every_item_gets_no_items_and_no_explanation(parts, tiny_dataset):
+    """A history covering the catalogue leaves nothing to recommend: the answer was `items: []` with the explanation
+    "" (an empty string, not flagged as a fallback), as if a text had been generated and shown; now None, as without
+    --explain. Fewer unseen items than k (and than the candidates) answer every unseen one; the batch is per user."""
+    backend = ScriptedBackend(gen=' "Action Story 0".')
+    rec = make_rec(parts, backend)
+    every = [{"item_id": str(i), "type": "rating", "value": 5, "timestamp": n}
+             for n, i in enumerate(tiny_dataset.item_ids)]
+    all_but_3 = every[3:]
+    full, few, dup = rec.recommend_batch(["a", "b", "b"], [every, all_but_3, all_but_3], k=10, explain=True)
+    assert full.items == [] and full.explanation is None and full.evidence == [] and not full.explanation_fallback
+    assert sorted(i.item_id for i in few.items) == sorted(str(i) for i in tiny_dataset.item_ids[:3])
+    assert few.explanation and [i.item_id for i in dup.items] == [i.item_id for i in few.items]
+    assert dup.explanation == few.explanation

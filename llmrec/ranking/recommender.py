@@ -670,9 +670,9 @@ class Recommender:
     # ----------------------------------------------------------------------------------------------- explain
     def explain(self, histories: list[list[HistEvent]], recs: list[list[str]]) -> list[Explanation]:
         """Generated explanations with the post-check (`check_explanation`, attribute claims read against
-        `attribute_vocabulary`); one `Explanation` per user."""
+        `attribute_vocabulary`); one `Explanation` per user (text None for a user with nothing recommended)."""
         todo = [u for u, r in enumerate(recs) if r]
-        res: list[Explanation] = [Explanation("", False, []) for _ in recs]
+        res: list[Explanation] = [Explanation(None, False, []) for _ in recs]  # nothing recommended: no text
         vocab = self.attribute_vocabulary()
         tmpl = self.templates["explain"]
         for b in range(0, len(todo), self.cfg.batch_size):
