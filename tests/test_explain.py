@@ -370,3 +370,21 @@ def test_the_word_cap_never_leaves_half_a_quoted_title():
     assert len(out.split()) <= 61
     whole = tidy_explanation(lead, body, max_words=80)  # under the cap: the title is kept whole
     assert whole.endswith('"Good, the Bad and the Ugly, The (1966)" too')
+
+
+def test_quoted_titles_under_four_characters_are_read():
+    """Last.fm has 281 artists named in under 4 characters ("U2", "Sia", "HIM"): a title variant needs 4, so an
+    explanation citing a liked '"U2"' named no history item (ungrounded: the template fallback), a '"Nas"' outside the
+    history and the recommendations was no hallucination, and between two of them '" and "' read as an invented
+    quoted title. Unquoted, such a title stays a word ("they liked him")."""
+    m = TitleMatcher(["1", "2", "3", "4", "5"], ["U2", "Sia", "Radiohead", "HIM", "Nas"])
+    ok = check_explanation('"Radiohead" suits this user because they liked "U2" and "Sia".', m, {"1", "2"}, {"3"},
+                           set())
+    assert ok.ok and ok.grounded and ok.named == ["3", "1", "2"] and ok.hallucinated == []
+    invented = check_explanation('"Radiohead" suits this user because they liked "U2" and "Nas".', m, {"1"}, {"3"},
+                                 set())
+    assert not invented.ok and invented.hallucinated == ["5"]
+    assert check_explanation('"Radiohead" fits: they liked "U2" and "u2".', m, {"1"}, {"3"}, set()).repetitive
+    assert m.find("they liked him and U2", strict=True) == [] and m.find('"him"') == ["4"]
+    assert m.exact("U2") == "1" and m.exact('"Sia"') == "2" and m.exact("Mew") is None
+    assert m.find('"Heat" and "Mew"') == []  # a short quoted word that is no title is still no title

@@ -45,6 +45,12 @@ class TitleMatcher:
                     self.by_variant.setdefault(v, iid)
                     if '"' in v:  # `"Weird Al" Yankovic`: also read with single quotes (see `unquote_titles`)
                         self.by_variant.setdefault(_single_quoted(v), iid)
+        # titles under 4 characters (Last.fm: "U2", "Sia", "Air", "HIM"): no variant above, as such a form reads as a
+        # word in free text; a whole quoted span written as one is the title (`find`, `exact`)
+        self._short: dict[str, str] = {}
+        for iid, t in zip(item_ids, titles):
+            if 0 < len(str(t).strip()) < 4:
+                self._short.setdefault(str(t).strip().lower(), iid)
         # the ids a year-less / article-moved form stands for ("Sabrina": the 1954 film and the 1995 remake), per id
         ids_of: dict[str, set[str]] = {}
         for iid, t in zip(item_ids, titles):
@@ -77,24 +83,45 @@ class TitleMatcher:
         as an explanation, not a line meant to be a title): a match written all in lower case and without a digit
         ("a boy and his mother", "the game") is a word, not a title, unless the catalogue title itself has no
         capital letter; "Mother", "Heat (1995)", "heat (1995)" are titles. Many titles are common words (ML-100K:
-        Mother, Heat, Kids, Women, Game, Trust, Fresh, Safe, ...)."""
+        Mother, Heat, Kids, Women, Game, Trust, Fresh, Safe, ...). A title under 4 characters ("U2") is read only
+        as a whole quoted span ('"U2"')."""
+        hits = self.short_quoted(text)  # (position in `text`, id)
         if not self._re:
-            return []
+            return list(dict.fromkeys(i for _, i in sorted(hits, key=lambda h: h[0])))
         low = text.lower()
         back: list[int] | None = None  # position in `text` of each character of `low`, where they differ
         if len(low) != len(text):  # a letter lower-cases to several ("İ" -> "i̇"): lower-case letter by letter
             low = "".join(c.lower() for c in text)
             back = [i for i, c in enumerate(text) for _ in c.lower()]
-        seen: dict[str, None] = {}
         for m in self._re.finditer(low):
             iid = self.by_variant[m.group(1)]
+            a, b = m.span(1)
             if strict and iid not in self._lowercase_titles:
-                a, b = m.span(1)
                 written = text[a:b] if back is None else text[back[a]:back[b - 1] + 1]
                 if written == written.lower() and not any(c.isdigit() for c in written):
                     continue
-            seen.setdefault(iid, None)
-        return list(seen)
+            hits.append((a if back is None else back[a], iid))
+        return list(dict.fromkeys(i for _, i in sorted(hits, key=lambda h: h[0])))
+
+    def short_quoted(self, text: str) -> list[tuple[int, str]]:
+        """(position, id) of each quoted span of `text` that is a whole title under 4 characters ('"U2"'), repeats
+        included."""
+        if not self._short:
+            return []
+        out = []
+        for m in _SPANS.finditer(text):
+            q = m.group(1).strip().lower()
+            if len(q) < 4 and (iid := self._short.get(q)):
+                out.append((m.start(), iid))
+        return out
+
+    def blank_short_titles(self, text: str) -> str:
+        """`text` with each quoted title under 4 characters ('"U2"') blanked out (same length), so that the text
+        between two of them ('" and "') does not read as a quoted span."""
+        if not self._short:
+            return text
+        return _SPANS.sub(lambda m: " " * len(m.group(0)) if len(m.group(1).strip()) < 4
+                          and m.group(1).strip().lower() in self._short else m.group(0), text)
 
     def exact(self, text: str) -> str | None:
         """The item whose title variant equals `text` (stripped, case-insensitive, quotes removed, then a sentence's
@@ -102,7 +129,7 @@ class TitleMatcher:
         the catalogue has "Toy Story (1995)" only (a year-less text matches the year-less form)."""
         plain = text.strip().strip("\"'“”").strip().lower()
         for key in (text.strip().lower(), plain, plain.rstrip(".,;:!?").strip()):
-            if found := self.by_variant.get(key):
+            if found := self.by_variant.get(key) or self._short.get(key):
                 return found
             if _YEAR.search(key) is None:
                 continue
@@ -136,6 +163,8 @@ _QUOTE = re.compile(r'(?<!\\)"')
 _QUOTED_SPAN = re.compile(r'(?<!\\)"((?:[^"\\]|\\.)+)"')
 _DANGLING = re.compile(r'(?<!\\)"\s*(?:,|;|and\b)[^"]*$')  # an unfinished clause after the last quoted title
 _QUOTED = re.compile(r'["“]([^"”]{4,120})["”]')
+# quoted spans, paired from the left (a title's own quotes escaped, as prompts write them)
+_SPANS = re.compile(r'(?<!\\)["“]((?:[^"“”\\]|\\.)+)["”]')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
 # words that end with a full stop without ending a sentence ("Mrs. Doubtfire", "Dr. Strangelove", "St. Elmo's Fire")
 _ABBREVIATION = re.compile(r"(?:^|\s|\")(?:Mr|Mrs|Ms|Dr|St|Mt|Jr|Sr|Prof|Gen|Lt|Col|Sgt|Capt|Rev|vs|No|Vol|Pt|Ft)\.$")
@@ -338,7 +367,8 @@ def check_explanation(
     halluc = [i for i in named if not history_of(i) and i not in recommended_ids]
     attr_low = {a.lower() for a in attributes}
     vocab_low = {a.lower() for a in vocabulary}
-    quoted = [q.strip() for q in _QUOTED.findall(text)]
+    bare = matcher.blank_short_titles(text)  # "U2" and "Sia": named above; " and " is no quoted span
+    quoted = [q.strip() for q in _QUOTED.findall(bare)]
     mentions = [matcher.exact(q) for q in quoted]
     for q, i in zip(quoted, mentions):
         if i is None and q.lower() not in attr_low and q.lower() not in vocab_low and q not in halluc:
@@ -347,9 +377,9 @@ def check_explanation(
             named.append(i)
             if not history_of(i) and i not in recommended_ids:
                 halluc.append(i)
-    ids = [m for m in mentions if m]
+    ids = [m for m in mentions if m] + [i for _, i in matcher.short_quoted(text)]
     repetitive = len(ids) != len(set(ids))
-    masked = mask_titles(text, matcher)
+    masked = mask_titles(bare, matcher)
     unsupported: list[str] = []
     if vocab_low and item_attributes is not None:
         about = set(recommended_ids if explained_ids is None else explained_ids)
