@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -187,6 +188,20 @@ def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return head + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows) + "\n"
 
 
+def json_safe(v: Any) -> Any:
+    """`v` with NaN / inf floats as None (JSON has no NaN: `json.dumps` writes `NaN`, which strict parsers such as jq
+    refuse) and numpy scalars / arrays as plain Python values, in nested dicts, lists and tuples."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    if hasattr(v, "tolist") and type(v).__module__ == "numpy":  # numpy scalar or array
+        return json_safe(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def write_result(
     name: str, payload: dict[str, Any], table_md: str, command: str | None = None, results_dir: Path | None = None
 ) -> Path:
@@ -203,7 +218,8 @@ def write_result(
     }
     data = {**header, **{k: v for k, v in payload.items() if k not in header or k == "dataset"}}
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    # strict JSON: a one-class AUC (NaN) is written as null, not as the NaN that strict parsers refuse
+    path.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
     md = (
         f"# {name}\n\n- dataset: {header['dataset']}\n- command: `{header['command']}`\n- commit: {header['commit']}\n"
         f"- machine: {header['machine']}\n- created: {header['created']}\n\n{table_md}"

@@ -127,6 +127,24 @@ def test_result_header_names_the_commit_the_run_started_from(tmp_path, monkeypat
     assert "- commit: abc1234 (started; def5678+dirty when written)" in (tmp_path / "moved.md").read_text()
 
 
+def test_result_json_is_strict_json_with_nan_as_null(tmp_path):
+    """A one-class AUC (NaN) was written as `NaN`, which strict JSON parsers (jq, JSON.parse) refuse; numpy scalars
+    became strings through `default=str`."""
+    import json
+
+    import numpy as np
+
+    from llmrec import bench_utils
+
+    payload = {"dataset": "d", "rows": [{"auc": float("nan"), "n": np.int64(3), "x": np.float32(0.5),
+                                         "v": np.array([1.0, np.inf])}], "t": (1, float("-inf"))}
+    path = bench_utils.write_result("nan", payload, "t\n", command="x", results_dir=tmp_path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    d = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert d["rows"] == [{"auc": None, "n": 3, "x": 0.5, "v": [1.0, None]}] and d["t"] == [1, None]
+
+
 def test_machine_line_says_whether_the_cpu_computes_bf16_natively(monkeypatch):
     # `dtype: fast` resolves to bf16 or fp32 by this CPU flag, so every result's machine line records it
     import llmrec.llm.loading as loading

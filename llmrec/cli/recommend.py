@@ -161,7 +161,10 @@ def _recommender(args: argparse.Namespace, dataset: str, user_id: str | None = N
 def _write(out: str | None, data: dict) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({k: v for k, v in data.items() if not k.startswith("_")}, indent=2))
+        from llmrec.bench_utils import json_safe
+
+        # strict JSON: the AUC of a one-class file is null, not NaN
+        Path(out).write_text(json.dumps(json_safe({k: v for k, v in data.items() if not k.startswith("_")}), indent=2))
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
