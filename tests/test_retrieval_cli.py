@@ -12,6 +12,23 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("faiss")
 
 
+@pytest.fixture(scope="module")
+def twins_dataset(tmp_path_factory):
+    """The tiny dataset with catalogue duplicates: item i{j + 24} is listed under i{j}'s title (j < 24)."""
+    import pandas as pd
+    from conftest import make_tiny_csv
+
+    from llmrec.data import PrepareConfig, load_prepared, prepare
+
+    root = tmp_path_factory.mktemp("twins_home")
+    tpath, ipath = make_tiny_csv(root)
+    items = pd.read_csv(ipath)
+    items.loc[24:47, "title"] = items["title"].iloc[:24].to_numpy()
+    items.to_csv(ipath, index=False)
+    prepare(str(tpath), PrepareConfig(items_file=str(ipath), name="twins", n_sampled_negatives=20), home=root)
+    return load_prepared("twins", home=root)
+
+
 @pytest.fixture()
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMREC_HOME", str(tmp_path))
@@ -72,3 +89,28 @@ def test_recommend_and_eval_refuse_bad_input_before_loading_a_model(tiny_dataset
                                {"instruction": "i", "input": "y", "output": "Maybe."}]))
     assert main(["eval", "yesno", "--file", str(bad)]) == 1
     assert "entry 1: field 'output'" in capsys.readouterr().err
+
+
+def test_prompt_of_all_events_leaves_out_title_twins_of_seen_items(twins_dataset, home, capsys):
+    """--split all lists the candidates `llmrec recommend` gives: an item listed under the title of one the user has
+    seen is no candidate (it was, when seen items were left out by id only)."""
+    from llmrec.data import title_twins, with_title_twins
+    from llmrec.ranking.factory import DEFAULT_RETRIEVER, build_retriever
+
+    ds, user = twins_dataset, "u2"
+    h = ds.history(user, before="all")
+    seen = set(h["item_id"].astype(str))
+    seen_titles = {str(ds.titles[ds.item_index[i]]) for i in seen}
+    twins = with_title_twins(seen, title_twins(list(ds.item_ids), list(ds.titles))) - seen
+    hq = [(str(i), bool(lab), int(t)) for i, lab, t in zip(h["item_id"], h["label"], h["timestamp"])]
+    by_id = [i for i, _ in build_retriever(ds, DEFAULT_RETRIEVER).query(hq, k=6, exclude=seen)]
+    assert set(by_id) & twins  # by id alone, a seen film's twin would be listed
+    args = ["prompt", "--dataset", str(ds.root), "--user", user, "--tokenizer", "whitespace", "--split", "all",
+            "--template", "rank", "--k", "6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(r'^[A-F]\. "([^"]+)"', out.split("Candidate items:")[1], re.M)
+    assert len(listed) == 6 and not set(listed) & seen_titles, out
+    # the retriever reads the whole history, as the Recommender does, not the events the prompt shows (--history)
+    assert main(args + ["--history", "2"]) == 0
+    assert re.findall(r'^[A-F]\. "([^"]+)"', capsys.readouterr().out.split("Candidate items:")[1], re.M) == listed

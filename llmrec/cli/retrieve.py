@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--dataset", required=True, help="prepared dataset name or folder (llmrec data prepare)")
     q.add_argument("--user", "--user-id", dest="user", required=True, help="user id whose history is rendered")
     q.add_argument("--split", choices=["all", "test", "valid"], default="test",
-                   help="history before the user's test/valid target (which is the yes/no target), or all events")
+                   help="history before the user's test/valid target (which is the yes/no target; candidates leave "
+                        "out the seen ids, as evaluation does), or all events (candidates as `llmrec recommend` gives "
+                        "them: no seen item, nor one listed under a seen item's title)")
     q.add_argument("--item", help="target item id for yesno (default: the user's target of --split)")
     q.add_argument("--k", type=positive_int, default=20, help="number of candidates (rank/next_title)")
     q.add_argument("--no-candidates", action="store_true", help="next_title without a candidate list")
@@ -130,9 +132,12 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
         retriever = build_retriever(ds, DEFAULT_RETRIEVER)  # the candidates `llmrec recommend` and the service place
         split = args.split if args.split != "all" else None
-        if split is None:
-            seen = set(ds.history(args.user, before="all")["item_id"])
-            hq = [(str(i), bool(lab), 0) for i, lab in zip(h["item_id"], h["label"])]
+        if split is None:  # as Recommender.candidates: the whole history queried, seen items and their title twins
+            from llmrec.data import title_twins, with_title_twins
+
+            full = ds.history(args.user, before="all")
+            seen = with_title_twins(full["item_id"].astype(str), title_twins(list(ds.item_ids), list(ds.titles)))
+            hq = [(str(i), bool(lab), int(t)) for i, lab, t in zip(full["item_id"], full["label"], full["timestamp"])]
             cands = [i for i, _ in retriever.query(hq, k=args.k, exclude=seen)]
         else:
             cands = [i for i, _ in candidates_for(ds, args.user, split, args.k, retriever)]
