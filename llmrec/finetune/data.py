@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from llmrec.data.prepare import title_twins, with_title_twins
 from llmrec.finetune.config import DataSettings
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,10 @@ class _CandidateSampler:
     """Other items for a rank example. `popular` / `random`: sampled by training-split popularity / uniformly.
     `retrieval`: the top of `retriever`'s list for the user's events before the target (valid/test: the leave-one-out
     rule of the split; train: the events before the training position), so training sees the hard negatives the
-    Recommender will show; topped up by popularity when the list is short. The target is then shuffled in."""
+    Recommender will show; topped up by popularity when the list is short. The target is then shuffled in.
+    Training candidates also leave out items listed under the title of a history item (catalogue duplicates,
+    `title_twins`), as the Recommender's candidates do; valid/test ones leave out the history by id only, the
+    protocol evaluation scores by (`Recommender.score_matrix`)."""
 
     def __init__(self, ds: Any, mode: str, n: int, retriever: Any = None, retriever_kind: str = "hybrid"):
         self.ds, self.mode, self.n = ds, mode, n
@@ -131,6 +135,8 @@ class _CandidateSampler:
         if ds.n_items < n:
             raise ValueError(f"data.n_candidates={n} but the dataset has only {ds.n_items} items")
         self.retriever = retriever
+        titles = getattr(ds, "titles", None)
+        self.twins = title_twins(list(ds.item_ids), list(titles)) if titles is not None else {}
         self.later_counts = [0, 0]  # later items among the retrieved top n - 1, retrieved items looked at
         if mode == "retrieval" and retriever is None:
             from llmrec.ranking.factory import build_retriever
@@ -142,13 +148,17 @@ class _CandidateSampler:
         """`seen`: the history (never a candidate); `later`: other items to keep out too (the user's later training
         items: true next items of later positions, not negatives), replaced by the retriever's next ones."""
         ds = self.ds
-        history, seen = seen, seen | later
+        # training: nor the history's title twins (as served); valid/test: the history's ids (as evaluated)
+        twins = with_title_twins(seen, self.twins) - seen if split == "train" else set()
+        history = seen | twins
+        seen = history | later
         others: list[str] = []
         if self.mode == "retrieval":
             from llmrec.retrieval import candidates_for
 
             at = pos if split == "train" else None  # valid/test: exactly the split's history, as at evaluation
-            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later), self.retriever, pos=at)]
+            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later) + len(twins),
+                                                     self.retriever, pos=at)]
             if later:  # how many of the top n - 1 were later items (logged by build_examples)
                 top = [i for i in got if i != target and i not in history][: self.n - 1]
                 self.later_counts[0] += sum(i in later for i in top)
@@ -194,7 +204,7 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
         hist = _history(ds, P, h["item_id"].tolist(), h["label"].tolist(), h["rating"].tolist(),
                         h["timestamp"].tolist())
         target = str(r.item_id)
-        # the user's later training items (train split only: valid/test candidates are exactly what is served)
+        # the user's later training items (train split only: valid/test candidates are exactly what is evaluated)
         later = frozenset()
         if split == "train" and cfg.exclude_later and sampler is not None:
             later = frozenset(ev.loc[(ev["split"] == "train") & (ev["pos"] > r.pos), "item_id"].astype(str)) - {target}
