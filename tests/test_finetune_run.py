@@ -418,7 +418,8 @@ def _with_twins(ds):
 @pytest.mark.parametrize("candidates", ["popular", "retrieval"])
 def test_training_candidates_leave_out_title_twins_of_the_history(tiny_dataset, tiny_dir, candidates):
     """A training example never lists an item under the title of one in its history (the Recommender never shows
-    one); valid/test examples keep the evaluation's protocol, the history left out by id only."""
+    one), nor a negative listed under the target's title; valid/test examples keep the evaluation's protocol, the
+    history left out by id only."""
     from transformers import AutoTokenizer
 
     from llmrec.data import title_twins, with_title_twins
@@ -439,6 +440,8 @@ def test_training_candidates_leave_out_title_twins_of_the_history(tiny_dataset, 
         pos = int(u[u["item_id"] == e.item_id]["pos"].min())
         hist = set(u[u["pos"] < pos]["item_id"].astype(str))
         assert len(e.candidate_ids) == 5 and not (set(e.candidate_ids) - {e.item_id}) & with_title_twins(hist, twins)
+        # nor a wrong answer listed under the right answer's title
+        assert not set(e.candidate_ids) & set(twins[e.item_id])
     hit = 0
     for e in ex["valid"]:
         hist = set(ds.history(e.user_id, before="valid")["item_id"].astype(str))

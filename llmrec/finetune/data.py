@@ -123,8 +123,9 @@ class _CandidateSampler:
     rule of the split; train: the events before the training position), so training sees the hard negatives the
     Recommender will show; topped up by popularity when the list is short. The target is then shuffled in.
     Training candidates also leave out items listed under the title of a history item (catalogue duplicates,
-    `title_twins`), as the Recommender's candidates do; valid/test ones leave out the history by id only, the
-    protocol evaluation scores by (`Recommender.score_matrix`)."""
+    `title_twins`), as the Recommender's candidates do, and those listed under the target's title (a negative
+    indistinguishable from the answer); valid/test ones leave out the history by id only, the protocol evaluation
+    scores by (`Recommender.score_matrix`)."""
 
     def __init__(self, ds: Any, mode: str, n: int, retriever: Any = None, retriever_kind: str = "hybrid"):
         self.ds, self.mode, self.n = ds, mode, n
@@ -151,16 +152,18 @@ class _CandidateSampler:
         # training: nor the history's title twins (as served); valid/test: the history's ids (as evaluated)
         twins = with_title_twins(seen, self.twins) - seen if split == "train" else set()
         history = seen | twins
-        seen = history | later
+        # nor, in training, an item listed under the target's own title: a wrong answer that reads as the right one
+        same = set(self.twins.get(target, ())) if split == "train" else set()
+        seen = history | later | same
         others: list[str] = []
         if self.mode == "retrieval":
             from llmrec.retrieval import candidates_for
 
             at = pos if split == "train" else None  # valid/test: exactly the split's history, as at evaluation
-            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later) + len(twins),
+            got = [str(i) for i, _ in candidates_for(ds, user_id, split, self.n + len(later) + len(twins) + len(same),
                                                      self.retriever, pos=at)]
             if later:  # how many of the top n - 1 were later items (logged by build_examples)
-                top = [i for i in got if i != target and i not in history][: self.n - 1]
+                top = [i for i in got if i != target and i not in history and i not in same][: self.n - 1]
                 self.later_counts[0] += sum(i in later for i in top)
                 self.later_counts[1] += len(top)
             others = [i for i in got if i != target and i not in seen][: self.n - 1]
