@@ -257,6 +257,10 @@ def test_template_validation_errors(tmp_path):
     assert t.version == 2 and render(t, history=fixed_history(), domain="book").text.endswith("Next book?\nAnswer:")
     with pytest.raises(FileNotFoundError, match="no prompt template"):
         load_template("does-not-exist")
+    # a missing YAML path is named as given, not as prompts/<path>.yaml.yaml
+    with pytest.raises(FileNotFoundError, match=r"no prompt template file '.*gone\.yaml': .*gone\.yaml does not") as e:
+        load_template(str(tmp_path / "gone.yaml"))
+    assert ".yaml.yaml" not in str(e.value)
 
 
 def test_version_lock_matches_templates():

@@ -239,7 +239,11 @@ def parse_template(data: dict[str, Any], where: str = "template") -> PromptTempl
 def load_template(name: str | Path) -> PromptTemplate:
     """A template by name (`prompts/<name>.yaml`) or by path to a YAML file."""
     p = Path(name)
-    if not (p.suffix in (".yaml", ".yml") and p.is_file()):
+    if p.suffix in (".yaml", ".yml"):  # a path (prompts/<name>.yaml.yaml is never meant)
+        if not p.is_file():
+            raise FileNotFoundError(f"no prompt template file {str(name)!r}: {p.resolve()} does not exist "
+                                    f"(or give a template name: {list_templates()})")
+    else:
         p = prompts_dir() / f"{name}.yaml"
         if not p.is_file():
             raise FileNotFoundError(
