@@ -185,6 +185,26 @@ def test_recipes_load_and_unknown_keys_fail(tmp_path):
         load_recipe(RECIPES / "rank_smollm2_qlora.yaml", ["data.candidates=retrieval", "data.retriever=bm25"])
 
 
+def test_a_template_of_another_task_or_too_few_labels_fails_at_load(tmp_path):
+    """data.template is checked when the recipe loads: a missing file, a template of another task, a rank template
+    with fewer labels than data.n_candidates (each met before only as a render error while examples were built)."""
+    from llmrec.finetune import load_recipe
+
+    yesno, rank = RECIPES / "yesno_smollm2_qlora.yaml", RECIPES / "rank_smollm2_qlora.yaml"
+    with pytest.raises(ConfigError, match=r"yesno_smollm2_qlora.yaml \+ overrides: data.template 'rank' is a rank "
+                                          r"template .*task yesno needs one of \[.*'yesno_stats'\]"):
+        load_recipe(yesno, ["data.template=rank"])
+    with pytest.raises(ConfigError, match="data.template 'yesno' is a yesno template"):
+        load_recipe(rank, ["data.template=yesno"])
+    with pytest.raises(ConfigError, match=r"data.template: no prompt template file '.*missing.yaml'"):
+        load_recipe(yesno, [f"data.template={tmp_path / 'missing.yaml'}"])
+    with pytest.raises(ConfigError, match=r"data.n_candidates=21 but template 'rank' labels at most 20"):
+        load_recipe(rank, ["data.n_candidates=21"])
+    assert load_recipe(yesno, ["data.template=yesno_stats"]).data.template == "yesno_stats"
+    assert load_recipe(rank, ["data.template=prompts/rank.yaml"]).data.template == "prompts/rank.yaml"
+    assert load_recipe(None, ["task=next_title"]).data.template is None  # the task's own
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.lr_scheduler=cosin", "train.lr_scheduler 'cosin' is not one of"),
     ("train.lr_scheduler=not_a_schedule", "train.lr_scheduler 'not_a_schedule' is not one of"),

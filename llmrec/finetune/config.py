@@ -131,6 +131,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
     if cfg.data.retriever not in RETRIEVERS:
         raise ConfigError(f"{path}: data.retriever {cfg.data.retriever!r} is not one of {list(RETRIEVERS)}")
+    _check_template(cfg, path)
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError(f"{path}: train.batch_size and train.grad_accum must be >= 1")
     if cfg.data.negatives < 0:
@@ -180,3 +181,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: train.malloc_mmap_threshold_mb must be >= 0 (0 = glibc's default), got "
                           f"{cfg.train.malloc_mmap_threshold_mb}")
     return cfg
+
+
+def _check_template(cfg: FinetuneConfig, path: object) -> None:
+    """data.template (default: the task's own) exists, is a template of the recipe's task, and a rank one has a
+    label for each of data.n_candidates: met otherwise as a render error while the examples are built."""
+    import llmrec.prompts as P
+    from llmrec.finetune.data import resolve_template
+
+    name = cfg.data.template or cfg.task
+    try:
+        t = resolve_template(P, name)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: data.template: {e}") from None
+    if t.task != cfg.task:
+        same = [n for n in P.list_templates() if P.load_template(n).task == cfg.task]
+        raise ConfigError(f"{path}: data.template {name!r} is a {t.task} template ({t.path}); task {cfg.task} needs "
+                          f"one of {same} or a YAML file of task {cfg.task}")
+    labels = t.verbalizer.labels if t.verbalizer and t.verbalizer.labels else ""
+    if cfg.task == "rank" and cfg.data.n_candidates > len(labels):
+        raise ConfigError(f"{path}: data.n_candidates={cfg.data.n_candidates} but template {t.name!r} labels at most "
+                          f"{len(labels)} candidates ({labels!r})")
