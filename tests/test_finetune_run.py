@@ -246,6 +246,27 @@ def test_a_missing_resume_folder_fails_before_the_output_folder_is_touched(tiny_
     assert (out / "metrics.json").read_text() == '{"status": "done"}\n'
 
 
+def test_a_resume_folder_that_is_no_checkpoint_fails_before_checkpoints_are_touched(tiny_dataset, tiny_dir, tmp_path):
+    """train.resume naming a run's checkpoints/ folder (not one checkpoint-N in it) fails first thing, naming the
+    checkpoints it holds; before, the run took it for another run's checkpoint, removed the checkpoints in it as
+    stale and then failed to resume from the emptied folder."""
+    from llmrec.finetune.trainer import check_resume_folder
+
+    out = tmp_path / "run"
+    for n in (2, 10):
+        (out / "checkpoints" / f"checkpoint-{n}").mkdir(parents=True)
+        (out / "checkpoints" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    for given in (out / "checkpoints", out):
+        with pytest.raises(FileNotFoundError, match=r"train.resume: .* is not a checkpoint folder \(no "
+                                                    r"trainer_state.json\); it holds .*checkpoint-2, .*checkpoint-10"):
+            run_finetune(tiny_recipe(tiny_dir, out, extra=[f"train.resume={given}"]), ds=tiny_dataset)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-2"]
+    with pytest.raises(FileNotFoundError, match=r"is not a checkpoint folder \(no trainer_state.json\)$"):
+        check_resume_folder(tmp_path)
+    check_resume_folder(out / "checkpoints" / "checkpoint-2")
+
+
 def test_each_launched_process_loads_onto_its_own_gpu(tiny_dataset, tiny_dir, tmp_path, monkeypatch):
     """Under torchrun / accelerate launch (LOCAL_RANK set) with GPUs, the process's GPU is made current before the
     model loads: a 4-bit load goes to torch.cuda.current_device(), 0 in every process until then."""

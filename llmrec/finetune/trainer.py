@@ -92,6 +92,21 @@ def stale_checkpoints(ckpt_dir: Path, resume: str | None) -> list[Path]:
     return sorted((d for d, n in found.items() if n > after), key=found.get)
 
 
+def check_resume_folder(folder: Path) -> None:
+    """FileNotFoundError unless `folder` is a Trainer checkpoint (`checkpoint-N` with its trainer_state.json). A run
+    folder or its checkpoints/ given instead would pass as a folder, have this run remove the checkpoints in it as an
+    earlier run's (`stale_checkpoints`), and then fail to resume from it after the model load."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"train.resume: checkpoint folder {folder} does not exist")
+    if (folder / "trainer_state.json").is_file():
+        return
+    inside = sorted((d for d in [*folder.glob("checkpoint-*"), *folder.glob("checkpoints/checkpoint-*")]
+                     if (d / "trainer_state.json").is_file()), key=lambda d: (len(d.name), d.name))
+    hint = (f"; it holds {', '.join(str(d) for d in inside)}: name one of them, or train.resume=auto for the last "
+            "one of this run's output_dir") if inside else ""
+    raise FileNotFoundError(f"train.resume: {folder} is not a checkpoint folder (no trainer_state.json){hint}")
+
+
 def _main_process_first() -> Any:
     """accelerate's `main_process_first()` when several processes train (WORLD_SIZE > 1: it sets up the process
     group the Trainer then uses), else nothing."""
@@ -372,8 +387,8 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     tc = cfg.train
     # before anything is written over the output folder's files (not in load_recipe: a finished run's recipe.yaml
     # stays loadable after its checkpoints are gone)
-    if tc.resume not in (None, "auto") and not Path(tc.resume).is_dir():
-        raise FileNotFoundError(f"train.resume: checkpoint folder {tc.resume} does not exist")
+    if tc.resume not in (None, "auto"):
+        check_resume_folder(Path(tc.resume))
     out_dir = output_dir_for(cfg)
     ckpt_dir = out_dir / "checkpoints"
     resume: str | None = None
