@@ -473,6 +473,36 @@ def test_training_candidates_leave_out_title_twins_of_the_history(tiny_dataset, 
     assert hit  # on this catalogue the id protocol does list twins of seen items
 
 
+def test_a_title_longer_than_the_answer_reserve_drops_history_not_the_instruction(tiny_dataset, tiny_dir, caplog):
+    """next_title: a title of more tokens than the 40 reserved for the answer (non-ASCII text: several byte-level
+    tokens a character) is given its room in the prompt budget, so history is dropped to fit; before, the prompt was
+    rendered for 40 and then cut from the left, losing its instruction."""
+    import copy
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from llmrec.finetune.data import ANSWER_RESERVE, build_examples, encode_all
+
+    ds = copy.copy(tiny_dataset)
+    ds.items = tiny_dataset.items.copy()
+    ds.items["title"] = [f"映画の物語{j}" * 5 for j in range(len(ds.items))]
+    ds.titles = ds.items["title"].to_numpy()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    max_len = 600
+    cfg = tiny_recipe(tiny_dir, tiny_dir / "unused", task="next_title",
+                      extra=[f"data.max_len={max_len}", "data.history_max=5", "data.negatives=0"])
+    ex = build_examples(ds, "next_title", cfg.data, tok)["train"]
+    n_answer = [len(tok(e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in ex]
+    assert min(n_answer) > ANSWER_RESERVE["next_title"]  # the case: answers longer than the reserve
+    assert any(e.history_cut for e in ex)  # history was dropped to make room
+    with caplog.at_level(logging.WARNING, logger="llmrec.finetune.data"):
+        feats = encode_all(ex, tok, max_len)
+    assert "cut from the left" not in caplog.text
+    for e, f, n in zip(ex, feats, n_answer, strict=True):  # the whole prompt, its instruction first, is kept
+        assert f["input_ids"][: len(f["input_ids"]) - n] == tok(e.prompt, add_special_tokens=False)["input_ids"]
+
+
 def test_later_item_share_by_hand(tiny_dataset):
     from llmrec.finetune.data import Example
 

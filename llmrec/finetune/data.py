@@ -193,6 +193,7 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
     events = _user_events(ds)
     rng = np.random.default_rng(seed)
     budget = cfg.max_len - ANSWER_RESERVE[task]
+    eos = int(cfg.append_eos and getattr(tokenizer, "eos_token_id", None) is not None)
 
     def answer(item: str) -> str:  # next_title: quoted as prompts quote titles and the `generate` mode writes them
         title = ds.titles[ds.item_index[item]] if hasattr(ds, "titles") else item
@@ -223,8 +224,6 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
             out.append(Example(rp.text, rp.choices[k], list(rp.choices), k, str(r.user_id), target, ids,
                                history_cut=_budget_cut(template, len(hist), rp)))
         else:
-            rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
-                          chat=cfg.chat)
             ids = [target]
             if sampler is not None and cfg.negatives:  # the true title first, then the negatives (label 0)
                 # none of the user's later training items (`exclude_later`): at a training position 38.6% of
@@ -233,6 +232,19 @@ def _seq_examples(ds: Any, task: str, targets: pd.DataFrame, cfg: DataSettings, 
                                  later)
                 others = [str(c) for c in listed if str(c) != target]
                 ids += [str(c) for c in rng.choice(others, size=min(cfg.negatives, len(others)), replace=False)]
+            # a title longer than the reserve (+ EOS) gets the room it takes: history is dropped to fit, rather than
+            # the prompt's start (the instruction) cut away by encode_example
+            need = max(P.count_tokens(tokenizer, answer(i)) for i in ids) + eos if tokenizer is not None else 0
+            fit = cfg.max_len - max(ANSWER_RESERVE[task], need)
+            try:
+                rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=fit,
+                              chat=cfg.chat)
+            except P.PromptBudgetError:
+                if fit == budget:
+                    raise
+                # no room for the prompt beside this title: cut from the left when encoded (counted and warned)
+                rp = P.render(template, history=hist, domain=ds.domain, tokenizer=tokenizer, max_tokens=budget,
+                              chat=cfg.chat)
             choices = [answer(i) for i in ids] if len(ids) > 1 else []
             out.append(Example(rp.text, answer(target), choices, 0, str(r.user_id), target,
                                ids if len(ids) > 1 else [], history_cut=_budget_cut(template, len(hist), rp)))
