@@ -17,6 +17,24 @@ from llmrec.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def write_fake_run(out: Path, cfg) -> None:
+    """What a training run leaves that the reuse check reads: the adapter's config, the resolved recipe.yaml and the
+    data_manifest.json fields (the template's hash, the example code's version, the examples' hashes)."""
+    import json
+
+    import llmrec.prompts as prompts_api
+    from llmrec.config import to_dict
+    from llmrec.finetune.data import EXAMPLES_VERSION, resolve_template
+
+    (out / "adapter").mkdir(parents=True, exist_ok=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    template = resolve_template(prompts_api, cfg.data.template or cfg.task)
+    (out / "data_manifest.json").write_text(json.dumps({
+        "task": cfg.task, "examples_version": EXAMPLES_VERSION[cfg.task], "template": {"hash": template.hash},
+        "train": {"sha256": "train-of-" + cfg.task}, "valid": {"sha256": "valid-of-" + cfg.task}}))
+
+
 class FakeTrain:
     """Stands in for `subprocess.run` of `finetune/train.py`: writes the adapter and the resolved recipe.yaml the run
     would leave in its output_dir; exit code 3 for a recipe named in `fail`."""
@@ -26,7 +44,6 @@ class FakeTrain:
         self.fail = fail
 
     def __call__(self, cmd, cwd=None, env=None, **kw):
-        from llmrec.config import to_dict
         from llmrec.finetune import load_recipe
 
         self.calls.append(list(cmd))
@@ -35,9 +52,7 @@ class FakeTrain:
             return subprocess.CompletedProcess(cmd, 3)
         sets = [w for w in cmd if "=" in w and not w.startswith("-")]
         out = Path(dict(s.split("=", 1) for s in sets)["output_dir"])
-        (out / "adapter").mkdir(parents=True, exist_ok=True)
-        (out / "adapter" / "adapter_config.json").write_text("{}")
-        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(load_recipe(ROOT / recipe, sets)), sort_keys=False))
+        write_fake_run(out, load_recipe(ROOT / recipe, sets))
         return subprocess.CompletedProcess(cmd, 0)
 
     def recipes(self) -> list[str]:
@@ -110,6 +125,54 @@ def test_bench_train_retrains_a_folder_trained_for_fewer_steps(bench, tmp_path, 
     assert "train.resume=null" in again[0]
     out = capsys.readouterr().out
     assert "another recipe" in out and "train.max_steps: 32 -> -1" in out, out
+
+
+def test_bench_train_retrains_an_adapter_whose_examples_the_code_no_longer_builds(bench, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """The recipe alone decided reuse: an adapter trained on examples an older version of the example-building code
+    made (title twins among rank's training candidates) was reused although a fresh machine trains on others. Where
+    the recorded version differs, the examples are built again and compared: other examples -> trained again; the
+    same ones -> reused. A changed template -> trained again."""
+    import json
+
+    import llmrec.data
+    import llmrec.finetune.data as fdata
+    import llmrec.llm.loading
+
+    home = tmp_path / "home"
+    assert main(["bench", "--train"]) == 0
+    built: list[str] = []
+    monkeypatch.setattr(llmrec.data, "load_prepared", lambda name, *a, **k: SimpleNamespace(name=name))
+    monkeypatch.setattr(llmrec.llm.loading, "load_tokenizer", lambda model, *a, **k: None)
+    monkeypatch.setattr(fdata, "build_examples", lambda ds, task, data, tok: built.append(task) or {"task": task})
+    rebuilt = {"rank": "other", "next_title": "same"}
+    monkeypatch.setattr(fdata, "manifest", lambda ds, task, data, ex, *a: {
+        s: {"sha256": f"{s}-of-{task}" if rebuilt[task] == "same" else "changed"} for s in ("train", "valid")})
+    for task in ("rank", "next_title"):  # both recorded by an older version (no examples_version: version 1)
+        path = home / "finetune" / f"bench_{task}_ml-100k" / "data_manifest.json"
+        man = json.loads(path.read_text())
+        del man["examples_version"]
+        path.write_text(json.dumps(man))
+    capsys.readouterr()
+    assert main(["bench", "--train"]) == 0
+    assert built == ["rank", "next_title"]  # yesno's version is unchanged: not rebuilt
+    again = bench.train.calls[3:]
+    assert [Path(c[c.index("--config") + 1]).name for c in again] == ["rank_smollm2_qlora.yaml"]
+    assert "train.resume=null" in again[0]
+    out = capsys.readouterr().out
+    assert "training examples (train/valid): built by example code version 1 -> 2" in out, out
+    assert out.count("reusing") == 2, out  # yesno, and next_title whose rebuilt examples are the same
+
+    # a template edited since the run: trained again, without building anything
+    path = home / "finetune" / "bench_yesno_ml-100k" / "data_manifest.json"
+    man = json.loads(path.read_text())
+    man["template"]["hash"] = "0" * 64
+    path.write_text(json.dumps(man))
+    built.clear()
+    capsys.readouterr()
+    assert main(["bench", "--train"]) == 0
+    assert [Path(c[c.index("--config") + 1]).name for c in bench.train.calls[4:]] == ["yesno_smollm2_qlora.yaml"]
+    assert "template yesno" in capsys.readouterr().out and built == ["next_title"]
 
 
 def test_bench_train_leaves_named_adapters_and_unused_modes_alone(bench, tmp_path):

@@ -197,16 +197,14 @@ class FakeSteps:
             return subprocess.CompletedProcess(cmd, 3)
         sets = [w for w in cmd if "=" in w and not w.startswith("-")]
         if "finetune/train.py" in text:
-            from llmrec.config import to_dict
             from llmrec.finetune import load_recipe
 
             recipe = cmd[cmd.index("--config") + 1]
             out = self._path(dict(s.split("=", 1) for s in sets)["output_dir"], cwd, env)
             if out is not None:
-                cfg = load_recipe(ROOT / recipe, sets)
-                (out / "adapter").mkdir(parents=True, exist_ok=True)
-                (out / "adapter" / "adapter_config.json").write_text("{}")
-                (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                from tests.test_bench_train import write_fake_run
+
+                write_fake_run(out, load_recipe(ROOT / recipe, sets))
         elif " bench " in f" {text} ":
             from llmrec.bench import BenchConfig
 

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ANSWER_RESERVE = {"yesno": 4, "rank": 4, "next_title": 40}
+# The version of the code that builds each task's examples, recorded in a run's data_manifest.json: bump a task's
+# number when `build_examples` may build other examples from the same recipe and data, so that `llmrec bench --train`
+# and the demo train again instead of reusing an adapter trained on what the code no longer builds (they compare
+# the examples themselves when the numbers differ). 2: training candidates leave out the history's and the
+# target's title twins (rank; next_title with negatives), next_title's answer room fits its longest title.
+EXAMPLES_VERSION = {"yesno": 1, "rank": 2, "next_title": 2}
 
 
 @dataclass
@@ -574,7 +580,8 @@ def yesno_training_pairs(ds: Any, adapter: str | Path) -> set[tuple[str, str]] |
 def manifest(ds: Any, task: str, cfg: DataSettings, examples: dict[str, list[Example]], template: Any = None) -> dict:
     """What the model was trained and evaluated on: sizes, seed, label balance, template, and a content hash."""
     listed = task == "rank" or (task == "next_title" and cfg.negatives > 0)
-    out: dict[str, Any] = {"dataset": getattr(ds, "name", None), "task": task, "seed": cfg.seed,
+    out: dict[str, Any] = {"dataset": getattr(ds, "name", None), "task": task,
+                           "examples_version": EXAMPLES_VERSION.get(task), "seed": cfg.seed,
                            "eval_seed": cfg.eval_seed,
                            "n_train_requested": cfg.n_train,
                            "candidates": cfg.candidates if listed else None,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TASKS = ("yesno", "rank", "next_title")  # the bench's three adapters: Yes/No, letters, title likelihood
@@ -35,8 +36,9 @@ def run_step(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 
 def changes_from(out_dir: Path, task: str, overrides: list[str]) -> list[str] | None:
-    """None when `out_dir` holds no adapter; else the keys ("key: saved -> now") in which the run saved there differs
-    from `recipe_file(task)` with `overrides`: its training keys and how long it trained ([] = the same run)."""
+    """None when `out_dir` holds no adapter; else what differs ("key: saved -> now") between the run saved there and
+    `recipe_file(task)` with `overrides`: its training keys, how long it trained, and its training examples
+    (`example_changes`) ([] = the same run)."""
     from llmrec.finetune import load_recipe
     from llmrec.finetune.trainer import recipe_changes
 
@@ -45,7 +47,47 @@ def changes_from(out_dir: Path, task: str, overrides: list[str]) -> list[str] | 
     saved = out_dir / "recipe.yaml"
     if not saved.is_file():
         return [f"{saved}: missing"]
-    return recipe_changes(load_recipe(ROOT / recipe_file(task), overrides), saved, also=LENGTH_KEYS)
+    cfg = load_recipe(ROOT / recipe_file(task), overrides)
+    return recipe_changes(cfg, saved, also=LENGTH_KEYS) or example_changes(cfg, out_dir)
+
+
+def example_changes(cfg: Any, out_dir: Path) -> list[str]:
+    """[] when the run in `out_dir` trained on the examples this code builds from `cfg`; else why not. Its
+    data_manifest.json records the template's hash and the example-building code's version (`EXAMPLES_VERSION`,
+    1 when not recorded); where the version differs, the examples are built again (seconds to a minute) and their
+    train / valid hashes compared, so a change that left this recipe's examples as they were keeps the adapter."""
+    import json
+
+    from llmrec.finetune.data import EXAMPLES_VERSION
+
+    path = out_dir / "data_manifest.json"
+    if not path.is_file():
+        return [f"{path}: missing"]
+    try:
+        man = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return [f"{path}: unreadable ({type(e).__name__})"]
+    import llmrec.prompts as prompts_api
+    from llmrec.finetune.data import resolve_template
+
+    saved_hash = (man.get("template") or {}).get("hash")
+    now_hash = getattr(resolve_template(prompts_api, cfg.data.template or cfg.task), "hash", None)
+    if saved_hash and now_hash and saved_hash != now_hash:
+        return [f"template {cfg.data.template or cfg.task}: hash {saved_hash[:12]} -> {now_hash[:12]}"]
+    saved_v, now_v = man.get("examples_version") or 1, EXAMPLES_VERSION.get(cfg.task)
+    if saved_v == now_v:
+        return []
+    from llmrec.data import load_prepared
+    from llmrec.finetune.data import build_examples, manifest
+    from llmrec.llm.loading import load_tokenizer
+
+    ds = load_prepared(cfg.dataset)
+    now = manifest(ds, cfg.task, cfg.data, build_examples(ds, cfg.task, cfg.data, load_tokenizer(cfg.model)))
+    differ = [s for s in ("train", "valid") if (man.get(s) or {}).get("sha256") != (now.get(s) or {}).get("sha256")]
+    if differ:
+        return [f"training examples ({'/'.join(differ)}): built by example code version {saved_v} -> {now_v} "
+                "(llmrec.finetune.data.EXAMPLES_VERSION), and they differ"]
+    return []
 
 
 def train_recipes(dataset: str, folder: Callable[[str], Path], overrides: list[str],
@@ -66,7 +108,8 @@ def train_recipes(dataset: str, folder: Callable[[str], Path], overrides: list[s
             out[task] = str(adapter)
             continue
         if changed:
-            say(f"{adapter} was trained with another recipe ({'; '.join(changed)}): training it again")
+            say(f"{adapter} was trained with another recipe or on other examples ({'; '.join(changed)}): "
+                "training it again")
             sets.append("train.resume=null")
         run([sys.executable, "finetune/train.py", "--config", recipe_file(task), *sets], env)
         if not (adapter / "adapter_config.json").is_file():
