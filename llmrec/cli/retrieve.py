@@ -75,7 +75,11 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             ret = ItemCF().fit(ds)
         else:
             ret = HybridRetriever.default(ds, text)
-        res = ret.query(hist, k=args.k)
+        from llmrec.data import title_twins, with_title_twins
+
+        # as Recommender.candidates: the seen items and their title twins (the same title under another id) left out
+        seen = with_title_twins([i for i, _, _ in hist], title_twins(list(ds.item_ids), list(ds.titles)))
+        res = ret.query(hist, k=args.k, exclude=seen)
         print(f"== {ds.name}: top {args.k} unseen {ds.domain} items for user {args.user} "
               f"({args.mode}, {len(hist)} history events, split={args.split})")
     w = max([len(str(i)) for i, _ in res] + [4])
@@ -125,7 +129,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     if t.task == "yesno":
         item = args.item or (str(tgt_rows["item_id"].iloc[0]) if tgt_rows is not None and len(tgt_rows) else None)
         if item is None:
-            raise SystemExit("llmrec prompt: yesno needs --item (or --split test/valid for the user's target)")
+            raise UsageError("the yesno template needs --item (or --split test/valid for the user's target)")
         kw["target"] = items_from_dataset(ds, [item])[0]
     elif t.task in ("rank", "next_title", "explain"):
         from llmrec.ranking.factory import DEFAULT_RETRIEVER, build_retriever
