@@ -30,7 +30,7 @@ BACKEND_KINDS = ("transformers", "vllm")
 def load_backend(kind: str = "transformers", model: str | Path | None = None, adapter: str | Path | None = None,
                  **kw: Any) -> Backend:
     """Build a backend. transformers: `dtype` ("fast" | "bfloat16" | "float32"), `batch_size`, `load_in_4bit`,
-    `threads`.
+    `threads`, `base_of_adapter` (see `llmrec.llm.transformers_backend.TransformersBackend`).
     vllm: see `llmrec.llm.vllm_backend.VLLMBackend` (`url=` for a running server, else an in-process engine)."""
     if kind == "transformers":
         from llmrec.llm.transformers_backend import TransformersBackend

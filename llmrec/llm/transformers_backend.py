@@ -23,6 +23,7 @@ from llmrec.llm.base import (
     quoted_state,
 )
 from llmrec.llm.loading import (
+    BASE_FILE,
     QuantSettings,
     adapter_base_dtype,
     adapter_base_quant,
@@ -44,6 +45,9 @@ class TransformersBackend(Backend):
     bf16 on CPU, 1.1x in fp32; same AUC within float rounding); a 4-bit base keeps the adapter separate (merging
     would re-quantize). An adapter trained on a 4-bit base (its `llmrec_base.json`) gets that base dequantized
     (`load_dequantized_4bit`) unless `load_in_4bit` asks for the 4-bit model itself.
+    `base_of_adapter`: an adapter folder whose recorded base this backend loads, as `adapter` would, without
+    applying it: the shared base for `add_adapter` of QLoRA adapters (`add_adapter` refuses one whose recorded
+    4-bit base is not the base loaded here; `base_weights` describes it).
     `score_choices` uses left padding and `logits_to_keep=1` (one position of logits per prompt), in batches of
     `batch_size` prompts sorted by length, under `torch.inference_mode`. `device`: "auto" (the GPU when there is
     one, else the CPU), "cpu", "cuda" or "cuda:N"; a 4-bit model is placed on the GPU at load already."""
@@ -61,30 +65,42 @@ class TransformersBackend(Backend):
         progress: bool = False,
         merge_adapter: bool = True,
         device: str = "auto",
+        base_of_adapter: str | Path | None = None,
         **_: Any,
     ):
         import torch
 
+        if adapter and base_of_adapter:
+            raise BackendError("give adapter= (the base it was trained on, with it applied) or base_of_adapter= (that "
+                               "base alone, for add_adapter), not both")
         if threads:
             torch.set_num_threads(int(threads))
         quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype if dtype != "auto" else "fast")
-        trained_on = adapter_base_quant(adapter) if adapter else None
+        like = adapter or base_of_adapter
+        trained_on = adapter_base_quant(like) if like else None
+        recorded_src = adapter_base_dtype(like) if like else None
         if trained_on is not None and not load_in_4bit:  # QLoRA adapter: its base's dequantized 4-bit weights
-            log.info("adapter %s was trained on a %s 4-bit base: loading that base dequantized to %s", adapter,
+            log.info("adapter %s was trained on a %s 4-bit base: loading that base dequantized to %s", like,
                      trained_on.quant_type, dtype)
-            m, tok = load_dequantized_4bit(model, trained_on, dtype=dtype, source_dtype=adapter_base_dtype(adapter))
+            m, tok = load_dequantized_4bit(model, trained_on, dtype=dtype, source_dtype=recorded_src)
+            base = _base_record("dequantized", trained_on, recorded_src or dtype)
         elif trained_on is not None:
             # served 4-bit: quantized as the adapter's base was (type, double quantization) from the dtype it was read
             # in, so the 4-bit codes are the ones the LoRA was fitted to; computing in the serving dtype
             from dataclasses import replace
 
             quant = replace(trained_on, load_in_4bit=True, compute_dtype=quant.compute_dtype)
-            src = adapter_base_dtype(adapter) or dtype
-            log.info("adapter %s was trained on a %s 4-bit base read in %s: quantizing the same way", adapter,
+            src = recorded_src or dtype
+            log.info("adapter %s was trained on a %s 4-bit base read in %s: quantizing the same way", like,
                      trained_on.quant_type, src)
             m, tok = load_causal_lm(model, dtype=src, quant=quant)
+            base = _base_record("4bit", quant, src)
         else:
+            if base_of_adapter and not (Path(base_of_adapter).expanduser() / "adapter_config.json").is_file():
+                raise BackendError(f"base_of_adapter: {base_of_adapter} has no adapter_config.json (not a PEFT "
+                                   "adapter folder)")
             m, tok = load_causal_lm(model, dtype=dtype, quant=quant)
+            base = _base_record("4bit", quant, dtype) if load_in_4bit else None
         if load_in_4bit:  # inference only: the forward guard is for training
             guard = getattr(m, "_llmrec_guard", None)
             if guard is not None:
@@ -108,6 +124,7 @@ class TransformersBackend(Backend):
             m = m.to(target)
         self._init(m, tok, batch_size=batch_size, progress=progress)
         self._fixed_adapter = bool(adapter)
+        self.base_weights = base
         self.model_name = Path(str(model)).name if model else "smollm2-135m-instruct"
         self.name = f"transformers:{self.model_name}" + (":4bit" if load_in_4bit else "") + (
             f"+{Path(str(adapter)).name}" if adapter else "")
@@ -167,6 +184,7 @@ class TransformersBackend(Backend):
         p = Path(path)
         if not (p / "adapter_config.json").is_file():
             raise BackendError(f"adapter {name!r}: {p} has no adapter_config.json (not a PEFT adapter folder)")
+        self._check_adapter_base(name, p)
         with self._lock:
             if name in self._adapters:
                 raise BackendError(f"adapter {name!r} is already loaded (from {self._adapters[name]})")
@@ -177,6 +195,35 @@ class TransformersBackend(Backend):
             self.model.eval()
             self._adapters[name] = str(p)
         return self.with_adapter(name)
+
+    def _check_adapter_base(self, name: str, path: Path) -> None:
+        """BackendError when adapter `path` was fitted to a 4-bit base (`llmrec_base.json`) that is not the base this
+        backend holds: on the original weights such an adapter scores otherwise than it was trained to (ML-100K
+        Yes/No, the bench adapter on 200 validation rows: accuracy 0.67 on its dequantized base, 0.41 on the original
+        bf16 weights; P(Yes) > 0.5 on 6.5% of rows instead of 61%). A plain adapter on a 4-bit or dequantized base is
+        the caller's choice (logged)."""
+        trained_on = adapter_base_quant(path)
+        have = getattr(self, "base_weights", None)
+        if trained_on is None:
+            if have is not None:
+                log.info("adapter %r was trained on a full-precision base; this backend's base is %s 4-bit (%s)",
+                         name, have["quant_type"], have["form"])
+            return
+        want = _base_record("dequantized", trained_on, adapter_base_dtype(path))
+        if have is None:
+            raise BackendError(
+                f"adapter {name!r} ({path}) was trained on a {trained_on.quant_type} 4-bit base ({BASE_FILE}), but "
+                "this backend holds the original full-precision weights, on which it scores otherwise than trained "
+                "(ML-100K Yes/No: accuracy 0.67 -> 0.41); build the base backend with base_of_adapter=<that adapter "
+                "folder> (its dequantized 4-bit base) or load_in_4bit=True, or serve it alone (adapter=, or merged)")
+        if (have["quant_type"], have["double_quant"]) != (want["quant_type"], want["double_quant"]):
+            raise BackendError(
+                f"adapter {name!r} ({path}) was trained on a {want['quant_type']} 4-bit base (double_quant="
+                f"{want['double_quant']}), this backend's base is {have['quant_type']} (double_quant="
+                f"{have['double_quant']}): adapters sharing one base must have been trained on the same one")
+        if want["source_dtype"] and have["source_dtype"] and want["source_dtype"] != have["source_dtype"]:
+            log.warning("adapter %r: its 4-bit base was quantized from %s weights, this backend's from %s (a few "
+                        "4-bit codes can differ)", name, want["source_dtype"], have["source_dtype"])
 
     def with_adapter(self, name: str | None) -> TransformersBackend:
         """A view of this backend that runs with adapter `name` active (None: the base model, adapters disabled).
@@ -473,6 +520,16 @@ class TransformersBackend(Backend):
         gen = self._generate_tokens(prompts, max_new_tokens, "generate", temperature=temperature, stop=stop,
                                     frequency_penalty=frequency_penalty)
         return [self._decode(gen[i], stop) for i in range(len(prompts))]
+
+
+def _base_record(form: str, quant: QuantSettings, source_dtype: str | None) -> dict[str, Any]:
+    """`TransformersBackend.base_weights`: a 4-bit base ("4bit") or its dequantized weights ("dequantized"), with the
+    quantization and the dtype the weights were read in before it (None: not recorded)."""
+    from llmrec.llm.loading import resolve_dtype
+
+    src = None if source_dtype in (None, "auto") else resolve_dtype(source_dtype)
+    return {"form": form, "quant_type": quant.quant_type, "double_quant": bool(quant.double_quant),
+            "source_dtype": src}
 
 
 def stop_text_criteria(tokenizer: Any, start: int, stop: list[str]) -> Any:

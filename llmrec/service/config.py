@@ -40,7 +40,9 @@ class LLMConfig:
     default_adapter: str | None = None
     # how vLLM serves adapters: merged = one adapter merged into the base (`llmrec export --merge`), served as the
     # model (fast on CPU); lora = base + --lora-modules (several adapters; ~10x slower on CPU); auto = merged when
-    # on CPU with exactly one adapter, else lora
+    # on CPU with exactly one adapter, else lora. QLoRA adapters (llmrec_base.json) are fitted to their dequantized
+    # 4-bit base: vLLM serves one merged only (auto merges it on a GPU too; lora refuses them), the transformers
+    # backend loads that base for them
     adapter_mode: Literal["auto", "merged", "lora"] = "auto"
     # = llmrec.llm.loading's dtypes (a test checks they agree): checked with the config, not after the event store
     # has been filled and the model is being loaded

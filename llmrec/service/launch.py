@@ -247,12 +247,28 @@ LAUNCHER_FLAGS = {"--model": "llm.model", "--host": "llm.vllm_host", "--port": "
                   "--max-model-len": "llm.max_model_len"}
 
 
-def _adapter_mode(llm: Any) -> str:
+def _qlora_adapters(llm: Any) -> list[str]:
+    """Names of the registry's adapters trained on a 4-bit base (`llmrec_base.json`): fitted to that base's
+    dequantized weights, not the original ones that vLLM's LoRA layers (or a plain base) would apply them to."""
+    from llmrec.llm.loading import adapter_base_quant
+
+    return [n for n, path in llm.adapters.items() if adapter_base_quant(path) is not None]
+
+
+def _adapter_mode(llm: Any, vllm: bool = False) -> str:
     """merged | lora | none: `auto` merges exactly one adapter on a CPU machine (LoRA layers cost ~10x on vLLM-CPU,
-    1.3x on transformers), keeps LoRA for several adapters or on a GPU."""
+    1.3x on transformers), keeps LoRA for several adapters or on a GPU. On vLLM (`vllm`) a QLoRA adapter is only
+    served merged (into the dequantized base it was fitted to): `auto` merges a single one, and LoRA mode refuses
+    them (vLLM's LoRA layers sit on the original weights)."""
     mode = llm.adapter_mode
     if mode == "auto":
         mode = "merged" if (len(llm.adapters) == 1 and not _has_cuda()) else ("lora" if llm.adapters else "none")
+        if vllm and mode == "lora" and len(llm.adapters) == 1 and _qlora_adapters(llm):
+            mode = "merged"
+    if vllm and mode == "lora" and (qlora := _qlora_adapters(llm)):
+        raise ConfigError(f"llm.adapters {qlora}: trained on a 4-bit base (QLoRA), which vLLM's LoRA layers would "
+                          "replace by the original weights; serve one such adapter merged (llm.adapter_mode: merged "
+                          "or auto), or several on the transformers backend (llm.backend: transformers)")
     if mode == "merged" and len(llm.adapters) != 1:
         raise ConfigError("llm.adapter_mode: merged serves exactly one adapter; use lora for several (or none)")
     return mode
@@ -292,7 +308,7 @@ def plan_backend(cfg: ServiceConfig) -> BackendPlan:
         if llm.vllm_port == cfg.port:  # the launched server would take it first; the service would then fail to bind
             raise ConfigError(f"llm.vllm_port: {llm.vllm_port} is also the service's port (port); give the launched "
                               "vLLM server and each service replica ports of their own")
-        mode = _adapter_mode(llm)
+        mode = _adapter_mode(llm, vllm=True)
         if mode == "lora" and cfg.rank_mode == "likelihood":
             raise ConfigError(LIKELIHOOD_LORA)
         return BackendPlan("vllm-launch", f"vLLM server launched on {llm.vllm_host}:{llm.vllm_port} "
@@ -347,8 +363,11 @@ def build_backends(
             (name, path), = llm.adapters.items()
             be = load_backend("transformers", model=model, adapter=path, dtype=llm.dtype)
             return {None: be, name: be}, None, f"{be.model_name}+{name} (merged)"
-        # one model in memory: every registry adapter is loaded into it by name, a view per adapter switches to it
-        base = load_backend("transformers", model=model, dtype=llm.dtype, load_in_4bit=llm.load_in_4bit)
+        # one model in memory: every registry adapter is loaded into it by name, a view per adapter switches to it;
+        # on the (dequantized) 4-bit base QLoRA adapters were trained on, when there are such
+        qlora = _qlora_adapters(llm)
+        like = {"base_of_adapter": llm.adapters[qlora[0]]} if qlora else {}
+        base = load_backend("transformers", model=model, dtype=llm.dtype, load_in_4bit=llm.load_in_4bit, **like)
         out: dict[str | None, Any] = {None: base}
         for name, path in llm.adapters.items():
             out[name] = base.add_adapter(name, path)
