@@ -103,6 +103,12 @@ def test_the_service_loads_qlora_adapters_on_their_base_and_keeps_them_off_vllm_
         with pytest.raises(ConfigError, match=r"\['q'\].*4-bit base"):
             launch.plan_backend(c)
 
+    bad = q.parent / "bad"
+    bad.mkdir()
+    (bad / "llmrec_base.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="llm.adapters.bad: .*unreadable"):
+        launch.plan_backend(cfg(adapters={"bad": str(bad)}))
+
     c = cfg(adapters={"p": str(plain), "q": str(q)}, backend="transformers", adapter_mode="lora")
     plan = launch.plan_backend(c)
     backends, _, _ = launch.build_backends(c, plan)

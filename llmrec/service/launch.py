@@ -250,9 +250,17 @@ LAUNCHER_FLAGS = {"--model": "llm.model", "--host": "llm.vllm_host", "--port": "
 def _qlora_adapters(llm: Any) -> list[str]:
     """Names of the registry's adapters trained on a 4-bit base (`llmrec_base.json`): fitted to that base's
     dequantized weights, not the original ones that vLLM's LoRA layers (or a plain base) would apply them to."""
+    from llmrec.llm.base import BackendError
     from llmrec.llm.loading import adapter_base_quant
 
-    return [n for n, path in llm.adapters.items() if adapter_base_quant(path) is not None]
+    out = []
+    for name, path in llm.adapters.items():
+        try:
+            if adapter_base_quant(path) is not None:
+                out.append(name)
+        except BackendError as e:  # an unreadable llmrec_base.json: a config fault, reported as the others
+            raise ConfigError(f"llm.adapters.{name}: {e}") from None
+    return out
 
 
 def _adapter_mode(llm: Any, vllm: bool = False) -> str:
