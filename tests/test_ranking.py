@@ -118,6 +118,10 @@ def test_to_hist_events_reads_dicts_and_derives_liked():
     ], like_threshold=3.0)
     assert [(e.item_id, e.liked, e.rating, e.timestamp) for e in ev] == [
         ("i1", True, 5, 10), ("i2", False, 2.0, 11), ("i3", None, None, 12), ("i4", False, None, 13)]
+    # a timestamp that is no integer names the event and the field (int(nan) said only "cannot convert float NaN")
+    for bad in (float("nan"), "noon"):
+        with pytest.raises(ValueError, match=r"history event 1 \(item 'i2'\): timestamp .* is not an integer"):
+            to_hist_events([{"item_id": "i1", "timestamp": 1}, {"item_id": "i2", "timestamp": bad}])
 
 
 # ------------------------------------------------------------------------------------------------ 1. verbalizer
@@ -843,7 +847,7 @@ def test_explanation_metrics_hand_computed():
     assert m["grounding_rate"] == pytest.approx(3 / 4)
     assert m["fallback_rate"] == pytest.approx(2 / 4)
     assert m["hallucination_rate"] == pytest.approx(2 / 4)
-    assert m["mean_words"] == pytest.approx((6 + 3 + 4 + 0) / 4)
+    assert m["mean_words"] == pytest.approx((6 + 3 + 4) / 3)  # of the texts shown: d has none (not 0 words)
     assert m["distinct_2"] == pytest.approx(8 / 10)
     assert m["names_recommended"] == 0.0  # a and c name no recommended item (they have none)
     assert explanation_metrics([Recommendation("x", [], "same words here", False, [])] * 2)["distinct_2"] == 0.5

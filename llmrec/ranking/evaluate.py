@@ -222,7 +222,8 @@ def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None =
         "grounding_rate": sum(bool(getattr(r, "explanation_grounded", None)) for r in recs) / n,
         "hallucination_rate": sum(bool(r.hallucinated) for r in recs) / n,
         "fallback_rate": sum(r.explanation_fallback for r in recs) / n,
-        "mean_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0,
+        # of the texts shown: a user with nothing left to recommend has no explanation, not one of 0 words
+        "mean_words": float(np.mean([len(t.split()) for t in texts if t])) if any(texts) else 0.0,
         "distinct_2": len(set(bigrams)) / max(1, len(bigrams)),
         "names_recommended": sum(names) / len(names) if names else None,
     }

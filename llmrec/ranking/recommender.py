@@ -203,7 +203,7 @@ def like_threshold_of(ds: Any, value: float | None = None) -> float:
 def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[HistEvent]:
     """Accept store `Event`s, `HistEvent`s or dicts; derive `liked` from a rating when it is not given."""
     out = []
-    for e in history:
+    for n, e in enumerate(history):
         get = e.get if isinstance(e, dict) else (lambda k, d=None, _e=e: getattr(_e, k, d))
         liked = get("liked")
         value = get("rating", None)
@@ -212,7 +212,13 @@ def to_hist_events(history: Iterable[Any], like_threshold: float = 3.0) -> list[
         if liked is None and value is not None and value == value:
             liked = bool(value > like_threshold)
         ts = get("timestamp", None)
-        out.append(HistEvent(str(get("item_id")), liked, value, int(ts) if ts is not None else None))
+        if ts is not None:
+            try:
+                ts = int(ts)  # int(nan) / int("noon"): a bare ValueError that named neither the event nor the field
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"history event {n} (item {get('item_id')!r}): timestamp {ts!r} is not an integer "
+                                 "(seconds since the epoch)") from None
+        out.append(HistEvent(str(get("item_id")), liked, value, ts))
     return out
 
 
