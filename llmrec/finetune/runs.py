@@ -58,7 +58,10 @@ def example_changes(cfg: Any, out_dir: Path) -> list[str]:
     train / valid hashes compared, so a change that left this recipe's examples as they were keeps the adapter."""
     import json
 
-    from llmrec.finetune.data import EXAMPLES_VERSION
+    import llmrec.prompts as prompts_api
+    from llmrec.data import load_prepared
+    from llmrec.finetune.data import EXAMPLES_VERSION, build_examples, manifest, resolve_template
+    from llmrec.llm.loading import load_tokenizer
 
     path = out_dir / "data_manifest.json"
     if not path.is_file():
@@ -67,9 +70,6 @@ def example_changes(cfg: Any, out_dir: Path) -> list[str]:
         man = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return [f"{path}: unreadable ({type(e).__name__})"]
-    import llmrec.prompts as prompts_api
-    from llmrec.finetune.data import resolve_template
-
     saved_hash = (man.get("template") or {}).get("hash")
     now_hash = getattr(resolve_template(prompts_api, cfg.data.template or cfg.task), "hash", None)
     if saved_hash and now_hash and saved_hash != now_hash:
@@ -77,10 +77,6 @@ def example_changes(cfg: Any, out_dir: Path) -> list[str]:
     saved_v, now_v = man.get("examples_version") or 1, EXAMPLES_VERSION.get(cfg.task)
     if saved_v == now_v:
         return []
-    from llmrec.data import load_prepared
-    from llmrec.finetune.data import build_examples, manifest
-    from llmrec.llm.loading import load_tokenizer
-
     ds = load_prepared(cfg.dataset)
     now = manifest(ds, cfg.task, cfg.data, build_examples(ds, cfg.task, cfg.data, load_tokenizer(cfg.model)))
     differ = [s for s in ("train", "valid") if (man.get(s) or {}).get("sha256") != (now.get(s) or {}).get("sha256")]
