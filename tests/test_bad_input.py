@@ -375,3 +375,21 @@ def test_eval_yesno_file_refuses_the_flags_it_would_ignore(home, capsys, tmp_pat
         main(["eval", "yesno", "--file", p, *flags])
     assert e.value.code == 2
     assert f"{flags[0]}: not used with --file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["--dataset", "--file"])
+@pytest.mark.parametrize("flags", [["--mode", "likelihood"], ["--retriever", "text"], ["--retrieval-weight", "0"],
+                                   ["--listings", "3"]])
+def test_eval_yesno_refuses_the_ranking_flags_it_would_ignore(home, capsys, tmp_path, monkeypatch, flags, source):
+    """A Yes/No prompt holds the history and the target: `--mode likelihood` or `--retriever text` changed nothing
+    and said nothing. A usage error (exit 2) before any data or model is read."""
+    import llmrec.cli.recommend as rec
+    import llmrec.data
+
+    monkeypatch.setattr(rec, "_backend", lambda args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(llmrec.data, "load_prepared", lambda *a, **k: pytest.fail("a dataset was read"))
+    src = [source, _tallrec(tmp_path, [_row(), _row("No.")]) if source == "--file" else "ml-100k"]
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "yesno", *src, *flags])
+    assert e.value.code == 2
+    assert f"{flags[0]}: not used by eval yesno" in capsys.readouterr().err

@@ -20,6 +20,9 @@ DEFAULT_RETRIEVAL_WEIGHT = 4.0
 
 # `llmrec eval yesno` flags that only apply to --dataset rows (with --file, every row of the file is scored)
 FILE_IGNORES = ("split", "max_examples", "valid_examples", "seed", "template")
+# `llmrec eval yesno` flags of the shared model arguments that only shape next-item ranking: a Yes/No row's prompt
+# holds the history and the target, no retrieved candidates
+RANK_ONLY = ("mode", "retriever", "retrieval_weight", "listings")
 # `llmrec recommend` flags that only shape in-process ranking (--url asks a service that has its own config)
 IN_PROCESS_ONLY = ("dataset", "backend", "model", "vllm_url", "dtype", "load_in_4bit", "merge_adapter", "retriever",
                    "mode", "retrieval_weight", "listings", "batch_size", "template")
@@ -110,7 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_args(y)
     # with --file the rows are the file's, in its own TALLRec prompt: these flags would be silently ignored
     y.set_defaults(func=cmd_eval_yesno, file_ignores={a.dest: (a.option_strings[0], a.default) for a in y._actions
-                                                       if a.dest in FILE_IGNORES})
+                                                       if a.dest in FILE_IGNORES},
+                   rank_only={a.dest: (a.option_strings[0], a.default) for a in y._actions if a.dest in RANK_ONLY})
     r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
     r.add_argument("--dataset", required=True, help="prepared dataset name or folder")
     r.add_argument("--max-users", type=count, default=200, help="fixed seeded subset of users (0 = all)")
@@ -217,6 +221,11 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
     from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec, load_tallrec
 
     _check_model_args(args)
+    unused = [flag for dest, (flag, default) in getattr(args, "rank_only", {}).items()
+              if getattr(args, dest, default) != default]
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: not used by eval yesno (they shape next-item ranking; a Yes/No prompt "
+                         "holds the history and the target only); drop them, or use eval rank")
     if args.file:
         ignored = [flag for dest, (flag, default) in getattr(args, "file_ignores", {}).items()
                    if getattr(args, dest, default) != default]
