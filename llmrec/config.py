@@ -258,6 +258,22 @@ def _keep_typed_text(cls: type, over: dict[str, Any], raws: dict[str, str], pref
         elif (_wants_text(hints[k]) and not isinstance(v, str | bool | dict | list) and v is not None
               and f"{prefix}{k}" in raws):
             over[k] = raws[f"{prefix}{k}"].strip()
+        elif (typing.get_origin(hints[k]) is dict and isinstance(v, dict)
+              and _wants_text((typing.get_args(hints[k]) or (Any, Any))[-1])):
+            # a mapping of names / folders (`llm.adapters={a: 0123}` or `llm.adapters.a=0123`): its values as typed
+            whole: Any = None
+            if f"{prefix}{k}" in raws:
+                try:
+                    whole = yaml.load(raws[f"{prefix}{k}"], Loader=yaml.BaseLoader)  # every scalar as its text
+                except yaml.YAMLError:
+                    whole = None
+            for n, x in v.items():
+                if isinstance(x, str | bool | dict | list) or x is None:
+                    continue
+                if f"{prefix}{k}.{n}" in raws:
+                    v[n] = raws[f"{prefix}{k}.{n}"].strip()
+                elif isinstance(whole, dict) and isinstance(whole.get(str(n)), str):
+                    v[n] = whole[str(n)]
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -211,6 +211,19 @@ def test_a_name_or_folder_override_keeps_the_text_as_typed(typed, tmp_path):
         load_config(Named, None, ["tag=yes"])
 
 
+def test_a_mapping_of_folders_keeps_its_values_as_typed():
+    """Inside a mapping (the service's adapter registry) YAML still read `0123` as 83: `llm.adapters={a: 0123}`
+    served the adapter folder '83'. Inline or dotted, the values keep their text; null / booleans stay refused."""
+    from llmrec.service.config import load_service_config
+
+    assert load_service_config(None, ["llm.adapters={a: 0123, b: 12:30, c: /x/y}"]).llm.adapters == {
+        "a": "0123", "b": "12:30", "c": "/x/y"}
+    assert load_service_config(None, ["llm.adapters.a=007", "llm.adapters.b=x"]).llm.adapters == {"a": "007", "b": "x"}
+    for bad in ("llm.adapters={a: null}", "llm.adapters.a=true"):
+        with pytest.raises(ConfigError, match="llm.adapters.a: expected a string"):
+            load_service_config(None, [bad])
+
+
 def test_service_environment_and_bench_dataset_keep_typed_text(monkeypatch, capsys):
     from llmrec.cli import main
     from llmrec.service.config import load_service_config
