@@ -1,7 +1,10 @@
 """Explanation post-check: title matching, hallucination counting, grounding and the template fallback."""
 
+import pytest
+
 from llmrec.ranking.explain import (
     TitleMatcher,
+    answer_lead,
     check_explanation,
     drop_empty_tail,
     evidence_note,
@@ -388,3 +391,16 @@ def test_quoted_titles_under_four_characters_are_read():
     assert m.find("they liked him and U2", strict=True) == [] and m.find('"him"') == ["4"]
     assert m.exact("U2") == "1" and m.exact('"Sia"') == "2" and m.exact("Mew") is None
     assert m.find('"Heat" and "Mew"') == []  # a short quoted word that is no title is still no title
+
+
+@pytest.mark.parametrize("prefix, lead", [
+    ('Explanation: "Heat (1995)" suits this user because', '"Heat (1995)" suits this user because'),
+    # a title's own colon is no label: the lead was cut inside the title
+    ('"Star Wars: Episode IV (1977)" suits them because', '"Star Wars: Episode IV (1977)" suits them because'),
+    # no label at all: the lead was dropped whole, so the shown text began with the model's continuation
+    ("Because the user liked", "Because the user liked"),
+    ("Answer:", ""),
+])
+def test_answer_lead_strips_the_label_only(prefix, lead):
+    assert answer_lead(prefix) == lead
+    assert tidy_explanation(answer_lead(prefix), ' "Alien (1979)".').startswith(lead)

@@ -229,6 +229,18 @@ def _last_quote(text: str) -> int:
     return max((m.start() for m in _QUOTE.finditer(text)), default=-1)
 
 
+_LABEL = re.compile(r"\s*[A-Za-z][A-Za-z ]{0,39}:(?:\s+|$)")
+
+
+def answer_lead(prefix: str) -> str:
+    """The part of an explain template's answer prefix the model continues, without the prefix's label: "Explanation:
+    "Heat (1995)" suits this user because they liked" -> ""Heat (1995)" suits this user because they liked". A prefix
+    with no label ("Because the user liked") is the lead itself; a title's own colon ("Star Wars: Episode IV") is no
+    label (the lead used to be cut there, or dropped whole when the prefix had no colon)."""
+    m = _LABEL.match(prefix)
+    return (prefix[m.end():] if m else prefix).strip()
+
+
 def tidy_explanation(lead: str, text: str, max_sentences: int = 2, max_words: int = 60) -> str:
     """The generated continuation as shown to a user: `lead` (the part of the answer prefix the model continues,
     e.g. "Because the user liked") + the text up to the first line break, at most `max_sentences` sentences and

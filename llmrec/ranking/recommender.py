@@ -46,6 +46,7 @@ from llmrec.llm.base import BackendError
 from llmrec.prompts import liked_shown, quotable_titles, quote
 from llmrec.ranking.explain import (
     TitleMatcher,
+    answer_lead,
     check_explanation,
     drop_empty_tail,
     reads_as_space_lists,
@@ -707,8 +708,7 @@ class Recommender:
                                               frequency_penalty=self.cfg.explain_frequency_penalty)
             for u, r, text in zip(idx, rendered, texts):
                 # the answer prefix after its label ("Explanation: ") is the start of the text the model continues
-                pre = r.answer_prefix
-                text = tidy_explanation(pre.split(":", 1)[1].strip() if ":" in pre else "", text)
+                text = tidy_explanation(answer_lead(r.answer_prefix), text)
                 hist_ids = {e.item_id for e in histories[u]}
                 liked = [e.item_id for e in histories[u] if e.liked and e.item_id in self.ds.item_index]
                 attrs = {a for i in liked[-10:] for a in self._attrs(i)}
