@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from llmrec.bench_utils import command_line, md_table, positive_int, write_result
+from llmrec.bench_utils import command_line, md_table, positive_int, positive_ints, write_result
 from llmrec.data import load_prepared
 from llmrec.evaluation import yesno_subset
 from llmrec.llm import load_backend
@@ -74,16 +74,13 @@ def main() -> None:
     ap.add_argument("--yesno-rows", type=positive_int, default=160)
     ap.add_argument("--yesno-template", default="yesno_estimate")
     ap.add_argument("--retriever", default="hybrid", choices=RETRIEVERS)
-    ap.add_argument("--batch-sizes", default="1,4,8,16")
+    ap.add_argument("--batch-sizes", type=positive_ints, default="1,4,8,16")
     ap.add_argument("--repeats", type=positive_int, default=2)
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        sizes = sorted({positive_int(x.strip()) for x in args.batch_sizes.split(",")} | {1})
-    except argparse.ArgumentTypeError as e:  # before the model loads: a 0 or a word failed deep in the timing loop
-        ap.error(f"argument --batch-sizes: {e} (a comma list of integers >= 1)")
+    sizes = sorted(set(args.batch_sizes) | {1})
 
     ds = load_prepared(args.dataset, prepare_if_missing=True)
     be = load_backend("transformers", dtype=args.dtype)

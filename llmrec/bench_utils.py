@@ -16,7 +16,7 @@ from typing import Any
 
 # argparse types of the eval scripts' counts: the CLI's own (0 or less refused; `count_or_all`: 0 = all)
 from llmrec.cli.args import count as count_or_all  # noqa: F401
-from llmrec.cli.args import positive_int  # noqa: F401
+from llmrec.cli.args import positive_int, positive_ints  # noqa: F401
 
 RESULTS_DIR = Path(os.environ.get("LLMREC_RESULTS", Path(__file__).resolve().parent.parent / "eval" / "results"))
 
@@ -202,6 +202,11 @@ def json_safe(v: Any) -> Any:
     return v
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as strict JSON (`json_safe`: a one-class AUC is null, not the NaN strict parsers refuse), indented."""
+    Path(path).write_text(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
+
+
 def write_result(
     name: str, payload: dict[str, Any], table_md: str, command: str | None = None, results_dir: Path | None = None
 ) -> Path:
@@ -218,8 +223,7 @@ def write_result(
     }
     data = {**header, **{k: v for k, v in payload.items() if k not in header or k == "dataset"}}
     path = out_dir / f"{name}.json"
-    # strict JSON: a one-class AUC (NaN) is written as null, not as the NaN that strict parsers refuse
-    path.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
+    write_json(path, data)
     md = (
         f"# {name}\n\n- dataset: {header['dataset']}\n- command: `{header['command']}`\n- commit: {header['commit']}\n"
         f"- machine: {header['machine']}\n- created: {header['created']}\n\n{table_md}"

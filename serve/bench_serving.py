@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmrec.cli.args import count, positive_int
+from llmrec.cli.args import count, positive_float, positive_int, positive_ints
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -625,26 +625,6 @@ def write(res: dict) -> None:
     write_result("serving", payload, "\n".join(md))
 
 
-def positive_ints(text: str) -> list[int]:
-    """argparse type of a comma list of integers >= 1 (`1,8,16`): `0` gave a level with no client thread (every
-    request counted as an error), `a` a traceback after the service had started."""
-    out = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
-    if not out:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of integers >= 1, e.g. 1,8,16")
-    return out
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type of a timeout: a finite number of seconds > 0 (the run stays bounded)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return v
-
-
 BACKEND_KINDS, BATCHING = ("vllm", "transformers", "none"), ("none", "micro", "auto")
 
 
@@ -688,7 +668,7 @@ def main() -> int:
                     help="service: client threads of each level, comma list")
     ap.add_argument("--requests", type=positive_int, default=8,
                     help="requests per concurrency level (at least 2 x concurrency)")
-    ap.add_argument("--timeout", type=positive_seconds, default=300.0,
+    ap.add_argument("--timeout", type=positive_float, default=300.0,
                     help="service: llm.timeout_s of the service; each request waits at most this + 30 s")
     ap.add_argument("--append", action="store_true", help="service / generation: keep the earlier runs' rows")
     ap.add_argument("--explain", action="store_true", help="service: ask for the explanation too (explain=true)")

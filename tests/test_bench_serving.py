@@ -221,4 +221,4 @@ def test_service_part_refuses_more_requests_than_distinct_users_before_starting(
 def test_list_arguments_parse(bench_serving):
     assert bench_serving.positive_ints("1, 8,16") == [1, 8, 16]
     assert bench_serving.backend_specs("vllm,transformers:micro") == [("vllm", "none"), ("transformers", "micro")]
-    assert bench_serving.positive_seconds("2.5") == 2.5
+    assert bench_serving.positive_float("2.5") == 2.5

@@ -165,10 +165,9 @@ def _recommender(args: argparse.Namespace, dataset: str, user_id: str | None = N
 def _write(out: str | None, data: dict) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        from llmrec.bench_utils import json_safe
+        from llmrec.bench_utils import write_json
 
-        # strict JSON: the AUC of a one-class file is null, not NaN
-        Path(out).write_text(json.dumps(json_safe({k: v for k, v in data.items() if not k.startswith("_")}), indent=2))
+        write_json(Path(out), {k: v for k, v in data.items() if not k.startswith("_")})  # a one-class AUC: null
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

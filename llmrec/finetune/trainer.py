@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from llmrec.bench_utils import json_safe
+from llmrec.bench_utils import write_json
 from llmrec.config import llmrec_home, to_dict
 from llmrec.finetune.config import FinetuneConfig
 from llmrec.finetune.data import (
@@ -370,7 +370,7 @@ def rescore_run(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) -
         write_adapter_base(adapter, cfg.quant, cfg.dtype)
     metrics["eval_base"] = evaluator.base
     metrics["rescored"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, default=str) + "\n")
+    write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -493,8 +493,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
         save_scores(out_dir, "test_before", examples["test"], evaluator.last_scores)
         log.info("test before: %s", metrics["test_before"])
         if is_main_process():  # partial metrics, overwritten at the end (status "done")
-            (out_dir / "metrics.json").write_text(
-                json.dumps(json_safe({**metrics, "status": "running"}), indent=2, default=str) + "\n")
+            write_json(out_dir / "metrics.json", {**metrics, "status": "running"})
     # the evaluation above runs in inference mode; training mode again
     model.train()
 
@@ -710,7 +709,7 @@ def run_finetune(cfg: FinetuneConfig, ds: Any = None, home: Path | None = None) 
     metrics["output_dir"] = str(out_dir)
     metrics["status"] = "done"
     if is_main_process():
-        (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, default=str) + "\n")
+        write_json(out_dir / "metrics.json", metrics)
         if cfg.results_name:
             log.info("wrote %s", write_run_result(cfg, metrics))
     return metrics
