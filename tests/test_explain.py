@@ -136,6 +136,32 @@ def test_a_recommended_item_claimed_as_already_liked_fails_the_check():
         assert chk.ok and chk.misattributed == [], good
 
 
+def test_a_disliked_history_item_claimed_as_liked_fails_the_check():
+    """'they liked Heat' where the user rated Heat low is a false claim about the user, though Heat is a history item
+    (it grounds the text and is no hallucination). Watching, rating or not enjoying it is no such claim; a title that
+    also names a liked history item (a remake twin) is not contradicted."""
+    m = TitleMatcher(IDS, TITLES)
+    hist, recs, dis = {"1", "3"}, {"4"}, {"3"}
+    for bad in ("Because the user liked Heat, so Alien fits.",
+                'They enjoyed "Heat (1995)" and Toy Story, so try Alien.',
+                "Since you loved Toy Story and Heat, Alien is next."):
+        chk = check_explanation(bad, m, hist, recs, set(), disliked_ids=dis)
+        assert chk.grounded and chk.hallucinated == [] and chk.contradicted == ["3"] and not chk.ok, bad
+    for good in ("Because the user liked Toy Story and watched Heat, so Alien fits.",
+                 "The user did not enjoy Heat but liked Toy Story, so Alien fits.",
+                 "They never liked Heat; they liked Toy Story, so try Alien.",
+                 "The user didn't like Heat, but liked Toy Story, so Alien fits."):
+        chk = check_explanation(good, m, hist, recs, set(), disliked_ids=dis)
+        assert chk.ok and chk.contradicted == [], (good, chk)
+    # without disliked_ids (implicit feedback: no dislikes known) nothing is contradicted
+    assert check_explanation("Because the user liked Heat, so Alien fits.", m, hist, recs, set()).ok
+    # a twin the user liked under another id: the claim holds for it
+    twins = TitleMatcher(["1", "3", "5"], ["Toy Story (1995)", "Heat (1995)", "Heat (1995)"])
+    chk = check_explanation("Because the user liked Heat, so Toy Story fits.", twins, {"3", "5"}, {"1"}, set(),
+                            disliked_ids={"3"})
+    assert chk.ok and chk.contradicted == []
+
+
 def test_drop_empty_tail_cuts_filler_after_the_last_cited_title():
     m = TitleMatcher(IDS, TITLES)
     head = '"Babe (1995)" suits this user because they liked "Toy Story (1995)"'

@@ -674,6 +674,24 @@ def test_a_genre_claim_no_explained_or_cited_item_has_falls_back(parts, tiny_dat
     assert rec3.attribute_vocabulary(max_values=3) == set()
 
 
+def test_a_disliked_title_said_to_be_liked_falls_back(parts, tiny_dataset):
+    """The quote constraint keeps a disliked title out of quotes, but the model may still name it bare: 'they liked
+    <a title the user rated 1>' is a false claim about the user and gets the template fallback; the same title said
+    to be watched passes."""
+    rec = make_rec(parts, ScriptedBackend())
+    h = rec.dataset_history("u2")
+    liked = [e.item_id for e in h if e.liked]
+    disliked = [e.item_id for e in h if e.liked is False and e.item_id not in liked]
+    assert liked and disliked
+    good_title, bad_title = title(tiny_dataset, liked[-1]), title(tiny_dataset, disliked[-1])
+    r = make_rec(parts, ScriptedBackend(gen=f' "{good_title}" and {bad_title}, so these fit.')).recommend(
+        "u2", k=4, explain=True)
+    assert r.explanation_fallback is True and r.hallucinated == [] and r.explanation_grounded is True, r.explanation
+    r2 = make_rec(parts, ScriptedBackend(gen=f' "{good_title}" and watched {bad_title}, so these fit.')).recommend(
+        "u2", k=4, explain=True)
+    assert r2.explanation_fallback is False, r2.explanation
+
+
 def test_grounded_explanation_is_kept(parts, tiny_dataset):
     h = make_rec(parts).dataset_history("u2")
     liked = [e.item_id for e in h if e.liked]

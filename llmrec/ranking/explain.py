@@ -343,6 +343,14 @@ class ExplanationCheck:
     # the recommended items it explains, not to the history items it names, and (for a claim about the user's past,
     # "they liked comedies") not to what the user liked ("Kolya is an action comedy": Kolya is a comedy only)
     unsupported_attributes: list[str] = field(default_factory=list)
+    # history items the user did not like (with `disliked_ids`) that the text says they liked / enjoyed / loved
+    contradicted: list[str] = field(default_factory=list)
+
+
+# the claims that say the user liked something (not "watched" or "rated": those hold for a dislike too), and a
+# negation just before the verb ("did not enjoy", "never liked", "wasn't loved")
+_POSITIVE_VERB = re.compile(r"(?:liked|enjoyed|loved)$", re.IGNORECASE)
+_NEGATED = re.compile(r"(?:\b(?:not|never|hardly)|n't)\s+(?:\w+\s+)?$", re.IGNORECASE)
 
 
 def check_explanation(
@@ -354,6 +362,7 @@ def check_explanation(
     vocabulary: set[str] | frozenset[str] = frozenset(),
     item_attributes: Callable[[str], Iterable[str]] | None = None,
     explained_ids: Iterable[str] | None = None,
+    disliked_ids: set[str] | frozenset[str] = frozenset(),
 ) -> ExplanationCheck:
     """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
     title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title),
@@ -369,7 +378,11 @@ def check_explanation(
     `item_attributes(item_id)`): each vocabulary value the text names outside titles must be an attribute of an item
     the text is about, one of `explained_ids` (default: `recommended_ids`) or a history item it names; one named
     inside a claim about the user's past ("they liked comedies") may also be one of `attributes` (the user's liked
-    items'). Attribute values outside the vocabulary (open tag sets: "love", "seen live") only ground the text."""
+    items'). Attribute values outside the vocabulary (open tag sets: "love", "seen live") only ground the text.
+
+    With `disliked_ids` (the history items the user did not like, e.g. rated below the like threshold), a history item
+    the text says the user liked, enjoyed or loved ("Because they liked Heat") is `contradicted` when every history
+    item its title names is a dislike; "they watched Heat" and "they did not enjoy Heat" are no such claim."""
     text = matcher.unquote_titles(text)
     named = matcher.find(text, strict=True)
 
@@ -407,13 +420,19 @@ def check_explanation(
     grounded = any(history_of(i) for i in named) or any(
         a not in unsupported for a, _ in attribute_mentions(masked, attr_low))
     misattributed: list[str] = []
+    contradicted: list[str] = []
     for m in _CLAIM.finditer(text):
+        positive = (_POSITIVE_VERB.search(text, m.start(), m.start(1)) is not None
+                    and _NEGATED.search(text[max(0, m.start() - 24):m.start()]) is None)
         for i in matcher.find(m.group(1), strict=True):
-            if not history_of(i) and i in recommended_ids and i not in misattributed:
+            seen = history_of(i)
+            if not seen and i in recommended_ids and i not in misattributed:
                 misattributed.append(i)
+            elif positive and seen and seen <= disliked_ids and i not in contradicted:
+                contradicted.append(i)
     ok = (bool(text.strip()) and grounded and not halluc and not repetitive and not misattributed
-          and not unsupported)
-    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed, unsupported)
+          and not unsupported and not contradicted)
+    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed, unsupported, contradicted)
 
 
 def split_list(v: str) -> list[str]:

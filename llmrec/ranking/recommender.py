@@ -714,8 +714,12 @@ class Recommender:
                 attrs = {a for i in liked[-10:] for a in self._attrs(i)}
                 text = drop_empty_tail(text, self.matcher, attrs | {a for i in recs[u][:3] for a in self._attrs(i)})
                 # a title names every id listed under it (the matcher returns one of them)
+                # a dislike: an item the user rated below the like threshold and never liked (nor its title twin)
+                liked_any = self._with_twins({e.item_id for e in histories[u] if e.liked is True})
+                disliked = self._with_twins({e.item_id for e in histories[u] if e.liked is False}) - liked_any
                 chk = check_explanation(text, self.matcher, self._with_twins(hist_ids), self._with_twins(recs[u]),
-                                        attrs, vocab, self._item_attrs, self._with_twins(recs[u][:3]))
+                                        attrs, vocab, self._item_attrs, self._with_twins(recs[u][:3]),
+                                        disliked_ids=disliked)
                 if chk.ok:
                     res[u] = Explanation(text, False, [], chk.grounded)
                 else:
