@@ -79,6 +79,12 @@ def test_invented_quoted_titles_and_repetition_fail_the_check():
     assert rep.grounded and rep.repetitive and not rep.ok
     attr = check_explanation('You liked "Toy Story" and "Comedy" films.', m, {"1"}, {"3"}, {"Comedy"})
     assert attr.ok  # a quoted attribute value is not an invented title
+    # a quoted lower-case word is a word in quotes, not an invented title; a catalogue title in lower case is a title
+    word = check_explanation('You liked "Toy Story" and other "feel-good" films, so Heat.', m, {"1"}, {"3"}, set())
+    assert word.ok and word.hallucinated == [], word
+    low = check_explanation('You liked "toy story" and "alien", so Heat.', m, {"1"}, {"3"}, set())
+    assert low.hallucinated == ["4"] and not low.ok
+    assert check_explanation('You liked "Toy Story" and "the midnight Llama".', m, {"1"}, {"3"}, set()).hallucinated
 
 
 def test_tidy_explanation_prefix_line_and_sentence_caps():

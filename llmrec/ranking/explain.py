@@ -353,6 +353,13 @@ _POSITIVE_VERB = re.compile(r"(?:liked|enjoyed|loved)$", re.IGNORECASE)
 _NEGATED = re.compile(r"(?:\b(?:not|never|hardly)|n't)\s+(?:\w+\s+)?$", re.IGNORECASE)
 
 
+def _title_like(quoted: str) -> bool:
+    """A quoted span that reads as a title: it has a capital letter or a digit ("The Midnight Llama", "Heat (1996)").
+    A quoted lower-case phrase ("fun", "feel-good") is a word in quotes, not a title claim (a catalogue title quoted
+    in lower case is still read as that title: `TitleMatcher.exact`)."""
+    return any(c.isupper() or c.isdigit() for c in quoted)
+
+
 def check_explanation(
     text: str,
     matcher: TitleMatcher,
@@ -365,7 +372,8 @@ def check_explanation(
     disliked_ids: set[str] | frozenset[str] = frozenset(),
 ) -> ExplanationCheck:
     """ok = non-empty, grounded (names a history item or an attribute of the user's liked items), no hallucinated
-    title (a catalogue title outside history + recommended, or a quoted title-like string that is no catalogue title),
+    title (a catalogue title outside history + recommended, or a quoted string with a capital letter or a digit that
+    is no catalogue title: `_title_like`),
     not repetitive, no recommended item presented as one the user already liked / watched / bought, and no
     unsupported attribute claim.
 
@@ -396,7 +404,8 @@ def check_explanation(
     quoted = [q.strip() for q in _QUOTED.findall(bare)]
     mentions = [matcher.exact(q) for q in quoted]
     for q, i in zip(quoted, mentions):
-        if i is None and q.lower() not in attr_low and q.lower() not in vocab_low and q not in halluc:
+        if (i is None and q.lower() not in attr_low and q.lower() not in vocab_low and q not in halluc
+                and _title_like(q)):
             halluc.append(q)
         elif i is not None and i not in named:  # quoted in lower case: still a title
             named.append(i)
