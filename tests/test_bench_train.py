@@ -162,6 +162,14 @@ def test_bench_train_retrains_an_adapter_whose_examples_the_code_no_longer_build
     out = capsys.readouterr().out
     assert "training examples (train/valid): built by example code version 1 -> 2" in out, out
     assert out.count("reusing") == 2, out  # yesno, and next_title whose rebuilt examples are the same
+    # the same examples: the manifest now records the current version, so the next run builds nothing
+    from llmrec.finetune.data import EXAMPLES_VERSION
+
+    man = json.loads((home / "finetune" / "bench_next_title_ml-100k" / "data_manifest.json").read_text())
+    assert man["examples_version"] == EXAMPLES_VERSION["next_title"] and man["examples_version_checked"]["from"] == 1
+    assert man["train"]["sha256"] == "train-of-next_title"
+    built.clear()
+    assert main(["bench", "--train"]) == 0 and built == [] and len(bench.train.calls) == 4
 
     # a template edited since the run: trained again, without building anything
     path = home / "finetune" / "bench_yesno_ml-100k" / "data_manifest.json"
@@ -172,7 +180,7 @@ def test_bench_train_retrains_an_adapter_whose_examples_the_code_no_longer_build
     capsys.readouterr()
     assert main(["bench", "--train"]) == 0
     assert [Path(c[c.index("--config") + 1]).name for c in bench.train.calls[4:]] == ["yesno_smollm2_qlora.yaml"]
-    assert "template yesno" in capsys.readouterr().out and built == ["next_title"]
+    assert "template yesno" in capsys.readouterr().out and built == []
 
 
 def test_bench_train_leaves_named_adapters_and_unused_modes_alone(bench, tmp_path):

@@ -4,6 +4,7 @@ trained with the same recipe is already there: the first stage of `llmrec demo` 
 
 from __future__ import annotations
 
+import logging
 import shlex
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent.parent
 TASKS = ("yesno", "rank", "next_title")  # the bench's three adapters: Yes/No, letters, title likelihood
 # how long a run trains: not a training key for resuming a checkpoint (`RUN_ONLY_KEYS`), but an adapter trained for
@@ -55,7 +57,8 @@ def example_changes(cfg: Any, out_dir: Path) -> list[str]:
     """[] when the run in `out_dir` trained on the examples this code builds from `cfg`; else why not. Its
     data_manifest.json records the template's hash and the example-building code's version (`EXAMPLES_VERSION`,
     1 when not recorded); where the version differs, the examples are built again (seconds to a minute) and their
-    train / valid hashes compared, so a change that left this recipe's examples as they were keeps the adapter."""
+    train / valid hashes compared, so a change that left this recipe's examples as they were keeps the adapter; the
+    manifest then records the current version (and `examples_version_checked`), so the next check builds nothing."""
     import json
 
     import llmrec.prompts as prompts_api
@@ -83,6 +86,14 @@ def example_changes(cfg: Any, out_dir: Path) -> list[str]:
     if differ:
         return [f"training examples ({'/'.join(differ)}): built by example code version {saved_v} -> {now_v} "
                 "(llmrec.finetune.data.EXAMPLES_VERSION), and they differ"]
+    # the same examples: recorded as this version's (and which version built them), so that the next check is free
+    from llmrec.data.prepare import replace_atomic
+
+    man.update(examples_version=now_v, examples_version_checked={"from": saved_v, "train_valid_sha256": "same"})
+    try:
+        replace_atomic(path, lambda tmp: tmp.write_text(json.dumps(man, indent=2) + "\n"))
+    except OSError as e:  # a read-only run folder: the check is repeated next time, nothing else changes
+        logger.warning("%s: could not record examples version %s (%s)", path, now_v, type(e).__name__)
     return []
 
 
