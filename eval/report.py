@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from llmrec.bench import runner_up_note
@@ -98,16 +100,40 @@ RESULT_FILES = {
 }
 
 
-def _load(path: Path) -> dict:
-    """A result file's JSON object; a file cut short or not an object stops the report, naming the file (a README
-    regenerated past it would quote the rest and silently lose this one's figures)."""
+HEADER = ("command", "commit", "machine")  # what every result file records (llmrec.bench_utils.write_result)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (strict parsers such as jq refuse it; bench_utils.write_json writes null)")
+
+
+def _load(path: Path, needs: tuple[str, ...] = ()) -> dict:
+    """A result file's JSON object; a file cut short, not an object, holding NaN / Infinity (which Python's json
+    reads and the README would quote as "nan"), or without the header (`HEADER`) or the keys `needs` stops the
+    report, naming the file (a README regenerated past it would quote the rest and silently lose or garble this
+    one's figures, or credit them to command `None`)."""
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except ValueError as e:  # _refuse_constant
+        raise ValueError(f"{path}: not strict JSON: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"{path}: a result file holds a JSON object, got {type(d).__name__}")
+    missing = [k for k in (*HEADER, *needs) if d.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} (every result file records the command, commit and "
+                         "machine that made it: llmrec.bench_utils.write_result)")
     return d
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """A key or type a result file lacks while it is rendered: a ValueError naming the file, not a bare KeyError."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path}: malformed result file ({type(e).__name__}: {e})") from e
 
 
 def _fmt(v) -> str:
@@ -136,34 +162,42 @@ def share_of_resamples(ci: dict) -> str:
     return f"tuned LLM at least as good in {100 * ci['p_ge_1']:.0f}% of resamples"
 
 
+def _bench_section(d: dict, name: str) -> list[str]:
+    """A bench result's full table, goal lines, plots and source line."""
+    parts = []
+    rows = [{"method": n, **r} for n, r in d["methods"].items()]
+    head = f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
+    cols = ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1"]
+    cols += [c for c in ("accuracy@t_valid", "f1@t_valid") if any(c in r for r in rows)]  # older runs lack them
+    parts.append(head + _table(rows, [*cols, "train_s", "rank_s_per_user"]))
+    for g, v in d.get("goals", {}).items():
+        met = "met" if v["met"] else "not met"
+        if g == "verbalizer_speedup":
+            parts.append(f"- goal verbalizer vs generate: verbalizer {v['ratio']:.2f}x faster per user "
+                         f"(goal {v['goal_ratio']}x) — **{met}**\n")
+        else:
+            ci = v.get("ci")  # paired bootstrap over the same users / rows (runs since 2026-12-05)
+            unc = (f"; {100 * ci['level']:.0f}% interval {ci['lo']:.2f}-{ci['hi']:.2f}x (paired bootstrap, "
+                   f"{ci['n']} {v.get('rows', 'rows')}; {share_of_resamples(ci)})" if ci else "")
+            other = f" ({v['best_other_name']})" if v.get("best_other_name") else ""
+            mode = f" ({v['tuned_name']})" if v.get("tuned_name") not in (None, "llm tuned") else ""
+            parts.append(f"- goal {g}: tuned LLM{mode} {v['tuned_llm']:.4f} vs best other{other} "
+                         f"{v['best_other']:.4f} ({v['ratio']:.2f}x, goal {v['goal_ratio']}x{unc}) — **{met}**"
+                         f"{runner_up_note(v.get('runner_up'))}\n")
+    for png in d.get("plots", []):
+        parts.append(f"\n![{png}](eval/results/{png})\n")
+    parts.append("\n" + _src(d, name))
+    return parts
+
+
 def section(results: Path = RESULTS) -> str:
     """The bench's full tables, then one line per other result file (name linked to its markdown, what it measures,
     when)."""
     parts = []
     for p in sorted(results.glob("bench_*.json")):
-        d = _load(p)
-        rows = [{"method": n, **r} for n, r in d["methods"].items()]
-        head = f"### Benchmark: {d['dataset']}\n\n{d['protocol']['next_item']}. Yes/No: {d['protocol']['yesno']}.\n\n"
-        cols = ["method", "hr@10", "ndcg@10", "mrr@10", "auc", "accuracy", "f1"]
-        cols += [c for c in ("accuracy@t_valid", "f1@t_valid") if any(c in r for r in rows)]  # older runs lack them
-        parts.append(head + _table(rows, [*cols, "train_s", "rank_s_per_user"]))
-        for g, v in d.get("goals", {}).items():
-            met = "met" if v["met"] else "not met"
-            if g == "verbalizer_speedup":
-                parts.append(f"- goal verbalizer vs generate: verbalizer {v['ratio']:.2f}x faster per user "
-                             f"(goal {v['goal_ratio']}x) — **{met}**\n")
-            else:
-                ci = v.get("ci")  # paired bootstrap over the same users / rows (runs since 2026-12-05)
-                unc = (f"; {100 * ci['level']:.0f}% interval {ci['lo']:.2f}-{ci['hi']:.2f}x (paired bootstrap, "
-                       f"{ci['n']} {v.get('rows', 'rows')}; {share_of_resamples(ci)})" if ci else "")
-                other = f" ({v['best_other_name']})" if v.get("best_other_name") else ""
-                mode = f" ({v['tuned_name']})" if v.get("tuned_name") not in (None, "llm tuned") else ""
-                parts.append(f"- goal {g}: tuned LLM{mode} {v['tuned_llm']:.4f} vs best other{other} "
-                             f"{v['best_other']:.4f} ({v['ratio']:.2f}x, goal {v['goal_ratio']}x{unc}) — **{met}**"
-                             f"{runner_up_note(v.get('runner_up'))}\n")
-        for png in d.get("plots", []):
-            parts.append(f"\n![{png}](eval/results/{png})\n")
-        parts.append("\n" + _src(d, p.stem))
+        d = _load(p, ("dataset", "methods", "protocol"))
+        with _reading(p):
+            parts.extend(_bench_section(d, p.stem))
     others = [(name, what) for name, what in RESULT_FILES.items() if (results / f"{name}.json").is_file()]
     if others:
         parts.append("\n### Every other result\n\nEach file under `eval/results/` has its JSON and a markdown table "
@@ -183,7 +217,21 @@ def glance(results: Path = RESULTS, dataset: str = "ml-100k") -> str:
     p = results / f"bench_{dataset}.json"
     if not p.is_file():
         return f"_No benchmark yet: `make bench` writes `eval/results/bench_{dataset}.json`._\n"
-    d = _load(p)
+    d = _load(p, ("methods",))
+    with _reading(p):
+        out = _glance_bench(d, dataset)
+    srcs = [f"`eval/results/bench_{dataset}.json` (`{d.get('command')}`, commit {d.get('commit')})"]
+    e = results / f"explanations_{dataset}.json"
+    if e.is_file():
+        ed = _load(e, ("rows",))
+        with _reading(e):
+            out += _glance_explanations(ed, e)
+        srcs.append(f"`eval/results/explanations_{dataset}.json` (`{ed.get('command')}`)")
+    return out + f"\n_From {' and '.join(srcs)}; details and every other table under [Results](#results)._\n"
+
+
+def _glance_bench(d: dict, dataset: str) -> str:
+    """The headline table and goal lines of a bench result."""
     m = d["methods"]
     kind = str((d.get("config") or {}).get("retriever", ""))
     keys = {k: f"retrieval ({kind})" if k == "retrieval" else k for k in GLANCE_METHODS}
@@ -215,24 +263,26 @@ def glance(results: Path = RESULTS, dataset: str = "ml-100k") -> str:
             goals.append(f"tuned LLM{mode} {name} = {v['ratio']:.2f}x "
                          f"the best baseline's ({other}; goal {v['goal_ratio']:g}x): {met}{alt}")
     out += "\n" + "".join(f"- {x}\n" for x in goals) if goals else ""
-    srcs = [f"`eval/results/bench_{dataset}.json` (`{d.get('command')}`, commit {d.get('commit')})"]
-    e = results / f"explanations_{dataset}.json"
-    if e.is_file():
-        ed = _load(e)
-        row = next((r for r in ed["rows"] if r["explanations"] == DEFAULT_EXPLANATIONS), None)
-        if row is None:  # another row's figures under "the default mode" would be a wrong headline, not an old one
-            raise ValueError(f"{e}: no row {DEFAULT_EXPLANATIONS!r} (the default mode the headline quotes); rows: "
-                             f"{[r['explanations'] for r in ed['rows']]}")
-        out += (f"- explanations ({row['n']} users, the default mode): template fallback "
-                f"{100 * row['fallback_rate']:.0f}%, hallucinated titles {100 * row['hallucination_rate']:.0f}%, "
-                f"{row['mean_words']:.0f} words, {row['s_per_user']:.2f} s/user.\n")
-        srcs.append(f"`eval/results/explanations_{dataset}.json` (`{ed.get('command')}`)")
-    return out + f"\n_From {' and '.join(srcs)}; details and every other table under [Results](#results)._\n"
+    return out
+
+
+def _glance_explanations(ed: dict, e: Path) -> str:
+    """The headline line of the explanations result: its default mode's row."""
+    row = next((r for r in ed["rows"] if r["explanations"] == DEFAULT_EXPLANATIONS), None)
+    if row is None:  # another row's figures under "the default mode" would be a wrong headline, not an old one
+        raise ValueError(f"{e}: no row {DEFAULT_EXPLANATIONS!r} (the default mode the headline quotes); rows: "
+                         f"{[r['explanations'] for r in ed['rows']]}")
+    return (f"- explanations ({row['n']} users, the default mode): template fallback "
+            f"{100 * row['fallback_rate']:.0f}%, hallucinated titles {100 * row['hallucination_rate']:.0f}%, "
+            f"{row['mean_words']:.0f} words, {row['s_per_user']:.2f} s/user.\n")
 
 
 def _replace(text: str, start: str, end: str, body: str) -> str:
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no markers {start} ... {end}")
+    """`text` with what lies between the markers `start` and `end` replaced by `body`; each marker must be there
+    once, `start` first (a second pair or reversed markers would rewrite the wrong span, or none)."""
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"README.md needs the markers {start} ... {end} once each, in that order (found "
+                         f"{text.count(start)} and {text.count(end)})")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
@@ -240,8 +290,12 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 
 def main() -> None:
     readme = ROOT / "README.md"
-    text = _replace(readme.read_text(), START, END, section())
-    text = _replace(text, GLANCE_START, GLANCE_END, glance())
+    try:
+        text = _replace(readme.read_text(), START, END, section())
+        text = _replace(text, GLANCE_START, GLANCE_END, glance())
+    except ValueError as e:  # a result file that cannot be read as one: named, README.md left as it was
+        print(f"eval/report.py: {e}; README.md left unchanged", file=sys.stderr)
+        raise SystemExit(1) from None
     readme.write_text(text)
     print("README.md results section and headline block regenerated")
 

@@ -88,7 +88,8 @@ def test_glance_refuses_explanations_without_the_default_row(report, tmp_path):
              "mean_words": 35.8, "s_per_user": 0.61},
             {"explanations": report.DEFAULT_EXPLANATIONS + ", frequency_penalty 0", "n": 40, "fallback_rate": 0.025,
              "hallucination_rate": 0.0, "mean_words": 26.5, "s_per_user": 1.25}]
-    (tmp_path / "explanations_ml-100k.json").write_text(json.dumps({"rows": rows, "command": "python e.py"}))
+    (tmp_path / "explanations_ml-100k.json").write_text(json.dumps({"rows": rows, "command": "python e.py",
+                                                                     "commit": "abc", "machine": "m"}))
     # before: the last row's 3% / 27 words / 1.25 s printed as "the default mode"
     with pytest.raises(ValueError, match="default mode"):
         report.glance(tmp_path)

@@ -58,7 +58,8 @@ def test_glance_reads_the_bench_and_explanation_results(report, tmp_path):
              "mean_words": 35.8, "s_per_user": 0.61},
             {"explanations": report.DEFAULT_EXPLANATIONS, "n": 40, "fallback_rate": 0.025, "hallucination_rate": 0.0,
              "mean_words": 17.4, "s_per_user": 0.654}]
-    (tmp_path / "explanations_ml-100k.json").write_text(json.dumps({"rows": rows, "command": "python eval/e.py"}))
+    (tmp_path / "explanations_ml-100k.json").write_text(json.dumps({"rows": rows, "command": "python eval/e.py",
+                                                                     "commit": "abc", "machine": "m"}))
     text = report.glance(tmp_path)
     assert ("- explanations (40 users, the default mode): template fallback 2%, hallucinated titles 0%, 17 words, "
             "0.65 s/user.") in text.splitlines()
@@ -69,7 +70,7 @@ def test_replace_rewrites_only_between_the_markers_and_names_missing_ones(report
     text = f"intro\n{report.GLANCE_START}\nold\n{report.GLANCE_END}\nrest"
     assert report._replace(text, report.GLANCE_START, report.GLANCE_END, "new") == (
         f"intro\n{report.GLANCE_START}\nnew\n{report.GLANCE_END}\nrest")
-    with pytest.raises(SystemExit, match="no markers"):
+    with pytest.raises(SystemExit, match="needs the markers"):
         report._replace("intro", report.START, report.END, "x")
 
 
@@ -82,8 +83,10 @@ def test_every_result_file_is_described(report):
 
 def test_section_has_the_bench_tables_and_an_index_of_the_other_results(report, tmp_path):
     _bench(tmp_path)
-    (tmp_path / "zeroshot.json").write_text(json.dumps({"created": "2026-12-06T17:18:53+00:00", "commit": "abc"}))
-    (tmp_path / "serving.json").write_text(json.dumps({"commit": "def5678"}))  # no date: the commit stands in
+    head = {"command": "python x.py", "machine": "m"}
+    (tmp_path / "zeroshot.json").write_text(json.dumps({"created": "2026-12-06T17:18:53+00:00", "commit": "abc",
+                                                        **head}))
+    (tmp_path / "serving.json").write_text(json.dumps({"commit": "def5678", **head}))  # no date: the commit stands in
     text = report.section(tmp_path)
     assert text.startswith("### Benchmark: ")
     assert "- goal ndcg@10: tuned LLM (llm tuned, title likelihood)" in text
@@ -93,3 +96,69 @@ def test_section_has_the_bench_tables_and_an_index_of_the_other_results(report, 
     assert index == [  # RESULT_FILES' order; files absent from the folder are left out
         f"| [zeroshot](eval/results/zeroshot.md) | {report.RESULT_FILES['zeroshot']} | 2026-12-06 |",
         f"| [serving](eval/results/serving.md) | {report.RESULT_FILES['serving']} | def5678 |"]
+
+
+# ------------------------------------------------------------------------------- a bad result file: named, loudly
+@pytest.mark.parametrize("text, says", [
+    ('{"created": "2026-12-06", "commit": "abc", "command": "x", "machine": "m", "auc": NaN}', "NaN is not JSON"),
+    ('{"commit": "abc", "command": "x", "machine": "m", "auc": -Infinity}', "-Infinity is not JSON"),
+    ('{"created": "2026-12-06", "commit": "abc"}', "no command, machine"),  # no header: "command `None`"
+])
+def test_section_refuses_a_result_file_that_is_not_strict_or_has_no_header(report, tmp_path, text, says):
+    # before: NaN was read (Python's json accepts it) and quoted as "nan"; a file without its header was credited to
+    # command `None`, commit None
+    (tmp_path / "zeroshot.json").write_text(text)
+    with pytest.raises(ValueError, match=f"zeroshot.json: .*{says}"):
+        report.section(tmp_path)
+
+
+@pytest.mark.parametrize("drop", ["protocol", "methods"])
+def test_a_bench_file_without_a_key_is_named_not_a_key_error(report, tmp_path, drop):
+    _bench(tmp_path)
+    p = tmp_path / "bench_ml-100k.json"
+    d = json.loads(p.read_text())
+    del d[drop]
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=f"bench_ml-100k.json: no {drop}"):  # before: KeyError, no file named
+        report.section(tmp_path)
+    d = json.loads(p.read_text()) | {drop: {}}  # there, but without what is read from it
+    d["goals"] = {"ndcg@10": {"met": False}}
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="bench_ml-100k.json: malformed result file"):
+        report.section(tmp_path)
+    with pytest.raises(ValueError, match="bench_ml-100k.json: malformed result file"):
+        report.glance(tmp_path)
+
+
+def test_explanations_file_without_a_row_key_is_named(report, tmp_path):
+    _bench(tmp_path)
+    (tmp_path / "explanations_ml-100k.json").write_text(json.dumps(
+        {"rows": [{"explanations": report.DEFAULT_EXPLANATIONS, "n": 4}], "command": "x", "commit": "a",
+         "machine": "m"}))
+    with pytest.raises(ValueError, match="explanations_ml-100k.json: malformed result file .*fallback_rate"):
+        report.glance(tmp_path)
+
+
+def test_main_names_the_bad_file_and_leaves_the_readme_alone(report, tmp_path, monkeypatch, capsys):
+    readme = tmp_path / "README.md"
+    text = (f"a\n{report.GLANCE_START}\nold glance\n{report.GLANCE_END}\nb\n{report.START}\nold\n{report.END}\nc\n")
+    readme.write_text(text)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_ml-100k.json").write_text('{"methods": {}, "auc": NaN}')
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", results)
+    monkeypatch.setattr(report.section, "__defaults__", (results,))
+    monkeypatch.setattr(report.glance, "__defaults__", (results, "ml-100k"))
+    with pytest.raises(SystemExit) as e:  # before: a traceback
+        report.main()
+    assert e.value.code == 1
+    assert "bench_ml-100k.json: not strict JSON" in capsys.readouterr().err
+    assert readme.read_text() == text
+
+
+def test_replace_refuses_markers_twice_or_in_the_wrong_order(report):
+    s, e = report.START, report.END
+    for text in (f"{e}\nx\n{s}\n", f"{s}\nx\n{e}\n{s}\ny\n{e}\n"):  # before: ValueError unpacking / the first pair
+        with pytest.raises(SystemExit, match="once each, in that order"):
+            report._replace(text, s, e, "new")
