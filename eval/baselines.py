@@ -72,21 +72,34 @@ def main() -> None:
     ap.add_argument("--name", help="result name (default: baselines_<dataset>)")
     ap.add_argument("--merge", action="store_true", help="keep the other models' rows of an existing result file")
     args = ap.parse_args()
+
+    from llmrec.config import ConfigError, deep_merge, parse_overrides
+
+    # usage errors (exit 2) before the dataset is loaded or prepared, and before any model trains
+    names = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
+    bad = [m for m in names if m not in MODELS]
+    if bad or not names:
+        ap.error(f"--models: {f'unknown {bad}' if bad else 'no model named'}; choose from {','.join(MODELS)}")
+    try:
+        given = parse_overrides(args.set)
+    except ConfigError as e:
+        ap.error(f"--set: {e}")
+    from llmrec.baselines import get_model
+
+    for k, v in given.items():
+        if k not in MODELS or not isinstance(v, dict):
+            ap.error(f"--set: {k!r} is not MODEL.KEY=VALUE with MODEL one of {','.join(MODELS)}")
+        try:  # an unknown key or a bad value: now, not after the models before it have trained
+            get_model(k, **v)
+        except ConfigError as e:
+            ap.error(f"--set: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from llmrec.baselines.evaluate import evaluate_model
-    from llmrec.config import deep_merge, parse_overrides
     from llmrec.data import load_prepared
 
     ds = load_prepared(args.dataset, prepare_if_missing=True)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in names if m not in MODELS]
-    if bad:
-        raise SystemExit(f"--models: unknown {bad}; choose from {MODELS}")
-    overrides = deep_merge(DATASET_DEFAULTS.get(ds.name, {}), parse_overrides(args.set))
-    for k in overrides:
-        if k not in MODELS:
-            raise SystemExit(f"--set: {k!r} is not a model name ({MODELS}); use MODEL.KEY=VALUE")
+    overrides = deep_merge(DATASET_DEFAULTS.get(ds.name, {}), given)
     methods: dict[str, Any] = {}
     details: dict[str, Any] = {}
     old = Path(args.results_dir or ROOT / "eval" / "results") / f"{args.name or f'baselines_{ds.name}'}.json"
