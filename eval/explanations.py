@@ -23,6 +23,7 @@ import logging
 import time
 
 from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
+from llmrec.cli.args import float_at_least
 from llmrec.data import load_prepared
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
@@ -55,6 +56,15 @@ def subject_citations(recs: list) -> float | None:
     return sum(bool(e["shared"]) for e in cited) / len(cited) if cited else None
 
 
+def frequency_penalty(text: str) -> float:
+    """argparse type of a frequency penalty: a finite number in [-2, 2] (OpenAI's and vLLM's range; `nan` or `inf`
+    would reach the logits, after the model had loaded)."""
+    v = float_at_least(-2.0)(text)
+    if v > 2.0:
+        raise argparse.ArgumentTypeError(f"must be in [-2, 2] (OpenAI's range), got {text}")
+    return v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-100k")
@@ -65,7 +75,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--dtype", default="fast")
     ap.add_argument("--examples", type=count_or_all, default=5, help="example texts kept per mode (0: none)")
-    ap.add_argument("--frequency-penalty", type=float, default=[], nargs="*",
+    ap.add_argument("--frequency-penalty", type=frequency_penalty, default=[], nargs="*",
                     help="extra rows: the default mode (quoted, sharing an attribute) with these penalties")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

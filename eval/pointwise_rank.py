@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from llmrec.bench_utils import command_line, md_table, positive_int, write_result
+from llmrec.cli.args import nonneg_float
 from llmrec.data import load_prepared
 from llmrec.data.stats import ItemFeedbackStats, counts_estimate
 from llmrec.evaluation import ranking_targets
@@ -67,7 +68,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
     ap.add_argument("--candidates", type=positive_int, default=20)
-    ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--grid", type=nonneg_float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+                    help="fusion weights w tried on validation (finite, >= 0)")
     ap.add_argument("--dtype", default="fast")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
+from llmrec.cli.args import nonneg_float
 from llmrec.data import load_prepared
 from llmrec.evaluation import evaluate_ranking, ranking_targets
 from llmrec.metrics import ndcg_at_k, paired_bootstrap_ratio, ranking_metrics
@@ -117,7 +118,8 @@ def main() -> None:
     ap.add_argument("--baselines", nargs="+", default=["sasrec", "bpr", "mf", "pop"],
                     help="models whose order of the candidates is a feature (checkpoints, else fitted and saved)")
     ap.add_argument("--candidates", type=positive_int, default=20)
-    ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--grid", type=nonneg_float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+                    help="feature weights tried on validation (finite, >= 0)")
     ap.add_argument("--name", default=None, help="result name (default: rank_ensemble_<dataset>)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="fast")

@@ -26,6 +26,7 @@ from functools import partial
 import numpy as np
 
 from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
+from llmrec.cli.args import nonneg_float
 from llmrec.data import load_prepared
 from llmrec.evaluation import ranking_targets
 from llmrec.llm import load_backend
@@ -61,8 +62,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
     ap.add_argument("--candidates", type=positive_int, default=20)
-    ap.add_argument("--prior-grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    ap.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0], help="w (the bench's)")
+    ap.add_argument("--prior-grid", type=nonneg_float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--grid", type=nonneg_float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0],
+                    help="w (the bench's)")
     ap.add_argument("--dtype", default="fast")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

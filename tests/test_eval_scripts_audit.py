@@ -164,3 +164,40 @@ def test_baselines_good_arguments_reach_the_dataset(load_script, monkeypatch):
                                       "--set", "mf.lr=0.01", "sasrec.time_budget_s=60"])
     with pytest.raises(Loaded):
         mod.main()
+
+
+# a grid weight of nan made every fused score nan: no candidate compared above the target, so each target the
+# retriever listed ranked 1st, and validation chose that weight (rank_ensemble, title_prior); inf turned
+# pointwise_rank's "P(Yes) + retrieval" row into the retrieval order; a nan penalty reached the logits
+@pytest.mark.parametrize("script, argv", [
+    ("eval/rank_ensemble.py", ["--grid", "0", "nan"]),
+    ("eval/rank_ensemble.py", ["--grid", "inf"]),
+    ("eval/rank_ensemble.py", ["--grid", "-1"]),
+    ("eval/pointwise_rank.py", ["--adapter", "x", "--grid", "0", "inf"]),
+    ("eval/pointwise_rank.py", ["--adapter", "x", "--grid", "nan"]),
+    ("eval/title_prior.py", ["--grid", "nan"]),
+    ("eval/title_prior.py", ["--prior-grid", "0", "-0.5"]),
+    ("eval/explanations.py", ["--frequency-penalty", "nan"]),
+    ("eval/explanations.py", ["--frequency-penalty", "0", "3"]),
+])
+def test_a_weight_that_is_not_a_finite_number_in_range_is_a_usage_error(load_script, monkeypatch, capsys, script,
+                                                                         argv):
+    mod = load_script(script)
+    for name in ("load_prepared", "load_backend"):
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, _refuse_load)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2
+    assert f"argument {argv[-2] if argv[-2].startswith('--') else argv[-3]}" in capsys.readouterr().err
+
+
+def test_rank_ensemble_nan_weight_would_rank_every_listed_target_first(load_script):
+    """Why the grid must be finite: target_ranks with a nan weight puts every listed target at rank 1."""
+    import numpy as np
+
+    ens = load_script("eval/rank_ensemble.py")
+    feats = np.array([[[0.0, 5.0], [-0.7, 1.0], [-1.1, 0.0]]])  # the target (index 2) is last on both features
+    assert ens.target_ranks(feats, np.array([1.0, 1.0]), np.array([2]), 99).tolist() == [3]
+    assert ens.target_ranks(feats, np.array([1.0, np.nan]), np.array([2]), 99).tolist() == [1]
