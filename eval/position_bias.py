@@ -98,6 +98,9 @@ def main() -> None:
                     help="cyclic listings averaged in the fourth row per model")
     ap.add_argument("--name", default=None, help="result name (default position_bias_<dataset>)")
     args = ap.parse_args()
+    if args.listings > args.candidates:  # the recommender stops at one listing per candidate: the row would say more
+        ap.error(f"--listings {args.listings} is more than --candidates {args.candidates} (at most one listing per "
+                 "candidate: each at every position once)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     ds = load_prepared(args.dataset, prepare_if_missing=True)

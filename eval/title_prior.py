@@ -67,6 +67,8 @@ def main() -> None:
                     help="w (the bench's)")
     ap.add_argument("--dtype", default="fast")
     args = ap.parse_args()
+    if "tuned" in args.models and not args.adapter:  # its rows would be left out without a word
+        ap.error("--models tuned needs --adapter (a next_title adapter); without one use --models zero-shot")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     ds = load_prepared(args.dataset, prepare_if_missing=True)

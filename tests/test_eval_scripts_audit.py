@@ -201,3 +201,37 @@ def test_rank_ensemble_nan_weight_would_rank_every_listed_target_first(load_scri
     feats = np.array([[[0.0, 5.0], [-0.7, 1.0], [-1.1, 0.0]]])  # the target (index 2) is last on both features
     assert ens.target_ranks(feats, np.array([1.0, 1.0]), np.array([2]), 99).tolist() == [3]
     assert ens.target_ranks(feats, np.array([1.0, np.nan]), np.array([2]), 99).tolist() == [1]
+
+
+# arguments that parse one by one but not together: refused before anything loads, naming the options
+@pytest.mark.parametrize("script, argv, says", [
+    # before: no tuned rows at all (no adapter), and a result file of the retrieval row alone, without a word
+    ("eval/title_prior.py", ["--models", "tuned"], "--models tuned needs --adapter"),
+    ("eval/title_prior.py", ["--models", "zero-shot", "tuned"], "--models tuned needs --adapter"),
+    # before: the recommender used 20 listings while the row said "+ 29 cyclic shifts", "shifted by 0.67 places"
+    ("eval/position_bias.py", ["--listings", "30"], "--listings 30 is more than --candidates 20"),
+    ("eval/position_bias.py", ["--listings", "5", "--candidates", "4"], "--listings 5 is more than --candidates 4"),
+])
+def test_contradictory_arguments_are_usage_errors(load_script, monkeypatch, capsys, script, argv, says):
+    mod = load_script(script)
+    for name in ("load_prepared", "load_backend"):
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, _refuse_load)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("eval/title_prior.py", ["--models", "zero-shot"]),
+    ("eval/title_prior.py", ["--models", "tuned", "--adapter", "a"]),
+    ("eval/position_bias.py", ["--listings", "20"]),
+])
+def test_consistent_arguments_get_past_the_checks(load_script, monkeypatch, script, argv):
+    mod = load_script(script)
+    monkeypatch.setattr(mod, "load_prepared", _refuse_load)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(Loaded):
+        mod.main()
