@@ -238,6 +238,29 @@ def refresh_contamination(label: str) -> None:
     _write_refreshed(label, old, {"contamination": probe}, "contamination_refreshed")
 
 
+def check_refresh(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A refresh recomputes part of an existing result with the settings *it* records: refused (argparse, exit 2)
+    with the other refresh (only the first ran), with any other option (ignored without a word, yet written into
+    the result's command), or without that result file (a traceback)."""
+    from llmrec import bench_utils
+
+    refresh = [f"--{k.replace('_', '-')}" for k in ("refresh_baselines", "refresh_contamination") if getattr(args, k)]
+    if not refresh:
+        return
+    if len(refresh) > 1:
+        ap.error(f"{' and '.join(refresh)}: one at a time (each rewrites the result; run them one after the other)")
+    ignored = [a.option_strings[0] for a in ap._actions
+               if a.dest not in ("help", "refresh_baselines", "refresh_contamination", "label")
+               and getattr(args, a.dest) != a.default]
+    if ignored:
+        ap.error(f"{refresh[0]} recomputes with the settings the existing result records; {', '.join(ignored)} "
+                 "would be ignored (only --label goes with it)")
+    path = bench_utils.RESULTS_DIR / f"zeroshot{args.label}.json"
+    if not path.is_file():
+        ap.error(f"{refresh[0]}: no result to refresh at {path} (run eval/zeroshot.py without it first, or fix "
+                 "--label)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refresh-baselines", action="store_true",
@@ -265,6 +288,7 @@ def main() -> None:
     ap.add_argument("--likelihood-weight", type=nonneg_float, default=1.0,
                     help="title-likelihood rows: mean title log-prob + W x log(1 / retrieval rank)")
     args = ap.parse_args()
+    check_refresh(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.refresh_baselines:
         return refresh_baselines(args.label)

@@ -235,3 +235,43 @@ def test_consistent_arguments_get_past_the_checks(load_script, monkeypatch, scri
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(Loaded):
         mod.main()
+
+
+@pytest.mark.parametrize("argv, says", [
+    # before: only the baselines were refreshed, the probe silently not
+    (["--refresh-baselines", "--refresh-contamination"], "one at a time"),
+    # before: ignored (the recorded settings are used), yet written into the result's command as if they applied
+    (["--refresh-baselines", "--seed", "3"], "--seed would be ignored"),
+    (["--refresh-contamination", "--contamination-n", "50", "--dtype", "float32"],
+     "--contamination-n, --dtype would be ignored"),
+    (["--refresh-baselines", "--ml-adapter", "a"], "--ml-adapter would be ignored"),
+    # before: FileNotFoundError traceback
+    (["--refresh-baselines", "--label", "_nothere"], "no result to refresh"),
+])
+def test_zeroshot_refresh_with_other_options_is_a_usage_error(load_script, monkeypatch, capsys, tmp_path, argv, says):
+    from llmrec import bench_utils
+
+    mod = load_script("eval/zeroshot.py")
+    (tmp_path / "zeroshot.json").write_text("{}")
+    monkeypatch.setattr(bench_utils, "RESULTS_DIR", tmp_path)
+    for name in ("load_prepared", "load_backend", "refresh_baselines", "refresh_contamination"):
+        monkeypatch.setattr(mod, name, _refuse_load)
+    monkeypatch.setattr(sys, "argv", ["eval/zeroshot.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--refresh-baselines"], ["--refresh-contamination", "--label", ""]])
+def test_zeroshot_refresh_alone_goes_ahead(load_script, monkeypatch, tmp_path, argv):
+    from llmrec import bench_utils
+
+    mod = load_script("eval/zeroshot.py")
+    (tmp_path / "zeroshot.json").write_text("{}")
+    monkeypatch.setattr(bench_utils, "RESULTS_DIR", tmp_path)
+    for name in ("refresh_baselines", "refresh_contamination"):
+        monkeypatch.setattr(mod, name, _refuse_load)
+    monkeypatch.setattr(sys, "argv", ["eval/zeroshot.py", *argv])
+    with pytest.raises(Loaded):
+        mod.main()
