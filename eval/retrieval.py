@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmrec.bench_utils import md_table, peak_rss_mb, positive_int, write_result  # noqa: E402
+from llmrec.cli.args import positive_float  # noqa: E402
 
 log = logging.getLogger("eval.retrieval")
 KS = (20, 50, 100)
@@ -294,9 +295,15 @@ def table(r: dict) -> str:
     e = r["encoding"]
     g = r["goal"]
     st = r["settings"]["text"]
+    # `n_users` is every test user; with --max-users the rows score a seeded subset, which the heading must say
+    scored = {v.get("n_users") for v in r["test"].values()} - {None}
+    who = (f"{r['n_users']:,} users" if scored <= {r["n_users"]} else
+           f"a seeded subset of {', '.join(f'{n:,}' for n in sorted(scored))} of the {r['n_users']:,} test users "
+           f"by --max-users; query latency over {r['query_latency'].get('text_knn(flat)', {}).get('n', '?')} users "
+           "drawn from all")
     return (
         f"Leave-one-out **test** split, full ranking over all {r['n_items']:,} items minus each user's history "
-        f"({r['n_users']:,} users). Recall@K = HR@K (one target per user).\n\n{t}\n"
+        f"({who}). Recall@K = HR@K (one target per user).\n\n{t}\n"
         f"Goal (hybrid Recall@20 >= best single retriever, {g['best_single']} {g['best_single_recall@20']}): "
         f"**{'met' if g['met'] else 'NOT met'}** ({gk} {g['hybrid_recall@20']}; of the hybrids, the one with the best "
         f"validation Recall@20 is the goal row). Paired over users at K=20: "
@@ -328,10 +335,11 @@ def main() -> int:
     p.add_argument("--latency-users", type=positive_int, default=200)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--no-bpr", action="store_true")
-    p.add_argument("--models", nargs="*", default=["sasrec", "bert_lstm"],
+    p.add_argument("--models", nargs="*", default=["sasrec", "bert_lstm"], choices=["sasrec", "bert_lstm"],
                    help="sequential baselines scored alone and as a hybrid's collaborative side (checkpoint, else "
                         "fitted and saved); none: --models")
-    p.add_argument("--bpr-budget", type=float, default=900.0, help="seconds for fitting BPR when no checkpoint")
+    p.add_argument("--bpr-budget", type=positive_float, default=900.0,
+                   help="seconds for fitting BPR when no checkpoint")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)

@@ -275,3 +275,39 @@ def test_zeroshot_refresh_alone_goes_ahead(load_script, monkeypatch, tmp_path, a
     monkeypatch.setattr(sys, "argv", ["eval/zeroshot.py", *argv])
     with pytest.raises(Loaded):
         mod.main()
+
+
+def _retrieval_result(n_scored: int) -> dict:
+    rec = {"recall@20": 0.1, "recall@50": 0.2, "recall@100": 0.3, "ndcg@20": 0.05, "n_users": n_scored}
+    lat = {"p50_ms": 1.0, "p95_ms": 2.0, "mean_ms": 1.2, "n": 50}
+    return {"n_items": 1682, "n_users": 943, "selected_text_weight": 0.25, "bpr": "skipped (--no-bpr)",
+            "test": {"text": dict(rec), "itemcf": dict(rec), "hybrid": dict(rec)}, "valid": {"text": dict(rec)},
+            "goal": {"hybrid": "hybrid", "hybrid_recall@20": 0.1, "best_single": "text", "best_single_recall@20": 0.1,
+                     "met": True, "paired": {"only_hybrid": 0, "only_single": 0, "sign_test_p": 1.0}},
+            "settings": {"text": {"knn_tau": 0.1, "knn_neighbors": 50}},
+            "encoding": {"items": 1682, "seconds": 1.0, "items_per_second": 1682.0, "batch_size": 64,
+                         "mean_text_chars": 80.0, "model_load_seconds": 1.0},
+            "query_latency": {"text_knn(flat)": lat}, "ivf_nlist": 40, "ivf_top100_overlap_with_flat": 0.9}
+
+
+def test_retrieval_table_names_the_user_subset_it_scored(load_script):
+    ret = load_script("eval/retrieval.py")
+    head = ret.table(_retrieval_result(943)).splitlines()[0]
+    assert "(943 users)" in head  # every test user: as before
+    head = ret.table(_retrieval_result(100)).splitlines()[0]
+    # before: "(943 users)" over rows that scored 100 (--max-users 100)
+    assert "(943 users)" not in head
+    assert "a seeded subset of 100 of the 943 test users by --max-users" in head
+
+
+@pytest.mark.parametrize("argv", [["--models", "bpr"], ["--models", "sasrec", "itemcf"], ["--bpr-budget", "nan"],
+                                  ["--bpr-budget", "0"], ["--bpr-budget", "-5"]])
+def test_retrieval_bad_models_or_budget_are_usage_errors(load_script, monkeypatch, argv):
+    # before: an unknown model failed (reported as a row note) after the encoder and every other retriever had
+    # run; `bpr` overwrote the BPR rows; a nan / 0 / negative budget reached BPR's training loop
+    ret = load_script("eval/retrieval.py")
+    monkeypatch.setattr(ret, "run", _refuse_load)
+    monkeypatch.setattr(sys, "argv", ["eval/retrieval.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        ret.main()
+    assert e.value.code == 2
