@@ -44,6 +44,19 @@ def ranking_targets(ds: PreparedDataset, split: str = "test", max_users: int | N
     return targets
 
 
+def sampled_label(n_negatives: Sequence[int]) -> str:
+    """The protocol label of a sampled evaluation from each scored user's number of fixed negatives: "sampled (99
+    fixed negatives)", or their range when users have different numbers (a user who has met nearly the whole
+    catalogue gets fewer; one with none ranks the target first by construction), so that the label never states
+    the first user's count for all."""
+    if not len(n_negatives):
+        return "sampled (0 fixed negatives)"
+    lo, hi = int(min(n_negatives)), int(max(n_negatives))
+    if lo == hi:
+        return f"sampled ({lo} fixed negatives)"
+    return f"sampled ({lo}-{hi} fixed negatives per user)"
+
+
 def evaluate_ranking(
     ds: PreparedDataset,
     score_fn: ScoreFn,
@@ -89,7 +102,7 @@ def evaluate_ranking(
                 cand = np.array([t_idx[b + j]] + [ds.item_index[i] for i in negs[u]], dtype=np.int64)
                 ranks[b + j] = ranks_from_scores(scores[j : j + 1, cand], np.array([0]))[0]
     out = ranking_metrics(ranks, ks)
-    out["protocol"] = "full" if mode == "full" else f"sampled ({len(negs[users[0]]) if users else 0} fixed negatives)"
+    out["protocol"] = "full" if mode == "full" else sampled_label([len(negs[u]) for u in users])
     out["split"] = split
     if max_users is not None:
         out["user_subset"] = {"n": len(users), "seed": seed}

@@ -397,3 +397,26 @@ def test_fractional_timestamps_are_cut_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="llmrec.data.loaders"):
         load_table(tmp_path / "whole.csv")
     assert "fractional" not in caplog.text
+
+
+def test_sampled_label_counts_every_scored_users_negatives(tiny_dataset, monkeypatch):
+    """The label stated the first user's number of negatives for all; a user with fewer (one who has met most of the
+    catalogue) was ranked among fewer candidates under that label."""
+    from llmrec.data.prepare import PreparedDataset
+    from llmrec.evaluation import sampled_label
+
+    full = tiny_dataset.negatives
+    short = full.copy()
+    short.at[short.index[-1], "negatives"] = list(short.iloc[-1]["negatives"])[:3]
+    rng = np.random.default_rng(0)
+    table = rng.random((1000, tiny_dataset.n_items))
+    index = {u: n for n, u in enumerate(tiny_dataset.user_ids)}
+
+    def score(users):
+        return table[[index[u] for u in users]]
+
+    assert evaluate_ranking(tiny_dataset, score, mode="sampled")["protocol"] == "sampled (20 fixed negatives)"
+    monkeypatch.setattr(PreparedDataset, "negatives", property(lambda self: short))
+    assert evaluate_ranking(tiny_dataset, score, mode="sampled")["protocol"] == (
+        "sampled (3-20 fixed negatives per user)")
+    assert sampled_label([]) == "sampled (0 fixed negatives)"
