@@ -216,33 +216,50 @@ def ranks_from_scores(
     return ge.sum(axis=1).astype(np.int64)  # the target itself is counted once: that is the "1 +"
 
 
+def _ranks(ranks: np.ndarray) -> np.ndarray:
+    """`ranks` as floats, checked: 1-based (a rank of 0 would divide NDCG by log2(1) = 0), finite, one per user. No
+    users give NaN for every metric below (a mean over nothing), without numpy's RuntimeWarning."""
+    r = np.asarray(ranks, dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(r) | (r < 1)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"ranks must be finite and >= 1 (1 = first); user {j} of {r.size} has {r[j]:g}")
+    return r
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if x.size else float("nan")
+
+
 def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:
     """HR@K = (1/|U|) sum_u 1[rank_u <= K]."""
-    return float(np.mean(np.asarray(ranks) <= k))
+    return _mean(_ranks(ranks) <= k)
 
 
 def recall_at_k(ranks: np.ndarray, k: int) -> float:
     """Recall@K = (1/|U|) sum_u |relevant_u in top K| / |relevant_u|. One target per user (leave-one-out): equals
     HR@K."""
-    return float(np.mean(np.asarray(ranks) <= k))
+    return _mean(_ranks(ranks) <= k)
 
 
 def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
     """NDCG@K with one relevant item: (1/|U|) sum_u 1[rank_u <= K] / log2(rank_u + 1) (IDCG = 1)."""
-    r = np.asarray(ranks, dtype=np.float64)
-    return float(np.mean(np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)))
+    r = _ranks(ranks)
+    return _mean(np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0))
 
 
 def mrr_at_k(ranks: np.ndarray, k: int) -> float:
     """MRR@K = (1/|U|) sum_u 1[rank_u <= K] / rank_u."""
-    r = np.asarray(ranks, dtype=np.float64)
-    return float(np.mean(np.where(r <= k, 1.0 / r, 0.0)))
+    r = _ranks(ranks)
+    return _mean(np.where(r <= k, 1.0 / r, 0.0))
 
 
 def random_order_metrics(n: int, k: int = 10) -> dict[str, float]:
     """Expected HR@K / NDCG@K / MRR@K of a uniformly random order of `n` candidates holding the one target (the
     chance level of a reranker): rank r has probability 1/n, so HR@K = min(n, K) / n,
     NDCG@K = (1/n) sum_{r<=min(n,K)} 1 / log2(r + 1), MRR@K = (1/n) sum_{r<=min(n,K)} 1 / r."""
+    if n < 1 or k < 1:
+        raise ValueError(f"random_order_metrics: n (candidates) and k must be >= 1, got n={n}, k={k}")
     r = np.arange(1, min(n, k) + 1, dtype=np.float64)
     return {f"hr@{k}": float(len(r) / n), f"ndcg@{k}": float(np.sum(1.0 / np.log2(r + 1.0)) / n),
             f"mrr@{k}": float(np.sum(1.0 / r) / n)}

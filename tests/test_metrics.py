@@ -227,3 +227,19 @@ def test_ranks_from_scores_refuses_item_indices_outside_the_catalogue():
     with pytest.raises(ValueError, match=r"2 targets for scores of shape \(1, 3\)"):
         M.ranks_from_scores(scores, np.array([0, 1]))
     assert M.ranks_from_scores(scores, np.array([0]), [np.array([2])]).tolist() == [2]
+
+
+def test_ranking_metrics_refuse_ranks_below_one_and_give_nan_for_no_users():
+    """A 0-based rank made NDCG divide by log2(1) = 0 (inf, with a RuntimeWarning) and MRR by 0; no users gave NaN
+    with numpy's 'mean of empty slice' warning. Now: a clear error naming the user, and a quiet, documented NaN."""
+    import warnings
+
+    for bad in ([1, 0, 3], [2, np.nan], [-1]):
+        with pytest.raises(ValueError, match=r"ranks must be finite and >= 1 .* user \d+ of \d+"):
+            M.ranking_metrics(np.array(bad, dtype=np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = M.ranking_metrics(np.array([], dtype=np.int64), ks=(10,))
+    assert out["n_users"] == 0 and all(np.isnan(out[m]) for m in ("hr@10", "recall@10", "ndcg@10", "mrr@10"))
+    with pytest.raises(ValueError, match="n=0"):
+        M.random_order_metrics(0)
