@@ -217,6 +217,35 @@ def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
         raise DataError(f"{path}:{where} missing column(s) {missing}; found {list(df.columns)}{hint}")
 
 
+def _refuse_empty_titles(items: pd.DataFrame, path: Path, off: int = 2, unit: str = "line",
+                         field: str = "title") -> None:
+    """Prompts name items by title: an empty one would read `""`. Refused, naming the first such row and the file's
+    `field` (a row without an id matches no event and is left alone)."""
+    untitled = (items["title"].astype(str).str.strip() == "") & (items["item_id"].astype(str).str.strip() != "")
+    if untitled.any():
+        i = int(np.flatnonzero(untitled.to_numpy())[0])
+        raise DataError(f"{path}: {unit} {int(items.index[i]) + off}: field {field!r} is empty (item "
+                        f"{items['item_id'].iloc[i]!r}; {int(untitled.sum())} such rows)")
+
+
+def _unique_rows(df: pd.DataFrame, key: list[str], path: Path, off: int = 2, unit: str = "line") -> pd.DataFrame:
+    """`df` without repeated rows; the same `key` (an item id, a user id, a user-item pair) twice with different
+    fields is refused, naming both rows: which title / attributes / weight hold is not for us to guess (keeping the
+    first would silently drop the other). The index holds each row's position (+ `off` = its `unit`)."""
+    rows = df.drop_duplicates()
+    clash = rows.duplicated(key, keep="first")
+    if clash.any():
+        j = int(np.flatnonzero(clash.to_numpy())[0])
+        val = tuple(rows[k].iloc[j] for k in key)
+        same = np.logical_and.reduce([(rows[k] == v).to_numpy() for k, v in zip(key, val)])
+        first = int(rows.index[np.flatnonzero(same)[0]])
+        what = (f"field {key[0]!r}: {val[0]!r}" if len(key) == 1 else
+                f"fields {', '.join(map(repr, key))}: {', '.join(map(repr, val))}")
+        raise DataError(f"{path}: {unit} {int(rows.index[j]) + off}: {what} already has a different row at {unit} "
+                        f"{first + off} ({int(clash.sum())} such rows)")
+    return rows
+
+
 def _case_mismatch(df: pd.DataFrame, cols: list[str], path: Path) -> None:
     """`Rating` or `Timestamp` for `rating` / `timestamp`: column names are case-sensitive, and an optional column
     under another spelling would be silently ignored (no `rating`: every event a like). Refused, naming both."""
@@ -329,14 +358,24 @@ def load_recbole_atomic(folder: str | Path, name: str | None = None) -> RawData:
     item_path = folder / f"{name}.item"
     items = _atomic(item_path) if item_path.is_file() else pd.DataFrame({"item_id": inter["item_id"].unique()})
     _require(items, ["item_id"], item_path)
+    items["item_id"] = items["item_id"].str.strip()  # as the events' ids are
     rename = {"movie_title": "title", "release_year": "year", "class": "genres", "genre": "genres"}
+    title_field = next((k for k in ("title", "movie_title") if k in items.columns), "title")
     items = items.rename(columns={k: v for k, v in rename.items() if k in items.columns})
     if "title" not in items.columns:
         items["title"] = items["item_id"]
+    if item_path.is_file():  # an empty title, or one item id on two different rows: refused as in a CSV item file
+        _refuse_empty_titles(items, item_path, field=title_field)
+        items = _unique_rows(items, ["item_id"], item_path)
     if "year" in items.columns:  # "1995.0" -> "1995"
         items["year"] = items["year"].astype(str).str.replace(r"\.0$", "", regex=True)
     user_path = folder / f"{name}.user"
-    users = _atomic(user_path) if user_path.is_file() else None
+    users = None
+    if user_path.is_file():  # saved as users.parquet, one row per user
+        users = _atomic(user_path)
+        _require(users, ["user_id"], user_path)
+        users["user_id"] = users["user_id"].str.strip()
+        users = _unique_rows(users, ["user_id"], user_path)
     text_fields = [c for c in ("year", "genres") if c in items.columns]
     return RawData(
         name=name,
@@ -545,21 +584,8 @@ def load_table(path: str | Path, items_path: str | Path | None = None, name: str
         if "title" not in items.columns:
             items["title"] = items["item_id"]
         # prompts name items by title: an empty one would read `""` (a row without an id matches no event: left)
-        untitled = (items["title"].str.strip() == "") & (items["item_id"] != "")
-        if untitled.any():
-            i = int(np.flatnonzero(untitled.to_numpy())[0])
-            raise DataError(f"{ipath}: {unit} {int(items.index[i]) + off}: field 'title' is empty (item "
-                            f"{items['item_id'].iloc[i]!r}; {int(untitled.sum())} such rows)")
-        # the same item_id twice with different fields: which title / attributes hold is not for us to guess
-        rows = items.drop_duplicates()
-        clash = rows["item_id"].duplicated(keep="first")
-        if clash.any():
-            j = int(np.flatnonzero(clash.to_numpy())[0])
-            iid = rows["item_id"].iloc[j]
-            first = int(rows.index[np.flatnonzero((rows["item_id"] == iid).to_numpy())[0]])
-            raise DataError(f"{ipath}: {unit} {int(rows.index[j]) + off}: field 'item_id': {iid!r} already has a "
-                            f"different row at {unit} {first + off} ({int(clash.sum())} such rows)")
-        items = rows
+        _refuse_empty_titles(items, ipath, off, unit)
+        items = _unique_rows(items, ["item_id"], ipath, off, unit)
         known = set(items["item_id"])
         unknown = ~inter["item_id"].isin(known)
         if unknown.any():

