@@ -4,12 +4,13 @@ field, and a previously prepared folder stays as it was. Tiny files in tmp dirs 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from llmrec.cli import main
-from llmrec.data import PrepareConfig, load_prepared, prepare
+from llmrec.data import DataError, PrepareConfig, load_prepared, prepare
 
 INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
     f"{u}\t{i}\t{(u + i) % 5 + 1}\t{100 + 10 * u + i}\n" for u in (1, 2, 3) for i in (1, 2, 3, 4))
@@ -76,3 +77,49 @@ def test_recbole_repeated_identical_rows_and_padded_ids_are_read(tmp_path):
     assert rep.stats["items"] == 4 and rep.stats["interactions"] == 12
     ds = load_prepared("rb", home=tmp_path / "home")
     assert ds.items["item_id"].tolist() == ["1", "2", "3", "4"] and ds.items["title"].tolist()[:2] == ["One", "Two"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Amazon-2018 JSON lines: the metadata file
+def _amazon(tmp_path: Path, metas: list[dict | str]) -> tuple[Path, Path]:
+    rev = tmp_path / "reviews.json"
+    rev.write_text("".join(json.dumps({"reviewerID": f"u{u}", "asin": f"a{i}", "overall": 5.0,
+                                       "unixReviewTime": 1000 + 10 * u + i}) + "\n"
+                           for u in range(3) for i in range(3)))
+    meta = tmp_path / "meta.json"
+    meta.write_text("".join((m if isinstance(m, str) else json.dumps(m)) + "\n" for m in metas))
+    return rev, meta
+
+
+META = [{"asin": f"a{i}", "title": f"Card {i}", "category": ["Gift Cards", "Restaurants"]} for i in range(3)]
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"asin": "a1", "title": "Card 1", "category": "Gift Cards"},
+     "line 2: field 'category': 'Gift Cards' is not a list of strings"),
+    ({"asin": "a1", "title": "Card 1", "category": [["Gift Cards"]]}, "line 2: field 'category': [['Gift Cards']]"),
+    ({"title": "Card 1"}, "line 2: missing field 'asin'"),
+    ({"asin": None, "title": "Card 1"}, "line 2: field 'asin': None is not an id"),
+])
+def test_amazon_metadata_rows_of_the_wrong_shape_are_refused(tmp_path, bad, needle):
+    """A category string was read letter by letter ("G, i, f, t, ..."), a nested list broke the reader with a
+    TypeError, a row without an asin became the item `""` (or `"None"`)."""
+    from llmrec.data.loaders import load_amazon
+
+    rev, meta = _amazon(tmp_path, [META[0], bad, META[2]])
+    with pytest.raises(DataError) as e:
+        load_amazon(rev, meta)
+    assert str(meta) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_amazon_metadata_asin_on_two_different_rows_is_refused_and_a_null_category_is_none(tmp_path):
+    from llmrec.data.loaders import load_amazon
+
+    rev, meta = _amazon(tmp_path, [META[0], "", META[1], META[2], {**META[1], "title": "Another card"}])
+    with pytest.raises(DataError, match=r"meta.json: line 5: field 'asin': 'a1' already has a different row at "
+                                        r"line 3"):
+        load_amazon(rev, meta)
+    rev, meta = _amazon(tmp_path, [META[0], {**META[1], "category": None}, META[2], META[2]])
+    raw = load_amazon(rev, meta)
+    assert raw.items["item_id"].tolist() == ["a0", "a1", "a2"]
+    assert raw.items["categories"].tolist() == ["Gift Cards, Restaurants", "", "Gift Cards, Restaurants"]

@@ -228,10 +228,12 @@ def _refuse_empty_titles(items: pd.DataFrame, path: Path, off: int = 2, unit: st
                         f"{items['item_id'].iloc[i]!r}; {int(untitled.sum())} such rows)")
 
 
-def _unique_rows(df: pd.DataFrame, key: list[str], path: Path, off: int = 2, unit: str = "line") -> pd.DataFrame:
+def _unique_rows(df: pd.DataFrame, key: list[str], path: Path, off: int = 2, unit: str = "line",
+                 names: list[str] | None = None) -> pd.DataFrame:
     """`df` without repeated rows; the same `key` (an item id, a user id, a user-item pair) twice with different
     fields is refused, naming both rows: which title / attributes / weight hold is not for us to guess (keeping the
-    first would silently drop the other). The index holds each row's position (+ `off` = its `unit`)."""
+    first would silently drop the other). The index holds each row's position (+ `off` = its `unit`); `names`: the
+    file's own names of the `key` fields (default: `key`)."""
     rows = df.drop_duplicates()
     clash = rows.duplicated(key, keep="first")
     if clash.any():
@@ -239,8 +241,9 @@ def _unique_rows(df: pd.DataFrame, key: list[str], path: Path, off: int = 2, uni
         val = tuple(rows[k].iloc[j] for k in key)
         same = np.logical_and.reduce([(rows[k] == v).to_numpy() for k, v in zip(key, val)])
         first = int(rows.index[np.flatnonzero(same)[0]])
-        what = (f"field {key[0]!r}: {val[0]!r}" if len(key) == 1 else
-                f"fields {', '.join(map(repr, key))}: {', '.join(map(repr, val))}")
+        names = names or key
+        what = (f"field {names[0]!r}: {val[0]!r}" if len(key) == 1 else
+                f"fields {', '.join(map(repr, names))}: {', '.join(map(repr, val))}")
         raise DataError(f"{path}: {unit} {int(rows.index[j]) + off}: {what} already has a different row at {unit} "
                         f"{first + off} ({int(clash.sum())} such rows)")
     return rows
@@ -539,7 +542,16 @@ def load_amazon(
     )
     inter, dropped = canonical_interactions(df, rpath, line_offset=0,
                                             source_fields={"timestamp": "unixReviewTime", "rating": "overall"})
-    metas = [m for _, m in _read_jsonl(mpath)]
+    numbered_meta = _read_jsonl(mpath)
+    for n, m in numbered_meta:
+        if not isinstance(m.get("asin"), str | int) or not str(m["asin"]).strip():  # absent, null or empty
+            raise DataError(f"{mpath}: line {n}: " + (f"field 'asin': {m['asin']!r} is not an id" if "asin" in m
+                                                      else "missing field 'asin'"))
+        cat = m.get("category")
+        if cat is not None and not (isinstance(cat, list) and all(isinstance(c, str) for c in cat)):
+            # a string would be read letter by letter ("G, i, f, t"); a null or nested entry broke the reader
+            raise DataError(f"{mpath}: line {n}: field 'category': {cat!r} is not a list of strings")
+    metas = [m for _, m in numbered_meta]
 
     def _text(v) -> str:
         if isinstance(v, list):
@@ -548,13 +560,16 @@ def load_amazon(
 
     items = pd.DataFrame(
         {
-            "item_id": [str(m.get("asin", "")) for m in metas],
+            "item_id": [str(m["asin"]).strip() for m in metas],
             "title": [_text(m.get("title")) for m in metas],
             "brand": [_text(m.get("brand")) for m in metas],
-            "categories": [", ".join(dict.fromkeys(c for c in m.get("category", []) if len(c) < 40)) for m in metas],
+            "categories": [", ".join(dict.fromkeys(c for c in m.get("category") or [] if len(c) < 40))
+                           for m in metas],
             "description": [_text(m.get("description"))[:300] for m in metas],
-        }
-    ).drop_duplicates("item_id")
+        },
+        index=[n for n, _ in numbered_meta],  # the file's line numbers
+    )
+    items = _unique_rows(items, ["item_id"], mpath, off=0, names=["asin"]).reset_index(drop=True)
     return RawData(
         name=name,
         interactions=inter,
