@@ -123,3 +123,62 @@ def test_amazon_metadata_asin_on_two_different_rows_is_refused_and_a_null_catego
     raw = load_amazon(rev, meta)
     assert raw.items["item_id"].tolist() == ["a0", "a1", "a2"]
     assert raw.items["categories"].tolist() == ["Gift Cards, Restaurants", "", "Gift Cards, Restaurants"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Last.fm HetRec-2011
+LASTFM = {
+    "user_taggedartists.dat": "userID\tartistID\ttagID\tday\tmonth\tyear\n" + "".join(
+        f"{u}\t{a}\t{t}\t1\t{a - 50}\t2009\n" for u in (2, 3, 4) for a in (51, 52, 53) for t in (13, 15)),
+    "user_artists.dat": "userID\tartistID\tweight\n" + "".join(
+        f"{u}\t{a}\t{100 * u + a}\n" for u in (2, 3, 4) for a in (51, 52, 53)),
+    "artists.dat": "id\tname\turl\tpictureURL\n51\tDuran Duran\t\t\n52\tMorcheeba\t\t\n53\tAir\t\t\n",
+    "tags.dat": "tagID\ttagValue\n13\tchillout\n15\tdownt\xe9mpo\n",
+}
+
+
+def _lastfm(folder: Path, **change: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    for name, text in {**LASTFM, **{k.replace("_dat", ".dat"): v for k, v in change.items()}}.items():
+        (folder / name).write_bytes(text.encode("latin-1" if name == "tags.dat" else "utf-8"))
+    return folder
+
+
+def test_lastfm_reads_the_latin1_tag_file(tmp_path):
+    from llmrec.data.loaders import load_lastfm
+
+    raw = load_lastfm(_lastfm(tmp_path / "lf"))
+    assert len(raw.interactions) == 9 and raw.interactions["rating"].tolist()[:2] == [251.0, 252.0]
+    assert raw.items["genres"].tolist() == ["chillout, downt\xe9mpo"] * 3
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"tags_dat": "id\tvalue\n13\tchillout\n"}, "tags.dat: line 1: missing column(s) ['tagID', 'tagValue']"),
+    ({"tags_dat": ""}, "tags.dat: file is empty"),
+    ({"tags_dat": LASTFM["tags.dat"] + "13\tlounge\n"},
+     "tags.dat: line 4: field 'tagID': '13' already has a different row at line 2"),
+    ({"artists_dat": LASTFM["artists.dat"] + "52\tMorcheeba (UK)\t\t\n"},
+     "artists.dat: line 5: field 'id': '52' already has a different row at line 3"),
+    ({"artists_dat": LASTFM["artists.dat"].replace("Air", " ")}, "artists.dat: line 4: field 'name' is empty"),
+    ({"user_artists_dat": LASTFM["user_artists.dat"] + "3\t52\t7\n"},
+     "user_artists.dat: line 11: fields 'userID', 'artistID': '3', '52' already has a different row at line 6"),
+])
+def test_lastfm_bad_metadata_is_refused_naming_file_line_and_field(tmp_path, change, needle):
+    """tags.dat was read by pandas directly: a wrong header raised a bare KeyError('tagID'), an empty file pandas'
+    EmptyDataError without the file's name; an artist id or a tag id on two rows silently kept the first name, and a
+    (user, artist) pair listed twice in user_artists.dat doubled that event (the merge), whatever the weights said."""
+    from llmrec.data.loaders import load_lastfm
+
+    folder = _lastfm(tmp_path / "lf", **change)
+    with pytest.raises(DataError) as e:
+        load_lastfm(folder)
+    assert str(folder) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_lastfm_missing_tag_file_is_named(tmp_path):
+    from llmrec.data.loaders import load_lastfm
+
+    folder = _lastfm(tmp_path / "lf")
+    (folder / "tags.dat").unlink()
+    with pytest.raises(DataError, match=r"lf/tags.dat: file not found"):
+        load_lastfm(folder)

@@ -62,11 +62,11 @@ def package_dir(module: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------
 # generic readers with line-numbered validation
-def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
+def _read_table(path: Path, sep: str | None = None, encoding: str = "utf-8") -> pd.DataFrame:
     """Read a delimited text file as strings (no quoting, no NA guessing). The index holds each row's line number - 2
     (blank lines, before the header too, are skipped but counted; a quoted field spanning lines is not). Refused, with
-    the line: text that is not UTF-8, a repeated column name, a row with more fields than the header (a row with
-    fewer reads the missing ones as empty)."""
+    the line: text that is not UTF-8 (unless `encoding` says another one), a repeated column name, a row with more
+    fields than the header (a row with fewer reads the missing ones as empty)."""
     _require_file(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
@@ -85,7 +85,7 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     header = [c.strip().lstrip("\ufeff").strip() for c in next(csv.reader([first], delimiter=sep, quoting=quoting))]
     _check_header(header, path, lead + 1)  # before pandas renames a repeated name (`item_id.1`)
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting, encoding="utf-8",
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting, encoding=encoding,
                          skip_blank_lines=False, skiprows=lead)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
@@ -422,6 +422,8 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
     ta_path = folder / "user_taggedartists.dat"
     ta = _read_table(ta_path, sep="\t")
     _require(ta, ["userID", "artistID", "tagID", "day", "month", "year"], ta_path)
+    for c in ("userID", "artistID", "tagID"):
+        ta[c] = ta[c].str.strip()
     y = _to_numeric(ta["year"], ta_path, "year").astype(int)
     m = _to_numeric(ta["month"], ta_path, "month").astype(int)
     d = _to_numeric(ta["day"], ta_path, "day").astype(int)
@@ -444,6 +446,10 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
     ua = _read_table(ua_path, sep="\t")
     _require(ua, ["userID", "artistID", "weight"], ua_path)
     ua["weight"] = _to_numeric(ua["weight"], ua_path, "weight")
+    ua = ua[["userID", "artistID", "weight"]].assign(userID=ua["userID"].str.strip(),
+                                                      artistID=ua["artistID"].str.strip())
+    # a pair listed twice would double its event (the merge below); with two weights, which holds is not ours to guess
+    ua = _unique_rows(ua, ["userID", "artistID"], ua_path)
     first = first.merge(ua[["userID", "artistID", "weight"]], on=["userID", "artistID"], how="left")
     inter = pd.DataFrame(
         {
@@ -458,16 +464,18 @@ def load_lastfm(folder: str | Path | None = None) -> RawData:
     artists = _read_table(art_path, sep="\t")
     _require(artists, ["id", "name"], art_path)
     tags_path = folder / "tags.dat"
-    tags = pd.read_csv(
-        tags_path, sep="\t", dtype=str, encoding="latin-1", keep_default_na=False, quoting=csv.QUOTE_NONE
-    )
-    tags.columns = [c.strip() for c in tags.columns]
-    tag_name = dict(zip(tags["tagID"].str.strip(), tags["tagValue"].str.strip()))
+    tags = _read_table(tags_path, sep="\t", encoding="latin-1")  # HetRec ships tags.dat in Latin-1
+    _require(tags, ["tagID", "tagValue"], tags_path)
+    tags = _unique_rows(tags.assign(tagID=tags["tagID"].str.strip(), tagValue=tags["tagValue"].str.strip()),
+                        ["tagID"], tags_path)
+    tag_name = dict(zip(tags["tagID"], tags["tagValue"]))
     counts = ta.groupby(["artistID", "tagID"]).size().reset_index(name="n")
     counts = counts.sort_values(["artistID", "n", "tagID"], ascending=[True, False, True])
     top = counts.groupby("artistID").head(5)
     top_tags = top.groupby("artistID")["tagID"].apply(lambda s: ", ".join(tag_name.get(t, t) for t in s))
     items = pd.DataFrame({"item_id": artists["id"].astype(str).str.strip(), "title": artists["name"].str.strip()})
+    _refuse_empty_titles(items, art_path, field="name")
+    items = _unique_rows(items, ["item_id"], art_path, names=["id"])  # an artist id on two rows: which name?
     items["genres"] = items["item_id"].map(top_tags).fillna("")
     return RawData(
         name="lastfm",
