@@ -182,3 +182,28 @@ def test_lastfm_missing_tag_file_is_named(tmp_path):
     (folder / "tags.dat").unlink()
     with pytest.raises(DataError, match=r"lf/tags.dat: file not found"):
         load_lastfm(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a damaged prepared folder
+@pytest.mark.parametrize("text, needle", [
+    (b'{"name": "rb",', "manifest.json: line 1: not valid JSON"),
+    (b"[]", "manifest.json: not a JSON object but list"),
+    (b'{"format_version": 1, "name": "rb"}', "manifest.json: missing key(s) ['config', 'content_hash'"),
+    (b'{"name": "\xff"}', "manifest.json: not UTF-8 text"),
+])
+def test_damaged_manifest_is_refused_naming_the_file(home, capsys, tmp_path, text, needle):
+    """A cut-off or hand-edited manifest.json gave json's bare message ("Expecting value: line 1 column 1") without
+    the file, a raw AttributeError traceback (a JSON list) or "files_sha256 (KeyError ...)"; a re-prepare mends it."""
+    folder = _recbole(tmp_path / "rb")
+    assert main(["data", "prepare", "--dataset", str(folder)]) == 0
+    mpath = home / "data" / "rb" / "manifest.json"
+    good = mpath.read_bytes()
+    mpath.write_bytes(text)
+    capsys.readouterr()
+    line = _refused(capsys, ["data", "show", "--dataset", "rb", "--user", "1"])
+    assert str(mpath) in line and needle in line and "run `llmrec data prepare` again" in line, line
+    with pytest.raises(DataError, match="manifest.json"):
+        load_prepared("rb")
+    assert main(["data", "prepare", "--dataset", str(folder)]) == 0
+    assert load_prepared("rb").manifest["name"] == "rb" and len(good) > 100

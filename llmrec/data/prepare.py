@@ -506,7 +506,7 @@ class PreparedDataset:
         mpath = self.root / "manifest.json"
         if not mpath.is_file():
             raise DataError(f"{self.root}: not a prepared dataset (no manifest.json); run `llmrec data prepare` first")
-        self.manifest: dict = json.loads(mpath.read_text())
+        self.manifest: dict = self._read_manifest(mpath)
         self._check_manifest()
         self.name: str = self.manifest["name"]
         self.domain: str = self.manifest.get("domain", "item")
@@ -517,6 +517,19 @@ class PreparedDataset:
         self.item_index: dict[str, int] = {i: n for n, i in enumerate(self.item_ids)}
         self.titles: np.ndarray = self.items["title"].to_numpy()
 
+    def _read_manifest(self, mpath: Path) -> dict:
+        """manifest.json as a dict; a damaged one (not JSON, not an object) is refused naming the file (and line)."""
+        again = f"; run `llmrec data prepare` again for {self.root.name!r}"
+        try:
+            m = json.loads(mpath.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{mpath}: line {e.lineno}: not valid JSON ({e.msg}){again}") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{mpath}: not UTF-8 text{again}") from None
+        if not isinstance(m, dict):
+            raise DataError(f"{mpath}: not a JSON object but {type(m).__name__}{again}")
+        return m
+
     def _check_manifest(self) -> None:
         """Refuse a folder of another format, one whose source files changed since it was prepared, or one whose own
         files no longer match the hashes its manifest recorded."""
@@ -525,6 +538,10 @@ class PreparedDataset:
         fmt = m.get("format_version", 1 if _V1_KEYS <= m.keys() else 0)
         if fmt != FORMAT_VERSION:
             raise DataError(f"{self.root}: prepared folder of format {fmt}, this llmrec reads {FORMAT_VERSION}{again}")
+        lacking = sorted(_V1_KEYS - m.keys())
+        if lacking or not isinstance(m["files_sha256"], dict):
+            raise DataError(f"{self.root / 'manifest.json'}: " + (f"missing key(s) {lacking}" if lacking else
+                                                                   "key 'files_sha256' is not an object") + again)
         for src, digest in (m.get("sources_sha256") or {}).items():
             if Path(src).is_file() and file_sha256(Path(src)) != digest:
                 raise DataError(f"{self.root}: source {src} changed since this folder was prepared{again}")
