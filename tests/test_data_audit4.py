@@ -69,6 +69,18 @@ def test_recbole_item_and_user_files_with_clashing_or_empty_rows_are_refused(hom
     assert _files(home / "data" / "rb") == before
 
 
+@pytest.mark.parametrize("sep", [" ", ","])
+def test_recbole_header_not_separated_by_tabs_is_named(home, capsys, tmp_path, sep):
+    """`user_id:token item_id:token ...` read as one column named `user_id` (the text before the first ':'): the error
+    said only `item_id` and `timestamp` were missing, found ['user_id']."""
+    folder = _recbole(tmp_path / "rb", user=None)
+    (folder / "rb.inter").write_text(INTER.replace("\t", sep))
+    line = _refused(capsys, ["data", "prepare", "--dataset", str(folder)])
+    assert f"rb.inter: line 1: the header 'user_id:token{sep}item_id:token" in line, line
+    assert "separates its fields by a tab" in line
+    assert not (home / "data").exists() or not any((home / "data").iterdir())
+
+
 def test_recbole_repeated_identical_rows_and_padded_ids_are_read(tmp_path):
     """The same item row twice is one item; ids are stripped in the item file as in the events (a padded id in the
     item file matched no event: every event of that item was refused as unknown)."""

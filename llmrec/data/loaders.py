@@ -345,6 +345,11 @@ def canonical_interactions(
 def _atomic(path: Path) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header `name:type`, quoting off."""
     df = _read_table(path, sep="\t")
+    head = str(df.columns[0])
+    if len(df.columns) == 1 and len(re.findall(r"\w:\w", head)) > 1:  # `user_id:token item_id:token ...`
+        sep = next((d for d in (" ", ",", ";", "|") if d in head), None)
+        raise DataError(f"{path}: line 1: the header {head!r} is one field" + (f" separated by {sep!r}" if sep else "")
+                        + ": a RecBole atomic file separates its fields by a tab")
     df.columns = [c.split(":")[0].strip() for c in df.columns]
     _check_header(list(df.columns), path)  # `item_id:token` and `item_id:float` are one column twice
     return df
