@@ -68,6 +68,9 @@ def test_yesno_rows_see_nothing_from_their_split_period(tiny_dataset):
 
     assert yesno_row_feedback(Shadow(), test_rows) == yesno_row_feedback(ds, test_rows)
     assert any(f.n > 0 for f in got), "the tiny dataset should give some non-empty feedback"
+    # rows without their split were read as train rows: a test row then counted the test period's events
+    with pytest.raises(ValueError, match="without a 'split' column"):
+        yesno_row_feedback(ds, test_rows.drop(columns=["split"]))
 
 
 def test_finetune_examples_and_recommender_use_the_stats_template(tiny_dataset):

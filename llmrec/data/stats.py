@@ -79,10 +79,14 @@ def feature_time(timestamp: int, split: str, cutoffs: dict[str, int] | None) -> 
 
 
 def yesno_row_feedback(ds: Any, rows: pd.DataFrame) -> list[ItemFeedback]:
-    """`ItemFeedback` of each Yes/No row's target, as of the row's `feature_time`."""
+    """`ItemFeedback` of each Yes/No row's target, as of the row's `feature_time`. `rows` must say each row's
+    `split` (rows of `ds.yesno` do): without it a valid/test row would be counted as a train row, up to its own
+    time, i.e. with the events of the valid/test period."""
+    if "split" not in rows.columns:
+        raise ValueError("yesno_row_feedback: rows without a 'split' column (train/valid/test); pass rows of ds.yesno")
     stats = ItemFeedbackStats.from_dataset(ds)
     cut = ds.manifest.get("yesno_cutoffs") if hasattr(ds, "manifest") else None
-    split = rows["split"] if "split" in rows.columns else pd.Series(["train"] * len(rows), index=rows.index)
+    split = rows["split"]
     return [
         stats.at(str(i), feature_time(int(t), str(s), cut))
         for i, t, s in zip(rows["item_id"], rows["timestamp"], split)
