@@ -84,7 +84,8 @@ def main() -> None:
     backend = load_backend(args.backend, adapter=args.adapter, dtype=args.dtype)
     rec = Recommender(ds, backend, build_retriever(ds, args.retriever),
                       with_adapter_templates(RankingConfig(), args.adapter))
-    users = ds.targets("test")["user_id"].sample(n=min(args.users, len(ds.user_ids)), random_state=args.seed).tolist()
+    targets = ds.targets("test")["user_id"]
+    users = targets.sample(n=min(args.users, len(targets)), random_state=args.seed).tolist()
     hs = [rec.dataset_history(u, "test") for u in users]
     recs = rec.recommend_batch(users, hs, k=5, explain=False)  # one ranking, explained twice
     top = [[i.item_id for i in r.items] for r in recs]
@@ -122,7 +123,8 @@ def main() -> None:
     md += (f"\n{len(users)} test users (seed {args.seed}), top 3 of k=5 explained, backend {backend.name}, "
            f"retriever `{args.retriever}`. fallback = the generated text failed the post-check and the template "
            "explanation was shown instead (the check: no invented or repeated title, no recommended item claimed as "
-           "already liked, no genre claim that no item the text is about has, grounded); grounding_rate: the "
+           "already liked, no disliked history item claimed as liked, no genre claim that no item the text is "
+           "about has, grounded); grounding_rate: the "
            "generated texts (before fallback) that name a history item or a liked attribute they do not "
            "contradict; hallucination_rate: those naming an invented title. relevant_citations: of the history "
            "items the shown texts name (template fallbacks included), the share that shares an attribute value with "
@@ -141,8 +143,8 @@ def main() -> None:
             + evidence_note(e.get("evidence"))
             + "\n" for e in ex)
     name = f"explanations_{args.dataset}" + ("" if args.backend == "transformers" else f"_{args.backend}")
-    write_result(name, {"dataset": args.dataset, "rows": rows, "examples": examples,
-                                                  "args": vars(args), "backend": backend.name}, md,
+    write_result(name, {"dataset": args.dataset, "rows": rows, "examples": examples, "users": users,
+                        "args": vars(args), "backend": backend.name}, md,
                  command=command_line())
 
 
