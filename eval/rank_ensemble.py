@@ -28,6 +28,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm.auto import tqdm
 
+from llmrec.baselines import MODELS
 from llmrec.bench_utils import command_line, count_or_all, md_table, positive_int, write_result
 from llmrec.cli.args import nonneg_float
 from llmrec.data import load_prepared
@@ -39,6 +40,7 @@ from llmrec.retrieval.hybrid import row_ranks
 
 log = logging.getLogger("rank_ensemble")
 KEYS = ("ndcg@10", "hr@10", "mrr@10", "n_users")
+BASELINES = ("itemcf", *MODELS)  # what `collaborative_model` builds
 
 
 def target_ranks(feats: np.ndarray, w: np.ndarray, target: np.ndarray, missing_rank: int) -> np.ndarray:
@@ -115,8 +117,9 @@ def main() -> None:
     ap.add_argument("--users", type=count_or_all, default=0, help="test users (0: all)")
     ap.add_argument("--valid-users", type=count_or_all, default=0, help="validation users for the weights (0: all)")
     ap.add_argument("--retriever", default="bert_lstm", choices=RETRIEVERS)
-    ap.add_argument("--baselines", nargs="+", default=["sasrec", "bpr", "mf", "pop"],
-                    help="models whose order of the candidates is a feature (checkpoints, else fitted and saved)")
+    ap.add_argument("--baselines", nargs="+", default=["sasrec", "bpr", "mf", "pop"], choices=BASELINES,
+                    metavar="MODEL", help=f"models ({', '.join(BASELINES)}) whose order of the candidates is a "
+                                          "feature (checkpoints, else fitted and saved)")
     ap.add_argument("--candidates", type=positive_int, default=20)
     ap.add_argument("--grid", type=nonneg_float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
                     help="feature weights tried on validation (finite, >= 0)")

@@ -35,3 +35,40 @@ def test_choose_weights_takes_the_best_validation_ndcg_then_the_smaller_weight(e
     assert w.tolist() == [1.0, 1.0] and v == pytest.approx(1.0)
     w, v = ens.choose_weights(feats, np.array([0]), free=[1], fixed={0: 1.0}, grid=[0.0, 1.0], missing_rank=9)
     assert w.tolist() == [1.0, 0.0] and v == pytest.approx(1.0)  # target first in retrieval order: w_llm 0 suffices
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _refuse_load(*_a, **_k):
+    raise _Loaded
+
+
+def test_an_unknown_baseline_is_a_usage_error_naming_it_and_the_choices(ens, monkeypatch, capsys):
+    """Before: no check at parsing, so `--baselines sasrex` loaded the dataset and the retriever, then failed in
+    `collaborative_model` with a KeyError traceback."""
+    import sys
+
+    from llmrec.baselines import MODELS
+
+    monkeypatch.setattr(ens, "load_prepared", _refuse_load)
+    monkeypatch.setattr(sys, "argv", ["eval/rank_ensemble.py", "--baselines", "sasrec", "sasrex"])
+    with pytest.raises(SystemExit) as e:
+        ens.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --baselines" in err and "'sasrex'" in err
+    for name in ("itemcf", *MODELS):
+        assert f"'{name}'" in err
+
+
+def test_every_model_collaborative_model_builds_is_a_valid_baseline(ens, monkeypatch):
+    import sys
+
+    from llmrec.baselines import MODELS
+
+    monkeypatch.setattr(ens, "load_prepared", _refuse_load)
+    monkeypatch.setattr(sys, "argv", ["eval/rank_ensemble.py", "--baselines", "itemcf", *MODELS])
+    with pytest.raises(_Loaded):
+        ens.main()
