@@ -97,8 +97,12 @@ def main() -> None:
 
     cols = ["mode", *KEYS, "s_per_user", "x_verbalizer_time", "lines", "mapped", "unmapped", "users"]
     md = md_table(rows, cols)
+    # the users scored (every mode the same ones): fewer than --users on a dataset with fewer test users
+    scored = rows[0]["users"]
     md += (
-        f"\n{args.users} test users (seed {args.seed}), {args.candidates} candidates from `{args.retriever}`, "
+        f"\n{scored} test users (seed {args.seed}"
+        + (f"; all of them, --users was {args.users}" if scored < args.users else "")
+        + f"), {args.candidates} candidates from `{args.retriever}`, "
         f"backend {backend.name}, batch {args.batch_size}; x_verbalizer_time = s_per_user / the verbalizer's."
         + (f" Model: {args.model_note}." if args.model_note else "")
         + (" vLLM in-process with prefix caching on (constrained generation re-sends each prompt at every point "

@@ -311,3 +311,28 @@ def test_retrieval_bad_models_or_budget_are_usage_errors(load_script, monkeypatc
     with pytest.raises(SystemExit) as e:
         ret.main()
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("asked, scored, says", [
+    # before: "20 test users (seed 0)" under a table of 3 users (a dataset with 3 test users)
+    (20, 3, "\n3 test users (seed 0; all of them, --users was 20), "),
+    (2, 2, "\n2 test users (seed 0), "),
+])
+def test_ranking_modes_note_gives_the_number_of_users_scored(load_script, monkeypatch, asked, scored, says):
+    from collections import Counter
+    from types import SimpleNamespace
+
+    mod = load_script("eval/ranking_modes.py")
+    monkeypatch.setattr(mod, "load_prepared", lambda *a, **k: object())
+    monkeypatch.setattr(mod, "build_retriever", lambda *a, **k: object())
+    monkeypatch.setattr(mod, "load_backend", lambda *a, **k: SimpleNamespace(name="fake", close=lambda: None))
+    monkeypatch.setattr(mod, "with_adapter_templates", lambda cfg, a: cfg)
+    monkeypatch.setattr(mod, "Recommender", lambda ds, b, r, cfg: SimpleNamespace(cfg=cfg, generate_totals=Counter()))
+    metrics = {"n_users": scored, "ndcg@10": 0.1, "recall@10": 0.2, "mrr@10": 0.05}
+    monkeypatch.setattr(mod, "timed_rank", lambda rec, ds, users, seed, mode: (dict(metrics), 0.5))
+    got = {}
+    monkeypatch.setattr(mod, "write_result", lambda name, payload, md, command=None: got.update(md=md, p=payload))
+    monkeypatch.setattr(sys, "argv", ["eval/ranking_modes.py", "--users", str(asked)])
+    mod.main()
+    assert says in got["md"]
+    assert all(r["users"] == scored for r in got["p"]["rows"])
