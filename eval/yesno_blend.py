@@ -32,6 +32,7 @@ from llmrec.metrics import auc, logit, paired_auc_ratio
 log = logging.getLogger("yesno_blend")
 
 KEYS = ["user_id", "item_id"]
+N_BOOT = 2000  # bootstrap resamples drawn per ratio; those where the ratio is undefined (one class) are dropped
 
 
 
@@ -108,16 +109,21 @@ def main() -> None:
     for label, (s, how) in scored.items():
         row = {"signal": label, "auc": auc(y, s), "how": how}
         if label != "BERT+LSTM":
-            ci = paired_auc_ratio(y, s, scored["BERT+LSTM"][0], seed=args.seed)
-            row.update({"vs_bert_lstm": ci["ratio"], "low": ci["lo"], "high": ci["hi"], "p_ge_1": ci["p_ge_1"]})
+            ci = paired_auc_ratio(y, s, scored["BERT+LSTM"][0], n_boot=N_BOOT, seed=args.seed)
+            row.update({"vs_bert_lstm": ci["ratio"], "low": ci["lo"], "high": ci["hi"], "p_ge_1": ci["p_ge_1"],
+                        "n_boot": ci["n_boot"]})
         rows.append(row)
         log.info("%s: AUC %.4f", label, row["auc"])
     md = md_table(rows, ["signal", "auc", "vs_bert_lstm", "low", "high", "p_ge_1", "how"])
+    used = sorted({r["n_boot"] for r in rows if "n_boot" in r})  # the resamples kept, per ratio
+    n_used = f"{used[0]}" if used[0] == used[-1] else f"{used[0]}-{used[-1]}"
+    dropped = (f"; of {N_BOOT} drawn, those where the ratio is undefined (e.g. a one-class resample) are dropped"
+               if used[0] < N_BOOT else "")
     md += (f"\n{len(test)} Yes/No test rows of {args.dataset} (the run {run.name}'s seeded subset, positive rate "
            f"{y.mean():.3f}); vs_bert_lstm: AUC / BERT+LSTM's on the same rows with a 95% paired-bootstrap interval "
-           "(low-high; p_ge_1: share of 2000 resamples where the row is at least as good). Blends: logistic "
-           "regression over the signals' logits (C = 1), fitted on validation rows only, scored by their decision "
-           "function on the test rows.\n")
+           f"(low-high; p_ge_1: share of the {n_used} resamples used where the row is at least as good{dropped}). "
+           "Blends: logistic regression over the signals' logits (C = 1), fitted on validation rows only, scored by "
+           "their decision function on the test rows.\n")
     write_result(f"yesno_blend_{args.dataset}", {"dataset": args.dataset, "run": str(run), "rows": rows,
                                                  "coefficients": coefs, "args": vars(args)}, md,
                  command=command_line())

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+KEYS_LABEL = ["user_id", "item_id", "label"]
+
 
 @pytest.fixture(scope="module")
 def yb(load_script):
@@ -55,3 +57,44 @@ def test_a_missing_run_says_how_to_make_it(yb, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["yesno_blend.py", "--run", str(missing)])
     with pytest.raises(SystemExit, match=r"python finetune/bench.py run --task yesno"):
         yb.main()
+
+
+@pytest.mark.parametrize("n_test, n_pos", [(6, 1), (40, 20)])
+def test_the_note_gives_the_number_of_resamples_used(yb, tmp_path, monkeypatch, n_test, n_pos):
+    """Resamples where an AUC is undefined (one class: likely with 1 positive in 6 rows) are dropped by
+    paired_bootstrap_ratio; the note said "share of 2000 resamples" whatever the number kept."""
+    import sys
+
+    import llmrec.baselines
+
+    rng = np.random.default_rng(1)
+
+    def split_rows(n, pos):
+        label = np.r_[np.ones(pos, int), np.zeros(n - pos, int)]
+        return pd.DataFrame({"user_id": [f"u{i}" for i in range(n)], "item_id": "a", "label": label,
+                             **{c: label + rng.normal(0, 1, n) for c in ("counts", "bert_lstm", "mf")}})
+
+    splits = {"test": split_rows(n_test, n_pos), "valid": split_rows(30, 15)}
+    run = tmp_path / "run"
+    (run / "scores").mkdir(parents=True)
+    for split, rows in splits.items():
+        rows[KEYS_LABEL].assign(p_yes=rng.uniform(0.05, 0.95, len(rows))).to_csv(
+            run / "scores" / f"{split}_after.csv", index=False)
+    monkeypatch.setattr(yb, "load_prepared", lambda *a, **k: None)
+    monkeypatch.setattr(llmrec.baselines, "load_or_fit", lambda name, ds: (None, "fake"))
+    monkeypatch.setattr(yb, "yesno_subset", lambda ds, split, n, seed: split)
+    monkeypatch.setattr(yb, "signals", lambda ds, split, models: splits[split])
+    got = {}
+    monkeypatch.setattr(yb, "write_result", lambda name, payload, md, command=None: got.update(md=md, p=payload))
+    monkeypatch.setattr(sys, "argv", ["yesno_blend.py", "--run", str(run), "--valid-examples", "30"])
+    yb.main()
+    used = {r["n_boot"] for r in got["p"]["rows"] if r["signal"] != "BERT+LSTM"}
+    assert len(used) == 1
+    (n,) = used
+    if n_pos == 1:
+        assert n < 2000
+        assert f"share of the {n} resamples used where the row is at least as good; of 2000 drawn, " in got["md"]
+    else:
+        assert n == 2000
+        assert "share of the 2000 resamples used where the row is at least as good). Blends" in got["md"]
+    assert "share of 2000 resamples" not in got["md"]
