@@ -61,6 +61,29 @@ def run_model(name: str, ds: Any, cfg: dict[str, Any], reuse: bool) -> tuple[Any
     return model, False
 
 
+def earlier_rows(path: Path, keep: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(methods, details) of the models `keep` from an earlier result file (`--merge`), each detail marked with the
+    commit of that run. A file that is not such a result (not JSON, not an object, `methods` / `details` not objects
+    of objects) exits with an error naming it, before any model trains, so it is never overwritten."""
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--merge: {path} is not valid JSON ({e}); fix or move it, or write elsewhere with --name "
+                         "or --results-dir (nothing was trained, the file is left as it is)") from None
+    methods, details = (prev.get("methods", {}), prev.get("details", {})) if isinstance(prev, dict) else (None, None)
+    bad = ("it is not a JSON object" if not isinstance(prev, dict)
+           else "its 'methods' is not an object of per-model objects"
+           if not isinstance(methods, dict) or not all(isinstance(m, dict) for m in methods.values())
+           else "its 'details' is not an object of per-model objects"
+           if not isinstance(details, dict) or not all(isinstance(d, dict) for d in details.values()) else None)
+    if bad:
+        raise SystemExit(f"--merge: {path} is not a baselines result file: {bad}; fix or move it, or write elsewhere "
+                         "with --name or --results-dir (nothing was trained, the file is left as it is)")
+    kept = [n for n in MODELS if n in methods and n not in keep]
+    return ({n: methods[n] for n in kept},
+            {n: {**details.get(n, {}), "from_earlier_run": prev.get("commit")} for n in kept})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
@@ -104,11 +127,7 @@ def main() -> None:
     details: dict[str, Any] = {}
     old = Path(args.results_dir or ROOT / "eval" / "results") / f"{args.name or f'baselines_{ds.name}'}.json"
     if args.merge and old.is_file():  # rows of models not re-run now stay, with their own recorded commit
-        prev = json.loads(old.read_text())
-        for n in MODELS:
-            if n in prev.get("methods", {}) and n not in names:
-                methods[n] = prev["methods"][n]
-                details[n] = {**prev.get("details", {}).get(n, {}), "from_earlier_run": prev.get("commit")}
+        methods, details = earlier_rows(old, names)
 
     def write(final: bool) -> Path:
         notes = [

@@ -336,3 +336,64 @@ def test_ranking_modes_note_gives_the_number_of_users_scored(load_script, monkey
     mod.main()
     assert says in got["md"]
     assert all(r["users"] == scored for r in got["p"]["rows"])
+
+
+def _baselines_merge(load_script, monkeypatch, tmp_path, trained):
+    """eval/baselines.py --merge --models mf on a fake dataset `tiny` writing to tmp_path; training and evaluation
+    are fakes that record the models they are asked for in `trained`."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    import llmrec.baselines.evaluate
+    import llmrec.data
+
+    mod = load_script("eval/baselines.py")
+    ds = SimpleNamespace(name="tiny", n_items=5, targets=lambda split: [1, 2, 3],
+                         yesno=pd.DataFrame({"split": ["train", "test"]}))
+    monkeypatch.setattr(llmrec.data, "load_prepared", lambda *a, **k: ds)
+
+    def run_model(name, ds, cfg, reuse):
+        trained.append(name)
+        return SimpleNamespace(cfg=SimpleNamespace(dim=8), fit_info={}), False
+
+    monkeypatch.setattr(mod, "run_model", run_model)
+    monkeypatch.setattr(llmrec.baselines.evaluate, "evaluate_model", lambda m, ds, split: {"ndcg@10": 0.3})
+    monkeypatch.setattr(sys, "argv", ["eval/baselines.py", "--dataset", "tiny", "--models", "mf", "--merge",
+                                      "--results-dir", str(tmp_path)])
+    return mod
+
+
+# before: a raw json.JSONDecodeError traceback (a list: AttributeError; methods a list: TypeError) with no file named
+@pytest.mark.parametrize("text, says", [
+    ('{"methods": {"pop": {"ndcg@10": 0.1}}, ', "is not valid JSON"),
+    ("\udcff", "is not valid JSON"),  # not UTF-8
+    ("[1, 2]", "not a JSON object"),
+    ('{"methods": ["pop"]}', "its 'methods' is not an object"),
+    ('{"methods": {"pop": 0.1}}', "its 'methods' is not an object"),
+    ('{"methods": {"pop": {}}, "details": {"pop": []}}', "its 'details' is not an object"),
+])
+def test_baselines_merge_into_a_malformed_file_fails_naming_it_before_training(load_script, monkeypatch, tmp_path,
+                                                                              text, says):
+    trained = []
+    mod = _baselines_merge(load_script, monkeypatch, tmp_path, trained)
+    f = tmp_path / "baselines_tiny.json"
+    f.write_bytes(text.encode("utf-8", "surrogateescape"))
+    before = f.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert isinstance(e.value.code, str) and str(f) in e.value.code and says in e.value.code  # exit status 1
+    assert trained == [] and f.read_bytes() == before and not (tmp_path / "baselines_tiny.md").exists()
+
+
+def test_baselines_merge_keeps_the_other_models_rows(load_script, monkeypatch, tmp_path):
+    trained = []
+    mod = _baselines_merge(load_script, monkeypatch, tmp_path, trained)
+    f = tmp_path / "baselines_tiny.json"
+    f.write_text(json.dumps({"commit": "abc", "methods": {"pop": {"ndcg@10": 0.1}, "mf": {"ndcg@10": 0.2}},
+                             "details": {"pop": {"wall_s": 1.0}}}))
+    mod.main()
+    d = json.loads(f.read_text())
+    assert trained == ["mf"]
+    assert d["methods"] == {"pop": {"ndcg@10": 0.1}, "mf": {"ndcg@10": 0.3}}
+    assert d["details"]["pop"] == {"wall_s": 1.0, "from_earlier_run": "abc"}
