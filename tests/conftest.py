@@ -109,3 +109,24 @@ def fake_service(respond):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def files_under(root) -> dict[str, bytes]:
+    """Every file below `root` with its bytes: compare before / after to show that a refusal changed nothing."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli_refused(capsys, argv: list[str]) -> str:
+    """Run the llmrec CLI, expect a refusal: exit 1 and exactly one `llmrec: error:` line, no traceback; returns
+    that line."""
+    from llmrec.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, err
+    lines = [ln for ln in err if ln.startswith("llmrec: error: ")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]

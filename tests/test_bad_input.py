@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cli_refused
 
 from llmrec.cli import main
 from llmrec.config import ConfigError, apply_overrides, from_dict, load_yaml
@@ -38,14 +39,7 @@ def home(tmp_path, monkeypatch):
     return h
 
 
-def _refused(capsys, argv: list[str]) -> str:
-    """Run the CLI, expect a refusal: exit 1 and exactly one `llmrec: error:` line; returns that line."""
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1, err
-    lines = [ln for ln in err if ln.startswith("llmrec: error: ")]
-    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
-    return lines[0]
+_refused = cli_refused
 
 
 def _nothing_written(home) -> None:

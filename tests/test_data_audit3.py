@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import files_under
 
 from llmrec.cli import main
 from llmrec.data import DataError, PrepareConfig, load_prepared, prepare
@@ -55,8 +56,7 @@ def home(tmp_path, monkeypatch):
     return h
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+_files = files_under
 
 
 def _prepare_file(tmp_path: Path, events: str, name: str = "mine", items: str = ITEMS, **cfg) -> PrepareConfig:

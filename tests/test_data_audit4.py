@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import cli_refused, files_under
 
 from llmrec.cli import main
 from llmrec.data import DataError, PrepareConfig, load_prepared, prepare
@@ -26,17 +27,10 @@ def home(tmp_path, monkeypatch):
     return h
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+_files = files_under
 
 
-def _refused(capsys, argv: list[str]) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1, err
-    lines = [ln for ln in err if ln.startswith("llmrec: error: ")]
-    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
-    return lines[0]
+_refused = cli_refused
 
 
 def _recbole(folder: Path, item: str = ITEM, user: str | None = USER) -> Path:
