@@ -19,6 +19,21 @@ def _refuse_load(*_a, **_k):
     raise Loaded
 
 
+def _usage_error(load_script, monkeypatch, capsys, script: str, argv: list[str],
+                 stubs: tuple[str, ...] = ("load_prepared", "load_backend")) -> str:
+    """Run `script` with `argv`, its loaders (`stubs`) raising `Loaded`: expect argparse's exit 2 before any of
+    them; returns stderr."""
+    mod = load_script(script)
+    for name in stubs:
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, _refuse_load)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
 # (script, argv): a count of 0 would score no user / row at all (or a negative one crashes deep in pandas), so each
 # must be refused as a usage error (exit 2) before anything is loaded; where 0 says "all", a negative count
 @pytest.mark.parametrize("script, argv", [
@@ -182,15 +197,8 @@ def test_baselines_good_arguments_reach_the_dataset(load_script, monkeypatch):
 ])
 def test_a_weight_that_is_not_a_finite_number_in_range_is_a_usage_error(load_script, monkeypatch, capsys, script,
                                                                          argv):
-    mod = load_script(script)
-    for name in ("load_prepared", "load_backend"):
-        if hasattr(mod, name):
-            monkeypatch.setattr(mod, name, _refuse_load)
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as e:
-        mod.main()
-    assert e.value.code == 2
-    assert f"argument {argv[-2] if argv[-2].startswith('--') else argv[-3]}" in capsys.readouterr().err
+    err = _usage_error(load_script, monkeypatch, capsys, script, argv)
+    assert f"argument {argv[-2] if argv[-2].startswith('--') else argv[-3]}" in err
 
 
 def test_rank_ensemble_nan_weight_would_rank_every_listed_target_first(load_script):
@@ -213,15 +221,7 @@ def test_rank_ensemble_nan_weight_would_rank_every_listed_target_first(load_scri
     ("eval/position_bias.py", ["--listings", "5", "--candidates", "4"], "--listings 5 is more than --candidates 4"),
 ])
 def test_contradictory_arguments_are_usage_errors(load_script, monkeypatch, capsys, script, argv, says):
-    mod = load_script(script)
-    for name in ("load_prepared", "load_backend"):
-        if hasattr(mod, name):
-            monkeypatch.setattr(mod, name, _refuse_load)
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as e:
-        mod.main()
-    assert e.value.code == 2
-    assert says in capsys.readouterr().err
+    assert says in _usage_error(load_script, monkeypatch, capsys, script, argv)
 
 
 @pytest.mark.parametrize("script, argv", [
