@@ -101,8 +101,9 @@ def main() -> None:
         t0 = time.perf_counter()
         out = rec.explain(hs, top)
         dt = (time.perf_counter() - t0) / max(1, len(users))
-        for r, h, t, (text, fb, hall, grounded) in zip(recs, hs, top, out):
+        for r, h, t, (text, fb, hall, grounded, why) in zip(recs, hs, top, out):
             r.explanation, r.explanation_fallback, r.hallucinated, r.explanation_grounded = text, fb, hall, grounded
+            r.explanation_fallback_reasons = list(why)
             r.evidence = rec.explanation_evidence(h, text, t)
         m = explanation_metrics(recs)
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),

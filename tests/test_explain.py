@@ -159,6 +159,9 @@ def test_a_disliked_history_item_claimed_as_liked_fails_the_check():
                  "The user didn't like Heat, but liked Toy Story, so Alien fits."):
         chk = check_explanation(good, m, hist, recs, set(), disliked_ids=dis)
         assert chk.ok and chk.contradicted == [], (good, chk)
+    titles = dict(zip(IDS, TITLES))
+    bad = check_explanation("Because the user liked Heat, so Alien fits.", m, hist, recs, set(), disliked_ids=dis)
+    assert bad.reasons(titles.get) == ['says the user liked an item they rated low: "Heat (1995)"']
     # without disliked_ids (implicit feedback: no dislikes known) nothing is contradicted
     assert check_explanation("Because the user liked Heat, so Alien fits.", m, hist, recs, set()).ok
     # a twin the user liked under another id: the claim holds for it
@@ -166,6 +169,22 @@ def test_a_disliked_history_item_claimed_as_liked_fails_the_check():
     chk = check_explanation("Because the user liked Heat, so Toy Story fits.", twins, {"3", "5"}, {"1"}, set(),
                             disliked_ids={"3"})
     assert chk.ok and chk.contradicted == []
+
+
+def test_check_reasons_name_each_rule_a_text_breaks():
+    m = TitleMatcher(IDS, TITLES)
+    titles = dict(zip(IDS, TITLES))
+    ok = check_explanation("Since you enjoyed Toy Story, try Heat.", m, {"1"}, {"3"}, {"Comedy"})
+    assert ok.ok and ok.reasons() == []
+    assert check_explanation("  ", m, {"1"}, {"3"}, set()).reasons() == ["was empty"]
+    bad = check_explanation('Because you liked "Heat" and "The Midnight Llama", and liked Alien.', m, {"1"}, {"3"},
+                            set())
+    assert bad.reasons(titles.get) == [
+        'names a title outside the history and the recommendations, or an invented one: "Alien (1979)", '
+        '"The Midnight Llama"', 'says the user already liked a recommended item: "Heat (1995)"',
+        "cites no history item and no liked attribute"], bad
+    rep = check_explanation('You liked "Toy Story" and then "Toy Story (1995)" again.', m, {"1"}, {"3"}, set())
+    assert rep.reasons() == ["names a title twice"]
 
 
 def test_drop_empty_tail_cuts_filler_after_the_last_cited_title():

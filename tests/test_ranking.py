@@ -646,6 +646,10 @@ def test_explanation_fallback_when_post_check_fails(parts, tiny_dataset, case):
     assert "Midnight Llama" not in r.explanation
     want_hall = {"invented": ["The Midnight Llama Returns"], "unseen_catalogue": [other]}.get(case, [])
     assert r.hallucinated == want_hall
+    why = {"invented": ['"The Midnight Llama Returns"'], "unseen_catalogue": [f'"{title(tiny_dataset, other)}"'],
+           "ungrounded": ["cites no history item"], "empty": ["was empty"]}[case]
+    assert r.explanation_fallback_reasons and all(any(w in x for x in r.explanation_fallback_reasons) for w in why), (
+        r.explanation_fallback_reasons)
     explain_prompt = backend.generated[-1]
     assert all(f'- "{i.title}"' in explain_prompt.split("Recommended items:")[1] for i in r.items[:3])
 
@@ -687,6 +691,7 @@ def test_a_disliked_title_said_to_be_liked_falls_back(parts, tiny_dataset):
     r = make_rec(parts, ScriptedBackend(gen=f' "{good_title}" and {bad_title}, so these fit.')).recommend(
         "u2", k=4, explain=True)
     assert r.explanation_fallback is True and r.hallucinated == [] and r.explanation_grounded is True, r.explanation
+    assert r.explanation_fallback_reasons == [f'says the user liked an item they rated low: "{bad_title}"']
     r2 = make_rec(parts, ScriptedBackend(gen=f' "{good_title}" and watched {bad_title}, so these fit.')).recommend(
         "u2", k=4, explain=True)
     assert r2.explanation_fallback is False, r2.explanation

@@ -47,9 +47,11 @@ class GenreRecommender:
         last = history[-1] if history else None
         evidence = ([{"item_id": last.item_id, "title": self.ds.titles[self.ds.item_index[last.item_id]],
                       "shared": ["Drama"]}] if explain and last is not None else [])
+        fallback = explain and user_id == "u5"  # u5's generated text failed the post-check: the template is shown
         return Recommendation(user_id, items, explanation="because you liked them" if explain else None,
-                              explanation_fallback=False, model="fake", adapter=adapter, backend="fake",
-                              evidence=evidence)
+                              explanation_fallback=fallback, model="fake", adapter=adapter, backend="fake",
+                              evidence=evidence,
+                              explanation_fallback_reasons=["names a title twice"] if fallback else [])
 
     def score_yesno(self, user_id, item_ids, history=None):
         if self.fail:
@@ -104,6 +106,15 @@ def test_recommendations_shape_and_history_passed(client, tiny_dataset):
     assert not seen & {it["item_id"] for it in body["items"]}
     hist = client.rec.calls[-1]["history"]
     assert [e.item_id for e in hist] == list(tiny_dataset.history("u3", before="all")["item_id"])
+
+
+def test_a_fallback_explanation_says_why_the_generated_one_failed(client):
+    body = client.get("/v1/users/u5/recommendations", params={"k": 3, "explain": "true"}).json()
+    assert body["explanation_fallback"] is True and body["explanation_fallback_reasons"] == ["names a title twice"]
+    ok = client.get("/v1/users/u3/recommendations", params={"k": 3, "explain": "true"}).json()
+    assert ok["explanation_fallback"] is False and ok["explanation_fallback_reasons"] == []
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["RecommendationResponse"]
+    assert "explanation_fallback_reasons" in schema["properties"]
 
 
 def test_new_event_changes_next_recommendation(client):

@@ -60,6 +60,18 @@ def test_format_shows_the_explanation_and_its_evidence():
     assert lines[-2:] == ["  cites Toy Story (1995) (shares Children's, Comedy)", "  cites Heat (1995)"]
 
 
+def test_format_says_why_a_template_fallback_replaced_the_generated_text():
+    rec = {"user_id": "7", "items": [{"rank": 1, "score": -0.5, "item_id": "i1", "title": "Babe (1995)"}],
+           "explanation": 'Recommended "Babe (1995)" because you liked "Toy Story (1995)".',
+           "explanation_fallback": True, "backend": "transformers", "model": "m",
+           "explanation_fallback_reasons": ['says the user liked an item they rated low: "Heat (1995)"',
+                                            "names a title twice"]}
+    lines = format_recommendations(rec).splitlines()
+    assert lines[-2].startswith("explanation (template fallback): Recommended")
+    assert lines[-1] == ('  (the generated text says the user liked an item they rated low: "Heat (1995)"; names a '
+                         "title twice)")
+
+
 def test_unreachable():
     with pytest.raises(ServiceClientError, match="cannot reach"):
         fetch_recommendations(f"http://127.0.0.1:{free_port()}", "u1", timeout=2)

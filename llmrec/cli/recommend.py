@@ -196,6 +196,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         "items": [vars(i) for i in r.items],
         "explanation": r.explanation,
         "explanation_fallback": r.explanation_fallback,
+        "explanation_fallback_reasons": r.explanation_fallback_reasons,
         "explanation_evidence": r.evidence,
         "model": r.model,
         "adapter": r.adapter,

@@ -345,6 +345,38 @@ class ExplanationCheck:
     unsupported_attributes: list[str] = field(default_factory=list)
     # history items the user did not like (with `disliked_ids`) that the text says they liked / enjoyed / loved
     contradicted: list[str] = field(default_factory=list)
+    empty: bool = False  # no text at all
+
+    def reasons(self, title: Callable[[str], str | None] = str) -> list[str]:
+        """Why the check failed, one short phrase per rule broken, each reading after "the generated text ..." (empty
+        when `ok`); `title(item_id)` names an item (a hallucinated entry that is no catalogue id, an invented title, is
+        quoted as written)."""
+        if self.ok:
+            return []
+        if self.empty:
+            return ["was empty"]
+        out = []
+        quote = ", ".join
+
+        def name(i: str) -> str:
+            return title(i) or i
+
+        if self.hallucinated:
+            out.append("names a title outside the history and the recommendations, or an invented one: "
+                       + quote(f'"{name(i)}"' for i in self.hallucinated))
+        if self.repetitive:
+            out.append("names a title twice")
+        if self.misattributed:
+            out.append("says the user already liked a recommended item: "
+                       + quote(f'"{name(i)}"' for i in self.misattributed))
+        if self.contradicted:
+            out.append("says the user liked an item they rated low: "
+                       + quote(f'"{name(i)}"' for i in self.contradicted))
+        if self.unsupported_attributes:
+            out.append("claims an attribute no item it is about has: " + quote(self.unsupported_attributes))
+        if not self.grounded:
+            out.append("cites no history item and no liked attribute")
+        return out
 
 
 # the claims that say the user liked something (not "watched" or "rated": those hold for a dislike too), and a
@@ -441,7 +473,8 @@ def check_explanation(
                 contradicted.append(i)
     ok = (bool(text.strip()) and grounded and not halluc and not repetitive and not misattributed
           and not unsupported and not contradicted)
-    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed, unsupported, contradicted)
+    return ExplanationCheck(named, halluc, grounded, repetitive, ok, misattributed, unsupported, contradicted,
+                            empty=not text.strip())
 
 
 def split_list(v: str) -> list[str]:

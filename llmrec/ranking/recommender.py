@@ -170,16 +170,20 @@ class Recommendation:
     # whether the *generated* text (before any fallback) named a history item or a liked attribute it could support
     # (`ExplanationCheck.grounded`); None without a generated text
     explanation_grounded: bool | None = None
+    # why the generated text failed the post-check when the template fallback is shown (`ExplanationCheck.reasons`)
+    explanation_fallback_reasons: list[str] = field(default_factory=list)
 
 
 class Explanation(NamedTuple):
     """One user's explanation: the text shown, whether it is the template fallback, the hallucinated titles of the
-    generated text that failed the check, and whether that generated text was grounded (None: nothing generated)."""
+    generated text that failed the check, whether that generated text was grounded (None: nothing generated) and,
+    for a fallback, why the generated text failed (`ExplanationCheck.reasons`)."""
 
     text: str | None
     fallback: bool
     hallucinated: list[str]
     grounded: bool | None = None
+    fallback_reasons: tuple[str, ...] | list[str] = ()
 
 
 @dataclass
@@ -731,8 +735,13 @@ class Recommender:
                         [str(self.ds.titles[self.ds.item_index[i]]) for i in liked[-10:]],
                         [self._attrs(i) for i in liked[-10:]],
                     )
-                    res[u] = Explanation(fb, True, chk.hallucinated, chk.grounded)
+                    res[u] = Explanation(fb, True, chk.hallucinated, chk.grounded, chk.reasons(self._title_of))
         return res
+
+    def _title_of(self, item_id: str) -> str:
+        """The catalogue title of `item_id`; anything else (an invented title the check quotes) as it is."""
+        j = self.ds.item_index.get(item_id)
+        return item_id if j is None else str(self.ds.titles[j])
 
     def _item_attrs(self, item_id: str) -> list[str]:
         return self._attrs(item_id) if item_id in self.ds.item_index else []
@@ -782,7 +791,7 @@ class Recommender:
         expl = self.explain(hs, top) if explain else [Explanation(None, False, []) for _ in top]
         dt = (time.perf_counter() - t0) / max(1, len(user_ids))
         out = []
-        for u, h, r, t, (text, fb, hall, grounded) in zip(user_ids, hs, ranked, top, expl):
+        for u, h, r, t, (text, fb, hall, grounded, why) in zip(user_ids, hs, ranked, top, expl):
             items = [
                 RecItem(i, str(self.ds.titles[self.ds.item_index[i]]), s, n + 1) for n, (i, s) in enumerate(r[:k])
             ]
@@ -799,6 +808,7 @@ class Recommender:
                     {"seconds_per_user": dt},
                     self.explanation_evidence(h, text, t) if explain else [],
                     grounded,
+                    list(why),
                 )
             )
         return out

@@ -97,6 +97,8 @@ def format_recommendations(rec: dict[str, Any]) -> str:
     if rec.get("explanation"):
         tag = " (template fallback)" if rec.get("explanation_fallback") else ""
         lines.append(f"explanation{tag}: {rec['explanation']}")
+        if rec.get("explanation_fallback_reasons"):
+            lines.append(f"  (the generated text {'; '.join(rec['explanation_fallback_reasons'])})")
         for ev in rec.get("explanation_evidence") or []:
             shared = f" (shares {', '.join(ev['shared'])})" if ev.get("shared") else ""
             lines.append(f"  cites {ev['title']}{shared}")

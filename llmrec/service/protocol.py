@@ -46,6 +46,9 @@ class RecommendationResponse(BaseModel):
     items: list[RecItemOut]
     explanation: str | None = None
     explanation_fallback: bool = False
+    explanation_fallback_reasons: list[str] = Field(
+        default_factory=list, description="with a template fallback: why the generated explanation failed the "
+        "post-check (an invented title, a disliked item said to be liked, ...)")
     explanation_evidence: list[EvidenceOut] = Field(default_factory=list)
     model: str | None = None
     adapter: str | None = None

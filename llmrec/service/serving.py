@@ -248,6 +248,7 @@ class RecommendationService:
                     ],
                     "explanation": rec.explanation,
                     "explanation_fallback": bool(getattr(rec, "explanation_fallback", False)),
+                    "explanation_fallback_reasons": list(getattr(rec, "explanation_fallback_reasons", None) or []),
                     "explanation_evidence": list(getattr(rec, "evidence", None) or []),
                     "model": self.model_name or getattr(rec, "model", None),  # the launcher knows of merging
                     "adapter": getattr(rec, "adapter", None) or adapter,
