@@ -112,6 +112,7 @@ def main() -> None:
                      "frequency_penalty": fp, "s_per_user": dt})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
                             "explanation": r.explanation, "fallback": r.explanation_fallback,
+                            "fallback_reasons": r.explanation_fallback_reasons,
                             "evidence": r.evidence}
                            for r in recs[: args.examples]]
         log.info("%s", rows[-1])
