@@ -27,7 +27,7 @@ from llmrec.cli.args import float_at_least
 from llmrec.data import load_prepared
 from llmrec.llm import load_backend
 from llmrec.ranking import RankingConfig, Recommender
-from llmrec.ranking.evaluate import explanation_metrics
+from llmrec.ranking.evaluate import explanation_metrics, fallback_reason_counts
 from llmrec.ranking.explain import evidence_note
 from llmrec.ranking.factory import RETRIEVERS, build_retriever, with_adapter_templates
 
@@ -109,7 +109,7 @@ def main() -> None:
         rows.append({"explanations": label, **m, "relevant_citations": relevant_citations(rec, hs, recs),
                      "top1_citations": relevant_citations(rec, hs, recs, top=1, generated_only=True),
                      "subject_citations": subject_citations(recs),
-                     "frequency_penalty": fp, "s_per_user": dt})
+                     "frequency_penalty": fp, "s_per_user": dt, "fallback_reasons": fallback_reason_counts(recs)})
         examples[label] = [{"user_id": r.user_id, "recommended": [i.title for i in r.items[:3]],
                             "explanation": r.explanation, "fallback": r.explanation_fallback,
                             "fallback_reasons": r.explanation_fallback_reasons,
@@ -138,6 +138,11 @@ def main() -> None:
            "the share that quotes one of the three recommended titles. frequency_penalty "
            "(RankingConfig.explain_frequency_penalty, OpenAI's meaning): each repeat of a token already generated "
            f"lowers its logit by that much. Prompt template: explain v{rec.templates['explain'].version}.\n")
+    rules = list(dict.fromkeys(k for r in rows for k in r["fallback_reasons"]))
+    if rules:
+        md += ("\nWhy the generated texts fell back (users per rule the text broke; a text can break several):\n\n"
+               + md_table([{"explanations": r["explanations"], **{k: r["fallback_reasons"].get(k, 0) for k in rules}}
+                           for r in rows], ["explanations", *rules]))
     for label, ex in examples.items():
         md += f"\n## Examples: {label}\n" + "".join(
             f"- user {e['user_id']} -> {', '.join(e['recommended'])}: {e['explanation']}"

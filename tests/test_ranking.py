@@ -852,6 +852,27 @@ def test_tallrec_malformed_files(tmp_path):
         load_tallrec(tmp_path / "missing.json")
 
 
+def test_fallback_reason_counts_hand_computed():
+    from llmrec.ranking.evaluate import fallback_reason_counts
+
+    recs = [
+        Recommendation("a", [], "ok text", False),
+        Recommendation("b", [], "t", True, explanation_fallback_reasons=[
+            'names a title outside the history and the recommendations, or an invented one: "X"',
+            "cites no history item and no liked attribute"]),
+        Recommendation("c", [], "t", True,
+                       explanation_fallback_reasons=["cites no history item and no liked attribute"]),
+        Recommendation("d", [], "t", True, explanation_fallback_reasons=[
+            'says the user liked an item they rated low: "Heat (1995)"', 'says the user liked an item they rated '
+            'low: "Heat (1995)"']),  # one user, one rule: counted once
+    ]
+    assert fallback_reason_counts(recs) == {
+        "cites no history item and no liked attribute": 2,
+        "names a title outside the history and the recommendations, or an invented one": 1,
+        "says the user liked an item they rated low": 1}
+    assert fallback_reason_counts(recs[:1]) == {}
+
+
 def test_explanation_metrics_hand_computed():
     from llmrec.ranking.evaluate import explanation_metrics
 

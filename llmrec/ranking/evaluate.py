@@ -197,6 +197,17 @@ def select_retrieval_weight(rec: Any, ds: Any, grid: Sequence[float], max_users:
     return {"selected": best, "valid": valid, "metric": metric}
 
 
+def fallback_reason_counts(recs: list[Any]) -> dict[str, int]:
+    """How many fallbacks broke each post-check rule: {rule: users}, the rule being a reason's phrase before its
+    list of titles (`ExplanationCheck.reasons`; a text can break several, so the counts can sum to more than the
+    fallbacks), most frequent first."""
+    from collections import Counter
+
+    counts = Counter(why.split(":", 1)[0] for r in recs if r.explanation_fallback
+                     for why in dict.fromkeys(getattr(r, "explanation_fallback_reasons", None) or []))
+    return dict(sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+
+
 def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None = None) -> dict:
     """Over the users' explanations (n = users):
 
@@ -205,8 +216,9 @@ def explanation_metrics(recs: list[Any], histories: dict[str, set[str]] | None =
       grounded by construction, does not count as grounded generation);
     - hallucination_rate: the share whose generated text named >= 1 invented title (the check then fell back);
     - fallback_rate: the share whose generated text failed the check (`check_explanation`: ungrounded, an invented
-      or repeated title, a recommended item claimed as already liked, an attribute claim no item it is about
-      supports), so the template explanation was shown; 1 - fallback_rate = the pass rate;
+      or repeated title, a recommended item claimed as already liked, a disliked one claimed as liked, an attribute
+      claim no item it is about supports), so the template explanation was shown; 1 - fallback_rate = the pass
+      rate (which rules: `fallback_reason_counts`);
     - mean_words (of the texts shown), distinct_2 (distinct word bigrams / all bigrams across users);
     - names_recommended: of the generated texts shown (not template fallbacks, which always list them), the share
       that names one of the top-3 recommended items by its title quoted as prompts quote it
