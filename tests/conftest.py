@@ -130,3 +130,12 @@ def cli_refused(capsys, argv: list[str]) -> str:
     lines = [ln for ln in err if ln.startswith("llmrec: error: ")]
     assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
     return lines[0]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty LLMREC_HOME under tmp_path, with tmp_path as the working folder (a module may define its own)."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("LLMREC_HOME", str(h))
+    monkeypatch.chdir(tmp_path)
+    return h

@@ -48,14 +48,6 @@ u4,i3,700,5
 # one timestamp, so file order decides: i1 then i2
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    monkeypatch.setenv("LLMREC_HOME", str(h))
-    monkeypatch.chdir(tmp_path)
-    return h
-
-
 _files = files_under
 
 

@@ -19,14 +19,6 @@ ITEM = "item_id:token\tmovie_title:token_seq\tgenre:token_seq\n1\tOne\tA\n2\tTwo
 USER = "user_id:token\tage:float\n1\t20\n2\t30\n3\t40\n"
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    monkeypatch.setenv("LLMREC_HOME", str(h))
-    monkeypatch.chdir(tmp_path)
-    return h
-
-
 _files = files_under
 
 
