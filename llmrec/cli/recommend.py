@@ -76,6 +76,16 @@ def _task_template(text: str) -> tuple[str, str]:
     return task, name
 
 
+def _flags(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> dict[str, tuple[str, object]]:
+    """{dest: (its first option string, its default)} of `parser`'s arguments named in `dests`."""
+    return {a.dest: (a.option_strings[0], a.default) for a in parser._actions if a.dest in dests}
+
+
+def _set_flags(args: argparse.Namespace, flags: dict[str, tuple[str, object]]) -> list[str]:
+    """The option strings of `flags` (from `_flags`) the command line set to something other than their default."""
+    return [flag for dest, (flag, default) in flags.items() if getattr(args, dest, default) != default]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="ranked items and an explanation for one user")
     p.add_argument("--dataset", default="ml-100k",
@@ -92,8 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "history_version fields) instead of a table")
     _add_model_args(p)
     # with --url the service ranks with its own config: these in-process flags would be silently ignored
-    in_process = [a for a in p._actions if a.dest in IN_PROCESS_ONLY]
-    p.set_defaults(func=cmd_recommend, url_ignores={a.dest: (a.option_strings[0], a.default) for a in in_process})
+    p.set_defaults(func=cmd_recommend, url_ignores=_flags(p, IN_PROCESS_ONLY))
 
     e = sub.add_parser("eval", help="evaluate the LLM recommender (yes/no, rank, contamination)")
     s = e.add_subparsers(dest="eval_command", metavar="TASK")
@@ -112,9 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--out", help="write the metrics as JSON here")
     _add_model_args(y)
     # with --file the rows are the file's, in its own TALLRec prompt: these flags would be silently ignored
-    y.set_defaults(func=cmd_eval_yesno, file_ignores={a.dest: (a.option_strings[0], a.default) for a in y._actions
-                                                       if a.dest in FILE_IGNORES},
-                   rank_only={a.dest: (a.option_strings[0], a.default) for a in y._actions if a.dest in RANK_ONLY})
+    y.set_defaults(func=cmd_eval_yesno, file_ignores=_flags(y, FILE_IGNORES), rank_only=_flags(y, RANK_ONLY))
     r = s.add_parser("rank", help="full-ranking metrics of retrieve + LLM rerank on the leave-one-out test split")
     r.add_argument("--dataset", required=True, help="prepared dataset name or folder")
     r.add_argument("--max-users", type=count, default=200, help="fixed seeded subset of users (0 = all)")
@@ -174,8 +181,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from llmrec.service.client import ServiceClientError, fetch_recommendations, format_recommendations
 
     if args.url:
-        ignored = [flag for dest, (flag, default) in getattr(args, "url_ignores", {}).items()
-                   if getattr(args, dest, default) != default]
+        ignored = _set_flags(args, getattr(args, "url_ignores", {}))
         if ignored:
             print(f"llmrec: error: {', '.join(ignored)}: not used with --url (the service ranks with its own config: "
                   "serve/config.yaml, `llmrec serve --set ...`); drop them or rank in-process without --url",
@@ -221,14 +227,12 @@ def cmd_eval_yesno(args: argparse.Namespace) -> int:
     from llmrec.ranking.evaluate import eval_yesno_dataset, eval_yesno_tallrec, load_tallrec
 
     _check_model_args(args)
-    unused = [flag for dest, (flag, default) in getattr(args, "rank_only", {}).items()
-              if getattr(args, dest, default) != default]
+    unused = _set_flags(args, getattr(args, "rank_only", {}))
     if unused:
         raise UsageError(f"{', '.join(unused)}: not used by eval yesno (they shape next-item ranking; a Yes/No prompt "
                          "holds the history and the target only); drop them, or use eval rank")
     if args.file:
-        ignored = [flag for dest, (flag, default) in getattr(args, "file_ignores", {}).items()
-                   if getattr(args, dest, default) != default]
+        ignored = _set_flags(args, getattr(args, "file_ignores", {}))
         if ignored:
             raise UsageError(f"{', '.join(ignored)}: not used with --file (every row of the file is scored with its "
                              "own TALLRec prompt); drop them, or score a prepared dataset with --dataset")

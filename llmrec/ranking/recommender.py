@@ -738,10 +738,11 @@ class Recommender:
                     res[u] = Explanation(fb, True, chk.hallucinated, chk.grounded, chk.reasons(self._title_of))
         return res
 
-    def _title_of(self, item_id: str) -> str:
-        """The catalogue title of `item_id`; anything else (an invented title the check quotes) as it is."""
+    def _title_of(self, item_id: str) -> str | None:
+        """The catalogue title of `item_id`; None for anything else (an invented title, which the check's reasons
+        quote as written)."""
         j = self.ds.item_index.get(item_id)
-        return item_id if j is None else str(self.ds.titles[j])
+        return None if j is None else str(self.ds.titles[j])
 
     def _item_attrs(self, item_id: str) -> list[str]:
         return self._attrs(item_id) if item_id in self.ds.item_index else []
